@@ -132,7 +132,10 @@ max_wait_ms = 500
         ('[[models]]\nupstream = "sim"\n', "tierq.toml: models[0].id: required"),
         ('models = 3\n', "tierq.toml: models: expected an array of tables ([[models]]), got 3"),
         ('[ledger]\nurl = "mysql://x"\n',
-         'tierq.toml: ledger.url: expected "sqlite:///PATH" or "postgresql://...", got "mysql://x"'),
+         "tierq.toml: ledger.url: ledger url scheme 'mysql' is not supported; "
+         "use sqlite:///relative.db or sqlite:////absolute/path.db"),
+        ('[ledger]\ndurability = "normal"\n',
+         'tierq.toml: ledger.durability: expected "process" or "power", got "normal"'),
     ],
 )
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, cast, get_args
 import yarl
 
 from tierq.catalog import builtin_prices
+from tierq.ledger import sqlite_path
 from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER
 
 __all__ = [
@@ -38,7 +39,9 @@ __all__ = [
 ]
 
 UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
-Durability = Literal["normal", "power"]
+# Ledger durability (tierq.ledger): "process" = WAL + synchronous=NORMAL (a
+# committed row survives kill -9), "power" = synchronous=FULL (survives power loss).
+Durability = Literal["process", "power"]
 DEFAULT_LEDGER_URL: Final = "sqlite:///tierq.db"
 SIM_UPSTREAM: Final = "sim"
 
@@ -73,7 +76,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     url: str = DEFAULT_LEDGER_URL
-    durability: Durability = "normal"
+    durability: Durability = "process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,11 +375,13 @@ class _Parser:
 
     def ledger(self, t: _Table) -> LedgerConfig:
         url = _s(t.string("url", DEFAULT_LEDGER_URL))
-        if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
-            raise t.fail("url", f'expected "sqlite:///PATH" or "postgresql://...", got {_show(url)}')
-        durability = _s(t.string("durability", "normal"))
+        try:
+            sqlite_path(url)  # the one place that knows which ledger URLs are built
+        except ValueError as e:
+            raise t.fail("url", str(e)) from None
+        durability = _s(t.string("durability", "process"))
         if durability not in get_args(Durability):
-            raise t.fail("durability", f'expected "normal" or "power", got {_show(durability)}')
+            raise t.fail("durability", f'expected "process" or "power", got {_show(durability)}')
         t.done()
         return LedgerConfig(url, cast(Durability, durability))
 
