@@ -466,6 +466,9 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 def _shed_response(ctx: _Ctx, code: str, retry_after_s: float, retry_after_ms: int,
                    message: str) -> ApiError:
+    if not math.isfinite(retry_after_s):  # no honest estimate: the longest wait
+        retry_after_s, retry_after_ms = RETRY_AFTER_MAX_S, RETRY_AFTER_MAX_S * 1000
+    # At least 1 ms: the openai SDK treats 0 as "no hint" and backs off on its own.
     ms = max(1, retry_after_ms)
     secs = min(RETRY_AFTER_MAX_S, max(1, math.ceil(retry_after_s)))
     headers = ctx.headers()
