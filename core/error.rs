@@ -1,0 +1,26 @@
+//! The core's one error type. Only bad settings are errors; expected outcomes
+//! (a shed, a full queue) are values. `py.rs` turns this into `ValueError` once.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoreError {
+    /// A constructor or call argument is out of range; names the argument.
+    InvalidArgument { name: &'static str, reason: String },
+}
+
+impl CoreError {
+    pub(crate) fn arg(name: &'static str, reason: impl Into<String>) -> Self {
+        CoreError::InvalidArgument { name, reason: reason.into() }
+    }
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoreError::InvalidArgument { name, reason } => write!(f, "{name}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}

@@ -1,0 +1,286 @@
+//! One lane of the waiter queue: a bounded lock-free MPMC ring (Vyukov's
+//! sequence-per-cell design) extended with tombstones, so a waiter can leave
+//! from anywhere in the line (cancelled, expired, evicted) with one CAS.
+//!
+//! A waiter is named by its ticket `pos`, the lane position it took at the
+//! tail. Each cell is one word, `pos << 2 | state`: the ticket the cell belongs
+//! to and whether it is EMPTY (free for that ticket's producer), WAITING, or a
+//! TOMB (left the line; skipped and reclaimed when the head passes it). Every
+//! transition of a waiter is a CAS on its cell, so "granted", "cancelled",
+//! "expired" and "evicted" are decided exactly once.
+//!
+//! The ring lives in caller-provided atomics (no heap pointers) so a pool's
+//! state can be one fixed block, later mapped into shared memory.
+
+use crate::sync::{AtomicU64, Ordering::SeqCst};
+
+const EMPTY: u64 = 0;
+const WAITING: u64 = 1;
+const TOMB: u64 = 2;
+
+#[inline]
+const fn cell(pos: u64, state: u64) -> u64 {
+    pos << 2 | state
+}
+
+#[inline]
+const fn split(word: u64) -> (u64, u64) {
+    (word >> 2, word & 3)
+}
+
+/// A ring that a lane's producers and consumers share. All fields are views
+/// into the pool's state block.
+pub(crate) struct Ring<'a> {
+    /// Ticket of the oldest cell not yet reclaimed; only moves forward, by a
+    /// CAS from whoever reclaimed that cell (or helped after it).
+    pub head: &'a AtomicU64,
+    /// Next ticket to hand out; only moves forward, by CAS, and never more than
+    /// `cells.len()` past `head`.
+    pub tail: &'a AtomicU64,
+    /// `cells[pos % cap]` = `cell(pos, state)` for the ticket that owns it.
+    pub cells: &'a [AtomicU64],
+    /// `enqueued_ns[pos % cap]`: when ticket `pos` joined; written before the
+    /// cell is published as WAITING, read only after seeing it WAITING.
+    pub enqueued_ns: &'a [AtomicU64],
+}
+
+/// The push could not take a cell: every cell holds a waiter or a tombstone.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RingFull;
+
+impl<'a> Ring<'a> {
+    #[inline]
+    fn cap(&self) -> u64 {
+        self.cells.len() as u64
+    }
+    #[inline]
+    fn idx(&self, pos: u64) -> usize {
+        (pos & (self.cap() - 1)) as usize
+    }
+
+    /// Fills fresh state: cell i belongs to ticket i, empty.
+    pub(crate) fn init(&self) {
+        self.head.store(0, SeqCst);
+        self.tail.store(0, SeqCst);
+        for (i, c) in self.cells.iter().enumerate() {
+            c.store(cell(i as u64, EMPTY), SeqCst);
+        }
+    }
+
+    /// Joins the back of the line at `now`; returns the ticket.
+    pub(crate) fn push(&self, now: u64) -> Result<u64, RingFull> {
+        loop {
+            let t = self.tail.load(SeqCst);
+            let i = self.idx(t);
+            let (pos, state) = split(self.cells[i].load(SeqCst));
+            if pos == t && state == EMPTY {
+                if self.tail.compare_exchange_weak(t, t + 1, SeqCst, SeqCst).is_ok() {
+                    self.enqueued_ns[i].store(now, SeqCst);
+                    self.cells[i].store(cell(t, WAITING), SeqCst);
+                    return Ok(t);
+                }
+            } else if pos < t && self.tail.load(SeqCst) == t {
+                // The cell still holds the previous lap's ticket: the ring is full.
+                return Err(RingFull);
+            }
+            // Otherwise our view of `tail` was stale; look again.
+        }
+    }
+
+    /// Takes the waiter at the front, reclaiming tombstones on the way.
+    /// `None` when nothing is published (a producer that took a ticket but has
+    /// not published yet dispatches for itself right after publishing).
+    pub(crate) fn pop(&self) -> Option<u64> {
+        loop {
+            let h = self.head.load(SeqCst);
+            let i = self.idx(h);
+            let word = self.cells[i].load(SeqCst);
+            let (pos, state) = split(word);
+            if pos == h {
+                if state == EMPTY {
+                    return None;
+                }
+                if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
+                    let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                    if state == WAITING {
+                        return Some(h);
+                    }
+                }
+            } else if pos > h {
+                // Reclaimed already; help the reclaimer move the head.
+                let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+            }
+        }
+    }
+
+    /// Reclaims tombstones at the front so they stop holding ring cells.
+    pub(crate) fn reap(&self) {
+        loop {
+            let h = self.head.load(SeqCst);
+            let i = self.idx(h);
+            let word = self.cells[i].load(SeqCst);
+            let (pos, state) = split(word);
+            if pos == h && state == TOMB {
+                if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
+                    let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                }
+            } else if pos > h {
+                let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Removes waiter `pos` if it is still waiting. False: it was already
+    /// granted, expired or evicted (its fate is decided elsewhere).
+    pub(crate) fn remove(&self, pos: u64) -> bool {
+        let c = &self.cells[self.idx(pos)];
+        c.compare_exchange(cell(pos, WAITING), cell(pos, TOMB), SeqCst, SeqCst).is_ok()
+    }
+
+    /// True while a published waiter or tombstone sits at the front, i.e. a
+    /// `pop` would make progress.
+    pub(crate) fn has_published(&self) -> bool {
+        let h = self.head.load(SeqCst);
+        let (pos, state) = split(self.cells[self.idx(h)].load(SeqCst));
+        pos > h || (pos == h && state != EMPTY)
+    }
+
+    /// Removes the newest waiting ticket (scanning back from the tail).
+    pub(crate) fn remove_newest(&self) -> Option<u64> {
+        let h = self.head.load(SeqCst);
+        let t = self.tail.load(SeqCst);
+        let mut p = t;
+        while p > h {
+            p -= 1;
+            if self.remove(p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Expires waiters at the front that joined at or before `deadline`
+    /// (= now - max_wait), calling `on_expired` for each. Stops at the first
+    /// live waiter that is still in time: the line is FIFO, so those behind
+    /// it joined later.
+    pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64)) {
+        loop {
+            self.reap();
+            let h = self.head.load(SeqCst);
+            let i = self.idx(h);
+            let (pos, state) = split(self.cells[i].load(SeqCst));
+            if pos != h || state != WAITING {
+                return;
+            }
+            if self.enqueued_ns[i].load(SeqCst) > deadline {
+                return;
+            }
+            if self.remove(h) {
+                on_expired(h);
+            }
+        }
+    }
+
+    /// The waiter's join time, if `pos` is still waiting.
+    pub(crate) fn enqueued_at(&self, pos: u64) -> Option<u64> {
+        let i = self.idx(pos);
+        let at = self.enqueued_ns[i].load(SeqCst);
+        (self.cells[i].load(SeqCst) == cell(pos, WAITING)).then_some(at)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    struct Owned {
+        head: AtomicU64,
+        tail: AtomicU64,
+        cells: Vec<AtomicU64>,
+        enq: Vec<AtomicU64>,
+    }
+    impl Owned {
+        fn new(cap: usize) -> Self {
+            let o = Owned {
+                head: AtomicU64::new(0),
+                tail: AtomicU64::new(0),
+                cells: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+                enq: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+            };
+            o.ring().init();
+            o
+        }
+        fn ring(&self) -> Ring<'_> {
+            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq }
+        }
+    }
+
+    #[test]
+    fn fifo_within_a_lane() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        for n in 0..5 {
+            assert_eq!(r.push(n), Ok(n));
+        }
+        assert_eq!((0..5).map(|_| r.pop().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(r.pop(), None);
+    }
+
+    #[test]
+    fn removed_waiter_is_skipped_and_reclaimed() {
+        let o = Owned::new(4);
+        let r = o.ring();
+        for n in 0..4 {
+            r.push(n).unwrap();
+        }
+        assert_eq!(r.push(9), Err(RingFull));
+        assert!(r.remove(0));
+        assert!(!r.remove(0), "a waiter leaves exactly once");
+        r.reap();
+        assert_eq!(r.push(9), Ok(4), "the reclaimed cell is reused");
+        assert!(r.remove(2));
+        assert_eq!(r.pop(), Some(1));
+        assert_eq!(r.pop(), Some(3));
+        assert_eq!(r.pop(), Some(4));
+        assert_eq!(r.pop(), None);
+    }
+
+    #[test]
+    fn remove_newest_takes_the_back_of_the_line() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        for n in 0..3 {
+            r.push(n).unwrap();
+        }
+        assert!(r.remove(2));
+        assert_eq!(r.remove_newest(), Some(1));
+        assert_eq!(r.pop(), Some(0));
+        assert_eq!(r.remove_newest(), None);
+    }
+
+    #[test]
+    fn expire_stops_at_first_waiter_in_time() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        for at in [10, 20, 30] {
+            r.push(at).unwrap();
+        }
+        let mut gone = vec![];
+        r.expire(20, |p| gone.push(p));
+        assert_eq!(gone, vec![0, 1]);
+        assert_eq!(r.enqueued_at(2), Some(30));
+        assert_eq!(r.pop(), Some(2));
+    }
+
+    #[test]
+    fn granted_waiter_cannot_be_removed() {
+        let o = Owned::new(4);
+        let r = o.ring();
+        r.push(0).unwrap();
+        assert_eq!(r.pop(), Some(0));
+        assert!(!r.remove(0));
+        assert_eq!(r.enqueued_at(0), None);
+    }
+}

@@ -1,0 +1,41 @@
+//! tierq's admission core: a GCRA token bucket and a lock-free two-lane waiter
+//! queue with slot accounting, in plain Rust. `py.rs` (feature `python`) is the
+//! only module that knows about Python.
+
+pub mod admission;
+pub mod bucket;
+pub mod clock;
+pub mod error;
+mod lanes;
+mod sync;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use admission::{Admit, Pool, Settings, ShedCode, Stats, WaiterId};
+pub use bucket::{BucketParams, Decision, TokenBucket};
+pub use clock::{Clock, ManualClock};
+pub use error::CoreError;
+
+/// The two lanes. The discriminants index per-lane arrays in state and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Priority = 0,
+    Default = 1,
+}
+
+impl Lane {
+    pub fn parse(s: &str) -> Result<Lane, CoreError> {
+        match s {
+            "priority" => Ok(Lane::Priority),
+            "default" => Ok(Lane::Default),
+            other => Err(CoreError::arg("tier", format!("must be \"priority\" or \"default\", got {other:?}"))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Priority => "priority",
+            Lane::Default => "default",
+        }
+    }
+}
