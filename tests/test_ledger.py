@@ -333,3 +333,21 @@ async def test_usage_main_prints_table_json_csv(
     assert usage_main(["--db", books_ledger.path + ".missing"]) == 1
     assert not os.path.exists(books_ledger.path + ".missing")
     assert usage_main(["--db", books_ledger.path, "--since", "soon"]) == 2
+
+
+async def test_a_row_sqlite_cannot_store_is_refused_before_it_reaches_a_batch() -> None:
+    with pytest.raises(TypeError, match="model"):
+        books_row("bad", model=object())
+    with pytest.raises(TypeError, match="prompt_tokens"):
+        books_row("bad", prompt_tokens=1.5)
+
+
+async def test_writer_survives_a_failed_batch_and_reports_it_to_its_waiters(
+    books_ledger: Ledger,
+) -> None:
+    bad = books_row("bad")
+    object.__setattr__(bad, "model", object())  # slip past validation on purpose
+    with pytest.raises(Exception, match="binding"):
+        await books_ledger.record(bad)
+    await books_ledger.record(books_row("after"))
+    assert [r.request_id for r in books_ledger.rows()] == ["after"]
