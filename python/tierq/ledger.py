@@ -123,6 +123,20 @@ class LedgerRow:
     def __post_init__(self) -> None:
         # Validated here, on the caller's side, so a bad row fails its own
         # request instead of the batch it would have been committed with.
+        # Types are checked too: one value sqlite cannot bind would fail the whole
+        # batch it was committed with, and so other requests' rows.
+        for name in ("request_id", "key_id", "model", "endpoint", "applied_tier", "status"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str")
+        for name in ("requested_tier", "code", "upstream"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise TypeError(f"{name} must be a str or None")
+        for name in ("prompt_tokens", "completion_tokens"):
+            if type(getattr(self, name)) is not int:
+                raise TypeError(f"{name} must be an int")
+        for name in ("ts", "queue_ms", "latency_ms"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a number")
         if not self.request_id:
             raise ValueError("request_id must be non-empty")
         if self.status not in STATUSES:
@@ -222,6 +236,16 @@ def _settle(futs: list[asyncio.Future[None]], exc: BaseException | None) -> None
             fut.set_result(None)
         else:
             fut.set_exception(exc)
+
+
+def _notify(
+    loop: asyncio.AbstractEventLoop, futs: list[asyncio.Future[None]], exc: BaseException | None
+) -> None:
+    # One wake-up per loop per batch, not per row.
+    try:
+        loop.call_soon_threadsafe(_settle, futs, exc)
+    except RuntimeError:  # that loop is closed; nobody is left to tell
+        pass
 
 
 class Ledger:
@@ -330,7 +354,13 @@ class Ledger:
                 continue
             row, waiter = item
             if row is not None:
-                params.append(row._params())
+                try:
+                    params.append(row._params())
+                except Exception as e:  # noqa: BLE001 - fails this row, not its batch
+                    log.error("ledger row %r refused: %s", row.request_id, e)
+                    if waiter is not None:
+                        _notify(waiter[0], [waiter[1]], e)
+                    continue
             if waiter is not None:
                 waiters.setdefault(waiter[0], []).append(waiter[1])
         exc: BaseException | None = None
@@ -340,16 +370,16 @@ class Ledger:
                 conn.executemany(_INSERT, params)
                 conn.execute("COMMIT")
                 self.batches += 1
-            except sqlite3.Error as e:
+            except Exception as e:  # noqa: BLE001 - the writer must outlive a bad batch
                 exc = e
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
                 log.error("ledger commit of %d rows failed: %s", len(params), e)
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
         for wloop, futs in waiters.items():
-            try:
-                wloop.call_soon_threadsafe(_settle, futs, exc)
-            except RuntimeError:  # that loop is closed; nobody is left to tell
-                pass
+            _notify(wloop, futs, exc)
         return stopping
 
     # Reads: short-lived connections (WAL lets them run beside the writer). They

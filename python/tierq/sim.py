@@ -25,6 +25,7 @@ from aiohttp import web
 __all__ = ["SimServer", "SimState", "create_sim_app", "run_sim", "start_sim"]
 
 DEFAULT_MAX_TOKENS: Final = 16
+MAX_OUTPUT_TOKENS: Final = 131_072
 LAST_REQUESTS_KEPT: Final = 100
 SYSTEM_FINGERPRINT: Final = "fp_tierq_sim"
 # Real upstreams echo a tier of their own; the gateway must overwrite it, so the
@@ -141,6 +142,9 @@ def _max_tokens(body: dict[str, Any]) -> int:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _BadRequest(f"'{name}' must be a non-negative integer", name)
+        if value > MAX_OUTPUT_TOKENS:
+            # An engine refuses beyond its context; the sim would build a huge reply.
+            raise _BadRequest(f"'{name}' exceeds the sim's limit of {MAX_OUTPUT_TOKENS}", name)
         return value
     return DEFAULT_MAX_TOKENS
 
