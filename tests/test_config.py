@@ -35,7 +35,7 @@ def test_example_config_loads_with_every_section() -> None:
     assert llama.admission.max_concurrency == 8
     assert llama.admission.max_wait_ms_priority == 60000
     assert llama.admission.rate == 100.0 and llama.admission.burst == 200
-    assert cfg.keys.path == "tierq-keys.db"
+    assert cfg.keys.path == "tierq.db"
     catalog = Catalog.from_config(cfg)
     assert list(catalog) == [
         "meta-llama/Meta-Llama-3.1-8B-Instruct", "zai-org/GLM-5.2", "my-org/finetune-7b"

@@ -27,6 +27,7 @@ from aiohttp import web
 from tierq import Admission, Shed
 from tierq.catalog import Catalog, ModelEntry
 from tierq.config import Config, UpstreamConfig
+from tierq.keys import KeyInfo, KeyLimiter, KeyStore
 from tierq.ledger import Ledger, LedgerRow, open_ledger
 from tierq.pricing import cost as price_cost
 from tierq.pricing import decimal_text, render_cost
@@ -155,8 +156,8 @@ class Gateway:
     pools: dict[str, Pool] = field(default_factory=dict)
     upstreams: dict[str, UpstreamClient] = field(default_factory=dict)
     ledger: Ledger | None = None
-    keys: Any = None  # tierq.keys.KeyStore, when [keys] is configured
-    limiter: Any = None  # tierq.keys.KeyLimiter
+    keys: KeyStore | None = None  # when [keys] is configured
+    limiter: KeyLimiter | None = None
     allow_remote_without_keys: bool = False
     ready: bool = False
     models_body: bytes = b""
@@ -246,8 +247,6 @@ def _lifecycle(
                 gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)
                 await gw.ledger.start()
             if gw.config.keys.path is not None:
-                from tierq.keys import KeyLimiter, KeyStore
-
                 gw.keys = KeyStore(gw.config.keys.path)
                 gw.limiter = KeyLimiter()
             gw.ready = True
@@ -256,6 +255,8 @@ def _lifecycle(
             gw.ready = False
             for client in gw.upstreams.values():
                 await client.close()
+            if gw.keys is not None:
+                gw.keys.close()
             if own_ledger and gw.ledger is not None:
                 await gw.ledger.close()
             for s in started_sims:
@@ -276,7 +277,7 @@ def _is_loopback(remote: str | None) -> bool:
         return False
 
 
-def _authenticate(gw: Gateway, request: web.Request) -> Any:
+def _authenticate(gw: Gateway, request: web.Request) -> KeyInfo | None:
     """The caller's KeyInfo, or None in loopback-only mode (no keys configured)."""
     if gw.keys is None:
         if not gw.allow_remote_without_keys and not _is_loopback(request.remote):
@@ -390,7 +391,7 @@ class _Ctx:
 
     gw: Gateway
     request_id: str
-    key: Any
+    key: KeyInfo | None
     key_id: str
     pool: Pool
     endpoint: str
@@ -510,7 +511,7 @@ async def _inference(
     est_prompt = _estimate_prompt_tokens(endpoint, body)
     est_total = est_prompt + (0 if endpoint == "embeddings" else _estimate_completion_cap(body))
     ctx = _Ctx(gw, "req_" + uuid.uuid4().hex, key,
-               getattr(key, "id", ANONYMOUS_KEY) if key is not None else ANONYMOUS_KEY,
+               key.public_id if key is not None else ANONYMOUS_KEY,
                pool, endpoint, requested if isinstance(requested, str) else None, tier,
                t0, ts, est_prompt, est_total)
     if gw.limiter is not None and key is not None:

@@ -190,9 +190,9 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from tierq.keys import keys_main  # type: ignore[import-not-found,unused-ignore]
+    from tierq.keys import keys_main
 
-    return int(keys_main(list(args.rest)))
+    return keys_main(list(args.rest))
 
 
 # ------------------------------------------------------------------ models
