@@ -1,0 +1,343 @@
+"""API keys: created and shown once, stored hashed in SQLite, checked on every request,
+and per-key requests-per-minute / tokens-per-minute limits over the Rust token bucket.
+
+A key reads `tq-<public id>-<secret>`; the public id is what logs and the ledger show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Final
+
+from tierq import ManualClock, TokenBucket
+from tierq.ledger import BUSY_TIMEOUT_MS, sqlite_path
+
+__all__ = ["KeyInfo", "KeyLimiter", "KeyStore", "keys_main", "parse_token"]
+
+PREFIX: Final = "tq"
+PUBLIC_ID_LEN: Final = 12
+SECRET_LEN: Final = 32
+TOKEN_LEN: Final = len(PREFIX) + 1 + PUBLIC_ID_LEN + 1 + SECRET_LEN
+_PUBLIC_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
+# The public id never contains '-', so the first two dashes split the token even
+# though the urlsafe secret may contain dashes itself.
+_TOKEN: Final = re.compile(r"tq-([a-z0-9]{12})-([A-Za-z0-9_-]{32})")
+_PUBLIC_ID: Final = re.compile(r"[a-z0-9]{12}")
+CACHE_TTL_S: Final = 5.0
+CACHE_MAX: Final = 10_000
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS keys (
+    public_id     TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created       REAL NOT NULL,
+    revoked       REAL,
+    rpm           INTEGER,
+    tpm           INTEGER
+);
+"""
+_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm"
+
+
+@dataclass(slots=True, frozen=True)
+class KeyInfo:
+    """What the gateway knows about a key; never holds the secret or its hash."""
+
+    public_id: str
+    name: str
+    created: float
+    revoked_at: float | None
+    rpm: int | None  # None = unlimited
+    tpm: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def _info(r: tuple[Any, ...]) -> KeyInfo:
+    return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3], rpm=r[4], tpm=r[5])
+
+
+def _hash_secret(secret: str) -> str:
+    # A fast hash is the right tool here, unlike for passwords: the secret is 192
+    # random bits, so there is nothing to brute-force, and a slow KDF (bcrypt,
+    # argon2) would add milliseconds to every request that misses the cache.
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+def parse_token(token: object) -> tuple[str, str] | None:
+    """`(public_id, secret)` of a well-formed key, else None. Never raises."""
+    # The length check comes first so a huge hostile string costs nothing.
+    if not isinstance(token, str) or len(token) != TOKEN_LEN:
+        return None
+    m = _TOKEN.fullmatch(token)
+    return (m.group(1), m.group(2)) if m else None
+
+
+class KeyStore:
+    """Keys in the `keys` table of a SQLite file (by default the ledger's).
+
+    `authenticate` caches a successful lookup for `cache_ttl_s` seconds (keyed by
+    the hash of the whole token), so the hot path does not touch SQLite; the price
+    is that a revocation made by another process takes effect within that TTL.
+    A revocation through this same store takes effect at once.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        cache_ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = sqlite_path(path)
+        self.cache_ttl_s = cache_ttl_s
+        self._clock = clock
+        self._cache: dict[bytes, tuple[KeyInfo, float]] = {}
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA journal_mode = WAL")  # shares the file with the ledger
+        # Key writes are rare and a lost revocation is a security bug: fsync them.
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def create(
+        self, name: str, rpm: int | None = None, tpm: int | None = None
+    ) -> tuple[KeyInfo, str]:
+        """A new key and its full token. The token is not stored: show it now or never."""
+        for label, limit in (("rpm", rpm), ("tpm", tpm)):
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ValueError(f"{label} must be a positive integer or None (unlimited)")
+        if not name or len(name) > 200:
+            raise ValueError("key name must be 1 to 200 characters")
+        secret = secrets.token_urlsafe(24)  # 24 bytes -> 32 chars, 192 bits
+        assert len(secret) == SECRET_LEN
+        now = time.time()
+        while True:
+            public_id = "".join(secrets.choice(_PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
+            try:
+                self._query(
+                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm)"
+                    " VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                    (public_id, name, _hash_secret(secret), now, rpm, tpm),
+                )
+                break
+            except sqlite3.IntegrityError:  # a public id collision (36^12): draw again
+                continue
+        info = KeyInfo(public_id, name, now, None, rpm, tpm)
+        return info, f"{PREFIX}-{public_id}-{secret}"
+
+    def list(self) -> builtins.list[KeyInfo]:
+        return [_info(r) for r in self._query(f"SELECT {_COLUMNS} FROM keys ORDER BY created, public_id")]
+
+    def get(self, public_id: str) -> KeyInfo | None:
+        found = self._query(f"SELECT {_COLUMNS} FROM keys WHERE public_id = ?", (public_id,))
+        return _info(found[0]) if found else None
+
+    def revoke(self, public_id: str) -> bool:
+        """True if a live key was revoked now; False if unknown or already revoked."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE keys SET revoked = ? WHERE public_id = ? AND revoked IS NULL",
+                (time.time(), public_id),
+            )
+            changed = cur.rowcount == 1
+            for h, (info, _) in builtins.list(self._cache.items()):
+                if info.public_id == public_id:
+                    del self._cache[h]
+        return changed
+
+    def authenticate(self, bearer_token: str) -> KeyInfo | None:
+        """The key for a bearer token, or None if malformed, unknown, revoked or wrong."""
+        parsed = parse_token(bearer_token)
+        if parsed is None:
+            return None
+        public_id, secret = parsed
+        token_hash = hashlib.sha256(bearer_token.encode("ascii")).digest()
+        now = self._clock()
+        hit = self._cache.get(token_hash)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        found = self._query(
+            f"SELECT {_COLUMNS}, secret_sha256 FROM keys WHERE public_id = ?", (public_id,)
+        )
+        if not found:
+            return None
+        row = found[0]
+        # Constant time, so response timing does not reveal how much of a guess matched.
+        if not hmac.compare_digest(row[-1], _hash_secret(secret)):
+            return None
+        info = _info(row[:-1])
+        if info.revoked:
+            return None
+        with self._lock:
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()  # only valid keys land here; refilling is cheap
+            self._cache[token_hash] = (info, now + self.cache_ttl_s)
+        return info
+
+
+class KeyLimiter:
+    """Per-key requests-per-minute and tokens-per-minute, one GCRA bucket each.
+
+    A bucket holds a minute's worth (burst = the per-minute limit) and refills
+    continuously. The token cost is an estimate (prompt + max_tokens) taken up
+    front and corrected by `settle` once real usage is known.
+    """
+
+    def __init__(self, clock: ManualClock | None = None) -> None:
+        self._clock = clock
+        # public_id -> ((rpm, tpm) the buckets were built for, rpm bucket, tpm bucket)
+        self._buckets: dict[
+            str, tuple[tuple[int | None, int | None], TokenBucket | None, TokenBucket | None]
+        ] = {}
+
+    def _bucket(self, limit: int | None) -> TokenBucket | None:
+        if limit is None:
+            return None
+        return TokenBucket(limit / 60.0, float(limit), 0.0, self._clock)
+
+    def _for(self, key: KeyInfo) -> tuple[TokenBucket | None, TokenBucket | None]:
+        entry = self._buckets.get(key.public_id)
+        limits = (key.rpm, key.tpm)
+        if entry is None or entry[0] != limits:
+            # New key, or its limits changed: start from a full bucket.
+            entry = (limits, self._bucket(key.rpm), self._bucket(key.tpm))
+            self._buckets[key.public_id] = entry
+        return entry[1], entry[2]
+
+    @staticmethod
+    def _token_cost(key: KeyInfo, est_tokens: int) -> int:
+        # A request estimated above a whole minute's budget could never pass, so it
+        # takes the full bucket instead and settle() charges the rest from real usage.
+        est = max(0, est_tokens)
+        return min(est, key.tpm) if key.tpm is not None else est
+
+    def check(self, key: KeyInfo, est_tokens: int) -> float | None:
+        """None if admitted (and charged); else seconds until it would be."""
+        rpm, tpm = self._for(key)
+        if rpm is not None:
+            wait = rpm.try_take(1)
+            if wait is not None:
+                return wait
+        cost = self._token_cost(key, est_tokens)
+        if tpm is not None and cost > 0:
+            wait = tpm.try_take(cost)
+            if wait is not None:
+                if rpm is not None:
+                    rpm.adjust(-1)  # refused as a whole: give the request back
+                return wait
+        return None
+
+    def settle(self, key: KeyInfo, est_tokens: int, real_tokens: int) -> None:
+        """Correct the token charge taken by `check` to the real usage."""
+        _, tpm = self._for(key)
+        if tpm is None:
+            return
+        delta = max(0, real_tokens) - self._token_cost(key, est_tokens)
+        if delta:
+            tpm.adjust(delta)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _limit(v: int | None) -> str:
+    return "unlimited" if v is None else str(v)
+
+
+def render_keys(keys: builtins.list[KeyInfo]) -> str:
+    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM")
+    body = [
+        (k.public_id, k.name, _iso(k.created),
+         f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
+         _limit(k.rpm), _limit(k.tpm))
+        for k in keys
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]) + "\n"
+
+
+def keys_main(argv: builtins.list[str]) -> int:
+    """`tierq keys create|list|revoke`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default="tierq.db", help="key database (default: tierq.db)")
+    p = argparse.ArgumentParser(prog="tierq keys", description="Manage tierq API keys.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", parents=[common], help="create a key (shown once)")
+    c.add_argument("name")
+    c.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    c.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
+    sub.add_parser("list", parents=[common], help="list keys (never secrets)")
+    r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
+    r.add_argument("id")
+    args = p.parse_args(argv)
+    try:
+        path = sqlite_path(args.db)
+    except ValueError as e:
+        print(f"tierq keys: {e}", file=sys.stderr)
+        return 2
+    if args.cmd != "create" and not os.path.exists(path):
+        print(f"tierq keys: no key database at {path}", file=sys.stderr)
+        return 1
+    with KeyStore(path) as store:
+        if args.cmd == "create":
+            try:
+                info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
+            except ValueError as e:
+                print(f"tierq keys: {e}", file=sys.stderr)
+                return 2
+            # The token alone on stdout, so `KEY=$(tierq keys create ci)` works.
+            print(
+                f"created key {info.public_id} ({info.name}): rpm {_limit(info.rpm)}, "
+                f"tpm {_limit(info.tpm)}",
+                file=sys.stderr,
+            )
+            print(token)
+            print("This key will not be shown again: store it now.", file=sys.stderr)
+            return 0
+        if args.cmd == "list":
+            sys.stdout.write(render_keys(store.list()))
+            return 0
+        public_id = args.id.removeprefix(f"{PREFIX}-")
+        if not _PUBLIC_ID.fullmatch(public_id):
+            print(f"tierq keys: {args.id!r} is not a key id (12 characters, a-z 0-9)", file=sys.stderr)
+            return 2
+        if store.revoke(public_id):
+            print(f"revoked {public_id}")
+            return 0
+        print(f"tierq keys: no live key {public_id}", file=sys.stderr)
+        return 1

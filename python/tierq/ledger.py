@@ -1,0 +1,608 @@
+"""The usage ledger: one row per request decision, in SQLite (WAL), written in batches.
+
+One writer thread owns the connection; `await record(row)` returns once the batch
+holding the row is committed, so the gateway can finish a response knowing a
+crash of the process will not lose its bill. Also the `tierq usage` reports.
+
+Money is exact. `cost` is kept three ways in each row: the Decimal as TEXT (what
+`get()` returns), and the same amount split into two INTEGER columns,
+`cost_micro` (whole micro-USD, 1e-6) and `cost_femto` (the rest, in femto-USD,
+1e-15, always < 1e9), so SQL can SUM them without overflow (a plain femto-USD
+column would overflow int64 at about 9,223 USD in a sum) and without float.
+Femto-USD is enough: catalog prices have at most 3 decimals per 1M tokens
+(9 per token) and the 1.5 multiplier adds one, so a cost has at most 10 decimals;
+any multiplier with up to 5 decimals still fits. A row whose cost needs more
+than 15 decimals is refused rather than rounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import logging
+import os
+import queue
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Final, Literal
+
+import orjson
+
+__all__ = [
+    "APPLIED_TIERS",
+    "STATUSES",
+    "Ledger",
+    "LedgerRow",
+    "UsageLine",
+    "open_ledger",
+    "parse_since",
+    "render_csv",
+    "render_json",
+    "render_table",
+    "sqlite_path",
+    "usage_main",
+]
+
+log = logging.getLogger("tierq.ledger")
+
+Durability = Literal["process", "power"]
+STATUSES: Final = frozenset({"served", "shed", "failed", "cancelled"})
+APPLIED_TIERS: Final = frozenset({"priority", "default"})
+FEMTO_PER_USD: Final = 10**15
+FEMTO_PER_MICRO: Final = 10**9
+MAX_BATCH: Final = 8192  # rows per transaction; bounds a commit's latency under a flood
+BUSY_TIMEOUT_MS: Final = 5000  # keys.py writes to the same file now and then
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id        TEXT PRIMARY KEY,
+    ts                REAL NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    requested_tier    TEXT,
+    applied_tier      TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost              TEXT NOT NULL,
+    cost_micro        INTEGER NOT NULL,
+    cost_femto        INTEGER NOT NULL,
+    status            TEXT NOT NULL,
+    partial           INTEGER NOT NULL,
+    code              TEXT,
+    queue_ms          REAL NOT NULL,
+    latency_ms        REAL NOT NULL,
+    upstream          TEXT
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+"""
+
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, requested_tier,"
+    " applied_tier, prompt_tokens, completion_tokens, cost, cost_micro, cost_femto, status,"
+    " partial, code, queue_ms, latency_ms, upstream)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT: Final = (
+    "SELECT request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,"
+    " prompt_tokens, completion_tokens, cost, status, partial, code, queue_ms, latency_ms,"
+    " upstream FROM ledger"
+)
+
+
+@dataclass(slots=True, frozen=True)
+class LedgerRow:
+    """One request decision. `key_id` is a key's public id or "anonymous", never a secret."""
+
+    request_id: str
+    ts: float
+    key_id: str
+    model: str
+    endpoint: str
+    requested_tier: str | None
+    applied_tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+    status: str
+    partial: bool = False
+    code: str | None = None
+    queue_ms: float = 0.0
+    latency_ms: float = 0.0
+    upstream: str | None = None
+
+    def __post_init__(self) -> None:
+        # Validated here, on the caller's side, so a bad row fails its own
+        # request instead of the batch it would have been committed with.
+        # Types are checked too: one value sqlite cannot bind would fail the whole
+        # batch it was committed with, and so other requests' rows.
+        for name in ("request_id", "key_id", "model", "endpoint", "applied_tier", "status"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str")
+        for name in ("requested_tier", "code", "upstream"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise TypeError(f"{name} must be a str or None")
+        for name in ("prompt_tokens", "completion_tokens"):
+            if type(getattr(self, name)) is not int:
+                raise TypeError(f"{name} must be an int")
+        for name in ("ts", "queue_ms", "latency_ms"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a number")
+        if not self.request_id:
+            raise ValueError("request_id must be non-empty")
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {sorted(STATUSES)}, not {self.status!r}")
+        if self.applied_tier not in APPLIED_TIERS:
+            raise ValueError(f"applied_tier must be 'priority' or 'default', not {self.applied_tier!r}")
+        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        _femto(self.cost)
+
+    def _params(self) -> tuple[object, ...]:
+        micro, femto = divmod(_femto(self.cost), FEMTO_PER_MICRO)
+        return (
+            self.request_id, self.ts, self.key_id, self.model, self.endpoint,
+            self.requested_tier, self.applied_tier, self.prompt_tokens,
+            self.completion_tokens, _fixed(self.cost), micro, femto, self.status,
+            int(self.partial), self.code, self.queue_ms, self.latency_ms, self.upstream,
+        )  # fmt: skip
+
+
+def _femto(cost: Decimal) -> int:
+    if not isinstance(cost, Decimal) or not cost.is_finite() or cost < 0:
+        raise ValueError(f"cost must be a finite, non-negative Decimal, not {cost!r}")
+    scaled = cost.scaleb(15)
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"cost {cost} has more than 15 decimals (femto-USD); refusing to round")
+    return int(scaled)
+
+
+def _fixed(value: Decimal) -> str:
+    """Fixed-point text, never exponent notation (Decimal('1E-7') -> '0.0000001')."""
+    return format(value, "f")
+
+
+def _from_femto(femto: int) -> Decimal:
+    # Exact: dividing by a power of ten only moves the exponent.
+    return (Decimal(femto).scaleb(-15)).normalize() if femto else Decimal(0)
+
+
+def sqlite_path(url_or_path: str) -> str:
+    """`sqlite:///rel.db` -> 'rel.db', `sqlite:////abs/x.db` -> '/abs/x.db', plain paths as is."""
+    if "://" not in url_or_path:
+        if not url_or_path:
+            raise ValueError("ledger path is empty")
+        return url_or_path
+    scheme = url_or_path.split("://", 1)[0].lower()
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"):
+        # Only the scheme is echoed: a database URL may carry a password.
+        raise ValueError(
+            f"ledger url scheme {scheme!r}: the PostgreSQL ledger is not built yet; "
+            "use sqlite:///path/to/tierq.db"
+        )
+    if scheme != "sqlite":
+        raise ValueError(
+            f"ledger url scheme {scheme!r} is not supported; use sqlite:///relative.db "
+            "or sqlite:////absolute/path.db"
+        )
+    if not url_or_path.startswith("sqlite:///"):
+        raise ValueError("sqlite ledger url must look like sqlite:///relative.db or sqlite:////abs.db")
+    path = url_or_path[len("sqlite:///"):]
+    if not path or path == ":memory:":
+        # The writer and the readers use separate connections; memory is per connection.
+        raise ValueError("sqlite ledger url needs a file path (in-memory databases are not shared)")
+    return path
+
+
+def open_ledger(url: str, durability: Durability = "process") -> Ledger:
+    """A Ledger for a `[ledger] url`; only sqlite:/// is built (call `await start()`)."""
+    return Ledger(sqlite_path(url), durability)
+
+
+def connect(path: str, durability: Durability = "process") -> sqlite3.Connection:
+    """A connection with the ledger's pragmas and schema; autocommit (explicit BEGIN)."""
+    if durability not in ("process", "power"):
+        raise ValueError("durability must be 'process' or 'power'")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    # WAL: readers never block the writer. NORMAL: a commit is a write to the WAL
+    # (survives kill -9, not power loss); FULL fsyncs each commit (group commit,
+    # since a commit carries a whole batch).
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'power' else 'NORMAL'}")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+# (row or None for a flush barrier, waiter or None for fire-and-forget); None item = stop
+_Item = tuple[LedgerRow | None, _Waiter | None] | None
+
+
+def _settle(futs: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for fut in futs:
+        if fut.done():  # the awaiting task was cancelled; the row is written anyway
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+def _notify(
+    loop: asyncio.AbstractEventLoop, futs: list[asyncio.Future[None]], exc: BaseException | None
+) -> None:
+    # One wake-up per loop per batch, not per row.
+    try:
+        loop.call_soon_threadsafe(_settle, futs, exc)
+    except RuntimeError:  # that loop is closed; nobody is left to tell
+        pass
+
+
+class Ledger:
+    """A SQLite ledger with one writer thread. `await start()` before recording."""
+
+    def __init__(self, path: str, durability: Durability = "process") -> None:
+        if durability not in ("process", "power"):
+            raise ValueError("durability must be 'process' or 'power'")
+        self.path = path
+        self.durability: Durability = durability
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = 0  # commits done; a test can see that batching happened
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("ledger already started")
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, ready), name="tierq-ledger-writer", daemon=True
+        )
+        self._thread.start()
+        await ready  # raises here if the file cannot be opened
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    async def __aenter__(self) -> Ledger:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._thread is None or self._closed:
+            raise RuntimeError("ledger is not running (call start(), and not after close())")
+
+    async def record(self, row: LedgerRow) -> None:
+        """Write `row`; return once it is committed. A repeated request_id is ignored."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        # SimpleQueue.put never blocks: the event loop does no I/O here.
+        self._queue.put((row, (loop, fut)))
+        await fut
+
+    def record_nowait(self, row: LedgerRow) -> None:
+        """Queue `row` without waiting (sheds: nothing was served, nothing to hold back)."""
+        self._check_open()
+        self._queue.put((row, None))
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.put((None, (loop, fut)))
+        await fut
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = connect(self.path, self.durability)
+        except Exception as e:  # noqa: BLE001 - handed to start()'s caller
+            loop.call_soon_threadsafe(_settle, [ready], e)
+            return
+        loop.call_soon_threadsafe(_settle, [ready], None)
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stopping = self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> bool:
+        if None in batch:
+            # Stopping: take whatever is still queued too, so nothing queued before
+            # (or racing with) close() is left behind.
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        params: list[tuple[object, ...]] = []
+        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        stopping = False
+        for item in batch:
+            if item is None:
+                stopping = True
+                continue
+            row, waiter = item
+            if row is not None:
+                try:
+                    params.append(row._params())
+                except Exception as e:  # noqa: BLE001 - fails this row, not its batch
+                    log.error("ledger row %r refused: %s", row.request_id, e)
+                    if waiter is not None:
+                        _notify(waiter[0], [waiter[1]], e)
+                    continue
+            if waiter is not None:
+                waiters.setdefault(waiter[0], []).append(waiter[1])
+        exc: BaseException | None = None
+        if params:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(_INSERT, params)
+                conn.execute("COMMIT")
+                self.batches += 1
+            except Exception as e:  # noqa: BLE001 - the writer must outlive a bad batch
+                exc = e
+                log.error("ledger commit of %d rows failed: %s", len(params), e)
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+        for wloop, futs in waiters.items():
+            _notify(wloop, futs, exc)
+        return stopping
+
+    # Reads: short-lived connections (WAL lets them run beside the writer). They
+    # block, so they are for the CLI, tests and admin paths, not the request path.
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        conn = connect(self.path, self.durability)
+        try:
+            return list(conn.execute(sql, params))
+        finally:
+            conn.close()
+
+    def get(self, request_id: str) -> LedgerRow | None:
+        found = self._read(_SELECT + " WHERE request_id = ?", (request_id,))
+        return _row(found[0]) if found else None
+
+    def rows(self, request_id: str | None = None) -> list[LedgerRow]:
+        if request_id is not None:
+            found = self._read(_SELECT + " WHERE request_id = ?", (request_id,))
+        else:
+            found = self._read(_SELECT + " ORDER BY ts, request_id")
+        return [_row(r) for r in found]
+
+    def count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
+
+    def usage(
+        self, since: float | None = None, key_id: str | None = None, model: str | None = None
+    ) -> list[UsageLine]:
+        return usage_lines(self._read, since=since, key_id=key_id, model=model)
+
+
+def _row(r: tuple[Any, ...]) -> LedgerRow:
+    (rid, ts, key_id, model, endpoint, req, applied, pt, ct, cost, status, partial, code,
+     queue_ms, latency_ms, upstream) = r  # fmt: skip
+    return LedgerRow(
+        request_id=rid, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
+        requested_tier=req, applied_tier=applied, prompt_tokens=pt, completion_tokens=ct,
+        cost=Decimal(cost), status=status, partial=bool(partial), code=code,
+        queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- reports
+
+
+@dataclass(slots=True, frozen=True)
+class UsageLine:
+    """Spend of one (key, model, applied tier)."""
+
+    key_id: str
+    model: str
+    applied_tier: str
+    requests: int
+    served: int
+    shed: int
+    failed: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+
+
+Reader = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
+
+
+def usage_lines(
+    read: Reader,
+    since: float | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+) -> list[UsageLine]:
+    # Filters are fixed SQL fragments; values only ever travel as parameters.
+    where: list[str] = []
+    params: list[object] = []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if key_id is not None:
+        where.append("key_id = ?")
+        params.append(key_id)
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    sql = (
+        "SELECT key_id, model, applied_tier, COUNT(*),"
+        " SUM(status = 'served'), SUM(status = 'shed'), SUM(status = 'failed'),"
+        " SUM(status = 'cancelled'), SUM(prompt_tokens), SUM(completion_tokens),"
+        " SUM(cost_micro), SUM(cost_femto) FROM ledger"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " GROUP BY key_id, model, applied_tier ORDER BY key_id, model, applied_tier"
+    )
+    out = []
+    for r in read(sql, params):
+        k, m, tier, n, served, shed, failed, cancelled, pt, ct, micro, femto = r
+        out.append(
+            UsageLine(
+                key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
+                served=int(served), shed=int(shed), failed=int(failed),
+                cancelled=int(cancelled), prompt_tokens=int(pt), completion_tokens=int(ct),
+                cost=_from_femto(int(micro) * FEMTO_PER_MICRO + int(femto)),
+            )  # fmt: skip
+        )
+    return out
+
+
+_COUNTS: Final = ("requests", "served", "shed", "failed", "cancelled",
+                  "prompt_tokens", "completion_tokens")  # fmt: skip
+
+
+def _total(lines: Sequence[UsageLine]) -> UsageLine:
+    sums = {name: sum(getattr(line, name) for line in lines) for name in _COUNTS}
+    cost = sum((line.cost for line in lines), Decimal(0))
+    return UsageLine(key_id="TOTAL", model="", applied_tier="", cost=cost, **sums)
+
+
+def _cost_strings(costs: Iterable[Decimal]) -> list[str]:
+    """Exact costs padded to a common number of decimals (adding zeros is exact)."""
+    costs = list(costs)
+    places = max((max(0, -int(c.normalize().as_tuple().exponent)) for c in costs), default=0)
+    places = max(places, 2)
+    return [_fixed(c.quantize(Decimal(1).scaleb(-places))) for c in costs]
+
+
+def render_table(lines: Sequence[UsageLine]) -> str:
+    """An aligned plain-text table with a TOTAL row."""
+    header = ("KEY", "MODEL", "TIER", "REQUESTS", "SERVED", "SHED", "FAILED", "CANCELLED",
+              "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST_USD")  # fmt: skip
+    all_lines = [*lines, _total(lines)]
+    costs = _cost_strings(line.cost for line in all_lines)
+    body = [
+        (line.key_id, line.model, line.applied_tier,
+         *(str(getattr(line, name)) for name in _COUNTS), cost)
+        for line, cost in zip(all_lines, costs)
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        # Text columns left-aligned, numbers right-aligned.
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(r) for r in body[:-1]), rule, fmt(body[-1])]) + "\n"
+
+
+def _as_dict(line: UsageLine) -> dict[str, object]:
+    d: dict[str, object] = {f.name: getattr(line, f.name) for f in fields(line)}
+    d["cost"] = _fixed(line.cost)  # a string: JSON numbers would pass through floats
+    return d
+
+
+def render_json(lines: Sequence[UsageLine]) -> str:
+    total = _as_dict(_total(lines))
+    for name in ("key_id", "model", "applied_tier"):
+        del total[name]
+    return orjson.dumps(
+        {"lines": [_as_dict(line) for line in lines], "total": total}, option=orjson.OPT_INDENT_2
+    ).decode()
+
+
+def render_csv(lines: Sequence[UsageLine]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([f.name for f in fields(UsageLine)])
+    for line in lines:
+        w.writerow(_as_dict(line).values())
+    return buf.getvalue()
+
+
+_RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.ASCII)
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`1h`, `30m`, `7d` ago, or an ISO date/time (naive means UTC) -> unix time."""
+    text = text.strip()
+    m = _RELATIVE.fullmatch(text)
+    if m:
+        now = time.time() if now is None else now
+        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: expected a relative time like 30m, 1h, 7d or an ISO date/time"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def usage_main(argv: list[str]) -> int:
+    """`tierq usage`: spend by key, model and tier from the ledger."""
+    p = argparse.ArgumentParser(prog="tierq usage", description=usage_main.__doc__)
+    p.add_argument("--db", default="tierq.db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
+    p.add_argument("--key", help="only this key's public id (or 'anonymous')")
+    p.add_argument("--model", help="only this model")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON, costs as exact strings")
+    fmt.add_argument("--csv", action="store_true", help="CSV, costs as exact strings")
+    args = p.parse_args(argv)
+    try:
+        path = sqlite_path(args.db)
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        print(f"tierq usage: {e}", file=sys.stderr)
+        return 2
+    if not os.path.exists(path):
+        # Do not create an empty ledger as a side effect of reading one.
+        print(f"tierq usage: no ledger at {path}", file=sys.stderr)
+        return 1
+    try:
+        lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
+    except sqlite3.Error as e:
+        print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = render_json(lines) + "\n"
+    elif args.csv:
+        out = render_csv(lines)
+    else:
+        out = render_table(lines)
+    sys.stdout.write(out)
+    return 0
