@@ -11,7 +11,7 @@ use crate::bucket::{self, BucketParams};
 use crate::clock::Clock;
 use crate::error::CoreError;
 use crate::lanes::Ring;
-use crate::sync::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use crate::sync::{spin, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use crate::Lane;
 
 /// Why a request was shed.
@@ -149,6 +149,8 @@ mod at {
     pub const RINGS: usize = 10 * LINE;
 }
 const SHARE_ONE: u64 = 1_000_000;
+/// Re-checks of a full queue before shedding (see `admit`).
+const FULL_RETRIES: u32 = 4;
 /// Retry-After when the pool has never drained under load: one second.
 const UNKNOWN_DRAIN_NS: u64 = 1_000_000_000;
 
@@ -283,22 +285,27 @@ impl Pool {
             return Admit::Now;
         }
         let mut evicted = None;
-        if !self.reserve_depth(lane) {
+        let mut attempt = 0;
+        while !self.reserve_depth(lane) {
             // Full. A priority arrival takes the place of the newest default waiter.
-            let victim = match lane {
-                Lane::Priority => self.ring(Lane::Default).remove_newest(),
-                Lane::Default => None,
-            };
-            match victim {
-                Some(pos) => {
+            if lane == Lane::Priority {
+                if let Some(pos) = self.ring(Lane::Default).remove_newest() {
                     // The victim's depth unit moves to this arrival's lane.
                     self.w(at::DEPTH).fetch_sub(Self::depth_unit(Lane::Default) - 1, SeqCst);
                     self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
                     self.ring(Lane::Default).reap();
                     evicted = Some(waiter_id(Lane::Default, pos));
+                    break;
                 }
-                None => return self.shed_full(lane, cost),
             }
+            // A waiter that is leaving right now (cancel, expiry) has left its
+            // cell but not yet given back its place: wait those few
+            // instructions out rather than shed while a place is freeing.
+            attempt += 1;
+            if attempt > FULL_RETRIES {
+                return self.shed_full(lane, cost);
+            }
+            spin();
         }
         let pos = match self.ring(lane).push(now) {
             Ok(pos) => pos,

@@ -1,0 +1,215 @@
+//! proptest: random operation sequences run against the real pool and a plain
+//! sequential model of DESIGN.md's admission rules; every outcome, grant and
+//! counter must agree.
+#![cfg(not(loom))]
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, Settings, ShedCode};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Admit(Lane),
+    /// Release the n-th held slot (mod holders).
+    Release(usize),
+    /// Cancel the n-th live waiter (mod waiters).
+    Cancel(usize),
+    AdvanceMs(u64),
+    Expire,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => prop_oneof![Just(Lane::Priority), Just(Lane::Default)].prop_map(Op::Admit),
+        3 => any::<usize>().prop_map(Op::Release),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        1 => (0u64..40).prop_map(Op::AdvanceMs),
+        1 => Just(Op::Expire),
+    ]
+}
+
+/// One ring cell in the model: a live waiter or a tombstone awaiting the head.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    ticket: u64,
+    joined_ms: u64,
+    live: bool,
+}
+
+/// The rules, written the plain way.
+struct Model {
+    max_concurrency: usize,
+    queue_depth: usize,
+    ring_cap: usize,
+    max_wait_ms: [u64; 2],
+    in_flight: usize,
+    lanes: [VecDeque<Entry>; 2],
+    next_ticket: [u64; 2],
+    now_ms: u64,
+}
+
+fn id(lane: usize, ticket: u64) -> u64 {
+    ticket << 1 | lane as u64
+}
+
+impl Model {
+    fn depth(&self) -> usize {
+        self.lanes.iter().map(|l| l.iter().filter(|e| e.live).count()).sum()
+    }
+    fn lane_depth(&self, lane: usize) -> u32 {
+        self.lanes[lane].iter().filter(|e| e.live).count() as u32
+    }
+    fn reap(&mut self, lane: usize) {
+        while self.lanes[lane].front().is_some_and(|e| !e.live) {
+            self.lanes[lane].pop_front();
+        }
+    }
+    fn pop_next(&mut self) -> Option<u64> {
+        for lane in 0..2 {
+            self.reap(lane);
+            if let Some(e) = self.lanes[lane].pop_front() {
+                return Some(id(lane, e.ticket));
+            }
+        }
+        None
+    }
+    fn admit(&mut self, lane: Lane) -> (Option<ShedCode>, Option<u64>, Option<u64>) {
+        let l = lane as usize;
+        if self.depth() == 0 && self.in_flight < self.max_concurrency {
+            self.in_flight += 1;
+            return (None, None, None);
+        }
+        let mut evicted = None;
+        if self.depth() >= self.queue_depth {
+            if lane == Lane::Default {
+                return (Some(ShedCode::ServerOverloaded), None, None);
+            }
+            let newest = self.lanes[1].iter_mut().rev().find(|e| e.live);
+            match newest {
+                Some(e) => {
+                    e.live = false;
+                    evicted = Some(id(1, e.ticket));
+                    self.reap(1);
+                }
+                None => return (Some(ShedCode::ServerOverloaded), None, None),
+            }
+        }
+        if self.lanes[l].len() >= self.ring_cap {
+            return (Some(ShedCode::ServerOverloaded), evicted, None);
+        }
+        let ticket = self.next_ticket[l];
+        self.next_ticket[l] += 1;
+        self.lanes[l].push_back(Entry { ticket, joined_ms: self.now_ms, live: true });
+        let granted = if self.in_flight < self.max_concurrency {
+            self.in_flight += 1;
+            self.pop_next()
+        } else {
+            None
+        };
+        (None, evicted, granted)
+    }
+    fn release(&mut self) -> Option<u64> {
+        let next = self.pop_next();
+        if next.is_none() {
+            self.in_flight -= 1;
+        }
+        next
+    }
+    fn live_ids(&self) -> Vec<u64> {
+        (0..2).flat_map(|l| self.lanes[l].iter().filter(|e| e.live).map(move |e| id(l, e.ticket))).collect()
+    }
+    fn cancel(&mut self, target: u64) {
+        let l = (target & 1) as usize;
+        for e in self.lanes[l].iter_mut() {
+            if id(l, e.ticket) == target {
+                e.live = false;
+            }
+        }
+        self.reap(l);
+    }
+    fn expire(&mut self) -> Vec<u64> {
+        let mut out = vec![];
+        for l in 0..2 {
+            loop {
+                self.reap(l);
+                match self.lanes[l].front() {
+                    Some(e) if e.joined_ms + self.max_wait_ms[l] <= self.now_ms => {
+                        out.push(id(l, e.ticket));
+                        self.lanes[l].pop_front();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize) -> Result<(), TestCaseError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let settings = Settings::new(max_concurrency as i64, queue_depth as i64, 50.0, 80.0, None, None, 0.2, 0.0).unwrap();
+    let ring_cap = settings.ring_cap();
+    let pool = Pool::new(settings, Clock::Manual(clock.clone()));
+    let mut m = Model {
+        max_concurrency,
+        queue_depth,
+        ring_cap,
+        max_wait_ms: [80, 50],
+        in_flight: 0,
+        lanes: [VecDeque::new(), VecDeque::new()],
+        next_ticket: [0, 0],
+        now_ms: 0,
+    };
+    for op in ops {
+        match op {
+            Op::Admit(lane) => {
+                let want = m.admit(lane);
+                let got = match pool.admit(lane, 1) {
+                    Admit::Now => (None, None, None),
+                    Admit::Queued { evicted, granted, .. } => (None, evicted, granted),
+                    Admit::Shed { code, .. } => (Some(code), None, None),
+                };
+                prop_assert_eq!(got, want, "admit {:?}", lane);
+            }
+            Op::Release(_) if m.in_flight == 0 => {}
+            Op::Release(_) => prop_assert_eq!(pool.release(), m.release()),
+            Op::Cancel(n) => {
+                let live = m.live_ids();
+                if !live.is_empty() {
+                    let target = live[n % live.len()];
+                    prop_assert!(pool.cancel(target));
+                    prop_assert!(!pool.cancel(target), "cancelled twice");
+                    m.cancel(target);
+                }
+            }
+            Op::AdvanceMs(ms) => {
+                clock.advance_ns(ms * 1_000_000);
+                m.now_ms += ms;
+            }
+            Op::Expire => {
+                let mut got = vec![];
+                pool.expire_due(|id| got.push(id));
+                prop_assert_eq!(got, m.expire());
+            }
+        }
+        let s = pool.stats();
+        prop_assert_eq!(s.in_flight as usize, m.in_flight);
+        prop_assert_eq!(s.depth, [m.lane_depth(0), m.lane_depth(1)]);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pool_matches_the_sequential_model(
+        ops in prop::collection::vec(op(), 1..200),
+        max_concurrency in 1usize..4,
+        queue_depth in 0usize..6,
+    ) {
+        run(ops, max_concurrency, queue_depth)?;
+    }
+}
