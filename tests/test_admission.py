@@ -475,3 +475,12 @@ def test_stats_shape() -> None:
         "shed": {"server_overloaded": 0, "queue_timeout": 0, "rate_limit_exceeded": 0},
         "cancelled": 0,
     }
+
+
+@pytest.mark.parametrize("ms", [2007, 2011, 4035, 119_999])
+def test_regression_retry_after_ms_of_an_exact_millisecond_wait_is_not_rounded_up_past_it(ms: int) -> None:
+    # Bug: ceil(seconds * 1000) on the float made a 2007 ms wait report 2008.
+    shed = Shed("rate_limit_exceeded", ms * 1_000_000 / 1e9, "default")
+    assert shed.retry_after_ms == ms
+    nudged = Shed("rate_limit_exceeded", (ms * 1_000_000 + 1) / 1e9, "default")
+    assert nudged.retry_after_ms == ms + 1

@@ -40,7 +40,10 @@ class Shed(Exception):
         """The wait in whole milliseconds, rounded up (the `retry-after-ms` header)."""
         if math.isinf(self.retry_after_s):
             return _MAX_RETRY_AFTER_S * 1000
-        return max(0, math.ceil(self.retry_after_s * 1000))
+        # Round back to the core's whole nanoseconds first: ceil(2.007 * 1000)
+        # is 2008 in floats, and an exact wait must not gain a millisecond.
+        ns = round(self.retry_after_s * 1e9)
+        return max(0, -(-ns // 1_000_000))
 
     @property
     def retry_after_header(self) -> int:
