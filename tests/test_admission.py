@@ -484,3 +484,20 @@ def test_regression_retry_after_ms_of_an_exact_millisecond_wait_is_not_rounded_u
     assert shed.retry_after_ms == ms
     nudged = Shed("rate_limit_exceeded", (ms * 1_000_000 + 1) / 1e9, "default")
     assert nudged.retry_after_ms == ms + 1
+
+
+async def test_regression_default_requests_are_admitted_with_rate_1_and_default_burst_and_reserve() -> None:
+    # Bug: `rate=1` (burst defaults to 1, priority_reserve to 0.2) shed every
+    # default request forever with a ~292-year retry-after.
+    clock = ManualClock()
+    adm = Admission(rate=1.0, clock=clock)
+    async with adm.acquire("default"):
+        pass
+    with pytest.raises(Shed) as shed:
+        async with adm.acquire("default"):
+            pass
+    assert shed.value.code == "rate_limit_exceeded"
+    assert shed.value.retry_after_s == 1.0
+    clock.advance(1.0)
+    async with adm.acquire("default"):
+        pass

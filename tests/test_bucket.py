@@ -128,3 +128,15 @@ def test_bad_take_arguments_raise_value_error_naming_the_argument() -> None:
     with pytest.raises(ValueError, match="^tier:"):
         bucket.try_take(tier="gold")
     assert bucket.available() == pytest.approx(10.0)
+
+
+def test_regression_default_lane_is_not_shut_out_when_the_reserve_leaves_less_than_one_token() -> None:
+    # Bug: burst 1 with priority_reserve 0.2 left the default lane 0.8 token,
+    # so every default take "could never fit" (infinite wait), although the
+    # bucket held 1 token, more than the 0.2 reserve.
+    clock = ManualClock()
+    bucket = TokenBucket(rate=1.0, burst=1, priority_reserve=0.2, clock=clock)
+    assert bucket.try_take(tier="default") is None
+    assert bucket.try_take(tier="default") == 1.0
+    clock.advance(1.0)
+    assert bucket.try_take(tier="priority") is None
