@@ -501,3 +501,16 @@ async def test_regression_default_requests_are_admitted_with_rate_1_and_default_
     clock.advance(1.0)
     async with adm.acquire("default"):
         pass
+
+
+async def test_regression_cost_that_can_never_fit_the_bucket_sheds_with_infinite_retry_after() -> None:
+    # Bug: the core's "never" wait reached Shed as 9223372036.85 s, so the
+    # retry-after-ms header said 9223372036855 instead of the 120 s cap.
+    adm = Admission(rate=10.0, burst=5, clock=ManualClock())
+    with pytest.raises(Shed) as shed:
+        async with adm.acquire("priority", cost=6):
+            pass
+    assert shed.value.code == "rate_limit_exceeded"
+    assert shed.value.retry_after_s == math.inf
+    assert shed.value.retry_after_ms == 120_000
+    assert shed.value.retry_after_header == 120

@@ -19,6 +19,7 @@ __all__ = ["Admission", "Shed", "Slot"]
 _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
 _NONE = -1
+_NEVER = (1 << 63) - 1
 _MAX_RETRY_AFTER_S = 120
 
 
@@ -85,7 +86,8 @@ class Slot:
         if kind == 0:
             return self
         if kind == 2:
-            raise Shed(SHED_CODES[a], b / 1e9, _LANE_NAMES[self.lane])
+            # The core's "never fits" wait (u64::MAX) arrives clamped to i64::MAX.
+            raise Shed(SHED_CODES[a], math.inf if b == _NEVER else b / 1e9, _LANE_NAMES[self.lane])
         # Queued as waiter `a`; maybe it evicted `b`, maybe a slot went to `c`.
         if b != _NONE:
             adm._shed_waiter(b, "server_overloaded")
