@@ -61,7 +61,9 @@ pub enum Decision {
 pub fn decide(tat: u64, now: u64, cost: u64, lane: Lane, p: &BucketParams) -> Decision {
     let limit = match lane {
         Lane::Priority => p.tau_ns,
-        Lane::Default => p.tau_ns - p.reserve_ns,
+        // At least one token: a reserve that leaves the default lane less than
+        // a whole token must not shut that lane out for good (burst 1, reserve 0.2).
+        Lane::Default => (p.tau_ns - p.reserve_ns).max(p.interval_ns),
     };
     let need = cost.saturating_mul(p.interval_ns);
     if need > limit {

@@ -19,6 +19,7 @@ __all__ = ["Admission", "Shed", "Slot"]
 _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
 _NONE = -1
+_NEVER = (1 << 63) - 1
 _MAX_RETRY_AFTER_S = 120
 
 
@@ -40,7 +41,10 @@ class Shed(Exception):
         """The wait in whole milliseconds, rounded up (the `retry-after-ms` header)."""
         if math.isinf(self.retry_after_s):
             return _MAX_RETRY_AFTER_S * 1000
-        return max(0, math.ceil(self.retry_after_s * 1000))
+        # Round back to the core's whole nanoseconds first: ceil(2.007 * 1000)
+        # is 2008 in floats, and an exact wait must not gain a millisecond.
+        ns = round(self.retry_after_s * 1e9)
+        return max(0, -(-ns // 1_000_000))
 
     @property
     def retry_after_header(self) -> int:
@@ -82,7 +86,8 @@ class Slot:
         if kind == 0:
             return self
         if kind == 2:
-            raise Shed(SHED_CODES[a], b / 1e9, _LANE_NAMES[self.lane])
+            # The core's "never fits" wait (u64::MAX) arrives clamped to i64::MAX.
+            raise Shed(SHED_CODES[a], math.inf if b == _NEVER else b / 1e9, _LANE_NAMES[self.lane])
         # Queued as waiter `a`; maybe it evicted `b`, maybe a slot went to `c`.
         if b != _NONE:
             adm._shed_waiter(b, "server_overloaded")

@@ -1,0 +1,278 @@
+//! Criterion benches of the admission core, each against a lock-based baseline
+//! with the same rules in the same run: a `Mutex<u64>` TAT running the same
+//! GCRA `decide`, and a `Mutex`-protected pool with two `VecDeque` lanes. At the
+//! end the (tierq, baseline, ratio) table is printed from criterion's estimates.
+//!
+//! Full: `cargo bench --bench core`.
+//! Smoke (CI): `cargo bench --bench core -- --warm-up-time 0.1 --measurement-time 0.2 --sample-size 10`.
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Bencher, Criterion};
+use tierq_core::bucket::{decide, BucketParams, Decision};
+use tierq_core::clock::monotonic_ns;
+use tierq_core::{Admit, Clock, Lane, Pool, Settings, TokenBucket};
+
+// ---------------------------------------------------------------- baselines --
+
+/// The same GCRA rule as `tierq_core::TokenBucket`, with the TAT behind a lock.
+struct MutexBucket {
+    params: BucketParams,
+    tat: Mutex<u64>,
+}
+
+impl MutexBucket {
+    fn new(rate: f64, burst: f64, reserve: f64) -> Self {
+        MutexBucket { params: BucketParams::new(rate, burst, reserve).unwrap(), tat: Mutex::new(0) }
+    }
+    fn try_take(&self, cost: u64, lane: Lane) -> Result<(), u64> {
+        let now = monotonic_ns();
+        let mut tat = self.tat.lock().unwrap();
+        match decide(*tat, now, cost, lane, &self.params) {
+            Decision::Take { new_tat } => {
+                *tat = new_tat;
+                Ok(())
+            }
+            Decision::NotUntil { wait_ns } => Err(wait_ns),
+        }
+    }
+}
+
+/// The pool's slot and lane rules (fast path, FIFO lanes, strict priority,
+/// newest-default eviction, full-queue shed) as the obvious locked design.
+struct MutexPool {
+    inner: Mutex<PoolInner>,
+}
+
+struct PoolInner {
+    max_concurrency: u32,
+    queue_depth: usize,
+    in_flight: u32,
+    next_id: u64,
+    /// (waiter id, enqueued ns), indexed by `Lane as usize`.
+    lanes: [VecDeque<(u64, u64)>; 2],
+}
+
+#[derive(Debug, PartialEq)]
+enum MutexAdmit {
+    Now,
+    Queued(u64),
+    Shed,
+}
+
+impl MutexPool {
+    fn new(max_concurrency: u32, queue_depth: usize) -> Self {
+        let lanes = [VecDeque::with_capacity(queue_depth), VecDeque::with_capacity(queue_depth)];
+        MutexPool { inner: Mutex::new(PoolInner { max_concurrency, queue_depth, in_flight: 0, next_id: 0, lanes }) }
+    }
+    fn admit(&self, lane: Lane) -> MutexAdmit {
+        let now = monotonic_ns();
+        let mut p = self.inner.lock().unwrap();
+        let waiting = p.lanes[0].len() + p.lanes[1].len();
+        if waiting == 0 && p.in_flight < p.max_concurrency {
+            p.in_flight += 1;
+            return MutexAdmit::Now;
+        }
+        if waiting >= p.queue_depth {
+            if lane == Lane::Default || p.lanes[Lane::Default as usize].pop_back().is_none() {
+                return MutexAdmit::Shed;
+            }
+        }
+        let id = p.next_id;
+        p.next_id += 1;
+        p.lanes[lane as usize].push_back((id, now));
+        MutexAdmit::Queued(id)
+    }
+    fn release(&self) -> Option<u64> {
+        let mut p = self.inner.lock().unwrap();
+        for lane in [Lane::Priority, Lane::Default] {
+            if let Some((id, _)) = p.lanes[lane as usize].pop_front() {
+                return Some(id); // the slot passes straight to the waiter
+            }
+        }
+        p.in_flight -= 1;
+        None
+    }
+}
+
+// ------------------------------------------------------------------ harness --
+
+fn pool(max_concurrency: i64) -> Pool {
+    let s = Settings::new(max_concurrency, 1024, 30_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    Pool::new(s, Clock::Monotonic)
+}
+
+/// Runs `op` on `threads` threads at once, `iters` times each, and returns the
+/// wall time: criterion's "time per iteration" is then the time for every
+/// thread to do one op concurrently (per-op latency under contention).
+fn on_threads(b: &mut Bencher<'_>, threads: usize, op: &(dyn Fn() + Sync)) {
+    b.iter_custom(|iters| {
+        let barrier = Barrier::new(threads + 1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        for _ in 0..iters {
+                            op();
+                        }
+                        t0.elapsed()
+                    })
+                })
+                .collect();
+            barrier.wait();
+            handles.into_iter().map(|h| h.join().unwrap()).max().unwrap_or(Duration::ZERO)
+        })
+    });
+}
+
+// Every take succeeds (1e9 tokens/s, 1e9 burst), so each op is a full
+// load + decide + CAS, never the early refusal.
+const RATE: f64 = 1e9;
+
+fn bench_bucket(c: &mut Criterion) {
+    for threads in [1usize, 2] {
+        let mut g = c.benchmark_group(format!("bucket_decision/{threads}t"));
+        let ours = TokenBucket::new(RATE, RATE, 0.2, Clock::Monotonic).unwrap();
+        g.bench_function("tierq", |b| on_threads(b, threads, &|| assert!(black_box(&ours).try_take(1, Lane::Default).is_ok())));
+        let base = MutexBucket::new(RATE, RATE, 0.2);
+        g.bench_function("baseline", |b| on_threads(b, threads, &|| assert!(black_box(&base).try_take(1, Lane::Default).is_ok())));
+        g.finish();
+    }
+}
+
+fn bench_admit_release(c: &mut Criterion) {
+    let mut g = c.benchmark_group("admit_release_uncontended/1t");
+    let ours = pool(64);
+    g.bench_function("tierq", |b| {
+        b.iter(|| {
+            assert_eq!(black_box(&ours).admit(Lane::Default, 1), Admit::Now);
+            assert_eq!(ours.release(), None);
+        })
+    });
+    let base = MutexPool::new(64, 1024);
+    g.bench_function("baseline", |b| {
+        b.iter(|| {
+            assert_eq!(black_box(&base).admit(Lane::Default), MutexAdmit::Now);
+            assert_eq!(base.release(), None);
+        })
+    });
+    g.finish();
+}
+
+/// Slots held by "requests" in the queue benches, shared by the bench threads.
+/// A thread only calls `release` for a slot it took from here, and puts back
+/// every slot the pool hands out (an admit granted now, or a handoff), so the
+/// bench never releases a slot nobody holds (the core does not guard that).
+struct Held(AtomicU64);
+
+impl Held {
+    fn put(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    fn take(&self) {
+        while self.0.fetch_update(Relaxed, Relaxed, |h| h.checked_sub(1)).is_err() {
+            // Another thread is between taking a slot and handing it on.
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Queue push + pop: every slot is held, so each admit queues a waiter and
+/// each release hands a slot straight to the head waiter. On 2 threads a
+/// release may hand off to the other thread's waiter.
+fn bench_queue(c: &mut Criterion) {
+    for threads in [1usize, 2] {
+        let mut g = c.benchmark_group(format!("queue_push_pop/{threads}t"));
+        let ours = pool(1);
+        assert_eq!(ours.admit(Lane::Priority, 1), Admit::Now);
+        let held = Held(AtomicU64::new(1));
+        g.bench_function("tierq", |b| {
+            on_threads(b, threads, &|| {
+                match black_box(&ours).admit(Lane::Default, 1) {
+                    Admit::Now | Admit::Queued { granted: Some(_), .. } => held.put(),
+                    Admit::Queued { granted: None, .. } => {}
+                    other => panic!("expected to queue, got {other:?}"),
+                }
+                held.take();
+                if ours.release().is_some() {
+                    held.put();
+                }
+            })
+        });
+        let stats = ours.stats();
+        assert_eq!((stats.in_flight, stats.depth), (1, [0, 0]), "the bench leaked a slot or a waiter");
+        assert_eq!(held.0.load(Relaxed), 1);
+
+        let base = MutexPool::new(1, 1024);
+        assert_eq!(base.admit(Lane::Priority), MutexAdmit::Now);
+        let held = Held(AtomicU64::new(1));
+        g.bench_function("baseline", |b| {
+            on_threads(b, threads, &|| {
+                match black_box(&base).admit(Lane::Default) {
+                    MutexAdmit::Now => held.put(),
+                    MutexAdmit::Queued(_) => {}
+                    MutexAdmit::Shed => panic!("expected to queue"),
+                }
+                held.take();
+                if base.release().is_some() {
+                    held.put();
+                }
+            })
+        });
+        assert_eq!(held.0.load(Relaxed), 1);
+        g.finish();
+    }
+}
+
+// ----------------------------------------------------------------- summary --
+
+/// Criterion's median point estimate (ns) for `group/name`, if it ran.
+fn median_ns(group: &str, name: &str) -> Option<f64> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    let path = target.join("criterion").join(group.replace('/', "_")).join(name).join("new").join("estimates.json");
+    let json = std::fs::read_to_string(path).ok()?;
+    // No JSON parser among the dev-dependencies: the file is small and flat
+    // enough to find `"median":{...,"point_estimate":X`.
+    let after = &json[json.find("\"median\"")?..];
+    let after = &after[after.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    after[..after.find([',', '}'])?].trim().parse().ok()
+}
+
+fn summary() {
+    let rows = [
+        ("bucket_decision/1t", "bucket decision, 1 thread", 50.0),
+        ("bucket_decision/2t", "bucket decision, 2 threads on one bucket", 50.0),
+        ("admit_release_uncontended/1t", "pool admit + release, uncontended", f64::NAN),
+        ("queue_push_pop/1t", "queue push + pop (queued, then handoff), 1 thread", 100.0),
+        ("queue_push_pop/2t", "queue push + pop (queued, then handoff), 2 threads", f64::NAN),
+    ];
+    println!("\n| bench | tierq (median) | Mutex baseline (median) | speed-up | target |");
+    println!("|---|---:|---:|---:|---|");
+    for (group, label, target) in rows {
+        let (Some(ours), Some(base)) = (median_ns(group, "tierq"), median_ns(group, "baseline")) else { continue };
+        let verdict = if target.is_nan() {
+            "-".to_string()
+        } else if ours <= target {
+            format!("<= {target} ns: met")
+        } else {
+            format!("<= {target} ns: missed")
+        };
+        println!("| {label} | {ours:.1} ns | {base:.1} ns | {:.2}x | {verdict} |", base / ours);
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_bucket(&mut c);
+    bench_admit_release(&mut c);
+    bench_queue(&mut c);
+    c.final_summary();
+    summary();
+}
