@@ -378,7 +378,12 @@ impl Pool {
             self.note_release();
             return Some(id);
         }
-        self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
+        if self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst) == 0 {
+            // A release without a held slot is a caller bug; undo it rather
+            // than wrap the count and lock the pool.
+            self.w(at::IN_FLIGHT).fetch_add(1, SeqCst);
+            return None;
+        }
         if self.any_published() { self.dispatch() } else { None }
     }
 

@@ -254,3 +254,12 @@ fn concurrent_waiters_are_each_granted_once() {
     let queued: HashSet<_> = queued.lock().unwrap().iter().copied().collect();
     assert_eq!(unique.len(), queued.len(), "granted {} of {} waiters", unique.len(), queued.len());
 }
+
+#[test]
+fn release_without_a_held_slot_does_not_wrap_the_count() {
+    let settings = Settings::new(2, 4, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
+    let pool = Pool::new(settings, Clock::Monotonic);
+    assert_eq!(pool.release(), None);
+    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+}
