@@ -390,7 +390,10 @@ impl Pool {
     /// Tracks the drain rate while the pool is saturated.
     fn note_release(&self) {
         let now = self.clock.now_ns();
-        let last = self.w(at::LAST_RELEASE).swap(now, Relaxed);
+        // A plain load and store: racing releases may lose a sample, which an
+        // estimate can afford; a locked swap on every release cannot be.
+        let last = self.w(at::LAST_RELEASE).load(Relaxed);
+        self.w(at::LAST_RELEASE).store(now, Relaxed);
         if last == 0 || now <= last {
             return;
         }

@@ -12,7 +12,7 @@
 //! The ring lives in caller-provided atomics (no heap pointers) so a pool's
 //! state can be one fixed block, later mapped into shared memory.
 
-use crate::sync::{AtomicU64, Ordering::SeqCst};
+use crate::sync::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 
 const EMPTY: u64 = 0;
 const WAITING: u64 = 1;
@@ -75,7 +75,8 @@ impl<'a> Ring<'a> {
             let (pos, state) = split(self.cells[i].load(SeqCst));
             if pos == t && state == EMPTY {
                 if self.tail.compare_exchange_weak(t, t + 1, SeqCst, SeqCst).is_ok() {
-                    self.enqueued_ns[i].store(now, SeqCst);
+                    // Relaxed: the SeqCst store of the cell below publishes it.
+                    self.enqueued_ns[i].store(now, Relaxed);
                     self.cells[i].store(cell(t, WAITING), SeqCst);
                     return Ok(t);
                 }
@@ -186,8 +187,14 @@ impl<'a> Ring<'a> {
     /// The waiter's join time, if `pos` is still waiting.
     pub(crate) fn enqueued_at(&self, pos: u64) -> Option<u64> {
         let i = self.idx(pos);
+        let waiting = cell(pos, WAITING);
+        // Cell, time, cell again: tickets never repeat, so an unchanged cell
+        // means the time read belongs to `pos`.
+        if self.cells[i].load(SeqCst) != waiting {
+            return None;
+        }
         let at = self.enqueued_ns[i].load(SeqCst);
-        (self.cells[i].load(SeqCst) == cell(pos, WAITING)).then_some(at)
+        (self.cells[i].load(SeqCst) == waiting).then_some(at)
     }
 }
 
