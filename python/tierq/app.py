@@ -41,6 +41,7 @@ __all__ = [
     "GATEWAY",
     "Gateway",
     "create_app",
+    "models_payload",
     "runner_kwargs",
 ]
 
@@ -458,8 +459,10 @@ class _Ctx:
         await self.gw.ledger.record(row)
 
     def headers(self) -> dict[str, str]:
+        # x-request-id echoes the client's id when it sent one; the gateway's own
+        # (the ledger's request_id) is always in x-tierq-request-id.
         return {TIER_HEADER: self.tier, QUEUE_HEADER: f"{self.queue_ms:.3f}",
-                "x-request-id": self.info.echo}
+                "x-request-id": self.info.echo, "x-tierq-request-id": self.request_id}
 
     def settle(self, real_total: int) -> None:
         if self.gw.limiter is not None and self.key is not None:
@@ -784,9 +787,13 @@ class _UpstreamStreamError(Exception):
 
 
 def _models_body(gw: Gateway) -> bytes:
-    mult = gw.config.pricing.priority_multiplier
+    return orjson.dumps(models_payload(gw.catalog, gw.config.pricing.priority_multiplier))
+
+
+def models_payload(catalog: Catalog, mult: Decimal) -> dict[str, Any]:
+    """The body of GET /v1/models (also `tierq models --json`)."""
     data = []
-    for m in gw.catalog.values():
+    for m in catalog.values():
         pricing: dict[str, Any] = {
             "currency": "USD", "unit": "1M tokens",
             "input": render_cost(m.prices.input_per_m),
@@ -797,7 +804,7 @@ def _models_body(gw: Gateway) -> bytes:
             pricing["priority_output"] = render_cost(m.prices.output_per_m * mult)
         data.append({"id": m.id, "object": "model", "created": 0, "owned_by": m.upstream,
                      "priority": m.priority, "pricing": pricing})
-    return orjson.dumps({"object": "list", "data": data})
+    return {"object": "list", "data": data}
 
 
 async def _models(request: web.Request) -> web.StreamResponse:

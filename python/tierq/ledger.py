@@ -595,17 +595,38 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def usage_main(argv: list[str]) -> int:
     """`tierq usage`: spend by key, model and tier from the ledger."""
-    p = argparse.ArgumentParser(prog="tierq usage", description=usage_main.__doc__)
-    p.add_argument("--db", default="tierq.db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    p = argparse.ArgumentParser(
+        prog="tierq usage", description=usage_main.__doc__,
+        epilog="Costs are exact (USD). Rows: every request decision; only served and "
+               "cut-short (partial) requests cost anything.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    src.add_argument("--config", help="read the ledger url from this tierq TOML file")
     p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
-    p.add_argument("--key", help="only this key's public id (or 'anonymous')")
+    p.add_argument("--key", help="only this key's public id ('local' without API keys)")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                   help="output format (default: table)")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="JSON, costs as exact strings")
-    fmt.add_argument("--csv", action="store_true", help="CSV, costs as exact strings")
+    fmt.add_argument("--json", action="store_true", help="same as --format json; costs as exact strings")
+    fmt.add_argument("--csv", action="store_true", help="same as --format csv; costs as exact strings")
     args = p.parse_args(argv)
+    out_format = args.format or ("json" if args.json else "csv" if args.csv else "table")
+    if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
+        print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
+        return 2
     try:
-        path = sqlite_path(args.db)
+        if args.config:
+            from tierq.config import ConfigError, load_config
+
+            try:
+                url = load_config(args.config).ledger.url
+            except ConfigError as e:
+                print(str(e), file=sys.stderr)
+                return 2
+        else:
+            url = args.db or "tierq.db"
+        path = sqlite_path(url)
         since = parse_since(args.since) if args.since else None
     except ValueError as e:
         print(f"tierq usage: {e}", file=sys.stderr)
@@ -614,14 +635,17 @@ def usage_main(argv: list[str]) -> int:
         # Do not create an empty ledger as a side effect of reading one.
         print(f"tierq usage: no ledger at {path}", file=sys.stderr)
         return 1
+    from tierq.progress import progress
+
     try:
-        lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
+        with progress(f"summing the ledger at {path}"):
+            lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
     except sqlite3.Error as e:
         print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
         return 1
-    if args.json:
+    if out_format == "json":
         out = render_json(lines) + "\n"
-    elif args.csv:
+    elif out_format == "csv":
         out = render_csv(lines)
     else:
         out = render_table(lines)

@@ -115,7 +115,7 @@ def _access(request: web.Request, info: RequestInfo, status: int, t0: float) -> 
         fields.update(model=row.model, key_id=row.key_id, requested_tier=row.requested_tier,
                       tier=row.applied_tier, outcome=row.status, code=row.code,
                       queue_ms=round(row.queue_ms, 3), prompt_tokens=row.prompt_tokens,
-                      completion_tokens=row.completion_tokens, cost=str(row.cost))
+                      completion_tokens=row.completion_tokens, cost=format(row.cost, "f"))
     access_log.info("request", extra={"fields": fields})
 
 

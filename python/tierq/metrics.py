@@ -37,9 +37,9 @@ LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
                             10.0, 30.0, 60.0, 120.0)
 LAG_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                         0.1, 0.25, 1.0)
-# The status page's chart: one point per 5 s, six minutes kept.
-SERIES_STEP_S: Final = 5
-SERIES_WINDOWS: Final = 72
+# The status page's chart: one point per 2 s, six minutes kept.
+SERIES_STEP_S: Final = 2
+SERIES_WINDOWS: Final = 180
 _US: Final = 1_000_000
 
 
