@@ -134,42 +134,54 @@ class GatewayMetrics:
             (name, tier): Histogram(LATENCY_BUCKETS_S)
             for name in ("ttft", "latency", "queue_wait") for tier in TIERS
         }
+        # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
+        self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
+                               self.hist["ttft", t]) for t in TIERS}
         self._series: deque[tuple[int, dict[str, list[int]]]] = deque(maxlen=SERIES_WINDOWS)
+        self._window: dict[str, list[int]] = {}
+        self._window_end = 0.0  # the current window's end, unix seconds
 
     def observe(self, model: str, upstream: str, tier: str, status: str, code: str | None,
                 queue_s: float, latency_s: float, ttft_s: float | None) -> None:
         """One request decision (the same one that becomes a ledger row)."""
         k = (model, tier, status)
-        self.requests[k] = self.requests.get(k, 0) + 1
-        window = self._window()
-        w = window[tier] if tier in window else window.setdefault(tier, [0] * 5)
+        requests = self.requests
+        requests[k] = requests.get(k, 0) + 1
+        now = time.time()
+        if now >= self._window_end:
+            self._rotate(now)
+        window = self._window
+        w = window.get(tier)
+        if w is None:
+            w = window[tier] = [0] * 5
         if status == "shed":
             k = (model, tier, code or "")
             self.sheds[k] = self.sheds.get(k, 0) + 1
             w[_SHED] += 1
             return
-        if status == "failed" and code is not None and code.startswith("upstream_"):
-            k = (model, upstream, code)
-            self.upstream_errors[k] = self.upstream_errors.get(k, 0) + 1
         if status != "served":
+            if status == "failed" and code is not None and code.startswith("upstream_"):
+                k = (model, upstream, code)
+                self.upstream_errors[k] = self.upstream_errors.get(k, 0) + 1
             return
-        lat_us = max(0, round(latency_s * _US))
-        self.hist["latency", tier].observe_us(lat_us)
-        self.hist["queue_wait", tier].observe(queue_s)
+        # Times are non-negative (monotonic clock); int() truncates to the microsecond.
+        lat_us = int(latency_s * 1e6)
+        h_lat, h_queue, h_ttft = self._tier_hist[tier]
+        h_lat.observe_us(lat_us)
+        h_queue.observe_us(int(queue_s * 1e6))
         w[_N] += 1
         w[_LAT] += lat_us
         if ttft_s is not None:
-            ttft_us = max(0, round(ttft_s * _US))
-            self.hist["ttft", tier].observe_us(ttft_us)
+            ttft_us = int(ttft_s * 1e6)
+            h_ttft.observe_us(ttft_us)
             w[_TTFT_N] += 1
             w[_TTFT] += ttft_us
 
-    def _window(self) -> dict[str, list[int]]:
-        start = int(time.time()) // SERIES_STEP_S * SERIES_STEP_S
-        series = self._series
-        if not series or series[-1][0] != start:
-            series.append((start, {}))
-        return series[-1][1]
+    def _rotate(self, now: float) -> None:
+        start = int(now) // SERIES_STEP_S * SERIES_STEP_S
+        self._window = {}
+        self._window_end = start + SERIES_STEP_S
+        self._series.append((start, self._window))
 
     def snapshot(self, pools: Iterable[PoolSnapshot], *, ready: bool,
                  ledger: Any = None) -> WorkerSnapshot:
