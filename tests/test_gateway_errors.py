@@ -120,7 +120,7 @@ async def test_metrics_expose_admission_counters(gateway: Running) -> None:
     await call(gateway, "/v1/chat/completions", orjson.dumps(CHAT))
     async with aiohttp.ClientSession() as s, s.get(gateway.root + "/metrics") as r:
         text = await r.text()
-    assert f'tierq_admission_admitted_default{{model="{PRIORITY_MODEL}"}} 1' in text
+    assert f'tierq_admitted_total{{model="{PRIORITY_MODEL}",tier="default"}} 1' in text
 
 
 async def test_forward_to_configured_upstream_is_admitted_echoed_and_metered(gateway: Running) -> None:

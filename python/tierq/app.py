@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -29,8 +28,11 @@ from tierq.catalog import Catalog, ModelEntry
 from tierq.config import Config, UpstreamConfig
 from tierq.keys import KeyInfo, KeyLimiter, KeyStore
 from tierq.ledger import Ledger, LedgerRow, open_ledger
+from tierq.logs import RequestInfo, request_info, request_log
+from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
+from tierq.status import MetricsSource, add_routes
 from tierq.pricing import cost as price_cost
-from tierq.pricing import decimal_text, render_cost
+from tierq.pricing import render_cost
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
 
@@ -39,6 +41,7 @@ __all__ = [
     "GATEWAY",
     "Gateway",
     "create_app",
+    "models_payload",
     "runner_kwargs",
 ]
 
@@ -161,9 +164,17 @@ class Gateway:
     allow_remote_without_keys: bool = False
     ready: bool = False
     models_body: bytes = b""
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def bases(self) -> dict[str, str]:
         return {name: u.base_url for name, u in self.upstreams.items()}
+
+    def snapshot(self) -> WorkerSnapshot:
+        """This process's admission state and request metrics (tierq.metrics)."""
+        pools = (PoolSnapshot(p.entry.id, p.entry.upstream, p.entry.priority,
+                              p.entry.admission.queue_depth, p.admission.stats())
+                 for p in self.pools.values())
+        return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger)
 
 
 CONFIG: Final = web.AppKey("tierq.config", Config)
@@ -192,7 +203,7 @@ def create_app(
                  allow_remote_without_keys=allow_remote_without_keys)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[_errors],
+        middlewares=[request_log, _errors],
         handler_args={"keepalive_timeout": config.server.keepalive_timeout_s},
     )
     app[CONFIG] = config
@@ -205,8 +216,15 @@ def create_app(
     app.router.add_post("/v1/forward", _forward)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    add_routes(app, MetricsSource(_local_snapshots(gw)))
     return app
+
+
+def _local_snapshots(gw: Gateway) -> Callable[[], Awaitable[list[WorkerSnapshot]]]:
+    async def collect() -> list[WorkerSnapshot]:
+        return [gw.snapshot()]
+
+    return collect
 
 
 def _lifecycle(
@@ -401,8 +419,10 @@ class _Ctx:
     ts: float
     est_prompt: int
     est_total: int
+    info: RequestInfo
     queue_ms: float = 0.0
     recorded: bool = False
+    ttft_s: float | None = None  # first token delivered (streams), from t0
 
     def cost(self, prompt: int, completion: int) -> Decimal:
         return price_cost(prompt, completion, self.pool.entry.prices, self.tier,
@@ -413,15 +433,22 @@ class _Ctx:
         # Marked before the write is even queued: a cancellation arriving while
         # `record` is awaited must not add a second row for the same request.
         self.recorded = True
-        return LedgerRow(
+        latency_s = time.monotonic() - self.t0
+        row = LedgerRow(
             request_id=self.request_id, ts=self.ts, key_id=self.key_id,
             model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
             requested_tier=self.requested_tier, applied_tier=self.tier,
             prompt_tokens=prompt, completion_tokens=completion,
             cost=cost if cost is not None else Decimal(0), status=status, partial=partial,
             code=code, queue_ms=self.queue_ms,
-            latency_ms=(time.monotonic() - self.t0) * 1000.0, upstream=self.pool.upstream.name,
+            latency_ms=latency_s * 1000.0, upstream=self.pool.upstream.name,
         )
+        # The same decision feeds /metrics and the access log line.
+        self.info.row = row
+        self.gw.metrics.observe(row.model, self.pool.upstream.name, self.tier, status, code,
+                                self.queue_ms / 1000.0, latency_s,
+                                self.ttft_s if self.ttft_s is not None else latency_s)
+        return row
 
     def record_nowait(self, row: LedgerRow) -> None:
         assert self.gw.ledger is not None
@@ -432,8 +459,10 @@ class _Ctx:
         await self.gw.ledger.record(row)
 
     def headers(self) -> dict[str, str]:
+        # x-request-id echoes the client's id when it sent one; the gateway's own
+        # (the ledger's request_id) is always in x-tierq-request-id.
         return {TIER_HEADER: self.tier, QUEUE_HEADER: f"{self.queue_ms:.3f}",
-                "x-request-id": self.request_id}
+                "x-request-id": self.info.echo, "x-tierq-request-id": self.request_id}
 
     def settle(self, real_total: int) -> None:
         if self.gw.limiter is not None and self.key is not None:
@@ -510,10 +539,10 @@ async def _inference(
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     est_prompt = _estimate_prompt_tokens(endpoint, body)
     est_total = est_prompt + (0 if endpoint == "embeddings" else _estimate_completion_cap(body))
-    ctx = _Ctx(gw, "req_" + uuid.uuid4().hex, key,
-               key.public_id if key is not None else ANONYMOUS_KEY,
+    info = request_info(request)
+    ctx = _Ctx(gw, info.id, key, key.public_id if key is not None else ANONYMOUS_KEY,
                pool, endpoint, requested if isinstance(requested, str) else None, tier,
-               t0, ts, est_prompt, est_total)
+               t0, ts, est_prompt, est_total, info)
     if gw.limiter is not None and key is not None:
         wait_s = gw.limiter.check(key, est_total)
         if wait_s is not None:
@@ -692,6 +721,8 @@ async def _relay_stream(
             del obj["usage"]
         await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
         delivered += _delivered(obj.get("choices"))
+        if delivered and ctx.ttft_s is None:
+            ctx.ttft_s = time.monotonic() - ctx.t0
         return False
 
     def bill_cut_short() -> None:
@@ -756,9 +787,13 @@ class _UpstreamStreamError(Exception):
 
 
 def _models_body(gw: Gateway) -> bytes:
-    mult = gw.config.pricing.priority_multiplier
+    return orjson.dumps(models_payload(gw.catalog, gw.config.pricing.priority_multiplier))
+
+
+def models_payload(catalog: Catalog, mult: Decimal) -> dict[str, Any]:
+    """The body of GET /v1/models (also `tierq models --json`)."""
     data = []
-    for m in gw.catalog.values():
+    for m in catalog.values():
         pricing: dict[str, Any] = {
             "currency": "USD", "unit": "1M tokens",
             "input": render_cost(m.prices.input_per_m),
@@ -769,7 +804,7 @@ def _models_body(gw: Gateway) -> bytes:
             pricing["priority_output"] = render_cost(m.prices.output_per_m * mult)
         data.append({"id": m.id, "object": "model", "created": 0, "owned_by": m.upstream,
                      "priority": m.priority, "pricing": pricing})
-    return orjson.dumps({"object": "list", "data": data})
+    return {"object": "list", "data": data}
 
 
 async def _models(request: web.Request) -> web.StreamResponse:
@@ -787,30 +822,3 @@ async def _readyz(request: web.Request) -> web.StreamResponse:
     if not gw.ready:
         raise ApiError(503, "Not ready.", "server_error", None, "not_ready")
     return web.Response(body=b'{"status":"ready"}', content_type=JSON_TYPE)
-
-
-async def _metrics(request: web.Request) -> web.StreamResponse:
-    """Prometheus text: each pool's admission counters and gauges."""
-    gw = request.app[GATEWAY]
-    lines: list[str] = []
-    for model_id, pool in gw.pools.items():
-        stats = pool.admission.stats()
-        label = model_id.replace("\\", "\\\\").replace('"', '\\"')
-        for name, value in _flatten(stats):
-            lines.append(f'tierq_admission_{name}{{model="{label}"}} {value}')
-    lines.append(f"tierq_ready {1 if gw.ready else 0}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-def _flatten(stats: Any, prefix: str = "") -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    if isinstance(stats, dict):
-        for k, v in stats.items():
-            out.extend(_flatten(v, f"{prefix}_{k}" if prefix else str(k)))
-    elif isinstance(stats, bool):
-        out.append((prefix, "1" if stats else "0"))
-    elif isinstance(stats, (int, float)):
-        out.append((prefix, str(stats)))
-    elif isinstance(stats, Decimal):
-        out.append((prefix, decimal_text(stats)))
-    return out

@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="processes (only 1 for now)")
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address with no API keys configured")
+    s.add_argument("--log-format", choices=("json", "text"), default="json",
+                   help="log lines on stderr: one JSON object each (default) or text")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    s.add_argument("--no-access-log", action="store_true",
+                   help="no line per request (errors and start-up are still logged)")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("sim", help="run a simulated OpenAI-compatible backend")
@@ -101,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="list served models with prices and the priority tag")
     s.add_argument("--config", help="TOML file (default: the built-in catalog)")
+    s.add_argument("--json", action="store_true", help="JSON, as GET /v1/models returns it")
     s.set_defaults(func=_models)
     return p
 
@@ -147,8 +153,9 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     catalog = Catalog.from_config(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    from tierq.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level, access=not args.no_access_log)
     # The first log line says what is being served, on what, billed where.
     log.info("%s", _describe(config, catalog))
     if no_keys:
@@ -199,17 +206,29 @@ def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     catalog = Catalog.from_config(config)
     mult = config.pricing.priority_multiplier
-    rows = [("MODEL", "INPUT/1M", "OUTPUT/1M", "TIER", "UPSTREAM")]
+    if args.json:
+        import orjson
+
+        from tierq.app import models_payload
+
+        sys.stdout.write(orjson.dumps(models_payload(catalog, mult),
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    rows = [("MODEL", "INPUT/1M", "OUTPUT/1M", "TIER", "PRIORITY IN/OUT", "UPSTREAM")]
     for m in catalog.values():
         rows.append((m.id, "$" + decimal_text(m.prices.input_per_m),
                      "$" + decimal_text(m.prices.output_per_m),
-                     f"priority ({decimal_text(mult)}x)" if m.priority else "-", m.upstream))
+                     f"priority ({decimal_text(mult)}x)" if m.priority else "-",
+                     f"${decimal_text(m.prices.input_per_m * mult)} / "
+                     f"${decimal_text(m.prices.output_per_m * mult)}" if m.priority else "-",
+                     m.upstream))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     n_pri = sum(1 for m in catalog.values() if m.priority)
-    print(f"\n{len(catalog)} models, {n_pri} priority-enabled; prices in USD per 1M tokens "
-          "(default tier)")
+    print(f"\n{len(catalog)} models, {n_pri} priority-enabled; prices in USD per 1M tokens. "
+          f'service_tier="priority" on a priority model is billed {decimal_text(mult)}x; '
+          "elsewhere it is served and billed as default.")
     return 0
 
 

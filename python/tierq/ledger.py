@@ -37,6 +37,8 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from tierq.metrics import LAG_BUCKETS_S, Histogram
+
 __all__ = [
     "APPLIED_TIERS",
     "STATUSES",
@@ -224,8 +226,9 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
 
 
 _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-# (row or None for a flush barrier, waiter or None for fire-and-forget); None item = stop
-_Item = tuple[LedgerRow | None, _Waiter | None] | None
+# (row or None for a flush barrier, waiter or None for fire-and-forget, time queued
+# in monotonic ns); None item = stop
+_Item = tuple[LedgerRow | None, _Waiter | None, int] | None
 
 
 def _settle(futs: list[asyncio.Future[None]], exc: BaseException | None) -> None:
@@ -260,6 +263,12 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.batches = 0  # commits done; a test can see that batching happened
+        # For /metrics (tierq.metrics): rows committed, failed batches, and per
+        # batch its oldest row's wait from queued to committed. Written by the
+        # writer thread only.
+        self.rows_committed = 0
+        self.commit_errors = 0
+        self.lag = Histogram(LAG_BUCKETS_S)
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -300,21 +309,26 @@ class Ledger:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         # SimpleQueue.put never blocks: the event loop does no I/O here.
-        self._queue.put((row, (loop, fut)))
+        self._queue.put((row, (loop, fut), time.monotonic_ns()))
         await fut
 
     def record_nowait(self, row: LedgerRow) -> None:
         """Queue `row` without waiting (sheds: nothing was served, nothing to hold back)."""
         self._check_open()
-        self._queue.put((row, None))
+        self._queue.put((row, None, time.monotonic_ns()))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put((None, (loop, fut)))
+        self._queue.put((None, (loop, fut), time.monotonic_ns()))
         await fut
+
+    @property
+    def pending(self) -> int:
+        """Rows and barriers queued for the writer, not yet taken (approximate)."""
+        return self._queue.qsize()
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
@@ -348,12 +362,15 @@ class Ledger:
         params: list[tuple[object, ...]] = []
         waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         stopping = False
+        oldest_ns: int | None = None
         for item in batch:
             if item is None:
                 stopping = True
                 continue
-            row, waiter = item
+            row, waiter, queued_ns = item
             if row is not None:
+                if oldest_ns is None or queued_ns < oldest_ns:
+                    oldest_ns = queued_ns
                 try:
                     params.append(row._params())
                 except Exception as e:  # noqa: BLE001 - fails this row, not its batch
@@ -370,8 +387,12 @@ class Ledger:
                 conn.executemany(_INSERT, params)
                 conn.execute("COMMIT")
                 self.batches += 1
+                self.rows_committed += len(params)
+                if oldest_ns is not None:
+                    self.lag.observe_us((time.monotonic_ns() - oldest_ns) // 1000)
             except Exception as e:  # noqa: BLE001 - the writer must outlive a bad batch
                 exc = e
+                self.commit_errors += 1
                 log.error("ledger commit of %d rows failed: %s", len(params), e)
                 try:
                     if conn.in_transaction:
@@ -574,17 +595,38 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def usage_main(argv: list[str]) -> int:
     """`tierq usage`: spend by key, model and tier from the ledger."""
-    p = argparse.ArgumentParser(prog="tierq usage", description=usage_main.__doc__)
-    p.add_argument("--db", default="tierq.db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    p = argparse.ArgumentParser(
+        prog="tierq usage", description=usage_main.__doc__,
+        epilog="Costs are exact (USD). Rows: every request decision; only served and "
+               "cut-short (partial) requests cost anything.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    src.add_argument("--config", help="read the ledger url from this tierq TOML file")
     p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
-    p.add_argument("--key", help="only this key's public id (or 'anonymous')")
+    p.add_argument("--key", help="only this key's public id ('local' without API keys)")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                   help="output format (default: table)")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="JSON, costs as exact strings")
-    fmt.add_argument("--csv", action="store_true", help="CSV, costs as exact strings")
+    fmt.add_argument("--json", action="store_true", help="same as --format json; costs as exact strings")
+    fmt.add_argument("--csv", action="store_true", help="same as --format csv; costs as exact strings")
     args = p.parse_args(argv)
+    out_format = args.format or ("json" if args.json else "csv" if args.csv else "table")
+    if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
+        print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
+        return 2
     try:
-        path = sqlite_path(args.db)
+        if args.config:
+            from tierq.config import ConfigError, load_config
+
+            try:
+                url = load_config(args.config).ledger.url
+            except ConfigError as e:
+                print(str(e), file=sys.stderr)
+                return 2
+        else:
+            url = args.db or "tierq.db"
+        path = sqlite_path(url)
         since = parse_since(args.since) if args.since else None
     except ValueError as e:
         print(f"tierq usage: {e}", file=sys.stderr)
@@ -593,14 +635,17 @@ def usage_main(argv: list[str]) -> int:
         # Do not create an empty ledger as a side effect of reading one.
         print(f"tierq usage: no ledger at {path}", file=sys.stderr)
         return 1
+    from tierq.progress import progress
+
     try:
-        lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
+        with progress(f"summing the ledger at {path}"):
+            lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
     except sqlite3.Error as e:
         print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
         return 1
-    if args.json:
+    if out_format == "json":
         out = render_json(lines) + "\n"
-    elif args.csv:
+    elif out_format == "csv":
         out = render_csv(lines)
     else:
         out = render_table(lines)

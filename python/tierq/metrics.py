@@ -1,0 +1,435 @@
+"""Per-process metrics and their Prometheus / status-page renderings.
+
+The hot path only bumps integers: `GatewayMetrics.observe()` is a few dict
+lookups and list increments (fixed buckets, latencies as integer microseconds).
+Rendering works from `WorkerSnapshot`s, plain picklable data, so one process or
+many render the same way: `render_prometheus([snap])` today, a supervisor that
+collects one snapshot per worker tomorrow (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "LAG_BUCKETS_S",
+    "LATENCY_BUCKETS_S",
+    "SERIES_STEP_S",
+    "SERIES_WINDOWS",
+    "GatewayMetrics",
+    "Histogram",
+    "PoolSnapshot",
+    "WorkerSnapshot",
+    "render_prometheus",
+    "status_json",
+]
+
+TIERS: Final = ("priority", "default")
+# Upper bounds in seconds (Prometheus `le`), +Inf implied. Covers a cached
+# embedding (5 ms) to a long generation (2 min).
+LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                            10.0, 30.0, 60.0, 120.0)
+LAG_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                        0.1, 0.25, 1.0)
+# The status page's chart: one point per 2 s, six minutes kept.
+SERIES_STEP_S: Final = 2
+SERIES_WINDOWS: Final = 180
+_US: Final = 1_000_000
+
+
+class Histogram:
+    """Fixed buckets, integer counts, sum in integer microseconds.
+
+    Not locked: increments happen on one thread (the event loop, or the ledger
+    writer for its own histogram); a scrape may see a sum one observation ahead
+    of the counts, which Prometheus tolerates.
+    """
+
+    __slots__ = ("bounds", "_bounds_us", "counts", "sum_us")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._bounds_us = tuple(round(b * _US) for b in bounds)
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
+        self.sum_us = 0
+
+    def observe_us(self, us: int) -> None:
+        self.counts[bisect_left(self._bounds_us, us)] += 1
+        self.sum_us += us
+
+    def observe(self, seconds: float) -> None:
+        self.observe_us(max(0, round(seconds * _US)))
+
+    def data(self) -> HistogramData:
+        return HistogramData(self.bounds, tuple(self.counts), self.sum_us)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramData:
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]  # per bucket, last is +Inf
+    sum_us: int
+
+    def __add__(self, other: HistogramData) -> HistogramData:
+        if other.bounds != self.bounds:
+            raise ValueError("cannot add histograms with different buckets")
+        return HistogramData(self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts)),
+                             self.sum_us + other.sum_us)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+# One status-chart window per tier: requests served, latency sum (us), TTFT
+# count and sum (us), sheds.
+_N, _LAT, _TTFT_N, _TTFT, _SHED = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """One pool's admission state: the core's `stats()` plus its static shape."""
+
+    model: str
+    upstream: str
+    priority: bool
+    queue_capacity: int
+    stats: Mapping[str, Any]  # Admission.stats(): depth, in_flight, admitted, shed, ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """Everything one worker process contributes to /metrics and /status.json."""
+
+    pid: int
+    time: float
+    ready: bool
+    pools: tuple[PoolSnapshot, ...]
+    requests: Mapping[tuple[str, str, str], int]  # (model, tier, status) -> n
+    sheds: Mapping[tuple[str, str, str], int]  # (model, tier, code) -> n
+    upstream_errors: Mapping[tuple[str, str, str], int]  # (model, upstream, code) -> n
+    histograms: Mapping[tuple[str, str], HistogramData]  # (name, tier) -> data
+    ledger_pending: int = 0
+    ledger_rows: int = 0
+    ledger_errors: int = 0
+    ledger_lag: HistogramData | None = None
+    # (window start, tier) -> [n, latency_us, ttft_n, ttft_us, shed]
+    series: Mapping[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
+
+
+class GatewayMetrics:
+    """The per-process counters the request path bumps, one `observe()` per decision."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.sheds: dict[tuple[str, str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        self.hist: dict[tuple[str, str], Histogram] = {
+            (name, tier): Histogram(LATENCY_BUCKETS_S)
+            for name in ("ttft", "latency", "queue_wait") for tier in TIERS
+        }
+        # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
+        self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
+                               self.hist["ttft", t]) for t in TIERS}
+        self._series: deque[tuple[int, dict[str, list[int]]]] = deque(maxlen=SERIES_WINDOWS)
+        self._window: dict[str, list[int]] = {}
+        self._window_end = 0.0  # the current window's end, unix seconds
+
+    def observe(self, model: str, upstream: str, tier: str, status: str, code: str | None,
+                queue_s: float, latency_s: float, ttft_s: float | None) -> None:
+        """One request decision (the same one that becomes a ledger row)."""
+        k = (model, tier, status)
+        requests = self.requests
+        requests[k] = requests.get(k, 0) + 1
+        now = time.time()
+        if now >= self._window_end:
+            self._rotate(now)
+        window = self._window
+        w = window.get(tier)
+        if w is None:
+            w = window[tier] = [0] * 5
+        if status == "shed":
+            k = (model, tier, code or "")
+            self.sheds[k] = self.sheds.get(k, 0) + 1
+            w[_SHED] += 1
+            return
+        if status != "served":
+            if status == "failed" and code is not None and code.startswith("upstream_"):
+                k = (model, upstream, code)
+                self.upstream_errors[k] = self.upstream_errors.get(k, 0) + 1
+            return
+        # Times are non-negative (monotonic clock); int() truncates to the microsecond.
+        lat_us = int(latency_s * 1e6)
+        h_lat, h_queue, h_ttft = self._tier_hist[tier]
+        h_lat.observe_us(lat_us)
+        h_queue.observe_us(int(queue_s * 1e6))
+        w[_N] += 1
+        w[_LAT] += lat_us
+        if ttft_s is not None:
+            ttft_us = int(ttft_s * 1e6)
+            h_ttft.observe_us(ttft_us)
+            w[_TTFT_N] += 1
+            w[_TTFT] += ttft_us
+
+    def _rotate(self, now: float) -> None:
+        start = int(now) // SERIES_STEP_S * SERIES_STEP_S
+        self._window = {}
+        self._window_end = start + SERIES_STEP_S
+        self._series.append((start, self._window))
+
+    def snapshot(self, pools: Iterable[PoolSnapshot], *, ready: bool,
+                 ledger: Any = None) -> WorkerSnapshot:
+        """A copy of this process's numbers (cheap: a few hundred integers)."""
+        series = {(start, tier): tuple(v) for start, w in self._series for tier, v in w.items()}
+        lag = getattr(ledger, "lag", None)
+        return WorkerSnapshot(
+            pid=os.getpid(), time=time.time(), ready=ready, pools=tuple(pools),
+            requests=dict(self.requests), sheds=dict(self.sheds),
+            upstream_errors=dict(self.upstream_errors),
+            histograms={k: h.data() for k, h in self.hist.items()},
+            ledger_pending=int(getattr(ledger, "pending", 0) or 0),
+            ledger_rows=int(getattr(ledger, "rows_committed", 0) or 0),
+            ledger_errors=int(getattr(ledger, "commit_errors", 0) or 0),
+            ledger_lag=lag.data() if isinstance(lag, Histogram) else None,
+            series=series,
+        )
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def _sum_into(out: dict[Any, int], src: Mapping[Any, int]) -> None:
+    for k, v in src.items():
+        out[k] = out.get(k, 0) + v
+
+
+def _pools(snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> list[PoolSnapshot]:
+    """Pools across workers. With shared admission state every worker reads the
+    same global numbers, so one worker's view is the answer; with per-process
+    state the numbers add up."""
+    if not snapshots:
+        return []
+    if shared_admission:
+        return list(max(snapshots, key=lambda s: s.time).pools)
+    merged: dict[str, PoolSnapshot] = {}
+    for snap in snapshots:
+        for p in snap.pools:
+            have = merged.get(p.model)
+            merged[p.model] = p if have is None else PoolSnapshot(
+                p.model, p.upstream, p.priority, have.queue_capacity + p.queue_capacity,
+                _add_stats(have.stats, p.stats))
+    return list(merged.values())
+
+
+def _add_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in a.keys() | b.keys():
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, Mapping) or isinstance(y, Mapping):
+            out[k] = _add_stats(x or {}, y or {})
+        else:
+            out[k] = (x or 0) + (y or 0)
+    return out
+
+
+# ------------------------------------------------------------------ Prometheus
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in pairs) + "}" if pairs else ""
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v)) if v == v else "NaN"
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: Sequence[tuple[str, str]], value: float) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+    def histogram(self, name: str, labels: Sequence[tuple[str, str]], h: HistogramData) -> None:
+        cumulative = 0
+        for bound, n in zip(h.bounds, h.counts):
+            cumulative += n
+            self.sample(name + "_bucket", [*labels, ("le", repr(float(bound)))], cumulative)
+        cumulative += h.counts[-1]
+        self.sample(name + "_bucket", [*labels, ("le", "+Inf")], cumulative)
+        self.sample(name + "_sum", labels, h.sum_us / _US)
+        self.sample(name + "_count", labels, cumulative)
+
+
+def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
+                      shared_admission: bool = False) -> str:
+    """Prometheus text exposition (0.0.4) of one or many workers' snapshots.
+
+    Counters and histograms are summed over workers. Pool gauges and the core's
+    counters are summed too, unless `shared_admission` (all workers share one
+    admission state in shared memory): then they are read once.
+    """
+    o = _Out()
+    pools = sorted(_pools(snapshots, shared_admission), key=lambda p: p.model)
+
+    o.family("tierq_ready", "gauge", "1 when every worker is ready to serve.")
+    o.sample("tierq_ready", [], int(bool(snapshots) and all(s.ready for s in snapshots)))
+    o.family("tierq_workers", "gauge", "Worker processes reporting.")
+    o.sample("tierq_workers", [], len(snapshots))
+
+    o.family("tierq_queue_depth", "gauge", "Requests waiting for a slot, per pool and lane.")
+    for p in pools:
+        for lane in TIERS:
+            o.sample("tierq_queue_depth", [("model", p.model), ("lane", lane)],
+                     int(p.stats.get("depth", {}).get(lane, 0)))
+    o.family("tierq_queue_capacity", "gauge", "Waiters a pool's queue holds (queue_depth).")
+    for p in pools:
+        o.sample("tierq_queue_capacity", [("model", p.model)], p.queue_capacity)
+    o.family("tierq_in_flight", "gauge", "Requests holding a slot (sent upstream), per pool.")
+    for p in pools:
+        o.sample("tierq_in_flight", [("model", p.model)], int(p.stats.get("in_flight", 0)))
+    o.family("tierq_max_concurrency", "gauge", "Slots per pool (max_concurrency).")
+    for p in pools:
+        o.sample("tierq_max_concurrency", [("model", p.model)],
+                 int(p.stats.get("max_concurrency", 0)))
+    o.family("tierq_admitted_total", "counter", "Requests given a slot by the admission core.")
+    for p in pools:
+        for lane in TIERS:
+            o.sample("tierq_admitted_total", [("model", p.model), ("tier", lane)],
+                     int(p.stats.get("admitted", {}).get(lane, 0)))
+    o.family("tierq_admission_shed_total", "counter",
+             "Requests the admission core shed (429), per pool and code.")
+    for p in pools:
+        for code, n in sorted(p.stats.get("shed", {}).items()):
+            o.sample("tierq_admission_shed_total", [("model", p.model), ("code", code)], int(n))
+    o.family("tierq_admission_cancelled_total", "counter",
+             "Waiters that left the queue because their client went away.")
+    for p in pools:
+        o.sample("tierq_admission_cancelled_total", [("model", p.model)],
+                 int(p.stats.get("cancelled", 0)))
+
+    requests: dict[tuple[str, str, str], int] = {}
+    sheds: dict[tuple[str, str, str], int] = {}
+    errors: dict[tuple[str, str, str], int] = {}
+    hists: dict[tuple[str, str], HistogramData] = {}
+    for s in snapshots:
+        _sum_into(requests, s.requests)
+        _sum_into(sheds, s.sheds)
+        _sum_into(errors, s.upstream_errors)
+        for k, h in s.histograms.items():
+            hists[k] = hists[k] + h if k in hists else h
+
+    o.family("tierq_requests_total", "counter",
+             "Request decisions (one ledger row each), per model, applied tier and status.")
+    for (model, tier, status), n in sorted(requests.items()):
+        o.sample("tierq_requests_total", [("model", model), ("tier", tier), ("status", status)], n)
+    o.family("tierq_shed_total", "counter",
+             "429s per model, applied tier and code (admission and per-key limits).")
+    for (model, tier, code), n in sorted(sheds.items()):
+        o.sample("tierq_shed_total", [("model", model), ("tier", tier), ("code", code)], n)
+    o.family("tierq_upstream_errors_total", "counter",
+             "Requests failed by the upstream (connect, timeout, 5xx, broken stream).")
+    for (model, upstream, code), n in sorted(errors.items()):
+        o.sample("tierq_upstream_errors_total",
+                 [("model", model), ("upstream", upstream), ("code", code)], n)
+
+    for name, metric, help_ in (
+        ("ttft", "tierq_time_to_first_token_seconds",
+         "Served requests: arrival to first token (streams) or to the whole answer (JSON)."),
+        ("latency", "tierq_request_duration_seconds",
+         "Served requests: arrival to the last byte, queueing included."),
+        ("queue_wait", "tierq_queue_wait_seconds", "Served requests: time waiting for a slot."),
+    ):
+        o.family(metric, "histogram", help_)
+        for tier in TIERS:
+            found = hists.get((name, tier))
+            if found is not None:
+                o.histogram(metric, [("tier", tier)], found)
+
+    o.family("tierq_ledger_pending_rows", "gauge", "Ledger rows queued for the writer, not yet taken into a batch.")
+    o.sample("tierq_ledger_pending_rows", [], sum(s.ledger_pending for s in snapshots))
+    o.family("tierq_ledger_rows_total", "counter", "Ledger rows committed.")
+    o.sample("tierq_ledger_rows_total", [], sum(s.ledger_rows for s in snapshots))
+    o.family("tierq_ledger_commit_errors_total", "counter", "Ledger batches that failed to commit.")
+    o.sample("tierq_ledger_commit_errors_total", [], sum(s.ledger_errors for s in snapshots))
+    lag: HistogramData | None = None
+    for s in snapshots:
+        if s.ledger_lag is not None:
+            lag = s.ledger_lag if lag is None else lag + s.ledger_lag
+    o.family("tierq_ledger_write_lag_seconds", "histogram",
+             "Per committed batch: its oldest row's time from queued to committed.")
+    if lag is not None:
+        o.histogram("tierq_ledger_write_lag_seconds", [], lag)
+    return "\n".join(o.lines) + "\n"
+
+
+# ------------------------------------------------------------------ status page
+
+
+def status_json(snapshots: Sequence[WorkerSnapshot], *,
+                shared_admission: bool = False) -> dict[str, Any]:
+    """What /status.json returns: pools, per-tier totals and the latency series."""
+    now = time.time()
+    pools: list[dict[str, Any]] = []
+    for p in _pools(snapshots, shared_admission):
+        st = p.stats
+        pools.append({
+            "model": p.model, "upstream": p.upstream, "priority": p.priority,
+            "in_flight": int(st.get("in_flight", 0)),
+            "max_concurrency": int(st.get("max_concurrency", 0)),
+            "queue_capacity": p.queue_capacity,
+            "depth": {lane: int(st.get("depth", {}).get(lane, 0)) for lane in TIERS},
+            "admitted": {lane: int(st.get("admitted", {}).get(lane, 0)) for lane in TIERS},
+            "shed": {code: int(n) for code, n in st.get("shed", {}).items()},
+            "cancelled": int(st.get("cancelled", 0)),
+        })
+    # Busy pools first, then the ones that ever saw traffic, then by name.
+    pools.sort(key=lambda p: (-(p["in_flight"] + sum(p["depth"].values())),
+                              -(sum(p["admitted"].values()) + sum(p["shed"].values())),
+                              p["model"]))
+    totals = {tier: {"served": 0, "shed": 0, "failed": 0, "cancelled": 0} for tier in TIERS}
+    series: dict[tuple[int, str], list[int]] = {}
+    for s in snapshots:
+        for (_, tier, status), n in s.requests.items():
+            if tier in totals and status in totals[tier]:
+                totals[tier][status] += n
+        for k, v in s.series.items():
+            acc = series.setdefault(k, [0] * 5)
+            for i, x in enumerate(v):
+                acc[i] += x
+    last = int(now) // SERIES_STEP_S * SERIES_STEP_S
+    points = []
+    for start in range(last - (SERIES_WINDOWS - 1) * SERIES_STEP_S, last + 1, SERIES_STEP_S):
+        point: dict[str, Any] = {"t": start}
+        for tier in TIERS:
+            w = series.get((start, tier), [0] * 5)
+            point[tier] = {
+                "served": w[_N], "shed": w[_SHED],
+                "latency_ms": round(w[_LAT] / w[_N] / 1000, 3) if w[_N] else None,
+                "ttft_ms": round(w[_TTFT] / w[_TTFT_N] / 1000, 3) if w[_TTFT_N] else None,
+            }
+        points.append(point)
+    return {
+        "time": now,
+        "ready": bool(snapshots) and all(s.ready for s in snapshots),
+        "workers": len(snapshots),
+        "pools": pools,
+        "totals": totals,
+        "series": {"step_s": SERIES_STEP_S, "points": points},
+    }

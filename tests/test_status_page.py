@@ -1,0 +1,137 @@
+"""The live status page, driven in headless Chromium after a burst of load.
+
+The page is loaded while long requests still hold the pool's slots and wait in
+its lanes, so what it shows (slots in flight, lane depths, sheds, the latency
+chart of both tiers) is read from the rendered DOM, and a screenshot is saved
+to tests/artifacts/status.png for a human to look at. Skipped only when there
+is no Chromium and CI is not set (.ci/run installs Debian's chromium).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from conftest import PRIORITY_MODEL, GatewayFactory, model_config
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="no chromium binary (CI installs Debian's chromium; apt-get install chromium)",
+)
+
+
+async def _chat(s: aiohttp.ClientSession, url: str, tier: str, max_tokens: int,
+                stream: bool = False) -> int:
+    body = {"model": PRIORITY_MODEL, "service_tier": tier, "max_tokens": max_tokens,
+            "stream": stream, "messages": [{"role": "user", "content": "status page"}]}
+    async with s.post(url + "/chat/completions", data=orjson.dumps(body),
+                      headers={"Content-Type": "application/json"}) as r:
+        await r.read()
+        return r.status
+
+
+async def _browser(url: str, tmp: Path, *flags: str) -> str:
+    assert CHROMIUM is not None, "CI is set but no chromium binary: .ci/run installs it"
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--hide-scrollbars", "--window-size=1280,900",
+        f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=4000",
+        *flags, url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode()
+
+
+def _attr(dom: str, name: str) -> int:
+    m = re.search(rf'<section [^>]*data-model="{re.escape(PRIORITY_MODEL)}"[^>]*>', dom)
+    assert m, "the busy pool is not on the page"
+    v = re.search(rf'{name}="(\d+)"', m.group(0))
+    assert v, name
+    return int(v.group(1))
+
+
+@pytest.mark.timeout(150)
+async def test_status_page_shows_lanes_in_flight_sheds_and_both_tiers_latency_after_a_burst(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = await make_gateway(
+        models=[model_config(PRIORITY_MODEL, max_concurrency=2, queue_depth=4)],
+        sim={"slots": 2, "ttft_ms": 20.0, "tokens_per_s": 200.0})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        # A burst: 10 closed-loop clients (3 priority) on 2 slots and 4 queue places.
+        stop = time.monotonic() + 5.0
+
+        async def client(tier: str) -> list[int]:
+            codes = []
+            while time.monotonic() < stop:
+                codes.append(await _chat(s, gw.url, tier, 4))
+                if codes[-1] == 429:
+                    await asyncio.sleep(0.05)
+            return codes
+
+        codes = await asyncio.gather(*(client("priority" if i < 3 else "default")
+                                       for i in range(10)))
+        assert any(c == 429 for cs in codes[3:] for c in cs), "the burst shed nothing"
+        # Then long streams that hold both slots and wait in both lanes while
+        # the browser looks.
+        hold = [asyncio.create_task(_chat(s, gw.url, tier, 2000, stream=True))
+                for tier in ("default", "default", "priority", "default", "priority")]
+        for _ in range(100):
+            st = gw.gw.pools[PRIORITY_MODEL].admission.stats()
+            depth = st["depth"]
+            assert isinstance(depth, dict)
+            if st["in_flight"] == 2 and depth["priority"] == 2 and depth["default"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"load did not settle: {st}")
+        try:
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "status.png"
+            shot.unlink(missing_ok=True)
+            dom = html.unescape(await _browser(gw.root + "/status", tmp_path, "--dump-dom"))
+            await _browser(gw.root + "/status", tmp_path, f"--screenshot={shot}")
+        finally:
+            for t in hold:
+                t.cancel()
+            await asyncio.gather(*hold, return_exceptions=True)
+
+    assert '<span id="ready-text">ready</span>' in dom
+    assert '<span class="meta" id="error"></span>' in dom
+    assert _attr(dom, "data-in-flight") == 2 and _attr(dom, "data-max-concurrency") == 2
+    assert _attr(dom, "data-depth-priority") == 2 and _attr(dom, "data-depth-default") == 1
+    assert _attr(dom, "data-shed") > 0
+    # Totals: both tiers served, defaults shed.
+    for tier in ("priority", "default"):
+        card = re.search(rf'data-tier="{tier}">.*?</div></div></div>', dom, re.S)
+        assert card, tier
+        served = re.search(r'data-count="served"><b>(\d+)</b>', card.group(0))
+        assert served and int(served.group(1)) > 0, tier
+    shed = re.search(r'data-tier="default">.*?data-count="shed"><b>(\d+)</b>', dom, re.S)
+    assert shed and int(shed.group(1)) > 0
+    # The chart drew a line (or at least a point) for each tier.
+    for tier in ("priority", "default"):
+        assert re.search(rf'<path [^>]*data-tier="{tier}" data-points="[1-9]', dom), tier
+    assert shot.exists() and shot.stat().st_size > 10_000
