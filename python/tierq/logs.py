@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,10 +54,20 @@ class RequestInfo:
 
     @classmethod
     def new(cls, client_id: str | None) -> RequestInfo:
-        rid = "req_" + uuid.uuid4().hex
+        rid = new_request_id()
         if client_id is not None and _CLIENT_ID.fullmatch(client_id):
             return cls(rid, client_id)
         return cls(rid, rid)
+
+
+def new_request_id() -> str:
+    """A unique, time-ordered id: microseconds since the epoch, then 80 random bits.
+
+    Time-ordered so the ledger's primary-key index grows at its right edge
+    instead of taking random inserts (a uuid4 key slows every insert as the
+    ledger grows); random so ids from several workers never collide.
+    """
+    return f"req_{time.time_ns() // 1000:013x}{os.urandom(10).hex()}"
 
 
 REQUEST_INFO: Final = web.RequestKey("tierq.request_info", RequestInfo)
