@@ -265,6 +265,7 @@ struct Shared {
     workers: usize,
     mailbox_cap: usize,
     /// eventfd per worker index (-1: no wake-up, tests drain by hand).
+    #[cfg_attr(loom, allow(dead_code))]
     wake_fds: Vec<i32>,
 }
 
@@ -480,7 +481,11 @@ impl Pool {
         let mb = self.mailbox(sh, worker);
         loop {
             match mb.post(msg) {
-                Ok(true) => return crate::shm::wake(sh.wake_fds[worker]),
+                Ok(true) => {
+                    #[cfg(not(loom))]
+                    crate::shm::wake(sh.wake_fds[worker]);
+                    return;
+                }
                 Ok(false) => return,
                 Err(_) => {
                     if self.worker_word(worker, wk::HELD).load(SeqCst) >> 32 != generation & HELD_COUNT {

@@ -73,7 +73,12 @@ impl<'a> Mailbox<'a> {
     /// The owner's side, after being woken (and once at start): clears the
     /// flag, then takes every message present. Returns how many it took.
     pub fn drain(&self, mut on_msg: impl FnMut(u64)) -> usize {
-        self.signalled.store(0, SeqCst);
+        // An RMW, not a store: a producer's swap of the flag is then either
+        // before ours (we read-from it, so its message is visible to the
+        // sweep) or after (it reads our 0 and wakes us again). A plain store
+        // would need SeqCst's store-load order, which loom (rightly) does
+        // not grant.
+        self.signalled.swap(0, SeqCst);
         let mut n = 0;
         for c in self.cells {
             if c.load(SeqCst) != 0 {
