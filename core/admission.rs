@@ -330,13 +330,18 @@ impl Pool {
     /// Creates the shared block `name` for `workers` processes and returns
     /// the supervisor's view of it (it reclaims; it does not admit).
     #[cfg(not(loom))]
-    pub fn create_shared(name: &str, settings: Settings, workers: usize, clock: Clock) -> Result<Pool, CoreError> {
+    /// `wake_fds` as for `attach_shared` (empty: none).
+    pub fn create_shared(name: &str, settings: Settings, workers: usize, wake_fds: Vec<i32>, clock: Clock) -> Result<Pool, CoreError> {
         if !(1..=MAX_WORKERS).contains(&workers) {
             return Err(CoreError::arg("workers", format!("must be in 1..={MAX_WORKERS}, got {workers}")));
         }
+        let wake_fds = if wake_fds.is_empty() { vec![-1; workers] } else { wake_fds };
+        if wake_fds.len() != workers {
+            return Err(CoreError::arg("wake_fds", format!("need one per worker ({workers}), got {}", wake_fds.len())));
+        }
         let (words, mailbox_cap) = layout(&settings, workers);
         let region = crate::shm::Region::create(name, words)?;
-        let shared = Shared { index: None, me: 0, generation: 0, workers, mailbox_cap, wake_fds: vec![-1; workers] };
+        let shared = Shared { index: None, me: 0, generation: 0, workers, mailbox_cap, wake_fds };
         let pool = Self::with_state(settings, clock, State::shm(region), Some(Box::new(shared)));
         pool.init(workers, mailbox_cap);
         Ok(pool)

@@ -43,8 +43,8 @@ fn drain(p: &Pool) -> Vec<(u64, Outcome)> {
 fn attach_refuses_other_settings_sizes_and_names() {
     let name = Name::new("attach");
     let s = settings(2, 8);
-    let _sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
-    assert!(matches!(Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic), Err(CoreError::Os(_))), "exists");
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    assert!(matches!(Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic), Err(CoreError::Os(_))), "exists");
     let other = settings(3, 8);
     let e = Pool::attach_shared(&name.0, other, Some(0), vec![-1; 2], Clock::Monotonic).err().unwrap();
     assert!(matches!(e, CoreError::Layout(_)), "{e}");
@@ -59,7 +59,7 @@ fn attach_refuses_other_settings_sizes_and_names() {
 fn grant_decided_in_one_worker_reaches_the_owner_through_its_mailbox() {
     let name = Name::new("mail");
     let s = settings(1, 8);
-    let _sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
     let Admit::Queued { waiter, granted: None, .. } = b.admit(Lane::Default, 1) else { panic!() };
@@ -76,7 +76,7 @@ fn grant_decided_in_one_worker_reaches_the_owner_through_its_mailbox() {
 fn priority_waiter_in_one_worker_goes_ahead_of_defaults_queued_in_another() {
     let name = Name::new("prio");
     let s = settings(1, 8);
-    let _sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
     let defaults: Vec<u64> = (0..3)
@@ -96,7 +96,7 @@ fn priority_waiter_in_one_worker_goes_ahead_of_defaults_queued_in_another() {
 fn eviction_and_expiry_decided_elsewhere_are_mailed_as_sheds() {
     let name = Name::new("shed");
     let s = Settings::new(1, 1, 10.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
-    let _sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
     let Admit::Queued { waiter: victim, .. } = b.admit(Lane::Default, 1) else { panic!() };
@@ -115,7 +115,7 @@ fn eviction_and_expiry_decided_elsewhere_are_mailed_as_sheds() {
 fn reclaim_of_a_dead_worker_frees_its_slots_and_tombstones_its_waiters() {
     let name = Name::new("reclaim");
     let s = settings(2, 8);
-    let sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
+    let sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
     assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
@@ -138,7 +138,7 @@ fn reclaim_of_a_dead_worker_frees_its_slots_and_tombstones_its_waiters() {
 fn grant_to_a_worker_that_died_meanwhile_passes_the_slot_on() {
     let name = Name::new("gone");
     let s = settings(1, 8);
-    let sup = Pool::create_shared(&name.0, s.clone(), 3, Clock::Monotonic).unwrap();
+    let sup = Pool::create_shared(&name.0, s.clone(), 3, vec![], Clock::Monotonic).unwrap();
     let (a, b, c) = (attach(&name, &s, 0, 3), attach(&name, &s, 1, 3), attach(&name, &s, 2, 3));
     assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
     let Admit::Queued { .. } = b.admit(Lane::Default, 1) else { panic!() };
@@ -159,7 +159,7 @@ fn eventfd_is_written_once_per_drain_cycle() {
     // SAFETY: plain syscall; the fd is closed at the end of the test.
     let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
     assert!(efd >= 0);
-    let _sup = Pool::create_shared(&name.0, s.clone(), 2, Clock::Monotonic).unwrap();
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let a = Pool::attach_shared(&name.0, s.clone(), Some(0), vec![-1, efd], Clock::Monotonic).unwrap();
     let b = Pool::attach_shared(&name.0, s.clone(), Some(1), vec![-1, efd], Clock::Monotonic).unwrap();
     let read = || {
@@ -318,7 +318,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
     let name = Name::new("threads");
     let workers = 4;
     let s = settings(3, 16);
-    let sup = Pool::create_shared(&name.0, s.clone(), workers, Clock::Monotonic).unwrap();
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
     let barrier = Arc::new(Barrier::new(workers));
     let handles: Vec<_> = (0..workers)
@@ -374,7 +374,7 @@ fn workers_as_processes_never_exceed_slots_and_decide_each_waiter_once() {
     let name = Name::new("procs");
     let workers = 4;
     let s = settings(3, 16);
-    let sup = Pool::create_shared(&name.0, s.clone(), workers, Clock::Monotonic).unwrap();
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
     for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[]) {
         assert_eq!(wait_ok(pid), 0, "worker {i} failed");
@@ -391,7 +391,7 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let name = Name::new("kill");
     let workers = 3;
     let s = settings(2, 16);
-    let sup = Pool::create_shared(&name.0, s.clone(), workers, Clock::Monotonic).unwrap();
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
     let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[]);
     thread::sleep(Duration::from_millis(300));
