@@ -1,9 +1,9 @@
 """A minimal multi-worker admission proxy in front of the sim, for the worker
 tests: `tierq.workers` supervisor + shared pools, one aiohttp app per worker
 that admits through the shared pool and forwards to the sim. Each worker also
-listens on its own port (debug_base + index) so a test can choose the worker.
+listens on its own port (DEBUG_PORTS[index]) so a test can choose the worker.
 
-    python tests/_workers_app.py PORT DEBUG_BASE SIM_URL WORKERS MAX_CONCURRENCY
+    python tests/_workers_app.py PORT DEBUG_PORTS(comma-separated) SIM_URL WORKERS MAX_CONCURRENCY
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tierq.workers import SharedPools, Supervisor, listen
 
 
 def main() -> int:
-    port, debug_base, sim, workers, max_conc = sys.argv[1:6]
+    port, debug_ports, sim, workers, max_conc = sys.argv[1:6]
+    debug = [int(p) for p in debug_ports.split(",")]
     shared = SharedPools({"m": {"max_concurrency": int(max_conc), "queue_depth": 256,
                                 "max_wait_ms": 20000}}, int(workers))
     sock = listen("127.0.0.1", int(port))
@@ -54,7 +55,7 @@ def main() -> int:
             runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
             await runner.setup()
             await web.SockSite(runner, sock).start()
-            await web.TCPSite(runner, "127.0.0.1", int(debug_base) + index, reuse_address=True).start()
+            await web.TCPSite(runner, "127.0.0.1", debug[index], reuse_address=True).start()
             stop = asyncio.Event()
             asyncio.get_running_loop().add_signal_handler(15, stop.set)
             await stop.wait()

@@ -103,20 +103,20 @@ def _free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, debug_base: int, workers: int) -> None:
-        self.proc, self.port, self.debug_base, self.workers = proc, port, debug_base, workers
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, debug: list[int], workers: int) -> None:
+        self.proc, self.port, self.debug, self.workers = proc, port, debug, workers
 
     def url(self, worker: int | None = None) -> str:
-        return f"http://127.0.0.1:{self.port if worker is None else self.debug_base + worker}"
+        return f"http://127.0.0.1:{self.port if worker is None else self.debug[worker]}"
 
 
 async def _start(sim: SimServer, workers: int, max_conc: int) -> Gateway:
-    port, debug_base = _free_port(), _free_port() + 1000
+    port, debug = _free_port(), [_free_port() for _ in range(workers)]
     proc = subprocess.Popen(
-        [sys.executable, str(APP), str(port), str(debug_base), f"http://127.0.0.1:{sim.port}", str(workers), str(max_conc)],
+        [sys.executable, str(APP), str(port), ",".join(map(str, debug)), f"http://127.0.0.1:{sim.port}", str(workers), str(max_conc)],
         stdout=subprocess.DEVNULL,
     )
-    gw = Gateway(proc, port, debug_base, workers)
+    gw = Gateway(proc, port, debug, workers)
     async with aiohttp.ClientSession() as s:
         for w in range(workers):
             for _ in range(200):
