@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    workers = args.workers or config.server.workers
+    workers = args.workers if args.workers is not None else config.server.workers
     if workers < 1:
         print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
