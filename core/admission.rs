@@ -4,13 +4,25 @@
 //!
 //! All mutable state is one fixed block of 64-bit atomic words (`State`):
 //! a header of counters, each hot one on its own cache line, then the two
-//! rings. No pointers live in it, so the block can be mapped into shared
-//! memory and used by several processes at once.
+//! rings, then (shared pools only) one line and one mailbox per worker. No
+//! pointers live in it: the block is either on the heap (one process) or in
+//! a named shared-memory region mapped by every worker process of a host.
+//!
+//! Shared pools: each waiter's ring cell records its owner (worker index and
+//! that worker's generation). Whoever decides a waiter owned by another
+//! process (grant, eviction, expiry) posts the outcome to the owner's mailbox
+//! and wakes it. Every worker counts the slots it holds in its own word,
+//! `generation << 32 | held`; when a worker dies, `reclaim_worker` retires
+//! its generation and takes its count in one CAS, tombstones its waiters and
+//! passes its slots on. A grant racing that CAS either lands in the old
+//! generation's count (and is reclaimed) or sees the new generation and
+//! passes the slot on itself: never both, never neither.
 
 use crate::bucket::{self, BucketParams};
 use crate::clock::Clock;
 use crate::error::CoreError;
 use crate::lanes::Ring;
+use crate::mailbox::{self, Mailbox, OUT_EVICTED, OUT_EXPIRED, OUT_GRANT};
 use crate::sync::{spin, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use crate::Lane;
 
@@ -121,12 +133,18 @@ impl Settings {
 
 // State block layout, in words. Each hot field starts its own 64-byte line.
 const LINE: usize = 8;
-const MAGIC: u64 = 0x7469_6572_715f_0001; // "tierq_" + layout version 1
+const MAGIC: u64 = 0x7469_6572_715f_0002; // "tierq_" + layout version 2
+/// Worker indices fit the low byte of an owner word (0 = no worker).
+pub const MAX_WORKERS: usize = 255;
 mod at {
     use super::LINE;
-    // Line 0: immutable header, checked when a process attaches.
+    // Line 0: immutable header, checked when a process attaches. MAGIC is
+    // written last by the creator, so a reader that sees it sees the rest.
     pub const MAGIC: usize = 0;
     pub const WORDS: usize = 1;
+    pub const WORKERS: usize = 2;
+    pub const MAILBOX_CAP: usize = 3;
+    pub const RING_CAP: usize = 4;
     /// Slots in use; never above max_concurrency.
     pub const IN_FLIGHT: usize = LINE;
     /// Live waiters: priority in the low 32 bits, default in the high 32;
@@ -146,30 +164,126 @@ mod at {
     pub const LAST_RELEASE: usize = 9 * LINE;
     /// EWMA of the time between slot releases while waiters queued (ns).
     pub const RELEASE_INTERVAL: usize = 9 * LINE + 1;
-    pub const RINGS: usize = 10 * LINE;
+    /// Line 10: the settings the block was made for (attach compares them).
+    pub const SETTINGS: usize = 10 * LINE;
+    /// Per lane: cells, enqueued_ns, owners (`ring_cap` words each).
+    pub const RINGS: usize = 11 * LINE;
 }
+/// Offsets within a worker's line (shared pools).
+mod wk {
+    /// `generation << 32 | slots held`: slots granted to this worker's
+    /// requests and not yet released. Only a reclaim changes the generation.
+    pub const HELD: usize = 0;
+    /// Mailbox: "owner signalled" flag and producers' probe cursor.
+    pub const SIGNALLED: usize = 1;
+    pub const CURSOR: usize = 2;
+}
+const HELD_COUNT: u64 = 0xffff_ffff;
 const SHARE_ONE: u64 = 1_000_000;
 /// Re-checks of a full queue before shedding (see `admit`).
 const FULL_RETRIES: u32 = 4;
 /// Retry-After when the pool has never drained under load: one second.
 const UNKNOWN_DRAIN_NS: u64 = 1_000_000_000;
 
+/// Where the block lives. Either way the pool reads it through one
+/// pointer and length, so the heap path costs what a `Box<[_]>` did.
+enum Backing {
+    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
+    #[cfg(not(loom))]
+    Shm(#[allow(dead_code)] crate::shm::Region),
+}
+
 /// The pool's fixed block of atomic words.
 pub struct State {
-    words: Box<[AtomicU64]>,
+    ptr: *const AtomicU64,
+    len: usize,
+    _backing: Backing,
+}
+
+// SAFETY: `ptr`/`len` point into `_backing`, which is owned by the State and
+// never moved out or freed before it; all access is through `&AtomicU64`.
+unsafe impl Send for State {}
+// SAFETY: as above; the words are atomics, safe to share between threads.
+unsafe impl Sync for State {}
+
+/// A block's size for `s` and `workers` processes (0: heap, one process).
+fn layout(s: &Settings, workers: usize) -> (usize, usize) {
+    let mailbox_cap = if workers == 0 {
+        0
+    } else {
+        // Room for every waiter a worker can own plus every grant in flight.
+        ((s.queue_depth as usize + s.max_concurrency as usize) * 2).next_power_of_two().max(64)
+    };
+    let words = at::RINGS + 6 * s.ring_cap() + workers * (LINE + mailbox_cap);
+    (words, mailbox_cap)
+}
+
+fn fingerprint(s: &Settings) -> [u64; 8] {
+    let b = s.bucket.unwrap_or(BucketParams { interval_ns: 0, tau_ns: 0, reserve_ns: 0 });
+    [
+        s.max_concurrency as u64,
+        s.queue_depth as u64,
+        s.max_wait_ns[0],
+        s.max_wait_ns[1],
+        b.interval_ns,
+        b.tau_ns,
+        b.reserve_ns,
+        s.default_min_share.to_bits(),
+    ]
 }
 
 impl State {
     pub fn words_for(s: &Settings) -> usize {
-        at::RINGS + 4 * s.ring_cap()
+        layout(s, 0).0
     }
-    fn new(s: &Settings) -> Self {
-        let n = Self::words_for(s);
+    fn heap(n: usize) -> Self {
         let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        words[at::MAGIC].store(MAGIC, SeqCst);
-        words[at::WORDS].store(n as u64, SeqCst);
-        State { words }
+        State { ptr: words.as_ptr(), len: words.len(), _backing: Backing::Heap(words) }
     }
+    #[cfg(not(loom))]
+    fn shm(region: crate::shm::Region) -> Self {
+        let w = region.words();
+        State { ptr: w.as_ptr(), len: w.len(), _backing: Backing::Shm(region) }
+    }
+    #[inline]
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `ptr` and `len` describe the backing's words (see the Send
+        // impl), which live exactly as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// This process's place in a shared pool.
+struct Shared {
+    /// Worker index, or None for the supervisor (it holds nothing and owns
+    /// no waiters; it only reclaims).
+    index: Option<usize>,
+    /// Owner word of this process's waiters (`generation << 8 | index + 1`);
+    /// 0 for the supervisor, which matches no cell.
+    me: u64,
+    generation: u64,
+    workers: usize,
+    mailbox_cap: usize,
+    /// eventfd per worker index (-1: no wake-up, tests drain by hand).
+    #[cfg_attr(loom, allow(dead_code))]
+    wake_fds: Vec<i32>,
+}
+
+/// How a slot taken for a waiter was handed over.
+enum Hand {
+    /// The waiter is this process's: the caller resolves it.
+    Mine,
+    /// Posted to its owner's mailbox; the owner now holds the slot.
+    Posted,
+    /// Its owner died: the slot is held by nobody and must be passed on.
+    OwnerGone,
+}
+
+/// What a mailbox message says happened to a waiter of this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Granted,
+    Shed(ShedCode),
 }
 
 /// One pool: slots, lanes, bucket.
@@ -179,17 +293,113 @@ pub struct Pool {
     state: State,
     cap: usize,
     share_fp: u64,
+    /// Owner word written into this process's ring cells (0 on the heap).
+    me: u64,
+    shared: Option<Box<Shared>>,
 }
 
 impl Pool {
     pub fn new(settings: Settings, clock: Clock) -> Self {
-        let state = State::new(&settings);
+        let state = State::heap(State::words_for(&settings));
+        let pool = Self::with_state(settings, clock, state, None);
+        pool.init(0, 0);
+        pool
+    }
+
+    fn with_state(settings: Settings, clock: Clock, state: State, shared: Option<Box<Shared>>) -> Self {
         let cap = settings.ring_cap();
         let share_fp = (settings.default_min_share * SHARE_ONE as f64).round() as u64;
-        let pool = Pool { settings, clock, state, cap, share_fp };
-        pool.ring(Lane::Priority).init();
-        pool.ring(Lane::Default).init();
-        pool
+        let me = shared.as_ref().map_or(0, |s| s.me);
+        Pool { settings, clock, state, cap, share_fp, me, shared }
+    }
+
+    /// Fills a fresh (zeroed) block; MAGIC last.
+    fn init(&self, workers: usize, mailbox_cap: usize) {
+        self.ring(Lane::Priority).init();
+        self.ring(Lane::Default).init();
+        for (i, v) in fingerprint(&self.settings).into_iter().enumerate() {
+            self.w(at::SETTINGS + i).store(v, SeqCst);
+        }
+        self.w(at::WORKERS).store(workers as u64, SeqCst);
+        self.w(at::MAILBOX_CAP).store(mailbox_cap as u64, SeqCst);
+        self.w(at::RING_CAP).store(self.cap as u64, SeqCst);
+        self.w(at::WORDS).store(self.state.len as u64, SeqCst);
+        self.w(at::MAGIC).store(MAGIC, SeqCst);
+    }
+
+    /// Creates the shared block `name` for `workers` processes and returns
+    /// the supervisor's view of it (it reclaims; it does not admit).
+    #[cfg(not(loom))]
+    /// `wake_fds` as for `attach_shared` (empty: none).
+    pub fn create_shared(name: &str, settings: Settings, workers: usize, wake_fds: Vec<i32>, clock: Clock) -> Result<Pool, CoreError> {
+        if !(1..=MAX_WORKERS).contains(&workers) {
+            return Err(CoreError::arg("workers", format!("must be in 1..={MAX_WORKERS}, got {workers}")));
+        }
+        let wake_fds = if wake_fds.is_empty() { vec![-1; workers] } else { wake_fds };
+        if wake_fds.len() != workers {
+            return Err(CoreError::arg("wake_fds", format!("need one per worker ({workers}), got {}", wake_fds.len())));
+        }
+        let (words, mailbox_cap) = layout(&settings, workers);
+        let region = crate::shm::Region::create(name, words)?;
+        let shared = Shared { index: None, me: 0, generation: 0, workers, mailbox_cap, wake_fds };
+        let pool = Self::with_state(settings, clock, State::shm(region), Some(Box::new(shared)));
+        pool.init(workers, mailbox_cap);
+        Ok(pool)
+    }
+
+    /// Maps the shared block `name` as worker `index` (None: supervisor),
+    /// after checking magic, version, size, settings and worker count.
+    /// `wake_fds[i]` is worker i's eventfd (inherited from the supervisor).
+    #[cfg(not(loom))]
+    pub fn attach_shared(
+        name: &str,
+        settings: Settings,
+        index: Option<usize>,
+        wake_fds: Vec<i32>,
+        clock: Clock,
+    ) -> Result<Pool, CoreError> {
+        let region = crate::shm::Region::attach(name)?;
+        let w = region.words();
+        let bad = |what: String| Err(CoreError::Layout(format!("{name}: {what}")));
+        let magic = w[at::MAGIC].load(SeqCst);
+        if w.len() < at::RINGS || magic != MAGIC {
+            return bad(format!("magic/version {magic:#x}, expected {MAGIC:#x}"));
+        }
+        let workers = w[at::WORKERS].load(SeqCst) as usize;
+        let (words, mailbox_cap) = layout(&settings, workers);
+        if w[at::WORDS].load(SeqCst) as usize != w.len() || w.len() != words {
+            return bad(format!("{} words, expected {words} for these settings", w.len()));
+        }
+        if w[at::MAILBOX_CAP].load(SeqCst) as usize != mailbox_cap || w[at::RING_CAP].load(SeqCst) as usize != settings.ring_cap() {
+            return bad("ring or mailbox size differs".into());
+        }
+        let seen: Vec<u64> = (0..8).map(|i| w[at::SETTINGS + i].load(SeqCst)).collect();
+        if seen != fingerprint(&settings) {
+            return bad("created with different admission settings".into());
+        }
+        if wake_fds.len() != workers {
+            return Err(CoreError::arg("wake_fds", format!("need one per worker ({workers}), got {}", wake_fds.len())));
+        }
+        let (me, generation) = match index {
+            None => (0, 0),
+            Some(i) if i < workers => {
+                let held = w[at::RINGS + 6 * settings.ring_cap() + i * LINE + wk::HELD].load(SeqCst);
+                if held & HELD_COUNT != 0 {
+                    return bad(format!("worker {i} still holds {} slots; reclaim it first", held & HELD_COUNT));
+                }
+                let g = held >> 32;
+                (g << 8 | (i as u64 + 1), g)
+            }
+            Some(i) => return Err(CoreError::arg("worker", format!("must be below {workers}, got {i}"))),
+        };
+        let shared = Shared { index, me, generation, workers, mailbox_cap, wake_fds };
+        Ok(Self::with_state(settings, clock, State::shm(region), Some(Box::new(shared))))
+    }
+
+    /// Removes a shared block's name (mappings stay valid until dropped).
+    #[cfg(not(loom))]
+    pub fn unlink_shared(name: &str) -> Result<(), CoreError> {
+        crate::shm::Region::unlink(name)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -201,19 +411,135 @@ impl Pool {
 
     #[inline]
     fn w(&self, i: usize) -> &AtomicU64 {
-        &self.state.words[i]
+        &self.state.words()[i]
     }
 
     #[inline]
     fn ring(&self, lane: Lane) -> Ring<'_> {
         let l = lane as usize;
-        let base = at::RINGS + l * 2 * self.cap;
+        let base = at::RINGS + l * 3 * self.cap;
+        let words = self.state.words();
         Ring {
             head: self.w(at::HEAD[l]),
             tail: self.w(at::TAIL[l]),
-            cells: &self.state.words[base..base + self.cap],
-            enqueued_ns: &self.state.words[base + self.cap..base + 2 * self.cap],
+            cells: &words[base..base + self.cap],
+            enqueued_ns: &words[base + self.cap..base + 2 * self.cap],
+            owners: &words[base + 2 * self.cap..base + 3 * self.cap],
         }
+    }
+
+    #[inline]
+    fn worker_word(&self, worker: usize, field: usize) -> &AtomicU64 {
+        self.w(at::RINGS + 6 * self.cap + worker * LINE + field)
+    }
+
+    fn mailbox(&self, sh: &Shared, worker: usize) -> Mailbox<'_> {
+        let base = at::RINGS + 6 * self.cap + sh.workers * LINE + worker * sh.mailbox_cap;
+        Mailbox {
+            signalled: self.worker_word(worker, wk::SIGNALLED),
+            cursor: self.worker_word(worker, wk::CURSOR),
+            cells: &self.state.words()[base..base + sh.mailbox_cap],
+        }
+    }
+
+    /// Counts one more slot held by this worker (shared pools only).
+    #[inline]
+    fn hold_mine(&self) {
+        if let Some(Shared { index: Some(i), .. }) = self.shared.as_deref() {
+            self.worker_word(*i, wk::HELD).fetch_add(1, SeqCst);
+        }
+    }
+
+    #[inline]
+    fn unhold_mine(&self) {
+        if let Some(Shared { index: Some(i), .. }) = self.shared.as_deref() {
+            self.worker_word(*i, wk::HELD).fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Splits an owner word into (worker index, generation), if it names one.
+    fn owner_of(sh: &Shared, owner: u64) -> Option<(usize, u64)> {
+        let i = (owner & 0xff) as usize;
+        (i >= 1 && i <= sh.workers).then_some((i - 1, owner >> 8))
+    }
+
+    /// Counts a slot for `worker` if it still runs generation `generation`.
+    fn hold_for(&self, worker: usize, generation: u64) -> bool {
+        let word = self.worker_word(worker, wk::HELD);
+        let mut cur = word.load(SeqCst);
+        loop {
+            if cur >> 32 != generation & HELD_COUNT {
+                return false;
+            }
+            match word.compare_exchange_weak(cur, cur + 1, SeqCst, SeqCst) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Posts an outcome to `worker`'s mailbox and wakes it. Waits out a full
+    /// mailbox while its owner lives (it is draining); drops the message if
+    /// the owner's generation ends meanwhile (its reclaim settles the slot).
+    fn post(&self, sh: &Shared, worker: usize, generation: u64, id: WaiterId, outcome: u64) {
+        let msg = mailbox::pack(id.min(mailbox::MAX_WAITER), generation, outcome);
+        let mb = self.mailbox(sh, worker);
+        loop {
+            match mb.post(msg) {
+                Ok(true) => {
+                    #[cfg(not(loom))]
+                    crate::shm::wake(sh.wake_fds[worker]);
+                    return;
+                }
+                Ok(false) => return,
+                Err(_) => {
+                    if self.worker_word(worker, wk::HELD).load(SeqCst) >> 32 != generation & HELD_COUNT {
+                        return;
+                    }
+                    #[cfg(not(loom))]
+                    std::thread::yield_now();
+                    spin();
+                }
+            }
+        }
+    }
+
+    /// Hands a slot taken for waiter `id` to its owner. `counted`: the slot
+    /// is already counted as this worker's (a release passing it on).
+    #[inline]
+    fn hand_to(&self, id: WaiterId, owner: u64, counted: bool) -> Hand {
+        let Some(sh) = self.shared.as_deref() else { return Hand::Mine };
+        if owner == sh.me && sh.index.is_some() {
+            if !counted {
+                self.hold_mine();
+            }
+            return Hand::Mine;
+        }
+        if counted {
+            self.unhold_mine();
+        }
+        match Self::owner_of(sh, owner) {
+            Some((worker, generation)) if self.hold_for(worker, generation) => {
+                self.post(sh, worker, generation, id, OUT_GRANT);
+                Hand::Posted
+            }
+            _ => Hand::OwnerGone,
+        }
+    }
+
+    /// Tells the owner of a shed waiter; `Some(id)` when that is us.
+    #[inline]
+    fn route_shed(&self, id: WaiterId, owner: u64, outcome: u64) -> Option<WaiterId> {
+        let Some(sh) = self.shared.as_deref() else { return Some(id) };
+        if owner == sh.me && sh.index.is_some() {
+            return Some(id);
+        }
+        if let Some((worker, generation)) = Self::owner_of(sh, owner) {
+            if self.worker_word(worker, wk::HELD).load(SeqCst) >> 32 == generation & HELD_COUNT {
+                self.post(sh, worker, generation, id, outcome);
+            }
+        }
+        None
     }
 
     #[inline]
@@ -281,6 +607,7 @@ impl Pool {
         }
         // Fast path: nobody waiting and a slot free.
         if self.w(at::DEPTH).load(SeqCst) == 0 && self.try_take_slot() {
+            self.hold_mine();
             self.count(at::ADMITTED[lane as usize]);
             return Admit::Now;
         }
@@ -289,12 +616,12 @@ impl Pool {
         while !self.reserve_depth(lane) {
             // Full. A priority arrival takes the place of the newest default waiter.
             if lane == Lane::Priority {
-                if let Some(pos) = self.ring(Lane::Default).remove_newest() {
+                if let Some((pos, owner)) = self.ring(Lane::Default).remove_newest() {
                     // The victim's depth unit moves to this arrival's lane.
                     self.w(at::DEPTH).fetch_sub(Self::depth_unit(Lane::Default) - 1, SeqCst);
                     self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
                     self.ring(Lane::Default).reap();
-                    evicted = Some(waiter_id(Lane::Default, pos));
+                    evicted = self.route_shed(waiter_id(Lane::Default, pos), owner, OUT_EVICTED);
                     break;
                 }
             }
@@ -307,7 +634,7 @@ impl Pool {
             }
             spin();
         }
-        let pos = match self.ring(lane).push(now) {
+        let pos = match self.ring(lane).push(now, self.me) {
             Ok(pos) => pos,
             Err(_) => {
                 self.unreserve_depth(lane);
@@ -328,8 +655,9 @@ impl Pool {
         Admit::Shed { code: ShedCode::ServerOverloaded, retry_after_ns: self.retry_after_ns(lane) }
     }
 
-    /// Takes the next waiter by the dispatch rule, without touching slots.
-    fn pop_next(&self) -> Option<WaiterId> {
+    /// Takes the next waiter by the dispatch rule, without touching slots;
+    /// returns it and its owner.
+    fn pop_next(&self) -> Option<(WaiterId, u64)> {
         let (p, d) = self.depth();
         let mut order = [Lane::Priority, Lane::Default];
         if self.share_fp > 0 && p > 0 && d > 0 {
@@ -340,10 +668,10 @@ impl Pool {
             }
         }
         for lane in order {
-            if let Some(pos) = self.ring(lane).pop() {
+            if let Some((pos, owner)) = self.ring(lane).pop() {
                 self.unreserve_depth(lane);
                 self.count(at::ADMITTED[lane as usize]);
-                return Some(waiter_id(lane, pos));
+                return Some((waiter_id(lane, pos), owner));
             }
         }
         None
@@ -353,14 +681,19 @@ impl Pool {
         self.ring(Lane::Priority).has_published() || self.ring(Lane::Default).has_published()
     }
 
-    /// Gives a free slot, if any, to the next waiter. At most one grant.
+    /// Gives a free slot, if any, to the next waiter. At most one grant;
+    /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
         loop {
             if !self.try_take_slot() {
                 return None;
             }
-            if let Some(id) = self.pop_next() {
-                return Some(id);
+            if let Some((id, owner)) = self.pop_next() {
+                return match self.hand_to(id, owner, false) {
+                    Hand::Mine => Some(id),
+                    Hand::Posted => None,
+                    Hand::OwnerGone => self.pass_on(),
+                };
             }
             self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
             // A waiter published after our pop but before our give-back saw no
@@ -371,13 +704,19 @@ impl Pool {
         }
     }
 
-    /// Frees a slot. If someone waits, the slot passes straight to them and
-    /// their id is returned; the caller resolves that waiter.
+    /// Frees a slot. If someone waits, the slot passes straight to them; if
+    /// that waiter is this process's, its id is returned and the caller
+    /// resolves it (another process's is told through its mailbox).
     pub fn release(&self) -> Option<WaiterId> {
-        if let Some(id) = self.pop_next() {
+        if let Some((id, owner)) = self.pop_next() {
             self.note_release();
-            return Some(id);
+            return match self.hand_to(id, owner, true) {
+                Hand::Mine => Some(id),
+                Hand::Posted => None,
+                Hand::OwnerGone => self.pass_on(),
+            };
         }
+        self.unhold_mine();
         if self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst) == 0 {
             // A release without a held slot is a caller bug; undo it rather
             // than wrap the count and lock the pool.
@@ -385,6 +724,98 @@ impl Pool {
             return None;
         }
         if self.any_published() { self.dispatch() } else { None }
+    }
+
+    /// A taken slot that nobody holds (its owner died): the next waiter gets
+    /// it, or it is freed.
+    fn pass_on(&self) -> Option<WaiterId> {
+        loop {
+            let Some((id, owner)) = self.pop_next() else {
+                self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
+                return if self.any_published() { self.dispatch() } else { None };
+            };
+            match self.hand_to(id, owner, false) {
+                Hand::Mine => return Some(id),
+                Hand::Posted => return None,
+                Hand::OwnerGone => continue,
+            }
+        }
+    }
+
+    /// Settles a dead worker: retires its generation and takes its held
+    /// count in one CAS, tombstones its waiters, then passes each slot it
+    /// held on (as a release would). Returns (slots, waiters) reclaimed;
+    /// `on_granted` gets any waiter of *this* process granted on the way.
+    /// Call it only once the worker's process is gone.
+    pub fn reclaim_worker(&self, worker: usize, mut on_granted: impl FnMut(WaiterId)) -> Result<(u64, u64), CoreError> {
+        let Some(sh) = self.shared.as_deref() else { return Err(CoreError::arg("worker", "not a shared pool")) };
+        if worker >= sh.workers || sh.index == Some(worker) {
+            return Err(CoreError::arg("worker", format!("cannot reclaim worker {worker}")));
+        }
+        let word = self.worker_word(worker, wk::HELD);
+        let mut cur = word.load(SeqCst);
+        let (generation, held) = loop {
+            let next = ((cur >> 32) + 1) << 32;
+            match word.compare_exchange_weak(cur, next, SeqCst, SeqCst) {
+                Ok(_) => break (cur >> 32, cur & HELD_COUNT),
+                Err(seen) => cur = seen,
+            }
+        };
+        let owner = generation << 8 | (worker as u64 + 1);
+        let mut waiters = 0;
+        for lane in [Lane::Priority, Lane::Default] {
+            let ring = self.ring(lane);
+            ring.remove_all_of(owner, |_| {
+                self.unreserve_depth(lane);
+                self.count(at::CANCELLED);
+                waiters += 1;
+            });
+            ring.reap();
+        }
+        for _ in 0..held {
+            if let Some(id) = self.pass_on() {
+                on_granted(id);
+            }
+        }
+        Ok((held, waiters))
+    }
+
+    /// Takes every message in this worker's mailbox: waiters of ours that
+    /// another process granted or shed. Messages for an earlier generation
+    /// of this index (a dead predecessor) are dropped: its reclaim settled them.
+    pub fn drain_mailbox(&self, mut on: impl FnMut(WaiterId, Outcome)) -> usize {
+        let Some(sh) = self.shared.as_deref() else { return 0 };
+        let Some(index) = sh.index else { return 0 };
+        let mut n = 0;
+        self.mailbox(sh, index).drain(|msg| {
+            let (id, generation, outcome) = mailbox::unpack(msg);
+            if !mailbox::same_generation(generation, sh.generation) {
+                return;
+            }
+            n += 1;
+            on(
+                id,
+                match outcome {
+                    OUT_GRANT => Outcome::Granted,
+                    OUT_EVICTED => Outcome::Shed(ShedCode::ServerOverloaded),
+                    _ => Outcome::Shed(ShedCode::QueueTimeout),
+                },
+            );
+        });
+        n
+    }
+
+    /// Slots worker `worker` holds now (shared pools; 0 otherwise).
+    pub fn held_by(&self, worker: usize) -> u64 {
+        match self.shared.as_deref() {
+            Some(sh) if worker < sh.workers => self.worker_word(worker, wk::HELD).load(SeqCst) & HELD_COUNT,
+            _ => 0,
+        }
+    }
+
+    /// (worker index, workers) of this process in a shared pool.
+    pub fn worker(&self) -> Option<(Option<usize>, usize)> {
+        self.shared.as_deref().map(|sh| (sh.index, sh.workers))
     }
 
     /// Tracks the drain rate while the pool is saturated.
@@ -423,10 +854,12 @@ impl Pool {
         let now = self.clock.now_ns();
         for lane in [Lane::Priority, Lane::Default] {
             let Some(deadline) = now.checked_sub(self.settings.max_wait_ns[lane as usize]) else { continue };
-            self.ring(lane).expire(deadline, |pos| {
+            self.ring(lane).expire(deadline, |pos, owner| {
                 self.unreserve_depth(lane);
                 self.count(at::SHED[ShedCode::QueueTimeout as usize]);
-                on_expired(waiter_id(lane, pos));
+                if let Some(id) = self.route_shed(waiter_id(lane, pos), owner, OUT_EXPIRED) {
+                    on_expired(id);
+                }
             });
         }
     }

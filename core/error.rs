@@ -7,6 +7,11 @@ use std::fmt;
 pub enum CoreError {
     /// A constructor or call argument is out of range; names the argument.
     InvalidArgument { name: &'static str, reason: String },
+    /// A shared state block does not match what this process expects (magic,
+    /// version, size, settings or worker count).
+    Layout(String),
+    /// A system call on shared memory failed.
+    Os(String),
 }
 
 impl CoreError {
@@ -19,6 +24,8 @@ impl fmt::Display for CoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CoreError::InvalidArgument { name, reason } => write!(f, "{name}: {reason}"),
+            CoreError::Layout(m) => write!(f, "shared state: {m}"),
+            CoreError::Os(m) => write!(f, "shared memory: {m}"),
         }
     }
 }

@@ -10,7 +10,9 @@
 //! "expired" and "evicted" are decided exactly once.
 //!
 //! The ring lives in caller-provided atomics (no heap pointers) so a pool's
-//! state can be one fixed block, later mapped into shared memory.
+//! state can be one fixed block mapped into shared memory. Each cell also
+//! records its waiter's owner (a worker process and its generation; 0 in a
+//! single-process pool), so whoever decides a waiter knows whom to tell.
 
 use crate::sync::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 
@@ -42,6 +44,10 @@ pub(crate) struct Ring<'a> {
     /// `enqueued_ns[pos % cap]`: when ticket `pos` joined; written before the
     /// cell is published as WAITING, read only after seeing it WAITING.
     pub enqueued_ns: &'a [AtomicU64],
+    /// `owners[pos % cap]`: the owner word of ticket `pos`; same publication
+    /// rule as `enqueued_ns`. Read it only after seeing the cell WAITING and
+    /// trust it only if a CAS from that WAITING word then succeeds.
+    pub owners: &'a [AtomicU64],
 }
 
 /// The push could not take a cell: every cell holds a waiter or a tombstone.
@@ -67,16 +73,17 @@ impl<'a> Ring<'a> {
         }
     }
 
-    /// Joins the back of the line at `now`; returns the ticket.
-    pub(crate) fn push(&self, now: u64) -> Result<u64, RingFull> {
+    /// Joins the back of the line at `now` for `owner`; returns the ticket.
+    pub(crate) fn push(&self, now: u64, owner: u64) -> Result<u64, RingFull> {
         loop {
             let t = self.tail.load(SeqCst);
             let i = self.idx(t);
             let (pos, state) = split(self.cells[i].load(SeqCst));
             if pos == t && state == EMPTY {
                 if self.tail.compare_exchange_weak(t, t + 1, SeqCst, SeqCst).is_ok() {
-                    // Relaxed: the SeqCst store of the cell below publishes it.
+                    // Relaxed: the SeqCst store of the cell below publishes both.
                     self.enqueued_ns[i].store(now, Relaxed);
+                    self.owners[i].store(owner, Relaxed);
                     self.cells[i].store(cell(t, WAITING), SeqCst);
                     return Ok(t);
                 }
@@ -88,10 +95,11 @@ impl<'a> Ring<'a> {
         }
     }
 
-    /// Takes the waiter at the front, reclaiming tombstones on the way.
-    /// `None` when nothing is published (a producer that took a ticket but has
-    /// not published yet dispatches for itself right after publishing).
-    pub(crate) fn pop(&self) -> Option<u64> {
+    /// Takes the waiter at the front, reclaiming tombstones on the way; returns
+    /// its ticket and owner. `None` when nothing is published (a producer that
+    /// took a ticket but has not published yet dispatches for itself right
+    /// after publishing).
+    pub(crate) fn pop(&self) -> Option<(u64, u64)> {
         loop {
             let h = self.head.load(SeqCst);
             let i = self.idx(h);
@@ -101,10 +109,12 @@ impl<'a> Ring<'a> {
                 if state == EMPTY {
                     return None;
                 }
+                // Valid once the CAS below succeeds from this same word.
+                let owner = self.owners[i].load(SeqCst);
                 if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
                     let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
                     if state == WAITING {
-                        return Some(h);
+                        return Some((h, owner));
                     }
                 }
             } else if pos > h {
@@ -140,6 +150,31 @@ impl<'a> Ring<'a> {
         c.compare_exchange(cell(pos, WAITING), cell(pos, TOMB), SeqCst, SeqCst).is_ok()
     }
 
+    /// Removes waiter `pos` if it is still waiting; returns its owner.
+    pub(crate) fn remove_owned(&self, pos: u64) -> Option<u64> {
+        let i = self.idx(pos);
+        if self.cells[i].load(SeqCst) != cell(pos, WAITING) {
+            return None;
+        }
+        let owner = self.owners[i].load(SeqCst);
+        self.remove(pos).then_some(owner)
+    }
+
+    /// Removes every waiting ticket whose owner is `owner` (a dead worker);
+    /// calls `on_removed` per ticket.
+    pub(crate) fn remove_all_of(&self, owner: u64, mut on_removed: impl FnMut(u64)) {
+        let (h, t) = (self.head.load(SeqCst), self.tail.load(SeqCst));
+        for p in h..t {
+            let i = self.idx(p);
+            if self.cells[i].load(SeqCst) == cell(p, WAITING)
+                && self.owners[i].load(SeqCst) == owner
+                && self.remove(p)
+            {
+                on_removed(p);
+            }
+        }
+    }
+
     /// True while a published waiter or tombstone sits at the front, i.e. a
     /// `pop` would make progress.
     pub(crate) fn has_published(&self) -> bool {
@@ -148,15 +183,16 @@ impl<'a> Ring<'a> {
         pos > h || (pos == h && state != EMPTY)
     }
 
-    /// Removes the newest waiting ticket (scanning back from the tail).
-    pub(crate) fn remove_newest(&self) -> Option<u64> {
+    /// Removes the newest waiting ticket (scanning back from the tail);
+    /// returns it and its owner.
+    pub(crate) fn remove_newest(&self) -> Option<(u64, u64)> {
         let h = self.head.load(SeqCst);
         let t = self.tail.load(SeqCst);
         let mut p = t;
         while p > h {
             p -= 1;
-            if self.remove(p) {
-                return Some(p);
+            if let Some(owner) = self.remove_owned(p) {
+                return Some((p, owner));
             }
         }
         None
@@ -165,8 +201,8 @@ impl<'a> Ring<'a> {
     /// Expires waiters at the front that joined at or before `deadline`
     /// (= now - max_wait), calling `on_expired` for each. Stops at the first
     /// live waiter that is still in time: the line is FIFO, so those behind
-    /// it joined later.
-    pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64)) {
+    /// it joined later. `on_expired` gets the ticket and its owner.
+    pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64, u64)) {
         loop {
             self.reap();
             let h = self.head.load(SeqCst);
@@ -178,8 +214,8 @@ impl<'a> Ring<'a> {
             if self.enqueued_ns[i].load(SeqCst) > deadline {
                 return;
             }
-            if self.remove(h) {
-                on_expired(h);
+            if let Some(owner) = self.remove_owned(h) {
+                on_expired(h, owner);
             }
         }
     }
@@ -207,6 +243,7 @@ mod tests {
         tail: AtomicU64,
         cells: Vec<AtomicU64>,
         enq: Vec<AtomicU64>,
+        own: Vec<AtomicU64>,
     }
     impl Owned {
         fn new(cap: usize) -> Self {
@@ -215,12 +252,13 @@ mod tests {
                 tail: AtomicU64::new(0),
                 cells: (0..cap).map(|_| AtomicU64::new(0)).collect(),
                 enq: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+                own: (0..cap).map(|_| AtomicU64::new(0)).collect(),
             };
             o.ring().init();
             o
         }
         fn ring(&self) -> Ring<'_> {
-            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq }
+            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq, owners: &self.own }
         }
     }
 
@@ -229,9 +267,9 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..5 {
-            assert_eq!(r.push(n), Ok(n));
+            assert_eq!(r.push(n, 0), Ok(n));
         }
-        assert_eq!((0..5).map(|_| r.pop().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert_eq!((0..5).map(|_| r.pop().unwrap().0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert_eq!(r.pop(), None);
     }
 
@@ -240,17 +278,17 @@ mod tests {
         let o = Owned::new(4);
         let r = o.ring();
         for n in 0..4 {
-            r.push(n).unwrap();
+            r.push(n, 0).unwrap();
         }
-        assert_eq!(r.push(9), Err(RingFull));
+        assert_eq!(r.push(9, 0), Err(RingFull));
         assert!(r.remove(0));
         assert!(!r.remove(0), "a waiter leaves exactly once");
         r.reap();
-        assert_eq!(r.push(9), Ok(4), "the reclaimed cell is reused");
+        assert_eq!(r.push(9, 0), Ok(4), "the reclaimed cell is reused");
         assert!(r.remove(2));
-        assert_eq!(r.pop(), Some(1));
-        assert_eq!(r.pop(), Some(3));
-        assert_eq!(r.pop(), Some(4));
+        assert_eq!(r.pop(), Some((1, 0)));
+        assert_eq!(r.pop(), Some((3, 0)));
+        assert_eq!(r.pop(), Some((4, 0)));
         assert_eq!(r.pop(), None);
     }
 
@@ -259,11 +297,11 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..3 {
-            r.push(n).unwrap();
+            r.push(n, 0).unwrap();
         }
         assert!(r.remove(2));
-        assert_eq!(r.remove_newest(), Some(1));
-        assert_eq!(r.pop(), Some(0));
+        assert_eq!(r.remove_newest(), Some((1, 0)));
+        assert_eq!(r.pop(), Some((0, 0)));
         assert_eq!(r.remove_newest(), None);
     }
 
@@ -272,21 +310,36 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for at in [10, 20, 30] {
-            r.push(at).unwrap();
+            r.push(at, 0).unwrap();
         }
         let mut gone = vec![];
-        r.expire(20, |p| gone.push(p));
+        r.expire(20, |p, _| gone.push(p));
         assert_eq!(gone, vec![0, 1]);
         assert_eq!(r.enqueued_at(2), Some(30));
-        assert_eq!(r.pop(), Some(2));
+        assert_eq!(r.pop(), Some((2, 0)));
+    }
+
+    #[test]
+    fn owner_travels_with_its_ticket() {
+        let o = Owned::new(4);
+        let r = o.ring();
+        for (n, owner) in [7u64, 8, 7, 9].into_iter().enumerate() {
+            assert_eq!(r.push(n as u64, owner), Ok(n as u64));
+        }
+        let mut gone = vec![];
+        r.remove_all_of(7, |p| gone.push(p));
+        assert_eq!(gone, vec![0, 2]);
+        assert_eq!(r.remove_newest(), Some((3, 9)));
+        assert_eq!(r.pop(), Some((1, 8)));
+        assert_eq!(r.pop(), None);
     }
 
     #[test]
     fn granted_waiter_cannot_be_removed() {
         let o = Owned::new(4);
         let r = o.ring();
-        r.push(0).unwrap();
-        assert_eq!(r.pop(), Some(0));
+        r.push(0, 0).unwrap();
+        assert_eq!(r.pop(), Some((0, 0)));
         assert!(!r.remove(0));
         assert_eq!(r.enqueued_at(0), None);
     }

@@ -7,12 +7,16 @@ pub mod bucket;
 pub mod clock;
 pub mod error;
 mod lanes;
+#[doc(hidden)]
+pub mod mailbox;
+#[cfg(not(loom))]
+pub mod shm;
 mod sync;
 
 #[cfg(feature = "python")]
 mod py;
 
-pub use admission::{Admit, Pool, Settings, ShedCode, Stats, WaiterId};
+pub use admission::{Admit, Outcome, Pool, Settings, ShedCode, Stats, WaiterId, MAX_WORKERS};
 pub use bucket::{BucketParams, Decision, TokenBucket};
 pub use clock::{Clock, ManualClock};
 pub use error::CoreError;

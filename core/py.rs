@@ -4,18 +4,21 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::admission::{Admit, Pool, Settings, ShedCode};
+use crate::admission::{Admit, Outcome, Pool, Settings, ShedCode};
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
 use crate::{bucket, Lane};
 
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> PyErr {
-        PyValueError::new_err(e.to_string())
+        match e {
+            CoreError::InvalidArgument { .. } | CoreError::Layout(_) => PyValueError::new_err(e.to_string()),
+            CoreError::Os(_) => PyOSError::new_err(e.to_string()),
+        }
     }
 }
 
@@ -131,6 +134,93 @@ impl PyAdmissionCore {
             rate, burst, priority_reserve, default_min_share,
         )?;
         Ok(PyAdmissionCore(Pool::new(s, clock_of(clock))))
+    }
+
+    /// Creates the shared state block `name` for `workers` processes; returns
+    /// the supervisor's handle (it reclaims dead workers; it never admits).
+    #[staticmethod]
+    #[pyo3(signature = (name, workers, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
+                        max_wait_ms_priority = 60000.0, rate = None, burst = None,
+                        priority_reserve = 0.2, default_min_share = 0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn create_shared(
+        name: &str,
+        workers: usize,
+        wake_fds: Vec<i32>,
+        max_concurrency: i64,
+        queue_depth: i64,
+        max_wait_ms_default: f64,
+        max_wait_ms_priority: f64,
+        rate: Option<f64>,
+        burst: Option<f64>,
+        priority_reserve: f64,
+        default_min_share: f64,
+    ) -> PyResult<Self> {
+        let s = Settings::new(
+            max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
+            rate, burst, priority_reserve, default_min_share,
+        )?;
+        Ok(PyAdmissionCore(Pool::create_shared(name, s, workers, wake_fds, Clock::Monotonic)?))
+    }
+
+    /// Maps the shared block `name` as worker `worker` (None: supervisor),
+    /// checking it was made with the same settings. `wake_fds[i]` is worker
+    /// i's eventfd, written when another process decides one of its waiters.
+    #[staticmethod]
+    #[pyo3(signature = (name, worker, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
+                        max_wait_ms_priority = 60000.0, rate = None, burst = None,
+                        priority_reserve = 0.2, default_min_share = 0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn attach_shared(
+        name: &str,
+        worker: Option<usize>,
+        wake_fds: Vec<i32>,
+        max_concurrency: i64,
+        queue_depth: i64,
+        max_wait_ms_default: f64,
+        max_wait_ms_priority: f64,
+        rate: Option<f64>,
+        burst: Option<f64>,
+        priority_reserve: f64,
+        default_min_share: f64,
+    ) -> PyResult<Self> {
+        let s = Settings::new(
+            max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
+            rate, burst, priority_reserve, default_min_share,
+        )?;
+        Ok(PyAdmissionCore(Pool::attach_shared(name, s, worker, wake_fds, Clock::Monotonic)?))
+    }
+
+    /// Removes a shared block's name (live mappings stay valid).
+    #[staticmethod]
+    fn unlink_shared(name: &str) -> PyResult<()> {
+        Ok(Pool::unlink_shared(name)?)
+    }
+
+    /// Takes this worker's mailbox: `[(waiter, outcome)]`, outcome 0 granted
+    /// (the slot is now held here) or 1 + a SHED_CODES index.
+    fn drain(&self) -> Vec<(u64, u8)> {
+        let mut out = Vec::new();
+        self.0.drain_mailbox(|id, o| {
+            out.push((id, match o {
+                Outcome::Granted => 0,
+                Outcome::Shed(code) => 1 + code as u8,
+            }))
+        });
+        out
+    }
+
+    /// Settles dead worker `worker`: `(slots, waiters, granted)`, where
+    /// `granted` are waiters of this process handed a freed slot.
+    fn reclaim(&self, worker: usize) -> PyResult<(u64, u64, Vec<u64>)> {
+        let mut granted = Vec::new();
+        let (slots, waiters) = self.0.reclaim_worker(worker, |id| granted.push(id))?;
+        Ok((slots, waiters, granted))
+    }
+
+    /// Slots worker `worker` holds (shared pools).
+    fn held_by(&self, worker: usize) -> u64 {
+        self.0.held_by(worker)
     }
 
     /// `(0, -1, -1, -1)` admitted now; `(1, waiter, evicted, granted)` queued;

@@ -22,9 +22,9 @@ def test_serve_refuses_non_loopback_host_without_keys(capsys: pytest.CaptureFixt
     assert "no API keys configured" in capsys.readouterr().err
 
 
-def test_serve_says_more_than_one_worker_is_not_supported_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--workers", "4"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+def test_serve_refuses_fewer_than_one_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
 
 
 def test_models_lists_catalog_with_prices_and_priority_tag(capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,6 +39,39 @@ class AdmissionCore:
         default_min_share: float = 0.0,
         clock: ManualClock | None = None,
     ) -> Self: ...
+    @staticmethod
+    def create_shared(
+        name: str,
+        workers: int,
+        wake_fds: list[int],
+        max_concurrency: int = 64,
+        queue_depth: int = 1024,
+        max_wait_ms_default: float = 30000.0,
+        max_wait_ms_priority: float = 60000.0,
+        rate: float | None = None,
+        burst: float | None = None,
+        priority_reserve: float = 0.2,
+        default_min_share: float = 0.0,
+    ) -> AdmissionCore: ...
+    @staticmethod
+    def attach_shared(
+        name: str,
+        worker: int | None,
+        wake_fds: list[int],
+        max_concurrency: int = 64,
+        queue_depth: int = 1024,
+        max_wait_ms_default: float = 30000.0,
+        max_wait_ms_priority: float = 60000.0,
+        rate: float | None = None,
+        burst: float | None = None,
+        priority_reserve: float = 0.2,
+        default_min_share: float = 0.0,
+    ) -> AdmissionCore: ...
+    @staticmethod
+    def unlink_shared(name: str) -> None: ...
+    def drain(self) -> list[tuple[int, int]]: ...
+    def reclaim(self, worker: int) -> tuple[int, int, list[int]]: ...
+    def held_by(self, worker: int) -> int: ...
     def admit(self, lane: int, cost: int) -> tuple[int, int, int, int]: ...
     def release(self) -> int | None: ...
     def dispatch(self) -> int | None: ...

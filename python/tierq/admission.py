@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock
 
@@ -21,6 +21,16 @@ _LANE_NAMES = ("priority", "default")
 _NONE = -1
 _NEVER = (1 << 63) - 1
 _MAX_RETRY_AFTER_S = 120
+
+
+def _waits(max_wait_ms: float | Mapping[str, float]) -> tuple[float, float]:
+    """(default, priority) max wait in ms from a number or a per-lane mapping."""
+    if isinstance(max_wait_ms, Mapping):
+        unknown = set(max_wait_ms) - set(_LANES)
+        if unknown:
+            raise ValueError(f"max_wait_ms: unknown lane {sorted(unknown)[0]!r}")
+        return float(max_wait_ms.get("default", 30000.0)), float(max_wait_ms.get("priority", 60000.0))
+    return float(max_wait_ms), float(max_wait_ms)
 
 
 class Shed(Exception):
@@ -144,14 +154,7 @@ class Admission:
         default_min_share: float = 0.0,
         clock: ManualClock | None = None,
     ) -> None:
-        if isinstance(max_wait_ms, Mapping):
-            unknown = set(max_wait_ms) - set(_LANES)
-            if unknown:
-                raise ValueError(f"max_wait_ms: unknown lane {sorted(unknown)[0]!r}")
-            wait_default = float(max_wait_ms.get("default", 30000.0))
-            wait_priority = float(max_wait_ms.get("priority", 60000.0))
-        else:
-            wait_default = wait_priority = float(max_wait_ms)
+        wait_default, wait_priority = _waits(max_wait_ms)
         self._core = AdmissionCore(
             max_concurrency,
             queue_depth,
@@ -166,6 +169,52 @@ class Admission:
         self._waiters: dict[int, Slot] = {}
         # Timers fire a little after the deadline so the core sees it passed.
         self._max_wait_s = (wait_priority / 1000 + 0.001, wait_default / 1000 + 0.001)
+
+    @classmethod
+    def shared(
+        cls,
+        name: str,
+        worker: int,
+        wake_fds: Sequence[int],
+        max_concurrency: int = 64,
+        queue_depth: int = 1024,
+        max_wait_ms: float | Mapping[str, float] = 30000.0,
+        rate: float | None = None,
+        burst: float | None = None,
+        priority_reserve: float = 0.2,
+        default_min_share: float = 0.0,
+    ) -> Admission:
+        """This worker's handle on a pool whose state is the shared block `name`.
+
+        The block (made by `tierq.workers.SharedPools`) must have been created
+        with the same settings; all workers then share one pair of lanes, one
+        bucket and one slot count. Outcomes another worker decides for this
+        one's waiters arrive in its mailbox: call `deliver()` when
+        `wake_fds[worker]` (an eventfd) is readable.
+        """
+        wait_default, wait_priority = _waits(max_wait_ms)
+        core = AdmissionCore.attach_shared(
+            name, worker, list(wake_fds), max_concurrency, queue_depth, wait_default,
+            wait_priority, rate, burst, priority_reserve, default_min_share,
+        )
+        adm = cls.__new__(cls)
+        adm._core = core
+        adm._waiters = {}
+        adm._max_wait_s = (wait_priority / 1000 + 0.001, wait_default / 1000 + 0.001)
+        return adm
+
+    def deliver(self) -> int:
+        """Resolves the waiters that other workers granted or shed (shared pools).
+
+        Returns how many messages were taken. A no-op on a one-process pool.
+        """
+        mail = self._core.drain()
+        for waiter, outcome in mail:
+            if outcome == 0:
+                self._grant(waiter)
+            else:
+                self._shed_waiter(waiter, SHED_CODES[outcome - 1])
+        return len(mail)
 
     def acquire(self, tier: str = "default", cost: int = 1) -> Slot:
         """A slot in lane `tier` (``"priority"`` or ``"default"``), as an async context manager."""

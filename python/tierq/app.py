@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
@@ -188,6 +188,7 @@ def create_app(
     ledger: Ledger | None = None,
     sim: Any = None,
     allow_remote_without_keys: bool = False,
+    pools: Mapping[str, Admission] | None = None,
 ) -> web.Application:
     """The gateway app for `config`.
 
@@ -198,6 +199,9 @@ def create_app(
       loopback port, inside its own event loop.
     allow_remote_without_keys: serve non-loopback clients with no API keys
       configured (`tierq serve --insecure-no-auth`).
+    pools: admission per model id, made by the caller (`tierq serve --workers
+      N` passes this worker's handles on the shared pools); by default each
+      model gets its own one-process `Admission`.
     """
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
@@ -209,7 +213,7 @@ def create_app(
     )
     app[CONFIG] = config
     app[GATEWAY] = gw
-    app.cleanup_ctx.append(_lifecycle(gw, sim, own_ledger=ledger is None))
+    app.cleanup_ctx.append(_lifecycle(gw, sim, own_ledger=ledger is None, pools=pools))
     for prefix in ("/v1", "/v1/openai"):
         for endpoint in ENDPOINT_PATHS:
             app.router.add_post(f"{prefix}/{endpoint}", _endpoint_handler(endpoint))
@@ -229,7 +233,7 @@ def _local_snapshots(gw: Gateway) -> Callable[[], Awaitable[list[WorkerSnapshot]
 
 
 def _lifecycle(
-    gw: Gateway, sim: Any, *, own_ledger: bool
+    gw: Gateway, sim: Any, *, own_ledger: bool, pools: Mapping[str, Admission] | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         started_sims: list[Any] = []
@@ -259,8 +263,8 @@ def _lifecycle(
                 await client.start()
                 gw.upstreams[u.name] = client
             for m in gw.catalog.values():
-                gw.pools[m.id] = Pool(m, Admission(**m.admission.admission_kwargs()),
-                                      gw.upstreams[m.upstream])
+                adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
+                gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
             gw.models_body = _models_body(gw)
             if gw.ledger is None:
                 gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)

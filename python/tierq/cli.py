@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML file (default: the embedded default)")
     s.add_argument("--host", help="listen address (default: [server] host)")
     s.add_argument("--port", type=int, help="listen port (default: [server] port)")
-    s.add_argument("--workers", type=int, help="processes (only 1 for now)")
+    s.add_argument("--workers", type=int, help="processes sharing one admission state (default: [server] workers)")
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address with no API keys configured")
     s.add_argument("--log-format", choices=("json", "text"), default="json",
@@ -141,10 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    workers = args.workers or config.server.workers
-    if workers != 1:
-        print(f"tierq serve: --workers {workers}: more than one worker is not supported yet "
-              "(one process for now)", file=sys.stderr)
+    workers = args.workers if args.workers is not None else config.server.workers
+    if workers < 1:
+        print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
     no_keys = config.keys.path is None
     if no_keys and not _is_loopback_host(host) and not args.insecure_no_auth:
@@ -163,22 +162,59 @@ def _serve(args: argparse.Namespace) -> int:
                  "all (--insecure-no-auth)" if args.insecure_no_auth else "loopback")
     import uvloop
 
-    uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
-    return 0
+    if workers == 1:
+        uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
+        return 0
+    return _serve_workers(config, catalog, host, port, args.insecure_no_auth, workers)
 
 
-async def _run_server(config: Config, host: str, port: int, insecure: bool) -> None:
+def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insecure: bool,
+                   workers: int) -> int:
+    """N processes on one listening socket sharing one admission state per model."""
+    import uvloop
+
+    from tierq.workers import SharedPools, Supervisor, listen
+
+    shared = SharedPools({m.id: m.admission.admission_kwargs() for m in catalog.values()}, workers)
+    try:
+        sock = listen(host, port)
+
+        def worker(index: int) -> int:
+            async def run() -> None:
+                pools = shared.attach(index)
+                pools.start()
+                try:
+                    await _run_server(config, host, port, insecure, sock=sock, pools=pools)
+                finally:
+                    pools.stop()
+
+            uvloop.run(run())
+            return 0
+
+        log.info("listening on http://%s:%d/v1 with %d workers sharing admission", host, port, workers)
+        return Supervisor(workers, worker, shared).run()
+    finally:
+        shared.close()
+
+
+async def _run_server(config: Config, host: str, port: int, insecure: bool,
+                      sock: Any = None, pools: Any = None) -> None:
     from aiohttp import web
 
     from tierq.app import create_app, runner_kwargs
 
-    app = create_app(config, allow_remote_without_keys=insecure)
+    app = create_app(config, allow_remote_without_keys=insecure, pools=pools)
     runner = web.AppRunner(app, **runner_kwargs())
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
-        log.info("listening on http://%s:%d/v1 (also /v1/openai)", host, port)
+        if sock is None:
+            log.info("listening on http://%s:%d/v1 (also /v1/openai)", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

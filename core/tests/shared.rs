@@ -1,0 +1,416 @@
+//! Shared pools across workers: the attach checks, mail between workers,
+//! strict priority across them, reclaim of a dead worker, and stress with
+//! workers as threads and as forked processes (one killed with SIGKILL).
+#![cfg(not(loom))]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tierq_core::{Admit, Clock, CoreError, Lane, Outcome, Pool, Settings, ShedCode};
+
+fn settings(max: i64, depth: i64) -> Settings {
+    Settings::new(max, depth, 60_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap()
+}
+
+/// A unique region name per test, removed when the guard drops.
+struct Name(String);
+impl Name {
+    fn new(tag: &str) -> Name {
+        static N: AtomicU64 = AtomicU64::new(0);
+        Name(format!("/tierq-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, SeqCst)))
+    }
+}
+impl Drop for Name {
+    fn drop(&mut self) {
+        let _ = Pool::unlink_shared(&self.0);
+    }
+}
+
+fn attach(name: &Name, s: &Settings, worker: usize, workers: usize) -> Pool {
+    Pool::attach_shared(&name.0, s.clone(), Some(worker), vec![-1; workers], Clock::Monotonic).unwrap()
+}
+
+fn drain(p: &Pool) -> Vec<(u64, Outcome)> {
+    let mut v = vec![];
+    p.drain_mailbox(|id, o| v.push((id, o)));
+    v
+}
+
+#[test]
+fn attach_refuses_other_settings_sizes_and_names() {
+    let name = Name::new("attach");
+    let s = settings(2, 8);
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    assert!(matches!(Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic), Err(CoreError::Os(_))), "exists");
+    let other = settings(3, 8);
+    let e = Pool::attach_shared(&name.0, other, Some(0), vec![-1; 2], Clock::Monotonic).err().unwrap();
+    assert!(matches!(e, CoreError::Layout(_)), "{e}");
+    let deeper = settings(2, 100);
+    assert!(matches!(Pool::attach_shared(&name.0, deeper, Some(0), vec![-1; 2], Clock::Monotonic), Err(CoreError::Layout(_))));
+    assert!(matches!(Pool::attach_shared(&name.0, s.clone(), Some(2), vec![-1; 2], Clock::Monotonic), Err(CoreError::InvalidArgument { .. })));
+    assert!(Pool::attach_shared("/tierq-test-no-such-region", s.clone(), Some(0), vec![-1; 2], Clock::Monotonic).is_err());
+    assert!(Pool::attach_shared("no-slash", s, Some(0), vec![-1; 2], Clock::Monotonic).is_err());
+}
+
+#[test]
+fn grant_decided_in_one_worker_reaches_the_owner_through_its_mailbox() {
+    let name = Name::new("mail");
+    let s = settings(1, 8);
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
+    assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+    let Admit::Queued { waiter, granted: None, .. } = b.admit(Lane::Default, 1) else { panic!() };
+    assert_eq!((a.held_by(0), a.held_by(1)), (1, 0));
+    assert_eq!(a.release(), None, "the waiter is b's, not a's");
+    assert_eq!((a.held_by(0), a.held_by(1)), (0, 1), "the slot moved to b");
+    assert_eq!(drain(&b), vec![(waiter, Outcome::Granted)]);
+    assert_eq!(drain(&b), vec![], "each message is taken once");
+    assert_eq!(b.release(), None);
+    assert_eq!((b.stats().in_flight, b.held_by(1)), (0, 0));
+}
+
+#[test]
+fn priority_waiter_in_one_worker_goes_ahead_of_defaults_queued_in_another() {
+    let name = Name::new("prio");
+    let s = settings(1, 8);
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
+    assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+    let defaults: Vec<u64> = (0..3)
+        .map(|_| match b.admit(Lane::Default, 1) {
+            Admit::Queued { waiter, .. } => waiter,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let Admit::Queued { waiter: prio, .. } = a.admit(Lane::Priority, 1) else { panic!() };
+    assert_eq!(b.release(), None, "b's slot goes to a's priority waiter");
+    assert_eq!(drain(&a), vec![(prio, Outcome::Granted)]);
+    assert_eq!(a.release(), None);
+    assert_eq!(drain(&b), vec![(defaults[0], Outcome::Granted)]);
+}
+
+#[test]
+fn eviction_and_expiry_decided_elsewhere_are_mailed_as_sheds() {
+    let name = Name::new("shed");
+    let s = Settings::new(1, 1, 10.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
+    assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+    let Admit::Queued { waiter: victim, .. } = b.admit(Lane::Default, 1) else { panic!() };
+    let Admit::Queued { waiter: prio, evicted: None, .. } = a.admit(Lane::Priority, 1) else { panic!() };
+    assert_eq!(drain(&b), vec![(victim, Outcome::Shed(ShedCode::ServerOverloaded))]);
+    assert_eq!(a.cancel(prio), true);
+    let Admit::Queued { waiter: late, .. } = b.admit(Lane::Default, 1) else { panic!() };
+    thread::sleep(Duration::from_millis(20));
+    let mut expired = vec![];
+    a.expire_due(|id| expired.push(id));
+    assert_eq!(expired, vec![], "not a's waiter");
+    assert_eq!(drain(&b), vec![(late, Outcome::Shed(ShedCode::QueueTimeout))]);
+}
+
+#[test]
+fn reclaim_of_a_dead_worker_frees_its_slots_and_tombstones_its_waiters() {
+    let name = Name::new("reclaim");
+    let s = settings(2, 8);
+    let sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
+    assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+    assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+    let Admit::Queued { .. } = b.admit(Lane::Priority, 1) else { panic!() };
+    let Admit::Queued { waiter: mine, .. } = a.admit(Lane::Default, 1) else { panic!() };
+    drop(b); // "killed": it never releases
+    assert_eq!(sup.reclaim_worker(1, |_| panic!("the supervisor owns no waiters")).unwrap(), (2, 1));
+    // One slot went to a's waiter (through the mailbox), the other is free.
+    assert_eq!(drain(&a), vec![(mine, Outcome::Granted)]);
+    let st = a.stats();
+    assert_eq!((st.in_flight, st.depth, st.cancelled), (1, [0, 0], 1));
+    // A new generation attaches at the same index; mail for the old one is ignored.
+    let b2 = attach(&name, &s, 1, 2);
+    assert_eq!(b2.admit(Lane::Default, 1), Admit::Now);
+    assert_eq!((a.release(), b2.release()), (None, None));
+    assert_eq!(a.stats().in_flight, 0);
+}
+
+#[test]
+fn grant_to_a_worker_that_died_meanwhile_passes_the_slot_on() {
+    let name = Name::new("gone");
+    let s = settings(1, 8);
+    let sup = Pool::create_shared(&name.0, s.clone(), 3, vec![], Clock::Monotonic).unwrap();
+    let (a, b, c) = (attach(&name, &s, 0, 3), attach(&name, &s, 1, 3), attach(&name, &s, 2, 3));
+    assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+    let Admit::Queued { .. } = b.admit(Lane::Default, 1) else { panic!() };
+    let Admit::Queued { waiter: cw, .. } = c.admit(Lane::Default, 1) else { panic!() };
+    // b's generation ends, but (as if the reclaim raced) its waiter is still
+    // in line: a release must skip it rather than strand the slot.
+    drop(b);
+    sup.reclaim_worker(1, |_| {}).unwrap();
+    assert_eq!(a.release(), None);
+    assert_eq!(drain(&c), vec![(cw, Outcome::Granted)]);
+    assert_eq!((a.held_by(0), a.held_by(1), a.held_by(2)), (0, 0, 1));
+}
+
+#[test]
+fn eventfd_is_written_once_per_drain_cycle() {
+    let name = Name::new("efd");
+    let s = settings(1, 8);
+    // SAFETY: plain syscall; the fd is closed at the end of the test.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+    assert!(efd >= 0);
+    let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let a = Pool::attach_shared(&name.0, s.clone(), Some(0), vec![-1, efd], Clock::Monotonic).unwrap();
+    let b = Pool::attach_shared(&name.0, s.clone(), Some(1), vec![-1, efd], Clock::Monotonic).unwrap();
+    let read = || {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local.
+        let n = unsafe { libc::read(efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        if n == 8 { v } else { 0 }
+    };
+    assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+    b.admit(Lane::Default, 1);
+    b.admit(Lane::Default, 1);
+    assert_eq!(read(), 0, "nothing decided yet");
+    a.release();
+    assert_eq!(read(), 1);
+    assert_eq!(drain(&b).len(), 1);
+    b.release(); // b's own waiter: no mail, no wake
+    assert_eq!(read(), 0);
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(efd) };
+}
+
+/// Counters in an anonymous shared mapping, so forked children update them.
+struct Shm {
+    ptr: *mut AtomicU64,
+    words: usize,
+}
+unsafe impl Send for Shm {}
+unsafe impl Sync for Shm {}
+impl Shm {
+    fn new(words: usize) -> Shm {
+        // SAFETY: anonymous shared mapping, zero-filled, checked for failure.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), words * 8, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Shm { ptr: p as *mut AtomicU64, words }
+    }
+    fn w(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping lives as long as `self` and is atomics-only.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.words) }
+    }
+}
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.words * 8) };
+    }
+}
+
+// Shared counter words.
+const HOLDING: usize = 0;
+const MAX_HOLDING: usize = 1;
+const HOLDS: usize = 2;
+const STOP: usize = 3;
+const CROSS: usize = 4;
+const FATE: usize = 8;
+const TICKETS: usize = 1 << 15;
+
+/// One worker's loop: admit, wait for its own waiter through its mailbox
+/// (polling: this is a test), hold briefly, release. Marks each waiter's fate
+/// exactly once in `c`.
+fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+    let (mut served, mut shed) = (0u64, 0u64);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    let decide = |id: u64, fate: u64| {
+        let prev = c[FATE + id as usize].swap(fate, SeqCst);
+        assert_eq!(prev, 0, "waiter {id} decided twice");
+    };
+    let hold = |granted_remote: bool| {
+        let now = c[HOLDING].fetch_add(1, SeqCst) + 1;
+        c[MAX_HOLDING].fetch_max(now, SeqCst);
+        assert!(now <= max, "{now} slots held, max {max}");
+        if granted_remote {
+            c[CROSS].fetch_add(1, SeqCst);
+        }
+        c[HOLDS].fetch_add(1, SeqCst);
+        if hold_us > 0 {
+            thread::sleep(Duration::from_micros(hold_us));
+        } else {
+            thread::yield_now();
+        }
+        c[HOLDING].fetch_sub(1, SeqCst);
+    };
+    // Release and follow local hand-offs until the slot leaves this worker.
+    let release = |mine: &mut HashSet<u64>| {
+        let mut next = p.release();
+        while let Some(id) = next {
+            assert!(mine.remove(&id), "granted a waiter that is not ours");
+            decide(id, 1);
+            hold(false);
+            next = p.release();
+        }
+    };
+    let mut mine = HashSet::new();
+    for _ in 0..rounds {
+        if c[STOP].load(SeqCst) != 0 {
+            break;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let lane = if rng % 3 == 0 { Lane::Priority } else { Lane::Default };
+        match p.admit(lane, 1) {
+            Admit::Now => {
+                hold(false);
+                served += 1;
+                release(&mut mine);
+            }
+            Admit::Shed { .. } => shed += 1,
+            Admit::Queued { waiter, evicted, granted } => {
+                if let Some(e) = evicted {
+                    assert!(mine.remove(&e));
+                    decide(e, 2);
+                }
+                mine.insert(waiter);
+                if let Some(g) = granted {
+                    assert!(mine.remove(&g));
+                    decide(g, 1);
+                    hold(false);
+                    served += 1;
+                    release(&mut mine);
+                }
+            }
+        }
+        // Wait for our waiters to be decided (by anyone) before the next round.
+        let t0 = Instant::now();
+        while !mine.is_empty() {
+            for (id, o) in drain_all(p) {
+                assert!(mine.remove(&id), "mail for a waiter that is not ours");
+                match o {
+                    Outcome::Granted => {
+                        decide(id, 1);
+                        hold(true);
+                        served += 1;
+                        release(&mut mine);
+                    }
+                    Outcome::Shed(_) => {
+                        decide(id, 2);
+                        shed += 1;
+                    }
+                }
+            }
+            thread::yield_now();
+            assert!(t0.elapsed() < Duration::from_secs(20), "waiters stranded: {mine:?}");
+        }
+    }
+    (served, shed)
+}
+
+fn drain_all(p: &Pool) -> Vec<(u64, Outcome)> {
+    drain(p)
+}
+
+#[test]
+fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
+    let name = Name::new("threads");
+    let workers = 4;
+    let s = settings(3, 16);
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
+    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let barrier = Arc::new(Barrier::new(workers));
+    let handles: Vec<_> = (0..workers)
+        .map(|i| {
+            let (c, barrier, s) = (c.clone(), barrier.clone(), s.clone());
+            let p = attach(&name, &s, i, workers);
+            thread::spawn(move || {
+                barrier.wait();
+                worker_loop(&p, c.w(), 3, 2000, i as u64, 0)
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap().0).sum();
+    let st = sup.stats();
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0]));
+    assert_eq!(c.w()[HOLDS].load(SeqCst), total);
+    assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed workers");
+    assert_eq!(c.w()[MAX_HOLDING].load(SeqCst), 3);
+}
+
+/// Forks `workers` children running `worker_loop`; returns their pids.
+fn fork_workers(name: &Name, s: &Settings, c: &Arc<Shm>, workers: usize, rounds: usize, hold_us: u64, skip: &[usize]) -> Vec<(usize, libc::pid_t)> {
+    (0..workers)
+        .filter(|i| !skip.contains(i))
+        .map(|i| {
+            // SAFETY: the child only runs this crate's code and exits with
+            // _exit; glibc keeps malloc usable after fork.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let p = attach(name, s, i, workers);
+                    worker_loop(&p, c.w(), s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
+                }))
+                .map_or(1, |_| 0);
+                // SAFETY: ends the child without running the parent's atexit/test harness.
+                unsafe { libc::_exit(code) };
+            }
+            (i, pid)
+        })
+        .collect()
+}
+
+fn wait_ok(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    status
+}
+
+#[test]
+fn workers_as_processes_never_exceed_slots_and_decide_each_waiter_once() {
+    let name = Name::new("procs");
+    let workers = 4;
+    let s = settings(3, 16);
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
+    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[]) {
+        assert_eq!(wait_ok(pid), 0, "worker {i} failed");
+    }
+    let st = sup.stats();
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0]));
+    assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed processes");
+    assert!(c.w()[MAX_HOLDING].load(SeqCst) <= 3);
+    assert!((0..workers).all(|i| sup.held_by(i) == 0));
+}
+
+#[test]
+fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
+    let name = Name::new("kill");
+    let workers = 3;
+    let s = settings(2, 16);
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
+    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[]);
+    thread::sleep(Duration::from_millis(300));
+    let (victim, vpid) = pids[0];
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(vpid, libc::SIGKILL) };
+    let status = wait_ok(vpid);
+    assert!(libc::WIFSIGNALED(status));
+    let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
+    // The victim's hold counter in the test harness died with it.
+    c.w()[HOLDING].fetch_sub(slots, SeqCst);
+    // Restart it, as the supervisor would, and let everyone run a little more.
+    let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
+    thread::sleep(Duration::from_millis(200));
+    c.w()[STOP].store(1, SeqCst);
+    for (i, pid) in pids[1..].iter().chain(&restarted) {
+        assert_eq!(wait_ok(*pid), 0, "worker {i} failed");
+    }
+    let st = sup.stats();
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0]), "reclaimed {slots} slots, {waiters} waiters");
+    assert!(c.w()[HOLDS].load(SeqCst) > 100);
+}

@@ -1,0 +1,246 @@
+"""One process per core: a supervisor forks N workers that accept on one
+listening socket and share ONE admission state per pool (a shared-memory
+block made by the Rust core), restarts a worker that dies after settling what
+it held, and stops them all on SIGTERM.
+
+Wake-up: the supervisor makes one eventfd per worker before forking; every
+worker inherits all of them. When a worker decides a waiter owned by another
+(a grant, an eviction, an expiry), the core posts it to the owner's mailbox
+and writes the owner's eventfd, which the owner's event loop watches with
+`loop.add_reader`. No polling, no lock across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from tierq._core import AdmissionCore
+from tierq.admission import Admission, _waits
+
+__all__ = ["SharedPools", "WorkerPools", "Supervisor", "listen"]
+
+log = logging.getLogger("tierq.workers")
+
+#: Keyword arguments of `Admission(...)` for one pool.
+PoolSettings = Mapping[str, Any]
+
+
+def _core_args(settings: PoolSettings) -> dict[str, Any]:
+    s = dict(settings)
+    unknown = set(s) - {"max_concurrency", "queue_depth", "max_wait_ms", "rate", "burst",
+                        "priority_reserve", "default_min_share"}
+    if unknown:
+        raise ValueError(f"admission: unknown setting {sorted(unknown)[0]!r}")
+    wait_default, wait_priority = _waits(s.pop("max_wait_ms", 30000.0))
+    return {**s, "max_wait_ms_default": wait_default, "max_wait_ms_priority": wait_priority}
+
+
+class SharedPools:
+    """The supervisor's side: one shared state block per pool, one eventfd per worker.
+
+    Made before forking. `attach(i)` (in worker i) gives that worker its
+    `WorkerPools`; `reclaim(i)` (in the supervisor, once worker i is dead)
+    releases the slots it held and drops its waiters; `close()` removes the blocks.
+    """
+
+    def __init__(self, pools: Mapping[str, PoolSettings], workers: int, prefix: str | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers: must be at least 1, got {workers}")
+        self.workers = workers
+        self.settings = {k: dict(v) for k, v in pools.items()}
+        prefix = prefix or f"/tierq-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000}"
+        self.names = {pool: f"{prefix}-{i}" for i, pool in enumerate(self.settings)}
+        self.wake_fds: list[int] = []
+        self._cores: dict[str, AdmissionCore] = {}
+        try:
+            self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
+            for pool, s in self.settings.items():
+                self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, **_core_args(s))
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, worker: int) -> WorkerPools:
+        """Worker `worker`'s handles on every pool (call in that worker, after fork)."""
+        return WorkerPools(
+            {
+                pool: Admission.shared(self.names[pool], worker, self.wake_fds, **s)
+                for pool, s in self.settings.items()
+            },
+            self.wake_fds[worker],
+        )
+
+    def reclaim(self, worker: int) -> tuple[int, int]:
+        """Settles dead worker `worker` in every pool: (slots released, waiters dropped)."""
+        slots = waiters = 0
+        for core in self._cores.values():
+            s, w, _ = core.reclaim(worker)
+            slots, waiters = slots + s, waiters + w
+        # A fresh worker starts with an empty wake-up counter.
+        try:
+            os.eventfd_read(self.wake_fds[worker])
+        except BlockingIOError:
+            pass
+        return slots, waiters
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        return {pool: core.stats() for pool, core in self._cores.items()}
+
+    def held(self, pool: str) -> list[int]:
+        """Slots each worker holds in `pool`."""
+        return [self._cores[pool].held_by(i) for i in range(self.workers)]
+
+    def close(self) -> None:
+        for pool in list(self._cores):
+            AdmissionCore.unlink_shared(self.names[pool])
+            del self._cores[pool]
+        for fd in self.wake_fds:
+            os.close(fd)
+        self.wake_fds = []
+
+
+class WorkerPools(Mapping[str, Admission]):
+    """A worker's `Admission` per pool, plus the reader that delivers its mail."""
+
+    def __init__(self, pools: dict[str, Admission], wake_fd: int) -> None:
+        self._pools = pools
+        self._fd = wake_fd
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __getitem__(self, pool: str) -> Admission:
+        return self._pools[pool]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pools)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Watches this worker's eventfd on `loop` and takes any mail already there."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._on_wake)
+        self._deliver()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+        self._deliver()
+
+    def _deliver(self) -> None:
+        for adm in self._pools.values():
+            adm.deliver()
+
+
+def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """One listening TCP socket, made before forking so every worker accepts on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class _Stop(Exception):
+    pass
+
+
+class Supervisor:
+    """Forks `workers` processes running `target(index)`, keeps them running.
+
+    `target` runs in the child and returns its exit status. A worker that
+    dies is settled (`shared.reclaim`) and forked again; SIGTERM or SIGINT is
+    forwarded to every worker, which are then waited for (SIGKILL after
+    `grace_s`); `run()` returns 0.
+    """
+
+    def __init__(self, workers: int, target: Callable[[int], int], shared: SharedPools | None = None,
+                 grace_s: float = 10.0) -> None:
+        self.workers = workers
+        self.target = target
+        self.shared = shared
+        self.grace_s = grace_s
+        self.pids: dict[int, int] = {}
+        self.restarts = 0
+
+    def _fork(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = self.target(index)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        self.pids[pid] = index
+
+    def run(self) -> int:
+        def stop(signum: int, frame: object) -> None:
+            raise _Stop
+
+        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i in range(self.workers):
+                self._fork(i)
+            log.info("supervisor %d: %d workers %s", os.getpid(), self.workers, sorted(self.pids))
+            while True:
+                pid, status = os.waitpid(-1, 0)
+                index = self.pids.pop(pid, None)
+                if index is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                settled = self.shared.reclaim(index) if self.shared else (0, 0)
+                log.warning("worker %d (pid %d) exited with %d; reclaimed %d slots, %d waiters; restarting",
+                            index, pid, code, *settled)
+                self.restarts += 1
+                time.sleep(0.05)  # a worker that dies at start must not spin the host
+                self._fork(index)
+        except _Stop:
+            pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self._stop_all()
+        return 0
+
+    def _stop_all(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.grace_s
+        while self.pids:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                if time.monotonic() > deadline:
+                    for p in self.pids:
+                        os.kill(p, signal.SIGKILL)
+                    deadline = float("inf")
+                time.sleep(0.01)
+                continue
+            index = self.pids.pop(pid, None)
+            if index is not None and self.shared:
+                self.shared.reclaim(index)
