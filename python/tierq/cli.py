@@ -34,6 +34,7 @@ from tierq.config import (
     load_config,
 )
 from tierq.pricing import decimal_text
+from tierq.sim import FAULTS
 
 __all__ = ["main"]
 
@@ -86,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8)
     s.add_argument("--ttft-ms", type=float, default=50.0)
     s.add_argument("--tokens-per-s", type=float, default=50.0)
+    s.add_argument("--fault", choices=sorted(FAULTS), default=None,
+                   help="break every request this way (else per request: x-sim-fault header "
+                        "or sim_fault body field)")
+    s.add_argument("--fault-delay-ms", type=float, default=2000.0,
+                   help="delay of the slow-first-byte fault (default 2000)")
     s.set_defaults(func=_sim)
 
     s = sub.add_parser("demo", help="gateway + sim + an overload run: priority vs default")
@@ -188,7 +194,8 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool) -> N
 def _sim(args: argparse.Namespace) -> int:
     from tierq.sim import run_sim
 
-    run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s)
+    run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
+            args.fault_delay_ms)
     return 0
 
 
