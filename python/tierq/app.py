@@ -673,9 +673,11 @@ async def _relay_stream(
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return False  # not JSON: nothing an OpenAI client could use
+            obj = None
         if not isinstance(obj, dict):
-            return False
+            # Every OpenAI stream event is a JSON object: anything else means the
+            # upstream is broken, and a broken answer is not billed as served.
+            raise _UpstreamStreamError(None)
         obj["service_tier"] = ctx.tier
         if "error" in obj:
             raise _UpstreamStreamError(obj)
