@@ -702,6 +702,11 @@ async def _relay_stream(
         # generation there; leaving the admission context frees the slot.
         if ctx.recorded:
             return
+        if delivered == 0:
+            # Nothing the client could use was delivered: nothing is billed.
+            ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
+            ctx.settle(0)
+            return
         prompt = usage_tokens[0] if usage_tokens else ctx.est_prompt
         completion = min(delivered, usage_tokens[1]) if usage_tokens else delivered
         ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
