@@ -169,10 +169,12 @@ def _serve(args: argparse.Namespace) -> int:
 async def _run_server(config: Config, host: str, port: int, insecure: bool) -> None:
     from aiohttp import web
 
-    from tierq.app import create_app, runner_kwargs
+    from tierq.app import GATEWAY, create_app, runner_kwargs
 
     app = create_app(config, allow_remote_without_keys=insecure)
-    runner = web.AppRunner(app, **runner_kwargs())
+    # The shutdown timeout is the drain deadline: admitted requests get that long.
+    runner = web.AppRunner(app, **{**runner_kwargs(),
+                                   "shutdown_timeout": config.server.drain_timeout_s})
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
@@ -183,9 +185,18 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool) -> N
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down")
+        # Drain: stop listening, shed the queue with 503, let admitted requests
+        # finish within the deadline, then the ledger commits what is queued.
+        for s in list(runner.sites):
+            await s.stop()
+        gw = app[GATEWAY]
+        shed = gw.begin_drain()
+        in_flight = sum(int(str(p.admission.stats()["in_flight"])) for p in gw.pools.values())
+        log.info("draining: stopped listening, %d queued requests shed with 503, "
+                 "%d in flight get up to %g s", shed, in_flight, config.server.drain_timeout_s)
     finally:
         await runner.cleanup()
+    log.info("drained; ledger closed")
 
 
 # ------------------------------------------------------------------ sim
