@@ -34,3 +34,17 @@ async def test_bug_stream_cut_before_its_first_token_was_billed_the_prompt(
     rows = await settled(gw)
     assert [(r.status, r.cost, r.partial, r.prompt_tokens) for r in rows] == [
         ("cancelled", 0, False, 0)]
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:8000%40169.254.169.254/v1/chat/completions",
+    "http://127.0.0.1:80:80/v1/chat/completions",
+    "http://127.0.0.1:99999/v1/chat/completions",
+    "http://[::1/v1/chat/completions",
+])
+def test_bug_forward_target_with_an_unparseable_port_was_a_500(target: str) -> None:
+    # yarl parses the authority lazily, so `url.port` raised ValueError outside
+    # the try around URL(): the forward route answered 500 instead of 403.
+    from tierq.upstream import match_forward_target
+
+    assert match_forward_target(target, {"sim": "http://127.0.0.1:8000/v1"}) is None
