@@ -217,6 +217,7 @@ class _Tracked:
     def __init__(self, state: SimState) -> None:
         self.state = state
         self.finished = False
+        self.gone = False  # the client closed the connection under a write
 
     def __enter__(self) -> _Tracked:
         s = self.state
@@ -228,7 +229,9 @@ class _Tracked:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         s = self.state
         s.in_flight -= 1
-        if exc_type is None:
+        if self.gone:
+            s.cancelled += 1
+        elif exc_type is None:
             s.completed += 1
         elif isinstance(exc, (asyncio.CancelledError, ConnectionError)):
             s.cancelled += 1
@@ -311,7 +314,7 @@ def _rst(request: web.Request) -> None:
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     endpoint = "chat.completions" if chat else "completions"
-    with _Tracked(state):
+    with _Tracked(state) as tracked:
         try:
             body = await _read_body(request)
             fault = _fault(request, body, state)
@@ -339,7 +342,13 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             await asyncio.sleep(state.fault_delay_s)
         gen = _Answer(request, state, chat, body, prompt_tokens, n_tokens, fault)
         if fault != "ignore-cancel":
-            return await gen.run()
+            try:
+                return await gen.run()
+            except ConnectionResetError:
+                # The client hung up between two writes, before the cancellation
+                # reached this handler: an engine just drops the request.
+                tracked.gone = True
+                return web.Response(status=499)
         # The generation outlives its request: a client (or gateway) hanging up
         # cancels the handler, not the work, and the slot stays taken until done.
         task = asyncio.ensure_future(gen.run())
