@@ -61,6 +61,10 @@ ENDPOINT_PATHS: Final = {
 # Retry-After is whole seconds, rounded up, clamped to what clients honour
 # (the openai SDK ignores values over 120 s and stops retrying).
 RETRY_AFTER_MAX_S: Final = 120
+# The cancel message that tells a queued request it is shed by a drain (SIGTERM),
+# not abandoned by its client.
+_DRAIN: Final = "tierq-drain"
+DRAIN_RETRY_AFTER_S: Final = 1
 
 
 def runner_kwargs() -> dict[str, Any]:
@@ -166,6 +170,18 @@ class Gateway:
     ready: bool = False
     models_body: bytes = b""
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    draining: bool = False
+    waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
+
+    def begin_drain(self) -> int:
+        """Stop taking work: not ready, new requests and every queued one get 503.
+
+        Requests already holding a slot (streams included) run on; the server's
+        shutdown timeout is their deadline. Returns how many waiters were shed.
+        """
+        self.ready = False
+        self.draining = True
+        return sum(1 for task in list(self.waiting) if task.cancel(_DRAIN))
 
     def bases(self) -> dict[str, str]:
         return {name: u.base_url for name, u in self.upstreams.items()}
@@ -558,8 +574,14 @@ async def _inference(
             raise _shed_response(ctx, "rate_limit_exceeded", wait_s, math.ceil(wait_s * 1000),
                                  "Rate limit reached for this API key (requests or tokens "
                                  "per minute).")
+    task = asyncio.current_task()
+    assert task is not None
+    if gw.draining:
+        raise _drain_response(ctx)
+    gw.waiting.add(task)
     try:
         async with pool.admission.acquire(tier) as slot:
+            gw.waiting.discard(task)
             ctx.queue_ms = float(slot.queue_ms)
             return await _call_upstream(request, ctx, body)
     except Shed as e:
@@ -567,11 +589,26 @@ async def _inference(
         ctx.record_nowait(ctx.row("shed", code=e.code))
         raise _shed_response(ctx, e.code, e.retry_after_s, e.retry_after_ms,
                              _SHED_MESSAGES.get(e.code, "Request shed.")) from None
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as e:
+        if e.args == (_DRAIN,) and not ctx.recorded:
+            task.uncancel()
+            raise _drain_response(ctx) from None
         # The client went away while queued or before anything was delivered.
         if not ctx.recorded:
             ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
         raise
+    finally:
+        gw.waiting.discard(task)
+
+
+def _drain_response(ctx: _Ctx) -> ApiError:
+    ctx.queue_ms = (time.monotonic() - ctx.t0) * 1000.0
+    ctx.record_nowait(ctx.row("shed", code="server_shutting_down"))
+    headers = ctx.headers()
+    headers["retry-after-ms"] = str(DRAIN_RETRY_AFTER_S * 1000)
+    headers["Retry-After"] = str(DRAIN_RETRY_AFTER_S)
+    return ApiError(503, "The gateway is shutting down; retry the request.", "server_error",
+                    None, "server_shutting_down", headers)
 
 
 async def _call_upstream(request: web.Request, ctx: _Ctx, body: dict[str, Any]) -> web.StreamResponse:
@@ -710,9 +747,11 @@ async def _relay_stream(
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return False  # not JSON: nothing an OpenAI client could use
+            obj = None
         if not isinstance(obj, dict):
-            return False
+            # Every OpenAI stream event is a JSON object: anything else means the
+            # upstream is broken, and a broken answer is not billed as served.
+            raise _UpstreamStreamError(None)
         obj["service_tier"] = ctx.tier
         if "error" in obj:
             raise _UpstreamStreamError(obj)
@@ -739,10 +778,16 @@ async def _relay_stream(
         # generation there; leaving the admission context frees the slot.
         if ctx.recorded:
             return
+        code = "server_shutting_down" if ctx.gw.draining else "client_disconnected"
+        if delivered == 0:
+            # Nothing the client could use was delivered: nothing is billed.
+            ctx.record_nowait(ctx.row("cancelled", code=code))
+            ctx.settle(0)
+            return
         prompt = usage_tokens[0] if usage_tokens else ctx.est_prompt
         completion = min(delivered, usage_tokens[1]) if usage_tokens else delivered
         ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
-                                  partial=True, code="client_disconnected"))
+                                  partial=True, code=code))
         ctx.settle(prompt + completion)
 
     complete = False

@@ -34,6 +34,7 @@ from tierq.config import (
     load_config,
 )
 from tierq.pricing import decimal_text
+from tierq.sim import FAULTS
 
 __all__ = ["main"]
 
@@ -91,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8)
     s.add_argument("--ttft-ms", type=float, default=50.0)
     s.add_argument("--tokens-per-s", type=float, default=50.0)
+    s.add_argument("--fault", choices=sorted(FAULTS), default=None,
+                   help="break every request this way (else per request: x-sim-fault header "
+                        "or sim_fault body field)")
+    s.add_argument("--fault-delay-ms", type=float, default=2000.0,
+                   help="delay of the slow-first-byte fault (default 2000)")
     s.set_defaults(func=_sim)
 
     s = sub.add_parser("demo", help="gateway + sim + an overload run: priority vs default")
@@ -201,10 +207,12 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
                       sock: Any = None, pools: Any = None) -> None:
     from aiohttp import web
 
-    from tierq.app import create_app, runner_kwargs
+    from tierq.app import GATEWAY, create_app, runner_kwargs
 
     app = create_app(config, allow_remote_without_keys=insecure, pools=pools)
-    runner = web.AppRunner(app, **runner_kwargs())
+    # The shutdown timeout is the drain deadline: admitted requests get that long.
+    runner = web.AppRunner(app, **{**runner_kwargs(),
+                                   "shutdown_timeout": config.server.drain_timeout_s})
     await runner.setup()
     try:
         site: web.BaseSite
@@ -220,9 +228,18 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down")
+        # Drain: stop listening, shed the queue with 503, let admitted requests
+        # finish within the deadline, then the ledger commits what is queued.
+        for s in list(runner.sites):
+            await s.stop()
+        gw = app[GATEWAY]
+        shed = gw.begin_drain()
+        in_flight = sum(int(str(p.admission.stats()["in_flight"])) for p in gw.pools.values())
+        log.info("draining: stopped listening, %d queued requests shed with 503, "
+                 "%d in flight get up to %g s", shed, in_flight, config.server.drain_timeout_s)
     finally:
         await runner.cleanup()
+    log.info("drained; ledger closed")
 
 
 # ------------------------------------------------------------------ sim
@@ -231,7 +248,8 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
 def _sim(args: argparse.Namespace) -> int:
     from tierq.sim import run_sim
 
-    run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s)
+    run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
+            args.fault_delay_ms)
     return 0
 
 

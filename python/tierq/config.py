@@ -71,6 +71,9 @@ class ServerConfig:
     # after each response and closes the connection if a request's headers are
     # still incomplete when it fires: it is also the header read timeout.
     keepalive_timeout_s: float = 30.0
+    # On SIGTERM: time given to requests already admitted (streams included) to
+    # finish; queued ones are shed with 503 at once.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,9 +371,11 @@ class _Parser:
         max_body = t.integer("max_body_bytes", d.max_body_bytes, 1024, 1 << 30)
         body_timeout = t.number("body_timeout_s", d.body_timeout_s, 0.0, 3600.0, lo_open=True)
         keepalive = t.number("keepalive_timeout_s", d.keepalive_timeout_s, 0.0, 3600.0, lo_open=True)
+        drain = t.number("drain_timeout_s", d.drain_timeout_s, 0.0, 3600.0)
         t.done()
         return ServerConfig(
-            _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive)
+            _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive),
+            _f(drain),
         )
 
     def ledger(self, t: _Table) -> LedgerConfig:

@@ -3,14 +3,21 @@
 It behaves like an engine with a fixed number of generation slots, a time to first
 token and a decode speed, and counts what it receives so tests can prove what a
 gateway sent it (concurrency, priority fields, stream options).
+
+It can also misbehave on purpose (`FAULTS`), chosen per request by the
+`x-sim-fault` header or a `sim_fault` body field (which passes through a gateway),
+or for every request by `--fault`: that is how the reliability tests break an
+upstream in each way a real one breaks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import math
+import socket
 import struct
 import time
 import uuid
@@ -22,7 +29,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-__all__ = ["SimServer", "SimState", "create_sim_app", "run_sim", "start_sim"]
+__all__ = ["FAULTS", "FAULT_HEADER", "SimServer", "SimState", "create_sim_app", "run_sim",
+           "start_sim"]
 
 DEFAULT_MAX_TOKENS: Final = 16
 MAX_OUTPUT_TOKENS: Final = 131_072
@@ -36,6 +44,22 @@ _WORDS: Final = (
     "seven tired engines hum under heavy load tonight"
 ).split()
 _JSON: Final = "application/json"
+
+# Ways the sim can break a chat/completions request on purpose:
+#   slow-first-byte  wait `fault_delay_s` before the response starts
+#   stall            start the answer (a few tokens, or half a JSON body), then go silent
+#   reset            start the answer, then reset the TCP connection (RST)
+#   500              an OpenAI-shaped HTTP 500
+#   bad-json         200 with a body (or SSE payloads) that is not valid JSON
+#   bad-sse          SSE with broken framing (no blank lines, garbage bytes) and no [DONE]
+#   long-line        a stream with one valid 256 KiB SSE event (a big delta)
+#   ignore-cancel    keep generating (holding the slot) after the client hangs up
+#   redirect         307 to `redirect_to` (a gateway must not follow it)
+FAULTS: Final = frozenset({"slow-first-byte", "stall", "reset", "500", "bad-json", "bad-sse",
+                           "long-line", "ignore-cancel", "redirect"})
+FAULT_HEADER: Final = "x-sim-fault"
+FAULT_FIELD: Final = "sim_fault"
+_FAULT_TOKENS: Final = 3  # tokens sent before a stall or reset
 
 
 @dataclass(slots=True)
@@ -55,6 +79,13 @@ class SimState:
     completed: int = 0
     cancelled: int = 0
     busy_s: float = 0.0  # slot-seconds spent generating
+    fault: str | None = None  # applied to every request that names none
+    fault_delay_s: float = 2.0  # slow-first-byte delay
+    redirect_to: str = "http://169.254.169.254/latest/meta-data/"
+    faults: dict[str, int] = field(default_factory=dict)  # injected, by name
+    tokens_sent: int = 0  # token chunks written to streams
+    zombies: int = 0  # generations still running after their client left (ignore-cancel)
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
     last_requests: deque[dict[str, Any]] = field(
         default_factory=lambda: deque(maxlen=LAST_REQUESTS_KEPT)
     )
@@ -66,8 +97,9 @@ class SimState:
     def reset(self) -> None:
         # Gauges (in_flight, generating) describe live requests and are not zeroed;
         # their high-water marks restart from the current level.
-        self.requests = self.completed = self.cancelled = 0
+        self.requests = self.completed = self.cancelled = self.tokens_sent = 0
         self.busy_s = 0.0
+        self.faults.clear()
         self.max_in_flight_seen = self.in_flight
         self.max_generating_seen = self.generating
         self.last_requests.clear()
@@ -84,6 +116,10 @@ class SimState:
             "completed": self.completed,
             "cancelled": self.cancelled,
             "busy_s": self.busy_s,
+            "fault": self.fault,
+            "faults": dict(self.faults),
+            "tokens_sent": self.tokens_sent,
+            "zombies": self.zombies,
             "last_requests": list(self.last_requests),
         }
 
@@ -181,6 +217,7 @@ class _Tracked:
     def __init__(self, state: SimState) -> None:
         self.state = state
         self.finished = False
+        self.gone = False  # the client closed the connection under a write
 
     def __enter__(self) -> _Tracked:
         s = self.state
@@ -192,7 +229,9 @@ class _Tracked:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         s = self.state
         s.in_flight -= 1
-        if exc_type is None:
+        if self.gone:
+            s.cancelled += 1
+        elif exc_type is None:
             s.completed += 1
         elif isinstance(exc, (asyncio.CancelledError, ConnectionError)):
             s.cancelled += 1
@@ -250,12 +289,35 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _fault(request: web.Request, body: dict[str, Any], state: SimState) -> str | None:
+    name = request.headers.get(FAULT_HEADER) or body.pop(FAULT_FIELD, None) or state.fault
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in FAULTS:
+        raise _BadRequest(f"unknown sim fault {name!r}; one of {sorted(FAULTS)}", FAULT_FIELD)
+    state.faults[name] = state.faults.get(name, 0) + 1
+    return name
+
+
+def _rst(request: web.Request) -> None:
+    """Abort the connection with a TCP RST, as a crashing engine's kernel would."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     endpoint = "chat.completions" if chat else "completions"
-    with _Tracked(state):
+    with _Tracked(state) as tracked:
         try:
             body = await _read_body(request)
+            fault = _fault(request, body, state)
             if chat:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
@@ -272,7 +334,66 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         except _BadRequest as e:
             return _error(400, str(e), e.param)
         _record(state, request, endpoint, body)
+        if fault == "500":
+            return _error(500, "simulated upstream failure (sim fault 500)")
+        if fault == "redirect":
+            return web.Response(status=307, headers={"Location": state.redirect_to})
+        if fault == "slow-first-byte":
+            await asyncio.sleep(state.fault_delay_s)
+        gen = _Answer(request, state, chat, body, prompt_tokens, n_tokens, fault)
+        if fault != "ignore-cancel":
+            try:
+                return await gen.run()
+            except ConnectionResetError:
+                # The client hung up between two writes, before the cancellation
+                # reached this handler: an engine just drops the request.
+                tracked.gone = True
+                return web.Response(status=499)
+        # The generation outlives its request: a client (or gateway) hanging up
+        # cancels the handler, not the work, and the slot stays taken until done.
+        task = asyncio.ensure_future(gen.run())
+        state._background.add(task)
+        task.add_done_callback(state._background.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                state.zombies += 1
+                task.add_done_callback(lambda _: _unzombie(state))
+            raise
 
+
+def _unzombie(state: SimState) -> None:
+    state.zombies -= 1
+
+
+class _Answer:
+    """One chat/completions answer, JSON or SSE, with its fault applied."""
+
+    def __init__(self, request: web.Request, state: SimState, chat: bool, body: dict[str, Any],
+                 prompt_tokens: int, n_tokens: int, fault: str | None) -> None:
+        self.request = request
+        self.state = state
+        self.chat = chat
+        self.body = body
+        self.prompt_tokens = prompt_tokens
+        self.n_tokens = n_tokens
+        self.fault = fault
+        self.dead = False  # a write failed: the rest is generated, not sent
+
+    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
+        if self.dead:
+            return
+        try:
+            await resp.write(data)
+        except (ConnectionError, RuntimeError):
+            if self.fault != "ignore-cancel":
+                raise
+            self.dead = True
+
+    async def run(self) -> web.StreamResponse:
+        state, chat, body, fault = self.state, self.chat, self.body, self.fault
+        n_tokens = self.n_tokens
         stream = body.get("stream") is True
         opts = body.get("stream_options")
         include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
@@ -291,6 +412,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         }
         gen = _Generation(state, n_tokens)
         if not stream:
+            if fault == "bad-sse":
+                return web.Response(body=b"data: {\"id\": 1}\n\ndata: [DONE]\n\n",
+                                    content_type="text/event-stream")
             async with _Slot(state) as gen.started:
                 async for _ in gen.tokens():
                     pass
@@ -302,39 +426,74 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 choice["message"] = {"role": "assistant", "content": text, "refusal": None}
             else:
                 choice["text"] = text
-            return _json({**head, "choices": [choice], "usage": _usage(prompt_tokens, n_tokens)})
+            out = orjson.dumps({**head, "choices": [choice],
+                                "usage": _usage(self.prompt_tokens, n_tokens)})
+            if fault == "bad-json":
+                return web.Response(body=out[: len(out) // 2], content_type=_JSON)
+            if fault in ("stall", "reset"):
+                # Headers promise the whole body; half of it arrives, then silence or RST.
+                resp = web.StreamResponse(headers={"Content-Type": _JSON})
+                resp.content_length = len(out)
+                await resp.prepare(self.request)
+                await resp.write(out[: len(out) // 2])
+                if fault == "reset":
+                    _rst(self.request)
+                    return resp
+                await asyncio.sleep(3600)
+            return web.Response(body=out, content_type=_JSON)
 
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         async with _Slot(state) as gen.started:
-            await resp.prepare(request)
+            await resp.prepare(self.request)
             extra: dict[str, Any] = {"usage": None} if include_usage else {}
+            sep = b"\n" if fault == "bad-sse" else b"\n\n"
+
+            def event(obj: Any) -> bytes:
+                if fault == "bad-json":
+                    return b"data: {" + orjson.dumps(obj)[1:-1] + b"\n\n"  # unbalanced
+                return b"data: " + orjson.dumps(obj) + sep
+
             if chat:
                 # The role arrives with the first token, as engines send it.
                 await _sleep_until(gen.started + state.ttft_s)
                 role = {"index": 0, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}
-                await resp.write(_sse({**head, "choices": [role], **extra}))
+                await self.write(resp, event({**head, "choices": [role], **extra}))
             async for i in gen.tokens():
+                if fault in ("stall", "reset", "bad-sse") and i == _FAULT_TOKENS:
+                    if fault == "reset":
+                        _rst(self.request)
+                        return resp
+                    if fault == "bad-sse":
+                        await self.write(resp, b"garbage without a field name\n\xff\xfe\x00\n"
+                                         b"data: {\"half\": \n")
+                        return resp  # the connection closes with no [DONE]
+                    await asyncio.sleep(3600)
+                word = _word(i)
+                if fault == "long-line" and i == 1:
+                    word = " " + "x" * (256 * 1024)
                 if chat:
-                    choice = {"index": 0, "delta": {"content": _word(i)},
+                    choice = {"index": 0, "delta": {"content": word},
                               "logprobs": None, "finish_reason": None}
                 else:
-                    choice = {"index": 0, "text": _word(i), "logprobs": None,
+                    choice = {"index": 0, "text": word, "logprobs": None,
                               "finish_reason": None}
-                await resp.write(_sse({**head, "choices": [choice], **extra}))
+                await self.write(resp, event({**head, "choices": [choice], **extra}))
+                state.tokens_sent += 1
             if chat:
                 last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
             else:
                 last = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
-            await resp.write(_sse({**head, "choices": [last], **extra}))
+            await self.write(resp, event({**head, "choices": [last], **extra}))
             if include_usage:
-                await resp.write(
-                    _sse({**head, "choices": [], "usage": _usage(prompt_tokens, n_tokens)})
-                )
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
+                await self.write(resp, event({**head, "choices": [],
+                                              "usage": _usage(self.prompt_tokens, n_tokens)}))
+            await self.write(resp, b"data: [DONE]\n\n")
+            if not self.dead:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await resp.write_eof()
         return resp
 
 
@@ -438,13 +597,38 @@ async def _reset(request: web.Request) -> web.StreamResponse:
     return _json({"ok": True})
 
 
+async def _set_fault(request: web.Request) -> web.StreamResponse:
+    """POST {"fault": name | null}: the default fault from now on (for a sim in another process)."""
+    state = request.app[SIM_STATE]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "request body is not valid JSON")
+    name = body.get("fault") if isinstance(body, dict) else None
+    if name is not None and name not in FAULTS:
+        return _error(400, f"unknown sim fault {name!r}; one of {sorted(FAULTS)}", "fault")
+    state.fault = name
+    return _json({"ok": True, "fault": name})
+
+
 def create_sim_app(
     slots: int = 8,
     ttft_ms: float = 50.0,
     tokens_per_s: float = 50.0,
     embedding_dim: int = 8,
+    fault: str | None = None,
+    fault_delay_ms: float = 2000.0,
+    redirect_to: str | None = None,
 ) -> web.Application:
-    """The sim as an aiohttp app. Serve it with handler cancellation on (see start_sim)."""
+    """The sim as an aiohttp app. Serve it with handler cancellation on (see start_sim).
+
+    fault: one of FAULTS applied to every chat/completions request that does not
+    name its own (x-sim-fault header or sim_fault body field); None by default.
+    """
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"fault must be one of {sorted(FAULTS)}")
+    if fault_delay_ms < 0 or not math.isfinite(fault_delay_ms):
+        raise ValueError("fault_delay_ms must be a finite number >= 0")
     if slots < 1:
         raise ValueError("slots must be at least 1")
     if ttft_ms < 0 or not math.isfinite(ttft_ms):
@@ -453,7 +637,12 @@ def create_sim_app(
         raise ValueError("tokens_per_s must be >= 0 (0 or inf means instant)")
     interval = 0.0 if tokens_per_s in (0.0, math.inf) else 1.0 / tokens_per_s
     app = web.Application()
-    app[SIM_STATE] = SimState(slots, ttft_ms / 1000.0, interval, embedding_dim)
+    state = SimState(slots, ttft_ms / 1000.0, interval, embedding_dim)
+    state.fault = fault
+    state.fault_delay_s = fault_delay_ms / 1000.0
+    if redirect_to is not None:
+        state.redirect_to = redirect_to
+    app[SIM_STATE] = state
     for prefix in ("/v1", "/v1/openai"):
         app.router.add_post(prefix + "/chat/completions", _chat)
         app.router.add_post(prefix + "/completions", _completions)
@@ -461,6 +650,7 @@ def create_sim_app(
         app.router.add_get(prefix + "/models", _models)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
+    app.router.add_post("/sim/fault", _set_fault)
     return app
 
 
@@ -517,14 +707,17 @@ def run_sim(
     slots: int = 8,
     ttft_ms: float = 50.0,
     tokens_per_s: float = 50.0,
+    fault: str | None = None,
+    fault_delay_ms: float = 2000.0,
 ) -> None:
     """Serve the sim until interrupted (the `tierq sim` command)."""
     import uvloop
 
-    app = create_sim_app(slots=slots, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
+    app = create_sim_app(slots=slots, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, fault=fault,
+                         fault_delay_ms=fault_delay_ms)
     print(
         f"tierq sim: http://{host}:{port}/v1 slots={slots} ttft_ms={ttft_ms} "
-        f"tokens_per_s={tokens_per_s} (any model name)",
+        f"tokens_per_s={tokens_per_s}{f' fault={fault}' if fault else ''} (any model name)",
         flush=True,
     )
     web.run_app(

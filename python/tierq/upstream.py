@@ -217,21 +217,23 @@ def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, st
     if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered:
         return None
     try:
+        # yarl parses the authority lazily: a bad port raises on first access.
         url = yarl.URL(target, encoded=True)
+        absolute, host, port, scheme, path = (url.absolute, url.raw_host, url.port, url.scheme,
+                                              url.raw_path)
     except ValueError:
         return None
-    if not url.absolute or url.raw_host is None:
+    if not absolute or host is None:
         return None
     for name, base in bases.items():
         if not base:
             continue
         b = yarl.URL(base, encoded=True)
-        if url.scheme != b.scheme or (url.raw_host or "").lower() != (b.raw_host or "").lower():
+        if scheme != b.scheme or host.lower() != (b.raw_host or "").lower():
             continue
-        if url.port != b.port:
+        if port != b.port:
             continue
         prefix = b.raw_path.rstrip("/") + "/"
-        path = url.raw_path
         if not path.startswith(prefix):
             continue
         endpoint = path[len(prefix):]
