@@ -215,13 +215,17 @@ const MAX_HOLDING: usize = 1;
 const HOLDS: usize = 2;
 const STOP: usize = 3;
 const CROSS: usize = 4;
-const FATE: usize = 8;
+/// Slots each worker holds by the harness's own count (up to 8 workers), so a
+/// killed worker's share can be taken off `HOLDING` exactly, whatever
+/// instruction it died on.
+const HOLDING_BY: usize = 8;
+const FATE: usize = 16;
 const TICKETS: usize = 1 << 15;
 
 /// One worker's loop: admit, wait for its own waiter through its mailbox
 /// (polling: this is a test), hold briefly, release. Marks each waiter's fate
 /// exactly once in `c`.
-fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
     let (mut served, mut shed) = (0u64, 0u64);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
     let decide = |id: u64, fate: u64| {
@@ -229,6 +233,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, ho
         assert_eq!(prev, 0, "waiter {id} decided twice");
     };
     let hold = |granted_remote: bool| {
+        c[HOLDING_BY + w].fetch_add(1, SeqCst);
         let now = c[HOLDING].fetch_add(1, SeqCst) + 1;
         c[MAX_HOLDING].fetch_max(now, SeqCst);
         assert!(now <= max, "{now} slots held, max {max}");
@@ -242,6 +247,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, ho
             thread::yield_now();
         }
         c[HOLDING].fetch_sub(1, SeqCst);
+        c[HOLDING_BY + w].fetch_sub(1, SeqCst);
     };
     // Release and follow local hand-offs until the slot leaves this worker.
     let release = |mine: &mut HashSet<u64>| {
@@ -327,7 +333,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
             let p = attach(&name, &s, i, workers);
             thread::spawn(move || {
                 barrier.wait();
-                worker_loop(&p, c.w(), 3, 2000, i as u64, 0)
+                worker_loop(&p, c.w(), i, 3, 2000, i as u64, 0)
             })
         })
         .collect();
@@ -351,7 +357,7 @@ fn fork_workers(name: &Name, s: &Settings, c: &Arc<Shm>, workers: usize, rounds:
             if pid == 0 {
                 let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let p = attach(name, s, i, workers);
-                    worker_loop(&p, c.w(), s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
+                    worker_loop(&p, c.w(), i, s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
                 }))
                 .map_or(1, |_| 0);
                 // SAFETY: ends the child without running the parent's atexit/test harness.
@@ -401,8 +407,11 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let status = wait_ok(vpid);
     assert!(libc::WIFSIGNALED(status));
     let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
-    // The victim's hold counter in the test harness died with it.
-    c.w()[HOLDING].fetch_sub(slots, SeqCst);
+    // What the victim held by the harness's count died with it. (It can differ
+    // from `slots` by one: the victim may die between its own count and the
+    // core's, in either order.)
+    let held = c.w()[HOLDING_BY + victim].swap(0, SeqCst);
+    c.w()[HOLDING].fetch_sub(held, SeqCst);
     // Restart it, as the supervisor would, and let everyone run a little more.
     let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
     thread::sleep(Duration::from_millis(200));
