@@ -215,11 +215,17 @@ const MAX_HOLDING: usize = 1;
 const HOLDS: usize = 2;
 const STOP: usize = 3;
 const CROSS: usize = 4;
-/// Slots each worker holds by the harness's own count (up to 8 workers), so a
-/// killed worker's share can be taken off `HOLDING` exactly, whatever
-/// instruction it died on.
-const HOLDING_BY: usize = 8;
-const FATE: usize = 16;
+const FATE: usize = 8;
+
+/// `HOLDING` packs each worker's held-slot count in its own byte (up to 8
+/// workers), so one atomic add keeps the total and the per-worker share in
+/// step: a worker killed on any instruction leaves an exact share behind.
+fn unit(w: usize) -> u64 {
+    1 << (8 * w)
+}
+fn total_held(packed: u64) -> u64 {
+    packed.to_le_bytes().iter().map(|&b| b as u64).sum()
+}
 const TICKETS: usize = 1 << 15;
 
 /// One worker's loop: admit, wait for its own waiter through its mailbox
@@ -233,8 +239,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, see
         assert_eq!(prev, 0, "waiter {id} decided twice");
     };
     let hold = |granted_remote: bool| {
-        c[HOLDING_BY + w].fetch_add(1, SeqCst);
-        let now = c[HOLDING].fetch_add(1, SeqCst) + 1;
+        let now = total_held(c[HOLDING].fetch_add(unit(w), SeqCst) + unit(w));
         c[MAX_HOLDING].fetch_max(now, SeqCst);
         assert!(now <= max, "{now} slots held, max {max}");
         if granted_remote {
@@ -246,8 +251,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, see
         } else {
             thread::yield_now();
         }
-        c[HOLDING].fetch_sub(1, SeqCst);
-        c[HOLDING_BY + w].fetch_sub(1, SeqCst);
+        c[HOLDING].fetch_sub(unit(w), SeqCst);
     };
     // Release and follow local hand-offs until the slot leaves this worker.
     let release = |mine: &mut HashSet<u64>| {
@@ -410,8 +414,8 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     // What the victim held by the harness's count died with it. (It can differ
     // from `slots` by one: the victim may die between its own count and the
     // core's, in either order.)
-    let held = c.w()[HOLDING_BY + victim].swap(0, SeqCst);
-    c.w()[HOLDING].fetch_sub(held, SeqCst);
+    let held = (c.w()[HOLDING].load(SeqCst) >> (8 * victim)) & 0xff;
+    c.w()[HOLDING].fetch_sub(held * unit(victim), SeqCst);
     // Restart it, as the supervisor would, and let everyone run a little more.
     let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
     thread::sleep(Duration::from_millis(200));
