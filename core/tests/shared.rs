@@ -414,3 +414,118 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     assert_eq!((st.in_flight, st.depth), (0, [0, 0]), "reclaimed {slots} slots, {waiters} waiters");
     assert!(c.w()[HOLDS].load(SeqCst) > 100);
 }
+
+// ---- per-key buckets shared across workers ------------------------------
+
+use tierq_core::keytable::{KeyTable, RPM, TPM};
+use tierq_core::BucketParams;
+
+struct TableName(String);
+impl Drop for TableName {
+    fn drop(&mut self) {
+        let _ = KeyTable::unlink_shared(&self.0);
+    }
+}
+
+fn table_name(tag: &str) -> TableName {
+    TableName(Name::new(tag).0.clone())
+}
+
+/// Tries `tries` times to take one token from key `id`'s rpm bucket; returns how many it got.
+fn hammer(t: &KeyTable, id: &str, p: &BucketParams, tries: usize) -> u64 {
+    let mut got = 0;
+    for _ in 0..tries {
+        let e = t.entry(id).expect("room for the key");
+        if t.try_take(e, RPM, 1, p).is_ok() {
+            got += 1;
+        }
+    }
+    got
+}
+
+#[test]
+fn key_table_attach_refuses_a_pool_block_and_keeps_entries_across_processes() {
+    let name = table_name("keys-attach");
+    let t = KeyTable::create_shared(&name.0, 100, Clock::Monotonic).unwrap();
+    assert_eq!(t.capacity(), 128);
+    let other = KeyTable::attach_shared(&name.0, Clock::Monotonic).unwrap();
+    let e = t.entry("abc").unwrap();
+    assert_eq!(other.entry("abc"), Some(e), "the same key finds the same entry in every mapping");
+    assert_eq!(other.used(), 1);
+    let p = BucketParams::new(1.0, 3.0, 0.0).unwrap();
+    assert_eq!(t.try_take(e, TPM, 3, &p), Ok(()));
+    assert!(other.try_take(e, TPM, 1, &p).is_err(), "tpm drained through the other mapping");
+    assert_eq!(other.try_take(e, RPM, 1, &p), Ok(()), "rpm is its own bucket");
+    let pool = Name::new("keys-notatable");
+    let _sup = Pool::create_shared(&pool.0, settings(1, 4), 1, vec![], Clock::Monotonic).unwrap();
+    assert!(matches!(KeyTable::attach_shared(&pool.0, Clock::Monotonic), Err(CoreError::Layout(_))));
+    assert!(KeyTable::create_shared(&name.0, 10, Clock::Monotonic).is_err(), "exists");
+}
+
+#[test]
+fn threads_racing_on_one_keys_bucket_get_exactly_the_burst() {
+    let name = table_name("keys-threads");
+    let _sup = KeyTable::create_shared(&name.0, 64, Clock::Monotonic).unwrap();
+    // 1000 a minute: one token per 60 ms. The bound allows exactly the refill
+    // the run's duration earns, so a slow host cannot make it flaky.
+    let p = BucketParams::new(1000.0 / 60.0, 1000.0, 0.0).unwrap();
+    let threads = 4;
+    let barrier = Arc::new(Barrier::new(threads));
+    let t0 = Instant::now();
+    let got: u64 = (0..threads)
+        .map(|_| {
+            let (name, barrier) = (name.0.clone(), barrier.clone());
+            thread::spawn(move || {
+                let t = KeyTable::attach_shared(&name, Clock::Monotonic).unwrap();
+                barrier.wait();
+                hammer(&t, "racedkey0001", &p, 5000)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    let refill = (t0.elapsed().as_nanos() as u64 / p.interval_ns) + 1;
+    assert!(got >= 1000 && got <= 1000 + refill, "got {got}, burst 1000, refill at most {refill}");
+}
+
+#[test]
+fn forked_workers_racing_on_one_keys_bucket_get_exactly_the_burst() {
+    let name = table_name("keys-procs");
+    let sup = KeyTable::create_shared(&name.0, 64, Clock::Monotonic).unwrap();
+    // 60 a minute: one refill per second, so a run under a second gets exactly the burst.
+    let p = BucketParams::new(1.0, 60.0, 0.0).unwrap();
+    let c = Arc::new(Shm::new(8));
+    let workers = 4;
+    let t0 = Instant::now();
+    let pids: Vec<libc::pid_t> = (0..workers)
+        .map(|_| {
+            // SAFETY: the child only runs this crate's code and exits with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let t = KeyTable::attach_shared(&name.0, Clock::Monotonic).unwrap();
+                    // Start together: spin until every child has attached.
+                    c.w()[1].fetch_add(1, SeqCst);
+                    while c.w()[1].load(SeqCst) < workers as u64 {
+                        std::hint::spin_loop();
+                    }
+                    let got = hammer(&t, "racedkey0002", &p, 2000);
+                    c.w()[0].fetch_add(got, SeqCst);
+                }))
+                .map_or(1, |_| 0);
+                // SAFETY: ends the child without running the parent's test harness.
+                unsafe { libc::_exit(code) };
+            }
+            pid
+        })
+        .collect();
+    for pid in pids {
+        assert_eq!(wait_ok(pid), 0);
+    }
+    let got = c.w()[0].load(SeqCst);
+    let refill = t0.elapsed().as_secs();
+    assert!(got >= 60 && got <= 60 + refill, "got {got} across {workers} processes, burst 60, refill {refill}");
+    assert_eq!(sup.used(), 1, "one entry for the one key");
+}
