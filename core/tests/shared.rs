@@ -210,6 +210,9 @@ impl Drop for Shm {
 }
 
 // Shared counter words.
+/// Slots held per the harness, 16 bits per worker, so one atomic add keeps
+/// both the total and each worker's share (a killed worker's share is then
+/// exact: it is counted after the core grants and uncounted before release).
 const HOLDING: usize = 0;
 const MAX_HOLDING: usize = 1;
 const HOLDS: usize = 2;
@@ -221,7 +224,8 @@ const TICKETS: usize = 1 << 15;
 /// One worker's loop: admit, wait for its own waiter through its mailbox
 /// (polling: this is a test), hold briefly, release. Marks each waiter's fate
 /// exactly once in `c`.
-fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+fn worker_loop(p: &Pool, c: &[AtomicU64], me: usize, max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+    let unit = 1u64 << (16 * me);
     let (mut served, mut shed) = (0u64, 0u64);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
     let decide = |id: u64, fate: u64| {
@@ -229,7 +233,8 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, ho
         assert_eq!(prev, 0, "waiter {id} decided twice");
     };
     let hold = |granted_remote: bool| {
-        let now = c[HOLDING].fetch_add(1, SeqCst) + 1;
+        let fields = c[HOLDING].fetch_add(unit, SeqCst) + unit;
+        let now: u64 = (0..4).map(|i| (fields >> (16 * i)) & 0xffff).sum();
         c[MAX_HOLDING].fetch_max(now, SeqCst);
         assert!(now <= max, "{now} slots held, max {max}");
         if granted_remote {
@@ -241,7 +246,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], max: u64, rounds: usize, seed: u64, ho
         } else {
             thread::yield_now();
         }
-        c[HOLDING].fetch_sub(1, SeqCst);
+        c[HOLDING].fetch_sub(unit, SeqCst);
     };
     // Release and follow local hand-offs until the slot leaves this worker.
     let release = |mine: &mut HashSet<u64>| {
@@ -327,7 +332,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
             let p = attach(&name, &s, i, workers);
             thread::spawn(move || {
                 barrier.wait();
-                worker_loop(&p, c.w(), 3, 2000, i as u64, 0)
+                worker_loop(&p, c.w(), i, 3, 2000, i as u64, 0)
             })
         })
         .collect();
@@ -351,7 +356,7 @@ fn fork_workers(name: &Name, s: &Settings, c: &Arc<Shm>, workers: usize, rounds:
             if pid == 0 {
                 let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let p = attach(name, s, i, workers);
-                    worker_loop(&p, c.w(), s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
+                    worker_loop(&p, c.w(), i, s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
                 }))
                 .map_or(1, |_| 0);
                 // SAFETY: ends the child without running the parent's atexit/test harness.
@@ -400,9 +405,13 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     unsafe { libc::kill(vpid, libc::SIGKILL) };
     let status = wait_ok(vpid);
     assert!(libc::WIFSIGNALED(status));
+    // The victim's share of the harness count died with it; drop it before the
+    // reclaim hands the victim's slots to others. (Subtracting the
+    // reclaimed `slots` instead was flaky: a kill between the core's grant and
+    // the harness count, or between the uncount and the release, skews it.)
+    let share = (c.w()[HOLDING].load(SeqCst) >> (16 * victim)) & 0xffff;
+    c.w()[HOLDING].fetch_sub(share << (16 * victim), SeqCst);
     let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
-    // The victim's hold counter in the test harness died with it.
-    c.w()[HOLDING].fetch_sub(slots, SeqCst);
     // Restart it, as the supervisor would, and let everyone run a little more.
     let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
     thread::sleep(Duration::from_millis(200));
