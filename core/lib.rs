@@ -1,11 +1,12 @@
-//! tierq's admission core: a GCRA token bucket and a lock-free two-lane waiter
-//! queue with slot accounting, in plain Rust. `py.rs` (feature `python`) is the
-//! only module that knows about Python.
+//! tierq's admission core: a GCRA token bucket, a lock-free two-lane waiter
+//! queue with slot accounting and a table of per-key buckets, in plain Rust.
+//! `py.rs` (feature `python`) is the only module that knows about Python.
 
 pub mod admission;
 pub mod bucket;
 pub mod clock;
 pub mod error;
+pub mod keytable;
 mod lanes;
 #[doc(hidden)]
 pub mod mailbox;
@@ -20,6 +21,7 @@ pub use admission::{Admit, Outcome, Pool, Settings, ShedCode, Stats, WaiterId, M
 pub use bucket::{BucketParams, Decision, TokenBucket};
 pub use clock::{Clock, ManualClock};
 pub use error::CoreError;
+pub use keytable::KeyTable;
 
 /// The two lanes. The discriminants index per-lane arrays in state and stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

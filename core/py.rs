@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use crate::admission::{Admit, Outcome, Pool, Settings, ShedCode};
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
+use crate::keytable::{KeyTable, RPM, TPM};
 use crate::{bucket, Lane};
 
 impl From<CoreError> for PyErr {
@@ -288,12 +289,102 @@ impl PyAdmissionCore {
     }
 }
 
+/// Per-key buckets in one table, shared by every worker that maps it
+/// (`create` in the supervisor before fork, `attach` in each worker).
+#[pyclass(name = "SharedKeyBuckets", module = "tierq._core", frozen)]
+pub struct PySharedKeyBuckets(Arc<KeyTable>);
+
+#[pymethods]
+impl PySharedKeyBuckets {
+    /// A table in this process only (tests; one worker needs no sharing).
+    #[new]
+    #[pyo3(signature = (capacity = 4096, clock = None))]
+    fn new(capacity: usize, clock: Option<&Bound<'_, PyManualClock>>) -> PyResult<Self> {
+        Ok(PySharedKeyBuckets(Arc::new(KeyTable::new(capacity, clock_of(clock))?)))
+    }
+
+    /// Creates the shared table `name` for `capacity` keys (rounded up to a power of two).
+    #[staticmethod]
+    #[pyo3(signature = (name, capacity = 4096, clock = None))]
+    fn create(name: &str, capacity: usize, clock: Option<&Bound<'_, PyManualClock>>) -> PyResult<Self> {
+        Ok(PySharedKeyBuckets(Arc::new(KeyTable::create_shared(name, capacity, clock_of(clock))?)))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (name, clock = None))]
+    fn attach(name: &str, clock: Option<&Bound<'_, PyManualClock>>) -> PyResult<Self> {
+        Ok(PySharedKeyBuckets(Arc::new(KeyTable::attach_shared(name, clock_of(clock))?)))
+    }
+
+    /// Removes a shared table's name (live mappings stay valid).
+    #[staticmethod]
+    fn unlink(name: &str) -> PyResult<()> {
+        Ok(KeyTable::unlink_shared(name)?)
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
+    /// Keys that have an entry (in any process).
+    fn used(&self) -> usize {
+        self.0.used()
+    }
+
+    /// Key `key_id`'s bucket `kind` ("rpm" or "tpm") with `rate` tokens a
+    /// second and `burst` capacity; None when the table has no room for the key.
+    fn bucket(&self, key_id: &str, kind: &str, rate: f64, burst: f64) -> PyResult<Option<PySharedBucket>> {
+        let kind = match kind {
+            "rpm" => RPM,
+            "tpm" => TPM,
+            other => return Err(CoreError::arg("kind", format!("must be \"rpm\" or \"tpm\", got {other:?}")).into()),
+        };
+        let params = bucket::BucketParams::new(rate, burst, 0.0)?;
+        Ok(self.0.entry(key_id).map(|entry| PySharedBucket { table: self.0.clone(), entry, kind, params }))
+    }
+}
+
+/// One bucket of a `SharedKeyBuckets` table; the same calls as `TokenBucket`.
+#[pyclass(name = "SharedBucket", module = "tierq._core", frozen)]
+pub struct PySharedBucket {
+    table: Arc<KeyTable>,
+    entry: usize,
+    kind: usize,
+    params: bucket::BucketParams,
+}
+
+#[pymethods]
+impl PySharedBucket {
+    #[pyo3(signature = (cost = 1, tier = "default"))]
+    fn try_take(&self, cost: i64, tier: &str) -> PyResult<Option<f64>> {
+        // Per-key buckets keep no priority reserve: the tier is checked, not used.
+        Lane::parse(tier)?;
+        Ok(match self.table.try_take(self.entry, self.kind, cost_of(cost)?, &self.params) {
+            Ok(()) => None,
+            Err(u64::MAX) => Some(f64::INFINITY),
+            Err(wait_ns) => Some(wait_ns as f64 / 1e9),
+        })
+    }
+
+    /// Takes `delta` more tokens unchecked (> 0) or refunds them (< 0).
+    fn adjust(&self, delta: i64) {
+        self.table.adjust(self.entry, self.kind, delta, &self.params)
+    }
+
+    fn available(&self) -> f64 {
+        self.table.available(self.entry, self.kind, &self.params)
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyManualClock>()?;
     m.add_class::<PyTokenBucket>()?;
     m.add_class::<PyAdmissionCore>()?;
+    m.add_class::<PySharedKeyBuckets>()?;
+    m.add_class::<PySharedBucket>()?;
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tierq import ManualClock
+from tierq._core import SharedKeyBuckets
 from tierq.keys import KeyInfo, KeyLimiter, KeyStore, keys_main, parse_token
+
+
+MakeLimiter = Callable[[ManualClock], KeyLimiter]
+
+
+@pytest.fixture(params=["per-process", "shared-table"])
+def make_limiter(request: pytest.FixtureRequest) -> MakeLimiter:
+    """Every limiter behaviour holds for per-process buckets and the shared table alike."""
+    if request.param == "per-process":
+        return lambda clock: KeyLimiter(clock)
+    return lambda clock: KeyLimiter(clock, shared=SharedKeyBuckets(64, clock=clock))
 
 
 @pytest.fixture
@@ -139,9 +152,9 @@ def _key(rpm: int | None = None, tpm: int | None = None) -> KeyInfo:
     return KeyInfo("abcdefabcdef", "t", 0.0, None, rpm, tpm)
 
 
-def test_rpm_limit_refuses_with_exact_retry_after_and_refills() -> None:
+def test_rpm_limit_refuses_with_exact_retry_after_and_refills(make_limiter: MakeLimiter) -> None:
     clock = ManualClock()
-    lim = KeyLimiter(clock)
+    lim = make_limiter(clock)
     key = _key(rpm=2)
     assert lim.check(key, 10) is None
     assert lim.check(key, 10) is None
@@ -153,9 +166,9 @@ def test_rpm_limit_refuses_with_exact_retry_after_and_refills() -> None:
     assert lim.check(key, 10) is None
 
 
-def test_tpm_limit_counts_estimates_and_settle_refunds_unused_tokens() -> None:
+def test_tpm_limit_counts_estimates_and_settle_refunds_unused_tokens(make_limiter: MakeLimiter) -> None:
     clock = ManualClock()
-    lim = KeyLimiter(clock)
+    lim = make_limiter(clock)
     key = _key(tpm=100)
     assert lim.check(key, 60) is None
     wait = lim.check(key, 60)
@@ -164,17 +177,17 @@ def test_tpm_limit_counts_estimates_and_settle_refunds_unused_tokens() -> None:
     assert lim.check(key, 60) is None
 
 
-def test_settle_charges_usage_beyond_the_estimate() -> None:
+def test_settle_charges_usage_beyond_the_estimate(make_limiter: MakeLimiter) -> None:
     clock = ManualClock()
-    lim = KeyLimiter(clock)
+    lim = make_limiter(clock)
     key = _key(tpm=100)
     assert lim.check(key, 10) is None
     lim.settle(key, 10, 100)
     assert lim.check(key, 1) == pytest.approx(0.6)
 
 
-def test_tpm_refusal_gives_the_request_back_to_rpm() -> None:
-    lim = KeyLimiter(ManualClock())
+def test_tpm_refusal_gives_the_request_back_to_rpm(make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(ManualClock())
     key = _key(rpm=2, tpm=100)
     assert lim.check(key, 100) is None
     assert lim.check(key, 50) is not None  # refused by tpm
@@ -182,15 +195,15 @@ def test_tpm_refusal_gives_the_request_back_to_rpm() -> None:
     assert lim.check(key, 0) is not None
 
 
-def test_estimate_above_a_minute_budget_is_admitted_on_a_full_bucket() -> None:
-    lim = KeyLimiter(ManualClock())
+def test_estimate_above_a_minute_budget_is_admitted_on_a_full_bucket(make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(ManualClock())
     key = _key(tpm=100)
     assert lim.check(key, 5000) is None
     assert lim.check(key, 1) is not None
 
 
-def test_unlimited_key_is_never_refused_and_limits_are_per_key() -> None:
-    lim = KeyLimiter(ManualClock())
+def test_unlimited_key_is_never_refused_and_limits_are_per_key(make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(ManualClock())
     free = _key()
     for _ in range(1000):
         assert lim.check(free, 10**6) is None
@@ -199,3 +212,37 @@ def test_unlimited_key_is_never_refused_and_limits_are_per_key() -> None:
     assert lim.check(a, 1) is None
     assert lim.check(a, 1) is not None
     assert lim.check(b, 1) is None
+
+
+def test_shared_table_holds_a_keys_limit_across_workers() -> None:
+    clock = ManualClock()
+    name = f"/tierq-test-keys-{id(clock)}"
+    table = SharedKeyBuckets.create(name, 16, clock=clock)
+    try:
+        workers = [KeyLimiter(clock, shared=SharedKeyBuckets.attach(name, clock=clock)) for _ in range(2)]
+        key = _key(rpm=5)
+        served = [w.check(key, 1) is None for _ in range(5) for w in workers]
+        assert served.count(True) == 5, "5 a minute in total, not 5 per worker"
+        assert workers[1].check(key, 1) == pytest.approx(12.0)
+        clock.advance(12.0)
+        assert workers[0].check(key, 1) is None
+        assert table.used() == 1
+    finally:
+        SharedKeyBuckets.unlink(name)
+
+
+def test_full_shared_table_falls_back_to_per_process_buckets_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock()
+    lim = KeyLimiter(clock, shared=SharedKeyBuckets(1, clock=clock))
+    a = KeyInfo("aaaaaaaaaaaa", "a", 0.0, None, 1, None)
+    b = KeyInfo("bbbbbbbbbbbb", "b", 0.0, None, 1, None)
+    assert lim.check(a, 1) is None
+    with caplog.at_level("WARNING", logger="tierq.keys"):
+        assert lim.check(b, 1) is None
+        assert lim.check(b, 1) is not None, "the fallback bucket still limits"
+    assert [r.getMessage() for r in caplog.records] == [
+        "shared key table full (1 keys): key bbbbbbbbbbbb gets per-process rpm limits, "
+        "so each worker allows it 1 a minute"]
+    assert lim.check(a, 1) is not None

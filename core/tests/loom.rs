@@ -167,3 +167,22 @@ fn mailbox_delivers_each_message_once_and_never_sleeps_on_mail() {
         assert_eq!(got, vec![5, 9]);
     });
 }
+
+#[test]
+fn key_table_same_key_claimed_twice_shares_one_entry_and_last_entry_goes_to_one_key() {
+    use tierq_core::KeyTable;
+    loom::model(|| {
+        let t = Arc::new(KeyTable::new(1, Clock::Manual(StdArc::new(ManualClock::new(1)))).unwrap());
+        let (t2, t3) = (t.clone(), t.clone());
+        let a = thread::spawn(move || t2.entry("samekey"));
+        let b = thread::spawn(move || t3.entry("samekey"));
+        let other = t.entry("otherkey");
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        match other {
+            Some(0) => assert_eq!((a, b), (None, None)),
+            None => assert_eq!((a, b), (Some(0), Some(0))),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(t.used(), 1);
+    });
+}

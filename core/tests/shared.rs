@@ -210,28 +210,22 @@ impl Drop for Shm {
 }
 
 // Shared counter words.
+/// Slots held per the harness, 16 bits per worker, so one atomic add keeps
+/// both the total and each worker's share (a killed worker's share is then
+/// exact: it is counted after the core grants and uncounted before release).
 const HOLDING: usize = 0;
 const MAX_HOLDING: usize = 1;
 const HOLDS: usize = 2;
 const STOP: usize = 3;
 const CROSS: usize = 4;
 const FATE: usize = 8;
-
-/// `HOLDING` packs each worker's held-slot count in its own byte (up to 8
-/// workers), so one atomic add keeps the total and the per-worker share in
-/// step: a worker killed on any instruction leaves an exact share behind.
-fn unit(w: usize) -> u64 {
-    1 << (8 * w)
-}
-fn total_held(packed: u64) -> u64 {
-    packed.to_le_bytes().iter().map(|&b| b as u64).sum()
-}
 const TICKETS: usize = 1 << 15;
 
 /// One worker's loop: admit, wait for its own waiter through its mailbox
 /// (polling: this is a test), hold briefly, release. Marks each waiter's fate
 /// exactly once in `c`.
-fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+fn worker_loop(p: &Pool, c: &[AtomicU64], me: usize, max: u64, rounds: usize, seed: u64, hold_us: u64) -> (u64, u64) {
+    let unit = 1u64 << (16 * me);
     let (mut served, mut shed) = (0u64, 0u64);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
     let decide = |id: u64, fate: u64| {
@@ -239,7 +233,8 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, see
         assert_eq!(prev, 0, "waiter {id} decided twice");
     };
     let hold = |granted_remote: bool| {
-        let now = total_held(c[HOLDING].fetch_add(unit(w), SeqCst) + unit(w));
+        let fields = c[HOLDING].fetch_add(unit, SeqCst) + unit;
+        let now: u64 = (0..4).map(|i| (fields >> (16 * i)) & 0xffff).sum();
         c[MAX_HOLDING].fetch_max(now, SeqCst);
         assert!(now <= max, "{now} slots held, max {max}");
         if granted_remote {
@@ -251,7 +246,7 @@ fn worker_loop(p: &Pool, c: &[AtomicU64], w: usize, max: u64, rounds: usize, see
         } else {
             thread::yield_now();
         }
-        c[HOLDING].fetch_sub(unit(w), SeqCst);
+        c[HOLDING].fetch_sub(unit, SeqCst);
     };
     // Release and follow local hand-offs until the slot leaves this worker.
     let release = |mine: &mut HashSet<u64>| {
@@ -410,12 +405,13 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     unsafe { libc::kill(vpid, libc::SIGKILL) };
     let status = wait_ok(vpid);
     assert!(libc::WIFSIGNALED(status));
+    // The victim's share of the harness count died with it; drop it before the
+    // reclaim hands the victim's slots to others. (Subtracting the
+    // reclaimed `slots` instead was flaky: a kill between the core's grant and
+    // the harness count, or between the uncount and the release, skews it.)
+    let share = (c.w()[HOLDING].load(SeqCst) >> (16 * victim)) & 0xffff;
+    c.w()[HOLDING].fetch_sub(share << (16 * victim), SeqCst);
     let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
-    // What the victim held by the harness's count died with it. (It can differ
-    // from `slots` by one: the victim may die between its own count and the
-    // core's, in either order.)
-    let held = (c.w()[HOLDING].load(SeqCst) >> (8 * victim)) & 0xff;
-    c.w()[HOLDING].fetch_sub(held * unit(victim), SeqCst);
     // Restart it, as the supervisor would, and let everyone run a little more.
     let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
     thread::sleep(Duration::from_millis(200));
@@ -426,4 +422,119 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let st = sup.stats();
     assert_eq!((st.in_flight, st.depth), (0, [0, 0]), "reclaimed {slots} slots, {waiters} waiters");
     assert!(c.w()[HOLDS].load(SeqCst) > 100);
+}
+
+// ---- per-key buckets shared across workers ------------------------------
+
+use tierq_core::keytable::{KeyTable, RPM, TPM};
+use tierq_core::BucketParams;
+
+struct TableName(String);
+impl Drop for TableName {
+    fn drop(&mut self) {
+        let _ = KeyTable::unlink_shared(&self.0);
+    }
+}
+
+fn table_name(tag: &str) -> TableName {
+    TableName(Name::new(tag).0.clone())
+}
+
+/// Tries `tries` times to take one token from key `id`'s rpm bucket; returns how many it got.
+fn hammer(t: &KeyTable, id: &str, p: &BucketParams, tries: usize) -> u64 {
+    let mut got = 0;
+    for _ in 0..tries {
+        let e = t.entry(id).expect("room for the key");
+        if t.try_take(e, RPM, 1, p).is_ok() {
+            got += 1;
+        }
+    }
+    got
+}
+
+#[test]
+fn key_table_attach_refuses_a_pool_block_and_keeps_entries_across_processes() {
+    let name = table_name("keys-attach");
+    let t = KeyTable::create_shared(&name.0, 100, Clock::Monotonic).unwrap();
+    assert_eq!(t.capacity(), 128);
+    let other = KeyTable::attach_shared(&name.0, Clock::Monotonic).unwrap();
+    let e = t.entry("abc").unwrap();
+    assert_eq!(other.entry("abc"), Some(e), "the same key finds the same entry in every mapping");
+    assert_eq!(other.used(), 1);
+    let p = BucketParams::new(1.0, 3.0, 0.0).unwrap();
+    assert_eq!(t.try_take(e, TPM, 3, &p), Ok(()));
+    assert!(other.try_take(e, TPM, 1, &p).is_err(), "tpm drained through the other mapping");
+    assert_eq!(other.try_take(e, RPM, 1, &p), Ok(()), "rpm is its own bucket");
+    let pool = Name::new("keys-notatable");
+    let _sup = Pool::create_shared(&pool.0, settings(1, 4), 1, vec![], Clock::Monotonic).unwrap();
+    assert!(matches!(KeyTable::attach_shared(&pool.0, Clock::Monotonic), Err(CoreError::Layout(_))));
+    assert!(KeyTable::create_shared(&name.0, 10, Clock::Monotonic).is_err(), "exists");
+}
+
+#[test]
+fn threads_racing_on_one_keys_bucket_get_exactly_the_burst() {
+    let name = table_name("keys-threads");
+    let _sup = KeyTable::create_shared(&name.0, 64, Clock::Monotonic).unwrap();
+    // 1000 a minute: one token per 60 ms. The bound allows exactly the refill
+    // the run's duration earns, so a slow host cannot make it flaky.
+    let p = BucketParams::new(1000.0 / 60.0, 1000.0, 0.0).unwrap();
+    let threads = 4;
+    let barrier = Arc::new(Barrier::new(threads));
+    let t0 = Instant::now();
+    let got: u64 = (0..threads)
+        .map(|_| {
+            let (name, barrier) = (name.0.clone(), barrier.clone());
+            thread::spawn(move || {
+                let t = KeyTable::attach_shared(&name, Clock::Monotonic).unwrap();
+                barrier.wait();
+                hammer(&t, "racedkey0001", &p, 5000)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    let refill = (t0.elapsed().as_nanos() as u64 / p.interval_ns) + 1;
+    assert!(got >= 1000 && got <= 1000 + refill, "got {got}, burst 1000, refill at most {refill}");
+}
+
+#[test]
+fn forked_workers_racing_on_one_keys_bucket_get_exactly_the_burst() {
+    let name = table_name("keys-procs");
+    let sup = KeyTable::create_shared(&name.0, 64, Clock::Monotonic).unwrap();
+    // 60 a minute: one refill per second, so a run under a second gets exactly the burst.
+    let p = BucketParams::new(1.0, 60.0, 0.0).unwrap();
+    let c = Arc::new(Shm::new(8));
+    let workers = 4;
+    let t0 = Instant::now();
+    let pids: Vec<libc::pid_t> = (0..workers)
+        .map(|_| {
+            // SAFETY: the child only runs this crate's code and exits with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let t = KeyTable::attach_shared(&name.0, Clock::Monotonic).unwrap();
+                    // Start together: spin until every child has attached.
+                    c.w()[1].fetch_add(1, SeqCst);
+                    while c.w()[1].load(SeqCst) < workers as u64 {
+                        std::hint::spin_loop();
+                    }
+                    let got = hammer(&t, "racedkey0002", &p, 2000);
+                    c.w()[0].fetch_add(got, SeqCst);
+                }))
+                .map_or(1, |_| 0);
+                // SAFETY: ends the child without running the parent's test harness.
+                unsafe { libc::_exit(code) };
+            }
+            pid
+        })
+        .collect();
+    for pid in pids {
+        assert_eq!(wait_ok(pid), 0);
+    }
+    let got = c.w()[0].load(SeqCst);
+    let refill = t0.elapsed().as_secs();
+    assert!(got >= 60 && got <= 60 + refill, "got {got} across {workers} processes, burst 60, refill {refill}");
+    assert_eq!(sup.used(), 1, "one entry for the one key");
 }

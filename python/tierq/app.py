@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 
 from tierq import Admission, Shed
+from tierq._core import SharedKeyBuckets
 from tierq.catalog import Catalog, ModelEntry
 from tierq.config import Config, UpstreamConfig
 from tierq.keys import KeyInfo, KeyLimiter, KeyStore
@@ -205,6 +206,7 @@ def create_app(
     sim: Any = None,
     allow_remote_without_keys: bool = False,
     pools: Mapping[str, Admission] | None = None,
+    key_buckets: SharedKeyBuckets | None = None,
 ) -> web.Application:
     """The gateway app for `config`.
 
@@ -218,6 +220,8 @@ def create_app(
     pools: admission per model id, made by the caller (`tierq serve --workers
       N` passes this worker's handles on the shared pools); by default each
       model gets its own one-process `Admission`.
+    key_buckets: the host's per-key limit table (`tierq serve --workers N`);
+      by default per-key buckets are this process's own.
     """
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
@@ -229,7 +233,8 @@ def create_app(
     )
     app[CONFIG] = config
     app[GATEWAY] = gw
-    app.cleanup_ctx.append(_lifecycle(gw, sim, own_ledger=ledger is None, pools=pools))
+    app.cleanup_ctx.append(_lifecycle(gw, sim, own_ledger=ledger is None, pools=pools,
+                                      key_buckets=key_buckets))
     for prefix in ("/v1", "/v1/openai"):
         for endpoint in ENDPOINT_PATHS:
             app.router.add_post(f"{prefix}/{endpoint}", _endpoint_handler(endpoint))
@@ -249,7 +254,8 @@ def _local_snapshots(gw: Gateway) -> Callable[[], Awaitable[list[WorkerSnapshot]
 
 
 def _lifecycle(
-    gw: Gateway, sim: Any, *, own_ledger: bool, pools: Mapping[str, Admission] | None = None
+    gw: Gateway, sim: Any, *, own_ledger: bool, pools: Mapping[str, Admission] | None = None,
+    key_buckets: SharedKeyBuckets | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         started_sims: list[Any] = []
@@ -287,7 +293,7 @@ def _lifecycle(
                 await gw.ledger.start()
             if gw.config.keys.path is not None:
                 gw.keys = KeyStore(gw.config.keys.path)
-                gw.limiter = KeyLimiter()
+                gw.limiter = KeyLimiter(shared=key_buckets)
             gw.ready = True
             yield
         finally:

@@ -181,7 +181,8 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
 
     from tierq.workers import SharedPools, Supervisor, listen
 
-    shared = SharedPools({m.id: m.admission.admission_kwargs() for m in catalog.values()}, workers)
+    shared = SharedPools({m.id: m.admission.admission_kwargs() for m in catalog.values()}, workers,
+                         key_capacity=config.keys.table_capacity if config.keys.path else None)
     try:
         sock = listen(host, port)
 
@@ -203,13 +204,26 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
         shared.close()
 
 
+def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
+    """A worker's gateway app: shared pools, the host's per-key buckets, and
+    /metrics reporting the whole host (`tierq.workers.WorkerPools`)."""
+    from tierq.app import GATEWAY, create_app
+
+    app = create_app(config, allow_remote_without_keys=insecure, pools=pools,
+                     key_buckets=pools.key_buckets)
+    if pools.board is not None:
+        pools.board.install(app, app[GATEWAY].snapshot)
+    return app
+
+
 async def _run_server(config: Config, host: str, port: int, insecure: bool,
                       sock: Any = None, pools: Any = None) -> None:
     from aiohttp import web
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
 
-    app = create_app(config, allow_remote_without_keys=insecure, pools=pools)
+    app = create_app(config, allow_remote_without_keys=insecure) if pools is None else \
+        worker_app(config, insecure, pools)
     # The shutdown timeout is the drain deadline: admitted requests get that long.
     runner = web.AppRunner(app, **{**runner_kwargs(),
                                    "shutdown_timeout": config.server.drain_timeout_s})

@@ -159,6 +159,8 @@ class ModelConfig:
 class KeysConfig:
     # The API key store (tierq.keys). None: no keys, loopback-only serving.
     path: str | None = None
+    # Keys the host-wide per-key limit table holds with several workers.
+    table_capacity: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,8 +500,9 @@ class _Parser:
 
     def keys(self, t: _Table) -> KeysConfig:
         path = t.string("path")
+        capacity = _i(t.integer("table_capacity", KeysConfig().table_capacity, 1, 1 << 20))
         t.done()
-        return KeysConfig(path)
+        return KeysConfig(path, capacity)
 
 
 # The _Table readers return Optional because a default may be None; these

@@ -10,6 +10,7 @@ import argparse
 import builtins
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -23,9 +24,12 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from tierq import ManualClock, TokenBucket
+from tierq._core import SharedBucket, SharedKeyBuckets
 from tierq.ledger import BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = ["KeyInfo", "KeyLimiter", "KeyStore", "keys_main", "parse_token"]
+
+log = logging.getLogger("tierq.keys")
 
 PREFIX: Final = "tq"
 PUBLIC_ID_LEN: Final = 12
@@ -206,32 +210,52 @@ class KeyStore:
         return info
 
 
+_Bucket = TokenBucket | SharedBucket
+
+
 class KeyLimiter:
     """Per-key requests-per-minute and tokens-per-minute, one GCRA bucket each.
 
     A bucket holds a minute's worth (burst = the per-minute limit) and refills
     continuously. The token cost is an estimate (prompt + max_tokens) taken up
     front and corrected by `settle` once real usage is known.
+
+    `shared`: a `SharedKeyBuckets` table that every worker of the host maps
+    (`tierq serve --workers N`), so the limits hold across workers. A key the
+    full table has no room for gets per-process buckets instead, with a
+    warning logged once for that key. Without `shared`, buckets are this
+    process's own, and a key whose limits change starts from full buckets; in
+    the shared table a changed limit reuses the key's bucket state.
     """
 
-    def __init__(self, clock: ManualClock | None = None) -> None:
+    def __init__(self, clock: ManualClock | None = None,
+                 shared: SharedKeyBuckets | None = None) -> None:
         self._clock = clock
+        self._shared = shared
         # public_id -> ((rpm, tpm) the buckets were built for, rpm bucket, tpm bucket)
         self._buckets: dict[
-            str, tuple[tuple[int | None, int | None], TokenBucket | None, TokenBucket | None]
+            str, tuple[tuple[int | None, int | None], _Bucket | None, _Bucket | None]
         ] = {}
 
-    def _bucket(self, limit: int | None) -> TokenBucket | None:
+    def _bucket(self, public_id: str, kind: str, limit: int | None) -> _Bucket | None:
         if limit is None:
             return None
+        if self._shared is not None:
+            found = self._shared.bucket(public_id, kind, limit / 60.0, float(limit))
+            if found is not None:
+                return found
+            log.warning("shared key table full (%d keys): key %s gets per-process %s limits, "
+                        "so each worker allows it %d a minute", self._shared.capacity,
+                        public_id, kind, limit)
         return TokenBucket(limit / 60.0, float(limit), 0.0, self._clock)
 
-    def _for(self, key: KeyInfo) -> tuple[TokenBucket | None, TokenBucket | None]:
+    def _for(self, key: KeyInfo) -> tuple[_Bucket | None, _Bucket | None]:
         entry = self._buckets.get(key.public_id)
         limits = (key.rpm, key.tpm)
         if entry is None or entry[0] != limits:
-            # New key, or its limits changed: start from a full bucket.
-            entry = (limits, self._bucket(key.rpm), self._bucket(key.tpm))
+            # New key, or its limits changed: new buckets (full ones, unless shared).
+            entry = (limits, self._bucket(key.public_id, "rpm", key.rpm),
+                     self._bucket(key.public_id, "tpm", key.tpm))
             self._buckets[key.public_id] = entry
         return entry[1], entry[2]
 

@@ -2,15 +2,18 @@
 
 The hot path only bumps integers: `GatewayMetrics.observe()` is a few dict
 lookups and list increments (fixed buckets, latencies as integer microseconds).
-Rendering works from `WorkerSnapshot`s, plain picklable data, so one process or
-many render the same way: `render_prometheus([snap])` today, a supervisor that
-collects one snapshot per worker tomorrow (see docs/operations.md).
+Rendering works from `WorkerSnapshot`s, plain data, so one process or many
+render the same way: `render_prometheus([snap])` for one, every worker's
+latest snapshot (`snapshot_to_json` / `snapshot_from_json`, exchanged by
+`tierq.workers.SnapshotBoard`) for a host (see docs/operations.md).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+import orjson
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +30,8 @@ __all__ = [
     "PoolSnapshot",
     "WorkerSnapshot",
     "render_prometheus",
+    "snapshot_from_json",
+    "snapshot_to_json",
     "status_json",
 ]
 
@@ -199,6 +204,51 @@ class GatewayMetrics:
             ledger_lag=lag.data() if isinstance(lag, Histogram) else None,
             series=series,
         )
+
+
+# ------------------------------------------------------------------ exchange
+
+
+def _hist_json(h: HistogramData) -> list[Any]:
+    return [list(h.bounds), list(h.counts), h.sum_us]
+
+
+def _hist_of(v: list[Any]) -> HistogramData:
+    return HistogramData(tuple(float(b) for b in v[0]), tuple(int(n) for n in v[1]), int(v[2]))
+
+
+def snapshot_to_json(s: WorkerSnapshot) -> bytes:
+    """A snapshot as JSON, for another worker to read (`snapshot_from_json`)."""
+    return orjson.dumps({
+        "pid": s.pid, "time": s.time, "ready": s.ready,
+        "pools": [[p.model, p.upstream, p.priority, p.queue_capacity, p.stats] for p in s.pools],
+        "requests": [[*k, n] for k, n in s.requests.items()],
+        "sheds": [[*k, n] for k, n in s.sheds.items()],
+        "upstream_errors": [[*k, n] for k, n in s.upstream_errors.items()],
+        "histograms": [[*k, _hist_json(h)] for k, h in s.histograms.items()],
+        "ledger": [s.ledger_pending, s.ledger_rows, s.ledger_errors],
+        "ledger_lag": None if s.ledger_lag is None else _hist_json(s.ledger_lag),
+        "series": [[*k, *v] for k, v in s.series.items()],
+    })
+
+
+def snapshot_from_json(data: bytes) -> WorkerSnapshot:
+    d = orjson.loads(data)
+
+    def counts(rows: list[list[Any]]) -> dict[tuple[str, str, str], int]:
+        return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+
+    return WorkerSnapshot(
+        pid=int(d["pid"]), time=float(d["time"]), ready=bool(d["ready"]),
+        pools=tuple(PoolSnapshot(p[0], p[1], bool(p[2]), int(p[3]), p[4]) for p in d["pools"]),
+        requests=counts(d["requests"]), sheds=counts(d["sheds"]),
+        upstream_errors=counts(d["upstream_errors"]),
+        histograms={(h[0], h[1]): _hist_of(h[2]) for h in d["histograms"]},
+        ledger_pending=int(d["ledger"][0]), ledger_rows=int(d["ledger"][1]),
+        ledger_errors=int(d["ledger"][2]),
+        ledger_lag=None if d["ledger_lag"] is None else _hist_of(d["ledger_lag"]),
+        series={(int(r[0]), r[1]): tuple(int(x) for x in r[2:]) for r in d["series"]},
+    )
 
 
 # ------------------------------------------------------------------ aggregation

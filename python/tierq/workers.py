@@ -8,6 +8,10 @@ worker inherits all of them. When a worker decides a waiter owned by another
 (a grant, an eviction, an expiry), the core posts it to the owner's mailbox
 and writes the owner's eventfd, which the owner's event loop watches with
 `loop.add_reader`. No polling, no lock across processes.
+
+Per-key limits use one `SharedKeyBuckets` table for the host, and /metrics
+reports the host: every worker publishes its `WorkerSnapshot` to a run
+directory (`SnapshotBoard`) and a scrape of any worker reads them all.
 """
 
 from __future__ import annotations
@@ -16,15 +20,28 @@ import asyncio
 import logging
 import os
 import signal
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
 
-from tierq._core import AdmissionCore
+from aiohttp import web
+
+from tierq._core import AdmissionCore, SharedKeyBuckets
 from tierq.admission import Admission, _waits
+from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
+from tierq.status import METRICS_SOURCE, MetricsSource
 
-__all__ = ["SharedPools", "WorkerPools", "Supervisor", "listen"]
+__all__ = ["KEY_TABLE_CAPACITY", "PUBLISH_INTERVAL_S", "SharedPools", "SnapshotBoard",
+           "Supervisor", "WorkerPools", "listen"]
+
+#: Keys the host-wide per-key limit table holds (`[keys] table_capacity`).
+KEY_TABLE_CAPACITY: Final = 4096
+#: How often a worker publishes its snapshot for the others' scrapes.
+PUBLISH_INTERVAL_S: Final = 0.25
 
 log = logging.getLogger("tierq.workers")
 
@@ -50,31 +67,43 @@ class SharedPools:
     releases the slots it held and drops its waiters; `close()` removes the blocks.
     """
 
-    def __init__(self, pools: Mapping[str, PoolSettings], workers: int, prefix: str | None = None) -> None:
+    def __init__(self, pools: Mapping[str, PoolSettings], workers: int, prefix: str | None = None,
+                 key_capacity: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers: must be at least 1, got {workers}")
         self.workers = workers
         self.settings = {k: dict(v) for k, v in pools.items()}
         prefix = prefix or f"/tierq-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000}"
         self.names = {pool: f"{prefix}-{i}" for i, pool in enumerate(self.settings)}
+        self.keys_name = f"{prefix}-keys"
         self.wake_fds: list[int] = []
         self._cores: dict[str, AdmissionCore] = {}
+        self._keys: SharedKeyBuckets | None = None
+        self.run_dir: str | None = None
         try:
             self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             for pool, s in self.settings.items():
                 self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, **_core_args(s))
+            if key_capacity is not None:
+                self._keys = SharedKeyBuckets.create(self.keys_name, key_capacity)
+            # tmpfs when there is one: snapshots are rewritten 4 times a second.
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.run_dir = tempfile.mkdtemp(prefix="tierq-run-", dir=shm)
         except BaseException:
             self.close()
             raise
 
     def attach(self, worker: int) -> WorkerPools:
         """Worker `worker`'s handles on every pool (call in that worker, after fork)."""
+        assert self.run_dir is not None
         return WorkerPools(
             {
                 pool: Admission.shared(self.names[pool], worker, self.wake_fds, **s)
                 for pool, s in self.settings.items()
             },
             self.wake_fds[worker],
+            key_buckets=SharedKeyBuckets.attach(self.keys_name) if self._keys is not None else None,
+            board=SnapshotBoard(self.run_dir, worker, self.workers),
         )
 
     def reclaim(self, worker: int) -> tuple[int, int]:
@@ -101,18 +130,29 @@ class SharedPools:
         for pool in list(self._cores):
             AdmissionCore.unlink_shared(self.names[pool])
             del self._cores[pool]
+        if self._keys is not None:
+            SharedKeyBuckets.unlink(self.keys_name)
+            self._keys = None
         for fd in self.wake_fds:
             os.close(fd)
         self.wake_fds = []
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
 
 
 class WorkerPools(Mapping[str, Admission]):
-    """A worker's `Admission` per pool, plus the reader that delivers its mail."""
+    """A worker's `Admission` per pool, plus the reader that delivers its mail,
+    the host's per-key buckets (`key_buckets`) and its snapshot board."""
 
-    def __init__(self, pools: dict[str, Admission], wake_fd: int) -> None:
+    def __init__(self, pools: dict[str, Admission], wake_fd: int,
+                 key_buckets: SharedKeyBuckets | None = None,
+                 board: SnapshotBoard | None = None) -> None:
         self._pools = pools
         self._fd = wake_fd
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.key_buckets = key_buckets
+        self.board = board
 
     def __getitem__(self, pool: str) -> Admission:
         return self._pools[pool]
@@ -144,6 +184,71 @@ class WorkerPools(Mapping[str, Admission]):
     def _deliver(self) -> None:
         for adm in self._pools.values():
             adm.deliver()
+
+
+class SnapshotBoard:
+    """Every worker's latest `WorkerSnapshot`, one JSON file per worker in the
+    supervisor's run directory, replaced atomically (write, then rename).
+
+    A worker publishes every `PUBLISH_INTERVAL_S` and on every scrape it
+    answers; the scrape reads the others' files. So a scrape shows this
+    worker's numbers as of now and every other worker's as of at most
+    `PUBLISH_INTERVAL_S` ago (plus any event-loop stall of that worker).
+    """
+
+    def __init__(self, directory: str, index: int, workers: int) -> None:
+        self.dir = Path(directory)
+        self.index = index
+        self.workers = workers
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"worker-{index}.json"
+
+    def publish(self, snap: WorkerSnapshot) -> None:
+        tmp = self.dir / f".worker-{self.index}.{os.getpid()}.tmp"
+        tmp.write_bytes(snapshot_to_json(snap))
+        os.replace(tmp, self._path(self.index))
+
+    def others(self) -> list[WorkerSnapshot]:
+        """The other workers' latest snapshots (a worker not yet published is missing)."""
+        out = []
+        for i in range(self.workers):
+            if i == self.index:
+                continue
+            try:
+                out.append(snapshot_from_json(self._path(i).read_bytes()))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def install(self, app: web.Application, snapshot: Callable[[], WorkerSnapshot]) -> None:
+        """Makes `app`'s /metrics and /status.json report the host, and
+        publishes `snapshot()` periodically while the app runs."""
+
+        async def collect() -> list[WorkerSnapshot]:
+            mine = snapshot()
+            self.publish(mine)
+            return [mine, *self.others()]
+
+        async def publisher(app: web.Application) -> AsyncIterator[None]:
+            async def loop() -> None:
+                while True:
+                    try:
+                        self.publish(snapshot())
+                    except OSError as e:  # a full or vanished run dir must not stop serving
+                        log.warning("publishing metrics snapshot failed: %s", e)
+                    await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+            task = asyncio.create_task(loop())
+            yield
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+        app[METRICS_SOURCE] = MetricsSource(collect, shared_admission=True)
+        app.cleanup_ctx.append(publisher)
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
