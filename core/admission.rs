@@ -719,8 +719,10 @@ impl Pool {
         self.unhold_mine();
         if self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst) == 0 {
             // A release without a held slot is a caller bug; undo it rather
-            // than wrap the count and lock the pool.
+            // than wrap the count and lock the pool. Debug builds (every test)
+            // stop here, so the guard cannot hide an accounting bug.
             self.w(at::IN_FLIGHT).fetch_add(1, SeqCst);
+            debug_assert!(false, "release() without a held slot");
             return None;
         }
         if self.any_published() { self.dispatch() } else { None }

@@ -256,6 +256,15 @@ fn concurrent_waiters_are_each_granted_once() {
 }
 
 #[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "release() without a held slot")]
+fn release_without_a_held_slot_is_caught_in_debug_builds() {
+    let settings = Settings::new(2, 4, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
+    Pool::new(settings, Clock::Monotonic).release();
+}
+
+#[test]
+#[cfg(not(debug_assertions))]
 fn release_without_a_held_slot_does_not_wrap_the_count() {
     let settings = Settings::new(2, 4, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
     let pool = Pool::new(settings, Clock::Monotonic);
