@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 
 from conftest import PRIORITY_MODEL, GatewayFactory, Running
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
-from tierq.keys import KeyStore
+from tierq.keys import KeyStore, parse_token
 from tierq.logs import JsonFormatter, redact
 
 CHAT = {"model": PRIORITY_MODEL, "service_tier": "priority", "max_tokens": 3,
@@ -68,14 +68,16 @@ async def test_access_log_is_one_json_line_per_request_without_credentials(
     assert ok == 200 and bad == 401
     fmt = JsonFormatter()
     lines = [fmt.format(r) for r in caplog.records]
-    secret = token.rsplit("-", 1)[1]
+    # Fixed positions, not split("-"): the urlsafe secret may contain "-" itself.
+    public_id, secret = parse_token(token) or ("", "")
+    assert len(secret) == 32
     for line in lines:
         assert secret not in line and "sk-upstreamsecret" not in line and "s" * 32 not in line
     access = [orjson.loads(line) for line in lines if '"logger":"tierq.access"' in line]
     served = next(a for a in access if a.get("client_request_id") == "trace-7")
     assert served["request_id"] == h["x-tierq-request-id"] and served["status"] == 200
     assert served["model"] == PRIORITY_MODEL and served["tier"] == "priority"
-    assert served["outcome"] == "served" and served["key_id"] == token.split("-")[1]
+    assert served["outcome"] == "served" and served["key_id"] == public_id
     assert served["path"] == "/v1/chat/completions" and served["level"] == "info"
     assert served["ts"].endswith("Z") and float(served["cost"]) > 0
     assert any(a["status"] == 401 and "model" not in a for a in access)
