@@ -1,0 +1,514 @@
+"""tierq's TOML configuration: parsed, strictly validated, frozen.
+
+`load_config(path)` reads one file (sections server, ledger, pricing, upstreams,
+models with [models.admission], keys); `default_config()` is the embedded
+default. Any problem raises ConfigError, whose str is one line naming the file
+and the key path, so `tierq serve` can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final, Literal, cast, get_args
+
+import yarl
+
+from tierq.catalog import builtin_prices
+from tierq.ledger import sqlite_path
+from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER
+
+__all__ = [
+    "AdmissionConfig",
+    "Config",
+    "ConfigError",
+    "KeysConfig",
+    "LedgerConfig",
+    "ModelConfig",
+    "PricingConfig",
+    "ServerConfig",
+    "SimSettings",
+    "UpstreamConfig",
+    "UpstreamKind",
+    "default_config",
+    "load_config",
+]
+
+UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
+# Ledger durability (tierq.ledger): "process" = WAL + synchronous=NORMAL (a
+# committed row survives kill -9), "power" = synchronous=FULL (survives power loss).
+Durability = Literal["process", "power"]
+DEFAULT_LEDGER_URL: Final = "sqlite:///tierq.db"
+SIM_UPSTREAM: Final = "sim"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; str(e) is `file: key.path: problem` on one line."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__((where + problem).replace("\n", " "))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    # Largest request body accepted (413 beyond). Chat prompts with inline
+    # images are the big ones; 8 MiB leaves room for a few.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Time allowed to receive a request body once its headers are in (408 beyond).
+    body_timeout_s: float = 30.0
+    # Idle keep-alive bound. aiohttp arms this timer when a connection opens and
+    # after each response and closes the connection if a request's headers are
+    # still incomplete when it fires: it is also the header read timeout.
+    keepalive_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    url: str = DEFAULT_LEDGER_URL
+    durability: Durability = "process"
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    """An in-process simulated backend (upstream kind "sim")."""
+
+    slots: int = 8
+    ttft_ms: float = 50.0
+    tokens_per_s: float = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    # "" for kind "sim": the in-process sim's URL is only known once it listens.
+    base_url: str
+    kind: UpstreamKind = "openai"
+    priority_scheduling: bool = False
+    # Managed credential: the gateway sends `Bearer $api_key_env`. Without it the
+    # client may bring its own in the `x-upstream-authorization` header.
+    api_key_env: str | None = None
+    connect_timeout_s: float = 10.0
+    # Longest silence between two reads of an upstream response (a stream's
+    # chunks included), not a bound on the whole response.
+    read_timeout_s: float = 300.0
+    # Connection pool size; by default the sum of its models' max_concurrency.
+    max_connections: int | None = None
+    sim: SimSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Settings of one pool's tierq.Admission; every key optional (DESIGN.md)."""
+
+    max_concurrency: int = 64
+    queue_depth: int = 1024
+    max_wait_ms_default: int = 30000
+    max_wait_ms_priority: int = 60000
+    rate: float | None = None
+    burst: int | None = None
+    priority_reserve: float = 0.2
+    default_min_share: float = 0.0
+
+    def admission_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for tierq.Admission."""
+        return {
+            "max_concurrency": self.max_concurrency,
+            "queue_depth": self.queue_depth,
+            "max_wait_ms": {
+                "default": self.max_wait_ms_default,
+                "priority": self.max_wait_ms_priority,
+            },
+            "rate": self.rate,
+            "burst": self.burst,
+            "priority_reserve": self.priority_reserve,
+            "default_min_share": self.default_min_share,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    id: str
+    upstream: str
+    priority: bool | None = None  # None: the built-in flag (false if not built in)
+    input_per_m: Decimal | None = None  # None: the built-in price
+    output_per_m: Decimal | None = None
+    upstream_model: str | None = None  # name sent upstream, if not `id`
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    # The API key store (tierq.keys). None: no keys, loopback-only serving.
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()  # empty: serve the whole built-in catalog
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    source: str | None = None  # the file it came from; None for the embedded default
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+
+def default_config() -> Config:
+    """The embedded default: built-in catalog, in-process sim, ./tierq.db."""
+    return Config(upstreams=(_sim_upstream(),))
+
+
+def _sim_upstream() -> UpstreamConfig:
+    return UpstreamConfig(name=SIM_UPSTREAM, base_url="", kind="sim", sim=SimSettings())
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a tierq TOML file."""
+    file = str(path)
+    try:
+        raw = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not UTF-8 text") from None
+    try:
+        # parse_float=Decimal keeps prices exactly as written.
+        data = tomllib.loads(raw, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"invalid TOML: {e}") from None
+    return _Parser(file).config(data)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _show(value: object) -> str:
+    """How a bad value is quoted in an error: as it would read in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        text = f'"{escaped}"'
+        return text if len(text) <= 60 else text[:57] + '..."'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+class _Table:
+    """One TOML table being validated; every read names its key path."""
+
+    def __init__(self, parser: _Parser, data: Mapping[str, Any], path: str) -> None:
+        self.p = parser
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.p.file, self.key(name), problem)
+
+    def get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                raise self.fail(name, "unknown key")
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        v = self.get(name)
+        if v is None:
+            if required:
+                raise self.fail(name, "required")
+            return default
+        if not isinstance(v, str):
+            raise self.fail(name, f"expected a string, got {_show(v)}")
+        if not v:
+            raise self.fail(name, "must not be empty")
+        return v
+
+    def boolean(self, name: str, default: bool | None) -> bool | None:
+        v = self.get(name)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.fail(name, f"expected true or false, got {_show(v)}")
+        return v
+
+    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
+        v = self.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(name, f"expected an integer, got {_show(v)}")
+        if not lo <= v <= hi:
+            raise self.fail(name, f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def number(
+        self, name: str, default: float | None, lo: float, hi: float, *, lo_open: bool = False
+    ) -> float | None:
+        v = self.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, Decimal)):
+            raise self.fail(name, f"expected a number, got {_show(v)}")
+        f = float(v)
+        if not math.isfinite(f) or f < lo or f > hi or (lo_open and f == lo):
+            bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+            raise self.fail(name, f"must be {bound} and at most {hi:g}, got {v}")
+        return f
+
+    def amount(self, name: str) -> Decimal | None:
+        """A price or multiplier: a string ("1.5") or a number, kept exact."""
+        v = self.get(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int, Decimal)):
+            raise self.fail(name, f'expected a decimal string such as "1.5", got {_show(v)}')
+        try:
+            d = Decimal(v) if not isinstance(v, str) else Decimal(v.strip())
+        except InvalidOperation:
+            raise self.fail(name, f"not a decimal number: {_show(v)}") from None
+        if not d.is_finite() or d < 0:
+            raise self.fail(name, f"must be a finite amount >= 0, got {_show(v)}")
+        return d
+
+    def table(self, name: str) -> _Table:
+        v = self.get(name)
+        if v is None:
+            v = {}
+        if not isinstance(v, dict):
+            raise self.fail(name, f"expected a table, got {_show(v)}")
+        return _Table(self.p, v, self.key(name))
+
+    def array_of_tables(self, name: str) -> list[_Table]:
+        v = self.get(name)
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise self.fail(name, f"expected an array of tables ([[{name}]]), got {_show(v)}")
+        out = []
+        for i, item in enumerate(v):
+            where = f"{self.key(name)}[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(self.p.file, where, f"expected a table, got {_show(item)}")
+            out.append(_Table(self.p, item, where))
+        return out
+
+
+class _Parser:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def config(self, data: dict[str, Any]) -> Config:
+        top = _Table(self, data, "")
+        server = self.server(top.table("server"))
+        ledger = self.ledger(top.table("ledger"))
+        pricing = self.pricing(top.table("pricing"))
+        upstream_tables = top.array_of_tables("upstreams")
+        upstreams = tuple(self.upstream(t) for t in upstream_tables)
+        if not upstreams:
+            # No [[upstreams]]: the file tunes server/ledger/etc. and the gateway
+            # keeps the in-process sim, as with no file at all.
+            upstreams = (_sim_upstream(),)
+        seen: dict[str, int] = {}
+        for i, u in enumerate(upstreams):
+            if u.name in seen:
+                raise ConfigError(self.file, f"upstreams[{i}].name",
+                                  f'duplicate upstream name "{u.name}" (also upstreams[{seen[u.name]}])')
+            seen[u.name] = i
+        models = tuple(self.model(t, upstreams) for t in top.array_of_tables("models"))
+        ids: dict[str, int] = {}
+        for i, m in enumerate(models):
+            if m.id in ids:
+                raise ConfigError(self.file, f"models[{i}].id",
+                                  f'duplicate model id "{m.id}" (also models[{ids[m.id]}])')
+            ids[m.id] = i
+        keys = self.keys(top.table("keys"))
+        top.done()
+        return Config(server, ledger, pricing, upstreams, models, keys, self.file)
+
+    def server(self, t: _Table) -> ServerConfig:
+        d = ServerConfig()
+        host = t.string("host", d.host)
+        port = t.integer("port", d.port, 0, 65535)
+        workers = t.integer("workers", d.workers, 1, 1024)
+        max_body = t.integer("max_body_bytes", d.max_body_bytes, 1024, 1 << 30)
+        body_timeout = t.number("body_timeout_s", d.body_timeout_s, 0.0, 3600.0, lo_open=True)
+        keepalive = t.number("keepalive_timeout_s", d.keepalive_timeout_s, 0.0, 3600.0, lo_open=True)
+        t.done()
+        return ServerConfig(
+            _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive)
+        )
+
+    def ledger(self, t: _Table) -> LedgerConfig:
+        url = _s(t.string("url", DEFAULT_LEDGER_URL))
+        try:
+            sqlite_path(url)  # the one place that knows which ledger URLs are built
+        except ValueError as e:
+            raise t.fail("url", str(e)) from None
+        durability = _s(t.string("durability", "process"))
+        if durability not in get_args(Durability):
+            raise t.fail("durability", f'expected "process" or "power", got {_show(durability)}')
+        t.done()
+        return LedgerConfig(url, cast(Durability, durability))
+
+    def pricing(self, t: _Table) -> PricingConfig:
+        mult = t.amount("priority_multiplier")
+        if mult is not None and mult < 1:
+            # A priority tier cheaper than default would pay users to jump the queue.
+            raise t.fail("priority_multiplier", f"must be at least 1, got \"{mult}\"")
+        t.done()
+        return PricingConfig(mult if mult is not None else DEFAULT_PRIORITY_MULTIPLIER)
+
+    def upstream(self, t: _Table) -> UpstreamConfig:
+        name = _s(t.string("name", required=True))
+        kind = _s(t.string("kind", "openai"))
+        if kind not in get_args(UpstreamKind):
+            raise t.fail("kind", f'expected one of "openai", "vllm", "sglang", "trtllm", "sim", got {_show(kind)}')
+        base_url = t.string("base_url")
+        sim: SimSettings | None = None
+        if kind == "sim":
+            if base_url is not None:
+                raise t.fail("base_url", 'not allowed for kind "sim" (the in-process sim picks a free loopback port)')
+            base_url = ""
+            st = t.table("sim")
+            d = SimSettings()
+            sim = SimSettings(
+                _i(st.integer("slots", d.slots, 1, 100000)),
+                _f(st.number("ttft_ms", d.ttft_ms, 0.0, 600000.0)),
+                _f(st.number("tokens_per_s", d.tokens_per_s, 0.0, 1e9)),
+            )
+            st.done()
+        else:
+            if t.has("sim"):
+                t.get("sim")
+                raise t.fail("sim", 'only allowed for kind "sim"')
+            if base_url is None:
+                raise t.fail("base_url", "required")
+            base_url = self.base_url(t, base_url)
+        d_up = UpstreamConfig(name="", base_url="")
+        # The sim takes vLLM's int `priority`, so it can stand in for a vLLM engine.
+        priority_scheduling = bool(t.boolean("priority_scheduling", False))
+        api_key_env = t.string("api_key_env")
+        connect = _f(t.number("connect_timeout_s", d_up.connect_timeout_s, 0.0, 600.0, lo_open=True))
+        read = _f(t.number("read_timeout_s", d_up.read_timeout_s, 0.0, 86400.0, lo_open=True))
+        max_conn = t.integer("max_connections", None, 1, 100000)
+        t.done()
+        return UpstreamConfig(
+            name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
+            connect, read, max_conn, sim,
+        )
+
+    def base_url(self, t: _Table, value: str) -> str:
+        try:
+            url = yarl.URL(value)
+        except ValueError:
+            raise t.fail("base_url", f"not a URL: {_show(value)}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise t.fail("base_url", f"expected an http:// or https:// URL with a host, got {_show(value)}")
+        if url.user is not None or url.password is not None:
+            raise t.fail("base_url", "must not carry credentials (use api_key_env)")
+        if url.query_string or url.fragment:
+            raise t.fail("base_url", "must not have a query or fragment")
+        return value.rstrip("/")
+
+    def model(self, t: _Table, upstreams: tuple[UpstreamConfig, ...]) -> ModelConfig:
+        model_id = _s(t.string("id", required=True))
+        upstream = t.string("upstream")
+        names = [u.name for u in upstreams]
+        if upstream is None:
+            if len(upstreams) > 1:
+                raise t.fail("upstream", "required when more than one upstream is declared")
+            upstream = names[0]
+        elif upstream not in names:
+            raise t.fail("upstream", f'unknown upstream "{upstream}" (declared: {", ".join(names)})')
+        priority = t.boolean("priority", None)
+        input_per_m = t.amount("input_per_m")
+        output_per_m = t.amount("output_per_m")
+        if model_id not in builtin_prices():
+            for name, v in (("input_per_m", input_per_m), ("output_per_m", output_per_m)):
+                if v is None:
+                    raise t.fail(name, "required for a model not in the built-in catalog")
+        upstream_model = t.string("upstream_model")
+        admission = self.admission(t.table("admission"))
+        t.done()
+        return ModelConfig(model_id, upstream, priority, input_per_m, output_per_m,
+                           upstream_model, admission)
+
+    def admission(self, t: _Table) -> AdmissionConfig:
+        d = AdmissionConfig()
+        max_conc = _i(t.integer("max_concurrency", d.max_concurrency, 1, 1_000_000))
+        depth = _i(t.integer("queue_depth", d.queue_depth, 0, 10_000_000))
+        wait_default, wait_priority = d.max_wait_ms_default, d.max_wait_ms_priority
+        if t.has("max_wait_ms") and isinstance(t.data["max_wait_ms"], dict):
+            wt = t.table("max_wait_ms")
+            wait_default = _i(wt.integer("default", wait_default, 0, 86_400_000))
+            wait_priority = _i(wt.integer("priority", wait_priority, 0, 86_400_000))
+            wt.done()
+        elif t.has("max_wait_ms"):
+            v = t.integer("max_wait_ms", None, 0, 86_400_000)
+            wait_default = wait_priority = _i(v)
+        rate = t.number("rate", None, 0.0, 1e9, lo_open=True)
+        burst = t.integer("burst", None, 1, 1_000_000_000)
+        if burst is not None and rate is None:
+            raise t.fail("burst", "needs rate (burst is the token bucket's size)")
+        reserve = _f(t.number("priority_reserve", d.priority_reserve, 0.0, 1.0))
+        share = _f(t.number("default_min_share", d.default_min_share, 0.0, 1.0))
+        t.done()
+        return AdmissionConfig(max_conc, depth, wait_default, wait_priority, rate, burst,
+                               reserve, share)
+
+    def keys(self, t: _Table) -> KeysConfig:
+        path = t.string("path")
+        t.done()
+        return KeysConfig(path)
+
+
+# The _Table readers return Optional because a default may be None; these
+# narrow where the default given was not None.
+def _s(v: str | None) -> str:
+    assert v is not None
+    return v
+
+
+def _i(v: int | None) -> int:
+    assert v is not None
+    return v
+
+
+def _f(v: float | None) -> float:
+    assert v is not None
+    return v

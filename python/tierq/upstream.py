@@ -1,0 +1,240 @@
+"""Talking to upstream engines: pooled connections and request rewriting.
+
+`UpstreamClient` owns one pooled aiohttp.ClientSession per upstream (keep-alive,
+never following redirects, bounded connect and read time, managed or
+client-supplied credential). `rewrite_request` turns a client body into the
+body an upstream of a given kind accepts, with the applied tier in its terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import yarl
+
+from tierq.config import UpstreamConfig
+
+__all__ = [
+    "BYO_HEADER",
+    "ENGINE_PRIORITY",
+    "RewriteInfo",
+    "FORWARD_ENDPOINTS",
+    "UpstreamClient",
+    "match_forward_target",
+    "rewrite_request",
+]
+
+log = logging.getLogger("tierq.upstream")
+
+# Endpoints reachable through /v1/forward (the rest of the target's path).
+FORWARD_ENDPOINTS: Final = frozenset({"chat/completions", "completions", "embeddings"})
+
+# Bring-your-own key: a client of an upstream without a managed credential
+# passes its own upstream key here ("Bearer sk-..." or the bare key);
+# `Authorization` carries the tierq key and is never forwarded.
+BYO_HEADER: Final = "x-upstream-authorization"
+
+# The applied tier in each engine's own terms, sent only when the upstream is
+# declared with priority_scheduling = true (an engine without priority
+# scheduling rejects a non-default value: vLLM errors on priority != 0).
+#   vLLM `priority`: int, lower runs first, 0 is the engine default. Priority
+#     gets -10, leaving room for operators to slot their own levels between.
+#   SGLang `priority`: int, higher first by default
+#     (--schedule-low-priority-values-first flips it): 10 vs 0.
+#   TensorRT-LLM `priority`: float in [0, 1], higher first, engine default 0.5.
+# The sim validates vLLM's int form, so it stands in for a vLLM engine.
+ENGINE_PRIORITY: Final[dict[str, dict[str, int | float]]] = {
+    "vllm": {"priority": -10, "default": 0},
+    "sim": {"priority": -10, "default": 0},
+    "sglang": {"priority": 10, "default": 0},
+    "trtllm": {"priority": 1.0, "default": 0.5},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteInfo:
+    stream: bool
+    # Whether the client itself asked for stream_options.include_usage: the
+    # gateway always asks the upstream for it (streams are billed from real
+    # usage) and strips the usage-only chunk when the client did not.
+    client_wants_usage: bool
+
+
+def rewrite_request(
+    body: dict[str, Any],
+    *,
+    kind: str,
+    priority_scheduling: bool,
+    applied_tier: str,
+    endpoint: str,
+    upstream_model: str,
+) -> RewriteInfo:
+    """Rewrite a parsed client body in place for the upstream; see module doc.
+
+    - `model` becomes the upstream's name for the model;
+    - the client's `service_tier` is never forwarded as sent: kind "openai"
+      with priority_scheduling gets "priority" only when priority was applied
+      (so a hosted provider bills its premium only when tierq does); every
+      engine kind gets none (TensorRT-LLM rejects unknown fields, vLLM warns);
+    - a client-supplied engine `priority` is dropped (priority is bought with
+      the tier, not set directly); with priority_scheduling the engine gets the
+      applied tier in its terms (chat and completions; for embeddings only
+      vLLM/sim take it);
+    - streams always ask for stream_options.include_usage.
+    """
+    body["model"] = upstream_model
+    body.pop("service_tier", None)
+    body.pop("priority", None)
+    if priority_scheduling:
+        if kind == "openai":
+            if applied_tier == "priority":
+                body["service_tier"] = "priority"
+        elif kind in ENGINE_PRIORITY and (endpoint != "embeddings" or kind in ("vllm", "sim")):
+            body["priority"] = ENGINE_PRIORITY[kind][applied_tier]
+    stream = body.get("stream") is True
+    client_wants_usage = False
+    if stream:
+        opts = body.get("stream_options")
+        if isinstance(opts, dict):
+            client_wants_usage = opts.get("include_usage") is True
+            body["stream_options"] = {**opts, "include_usage": True}
+        else:
+            body["stream_options"] = {"include_usage": True}
+    return RewriteInfo(stream, client_wants_usage)
+
+
+class UpstreamClient:
+    """One upstream: its base URL, credential and pooled session.
+
+    Call `start()` inside the event loop that will use it and `close()` at
+    shutdown (the app does both in its cleanup context).
+    """
+
+    def __init__(self, config: UpstreamConfig, base_url: str, pool_size: int) -> None:
+        self.config = config
+        self.name = config.name
+        self.base_url = base_url.rstrip("/")
+        self.pool_size = max(1, pool_size)
+        self._session: aiohttp.ClientSession | None = None
+        key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        # Read once at start-up; never logged, never put in the ledger.
+        self._managed_auth = f"Bearer {key}" if key else None
+        self.managed = config.api_key_env is not None
+
+    async def start(self) -> None:
+        if self.managed and self._managed_auth is None:
+            log.warning("upstream %s: $%s is not set; requests go without a credential",
+                        self.name, self.config.api_key_env)
+        connector = aiohttp.TCPConnector(
+            # Every admitted request holds one connection, so the pool is sized
+            # from the admission limits of the models this upstream serves.
+            limit=self.pool_size,
+            limit_per_host=self.pool_size,
+            keepalive_timeout=30.0,
+            ttl_dns_cache=300,
+            enable_cleanup_closed=False,
+        )
+        # TCP_NODELAY: aiohttp sets it on every connection it makes
+        # (BaseProtocol.connection_made calls tcp_nodelay(transport, True)), so
+        # small SSE chunks are not held back by Nagle's algorithm.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.config.connect_timeout_s,
+                sock_read=self.config.read_timeout_s,
+            ),
+            # The gateway forwards bytes and parses JSON itself; decompressing is
+            # left on so a gzip-ing upstream still yields JSON.
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
+    def url(self, endpoint: str) -> str:
+        """The upstream URL of an endpoint such as "chat/completions"."""
+        return f"{self.base_url}/{endpoint}"
+
+    def headers(self, client_upstream_auth: str | None) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.managed:
+            if self._managed_auth is not None:
+                h["Authorization"] = self._managed_auth
+        elif client_upstream_auth:
+            value = client_upstream_auth.strip()
+            h["Authorization"] = value if value.lower().startswith("bearer ") else f"Bearer {value}"
+        return h
+
+    @contextlib.asynccontextmanager
+    async def post(
+        self, endpoint: str, body: bytes, client_upstream_auth: str | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST a JSON body: `async with client.post(...) as resp:`.
+
+        Leaving the block before the body is read closes the connection, which
+        is how an abandoned stream cancels the upstream's generation.
+        """
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name!r} is not started")
+        async with self._session.post(
+            self.url(endpoint),
+            data=body,
+            headers=self.headers(client_upstream_auth),
+            # An upstream redirect is never followed: it could point anywhere,
+            # and the credential would follow it.
+            allow_redirects=False,
+        ) as resp:
+            yield resp
+
+
+def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, str] | None:
+    """(upstream name, endpoint) if `target` lies under a configured base URL.
+
+    The target must have the base's scheme, its host exactly as written (no
+    resolution, so no IP or alias of it), its port, and its path followed by
+    "/" and one of FORWARD_ENDPOINTS. Anything ambiguous (credentials, query,
+    fragment, dot segments, encoded slashes or backslashes) is refused, so
+    what is checked is exactly what is connected to. None means 403.
+    """
+    if not target or any(c in target for c in "\\@#?") or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in target):
+        return None
+    lowered = target.lower()
+    if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered:
+        return None
+    try:
+        url = yarl.URL(target, encoded=True)
+    except ValueError:
+        return None
+    if not url.absolute or url.raw_host is None:
+        return None
+    for name, base in bases.items():
+        if not base:
+            continue
+        b = yarl.URL(base, encoded=True)
+        if url.scheme != b.scheme or (url.raw_host or "").lower() != (b.raw_host or "").lower():
+            continue
+        if url.port != b.port:
+            continue
+        prefix = b.raw_path.rstrip("/") + "/"
+        path = url.raw_path
+        if not path.startswith(prefix):
+            continue
+        endpoint = path[len(prefix):]
+        if endpoint in FORWARD_ENDPOINTS:
+            return name, endpoint
+    return None

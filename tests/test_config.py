@@ -1,0 +1,158 @@
+"""Config loading, strict validation, and the catalog it resolves to."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tierq.catalog import Catalog, builtin_prices, builtin_priority
+from tierq.config import ConfigError, default_config, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tierq.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "tierq.toml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_example_config_loads_with_every_section() -> None:
+    cfg = load_config(EXAMPLE)
+    assert [u.name for u in cfg.upstreams] == ["local", "deepinfra", "sim"]
+    assert cfg.pricing.priority_multiplier == Decimal("1.5")
+    llama = cfg.models[0]
+    assert llama.admission.max_concurrency == 8
+    assert llama.admission.max_wait_ms_priority == 60000
+    assert llama.admission.rate == 100.0 and llama.admission.burst == 200
+    assert cfg.keys.path == "tierq.db"
+    catalog = Catalog.from_config(cfg)
+    assert list(catalog) == [
+        "meta-llama/Meta-Llama-3.1-8B-Instruct", "zai-org/GLM-5.2", "my-org/finetune-7b"
+    ]
+    assert catalog["meta-llama/Meta-Llama-3.1-8B-Instruct"].upstream_model == "llama-3.1-8b"
+    assert catalog["my-org/finetune-7b"].prices.output_per_m == Decimal("0.10")
+
+
+def test_default_config_serves_whole_builtin_catalog_on_in_process_sim() -> None:
+    cfg = default_config()
+    assert cfg.source is None
+    assert cfg.ledger.url == "sqlite:///tierq.db"
+    assert [(u.name, u.kind) for u in cfg.upstreams] == [("sim", "sim")]
+    catalog = Catalog.from_config(cfg)
+    assert len(catalog) == len(builtin_prices()) == 52
+    assert {m.upstream for m in catalog.values()} == {"sim"}
+
+
+def test_builtin_priority_covers_the_vllm_bulk_not_turbo_or_deepseek_671b() -> None:
+    enabled = [m for m in builtin_prices() if builtin_priority(m)]
+    assert len(enabled) == 37
+    assert builtin_priority("meta-llama/Meta-Llama-3.1-8B-Instruct")
+    assert builtin_priority("deepseek-ai/DeepSeek-R1-Distill-Llama-70B")
+    assert not builtin_priority("meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo")
+    assert not builtin_priority("deepseek-ai/DeepSeek-V3.1")
+
+
+def test_builtin_prices_match_the_seed_table() -> None:
+    p = builtin_prices()["mistralai/Mistral-7B-Instruct-v0.3"]
+    assert (p.input_per_m, p.output_per_m) == (Decimal("0.028"), Decimal("0.054"))
+
+
+def test_config_model_overrides_builtin_price_and_flag(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[[models]]
+id = "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+priority = true
+input_per_m = 0.5
+"""))
+    m = Catalog.from_config(cfg)["meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"]
+    assert m.priority is True
+    assert m.prices.input_per_m == Decimal("0.5")
+    assert m.prices.output_per_m == Decimal("0.03")  # built-in
+    assert m.upstream == "sim"  # the implied in-process sim
+
+
+def test_single_max_wait_applies_to_both_lanes(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[[models]]
+id = "zai-org/GLM-5.2"
+[models.admission]
+max_wait_ms = 500
+"""))
+    a = cfg.models[0].admission
+    assert (a.max_wait_ms_default, a.max_wait_ms_priority) == (500, 500)
+    assert a.admission_kwargs()["max_wait_ms"] == {"default": 500, "priority": 500}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nrate = "fast"\n',
+         'tierq.toml: models[0].admission.rate: expected a number, got "fast"'),
+        ('[server]\nprot = 80\n', "tierq.toml: server.prot: unknown key"),
+        ('[server]\nport = "80"\n', 'tierq.toml: server.port: expected an integer, got "80"'),
+        ('[server]\nport = 70000\n', "tierq.toml: server.port: must be between 0 and 65535, got 70000"),
+        ('[bogus]\nx = 1\n', "tierq.toml: bogus: unknown key"),
+        ('[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n'
+         '[[models]]\nid = "zai-org/GLM-5.2"\nupstream = "b"\n',
+         'tierq.toml: models[0].upstream: unknown upstream "b" (declared: a)'),
+        ('[[upstreams]]\nname = "a"\nbase_url = "http://x/v1"\n'
+         '[[upstreams]]\nname = "a"\nbase_url = "http://y/v1"\n',
+         'tierq.toml: upstreams[1].name: duplicate upstream name "a" (also upstreams[0])'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[[models]]\nid = "zai-org/GLM-5.2"\n',
+         'tierq.toml: models[1].id: duplicate model id "zai-org/GLM-5.2" (also models[0])'),
+        ('[[models]]\nid = "new/model"\noutput_per_m = "1"\n',
+         "tierq.toml: models[0].input_per_m: required for a model not in the built-in catalog"),
+        ('[[upstreams]]\nname = "a"\nbase_url = "ftp://x/v1"\n',
+         'tierq.toml: upstreams[0].base_url: expected an http:// or https:// URL with a host, got "ftp://x/v1"'),
+        ('[[upstreams]]\nname = "a"\nbase_url = "http://x/v1"\nkind = "tgi"\n',
+         'tierq.toml: upstreams[0].kind: expected one of "openai", "vllm", "sglang", "trtllm", "sim", got "tgi"'),
+        ('[[upstreams]]\nname = "a"\nbase_url = "http://u:p@x/v1"\n',
+         "tierq.toml: upstreams[0].base_url: must not carry credentials (use api_key_env)"),
+        ('[pricing]\npriority_multiplier = "abc"\n',
+         'tierq.toml: pricing.priority_multiplier: not a decimal number: "abc"'),
+        ('[pricing]\npriority_multiplier = true\n',
+         'tierq.toml: pricing.priority_multiplier: expected a decimal string such as "1.5", got true'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\npriority = "yes"\n',
+         'tierq.toml: models[0].priority: expected true or false, got "yes"'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { default = 1, lowest = 2 }\n',
+         "tierq.toml: models[0].admission.max_wait_ms.lowest: unknown key"),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nburst = 5\n',
+         "tierq.toml: models[0].admission.burst: needs rate (burst is the token bucket's size)"),
+        ('[[models]]\nupstream = "sim"\n', "tierq.toml: models[0].id: required"),
+        ('models = 3\n', "tierq.toml: models: expected an array of tables ([[models]]), got 3"),
+        ('[ledger]\nurl = "mysql://x"\n',
+         "tierq.toml: ledger.url: ledger url scheme 'mysql' is not supported; "
+         "use sqlite:///relative.db or sqlite:////absolute/path.db"),
+        ('[ledger]\ndurability = "normal"\n',
+         'tierq.toml: ledger.durability: expected "process" or "power", got "normal"'),
+    ],
+)
+def test_config_errors_are_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert error_of(tmp_path, text).replace(str(tmp_path) + "/", "") == expected
+
+
+def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[server\n")
+    assert message.startswith(str(tmp_path / "tierq.toml") + ": invalid TOML:")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_prices_keep_toml_floats_exact(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[[models]]\nid = "x/y"\ninput_per_m = 0.1\noutput_per_m = 0.30\n'))
+    assert cfg.models[0].input_per_m == Decimal("0.1")
+    assert cfg.models[0].output_per_m == Decimal("0.30")

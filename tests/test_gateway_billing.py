@@ -1,0 +1,130 @@
+"""Billed == echoed, over a randomized mixed load with sheds and hang-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from conftest import PLAIN_MODEL, PRIORITY_MODEL, GatewayFactory, exact_json, model_config
+
+from tierq.catalog import builtin_prices
+from tierq.pricing import cost
+
+TIERS = [None, "auto", "default", "flex", "scale", "priority", "fast"]
+
+
+@dataclass
+class Outcome:
+    model: str
+    requested: str | None
+    endpoint: str
+    stream: bool
+    hang_up: bool
+    status: int = 0
+    request_id: str = ""
+    header_tier: str = ""
+    echoed_tiers: set[str] = field(default_factory=set)
+    echoed_cost: Decimal | None = None
+    done: bool = False
+
+
+def make_case(rng: random.Random) -> Outcome:
+    endpoint = rng.choice(["chat/completions", "chat/completions", "completions", "embeddings"])
+    stream = endpoint != "embeddings" and rng.random() < 0.6
+    return Outcome(model=rng.choice([PRIORITY_MODEL, PLAIN_MODEL]), requested=rng.choice(TIERS),
+                   endpoint=endpoint, stream=stream, hang_up=stream and rng.random() < 0.25)
+
+
+async def run_case(s: aiohttp.ClientSession, base: str, o: Outcome, rng: random.Random) -> None:
+    await asyncio.sleep(rng.random() * 0.5)  # arrivals spread over half a second
+    body: dict[str, Any] = {"model": o.model}
+    if o.endpoint == "chat/completions":
+        body |= {"messages": [{"role": "user", "content": "a b c d e"}], "max_tokens": rng.randint(1, 12)}
+    elif o.endpoint == "completions":
+        body |= {"prompt": "one two three", "max_tokens": rng.randint(1, 12)}
+    else:
+        body |= {"input": ["x y z"] * rng.randint(1, 3)}
+    if o.requested is not None:
+        body["service_tier"] = o.requested
+    if o.stream:
+        body["stream"] = True
+        if rng.random() < 0.5:
+            body["stream_options"] = {"include_usage": True}
+        if o.hang_up:
+            body["max_tokens"] = 400  # long enough to be cut short
+    resp = await s.post(f"{base}/{o.endpoint}", data=orjson.dumps(body),
+                        headers={"Content-Type": "application/json"})
+    o.status = resp.status
+    o.request_id = resp.headers["x-request-id"]
+    o.header_tier = resp.headers.get("x-tierq-service-tier", "")
+    if resp.status != 200 or not o.stream:
+        data = exact_json(await resp.read())
+        if resp.status == 200:
+            o.echoed_tiers.add(data["service_tier"])
+            o.echoed_cost = data["usage"]["estimated_cost"]
+        resp.release()
+        return
+    chunks = 0
+    async for line in resp.content:
+        if line.startswith(b"data: {"):
+            chunk = exact_json(line[6:])
+            o.echoed_tiers.add(chunk["service_tier"])
+            if chunk.get("usage"):
+                o.echoed_cost = chunk["usage"]["estimated_cost"]
+            chunks += 1
+            if o.hang_up and chunks >= 2:
+                resp.close()
+                return
+        elif line.startswith(b"data: [DONE]"):
+            o.done = True
+    resp.release()
+
+
+async def test_billed_equals_echoed_over_randomized_mixed_load(make_gateway: GatewayFactory) -> None:
+    rng = random.Random(20261122)
+    admission = {"max_concurrency": 3, "queue_depth": 8, "max_wait_ms_default": 400}
+    gw = await make_gateway(
+        models=[model_config(PRIORITY_MODEL, **admission), model_config(PLAIN_MODEL, **admission)],
+        sim={"slots": 6, "ttft_ms": 30.0, "tokens_per_s": 400.0})
+    cases = [make_case(rng) for _ in range(90)]
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(run_case(s, gw.url, o, random.Random(i)) for i, o in enumerate(cases)))
+    # Hang-ups are recorded when the gateway notices the disconnect: give it a moment.
+    for _ in range(200):
+        rows = await gw.rows()
+        if len(rows) == len(cases):
+            break
+        await asyncio.sleep(0.01)
+    by_id = {r.request_id: r for r in rows}
+    assert len(rows) == len(cases)  # one row per request decision, no more, no less
+    statuses = {"served": 0, "shed": 0, "cancelled": 0}
+    for o in cases:
+        row = by_id[o.request_id]
+        assert row.applied_tier == o.header_tier
+        assert row.requested_tier == o.requested
+        prices = builtin_prices()[o.model]
+        expected_tier = "priority" if o.requested in ("priority", "fast") and o.model == PRIORITY_MODEL else "default"
+        assert row.applied_tier == expected_tier
+        statuses[row.status] = statuses.get(row.status, 0) + 1
+        if o.status == 429:
+            assert row.status == "shed" and row.cost == 0 and row.completion_tokens == 0
+            continue
+        assert o.status == 200
+        assert o.echoed_tiers == {row.applied_tier}  # every chunk said the applied tier
+        assert row.cost == cost(row.prompt_tokens, row.completion_tokens, prices, row.applied_tier)
+        if o.hang_up:
+            assert row.status == "cancelled" and row.partial and 1 <= row.completion_tokens < 400
+        else:
+            assert row.status == "served" and not row.partial and o.done == o.stream
+            if o.echoed_cost is not None:
+                assert o.echoed_cost == row.cost
+            else:
+                assert o.stream  # only a stream without include_usage echoes no cost
+    # The mix really exercised every path.
+    assert statuses["served"] > 20 and statuses["shed"] > 0 and statuses["cancelled"] > 0
+    assert {r.applied_tier for r in rows} == {"priority", "default"}
