@@ -24,7 +24,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent.parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", BENCH / "results"))
 LOADGEN_DIR = BENCH / "common" / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "tierq-loadgen"
 PY = os.environ.get("PY", sys.executable)

@@ -34,7 +34,7 @@ def _row(cell: dict[str, Any], label: str, s: dict[str, Any]) -> list[Any]:
     return [
         cell["mode"], f"{cell['load']:g}x", f"{cell['share']:.0%}" if cell["mode"] == "tierq" else "–",
         label, s["n"], _pct(s["success"]), _pct(s["success_after_retry"]),
-        fmt(s["ttft_p50"], 0), fmt(s["ttft_p99"], 0), fmt(s["total_p50"], 0), fmt(s["total_p99"], 0),
+        fmt(s["ttft_p50"], 0), fmt(s["ttft_p99"], 0), fmt(s.get("queue_p99"), 0), fmt(s["total_p50"], 0), fmt(s["total_p99"], 0),
         _shed(s), f"{s['retry_got_in']}/{s['retried']}",
         (f"{_pct(s['ra_within_2x'])} (p50 {s['ra_ratio_p50']:.2f})" if s["retried"] and not math.isnan(s["ra_within_2x"]) else "–"),
         _pct(busy["busy_mean"]) if busy["busy_mean"] is not None else "no wait",
@@ -42,7 +42,7 @@ def _row(cell: dict[str, Any], label: str, s: dict[str, Any]) -> list[Any]:
 
 
 HEAD = ["path", "load", "priority share", "tier", "n", "ok", "ok incl. retry", "TTFT p50 ms",
-        "TTFT p99 ms", "total p50 ms", "total p99 ms", "sheds (429) by code",
+        "TTFT p99 ms", "queue p99 ms", "total p50 ms", "total p99 ms", "sheds (429) by code",
         "retries that got in", "actual wait within 2x of retry-after-ms", "sim busy while any wait"]
 
 

@@ -136,6 +136,9 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         "success": len(ok) / n if n else math.nan,
         "success_after_retry": (len(ok) + len(got_in)) / n if n else math.nan,
         "ttft_p50": h.pct(ttft, 50), "ttft_p99": h.pct(ttft, 99),
+        # Time spent in the gateway's admission queue (x-tierq-queue-ms), served requests.
+        "queue_p50": h.pct([a["qms"] for a in ok if "qms" in a], 50),
+        "queue_p99": h.pct([a["qms"] for a in ok if "qms" in a], 99),
         "total_p50": h.pct(total, 50), "total_p99": h.pct(total, 99),
         "shed": codes, "other_errors": other,
         "retried": len(retried), "retry_got_in": len(got_in),
