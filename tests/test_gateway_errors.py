@@ -214,3 +214,47 @@ async def test_api_keys_are_required_when_configured_and_key_id_is_billed(
     assert 1 <= int(headers["Retry-After"]) <= 60
     # The tierq key is never forwarded upstream.
     assert all(r["authorization_sha256"] is None for r in (await gw.sim_stats())["last_requests"])
+
+
+async def _slow_gateway(make_gateway: GatewayFactory, tmp_path: Path) -> Running:
+    from dataclasses import replace
+
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL),))
+    config = replace(config, server=replace(config.server, body_timeout_s=0.5,
+                                            keepalive_timeout_s=0.5))
+    return await make_gateway(config=config)
+
+
+async def test_headers_trickled_too_slowly_get_the_connection_closed(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    import asyncio
+    import time
+
+    gw = await _slow_gateway(make_gateway, tmp_path)
+    port = int(gw.root.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+    await writer.drain()
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), timeout=5.0) == b""  # closed by the gateway
+    assert 0.2 < time.monotonic() - t0 < 3.0
+    writer.close()
+
+
+async def test_body_trickled_too_slowly_is_408(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    import asyncio
+
+    gw = await _slow_gateway(make_gateway, tmp_path)
+    port = int(gw.root.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(4096), timeout=5.0)
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in head
+    writer.close()
+    assert await gw.rows() == []

@@ -1,32 +1,34 @@
 # Hand-written stub for the compiled module; `python -m mypy.stubtest tierq._core` keeps it honest.
-from typing import final
+from typing import Self, final
+
+__all__ = ["AdmissionCore", "ManualClock", "SHED_CODES", "TokenBucket"]
 
 SHED_CODES: list[str]
 
 @final
 class ManualClock:
-    def __init__(self, start_ns: int = 1_000_000_000) -> None: ...
+    def __new__(cls, start_ns: int = 1_000_000_000) -> Self: ...
     def now_ns(self) -> int: ...
     def advance_ns(self, ns: int) -> int: ...
     def advance(self, seconds: float) -> int: ...
 
 @final
 class TokenBucket:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         rate: float,
         burst: float | None = None,
         priority_reserve: float = 0.0,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def try_take(self, cost: int = 1, tier: str = "default") -> float | None: ...
     def adjust(self, delta: int) -> None: ...
     def available(self) -> float: ...
 
 @final
 class AdmissionCore:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         max_concurrency: int = 64,
         queue_depth: int = 1024,
         max_wait_ms_default: float = 30000.0,
@@ -36,7 +38,7 @@ class AdmissionCore:
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def admit(self, lane: int, cost: int) -> tuple[int, int, int, int]: ...
     def release(self) -> int | None: ...
     def dispatch(self) -> int | None: ...

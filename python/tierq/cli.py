@@ -41,6 +41,17 @@ log = logging.getLogger("tierq")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `usage` and `keys` belong to tierq.ledger / tierq.keys: hand them the rest
+    # of the line untouched (their own --help included).
+    if argv and argv[0] == "usage":
+        from tierq.ledger import usage_main
+
+        return usage_main(argv[1:])
+    if argv and argv[0] == "keys":
+        from tierq.keys import keys_main
+
+        return keys_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -84,13 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of requests sent with service_tier=priority (default 0.25)")
     s.set_defaults(func=_demo)
 
-    s = sub.add_parser("usage", help="spend by key, model and tier (tierq.ledger)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_usage)
-
-    s = sub.add_parser("keys", help="manage API keys (tierq.keys)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_keys)
+    # Listed for --help only; main() delegates them before parsing.
+    sub.add_parser("usage", help="spend by key, model and tier (see tierq usage --help)")
+    sub.add_parser("keys", help="create, list, revoke API keys (see tierq keys --help)")
 
     s = sub.add_parser("models", help="list served models with prices and the priority tag")
     s.add_argument("--config", help="TOML file (default: the built-in catalog)")
@@ -113,7 +120,9 @@ def _is_loopback_host(host: str) -> bool:
 def _describe(config: Config, catalog: Catalog) -> str:
     n_pri = sum(1 for m in catalog.values() if m.priority)
     ups = ", ".join(
-        f"{u.name} (in-process sim)" if u.kind == "sim" else f"{u.name} ({u.kind} {u.base_url})"
+        f"{u.name} (in-process simulated backend on a free loopback port: {u.sim.slots} slots, "
+        f"{u.sim.ttft_ms:g} ms to first token, {u.sim.tokens_per_s:g} tokens/s)"
+        if u.kind == "sim" and u.sim is not None else f"{u.name} ({u.kind} {u.base_url})"
         for u in config.upstreams)
     what = ("built-in catalog" if not config.models else "configured models")
     head = ("no config file: embedded default" if config.source is None
@@ -173,7 +182,7 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool) -> N
         await runner.cleanup()
 
 
-# ------------------------------------------------------------------ sim, usage, keys
+# ------------------------------------------------------------------ sim
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -181,18 +190,6 @@ def _sim(args: argparse.Namespace) -> int:
 
     run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s)
     return 0
-
-
-def _usage(args: argparse.Namespace) -> int:
-    from tierq.ledger import usage_main
-
-    return usage_main(list(args.rest))
-
-
-def _keys(args: argparse.Namespace) -> int:
-    from tierq.keys import keys_main
-
-    return keys_main(list(args.rest))
 
 
 # ------------------------------------------------------------------ models
