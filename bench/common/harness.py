@@ -127,6 +127,52 @@ def start_sim(name: str, slots: int, ttft_ms: float, tokens_per_s: float) -> Pro
     return p
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def pyspy_start(pid: int, seconds: int, raw: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        log("py-spy not installed: no profile")
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(seconds),
+                             "--format", "raw", "--rate", "200", "--nonblocking", "-o", str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pyspy_summary(raw: Path, title: str, out: Path) -> str | None:
+    """Top functions by own time and tierq functions by inclusive time, as text."""
+    if not raw.exists():
+        return None
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(count)
+        total += c
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+    if not total:
+        return None
+    lines = [f"py-spy: {title}; {total} samples at 200 Hz (idle included)\n", "\nTop by own time:\n"]
+    for f, c in sorted(own.items(), key=lambda x: -x[1])[:30]:
+        lines.append(f"{100*c/total:5.1f}%  {f}\n")
+    lines.append("\nTop tierq/aiohttp functions by inclusive time:\n")
+    for f, c in sorted(((f, c) for f, c in incl.items() if "tierq" in f or "aiohttp" in f),
+                       key=lambda x: -x[1])[:30]:
+        lines.append(f"{100*c/total:5.1f}%  {f}\n")
+    out.write_text("".join(lines))
+    return out.name
+
+
 def get_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())

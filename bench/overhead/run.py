@@ -323,43 +323,16 @@ def main() -> None:
 
 def run_profile(T: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
     """py-spy on tierq while it is saturated: the top functions by own time."""
-    spy = shutil.which("py-spy") or str(Path(h.PY).parent / "py-spy")
-    if not Path(spy).exists():
-        h.log("py-spy not installed: no profile")
-        return None
-    out = h.RESULTS / f"{args.name}-tierq-pyspy.txt"
     raw = h.TMP / "pyspy.raw"
     secs = max(3, int(args.sat_s))
-    spyp = subprocess.Popen([spy, "record", "--pid", str(T["tierq"]["pid"]), "--duration", str(secs),
-                             "--format", "raw", "--rate", "200", "--nonblocking", "-o", str(raw)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = h.pyspy_start(T["tierq"]["pid"], secs, raw)
+    if spy is None:
+        return None
     gen(T["tierq"]["static"] + PATH, "static-chat", T["tierq"]["headers"], mode="closed",
         concurrency=args.sat_conns, duration_s=secs + 1, grace_s=30)
-    spyp.wait(60)
-    if not raw.exists():
-        return None
-    own: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        c = int(count)
-        total += c
-        frames = stack.split(";")
-        own[frames[-1]] = own.get(frames[-1], 0) + c
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + c
-    lines = [f"py-spy, tierq saturated by {args.sat_conns} connections, {total} samples\n",
-             "\nTop by own time:\n"]
-    for f, c in sorted(own.items(), key=lambda x: -x[1])[:25]:
-        lines.append(f"{100*c/total:5.1f}%  {f}\n")
-    lines.append("\nTop tierq functions by inclusive time:\n")
-    for f, c in sorted(((f, c) for f, c in incl.items() if "tierq" in f), key=lambda x: -x[1])[:25]:
-        lines.append(f"{100*c/total:5.1f}%  {f}\n")
-    out.write_text("".join(lines))
-    return out.name
+    spy.wait(60)
+    return h.pyspy_summary(raw, f"tierq saturated by {args.sat_conns} connections (static backend)",
+                           h.RESULTS / f"{args.name}-tierq-pyspy.txt")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class Sampler:
     def __init__(self, sim_root: str, gw_root: str | None, every: float = 0.1) -> None:
         self.sim_root, self.gw_root, self.every = sim_root, gw_root, every
         self.samples: list[tuple[float, int, int, int]] = []
+        self.gw_probe_ms: list[float] = []  # /metrics round trip: the gateway's responsiveness
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
@@ -78,7 +79,10 @@ class Sampler:
         while not self._stop.wait(self.every):
             try:
                 s = h.get_json(self.sim_root + "/sim/stats", timeout=2)
+                t = time.monotonic()
                 gw = self._gw_waiting()
+                if self.gw_root is not None:
+                    self.gw_probe_ms.append((time.monotonic() - t) * 1000)
             except OSError:
                 continue
             self.samples.append((time.monotonic() - t0, s["generating"], s["waiting"], gw))
@@ -149,8 +153,9 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     }
 
 
-def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw_root: str | None,
-             rate: float, share: float, stream: bool) -> dict[str, Any]:
+def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.Proc | None,
+             rate: float, share: float, stream: bool, profile: str | None = None) -> dict[str, Any]:
+    gw_root = f"http://127.0.0.1:{gw.port}" if gw is not None else None
     h.post(f"http://127.0.0.1:{sim.port}/sim/reset")
     spec = {
         "url": url, "model": MODEL, "mode": "open", "rate": rate,
@@ -159,8 +164,23 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw_root
         "max_tokens": args.max_tokens, "retry": True, "timeout_s": args.duration + args.grace,
         "max_requests": int(rate * args.duration * 3 + 100),
     }
+    cpu0 = {n: h.cpu_seconds(p.pid) for n, p in (("sim", sim), ("gateway", gw)) if p is not None}
+    spy = raw = None
+    if profile and gw is not None:
+        raw = h.TMP / "overload-pyspy.raw"
+        spy = h.pyspy_start(gw.pid, int(args.duration), raw)
+    t0 = time.monotonic()
     with Sampler(f"http://127.0.0.1:{sim.port}", gw_root) as sampler:
         recs, summary = h.loadgen(spec)
+    wall = time.monotonic() - t0
+    # CPU each server used, in cores (1.0 = one core busy for the whole run).
+    cores = {n: (h.cpu_seconds(p.pid) - cpu0[n]) / wall
+             for n, p in (("sim", sim), ("gateway", gw)) if p is not None}
+    prof = None
+    if spy is not None and raw is not None:
+        spy.wait(60)
+        prof = h.pyspy_summary(raw, f"tierq during overload {rate:.0f} req/s, share {share}, "
+                               f"{'SSE' if stream else 'JSON'}", h.RESULTS / profile)
     stats = h.get_json(f"http://127.0.0.1:{sim.port}/sim/stats")
     late = [r["late"] for r in recs]
     out = {
@@ -169,6 +189,8 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw_root
         "sender_late_p99_ms": h.pct(late, 99),
         "sim_max_in_flight": stats["max_in_flight_seen"],
         "sim_max_generating": stats["max_generating_seen"],
+        "cpu_cores": cores, "profile": prof,
+        "gw_probe_p50_ms": h.pct(sampler.gw_probe_ms, 50), "gw_probe_p99_ms": h.pct(sampler.gw_probe_ms, 99),
         "busy": busy_while_waiting(sampler.samples, args.slots, args.warmup, args.duration),
         "priority": tier_stats([r for r in recs if r["p"]], args.warmup),
         "default": tier_stats([r for r in recs if not r["p"]], args.warmup),
@@ -201,6 +223,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--baselines", default="fifo,direct")
     ap.add_argument("--name", default="overload", help="results file stem")
+    ap.add_argument("--profile", action="store_true", help="py-spy the gateway in the heaviest 10%% JSON run")
     args = ap.parse_args()
 
     h.build_loadgen()
@@ -230,9 +253,9 @@ def main() -> None:
         gw.wait_ready()
         gw_root = f"http://127.0.0.1:{gw_port}"
         targets = {
-            "tierq": (gw_root + "/v1/chat/completions", gw_root),
-            "fifo": (gw_root + "/v1/chat/completions", gw_root),
-            "direct": (f"http://127.0.0.1:{sim.port}/v1/chat/completions", None),
+            "tierq": (gw_root + "/v1/chat/completions", True),
+            "fifo": (gw_root + "/v1/chat/completions", True),
+            "direct": (f"http://127.0.0.1:{sim.port}/v1/chat/completions", False),
         }
         plan = []
         for stream in streams:
@@ -243,14 +266,17 @@ def main() -> None:
                 for b in baselines:
                     plan.append((b, load, shares[-1], stream))
         for i, (mode, load, share, stream) in enumerate(plan):
-            url, root = targets[mode]
+            url, via_gw = targets[mode]
+            prof = (f"{args.name}-tierq-pyspy.txt" if args.profile and mode == "tierq" and load == max(loads)
+                    and share == min(shares) and not stream else None)
             h.log(f"[{i+1}/{len(plan)}] {mode} load {load}x share {share} stream {stream}")
-            cell = run_cell(args, mode, url, sim, root, load * capacity, share, stream)
+            cell = run_cell(args, mode, url, sim, gw if via_gw else None, load * capacity, share,
+                            stream, prof)
             cell["load"] = load
             cells.append(cell)
             p, d = cell["priority"], cell["default"]
             h.log(f"   pri ok {p['success']:.2f} ttft p99 {p['ttft_p99']:.0f} | def ok "
-                  f"{d['success']:.2f} ttft p99 {d['ttft_p99']:.0f} | busy {cell['busy']['busy_mean']}")
+                  f"{d['success']:.2f} ttft p99 {d['ttft_p99']:.0f} | busy {cell['busy']['busy_mean']} | cores {cell['cpu_cores']}")
     finally:
         h.stop_all(reversed(procs))
 
