@@ -127,10 +127,33 @@ def start_sim(name: str, slots: int, ttft_ms: float, tokens_per_s: float) -> Pro
     return p
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live descendants (nginx's worker), s."""
+    procs: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                procs[int(d.name)] = int(_stat(int(d.name))[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        for c, pp in procs.items():
+            if pp == p and c not in tree:
+                tree.add(c)
+                todo.append(c)
+    total = 0
+    for p in tree:
+        try:
+            total += sum(int(x) for x in _stat(p)[11:13])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pyspy_start(pid: int, seconds: int, raw: Path) -> subprocess.Popen[bytes] | None:

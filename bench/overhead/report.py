@@ -27,6 +27,11 @@ def _ratio(a: float, b: float) -> str:
     return "–" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
 
 
+def _cores(res: dict[str, Any], n: str, phase: str) -> str:
+    v = res.get("proxy_cores", {}).get(n, {}).get(phase, [])
+    return "–" if not v else f"{_med(v):.2f}"
+
+
 def derived(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     d: dict[str, dict[str, float]] = {}
     c1d, rd = res["c1"]["direct"], res["rate"]["direct"]
@@ -137,11 +142,11 @@ def write_report(res: dict[str, Any], name: str) -> None:
                      "–" if n == "direct" else fmt(d[n]["c1_add_p99"], 3),
                      fmt(res["rate"][n]["p50"], 2), fmt(res["rate"][n]["p99"], 2),
                      "–" if n == "direct" else fmt(d[n]["rate_add_p99"], 2),
-                     res["sat_errors"][n]])
+                     res["sat_errors"][n], _cores(res, n, "sat")])
     md.append(h.md_table(
         ["path", "req/s at saturation", "per round", "vs tierq", "1 conc p50 ms", "1 conc p99 ms",
          "added p50 ms", "added p99 ms", f"{a['rate']:g}/s p50 ms", f"{a['rate']:g}/s p99 ms",
-         f"{a['rate']:g}/s added p99 ms", "errors"], rows))
+         f"{a['rate']:g}/s added p99 ms", "errors", "proxy CPU at saturation, cores"], rows))
     if any(res["wrk_rps"].get(n) for n in names):
         md.append("\nCross-check with wrk (1 thread, same connections): " + ", ".join(
             f"{n} {_med(res['wrk_rps'][n]):.0f} req/s" for n in names if res["wrk_rps"].get(n)) + ".\n")
@@ -158,9 +163,9 @@ def write_report(res: dict[str, Any], name: str) -> None:
             continue
         srows.append([LABEL[n], s["started"], s["ok"], s["complete"], s["errors"], fmt(s["ttft_p99"], 1),
                       fmt(s["gap_p50"], 2), fmt(s["gap_p99"], 2), fmt(s["gap_max"], 1),
-                      "–" if n == "direct" else fmt(d[n]["gap_add_p99"], 2)])
+                      "–" if n == "direct" else fmt(d[n]["gap_add_p99"], 2), _cores(res, n, "streams")])
     md.append(h.md_table(["path", "streams started", "ok", "all tokens", "failed", "TTFT p99 ms",
-                          "gap p50 ms", "gap p99 ms", "gap max ms", "added p99 gap ms"], srows))
+                          "gap p50 ms", "gap p99 ms", "gap max ms", "added p99 gap ms", "proxy CPU, cores"], srows))
     md.append(f"\n{a['streams']} client streams held open at once (closed loop, started over 1 s).\n")
     md.append("\n## Targets\n")
     md.append(h.md_table(["target", "result", "measured"], targets(res, d)))

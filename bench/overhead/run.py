@@ -214,15 +214,16 @@ def main() -> None:
             gw.wait_ready()
             root = f"http://127.0.0.1:{port}"
             T["tierq"] = {"static": root, "sim": root, "headers": [["authorization", f"Bearer {token}"]],
-                          "pid": gw.pid}
+                          "pid": gw.pid, "pids": {"static": gw.pid, "sim": gw.pid}}
         if "forwarder" in names:
-            roots = {}
+            roots: dict[str, Any] = {"pids": {}}
             for kind, up in (("static", static_root), ("sim", sim_root)):
                 port = h.free_port()
                 p = h.Proc(f"forwarder-{kind}", [h.PY, str(HERE / "forwarder.py"), up, str(port)], port)
                 procs.append(p)
                 p.wait_ready(path="/v1/models")
                 roots[kind] = f"http://127.0.0.1:{port}"
+                roots["pids"][kind] = p.pid
             T["forwarder"] = {**roots, "headers": []}
         if "nginx" in names:
             p1, p2 = h.free_port(), h.free_port()
@@ -233,7 +234,8 @@ def main() -> None:
   server {{ listen 127.0.0.1:{p1}; location / {{ proxy_pass http://static_be; {common} }} }}
   server {{ listen 127.0.0.1:{p2}; location / {{ proxy_pass http://sim_be; {common} proxy_buffering off; }} }}""")
             procs.append(px)
-            T["nginx"] = {"static": f"http://127.0.0.1:{p1}", "sim": f"http://127.0.0.1:{p2}", "headers": []}
+            T["nginx"] = {"static": f"http://127.0.0.1:{p1}", "sim": f"http://127.0.0.1:{p2}", "headers": [],
+                          "pids": {"static": px.pid, "sim": px.pid}}
         if "litellm" in names:
             venv = Path(args.litellm_venv)
             if not (venv / "bin" / "litellm").exists():
@@ -241,13 +243,22 @@ def main() -> None:
             p, key = litellm(static_root, sim_root, venv)
             procs.append(p)
             T["litellm"] = {"static": f"http://127.0.0.1:{p.port}", "sim": f"http://127.0.0.1:{p.port}",
-                            "headers": [["authorization", f"Bearer {key}"]]}
+                            "headers": [["authorization", f"Bearer {key}"]],
+                            "pids": {"static": p.pid, "sim": p.pid}}
         names = [n for n in names if n in T]
 
-        def run(n: str, kind: str, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        cores: dict[str, dict[str, list[float]]] = {n: {"sat": [], "streams": []} for n in names}
+
+        def run(n: str, kind: str, phase: str | None = None, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             t = T[n]
             model = "static-chat" if kind == "static" else "sim-chat"
-            return gen(t[kind] + PATH, model, t["headers"], **kw)
+            pid = t.get("pids", {}).get(kind)
+            c0, w0 = (h.cpu_seconds(pid) if pid and phase else 0.0), time.monotonic()
+            out = gen(t[kind] + PATH, model, t["headers"], **kw)
+            if pid and phase:
+                # CPU the proxy used, in cores (1.0 = one core for the whole run).
+                cores[n][phase].append((h.cpu_seconds(pid) - c0) / (time.monotonic() - w0))
+            return out
 
         # Warm every path (connection pools, JIT-free but cache-warm), and check it answers.
         for n in names:
@@ -268,7 +279,7 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for n in order:
-                recs, summ = run(n, "static", mode="closed", concurrency=args.sat_conns,
+                recs, summ = run(n, "static", "sat", mode="closed", concurrency=args.sat_conns,
                                  duration_s=args.sat_s, grace_s=30)
                 good = ok(recs)
                 errs[n] += len(recs) - len(good)
@@ -285,7 +296,7 @@ def main() -> None:
 
         streams: dict[str, dict[str, Any]] = {}
         for n in names:
-            recs, summ = run(n, "sim", mode="closed", concurrency=args.streams, ramp_s=1.0,
+            recs, summ = run(n, "sim", "streams", mode="closed", concurrency=args.streams, ramp_s=1.0,
                              duration_s=args.stream_s, grace_s=args.stream_tokens / args.stream_tokens_per_s + 20,
                              stream=True, max_tokens=args.stream_tokens, gaps=True,
                              max_requests=args.streams * 4)
@@ -305,6 +316,7 @@ def main() -> None:
         h.stop_all(reversed(procs))
 
     res["sat_rps"] = sat
+    res["proxy_cores"] = cores
     res["sat_errors"] = errs
     res["wrk_rps"] = wrk
     res["c1"] = {n: {"p50": h.pct(v, 50), "p99": h.pct(v, 99), "n": len(v)} for n, v in c1.items()}

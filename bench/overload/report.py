@@ -48,7 +48,7 @@ HEAD = ["path", "load", "priority share", "tier", "n", "ok", "ok incl. retry", "
 
 def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     cells = result["cells"]
-    service_ms = result["service_s"] * 1000
+    service_ms = result["service_s"] * 1000  # the mean service time
     slots = result["args"]["slots"]
     out: list[tuple[str, str, str]] = []
     tq = [c for c in cells if c["mode"] == "tierq"]
@@ -144,7 +144,8 @@ def write_report(result: dict[str, Any], name: str) -> None:
     a = result["args"]
     md = [f"# Overload: priority vs default ({name})\n",
           f"Sim: {a['slots']} slots, TTFT {a['ttft_ms']:g} ms, {a['tokens_per_s']:g} tokens/s, "
-          f"{a['max_tokens']} tokens per answer: service time {result['service_s']*1000:.0f} ms, "
+          f"{a.get('max_tokens_min', a['max_tokens'])}-{a['max_tokens']} tokens per answer (uniform): "
+          f"mean service time {result['service_s']*1000:.0f} ms, "
           f"capacity {result['capacity_rps']:.1f} req/s. Gateway: queue_depth {a['queue_depth']}, "
           f"max_wait_ms default {a['wait_default_ms']} / priority {a['wait_priority_ms']}. "
           f"Open-loop Poisson arrivals, {a['duration']:g} s per run, first {a['warmup']:g} s "
@@ -167,11 +168,17 @@ def write_report(result: dict[str, Any], name: str) -> None:
         md.append(h.md_table(HEAD, rows))
     md.append("\n## Targets\n")
     md.append(h.md_table(["target", "result", "measured"], targets(result)))
-    late = max(c["sender_late_p99_ms"] for c in result["cells"])
-    md.append(f"\nLoad generator: worst p99 lateness of a send against its Poisson schedule "
-              f"{late:.1f} ms (it kept up). Highest requests in flight at the sim through tierq: "
+    worst = max(result["cells"], key=lambda c: c["sender_late_p99_ms"])
+    tq_late = max(c["sender_late_p99_ms"] for c in result["cells"] if c["mode"] != "direct")
+    md.append(f"\nLoad generator: p99 lateness of a send against its Poisson schedule at most "
+              f"{tq_late:.1f} ms in the gateway runs; worst overall {worst['sender_late_p99_ms']:.1f} ms "
+              f"({worst['mode']} {worst['load']:g}x; the machine is shared, so a late send is the "
+              f"generator losing the CPU for a moment). "
+              f"Highest requests in flight at the sim through tierq: "
               f"{max(c['sim_max_in_flight'] for c in result['cells'] if c['mode'] != 'direct')} "
-              f"(max_concurrency {a['slots']}).\n")
+              f"(max_concurrency {a['slots']}). Gateway CPU: at most "
+              f"{max((c.get('cpu_cores') or {}).get('gateway', 0) for c in result['cells']):.2f} cores in any run, "
+              f"so it was not CPU-bound.\n")
     md.append(f"\n![overload]({name}.png)\n")
     (h.RESULTS / f"{name}.md").write_text("".join(md))
     plot(result, h.RESULTS / f"{name}.png")

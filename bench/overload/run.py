@@ -161,7 +161,7 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         "url": url, "model": MODEL, "mode": "open", "rate": rate,
         "duration_s": args.duration, "grace_s": args.grace, "seed": args.seed,
         "priority_share": share, "send_tier": mode == "tierq", "stream": stream,
-        "max_tokens": args.max_tokens, "retry": True, "timeout_s": args.duration + args.grace,
+        "max_tokens": args.max_tokens, "max_tokens_min": args.max_tokens_min, "retry": True, "timeout_s": args.duration + args.grace,
         "max_requests": int(rate * args.duration * 3 + 100),
     }
     cpu0 = {n: h.cpu_seconds(p.pid) for n, p in (("sim", sim), ("gateway", gw)) if p is not None}
@@ -210,7 +210,10 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--ttft-ms", type=float, default=200.0)
     ap.add_argument("--tokens-per-s", type=float, default=25.0)
-    ap.add_argument("--max-tokens", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=36)
+    ap.add_argument("--max-tokens-min", type=int, default=4,
+                    help="each request asks for a length drawn uniformly in [min, max]; "
+                         "set equal to --max-tokens for one fixed length")
     ap.add_argument("--loads", default="0.5,1,2,4")
     ap.add_argument("--shares", default="0.1,0.5")
     ap.add_argument("--streams", default="0,1")
@@ -233,7 +236,8 @@ def main() -> None:
     baselines = [b for b in args.baselines.split(",") if b]
     # Service time of one request in the sim: first token at ttft, then one token
     # per interval; capacity = slots / service time.
-    service_s = args.ttft_ms / 1000 + max(0, args.max_tokens - 1) / args.tokens_per_s
+    mean_tokens = (min(args.max_tokens_min, args.max_tokens) + args.max_tokens) / 2
+    service_s = args.ttft_ms / 1000 + max(0.0, mean_tokens - 1) / args.tokens_per_s
     capacity = args.slots / service_s
     h.log(f"sim: {args.slots} slots, service time {service_s*1000:.0f} ms, capacity {capacity:.1f} req/s")
     machine = h.machine_line()

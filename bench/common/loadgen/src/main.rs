@@ -47,6 +47,10 @@ struct Spec {
     stream: bool,
     #[serde(default = "d_tokens")]
     max_tokens: u64,
+    /// If set, each request asks for a length drawn uniformly in [max_tokens_min,
+    /// max_tokens]: engines see varied output lengths, so slots do not free in lockstep.
+    #[serde(default)]
+    max_tokens_min: Option<u64>,
     /// Honour Retry-After once: after a 429, wait retry-after-ms and retry.
     #[serde(default)]
     retry: bool,
@@ -150,8 +154,8 @@ fn round3(x: f64) -> f64 {
 struct Ctx {
     spec: Spec,
     client: reqwest::Client,
-    body_default: bytes_body::Body,
-    body_priority: bytes_body::Body,
+    /// Request bodies by (length index, priority).
+    bodies: Vec<[bytes_body::Body; 2]>,
     t0: Instant,
     end: Instant,
     hard_end: Instant,
@@ -161,11 +165,11 @@ mod bytes_body {
     pub type Body = std::rc::Rc<Vec<u8>>;
 }
 
-fn body_for(spec: &Spec, priority: bool) -> Vec<u8> {
+fn body_for(spec: &Spec, priority: bool, max_tokens: u64) -> Vec<u8> {
     let mut b = json!({
         "model": spec.model,
         "messages": [{"role": "user", "content": "say something about heavy load tonight"}],
-        "max_tokens": spec.max_tokens,
+        "max_tokens": max_tokens,
         "stream": spec.stream,
     });
     if priority && spec.send_tier {
@@ -178,8 +182,8 @@ fn header_f64(resp: &reqwest::Response, name: &str) -> Option<f64> {
     resp.headers().get(name)?.to_str().ok()?.trim().parse::<f64>().ok()
 }
 
-async fn attempt(ctx: &Ctx, priority: bool) -> Attempt {
-    let body = if priority { &ctx.body_priority } else { &ctx.body_default };
+async fn attempt(ctx: &Ctx, priority: bool, len_idx: usize) -> Attempt {
+    let body = &ctx.bodies[len_idx][priority as usize];
     let start = Instant::now();
     let mut a = Attempt::default();
     let mut req = ctx
@@ -296,9 +300,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// One logical request: an attempt, and (if asked) one retry after the advertised wait.
-async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, sched: Instant) -> Value {
+async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, sched: Instant) -> Value {
     let sent = Instant::now();
-    let first = attempt(&ctx, priority).await;
+    let first = attempt(&ctx, priority, len_idx).await;
     let mut rec = json!({
         "id": id,
         "p": priority,
@@ -315,7 +319,7 @@ async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, sched: Instant) -> Value {
         let retry_at = shed_at + Duration::from_secs_f64(wait_ms / 1000.0);
         if retry_at < ctx.hard_end {
             tokio::time::sleep_until(retry_at).await;
-            let second = attempt(&ctx, priority).await;
+            let second = attempt(&ctx, priority, len_idx).await;
             let mut r = second.to_json(ctx.spec.gaps);
             // From the 429 until the retry was admitted (its queue time included).
             r["waited"] = json!(round3(ms(retry_at - shed_at)));
@@ -338,9 +342,12 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(spec.duration_s);
     let hard_end = end + Duration::from_secs_f64(spec.grace_s);
+    let lo = spec.max_tokens_min.unwrap_or(spec.max_tokens).min(spec.max_tokens);
+    let bodies: Vec<[bytes_body::Body; 2]> = (lo..=spec.max_tokens)
+        .map(|n| [Rc::new(body_for(&spec, false, n)), Rc::new(body_for(&spec, true, n))])
+        .collect();
     let ctx = Rc::new(Ctx {
-        body_default: Rc::new(body_for(&spec, false)),
-        body_priority: Rc::new(body_for(&spec, true)),
+        bodies,
         spec: spec.clone(),
         client,
         t0,
@@ -363,7 +370,8 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
                     }
                     tokio::time::sleep_until(next).await;
                     let pri = rng.f64() < spec.priority_share;
-                    handles.push(tokio::task::spawn_local(one(ctx.clone(), id, pri, next)));
+                    let li = ((rng.f64() * ctx.bodies.len() as f64) as usize).min(ctx.bodies.len() - 1);
+                    handles.push(tokio::task::spawn_local(one(ctx.clone(), id, pri, li, next)));
                     id += 1;
                 }
                 let mut out = Vec::with_capacity(handles.len());
@@ -391,7 +399,9 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
                             }
                             counter.set(id + 1);
                             let pri = wrng.f64() < ctx.spec.priority_share;
-                            mine.push(one(ctx.clone(), id, pri, now).await);
+                            let n = ctx.bodies.len();
+                            let li = ((wrng.f64() * n as f64) as usize).min(n - 1);
+                            mine.push(one(ctx.clone(), id, pri, li, now).await);
                         }
                         mine
                     }));
