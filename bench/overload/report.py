@@ -126,6 +126,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     ax.plot([c["load"] for c in bc], [c["all"]["ttft_p99"] for c in bc], style,
                             label=f"{'FIFO (tiers ignored)' if mode == 'fifo' else 'direct to sim'} p99")
             ax.set_xscale("log", base=2)
+            loads = sorted({c["load"] for c in cells})
+            ax.set_xticks(loads, [f"{x:g}x" for x in loads])
             ax.set_yscale("log")
             ax.set_xlabel("offered load (x backend capacity)")
             ax.set_ylabel("time to first token, ms (served requests)")
@@ -133,7 +135,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     a = result["args"]
-    fig.suptitle(f"tierq under overload: sim {a['slots']} slots, service {result['service_s']*1000:.0f} ms, "
+    fig.suptitle(f"tierq under overload: sim {a['slots']} slots, mean service {result['service_s']*1000:.0f} ms, "
                  f"capacity {result['capacity_rps']:.0f} req/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
