@@ -48,3 +48,45 @@ fn harness_accepts_empty_and_short_inputs() {
         fuzz_ops::run_bucket(data);
     }
 }
+
+// Bugs the fuzzer found, each named after the bug; their crashing inputs are
+// in the corpus too.
+
+use std::sync::Arc;
+use tierq_core::{Admit, BucketParams, Clock, Lane, ManualClock, Pool, Settings, ShedCode, TokenBucket};
+
+#[test]
+fn default_waiter_evicted_for_a_priority_arrival_that_is_then_shed_is_not_lost() {
+    // queue_depth 2: a priority waiter holds the head of its lane while 7
+    // cancelled ones fill the rest of its 8-cell ring with tombstones; a default
+    // waiter fills the queue. The next priority arrival cannot join (no cell):
+    // it used to evict the default waiter anyway and report only its own shed,
+    // so the victim's owner never heard and its client waited forever.
+    let clock = Arc::new(ManualClock::new(1));
+    let pool = Pool::new(Settings::new(1, 2, 1e3, 1e3, None, None, 0.0, 0.0).unwrap(), Clock::Manual(clock));
+    assert_eq!(pool.admit(Lane::Priority, 1), Admit::Now);
+    assert!(matches!(pool.admit(Lane::Priority, 1), Admit::Queued { .. }));
+    for _ in 0..7 {
+        let Admit::Queued { waiter, .. } = pool.admit(Lane::Priority, 1) else { panic!("expected to queue") };
+        assert!(pool.cancel(waiter));
+    }
+    let Admit::Queued { waiter: victim, .. } = pool.admit(Lane::Default, 1) else { panic!("expected to queue") };
+    assert!(matches!(pool.admit(Lane::Priority, 1), Admit::Shed { code: ShedCode::ServerOverloaded, evicted: None, .. }));
+    assert_eq!(pool.stats().depth, [1, 1], "the default waiter is still in line");
+    assert!(pool.deadline_ns(victim).is_some());
+    assert!(pool.cancel(victim));
+}
+
+#[test]
+fn burst_whose_refill_time_overflows_the_clock_is_refused_not_saturated() {
+    // rate 1e6/s, burst 1e30: tau = 1e33 ns saturated to u64::MAX, and then
+    // a take of u64::MAX tokens (need saturated too) was allowed.
+    let e = BucketParams::new(1e6, 1e30, 0.0).unwrap_err();
+    assert!(e.to_string().starts_with("burst:"), "{e}");
+    assert!(TokenBucket::new(0.001, 1e9, 0.0, Clock::Monotonic).is_err());
+    assert!(Settings::new(1, 1, 1.0, 1.0, Some(0.001), Some(1e9), 0.0, 0.0).is_err());
+    // The largest accepted refill time still works exactly.
+    let b = TokenBucket::new(1.0, 1e9, 0.0, Clock::Manual(Arc::new(ManualClock::new(1)))).unwrap();
+    assert_eq!(b.try_take(u64::MAX, Lane::Priority), Err(u64::MAX));
+    assert_eq!(b.try_take(1_000_000_000, Lane::Priority), Ok(()));
+}

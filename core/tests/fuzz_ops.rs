@@ -247,7 +247,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
             let got = pool.admit(lane, cost);
             if let Err(wait) = m.bucket_take(lane, cost) {
                 m.shed[ShedCode::RateLimitExceeded as usize] += 1;
-                assert_eq!(got, Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait }, "{op:?}");
+                assert_eq!(got, Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None }, "{op:?}");
                 return;
             }
             if m.depth() == 0 && m.in_flight < m.s.max_concurrency {
@@ -258,7 +258,10 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
             }
             let mut evicted = None;
             if m.depth() >= m.s.queue_depth {
-                let newest = if lane == Lane::Priority { m.lanes[1].iter_mut().rev().find(|e| e.live) } else { None };
+                // A priority arrival evicts the newest default waiter, unless its
+                // own ring has no free cell (it would be shed anyway).
+                let room = m.lanes[l].len() < m.ring_cap;
+                let newest = if lane == Lane::Priority && room { m.lanes[1].iter_mut().rev().find(|e| e.live) } else { None };
                 match newest {
                     Some(e) => {
                         e.live = false;
@@ -271,7 +274,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
                     None => {
                         m.bucket_refund(cost);
                         m.shed[ShedCode::ServerOverloaded as usize] += 1;
-                        assert!(matches!(got, Admit::Shed { code: ShedCode::ServerOverloaded, .. }), "{op:?}: {got:?}");
+                        assert!(matches!(got, Admit::Shed { code: ShedCode::ServerOverloaded, evicted: None, .. }), "{op:?}: {got:?}");
                         return;
                     }
                 }
@@ -281,8 +284,9 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
                 m.bucket_refund(cost);
                 m.shed[ShedCode::ServerOverloaded as usize] += 1;
                 match got {
-                    Admit::Shed { code: ShedCode::ServerOverloaded, .. } => {
+                    Admit::Shed { code: ShedCode::ServerOverloaded, evicted: got_evicted, .. } => {
                         assert!(evicted.is_none(), "{op:?}: waiter {evicted:?} evicted for an arrival then shed itself");
+                        assert_eq!(got_evicted, None, "{op:?}: evicted");
                     }
                     other => panic!("{op:?}: lane ring full, got {other:?}"),
                 }
