@@ -22,13 +22,14 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 
 fn replay(target: &str, run: fn(&[u8])) {
     let inputs = corpus(target);
-    assert!(inputs.len() >= 10, "{target}: only {} corpus inputs", inputs.len());
+    let n = inputs.len();
     for (path, data) in inputs {
         if let Err(e) = std::panic::catch_unwind(|| run(&data)) {
             let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
             panic!("{}: {}", path.display(), msg.unwrap_or_default());
         }
     }
+    assert!(n >= 10, "{target}: only {n} corpus inputs");
 }
 
 #[test]
