@@ -69,8 +69,10 @@ pub enum Admit {
     /// pushed out (it is shed, `server_overloaded`). `granted`: a waiter (maybe
     /// this one) that got a free slot while we were joining.
     Queued { waiter: WaiterId, evicted: Option<WaiterId>, granted: Option<WaiterId> },
-    /// Not admitted; nothing is held.
-    Shed { code: ShedCode, retry_after_ns: u64 },
+    /// Not admitted; nothing is held. `evicted`: a default waiter this
+    /// arrival pushed out before the lane turned out to have no free cell
+    /// (a race with another arrival); it is shed too, and its owner must hear.
+    Shed { code: ShedCode, retry_after_ns: u64, evicted: Option<WaiterId> },
 }
 
 /// Validated pool settings.
@@ -602,7 +604,7 @@ impl Pool {
         if let Some(p) = &self.settings.bucket {
             if let Err(wait) = bucket::take_on(self.w(at::TAT), now, cost, lane, p) {
                 self.count(at::SHED[ShedCode::RateLimitExceeded as usize]);
-                return Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait };
+                return Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None };
             }
         }
         // Fast path: nobody waiting and a slot free.
@@ -615,7 +617,10 @@ impl Pool {
         let mut attempt = 0;
         while !self.reserve_depth(lane) {
             // Full. A priority arrival takes the place of the newest default waiter.
-            if lane == Lane::Priority {
+            // Not when every cell of the priority ring is taken (a live head with
+            // tombstones behind it): the arrival would be shed anyway, and the
+            // victim with it.
+            if lane == Lane::Priority && !self.ring(Lane::Priority).is_full() {
                 if let Some((pos, owner)) = self.ring(Lane::Default).remove_newest() {
                     // The victim's depth unit moves to this arrival's lane.
                     self.w(at::DEPTH).fetch_sub(Self::depth_unit(Lane::Default) - 1, SeqCst);
@@ -630,7 +635,7 @@ impl Pool {
             // instructions out rather than shed while a place is freeing.
             attempt += 1;
             if attempt > FULL_RETRIES {
-                return self.shed_full(lane, cost);
+                return self.shed_full(lane, cost, None);
             }
             spin();
         }
@@ -638,7 +643,7 @@ impl Pool {
             Ok(pos) => pos,
             Err(_) => {
                 self.unreserve_depth(lane);
-                return self.shed_full(lane, cost);
+                return self.shed_full(lane, cost, evicted);
             }
         };
         // A slot may have freed while we joined; whoever holds it now is us.
@@ -646,13 +651,13 @@ impl Pool {
         Admit::Queued { waiter: waiter_id(lane, pos), evicted, granted }
     }
 
-    fn shed_full(&self, lane: Lane, cost: u64) -> Admit {
+    fn shed_full(&self, lane: Lane, cost: u64, evicted: Option<WaiterId>) -> Admit {
         if let Some(p) = &self.settings.bucket {
             // Not admitted, so it does not spend the rate either.
             bucket::adjust_on(self.w(at::TAT), self.clock.now_ns(), -(cost.min(i64::MAX as u64) as i64), p);
         }
         self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
-        Admit::Shed { code: ShedCode::ServerOverloaded, retry_after_ns: self.retry_after_ns(lane) }
+        Admit::Shed { code: ShedCode::ServerOverloaded, retry_after_ns: self.retry_after_ns(lane), evicted }
     }
 
     /// Takes the next waiter by the dispatch rule, without touching slots;

@@ -40,7 +40,13 @@ impl BucketParams {
             return Err(CoreError::arg("rate", format!("out of range, got {rate}")));
         }
         let interval_ns = interval.round() as u64;
-        let tau_ns = (burst * interval_ns as f64).round() as u64;
+        // The burst's refill time must fit the nanosecond clock: `as u64`
+        // saturates, and a saturated tau let any cost through (even u64::MAX).
+        let tau = (burst * interval_ns as f64).round();
+        if tau > 1e18 {
+            return Err(CoreError::arg("burst", format!("burst / rate must be at most 1e9 s, got {burst} / {rate}")));
+        }
+        let tau_ns = tau as u64;
         let reserve_ns = (priority_reserve * tau_ns as f64).round() as u64;
         Ok(BucketParams { interval_ns, tau_ns, reserve_ns })
     }

@@ -95,6 +95,13 @@ impl<'a> Ring<'a> {
         }
     }
 
+    /// True when the cell at the tail still holds the previous lap's ticket
+    /// (a waiter or a tombstone): a `push` now would fail with `RingFull`.
+    pub(crate) fn is_full(&self) -> bool {
+        let t = self.tail.load(SeqCst);
+        split(self.cells[self.idx(t)].load(SeqCst)).0 < t
+    }
+
     /// Takes the waiter at the front, reclaiming tombstones on the way; returns
     /// its ticket and owner. `None` when nothing is published (a producer that
     /// took a ticket but has not published yet dispatches for itself right

@@ -225,12 +225,15 @@ impl PyAdmissionCore {
     }
 
     /// `(0, -1, -1, -1)` admitted now; `(1, waiter, evicted, granted)` queued;
-    /// `(2, code, retry_after_ns, -1)` shed (code indexes SHED_CODES).
+    /// `(2, code, retry_after_ns, evicted)` shed (code indexes SHED_CODES;
+    /// `evicted` as when queued: a waiter pushed out on the way, to shed too).
     fn admit(&self, lane: u8, cost: i64) -> PyResult<(u8, i64, i64, i64)> {
         Ok(match self.0.admit(lane_of(lane)?, cost_of(cost)?) {
             Admit::Now => (0, NONE, NONE, NONE),
             Admit::Queued { waiter, evicted, granted } => (1, waiter as i64, opt(evicted), opt(granted)),
-            Admit::Shed { code, retry_after_ns } => (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, NONE),
+            Admit::Shed { code, retry_after_ns, evicted } => {
+                (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, opt(evicted))
+            }
         })
     }
 

@@ -325,6 +325,62 @@ async def test_client_that_stops_reading_stalls_the_upstream_and_hanging_up_bill
     assert 0 < row.completion_tokens <= sent  # billed what was delivered at most
 
 
+async def _request_and_never_read(gw: Running, payload: bytes) -> asyncio.StreamWriter:
+    """A raw client with a 4 KiB receive window that sends a request and reads nothing."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: see above
+    sock.connect(("127.0.0.1", int(gw.root.rsplit(":", 1)[1])))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                 + payload)
+    await writer.drain()
+    return writer
+
+
+WRITE_TIMEOUT_S = 0.5
+
+
+# Streaming only: the sim caps a JSON answer at ~1 MB, which loopback socket
+# buffers absorb, so a JSON body never blocks here (its timeout path is shared).
+@pytest.mark.parametrize("stream", [True], ids=["stream"])
+async def test_client_that_stops_reading_is_cut_off_after_the_write_timeout_and_frees_its_slot(
+    make_gateway: GatewayFactory, tmp_path: Path, stream: bool
+) -> None:
+    """A client that keeps its connection open but reads nothing no longer holds
+    its slot until it hangs up: past `write_timeout_s` the gateway gives up."""
+    gw = await make_gateway(config=fault_config(tmp_path, write_timeout_s=WRITE_TIMEOUT_S),
+                            sim={"tokens_per_s": 0.0})
+    # More than loopback socket buffers hold: ~15 MB of SSE, ~10 MB of JSON.
+    n = 60_000 if stream else 1_500_000
+    t0 = time.monotonic()
+    writer = await _request_and_never_read(gw, body(stream, max_tokens=n))
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    await wait_for(lambda: adm.stats()["in_flight"] == 1)
+    try:
+        rows = await settled(gw, timeout=10.0)  # the slot is freed while the client stays
+        freed_s = time.monotonic() - t0
+        assert not writer.transport.is_closing()
+    finally:
+        writer.transport.abort()
+    # Not before the client had write_timeout_s to read, and not much after.
+    assert WRITE_TIMEOUT_S <= freed_s < WRITE_TIMEOUT_S + 5.0
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.status == "cancelled" and row.code == "client_write_timeout"
+    if stream:
+        assert row.partial and 0 < row.completion_tokens < n and row.cost > 0
+        assert gw.sim.state.tokens_sent < n  # the upstream generation was cancelled
+    else:
+        # A JSON body cut short is no use to the client: nothing is billed.
+        assert not row.partial and row.cost == 0
+    # The gateway still serves.
+    reply = await send(gw, body(stream))
+    assert reply.status == 200
+
+
 async def test_slow_reader_gets_the_whole_stream_billed_in_full(
     make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:

@@ -86,7 +86,9 @@ impl Model {
             if lane == Lane::Default {
                 return (Some(ShedCode::ServerOverloaded), None, None);
             }
-            let newest = self.lanes[1].iter_mut().rev().find(|e| e.live);
+            // No eviction for an arrival that would find its own ring full.
+            let room = self.lanes[l].len() < self.ring_cap;
+            let newest = self.lanes[1].iter_mut().rev().find(|e| e.live && room);
             match newest {
                 Some(e) => {
                     e.live = false;

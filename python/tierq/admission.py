@@ -96,6 +96,9 @@ class Slot:
         if kind == 0:
             return self
         if kind == 2:
+            if c != _NONE:
+                # Evicted for this arrival, which then found no free cell itself.
+                adm._shed_waiter(c, "server_overloaded")
             # The core's "never fits" wait (u64::MAX) arrives clamped to i64::MAX.
             raise Shed(SHED_CODES[a], math.inf if b == _NEVER else b / 1e9, _LANE_NAMES[self.lane])
         # Queued as waiter `a`; maybe it evicted `b`, maybe a slot went to `c`.

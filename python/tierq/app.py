@@ -630,7 +630,7 @@ async def _call_upstream(request: web.Request, ctx: _Ctx, body: dict[str, Any]) 
                 return await _upstream_error(ctx, up)
             if info.stream and up.content_type == "text/event-stream":
                 return await _relay_stream(request, ctx, up, info.client_wants_usage, body)
-            return await _relay_json(ctx, up, body)
+            return await _relay_json(request, ctx, up, body)
     except (aiohttp.ClientError, TimeoutError) as e:
         if ctx.recorded:
             raise
@@ -675,7 +675,26 @@ def _estimate_output_tokens(data: dict[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-async def _relay_json(ctx: _Ctx, up: aiohttp.ClientResponse, body: dict[str, Any]) -> web.StreamResponse:
+class _ClientWriteTimeout(Exception):
+    """A write to the client waited longer than `[server] write_timeout_s`."""
+
+
+async def _write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """Send `data`, waiting for the client to read (aiohttp's drain is the
+    backpressure) at most `write_timeout_s`; past it, cut the connection."""
+    try:
+        async with asyncio.timeout(request.app[GATEWAY].config.server.write_timeout_s):
+            await resp.write(data)
+    except TimeoutError:
+        # Abort, not close: a close would wait to flush what the client is not
+        # reading. aiohttp's own write_eof afterwards meets a closed transport.
+        if request.transport is not None:
+            request.transport.abort()
+        raise _ClientWriteTimeout() from None
+
+
+async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientResponse,
+                      body: dict[str, Any]) -> web.StreamResponse:
     raw = await up.read()
     try:
         data = orjson.loads(raw)
@@ -701,10 +720,29 @@ async def _relay_json(ctx: _Ctx, up: aiohttp.ClientResponse, body: dict[str, Any
     assert isinstance(usage, dict)
     usage["estimated_cost"] = render_cost(amount)
     out = orjson.dumps(data)
-    # The bill is committed before the client can see a complete response.
+    # Written here rather than by aiohttp after the handler returns, so the write
+    # timeout covers it: all but the last byte, then the bill (committed before
+    # the client can see a complete response), then the last byte.
+    resp = web.StreamResponse(headers=ctx.headers())
+    resp.content_type = JSON_TYPE
+    resp.content_length = len(out)
+    await resp.prepare(request)
+    try:
+        await _write(request, resp, out[:-1])
+    except (_ClientWriteTimeout, ConnectionResetError) as e:
+        # A JSON body cut short is of no use to the client: nothing is billed.
+        code = "client_write_timeout" if isinstance(e, _ClientWriteTimeout) else "client_disconnected"
+        ctx.record_nowait(ctx.row("cancelled", code=code))
+        ctx.settle(0)
+        return resp
     await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
     ctx.settle(tokens[0] + tokens[1])
-    return web.Response(body=out, content_type=JSON_TYPE, headers=ctx.headers())
+    try:
+        await _write(request, resp, out[-1:])
+        await resp.write_eof()
+    except (_ClientWriteTimeout, ConnectionResetError):
+        pass  # billed already: all but one byte was delivered
+    return resp
 
 
 def _delivered(choices: Any) -> int:
@@ -748,7 +786,7 @@ async def _relay_stream(
             await ctx.record(ctx.row("served", prompt, completion, amount,
                                      code=None if usage_tokens else "usage_estimated"))
             ctx.settle(prompt + completion)
-            await resp.write(_DONE)
+            await _write(request, resp, _DONE)
             return True
         try:
             obj = orjson.loads(payload)
@@ -772,19 +810,21 @@ async def _relay_stream(
             if obj.get("choices") == [] and tokens is not None:
                 return False  # the usage-only chunk the client did not ask for
             del obj["usage"]
-        await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+        await _write(request, resp, b"data: " + orjson.dumps(obj) + b"\n\n")
         delivered += _delivered(obj.get("choices"))
         if delivered and ctx.ttft_s is None:
             ctx.ttft_s = time.monotonic() - ctx.t0
         return False
 
-    def bill_cut_short() -> None:
-        # The client went away mid-stream: bill what was delivered, mark it partial.
-        # Leaving `up`'s context closes the upstream connection, which cancels the
-        # generation there; leaving the admission context frees the slot.
+    def bill_cut_short(code: str | None = None) -> None:
+        # The client went away (or stopped reading) mid-stream: bill what was
+        # delivered, mark it partial. Leaving `up`'s context closes the upstream
+        # connection, which cancels the generation there; leaving the admission
+        # context frees the slot.
         if ctx.recorded:
             return
-        code = "server_shutting_down" if ctx.gw.draining else "client_disconnected"
+        if code is None:
+            code = "server_shutting_down" if ctx.gw.draining else "client_disconnected"
         if delivered == 0:
             # Nothing the client could use was delivered: nothing is billed.
             ctx.record_nowait(ctx.row("cancelled", code=code))
@@ -826,13 +866,20 @@ async def _relay_stream(
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
-            await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-        await resp.write_eof()
+            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n")
+        async with asyncio.timeout(ctx.gw.config.server.write_timeout_s):
+            await resp.write_eof()
     except asyncio.CancelledError:
         bill_cut_short()
         raise
     except ConnectionResetError:
         bill_cut_short()
+    except _ClientWriteTimeout:
+        bill_cut_short("client_write_timeout")
+    except TimeoutError:
+        # write_eof stalled: the client has every event already, [DONE] included.
+        if request.transport is not None:
+            request.transport.abort()
     return resp
 
 

@@ -74,6 +74,10 @@ class ServerConfig:
     # On SIGTERM: time given to requests already admitted (streams included) to
     # finish; queued ones are shed with 503 at once.
     drain_timeout_s: float = 30.0
+    # Longest a write to a client (a stream chunk or a JSON body) may wait for
+    # the client to read; beyond it the gateway cuts the connection and frees
+    # the slot, as for a client that hung up.
+    write_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,10 +378,11 @@ class _Parser:
         body_timeout = t.number("body_timeout_s", d.body_timeout_s, 0.0, 3600.0, lo_open=True)
         keepalive = t.number("keepalive_timeout_s", d.keepalive_timeout_s, 0.0, 3600.0, lo_open=True)
         drain = t.number("drain_timeout_s", d.drain_timeout_s, 0.0, 3600.0)
+        write = t.number("write_timeout_s", d.write_timeout_s, 0.0, 3600.0, lo_open=True)
         t.done()
         return ServerConfig(
             _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive),
-            _f(drain),
+            _f(drain), _f(write),
         )
 
     def ledger(self, t: _Table) -> LedgerConfig:
