@@ -156,3 +156,24 @@ def test_prices_keep_toml_floats_exact(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, '[[models]]\nid = "x/y"\ninput_per_m = 0.1\noutput_per_m = 0.30\n'))
     assert cfg.models[0].input_per_m == Decimal("0.1")
     assert cfg.models[0].output_per_m == Decimal("0.30")
+
+
+_BUCKET_MODEL = """
+[[upstreams]]
+name = "sim"
+kind = "sim"
+[[models]]
+id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+[models.admission]
+"""
+
+
+def test_bucket_the_core_refuses_is_a_config_error_not_a_startup_traceback(tmp_path: Path) -> None:
+    # A burst whose refill time overflows the core's clock (found by the fuzzer).
+    msg = error_of(tmp_path, _BUCKET_MODEL + "rate = 0.001\nburst = 1000000000\n")
+    assert "models[0].admission.rate" in msg and "1e9 s" in msg and "\n" not in msg
+
+
+def test_priority_reserve_of_one_is_a_config_error(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, _BUCKET_MODEL + "rate = 10.0\npriority_reserve = 1.0\n")
+    assert "models[0].admission.priority_reserve" in msg and "below 1" in msg

@@ -498,7 +498,19 @@ class _Parser:
         if burst is not None and rate is None:
             raise t.fail("burst", "needs rate (burst is the token bucket's size)")
         reserve = _f(t.number("priority_reserve", d.priority_reserve, 0.0, 1.0))
+        if reserve >= 1.0:
+            raise t.fail("priority_reserve", "must be below 1 (a share of burst kept for priority)")
         share = _f(t.number("default_min_share", d.default_min_share, 0.0, 1.0))
+        if rate is not None:
+            # The core has the last word on a bucket (e.g. a burst whose refill
+            # time overflows its clock); ask it now, so a bad pair is a config
+            # error at load, not a traceback at start-up.
+            from tierq._core import TokenBucket
+
+            try:
+                TokenBucket(rate, float(burst) if burst is not None else None, reserve)
+            except ValueError as e:
+                raise t.fail("rate", f"rate {rate} with burst {burst}: {e}") from None
         t.done()
         return AdmissionConfig(max_conc, depth, wait_default, wait_priority, rate, burst,
                                reserve, share)
