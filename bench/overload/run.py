@@ -224,6 +224,7 @@ def main() -> None:
     ap.add_argument("--wait-default-ms", type=int, default=3000)
     ap.add_argument("--wait-priority-ms", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes (tierq serve --workers)")
     ap.add_argument("--baselines", default="fifo,direct")
     ap.add_argument("--name", default="overload", help="results file stem")
     ap.add_argument("--profile", action="store_true", help="py-spy the gateway in the heaviest 10%% JSON run")
@@ -251,7 +252,8 @@ def main() -> None:
                              args.wait_default_ms, args.wait_priority_ms)
         gw_port = h.free_port()
         gw = h.Proc("overload-tierq", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
-                                       "--host", "127.0.0.1", "--port", str(gw_port)],
+                                       "--host", "127.0.0.1", "--port", str(gw_port),
+                                       "--workers", str(args.workers)],
                     gw_port, cwd=h.TMP, health="/healthz")
         procs.append(gw)
         gw.wait_ready()
