@@ -190,53 +190,56 @@ fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
 
 #[test]
 fn concurrent_waiters_are_each_granted_once() {
-    // Producers queue behind a held slot while a releaser hands it on; every
-    // ticket must come out of the pool exactly once.
+    // Producers queue behind the one slot while a releaser hands it on; every
+    // ticket must come out of the pool exactly once. `held` counts slots the
+    // pool has handed out and nobody has released yet (an admit granted now, a
+    // grant, a hand-off), so the releaser only ever releases a held slot.
     let settings = Settings::new(1, 4096, 60_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
     let pool = Arc::new(Pool::new(settings, Clock::Monotonic));
     assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+    let held = Arc::new(AtomicU64::new(1));
     let granted = Arc::new(Mutex::new(Vec::new()));
     let queued = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
+    let record = |outcome: Admit, held: &AtomicU64, queued: &Mutex<Vec<u64>>, granted: &Mutex<Vec<u64>>| match outcome {
+        Admit::Now => {
+            held.fetch_add(1, SeqCst);
+        }
+        Admit::Queued { waiter, evicted: None, granted: g } => {
+            queued.lock().unwrap().push(waiter);
+            if let Some(g) = g {
+                granted.lock().unwrap().push(g);
+                held.fetch_add(1, SeqCst);
+            }
+        }
+        other => panic!("unexpected {other:?}"),
+    };
     let producers: Vec<_> = (0..3)
         .map(|t| {
-            let (pool, queued, granted) = (pool.clone(), queued.clone(), granted.clone());
+            let (pool, queued, granted, held) = (pool.clone(), queued.clone(), granted.clone(), held.clone());
             thread::spawn(move || {
                 for _ in 0..1000 {
                     let lane = if t == 0 { Lane::Priority } else { Lane::Default };
-                    match pool.admit(lane, 1) {
-                        // The slot was free: this producer now holds it, and
-                        // the releaser will pass it on.
-                        Admit::Now => {}
-                        Admit::Queued { waiter, evicted: None, granted: g } => {
-                            queued.lock().unwrap().push(waiter);
-                            granted.lock().unwrap().extend(g);
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    }
+                    record(pool.admit(lane, 1), &held, &queued, &granted);
                 }
             })
         })
         .collect();
     let releaser = {
-        let (pool, granted, queued, done) = (pool.clone(), granted.clone(), queued.clone(), done.clone());
+        let (pool, granted, queued, done, held) = (pool.clone(), granted.clone(), queued.clone(), done.clone(), held.clone());
         thread::spawn(move || {
             let mut handoffs = 0;
             // Each grant hands the one slot on; keep releasing until all are through.
             while !(done.load(SeqCst) && pool.stats().depth == [0, 0]) {
-                if let Some(next) = pool.release() {
-                    granted.lock().unwrap().push(next);
-                    handoffs += 1;
-                } else if pool.stats().in_flight == 0 {
-                    // Nobody waited: take the slot back so the next release has one.
-                    match pool.admit(Lane::Default, 1) {
-                        Admit::Now => {}
-                        Admit::Queued { waiter, granted: g, .. } => {
-                            queued.lock().unwrap().push(waiter);
-                            granted.lock().unwrap().extend(g);
-                        }
-                        other => panic!("unexpected {other:?}"),
+                if held.fetch_update(SeqCst, SeqCst, |h| h.checked_sub(1)).is_ok() {
+                    if let Some(next) = pool.release() {
+                        granted.lock().unwrap().push(next);
+                        held.fetch_add(1, SeqCst);
+                        handoffs += 1;
                     }
+                } else {
+                    // Nothing held: take a slot so the next release has one.
+                    record(pool.admit(Lane::Default, 1), &held, &queued, &granted);
                 }
             }
             handoffs
