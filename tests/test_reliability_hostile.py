@@ -248,8 +248,16 @@ async def test_ssrf_corpus_is_all_403_and_no_connection_is_made(gateway: Running
             counters.append(await asyncio.start_server(on_connect, host, port))
         except OSError:
             pass
-    counters.append(await asyncio.start_server(on_connect, "127.0.0.1",
-                                               port + 1 if port < 65535 else port - 1))
+    # The neighbouring port, for off-by-one port tricks. Either neighbour may
+    # already be taken (often by the gateway itself, allocated right after the
+    # sim): take whichever is free.
+    for neighbour in (port + 1, port - 1):
+        try:
+            counters.append(await asyncio.start_server(on_connect, "127.0.0.1", neighbour))
+            break
+        except OSError:
+            pass
+    assert counters, "no counting listener could be bound"
     corpus = ssrf_corpus(port)
     try:
         async with aiohttp.ClientSession() as s:
