@@ -158,7 +158,7 @@ class Admission:
         clock: ManualClock | None = None,
     ) -> None:
         wait_default, wait_priority = _waits(max_wait_ms)
-        self._core = AdmissionCore(
+        core = AdmissionCore(
             max_concurrency,
             queue_depth,
             wait_default,
@@ -169,6 +169,12 @@ class Admission:
             default_min_share,
             clock,
         )
+        self._adopt(core, wait_default, wait_priority)
+
+    def _adopt(self, core: AdmissionCore, wait_default: float, wait_priority: float) -> None:
+        """Takes `core` as this pool's state (local or shared): the one place the
+        Python side of an Admission is set up."""
+        self._core = core
         self._waiters: dict[int, Slot] = {}
         # Timers fire a little after the deadline so the core sees it passed.
         self._max_wait_s = (wait_priority / 1000 + 0.001, wait_default / 1000 + 0.001)
@@ -201,9 +207,7 @@ class Admission:
             wait_priority, rate, burst, priority_reserve, default_min_share,
         )
         adm = cls.__new__(cls)
-        adm._core = core
-        adm._waiters = {}
-        adm._max_wait_s = (wait_priority / 1000 + 0.001, wait_default / 1000 + 0.001)
+        adm._adopt(core, wait_default, wait_priority)
         return adm
 
     def deliver(self) -> int:
