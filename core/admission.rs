@@ -84,6 +84,10 @@ pub struct Settings {
     pub max_wait_ns: [u64; 2],
     pub bucket: Option<BucketParams>,
     pub default_min_share: f64,
+    /// Slots a default request may not take: defaults are admitted only while
+    /// fewer than `max_concurrency - priority_headroom` slots are in use, so a
+    /// priority arrival finds a free slot instead of waiting for one to end.
+    pub priority_headroom: u32,
 }
 
 impl Settings {
@@ -123,7 +127,33 @@ impl Settings {
         if !(priority_reserve.is_finite() && (0.0..1.0).contains(&priority_reserve)) {
             return Err(CoreError::arg("priority_reserve", format!("must be in [0, 1), got {priority_reserve}")));
         }
-        Ok(Settings { max_concurrency: max_concurrency as u32, queue_depth: queue_depth as u32, max_wait_ns, bucket, default_min_share })
+        Ok(Settings {
+            max_concurrency: max_concurrency as u32,
+            queue_depth: queue_depth as u32,
+            max_wait_ns,
+            bucket,
+            default_min_share,
+            priority_headroom: 0,
+        })
+    }
+
+    /// The same settings with `priority_headroom` slots kept from the default
+    /// lane (0, the default, keeps none).
+    pub fn with_priority_headroom(mut self, headroom: i64) -> Result<Self, CoreError> {
+        if !(0..self.max_concurrency as i64).contains(&headroom) {
+            return Err(CoreError::arg(
+                "priority_headroom",
+                format!("must be in 0..max_concurrency ({}), got {headroom}", self.max_concurrency),
+            ));
+        }
+        self.priority_headroom = headroom as u32;
+        Ok(self)
+    }
+
+    /// In-flight count below which a slot may go to a default request.
+    #[inline]
+    fn default_limit(&self) -> u64 {
+        (self.max_concurrency - self.priority_headroom) as u64
     }
 
     /// Cells per lane ring: room for the whole queue in one lane plus as many
@@ -181,6 +211,8 @@ mod wk {
     pub const CURSOR: usize = 2;
 }
 const HELD_COUNT: u64 = 0xffff_ffff;
+/// The priority lane's count in the DEPTH word.
+const PRIORITY_DEPTH: u64 = 0xffff_ffff;
 const SHARE_ONE: u64 = 1_000_000;
 /// Re-checks of a full queue before shedding (see `admit`).
 const FULL_RETRIES: u32 = 4;
@@ -223,7 +255,9 @@ fn layout(s: &Settings, workers: usize) -> (usize, usize) {
 fn fingerprint(s: &Settings) -> [u64; 8] {
     let b = s.bucket.unwrap_or(BucketParams { interval_ns: 0, tau_ns: 0, reserve_ns: 0 });
     [
-        s.max_concurrency as u64,
+        // max_concurrency fits 20 bits; the headroom shares its word, so a block
+        // made without headroom has the fingerprint it had before the setting.
+        s.max_concurrency as u64 | (s.priority_headroom as u64) << 32,
         s.queue_depth as u64,
         s.max_wait_ns[0],
         s.max_wait_ns[1],
@@ -578,16 +612,17 @@ impl Pool {
         self.w(at::DEPTH).fetch_sub(Self::depth_unit(lane), SeqCst);
     }
 
+    /// Takes a slot if fewer than `limit` are in use; returns how many were.
     #[inline]
-    fn try_take_slot(&self) -> bool {
+    fn try_take_slot(&self, limit: u64) -> Option<u64> {
         let word = self.w(at::IN_FLIGHT);
         let mut n = word.load(SeqCst);
         loop {
-            if n >= self.settings.max_concurrency as u64 {
-                return false;
+            if n >= limit {
+                return None;
             }
             match word.compare_exchange_weak(n, n + 1, SeqCst, SeqCst) {
-                Ok(_) => return true,
+                Ok(_) => return Some(n),
                 Err(seen) => n = seen,
             }
         }
@@ -607,8 +642,15 @@ impl Pool {
                 return Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None };
             }
         }
-        // Fast path: nobody waiting and a slot free.
-        if self.w(at::DEPTH).load(SeqCst) == 0 && self.try_take_slot() {
+        // Fast path: nobody waiting ahead of this arrival and a slot free for
+        // its lane. With headroom, defaults may wait while slots are free for
+        // priority, so only priority waiters are ahead of a priority arrival.
+        let (limit, ahead) = match lane {
+            Lane::Priority if self.settings.priority_headroom > 0 => (self.settings.max_concurrency as u64, PRIORITY_DEPTH),
+            Lane::Priority => (self.settings.max_concurrency as u64, u64::MAX),
+            Lane::Default => (self.settings.default_limit(), u64::MAX),
+        };
+        if self.w(at::DEPTH).load(SeqCst) & ahead == 0 && self.try_take_slot(limit).is_some() {
             self.hold_mine();
             self.count(at::ADMITTED[lane as usize]);
             return Admit::Now;
@@ -661,8 +703,12 @@ impl Pool {
     }
 
     /// Takes the next waiter by the dispatch rule, without touching slots;
-    /// returns it and its owner.
-    fn pop_next(&self) -> Option<(WaiterId, u64)> {
+    /// returns it and its owner. `allow_default`: the slot may go to a
+    /// default waiter (false while only the priority headroom is free).
+    fn pop_next(&self, allow_default: bool) -> Option<(WaiterId, u64)> {
+        if !allow_default {
+            return self.pop_lane(Lane::Priority);
+        }
         let (p, d) = self.depth();
         let mut order = [Lane::Priority, Lane::Default];
         if self.share_fp > 0 && p > 0 && d > 0 {
@@ -672,33 +718,45 @@ impl Pool {
                 order = [Lane::Default, Lane::Priority];
             }
         }
-        for lane in order {
-            if let Some((pos, owner)) = self.ring(lane).pop() {
-                self.unreserve_depth(lane);
-                self.count(at::ADMITTED[lane as usize]);
-                return Some((waiter_id(lane, pos), owner));
-            }
-        }
-        None
+        order.into_iter().find_map(|lane| self.pop_lane(lane))
     }
 
+    #[inline]
+    fn pop_lane(&self, lane: Lane) -> Option<(WaiterId, u64)> {
+        let (pos, owner) = self.ring(lane).pop()?;
+        self.unreserve_depth(lane);
+        self.count(at::ADMITTED[lane as usize]);
+        Some((waiter_id(lane, pos), owner))
+    }
+
+    /// A waiter that a free slot could go to may be in a ring. With headroom,
+    /// a default waiter counts only while in-flight is below the default limit.
     fn any_published(&self) -> bool {
-        self.ring(Lane::Priority).has_published() || self.ring(Lane::Default).has_published()
+        self.ring(Lane::Priority).has_published()
+            || (self.ring(Lane::Default).has_published()
+                && (self.settings.priority_headroom == 0
+                    || self.w(at::IN_FLIGHT).load(SeqCst) < self.settings.default_limit()))
     }
 
     /// Gives a free slot, if any, to the next waiter. At most one grant;
     /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
         loop {
-            if !self.try_take_slot() {
+            let Some(before) = self.try_take_slot(self.settings.max_concurrency as u64) else {
                 return None;
-            }
-            if let Some((id, owner)) = self.pop_next() {
-                return match self.hand_to(id, owner, false) {
-                    Hand::Mine => Some(id),
-                    Hand::Posted => None,
-                    Hand::OwnerGone => self.pass_on(),
-                };
+            };
+            // The CAS fixed how many slots others hold: the rule is exact.
+            if let Some((id, owner)) = self.pop_next(before < self.settings.default_limit()) {
+                match self.hand_to(id, owner, false) {
+                    Hand::Mine => return Some(id),
+                    Hand::Posted => return None,
+                    Hand::OwnerGone if self.settings.priority_headroom > 0 => {
+                        // Free it and take it again, so the rule is re-decided.
+                        self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
+                        continue;
+                    }
+                    Hand::OwnerGone => return self.pass_on(),
+                }
             }
             self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
             // A waiter published after our pop but before our give-back saw no
@@ -713,7 +771,14 @@ impl Pool {
     /// that waiter is this process's, its id is returned and the caller
     /// resolves it (another process's is told through its mailbox).
     pub fn release(&self) -> Option<WaiterId> {
-        if let Some((id, owner)) = self.pop_next() {
+        if self.settings.priority_headroom > 0 {
+            // Whether a default waiter may have this slot depends on how many
+            // others are held, which only a CAS on the count settles: free the
+            // slot and let `dispatch` take it again.
+            if self.w(at::DEPTH).load(SeqCst) != 0 {
+                self.note_release();
+            }
+        } else if let Some((id, owner)) = self.pop_next(true) {
             self.note_release();
             return match self.hand_to(id, owner, true) {
                 Hand::Mine => Some(id),
@@ -736,8 +801,12 @@ impl Pool {
     /// A taken slot that nobody holds (its owner died): the next waiter gets
     /// it, or it is freed.
     fn pass_on(&self) -> Option<WaiterId> {
+        if self.settings.priority_headroom > 0 {
+            self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
+            return if self.any_published() { self.dispatch() } else { None };
+        }
         loop {
-            let Some((id, owner)) = self.pop_next() else {
+            let Some((id, owner)) = self.pop_next(true) else {
                 self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                 return if self.any_published() { self.dispatch() } else { None };
             };
@@ -877,18 +946,27 @@ impl Pool {
         self.ring(lane).enqueued_at(id >> 1).map(|t| t.saturating_add(self.settings.max_wait_ns[lane as usize]))
     }
 
-    /// An honest wait for a new arrival in `lane`: the waiters ahead of it
-    /// times the observed interval between slot releases under load.
+    /// Retry-After for a request shed from `lane` (full queue, evicted, or
+    /// past its max wait): how long a client should sleep so that its retry
+    /// gets in, if the load that shed it holds. What the client lives is the
+    /// sleep *plus* the queue its retry then joins, so the sleep covers two
+    /// lines: the one ahead of an arrival now (its waiters times the observed
+    /// interval between slot releases under load) must clear, and the retry
+    /// then queues behind the line that formed meanwhile, as long under the
+    /// same load. Neither line is longer than the lane's max wait (a waiter
+    /// still in line then is shed, not served). A retry that gets in has then
+    /// waited 1x to 1.5x the hint; counting one line only gave ~2x.
     pub fn retry_after_ns(&self, lane: Lane) -> u64 {
         let (p, d) = self.depth();
         let ahead = match lane {
             Lane::Priority => p as u64,
             Lane::Default => p as u64 + d as u64,
         } + 1;
-        match self.w(at::RELEASE_INTERVAL).load(Relaxed) {
+        let line = match self.w(at::RELEASE_INTERVAL).load(Relaxed) {
             0 => UNKNOWN_DRAIN_NS,
-            interval => interval.saturating_mul(ahead),
-        }
+            interval => interval.saturating_mul(ahead).min(self.settings.max_wait_ns[lane as usize].max(interval)),
+        };
+        line.saturating_mul(2)
     }
 
     pub fn stats(&self) -> Stats {

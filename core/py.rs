@@ -117,7 +117,7 @@ impl PyAdmissionCore {
     #[new]
     #[pyo3(signature = (max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
                         max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0, clock = None))]
+                        priority_reserve = 0.2, default_min_share = 0.0, clock = None, priority_headroom = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         max_concurrency: i64,
@@ -129,11 +129,13 @@ impl PyAdmissionCore {
         priority_reserve: f64,
         default_min_share: f64,
         clock: Option<&Bound<'_, PyManualClock>>,
+        priority_headroom: i64,
     ) -> PyResult<Self> {
         let s = Settings::new(
             max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
             rate, burst, priority_reserve, default_min_share,
-        )?;
+        )?
+        .with_priority_headroom(priority_headroom)?;
         Ok(PyAdmissionCore(Pool::new(s, clock_of(clock))))
     }
 
@@ -142,7 +144,7 @@ impl PyAdmissionCore {
     #[staticmethod]
     #[pyo3(signature = (name, workers, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
                         max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0))]
+                        priority_reserve = 0.2, default_min_share = 0.0, priority_headroom = 0))]
     #[allow(clippy::too_many_arguments)]
     fn create_shared(
         name: &str,
@@ -156,11 +158,13 @@ impl PyAdmissionCore {
         burst: Option<f64>,
         priority_reserve: f64,
         default_min_share: f64,
+        priority_headroom: i64,
     ) -> PyResult<Self> {
         let s = Settings::new(
             max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
             rate, burst, priority_reserve, default_min_share,
-        )?;
+        )?
+        .with_priority_headroom(priority_headroom)?;
         Ok(PyAdmissionCore(Pool::create_shared(name, s, workers, wake_fds, Clock::Monotonic)?))
     }
 
@@ -170,7 +174,7 @@ impl PyAdmissionCore {
     #[staticmethod]
     #[pyo3(signature = (name, worker, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
                         max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0))]
+                        priority_reserve = 0.2, default_min_share = 0.0, priority_headroom = 0))]
     #[allow(clippy::too_many_arguments)]
     fn attach_shared(
         name: &str,
@@ -184,11 +188,13 @@ impl PyAdmissionCore {
         burst: Option<f64>,
         priority_reserve: f64,
         default_min_share: f64,
+        priority_headroom: i64,
     ) -> PyResult<Self> {
         let s = Settings::new(
             max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
             rate, burst, priority_reserve, default_min_share,
-        )?;
+        )?
+        .with_priority_headroom(priority_headroom)?;
         Ok(PyAdmissionCore(Pool::attach_shared(name, s, worker, wake_fds, Clock::Monotonic)?))
     }
 

@@ -94,6 +94,20 @@ max_wait_ms = 500
     assert a.admission_kwargs()["max_wait_ms"] == {"default": 500, "priority": 500}
 
 
+def test_priority_headroom_reaches_the_admission_and_defaults_to_none(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[[models]]
+id = "zai-org/GLM-5.2"
+[models.admission]
+max_concurrency = 64
+priority_headroom = 2
+[[models]]
+id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+"""))
+    assert cfg.models[0].admission.admission_kwargs()["priority_headroom"] == 2
+    assert cfg.models[1].admission.priority_headroom == 0
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -129,6 +143,9 @@ max_wait_ms = 500
          "tierq.toml: models[0].admission.max_wait_ms.lowest: unknown key"),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nburst = 5\n',
          "tierq.toml: models[0].admission.burst: needs rate (burst is the token bucket's size)"),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_concurrency = 4\npriority_headroom = 4\n',
+         "tierq.toml: models[0].admission.priority_headroom: must be below max_concurrency (4): "
+         "defaults need a slot"),
         ('[[models]]\nupstream = "sim"\n', "tierq.toml: models[0].id: required"),
         ('models = 3\n', "tierq.toml: models: expected an array of tables ([[models]]), got 3"),
         ('[ledger]\nurl = "mysql://x"\n',

@@ -116,6 +116,35 @@ async def test_priority_request_is_dispatched_before_every_waiting_default(
     assert d_last_queue > p_queue
 
 
+async def test_priority_request_takes_a_headroom_slot_while_defaults_wait(
+    make_gateway: GatewayFactory,
+) -> None:
+    # Three slots, one kept for priority: two slow defaults fill the rest.
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, max_concurrency=3, priority_headroom=1)],
+                            sim={"slots": 3, "ttft_ms": 400.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    async with aiohttp.ClientSession() as s:
+        blockers = [asyncio.create_task(post(s, gw, chat_body(max_tokens=1))) for _ in range(2)]
+        await wait_for(lambda: adm.stats()["in_flight"] == 2)
+        # A third default waits although a slot is free: it is the headroom.
+        waiting = asyncio.create_task(post(s, gw, chat_body("default", max_tokens=2)))
+        await wait_for(lambda: adm.stats()["depth"]["default"] == 1)  # type: ignore[index]
+        assert adm.stats()["in_flight"] == 2
+        # Priority does not wait for a running request to end: it takes the free slot.
+        status, headers, _ = await post(s, gw, chat_body("priority", max_tokens=9))
+        assert status == 200 and headers["x-tierq-service-tier"] == "priority"
+        assert float(headers["x-tierq-queue-ms"]) == 0
+        assert not waiting.done()
+        results = await asyncio.gather(*blockers, waiting)
+    assert all(r[0] == 200 for r in results)
+    # The default got in only once a blocker ended (about one service time of 400 ms).
+    assert float(results[2][1]["x-tierq-queue-ms"]) > 100
+    stats = await gw.sim_stats()
+    assert stats["max_in_flight_seen"] <= 3
+    arrivals = [r["max_tokens"] for r in stats["last_requests"]]
+    assert arrivals.index(9) < arrivals.index(2), arrivals
+
+
 async def test_gateway_never_sends_more_than_max_concurrency_upstream(
     make_gateway: GatewayFactory,
 ) -> None:

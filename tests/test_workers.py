@@ -60,6 +60,38 @@ async def test_grant_decided_by_one_worker_wakes_the_owner_through_its_eventfd(s
         b.stop()
 
 
+async def test_priority_headroom_holds_across_workers_of_a_shared_pool() -> None:
+    sp = SharedPools({"m": {"max_concurrency": 2, "queue_depth": 4, "max_wait_ms": 2000,
+                            "priority_headroom": 1}}, 2)
+    a, b = sp.attach(0), sp.attach(1)
+    a.start()
+    b.start()
+    try:
+        held = a["m"].acquire("default")
+        await held.__aenter__()
+        # The second slot is the headroom: a default in the other worker waits for it...
+        task = asyncio.create_task(b["m"].acquire("default").__aenter__())
+        await asyncio.sleep(0.01)
+        assert sp.stats()["m"]["depth"] == {"priority": 0, "default": 1}
+        assert sp.stats()["m"]["in_flight"] == 1
+        # ...and a priority request in that worker takes it at once.
+        prio = b["m"].acquire("priority")
+        await asyncio.wait_for(prio.__aenter__(), 0.5)
+        assert prio.queue_ns == 0
+        assert sp.held("m") == [1, 1]
+        await prio.__aexit__(None, None, None)
+        assert not task.done()
+        await held.__aexit__(None, None, None)  # now below the default limit: b's waiter gets it
+        slot = await asyncio.wait_for(task, 1)
+        assert sp.held("m") == [0, 1]
+        await slot.__aexit__(None, None, None)
+        assert sp.stats()["m"]["in_flight"] == 0
+    finally:
+        a.stop()
+        b.stop()
+        sp.close()
+
+
 async def test_expiry_decided_elsewhere_sheds_the_owners_waiter(shared: SharedPools) -> None:
     sp = SharedPools({"m": {"max_concurrency": 1, "queue_depth": 4, "max_wait_ms": 30}}, 2)
     a, b = sp.attach(0), sp.attach(1)

@@ -41,6 +41,8 @@ struct Entry {
 /// The rules, written the plain way.
 struct Model {
     max_concurrency: usize,
+    /// Slots only priority may take (`priority_headroom`).
+    headroom: usize,
     queue_depth: usize,
     ring_cap: usize,
     max_wait_ms: [u64; 2],
@@ -66,8 +68,8 @@ impl Model {
             self.lanes[lane].pop_front();
         }
     }
-    fn pop_next(&mut self) -> Option<u64> {
-        for lane in 0..2 {
+    fn pop_next(&mut self, allow_default: bool) -> Option<u64> {
+        for lane in 0..if allow_default { 2 } else { 1 } {
             self.reap(lane);
             if let Some(e) = self.lanes[lane].pop_front() {
                 return Some(id(lane, e.ticket));
@@ -77,7 +79,14 @@ impl Model {
     }
     fn admit(&mut self, lane: Lane) -> (Option<ShedCode>, Option<u64>, Option<u64>) {
         let l = lane as usize;
-        if self.depth() == 0 && self.in_flight < self.max_concurrency {
+        // Defaults never take the headroom; with headroom, only priority
+        // waiters are ahead of a priority arrival.
+        let (limit, ahead) = match lane {
+            Lane::Priority if self.headroom > 0 => (self.max_concurrency, self.lane_depth(0) as usize),
+            Lane::Priority => (self.max_concurrency, self.depth()),
+            Lane::Default => (self.max_concurrency - self.headroom, self.depth()),
+        };
+        if ahead == 0 && self.in_flight < limit {
             self.in_flight += 1;
             return (None, None, None);
         }
@@ -104,16 +113,25 @@ impl Model {
         let ticket = self.next_ticket[l];
         self.next_ticket[l] += 1;
         self.lanes[l].push_back(Entry { ticket, joined_ms: self.now_ms, live: true });
-        let granted = if self.in_flight < self.max_concurrency {
+        (None, evicted, self.dispatch())
+    }
+    /// A free slot, if any, to the next waiter the rule allows.
+    fn dispatch(&mut self) -> Option<u64> {
+        if self.in_flight >= self.max_concurrency {
+            return None;
+        }
+        let next = self.pop_next(self.in_flight < self.max_concurrency - self.headroom);
+        if next.is_some() {
             self.in_flight += 1;
-            self.pop_next()
-        } else {
-            None
-        };
-        (None, evicted, granted)
+        }
+        next
     }
     fn release(&mut self) -> Option<u64> {
-        let next = self.pop_next();
+        if self.headroom > 0 {
+            self.in_flight -= 1;
+            return self.dispatch();
+        }
+        let next = self.pop_next(true);
         if next.is_none() {
             self.in_flight -= 1;
         }
@@ -149,13 +167,17 @@ impl Model {
     }
 }
 
-fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize, headroom: usize) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(0));
-    let settings = Settings::new(max_concurrency as i64, queue_depth as i64, 50.0, 80.0, None, None, 0.2, 0.0).unwrap();
+    let settings = Settings::new(max_concurrency as i64, queue_depth as i64, 50.0, 80.0, None, None, 0.2, 0.0)
+        .unwrap()
+        .with_priority_headroom(headroom as i64)
+        .unwrap();
     let ring_cap = settings.ring_cap();
     let pool = Pool::new(settings, Clock::Manual(clock.clone()));
     let mut m = Model {
         max_concurrency,
+        headroom,
         queue_depth,
         ring_cap,
         max_wait_ms: [80, 50],
@@ -209,9 +231,9 @@ proptest! {
     #[test]
     fn pool_matches_the_sequential_model(
         ops in prop::collection::vec(op(), 1..200),
-        max_concurrency in 1usize..4,
+        (max_concurrency, headroom) in (1usize..4).prop_flat_map(|m| (Just(m), 0..m)),
         queue_depth in 0usize..6,
     ) {
-        run(ops, max_concurrency, queue_depth)?;
+        run(ops, max_concurrency, queue_depth, headroom)?;
     }
 }

@@ -58,6 +58,7 @@ class AdmissionCore:
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
         clock: ManualClock | None = None,
+        priority_headroom: int = 0,
     ) -> Self: ...
     @staticmethod
     def create_shared(
@@ -72,6 +73,7 @@ class AdmissionCore:
         burst: float | None = None,
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
+        priority_headroom: int = 0,
     ) -> AdmissionCore: ...
     @staticmethod
     def attach_shared(
@@ -86,6 +88,7 @@ class AdmissionCore:
         burst: float | None = None,
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
+        priority_headroom: int = 0,
     ) -> AdmissionCore: ...
     @staticmethod
     def unlink_shared(name: str) -> None: ...

@@ -142,6 +142,9 @@ class Admission:
     ``async with adm.acquire("priority") as slot:`` waits in its lane for one
     of `max_concurrency` slots or raises `Shed`. A task cancelled while waiting
     leaves the queue at once; the slot is released however the block exits.
+    `priority_headroom` slots are kept for priority: a default request is
+    admitted only while fewer than ``max_concurrency - priority_headroom`` are
+    in use (0, the default, keeps none).
     """
 
     __slots__ = ("_core", "_waiters", "_max_wait_s")
@@ -156,6 +159,7 @@ class Admission:
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
         clock: ManualClock | None = None,
+        priority_headroom: int = 0,
     ) -> None:
         wait_default, wait_priority = _waits(max_wait_ms)
         core = AdmissionCore(
@@ -168,6 +172,7 @@ class Admission:
             priority_reserve,
             default_min_share,
             clock,
+            priority_headroom,
         )
         self._adopt(core, wait_default, wait_priority)
 
@@ -192,6 +197,7 @@ class Admission:
         burst: float | None = None,
         priority_reserve: float = 0.2,
         default_min_share: float = 0.0,
+        priority_headroom: int = 0,
     ) -> Admission:
         """This worker's handle on a pool whose state is the shared block `name`.
 
@@ -204,7 +210,7 @@ class Admission:
         wait_default, wait_priority = _waits(max_wait_ms)
         core = AdmissionCore.attach_shared(
             name, worker, list(wake_fds), max_concurrency, queue_depth, wait_default,
-            wait_priority, rate, burst, priority_reserve, default_min_share,
+            wait_priority, rate, burst, priority_reserve, default_min_share, priority_headroom,
         )
         adm = cls.__new__(cls)
         adm._adopt(core, wait_default, wait_priority)

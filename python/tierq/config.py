@@ -131,6 +131,7 @@ class AdmissionConfig:
     burst: int | None = None
     priority_reserve: float = 0.2
     default_min_share: float = 0.0
+    priority_headroom: int = 0
 
     def admission_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for tierq.Admission."""
@@ -145,6 +146,7 @@ class AdmissionConfig:
             "burst": self.burst,
             "priority_reserve": self.priority_reserve,
             "default_min_share": self.default_min_share,
+            "priority_headroom": self.priority_headroom,
         }
 
 
@@ -501,6 +503,10 @@ class _Parser:
         if reserve >= 1.0:
             raise t.fail("priority_reserve", "must be below 1 (a share of burst kept for priority)")
         share = _f(t.number("default_min_share", d.default_min_share, 0.0, 1.0))
+        headroom = _i(t.integer("priority_headroom", d.priority_headroom, 0, 1_000_000))
+        if headroom >= max_conc:
+            raise t.fail("priority_headroom",
+                         f"must be below max_concurrency ({max_conc}): defaults need a slot")
         if rate is not None:
             # The core has the last word on a bucket (e.g. a burst whose refill
             # time overflows its clock); ask it now, so a bad pair is a config
@@ -513,7 +519,7 @@ class _Parser:
                 raise t.fail("rate", f"rate {rate} with burst {burst}: {e}") from None
         t.done()
         return AdmissionConfig(max_conc, depth, wait_default, wait_priority, rate, burst,
-                               reserve, share)
+                               reserve, share, headroom)
 
     def keys(self, t: _Table) -> KeysConfig:
         path = t.string("path")

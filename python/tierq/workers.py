@@ -52,7 +52,7 @@ PoolSettings = Mapping[str, Any]
 def _core_args(settings: PoolSettings) -> dict[str, Any]:
     s = dict(settings)
     unknown = set(s) - {"max_concurrency", "queue_depth", "max_wait_ms", "rate", "burst",
-                        "priority_reserve", "default_min_share"}
+                        "priority_reserve", "default_min_share", "priority_headroom"}
     if unknown:
         raise ValueError(f"admission: unknown setting {sorted(unknown)[0]!r}")
     wait_default, wait_priority = _waits(s.pop("max_wait_ms", 30000.0))
