@@ -24,7 +24,7 @@ MODEL = "sim-chat"
 
 
 def gateway_config(sim_url: str, slots: int, queue_depth: int, wait_default: int,
-                   wait_priority: int) -> Path:
+                   wait_priority: int, priority_headroom: int = 0) -> Path:
     cfg = h.TMP / "overload.toml"
     cfg.write_text(f"""
 [ledger]
@@ -47,6 +47,7 @@ output_per_m = "0.20"
 max_concurrency = {slots}
 queue_depth = {queue_depth}
 max_wait_ms = {{ default = {wait_default}, priority = {wait_priority} }}
+priority_headroom = {priority_headroom}
 """)
     return cfg
 
@@ -70,7 +71,8 @@ class Sampler:
             text = r.read().decode()
         n = 0
         for line in text.splitlines():
-            if line.startswith("tierq_admission_depth_"):
+            # tierq_queue_depth{model="…",lane="…"} N, one sample per pool and lane.
+            if line.startswith("tierq_queue_depth{"):
                 n += int(float(line.rsplit(" ", 1)[1]))
         return n
 
@@ -108,7 +110,7 @@ def busy_while_waiting(samples: list[tuple[float, int, int, int]], slots: int,
     }
 
 
-def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
+def tier_stats(recs: list[dict[str, Any]], warmup: float, duration: float) -> dict[str, Any]:
     recs = [r for r in recs if r["t"] >= warmup]
     first = [r["a"] for r in recs]
     ok = [a for a in first if a["status"] == 200 and "err" not in a]
@@ -124,6 +126,12 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     # that got in. A retry shed again waited longer than we can measure.
     ratios = []
     ratios_s = []
+    # Came back too early: the retry was shed again (a 429 on the retry).
+    again = [r for r in retried if r["r"]["status"] == 429]
+    again_codes: dict[str, int] = {}
+    for r in again:
+        c = r["r"].get("code", "?")
+        again_codes[c] = again_codes.get(c, 0) + 1
     for r in got_in:
         actual = r["r"]["waited"] + (r["r"].get("qms") or 0.0)
         ra_ms = r["a"].get("ra_ms")
@@ -131,6 +139,11 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
             ratios.append(actual / ra_ms)
         if r["a"].get("ra_s"):
             ratios_s.append(actual / (r["a"]["ra_s"] * 1000.0))
+    # The same, only for retries sent while the load was still on: one that comes back
+    # after the last arrival finds a queue that is draining, which flatters any hint.
+    during = [r for r in retried if r["t"] + (r["a"]["total"] + r["r"]["waited"]) / 1000 <= duration]
+    ratios_on = [(r["r"]["waited"] + (r["r"].get("qms") or 0.0)) / r["a"]["ra_ms"] for r in during
+                 if r["r"]["status"] == 200 and "err" not in r["r"] and r["a"].get("ra_ms")]
     n = len(first)
     ttft = [a["ttft"] for a in ok if "ttft" in a]
     total = [a["total"] for a in ok]
@@ -143,11 +156,21 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         # Time spent in the gateway's admission queue (x-tierq-queue-ms), served requests.
         "queue_p50": h.pct([a["qms"] for a in ok if "qms" in a], 50),
         "queue_p99": h.pct([a["qms"] for a in ok if "qms" in a], 99),
+        # TTFT minus the gateway's own queue time: backend TTFT + everything else the
+        # request met on the way (proxying, event-loop lag), served requests.
+        "ttft_less_queue_p50": h.pct([a["ttft"] - a["qms"] for a in ok if "ttft" in a and "qms" in a], 50),
+        "ttft_less_queue_p99": h.pct([a["ttft"] - a["qms"] for a in ok if "ttft" in a and "qms" in a], 99),
         "total_p50": h.pct(total, 50), "total_p99": h.pct(total, 99),
         "shed": codes, "other_errors": other,
         "retried": len(retried), "retry_got_in": len(got_in),
         "ra_missing": sum(1 for a in shed if not a.get("ra_ms") or not a.get("ra_s")),
-        "ra_ratio_p50": h.pct(ratios, 50), "ra_ratio_max": max(ratios) if ratios else math.nan,
+        "ra_ratio_p50": h.pct(ratios, 50), "ra_ratio_p90": h.pct(ratios, 90),
+        "ra_ratio_max": max(ratios) if ratios else math.nan,
+        "retry_shed_again": len(again), "retry_shed_again_codes": again_codes,
+        "load_retried": len(during), "load_retry_got_in": len(ratios_on),
+        "load_retry_shed_again": sum(1 for r in during if r["r"]["status"] == 429),
+        "load_ra_ratio_p50": h.pct(ratios_on, 50), "load_ra_ratio_p90": h.pct(ratios_on, 90),
+        "load_ra_within_2x": (sum(1 for x in ratios_on if 0.5 <= x <= 2.0) / len(ratios_on)) if ratios_on else math.nan,
         "ra_within_2x": (sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios)) if ratios else math.nan,
         "ra_s_within_2x": (sum(1 for x in ratios_s if 0.5 <= x <= 2.0) / len(ratios_s)) if ratios_s else math.nan,
     }
@@ -181,6 +204,11 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         spy.wait(60)
         prof = h.pyspy_summary(raw, f"tierq during overload {rate:.0f} req/s, share {share}, "
                                f"{'SSE' if stream else 'JSON'}", h.RESULTS / profile)
+    if args.keep_records:
+        keep = Path(args.keep_records)
+        keep.mkdir(parents=True, exist_ok=True)
+        stem = f"{mode}-{rate:.0f}rps-share{share:g}-{'sse' if stream else 'json'}"
+        (keep / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     stats = h.get_json(f"http://127.0.0.1:{sim.port}/sim/stats")
     late = [r["late"] for r in recs]
     out = {
@@ -192,9 +220,9 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         "cpu_cores": cores, "profile": prof,
         "gw_probe_p50_ms": h.pct(sampler.gw_probe_ms, 50), "gw_probe_p99_ms": h.pct(sampler.gw_probe_ms, 99),
         "busy": busy_while_waiting(sampler.samples, args.slots, args.warmup, args.duration),
-        "priority": tier_stats([r for r in recs if r["p"]], args.warmup),
-        "default": tier_stats([r for r in recs if not r["p"]], args.warmup),
-        "all": tier_stats(recs, args.warmup),
+        "priority": tier_stats([r for r in recs if r["p"]], args.warmup, args.duration),
+        "default": tier_stats([r for r in recs if not r["p"]], args.warmup, args.duration),
+        "all": tier_stats(recs, args.warmup, args.duration),
     }
     # Let whatever the sim still holds finish before the next cell.
     deadline = time.monotonic() + 30
@@ -223,10 +251,14 @@ def main() -> None:
     ap.add_argument("--queue-depth", type=int, default=256)
     ap.add_argument("--wait-default-ms", type=int, default=3000)
     ap.add_argument("--wait-priority-ms", type=int, default=10000)
+    ap.add_argument("--priority-headroom", type=int, default=0,
+                    help="the gateway's priority_headroom: slots a default request may not take")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--workers", type=int, default=1, help="gateway worker processes (tierq serve --workers)")
     ap.add_argument("--baselines", default="fifo,direct")
     ap.add_argument("--name", default="overload", help="results file stem")
+    ap.add_argument("--keep-records", default="", metavar="DIR",
+                    help="also write every run's per-request records (JSON lines) into DIR")
     ap.add_argument("--profile", action="store_true", help="py-spy the gateway in the heaviest 10%% JSON run")
     args = ap.parse_args()
 
@@ -249,7 +281,7 @@ def main() -> None:
         sim = h.start_sim("overload-sim", args.slots, args.ttft_ms, args.tokens_per_s)
         procs.append(sim)
         cfg = gateway_config(f"http://127.0.0.1:{sim.port}/v1", args.slots, args.queue_depth,
-                             args.wait_default_ms, args.wait_priority_ms)
+                             args.wait_default_ms, args.wait_priority_ms, args.priority_headroom)
         gw_port = h.free_port()
         gw = h.Proc("overload-tierq", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
                                        "--host", "127.0.0.1", "--port", str(gw_port),
