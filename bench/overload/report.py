@@ -202,15 +202,20 @@ def write_report(result: dict[str, Any], name: str) -> None:
     md.append("Queue = the gateway's own x-tierq-queue-ms (waiting for a slot); TTFT − queue = the "
               "backend's TTFT plus everything else on the way (proxying, the gateway's event loop, "
               "the generator). Gateway CPU in cores over the run; /metrics p99 = round trip of "
-              "the sampler's scrape every 0.1 s, a probe of the event loop's lag.\n\n")
+              "the sampler's scrape every 0.1 s, a probe of the event loop's lag. Waiting for a CPU = share "
+              "of the run the gateway's main thread was runnable but not running (/proc schedstat): "
+              "the CPU other processes took from it.\n\n")
     md.append(h.md_table(
         ["body", "priority share", "load", "n", "TTFT p50 / p99 ms", "queue p50 / p99 ms",
-         "TTFT − queue p50 / p99 ms", "gateway CPU, cores", "/metrics p99 ms"],
+         "TTFT − queue p50 / p99 ms", "gateway CPU, cores", "gateway waiting for a CPU",
+         "/metrics p99 ms", "machine CPU busy (all processes)"],
         [[("SSE" if c["stream"] else "JSON"), f"{c['share']:.0%}", f"{c['load']:g}x", c["priority"]["n"],
           f"{fmt(c['priority']['ttft_p50'], 0)} / {fmt(c['priority']['ttft_p99'], 0)}",
           f"{fmt(c['priority'].get('queue_p50'), 0)} / {fmt(c['priority'].get('queue_p99'), 0)}",
           f"{fmt(c['priority'].get('ttft_less_queue_p50'), 0)} / {fmt(c['priority'].get('ttft_less_queue_p99'), 0)}",
-          f"{(c.get('cpu_cores') or {}).get('gateway', math.nan):.2f}", fmt(c.get("gw_probe_p99_ms"), 0)]
+          f"{(c.get('cpu_cores') or {}).get('gateway', math.nan):.2f}",
+          _pct(c.get("gw_runqueue_wait_share", math.nan)), fmt(c.get("gw_probe_p99_ms"), 0),
+          _pct(c.get("machine_busy_share", math.nan))]
          for c in result["cells"] if c["mode"] == "tierq"]))
     md.append("\n## Targets\n")
     md.append(h.md_table(["target", "result", "measured"], targets(result)))

@@ -25,10 +25,10 @@ MODEL = "sim-chat"
 
 def gateway_config(sim_url: str, slots: int, queue_depth: int, wait_default: int,
                    wait_priority: int, priority_headroom: int = 0) -> Path:
-    cfg = h.TMP / "overload.toml"
+    cfg = h.TMP / f"overload-headroom{priority_headroom}.toml"
     cfg.write_text(f"""
 [ledger]
-url = "sqlite:///{h.TMP}/overload-ledger.db"
+url = "sqlite:///{h.TMP}/overload-ledger-headroom{priority_headroom}.db"
 
 [[upstreams]]
 name = "sim"
@@ -176,6 +176,20 @@ def tier_stats(recs: list[dict[str, Any]], warmup: float, duration: float) -> di
     }
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Time the process's main thread spent runnable but waiting for a CPU (schedstat), s:
+    what other processes on the machine took from it."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time by kind (/proc/stat: user nice system idle iowait irq softirq steal)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.Proc | None,
              rate: float, share: float, stream: bool, profile: str | None = None) -> dict[str, Any]:
     gw_root = f"http://127.0.0.1:{gw.port}" if gw is not None else None
@@ -192,10 +206,14 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
     if profile and gw is not None:
         raw = h.TMP / "overload-pyspy.raw"
         spy = h.pyspy_start(gw.pid, int(args.duration), raw)
+    rq0 = runqueue_wait_s(gw.pid) if gw is not None else math.nan
+    m0 = cpu_times()
     t0 = time.monotonic()
     with Sampler(f"http://127.0.0.1:{sim.port}", gw_root) as sampler:
         recs, summary = h.loadgen(spec)
     wall = time.monotonic() - t0
+    rq = (runqueue_wait_s(gw.pid) - rq0) if gw is not None else math.nan
+    dm = [b - a for a, b in zip(m0, cpu_times())]
     # CPU each server used, in cores (1.0 = one core busy for the whole run).
     cores = {n: (h.cpu_seconds(p.pid) - cpu0[n]) / wall
              for n, p in (("sim", sim), ("gateway", gw)) if p is not None}
@@ -209,6 +227,8 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         keep.mkdir(parents=True, exist_ok=True)
         stem = f"{mode}-{rate:.0f}rps-share{share:g}-{'sse' if stream else 'json'}"
         (keep / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        # (seconds, sim generating, sim waiting, gateway waiting) every 0.1 s
+        (keep / f"{stem}.samples.json").write_text(json.dumps(sampler.samples))
     stats = h.get_json(f"http://127.0.0.1:{sim.port}/sim/stats")
     late = [r["late"] for r in recs]
     out = {
@@ -218,6 +238,12 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         "sim_max_in_flight": stats["max_in_flight_seen"],
         "sim_max_generating": stats["max_generating_seen"],
         "cpu_cores": cores, "profile": prof,
+        # Share of the run the gateway's event loop was runnable but not on a CPU.
+        "gw_runqueue_wait_share": rq / wall,
+        # The machine over the run: share of all CPU time busy (any process) and stolen
+        # by the hypervisor.
+        "machine_busy_share": 1 - (dm[3] + dm[4]) / max(1, sum(dm)),
+        "machine_steal_share": dm[7] / max(1, sum(dm)),
         "gw_probe_p50_ms": h.pct(sampler.gw_probe_ms, 50), "gw_probe_p99_ms": h.pct(sampler.gw_probe_ms, 99),
         "busy": busy_while_waiting(sampler.samples, args.slots, args.warmup, args.duration),
         "priority": tier_stats([r for r in recs if r["p"]], args.warmup, args.duration),
@@ -251,8 +277,10 @@ def main() -> None:
     ap.add_argument("--queue-depth", type=int, default=256)
     ap.add_argument("--wait-default-ms", type=int, default=3000)
     ap.add_argument("--wait-priority-ms", type=int, default=10000)
-    ap.add_argument("--priority-headroom", type=int, default=0,
-                    help="the gateway's priority_headroom: slots a default request may not take")
+    ap.add_argument("--priority-headroom", type=int, default=2,
+                    help="the gateway's priority_headroom: slots a default request may not take "
+                         "(tierq's own default is 0; 2 of 64 is what the 1.2x TTFT target needs at 2x, "
+                         "see bench/README.md)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--workers", type=int, default=1, help="gateway worker processes (tierq serve --workers)")
     ap.add_argument("--baselines", default="fifo,direct")
@@ -282,17 +310,30 @@ def main() -> None:
         procs.append(sim)
         cfg = gateway_config(f"http://127.0.0.1:{sim.port}/v1", args.slots, args.queue_depth,
                              args.wait_default_ms, args.wait_priority_ms, args.priority_headroom)
-        gw_port = h.free_port()
-        gw = h.Proc("overload-tierq", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
-                                       "--host", "127.0.0.1", "--port", str(gw_port),
-                                       "--workers", str(args.workers)],
-                    gw_port, cwd=h.TMP, health="/healthz")
-        procs.append(gw)
-        gw.wait_ready()
-        gw_root = f"http://127.0.0.1:{gw_port}"
+        def start_gateway(name: str, cfg: Path) -> h.Proc:
+            port = h.free_port()
+            p = h.Proc(name, [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
+                              "--host", "127.0.0.1", "--port", str(port),
+                              "--workers", str(args.workers)],
+                       port, cwd=h.TMP, health="/healthz")
+            procs.append(p)
+            p.wait_ready()
+            return p
+
+        gw = start_gateway("overload-tierq", cfg)
+        gw_root = f"http://127.0.0.1:{gw.port}"
+        # The FIFO baseline is the gateway without tiers: every request is default, so
+        # with a priority headroom it would lose those slots. It gets its own gateway
+        # with the same settings and no headroom.
+        fifo_gw = gw
+        if args.priority_headroom and "fifo" in baselines:
+            fifo_gw = start_gateway("overload-tierq-fifo", gateway_config(
+                f"http://127.0.0.1:{sim.port}/v1", args.slots, args.queue_depth,
+                args.wait_default_ms, args.wait_priority_ms, 0))
+        gws = {"tierq": gw, "fifo": fifo_gw}
         targets = {
             "tierq": (gw_root + "/v1/chat/completions", True),
-            "fifo": (gw_root + "/v1/chat/completions", True),
+            "fifo": (f"http://127.0.0.1:{fifo_gw.port}/v1/chat/completions", True),
             "direct": (f"http://127.0.0.1:{sim.port}/v1/chat/completions", False),
         }
         plan = []
@@ -308,7 +349,7 @@ def main() -> None:
             prof = (f"{args.name}-tierq-pyspy.txt" if args.profile and mode == "tierq" and load == max(loads)
                     and share == min(shares) and not stream else None)
             h.log(f"[{i+1}/{len(plan)}] {mode} load {load}x share {share} stream {stream}")
-            cell = run_cell(args, mode, url, sim, gw if via_gw else None, load * capacity, share,
+            cell = run_cell(args, mode, url, sim, gws[mode] if via_gw else None, load * capacity, share,
                             stream, prof)
             cell["load"] = load
             cells.append(cell)

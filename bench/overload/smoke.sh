@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke mode (a few seconds of tiny load): proves the scenario runs end to end and
-# produces numbers. Asserts nothing about timing. Writes into a temporary directory.
+# produces numbers (with a priority headroom, so the FIFO baseline runs on its own
+# gateway too). Asserts nothing about timing. Writes into a temporary directory.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=$(bash "$HERE/../common/setup.sh" | tail -n1)
@@ -8,7 +9,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/run.py" --slots 4 --ttft-ms 10 --tokens-per-s 500 \
     --max-tokens 4 --loads 0.5,2 --shares 0.5 --streams 0,1 --duration 1.5 --warmup 0.2 \
-    --grace 4 --queue-depth 8 --wait-default-ms 300 --wait-priority-ms 1000 --name smoke
+    --grace 4 --queue-depth 8 --wait-default-ms 300 --wait-priority-ms 1000 --priority-headroom 1 --name smoke
 "$PY" - "$OUT" <<'PYEOF'
 import json, math, sys, pathlib
 out = pathlib.Path(sys.argv[1])
