@@ -742,9 +742,7 @@ impl Pool {
     /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
         loop {
-            let Some(before) = self.try_take_slot(self.settings.max_concurrency as u64) else {
-                return None;
-            };
+            let before = self.try_take_slot(self.settings.max_concurrency as u64)?;
             // The CAS fixed how many slots others hold: the rule is exact.
             if let Some((id, owner)) = self.pop_next(before < self.settings.default_limit()) {
                 match self.hand_to(id, owner, false) {
