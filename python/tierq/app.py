@@ -37,6 +37,7 @@ from tierq.pricing import cost as price_cost
 from tierq.pricing import render_cost
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
+from tierq.watchdog import ClientWriteTimeout, WriteWatchdog
 
 __all__ = [
     "CONFIG",
@@ -66,6 +67,9 @@ RETRY_AFTER_MAX_S: Final = 120
 # not abandoned by its client.
 _DRAIN: Final = "tierq-drain"
 DRAIN_RETRY_AFTER_S: Final = 1
+# A JSON answer up to this size is sent in one write after its bill is committed
+# (see _relay_json); half the transport's 64 KiB high-water mark.
+_ONE_WRITE_MAX: Final = 32 * 1024
 
 
 def runner_kwargs() -> dict[str, Any]:
@@ -173,6 +177,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     draining: bool = False
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
+    watchdog: WriteWatchdog = field(default_factory=lambda: WriteWatchdog(30.0))
 
     def begin_drain(self) -> int:
         """Stop taking work: not ready, new requests and every queued one get 503.
@@ -225,7 +230,8 @@ def create_app(
     """
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
-                 allow_remote_without_keys=allow_remote_without_keys)
+                 allow_remote_without_keys=allow_remote_without_keys,
+                 watchdog=WriteWatchdog(config.server.write_timeout_s))
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[request_log, _errors],
@@ -294,10 +300,12 @@ def _lifecycle(
             if gw.config.keys.path is not None:
                 gw.keys = KeyStore(gw.config.keys.path)
                 gw.limiter = KeyLimiter(shared=key_buckets)
+            gw.watchdog.start()
             gw.ready = True
             yield
         finally:
             gw.ready = False
+            await gw.watchdog.stop()
             for client in gw.upstreams.values():
                 await client.close()
             if gw.keys is not None:
@@ -353,8 +361,13 @@ async def _read_json(gw: Gateway, request: web.Request) -> dict[str, Any]:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
                        f"the limit is {limit}.", code="request_too_large")
     try:
-        async with asyncio.timeout(gw.config.server.body_timeout_s):
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual case for a small
+            # request): reading it cannot wait, so no timer is armed.
             raw = await request.read()
+        else:
+            async with asyncio.timeout(gw.config.server.body_timeout_s):
+                raw = await request.read()
     except TimeoutError:
         raise ApiError(408, "Timed out reading the request body.",
                        code="request_timeout") from None
@@ -675,22 +688,30 @@ def _estimate_output_tokens(data: dict[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-class _ClientWriteTimeout(Exception):
-    """A write to the client waited longer than `[server] write_timeout_s`."""
-
-
-async def _write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
-    """Send `data`, waiting for the client to read (aiohttp's drain is the
-    backpressure) at most `write_timeout_s`; past it, cut the connection."""
+async def _write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
+                 last: bool = False) -> None:
+    """Send `data` (and end the response if `last`), waiting for the client to read (aiohttp's drain is the
+    backpressure) at most `write_timeout_s` (tierq.watchdog); past it the
+    connection is cut and ClientWriteTimeout raised."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("Cannot write to closing transport")
+    watchdog = request.app[GATEWAY].watchdog
+    watchdog.begin(transport)
     try:
-        async with asyncio.timeout(request.app[GATEWAY].config.server.write_timeout_s):
-            await resp.write(data)
-    except TimeoutError:
-        # Abort, not close: a close would wait to flush what the client is not
-        # reading. aiohttp's own write_eof afterwards meets a closed transport.
-        if request.transport is not None:
-            request.transport.abort()
-        raise _ClientWriteTimeout() from None
+        await (resp.write_eof(data) if last else resp.write(data))
+    except BaseException as e:
+        if not watchdog.end(transport):
+            raise
+        if isinstance(e, asyncio.CancelledError):
+            # The cancel came from aiohttp seeing the aborted connection, not
+            # from anyone who wants this task to stop: it is the timeout.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        raise ClientWriteTimeout() from None
+    if watchdog.end(transport):
+        raise ClientWriteTimeout()
 
 
 async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientResponse,
@@ -720,27 +741,40 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
     assert isinstance(usage, dict)
     usage["estimated_cost"] = render_cost(amount)
     out = orjson.dumps(data)
-    # Written here rather than by aiohttp after the handler returns, so the write
-    # timeout covers it: all but the last byte, then the bill (committed before
-    # the client can see a complete response), then the last byte.
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # The client left while the upstream answered: nothing was delivered.
+        ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
+        ctx.settle(0)
+        return web.Response(status=499)  # nginx's "client closed request"; nobody reads it
+    if len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0:
+        # The usual case. A body this small goes into the socket without
+        # waiting on the client (nothing is queued ahead of it and it is below
+        # the transport's high-water mark), so no write timeout is needed: the
+        # bill is committed, then aiohttp sends headers and body in one write.
+        await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
+        ctx.settle(tokens[0] + tokens[1])
+        return web.Response(body=out, headers=ctx.headers(), content_type=JSON_TYPE)
+    # A large body may have to wait for the client to read: it is written here,
+    # under the write timeout, as all but the last byte, then the bill
+    # (committed before the client can see a complete response), then the last byte.
     resp = web.StreamResponse(headers=ctx.headers())
     resp.content_type = JSON_TYPE
     resp.content_length = len(out)
     await resp.prepare(request)
     try:
         await _write(request, resp, out[:-1])
-    except (_ClientWriteTimeout, ConnectionResetError) as e:
+    except (ClientWriteTimeout, ConnectionResetError) as e:
         # A JSON body cut short is of no use to the client: nothing is billed.
-        code = "client_write_timeout" if isinstance(e, _ClientWriteTimeout) else "client_disconnected"
+        code = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
         ctx.record_nowait(ctx.row("cancelled", code=code))
         ctx.settle(0)
         return resp
     await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
     ctx.settle(tokens[0] + tokens[1])
     try:
-        await _write(request, resp, out[-1:])
-        await resp.write_eof()
-    except (_ClientWriteTimeout, ConnectionResetError):
+        await _write(request, resp, out[-1:], last=True)
+    except (ClientWriteTimeout, ConnectionResetError):
         pass  # billed already: all but one byte was delivered
     return resp
 
@@ -786,7 +820,7 @@ async def _relay_stream(
             await ctx.record(ctx.row("served", prompt, completion, amount,
                                      code=None if usage_tokens else "usage_estimated"))
             ctx.settle(prompt + completion)
-            await _write(request, resp, _DONE)
+            await _write(request, resp, _DONE, last=True)
             return True
         try:
             obj = orjson.loads(payload)
@@ -866,20 +900,14 @@ async def _relay_stream(
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
-            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n")
-        async with asyncio.timeout(ctx.gw.config.server.write_timeout_s):
-            await resp.write_eof()
+            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n", last=True)
     except asyncio.CancelledError:
         bill_cut_short()
         raise
     except ConnectionResetError:
         bill_cut_short()
-    except _ClientWriteTimeout:
-        bill_cut_short("client_write_timeout")
-    except TimeoutError:
-        # write_eof stalled: the client has every event already, [DONE] included.
-        if request.transport is not None:
-            request.transport.abort()
+    except ClientWriteTimeout:
+        bill_cut_short("client_write_timeout")  # a no-op once the row is in
     return resp
 
 

@@ -10,6 +10,7 @@ masks anything shaped like a credential, so no key reaches a log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import os
@@ -142,8 +143,16 @@ _SECRETS: Final = (
 )
 
 
+# Every pattern above needs one of these substrings: one search rules out the
+# five substitutions for the plain strings that make up almost every log field.
+_SUSPECT: Final = re.compile(r"tq-|sk-|://|bearer|basic|api[_-]?key|token|secret|password",
+                             re.IGNORECASE)
+
+
 def redact(text: str) -> str:
     """`text` with anything credential-shaped masked."""
+    if _SUSPECT.search(text) is None:
+        return text
     for pattern, repl in _SECRETS:
         text = pattern.sub(repl, text)
     return text
@@ -157,13 +166,24 @@ def _clean(value: Any) -> Any:
     return redact(str(value))
 
 
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _iso_ms(t: float) -> str:
+    """`t` (epoch seconds) as UTC ISO 8601 with milliseconds: 2026-11-22T02:31:01.123Z.
+    The second is formatted once per second, not once per line."""
+    second = int(t)
+    return f"{_iso_second(second)}.{min(999, int((t - second) * 1000)):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, then the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": _iso_ms(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact(record.getMessage()),

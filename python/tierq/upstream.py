@@ -8,10 +8,10 @@ body an upstream of a given kind accepts, with the applied tier in its terms.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -122,6 +122,7 @@ class UpstreamClient:
         self.base_url = base_url.rstrip("/")
         self.pool_size = max(1, pool_size)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         # Read once at start-up; never logged, never put in the ledger.
         self._managed_auth = f"Bearer {key}" if key else None
@@ -180,10 +181,9 @@ class UpstreamClient:
             h["Authorization"] = value if value.lower().startswith("bearer ") else f"Bearer {value}"
         return h
 
-    @contextlib.asynccontextmanager
-    async def post(
+    def post(
         self, endpoint: str, body: bytes, client_upstream_auth: str | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """POST a JSON body: `async with client.post(...) as resp:`.
 
         Leaving the block before the body is read closes the connection, which
@@ -191,15 +191,17 @@ class UpstreamClient:
         """
         if self._session is None:
             raise RuntimeError(f"upstream {self.name!r} is not started")
-        async with self._session.post(
-            self.url(endpoint),
+        url = self._urls.get(endpoint)
+        if url is None:  # parsed once per endpoint, not once per request
+            url = self._urls[endpoint] = yarl.URL(self.url(endpoint))
+        return self._session.post(
+            url,
             data=body,
             headers=self.headers(client_upstream_auth),
             # An upstream redirect is never followed: it could point anywhere,
             # and the credential would follow it.
             allow_redirects=False,
-        ) as resp:
-            yield resp
+        )
 
 
 def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, str] | None:
