@@ -807,21 +807,13 @@ async def _relay_stream(
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", **ctx.headers()})
     await resp.prepare(request)
-    delivered = 0
+    delivered = 0  # tokens written to the client
     usage_tokens: tuple[int, int] | None = None
-    data_lines: list[bytes] = []
 
-    async def emit(payload: bytes) -> bool:
-        """Rewrite and send one SSE event; True when the stream is complete."""
-        nonlocal delivered, usage_tokens
-        if payload == b"[DONE]":
-            prompt, completion = usage_tokens or (ctx.est_prompt, delivered)
-            amount = ctx.cost(prompt, completion)
-            await ctx.record(ctx.row("served", prompt, completion, amount,
-                                     code=None if usage_tokens else "usage_estimated"))
-            ctx.settle(prompt + completion)
-            await _write(request, resp, _DONE, last=True)
-            return True
+    def rewrite(payload: bytes) -> tuple[bytes, int]:
+        """One upstream event as the client gets it (b"" to drop it), and the
+        tokens it delivers."""
+        nonlocal usage_tokens
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -842,13 +834,25 @@ async def _relay_stream(
                 usage["estimated_cost"] = render_cost(ctx.cost(*tokens))
         if not client_wants_usage and "usage" in obj:
             if obj.get("choices") == [] and tokens is not None:
-                return False  # the usage-only chunk the client did not ask for
+                return b"", 0  # the usage-only chunk the client did not ask for
             del obj["usage"]
-        await _write(request, resp, b"data: " + orjson.dumps(obj) + b"\n\n")
-        delivered += _delivered(obj.get("choices"))
+        return b"data: " + orjson.dumps(obj) + b"\n\n", _delivered(obj.get("choices"))
+
+    async def send(events: list[bytes], tokens: int) -> None:
+        nonlocal delivered
+        await _write(request, resp, b"".join(events))
+        delivered += tokens
         if delivered and ctx.ttft_s is None:
             ctx.ttft_s = time.monotonic() - ctx.t0
-        return False
+
+    async def finish() -> None:
+        """[DONE]: the bill is committed before the client sees the end."""
+        prompt, completion = usage_tokens or (ctx.est_prompt, delivered)
+        amount = ctx.cost(prompt, completion)
+        await ctx.record(ctx.row("served", prompt, completion, amount,
+                                 code=None if usage_tokens else "usage_estimated"))
+        ctx.settle(prompt + completion)
+        await _write(request, resp, _DONE, last=True)
 
     def bill_cut_short(code: str | None = None) -> None:
         # The client went away (or stopped reading) mid-stream: bill what was
@@ -870,22 +874,56 @@ async def _relay_stream(
                                   partial=True, code=code))
         ctx.settle(prompt + completion)
 
-    complete = False
+    # Everything that arrived in one read is parsed, rewritten and sent in one
+    # write: one event per write while the client keeps up, fewer writes (and
+    # system calls) per event when the gateway is behind.
+    data_lines: list[bytes] = []
+    rest = b""
     try:
         try:
-            async for line in up.content:
-                line = line.rstrip(b"\r\n")
-                if line.startswith(b"data:"):
+            complete = False
+            async for chunk in up.content.iter_any():
+                lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+                rest = lines.pop()  # an incomplete last line waits for the next read
+                events: list[bytes] = []
+                tokens = 0
+                for line in lines:
+                    line = line.rstrip(b"\r")
+                    if line.startswith(b"data:"):
+                        data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+                    elif not line and data_lines:
+                        payload = b"\n".join(data_lines)
+                        data_lines.clear()
+                        if payload == b"[DONE]":
+                            complete = True
+                            break
+                        try:
+                            out, n = rewrite(payload)
+                        except _UpstreamStreamError:
+                            if events:  # what came before the error still goes out
+                                await send(events, tokens)
+                            raise
+                        if out:
+                            events.append(out)
+                            tokens += n
+                    # event:/id:/retry: lines and comments carry nothing for OpenAI clients.
+                if events:
+                    await send(events, tokens)
+                if complete:
+                    break
+            if not complete:
+                # A last event without its blank line still counts.
+                if rest.rstrip(b"\r").startswith(b"data:"):
+                    line = rest.rstrip(b"\r")
                     data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif not line and data_lines:
+                if data_lines:
                     payload = b"\n".join(data_lines)
-                    data_lines.clear()
-                    if await emit(payload):
+                    if payload == b"[DONE]":
                         complete = True
-                        break
-                # event:/id:/retry: lines and comments carry nothing for OpenAI clients.
-            if not complete and data_lines:
-                complete = await emit(b"\n".join(data_lines))
+                    else:
+                        out, n = rewrite(payload)
+                        if out:
+                            await send([out], n)
             if not complete:
                 raise _UpstreamStreamError(None)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
@@ -901,6 +939,8 @@ async def _relay_stream(
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
             await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n", last=True)
+        else:
+            await finish()
     except asyncio.CancelledError:
         bill_cut_short()
         raise

@@ -127,7 +127,10 @@ def _access(request: web.Request, info: RequestInfo, status: int, t0: float) -> 
                       tier=row.applied_tier, outcome=row.status, code=row.code,
                       queue_ms=round(row.queue_ms, 3), prompt_tokens=row.prompt_tokens,
                       completion_tokens=row.completion_tokens, cost=format(row.cost, "f"))
-    access_log.info("request", extra={"fields": fields})
+    # makeRecord + handle is what `access_log.info` does, less the walk up the
+    # stack for a caller's file and line that an access line does not show.
+    access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (),
+                                            None, extra={"fields": fields}))
 
 
 # ------------------------------------------------------------------ formatting
@@ -216,4 +219,9 @@ def configure_logging(fmt: str = "json", level: str = "info", access: bool = Tru
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Neither format shows threads or processes: not collecting them per record
+    # is the logging module's own documented optimisation.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     access_log.setLevel(logging.INFO if access else logging.WARNING)

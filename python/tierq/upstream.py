@@ -156,6 +156,7 @@ class UpstreamClient:
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
+            headers=self._session_headers(),
         )
 
     async def close(self) -> None:
@@ -171,15 +172,19 @@ class UpstreamClient:
         """The upstream URL of an endpoint such as "chat/completions"."""
         return f"{self.base_url}/{endpoint}"
 
-    def headers(self, client_upstream_auth: str | None) -> dict[str, str]:
+    def _session_headers(self) -> dict[str, str]:
+        """Headers every request to this upstream carries (set once on the session)."""
         h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-        if self.managed:
-            if self._managed_auth is not None:
-                h["Authorization"] = self._managed_auth
-        elif client_upstream_auth:
-            value = client_upstream_auth.strip()
-            h["Authorization"] = value if value.lower().startswith("bearer ") else f"Bearer {value}"
+        if self._managed_auth is not None:
+            h["Authorization"] = self._managed_auth
         return h
+
+    def _request_headers(self, client_upstream_auth: str | None) -> dict[str, str] | None:
+        """The client's own credential (bring your own key), when this upstream is unmanaged."""
+        if self.managed or not client_upstream_auth:
+            return None
+        value = client_upstream_auth.strip()
+        return {"Authorization": value if value.lower().startswith("bearer ") else f"Bearer {value}"}
 
     def post(
         self, endpoint: str, body: bytes, client_upstream_auth: str | None
@@ -197,7 +202,7 @@ class UpstreamClient:
         return self._session.post(
             url,
             data=body,
-            headers=self.headers(client_upstream_auth),
+            headers=self._request_headers(client_upstream_auth),
             # An upstream redirect is never followed: it could point anywhere,
             # and the credential would follow it.
             allow_redirects=False,
