@@ -37,6 +37,7 @@ from tierq.pricing import cost as price_cost
 from tierq.pricing import render_cost
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
+from tierq.sse import DONE, EventSplitter, StreamRewriter, UpstreamStreamError, usage_tokens
 from tierq.watchdog import ClientWriteTimeout, WriteWatchdog
 
 __all__ = [
@@ -670,15 +671,6 @@ async def _upstream_error(ctx: _Ctx, up: aiohttp.ClientResponse) -> web.StreamRe
                    "server_error", None, "upstream_error", headers)
 
 
-def _usage_tokens(usage: Any) -> tuple[int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
-        return p, c
-    return None
-
-
 def _estimate_output_tokens(data: dict[str, Any]) -> int:
     choices = data.get("choices")
     if not isinstance(choices, list):
@@ -726,7 +718,7 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
         raise ApiError(502, "The upstream answered with something that is not a JSON object.",
                        "server_error", None, "upstream_bad_response", ctx.headers())
     usage = data.get("usage")
-    tokens = _usage_tokens(usage)
+    tokens = usage_tokens(usage)
     code = None
     if tokens is None:
         # An upstream that reports no usage is billed on an estimate, and the
@@ -779,24 +771,7 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
     return resp
 
 
-def _delivered(choices: Any) -> int:
-    """Tokens a stream chunk delivers, counted one per non-empty choice delta."""
-    if not isinstance(choices, list):
-        return 0
-    n = 0
-    for c in choices:
-        if not isinstance(c, dict):
-            continue
-        delta = c.get("delta")
-        if isinstance(delta, dict):
-            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
-                n += 1
-        elif c.get("text"):
-            n += 1
-    return n
-
-
-_DONE: Final = b"data: [DONE]\n\n"
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 
 async def _relay_stream(
@@ -807,36 +782,9 @@ async def _relay_stream(
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", **ctx.headers()})
     await resp.prepare(request)
+    splitter = EventSplitter()
+    rewriter = StreamRewriter(ctx.tier, client_wants_usage, ctx.cost)
     delivered = 0  # tokens written to the client
-    usage_tokens: tuple[int, int] | None = None
-
-    def rewrite(payload: bytes) -> tuple[bytes, int]:
-        """One upstream event as the client gets it (b"" to drop it), and the
-        tokens it delivers."""
-        nonlocal usage_tokens
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            # Every OpenAI stream event is a JSON object: anything else means the
-            # upstream is broken, and a broken answer is not billed as served.
-            raise _UpstreamStreamError(None)
-        obj["service_tier"] = ctx.tier
-        if "error" in obj:
-            raise _UpstreamStreamError(obj)
-        usage = obj.get("usage")
-        tokens = _usage_tokens(usage)
-        if tokens is not None:
-            usage_tokens = tokens
-            if client_wants_usage:
-                assert isinstance(usage, dict)
-                usage["estimated_cost"] = render_cost(ctx.cost(*tokens))
-        if not client_wants_usage and "usage" in obj:
-            if obj.get("choices") == [] and tokens is not None:
-                return b"", 0  # the usage-only chunk the client did not ask for
-            del obj["usage"]
-        return b"data: " + orjson.dumps(obj) + b"\n\n", _delivered(obj.get("choices"))
 
     async def send(events: list[bytes], tokens: int) -> None:
         nonlocal delivered
@@ -845,14 +793,22 @@ async def _relay_stream(
         if delivered and ctx.ttft_s is None:
             ctx.ttft_s = time.monotonic() - ctx.t0
 
-    async def finish() -> None:
-        """[DONE]: the bill is committed before the client sees the end."""
-        prompt, completion = usage_tokens or (ctx.est_prompt, delivered)
-        amount = ctx.cost(prompt, completion)
-        await ctx.record(ctx.row("served", prompt, completion, amount,
-                                 code=None if usage_tokens else "usage_estimated"))
-        ctx.settle(prompt + completion)
-        await _write(request, resp, _DONE, last=True)
+    async def relay(payloads: list[bytes]) -> bool:
+        """Rewrite and send what one read completed, in one write; True at [DONE]."""
+        events: list[bytes] = []
+        tokens = 0
+        try:
+            for payload in payloads:
+                if payload == DONE:
+                    return True
+                out, n = rewriter.event(payload)
+                if out:
+                    events.append(out)
+                    tokens += n
+            return False
+        finally:
+            if events:  # sent even when a later event is [DONE] or broken
+                await send(events, tokens)
 
     def bill_cut_short(code: str | None = None) -> None:
         # The client went away (or stopped reading) mid-stream: bill what was
@@ -868,79 +824,48 @@ async def _relay_stream(
             ctx.record_nowait(ctx.row("cancelled", code=code))
             ctx.settle(0)
             return
-        prompt = usage_tokens[0] if usage_tokens else ctx.est_prompt
-        completion = min(delivered, usage_tokens[1]) if usage_tokens else delivered
+        usage = rewriter.usage
+        prompt = usage[0] if usage else ctx.est_prompt
+        completion = min(delivered, usage[1]) if usage else delivered
         ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
                                   partial=True, code=code))
         ctx.settle(prompt + completion)
 
-    # Everything that arrived in one read is parsed, rewritten and sent in one
-    # write: one event per write while the client keeps up, fewer writes (and
-    # system calls) per event when the gateway is behind.
-    data_lines: list[bytes] = []
-    rest = b""
     try:
         try:
+            # Everything one read brings is rewritten and sent in one write: one
+            # event per write while the client keeps up, fewer writes (and system
+            # calls) per event when the gateway is behind.
             complete = False
             async for chunk in up.content.iter_any():
-                lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-                rest = lines.pop()  # an incomplete last line waits for the next read
-                events: list[bytes] = []
-                tokens = 0
-                for line in lines:
-                    line = line.rstrip(b"\r")
-                    if line.startswith(b"data:"):
-                        data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
-                    elif not line and data_lines:
-                        payload = b"\n".join(data_lines)
-                        data_lines.clear()
-                        if payload == b"[DONE]":
-                            complete = True
-                            break
-                        try:
-                            out, n = rewrite(payload)
-                        except _UpstreamStreamError:
-                            if events:  # what came before the error still goes out
-                                await send(events, tokens)
-                            raise
-                        if out:
-                            events.append(out)
-                            tokens += n
-                    # event:/id:/retry: lines and comments carry nothing for OpenAI clients.
-                if events:
-                    await send(events, tokens)
-                if complete:
+                if await relay(splitter.feed(chunk)):
+                    complete = True
                     break
             if not complete:
-                # A last event without its blank line still counts.
-                if rest.rstrip(b"\r").startswith(b"data:"):
-                    line = rest.rstrip(b"\r")
-                    data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
-                if data_lines:
-                    payload = b"\n".join(data_lines)
-                    if payload == b"[DONE]":
-                        complete = True
-                    else:
-                        out, n = rewrite(payload)
-                        if out:
-                            await send([out], n)
+                last = splitter.close()
+                complete = last is not None and await relay([last])
             if not complete:
-                raise _UpstreamStreamError(None)
+                raise UpstreamStreamError(None)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
-                _UpstreamStreamError) as e:
+                UpstreamStreamError) as e:
             if isinstance(e, ConnectionResetError):
                 raise  # our write to the client failed: handled below as a disconnect
             # The upstream broke the stream: nothing is billed for a broken answer.
             if not ctx.recorded:
                 ctx.record_nowait(ctx.row("failed", ctx.est_prompt, delivered,
                                           partial=delivered > 0, code="upstream_stream_error"))
-            err = e.obj if isinstance(e, _UpstreamStreamError) and e.obj is not None else {
+            err = e.obj if isinstance(e, UpstreamStreamError) and e.obj is not None else {
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
             await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n", last=True)
         else:
-            await finish()
+            # [DONE]: the bill is committed before the client sees the end.
+            prompt, completion = rewriter.usage or (ctx.est_prompt, delivered)
+            await ctx.record(ctx.row("served", prompt, completion, ctx.cost(prompt, completion),
+                                     code=None if rewriter.usage else "usage_estimated"))
+            ctx.settle(prompt + completion)
+            await _write(request, resp, _DONE_EVENT, last=True)
     except asyncio.CancelledError:
         bill_cut_short()
         raise
@@ -949,12 +874,6 @@ async def _relay_stream(
     except ClientWriteTimeout:
         bill_cut_short("client_write_timeout")  # a no-op once the row is in
     return resp
-
-
-class _UpstreamStreamError(Exception):
-    def __init__(self, obj: dict[str, Any] | None) -> None:
-        super().__init__("upstream stream error")
-        self.obj = obj
 
 
 # ------------------------------------------------------------------ other routes
