@@ -5,6 +5,7 @@ the CI smoke run fails when one breaks, never because it is slow."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 
@@ -14,6 +15,7 @@ from baselines import cost_localcontext, rewrite_event_json
 from conftest import BASELINE, FLOOR, OURS, record
 
 from tierq.app import _estimate_prompt_tokens, _validate  # the gateway's own checks
+from tierq.ledger import Ledger, LedgerRow
 from tierq.pricing import Prices, cost, render_cost
 from tierq.sse import EventSplitter, StreamRewriter
 from tierq.tiers import resolve_tier
@@ -107,3 +109,40 @@ def test_sse_event_rewrite(benchmark, impl: str) -> None:  # type: ignore[no-unt
     assert tokens == 1 and orjson.loads(data[6:])["service_tier"] == "priority"
     assert orjson.loads(data[6:]) == orjson.loads(rewrite_event_json(READ[6:-2], "priority")[0][6:])
     record(benchmark, "SSE: split one read + rewrite its event", impl, N, "stdlib json, no split")
+
+
+@pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
+def test_ledger_commit_round_trip(benchmark, loop, tmp_path, impl: str) -> None:  # type: ignore[no-untyped-def]
+    """What a served response waits for before its last byte (DESIGN: the bill is
+    committed first), one request at a time: queue the row, the writer thread
+    commits it, the event loop is told. Baseline: the bare round trip to a
+    thread and back (asyncio.to_thread of a no-op), the floor of any commit made
+    off the event loop."""
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    loop.run_until_complete(ledger.start())
+    rows = 200
+    made = iter(range(10**9))
+
+    def row() -> LedgerRow:
+        return LedgerRow(request_id=f"bench-{next(made)}", ts=0.0, key_id="k", model="m",
+                         endpoint="chat.completions", requested_tier="priority",
+                         applied_tier="priority", prompt_tokens=100, completion_tokens=20,
+                         cost=Decimal("0.0000411"), status="served")
+
+    async def ours() -> None:
+        for _ in range(rows):
+            await ledger.record(row())
+
+    async def baseline() -> None:
+        for _ in range(rows):
+            row()
+            await asyncio.to_thread(int)
+
+    try:
+        benchmark(lambda: loop.run_until_complete(ours() if impl == OURS else baseline()))
+        if impl == OURS:
+            assert len(ledger.rows()) % rows == 0 and ledger.rows()
+    finally:
+        loop.run_until_complete(ledger.close())
+    record(benchmark, "ledger commit round trip, one request at a time", impl, rows,
+           "thread round trip, no commit")
