@@ -146,15 +146,15 @@ _SECRETS: Final = (
 )
 
 
-# Every pattern above needs one of these substrings: one search rules out the
-# five substitutions for the plain strings that make up almost every log field.
-_SUSPECT: Final = re.compile(r"tq-|sk-|://|bearer|basic|api[_-]?key|token|secret|password",
-                             re.IGNORECASE)
+# Every pattern above needs one of these substrings (in lower case): one search
+# rules out the five substitutions for the plain strings that make up almost
+# every log field. On the lowered text, as re.IGNORECASE is ~6x slower here.
+_SUSPECT: Final = re.compile(r"tq-|sk-|://|bearer|basic|api[_-]?key|token|secret|password")
 
 
 def redact(text: str) -> str:
     """`text` with anything credential-shaped masked."""
-    if _SUSPECT.search(text) is None:
+    if _SUSPECT.search(text.lower()) is None:
         return text
     for pattern, repl in _SECRETS:
         text = pattern.sub(repl, text)
