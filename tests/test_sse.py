@@ -116,3 +116,16 @@ def test_an_upstream_error_event_is_handed_on_with_the_tier() -> None:
     with pytest.raises(UpstreamStreamError) as e:
         StreamRewriter("priority", False, _price).event(b'{"error": {"message": "boom"}}')
     assert e.value.obj == {"error": {"message": "boom"}, "service_tier": "priority"}
+
+
+@pytest.mark.parametrize("body", [b"data: " + b"x" * 5000,  # a line that never ends
+                                  (b"data: " + b"x" * 100 + b"\n") * 100],  # an event that never ends
+                         ids=["endless line", "endless event"])
+def test_an_event_that_outgrows_the_limit_breaks_the_stream(body: bytes) -> None:
+    s = EventSplitter(max_event_bytes=4096)
+    with pytest.raises(UpstreamStreamError):
+        for i in range(0, len(body), 512):
+            s.feed(body[i:i + 512])
+    # Under the limit the same shapes are fine.
+    ok = EventSplitter(max_event_bytes=4096)
+    assert ok.feed(b"data: " + b"x" * 3000 + b"\n\n") == [b"x" * 3000]

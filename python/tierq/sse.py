@@ -24,6 +24,9 @@ __all__ = ["DONE", "EventSplitter", "StreamRewriter", "UpstreamStreamError", "de
            "usage_tokens"]
 
 DONE: Final = b"[DONE]"
+# The most one event (its lines so far) may hold before the stream counts as
+# broken: an upstream that never ends a line or an event cannot grow memory.
+MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
 
 
 class UpstreamStreamError(Exception):
@@ -42,14 +45,17 @@ class EventSplitter:
     comment lines carry nothing an OpenAI client reads and are dropped.
     """
 
-    __slots__ = ("_data", "_rest")
+    __slots__ = ("_data", "_pending", "_rest", "max_event_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
         self._rest = b""  # an incomplete last line, waiting for the rest of it
-        self._data: list[bytes] = []
+        self._data: list[bytes] = []  # the data lines of the event being read
+        self._pending = 0  # bytes in _data
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """The payloads of the events completed by `chunk`, in order."""
+        """The payloads of the events completed by `chunk`, in order.
+        Raises UpstreamStreamError when one event outgrows `max_event_bytes`."""
         lines = (self._rest + chunk if self._rest else chunk).split(b"\n")
         self._rest = lines.pop()
         events: list[bytes] = []
@@ -58,10 +64,15 @@ class EventSplitter:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                data.append(value)
+                self._pending += len(value)
             elif not line and data:
                 events.append(data[0] if len(data) == 1 else b"\n".join(data))
                 data.clear()
+                self._pending = 0
+        if self._pending + len(self._rest) > self.max_event_bytes:
+            raise UpstreamStreamError(None)
         return events
 
     def close(self) -> bytes | None:
@@ -74,6 +85,7 @@ class EventSplitter:
             return None
         payload = b"\n".join(self._data)
         self._data.clear()
+        self._pending = 0
         return payload
 
 
