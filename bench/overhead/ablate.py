@@ -1,6 +1,8 @@
 """What each tierq feature costs: gateway CPU per request and throughput at saturation
-for tierq with every feature on, then with one feature off at a time, beside the bare
-forwarder, all against the same nginx static backend and interleaved in rounds.
+for tierq with every feature on, then with one feature off at a time (the access log
+and API keys through tierq's own switches; the ledger and metrics replaced by no-ops,
+as an experiment: bench/overhead/ablate_serve.py), beside the bare forwarder, all
+against the same nginx static backend and interleaved in rounds.
 
 CPU per request (the gateway process's user+sys seconds over requests answered) is
 the steadier figure on a shared machine; throughput is reported beside it. Writes
@@ -24,11 +26,15 @@ sys.path.insert(0, str(HERE))
 import harness as h  # noqa: E402
 from run import PATH, STATIC_BODY, gen, nginx, ok, tierq_config  # noqa: E402
 
-# name -> (extra `tierq serve` flags, config edit); "full" is the overhead bench's config.
-VARIANTS: dict[str, tuple[list[str], str]] = {
-    "full": ([], ""),
-    "no access log": (["--no-access-log"], ""),
-    "no API keys (loopback mode)": ([], "keys"),
+# name -> (parts replaced by no-ops (ablate_serve.py), extra `tierq serve` flags,
+# config edit). "every feature on" is the overhead bench's configuration.
+VARIANTS: dict[str, tuple[str, list[str], str]] = {
+    "every feature on": ("none", [], ""),
+    "without the access log": ("none", ["--no-access-log"], ""),
+    "without API keys (loopback mode)": ("none", [], "keys"),
+    "ledger a no-op (experiment)": ("ledger", [], ""),
+    "metrics a no-op (experiment)": ("metrics", [], ""),
+    "all four off (experiment)": ("ledger,metrics", ["--no-access-log"], "keys"),
 }
 
 
@@ -63,16 +69,17 @@ def main() -> None:
         procs.append(be)
         static_root = f"http://127.0.0.1:{be_port}"
         base, token = tierq_config(static_root, static_root)
-        for name, (flags, drop) in VARIANTS.items():
+        for name, (off, flags, drop) in VARIANTS.items():
             cfg = variant_config(base, name, drop)
             port = h.free_port()
-            p = h.Proc(f"ablate-{len(targets)}", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
-                                                  "--host", "127.0.0.1", "--port", str(port), *flags],
+            p = h.Proc(f"ablate-{len(targets)}", [h.PY, str(HERE / "ablate_serve.py"), off, "--",
+                                                  "--config", str(cfg), "--host", "127.0.0.1",
+                                                  "--port", str(port), *flags],
                        port, cwd=h.TMP, health="/healthz")
             procs.append(p)
             p.wait_ready()
             headers = [] if drop == "keys" else [["authorization", f"Bearer {token}"]]
-            targets[f"tierq: {name}"] = {"url": f"http://127.0.0.1:{port}", "pid": p.pid,
+            targets[f"tierq, {name}"] = {"url": f"http://127.0.0.1:{port}", "pid": p.pid,
                                          "headers": headers}
         port = h.free_port()
         fw = h.Proc("ablate-forwarder", [h.PY, str(HERE / "forwarder.py"), static_root, str(port)], port)
@@ -87,7 +94,7 @@ def main() -> None:
             for n in order:
                 t = targets[n]
                 gen(t["url"] + PATH, "static-chat", t["headers"], mode="closed",
-                    concurrency=args.conns, duration_s=0.5, grace_s=10)  # warm
+                    concurrency=args.conns, duration_s=min(0.5, args.secs), grace_s=10)  # warm
                 cpu0 = h.cpu_seconds(t["pid"])
                 recs, summary = gen(t["url"] + PATH, "static-chat", t["headers"], mode="closed",
                                     concurrency=args.conns, duration_s=args.secs, grace_s=10)
