@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secs", type=float, default=4.0)
     ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--lat-s", type=float, default=2.0, help="seconds at 1 concurrent request")
     ap.add_argument("--name", default="overhead-ablation")
     args = ap.parse_args()
     h.build_loadgen()
@@ -87,7 +88,8 @@ def main() -> None:
         fw.wait_ready(path="/v1/models")
         targets["bare forwarder"] = {"url": f"http://127.0.0.1:{port}", "pid": fw.pid, "headers": []}
 
-        res: dict[str, dict[str, list[float]]] = {n: {"rps": [], "cpu_us": []} for n in targets}
+        res: dict[str, dict[str, list[float]]] = {n: {"rps": [], "cpu_us": [], "c1_ms": []}
+                                                  for n in targets}
         names = list(targets)
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
@@ -104,6 +106,10 @@ def main() -> None:
                     raise RuntimeError(f"{n}: no request answered 200")
                 res[n]["rps"].append(good / args.secs)
                 res[n]["cpu_us"].append(cpu / good * 1e6)
+                # One request at a time: the latency each part adds when nothing batches.
+                recs, _ = gen(t["url"] + PATH, "static-chat", t["headers"], mode="closed",
+                              concurrency=1, duration_s=args.lat_s, grace_s=10)
+                res[n]["c1_ms"] += [a["total"] for a in ok(recs)]
                 h.log(f"round {r + 1} {n}: {good / args.secs:.0f} req/s, "
                       f"{cpu / good * 1e6:.0f} us CPU/request")
     finally:
@@ -111,15 +117,21 @@ def main() -> None:
 
     fw_cpu = statistics.median(res["bare forwarder"]["cpu_us"])
     fw_rps = statistics.median(res["bare forwarder"]["rps"])
+    fw_c1 = h.pct(res["bare forwarder"]["c1_ms"], 50)
     rows = []
     for n in names:
         cpu, rps = statistics.median(res[n]["cpu_us"]), statistics.median(res[n]["rps"])
-        rows.append([n, f"{rps:,.0f}", f"{rps / fw_rps:.2f}", f"{cpu:,.0f}", f"{cpu - fw_cpu:+,.0f}"])
+        c1, c1_99 = h.pct(res[n]["c1_ms"], 50), h.pct(res[n]["c1_ms"], 99)
+        rows.append([n, f"{rps:,.0f}", f"{rps / fw_rps:.2f}", f"{cpu:,.0f}", f"{cpu - fw_cpu:+,.0f}",
+                     f"{c1:.3f} / {c1_99:.3f}", f"{(c1 - fw_c1) * 1000:+,.0f}"])
     md = (f"# What each tierq feature costs\n\n{h.machine_line()}\n\n"
           f"nginx static backend, {args.conns} closed-loop connections, {args.secs:g} s per "
           f"measurement, median of {args.rounds} interleaved rounds. CPU is the gateway "
-          "process's user+sys time per answered request.\n\n"
-          + h.md_table(["path", "req/s", "x forwarder", "CPU us/request", "vs forwarder"], rows))
+          "process's user+sys time per answered request (writer thread included). Latency: "
+          f"one request at a time for {args.lat_s:g} s per round, client-side total, all rounds "
+          "pooled.\n\n"
+          + h.md_table(["path", "req/s", "x forwarder", "CPU us/request", "vs forwarder",
+                        "1 concurrent p50 / p99 ms", "p50 vs forwarder, us"], rows))
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     (h.RESULTS / f"{args.name}.md").write_text(md)
     (h.RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": res}, indent=1))

@@ -28,7 +28,7 @@ for t in targets:
 print(f"overhead smoke ok: {len(targets)} paths, 1 passed, 0 failed")
 PYEOF
 # What each feature costs (bench/overhead/ablate.py): every variant serves and is measured.
-BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/ablate.py" --rounds 1 --secs 0.5 --conns 4 --name ablate-smoke >/dev/null
+BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/ablate.py" --rounds 1 --secs 0.5 --conns 4 --lat-s 0.3 --name ablate-smoke >/dev/null
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys, pathlib
 r = json.loads((pathlib.Path(sys.argv[1]) / "ablate-smoke.json").read_text())["results"]
