@@ -15,6 +15,8 @@ import pytest
 # scenario -> implementation -> (min, median) ns per operation
 RESULTS: dict[str, dict[str, tuple[float, float]]] = {}
 OURS, BASELINE, FLOOR = "tierq", "pyref", "floor"
+# scenario -> what its baseline is, when it is not bench/pyref.py
+BASELINE_NAMES: dict[str, str] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,11 +27,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def record(benchmark: object, scenario: str, impl: str, ops_per_call: int) -> None:
+def record(benchmark: object, scenario: str, impl: str, ops_per_call: int,
+           baseline: str = "pyref") -> None:
     """Notes the best and median time per operation, when benchmarks are enabled.
 
     The ratio uses the best round: on a shared 2-core machine the median mostly
     measures the neighbours; the median is shown beside it for honesty."""
+    BASELINE_NAMES[scenario] = baseline
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: the body ran once, as a smoke test
         return
@@ -60,14 +64,16 @@ def _cell(v: tuple[float, float] | None) -> str:
 
 def table() -> list[str]:
     lines = [
-        "| scenario | tierq per op | pyref baseline per op | speed-up (baseline / tierq, best) | floor: no-op `async with` |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | tierq per op | baseline | baseline per op | speed-up (baseline / tierq, best) | floor: no-op `async with` |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     for scenario, row in RESULTS.items():
         ours, base = row.get(OURS), row.get(BASELINE)
         ratio = f"{base[0] / ours[0]:.2f}x" if ours and base else "n/a"
         floor = row.get(FLOOR)
-        lines.append(f"| {scenario} | {_cell(ours)} | {_cell(base)} | {ratio} | {_cell(floor) if floor else '-'} |")
+        name = BASELINE_NAMES.get(scenario, "pyref")
+        lines.append(f"| {scenario} | {_cell(ours)} | {name} | {_cell(base)} | {ratio} | "
+                     f"{_cell(floor) if floor else '-'} |")
     return lines
 
 
@@ -75,13 +81,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if not RESULTS:
         return
     lines = table()
-    terminalreporter.write_sep("-", "tierq vs pure-Python baseline (best round per op, median beside)")
+    terminalreporter.write_sep("-", "tierq vs baseline (best round per op, median beside)")
     for line in lines:
         terminalreporter.write_line(line)
     out = config.getoption("--micro-md")
     if out:
         header = [
-            "# Python microbenchmarks: tierq (Rust core) vs bench/pyref.py",
+            "# Python microbenchmarks: tierq vs its baselines",
             "",
             f"Python {sys.version.split()[0]}, {platform.machine()}, asyncio default loop. "
             "Best round per operation (median beside it); ratio from the best rounds. "

@@ -14,7 +14,7 @@
 //! records its waiter's owner (a worker process and its generation; 0 in a
 //! single-process pool), so whoever decides a waiter knows whom to tell.
 
-use crate::sync::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use crate::sync::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst};
 
 const EMPTY: u64 = 0;
 const WAITING: u64 = 1;
@@ -33,11 +33,16 @@ const fn split(word: u64) -> (u64, u64) {
 /// A ring that a lane's producers and consumers share. All fields are views
 /// into the pool's state block.
 pub(crate) struct Ring<'a> {
-    /// Ticket of the oldest cell not yet reclaimed; only moves forward, by a
-    /// CAS from whoever reclaimed that cell (or helped after it).
+    /// Where consumers start looking: a hint, never past the oldest ticket
+    /// not yet reclaimed (H). Whoever reclaims ticket h stores h + 1, with a
+    /// plain store, not a CAS: a store that lands late may move it back, and
+    /// consumers then skip the reclaimed cells again (`skip_reclaimed`). The
+    /// cells are the truth; producers never read the head. Release stores,
+    /// Acquire loads: a consumer that reads h also sees the reclaim that put
+    /// ticket h into cell h % cap, so it never finds an older lap's ticket there.
     pub head: &'a AtomicU64,
     /// Next ticket to hand out; only moves forward, by CAS, and never more than
-    /// `cells.len()` past `head`.
+    /// `cells.len()` past H.
     pub tail: &'a AtomicU64,
     /// `cells[pos % cap]` = `cell(pos, state)` for the ticket that owns it.
     pub cells: &'a [AtomicU64],
@@ -66,7 +71,7 @@ impl<'a> Ring<'a> {
 
     /// Fills fresh state: cell i belongs to ticket i, empty.
     pub(crate) fn init(&self) {
-        self.head.store(0, SeqCst);
+        self.head.store(0, Release);
         self.tail.store(0, SeqCst);
         for (i, c) in self.cells.iter().enumerate() {
             c.store(cell(i as u64, EMPTY), SeqCst);
@@ -102,13 +107,23 @@ impl<'a> Ring<'a> {
         split(self.cells[self.idx(t)].load(SeqCst)).0 < t
     }
 
+    /// The head hint fell behind: cell `h % cap` holds `pos`, a later lap's
+    /// ticket, so ticket `pos - cap` is reclaimed. A reclaim only ever takes
+    /// H (its CAS succeeds from ticket h's word at a head hint h <= H, so
+    /// h = H), so tickets are reclaimed in order and every one up to
+    /// `pos - cap` is gone: the hint may jump past all of them at once.
+    #[inline]
+    fn skip_reclaimed(&self, pos: u64) {
+        self.head.store(pos - self.cap() + 1, Release);
+    }
+
     /// Takes the waiter at the front, reclaiming tombstones on the way; returns
     /// its ticket and owner. `None` when nothing is published (a producer that
     /// took a ticket but has not published yet dispatches for itself right
     /// after publishing).
     pub(crate) fn pop(&self) -> Option<(u64, u64)> {
         loop {
-            let h = self.head.load(SeqCst);
+            let h = self.head.load(Acquire);
             let i = self.idx(h);
             let word = self.cells[i].load(SeqCst);
             let (pos, state) = split(word);
@@ -119,14 +134,15 @@ impl<'a> Ring<'a> {
                 // Valid once the CAS below succeeds from this same word.
                 let owner = self.owners[i].load(SeqCst);
                 if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
-                    let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                    // The CAS decided ticket h; the head only has to follow
+                    // (see `head`), so a store, not a second locked RMW.
+                    self.head.store(h + 1, Release);
                     if state == WAITING {
                         return Some((h, owner));
                     }
                 }
             } else if pos > h {
-                // Reclaimed already; help the reclaimer move the head.
-                let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                self.skip_reclaimed(pos);
             }
         }
     }
@@ -134,16 +150,16 @@ impl<'a> Ring<'a> {
     /// Reclaims tombstones at the front so they stop holding ring cells.
     pub(crate) fn reap(&self) {
         loop {
-            let h = self.head.load(SeqCst);
+            let h = self.head.load(Acquire);
             let i = self.idx(h);
             let word = self.cells[i].load(SeqCst);
             let (pos, state) = split(word);
             if pos == h && state == TOMB {
                 if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
-                    let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                    self.head.store(h + 1, Release);
                 }
             } else if pos > h {
-                let _ = self.head.compare_exchange(h, h + 1, SeqCst, SeqCst);
+                self.skip_reclaimed(pos);
             } else {
                 return;
             }
@@ -167,10 +183,18 @@ impl<'a> Ring<'a> {
         self.remove(pos).then_some(owner)
     }
 
+    /// Tickets that may be waiting: from the head hint (no further back than
+    /// one ring behind the tail, however far a late store moved it) to the tail.
+    fn live_span(&self) -> (u64, u64) {
+        let h = self.head.load(Acquire);
+        let t = self.tail.load(SeqCst);
+        (h.max(t.saturating_sub(self.cap())), t)
+    }
+
     /// Removes every waiting ticket whose owner is `owner` (a dead worker);
     /// calls `on_removed` per ticket.
     pub(crate) fn remove_all_of(&self, owner: u64, mut on_removed: impl FnMut(u64)) {
-        let (h, t) = (self.head.load(SeqCst), self.tail.load(SeqCst));
+        let (h, t) = self.live_span();
         for p in h..t {
             let i = self.idx(p);
             if self.cells[i].load(SeqCst) == cell(p, WAITING)
@@ -183,9 +207,9 @@ impl<'a> Ring<'a> {
     }
 
     /// True while a published waiter or tombstone sits at the front, i.e. a
-    /// `pop` would make progress.
+    /// `pop` would make progress (also when the head lags: it would move it).
     pub(crate) fn has_published(&self) -> bool {
-        let h = self.head.load(SeqCst);
+        let h = self.head.load(Acquire);
         let (pos, state) = split(self.cells[self.idx(h)].load(SeqCst));
         pos > h || (pos == h && state != EMPTY)
     }
@@ -193,8 +217,7 @@ impl<'a> Ring<'a> {
     /// Removes the newest waiting ticket (scanning back from the tail);
     /// returns it and its owner.
     pub(crate) fn remove_newest(&self) -> Option<(u64, u64)> {
-        let h = self.head.load(SeqCst);
-        let t = self.tail.load(SeqCst);
+        let (h, t) = self.live_span();
         let mut p = t;
         while p > h {
             p -= 1;
@@ -212,9 +235,14 @@ impl<'a> Ring<'a> {
     pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64, u64)) {
         loop {
             self.reap();
-            let h = self.head.load(SeqCst);
+            let h = self.head.load(Acquire);
             let i = self.idx(h);
             let (pos, state) = split(self.cells[i].load(SeqCst));
+            if pos > h {
+                // A late head store moved it back after `reap`: go round.
+                self.skip_reclaimed(pos);
+                continue;
+            }
             if pos != h || state != WAITING {
                 return;
             }
@@ -338,6 +366,35 @@ mod tests {
         assert_eq!(gone, vec![0, 2]);
         assert_eq!(r.remove_newest(), Some((3, 9)));
         assert_eq!(r.pop(), Some((1, 8)));
+        assert_eq!(r.pop(), None);
+    }
+
+    #[test]
+    fn head_moved_back_by_a_late_store_grants_nothing_twice() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        // Two laps in, so the stale cells hold later tickets, not empty ones.
+        for n in 0..11 {
+            r.push(n, 0).unwrap();
+            if n < 9 {
+                assert_eq!(r.pop(), Some((n, 0)));
+            }
+        }
+        assert!(r.remove(10));
+        for stale in [0, 3, 8] {
+            // A releaser that reclaimed ticket `stale - 1` long ago stores now.
+            o.head.store(stale, Release);
+            assert!(r.has_published(), "a lagging head is work for pop");
+            assert_eq!(r.enqueued_at(9), Some(9));
+        }
+        assert_eq!(r.remove_newest(), Some((9, 0)));
+        o.head.store(2, Release);
+        r.expire(u64::MAX, |p, _| panic!("expired {p}"));
+        assert_eq!(r.pop(), None);
+        assert_eq!(o.head.load(Acquire), 11, "tombstones reclaimed, head caught up");
+        assert_eq!(r.push(11, 0), Ok(11));
+        o.head.store(5, Release);
+        assert_eq!(r.pop(), Some((11, 0)));
         assert_eq!(r.pop(), None);
     }
 

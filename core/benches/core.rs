@@ -231,6 +231,24 @@ fn bench_queue(c: &mut Criterion) {
     }
 }
 
+/// The two primitives that bound push + pop, measured in the same run: one
+/// CLOCK_MONOTONIC read and one uncontended locked RMW (`lock xadd` on x86;
+/// every ordering of an RMW is the same instruction there).
+fn bench_floor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("floor/1t");
+    g.bench_function("clock_read", |b| b.iter(monotonic_ns));
+    let word = AtomicU64::new(0);
+    g.bench_function("atomic_rmw", |b| b.iter(|| black_box(&word).fetch_add(1, Relaxed)));
+    g.finish();
+}
+
+/// Locked instructions in one push + pop of the queue bench: the core's
+/// depth reserve, tail CAS, cell publish (a SeqCst store is an `xchg`), cell
+/// CAS, depth release and admitted count, plus the bench's own two (`Held`).
+const PUSH_POP_RMWS: f64 = 8.0;
+/// Clock reads per push + pop: the join time, and one in 8 handoffs.
+const PUSH_POP_CLOCKS: f64 = 1.125;
+
 // ----------------------------------------------------------------- summary --
 
 /// Criterion's median point estimate (ns) for `group/name`, if it ran.
@@ -266,6 +284,13 @@ fn summary() {
         };
         println!("| {label} | {ours:.1} ns | {base:.1} ns | {:.2}x | {verdict} |", base / ours);
     }
+    if let (Some(clock), Some(rmw)) = (median_ns("floor/1t", "clock_read"), median_ns("floor/1t", "atomic_rmw")) {
+        let floor = PUSH_POP_CLOCKS * clock + PUSH_POP_RMWS * rmw;
+        println!(
+            "\nfloor of queue push + pop, 1 thread: {PUSH_POP_CLOCKS} clock reads x {clock:.1} ns \
+             + {PUSH_POP_RMWS} locked RMWs x {rmw:.1} ns = {floor:.0} ns"
+        );
+    }
 }
 
 fn main() {
@@ -273,6 +298,7 @@ fn main() {
     bench_bucket(&mut c);
     bench_admit_release(&mut c);
     bench_queue(&mut c);
+    bench_floor(&mut c);
     c.final_summary();
     summary();
 }

@@ -110,6 +110,46 @@ fn priority_eviction_races_a_cancel_of_the_same_default_waiter() {
     });
 }
 
+/// Two releases pop at once, past a tombstone and across the ring's wrap.
+/// The head is a hint moved by plain stores, so one release's store can land
+/// after the other's and move it back: each waiter must still be granted
+/// exactly once, and the ring must keep working from wherever the head ends.
+#[test]
+fn two_releases_racing_past_a_tombstone_grant_each_waiter_once() {
+    loom::model(|| {
+        let p = Arc::new(pool(2, 3));
+        assert_eq!(p.settings().ring_cap(), 8);
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        // Tickets 0..6 come and go, so the race runs over tickets 6, 7, 8,
+        // and 8 reuses cell 0.
+        for _ in 0..6 {
+            let Admit::Queued { waiter, granted: None, .. } = p.admit(Lane::Default, 1) else { panic!() };
+            assert_eq!(p.release(), Some(waiter));
+        }
+        let ids: Vec<_> = (0..3)
+            .map(|_| match p.admit(Lane::Default, 1) {
+                Admit::Queued { waiter, granted: None, .. } => waiter,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(p.cancel(ids[1]));
+        let p2 = p.clone();
+        let t = thread::spawn(move || p2.release());
+        let mine = p.release();
+        let theirs = t.join().unwrap();
+        let mut got = [mine.unwrap(), theirs.unwrap()];
+        got.sort();
+        assert_eq!(got, [ids[0], ids[2]]);
+        assert_eq!(p.stats().depth, [0, 0]);
+        // Whatever the head was left at, the next waiter is granted once.
+        let Admit::Queued { waiter, granted: None, .. } = p.admit(Lane::Default, 1) else { panic!() };
+        assert_eq!(p.release(), Some(waiter));
+        assert_eq!((p.release(), p.release()), (None, None));
+        assert_eq!(p.stats().in_flight, 0);
+    });
+}
+
 /// Two workers post to a third's mailbox while it sweeps after a wake-up.
 /// Every message is taken exactly once, and one still in the box after the
 /// sweep always has a wake-up pending (the eventfd, modelled as a counter),

@@ -37,6 +37,8 @@ from tierq.pricing import cost as price_cost
 from tierq.pricing import render_cost
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
+from tierq.sse import DONE, EventSplitter, StreamRewriter, UpstreamStreamError, usage_tokens
+from tierq.watchdog import ClientWriteTimeout, WriteWatchdog
 
 __all__ = [
     "CONFIG",
@@ -66,6 +68,9 @@ RETRY_AFTER_MAX_S: Final = 120
 # not abandoned by its client.
 _DRAIN: Final = "tierq-drain"
 DRAIN_RETRY_AFTER_S: Final = 1
+# A JSON answer up to this size is sent in one write after its bill is committed
+# (see _relay_json); half the transport's 64 KiB high-water mark.
+_ONE_WRITE_MAX: Final = 32 * 1024
 
 
 def runner_kwargs() -> dict[str, Any]:
@@ -173,6 +178,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     draining: bool = False
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
+    watchdog: WriteWatchdog = field(default_factory=lambda: WriteWatchdog(30.0))
 
     def begin_drain(self) -> int:
         """Stop taking work: not ready, new requests and every queued one get 503.
@@ -225,7 +231,8 @@ def create_app(
     """
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
-                 allow_remote_without_keys=allow_remote_without_keys)
+                 allow_remote_without_keys=allow_remote_without_keys,
+                 watchdog=WriteWatchdog(config.server.write_timeout_s))
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[request_log, _errors],
@@ -294,10 +301,12 @@ def _lifecycle(
             if gw.config.keys.path is not None:
                 gw.keys = KeyStore(gw.config.keys.path)
                 gw.limiter = KeyLimiter(shared=key_buckets)
+            gw.watchdog.start()
             gw.ready = True
             yield
         finally:
             gw.ready = False
+            await gw.watchdog.stop()
             for client in gw.upstreams.values():
                 await client.close()
             if gw.keys is not None:
@@ -353,8 +362,13 @@ async def _read_json(gw: Gateway, request: web.Request) -> dict[str, Any]:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
                        f"the limit is {limit}.", code="request_too_large")
     try:
-        async with asyncio.timeout(gw.config.server.body_timeout_s):
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual case for a small
+            # request): reading it cannot wait, so no timer is armed.
             raw = await request.read()
+        else:
+            async with asyncio.timeout(gw.config.server.body_timeout_s):
+                raw = await request.read()
     except TimeoutError:
         raise ApiError(408, "Timed out reading the request body.",
                        code="request_timeout") from None
@@ -657,15 +671,6 @@ async def _upstream_error(ctx: _Ctx, up: aiohttp.ClientResponse) -> web.StreamRe
                    "server_error", None, "upstream_error", headers)
 
 
-def _usage_tokens(usage: Any) -> tuple[int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
-        return p, c
-    return None
-
-
 def _estimate_output_tokens(data: dict[str, Any]) -> int:
     choices = data.get("choices")
     if not isinstance(choices, list):
@@ -675,22 +680,30 @@ def _estimate_output_tokens(data: dict[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-class _ClientWriteTimeout(Exception):
-    """A write to the client waited longer than `[server] write_timeout_s`."""
-
-
-async def _write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
-    """Send `data`, waiting for the client to read (aiohttp's drain is the
-    backpressure) at most `write_timeout_s`; past it, cut the connection."""
+async def _write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
+                 last: bool = False) -> None:
+    """Send `data` (and end the response if `last`), waiting for the client to read (aiohttp's drain is the
+    backpressure) at most `write_timeout_s` (tierq.watchdog); past it the
+    connection is cut and ClientWriteTimeout raised."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("Cannot write to closing transport")
+    watchdog = request.app[GATEWAY].watchdog
+    watchdog.begin(transport)
     try:
-        async with asyncio.timeout(request.app[GATEWAY].config.server.write_timeout_s):
-            await resp.write(data)
-    except TimeoutError:
-        # Abort, not close: a close would wait to flush what the client is not
-        # reading. aiohttp's own write_eof afterwards meets a closed transport.
-        if request.transport is not None:
-            request.transport.abort()
-        raise _ClientWriteTimeout() from None
+        await (resp.write_eof(data) if last else resp.write(data))
+    except BaseException as e:
+        if not watchdog.end(transport):
+            raise
+        if isinstance(e, asyncio.CancelledError):
+            # The cancel came from aiohttp seeing the aborted connection, not
+            # from anyone who wants this task to stop: it is the timeout.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        raise ClientWriteTimeout() from None
+    if watchdog.end(transport):
+        raise ClientWriteTimeout()
 
 
 async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientResponse,
@@ -705,7 +718,7 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
         raise ApiError(502, "The upstream answered with something that is not a JSON object.",
                        "server_error", None, "upstream_bad_response", ctx.headers())
     usage = data.get("usage")
-    tokens = _usage_tokens(usage)
+    tokens = usage_tokens(usage)
     code = None
     if tokens is None:
         # An upstream that reports no usage is billed on an estimate, and the
@@ -720,49 +733,45 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
     assert isinstance(usage, dict)
     usage["estimated_cost"] = render_cost(amount)
     out = orjson.dumps(data)
-    # Written here rather than by aiohttp after the handler returns, so the write
-    # timeout covers it: all but the last byte, then the bill (committed before
-    # the client can see a complete response), then the last byte.
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # The client left while the upstream answered: nothing was delivered.
+        ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
+        ctx.settle(0)
+        return web.Response(status=499)  # nginx's "client closed request"; nobody reads it
+    if len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0:
+        # The usual case. A body this small goes into the socket without
+        # waiting on the client (nothing is queued ahead of it and it is below
+        # the transport's high-water mark), so no write timeout is needed: the
+        # bill is committed, then aiohttp sends headers and body in one write.
+        await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
+        ctx.settle(tokens[0] + tokens[1])
+        return web.Response(body=out, headers=ctx.headers(), content_type=JSON_TYPE)
+    # A large body may have to wait for the client to read: it is written here,
+    # under the write timeout, as all but the last byte, then the bill
+    # (committed before the client can see a complete response), then the last byte.
     resp = web.StreamResponse(headers=ctx.headers())
     resp.content_type = JSON_TYPE
     resp.content_length = len(out)
     await resp.prepare(request)
     try:
         await _write(request, resp, out[:-1])
-    except (_ClientWriteTimeout, ConnectionResetError) as e:
+    except (ClientWriteTimeout, ConnectionResetError) as e:
         # A JSON body cut short is of no use to the client: nothing is billed.
-        code = "client_write_timeout" if isinstance(e, _ClientWriteTimeout) else "client_disconnected"
+        code = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
         ctx.record_nowait(ctx.row("cancelled", code=code))
         ctx.settle(0)
         return resp
     await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
     ctx.settle(tokens[0] + tokens[1])
     try:
-        await _write(request, resp, out[-1:])
-        await resp.write_eof()
-    except (_ClientWriteTimeout, ConnectionResetError):
+        await _write(request, resp, out[-1:], last=True)
+    except (ClientWriteTimeout, ConnectionResetError):
         pass  # billed already: all but one byte was delivered
     return resp
 
 
-def _delivered(choices: Any) -> int:
-    """Tokens a stream chunk delivers, counted one per non-empty choice delta."""
-    if not isinstance(choices, list):
-        return 0
-    n = 0
-    for c in choices:
-        if not isinstance(c, dict):
-            continue
-        delta = c.get("delta")
-        if isinstance(delta, dict):
-            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
-                n += 1
-        elif c.get("text"):
-            n += 1
-    return n
-
-
-_DONE: Final = b"data: [DONE]\n\n"
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 
 async def _relay_stream(
@@ -773,48 +782,33 @@ async def _relay_stream(
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", **ctx.headers()})
     await resp.prepare(request)
-    delivered = 0
-    usage_tokens: tuple[int, int] | None = None
-    data_lines: list[bytes] = []
+    splitter = EventSplitter()
+    rewriter = StreamRewriter(ctx.tier, client_wants_usage, ctx.cost)
+    delivered = 0  # tokens written to the client
 
-    async def emit(payload: bytes) -> bool:
-        """Rewrite and send one SSE event; True when the stream is complete."""
-        nonlocal delivered, usage_tokens
-        if payload == b"[DONE]":
-            prompt, completion = usage_tokens or (ctx.est_prompt, delivered)
-            amount = ctx.cost(prompt, completion)
-            await ctx.record(ctx.row("served", prompt, completion, amount,
-                                     code=None if usage_tokens else "usage_estimated"))
-            ctx.settle(prompt + completion)
-            await _write(request, resp, _DONE)
-            return True
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            # Every OpenAI stream event is a JSON object: anything else means the
-            # upstream is broken, and a broken answer is not billed as served.
-            raise _UpstreamStreamError(None)
-        obj["service_tier"] = ctx.tier
-        if "error" in obj:
-            raise _UpstreamStreamError(obj)
-        usage = obj.get("usage")
-        tokens = _usage_tokens(usage)
-        if tokens is not None:
-            usage_tokens = tokens
-            if client_wants_usage:
-                assert isinstance(usage, dict)
-                usage["estimated_cost"] = render_cost(ctx.cost(*tokens))
-        if not client_wants_usage and "usage" in obj:
-            if obj.get("choices") == [] and tokens is not None:
-                return False  # the usage-only chunk the client did not ask for
-            del obj["usage"]
-        await _write(request, resp, b"data: " + orjson.dumps(obj) + b"\n\n")
-        delivered += _delivered(obj.get("choices"))
+    async def send(events: list[bytes], tokens: int) -> None:
+        nonlocal delivered
+        await _write(request, resp, b"".join(events))
+        delivered += tokens
         if delivered and ctx.ttft_s is None:
             ctx.ttft_s = time.monotonic() - ctx.t0
-        return False
+
+    async def relay(payloads: list[bytes]) -> bool:
+        """Rewrite and send what one read completed, in one write; True at [DONE]."""
+        events: list[bytes] = []
+        tokens = 0
+        try:
+            for payload in payloads:
+                if payload == DONE:
+                    return True
+                out, n = rewriter.event(payload)
+                if out:
+                    events.append(out)
+                    tokens += n
+            return False
+        finally:
+            if events:  # sent even when a later event is [DONE] or broken
+                await send(events, tokens)
 
     def bill_cut_short(code: str | None = None) -> None:
         # The client went away (or stopped reading) mid-stream: bill what was
@@ -830,63 +824,56 @@ async def _relay_stream(
             ctx.record_nowait(ctx.row("cancelled", code=code))
             ctx.settle(0)
             return
-        prompt = usage_tokens[0] if usage_tokens else ctx.est_prompt
-        completion = min(delivered, usage_tokens[1]) if usage_tokens else delivered
+        usage = rewriter.usage
+        prompt = usage[0] if usage else ctx.est_prompt
+        completion = min(delivered, usage[1]) if usage else delivered
         ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
                                   partial=True, code=code))
         ctx.settle(prompt + completion)
 
-    complete = False
     try:
         try:
-            async for line in up.content:
-                line = line.rstrip(b"\r\n")
-                if line.startswith(b"data:"):
-                    data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif not line and data_lines:
-                    payload = b"\n".join(data_lines)
-                    data_lines.clear()
-                    if await emit(payload):
-                        complete = True
-                        break
-                # event:/id:/retry: lines and comments carry nothing for OpenAI clients.
-            if not complete and data_lines:
-                complete = await emit(b"\n".join(data_lines))
+            # Everything one read brings is rewritten and sent in one write: one
+            # event per write while the client keeps up, fewer writes (and system
+            # calls) per event when the gateway is behind.
+            complete = False
+            async for chunk in up.content.iter_any():
+                if await relay(splitter.feed(chunk)):
+                    complete = True
+                    break
             if not complete:
-                raise _UpstreamStreamError(None)
+                last = splitter.close()
+                complete = last is not None and await relay([last])
+            if not complete:
+                raise UpstreamStreamError(None)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
-                _UpstreamStreamError) as e:
+                UpstreamStreamError) as e:
             if isinstance(e, ConnectionResetError):
                 raise  # our write to the client failed: handled below as a disconnect
             # The upstream broke the stream: nothing is billed for a broken answer.
             if not ctx.recorded:
                 ctx.record_nowait(ctx.row("failed", ctx.est_prompt, delivered,
                                           partial=delivered > 0, code="upstream_stream_error"))
-            err = e.obj if isinstance(e, _UpstreamStreamError) and e.obj is not None else {
+            err = e.obj if isinstance(e, UpstreamStreamError) and e.obj is not None else {
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
-            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n")
-        async with asyncio.timeout(ctx.gw.config.server.write_timeout_s):
-            await resp.write_eof()
+            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n", last=True)
+        else:
+            # [DONE]: the bill is committed before the client sees the end.
+            prompt, completion = rewriter.usage or (ctx.est_prompt, delivered)
+            await ctx.record(ctx.row("served", prompt, completion, ctx.cost(prompt, completion),
+                                     code=None if rewriter.usage else "usage_estimated"))
+            ctx.settle(prompt + completion)
+            await _write(request, resp, _DONE_EVENT, last=True)
     except asyncio.CancelledError:
         bill_cut_short()
         raise
     except ConnectionResetError:
         bill_cut_short()
-    except _ClientWriteTimeout:
-        bill_cut_short("client_write_timeout")
-    except TimeoutError:
-        # write_eof stalled: the client has every event already, [DONE] included.
-        if request.transport is not None:
-            request.transport.abort()
+    except ClientWriteTimeout:
+        bill_cut_short("client_write_timeout")  # a no-op once the row is in
     return resp
-
-
-class _UpstreamStreamError(Exception):
-    def __init__(self, obj: dict[str, Any] | None) -> None:
-        super().__init__("upstream stream error")
-        self.obj = obj
 
 
 # ------------------------------------------------------------------ other routes

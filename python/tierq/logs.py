@@ -10,6 +10,7 @@ masks anything shaped like a credential, so no key reaches a log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import os
@@ -126,7 +127,10 @@ def _access(request: web.Request, info: RequestInfo, status: int, t0: float) -> 
                       tier=row.applied_tier, outcome=row.status, code=row.code,
                       queue_ms=round(row.queue_ms, 3), prompt_tokens=row.prompt_tokens,
                       completion_tokens=row.completion_tokens, cost=format(row.cost, "f"))
-    access_log.info("request", extra={"fields": fields})
+    # makeRecord + handle is what `access_log.info` does, less the walk up the
+    # stack for a caller's file and line that an access line does not show.
+    access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (),
+                                            None, extra={"fields": fields}))
 
 
 # ------------------------------------------------------------------ formatting
@@ -142,8 +146,16 @@ _SECRETS: Final = (
 )
 
 
+# Every pattern above needs one of these substrings (in lower case): one search
+# rules out the five substitutions for the plain strings that make up almost
+# every log field. On the lowered text, as re.IGNORECASE is ~6x slower here.
+_SUSPECT: Final = re.compile(r"tq-|sk-|://|bearer|basic|api[_-]?key|token|secret|password")
+
+
 def redact(text: str) -> str:
     """`text` with anything credential-shaped masked."""
+    if _SUSPECT.search(text.lower()) is None:
+        return text
     for pattern, repl in _SECRETS:
         text = pattern.sub(repl, text)
     return text
@@ -157,13 +169,24 @@ def _clean(value: Any) -> Any:
     return redact(str(value))
 
 
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _iso_ms(t: float) -> str:
+    """`t` (epoch seconds) as UTC ISO 8601 with milliseconds: 2026-11-22T02:31:01.123Z.
+    The second is formatted once per second, not once per line."""
+    second = int(t)
+    return f"{_iso_second(second)}.{min(999, int((t - second) * 1000)):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, then the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": _iso_ms(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact(record.getMessage()),
@@ -196,4 +219,9 @@ def configure_logging(fmt: str = "json", level: str = "info", access: bool = Tru
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Neither format shows threads or processes: not collecting them per record
+    # is the logging module's own documented optimisation.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     access_log.setLevel(logging.INFO if access else logging.WARNING)

@@ -54,10 +54,14 @@ def cost(
     """Exact USD cost of a request served at `tier` (the applied tier)."""
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError("token counts must be >= 0")
-    with decimal.localcontext(_EXACT):
-        raw = prompt_tokens * prices.input_per_m + completion_tokens * prices.output_per_m
-        # scaleb shifts the exponent: an exact division by 10^6.
-        return raw.scaleb(-6) * multiplier_for(tier, priority_multiplier)
+    # The context's own methods, not `with localcontext()`: the same exact
+    # arithmetic without switching the thread's context (about a fifth faster,
+    # bench/test_request_path.py).
+    c = _EXACT
+    raw = c.add(c.multiply(prompt_tokens, prices.input_per_m),
+                c.multiply(completion_tokens, prices.output_per_m))
+    # scaleb shifts the exponent: an exact division by 10^6.
+    return c.multiply(c.scaleb(raw, -6), multiplier_for(tier, priority_multiplier))
 
 
 def decimal_text(value: Decimal) -> str:

@@ -688,7 +688,10 @@ async def start_sim(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> SimSer
         app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # A backlog as deep as the gateway's (1024): a gateway in front may open
+    # hundreds of upstream connections at once, and past the default 128 the
+    # kernel drops SYNs, which come back only after a 1 s retransmit.
+    site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = _bound_port(runner)
     return SimServer(runner, app, host, bound)

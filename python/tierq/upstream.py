@@ -8,10 +8,10 @@ body an upstream of a given kind accepts, with the applied tier in its terms.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -122,6 +122,7 @@ class UpstreamClient:
         self.base_url = base_url.rstrip("/")
         self.pool_size = max(1, pool_size)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         # Read once at start-up; never logged, never put in the ledger.
         self._managed_auth = f"Bearer {key}" if key else None
@@ -155,6 +156,7 @@ class UpstreamClient:
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
+            headers=self._session_headers(),
         )
 
     async def close(self) -> None:
@@ -170,20 +172,23 @@ class UpstreamClient:
         """The upstream URL of an endpoint such as "chat/completions"."""
         return f"{self.base_url}/{endpoint}"
 
-    def headers(self, client_upstream_auth: str | None) -> dict[str, str]:
+    def _session_headers(self) -> dict[str, str]:
+        """Headers every request to this upstream carries (set once on the session)."""
         h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-        if self.managed:
-            if self._managed_auth is not None:
-                h["Authorization"] = self._managed_auth
-        elif client_upstream_auth:
-            value = client_upstream_auth.strip()
-            h["Authorization"] = value if value.lower().startswith("bearer ") else f"Bearer {value}"
+        if self._managed_auth is not None:
+            h["Authorization"] = self._managed_auth
         return h
 
-    @contextlib.asynccontextmanager
-    async def post(
+    def _request_headers(self, client_upstream_auth: str | None) -> dict[str, str] | None:
+        """The client's own credential (bring your own key), when this upstream is unmanaged."""
+        if self.managed or not client_upstream_auth:
+            return None
+        value = client_upstream_auth.strip()
+        return {"Authorization": value if value.lower().startswith("bearer ") else f"Bearer {value}"}
+
+    def post(
         self, endpoint: str, body: bytes, client_upstream_auth: str | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """POST a JSON body: `async with client.post(...) as resp:`.
 
         Leaving the block before the body is read closes the connection, which
@@ -191,15 +196,17 @@ class UpstreamClient:
         """
         if self._session is None:
             raise RuntimeError(f"upstream {self.name!r} is not started")
-        async with self._session.post(
-            self.url(endpoint),
+        url = self._urls.get(endpoint)
+        if url is None:  # parsed once per endpoint, not once per request
+            url = self._urls[endpoint] = yarl.URL(self.url(endpoint))
+        return self._session.post(
+            url,
             data=body,
-            headers=self.headers(client_upstream_auth),
+            headers=self._request_headers(client_upstream_auth),
             # An upstream redirect is never followed: it could point anywhere,
             # and the credential would follow it.
             allow_redirects=False,
-        ) as resp:
-            yield resp
+        )
 
 
 def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, str] | None:
