@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tierq.ledger import (
+    CHECKPOINT_ROWS,
     Ledger,
     LedgerRow,
     UsageLine,
@@ -63,6 +64,35 @@ async def test_concurrent_records_are_all_committed_exactly_once_in_few_batches(
     assert {r.request_id for r in books_ledger.rows()} == {f"r{i}" for i in range(500)}
     # 500 concurrent waiters share transactions rather than paying one commit each.
     assert books_ledger.batches < 100
+
+
+async def test_the_writer_never_checkpoints_and_the_checkpointer_moves_the_wal_into_the_db(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints (a copy and a sync of several ms) are off the commit path: the
+    writer's connection has auto-checkpointing off, and the checkpointer thread
+    moves committed rows from the WAL into the database file on its own."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(str(path))
+    await ledger.start()
+    try:
+        before = path.stat().st_size
+        await asyncio.gather(*(ledger.record(books_row(f"c{i}")) for i in range(CHECKPOINT_ROWS + 200)))
+        deadline = time.monotonic() + 10
+        while ledger.checkpoints == 0:
+            assert time.monotonic() < deadline, "no checkpoint ran"
+            await asyncio.sleep(0.05)
+        # The rows are in the main database file now, not only in the WAL.
+        assert path.stat().st_size > before
+        probe = sqlite3.connect(path)
+        try:
+            busy, wal_frames, moved = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            probe.close()
+        assert busy == 0 and moved == wal_frames
+        assert ledger.count() == CHECKPOINT_ROWS + 200
+    finally:
+        await ledger.close()
 
 
 async def test_duplicate_request_id_is_ignored_so_a_retry_never_bills_twice(

@@ -63,6 +63,13 @@ FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
 MAX_BATCH: Final = 8192  # rows per transaction; bounds a commit's latency under a flood
 BUSY_TIMEOUT_MS: Final = 5000  # keys.py writes to the same file now and then
+# The writer never checkpoints (wal_autocheckpoint = 0): a checkpoint copies the
+# WAL into the database and syncs it, a stall of several ms that every response
+# waiting on the next commit would share. The checkpointer thread does it on
+# its own connection instead, beside the writer's commits (WAL allows that), once
+# this many rows were committed since the last one, or each second.
+CHECKPOINT_ROWS: Final = 1000
+CHECKPOINT_EVERY_S: Final = 1.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -261,6 +268,10 @@ class Ledger:
         self.durability: Durability = durability
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_due = threading.Event()
+        self._uncheckpointed = 0  # rows committed since the last checkpoint (approximate)
+        self.checkpoints = 0
         self._closed = False
         self.batches = 0  # commits done; a test can see that batching happened
         # For /metrics (tierq.metrics): rows committed, failed batches, and per
@@ -280,6 +291,10 @@ class Ledger:
         )
         self._thread.start()
         await ready  # raises here if the file cannot be opened
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="tierq-ledger-checkpointer", daemon=True
+        )
+        self._checkpointer.start()
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
@@ -291,6 +306,10 @@ class Ledger:
             return
         self._queue.put(None)
         await asyncio.to_thread(thread.join)
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            self._checkpoint_due.set()  # with the writer gone, its loop ends
+            await asyncio.to_thread(checkpointer.join)
 
     async def __aenter__(self) -> Ledger:
         await self.start()
@@ -333,6 +352,7 @@ class Ledger:
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
             conn = connect(self.path, self.durability)
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
         except Exception as e:  # noqa: BLE001 - handed to start()'s caller
             loop.call_soon_threadsafe(_settle, [ready], e)
             return
@@ -388,6 +408,9 @@ class Ledger:
                 conn.execute("COMMIT")
                 self.batches += 1
                 self.rows_committed += len(params)
+                self._uncheckpointed += len(params)
+                if self._uncheckpointed >= CHECKPOINT_ROWS:
+                    self._checkpoint_due.set()
                 if oldest_ns is not None:
                     self.lag.observe_us((time.monotonic_ns() - oldest_ns) // 1000)
             except Exception as e:  # noqa: BLE001 - the writer must outlive a bad batch
@@ -402,6 +425,28 @@ class Ledger:
         for wloop, futs in waiters.items():
             _notify(wloop, futs, exc)
         return stopping
+
+    def _checkpoint_loop(self) -> None:
+        """Moves committed WAL frames into the database, off the writer's path.
+        PASSIVE: never waits for the writer or readers, does what it can now."""
+        conn = connect(self.path, self.durability)
+        try:
+            while True:
+                self._checkpoint_due.wait(CHECKPOINT_EVERY_S)
+                self._checkpoint_due.clear()
+                writer = self._thread
+                stopping = writer is None or not writer.is_alive()
+                if self._uncheckpointed:
+                    self._uncheckpointed = 0
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        self.checkpoints += 1
+                    except sqlite3.Error as e:  # busy or I/O: the next round retries
+                        log.warning("ledger checkpoint failed: %s", e)
+                if stopping:
+                    return
+        finally:
+            conn.close()
 
     # Reads: short-lived connections (WAL lets them run beside the writer). They
     # block, so they are for the CLI, tests and admin paths, not the request path.
