@@ -177,7 +177,8 @@ def main() -> None:
     ap.add_argument("--sat-conns", type=int, default=64)
     ap.add_argument("--sat-s", type=float, default=5.0)
     ap.add_argument("--lat-s", type=float, default=5.0)
-    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--rate", type=float, default=20.0,
+                    help="the fixed moderate rate for added latency: one every path, LiteLLM included, sustains")
     ap.add_argument("--streams", type=int, default=512)
     ap.add_argument("--stream-tokens-per-s", type=float, default=20.0)
     ap.add_argument("--stream-tokens", type=int, default=100)
