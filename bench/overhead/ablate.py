@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "common"))
 sys.path.insert(0, str(HERE))
 import harness as h  # noqa: E402
-from run import PATH, STATIC_BODY, gen, nginx, ok, tierq_config  # noqa: E402
+from run import PATH, gen, ok, static_backend, tierq_config  # noqa: E402
 
 # name -> (parts replaced by no-ops (ablate_serve.py), extra `tierq serve` flags,
 # config edit). "every feature on" is the overhead bench's configuration.
@@ -61,14 +61,8 @@ def main() -> None:
     procs: list[h.Proc] = []
     targets: dict[str, dict[str, Any]] = {}
     try:
-        be_port = h.free_port()
-        be = nginx("nginx-backend", f"""
-  server {{
-    listen 127.0.0.1:{be_port};
-    location / {{ default_type application/json; return 200 '{STATIC_BODY}'; }}
-  }}""")
+        be, static_root = static_backend()
         procs.append(be)
-        static_root = f"http://127.0.0.1:{be_port}"
         base, token = tierq_config(static_root, static_root)
         for name, (off, flags, drop) in VARIANTS.items():
             cfg = variant_config(base, name, drop)

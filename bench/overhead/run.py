@@ -57,6 +57,17 @@ http {{
     return p
 
 
+def static_backend() -> tuple[h.Proc, str]:
+    """nginx answering every request with STATIC_BODY: a backend that is never the bottleneck."""
+    port = h.free_port()
+    be = nginx("nginx-backend", f"""
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{STATIC_BODY}'; }}
+  }}""")
+    return be, f"http://127.0.0.1:{port}"
+
+
 def tierq_config(static_root: str, sim_root: str) -> tuple[Path, str]:
     keys_db = h.TMP / "overhead-keys.db"
     r = subprocess.run([h.PY, "-m", "tierq", "keys", "create", "bench", "--db", str(keys_db),
@@ -194,16 +205,11 @@ def main() -> None:
     procs: list[h.Proc] = []
     res: dict[str, Any] = {"args": vars(args), "machine": machine, "targets": names}
     try:
-        be_port = h.free_port()
-        be = nginx("nginx-backend", f"""
-  server {{
-    listen 127.0.0.1:{be_port};
-    location / {{ default_type application/json; return 200 '{STATIC_BODY}'; }}
-  }}""")
+        be, static_root = static_backend()
         procs.append(be)
         sim = h.start_sim("overhead-sim", 4096, 0.0, args.stream_tokens_per_s)
         procs.append(sim)
-        static_root, sim_root = f"http://127.0.0.1:{be_port}", f"http://127.0.0.1:{sim.port}"
+        sim_root = f"http://127.0.0.1:{sim.port}"
         T: dict[str, dict[str, Any]] = {"direct": {"static": static_root, "sim": sim_root, "headers": []}}
         if "tierq" in names:
             cfg, token = tierq_config(static_root, sim_root)
@@ -230,7 +236,7 @@ def main() -> None:
             p1, p2 = h.free_port(), h.free_port()
             common = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; ")
             px = nginx("nginx-proxy", f"""
-  upstream static_be {{ server 127.0.0.1:{be_port}; keepalive 512; }}
+  upstream static_be {{ server {static_root.removeprefix("http://")}; keepalive 512; }}
   upstream sim_be {{ server 127.0.0.1:{sim.port}; keepalive 1024; }}
   server {{ listen 127.0.0.1:{p1}; location / {{ proxy_pass http://static_be; {common} }} }}
   server {{ listen 127.0.0.1:{p2}; location / {{ proxy_pass http://sim_be; {common} proxy_buffering off; }} }}""")
