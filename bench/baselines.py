@@ -11,7 +11,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
-from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, Prices, decimal_text, multiplier_for
+from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, Prices, multiplier_for
 from tierq.sse import delivered_tokens, usage_tokens
 
 _EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation])
@@ -37,6 +37,3 @@ def rewrite_event_json(payload: bytes, tier: str) -> tuple[bytes, int]:
     out = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
     return b"data: " + out + b"\n\n", delivered_tokens(obj.get("choices"))
 
-
-def render_json(value: Decimal) -> str:
-    return decimal_text(value)

@@ -37,7 +37,8 @@ from tierq.pricing import cost as price_cost
 from tierq.pricing import render_cost
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
-from tierq.sse import DONE, EventSplitter, StreamRewriter, UpstreamStreamError, usage_tokens
+from tierq.sse import (DONE, DONE_EVENT, EventSplitter, StreamRewriter, UpstreamStreamError,
+                       encode_event, usage_tokens)
 from tierq.watchdog import ClientWriteTimeout, WriteWatchdog
 
 __all__ = [
@@ -178,7 +179,10 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     draining: bool = False
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
-    watchdog: WriteWatchdog = field(default_factory=lambda: WriteWatchdog(30.0))
+    watchdog: WriteWatchdog = field(init=False)  # from config.server.write_timeout_s
+
+    def __post_init__(self) -> None:
+        self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)
 
     def begin_drain(self) -> int:
         """Stop taking work: not ready, new requests and every queued one get 503.
@@ -231,8 +235,7 @@ def create_app(
     """
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
-                 allow_remote_without_keys=allow_remote_without_keys,
-                 watchdog=WriteWatchdog(config.server.write_timeout_s))
+                 allow_remote_without_keys=allow_remote_without_keys)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[request_log, _errors],
@@ -682,9 +685,9 @@ def _estimate_output_tokens(data: dict[str, Any]) -> int:
 
 async def _write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
                  last: bool = False) -> None:
-    """Send `data` (and end the response if `last`), waiting for the client to read (aiohttp's drain is the
-    backpressure) at most `write_timeout_s` (tierq.watchdog); past it the
-    connection is cut and ClientWriteTimeout raised."""
+    """Send `data` (and end the response if `last`), waiting for the client to
+    read (aiohttp's drain is the backpressure) at most `write_timeout_s`
+    (tierq.watchdog); past it the connection is cut and ClientWriteTimeout raised."""
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("Cannot write to closing transport")
@@ -771,8 +774,6 @@ async def _relay_json(request: web.Request, ctx: _Ctx, up: aiohttp.ClientRespons
     return resp
 
 
-_DONE_EVENT: Final = b"data: [DONE]\n\n"
-
 
 async def _relay_stream(
     request: web.Request, ctx: _Ctx, up: aiohttp.ClientResponse, client_wants_usage: bool,
@@ -858,14 +859,14 @@ async def _relay_stream(
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
                 "service_tier": ctx.tier}
-            await _write(request, resp, b"data: " + orjson.dumps(err) + b"\n\n", last=True)
+            await _write(request, resp, encode_event(err), last=True)
         else:
             # [DONE]: the bill is committed before the client sees the end.
             prompt, completion = rewriter.usage or (ctx.est_prompt, delivered)
             await ctx.record(ctx.row("served", prompt, completion, ctx.cost(prompt, completion),
                                      code=None if rewriter.usage else "usage_estimated"))
             ctx.settle(prompt + completion)
-            await _write(request, resp, _DONE_EVENT, last=True)
+            await _write(request, resp, DONE_EVENT, last=True)
     except asyncio.CancelledError:
         bill_cut_short()
         raise

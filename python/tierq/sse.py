@@ -20,10 +20,11 @@ import orjson
 
 from tierq.pricing import render_cost
 
-__all__ = ["DONE", "EventSplitter", "StreamRewriter", "UpstreamStreamError", "delivered_tokens",
-           "usage_tokens"]
+__all__ = ["DONE", "DONE_EVENT", "EventSplitter", "StreamRewriter", "UpstreamStreamError",
+           "delivered_tokens", "encode_event", "usage_tokens"]
 
-DONE: Final = b"[DONE]"
+DONE: Final = b"[DONE]"  # the payload of the stream's last event
+DONE_EVENT: Final = b"data: [DONE]\n\n"  # that event as the client gets it
 # The most one event (its lines so far) may hold before the stream counts as
 # broken: an upstream that never ends a line or an event cannot grow memory.
 MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
@@ -35,6 +36,16 @@ class UpstreamStreamError(Exception):
     def __init__(self, obj: dict[str, Any] | None) -> None:
         super().__init__("upstream stream error")
         self.obj = obj
+
+
+def encode_event(obj: dict[str, Any]) -> bytes:
+    """One event for the client: a single `data:` line of JSON, then the blank line."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _data_value(line: bytes) -> bytes:
+    """The value of a `data:` line (one optional space after the colon is not part of it)."""
+    return line[6:] if line[5:6] == b" " else line[5:]
 
 
 class EventSplitter:
@@ -64,7 +75,7 @@ class EventSplitter:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if line.startswith(b"data:"):
-                value = line[6:] if line[5:6] == b" " else line[5:]
+                value = _data_value(line)
                 data.append(value)
                 self._pending += len(value)
             elif not line and data:
@@ -80,7 +91,7 @@ class EventSplitter:
         line = self._rest.rstrip(b"\r")
         self._rest = b""
         if line.startswith(b"data:"):
-            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            self._data.append(_data_value(line))
         if not self._data:
             return None
         payload = b"\n".join(self._data)
@@ -150,4 +161,4 @@ class StreamRewriter:
             if obj.get("choices") == [] and tokens is not None:
                 return b"", 0  # the usage-only chunk the client did not ask for
             del obj["usage"]
-        return b"data: " + orjson.dumps(obj) + b"\n\n", delivered_tokens(obj.get("choices"))
+        return encode_event(obj), delivered_tokens(obj.get("choices"))
