@@ -436,12 +436,14 @@ class Ledger:
                 self._checkpoint_due.clear()
                 writer = self._thread
                 stopping = writer is None or not writer.is_alive()
-                if self._uncheckpointed:
+                pending = self._uncheckpointed
+                if pending:
                     self._uncheckpointed = 0
                     try:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         self.checkpoints += 1
                     except sqlite3.Error as e:  # busy or I/O: the next round retries
+                        self._uncheckpointed += pending
                         log.warning("ledger checkpoint failed: %s", e)
                 if stopping:
                     return
