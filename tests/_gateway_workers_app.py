@@ -13,7 +13,7 @@ import sys
 import uvloop
 from aiohttp import web
 
-from tierq.catalog import Catalog
+from tierq.served import Catalog
 from tierq.cli import worker_app
 from tierq.config import load_config
 from tierq.workers import SharedPools, Supervisor, listen

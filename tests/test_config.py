@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tierq.catalog import Catalog, builtin_prices, builtin_priority
+from tierq.catalog import builtin_prices, builtin_priority
+from tierq.served import Catalog
 from tierq.config import ConfigError, default_config, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tierq.toml"

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tierq import ManualClock
 from tierq._core import SharedKeyBuckets
-from tierq.keys import KeyInfo, KeyLimiter, KeyStore, keys_main, parse_token
+from tierq.cli import keys_main
+from tierq.keys import KeyInfo, KeyLimiter, KeyStore, parse_token
 
 
 MakeLimiter = Callable[[ManualClock], KeyLimiter]

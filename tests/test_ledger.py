@@ -20,19 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tierq.ledger import (
-    CHECKPOINT_ROWS,
-    Ledger,
-    LedgerRow,
-    UsageLine,
-    open_ledger,
-    parse_since,
-    render_csv,
-    render_json,
-    render_table,
-    sqlite_path,
-    usage_main,
-)
+from tierq.cli import usage_main
+from tierq.config import sqlite_path
+from tierq.ledger import CHECKPOINT_ROWS, Ledger, LedgerRow, UsageLine, open_ledger
+from tierq.usage import parse_since, render_csv, render_json, render_table
 
 REPO_PYTHON = str(Path(__file__).resolve().parent.parent / "python")
 

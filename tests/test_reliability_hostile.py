@@ -382,7 +382,7 @@ def test_x_forwarded_for_cannot_make_a_remote_client_loopback() -> None:
     from aiohttp.test_utils import make_mocked_request
 
     from tierq.app import ApiError, Gateway, _authenticate
-    from tierq.catalog import Catalog
+    from tierq.served import Catalog
 
     config = Config(upstreams=(UpstreamConfig("sim", "", "sim"),))
     gw = Gateway(config, Catalog.from_config(config))

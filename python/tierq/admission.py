@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock
 
-__all__ = ["Admission", "Shed", "Slot"]
+__all__ = ["Admission", "Shed", "Slot", "lane_waits"]
 
 _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
@@ -23,8 +23,10 @@ _NEVER = (1 << 63) - 1
 _MAX_RETRY_AFTER_S = 120
 
 
-def _waits(max_wait_ms: float | Mapping[str, float]) -> tuple[float, float]:
-    """(default, priority) max wait in ms from a number or a per-lane mapping."""
+def lane_waits(max_wait_ms: float | Mapping[str, float]) -> tuple[float, float]:
+    """`max_wait_ms` as (default, priority) ms: one number for both lanes, or a
+    mapping by lane (a missing lane takes its default). The one reading of it,
+    for a one-process pool and a shared one (tierq.workers) alike."""
     if isinstance(max_wait_ms, Mapping):
         unknown = set(max_wait_ms) - set(_LANES)
         if unknown:
@@ -161,7 +163,7 @@ class Admission:
         clock: ManualClock | None = None,
         priority_headroom: int = 0,
     ) -> None:
-        wait_default, wait_priority = _waits(max_wait_ms)
+        wait_default, wait_priority = lane_waits(max_wait_ms)
         core = AdmissionCore(
             max_concurrency,
             queue_depth,
@@ -207,7 +209,7 @@ class Admission:
         one's waiters arrive in its mailbox: call `deliver()` when
         `wake_fds[worker]` (an eventfd) is readable.
         """
-        wait_default, wait_priority = _waits(max_wait_ms)
+        wait_default, wait_priority = lane_waits(max_wait_ms)
         core = AdmissionCore.attach_shared(
             name, worker, list(wake_fds), max_concurrency, queue_depth, wait_default,
             wait_priority, rate, burst, priority_reserve, default_min_share, priority_headroom,

@@ -24,9 +24,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tierq import Admission, Shed
+from tierq.admission import Admission, Shed
 from tierq._core import SharedKeyBuckets
-from tierq.catalog import Catalog, ModelEntry
+from tierq.served import Catalog, ModelEntry
 from tierq.config import Config, UpstreamConfig
 from tierq.keys import KeyInfo, KeyLimiter, KeyStore
 from tierq.ledger import Ledger, LedgerRow, open_ledger

@@ -1,25 +1,22 @@
-"""The models tierq serves: the built-in price table merged with the config.
+"""The built-in catalog: the models tierq knows with no config.
 
-Built-in prices come from package data `data/pricing.tsv` (USD per 1M tokens,
-default tier). `Catalog.from_config` resolves every served model to its prices,
-priority flag, upstream and admission settings.
+Prices come from package data `data/pricing.tsv` (USD per 1M tokens, default
+tier); `builtin_priority` says which of them honour the priority tier. A pure
+rule: no config, no I/O beyond reading the package's own table.
+`tierq.served.Catalog` merges it with a config into the models served.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from tierq.pricing import Prices
 
-if TYPE_CHECKING:
-    from tierq.config import AdmissionConfig, Config
-
-__all__ = ["Catalog", "ModelEntry", "builtin_prices", "builtin_priority"]
+__all__ = ["builtin_prices", "builtin_priority"]
 
 # Which built-in models honour service_tier="priority" with no config.
 #
@@ -68,74 +65,3 @@ def builtin_prices() -> Mapping[str, Prices]:
         except InvalidOperation as e:
             raise ValueError(f"pricing.tsv:{lineno}: bad price") from e
     return table
-
-
-@dataclass(frozen=True, slots=True)
-class ModelEntry:
-    """One served model, fully resolved."""
-
-    id: str
-    prices: Prices
-    priority: bool
-    upstream: str
-    upstream_model: str  # the name sent upstream (usually == id)
-    admission: AdmissionConfig
-    builtin: bool
-
-
-class Catalog(Mapping[str, ModelEntry]):
-    """Served models by id, in config (or built-in table) order."""
-
-    __slots__ = ("_models",)
-
-    def __init__(self, models: Mapping[str, ModelEntry]) -> None:
-        self._models = dict(models)
-
-    def __getitem__(self, model_id: str) -> ModelEntry:
-        return self._models[model_id]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._models)
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-    @classmethod
-    def from_config(cls, config: Config) -> Catalog:
-        """Configured models; with none configured, the whole built-in table.
-
-        Built-in models then run on the first upstream with default admission
-        settings. A configured model omitting prices or `priority` takes the
-        built-in values (load_config has already rejected unknown models
-        without prices).
-        """
-        builtin = builtin_prices()
-        models: dict[str, ModelEntry] = {}
-        if not config.models:
-            from tierq.config import AdmissionConfig
-
-            upstream = config.upstreams[0].name
-            for model_id, prices in builtin.items():
-                models[model_id] = ModelEntry(
-                    model_id, prices, builtin_priority(model_id), upstream, model_id,
-                    AdmissionConfig(), True,
-                )
-            return cls(models)
-        for m in config.models:
-            base = builtin.get(m.id)
-            input_per_m = m.input_per_m if m.input_per_m is not None else _need(base).input_per_m
-            output_per_m = m.output_per_m if m.output_per_m is not None else _need(base).output_per_m
-            priority = m.priority if m.priority is not None else (
-                builtin_priority(m.id) if base is not None else False
-            )
-            models[m.id] = ModelEntry(
-                m.id, Prices(input_per_m, output_per_m), priority, m.upstream,
-                m.upstream_model or m.id, m.admission, base is not None,
-            )
-        return cls(models)
-
-
-def _need(base: Prices | None) -> Prices:
-    if base is None:  # load_config guarantees this never happens
-        raise ValueError("model has no price and is not in the built-in catalog")
-    return base

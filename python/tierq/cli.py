@@ -11,17 +11,19 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from tierq.catalog import Catalog
 from tierq.config import (
     AdmissionConfig,
     Config,
@@ -32,26 +34,28 @@ from tierq.config import (
     UpstreamConfig,
     default_config,
     load_config,
+    sqlite_path,
 )
+from tierq.keys import KeyInfo, KeyStore, parse_public_id
+from tierq.ledger import Ledger
 from tierq.pricing import decimal_text
+from tierq.progress import progress
+from tierq.served import Catalog
 from tierq.sim import FAULTS
+from tierq.usage import parse_since, render_csv, render_json, render_table
 
-__all__ = ["main"]
+__all__ = ["keys_main", "main", "usage_main"]
 
 log = logging.getLogger("tierq")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `usage` and `keys` belong to tierq.ledger / tierq.keys: hand them the rest
-    # of the line untouched (their own --help included).
+    # `usage` and `keys` have parsers of their own: hand them the rest of the
+    # line untouched (their own --help included).
     if argv and argv[0] == "usage":
-        from tierq.ledger import usage_main
-
         return usage_main(argv[1:])
     if argv and argv[0] == "keys":
-        from tierq.keys import keys_main
-
         return keys_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
@@ -437,3 +441,137 @@ def _demo_table(results: list[dict[str, Any]]) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                         enumerate(zip(r, widths))))
+
+
+# ------------------------------------------------------------------ usage
+
+
+def usage_main(argv: list[str]) -> int:
+    """`tierq usage`: spend by key, model and tier from the ledger."""
+    p = argparse.ArgumentParser(
+        prog="tierq usage", description=usage_main.__doc__,
+        epilog="Costs are exact (USD). Rows: every request decision; only served and "
+               "cut-short (partial) requests cost anything.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    src.add_argument("--config", help="read the ledger url from this tierq TOML file")
+    p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
+    p.add_argument("--key", help="only this key's public id ('local' without API keys)")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                   help="output format (default: table)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="same as --format json; costs as exact strings")
+    fmt.add_argument("--csv", action="store_true", help="same as --format csv; costs as exact strings")
+    args = p.parse_args(argv)
+    out_format = args.format or ("json" if args.json else "csv" if args.csv else "table")
+    if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
+        print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            try:
+                url = load_config(args.config).ledger.url
+            except ConfigError as e:
+                print(str(e), file=sys.stderr)
+                return 2
+        else:
+            url = args.db or "tierq.db"
+        path = sqlite_path(url)
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        print(f"tierq usage: {e}", file=sys.stderr)
+        return 2
+    if not os.path.exists(path):
+        # Do not create an empty ledger as a side effect of reading one.
+        print(f"tierq usage: no ledger at {path}", file=sys.stderr)
+        return 1
+    try:
+        with progress(f"summing the ledger at {path}"):
+            lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
+    except sqlite3.Error as e:
+        print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    if out_format == "json":
+        out = render_json(lines) + "\n"
+    elif out_format == "csv":
+        out = render_csv(lines)
+    else:
+        out = render_table(lines)
+    sys.stdout.write(out)
+    return 0
+
+
+# ------------------------------------------------------------------ keys
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _limit(v: int | None) -> str:
+    return "unlimited" if v is None else str(v)
+
+
+def _render_keys(keys: list[KeyInfo]) -> str:
+    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM")
+    body = [
+        (k.public_id, k.name, _iso(k.created),
+         f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
+         _limit(k.rpm), _limit(k.tpm))
+        for k in keys
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]) + "\n"
+
+
+def keys_main(argv: list[str]) -> int:
+    """`tierq keys create|list|revoke`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default="tierq.db", help="key database (default: tierq.db)")
+    p = argparse.ArgumentParser(prog="tierq keys", description="Manage tierq API keys.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", parents=[common], help="create a key (shown once)")
+    c.add_argument("name")
+    c.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    c.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
+    sub.add_parser("list", parents=[common], help="list keys (never secrets)")
+    r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
+    r.add_argument("id")
+    args = p.parse_args(argv)
+    try:
+        path = sqlite_path(args.db)
+    except ValueError as e:
+        print(f"tierq keys: {e}", file=sys.stderr)
+        return 2
+    if args.cmd != "create" and not os.path.exists(path):
+        print(f"tierq keys: no key database at {path}", file=sys.stderr)
+        return 1
+    with KeyStore(path) as store:
+        if args.cmd == "create":
+            try:
+                info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
+            except ValueError as e:
+                print(f"tierq keys: {e}", file=sys.stderr)
+                return 2
+            # The token alone on stdout, so `KEY=$(tierq keys create ci)` works.
+            print(
+                f"created key {info.public_id} ({info.name}): rpm {_limit(info.rpm)}, "
+                f"tpm {_limit(info.tpm)}",
+                file=sys.stderr,
+            )
+            print(token)
+            print("This key will not be shown again: store it now.", file=sys.stderr)
+            return 0
+        if args.cmd == "list":
+            sys.stdout.write(_render_keys(store.list()))
+            return 0
+        public_id = parse_public_id(args.id)
+        if public_id is None:
+            print(f"tierq keys: {args.id!r} is not a key id (12 characters, a-z 0-9)", file=sys.stderr)
+            return 2
+        if store.revoke(public_id):
+            print(f"revoked {public_id}")
+            return 0
+        print(f"tierq keys: no live key {public_id}", file=sys.stderr)
+        return 1

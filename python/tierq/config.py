@@ -19,7 +19,6 @@ from typing import Any, Final, Literal, cast, get_args
 import yarl
 
 from tierq.catalog import builtin_prices
-from tierq.ledger import sqlite_path
 from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER
 
 __all__ = [
@@ -30,12 +29,14 @@ __all__ = [
     "LedgerConfig",
     "ModelConfig",
     "PricingConfig",
+    "SQLITE_BUSY_TIMEOUT_MS",
     "ServerConfig",
     "SimSettings",
     "UpstreamConfig",
     "UpstreamKind",
     "default_config",
     "load_config",
+    "sqlite_path",
 ]
 
 UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
@@ -210,6 +211,37 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "", f"invalid TOML: {e}") from None
     return _Parser(file).config(data)
+
+
+#: The ledger and the key store may share one SQLite file; both wait this long for its lock.
+SQLITE_BUSY_TIMEOUT_MS: Final = 5000
+
+
+def sqlite_path(url_or_path: str) -> str:
+    """`sqlite:///rel.db` -> 'rel.db', `sqlite:////abs/x.db` -> '/abs/x.db', plain paths as is."""
+    if "://" not in url_or_path:
+        if not url_or_path:
+            raise ValueError("ledger path is empty")
+        return url_or_path
+    scheme = url_or_path.split("://", 1)[0].lower()
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"):
+        # Only the scheme is echoed: a database URL may carry a password.
+        raise ValueError(
+            f"ledger url scheme {scheme!r}: the PostgreSQL ledger is not built yet; "
+            "use sqlite:///path/to/tierq.db"
+        )
+    if scheme != "sqlite":
+        raise ValueError(
+            f"ledger url scheme {scheme!r} is not supported; use sqlite:///relative.db "
+            "or sqlite:////absolute/path.db"
+        )
+    if not url_or_path.startswith("sqlite:///"):
+        raise ValueError("sqlite ledger url must look like sqlite:///relative.db or sqlite:////abs.db")
+    path = url_or_path[len("sqlite:///"):]
+    if not path or path == ":memory:":
+        # The writer and the readers use separate connections; memory is per connection.
+        raise ValueError("sqlite ledger url needs a file path (in-memory databases are not shared)")
+    return path
 
 
 # ---------------------------------------------------------------- validation

@@ -6,28 +6,23 @@ A key reads `tq-<public id>-<secret>`; the public id is what logs and the ledger
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Final
 
-from tierq import ManualClock, TokenBucket
-from tierq._core import SharedBucket, SharedKeyBuckets
-from tierq.ledger import BUSY_TIMEOUT_MS, sqlite_path
+from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
+from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
-__all__ = ["KeyInfo", "KeyLimiter", "KeyStore", "keys_main", "parse_token"]
+__all__ = ["KeyInfo", "KeyLimiter", "KeyStore", "parse_public_id", "parse_token"]
 
 log = logging.getLogger("tierq.keys")
 
@@ -93,6 +88,12 @@ def parse_token(token: object) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def parse_public_id(text: str) -> str | None:
+    """A key's public id from `<id>` or `tq-<id>` as an operator types it; None if malformed."""
+    public_id = text.removeprefix(f"{PREFIX}-")
+    return public_id if _PUBLIC_ID.fullmatch(public_id) else None
+
+
 class KeyStore:
     """Keys in the `keys` table of a SQLite file (by default the ledger's).
 
@@ -114,7 +115,7 @@ class KeyStore:
         self._cache: dict[bytes, tuple[KeyInfo, float]] = {}
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self._conn.execute("PRAGMA journal_mode = WAL")  # shares the file with the ledger
         # Key writes are rare and a lost revocation is a security bug: fsync them.
         self._conn.execute("PRAGMA synchronous = FULL")
@@ -290,78 +291,3 @@ class KeyLimiter:
         delta = max(0, real_tokens) - self._token_cost(key, est_tokens)
         if delta:
             tpm.adjust(delta)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _limit(v: int | None) -> str:
-    return "unlimited" if v is None else str(v)
-
-
-def render_keys(keys: builtins.list[KeyInfo]) -> str:
-    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM")
-    body = [
-        (k.public_id, k.name, _iso(k.created),
-         f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
-         _limit(k.rpm), _limit(k.tpm))
-        for k in keys
-    ]  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]) + "\n"
-
-
-def keys_main(argv: builtins.list[str]) -> int:
-    """`tierq keys create|list|revoke`."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default="tierq.db", help="key database (default: tierq.db)")
-    p = argparse.ArgumentParser(prog="tierq keys", description="Manage tierq API keys.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("create", parents=[common], help="create a key (shown once)")
-    c.add_argument("name")
-    c.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
-    c.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
-    sub.add_parser("list", parents=[common], help="list keys (never secrets)")
-    r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
-    r.add_argument("id")
-    args = p.parse_args(argv)
-    try:
-        path = sqlite_path(args.db)
-    except ValueError as e:
-        print(f"tierq keys: {e}", file=sys.stderr)
-        return 2
-    if args.cmd != "create" and not os.path.exists(path):
-        print(f"tierq keys: no key database at {path}", file=sys.stderr)
-        return 1
-    with KeyStore(path) as store:
-        if args.cmd == "create":
-            try:
-                info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
-            except ValueError as e:
-                print(f"tierq keys: {e}", file=sys.stderr)
-                return 2
-            # The token alone on stdout, so `KEY=$(tierq keys create ci)` works.
-            print(
-                f"created key {info.public_id} ({info.name}): rpm {_limit(info.rpm)}, "
-                f"tpm {_limit(info.tpm)}",
-                file=sys.stderr,
-            )
-            print(token)
-            print("This key will not be shown again: store it now.", file=sys.stderr)
-            return 0
-        if args.cmd == "list":
-            sys.stdout.write(render_keys(store.list()))
-            return 0
-        public_id = args.id.removeprefix(f"{PREFIX}-")
-        if not _PUBLIC_ID.fullmatch(public_id):
-            print(f"tierq keys: {args.id!r} is not a key id (12 characters, a-z 0-9)", file=sys.stderr)
-            return 2
-        if store.revoke(public_id):
-            print(f"revoked {public_id}")
-            return 0
-        print(f"tierq keys: no live key {public_id}", file=sys.stderr)
-        return 1

@@ -2,7 +2,8 @@
 
 One writer thread owns the connection; `await record(row)` returns once the batch
 holding the row is committed, so the gateway can finish a response knowing a
-crash of the process will not lose its bill. Also the `tierq usage` reports.
+crash of the process will not lose its bill. `usage()` sums the rows by key,
+model and tier (the query on this schema); tierq.usage renders the reports.
 
 Money is exact. `cost` is kept three ways in each row: the Decimal as TEXT (what
 `get()` returns), and the same amount split into two INTEGER columns,
@@ -17,26 +18,18 @@ than 15 decimals is refused rather than rounded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import csv
-import io
 import logging
-import os
 import queue
-import re
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-import orjson
-
+from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 
 __all__ = [
@@ -45,13 +38,9 @@ __all__ = [
     "Ledger",
     "LedgerRow",
     "UsageLine",
+    "cost_text",
     "open_ledger",
-    "parse_since",
-    "render_csv",
-    "render_json",
-    "render_table",
-    "sqlite_path",
-    "usage_main",
+    "usage_lines",
 ]
 
 log = logging.getLogger("tierq.ledger")
@@ -62,7 +51,6 @@ APPLIED_TIERS: Final = frozenset({"priority", "default"})
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
 MAX_BATCH: Final = 8192  # rows per transaction; bounds a commit's latency under a flood
-BUSY_TIMEOUT_MS: Final = 5000  # keys.py writes to the same file now and then
 # The writer never checkpoints (wal_autocheckpoint = 0): a checkpoint copies the
 # WAL into the database and syncs it, a stall of several ms that every response
 # waiting on the next commit would share. The checkpointer thread does it on
@@ -161,7 +149,7 @@ class LedgerRow:
         return (
             self.request_id, self.ts, self.key_id, self.model, self.endpoint,
             self.requested_tier, self.applied_tier, self.prompt_tokens,
-            self.completion_tokens, _fixed(self.cost), micro, femto, self.status,
+            self.completion_tokens, cost_text(self.cost), micro, femto, self.status,
             int(self.partial), self.code, self.queue_ms, self.latency_ms, self.upstream,
         )  # fmt: skip
 
@@ -175,41 +163,14 @@ def _femto(cost: Decimal) -> int:
     return int(scaled)
 
 
-def _fixed(value: Decimal) -> str:
-    """Fixed-point text, never exponent notation (Decimal('1E-7') -> '0.0000001')."""
+def cost_text(value: Decimal) -> str:
+    """A cost as the ledger stores it: fixed-point text, never exponent notation (Decimal('1E-7') -> '0.0000001')."""
     return format(value, "f")
 
 
 def _from_femto(femto: int) -> Decimal:
     # Exact: dividing by a power of ten only moves the exponent.
     return (Decimal(femto).scaleb(-15)).normalize() if femto else Decimal(0)
-
-
-def sqlite_path(url_or_path: str) -> str:
-    """`sqlite:///rel.db` -> 'rel.db', `sqlite:////abs/x.db` -> '/abs/x.db', plain paths as is."""
-    if "://" not in url_or_path:
-        if not url_or_path:
-            raise ValueError("ledger path is empty")
-        return url_or_path
-    scheme = url_or_path.split("://", 1)[0].lower()
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"):
-        # Only the scheme is echoed: a database URL may carry a password.
-        raise ValueError(
-            f"ledger url scheme {scheme!r}: the PostgreSQL ledger is not built yet; "
-            "use sqlite:///path/to/tierq.db"
-        )
-    if scheme != "sqlite":
-        raise ValueError(
-            f"ledger url scheme {scheme!r} is not supported; use sqlite:///relative.db "
-            "or sqlite:////absolute/path.db"
-        )
-    if not url_or_path.startswith("sqlite:///"):
-        raise ValueError("sqlite ledger url must look like sqlite:///relative.db or sqlite:////abs.db")
-    path = url_or_path[len("sqlite:///"):]
-    if not path or path == ":memory:":
-        # The writer and the readers use separate connections; memory is per connection.
-        raise ValueError("sqlite ledger url needs a file path (in-memory databases are not shared)")
-    return path
 
 
 def open_ledger(url: str, durability: Durability = "process") -> Ledger:
@@ -222,7 +183,7 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     if durability not in ("process", "power"):
         raise ValueError("durability must be 'process' or 'power'")
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     # WAL: readers never block the writer. NORMAL: a commit is a write to the WAL
     # (survives kill -9, not power loss); FULL fsyncs each commit (group commit,
     # since a commit carries a whole batch).
@@ -491,7 +452,7 @@ def _row(r: tuple[Any, ...]) -> LedgerRow:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------- reports
+# ---------------------------------------------------------------- usage sums
 
 
 @dataclass(slots=True, frozen=True)
@@ -552,149 +513,3 @@ def usage_lines(
             )  # fmt: skip
         )
     return out
-
-
-_COUNTS: Final = ("requests", "served", "shed", "failed", "cancelled",
-                  "prompt_tokens", "completion_tokens")  # fmt: skip
-
-
-def _total(lines: Sequence[UsageLine]) -> UsageLine:
-    sums = {name: sum(getattr(line, name) for line in lines) for name in _COUNTS}
-    cost = sum((line.cost for line in lines), Decimal(0))
-    return UsageLine(key_id="TOTAL", model="", applied_tier="", cost=cost, **sums)
-
-
-def _cost_strings(costs: Iterable[Decimal]) -> list[str]:
-    """Exact costs padded to a common number of decimals (adding zeros is exact)."""
-    costs = list(costs)
-    places = max((max(0, -int(c.normalize().as_tuple().exponent)) for c in costs), default=0)
-    places = max(places, 2)
-    return [_fixed(c.quantize(Decimal(1).scaleb(-places))) for c in costs]
-
-
-def render_table(lines: Sequence[UsageLine]) -> str:
-    """An aligned plain-text table with a TOTAL row."""
-    header = ("KEY", "MODEL", "TIER", "REQUESTS", "SERVED", "SHED", "FAILED", "CANCELLED",
-              "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST_USD")  # fmt: skip
-    all_lines = [*lines, _total(lines)]
-    costs = _cost_strings(line.cost for line in all_lines)
-    body = [
-        (line.key_id, line.model, line.applied_tier,
-         *(str(getattr(line, name)) for name in _COUNTS), cost)
-        for line, cost in zip(all_lines, costs)
-    ]  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def fmt(row: Sequence[str]) -> str:
-        # Text columns left-aligned, numbers right-aligned.
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *(fmt(r) for r in body[:-1]), rule, fmt(body[-1])]) + "\n"
-
-
-def _as_dict(line: UsageLine) -> dict[str, object]:
-    d: dict[str, object] = {f.name: getattr(line, f.name) for f in fields(line)}
-    d["cost"] = _fixed(line.cost)  # a string: JSON numbers would pass through floats
-    return d
-
-
-def render_json(lines: Sequence[UsageLine]) -> str:
-    total = _as_dict(_total(lines))
-    for name in ("key_id", "model", "applied_tier"):
-        del total[name]
-    return orjson.dumps(
-        {"lines": [_as_dict(line) for line in lines], "total": total}, option=orjson.OPT_INDENT_2
-    ).decode()
-
-
-def render_csv(lines: Sequence[UsageLine]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([f.name for f in fields(UsageLine)])
-    for line in lines:
-        w.writerow(_as_dict(line).values())
-    return buf.getvalue()
-
-
-_RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.ASCII)
-_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, now: float | None = None) -> float:
-    """`1h`, `30m`, `7d` ago, or an ISO date/time (naive means UTC) -> unix time."""
-    text = text.strip()
-    m = _RELATIVE.fullmatch(text)
-    if m:
-        now = time.time() if now is None else now
-        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: expected a relative time like 30m, 1h, 7d or an ISO date/time"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
-
-
-def usage_main(argv: list[str]) -> int:
-    """`tierq usage`: spend by key, model and tier from the ledger."""
-    p = argparse.ArgumentParser(
-        prog="tierq usage", description=usage_main.__doc__,
-        epilog="Costs are exact (USD). Rows: every request decision; only served and "
-               "cut-short (partial) requests cost anything.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--db", help="ledger file or sqlite:/// url (default: tierq.db)")
-    src.add_argument("--config", help="read the ledger url from this tierq TOML file")
-    p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
-    p.add_argument("--key", help="only this key's public id ('local' without API keys)")
-    p.add_argument("--model", help="only this model")
-    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
-                   help="output format (default: table)")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="same as --format json; costs as exact strings")
-    fmt.add_argument("--csv", action="store_true", help="same as --format csv; costs as exact strings")
-    args = p.parse_args(argv)
-    out_format = args.format or ("json" if args.json else "csv" if args.csv else "table")
-    if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
-        print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
-        return 2
-    try:
-        if args.config:
-            from tierq.config import ConfigError, load_config
-
-            try:
-                url = load_config(args.config).ledger.url
-            except ConfigError as e:
-                print(str(e), file=sys.stderr)
-                return 2
-        else:
-            url = args.db or "tierq.db"
-        path = sqlite_path(url)
-        since = parse_since(args.since) if args.since else None
-    except ValueError as e:
-        print(f"tierq usage: {e}", file=sys.stderr)
-        return 2
-    if not os.path.exists(path):
-        # Do not create an empty ledger as a side effect of reading one.
-        print(f"tierq usage: no ledger at {path}", file=sys.stderr)
-        return 1
-    from tierq.progress import progress
-
-    try:
-        with progress(f"summing the ledger at {path}"):
-            lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
-    except sqlite3.Error as e:
-        print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
-        return 1
-    if out_format == "json":
-        out = render_json(lines) + "\n"
-    elif out_format == "csv":
-        out = render_csv(lines)
-    else:
-        out = render_table(lines)
-    sys.stdout.write(out)
-    return 0

@@ -31,7 +31,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from tierq._core import AdmissionCore, SharedKeyBuckets
-from tierq.admission import Admission, _waits
+from tierq.admission import Admission, lane_waits
 from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
 from tierq.status import METRICS_SOURCE, MetricsSource
 
@@ -55,7 +55,7 @@ def _core_args(settings: PoolSettings) -> dict[str, Any]:
                         "priority_reserve", "default_min_share", "priority_headroom"}
     if unknown:
         raise ValueError(f"admission: unknown setting {sorted(unknown)[0]!r}")
-    wait_default, wait_priority = _waits(s.pop("max_wait_ms", 30000.0))
+    wait_default, wait_priority = lane_waits(s.pop("max_wait_ms", 30000.0))
     return {**s, "max_wait_ms_default": wait_default, "max_wait_ms_priority": wait_priority}
 
 

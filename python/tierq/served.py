@@ -1,0 +1,85 @@
+"""The models this deployment serves: the built-in catalog merged with the config.
+
+`Catalog.from_config` resolves every served model to its prices, priority
+flag, upstream and admission settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from tierq.catalog import builtin_prices, builtin_priority
+from tierq.config import AdmissionConfig, Config
+from tierq.pricing import Prices
+
+__all__ = ["Catalog", "ModelEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One served model, fully resolved."""
+
+    id: str
+    prices: Prices
+    priority: bool
+    upstream: str
+    upstream_model: str  # the name sent upstream (usually == id)
+    admission: AdmissionConfig
+    builtin: bool
+
+
+class Catalog(Mapping[str, ModelEntry]):
+    """Served models by id, in config (or built-in table) order."""
+
+    __slots__ = ("_models",)
+
+    def __init__(self, models: Mapping[str, ModelEntry]) -> None:
+        self._models = dict(models)
+
+    def __getitem__(self, model_id: str) -> ModelEntry:
+        return self._models[model_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Catalog:
+        """Configured models; with none configured, the whole built-in table.
+
+        Built-in models then run on the first upstream with default admission
+        settings. A configured model omitting prices or `priority` takes the
+        built-in values (load_config has already rejected unknown models
+        without prices).
+        """
+        builtin = builtin_prices()
+        models: dict[str, ModelEntry] = {}
+        if not config.models:
+            upstream = config.upstreams[0].name
+            for model_id, prices in builtin.items():
+                models[model_id] = ModelEntry(
+                    model_id, prices, builtin_priority(model_id), upstream, model_id,
+                    AdmissionConfig(), True,
+                )
+            return cls(models)
+        for m in config.models:
+            base = builtin.get(m.id)
+            input_per_m = m.input_per_m if m.input_per_m is not None else _need(base).input_per_m
+            output_per_m = m.output_per_m if m.output_per_m is not None else _need(base).output_per_m
+            priority = m.priority if m.priority is not None else (
+                builtin_priority(m.id) if base is not None else False
+            )
+            models[m.id] = ModelEntry(
+                m.id, Prices(input_per_m, output_per_m), priority, m.upstream,
+                m.upstream_model or m.id, m.admission, base is not None,
+            )
+        return cls(models)
+
+
+def _need(base: Prices | None) -> Prices:
+    if base is None:  # load_config guarantees this never happens
+        raise ValueError("model has no price and is not in the built-in catalog")
+    return base
