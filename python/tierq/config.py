@@ -118,6 +118,12 @@ class UpstreamConfig:
     # Connection pool size; by default the sum of its models' max_concurrency.
     max_connections: int | None = None
     sim: SimSettings | None = None
+    # Where the engine publishes its load (vLLM/SGLang Prometheus names), read
+    # every metrics_interval_ms to learn the pools' concurrency limits. None:
+    # derived from base_url for kinds vllm, sglang and sim (tierq.capacity);
+    # "": never scraped (the limit then follows time to first token).
+    metrics_url: str | None = None
+    metrics_interval_ms: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,23 +478,32 @@ class _Parser:
         connect = _f(t.number("connect_timeout_s", d_up.connect_timeout_s, 0.0, 600.0, lo_open=True))
         read = _f(t.number("read_timeout_s", d_up.read_timeout_s, 0.0, 86400.0, lo_open=True))
         max_conn = t.integer("max_connections", None, 1, 100000)
+        metrics_url = t.string("metrics_url")
+        if metrics_url:
+            if kind == "sim":
+                raise t.fail("metrics_url", 'not allowed for kind "sim" (its own /metrics is read)')
+            metrics_url = self.url(t, "metrics_url", metrics_url)
+        interval = _f(t.number("metrics_interval_ms", d_up.metrics_interval_ms, 10.0, 60000.0))
         t.done()
         return UpstreamConfig(
             name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
-            connect, read, max_conn, sim,
+            connect, read, max_conn, sim, metrics_url, interval,
         )
 
     def base_url(self, t: _Table, value: str) -> str:
+        return self.url(t, "base_url", value)
+
+    def url(self, t: _Table, key: str, value: str) -> str:
         try:
             url = yarl.URL(value)
         except ValueError:
-            raise t.fail("base_url", f"not a URL: {_show(value)}") from None
+            raise t.fail(key, f"not a URL: {_show(value)}") from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise t.fail("base_url", f"expected an http:// or https:// URL with a host, got {_show(value)}")
+            raise t.fail(key, f"expected an http:// or https:// URL with a host, got {_show(value)}")
         if url.user is not None or url.password is not None:
-            raise t.fail("base_url", "must not carry credentials (use api_key_env)")
+            raise t.fail(key, "must not carry credentials (use api_key_env)")
         if url.query_string or url.fragment:
-            raise t.fail("base_url", "must not have a query or fragment")
+            raise t.fail(key, "must not have a query or fragment")
         return value.rstrip("/")
 
     def model(self, t: _Table, upstreams: tuple[UpstreamConfig, ...]) -> ModelConfig:

@@ -126,6 +126,8 @@ class WorkerSnapshot:
     ledger_lag: HistogramData | None = None
     # (window start, tier) -> [n, latency_us, ttft_n, ttft_us, shed]
     series: Mapping[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
+    # model -> ((window start, concurrency limit), ...): the limit over time
+    limits: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
 
 class GatewayMetrics:
@@ -145,6 +147,7 @@ class GatewayMetrics:
         self._series: deque[tuple[int, dict[str, list[int]]]] = deque(maxlen=SERIES_WINDOWS)
         self._window: dict[str, list[int]] = {}
         self._window_end = 0.0  # the current window's end, unix seconds
+        self._limits: dict[str, deque[tuple[int, int]]] = {}
 
     def observe(self, model: str, upstream: str, tier: str, status: str, code: str | None,
                 queue_s: float, latency_s: float, ttft_s: float | None) -> None:
@@ -182,6 +185,19 @@ class GatewayMetrics:
             w[_TTFT_N] += 1
             w[_TTFT] += ttft_us
 
+    def record_limits(self, limits: Iterable[tuple[str, int]], now: float | None = None) -> None:
+        """Each pool's concurrency limit now: the last value seen in a chart
+        window is that window's point (tierq.capacity.LimitWatch calls this)."""
+        start = int(time.time() if now is None else now) // SERIES_STEP_S * SERIES_STEP_S
+        for model, limit in limits:
+            points = self._limits.get(model)
+            if points is None:
+                points = self._limits[model] = deque(maxlen=SERIES_WINDOWS)
+            if points and points[-1][0] == start:
+                points[-1] = (start, limit)
+            else:
+                points.append((start, limit))
+
     def _rotate(self, now: float) -> None:
         start = int(now) // SERIES_STEP_S * SERIES_STEP_S
         self._window = {}
@@ -203,6 +219,7 @@ class GatewayMetrics:
             ledger_errors=int(getattr(ledger, "commit_errors", 0) or 0),
             ledger_lag=lag.data() if isinstance(lag, Histogram) else None,
             series=series,
+            limits={model: tuple(points) for model, points in self._limits.items()},
         )
 
 
@@ -229,6 +246,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "ledger": [s.ledger_pending, s.ledger_rows, s.ledger_errors],
         "ledger_lag": None if s.ledger_lag is None else _hist_json(s.ledger_lag),
         "series": [[*k, *v] for k, v in s.series.items()],
+        "limits": {model: [list(p) for p in points] for model, points in s.limits.items()},
     })
 
 
@@ -248,6 +266,8 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         ledger_errors=int(d["ledger"][2]),
         ledger_lag=None if d["ledger_lag"] is None else _hist_of(d["ledger_lag"]),
         series={(int(r[0]), r[1]): tuple(int(x) for x in r[2:]) for r in d["series"]},
+        limits={model: tuple((int(p[0]), int(p[1])) for p in points)
+                for model, points in d.get("limits", {}).items()},
     )
 
 
@@ -283,6 +303,8 @@ def _add_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
         x, y = a.get(k), b.get(k)
         if isinstance(x, Mapping) or isinstance(y, Mapping):
             out[k] = _add_stats(x or {}, y or {})
+        elif isinstance(x, str) or isinstance(y, str):
+            out[k] = x or y  # a mode or signal name: the same in every process
         else:
             out[k] = (x or 0) + (y or 0)
     return out
@@ -354,10 +376,40 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
     o.family("tierq_in_flight", "gauge", "Requests holding a slot (sent upstream), per pool.")
     for p in pools:
         o.sample("tierq_in_flight", [("model", p.model)], int(p.stats.get("in_flight", 0)))
-    o.family("tierq_max_concurrency", "gauge", "Slots per pool (max_concurrency).")
+    o.family("tierq_max_concurrency", "gauge",
+             "Slots per pool: the concurrency limit in force (fixed, or learned).")
     for p in pools:
         o.sample("tierq_max_concurrency", [("model", p.model)],
-                 int(p.stats.get("max_concurrency", 0)))
+                 int(p.stats.get("limit", p.stats.get("max_concurrency", 0))))
+    o.family("tierq_concurrency_limit", "gauge",
+             "The pool's concurrency limit, labelled with its mode (fixed or adaptive) and the "
+             "signal that moved it last (engine, latency, backoff, none).")
+    for p in pools:
+        o.sample("tierq_concurrency_limit",
+                 [("model", p.model), ("mode", str(p.stats.get("limit_mode", "fixed"))),
+                  ("signal", str(p.stats.get("limit_signal", "none")))],
+                 int(p.stats.get("limit", p.stats.get("max_concurrency", 0))))
+    o.family("tierq_concurrency_limit_bounds", "gauge",
+             "An adaptive pool's bounds (min_concurrency, max_concurrency_limit).")
+    for p in pools:
+        if p.stats.get("limit_mode") == "adaptive":
+            for bound in ("min", "max"):
+                o.sample("tierq_concurrency_limit_bounds", [("model", p.model), ("bound", bound)],
+                         int(p.stats.get(f"limit_{bound}", 0)))
+    o.family("tierq_concurrency_limit_changes_total", "counter",
+             "Times the learned limit moved.")
+    for p in pools:
+        o.sample("tierq_concurrency_limit_changes_total", [("model", p.model)],
+                 int(p.stats.get("limit_changes", 0)))
+    for which, help_ in (("floor", "the floor it is held against"),
+                         ("recent", "its recent level")):
+        metric = f"tierq_upstream_ttft_{which}_seconds"
+        o.family(metric, "gauge", "Adaptive pools learning from the upstream's time to first "
+                                  f"token: {help_}.")
+        for p in pools:
+            ms = p.stats.get(f"limit_{which}_ms")
+            if ms:
+                o.sample(metric, [("model", p.model)], float(ms) / 1000)
     o.family("tierq_admitted_total", "counter", "Requests given a slot by the admission core.")
     for p in pools:
         for lane in TIERS:
@@ -437,12 +489,21 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
     """What /status.json returns: pools, per-tier totals and the latency series."""
     now = time.time()
     pools: list[dict[str, Any]] = []
+    limits: dict[str, tuple[tuple[int, int], ...]] = {}
+    for s in sorted(snapshots, key=lambda s: s.time):
+        limits.update(s.limits)  # one worker's history: the limit is host-wide
     for p in _pools(snapshots, shared_admission):
         st = p.stats
+        limit = int(st.get("limit", st.get("max_concurrency", 0)))
         pools.append({
             "model": p.model, "upstream": p.upstream, "priority": p.priority,
             "in_flight": int(st.get("in_flight", 0)),
-            "max_concurrency": int(st.get("max_concurrency", 0)),
+            "max_concurrency": limit,
+            "limit": {"value": limit, "mode": str(st.get("limit_mode", "fixed")),
+                      "signal": str(st.get("limit_signal", "none")),
+                      "min": int(st.get("limit_min", limit)),
+                      "max": int(st.get("limit_max", limit)),
+                      "series": [list(pt) for pt in limits.get(p.model, ())]},
             "queue_capacity": p.queue_capacity,
             "depth": {lane: int(st.get("depth", {}).get(lane, 0)) for lane in TIERS},
             "admitted": {lane: int(st.get("admitted", {}).get(lane, 0)) for lane in TIERS},

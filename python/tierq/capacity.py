@@ -1,0 +1,284 @@
+"""What feeds each pool's learned concurrency limit (the controller itself is in the core).
+
+Three signals, one per kind of upstream knowledge:
+- an engine that publishes its load (vLLM, SGLang, the sim) is scraped every
+  `metrics_interval_ms`: its running and waiting counts go to
+  `Admission.observe_engine`, so the limit holds the engine's own queue, which is
+  first come first served, near zero while tierq's lanes hold the line;
+- an opaque upstream (a hosted provider, or an engine whose /metrics cannot be
+  read) gives only what tierq sees: each stream's time to first token goes to
+  `Admission.observe_latency`;
+- any upstream's 429/503 "overloaded" answer goes to `Admission.observe_overload`.
+
+`parse_engine_load` reads Prometheus text with vLLM's or SGLang's names, so the
+sim's /metrics and a real vLLM's go through the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import aiohttp
+
+__all__ = [
+    "ENGINE_KINDS",
+    "EngineLoad",
+    "EngineScraper",
+    "LimitWatch",
+    "metrics_url_for",
+    "parse_engine_load",
+]
+
+log = logging.getLogger("tierq.capacity")
+
+# Upstream kinds whose engines publish vLLM- or SGLang-style load metrics.
+ENGINE_KINDS: Final = frozenset({"vllm", "sglang", "sim"})
+
+# (running, waiting, KV-cache usage in [0, 1]) metric names, newest first.
+_RUNNING: Final = ("vllm:num_requests_running", "sglang:num_running_reqs")
+_WAITING: Final = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (v0.10); both are 0..1.
+_KV: Final = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+_WANTED: Final = frozenset(_RUNNING + _WAITING + _KV)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One scrape of an engine, for one model (or the whole engine)."""
+
+    running: int
+    waiting: int
+    kv_usage: float | None  # fraction of the KV cache in use, if the engine says
+
+
+def _labels(text: str) -> dict[str, str]:
+    """`a="x",b="y"` -> {"a": "x", "b": "y"} (Prometheus label escapes honoured)."""
+    out: dict[str, str] = {}
+    i, n = 0, len(text)
+    while i < n:
+        eq = text.find("=", i)
+        if eq < 0:
+            break
+        name = text[i:eq].strip().lstrip(",").strip()
+        j = eq + 1
+        if j >= n or text[j] != '"':
+            break
+        j += 1
+        value: list[str] = []
+        while j < n and text[j] != '"':
+            if text[j] == "\\" and j + 1 < n:
+                j += 1
+                value.append({"n": "\n"}.get(text[j], text[j]))
+            else:
+                value.append(text[j])
+            j += 1
+        out[name] = "".join(value)
+        i = j + 1
+    return out
+
+
+def _samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample whose name tierq reads."""
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        if brace >= 0 and (space < 0 or brace < space):
+            name = line[:brace]
+            close = line.rfind("}")
+            if close < brace:
+                continue
+            labels_text, rest = line[brace + 1:close], line[close + 1:]
+        else:
+            if space < 0:
+                continue
+            name, labels_text, rest = line[:space], "", line[space:]
+        if name not in _WANTED:
+            continue
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            yield name, _labels(labels_text) if labels_text else {}, value
+
+
+def parse_engine_load(text: str, model: str | None = None) -> EngineLoad | None:
+    """The load an engine's /metrics text reports, or None if it has no load metrics.
+
+    With `model`, only series labelled `model_name=<model>` count when any
+    series carries that label value; otherwise every series counts (one engine
+    per model, as vLLM and SGLang are usually run). Counts add up over series
+    (vLLM v1 labels each engine core); KV usage is the highest.
+    """
+    samples = list(_samples(text))
+    if model is not None and any(lb.get("model_name") == model for _, lb, _ in samples):
+        samples = [s for s in samples if s[1].get("model_name") == model]
+    found: dict[str, float] = {}
+    kv: dict[str, float] = {}
+    for name, _, value in samples:
+        if name in _KV:
+            kv[name] = max(kv.get(name, 0.0), value)
+        else:
+            found[name] = found.get(name, 0.0) + value
+    running = next((found[n] for n in _RUNNING if n in found), None)
+    waiting = next((found[n] for n in _WAITING if n in found), None)
+    if running is None or waiting is None:
+        return None
+    kv_usage = next((kv[n] for n in _KV if n in kv), None)
+    return EngineLoad(max(0, round(running)), max(0, round(waiting)),
+                      None if kv_usage is None else min(1.0, max(0.0, kv_usage)))
+
+
+def metrics_url_for(base_url: str) -> str:
+    """Where an engine whose API is at `base_url` publishes /metrics: vLLM and
+    SGLang serve it at the server's root, beside /v1."""
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")]
+    return root + "/metrics"
+
+
+class Observer(Protocol):
+    """The admission face a scrape feeds (tierq.Admission)."""
+
+    def observe_engine(self, running: int, waiting: int, kv_usage: float | None = None) -> None: ...
+
+
+@dataclass(slots=True)
+class _Target:
+    model: str
+    admission: Observer
+
+
+class EngineScraper:
+    """Scrapes one upstream's /metrics and feeds every pool it serves.
+
+    `available` says whether the last scrapes worked: while it is False the
+    gateway feeds those pools time to first token instead. An engine that
+    answers without load metrics (404, an unknown format) is asked again every
+    `RETRY_S`, not every interval.
+    """
+
+    RETRY_S: Final = 5.0
+    # Scrapes missed in a row before the engine signal counts as gone.
+    STALE_AFTER: Final = 3
+
+    def __init__(self, upstream: str, url: str, interval_s: float,
+                 session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream
+        self.url = url
+        self.interval_s = interval_s
+        self.available = False
+        self.last: EngineLoad | None = None
+        self.scrapes = 0
+        self.failures = 0
+        self._session = session
+        self._targets: list[_Target] = []
+        self._missed = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, model: str, admission: Observer) -> None:
+        self._targets.append(_Target(model, admission))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"tierq-scrape-{self.upstream}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def scrape_once(self) -> bool:
+        """One scrape; feeds the pools and returns True when it read load metrics."""
+        self.scrapes += 1
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * self.interval_s))
+            async with self._session.get(self.url, timeout=timeout, allow_redirects=False) as r:
+                text = await r.text() if r.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+            text = ""
+        loads = [parse_engine_load(text, t.model) for t in self._targets] if text else []
+        if not loads or any(load is None for load in loads):
+            self.failures += 1
+            self._missed += 1
+            if self.available and self._missed >= self.STALE_AFTER:
+                self.available = False
+                log.warning("upstream %s: no load metrics at %s; the limit follows time to "
+                            "first token until they are back", self.upstream, self.url)
+            return False
+        if not self.available:
+            log.info("upstream %s: engine load metrics at %s feed the concurrency limit",
+                     self.upstream, self.url)
+        self.available = True
+        self._missed = 0
+        for target, load in zip(self._targets, loads):
+            assert load is not None
+            self.last = load
+            target.admission.observe_engine(load.running, load.waiting, load.kv_usage)
+        return True
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            ok = await self.scrape_once()
+            step = self.interval_s if ok or self.available else self.RETRY_S
+            next_at = max(next_at + step, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+
+
+class Limited(Protocol):
+    """What LimitWatch reads of a pool (tierq.Admission)."""
+
+    @property
+    def limit(self) -> int: ...
+
+
+class LimitWatch:
+    """Logs a pool's limit when it has moved a lot since the last line: by a
+    quarter or by 8 slots, whichever is less, at most once per `every_s`."""
+
+    def __init__(self, pools: Sequence[tuple[str, Limited]], every_s: float = 1.0) -> None:
+        self._pools = list(pools)
+        self._logged = {model: adm.limit for model, adm in self._pools}
+        self._every_s = every_s
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        for model, adm in self._pools:
+            now, before = adm.limit, self._logged[model]
+            if abs(now - before) >= max(1, min(8, math.ceil(before / 4))):
+                log.info("pool %s: concurrency limit %d -> %d", model, before, now)
+                self._logged[model] = now
+
+    def start(self) -> None:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(self._every_s)
+                self.check()
+
+        self._task = asyncio.create_task(run(), name="tierq-limit-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+

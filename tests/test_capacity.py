@@ -1,0 +1,103 @@
+"""The engine-load signal: vLLM's and SGLang's /metrics read by one parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierq.capacity import EngineLoad, metrics_url_for, parse_engine_load
+
+# The shape of a vLLM v1 (0.10+) /metrics page: one series per engine core,
+# labelled with the served model's name, HELP/TYPE lines, float values.
+VLLM_V1 = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
+vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 5.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.62
+vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.41
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1234.0
+"""
+
+# vLLM before v1: no engine label, gpu_cache_usage_perc.
+VLLM_V0 = """\
+vllm:num_requests_running{model_name="m"} 4.0
+vllm:num_requests_swapped{model_name="m"} 0.0
+vllm:num_requests_waiting{model_name="m"} 0.0
+vllm:gpu_cache_usage_perc{model_name="m"} 0.25
+"""
+
+SGLANG = """\
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="Qwen/Qwen2-7B"} 16.0
+# HELP sglang:num_queue_reqs The number of requests in the waiting queue.
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="Qwen/Qwen2-7B"} 9.0
+sglang:token_usage{model_name="Qwen/Qwen2-7B"} 0.93
+"""
+
+
+def test_vllm_v1_counts_add_up_over_engine_cores_and_kv_usage_is_the_highest() -> None:
+    assert parse_engine_load(VLLM_V1) == EngineLoad(running=12, waiting=3, kv_usage=0.62)
+
+
+def test_vllm_v0_names_are_read_too() -> None:
+    assert parse_engine_load(VLLM_V0) == EngineLoad(running=4, waiting=0, kv_usage=0.25)
+
+
+def test_sglang_names_are_read() -> None:
+    assert parse_engine_load(SGLANG) == EngineLoad(running=16, waiting=9, kv_usage=0.93)
+
+
+def test_a_model_label_selects_its_series_when_the_engine_serves_several() -> None:
+    text = ('vllm:num_requests_running{model_name="a"} 2\n'
+            'vllm:num_requests_waiting{model_name="a"} 1\n'
+            'vllm:num_requests_running{model_name="b"} 6\n'
+            'vllm:num_requests_waiting{model_name="b"} 0\n')
+    assert parse_engine_load(text, "a") == EngineLoad(2, 1, None)
+    assert parse_engine_load(text, "b") == EngineLoad(6, 0, None)
+    # A name no series carries: the engine is taken as a whole.
+    assert parse_engine_load(text, "served-under-another-name") == EngineLoad(8, 1, None)
+
+
+def test_label_values_with_escapes_braces_and_spaces_do_not_confuse_the_parser() -> None:
+    text = ('vllm:num_requests_running{model_name="we\\"ird} name, x=1"} 3 1700000000000\n'
+            'vllm:num_requests_waiting{model_name="we\\"ird} name, x=1"} 2\n')
+    assert parse_engine_load(text, 'we"ird} name, x=1') == EngineLoad(3, 2, None)
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "<html>404 Not Found</html>",
+    "vllm:num_requests_running 3\n",  # no waiting count: not enough to act on
+    "vllm:num_requests_running{model_name=\"m\"} NaN\nvllm:num_requests_waiting 1\n",
+    "process_cpu_seconds_total 12.5\n",
+])
+def test_pages_without_load_metrics_give_none(text: str) -> None:
+    assert parse_engine_load(text) is None
+
+
+def test_garbage_lines_are_skipped_not_fatal() -> None:
+    text = ("vllm:num_requests_running{model_name=\"m\" 4\n"  # unclosed brace
+            "vllm:num_requests_running{model_name=\"m\"} four\n"
+            "vllm:num_requests_running{model_name=\"m\"} 1\n"
+            "vllm:num_requests_waiting{model_name=\"m\"} 0\n")
+    assert parse_engine_load(text) == EngineLoad(1, 0, None)
+
+
+@pytest.mark.parametrize("base, url", [
+    ("http://10.0.0.5:8000/v1", "http://10.0.0.5:8000/metrics"),
+    ("http://engine:30000/v1/", "http://engine:30000/metrics"),
+    ("https://gw.example/prefix/v1", "https://gw.example/prefix/metrics"),
+    ("http://engine:8000", "http://engine:8000/metrics"),
+])
+def test_metrics_url_is_derived_from_the_api_base(base: str, url: str) -> None:
+    assert metrics_url_for(base) == url
