@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierq.capacity import EngineLoad, metrics_url_for, parse_engine_load
+from tierq.capacity import EngineLoad, metrics_url_for, overload_backoff_s, parse_engine_load
 
 # The shape of a vLLM v1 (0.10+) /metrics page: one series per engine core,
 # labelled with the served model's name, HELP/TYPE lines, float values.
@@ -101,3 +101,19 @@ def test_garbage_lines_are_skipped_not_fatal() -> None:
 ])
 def test_metrics_url_is_derived_from_the_api_base(base: str, url: str) -> None:
     assert metrics_url_for(base) == url
+
+
+@pytest.mark.parametrize("headers, remaining, wait", [
+    ({}, 10.0, 0.1),
+    ({"retry-after-ms": "250"}, 10.0, 0.25),
+    ({"retry-after": "2"}, 10.0, 2.0),
+    ({"retry-after-ms": "40", "retry-after": "3"}, 10.0, 0.04),  # the exact one wins
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 10.0, 0.1),  # a date: no hint
+    ({"retry-after": "-1"}, 10.0, 0.1),
+    ({"retry-after": "nan"}, 10.0, 0.1),
+    ({"retry-after": "5"}, 1.0, None),  # does not fit in the max wait left
+    ({}, 0.05, None),
+])
+def test_an_upstream_overload_is_retried_after_its_own_hint_if_it_fits(
+        headers: dict[str, str], remaining: float, wait: float | None) -> None:
+    assert overload_backoff_s(headers, remaining) == (pytest.approx(wait) if wait else None)

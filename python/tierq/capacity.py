@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -27,10 +27,13 @@ import aiohttp
 
 __all__ = [
     "ENGINE_KINDS",
+    "OVERLOAD_STATUSES",
+    "Capacity",
     "EngineLoad",
     "EngineScraper",
     "LimitWatch",
     "metrics_url_for",
+    "overload_backoff_s",
     "parse_engine_load",
 ]
 
@@ -45,6 +48,14 @@ _WAITING: Final = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (v0.10); both are 0..1.
 _KV: Final = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 _WANTED: Final = frozenset(_RUNNING + _WAITING + _KV)
+
+# An upstream's "overloaded, try again" answers. Arriving before anything
+# reached the client, they back the limit off and the request is sent again
+# once instead of being passed on (DESIGN.md, Slots).
+OVERLOAD_STATUSES: Final = frozenset({429, 503})
+# The wait before that one retry when the upstream gives no Retry-After: about
+# one engine step batch's worth of decode, long enough for a sequence to end.
+DEFAULT_OVERLOAD_BACKOFF_S: Final = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +160,16 @@ def metrics_url_for(base_url: str) -> str:
 
 
 class Observer(Protocol):
-    """The admission face a scrape feeds (tierq.Admission)."""
+    """The admission face the signals feed (tierq.Admission)."""
+
+    @property
+    def limit(self) -> int: ...
 
     def observe_engine(self, running: int, waiting: int, kv_usage: float | None = None) -> None: ...
+
+    def observe_latency(self, seconds: float) -> None: ...
+
+    def observe_overload(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -173,8 +191,7 @@ class EngineScraper:
     # Scrapes missed in a row before the engine signal counts as gone.
     STALE_AFTER: Final = 3
 
-    def __init__(self, upstream: str, url: str, interval_s: float,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(self, upstream: str, url: str, interval_s: float) -> None:
         self.upstream = upstream
         self.url = url
         self.interval_s = interval_s
@@ -182,7 +199,7 @@ class EngineScraper:
         self.last: EngineLoad | None = None
         self.scrapes = 0
         self.failures = 0
-        self._session = session
+        self._session: aiohttp.ClientSession | None = None
         self._targets: list[_Target] = []
         self._missed = 0
         self._task: asyncio.Task[None] | None = None
@@ -190,7 +207,8 @@ class EngineScraper:
     def add(self, model: str, admission: Observer) -> None:
         self._targets.append(_Target(model, admission))
 
-    def start(self) -> None:
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
         self._task = asyncio.create_task(self._run(), name=f"tierq-scrape-{self.upstream}")
 
     async def stop(self) -> None:
@@ -205,6 +223,7 @@ class EngineScraper:
     async def scrape_once(self) -> bool:
         """One scrape; feeds the pools and returns True when it read load metrics."""
         self.scrapes += 1
+        assert self._session is not None, "start() first"
         try:
             timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * self.interval_s))
             async with self._session.get(self.url, timeout=timeout, allow_redirects=False) as r:
@@ -241,24 +260,42 @@ class EngineScraper:
             await asyncio.sleep(next_at - loop.time())
 
 
-class Limited(Protocol):
-    """What LimitWatch reads of a pool (tierq.Admission)."""
-
-    @property
-    def limit(self) -> int: ...
+def overload_backoff_s(headers: Mapping[str, str], remaining_s: float) -> float | None:
+    """How long to hold a request an upstream answered 429/503 before its one
+    retry: the upstream's own `retry-after-ms` / `Retry-After` (seconds; an
+    HTTP date counts as no hint), else DEFAULT_OVERLOAD_BACKOFF_S. None when
+    that does not fit in the `remaining_s` of the request's max wait: it is
+    then shed by tierq with its own honest Retry-After."""
+    wait = DEFAULT_OVERLOAD_BACKOFF_S
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            hinted = float(raw) * scale
+        except ValueError:
+            continue
+        if math.isfinite(hinted) and hinted >= 0:
+            wait = hinted
+            break
+    return wait if wait <= remaining_s else None
 
 
 class LimitWatch:
     """Logs a pool's limit when it has moved a lot since the last line: by a
     quarter or by 8 slots, whichever is less, at most once per `every_s`."""
 
-    def __init__(self, pools: Sequence[tuple[str, Limited]], every_s: float = 1.0) -> None:
+    def __init__(self, pools: Sequence[tuple[str, Observer]], every_s: float = 1.0,
+                 record: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
         self._pools = list(pools)
         self._logged = {model: adm.limit for model, adm in self._pools}
         self._every_s = every_s
+        self._record = record
         self._task: asyncio.Task[None] | None = None
 
     def check(self) -> None:
+        if self._record is not None:
+            self._record([(model, adm.limit) for model, adm in self._pools])
         for model, adm in self._pools:
             now, before = adm.limit, self._logged[model]
             if abs(now - before) >= max(1, min(8, math.ceil(before / 4))):
@@ -282,3 +319,72 @@ class LimitWatch:
                 pass
             self._task = None
 
+
+
+@dataclass(slots=True)
+class _Feed:
+    admission: Observer
+    scraper: EngineScraper | None
+
+
+class Capacity:
+    """Every pool's signals, wired once at start-up (tierq's lifecycle).
+
+    `first_token` and `overloaded` are what the request path calls; each is a
+    dict lookup and, at most, one call into the core.
+    """
+
+    def __init__(self) -> None:
+        self._feeds: dict[str, _Feed] = {}
+        self.scrapers: dict[str, EngineScraper] = {}
+        self.watch: LimitWatch | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def add_upstream(self, name: str, kind: str, base_url: str, metrics_url: str | None,
+                     interval_s: float) -> None:
+        """Scrape this upstream if it is an engine kind and scraping is not off."""
+        if kind not in ENGINE_KINDS or metrics_url == "" or not base_url:
+            return
+        url = metrics_url or metrics_url_for(base_url)
+        self.scrapers[name] = EngineScraper(name, url, interval_s)
+
+    def add_pool(self, model: str, upstream_model: str, upstream: str,
+                 admission: Observer) -> None:
+        scraper = self.scrapers.get(upstream)
+        if scraper is not None:
+            scraper.add(upstream_model, admission)
+        self._feeds[model] = _Feed(admission, scraper)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        """A stream's upstream time to first token (sent to first content)."""
+        feed = self._feeds.get(model)
+        if feed is not None and (feed.scraper is None or not feed.scraper.available):
+            feed.admission.observe_latency(seconds)
+
+    def overloaded(self, model: str) -> None:
+        feed = self._feeds.get(model)
+        if feed is not None:
+            feed.admission.observe_overload()
+
+    def start(self, record: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+        if self.scrapers:
+            # Its own small pool: the upstream's connections can all be busy
+            # with requests exactly when the engine's load matters most.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max(2, len(self.scrapers))),
+                skip_auto_headers=("User-Agent",))
+        for scraper in self.scrapers.values():
+            assert self._session is not None
+            scraper.start(self._session)
+        self.watch = LimitWatch([(m, f.admission) for m, f in self._feeds.items()],
+                                record=record)
+        self.watch.start()
+
+    async def stop(self) -> None:
+        for scraper in self.scrapers.values():
+            await scraper.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self.watch is not None:
+            await self.watch.stop()
