@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tierq.config import Config, ConfigError, load_config
 from tierq.capacity import EngineLoad, metrics_url_for, overload_backoff_s, parse_engine_load
 
 # The shape of a vLLM v1 (0.10+) /metrics page: one series per engine core,
@@ -117,3 +120,38 @@ def test_metrics_url_is_derived_from_the_api_base(base: str, url: str) -> None:
 def test_an_upstream_overload_is_retried_after_its_own_hint_if_it_fits(
         headers: dict[str, str], remaining: float, wait: float | None) -> None:
     assert overload_backoff_s(headers, remaining) == (pytest.approx(wait) if wait else None)
+
+
+def _config(tmp_path: Path, upstream: str) -> Config:
+    p = tmp_path / "tierq.toml"
+    p.write_text('[[upstreams]]\nname = "e"\n' + upstream)
+    return load_config(p)
+
+
+def test_metrics_url_and_interval_are_read_and_default_to_derived_and_100_ms(tmp_path: Path) -> None:
+    u = _config(tmp_path, 'base_url = "http://127.0.0.1:8000/v1"\nkind = "vllm"\n').upstreams[0]
+    assert (u.metrics, u.metrics_url, u.metrics_interval_ms) == (True, None, 100.0)
+    u = _config(tmp_path, 'base_url = "http://127.0.0.1:8000/v1"\nkind = "vllm"\n'
+                          'metrics_url = "http://127.0.0.1:8001/metrics/"\n'
+                          'metrics_interval_ms = 250\n').upstreams[0]
+    assert (u.metrics_url, u.metrics_interval_ms) == ("http://127.0.0.1:8001/metrics", 250.0)
+    u = _config(tmp_path, 'base_url = "http://127.0.0.1:8000/v1"\nkind = "vllm"\n'
+                          'metrics = false\n').upstreams[0]
+    assert u.metrics is False
+
+
+@pytest.mark.parametrize("upstream, expected", [
+    ('base_url = "http://x/v1"\nmetrics_url = "ftp://x/metrics"\n',
+     'upstreams[0].metrics_url: expected an http:// or https:// URL with a host, got "ftp://x/metrics"'),
+    ('base_url = "http://x/v1"\nmetrics_url = "http://u:p@x/metrics"\n',
+     "upstreams[0].metrics_url: must not carry credentials (use api_key_env)"),
+    ('base_url = "http://x/v1"\nmetrics_interval_ms = 1\n',
+     "upstreams[0].metrics_interval_ms: must be at least 10 and at most 60000, got 1"),
+    ('kind = "sim"\nmetrics_url = "http://x/metrics"\n',
+     'upstreams[0].metrics_url: not allowed for kind "sim" (its own /metrics is read)'),
+])
+def test_bad_metrics_settings_are_one_line_config_errors(tmp_path: Path, upstream: str,
+                                                         expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(tmp_path, upstream)
+    assert str(info.value).split(": ", 1)[1] == expected

@@ -340,10 +340,10 @@ class Capacity:
         self.watch: LimitWatch | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def add_upstream(self, name: str, kind: str, base_url: str, metrics_url: str | None,
-                     interval_s: float) -> None:
+    def add_upstream(self, name: str, kind: str, base_url: str, metrics: bool,
+                     metrics_url: str | None, interval_s: float) -> None:
         """Scrape this upstream if it is an engine kind and scraping is not off."""
-        if kind not in ENGINE_KINDS or metrics_url == "" or not base_url:
+        if kind not in ENGINE_KINDS or not metrics or not base_url:
             return
         url = metrics_url or metrics_url_for(base_url)
         self.scrapers[name] = EngineScraper(name, url, interval_s)

@@ -118,10 +118,11 @@ class UpstreamConfig:
     # Connection pool size; by default the sum of its models' max_concurrency.
     max_connections: int | None = None
     sim: SimSettings | None = None
-    # Where the engine publishes its load (vLLM/SGLang Prometheus names), read
-    # every metrics_interval_ms to learn the pools' concurrency limits. None:
-    # derived from base_url for kinds vllm, sglang and sim (tierq.capacity);
-    # "": never scraped (the limit then follows time to first token).
+    # Read the engine's load (vLLM/SGLang Prometheus names) every
+    # metrics_interval_ms to learn the pools' concurrency limits: kinds vllm,
+    # sglang and sim, unless metrics = false (the limit then follows time to
+    # first token). metrics_url None: derived from base_url (tierq.capacity).
+    metrics: bool = True
     metrics_url: str | None = None
     metrics_interval_ms: float = 100.0
 
@@ -478,8 +479,9 @@ class _Parser:
         connect = _f(t.number("connect_timeout_s", d_up.connect_timeout_s, 0.0, 600.0, lo_open=True))
         read = _f(t.number("read_timeout_s", d_up.read_timeout_s, 0.0, 86400.0, lo_open=True))
         max_conn = t.integer("max_connections", None, 1, 100000)
+        metrics = bool(t.boolean("metrics", d_up.metrics))
         metrics_url = t.string("metrics_url")
-        if metrics_url:
+        if metrics_url is not None:
             if kind == "sim":
                 raise t.fail("metrics_url", 'not allowed for kind "sim" (its own /metrics is read)')
             metrics_url = self.url(t, "metrics_url", metrics_url)
@@ -487,7 +489,7 @@ class _Parser:
         t.done()
         return UpstreamConfig(
             name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
-            connect, read, max_conn, sim, metrics_url, interval,
+            connect, read, max_conn, sim, metrics, metrics_url, interval,
         )
 
     def base_url(self, t: _Table, value: str) -> str:
