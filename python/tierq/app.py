@@ -10,12 +10,13 @@ Serve it with handler cancellation on (see `runner_kwargs`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
@@ -45,6 +46,7 @@ __all__ = [
     "CONFIG",
     "GATEWAY",
     "Gateway",
+    "StartSims",
     "create_app",
     "models_payload",
     "runner_kwargs",
@@ -208,12 +210,18 @@ class Gateway:
 CONFIG: Final = web.AppKey("tierq.config", Config)
 GATEWAY: Final = web.AppKey("tierq.gateway", Gateway)
 
+#: Starts the backends of the given kind="sim" upstreams inside the app's event
+#: loop, yields each one's base URL by upstream name, and stops them on exit
+#: (`tierq.embedded.start_sims`, which the CLI passes).
+StartSims = Callable[[Sequence[UpstreamConfig]], contextlib.AbstractAsyncContextManager[Mapping[str, str]]]
+
 
 def create_app(
     config: Config,
     *,
     ledger: Ledger | None = None,
     sim: Any = None,
+    start_sims: StartSims | None = None,
     allow_remote_without_keys: bool = False,
     pools: Mapping[str, Admission] | None = None,
     key_buckets: SharedKeyBuckets | None = None,
@@ -222,9 +230,11 @@ def create_app(
 
     ledger: an already started Ledger to record into (the caller closes it);
       by default the app opens `config.ledger.url` at start-up and closes it.
-    sim: a running tierq.sim.SimServer that upstreams of kind "sim" use; by
-      default the app starts one in-process sim per such upstream, on a free
-      loopback port, inside its own event loop.
+    sim: a running tierq.sim.SimServer that every upstream of kind "sim" uses.
+    start_sims: else, what starts those upstreams' backends inside the app's
+      event loop at start-up and stops them at shutdown (`tierq serve` passes
+      `tierq.embedded.start_sims`: one in-process sim per such upstream, on a
+      free loopback port). An upstream of kind "sim" needs one or the other.
     allow_remote_without_keys: serve non-loopback clients with no API keys
       configured (`tierq serve --insecure-no-auth`).
     pools: admission per model id, made by the caller (`tierq serve --workers
@@ -233,6 +243,11 @@ def create_app(
     key_buckets: the host's per-key limit table (`tierq serve --workers N`);
       by default per-key buckets are this process's own.
     """
+    if sim is None and start_sims is None:
+        for u in config.upstreams:
+            if u.kind == "sim":
+                raise ValueError(f"upstream {u.name!r} is of kind \"sim\": pass create_app a "
+                                 "running sim (sim=) or what starts it (start_sims=)")
     catalog = Catalog.from_config(config)
     gw = Gateway(config, catalog, ledger=ledger,
                  allow_remote_without_keys=allow_remote_without_keys)
@@ -243,8 +258,8 @@ def create_app(
     )
     app[CONFIG] = config
     app[GATEWAY] = gw
-    app.cleanup_ctx.append(_lifecycle(gw, sim, own_ledger=ledger is None, pools=pools,
-                                      key_buckets=key_buckets))
+    app.cleanup_ctx.append(_lifecycle(gw, sim, start_sims, own_ledger=ledger is None,
+                                      pools=pools, key_buckets=key_buckets))
     for prefix in ("/v1", "/v1/openai"):
         for endpoint in ENDPOINT_PATHS:
             app.router.add_post(f"{prefix}/{endpoint}", _endpoint_handler(endpoint))
@@ -264,60 +279,52 @@ def _local_snapshots(gw: Gateway) -> Callable[[], Awaitable[list[WorkerSnapshot]
 
 
 def _lifecycle(
-    gw: Gateway, sim: Any, *, own_ledger: bool, pools: Mapping[str, Admission] | None = None,
-    key_buckets: SharedKeyBuckets | None = None,
+    gw: Gateway, sim: Any, start_sims: StartSims | None, *, own_ledger: bool,
+    pools: Mapping[str, Admission] | None = None, key_buckets: SharedKeyBuckets | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        started_sims: list[Any] = []
-        try:
-            base_urls: dict[str, str] = {}
-            for u in gw.config.upstreams:
-                if u.kind != "sim":
-                    base_urls[u.name] = u.base_url
-                elif sim is not None:
-                    base_urls[u.name] = sim.url
-                else:
-                    from tierq.sim import start_sim
-
-                    settings = u.sim
-                    assert settings is not None
-                    s = await start_sim("127.0.0.1", 0, slots=settings.slots,
-                                        ttft_ms=settings.ttft_ms,
-                                        tokens_per_s=settings.tokens_per_s)
-                    started_sims.append(s)
-                    base_urls[u.name] = s.url
-            pool_sizes: dict[str, int] = {}
-            for m in gw.catalog.values():
-                pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.max_concurrency
-            for u in gw.config.upstreams:
-                size = u.max_connections or min(pool_sizes.get(u.name, 1), 4096)
-                client = UpstreamClient(u, base_urls[u.name], size)
-                await client.start()
-                gw.upstreams[u.name] = client
-            for m in gw.catalog.values():
-                adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
-                gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
-            gw.models_body = _models_body(gw)
-            if gw.ledger is None:
-                gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)
-                await gw.ledger.start()
-            if gw.config.keys.path is not None:
-                gw.keys = KeyStore(gw.config.keys.path)
-                gw.limiter = KeyLimiter(shared=key_buckets)
-            gw.watchdog.start()
-            gw.ready = True
-            yield
-        finally:
-            gw.ready = False
-            await gw.watchdog.stop()
-            for client in gw.upstreams.values():
-                await client.close()
-            if gw.keys is not None:
-                gw.keys.close()
-            if own_ledger and gw.ledger is not None:
-                await gw.ledger.close()
-            for s in started_sims:
-                await s.close()
+        # The sims are entered first and exited last: every upstream client is
+        # closed before its backend goes.
+        async with contextlib.AsyncExitStack() as sims:
+            try:
+                embedded = [u for u in gw.config.upstreams if u.kind == "sim"]
+                sim_urls: Mapping[str, str] = {}
+                if sim is not None:
+                    sim_urls = {u.name: sim.url for u in embedded}
+                elif embedded and start_sims is not None:
+                    sim_urls = await sims.enter_async_context(start_sims(embedded))
+                base_urls = {u.name: sim_urls[u.name] if u.kind == "sim" else u.base_url
+                             for u in gw.config.upstreams}
+                pool_sizes: dict[str, int] = {}
+                for m in gw.catalog.values():
+                    pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.max_concurrency
+                for u in gw.config.upstreams:
+                    size = u.max_connections or min(pool_sizes.get(u.name, 1), 4096)
+                    client = UpstreamClient(u, base_urls[u.name], size)
+                    await client.start()
+                    gw.upstreams[u.name] = client
+                for m in gw.catalog.values():
+                    adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
+                    gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
+                gw.models_body = _models_body(gw)
+                if gw.ledger is None:
+                    gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)
+                    await gw.ledger.start()
+                if gw.config.keys.path is not None:
+                    gw.keys = KeyStore(gw.config.keys.path)
+                    gw.limiter = KeyLimiter(shared=key_buckets)
+                gw.watchdog.start()
+                gw.ready = True
+                yield
+            finally:
+                gw.ready = False
+                await gw.watchdog.stop()
+                for client in gw.upstreams.values():
+                    await client.close()
+                if gw.keys is not None:
+                    gw.keys.close()
+                if own_ledger and gw.ledger is not None:
+                    await gw.ledger.close()
 
     return ctx
 

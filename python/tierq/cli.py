@@ -36,6 +36,7 @@ from tierq.config import (
     load_config,
     sqlite_path,
 )
+from tierq.embedded import start_sims
 from tierq.keys import KeyInfo, KeyStore, parse_public_id
 from tierq.ledger import Ledger
 from tierq.pricing import decimal_text
@@ -213,8 +214,8 @@ def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
     /metrics reporting the whole host (`tierq.workers.WorkerPools`)."""
     from tierq.app import GATEWAY, create_app
 
-    app = create_app(config, allow_remote_without_keys=insecure, pools=pools,
-                     key_buckets=pools.key_buckets)
+    app = create_app(config, start_sims=start_sims, allow_remote_without_keys=insecure,
+                     pools=pools, key_buckets=pools.key_buckets)
     if pools.board is not None:
         pools.board.install(app, app[GATEWAY].snapshot)
     return app
@@ -226,8 +227,8 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
 
-    app = create_app(config, allow_remote_without_keys=insecure) if pools is None else \
-        worker_app(config, insecure, pools)
+    app = create_app(config, start_sims=start_sims, allow_remote_without_keys=insecure) \
+        if pools is None else worker_app(config, insecure, pools)
     # The shutdown timeout is the drain deadline: admitted requests get that long.
     runner = web.AppRunner(app, **{**runner_kwargs(),
                                    "shutdown_timeout": config.server.drain_timeout_s})
