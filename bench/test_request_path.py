@@ -14,7 +14,7 @@ import pytest
 from baselines import cost_localcontext, rewrite_event_json
 from conftest import BASELINE, FLOOR, OURS, record
 
-from tierq.app import _estimate_prompt_tokens, _validate  # the gateway's own checks
+from tierq.intake import estimate_prompt_tokens, validate  # the gateway's own checks
 from tierq.ledger import Ledger, LedgerRow
 from tierq.pricing import Prices, cost, render_cost
 from tierq.sse import EventSplitter, StreamRewriter
@@ -44,11 +44,11 @@ def test_parse_and_check_request(benchmark, impl: str) -> None:  # type: ignore[
         est = 0
         for _ in range(N):
             req = loads(REQUEST)
-            _validate("chat/completions", req)
-            est = _estimate_prompt_tokens("chat/completions", req)
+            validate("chat/completions", req)
+            est = estimate_prompt_tokens("chat/completions", req)
         return est
 
-    assert benchmark(body) == _estimate_prompt_tokens("chat/completions", json.loads(REQUEST))
+    assert benchmark(body) == estimate_prompt_tokens("chat/completions", json.loads(REQUEST))
     record(benchmark, "parse + check a chat request (body 0.6 KB)", impl, N, "stdlib json")
 
 

@@ -381,7 +381,9 @@ def test_x_forwarded_for_cannot_make_a_remote_client_loopback() -> None:
 
     from aiohttp.test_utils import make_mocked_request
 
-    from tierq.app import ApiError, Gateway, _authenticate
+    from tierq.errors import ApiError
+    from tierq.gateway import Gateway
+    from tierq.intake import authenticate
     from tierq.served import Catalog
 
     config = Config(upstreams=(UpstreamConfig("sim", "", "sim"),))
@@ -393,5 +395,5 @@ def test_x_forwarded_for_cannot_make_a_remote_client_loopback() -> None:
               {"X-Real-IP": "127.0.0.1"}, {"Host": "127.0.0.1"}):
         req = make_mocked_request("POST", "/v1/chat/completions", headers=h, transport=transport)
         with pytest.raises(ApiError) as e:
-            _authenticate(gw, req)
+            authenticate(gw, req)
         assert e.value.status == 403

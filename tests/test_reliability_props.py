@@ -23,8 +23,10 @@ from conftest import PRIORITY_MODEL, exact_json, model_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierq.app import ApiError, _estimate_prompt_tokens, _validate, create_app, runner_kwargs
+from tierq.app import create_app, runner_kwargs
 from tierq.config import Config, LedgerConfig, UpstreamConfig
+from tierq.errors import ApiError
+from tierq.intake import estimate_prompt_tokens, validate
 from tierq.ledger import open_ledger
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import rewrite_request
@@ -77,11 +79,11 @@ def test_request_parsing_is_a_400_or_a_clean_upstream_body(
     endpoint: str, body: dict[str, Any], kind: str, tier: str
 ) -> None:
     try:
-        _validate(endpoint, body)
+        validate(endpoint, body)
     except ApiError as e:
         assert e.status == 400 and e.message and e.code
         return
-    assert _estimate_prompt_tokens(endpoint, body) >= 1
+    assert estimate_prompt_tokens(endpoint, body) >= 1
     info = rewrite_request(body, kind=kind, priority_scheduling=True, applied_tier=tier,
                            endpoint=endpoint, upstream_model="m")
     assert body["model"] == "m"

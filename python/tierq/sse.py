@@ -5,7 +5,7 @@
 gets: the applied `service_tier` in every event, `usage.estimated_cost` in the
 usage chunk when the client asked for usage, and that chunk dropped when it did
 not (the gateway always asks the upstream for it, to bill from real usage).
-Both are plain synchronous code, so the relay in tierq.app stays small and the
+Both are plain synchronous code, so the relay in tierq.relay stays small and the
 per-event cost can be benchmarked alone (bench/test_request_path.py).
 """
 

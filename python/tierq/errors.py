@@ -1,0 +1,134 @@
+"""OpenAI-shaped errors: `ApiError`, the middleware that turns every failure into
+one, and the shed and drain answers (429/503 with their retry hints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import orjson
+from aiohttp import web
+
+__all__ = [
+    "DRAIN_RETRY_AFTER_S",
+    "JSON_TYPE",
+    "RETRY_AFTER_MAX_S",
+    "SHED_MESSAGES",
+    "ApiError",
+    "api_errors",
+    "drain_error",
+    "invalid_type",
+    "shed_error",
+]
+
+log = logging.getLogger("tierq.app")  # the gateway's logger, named for its app
+
+JSON_TYPE: Final = "application/json"
+# Retry-After is whole seconds, rounded up, clamped to what clients honour
+# (the openai SDK ignores values over 120 s and stops retrying).
+RETRY_AFTER_MAX_S: Final = 120
+DRAIN_RETRY_AFTER_S: Final = 1
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error response, raised anywhere in a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+        return web.Response(status=self.status, body=orjson.dumps(body),
+                            content_type=JSON_TYPE, headers=self.headers)
+
+
+_STATUS_TYPES: Final = {401: "invalid_request_error", 403: "invalid_request_error",
+                        404: "invalid_request_error", 405: "invalid_request_error",
+                        413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+@web.middleware
+async def api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as OpenAI-shaped JSON; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message = f"Unknown request URL: {request.method} {request.path}."
+            code: str | None = "unknown_url"
+        elif e.status == 405:
+            message = f"Method {request.method} is not allowed for {request.path}."
+            code = "method_not_allowed"
+        elif e.status == 413:
+            message = "Request body too large."
+            code = "request_too_large"
+        else:
+            message, code = e.reason, None
+        err = ApiError(e.status, message, _STATUS_TYPES.get(e.status, "invalid_request_error"),
+                       None, code)
+        return err.response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return ApiError(500, "The gateway hit an unexpected error.", "server_error",
+                        None, "internal_error").response()
+
+
+def invalid_type(param: str, expected: str) -> ApiError:
+    return ApiError(400, f"Invalid type for '{param}': expected {expected}.",
+                    param=param, code="invalid_type")
+
+
+SHED_MESSAGES: Final = {
+    "server_overloaded": "The model is overloaded and its queue is full. Retry after the "
+                         "time given, or send service_tier=\"priority\" on a priority-enabled model.",
+    "queue_timeout": "The request waited in the queue longer than allowed and was shed.",
+    "rate_limit_exceeded": "Rate limit reached for this model.",
+}
+
+
+def shed_error(headers: dict[str, str], code: str, retry_after_s: float, retry_after_ms: int,
+               message: str) -> ApiError:
+    """The 429 of a shed request, its retry hints added to `headers`."""
+    if not math.isfinite(retry_after_s):  # no honest estimate: the longest wait
+        retry_after_s, retry_after_ms = RETRY_AFTER_MAX_S, RETRY_AFTER_MAX_S * 1000
+    # At least 1 ms: the openai SDK treats 0 as "no hint" and backs off on its own.
+    ms = max(1, retry_after_ms)
+    secs = min(RETRY_AFTER_MAX_S, max(1, math.ceil(retry_after_s)))
+    headers["retry-after-ms"] = str(ms)
+    headers["Retry-After"] = str(secs)
+    return ApiError(429, message, "rate_limit_error", None, code, headers)
+
+
+def drain_error(headers: dict[str, str]) -> ApiError:
+    """The 503 of a request shed because the gateway is shutting down."""
+    headers["retry-after-ms"] = str(DRAIN_RETRY_AFTER_S * 1000)
+    headers["Retry-After"] = str(DRAIN_RETRY_AFTER_S)
+    return ApiError(503, "The gateway is shutting down; retry the request.", "server_error",
+                    None, "server_shutting_down", headers)

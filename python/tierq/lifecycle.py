@@ -1,0 +1,77 @@
+"""Start-up and clean-up of a gateway (an aiohttp cleanup context): the sims of
+upstreams of kind "sim" (from the caller), upstream clients, admission pools,
+the ledger, the key store and limiter, the write watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from tierq._core import SharedKeyBuckets
+from tierq.admission import Admission
+from tierq.config import UpstreamConfig
+from tierq.gateway import Gateway, Pool
+from tierq.keys import KeyLimiter, KeyStore
+from tierq.ledger import open_ledger
+from tierq.upstream import UpstreamClient
+
+__all__ = ["StartSims", "lifecycle"]
+
+#: Starts the backends of the given kind="sim" upstreams inside the app's event
+#: loop, yields each one's base URL by upstream name, and stops them on exit
+#: (`tierq.embedded.start_sims`, which the CLI passes).
+StartSims = Callable[[Sequence[UpstreamConfig]], contextlib.AbstractAsyncContextManager[Mapping[str, str]]]
+
+
+def lifecycle(
+    gw: Gateway, sim: Any, start_sims: StartSims | None, *, own_ledger: bool,
+    pools: Mapping[str, Admission] | None = None, key_buckets: SharedKeyBuckets | None = None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # The sims are entered first and exited last: every upstream client is
+        # closed before its backend goes.
+        async with contextlib.AsyncExitStack() as sims:
+            try:
+                embedded = [u for u in gw.config.upstreams if u.kind == "sim"]
+                sim_urls: Mapping[str, str] = {}
+                if sim is not None:
+                    sim_urls = {u.name: sim.url for u in embedded}
+                elif embedded and start_sims is not None:
+                    sim_urls = await sims.enter_async_context(start_sims(embedded))
+                base_urls = {u.name: sim_urls[u.name] if u.kind == "sim" else u.base_url
+                             for u in gw.config.upstreams}
+                pool_sizes: dict[str, int] = {}
+                for m in gw.catalog.values():
+                    pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.max_concurrency
+                for u in gw.config.upstreams:
+                    size = u.max_connections or min(pool_sizes.get(u.name, 1), 4096)
+                    client = UpstreamClient(u, base_urls[u.name], size)
+                    await client.start()
+                    gw.upstreams[u.name] = client
+                for m in gw.catalog.values():
+                    adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
+                    gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
+                if gw.ledger is None:
+                    gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)
+                    await gw.ledger.start()
+                if gw.config.keys.path is not None:
+                    gw.keys = KeyStore(gw.config.keys.path)
+                    gw.limiter = KeyLimiter(shared=key_buckets)
+                gw.watchdog.start()
+                gw.ready = True
+                yield
+            finally:
+                gw.ready = False
+                await gw.watchdog.stop()
+                for client in gw.upstreams.values():
+                    await client.close()
+                if gw.keys is not None:
+                    gw.keys.close()
+                if own_ledger and gw.ledger is not None:
+                    await gw.ledger.close()
+
+    return ctx

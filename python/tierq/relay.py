@@ -1,0 +1,239 @@
+"""The relays: an upstream's answer sent on to the client, its tier echoed and its
+cost added, as one JSON body or as a stream of SSE events, each write under the
+client write timeout, the bill committed before the client sees the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from tierq.errors import JSON_TYPE, ApiError
+from tierq.gateway import GATEWAY
+from tierq.intake import estimate_output_tokens
+from tierq.outcome import Exchange
+from tierq.pricing import render_cost
+from tierq.sse import (DONE, DONE_EVENT, EventSplitter, StreamRewriter, UpstreamStreamError,
+                       encode_event, usage_tokens)
+from tierq.watchdog import ClientWriteTimeout
+
+__all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
+
+# A JSON answer up to this size is sent in one write after its bill is committed
+# (see relay_json); half the transport's 64 KiB high-water mark.
+_ONE_WRITE_MAX: Final = 32 * 1024
+
+
+async def upstream_error(ctx: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    raw = await up.read()
+    ctx.record_nowait(ctx.row("failed", code=f"upstream_{up.status}"))
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    headers = ctx.headers()
+    if up.status < 500 and isinstance(data, dict) and isinstance(data.get("error"), dict):
+        # The engine's own 4xx (bad parameter, context too long): the client's to fix.
+        return web.Response(status=up.status, body=orjson.dumps(data), content_type=JSON_TYPE,
+                            headers=headers)
+    raise ApiError(502, f"The upstream serving this model answered HTTP {up.status}.",
+                   "server_error", None, "upstream_error", headers)
+
+
+async def write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
+                 last: bool = False) -> None:
+    """Send `data` (and end the response if `last`), waiting for the client to
+    read (aiohttp's drain is the backpressure) at most `write_timeout_s`
+    (tierq.watchdog); past it the connection is cut and ClientWriteTimeout raised."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("Cannot write to closing transport")
+    watchdog = request.app[GATEWAY].watchdog
+    watchdog.begin(transport)
+    try:
+        await (resp.write_eof(data) if last else resp.write(data))
+    except BaseException as e:
+        if not watchdog.end(transport):
+            raise
+        if isinstance(e, asyncio.CancelledError):
+            # The cancel came from aiohttp seeing the aborted connection, not
+            # from anyone who wants this task to stop: it is the timeout.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        raise ClientWriteTimeout() from None
+    if watchdog.end(transport):
+        raise ClientWriteTimeout()
+
+
+async def relay_json(request: web.Request, ctx: Exchange, up: aiohttp.ClientResponse,
+                      body: dict[str, Any]) -> web.StreamResponse:
+    raw = await up.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        ctx.record_nowait(ctx.row("failed", code="upstream_bad_response"))
+        raise ApiError(502, "The upstream answered with something that is not a JSON object.",
+                       "server_error", None, "upstream_bad_response", ctx.headers())
+    usage = data.get("usage")
+    tokens = usage_tokens(usage)
+    code = None
+    if tokens is None:
+        # An upstream that reports no usage is billed on an estimate, and the
+        # estimate is what the response says, so billed still equals echoed.
+        tokens = (ctx.est_prompt, estimate_output_tokens(data))
+        usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
+                 "total_tokens": tokens[0] + tokens[1]}
+        data["usage"] = usage
+        code = "usage_estimated"
+    amount = ctx.cost(*tokens)
+    data["service_tier"] = ctx.tier
+    assert isinstance(usage, dict)
+    usage["estimated_cost"] = render_cost(amount)
+    out = orjson.dumps(data)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # The client left while the upstream answered: nothing was delivered.
+        ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
+        ctx.settle(0)
+        return web.Response(status=499)  # nginx's "client closed request"; nobody reads it
+    if len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0:
+        # The usual case. A body this small goes into the socket without
+        # waiting on the client (nothing is queued ahead of it and it is below
+        # the transport's high-water mark), so no write timeout is needed: the
+        # bill is committed, then aiohttp sends headers and body in one write.
+        await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
+        ctx.settle(tokens[0] + tokens[1])
+        return web.Response(body=out, headers=ctx.headers(), content_type=JSON_TYPE)
+    # A large body may have to wait for the client to read: it is written here,
+    # under the write timeout, as all but the last byte, then the bill
+    # (committed before the client can see a complete response), then the last byte.
+    resp = web.StreamResponse(headers=ctx.headers())
+    resp.content_type = JSON_TYPE
+    resp.content_length = len(out)
+    await resp.prepare(request)
+    try:
+        await write(request, resp, out[:-1])
+    except (ClientWriteTimeout, ConnectionResetError) as e:
+        # A JSON body cut short is of no use to the client: nothing is billed.
+        code = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
+        ctx.record_nowait(ctx.row("cancelled", code=code))
+        ctx.settle(0)
+        return resp
+    await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
+    ctx.settle(tokens[0] + tokens[1])
+    try:
+        await write(request, resp, out[-1:], last=True)
+    except (ClientWriteTimeout, ConnectionResetError):
+        pass  # billed already: all but one byte was delivered
+    return resp
+
+
+
+async def relay_stream(
+    request: web.Request, ctx: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
+    body: dict[str, Any],
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no", **ctx.headers()})
+    await resp.prepare(request)
+    splitter = EventSplitter()
+    rewriter = StreamRewriter(ctx.tier, client_wants_usage, ctx.cost)
+    delivered = 0  # tokens written to the client
+
+    async def send(events: list[bytes], tokens: int) -> None:
+        nonlocal delivered
+        await write(request, resp, b"".join(events))
+        delivered += tokens
+        if delivered and ctx.ttft_s is None:
+            ctx.ttft_s = time.monotonic() - ctx.t0
+
+    async def relay(payloads: list[bytes]) -> bool:
+        """Rewrite and send what one read completed, in one write; True at [DONE]."""
+        events: list[bytes] = []
+        tokens = 0
+        try:
+            for payload in payloads:
+                if payload == DONE:
+                    return True
+                out, n = rewriter.event(payload)
+                if out:
+                    events.append(out)
+                    tokens += n
+            return False
+        finally:
+            if events:  # sent even when a later event is [DONE] or broken
+                await send(events, tokens)
+
+    def bill_cut_short(code: str | None = None) -> None:
+        # The client went away (or stopped reading) mid-stream: bill what was
+        # delivered, mark it partial. Leaving `up`'s context closes the upstream
+        # connection, which cancels the generation there; leaving the admission
+        # context frees the slot.
+        if ctx.recorded:
+            return
+        if code is None:
+            code = "server_shutting_down" if ctx.gw.draining else "client_disconnected"
+        if delivered == 0:
+            # Nothing the client could use was delivered: nothing is billed.
+            ctx.record_nowait(ctx.row("cancelled", code=code))
+            ctx.settle(0)
+            return
+        usage = rewriter.usage
+        prompt = usage[0] if usage else ctx.est_prompt
+        completion = min(delivered, usage[1]) if usage else delivered
+        ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
+                                  partial=True, code=code))
+        ctx.settle(prompt + completion)
+
+    try:
+        try:
+            # Everything one read brings is rewritten and sent in one write: one
+            # event per write while the client keeps up, fewer writes (and system
+            # calls) per event when the gateway is behind.
+            complete = False
+            async for chunk in up.content.iter_any():
+                if await relay(splitter.feed(chunk)):
+                    complete = True
+                    break
+            if not complete:
+                last = splitter.close()
+                complete = last is not None and await relay([last])
+            if not complete:
+                raise UpstreamStreamError(None)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
+                UpstreamStreamError) as e:
+            if isinstance(e, ConnectionResetError):
+                raise  # our write to the client failed: handled below as a disconnect
+            # The upstream broke the stream: nothing is billed for a broken answer.
+            if not ctx.recorded:
+                ctx.record_nowait(ctx.row("failed", ctx.est_prompt, delivered,
+                                          partial=delivered > 0, code="upstream_stream_error"))
+            err = e.obj if isinstance(e, UpstreamStreamError) and e.obj is not None else {
+                "error": {"message": "The upstream stream ended before it was complete.",
+                          "type": "server_error", "param": None, "code": "upstream_stream_error"},
+                "service_tier": ctx.tier}
+            await write(request, resp, encode_event(err), last=True)
+        else:
+            # [DONE]: the bill is committed before the client sees the end.
+            prompt, completion = rewriter.usage or (ctx.est_prompt, delivered)
+            await ctx.record(ctx.row("served", prompt, completion, ctx.cost(prompt, completion),
+                                     code=None if rewriter.usage else "usage_estimated"))
+            ctx.settle(prompt + completion)
+            await write(request, resp, DONE_EVENT, last=True)
+    except asyncio.CancelledError:
+        bill_cut_short()
+        raise
+    except ConnectionResetError:
+        bill_cut_short()
+    except ClientWriteTimeout:
+        bill_cut_short("client_write_timeout")  # a no-op once the row is in
+    return resp
