@@ -42,7 +42,7 @@ from tierq.ledger import Ledger
 from tierq.pricing import decimal_text
 from tierq.progress import progress
 from tierq.served import Catalog
-from tierq.sim import FAULTS
+from tierq.sim import FAULTS, SCHEDULING
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 __all__ = ["keys_main", "main", "usage_main"]
@@ -94,9 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run a simulated OpenAI-compatible backend")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=9000)
-    s.add_argument("--slots", type=int, default=8)
-    s.add_argument("--ttft-ms", type=float, default=50.0)
-    s.add_argument("--tokens-per-s", type=float, default=50.0)
+    s.add_argument("--slots", type=int, default=8,
+                   help="sequences running at once, as vLLM's max_num_seqs; more wait in the "
+                        "sim's queue (default 8)")
+    s.add_argument("--ttft-ms", type=float, default=50.0,
+                   help="prefill time: first token this long after leaving the queue (default 50)")
+    s.add_argument("--tokens-per-s", type=float, default=50.0,
+                   help="decode speed of a lone sequence; 0 means instant (default 50)")
+    s.add_argument("--batch-knee", type=float, default=None,
+                   help="a step over a batch of b takes (1 + (b-1)/knee) / tokens_per_s, so "
+                        "throughput rises towards knee x tokens_per_s (default 2 x slots; inf: "
+                        "no slow-down)")
+    s.add_argument("--scheduling", choices=SCHEDULING, default="fcfs",
+                   help="waiting-queue order: fcfs, or priority (the body's int priority, lower "
+                        "first, as vllm --scheduling-policy priority)")
+    s.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new requests once this many wait, as a hosted provider does "
+                        "(default: no limit)")
+    s.add_argument("--overload-status", type=int, choices=(429, 503), default=429,
+                   help="status past --max-waiting (default 429)")
+    s.add_argument("--no-metrics", action="store_true",
+                   help="no /metrics (404), like an opaque hosted backend")
     s.add_argument("--fault", choices=sorted(FAULTS), default=None,
                    help="break every request this way (else per request: x-sim-fault header "
                         "or sim_fault body field)")
@@ -268,7 +286,9 @@ def _sim(args: argparse.Namespace) -> int:
     from tierq.sim import run_sim
 
     run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
-            args.fault_delay_ms)
+            args.fault_delay_ms, batch_knee=args.batch_knee, scheduling=args.scheduling,
+            max_waiting=args.max_waiting, overload_status=args.overload_status,
+            metrics=not args.no_metrics)
     return 0
 
 
