@@ -18,6 +18,7 @@ import aiohttp
 import openai
 import pytest
 
+from tierq.capacity import EngineLoad, parse_engine_load
 from tierq.sim import METRICS_MODEL_NAME, SIM_STATE, SimServer, create_sim_app, start_sim
 
 Stats = dict[str, Any]
@@ -295,6 +296,8 @@ async def test_metrics_use_vllms_names_in_prometheus_text_and_match_stats() -> N
     assert value("vllm:request_success_total", finished_reason="abort") == 0
     assert value("vllm:prompt_tokens_total") == 3 + 1 + 1 + 1  # two prompts and the holders
     assert value("vllm:generation_tokens_total") == stats["tokens_generated"]
+    # The gateway's own scrape code reads the sim as it reads vLLM.
+    assert parse_engine_load(text) == EngineLoad(running=2, waiting=1, kv_usage=1.0)
 
 
 async def test_no_metrics_makes_metrics_404_like_an_opaque_backend() -> None:
