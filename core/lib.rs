@@ -12,6 +12,7 @@ mod lanes;
 pub mod mailbox;
 #[cfg(not(loom))]
 pub mod shm;
+pub mod sse;
 mod sync;
 
 #[cfg(feature = "python")]

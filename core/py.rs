@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::admission::{Admit, Outcome, Pool, Settings, ShedCode};
 use crate::clock::{Clock, ManualClock};
@@ -394,6 +394,41 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAdmissionCore>()?;
     m.add_class::<PySharedKeyBuckets>()?;
     m.add_class::<PySharedBucket>()?;
+    m.add_class::<PySseRewriter>()?; // the stream rewrite section below
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
     Ok(())
+}
+
+// ------------------------------------------------------------------ the stream rewrite (crate::sse)
+
+/// What one read of a stream produced: (the client's bytes, the tokens they
+/// deliver, the state: 0 open, 1 `[DONE]`, 2 an event over the bound, and the
+/// events handed back as (offset in those bytes, tokens before it, payload), or None).
+type SseBatch<'py> = (Bound<'py, PyBytes>, u64, u8, Option<Vec<(usize, u64, Bound<'py, PyBytes>)>>);
+
+fn sse_batch<'py>(py: Python<'py>, b: &crate::sse::Batch) -> SseBatch<'py> {
+    let handed = (!b.handed.is_empty()).then(|| {
+        b.handed.iter().map(|h| (h.at, h.tokens_before, PyBytes::new(py, &h.payload))).collect()
+    });
+    (PyBytes::new(py, &b.out), b.tokens, b.state() as u8, handed)
+}
+
+/// One stream's SSE rewrite: `feed` each upstream read, `close` at the end of the body.
+#[pyclass(name = "SseRewriter", module = "tierq._core")]
+pub struct PySseRewriter(crate::sse::Rewriter);
+
+#[pymethods]
+impl PySseRewriter {
+    #[new]
+    fn new(tier: &str, keep_usage: bool, max_event_bytes: usize) -> Self {
+        PySseRewriter(crate::sse::Rewriter::new(tier, keep_usage, max_event_bytes))
+    }
+
+    fn feed<'py>(&mut self, py: Python<'py>, chunk: &[u8]) -> SseBatch<'py> {
+        sse_batch(py, self.0.feed(chunk))
+    }
+
+    fn close<'py>(&mut self, py: Python<'py>) -> SseBatch<'py> {
+        sse_batch(py, self.0.close())
+    }
 }

@@ -1,7 +1,7 @@
 # Hand-written stub for the compiled module; `python -m mypy.stubtest tierq._core` keeps it honest.
 from typing import Self, final
 
-__all__ = ["AdmissionCore", "ManualClock", "SHED_CODES", "SharedBucket", "SharedKeyBuckets", "TokenBucket"]
+__all__ = ["AdmissionCore", "ManualClock", "SHED_CODES", "SharedBucket", "SharedKeyBuckets", "SseRewriter", "TokenBucket"]
 
 SHED_CODES: list[str]
 
@@ -104,3 +104,13 @@ class AdmissionCore:
     def retry_after_ns(self, lane: int) -> int: ...
     def now_ns(self) -> int: ...
     def stats(self) -> dict[str, object]: ...
+
+@final
+class SseRewriter:
+    """One stream's SSE rewrite (core/sse.rs); tierq.sse.StreamRewriter wraps it."""
+
+    def __new__(cls, tier: str, keep_usage: bool, max_event_bytes: int) -> Self: ...
+    # (client bytes, their tokens, state 0 open / 1 [DONE] / 2 too large,
+    #  handed-back events as (offset, tokens before it, payload) or None)
+    def feed(self, chunk: bytes) -> tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]: ...
+    def close(self) -> tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]: ...

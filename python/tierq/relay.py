@@ -18,8 +18,8 @@ from tierq.gateway import GATEWAY
 from tierq.intake import estimate_output_tokens
 from tierq.outcome import Exchange
 from tierq.pricing import render_cost
-from tierq.sse import (DONE, DONE_EVENT, EventSplitter, StreamRewriter, UpstreamStreamError,
-                       encode_event, usage_tokens)
+from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
+                       usage_tokens)
 from tierq.watchdog import ClientWriteTimeout
 
 __all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
@@ -145,33 +145,20 @@ async def relay_stream(
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", **ctx.headers()})
     await resp.prepare(request)
-    splitter = EventSplitter()
     rewriter = StreamRewriter(ctx.tier, client_wants_usage, ctx.cost)
     delivered = 0  # tokens written to the client
 
-    async def send(events: list[bytes], tokens: int) -> None:
+    async def relay(read: Rewritten) -> bool:
+        """Send what one read completed, in one write; True at [DONE]."""
         nonlocal delivered
-        await write(request, resp, b"".join(events))
-        delivered += tokens
-        if delivered and ctx.ttft_s is None:
-            ctx.ttft_s = time.monotonic() - ctx.t0
-
-    async def relay(payloads: list[bytes]) -> bool:
-        """Rewrite and send what one read completed, in one write; True at [DONE]."""
-        events: list[bytes] = []
-        tokens = 0
-        try:
-            for payload in payloads:
-                if payload == DONE:
-                    return True
-                out, n = rewriter.event(payload)
-                if out:
-                    events.append(out)
-                    tokens += n
-            return False
-        finally:
-            if events:  # sent even when a later event is [DONE] or broken
-                await send(events, tokens)
+        if read.data:  # sent even when a later event is [DONE] or broken
+            await write(request, resp, read.data)
+            delivered += read.tokens
+            if delivered and ctx.ttft_s is None:
+                ctx.ttft_s = time.monotonic() - ctx.t0
+        if read.error is not None:
+            raise read.error
+        return read.done
 
     def bill_cut_short(code: str | None = None) -> None:
         # The client went away (or stopped reading) mid-stream: bill what was
@@ -201,12 +188,11 @@ async def relay_stream(
             # calls) per event when the gateway is behind.
             complete = False
             async for chunk in up.content.iter_any():
-                if await relay(splitter.feed(chunk)):
+                if await relay(rewriter.feed(chunk)):
                     complete = True
                     break
             if not complete:
-                last = splitter.close()
-                complete = last is not None and await relay([last])
+                complete = await relay(rewriter.close())
             if not complete:
                 raise UpstreamStreamError(None)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,

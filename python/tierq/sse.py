@@ -1,33 +1,37 @@
 """Server-sent events from an OpenAI-compatible upstream, rewritten for the client.
 
-`EventSplitter` turns raw reads of the upstream body into the payloads of its
-`data:` events; `StreamRewriter` turns one payload into the bytes the client
-gets: the applied `service_tier` in every event, `usage.estimated_cost` in the
-usage chunk when the client asked for usage, and that chunk dropped when it did
-not (the gateway always asks the upstream for it, to bill from real usage).
-Both are plain synchronous code, so the relay in tierq.relay stays small and the
-per-event cost can be benchmarked alone (bench/test_request_path.py).
+`StreamRewriter` turns each raw read of the upstream body into the bytes the
+client gets, in one call into the core (core/sse.rs): the events split out,
+the applied `service_tier` spliced into every one at the byte level, the
+`"usage": null` the gateway's own include_usage adds dropped when the client
+did not ask for usage. The few events the core hands back are parsed here: the
+usage chunk (priced with `usage.estimated_cost` when the client asked for
+usage, dropped when it did not: the gateway always asks the upstream for it,
+to bill from real usage), the upstream's error event, and anything that is not
+a JSON object (the stream is broken). Plain synchronous code, so the relay in
+tierq.relay stays small and the per-read cost can be benchmarked alone
+(bench/test_request_path.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
+from tierq._core import SseRewriter
 from tierq.pricing import render_cost
 
-__all__ = ["DONE", "DONE_EVENT", "EventSplitter", "StreamRewriter", "UpstreamStreamError",
+__all__ = ["DONE_EVENT", "Rewritten", "StreamRewriter", "UpstreamStreamError",
            "delivered_tokens", "encode_event", "usage_tokens"]
 
-DONE: Final = b"[DONE]"  # the payload of the stream's last event
-DONE_EVENT: Final = b"data: [DONE]\n\n"  # that event as the client gets it
+DONE_EVENT: Final = b"data: [DONE]\n\n"  # the stream's last event as the client gets it
 # The most one event (its lines so far) may hold before the stream counts as
 # broken: an upstream that never ends a line or an event cannot grow memory.
 MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
+_DONE, _TOO_LARGE = 1, 2  # the core's states after a read (0: more to come)
 
 
 class UpstreamStreamError(Exception):
@@ -41,63 +45,6 @@ class UpstreamStreamError(Exception):
 def encode_event(obj: dict[str, Any]) -> bytes:
     """One event for the client: a single `data:` line of JSON, then the blank line."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _data_value(line: bytes) -> bytes:
-    """The value of a `data:` line (one optional space after the colon is not part of it)."""
-    return line[6:] if line[5:6] == b" " else line[5:]
-
-
-class EventSplitter:
-    """Raw reads in, complete event payloads out.
-
-    Lines end in LF or CRLF; an event ends at a blank line; the lines of one
-    event's `data:` fields are joined with LF. `event:`, `id:`, `retry:` and
-    comment lines carry nothing an OpenAI client reads and are dropped.
-    """
-
-    __slots__ = ("_data", "_pending", "_rest", "max_event_bytes")
-
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self.max_event_bytes = max_event_bytes
-        self._rest = b""  # an incomplete last line, waiting for the rest of it
-        self._data: list[bytes] = []  # the data lines of the event being read
-        self._pending = 0  # bytes in _data
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """The payloads of the events completed by `chunk`, in order.
-        Raises UpstreamStreamError when one event outgrows `max_event_bytes`."""
-        lines = (self._rest + chunk if self._rest else chunk).split(b"\n")
-        self._rest = lines.pop()
-        events: list[bytes] = []
-        data = self._data
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if line.startswith(b"data:"):
-                value = _data_value(line)
-                data.append(value)
-                self._pending += len(value)
-            elif not line and data:
-                events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                data.clear()
-                self._pending = 0
-        if self._pending + len(self._rest) > self.max_event_bytes:
-            raise UpstreamStreamError(None)
-        return events
-
-    def close(self) -> bytes | None:
-        """At the end of the body: a last event that never got its blank line."""
-        line = self._rest.rstrip(b"\r")
-        self._rest = b""
-        if line.startswith(b"data:"):
-            self._data.append(_data_value(line))
-        if not self._data:
-            return None
-        payload = b"\n".join(self._data)
-        self._data.clear()
-        self._pending = 0
-        return payload
 
 
 def usage_tokens(usage: Any) -> tuple[int, int] | None:
@@ -127,17 +74,60 @@ def delivered_tokens(choices: Any) -> int:
     return n
 
 
-@dataclass(slots=True)
+class Rewritten(NamedTuple):
+    """What one read of the upstream body gives the client."""
+
+    data: bytes  # the events to write, in one write (b"" for none)
+    tokens: int  # the tokens they deliver
+    done: bool  # the upstream sent [DONE]; nothing after it was read
+    error: UpstreamStreamError | None  # the stream broke after `data`
+
+
 class StreamRewriter:
     """Rewrites one stream's events; remembers the usage the upstream reported."""
 
-    tier: str  # the applied tier, echoed in every event
-    client_wants_usage: bool  # the client asked for stream_options.include_usage
-    price: Callable[[int, int], Decimal]  # (prompt, completion) -> exact cost
-    usage: tuple[int, int] | None = None  # the upstream's usage, once reported
+    __slots__ = ("_core", "client_wants_usage", "price", "tier", "usage")
 
-    def event(self, payload: bytes) -> tuple[bytes, int]:
-        """The client's bytes for one upstream event (b"" to drop it) and the
+    def __init__(self, tier: str, client_wants_usage: bool, price: Callable[[int, int], Decimal],
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.tier = tier  # the applied tier, echoed in every event
+        self.client_wants_usage = client_wants_usage  # stream_options.include_usage
+        self.price = price  # (prompt, completion) -> exact cost
+        self.usage: tuple[int, int] | None = None  # the upstream's usage, once reported
+        self._core = SseRewriter(tier, client_wants_usage, max_event_bytes)
+
+    def feed(self, chunk: bytes) -> Rewritten:
+        """The client's bytes for the events `chunk` (the next read) completes."""
+        return self._rewritten(*self._core.feed(chunk))
+
+    def close(self) -> Rewritten:
+        """At the end of the body: a last event that never got its blank line."""
+        return self._rewritten(*self._core.close())
+
+    def _rewritten(self, data: bytes, tokens: int, state: int,
+                   handed: list[tuple[int, int, bytes]] | None) -> Rewritten:
+        if state == _TOO_LARGE:
+            return Rewritten(b"", 0, False, UpstreamStreamError(None))
+        if handed is None:
+            return Rewritten(data, tokens, state == _DONE, None)
+        # Events the core handed back go where they came in the stream; one
+        # that breaks it ends the read there.
+        parts: list[bytes] = []
+        at = extra = 0
+        for offset, before, payload in handed:
+            parts.append(data[at:offset])
+            at = offset
+            try:
+                out, n = self._parsed(payload)
+            except UpstreamStreamError as e:
+                return Rewritten(b"".join(parts), before + extra, False, e)
+            parts.append(out)
+            extra += n
+        parts.append(data[at:])
+        return Rewritten(b"".join(parts), tokens + extra, state == _DONE, None)
+
+    def _parsed(self, payload: bytes) -> tuple[bytes, int]:
+        """The client's bytes for one handed-back event (b"" to drop it) and the
         tokens it delivers. Raises UpstreamStreamError for a broken or error event."""
         try:
             obj = orjson.loads(payload)
