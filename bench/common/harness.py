@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,80 @@ class Proc:
         return self.p.pid
 
 
-def start_sim(name: str, slots: int, ttft_ms: float, tokens_per_s: float) -> Proc:
+def start_sim(name: str, slots: int, ttft_ms: float, tokens_per_s: float,
+              *extra: str) -> Proc:
+    """`tierq sim` as a child process on a free port; `extra` are more of its flags
+    (e.g. "--scheduling", "priority", "--no-metrics")."""
     port = free_port()
-    code = ("import sys; from tierq.sim import run_sim; "
-            "run_sim(host='127.0.0.1', port=int(sys.argv[1]), slots=int(sys.argv[2]), "
-            "ttft_ms=float(sys.argv[3]), tokens_per_s=float(sys.argv[4]))")
-    p = Proc(name, [PY, "-c", code, str(port), str(slots), str(ttft_ms), str(tokens_per_s)],
-             port, health="/sim/stats")
+    p = Proc(name, [PY, "-m", "tierq", "sim", "--host", "127.0.0.1", "--port", str(port),
+                    "--slots", str(slots), "--ttft-ms", str(ttft_ms),
+                    "--tokens-per-s", str(tokens_per_s), *extra],
+             port, cwd=TMP, health="/sim/stats")
     p.wait_ready()
     return p
+
+
+def start_gateway(name: str, cfg: Path, workers: int = 1) -> Proc:
+    """`tierq serve --config cfg` as a child process on a free port, ready."""
+    port = free_port()
+    p = Proc(name, [PY, "-m", "tierq", "serve", "--config", str(cfg), "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", str(workers)],
+             port, cwd=TMP, health="/healthz")
+    try:
+        p.wait_ready()
+    except Exception:
+        p.stop()
+        raise
+    return p
+
+
+def sim_running(stats: dict[str, Any]) -> int:
+    """Sequences the sim is running (`running`; `generating` in older sims)."""
+    return int(stats.get("running", stats.get("generating", 0)))
+
+
+def drain_sim(root: str, timeout: float = 30.0) -> bool:
+    """Waits (bounded) until the sim holds no request; True if it emptied."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if get_json(root + "/sim/stats")["in_flight"] == 0:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+class Sampler:
+    """Calls `probe` every `every` seconds on a thread while a run is going and keeps
+    (seconds since start, what it returned); a probe that raises OSError (a slow or
+    busy server) or returns None leaves no sample. `t0` is time.monotonic() at start."""
+
+    def __init__(self, probe: Callable[[], Any], every: float = 0.1) -> None:
+        self.probe, self.every = probe, every
+        self.samples: list[tuple[float, Any]] = []
+        self.t0 = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                v = self.probe()
+            except OSError:
+                continue
+            if v is not None:
+                self.samples.append((time.monotonic() - self.t0, v))
+
+    def __enter__(self) -> Sampler:
+        self.t0 = time.monotonic()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(5)
 
 
 def _stat(pid: int) -> list[str]:
@@ -201,10 +267,17 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
         return json.loads(r.read())
 
 
-def post(url: str) -> None:
-    req = urllib.request.Request(url, data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=5):
-        pass
+def post(url: str, body: Any = None) -> Any:
+    """POST (a JSON body if given); returns the decoded JSON answer, or None."""
+    data = b"" if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        raw = r.read()
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def loadgen(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

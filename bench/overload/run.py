@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,16 +51,14 @@ priority_headroom = {priority_headroom}
     return cfg
 
 
-class Sampler:
-    """Polls the sim (slots generating, requests waiting inside it) and the gateway's
-    queue depth every `every` seconds while a run is going."""
+class Probe:
+    """What the overload sampler reads every 0.1 s: slots generating and requests
+    waiting inside the sim, and the gateway's queue depth (with its /metrics round
+    trip, the gateway's responsiveness)."""
 
-    def __init__(self, sim_root: str, gw_root: str | None, every: float = 0.1) -> None:
-        self.sim_root, self.gw_root, self.every = sim_root, gw_root, every
-        self.samples: list[tuple[float, int, int, int]] = []
-        self.gw_probe_ms: list[float] = []  # /metrics round trip: the gateway's responsiveness
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
+    def __init__(self, sim_root: str, gw_root: str | None) -> None:
+        self.sim_root, self.gw_root = sim_root, gw_root
+        self.gw_probe_ms: list[float] = []
 
     def _gw_waiting(self) -> int:
         if self.gw_root is None:
@@ -76,26 +73,13 @@ class Sampler:
                 n += int(float(line.rsplit(" ", 1)[1]))
         return n
 
-    def _loop(self) -> None:
-        t0 = time.monotonic()
-        while not self._stop.wait(self.every):
-            try:
-                s = h.get_json(self.sim_root + "/sim/stats", timeout=2)
-                t = time.monotonic()
-                gw = self._gw_waiting()
-                if self.gw_root is not None:
-                    self.gw_probe_ms.append((time.monotonic() - t) * 1000)
-            except OSError:
-                continue
-            self.samples.append((time.monotonic() - t0, s["generating"], s["waiting"], gw))
-
-    def __enter__(self) -> Sampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(5)
+    def __call__(self) -> tuple[int, int, int]:
+        s = h.get_json(self.sim_root + "/sim/stats", timeout=2)
+        t = time.monotonic()
+        gw = self._gw_waiting()
+        if self.gw_root is not None:
+            self.gw_probe_ms.append((time.monotonic() - t) * 1000)
+        return h.sim_running(s), s["waiting"], gw
 
 
 def busy_while_waiting(samples: list[tuple[float, int, int, int]], slots: int,
@@ -209,8 +193,11 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
     rq0 = runqueue_wait_s(gw.pid) if gw is not None else math.nan
     m0 = cpu_times()
     t0 = time.monotonic()
-    with Sampler(f"http://127.0.0.1:{sim.port}", gw_root) as sampler:
+    probe = Probe(f"http://127.0.0.1:{sim.port}", gw_root)
+    with h.Sampler(probe, every=0.1) as sampler:
         recs, summary = h.loadgen(spec)
+    # (seconds, sim generating, sim waiting, gateway waiting)
+    samples = [(t, *v) for t, v in sampler.samples]
     wall = time.monotonic() - t0
     rq = (runqueue_wait_s(gw.pid) - rq0) if gw is not None else math.nan
     dm = [b - a for a, b in zip(m0, cpu_times())]
@@ -228,7 +215,7 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         stem = f"{mode}-{rate:.0f}rps-share{share:g}-{'sse' if stream else 'json'}"
         (keep / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         # (seconds, sim generating, sim waiting, gateway waiting) every 0.1 s
-        (keep / f"{stem}.samples.json").write_text(json.dumps(sampler.samples))
+        (keep / f"{stem}.samples.json").write_text(json.dumps(samples))
     stats = h.get_json(f"http://127.0.0.1:{sim.port}/sim/stats")
     late = [r["late"] for r in recs]
     out = {
@@ -244,18 +231,14 @@ def run_cell(args: argparse.Namespace, mode: str, url: str, sim: h.Proc, gw: h.P
         # by the hypervisor.
         "machine_busy_share": 1 - (dm[3] + dm[4]) / max(1, sum(dm)),
         "machine_steal_share": dm[7] / max(1, sum(dm)),
-        "gw_probe_p50_ms": h.pct(sampler.gw_probe_ms, 50), "gw_probe_p99_ms": h.pct(sampler.gw_probe_ms, 99),
-        "busy": busy_while_waiting(sampler.samples, args.slots, args.warmup, args.duration),
+        "gw_probe_p50_ms": h.pct(probe.gw_probe_ms, 50), "gw_probe_p99_ms": h.pct(probe.gw_probe_ms, 99),
+        "busy": busy_while_waiting(samples, args.slots, args.warmup, args.duration),
         "priority": tier_stats([r for r in recs if r["p"]], args.warmup, args.duration),
         "default": tier_stats([r for r in recs if not r["p"]], args.warmup, args.duration),
         "all": tier_stats(recs, args.warmup, args.duration),
     }
     # Let whatever the sim still holds finish before the next cell.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if h.get_json(f"http://127.0.0.1:{sim.port}/sim/stats")["in_flight"] == 0:
-            break
-        time.sleep(0.2)
+    h.drain_sim(f"http://127.0.0.1:{sim.port}")
     return out
 
 
@@ -311,13 +294,8 @@ def main() -> None:
         cfg = gateway_config(f"http://127.0.0.1:{sim.port}/v1", args.slots, args.queue_depth,
                              args.wait_default_ms, args.wait_priority_ms, args.priority_headroom)
         def start_gateway(name: str, cfg: Path) -> h.Proc:
-            port = h.free_port()
-            p = h.Proc(name, [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
-                              "--host", "127.0.0.1", "--port", str(port),
-                              "--workers", str(args.workers)],
-                       port, cwd=h.TMP, health="/healthz")
+            p = h.start_gateway(name, cfg, args.workers)
             procs.append(p)
-            p.wait_ready()
             return p
 
         gw = start_gateway("overload-tierq", cfg)
