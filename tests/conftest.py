@@ -26,7 +26,8 @@ from tierq.config import (
     ModelConfig,
     UpstreamConfig,
 )
-from tierq.ledger import Ledger, LedgerRow, open_ledger
+from tierq.ledger import Ledger, LedgerRow
+from tierq.stores import open_ledger
 from tierq.sim import SimServer, start_sim
 
 # A built-in, priority-enabled model and a built-in one without priority.

@@ -151,13 +151,47 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
         ('models = 3\n', "tierq.toml: models: expected an array of tables ([[models]]), got 3"),
         ('[ledger]\nurl = "mysql://x"\n',
          "tierq.toml: ledger.url: ledger url scheme 'mysql' is not supported; "
-         "use sqlite:///relative.db or sqlite:////absolute/path.db"),
+         "use sqlite:///relative.db, sqlite:////absolute/path.db or "
+         "postgresql://user@host:port/database"),
+        ('[ledger]\nurl = "postgresql://u:hunter2@db:5432"\n',
+         "tierq.toml: ledger.url: postgresql url needs one database name as its path (.../database)"),
+        ('[ledger]\nurl = "postgresql://db:5432/tierq"\n',
+         "tierq.toml: ledger.url: postgresql url needs a user (postgresql://user@host:port/database)"),
+        ('[ledger]\nurl = "postgresql://u:hunter2@db/tierq?options=x"\n',
+         "tierq.toml: ledger.url: postgresql url parameter 'options' is not supported (only sslmode)"),
+        ('[ledger]\nurl = "postgresql://u:hunter2@db/tierq"\npassword_env = "PGPW"\n',
+         "tierq.toml: ledger.password_env: the url carries a password already; give one or the other"),
+        ('[ledger]\npassword_env = "PGPW"\n',
+         "tierq.toml: ledger.password_env: only for a postgresql:// url"),
+        ('[ledger]\nspool = "s.db"\n',
+         "tierq.toml: ledger.spool: only for a postgresql:// url (the spool holds its rows while "
+         "PostgreSQL is unreachable)"),
+        ('[keys]\npath = "k.db"\nurl = "postgresql://u@db/tierq"\n',
+         "tierq.toml: keys.url: give path (a SQLite file) or url, not both"),
+        ('[keys]\nurl = "redis://db/0"\n',
+         "tierq.toml: keys.url: ledger url scheme 'redis' is not supported; use "
+         "sqlite:///relative.db, sqlite:////absolute/path.db or postgresql://user@host:port/database"),
         ('[ledger]\ndurability = "normal"\n',
          'tierq.toml: ledger.durability: expected "process" or "power", got "normal"'),
     ],
 )
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     assert error_of(tmp_path, text).replace(str(tmp_path) + "/", "") == expected
+    assert "hunter2" not in expected
+
+
+def test_postgresql_ledger_and_keys_urls_are_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "tierq.toml"
+    f.write_text('[ledger]\nurl = "postgresql://tierq@db.internal:5433/billing?sslmode=require"\n'
+                 'password_env = "TIERQ_PG_PASSWORD"\nspool = "/var/lib/tierq/spool.db"\n'
+                 '[keys]\nurl = "postgresql://tierq:pw@db.internal/billing"\nrefresh_s = 1.5\n')
+    cfg = load_config(f)
+    assert cfg.ledger.url == "postgresql://tierq@db.internal:5433/billing?sslmode=require"
+    assert (cfg.ledger.password_env, cfg.ledger.spool) == ("TIERQ_PG_PASSWORD", "/var/lib/tierq/spool.db")
+    assert (cfg.keys.path, cfg.keys.refresh_s) == ("postgresql://tierq:pw@db.internal/billing", 1.5)
+    assert load_config(tmp_path / "tierq.toml").ledger.durability == "process"
+    f.write_text('[ledger]\nurl = "postgres://tierq@db/billing"\n')
+    assert load_config(f).ledger.spool == "tierq-spool.db", "spool defaults beside the working dir"
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:

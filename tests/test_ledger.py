@@ -22,7 +22,8 @@ import pytest
 
 from tierq.cli import usage_main
 from tierq.config import sqlite_path
-from tierq.ledger import CHECKPOINT_ROWS, Ledger, LedgerRow, UsageLine, open_ledger
+from tierq.ledger import CHECKPOINT_ROWS, Ledger, LedgerRow, UsageLine
+from tierq.stores import open_ledger
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 REPO_PYTHON = str(Path(__file__).resolve().parent.parent / "python")
@@ -321,8 +322,11 @@ def test_ledger_urls() -> None:
     assert sqlite_path("sqlite:///tierq.db") == "tierq.db"
     assert sqlite_path("sqlite:////var/lib/tierq.db") == "/var/lib/tierq.db"
     assert sqlite_path("plain.db") == "plain.db"
-    with pytest.raises(ValueError, match="PostgreSQL ledger is not built") as e:
-        open_ledger("postgresql://user:hunter2@db/ledger")
+    with pytest.raises(ValueError, match="names PostgreSQL, not a SQLite file") as e:
+        sqlite_path("postgresql://user:hunter2@db/ledger")
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ValueError, match="needs one database name") as e:
+        open_ledger("postgresql://user:hunter2@db/")
     assert "hunter2" not in str(e.value)
     with pytest.raises(ValueError, match="not supported"):
         open_ledger("mysql://x/y")

@@ -27,7 +27,7 @@ from tierq.app import create_app, runner_kwargs
 from tierq.config import Config, LedgerConfig, UpstreamConfig
 from tierq.errors import ApiError
 from tierq.intake import estimate_prompt_tokens, validate
-from tierq.ledger import open_ledger
+from tierq.stores import open_ledger
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import rewrite_request
 

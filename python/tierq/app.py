@@ -28,7 +28,6 @@ from tierq.errors import JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, drain_e
 from tierq.gateway import CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, read_json, validate)
-from tierq.ledger import Ledger
 from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import request_info, request_log
 from tierq.metrics import WorkerSnapshot
@@ -36,6 +35,7 @@ from tierq.outcome import Exchange
 from tierq.pricing import render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
+from tierq.stores import LedgerStore
 from tierq.status import MetricsSource, add_routes
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
@@ -64,7 +64,7 @@ def runner_kwargs() -> dict[str, Any]:
 def create_app(
     config: Config,
     *,
-    ledger: Ledger | None = None,
+    ledger: LedgerStore | None = None,
     sim: Any = None,
     start_sims: StartSims | None = None,
     allow_remote_without_keys: bool = False,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import random
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -34,11 +34,13 @@ from tierq.config import (
     UpstreamConfig,
     default_config,
     load_config,
+    shown_url,
     sqlite_path,
+    store_kind,
 )
 from tierq.embedded import start_sims
-from tierq.keys import KeyInfo, KeyStore, parse_public_id
-from tierq.ledger import Ledger
+from tierq.keys import KeyInfo, parse_public_id
+from tierq.stores import KeyStoreLike, open_key_store, usage_of
 from tierq.pricing import decimal_text
 from tierq.progress import progress
 from tierq.served import Catalog
@@ -163,7 +165,7 @@ def _describe(config: Config, catalog: Catalog) -> str:
     head = ("no config file: embedded default" if config.source is None
             else f"config {config.source}")
     return (f"tierq serve: {head}: {what}, {len(catalog)} models ({n_pri} priority-enabled); "
-            f"upstreams: {ups}; ledger {config.ledger.url}")
+            f"upstreams: {ups}; ledger {shown_url(config.ledger.url)}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -489,29 +491,33 @@ def usage_main(argv: list[str]) -> int:
     if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
         print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
         return 2
+    password_env: str | None = None
     try:
         if args.config:
             try:
-                url = load_config(args.config).ledger.url
+                ledger = load_config(args.config).ledger
             except ConfigError as e:
                 print(str(e), file=sys.stderr)
                 return 2
+            url, password_env = ledger.url, ledger.password_env
         else:
             url = args.db or "tierq.db"
-        path = sqlite_path(url)
+        kind = store_kind(url)
         since = parse_since(args.since) if args.since else None
     except ValueError as e:
         print(f"tierq usage: {e}", file=sys.stderr)
         return 2
-    if not os.path.exists(path):
+    where = shown_url(url) if kind == "postgresql" else sqlite_path(url)
+    if kind == "sqlite" and not os.path.exists(where):
         # Do not create an empty ledger as a side effect of reading one.
-        print(f"tierq usage: no ledger at {path}", file=sys.stderr)
+        print(f"tierq usage: no ledger at {where}", file=sys.stderr)
         return 1
     try:
-        with progress(f"summing the ledger at {path}"):
-            lines = Ledger(path).usage(since=since, key_id=args.key, model=args.model)
-    except sqlite3.Error as e:
-        print(f"tierq usage: cannot read {path}: {e}", file=sys.stderr)
+        with progress(f"summing the ledger at {where}"):
+            lines = list(usage_of(url, password_env=password_env, since=since, key_id=args.key,
+                                  model=args.model))
+    except Exception as e:  # noqa: BLE001 - sqlite3, asyncpg, OSError: one line, no traceback
+        print(f"tierq usage: cannot read {where}: {_one_line(e)}", file=sys.stderr)
         return 1
     if out_format == "json":
         out = render_json(lines) + "\n"
@@ -546,10 +552,19 @@ def _render_keys(keys: list[KeyInfo]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]) + "\n"
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
 def keys_main(argv: list[str]) -> int:
     """`tierq keys create|list|revoke`."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default="tierq.db", help="key database (default: tierq.db)")
+    src = common.add_mutually_exclusive_group()
+    src.add_argument("--db", default=None,
+                     help="key database: a SQLite file, sqlite:/// or postgresql:// url "
+                          "(default: tierq.db; PGPASSWORD for a postgresql:// password)")
+    src.add_argument("--config", help="the key store of this tierq TOML file's [keys]")
     p = argparse.ArgumentParser(prog="tierq keys", description="Manage tierq API keys.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", parents=[common], help="create a key (shown once)")
@@ -560,15 +575,38 @@ def keys_main(argv: list[str]) -> int:
     r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
     r.add_argument("id")
     args = p.parse_args(argv)
+    password_env: str | None = None
+    refresh_s = 2.0
     try:
-        path = sqlite_path(args.db)
+        url = args.db or "tierq.db"
+        if args.config:
+            try:
+                keys = load_config(args.config).keys
+            except ConfigError as e:
+                print(str(e), file=sys.stderr)
+                return 2
+            if keys.path is None:
+                print(f"tierq keys: {args.config} has no [keys] path or url", file=sys.stderr)
+                return 2
+            url, password_env, refresh_s = keys.path, keys.password_env, keys.refresh_s
+        kind = store_kind(url)
     except ValueError as e:
         print(f"tierq keys: {e}", file=sys.stderr)
         return 2
-    if args.cmd != "create" and not os.path.exists(path):
-        print(f"tierq keys: no key database at {path}", file=sys.stderr)
+    if kind == "sqlite" and args.cmd != "create" and not os.path.exists(sqlite_path(url)):
+        print(f"tierq keys: no key database at {sqlite_path(url)}", file=sys.stderr)
         return 1
-    with KeyStore(path) as store:
+    try:
+        return _keys_command(args, open_key_store(
+            url if kind == "postgresql" else sqlite_path(url), password_env=password_env,
+            refresh_s=refresh_s))
+    except Exception as e:  # noqa: BLE001 - sqlite3, asyncpg, OSError: one line, no traceback
+        print(f"tierq keys: cannot use {shown_url(url)}: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
+    with contextlib.closing(store):
         if args.cmd == "create":
             try:
                 info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm)

@@ -34,9 +34,13 @@ __all__ = [
     "SimSettings",
     "UpstreamConfig",
     "UpstreamKind",
+    "StoreKind",
     "default_config",
     "load_config",
+    "postgres_url",
+    "shown_url",
     "sqlite_path",
+    "store_kind",
 ]
 
 UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
@@ -44,6 +48,12 @@ UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
 # committed row survives kill -9), "power" = synchronous=FULL (survives power loss).
 Durability = Literal["process", "power"]
 DEFAULT_LEDGER_URL: Final = "sqlite:///tierq.db"
+# Where a PostgreSQL ledger keeps the rows it could not write while PostgreSQL
+# was unreachable (a SQLite file of the ledger's schema), until they are replayed.
+DEFAULT_SPOOL: Final = "tierq-spool.db"
+#: The backends a `[ledger] url` or `[keys] url` can name (tierq.stores opens them).
+StoreKind = Literal["sqlite", "postgresql"]
+PG_SCHEMES: Final = ("postgresql", "postgres")
 SIM_UPSTREAM: Final = "sim"
 
 
@@ -84,7 +94,12 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     url: str = DEFAULT_LEDGER_URL
+    # For the SQLite ledger, and for a PostgreSQL ledger's spool.
     durability: Durability = "process"
+    # postgresql:// only: the environment variable holding the password (when
+    # the URL carries none), and the spool file used while PostgreSQL is down.
+    password_env: str | None = None
+    spool: str = DEFAULT_SPOOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +186,16 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
-    # The API key store (tierq.keys). None: no keys, loopback-only serving.
+    # The API key store (tierq.keys): a SQLite file or sqlite:/// URL, or a
+    # postgresql:// URL shared by every host (`[keys] url`). None: no keys,
+    # loopback-only serving.
     path: str | None = None
     # Keys the host-wide per-key limit table holds with several workers.
     table_capacity: int = 4096
+    # postgresql:// only: the password's environment variable, and how often
+    # each host re-reads the key table (the bound on a revocation reaching it).
+    password_env: str | None = None
+    refresh_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,16 +252,13 @@ def sqlite_path(url_or_path: str) -> str:
             raise ValueError("ledger path is empty")
         return url_or_path
     scheme = url_or_path.split("://", 1)[0].lower()
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"):
+    if scheme in PG_SCHEMES:
         # Only the scheme is echoed: a database URL may carry a password.
-        raise ValueError(
-            f"ledger url scheme {scheme!r}: the PostgreSQL ledger is not built yet; "
-            "use sqlite:///path/to/tierq.db"
-        )
+        raise ValueError(f"ledger url scheme {scheme!r} names PostgreSQL, not a SQLite file")
     if scheme != "sqlite":
         raise ValueError(
-            f"ledger url scheme {scheme!r} is not supported; use sqlite:///relative.db "
-            "or sqlite:////absolute/path.db"
+            f"ledger url scheme {scheme!r} is not supported; use sqlite:///relative.db, "
+            "sqlite:////absolute/path.db or postgresql://user@host:port/database"
         )
     if not url_or_path.startswith("sqlite:///"):
         raise ValueError("sqlite ledger url must look like sqlite:///relative.db or sqlite:////abs.db")
@@ -249,6 +267,65 @@ def sqlite_path(url_or_path: str) -> str:
         # The writer and the readers use separate connections; memory is per connection.
         raise ValueError("sqlite ledger url needs a file path (in-memory databases are not shared)")
     return path
+
+
+#: Query parameters a postgresql:// URL may carry (asyncpg reads them).
+PG_URL_PARAMS: Final = frozenset({"sslmode"})
+_SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def postgres_url(url: str) -> str:
+    """`url` if it is a postgresql://user[:password]@host[:port]/database tierq can use.
+
+    Errors never quote the URL, which may carry a password.
+    """
+    try:
+        u = yarl.URL(url)
+    except ValueError:
+        raise ValueError("not a valid postgresql:// url") from None
+    if u.scheme.lower() not in PG_SCHEMES:
+        raise ValueError("expected a postgresql:// url")
+    if not u.host:
+        raise ValueError("postgresql url needs a host (postgresql://user@host:port/database)")
+    if not u.user:
+        raise ValueError("postgresql url needs a user (postgresql://user@host:port/database)")
+    db = u.path.lstrip("/")
+    if not db or "/" in db:
+        raise ValueError("postgresql url needs one database name as its path (.../database)")
+    extra = sorted(set(u.query) - PG_URL_PARAMS)
+    if extra:
+        raise ValueError(f"postgresql url parameter {extra[0]!r} is not supported "
+                         f"(only {', '.join(sorted(PG_URL_PARAMS))})")
+    mode = u.query.get("sslmode")
+    if mode is not None and mode not in _SSLMODES:
+        raise ValueError(f"postgresql url sslmode must be one of {', '.join(_SSLMODES)}")
+    if u.fragment:
+        raise ValueError("postgresql url must not have a fragment")
+    return url
+
+
+def shown_url(url: str) -> str:
+    """A store URL fit for a log line: any password replaced by ***."""
+    if "://" not in url:
+        return url
+    try:
+        u = yarl.URL(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://..."
+    return str(u.with_password("***")) if u.password is not None else url
+
+
+def store_kind(url_or_path: str) -> StoreKind:
+    """Which backend a `[ledger] url` / `[keys] url` names; ValueError if none is built.
+
+    The one place that knows which store URLs are built: tierq.stores opens what
+    this accepts.
+    """
+    if "://" in url_or_path and url_or_path.split("://", 1)[0].lower() in PG_SCHEMES:
+        postgres_url(url_or_path)
+        return "postgresql"
+    sqlite_path(url_or_path)
+    return "sqlite"
 
 
 # ---------------------------------------------------------------- validation
@@ -428,15 +505,41 @@ class _Parser:
 
     def ledger(self, t: _Table) -> LedgerConfig:
         url = _s(t.string("url", DEFAULT_LEDGER_URL))
-        try:
-            sqlite_path(url)  # the one place that knows which ledger URLs are built
-        except ValueError as e:
-            raise t.fail("url", str(e)) from None
+        kind = self.store_url(t, "url", url)
         durability = _s(t.string("durability", "process"))
         if durability not in get_args(Durability):
             raise t.fail("durability", f'expected "process" or "power", got {_show(durability)}')
+        password_env = self.password_env(t, url, kind)
+        spool = t.string("spool")
+        if spool is not None:
+            if kind != "postgresql":
+                raise t.fail("spool", "only for a postgresql:// url (the spool holds its rows "
+                                      "while PostgreSQL is unreachable)")
+            try:
+                sqlite_path(spool)
+            except ValueError as e:
+                raise t.fail("spool", str(e)) from None
         t.done()
-        return LedgerConfig(url, cast(Durability, durability))
+        return LedgerConfig(url, cast(Durability, durability), password_env,
+                            spool if spool is not None else DEFAULT_SPOOL)
+
+    def store_url(self, t: _Table, key: str, url: str) -> StoreKind:
+        try:
+            return store_kind(url)
+        except ValueError as e:
+            raise t.fail(key, str(e)) from None
+
+    def password_env(self, t: _Table, url: str, kind: StoreKind) -> str | None:
+        name = t.string("password_env")
+        if name is None:
+            return None
+        if kind != "postgresql":
+            raise t.fail("password_env", "only for a postgresql:// url")
+        if not name or "=" in name:
+            raise t.fail("password_env", f"not an environment variable name: {_show(name)}")
+        if yarl.URL(url).password is not None:
+            raise t.fail("password_env", "the url carries a password already; give one or the other")
+        return name
 
     def pricing(self, t: _Table) -> PricingConfig:
         mult = t.amount("priority_multiplier")
@@ -571,10 +674,20 @@ class _Parser:
                                reserve, share, headroom)
 
     def keys(self, t: _Table) -> KeysConfig:
+        d = KeysConfig()
         path = t.string("path")
-        capacity = _i(t.integer("table_capacity", KeysConfig().table_capacity, 1, 1 << 20))
+        url = t.string("url")
+        if path is not None and url is not None:
+            raise t.fail("url", "give path (a SQLite file) or url, not both")
+        store = url if url is not None else path
+        kind: StoreKind = "sqlite"
+        if store is not None:
+            kind = self.store_url(t, "url" if url is not None else "path", store)
+        password_env = self.password_env(t, store or "", kind)
+        refresh = _f(t.number("refresh_s", d.refresh_s, 0.05, 3600.0))
+        capacity = _i(t.integer("table_capacity", d.table_capacity, 1, 1 << 20))
         t.done()
-        return KeysConfig(path, capacity)
+        return KeysConfig(store, capacity, password_env, refresh)
 
 
 # The _Table readers return Optional because a default may be None; these

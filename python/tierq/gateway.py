@@ -14,10 +14,10 @@ from aiohttp import web
 
 from tierq.admission import Admission
 from tierq.config import Config
-from tierq.keys import KeyLimiter, KeyStore
-from tierq.ledger import Ledger
+from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
 from tierq.served import Catalog, ModelEntry
+from tierq.stores import KeyStoreLike, LedgerStore
 from tierq.upstream import UpstreamClient
 from tierq.watchdog import WriteWatchdog
 
@@ -43,8 +43,8 @@ class Gateway:
     catalog: Catalog
     pools: dict[str, Pool] = field(default_factory=dict)
     upstreams: dict[str, UpstreamClient] = field(default_factory=dict)
-    ledger: Ledger | None = None
-    keys: KeyStore | None = None  # when [keys] is configured
+    ledger: LedgerStore | None = None
+    keys: KeyStoreLike | None = None  # when [keys] is configured
     limiter: KeyLimiter | None = None
     allow_remote_without_keys: bool = False
     ready: bool = False

@@ -22,7 +22,15 @@ from typing import Any, Final
 from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
 from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
-__all__ = ["KeyInfo", "KeyLimiter", "KeyStore", "parse_public_id", "parse_token"]
+__all__ = [
+    "KeyInfo",
+    "KeyLimiter",
+    "KeyStore",
+    "hash_secret",
+    "parse_public_id",
+    "parse_token",
+    "validate_new_key",
+]
 
 log = logging.getLogger("tierq.keys")
 
@@ -30,7 +38,7 @@ PREFIX: Final = "tq"
 PUBLIC_ID_LEN: Final = 12
 SECRET_LEN: Final = 32
 TOKEN_LEN: Final = len(PREFIX) + 1 + PUBLIC_ID_LEN + 1 + SECRET_LEN
-_PUBLIC_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
+PUBLIC_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
 # The public id never contains '-', so the first two dashes split the token even
 # though the urlsafe secret may contain dashes itself.
 _TOKEN: Final = re.compile(r"tq-([a-z0-9]{12})-([A-Za-z0-9_-]{32})")
@@ -72,11 +80,20 @@ def _info(r: tuple[Any, ...]) -> KeyInfo:
     return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3], rpm=r[4], tpm=r[5])
 
 
-def _hash_secret(secret: str) -> str:
+def hash_secret(secret: str) -> str:
     # A fast hash is the right tool here, unlike for passwords: the secret is 192
     # random bits, so there is nothing to brute-force, and a slow KDF (bcrypt,
     # argon2) would add milliseconds to every request that misses the cache.
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+def validate_new_key(name: str, rpm: int | None, tpm: int | None) -> None:
+    """ValueError unless `name` and the limits are what a new key may have."""
+    for label, limit in (("rpm", rpm), ("tpm", tpm)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{label} must be a positive integer or None (unlimited)")
+    if not name or len(name) > 200:
+        raise ValueError("key name must be 1 to 200 characters")
 
 
 def parse_token(token: object) -> tuple[str, str] | None:
@@ -125,6 +142,10 @@ class KeyStore:
         with self._lock:
             self._conn.close()
 
+    async def aclose(self) -> None:
+        """`close()` for the gateway's shutdown, which also stops a PostgresKeyStore."""
+        self.close()
+
     def __enter__(self) -> KeyStore:
         return self
 
@@ -139,21 +160,17 @@ class KeyStore:
         self, name: str, rpm: int | None = None, tpm: int | None = None
     ) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
-        for label, limit in (("rpm", rpm), ("tpm", tpm)):
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-                raise ValueError(f"{label} must be a positive integer or None (unlimited)")
-        if not name or len(name) > 200:
-            raise ValueError("key name must be 1 to 200 characters")
+        validate_new_key(name, rpm, tpm)
         secret = secrets.token_urlsafe(24)  # 24 bytes -> 32 chars, 192 bits
         assert len(secret) == SECRET_LEN
         now = time.time()
         while True:
-            public_id = "".join(secrets.choice(_PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
+            public_id = "".join(secrets.choice(PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
             try:
                 self._query(
                     "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm)"
                     " VALUES (?, ?, ?, ?, NULL, ?, ?)",
-                    (public_id, name, _hash_secret(secret), now, rpm, tpm),
+                    (public_id, name, hash_secret(secret), now, rpm, tpm),
                 )
                 break
             except sqlite3.IntegrityError:  # a public id collision (36^12): draw again
@@ -199,7 +216,7 @@ class KeyStore:
             return None
         row = found[0]
         # Constant time, so response timing does not reveal how much of a guess matched.
-        if not hmac.compare_digest(row[-1], _hash_secret(secret)):
+        if not hmac.compare_digest(row[-1], hash_secret(secret)):
             return None
         info = _info(row[:-1])
         if info.revoked:

@@ -29,17 +29,19 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
+from tierq.config import SQLITE_BUSY_TIMEOUT_MS
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 
 __all__ = [
     "APPLIED_TIERS",
+    "COLUMNS",
     "STATUSES",
     "Ledger",
     "LedgerRow",
     "UsageLine",
+    "connect",
     "cost_text",
-    "open_ledger",
+    "row_values",
     "usage_lines",
 ]
 
@@ -82,6 +84,14 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 """
+
+#: The ledger table's columns in the order of `row_values()`: the schema every
+#: backend keeps (tierq.postgres has the same table in PostgreSQL).
+COLUMNS: Final = (
+    "request_id", "ts", "key_id", "model", "endpoint", "requested_tier", "applied_tier",
+    "prompt_tokens", "completion_tokens", "cost", "cost_micro", "cost_femto", "status",
+    "partial", "code", "queue_ms", "latency_ms", "upstream",
+)  # fmt: skip
 
 _INSERT: Final = (
     "INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, requested_tier,"
@@ -173,9 +183,10 @@ def _from_femto(femto: int) -> Decimal:
     return (Decimal(femto).scaleb(-15)).normalize() if femto else Decimal(0)
 
 
-def open_ledger(url: str, durability: Durability = "process") -> Ledger:
-    """A Ledger for a `[ledger] url`; only sqlite:/// is built (call `await start()`)."""
-    return Ledger(sqlite_path(url), durability)
+def row_values(row: LedgerRow) -> tuple[object, ...]:
+    """A row's column values in `COLUMNS` order, as stored: cost as fixed-point text and
+    split into whole micro-USD and the femto-USD rest, partial as 0 or 1."""
+    return row._params()
 
 
 def connect(path: str, durability: Durability = "process") -> sqlite3.Connection:

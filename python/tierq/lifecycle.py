@@ -15,8 +15,8 @@ from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission
 from tierq.config import UpstreamConfig
 from tierq.gateway import Gateway, Pool
-from tierq.keys import KeyLimiter, KeyStore
-from tierq.ledger import open_ledger
+from tierq.keys import KeyLimiter
+from tierq.stores import close_key_store, ledger_from_config, start_key_store
 from tierq.upstream import UpstreamClient
 
 __all__ = ["StartSims", "lifecycle"]
@@ -56,10 +56,10 @@ def lifecycle(
                     adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
                     gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
                 if gw.ledger is None:
-                    gw.ledger = open_ledger(gw.config.ledger.url, gw.config.ledger.durability)
+                    gw.ledger = ledger_from_config(gw.config.ledger)
                     await gw.ledger.start()
-                if gw.config.keys.path is not None:
-                    gw.keys = KeyStore(gw.config.keys.path)
+                gw.keys = await start_key_store(gw.config.keys)
+                if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
                 gw.watchdog.start()
                 gw.ready = True
@@ -70,7 +70,7 @@ def lifecycle(
                 for client in gw.upstreams.values():
                     await client.close()
                 if gw.keys is not None:
-                    gw.keys.close()
+                    await close_key_store(gw.keys)
                 if own_ledger and gw.ledger is not None:
                     await gw.ledger.close()
 

@@ -124,6 +124,10 @@ class WorkerSnapshot:
     ledger_rows: int = 0
     ledger_errors: int = 0
     ledger_lag: HistogramData | None = None
+    # A PostgreSQL ledger's spool: rows waiting there for PostgreSQL (None: no
+    # spool, a SQLite ledger), and 1 while rows go to the spool instead.
+    ledger_spool: int | None = None
+    ledger_spooling: bool = False
     # (window start, tier) -> [n, latency_us, ttft_n, ttft_us, shed]
     series: Mapping[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
     # model -> ((window start, concurrency limit), ...): the limit over time
@@ -218,9 +222,15 @@ class GatewayMetrics:
             ledger_rows=int(getattr(ledger, "rows_committed", 0) or 0),
             ledger_errors=int(getattr(ledger, "commit_errors", 0) or 0),
             ledger_lag=lag.data() if isinstance(lag, Histogram) else None,
+            ledger_spool=_opt_int(getattr(ledger, "spool_rows", None)),
+            ledger_spooling=getattr(ledger, "mode", None) == "spool",
             series=series,
             limits={model: tuple(points) for model, points in self._limits.items()},
         )
+
+
+def _opt_int(v: object) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 # ------------------------------------------------------------------ exchange
@@ -243,7 +253,8 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "sheds": [[*k, n] for k, n in s.sheds.items()],
         "upstream_errors": [[*k, n] for k, n in s.upstream_errors.items()],
         "histograms": [[*k, _hist_json(h)] for k, h in s.histograms.items()],
-        "ledger": [s.ledger_pending, s.ledger_rows, s.ledger_errors],
+        "ledger": [s.ledger_pending, s.ledger_rows, s.ledger_errors, s.ledger_spool,
+                   s.ledger_spooling],
         "ledger_lag": None if s.ledger_lag is None else _hist_json(s.ledger_lag),
         "series": [[*k, *v] for k, v in s.series.items()],
         "limits": {model: [list(p) for p in points] for model, points in s.limits.items()},
@@ -264,6 +275,8 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         histograms={(h[0], h[1]): _hist_of(h[2]) for h in d["histograms"]},
         ledger_pending=int(d["ledger"][0]), ledger_rows=int(d["ledger"][1]),
         ledger_errors=int(d["ledger"][2]),
+        ledger_spool=_opt_int(d["ledger"][3]) if len(d["ledger"]) > 3 else None,
+        ledger_spooling=bool(d["ledger"][4]) if len(d["ledger"]) > 4 else False,
         ledger_lag=None if d["ledger_lag"] is None else _hist_of(d["ledger_lag"]),
         series={(int(r[0]), r[1]): tuple(int(x) for x in r[2:]) for r in d["series"]},
         limits={model: tuple((int(p[0]), int(p[1])) for p in points)
@@ -470,6 +483,17 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
     o.sample("tierq_ledger_rows_total", [], sum(s.ledger_rows for s in snapshots))
     o.family("tierq_ledger_commit_errors_total", "counter", "Ledger batches that failed to commit.")
     o.sample("tierq_ledger_commit_errors_total", [], sum(s.ledger_errors for s in snapshots))
+    spools = [s.ledger_spool for s in snapshots if s.ledger_spool is not None]
+    if spools:
+        # The workers of a host share one spool file, each reading its depth: the
+        # largest reading is the freshest bound, a sum would count rows twice.
+        o.family("tierq_ledger_spool_rows", "gauge",
+                 "Rows in the PostgreSQL ledger's local spool, waiting to be replayed.")
+        o.sample("tierq_ledger_spool_rows", [], max(spools))
+        o.family("tierq_ledger_spooling", "gauge",
+                 "1 while ledger rows go to the local spool (PostgreSQL unreachable or "
+                 "the spool being replayed), else 0.")
+        o.sample("tierq_ledger_spooling", [], int(any(s.ledger_spooling for s in snapshots)))
     lag: HistogramData | None = None
     for s in snapshots:
         if s.ledger_lag is not None:

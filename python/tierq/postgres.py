@@ -1,0 +1,788 @@
+"""PostgreSQL for several gateway hosts: the schema and its migrations, the ledger
+(batched asyncpg writes, with a local SQLite spool while PostgreSQL is unreachable),
+and the API key store that every host reads.
+
+The ledger table has the SQLite ledger's columns and meaning (tierq.ledger.COLUMNS):
+`cost` is NUMERIC, the exact USD amount the SQLite ledger keeps as text, beside the
+same `cost_micro` / `cost_femto` integer split. Every write is
+`INSERT ... ON CONFLICT (request_id) DO NOTHING`, so a row written twice (replayed
+from the spool, or retried after a commit whose answer was lost) is one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from decimal import Decimal
+from typing import Any, Final, Literal, TypeVar
+
+import asyncpg
+
+from tierq.config import Durability, postgres_url, sqlite_path
+from tierq.keys import (
+    PREFIX,
+    PUBLIC_ALPHABET,
+    PUBLIC_ID_LEN,
+    KeyInfo,
+    hash_secret,
+    parse_token,
+    validate_new_key,
+)
+from tierq.ledger import COLUMNS, Ledger, LedgerRow, UsageLine, connect, row_values
+from tierq.metrics import LAG_BUCKETS_S, Histogram
+
+__all__ = [
+    "MIGRATIONS",
+    "PostgresKeyStore",
+    "PostgresLedger",
+    "migrate",
+    "pg_connect",
+    "schema_version",
+]
+
+log = logging.getLogger("tierq.postgres")
+T = TypeVar("T")
+
+MAX_BATCH: Final = 8192  # rows per transaction, as the SQLite writer
+REPLAY_CHUNK: Final = 2000  # spooled rows moved to PostgreSQL per transaction (default)
+CONNECT_TIMEOUT_S: Final = 2.0
+# A commit that has not answered by then is given up on and its rows are spooled
+# (if it did commit after all, the replay is a no-op: ON CONFLICT DO NOTHING).
+COMMIT_TIMEOUT_S: Final = 3.0
+RETRY_S: Final = 0.5  # between two attempts to reach PostgreSQL while spooling
+# pg_advisory_xact_lock key held while migrating: two hosts starting at once
+# apply each migration once. 'tierq' in ASCII.
+SCHEMA_LOCK: Final = 0x7469657271
+
+# ---------------------------------------------------------------- schema
+
+_LEDGER_DDL: Final = """
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id        TEXT PRIMARY KEY,
+    ts                DOUBLE PRECISION NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    requested_tier    TEXT,
+    applied_tier      TEXT NOT NULL,
+    prompt_tokens     BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    cost              NUMERIC NOT NULL,
+    cost_micro        BIGINT NOT NULL,
+    cost_femto        BIGINT NOT NULL,
+    status            TEXT NOT NULL,
+    partial           SMALLINT NOT NULL,
+    code              TEXT,
+    queue_ms          DOUBLE PRECISION NOT NULL,
+    latency_ms        DOUBLE PRECISION NOT NULL,
+    upstream          TEXT
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+"""
+
+_KEYS_DDL: Final = """
+CREATE TABLE IF NOT EXISTS keys (
+    public_id     TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created       DOUBLE PRECISION NOT NULL,
+    revoked       DOUBLE PRECISION,
+    rpm           BIGINT,
+    tpm           BIGINT
+);
+"""
+
+#: (version, what it does, SQL). Append only: a version once shipped never changes.
+MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
+    (1, "ledger table", _LEDGER_DDL),
+    (2, "keys table", _KEYS_DDL),
+)
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply the migrations this database lacks; returns its version. Idempotent,
+    and safe when several hosts start at once (one advisory lock serializes them)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS tierq_schema_version ("
+            " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        current = int(await conn.fetchval(
+            "SELECT COALESCE(MAX(version), 0) FROM tierq_schema_version"))
+        for version, description, ddl in MIGRATIONS:
+            if version > current:
+                await conn.execute(ddl)
+                await conn.execute(
+                    "INSERT INTO tierq_schema_version (version, description) VALUES ($1, $2)",
+                    version, description,
+                )
+                log.info("postgresql schema: applied migration %d (%s)", version, description)
+        latest = MIGRATIONS[-1][0]
+        if current > latest:
+            # A newer tierq migrated this database (a rolling upgrade): its
+            # migrations only add, so this one goes on with the tables it knows.
+            log.warning("postgresql schema version %d is newer than this tierq's %d",
+                        current, latest)
+        return max(current, latest)
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The database's schema version; 0 before any migration."""
+    exists = await conn.fetchval("SELECT to_regclass('tierq_schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM tierq_schema_version"))
+
+
+def _password(password_env: str | None) -> str | None:
+    if password_env is None:
+        return None
+    value = os.environ.get(password_env)
+    if value is None:
+        raise ValueError(f"password_env {password_env} is not set in the environment")
+    return value
+
+
+async def pg_connect(url: str, password_env: str | None = None,
+                     timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Connection:
+    """One connection to `url` (password from the URL, `password_env`, or PGPASSWORD)."""
+    return await asyncpg.connect(
+        dsn=postgres_url(url), password=_password(password_env), timeout=timeout,
+        # A commit returns once the WAL is flushed on the server: the durability
+        # the ledger promises, whatever the server's default says.
+        server_settings={"application_name": "tierq", "synchronous_commit": "on"},
+    )
+
+
+def _unreachable(e: BaseException) -> bool:
+    """True for failures that mean "PostgreSQL cannot be used now" (the rows wait in
+    the spool), False for a server that refused the rows themselves."""
+    return not isinstance(e, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                              ValueError, TypeError))
+
+
+def _fatal_at_start(e: BaseException) -> bool:
+    # A wrong password or database is a configuration error: refuse to start
+    # rather than spool forever. Later (a password rotated under a running host)
+    # the same errors only keep the rows in the spool.
+    return isinstance(e, (asyncpg.InvalidAuthorizationSpecificationError,
+                          asyncpg.InvalidCatalogNameError, asyncpg.ClientConfigurationError,
+                          ValueError))
+
+
+def _blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion on a loop of its own, from sync code (the read
+    helpers: CLI, tests, admin paths), even when called from inside a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+# ---------------------------------------------------------------- ledger
+
+# Batched insert: one statement per batch, each column as an array (unnest), the
+# cost sent as its exact text and cast to NUMERIC by the server.
+_PG_TYPES: Final = (
+    "text", "float8", "text", "text", "text", "text", "text", "int8", "int8", "text",
+    "int8", "int8", "text", "int2", "text", "float8", "float8", "text",
+)  # fmt: skip
+_INSERT: Final = (
+    f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT "
+    + ", ".join(f"u.{c}::numeric" if c == "cost" else f"u.{c}" for c in COLUMNS)
+    + " FROM unnest(" + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_PG_TYPES))
+    + f") AS u({', '.join(COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
+)
+_FLOAT_COLUMNS: Final = frozenset(i for i, t in enumerate(_PG_TYPES) if t == "float8")
+_SELECT: Final = (
+    "SELECT request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,"
+    " prompt_tokens, completion_tokens, cost, status, partial, code, queue_ms, latency_ms,"
+    " upstream FROM ledger"
+)
+
+
+def _arrays(values: Sequence[Sequence[object]]) -> list[list[object]]:
+    cols: list[list[object]] = [[] for _ in COLUMNS]
+    for v in values:
+        for i, x in enumerate(v):
+            cols[i].append(float(x) if i in _FLOAT_COLUMNS and x is not None else x)  # type: ignore[arg-type]
+    return cols
+
+
+Mode = Literal["postgresql", "spool"]
+_Fut = "asyncio.Future[None]"
+# (row or None for a flush barrier, waiter or None, time queued in monotonic ns)
+_Item = tuple[LedgerRow | None, "asyncio.Future[None] | None", int]
+
+
+def _settle(futs: Iterable[asyncio.Future[None] | None], exc: BaseException | None) -> None:
+    for fut in futs:
+        if fut is None or fut.done():  # fire-and-forget, or the waiter was cancelled
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+class PostgresLedger:
+    """The ledger in a PostgreSQL table shared by every host, with a SQLite spool.
+
+    The same calls as tierq.ledger.Ledger: `await start()`, `await record(row)`
+    (returns once the row is durable: committed in PostgreSQL, or in the spool
+    while PostgreSQL is unreachable), `record_nowait`, `flush`, `pending`, `close`,
+    and the blocking read helpers `get`, `rows`, `count`, `usage` (PostgreSQL's
+    table only; the spool's rows show there once replayed).
+
+    One writer task on the event loop that started it: it takes every queued row
+    into one batch (group commit: rows queued while a batch commits go in the
+    next). While the spool holds rows (PostgreSQL was unreachable, or an earlier
+    run left some), new rows go to the spool too and the writer moves the oldest
+    ones to PostgreSQL in chunks, so rows reach PostgreSQL in the order they were
+    recorded; each spooled row is deleted only after its PostgreSQL commit.
+    """
+
+    def __init__(
+        self, url: str, *, password_env: str | None = None, spool: str = "tierq-spool.db",
+        durability: Durability = "process", connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        commit_timeout_s: float = COMMIT_TIMEOUT_S, retry_s: float = RETRY_S,
+    ) -> None:
+        self.url = postgres_url(url)
+        self.password_env = password_env
+        self.spool_path = sqlite_path(spool)
+        self.durability: Durability = durability
+        self.connect_timeout_s = connect_timeout_s
+        self.commit_timeout_s = commit_timeout_s
+        self.retry_s = retry_s
+        self.replay_chunk = REPLAY_CHUNK
+        self._spool = Ledger(self.spool_path, durability)
+        self._spool_conn: sqlite3.Connection | None = None
+        self._items: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._reconnector: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self.mode: Mode = "spool"
+        # For /metrics (tierq.metrics reads these names, as on the SQLite ledger).
+        self.rows_committed = 0  # rows committed in PostgreSQL (replayed ones included)
+        self.commit_errors = 0  # batches PostgreSQL refused (their rows, not the server)
+        self.lag = Histogram(LAG_BUCKETS_S)
+        self.batches = 0
+        self.spool_rows = 0  # rows in the spool file, waiting for PostgreSQL
+        self.spooled = 0  # rows this process wrote to the spool
+        self.replayed = 0  # spooled rows this process moved to PostgreSQL
+        self.switches = 0  # mode changes, either way
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._writer is not None:
+            raise RuntimeError("ledger already started")
+        self._loop = asyncio.get_running_loop()
+        _password(self.password_env)  # a missing variable is a config error: say so now
+        await self._spool.start()
+        self._spool_conn = await asyncio.to_thread(connect, self.spool_path, self.durability)
+        self.spool_rows = await asyncio.to_thread(self._spool_count)
+        try:
+            self._conn = await self._connect()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if _fatal_at_start(e):
+                await self._spool.close()
+                raise
+            log.warning("ledger: PostgreSQL unreachable at start (%s): rows go to the spool "
+                        "%s until it is back", _why(e), self.spool_path)
+        if self._conn is not None and self.spool_rows == 0:
+            self.mode = "postgresql"
+        elif self._conn is not None:
+            log.info("ledger: %d rows in the spool %s from an earlier run: replaying them "
+                     "into PostgreSQL", self.spool_rows, self.spool_path)
+        self._writer = self._loop.create_task(self._run(), name="tierq-pg-ledger-writer")
+        self._reconnector = self._loop.create_task(self._reconnect_loop(),
+                                                   name="tierq-pg-ledger-reconnect")
+
+    async def close(self) -> None:
+        """Write everything queued (to PostgreSQL, or the spool), then stop. Rows still
+        in the spool stay there for the next start to replay."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is None:
+            return
+        self._closing = True
+        self._wake.set()
+        await self._writer
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            try:
+                await self._reconnector
+            except asyncio.CancelledError:
+                pass
+        if self._conn is not None:
+            try:
+                await asyncio.wait_for(self._conn.close(), self.connect_timeout_s)
+            except Exception:  # noqa: BLE001 - the server may be gone already
+                self._conn.terminate()
+            self._conn = None
+        await self._spool.close()
+        if self._spool_conn is not None:
+            self._spool_conn.close()
+
+    async def __aenter__(self) -> PostgresLedger:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ writes
+
+    def _put(self, row: LedgerRow | None, fut: asyncio.Future[None] | None) -> None:
+        if self._writer is None or self._closed:
+            raise RuntimeError("ledger is not running (call start(), and not after close())")
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("a PostgresLedger records from the event loop that started it")
+        self._items.append((row, fut, time.monotonic_ns()))
+        self._wake.set()
+
+    async def record(self, row: LedgerRow) -> None:
+        """Write `row`; return once it is durable. A repeated request_id is ignored."""
+        assert self._loop is not None or self._writer is None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._put(row, fut)
+        await fut
+
+    def record_nowait(self, row: LedgerRow) -> None:
+        """Queue `row` without waiting (sheds: nothing was served, nothing to hold back)."""
+        self._put(row, None)
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is durable."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._put(None, fut)
+        await fut
+
+    @property
+    def pending(self) -> int:
+        """Rows and barriers queued for the writer, not yet taken into a batch."""
+        return len(self._items)
+
+    # ------------------------------------------------------------ the writer
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await pg_connect(self.url, self.password_env, self.connect_timeout_s)
+        try:
+            await asyncio.wait_for(migrate(conn), self.commit_timeout_s * 4)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _reconnect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_s)
+            if self._conn is not None and self._conn.is_closed():
+                self._conn = None
+            if self._conn is None:
+                try:
+                    self._conn = await self._connect()
+                except Exception as e:  # noqa: BLE001 - still unreachable; retried
+                    log.debug("ledger: PostgreSQL still unreachable: %s", _why(e))
+                    continue
+                self._wake.set()  # the writer starts replaying the spool
+
+    def _lost(self, e: BaseException, what: str) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+        if self.mode == "postgresql":
+            self.mode = "spool"
+            self.switches += 1
+            log.warning("ledger: PostgreSQL unreachable (%s, %s): rows go to the spool %s "
+                        "until it is back", what, _why(e), self.spool_path)
+
+    def _replay_due(self) -> bool:
+        return self.mode == "spool" and self._conn is not None
+
+    async def _run(self) -> None:
+        while True:
+            if not self._items and not self._replay_due():
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch: list[_Item] = []
+            while self._items and len(batch) < MAX_BATCH:
+                batch.append(self._items.popleft())
+            try:
+                if batch and not (self.mode == "postgresql" and await self._commit_pg(batch)):
+                    await self._commit_spool(batch)
+                if self._replay_due():
+                    await self._replay_chunk()
+            except Exception:  # noqa: BLE001 - the writer must outlive any batch
+                log.exception("ledger writer: unexpected error")
+                self.commit_errors += 1
+            if self._closing and not self._items:
+                return  # the spool's rows wait for the next start
+
+    async def _commit_pg(self, batch: list[_Item]) -> bool:
+        """True once the batch is settled (committed, or refused as rows); False
+        when PostgreSQL could not be used and the batch must go to the spool."""
+        conn = self._conn
+        if conn is None:
+            return False
+        rows = [row for row, _, _ in batch if row is not None]
+        try:
+            if rows:
+                await self._insert(conn, [row_values(r) for r in rows])
+        except Exception as e:  # noqa: BLE001 - sorted by _unreachable
+            if _unreachable(e):
+                self._lost(e, f"commit of {len(rows)} rows")
+                return False
+            self.commit_errors += 1
+            log.error("ledger: PostgreSQL refused a batch of %d rows: %s", len(rows), e)
+            _settle((f for _, f, _ in batch), e)
+            return True
+        if rows:
+            self.batches += 1
+            self.rows_committed += len(rows)
+            self.lag.observe_us((time.monotonic_ns() - min(t for _, _, t in batch)) // 1000)
+        _settle((f for _, f, _ in batch), None)
+        return True
+
+    async def _insert(self, conn: asyncpg.Connection, values: Sequence[Sequence[object]]) -> None:
+        async with conn.transaction():
+            await conn.execute(_INSERT, *_arrays(values), timeout=self.commit_timeout_s)
+
+    async def _commit_spool(self, batch: list[_Item]) -> None:
+        rows = [(row, fut) for row, fut, _ in batch if row is not None]
+        results = await asyncio.gather(*(self._spool.record(row) for row, _ in rows),
+                                       return_exceptions=True)
+        for (row, fut), res in zip(rows, results):
+            exc = res if isinstance(res, BaseException) else None
+            if exc is not None:
+                log.error("ledger: spooling row %r failed: %s", row.request_id, exc)
+            _settle([fut], exc)
+        _settle((f for row, f, _ in batch if row is None), None)
+        written = sum(1 for r in results if not isinstance(r, BaseException))
+        self.spooled += written
+        self.spool_rows += written  # an id already spooled is counted twice until recounted
+
+    def _spool_count(self) -> int:
+        assert self._spool_conn is not None
+        return int(self._spool_conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+    def _spool_oldest(self, n: int) -> list[tuple[Any, ...]]:
+        assert self._spool_conn is not None
+        return self._spool_conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM ledger ORDER BY rowid LIMIT ?", (n,)
+        ).fetchall()
+
+    def _spool_delete(self, ids: list[str]) -> int:
+        # By request_id, not rowid: SQLite may hand a deleted row's rowid to a new row.
+        conn = self._spool_conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM ledger WHERE request_id = ?", [(i,) for i in ids])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+    async def _replay_chunk(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        values = await asyncio.to_thread(self._spool_oldest, self.replay_chunk)
+        if values:
+            try:
+                await self._insert(conn, values)
+            except Exception as e:  # noqa: BLE001
+                if _unreachable(e):
+                    self._lost(e, f"replay of {len(values)} spooled rows")
+                    return
+                # A spooled row PostgreSQL refuses would block the replay forever:
+                # it stays in the spool, said loudly, and the writer stops replaying.
+                self.commit_errors += 1
+                log.error("ledger: PostgreSQL refused %d spooled rows (%s); they stay in %s",
+                          len(values), e, self.spool_path)
+                raise
+            self.rows_committed += len(values)
+            self.replayed += len(values)
+            self.spool_rows = await asyncio.to_thread(self._spool_delete,
+                                                      [str(v[0]) for v in values])
+        else:
+            self.spool_rows = await asyncio.to_thread(self._spool_count)
+        if self.spool_rows == 0:
+            self.mode = "postgresql"
+            self.switches += 1
+            log.warning("ledger: PostgreSQL reachable: the spool %s is replayed (%d rows by "
+                        "this process so far), rows go to PostgreSQL again",
+                        self.spool_path, self.replayed)
+
+    # ------------------------------------------------------------ reads (blocking)
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[asyncpg.Record]:
+        async def run() -> list[asyncpg.Record]:
+            conn = await pg_connect(self.url, self.password_env)
+            try:
+                return list(await conn.fetch(sql, *params))
+            finally:
+                await conn.close()
+
+        return _blocking(run)
+
+    def get(self, request_id: str) -> LedgerRow | None:
+        found = self._read(_SELECT + " WHERE request_id = $1", (request_id,))
+        return _row(found[0]) if found else None
+
+    def rows(self, request_id: str | None = None) -> list[LedgerRow]:
+        if request_id is not None:
+            found = self._read(_SELECT + " WHERE request_id = $1", (request_id,))
+        else:
+            found = self._read(_SELECT + ' ORDER BY ts, request_id COLLATE "C"')
+        return [_row(r) for r in found]
+
+    def count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
+
+    def usage(self, since: float | None = None, key_id: str | None = None,
+              model: str | None = None) -> list[UsageLine]:
+        return pg_usage(self._read, since=since, key_id=key_id, model=model)
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def _row(r: asyncpg.Record) -> LedgerRow:
+    return LedgerRow(
+        request_id=r[0], ts=r[1], key_id=r[2], model=r[3], endpoint=r[4], requested_tier=r[5],
+        applied_tier=r[6], prompt_tokens=int(r[7]), completion_tokens=int(r[8]),
+        cost=Decimal(r[9]), status=r[10], partial=bool(r[11]), code=r[12], queue_ms=r[13],
+        latency_ms=r[14], upstream=r[15],
+    )  # fmt: skip
+
+
+def pg_usage(
+    read: Callable[[str, Sequence[object]], Sequence[asyncpg.Record]],
+    since: float | None = None, key_id: str | None = None, model: str | None = None,
+) -> list[UsageLine]:
+    """The usage sums of tierq.ledger.usage_lines, in PostgreSQL's SQL: the same
+    lines, the same order (byte order, as SQLite sorts), the same exact costs."""
+    where: list[str] = []
+    params: list[object] = []
+    for column, value in (("ts >=", since), ("key_id =", key_id), ("model =", model)):
+        if value is not None:
+            params.append(float(value) if column == "ts >=" else value)
+            where.append(f"{column} ${len(params)}")
+    sql = (
+        "SELECT key_id, model, applied_tier, COUNT(*),"
+        " COUNT(*) FILTER (WHERE status = 'served'), COUNT(*) FILTER (WHERE status = 'shed'),"
+        " COUNT(*) FILTER (WHERE status = 'failed'),"
+        " COUNT(*) FILTER (WHERE status = 'cancelled'),"
+        " SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) FROM ledger"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + ' GROUP BY key_id, model, applied_tier'
+        + ' ORDER BY key_id COLLATE "C", model COLLATE "C", applied_tier COLLATE "C"'
+    )
+    out = []
+    for r in read(sql, params):
+        k, m, tier, n, served, shed, failed, cancelled, pt, ct, cost = r
+        total = Decimal(cost)
+        out.append(UsageLine(
+            key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
+            served=int(served), shed=int(shed), failed=int(failed), cancelled=int(cancelled),
+            prompt_tokens=int(pt), completion_tokens=int(ct),
+            cost=total.normalize() if total else Decimal(0),
+        ))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- keys
+
+
+class PostgresKeyStore:
+    """API keys in the `keys` table of a PostgreSQL database every host shares.
+
+    The same calls as tierq.keys.KeyStore. `authenticate` never waits on
+    PostgreSQL: each host keeps the whole table in memory (public id -> key and
+    secret hash) and re-reads it every `refresh_s` seconds, so a key created or
+    revoked on any host is known to every host within `refresh_s` plus one
+    query's time. A revocation through this same store takes effect at once. While
+    PostgreSQL is unreachable the last copy read keeps serving (said in a log
+    line), so an outage neither locks every client out nor revives a revoked key.
+
+    The blocking calls (create, list, get, revoke) are for the CLI and admin paths;
+    `await start()` / `await close()` run the refresh on the gateway's loop.
+    """
+
+    def __init__(self, url: str, *, password_env: str | None = None,
+                 refresh_s: float = 2.0) -> None:
+        self.url = postgres_url(url)
+        self.password_env = password_env
+        self.refresh_s = refresh_s
+        # public_id -> (info, secret_sha256): a fresh dict swapped in by each refresh.
+        self._table: dict[str, tuple[KeyInfo, str]] = {}
+        self._revoked_here: dict[str, float] = {}  # public_id -> time.monotonic() of revoke
+        self._task: asyncio.Task[None] | None = None
+        self.loaded_at: float | None = None  # time.monotonic() of the last good read
+        self.refreshes = 0
+        self._healthy = True
+
+    # ------------------------------------------------------------ the gateway side
+
+    async def start(self) -> None:
+        """Read the table once (raising if PostgreSQL cannot be read: a gateway must
+        not start without knowing its keys), then keep it fresh in the background."""
+        await self._refresh()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop(),
+                                                            name="tierq-pg-keys-refresh")
+
+    async def aclose(self) -> None:
+        """Stop the refresh task."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def __enter__(self) -> PostgresKeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _refresh(self) -> None:
+        started = time.monotonic()
+        conn = await pg_connect(self.url, self.password_env)
+        try:
+            await migrate(conn)
+            records = await conn.fetch(
+                "SELECT public_id, name, created, revoked, rpm, tpm, secret_sha256 FROM keys")
+        finally:
+            await conn.close()
+        self._table = {r[0]: (_key_info(r), str(r[6])) for r in records}
+        # A revocation made here is in every read that began after it; until then
+        # it is kept here, so a read that raced it cannot bring the key back.
+        self._revoked_here = {k: t for k, t in self._revoked_here.items() if t >= started}
+        self.loaded_at = time.monotonic()
+        self.refreshes += 1
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.wait_for(self._refresh(), max(self.refresh_s, CONNECT_TIMEOUT_S) * 2)
+            except Exception as e:  # noqa: BLE001 - keep the last copy
+                if self._healthy:
+                    log.warning("keys: PostgreSQL unreachable (%s): serving the key table read "
+                                "%.1f s ago until it is back", _why(e),
+                                time.monotonic() - (self.loaded_at or time.monotonic()))
+                self._healthy = False
+                continue
+            if not self._healthy:
+                log.warning("keys: PostgreSQL reachable again: key table refreshed")
+            self._healthy = True
+
+    def authenticate(self, bearer_token: str) -> KeyInfo | None:
+        """The key for a bearer token, or None if malformed, unknown, revoked or wrong."""
+        parsed = parse_token(bearer_token)
+        if parsed is None:
+            return None
+        public_id, secret = parsed
+        entry = self._table.get(public_id)
+        if entry is None or public_id in self._revoked_here:
+            return None
+        info, secret_hash = entry
+        # Constant time, so response timing does not reveal how much of a guess matched.
+        if not hmac.compare_digest(secret_hash, hash_secret(secret)):
+            return None
+        return None if info.revoked else info
+
+    # ------------------------------------------------------------ admin (blocking)
+
+    def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        async def run() -> T:
+            conn = await pg_connect(self.url, self.password_env)
+            try:
+                await migrate(conn)
+                return await work(conn)
+            finally:
+                await conn.close()
+
+        return _blocking(run)
+
+    def create(self, name: str, rpm: int | None = None,
+               tpm: int | None = None) -> tuple[KeyInfo, str]:
+        """A new key and its full token. The token is not stored: show it now or never."""
+        validate_new_key(name, rpm, tpm)
+        secret = secrets.token_urlsafe(24)
+        now = time.time()
+
+        async def insert(conn: asyncpg.Connection) -> str:
+            while True:
+                public_id = "".join(secrets.choice(PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
+                done = await conn.fetchval(
+                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm)"
+                    " VALUES ($1, $2, $3, $4, NULL, $5, $6) ON CONFLICT (public_id) DO NOTHING"
+                    " RETURNING public_id", public_id, name, hash_secret(secret), now, rpm, tpm)
+                if done is not None:
+                    return public_id
+
+        public_id = self._run(insert)
+        return KeyInfo(public_id, name, now, None, rpm, tpm), f"{PREFIX}-{public_id}-{secret}"
+
+    def list(self) -> builtins.list[KeyInfo]:
+        async def fetch(conn: asyncpg.Connection) -> builtins.list[KeyInfo]:
+            return [_key_info(r) for r in await conn.fetch(
+                "SELECT public_id, name, created, revoked, rpm, tpm FROM keys"
+                ' ORDER BY created, public_id COLLATE "C"')]
+
+        return self._run(fetch)
+
+    def get(self, public_id: str) -> KeyInfo | None:
+        async def fetch(conn: asyncpg.Connection) -> KeyInfo | None:
+            r = await conn.fetchrow("SELECT public_id, name, created, revoked, rpm, tpm FROM keys"
+                                    " WHERE public_id = $1", public_id)
+            return None if r is None else _key_info(r)
+
+        return self._run(fetch)
+
+    def revoke(self, public_id: str) -> bool:
+        """True if a live key was revoked now; False if unknown or already revoked."""
+        async def update(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute(
+                "UPDATE keys SET revoked = $1 WHERE public_id = $2 AND revoked IS NULL",
+                time.time(), public_id)
+            return status == "UPDATE 1"
+
+        changed = self._run(update)
+        self._revoked_here[public_id] = time.monotonic()  # at once here; elsewhere within refresh_s
+        return changed
+
+
+def _key_info(r: asyncpg.Record) -> KeyInfo:
+    return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3],
+                   rpm=None if r[4] is None else int(r[4]), tpm=None if r[5] is None else int(r[5]))

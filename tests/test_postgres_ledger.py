@@ -1,0 +1,229 @@
+"""The PostgreSQL ledger against a real PostgreSQL (tests/pg_server.py): exact rows,
+migrations, the spool while PostgreSQL is unreachable and its replay, and the
+ledger behind a real gateway answering the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import openai
+import pytest
+from aiohttp import web
+from conftest import PRIORITY_MODEL, exact_json, model_config
+from pg_fixtures import own_pg, pg_password, pg_session, pg_url  # noqa: F401
+from pg_server import PASSWORD_ENV, PgServer
+
+from tierq.app import create_app, runner_kwargs
+from tierq.config import Config, LedgerConfig, UpstreamConfig
+from tierq.ledger import Ledger, LedgerRow
+from tierq.postgres import MIGRATIONS, PostgresLedger, migrate, pg_connect, schema_version
+from tierq.sim import start_sim
+from tierq.stores import open_ledger
+
+
+def row(i: int, cost: str = "0.0000012345", tier: str = "priority", **kw: object) -> LedgerRow:
+    fields: dict[str, object] = dict(
+        request_id=f"req-{i}", ts=1_700_000_000.0 + i, key_id=f"key{i % 3}", model="m",
+        endpoint="chat/completions", requested_tier=tier, applied_tier=tier, prompt_tokens=10 + i,
+        completion_tokens=i, cost=Decimal(cost), status="served")
+    fields.update(kw)
+    return LedgerRow(**fields)  # type: ignore[arg-type]
+
+
+async def wait_for(pred: object, timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_rows_land_in_postgresql_exactly_as_the_sqlite_ledger_keeps_them(
+        pg_url: str, tmp_path: Path) -> None:
+    costs = ["0.0000012345", "0.000000000000001", "123456.789012345678901", "0", "1.5"]
+    rows = [row(i, costs[i % len(costs)], "priority" if i % 2 else "default",
+                status="served" if i % 4 else "shed", partial=i % 5 == 0,
+                code=None if i % 4 else "queue_timeout", upstream="sim" if i % 3 else None)
+            for i in range(40)]
+    pg = open_ledger(pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "spool.db"))
+    lite = open_ledger(f"sqlite:///{tmp_path / 'lite.db'}")
+    assert isinstance(pg, PostgresLedger) and isinstance(lite, Ledger)
+    async with pg, lite:
+        assert pg.mode == "postgresql"
+        await asyncio.gather(*(pg.record(r) for r in rows), *(lite.record(r) for r in rows))
+        pg.record_nowait(row(99))
+        lite.record_nowait(row(99))
+        await pg.flush()
+        await lite.flush()
+        await pg.record(row(3, "999"))  # a repeated request_id is one row: the first
+        assert pg.batches < len(rows), "rows were committed in batches"
+    assert pg.get("req-3") == rows[3] and pg.get("req-4") == rows[4]
+    big = pg.get("req-2")
+    assert big is not None and big.cost == Decimal("123456.789012345678901") and big.partial is False
+    assert pg.count() == 41 and pg.rows() == lite.rows() == [*rows, row(99)]
+    assert pg.usage() == lite.usage(), "the same sums, lines and order as SQLite"
+    assert pg.usage(since=1_700_000_030.0, key_id="key1") == lite.usage(since=1_700_000_030.0, key_id="key1")
+    assert pg.spool_rows == 0 and pg.spooled == 0 and _spool_count(tmp_path / "spool.db") == 0
+
+
+def _spool_count(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+
+async def test_migrations_from_empty_then_again_are_idempotent_even_from_three_hosts_at_once(
+        pg_url: str) -> None:
+    conns = [await pg_connect(pg_url, PASSWORD_ENV) for _ in range(3)]
+    try:
+        assert await schema_version(conns[0]) == 0
+        latest = MIGRATIONS[-1][0]
+        assert await asyncio.gather(*(migrate(c) for c in conns)) == [latest] * 3
+        assert await migrate(conns[0]) == latest
+        versions = await conns[0].fetch("SELECT version FROM tierq_schema_version ORDER BY version")
+        assert [v[0] for v in versions] == [m[0] for m in MIGRATIONS], "each applied once"
+        cols = await conns[0].fetch(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'ledger' ORDER BY ordinal_position")
+        assert [c[0] for c in cols][:10] == ["request_id", "ts", "key_id", "model", "endpoint",
+                                             "requested_tier", "applied_tier", "prompt_tokens",
+                                             "completion_tokens", "cost"]
+        assert dict((c[0], c[1]) for c in cols)["cost"] == "numeric"
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_a_wrong_password_stops_start_up_instead_of_spooling_forever(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "wrong")
+    ledger = PostgresLedger(pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "s.db"))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await ledger.start()
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(ValueError, match="is not set"):
+        await PostgresLedger(pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "s.db")).start()
+
+
+@pytest.mark.timeout(120)
+async def test_unreachable_at_start_spools_then_replays_in_order_each_row_once(
+        own_pg: PgServer, tmp_path: Path) -> None:
+    own_pg.stop()
+    spool = tmp_path / "spool.db"
+    ledger = PostgresLedger(own_pg.url("tierq"), password_env=PASSWORD_ENV, spool=str(spool),
+                            retry_s=0.1)
+    ledger.replay_chunk = 7
+    await ledger.start()
+    try:
+        assert ledger.mode == "spool"
+        rows = [row(i) for i in range(50)]
+        await asyncio.gather(*(ledger.record(r) for r in rows[:30]))
+        assert _spool_count(spool) == 30, "record() returned once the row was in the spool"
+        assert ledger.spool_rows == 30
+        own_pg.start()
+        await asyncio.gather(*(ledger.record(r) for r in rows[30:]))  # spool or PostgreSQL
+        await wait_for(lambda: ledger.mode == "postgresql", what="the replay")
+        await ledger.record(row(50))
+    finally:
+        await ledger.close()
+    assert ledger.spool_rows == 0 and _spool_count(spool) == 0
+    assert ledger.count() == 51 and ledger.rows() == [*rows, row(50)]
+    # In order: the replay's transactions follow the order rows were recorded.
+    conn = await pg_connect(own_pg.url("tierq"), PASSWORD_ENV)
+    try:
+        xmins = [r[1] for r in await conn.fetch(
+            "SELECT request_id, xmin::text::bigint FROM ledger ORDER BY ts")]
+    finally:
+        await conn.close()
+    assert xmins == sorted(xmins) and len(set(xmins)) >= 50 // 7
+
+
+@pytest.mark.timeout(120)
+async def test_postgresql_stopped_mid_run_loses_and_doubles_nothing(
+        own_pg: PgServer, tmp_path: Path) -> None:
+    ledger = PostgresLedger(own_pg.url("tierq"), password_env=PASSWORD_ENV,
+                            spool=str(tmp_path / "spool.db"), retry_s=0.1)
+    await ledger.start()
+    written: list[LedgerRow] = []
+    stop = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            r = row(w * 100_000 + i)
+            await ledger.record(r)  # returns once durable: PostgreSQL or the spool
+            written.append(r)
+            i += 1
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(writer(w)) for w in range(4)]
+    try:
+        await wait_for(lambda: len(written) > 100, what="rows before the outage")
+        await asyncio.to_thread(own_pg.stop, "fast")
+        before = len(written)
+        await wait_for(lambda: ledger.mode == "spool" and len(written) > before + 100,
+                       what="rows while PostgreSQL is down")
+        spooled = ledger.spool_rows
+        await asyncio.to_thread(own_pg.start)
+        await wait_for(lambda: ledger.mode == "postgresql", what="the replay")
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await ledger.close()
+    assert spooled > 0 and ledger.spool_rows == 0 and ledger.switches == 2
+    ids = [r.request_id for r in written]
+    stored = ledger.rows()
+    assert sorted(r.request_id for r in stored) == sorted(ids), "every row once"
+    assert {r.request_id: r for r in stored} == {r.request_id: r for r in written}
+
+
+async def test_gateway_on_postgresql_bills_what_it_echoes_to_the_openai_client(
+        pg_url: str, tmp_path: Path) -> None:
+    sim = await start_sim("127.0.0.1", 0, slots=8, ttft_ms=1.0, tokens_per_s=0.0)
+    config = Config(
+        ledger=LedgerConfig(url=pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "s.db")),
+        upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True),),
+        models=(model_config(PRIORITY_MODEL, priority=True),),
+    )
+    runner = web.AppRunner(create_app(config, sim=sim), **runner_kwargs())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    echoed: dict[str, tuple[str, Decimal]] = {}
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        for i, tier in enumerate(["priority", "default", None, "fast"] * 3):
+            extra = {} if tier is None else {"service_tier": tier}
+            if i % 2:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=PRIORITY_MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                    max_tokens=5 + i, **extra)  # type: ignore[arg-type]
+                body = exact_json(raw.http_response.content)
+                echoed[raw.headers["x-request-id"]] = (body["service_tier"],
+                                                       body["usage"]["estimated_cost"])
+            else:
+                stream = await client.chat.completions.with_raw_response.create(
+                    model=PRIORITY_MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                    max_tokens=5 + i, stream=True, stream_options={"include_usage": True},
+                    **extra)  # type: ignore[arg-type]
+                rid = stream.headers["x-request-id"]
+                async for chunk in stream.parse():
+                    if chunk.usage is not None:
+                        cost = Decimal(str((chunk.usage.model_extra or {})["estimated_cost"]))
+                        echoed[rid] = (str(chunk.service_tier), cost)
+        await client.close()
+    finally:
+        await runner.cleanup()
+        await sim.close()
+    ledger = PostgresLedger(pg_url, password_env=PASSWORD_ENV)
+    rows = {r.request_id: r for r in ledger.rows()}
+    assert set(rows) == set(echoed) and len(rows) == 12
+    for rid, (tier, cost) in echoed.items():
+        assert (rows[rid].applied_tier, rows[rid].cost) == (tier, cost), rid
+    assert {r.applied_tier for r in rows.values()} == {"priority", "default"}
