@@ -96,6 +96,8 @@ FAULT_HEADER: Final = "x-sim-fault"
 FAULT_FIELD: Final = "sim_fault"
 _FAULT_TOKENS: Final = 3  # tokens sent before a stall or reset
 
+# How far the decode steps may fall behind their schedule and still catch up.
+_MAX_LAG_S: Final = 0.1
 # A sequence's life in the engine, in order.
 _WAITING, _PREFILL, _DECODE, _DONE, _DROPPED = range(5)
 
@@ -451,14 +453,14 @@ class SimState:
         for seq in done:
             del self._decoding[seq]
         if self._decoding:
-            # The next step's deadline chains on this one's, so timer lateness
-            # does not slow the stream; far behind (a starved loop), it resyncs
-            # rather than bursting.
+            # The next step's deadline chains on this one's, so a late timer
+            # (a busy host) does not slow decoding: the steps it missed run at
+            # once. Further behind than _MAX_LAG_S it resyncs instead of bursting.
             loop = asyncio.get_running_loop()
             step = self.step_s(len(self._decoding))
             now = loop.time()
             at = self._step_at + step
-            if at < now - step:
+            if at < now - _MAX_LAG_S:
                 at = now
             self._step_at = at
             self._step_timer = loop.call_at(at, self._step)
