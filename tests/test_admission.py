@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tierq import Admission, ManualClock, Shed, Slot
+from tierq.retry_after import retry_after
 
 # Long real-time waits for tests that drive a ManualClock: the per-waiter timers
 # that call `expire_due` by themselves must not matter while the test runs.
@@ -298,7 +299,8 @@ async def test_rate_limit_retry_after_is_exact_on_the_manual_clock() -> None:
 @pytest.mark.parametrize(
     ("seconds", "ms", "header"),
     [
-        (0.0, 0, 1),
+        (-1.0, 1, 1),
+        (0.0, 1, 1),
         (1e-9, 1, 1),
         (0.001, 1, 1),
         (0.0010001, 2, 1),
@@ -310,14 +312,18 @@ async def test_rate_limit_retry_after_is_exact_on_the_manual_clock() -> None:
         (120.0, 120000, 120),
         (500.0, 500000, 120),
         (math.inf, 120000, 120),
+        (math.nan, 120000, 120),
     ],
 )
 def test_shed_retry_after_rounds_up_and_header_is_whole_seconds_between_1_and_120(
     seconds: float, ms: int, header: int
 ) -> None:
+    # One rule for every refusal (tierq.retry_after): what Shed reports is what
+    # the gateway sends, at least 1 ms (the openai SDK reads 0 as "no hint").
     shed = Shed("rate_limit_exceeded", seconds, "default")
     assert shed.retry_after_ms == ms
     assert shed.retry_after_header == header
+    assert retry_after(seconds).headers() == {"retry-after-ms": str(ms), "Retry-After": str(header)}
 
 
 async def test_default_min_share_gives_defaults_that_share_of_dispatches_while_both_wait() -> None:

@@ -187,6 +187,30 @@ def test_settle_charges_usage_beyond_the_estimate(make_limiter: MakeLimiter) -> 
     assert lim.check(key, 1) == pytest.approx(0.6)
 
 
+def test_refund_gives_back_the_estimate_and_the_request_only_when_asked(
+    make_limiter: MakeLimiter,
+) -> None:
+    lim = make_limiter(ManualClock())
+    key = _key(rpm=3, tpm=100)
+    assert lim.check(key, 40) is None
+    assert lim.remaining(key) == (2.0, 60.0)
+    lim.refund(key, 40, request=False)  # the client's doing: the request stays counted
+    assert lim.remaining(key) == (2.0, 100.0)
+    assert lim.check(key, 40) is None
+    lim.refund(key, 40, request=True)  # the gateway's doing: nothing is left charged
+    assert lim.remaining(key) == (2.0, 100.0)
+
+
+def test_refund_never_fills_a_bucket_past_full(make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(ManualClock())
+    key = _key(rpm=2, tpm=100)
+    assert lim.check(key, 5000) is None  # charged the whole bucket, not the estimate
+    lim.refund(key, 5000, request=True)
+    lim.refund(key, 5000, request=True)  # a second refund has nothing left to give
+    assert lim.remaining(key) == (2.0, 100.0)
+    assert lim.remaining(_key()) == (None, None)  # unlimited
+
+
 def test_tpm_refusal_gives_the_request_back_to_rpm(make_limiter: MakeLimiter) -> None:
     lim = make_limiter(ManualClock())
     key = _key(rpm=2, tpm=100)

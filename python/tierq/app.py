@@ -11,7 +11,6 @@ Serve it with handler cancellation on (see `runner_kwargs`).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
@@ -31,7 +30,7 @@ from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_
 from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import request_info, request_log
 from tierq.metrics import WorkerSnapshot
-from tierq.outcome import Exchange
+from tierq.outcome import DRAIN_CODE, Exchange, cancelled, failed, key_limited, shed
 from tierq.pricing import render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
@@ -176,72 +175,80 @@ async def _inference(
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     est_prompt = estimate_prompt_tokens(endpoint, body)
     est_total = est_prompt + (0 if endpoint == "embeddings" else estimate_completion_cap(body))
-    info = request_info(request)
-    ctx = Exchange(gw, info.id, key, key.public_id if key is not None else ANONYMOUS_KEY,
-                   pool, endpoint, requested if isinstance(requested, str) else None, tier,
-                   t0, ts, est_prompt, est_total, info)
-    if gw.limiter is not None and key is not None:
-        wait_s = gw.limiter.check(key, est_total)
-        if wait_s is not None:
-            ctx.record_nowait(ctx.row("shed", code="rate_limit_exceeded"))
-            raise shed_error(ctx.headers(), "rate_limit_exceeded", wait_s, math.ceil(wait_s * 1000),
-                             "Rate limit reached for this API key (requests or tokens "
-                             "per minute).")
+    ex = Exchange(gw, request, request_info(request), key,
+                  key.public_id if key is not None else ANONYMOUS_KEY, pool, endpoint,
+                  requested if isinstance(requested, str) else None, tier, t0, ts,
+                  est_prompt, est_total)
+    wait_s = ex.admit_key()
+    if wait_s is not None:
+        ex.finish(key_limited())
+        raise shed_error(ex.headers(), "rate_limit_exceeded", wait_s,
+                         "Rate limit reached for this API key (requests or tokens per minute).")
+    try:
+        return await _admitted(request, ex, body)
+    except Exception:
+        if not ex.done:  # a bug, not a decision: still one row, and the key made whole
+            ex.finish(failed("internal_error", 500))
+        raise
+
+
+async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
+    """Past the key's limits: the pool's admission, then the upstream."""
+    gw = ex.gw
     task = asyncio.current_task()
     assert task is not None
     if gw.draining:
-        raise _drain_response(ctx)
+        raise _drained(ex)
     gw.waiting.add(task)
     try:
-        async with pool.admission.acquire(tier) as slot:
+        async with ex.pool.admission.acquire(ex.tier) as slot:
             gw.waiting.discard(task)
-            ctx.queue_ms = float(slot.queue_ms)
-            return await _call_upstream(request, ctx, body)
+            ex.queue_ms = float(slot.queue_ms)
+            return await _call_upstream(request, ex, body)
     except Shed as e:
-        ctx.queue_ms = (time.monotonic() - t0) * 1000.0
-        ctx.record_nowait(ctx.row("shed", code=e.code))
-        raise shed_error(ctx.headers(), e.code, e.retry_after_s, e.retry_after_ms,
-                         SHED_MESSAGES.get(e.code, "Request shed.")) from None
+        ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
+        ex.finish(shed(e.code))
+        raise shed_error(ex.headers(), e.code, e.retry_after_s, SHED_MESSAGES.get(e.code, "Request shed.")) from None
     except asyncio.CancelledError as e:
-        if e.args == (DRAIN,) and not ctx.recorded:
+        if e.args == (DRAIN,) and not ex.done:
             task.uncancel()
-            raise _drain_response(ctx) from None
+            raise _drained(ex) from None
         # The client went away while queued or before anything was delivered.
-        if not ctx.recorded:
-            ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
+        if not ex.done:
+            ex.finish(cancelled("client_disconnected"))
         raise
     finally:
         gw.waiting.discard(task)
 
 
-def _drain_response(ctx: Exchange) -> ApiError:
-    ctx.queue_ms = (time.monotonic() - ctx.t0) * 1000.0
-    ctx.record_nowait(ctx.row("shed", code="server_shutting_down"))
-    return drain_error(ctx.headers())
+def _drained(ex: Exchange) -> ApiError:
+    ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
+    ex.finish(shed(DRAIN_CODE))
+    return drain_error(ex.headers())
 
 
-async def _call_upstream(request: web.Request, ctx: Exchange, body: dict[str, Any]) -> web.StreamResponse:
-    pool = ctx.pool
+async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
+    pool = ex.pool
     up_cfg: UpstreamConfig = pool.upstream.config
     info = rewrite_request(body, kind=up_cfg.kind, priority_scheduling=up_cfg.priority_scheduling,
-                           applied_tier=ctx.tier, endpoint=ctx.endpoint,
+                           applied_tier=ex.tier, endpoint=ex.endpoint,
                            upstream_model=pool.entry.upstream_model)
     payload = orjson.dumps(body)
     try:
-        async with pool.upstream.post(ctx.endpoint, payload, request.headers.get(BYO_HEADER)) as up:
+        async with pool.upstream.post(ex.endpoint, payload, request.headers.get(BYO_HEADER)) as up:
             if not 200 <= up.status < 300:
-                return await upstream_error(ctx, up)
+                return await upstream_error(ex, up)
             if info.stream and up.content_type == "text/event-stream":
-                return await relay_stream(request, ctx, up, info.client_wants_usage, body)
-            return await relay_json(request, ctx, up, body)
+                return await relay_stream(request, ex, up, info.client_wants_usage)
+            return await relay_json(request, ex, up)
     except (aiohttp.ClientError, TimeoutError) as e:
-        if ctx.recorded:
+        if ex.done:
             raise
         code = "upstream_timeout" if isinstance(e, TimeoutError) else "upstream_unavailable"
-        ctx.record_nowait(ctx.row("failed", code=code))
         status = 504 if code == "upstream_timeout" else 502
+        ex.finish(failed(code, status))
         raise ApiError(status, f"The upstream serving this model failed: {type(e).__name__}.",
-                       "server_error", None, code, ctx.headers()) from None
+                       "server_error", None, code, ex.headers()) from None
 
 
 # ------------------------------------------------------------------ other routes

@@ -1,22 +1,23 @@
 """OpenAI-shaped errors: `ApiError`, the middleware that turns every failure into
-one, and the shed and drain answers (429/503 with their retry hints).
+one, and the shed and drain answers (429/503 with their retry hints, from
+`tierq.retry_after`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import orjson
 from aiohttp import web
 
+from tierq.retry_after import retry_after
+
 __all__ = [
     "DRAIN_RETRY_AFTER_S",
     "JSON_TYPE",
-    "RETRY_AFTER_MAX_S",
     "SHED_MESSAGES",
     "ApiError",
     "api_errors",
@@ -28,10 +29,8 @@ __all__ = [
 log = logging.getLogger("tierq.app")  # the gateway's logger, named for its app
 
 JSON_TYPE: Final = "application/json"
-# Retry-After is whole seconds, rounded up, clamped to what clients honour
-# (the openai SDK ignores values over 120 s and stops retrying).
-RETRY_AFTER_MAX_S: Final = 120
-DRAIN_RETRY_AFTER_S: Final = 1
+# A drained request is best retried at once: another worker or host takes it.
+DRAIN_RETRY_AFTER_S: Final = 1.0
 
 
 class ApiError(Exception):
@@ -113,22 +112,15 @@ SHED_MESSAGES: Final = {
 }
 
 
-def shed_error(headers: dict[str, str], code: str, retry_after_s: float, retry_after_ms: int,
-               message: str) -> ApiError:
-    """The 429 of a shed request, its retry hints added to `headers`."""
-    if not math.isfinite(retry_after_s):  # no honest estimate: the longest wait
-        retry_after_s, retry_after_ms = RETRY_AFTER_MAX_S, RETRY_AFTER_MAX_S * 1000
-    # At least 1 ms: the openai SDK treats 0 as "no hint" and backs off on its own.
-    ms = max(1, retry_after_ms)
-    secs = min(RETRY_AFTER_MAX_S, max(1, math.ceil(retry_after_s)))
-    headers["retry-after-ms"] = str(ms)
-    headers["Retry-After"] = str(secs)
+def shed_error(headers: dict[str, str], code: str, wait_s: float, message: str) -> ApiError:
+    """The 429 of a request shed by its pool or its key's limits; `wait_s` is the
+    exact wait (the core's), turned into the retry headers added to `headers`."""
+    headers.update(retry_after(wait_s).headers())
     return ApiError(429, message, "rate_limit_error", None, code, headers)
 
 
 def drain_error(headers: dict[str, str]) -> ApiError:
     """The 503 of a request shed because the gateway is shutting down."""
-    headers["retry-after-ms"] = str(DRAIN_RETRY_AFTER_S * 1000)
-    headers["Retry-After"] = str(DRAIN_RETRY_AFTER_S)
+    headers.update(retry_after(DRAIN_RETRY_AFTER_S).headers())
     return ApiError(503, "The gateway is shutting down; retry the request.", "server_error",
                     None, "server_shutting_down", headers)

@@ -308,3 +308,20 @@ class KeyLimiter:
         delta = max(0, real_tokens) - self._token_cost(key, est_tokens)
         if delta:
             tpm.adjust(delta)
+
+    def refund(self, key: KeyInfo, est_tokens: int, *, request: bool) -> None:
+        """Give back what `check` took for a request that was not served: its token
+        estimate, and the request itself too if `request` (the gateway's doing,
+        not the client's). A bucket never refills past full."""
+        rpm, tpm = self._for(key)
+        cost = self._token_cost(key, est_tokens)
+        if tpm is not None and cost > 0:
+            tpm.adjust(-cost)
+        if request and rpm is not None:
+            rpm.adjust(-1)
+
+    def remaining(self, key: KeyInfo) -> tuple[float | None, float | None]:
+        """(requests, tokens) the key may still take now; None where unlimited."""
+        rpm, tpm = self._for(key)
+        return (rpm.available() if rpm is not None else None,
+                tpm.available() if tpm is not None else None)

@@ -2,8 +2,9 @@
 
 `request_log` (an aiohttp middleware) gives each request a `RequestInfo`: the
 gateway's own id (the ledger's key) and the `x-request-id` the response echoes
-(the client's, when it sent a sane one). It writes one access line per request
-to the `tierq.access` logger. Headers are never logged, and `JsonFormatter`
+(the client's, when it sent a sane one). Each request gets one access line on
+the `tierq.access` logger: written with the request's outcome (tierq.outcome)
+when it has one, else by the middleware at the end. Headers are never logged, and `JsonFormatter`
 masks anything shaped like a credential, so no key reaches a log.
 """
 
@@ -16,7 +17,7 @@ import re
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -24,13 +25,13 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from tierq.ledger import LedgerRow
-
 __all__ = [
     "REQUEST_ID_HEADER",
     "REQUEST_INFO",
     "JsonFormatter",
     "RequestInfo",
+    "access_enabled",
+    "access_line",
     "configure_logging",
     "redact",
     "request_info",
@@ -47,11 +48,11 @@ _CLIENT_ID: Final = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 @dataclass(slots=True)
 class RequestInfo:
-    """One request's ids, and its ledger row once it has one (for the access line)."""
+    """One request's ids, and whether its access line is written."""
 
     id: str  # the gateway's id: the ledger's request_id, unique
     echo: str  # the x-request-id of the response: the client's if valid, else `id`
-    row: LedgerRow | None = None
+    logged: bool = False
 
     @classmethod
     def new(cls, client_id: str | None) -> RequestInfo:
@@ -107,26 +108,29 @@ async def request_log(request: web.Request, handler: _Handler) -> web.StreamResp
         status = 499  # the client went away before an answer (nginx's convention)
         raise
     finally:
-        if access_log.isEnabledFor(logging.INFO):
-            _access(request, info, status, t0)
+        if not info.logged and access_log.isEnabledFor(logging.INFO):
+            access_line(request, info, status, time.monotonic() - t0)
 
 
-def _access(request: web.Request, info: RequestInfo, status: int, t0: float) -> None:
+def access_enabled() -> bool:
+    return access_log.isEnabledFor(logging.INFO)
+
+
+def access_line(request: web.Request, info: RequestInfo, status: int, duration_s: float,
+                outcome: Mapping[str, Any] | None = None) -> None:
+    """The request's one access line, with its `outcome` fields when it has one."""
+    info.logged = True
     # The path only: a query string may carry a forward target, and headers may
     # carry keys; neither is logged.
     fields: dict[str, Any] = {
         "request_id": info.id, "method": request.method, "path": request.rel_url.path,
-        "status": status, "duration_ms": round((time.monotonic() - t0) * 1000, 3),
+        "status": status, "duration_ms": round(duration_s * 1000, 3),
         "remote": request.remote,
     }
     if info.echo != info.id:
         fields["client_request_id"] = info.echo
-    row = info.row
-    if row is not None:
-        fields.update(model=row.model, key_id=row.key_id, requested_tier=row.requested_tier,
-                      tier=row.applied_tier, outcome=row.status, code=row.code,
-                      queue_ms=round(row.queue_ms, 3), prompt_tokens=row.prompt_tokens,
-                      completion_tokens=row.completion_tokens, cost=format(row.cost, "f"))
+    if outcome is not None:
+        fields.update(outcome)
     # makeRecord + handle is what `access_log.info` does, less the walk up the
     # stack for a caller's file and line that an access line does not show.
     access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (),

@@ -1,5 +1,15 @@
-"""One request's bookkeeping: its ids, pool, tier and estimates, the headers
-every answer carries, and the row that records how it ended.
+"""How one request ended, decided in one place.
+
+Every request that passes intake ends in exactly one `Outcome`: served,
+partial, shed, failed or cancelled, with its code. `Exchange.finish` (or
+`commit`, which also waits for the bill to be durable) turns it into the four
+things that must agree: the ledger row, the metrics, the access line and the
+settlement of the key's per-minute limits (DESIGN.md, Admission semantics):
+
+- served or partial: the key is charged its real usage;
+- anything else: its whole token estimate is given back, and its request too
+  when the gateway caused it (a pool shed, an upstream failure, a drain), not
+  the client (its own rate limit, a hang-up, a request the engine refused).
 """
 
 from __future__ import annotations
@@ -9,25 +19,99 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
+from aiohttp import web
+
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ENDPOINT_PATHS
 from tierq.keys import KeyInfo
 from tierq.ledger import LedgerRow
-from tierq.logs import RequestInfo
+from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost as price_cost
 
-__all__ = ["QUEUE_HEADER", "TIER_HEADER", "Exchange"]
+__all__ = [
+    "QUEUE_HEADER",
+    "TIER_HEADER",
+    "Exchange",
+    "Outcome",
+    "cancelled",
+    "failed",
+    "key_limited",
+    "partial",
+    "served",
+    "shed",
+]
 
 TIER_HEADER: Final = "x-tierq-service-tier"
 QUEUE_HEADER: Final = "x-tierq-queue-ms"
+CLIENT_CLOSED: Final = 499  # nginx's "client closed request": the access line's status
+DRAIN_CODE: Final = "server_shutting_down"
+# An engine's 4xx that the request itself caused (a bad parameter, a prompt too
+# long): the client's doing, so its request stays counted. Any other upstream
+# error status (401/403 credentials, 404 routing, 408/429 load) is the gateway's.
+_CLIENT_FAULTS: Final = frozenset({400, 413, 422})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a request ended: what its row says and what its key is charged."""
+
+    status: str  # the ledger's: served | shed | failed | cancelled
+    code: str | None
+    http_status: int  # what the client was answered (for the access line)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    billed: bool = False  # priced from its tokens and settled to them (served, partial)
+    partial: bool = False
+    by_gateway: bool = False  # the gateway caused it: the key's request is given back
+    cost: Decimal | None = None  # the price already computed for the answer, if billed
+
+
+def served(prompt: int, completion: int, code: str | None = None, *,
+           cost: Decimal | None = None) -> Outcome:
+    """A complete answer (`code` "usage_estimated" when the upstream reported no usage);
+    `cost`: its price when the answer already carries it."""
+    return Outcome("served", code, 200, prompt, completion, billed=True, cost=cost)
+
+
+def partial(prompt: int, completion: int, code: str, http_status: int = 200) -> Outcome:
+    """A stream cut short after tokens reached the client: billed for what was delivered."""
+    return Outcome("cancelled", code, http_status, prompt, completion, billed=True, partial=True)
+
+
+def shed(code: str) -> Outcome:
+    """Refused by the pool (overloaded, queue timeout, its rate) or by a drain."""
+    return Outcome("shed", code, 503 if code == DRAIN_CODE else 429, by_gateway=True)
+
+
+def key_limited() -> Outcome:
+    """Refused by the key's own per-minute limits (which charged nothing)."""
+    return Outcome("shed", "rate_limit_exceeded", 429)
+
+
+def failed(code: str, http_status: int = 502, *, prompt: int = 0, completion: int = 0,
+           delivered: bool = False, upstream_status: int | None = None) -> Outcome:
+    """The upstream failed (or answered something unusable): nothing is billed.
+
+    A stream broken after some tokens were `delivered` is marked partial with
+    them; an engine's refusal of the request itself (`upstream_status` 400, 413,
+    422) is the client's doing, every other failure the gateway's.
+    """
+    return Outcome("failed", code, http_status, prompt, completion, partial=delivered,
+                   by_gateway=upstream_status not in _CLIENT_FAULTS)
+
+
+def cancelled(code: str, http_status: int = CLIENT_CLOSED) -> Outcome:
+    """Nothing usable reached the client: it hung up or stopped reading, or a drain cut it."""
+    return Outcome("cancelled", code, http_status, by_gateway=code == DRAIN_CODE)
 
 
 @dataclass(slots=True)
 class Exchange:
-    """One request as the gateway handles it: what its ledger row is made from."""
+    """One request as the gateway handles it, from intake to its outcome."""
 
     gw: Gateway
-    request_id: str
+    request: web.Request
+    info: RequestInfo
     key: KeyInfo | None
     key_id: str
     pool: Pool
@@ -38,44 +122,18 @@ class Exchange:
     ts: float
     est_prompt: int
     est_total: int
-    info: RequestInfo
     queue_ms: float = 0.0
-    recorded: bool = False
     ttft_s: float | None = None  # first token delivered (streams), from t0
+    charged: bool = False  # the key's limits took this request and its estimate
+    outcome: Outcome | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
 
     def cost(self, prompt: int, completion: int) -> Decimal:
         return price_cost(prompt, completion, self.pool.entry.prices, self.tier,
                           self.gw.config.pricing.priority_multiplier)
-
-    def row(self, status: str, prompt: int = 0, completion: int = 0, cost: Decimal | None = None,
-            *, partial: bool = False, code: str | None = None) -> LedgerRow:
-        # Marked before the write is even queued: a cancellation arriving while
-        # `record` is awaited must not add a second row for the same request.
-        self.recorded = True
-        latency_s = time.monotonic() - self.t0
-        row = LedgerRow(
-            request_id=self.request_id, ts=self.ts, key_id=self.key_id,
-            model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
-            requested_tier=self.requested_tier, applied_tier=self.tier,
-            prompt_tokens=prompt, completion_tokens=completion,
-            cost=cost if cost is not None else Decimal(0), status=status, partial=partial,
-            code=code, queue_ms=self.queue_ms,
-            latency_ms=latency_s * 1000.0, upstream=self.pool.upstream.name,
-        )
-        # The same decision feeds /metrics and the access log line.
-        self.info.row = row
-        self.gw.metrics.observe(row.model, self.pool.upstream.name, self.tier, status, code,
-                                self.queue_ms / 1000.0, latency_s,
-                                self.ttft_s if self.ttft_s is not None else latency_s)
-        return row
-
-    def record_nowait(self, row: LedgerRow) -> None:
-        assert self.gw.ledger is not None
-        self.gw.ledger.record_nowait(row)
-
-    async def record(self, row: LedgerRow) -> None:
-        assert self.gw.ledger is not None
-        await self.gw.ledger.record(row)
 
     def headers(self) -> dict[str, str]:
         # x-request-id echoes the client's id when it sent one; the gateway's own
@@ -83,6 +141,75 @@ class Exchange:
         return {TIER_HEADER: self.tier, QUEUE_HEADER: f"{self.queue_ms:.3f}",
                 "x-request-id": self.info.echo, "x-tierq-request-id": self.request_id}
 
-    def settle(self, real_total: int) -> None:
-        if self.gw.limiter is not None and self.key is not None:
-            self.gw.limiter.settle(self.key, self.est_total, real_total)
+    @property
+    def request_id(self) -> str:
+        return self.info.id
+
+    def admit_key(self) -> float | None:
+        """Charge the key's limits for this request: None if admitted, else the
+        seconds until it would be (then nothing was charged)."""
+        limiter, key = self.gw.limiter, self.key
+        if limiter is None or key is None:
+            return None
+        wait = limiter.check(key, self.est_total)
+        self.charged = wait is None
+        return wait
+
+    def finish(self, outcome: Outcome) -> LedgerRow:
+        """Record `outcome` (the row queued, not awaited): metrics, access line, key.
+
+        A request has one outcome: `done` is set before anything else, so a
+        cancellation arriving while the row's commit is awaited finds it set
+        and adds no second row.
+        """
+        assert self.outcome is None, (self.outcome, outcome)
+        self.outcome = outcome
+        row = self._row(outcome)
+        ledger = self.gw.ledger
+        assert ledger is not None
+        ledger.record_nowait(row)
+        return row
+
+    async def commit(self, outcome: Outcome) -> None:
+        """`finish`, returning once the row is committed: a served response's
+        last bytes wait for it."""
+        assert self.outcome is None, (self.outcome, outcome)
+        self.outcome = outcome
+        row = self._row(outcome)
+        ledger = self.gw.ledger
+        assert ledger is not None
+        await ledger.record(row)
+
+    def _row(self, o: Outcome) -> LedgerRow:
+        latency_s = time.monotonic() - self.t0
+        upstream = self.pool.upstream.name
+        row = LedgerRow(
+            request_id=self.info.id, ts=self.ts, key_id=self.key_id,
+            model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
+            requested_tier=self.requested_tier, applied_tier=self.tier,
+            prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+            cost=(o.cost if o.cost is not None else self.cost(o.prompt_tokens, o.completion_tokens))
+            if o.billed else Decimal(0),
+            status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
+            latency_ms=latency_s * 1000.0, upstream=upstream,
+        )
+        self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
+                                self.queue_ms / 1000.0, latency_s,
+                                self.ttft_s if self.ttft_s is not None else latency_s)
+        if access_enabled():
+            access_line(self.request, self.info, o.http_status, latency_s, {
+                "model": row.model, "key_id": row.key_id, "requested_tier": row.requested_tier,
+                "tier": row.applied_tier, "outcome": row.status, "code": row.code,
+                "queue_ms": round(row.queue_ms, 3), "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens, "cost": format(row.cost, "f")})
+        self._settle(o)
+        return row
+
+    def _settle(self, o: Outcome) -> None:
+        limiter, key = self.gw.limiter, self.key
+        if not self.charged or limiter is None or key is None:
+            return  # no limits, or the key's own limit refused it: nothing was taken
+        if o.billed:
+            limiter.settle(key, self.est_total, o.prompt_tokens + o.completion_tokens)
+        else:
+            limiter.refund(key, self.est_total, request=o.by_gateway)

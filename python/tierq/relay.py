@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 import orjson
@@ -16,7 +16,7 @@ from aiohttp import web
 from tierq.errors import JSON_TYPE, ApiError
 from tierq.gateway import GATEWAY
 from tierq.intake import estimate_output_tokens
-from tierq.outcome import Exchange
+from tierq.outcome import CLIENT_CLOSED, DRAIN_CODE, Exchange, cancelled, failed, partial, served
 from tierq.pricing import render_cost
 from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
                        usage_tokens)
@@ -29,18 +29,21 @@ __all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
 _ONE_WRITE_MAX: Final = 32 * 1024
 
 
-async def upstream_error(ctx: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
+async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The upstream answered an error status: its own 4xx error body passed on, else a 502."""
     raw = await up.read()
-    ctx.record_nowait(ctx.row("failed", code=f"upstream_{up.status}"))
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         data = None
-    headers = ctx.headers()
+    headers = ex.headers()
+    code = f"upstream_{up.status}"
     if up.status < 500 and isinstance(data, dict) and isinstance(data.get("error"), dict):
         # The engine's own 4xx (bad parameter, context too long): the client's to fix.
+        ex.finish(failed(code, up.status, upstream_status=up.status))
         return web.Response(status=up.status, body=orjson.dumps(data), content_type=JSON_TYPE,
                             headers=headers)
+    ex.finish(failed(code, 502, upstream_status=up.status))
     raise ApiError(502, f"The upstream serving this model answered HTTP {up.status}.",
                    "server_error", None, "upstream_error", headers)
 
@@ -71,51 +74,49 @@ async def write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
         raise ClientWriteTimeout()
 
 
-async def relay_json(request: web.Request, ctx: Exchange, up: aiohttp.ClientResponse,
-                      body: dict[str, Any]) -> web.StreamResponse:
+async def relay_json(request: web.Request, ex: Exchange,
+                     up: aiohttp.ClientResponse) -> web.StreamResponse:
     raw = await up.read()
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         data = None
     if not isinstance(data, dict):
-        ctx.record_nowait(ctx.row("failed", code="upstream_bad_response"))
+        ex.finish(failed("upstream_bad_response"))
         raise ApiError(502, "The upstream answered with something that is not a JSON object.",
-                       "server_error", None, "upstream_bad_response", ctx.headers())
+                       "server_error", None, "upstream_bad_response", ex.headers())
     usage = data.get("usage")
     tokens = usage_tokens(usage)
     code = None
     if tokens is None:
         # An upstream that reports no usage is billed on an estimate, and the
         # estimate is what the response says, so billed still equals echoed.
-        tokens = (ctx.est_prompt, estimate_output_tokens(data))
+        tokens = (ex.est_prompt, estimate_output_tokens(data))
         usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
                  "total_tokens": tokens[0] + tokens[1]}
         data["usage"] = usage
         code = "usage_estimated"
-    amount = ctx.cost(*tokens)
-    data["service_tier"] = ctx.tier
+    amount = ex.cost(*tokens)
+    data["service_tier"] = ex.tier
     assert isinstance(usage, dict)
     usage["estimated_cost"] = render_cost(amount)
     out = orjson.dumps(data)
     transport = request.transport
     if transport is None or transport.is_closing():
         # The client left while the upstream answered: nothing was delivered.
-        ctx.record_nowait(ctx.row("cancelled", code="client_disconnected"))
-        ctx.settle(0)
-        return web.Response(status=499)  # nginx's "client closed request"; nobody reads it
+        ex.finish(cancelled("client_disconnected"))
+        return web.Response(status=CLIENT_CLOSED)  # nobody reads it
     if len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0:
         # The usual case. A body this small goes into the socket without
         # waiting on the client (nothing is queued ahead of it and it is below
         # the transport's high-water mark), so no write timeout is needed: the
         # bill is committed, then aiohttp sends headers and body in one write.
-        await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
-        ctx.settle(tokens[0] + tokens[1])
-        return web.Response(body=out, headers=ctx.headers(), content_type=JSON_TYPE)
+        await ex.commit(served(tokens[0], tokens[1], code, cost=amount))
+        return web.Response(body=out, headers=ex.headers(), content_type=JSON_TYPE)
     # A large body may have to wait for the client to read: it is written here,
     # under the write timeout, as all but the last byte, then the bill
     # (committed before the client can see a complete response), then the last byte.
-    resp = web.StreamResponse(headers=ctx.headers())
+    resp = web.StreamResponse(headers=ex.headers())
     resp.content_type = JSON_TYPE
     resp.content_length = len(out)
     await resp.prepare(request)
@@ -123,12 +124,10 @@ async def relay_json(request: web.Request, ctx: Exchange, up: aiohttp.ClientResp
         await write(request, resp, out[:-1])
     except (ClientWriteTimeout, ConnectionResetError) as e:
         # A JSON body cut short is of no use to the client: nothing is billed.
-        code = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
-        ctx.record_nowait(ctx.row("cancelled", code=code))
-        ctx.settle(0)
+        reason = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
+        ex.finish(cancelled(reason))
         return resp
-    await ctx.record(ctx.row("served", tokens[0], tokens[1], amount, code=code))
-    ctx.settle(tokens[0] + tokens[1])
+    await ex.commit(served(tokens[0], tokens[1], code, cost=amount))
     try:
         await write(request, resp, out[-1:], last=True)
     except (ClientWriteTimeout, ConnectionResetError):
@@ -138,14 +137,13 @@ async def relay_json(request: web.Request, ctx: Exchange, up: aiohttp.ClientResp
 
 
 async def relay_stream(
-    request: web.Request, ctx: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
-    body: dict[str, Any],
+    request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
 ) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", **ctx.headers()})
+        "X-Accel-Buffering": "no", **ex.headers()})
     await resp.prepare(request)
-    rewriter = StreamRewriter(ctx.tier, client_wants_usage, ctx.cost)
+    rewriter = StreamRewriter(ex.tier, client_wants_usage, ex.cost)
     delivered = 0  # tokens written to the client
 
     async def relay(read: Rewritten) -> bool:
@@ -154,8 +152,8 @@ async def relay_stream(
         if read.data:  # sent even when a later event is [DONE] or broken
             await write(request, resp, read.data)
             delivered += read.tokens
-            if delivered and ctx.ttft_s is None:
-                ctx.ttft_s = time.monotonic() - ctx.t0
+            if delivered and ex.ttft_s is None:
+                ex.ttft_s = time.monotonic() - ex.t0
         if read.error is not None:
             raise read.error
         return read.done
@@ -165,21 +163,21 @@ async def relay_stream(
         # delivered, mark it partial. Leaving `up`'s context closes the upstream
         # connection, which cancels the generation there; leaving the admission
         # context frees the slot.
-        if ctx.recorded:
+        if ex.done:
             return
         if code is None:
-            code = "server_shutting_down" if ctx.gw.draining else "client_disconnected"
+            code = DRAIN_CODE if ex.gw.draining else "client_disconnected"
+        # A drain cuts a stream the client was still reading (answered 200);
+        # otherwise the client is the one who left.
+        status = 200 if code == DRAIN_CODE else CLIENT_CLOSED
         if delivered == 0:
             # Nothing the client could use was delivered: nothing is billed.
-            ctx.record_nowait(ctx.row("cancelled", code=code))
-            ctx.settle(0)
+            ex.finish(cancelled(code, status))
             return
         usage = rewriter.usage
-        prompt = usage[0] if usage else ctx.est_prompt
+        prompt = usage[0] if usage else ex.est_prompt
         completion = min(delivered, usage[1]) if usage else delivered
-        ctx.record_nowait(ctx.row("cancelled", prompt, completion, ctx.cost(prompt, completion),
-                                  partial=True, code=code))
-        ctx.settle(prompt + completion)
+        ex.finish(partial(prompt, completion, code, status))
 
     try:
         try:
@@ -200,20 +198,19 @@ async def relay_stream(
             if isinstance(e, ConnectionResetError):
                 raise  # our write to the client failed: handled below as a disconnect
             # The upstream broke the stream: nothing is billed for a broken answer.
-            if not ctx.recorded:
-                ctx.record_nowait(ctx.row("failed", ctx.est_prompt, delivered,
-                                          partial=delivered > 0, code="upstream_stream_error"))
+            if not ex.done:
+                ex.finish(failed("upstream_stream_error", 200, prompt=ex.est_prompt,
+                                 completion=delivered, delivered=delivered > 0))
             err = e.obj if isinstance(e, UpstreamStreamError) and e.obj is not None else {
                 "error": {"message": "The upstream stream ended before it was complete.",
                           "type": "server_error", "param": None, "code": "upstream_stream_error"},
-                "service_tier": ctx.tier}
+                "service_tier": ex.tier}
             await write(request, resp, encode_event(err), last=True)
         else:
             # [DONE]: the bill is committed before the client sees the end.
-            prompt, completion = rewriter.usage or (ctx.est_prompt, delivered)
-            await ctx.record(ctx.row("served", prompt, completion, ctx.cost(prompt, completion),
-                                     code=None if rewriter.usage else "usage_estimated"))
-            ctx.settle(prompt + completion)
+            prompt, completion = rewriter.usage or (ex.est_prompt, delivered)
+            await ex.commit(served(prompt, completion,
+                                   None if rewriter.usage else "usage_estimated"))
             await write(request, resp, DONE_EVENT, last=True)
     except asyncio.CancelledError:
         bill_cut_short()
