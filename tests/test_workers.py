@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -175,9 +176,12 @@ async def sim() -> AsyncIterator[SimServer]:
     await server.close()
 
 
-async def _chat(s: aiohttp.ClientSession, url: str, i: int, tier: str = "default") -> tuple[int, str, str]:
+async def _chat(s: aiohttp.ClientSession, url: str, i: int, tier: str = "default",
+                fault: str | None = None) -> tuple[int, str, str]:
     body = {"model": "m", "messages": [{"role": "user", "content": f"req {i}"}], "max_tokens": 2,
             "service_tier": tier}
+    if fault is not None:
+        body["sim_fault"] = fault
     async with s.post(url + "/v1/chat/completions", json=body) as r:
         text = await r.text()
         return r.status, r.headers.get("x-worker", "-"), text
@@ -212,22 +216,31 @@ async def test_priority_in_one_worker_goes_ahead_of_defaults_queued_in_another(s
         done: list[str] = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
-            async def one(name: str, worker: int, tier: str) -> None:
-                status, _, _ = await _chat(s, gw.url(worker), 0, tier)
+            async def one(name: str, worker: int, tier: str, fault: str | None = None) -> None:
+                status, _, _ = await _chat(s, gw.url(worker), 0, tier, fault)
                 assert status == 200
                 done.append(name)
 
-            tasks = [asyncio.create_task(one("d0", 1, "default"))]
-            await asyncio.sleep(0.005)
+            async def admission(worker: int) -> dict[str, Any]:
+                async with s.get(gw.url(worker) + "/admission") as r:
+                    return dict(await r.json())
+
+            async def until(worker: int, ok: Callable[[dict[str, Any]], bool], what: str) -> None:
+                for _ in range(2000):  # state polled: a loaded host only makes it slower
+                    if ok(await admission(worker)):
+                        return
+                    await asyncio.sleep(0.005)
+                raise AssertionError(what)
+
+            # d0 holds the one slot (its upstream is 2 s slow to answer) while
+            # the others queue, so the order below is decided by admission alone.
+            tasks = [asyncio.create_task(one("d0", 1, "default", "slow-first-byte"))]
+            await until(1, lambda a: a["in_flight"] == 1, "d0 never took the slot")
             tasks += [asyncio.create_task(one(f"d{i}", 1, "default")) for i in range(1, 4)]
-            for _ in range(1000):  # until worker 1's defaults are queued
-                async with s.get(gw.url(1) + "/admission") as r:
-                    if (await r.json())["depth"]["default"] == 3:
-                        break
-                await asyncio.sleep(0.005)
-            else:  # on a loaded host this took over 0.5 s, and the order test then proved nothing
-                raise AssertionError("worker 1's defaults never all queued")
+            await until(1, lambda a: a["depth"]["default"] == 3, "worker 1's defaults never all queued")
             tasks.append(asyncio.create_task(one("p", 0, "priority")))
+            await until(0, lambda a: a["depth"]["priority"] == 1, "p never queued")
+            assert done == [], "d0 answered before p queued: the order below would prove nothing"
             await asyncio.gather(*tasks)
         assert done.index("p") == 1, done
     finally:
