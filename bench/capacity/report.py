@@ -63,9 +63,11 @@ def ratios(cells: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, float]:
 def _limit(c: dict[str, Any]) -> str:
     if _nan(c["limit_mean"]):
         return "–"
+    kinds = [k for k in c.get("limit_kind", []) if not k.startswith("fixed")]
+    signal = f" {', '.join(kinds)}" if kinds else ""
     if c["limit_min"] == c["limit_max"]:
-        return f"{c['limit_mean']:.0f}"
-    return f"{c['limit_mean']:.1f} ({c['limit_min']:.0f}–{c['limit_max']:.0f})"
+        return f"{c['limit_mean']:.0f}{signal}"
+    return f"{c['limit_mean']:.1f} ({c['limit_min']:.0f}–{c['limit_max']:.0f}){signal}"
 
 
 def _shed(s: dict[str, Any]) -> str:
@@ -131,6 +133,12 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _change_label(mode: str, ch: dict[str, Any]) -> str:
+    if mode == "oracle":
+        return f"fixed {ch['slots']} (the oracle before the change, not told of it)"
+    return MODE_LABEL.get(mode, mode)
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -178,7 +186,7 @@ def write_report(result: dict[str, Any], name: str) -> None:
                         for k, v in ch["oracle"].items()]),
             "\n",
             h.md_table(["gateway", "back after halving", "back after doubling", "priority sheds"],
-                       [[m, "never" if r["back_s"][0] is None else f"{r['back_s'][0]:.1f} s",
+                       [[_change_label(m, ch), "never" if r["back_s"][0] is None else f"{r['back_s'][0]:.1f} s",
                          "never" if r["back_s"][1] is None else f"{r['back_s'][1]:.1f} s",
                          r["priority_shed"]] for m, r in ch["runs"].items()]),
         ]
@@ -228,6 +236,11 @@ def plot(result: dict[str, Any], name: str) -> Path | None:
         t = [p["t"] for p in pts]
         ax.plot(t, [p["priority_ttft_p99"] for p in pts], color="tab:blue",
                 label="adaptive priority p99 TTFT (ms, 2 s window)")
+        if "oracle" in ch["runs"]:
+            ax.plot([p["t"] for p in ch["runs"]["oracle"]["series"]],
+                    [p["priority_ttft_p99"] for p in ch["runs"]["oracle"]["series"]],
+                    color="grey", lw=0.8, label=f"fixed {ch['slots']}: priority p99 TTFT")
+        ax.set_yscale("log")
         ref = {int(k): v for k, v in ch["oracle"].items()}
         ax.plot(t, [ref[p["slots"]]["ttft_p99"] * 1.2 if p["slots"] in ref else math.nan for p in pts],
                 color="tab:blue", ls="--", lw=0.8, label="1.2x oracle's at current slots")

@@ -163,13 +163,15 @@ def sim_probe(root: str) -> Any:
 def gateway_probe(root: str) -> Any:
     """The pool's limit (adaptive's current value, else its max_concurrency), in flight
     and queued, from /status.json."""
-    def probe() -> tuple[float, int, int] | None:
+    def probe() -> tuple[float, int, int, str] | None:
         s = h.get_json(root + "/status.json", timeout=2)
         for p in s["pools"]:
             if p["model"] == MODEL:
                 lim = p.get("limit")
-                value = lim["value"] if isinstance(lim, dict) else p["max_concurrency"]
-                return float(value), int(p["in_flight"]), int(sum(p["depth"].values()))
+                if isinstance(lim, dict):
+                    return (float(lim["value"]), int(p["in_flight"]), int(sum(p["depth"].values())),
+                            f"{lim.get('mode', '?')}/{lim.get('signal', '?')}")
+                return float(p["max_concurrency"]), int(p["in_flight"]), int(sum(p["depth"].values())), "fixed"
         return None
     return probe
 
@@ -266,9 +268,11 @@ def cell(args: argparse.Namespace, b: Backend, mode: str, load: float, capacity:
         "busy": mean([min(r, s) / s for r, _, s, _ in sim]),
         "engine_waiting_mean": mean([float(w) for _, w, _, _ in sim]),
         "engine_rejected": run["sim_stats"].get("rejected", 0),
-        "limit_mean": mean([v for v, _, _ in gw]),
-        "limit_min": min((v for v, _, _ in gw), default=math.nan),
-        "limit_max": max((v for v, _, _ in gw), default=math.nan),
+        "limit_mean": mean([g[0] for g in gw]),
+        "limit_min": min((g[0] for g in gw), default=math.nan),
+        "limit_max": max((g[0] for g in gw), default=math.nan),
+        # mode/signal as /status.json names them, e.g. "adaptive/engine", "fixed/none"
+        "limit_kind": sorted({g[3] for g in gw}),
         "max_running_seen": run["sim_stats"].get("max_running_seen",
                                                  run["sim_stats"].get("max_generating_seen")),
         "elapsed_s": run["elapsed_s"], "sender_late_p99_ms": run["sender_late_p99_ms"],
@@ -435,17 +439,18 @@ def main() -> None:
                     help="each engine's speed is set so its capacity is about this")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--max-tokens-min", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=14.0, help="seconds of arrivals per run")
+    ap.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals per run")
     ap.add_argument("--warmup", type=float, default=2.0, help="first seconds left out of the stats")
     ap.add_argument("--grace", type=float, default=15.0)
-    ap.add_argument("--capacity-s", type=float, default=8.0, help="saturating run per engine")
+    ap.add_argument("--capacity-s", type=float, default=6.0, help="saturating run per engine")
     ap.add_argument("--wait-default-ms", type=int, default=2000)
     ap.add_argument("--wait-priority-ms", type=int, default=10000)
     ap.add_argument("--change-backend", default="fcfs-16", help="'' for no capacity change")
     ap.add_argument("--change-load", type=float, default=2.0)
     ap.add_argument("--change-phase", type=float, default=12.0,
                     help="seconds before the halving, between it and the doubling, and after")
-    ap.add_argument("--change-modes", default="adaptive")
+    ap.add_argument("--change-modes", default="adaptive,oracle",
+                    help="oracle here: fixed at the slots before the change (told once, not told again)")
     ap.add_argument("--series-step", type=float, default=0.5)
     ap.add_argument("--series-ttft-window", type=float, default=2.0)
     ap.add_argument("--series-busy-window", type=float, default=1.0)
