@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tierq.capacity import EngineLoad, parse_engine_load
+from tierq.cli import main
 from tierq.sim import METRICS_MODEL_NAME, SIM_STATE, SimServer, create_sim_app, start_sim
 
 Stats = dict[str, Any]
@@ -372,6 +373,19 @@ async def _start_cli_sim(*args: str) -> tuple[subprocess.Popen[bytes], str]:
             assert proc.poll() is None, "tierq sim exited"
             assert time.monotonic() < deadline, "tierq sim never listened"
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--slots", "0"], "slots must be an integer >= 1"),
+    (["--batch-knee", "0"], "batch_knee must be > 0"),
+    (["--max-waiting", "-1"], "max_waiting must be an integer >= 0"),
+    (["--tokens-per-s", "nan"], "tokens_per_s must be a number >= 0"),
+])
+def test_tierq_sim_refuses_a_bad_setting_with_one_line(flags: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tierq sim: ") and message in err and "Traceback" not in err
 
 
 async def test_tierq_sim_flags_reach_the_engine() -> None:

@@ -287,10 +287,14 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
 def _sim(args: argparse.Namespace) -> int:
     from tierq.sim import run_sim
 
-    run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
-            args.fault_delay_ms, batch_knee=args.batch_knee, scheduling=args.scheduling,
-            max_waiting=args.max_waiting, overload_status=args.overload_status,
-            metrics=not args.no_metrics)
+    try:
+        run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
+                args.fault_delay_ms, batch_knee=args.batch_knee, scheduling=args.scheduling,
+                max_waiting=args.max_waiting, overload_status=args.overload_status,
+                metrics=not args.no_metrics)
+    except ValueError as e:  # a setting out of range, found before anything listens
+        print(f"tierq sim: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
