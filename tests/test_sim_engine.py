@@ -101,7 +101,9 @@ async def test_requests_beyond_slots_wait_in_the_sims_queue_and_count_in_flight(
             done = await asyncio.gather(*tasks)
         stats = await _stats(sim)
     assert done == [10] * clients
-    assert live["running"] == slots and live["in_flight"] == live["running"] + live["waiting"]
+    # A request is in flight from its first byte to its answer's last, so its
+    # sequence (running, then waiting) is one part of that span.
+    assert live["running"] == slots and live["in_flight"] >= live["running"] + live["waiting"]
     assert stats["max_running_seen"] == slots
     assert stats["max_waiting_seen"] == clients - slots
     # in_flight keeps its meaning: every request inside, generating or waiting.
@@ -270,6 +272,7 @@ async def test_metrics_use_vllms_names_in_prometheus_text_and_match_stats() -> N
                 await client.completions.create(model="m", prompt="a", extra_body={})
             async with _holding(sim, s, n=2):
                 tasks = await _queue_in_order(sim, s, [_body("w", 1)])
+                before = await _stats(sim)
                 async with s.get(sim.root + "/metrics") as r:
                     assert r.status == 200
                     content_type = r.headers["Content-Type"]
@@ -296,7 +299,10 @@ async def test_metrics_use_vllms_names_in_prometheus_text_and_match_stats() -> N
     assert value("vllm:request_success_total", finished_reason="stop") == 1
     assert value("vllm:request_success_total", finished_reason="abort") == 0
     assert value("vllm:prompt_tokens_total") == 3 + 1 + 1 + 1  # two prompts and the holders
-    assert value("vllm:generation_tokens_total") == stats["tokens_generated"]
+    # The holders decode on between the reads: bound the counter by the two.
+    generated = value("vllm:generation_tokens_total")
+    assert before["tokens_generated"] <= generated <= stats["tokens_generated"]
+    assert generated >= 3 + 16 + 2
     # The gateway's own scrape code reads the sim as it reads vLLM.
     assert parse_engine_load(text) == EngineLoad(running=2, waiting=1, kv_usage=1.0)
 
