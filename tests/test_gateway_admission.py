@@ -13,6 +13,8 @@ from multidict import CIMultiDict
 from conftest import PRIORITY_MODEL, GatewayFactory, Running, exact_json, model_config
 from openai import AsyncOpenAI
 
+from tierq import Admission, ManualClock
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -63,23 +65,44 @@ async def test_rate_limited_request_is_429_with_exact_retry_after_and_no_charge(
 async def test_sdk_raises_rate_limit_error_and_its_retry_waits_the_retry_after_given(
     make_gateway: GatewayFactory,
 ) -> None:
-    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, rate=0.5, burst=1,
-                                                 priority_reserve=0.0)])
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL)])
+    # The pool's bucket on a manual clock: the test decides when it refills, so
+    # neither a fixed sleep nor a loaded machine's pace changes what it sees.
+    clock = ManualClock()
+    adm = Admission(rate=0.5, burst=1, priority_reserve=0.0, clock=clock)
+    gw.gw.pools[PRIORITY_MODEL].admission = adm
+
+    def sheds() -> int:
+        shed = adm.stats()["shed"]
+        assert isinstance(shed, dict)
+        return int(shed["rate_limit_exceeded"])
+
     async with AsyncOpenAI(base_url=gw.url, api_key="x", max_retries=0) as c:
         await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
         with pytest.raises(openai.RateLimitError) as info:
             await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
     assert info.value.code == "rate_limit_exceeded"
-    # With one retry allowed the SDK sleeps retry-after-ms (~2 s; its own backoff
-    # would be ~0.5 s) and then succeeds, since the bucket has refilled by then.
-    await asyncio.sleep(2.1)
+    assert info.value.response.headers["retry-after-ms"] == "2000"  # one token per 2 s, exact
+    clock.advance(2.0)
+    # With one retry allowed the SDK sleeps retry-after-ms (2 s; its own backoff
+    # would be ~0.5 s) and then succeeds: the clock moves on once the 429 is out.
     async with AsyncOpenAI(base_url=gw.url, api_key="x", max_retries=1) as c:
         await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
+
+        async def refill_after_the_shed() -> None:
+            await wait_for(lambda: sheds() == 2, timeout=30.0)
+            clock.advance(2.0)
+
+        refill = asyncio.create_task(refill_after_the_shed())
         t0 = time.monotonic()
         resp = await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
         elapsed = time.monotonic() - t0
+        await refill
     assert resp.service_tier == "default"
-    assert 1.5 < elapsed < 4.0
+    assert sheds() == 2  # the retry got in at once: it came after the hint, not before
+    # A lower bound only (a loaded machine can only make it longer): the SDK
+    # waited the 2 s given, not its own backoff.
+    assert elapsed >= 2.0
 
 
 async def test_priority_request_is_dispatched_before_every_waiting_default(
@@ -109,11 +132,11 @@ async def test_priority_request_is_dispatched_before_every_waiting_default(
     assert arrivals[3:] == [2, 3, 4, 5]
     stats = await gw.sim_stats()
     assert stats["max_in_flight_seen"] <= 2
-    # The priority request waited about one blocker's time; the last default, three.
+    # The priority request waited (for a blocker), the last default longer (for
+    # three): compared with each other, not with a wall clock a loaded host stretches.
     p_queue = float(p_headers["x-tierq-queue-ms"])
     d_last_queue = float(results[5][1]["x-tierq-queue-ms"])
-    assert 100 < p_queue < 2000
-    assert d_last_queue > p_queue
+    assert 0 < p_queue < d_last_queue
 
 
 async def test_priority_request_takes_a_headroom_slot_while_defaults_wait(
@@ -200,22 +223,21 @@ async def test_client_disconnect_mid_stream_cancels_upstream_frees_slot_and_bill
                 if got == 4:
                     break
         resp.close()  # hang up mid-stream (200 tokens at 20/s would take 10 s)
-    await wait_for(lambda: adm.stats()["in_flight"] == 0, timeout=3.0)
-    await wait_for(lambda: gw.sim.state.in_flight == 0, timeout=3.0)
+    await wait_for(lambda: adm.stats()["in_flight"] == 0, timeout=10.0)
+    await wait_for(lambda: gw.sim.state.in_flight == 0, timeout=10.0)
     assert gw.sim.state.cancelled == 1
     row = await gw.row(request_id)
     assert row is not None and row.status == "cancelled" and row.partial
-    assert 3 <= row.completion_tokens <= 10  # what was delivered, not the 200 asked for
+    assert 3 <= row.completion_tokens < 50  # what was delivered, not the 200 asked for
     from tierq.catalog import builtin_prices
     from tierq.pricing import cost
 
     assert row.cost == cost(row.prompt_tokens, row.completion_tokens,
                             builtin_prices()[PRIORITY_MODEL], "priority") > 0
-    # The freed slot serves the next request at once.
+    # The freed slot serves the next request at once: admitted without queueing.
     async with aiohttp.ClientSession() as s:
-        t0 = time.monotonic()
-        status, _, raw = await post(s, gw, chat_body(max_tokens=1))
-    assert status == 200 and time.monotonic() - t0 < 1.0
+        status, headers, raw = await post(s, gw, chat_body(max_tokens=1))
+    assert status == 200 and headers["x-tierq-queue-ms"] == "0.000"
     assert exact_json(raw)["service_tier"] == "default"
 
 

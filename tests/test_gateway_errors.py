@@ -239,8 +239,10 @@ async def test_headers_trickled_too_slowly_get_the_connection_closed(
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
     await writer.drain()
     t0 = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), timeout=5.0) == b""  # closed by the gateway
-    assert 0.2 < time.monotonic() - t0 < 3.0
+    # Closed by the gateway (within the 5 s wait), and not before its 0.5 s limit
+    # came near: a lower bound only, as a loaded host can only make it later.
+    assert await asyncio.wait_for(reader.read(), timeout=5.0) == b""
+    assert time.monotonic() - t0 > 0.2
     writer.close()
 
 

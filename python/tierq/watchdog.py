@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["ClientWriteTimeout", "WriteWatchdog"]
@@ -28,10 +29,13 @@ class ClientWriteTimeout(Exception):
 
 
 class WriteWatchdog:
-    def __init__(self, timeout_s: float) -> None:
+    """`clock`: monotonic seconds (a test passes its own, and calls `sweep`)."""
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if not timeout_s > 0:
             raise ValueError("timeout_s must be > 0")
         self.timeout_s = timeout_s
+        self._clock = clock
         self.interval_s = min(1.0, timeout_s / 4)
         # transport -> when its pending write started (monotonic s), or _CUT.
         # HTTP/1.1 writes one response at a time per connection, so a
@@ -54,7 +58,7 @@ class WriteWatchdog:
 
     def begin(self, transport: asyncio.WriteTransport) -> None:
         """A write on `transport` starts."""
-        self._pending[transport] = time.monotonic()
+        self._pending[transport] = self._clock()
 
     def end(self, transport: asyncio.WriteTransport) -> bool:
         """The write on `transport` is over; True if the sweep cut it."""
@@ -63,13 +67,19 @@ class WriteWatchdog:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self._pending:
-                continue
-            deadline = time.monotonic() - self.timeout_s
-            for transport, since in list(self._pending.items()):
-                if since != _CUT and since <= deadline:
-                    self._pending[transport] = _CUT
-                    self.cut += 1
-                    # Abort, not close: a close would wait to flush what the
-                    # client is not reading. The pending drain then fails.
-                    transport.abort()
+            if self._pending:
+                self.sweep()
+
+    def sweep(self) -> int:
+        """One pass: cut every write pending for `timeout_s` or more; how many were cut."""
+        deadline = self._clock() - self.timeout_s
+        cut = 0
+        for transport, since in list(self._pending.items()):
+            if since != _CUT and since <= deadline:
+                self._pending[transport] = _CUT
+                cut += 1
+                # Abort, not close: a close would wait to flush what the
+                # client is not reading. The pending drain then fails.
+                transport.abort()
+        self.cut += cut
+        return cut
