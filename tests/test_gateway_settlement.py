@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +81,15 @@ def make_limiter(request: pytest.FixtureRequest) -> Iterator[Callable[[], KeyLim
 def keyed(make_gateway: GatewayFactory, make_limiter: Callable[[], KeyLimiter],
           tmp_path: Path) -> Callable[..., Any]:
     async def start(*, rpm: int | None = RPM, tpm: int | None = TPM, sim: dict[str, Any] | None = None,
-                    **admission: Any) -> Keyed:
+                    upstream: UpstreamConfig | None = None, **admission: Any) -> Keyed:
         keys_db = tmp_path / "keys.db"
         with KeyStore(str(keys_db)) as store:
             info, token = store.create("limited", rpm=rpm, tpm=tpm)
             _, other = store.create("unlimited")
+        up = upstream or UpstreamConfig("sim", "", "sim")
         config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
-                        upstreams=(UpstreamConfig("sim", "", "sim"),),
-                        models=(model_config(PRIORITY_MODEL, **admission),),
+                        upstreams=(up,),
+                        models=(replace(model_config(PRIORITY_MODEL, **admission), upstream=up.name),),
                         keys=KeysConfig(str(keys_db)))
         gw = await make_gateway(config=config, sim=sim)
         gw.gw.limiter = make_limiter()
@@ -234,8 +235,9 @@ async def test_upstream_failure_gives_back_the_tokens_and_the_request(
 async def test_upstream_unreachable_gives_back_the_tokens_and_the_request(
     keyed: Callable[..., Any],
 ) -> None:
-    k = await keyed()
-    await k.gw.sim.close()  # the engine is gone: connection refused
+    # Nothing listens on port 9 (discard): connection refused.
+    k = await keyed(upstream=UpstreamConfig("dead", "http://127.0.0.1:9/v1", "vllm",
+                                            connect_timeout_s=2.0))
     async with k.client() as c:
         with pytest.raises(openai.APIError):
             await chat(c)
