@@ -252,7 +252,7 @@ impl Rewriter {
         } else {
             loop {
                 let k0 = s.i;
-                let role = match s.key(&[b"service_tier", b"usage", b"error", b"choices"]).ok()? {
+                let role = match s.key(Role::Top).ok()? {
                     Some(0) => Key::ServiceTier,
                     Some(1) => Key::Usage,
                     Some(2) => Key::Error,
@@ -344,7 +344,44 @@ fn copy(out: &mut Vec<u8>, src: &[u8], newlines: bool) {
 }
 
 fn find(b: &[u8], c: u8) -> Option<usize> {
-    b.iter().position(|&x| x == c)
+    let mut i = 0;
+    while let Some(w) = word(b, i) {
+        if has_byte(w, c) {
+            break;
+        }
+        i += 8;
+    }
+    b[i..].iter().position(|&x| x == c).map(|n| i + n)
+}
+
+/// How many bytes at the start of `b` a string holds as they are: none of
+/// them a quote, a backslash or a control character. Eight at a time.
+fn plain_run(b: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(w) = word(b, i) {
+        if has_byte(w, b'"') || has_byte(w, b'\\') || has_below(w, 0x20) {
+            break;
+        }
+        i += 8;
+    }
+    i + b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(b.len() - i)
+}
+
+const LOW: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+fn word(b: &[u8], i: usize) -> Option<u64> {
+    b.get(i..i + 8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+}
+
+/// Some byte of `w` is below `n` (n <= 128).
+fn has_below(w: u64, n: u8) -> bool {
+    w.wrapping_sub(LOW * n as u64) & !w & HIGH != 0
+}
+
+/// Some byte of `w` is `c`.
+fn has_byte(w: u64, c: u8) -> bool {
+    has_below(w ^ (LOW * c as u64), 1)
 }
 
 /// `s` as a JSON string, quotes included.
@@ -363,9 +400,21 @@ pub fn json_string(s: &str) -> Vec<u8> {
     out
 }
 
-/// What a value is to the token count.
+/// The keys that matter in an object of `role`: its index among them.
+fn named(role: Role, key: &[u8]) -> Option<usize> {
+    match (role, key) {
+        (Role::Top, b"service_tier") | (Role::Choice, b"delta") | (Role::Delta, b"content") => Some(0),
+        (Role::Top, b"usage") | (Role::Choice, b"text") | (Role::Delta, b"tool_calls") => Some(1),
+        (Role::Top, b"error") | (Role::Delta, b"reasoning_content") => Some(2),
+        (Role::Top, b"choices") => Some(3),
+        _ => None,
+    }
+}
+
+/// What a value is to the token count (and the event's top-level object).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
+    Top,
     Plain,
     Choices, // the top-level `choices`: count its elements that deliver
     Choice,  // one element of it
@@ -435,6 +484,7 @@ impl Scan<'_> {
         let start = self.i;
         let mut escaped = false;
         loop {
+            self.i += plain_run(&self.b[self.i..]);
             let c = self.next().ok_or(Bad)?;
             match c {
                 b'"' => return Ok((escaped, self.i - 1 > start)),
@@ -473,16 +523,19 @@ impl Scan<'_> {
         Ok(u)
     }
 
-    /// An object key; `Some(n)` when it equals `names[n]` once unescaped.
-    fn key(&mut self, names: &[&[u8]]) -> Result<Option<usize>, Bad> {
+    /// An object key; `Some(n)` for the n-th of the keys that matter in an
+    /// object of this role (see `named`), once unescaped.
+    fn key(&mut self, role: Role) -> Result<Option<usize>, Bad> {
         let k0 = self.i;
         let (escaped, _) = self.string()?;
+        if role == Role::Plain || role == Role::Choices {
+            return Ok(None);
+        }
         let raw = &self.b[k0 + 1..self.i - 1];
         if !escaped {
-            return Ok(names.iter().position(|n| *n == raw));
+            return Ok(named(role, raw));
         }
-        let text = unescape(raw);
-        Ok(names.iter().position(|n| *n == &text[..]))
+        Ok(named(role, &unescape(raw)))
     }
 
     /// A number; returns whether it is non-zero. A number orjson reads as an
@@ -562,14 +615,9 @@ impl Scan<'_> {
                 info.truthy = true;
                 // The members that decide whether a choice or delta delivers; the
                 // last of a repeated key wins, as in a parsed dict.
-                let names: &[&[u8]] = match role {
-                    Role::Choice => &[b"delta", b"text"],
-                    Role::Delta => &[b"content", b"tool_calls", b"reasoning_content"],
-                    _ => &[],
-                };
                 let mut last: [Option<Info>; 3] = [None; 3];
                 loop {
-                    let which = self.key(names)?;
+                    let which = self.key(role)?;
                     self.ws();
                     self.expect(b':')?;
                     self.ws();
@@ -817,6 +865,25 @@ mod tests {
             }
         }
         assert_eq!(state, State::TooLarge);
+    }
+
+    #[test]
+    fn word_at_a_time_searches_agree_with_a_byte_loop() {
+        for len in 0..40 {
+            for at in 0..len {
+                for c in [b'"', b'\\', b'\n', 0x00, 0x1f] {
+                    let mut b = vec![b'a'; len];
+                    b[at] = c;
+                    if at + 3 < len {
+                        b[at + 3] = 0xff; // bytes above 0x7f are plain
+                    }
+                    assert_eq!(plain_run(&b), at, "{len} {at} {c}");
+                    assert_eq!(find(&b, c), Some(at));
+                }
+            }
+            assert_eq!(plain_run(&vec![0xe9; len]), len);
+            assert_eq!(find(&vec![b' '; len], b'\n'), None);
+        }
     }
 
     #[test]
