@@ -22,6 +22,7 @@ use crate::bucket::{self, BucketParams};
 use crate::clock::Clock;
 use crate::error::CoreError;
 use crate::lanes::Ring;
+use crate::limit::{self, EngineSample, LimitMode, PoolView, Signal, FP_SHIFT};
 use crate::mailbox::{self, Mailbox, OUT_EVICTED, OUT_EXPIRED, OUT_GRANT};
 use crate::sync::{spin, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use crate::Lane;
@@ -75,87 +76,186 @@ pub enum Admit {
     Shed { code: ShedCode, retry_after_ns: u64, evicted: Option<WaiterId> },
 }
 
-/// Validated pool settings.
+/// A pool's settings as written (TOML keys, `PoolSettings(...)` keyword
+/// arguments), before any check. `None` means "the default"; the defaults
+/// live here and nowhere else (`Default`). `validate` is the one place that
+/// decides what is allowed; its errors name the key.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub max_concurrency: u32,
+pub struct PoolSpec {
+    /// `Some(n)`: a fixed limit of n. `None`: adaptive.
+    pub max_concurrency: Option<i64>,
+    /// Adaptive bounds and start; only with an adaptive limit.
+    pub min_concurrency: Option<i64>,
+    pub max_concurrency_limit: Option<i64>,
+    pub initial_concurrency: Option<i64>,
+    pub queue_depth: i64,
+    /// Per lane, indexed by `Lane as usize` (priority, default), in ms.
+    pub max_wait_ms: [f64; 2],
+    pub rate: Option<f64>,
+    pub burst: Option<f64>,
+    pub priority_reserve: f64,
+    pub default_min_share: f64,
+    pub priority_headroom: i64,
+    /// How often the engine's metrics are scraped; samples closer than half
+    /// of it to the last one applied are dropped (N workers act as one).
+    pub engine_interval_ms: f64,
+}
+
+/// Adaptive defaults (docs/configuration.md): at least 2 slots, so a
+/// priority headroom of 1 is allowed and a back-off never serialises the
+/// upstream; at most 1024, which bounds the mailboxes sized for it; a start
+/// of 16 that any GPU engine runs, from which the engine signal reaches a
+/// 256-sequence engine in about 45 samples.
+pub const DEFAULT_MIN_CONCURRENCY: i64 = 2;
+pub const DEFAULT_MAX_CONCURRENCY_LIMIT: i64 = 1024;
+pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 16;
+/// Most slots a pool may have, fixed or as an adaptive bound.
+pub const MAX_SLOTS: i64 = 1_000_000;
+/// Most waiters a pool may queue.
+pub const MAX_QUEUE_DEPTH: i64 = 1 << 24;
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        PoolSpec {
+            max_concurrency: None,
+            min_concurrency: None,
+            max_concurrency_limit: None,
+            initial_concurrency: None,
+            queue_depth: 1024,
+            max_wait_ms: [60_000.0, 30_000.0],
+            rate: None,
+            burst: None,
+            priority_reserve: 0.2,
+            default_min_share: 0.0,
+            priority_headroom: 0,
+            engine_interval_ms: 200.0,
+        }
+    }
+}
+
+impl PoolSpec {
+    /// A fixed limit of `n` with the other settings at their defaults.
+    pub fn fixed(n: i64) -> Self {
+        PoolSpec { max_concurrency: Some(n), ..PoolSpec::default() }
+    }
+
+    /// Checks every setting; the error names the first bad key.
+    pub fn validate(&self) -> Result<PoolSettings, CoreError> {
+        let slots = |name, v: i64| {
+            if (1..=MAX_SLOTS).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(CoreError::arg(name, format!("must be between 1 and {MAX_SLOTS}, got {v}")))
+            }
+        };
+        let limit = match self.max_concurrency {
+            Some(n) => {
+                for (name, v) in [
+                    ("min_concurrency", self.min_concurrency),
+                    ("max_concurrency_limit", self.max_concurrency_limit),
+                    ("initial_concurrency", self.initial_concurrency),
+                ] {
+                    if v.is_some() {
+                        return Err(CoreError::arg(name, "only for an adaptive limit (max_concurrency absent or \"auto\")"));
+                    }
+                }
+                LimitMode::Fixed(slots("max_concurrency", n)?)
+            }
+            None => {
+                let min = slots("min_concurrency", self.min_concurrency.unwrap_or(DEFAULT_MIN_CONCURRENCY))?;
+                let max = slots("max_concurrency_limit", self.max_concurrency_limit.unwrap_or(DEFAULT_MAX_CONCURRENCY_LIMIT))?;
+                if max < min {
+                    return Err(CoreError::arg(
+                        "max_concurrency_limit",
+                        format!("must be at least min_concurrency ({min}), got {max}"),
+                    ));
+                }
+                let initial = match self.initial_concurrency {
+                    Some(v) if !(min as i64..=max as i64).contains(&v) => {
+                        return Err(CoreError::arg(
+                            "initial_concurrency",
+                            format!("must be between min_concurrency ({min}) and max_concurrency_limit ({max}), got {v}"),
+                        ))
+                    }
+                    Some(v) => v as u32,
+                    None => (DEFAULT_INITIAL_CONCURRENCY as u32).clamp(min, max),
+                };
+                LimitMode::Adaptive { min, max, initial }
+            }
+        };
+        if !(0..=MAX_QUEUE_DEPTH).contains(&self.queue_depth) {
+            return Err(CoreError::arg("queue_depth", format!("must be between 0 and {MAX_QUEUE_DEPTH}, got {}", self.queue_depth)));
+        }
+        let wait = |name, ms: f64| {
+            if ms.is_finite() && (0.0..=86_400_000.0).contains(&ms) {
+                Ok((ms * 1e6).round() as u64)
+            } else {
+                Err(CoreError::arg(name, format!("must be between 0 and 86400000 ms, got {ms}")))
+            }
+        };
+        let max_wait_ns = [
+            wait("max_wait_ms.priority", self.max_wait_ms[Lane::Priority as usize])?,
+            wait("max_wait_ms.default", self.max_wait_ms[Lane::Default as usize])?,
+        ];
+        if !(self.priority_reserve.is_finite() && (0.0..1.0).contains(&self.priority_reserve)) {
+            return Err(CoreError::arg(
+                "priority_reserve",
+                format!("must be at least 0 and below 1 (a share of burst kept for priority), got {}", self.priority_reserve),
+            ));
+        }
+        let bucket = match (self.rate, self.burst) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(CoreError::arg("burst", "needs rate (burst is the token bucket's size)")),
+            (Some(r), b) => Some(BucketParams::new(r, b.unwrap_or(r.max(1.0)), self.priority_reserve)?),
+        };
+        if !(self.default_min_share.is_finite() && (0.0..=1.0).contains(&self.default_min_share)) {
+            return Err(CoreError::arg("default_min_share", format!("must be between 0 and 1, got {}", self.default_min_share)));
+        }
+        let floor = limit.min() as i64;
+        if !(0..floor).contains(&self.priority_headroom) {
+            let bound = match limit {
+                LimitMode::Fixed(_) => "max_concurrency",
+                LimitMode::Adaptive { .. } => "min_concurrency",
+            };
+            return Err(CoreError::arg(
+                "priority_headroom",
+                format!("must be at least 0 and below {bound} ({floor}): defaults need a slot, got {}", self.priority_headroom),
+            ));
+        }
+        let ms = self.engine_interval_ms;
+        if !(ms.is_finite() && (1.0..=60_000.0).contains(&ms)) {
+            return Err(CoreError::arg("engine_interval_ms", format!("must be between 1 and 60000, got {ms}")));
+        }
+        Ok(PoolSettings {
+            limit,
+            queue_depth: self.queue_depth as u32,
+            max_wait_ns,
+            bucket,
+            default_min_share: self.default_min_share,
+            priority_headroom: self.priority_headroom as u32,
+            engine_interval_ns: (ms * 1e6).round() as u64,
+        })
+    }
+}
+
+/// Validated pool settings (made by `PoolSpec::validate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub limit: LimitMode,
     pub queue_depth: u32,
     /// Indexed by `Lane as usize`.
     pub max_wait_ns: [u64; 2],
     pub bucket: Option<BucketParams>,
     pub default_min_share: f64,
     /// Slots a default request may not take: defaults are admitted only while
-    /// fewer than `max_concurrency - priority_headroom` slots are in use, so a
-    /// priority arrival finds a free slot instead of waiting for one to end.
+    /// fewer than `limit - priority_headroom` slots are in use, so a priority
+    /// arrival finds a free slot instead of waiting for one to end. Below the
+    /// limit's minimum, so defaults always have a slot.
     pub priority_headroom: u32,
+    pub engine_interval_ns: u64,
 }
 
-impl Settings {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        max_concurrency: i64,
-        queue_depth: i64,
-        max_wait_ms_default: f64,
-        max_wait_ms_priority: f64,
-        rate: Option<f64>,
-        burst: Option<f64>,
-        priority_reserve: f64,
-        default_min_share: f64,
-    ) -> Result<Self, CoreError> {
-        if !(1..=1_000_000).contains(&max_concurrency) {
-            return Err(CoreError::arg("max_concurrency", format!("must be in 1..=1000000, got {max_concurrency}")));
-        }
-        if !(0..=1 << 24).contains(&queue_depth) {
-            return Err(CoreError::arg("queue_depth", format!("must be in 0..=16777216, got {queue_depth}")));
-        }
-        let wait = |name, ms: f64| {
-            if ms.is_finite() && ms >= 0.0 && ms <= 86_400_000.0 {
-                Ok((ms * 1e6).round() as u64)
-            } else {
-                Err(CoreError::arg(name, format!("must be between 0 and 86400000 ms, got {ms}")))
-            }
-        };
-        let max_wait_ns = [wait("max_wait_ms.priority", max_wait_ms_priority)?, wait("max_wait_ms.default", max_wait_ms_default)?];
-        if !(default_min_share.is_finite() && (0.0..=1.0).contains(&default_min_share)) {
-            return Err(CoreError::arg("default_min_share", format!("must be in [0, 1], got {default_min_share}")));
-        }
-        let bucket = match (rate, burst) {
-            (None, None) => None,
-            (None, Some(_)) => return Err(CoreError::arg("burst", "needs a rate")),
-            (Some(r), b) => Some(BucketParams::new(r, b.unwrap_or(r.max(1.0)), priority_reserve)?),
-        };
-        if !(priority_reserve.is_finite() && (0.0..1.0).contains(&priority_reserve)) {
-            return Err(CoreError::arg("priority_reserve", format!("must be in [0, 1), got {priority_reserve}")));
-        }
-        Ok(Settings {
-            max_concurrency: max_concurrency as u32,
-            queue_depth: queue_depth as u32,
-            max_wait_ns,
-            bucket,
-            default_min_share,
-            priority_headroom: 0,
-        })
-    }
-
-    /// The same settings with `priority_headroom` slots kept from the default
-    /// lane (0, the default, keeps none).
-    pub fn with_priority_headroom(mut self, headroom: i64) -> Result<Self, CoreError> {
-        if !(0..self.max_concurrency as i64).contains(&headroom) {
-            return Err(CoreError::arg(
-                "priority_headroom",
-                format!("must be in 0..max_concurrency ({}), got {headroom}", self.max_concurrency),
-            ));
-        }
-        self.priority_headroom = headroom as u32;
-        Ok(self)
-    }
-
-    /// In-flight count below which a slot may go to a default request.
-    #[inline]
-    fn default_limit(&self) -> u64 {
-        (self.max_concurrency - self.priority_headroom) as u64
-    }
-
+impl PoolSettings {
     /// Cells per lane ring: room for the whole queue in one lane plus as many
     /// tombstones again (cancelled waiters wait for the head to pass them).
     pub fn ring_cap(&self) -> usize {
@@ -165,8 +265,10 @@ impl Settings {
 
 // State block layout, in words. Each hot field starts its own 64-byte line.
 const LINE: usize = 8;
-// Version 3: line 9 gained `UNSAMPLED`; a version-2 process would not keep it.
-const MAGIC: u64 = 0x7469_6572_715f_0003; // "tierq_" + layout version 3
+// Version 4: the limit lives in the block (lines 12-14), settings take two
+// lines (10-11) and name the limit's mode; a version-3 process would read
+// its limit from its own settings and overrun a lowered one.
+const MAGIC: u64 = 0x7469_6572_715f_0004; // "tierq_" + layout version 4
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 mod at {
@@ -178,7 +280,11 @@ mod at {
     pub const WORKERS: usize = 2;
     pub const MAILBOX_CAP: usize = 3;
     pub const RING_CAP: usize = 4;
-    /// Slots in use; never above max_concurrency.
+    /// Slots in use. A grant (a CAS from n to n + 1, or a release handing
+    /// its slot on at n) happens only while n is below (at or below, for a
+    /// hand-off) the limit read just before: never above the limit in
+    /// force, and never above a fixed limit. A lowered limit preempts
+    /// nothing, so the count may stay above it until releases drain it.
     pub const IN_FLIGHT: usize = LINE;
     /// Live waiters: priority in the low 32 bits, default in the high 32;
     /// their sum never exceeds queue_depth.
@@ -200,10 +306,47 @@ mod at {
     /// Handoffs since the clock was last read for the estimate (a hint:
     /// racing releases may lose a count).
     pub const UNSAMPLED: usize = 9 * LINE + 2;
-    /// Line 10: the settings the block was made for (attach compares them).
+    /// Lines 10-11: the settings the block was made for (attach compares them).
     pub const SETTINGS: usize = 10 * LINE;
+    pub const SETTINGS_WORDS: usize = 11;
+    // Line 12: the limit. Read by every admission, written only when it moves.
+    /// The limit in 1/1024ths of a slot (`limit::FP_SHIFT`); always within
+    /// the mode's [min, max], and exactly n << 10 for Fixed(n) (then never
+    /// written after init). Moved only by CAS around a `limit` rule.
+    pub const LIMIT: usize = 12 * LINE;
+    /// `limit::Signal` that last changed the whole-slot limit (Relaxed, a hint).
+    pub const SIGNAL: usize = 12 * LINE + 1;
+    /// Times the whole-slot limit changed (monotonic, Relaxed).
+    pub const CHANGES: usize = 12 * LINE + 2;
+    /// Clock ns of the last back-off applied (0: never); a back-off wins
+    /// its window by CAS on it, so one overload counts once.
+    pub const BACKOFF_AT: usize = 12 * LINE + 3;
+    // Line 13: the engine signal.
+    /// Clock ns of the last engine sample applied (0: never). A sample
+    /// applies only by CAS from a stamp at least half the engine interval
+    /// old, so workers scraping the same engine act as one.
+    pub const ENGINE_AT: usize = 13 * LINE;
+    /// Engine samples left to hold after a cut. Written only by the sample
+    /// that won ENGINE_AT (plain store).
+    pub const HOLD: usize = 13 * LINE + 1;
+    /// The limit the last engine cut set (0: never cut); same writer as HOLD.
+    pub const CUT_AT: usize = 13 * LINE + 2;
+    // Line 14: the latency estimate (racy load/store: an estimate; samples
+    // that race a window's close may land in the next one or be lost).
+    /// Latency floor (ns, 0: none yet): the lowest window minimum, drifting
+    /// up slowly (`limit::next_floor`).
+    pub const FLOOR: usize = 14 * LINE;
+    /// Mean latency of the last closed window (ns).
+    pub const RECENT: usize = 14 * LINE + 1;
+    /// The open window: sum and count of samples (fetch_add), its minimum
+    /// (fetch_min; u64::MAX when empty) and its start (clock ns, 0 before
+    /// the first sample). Closing is a CAS on the start.
+    pub const WIN_SUM: usize = 14 * LINE + 2;
+    pub const WIN_N: usize = 14 * LINE + 3;
+    pub const WIN_MIN: usize = 14 * LINE + 4;
+    pub const WIN_START: usize = 14 * LINE + 5;
     /// Per lane: cells, enqueued_ns, owners (`ring_cap` words each).
-    pub const RINGS: usize = 11 * LINE;
+    pub const RINGS: usize = 15 * LINE;
 }
 /// Offsets within a worker's line (shared pools).
 mod wk {
@@ -249,23 +392,28 @@ unsafe impl Send for State {}
 unsafe impl Sync for State {}
 
 /// A block's size for `s` and `workers` processes (0: heap, one process).
-fn layout(s: &Settings, workers: usize) -> (usize, usize) {
+fn layout(s: &PoolSettings, workers: usize) -> (usize, usize) {
     let mailbox_cap = if workers == 0 {
         0
     } else {
         // Room for every waiter a worker can own plus every grant in flight.
-        ((s.queue_depth as usize + s.max_concurrency as usize) * 2).next_power_of_two().max(64)
+        ((s.queue_depth as usize + s.limit.max() as usize) * 2).next_power_of_two().max(64)
     };
     let words = at::RINGS + 6 * s.ring_cap() + workers * (LINE + mailbox_cap);
     (words, mailbox_cap)
 }
 
-fn fingerprint(s: &Settings) -> [u64; 8] {
+fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
     let b = s.bucket.unwrap_or(BucketParams { interval_ns: 0, tau_ns: 0, reserve_ns: 0 });
+    let (mode, min, initial) = match s.limit {
+        LimitMode::Fixed(n) => (0, n, n),
+        LimitMode::Adaptive { min, initial, .. } => (1, min, initial),
+    };
     [
-        // max_concurrency fits 20 bits; the headroom shares its word, so a block
-        // made without headroom has the fingerprint it had before the setting.
-        s.max_concurrency as u64 | (s.priority_headroom as u64) << 32,
+        mode,
+        s.limit.max() as u64 | (s.priority_headroom as u64) << 32,
+        min as u64 | (initial as u64) << 32,
+        s.engine_interval_ns,
         s.queue_depth as u64,
         s.max_wait_ns[0],
         s.max_wait_ns[1],
@@ -277,7 +425,7 @@ fn fingerprint(s: &Settings) -> [u64; 8] {
 }
 
 impl State {
-    pub fn words_for(s: &Settings) -> usize {
+    pub fn words_for(s: &PoolSettings) -> usize {
         layout(s, 0).0
     }
     fn heap(n: usize) -> Self {
@@ -323,6 +471,16 @@ enum Hand {
     OwnerGone,
 }
 
+/// What one dispatch did.
+enum Grant {
+    /// No free slot, or nobody waiting.
+    Nothing,
+    /// A waiter of this process got a slot.
+    Mine(WaiterId),
+    /// Another process's waiter got it (posted to its mailbox).
+    Other,
+}
+
 /// What a mailbox message says happened to a waiter of this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -332,29 +490,36 @@ pub enum Outcome {
 
 /// One pool: slots, lanes, bucket.
 pub struct Pool {
-    settings: Settings,
+    settings: PoolSettings,
     clock: Clock,
     state: State,
     cap: usize,
     share_fp: u64,
+    /// `Some(n)` for a fixed limit: read from here, not the block (and a
+    /// release hands its slot on without checking the count).
+    fixed: Option<u64>,
     /// Owner word written into this process's ring cells (0 on the heap).
     me: u64,
     shared: Option<Box<Shared>>,
 }
 
 impl Pool {
-    pub fn new(settings: Settings, clock: Clock) -> Self {
+    pub fn new(settings: PoolSettings, clock: Clock) -> Self {
         let state = State::heap(State::words_for(&settings));
         let pool = Self::with_state(settings, clock, state, None);
         pool.init(0, 0);
         pool
     }
 
-    fn with_state(settings: Settings, clock: Clock, state: State, shared: Option<Box<Shared>>) -> Self {
+    fn with_state(settings: PoolSettings, clock: Clock, state: State, shared: Option<Box<Shared>>) -> Self {
         let cap = settings.ring_cap();
         let share_fp = (settings.default_min_share * SHARE_ONE as f64).round() as u64;
         let me = shared.as_ref().map_or(0, |s| s.me);
-        Pool { settings, clock, state, cap, share_fp, me, shared }
+        let fixed = match settings.limit {
+            LimitMode::Fixed(n) => Some(n as u64),
+            LimitMode::Adaptive { .. } => None,
+        };
+        Pool { settings, clock, state, cap, share_fp, fixed, me, shared }
     }
 
     /// Fills a fresh (zeroed) block; MAGIC last.
@@ -364,6 +529,8 @@ impl Pool {
         for (i, v) in fingerprint(&self.settings).into_iter().enumerate() {
             self.w(at::SETTINGS + i).store(v, SeqCst);
         }
+        self.w(at::LIMIT).store((self.settings.limit.initial() as u64) << FP_SHIFT, SeqCst);
+        self.w(at::WIN_MIN).store(u64::MAX, SeqCst);
         self.w(at::WORKERS).store(workers as u64, SeqCst);
         self.w(at::MAILBOX_CAP).store(mailbox_cap as u64, SeqCst);
         self.w(at::RING_CAP).store(self.cap as u64, SeqCst);
@@ -375,7 +542,7 @@ impl Pool {
     /// the supervisor's view of it (it reclaims; it does not admit).
     #[cfg(not(loom))]
     /// `wake_fds` as for `attach_shared` (empty: none).
-    pub fn create_shared(name: &str, settings: Settings, workers: usize, wake_fds: Vec<i32>, clock: Clock) -> Result<Pool, CoreError> {
+    pub fn create_shared(name: &str, settings: PoolSettings, workers: usize, wake_fds: Vec<i32>, clock: Clock) -> Result<Pool, CoreError> {
         if !(1..=MAX_WORKERS).contains(&workers) {
             return Err(CoreError::arg("workers", format!("must be in 1..={MAX_WORKERS}, got {workers}")));
         }
@@ -397,7 +564,7 @@ impl Pool {
     #[cfg(not(loom))]
     pub fn attach_shared(
         name: &str,
-        settings: Settings,
+        settings: PoolSettings,
         index: Option<usize>,
         wake_fds: Vec<i32>,
         clock: Clock,
@@ -417,7 +584,7 @@ impl Pool {
         if w[at::MAILBOX_CAP].load(SeqCst) as usize != mailbox_cap || w[at::RING_CAP].load(SeqCst) as usize != settings.ring_cap() {
             return bad("ring or mailbox size differs".into());
         }
-        let seen: Vec<u64> = (0..8).map(|i| w[at::SETTINGS + i].load(SeqCst)).collect();
+        let seen: Vec<u64> = (0..at::SETTINGS_WORDS).map(|i| w[at::SETTINGS + i].load(SeqCst)).collect();
         if seen != fingerprint(&settings) {
             return bad("created with different admission settings".into());
         }
@@ -446,7 +613,7 @@ impl Pool {
         crate::shm::Region::unlink(name)
     }
 
-    pub fn settings(&self) -> &Settings {
+    pub fn settings(&self) -> &PoolSettings {
         &self.settings
     }
     pub fn clock(&self) -> &Clock {
@@ -658,9 +825,9 @@ impl Pool {
         // its lane. With headroom, defaults may wait while slots are free for
         // priority, so only priority waiters are ahead of a priority arrival.
         let (limit, ahead) = match lane {
-            Lane::Priority if self.settings.priority_headroom > 0 => (self.settings.max_concurrency as u64, PRIORITY_DEPTH),
-            Lane::Priority => (self.settings.max_concurrency as u64, u64::MAX),
-            Lane::Default => (self.settings.default_limit(), u64::MAX),
+            Lane::Priority if self.settings.priority_headroom > 0 => (self.limit(), PRIORITY_DEPTH),
+            Lane::Priority => (self.limit(), u64::MAX),
+            Lane::Default => (self.default_limit(), u64::MAX),
         };
         if self.w(at::DEPTH).load(SeqCst) & ahead == 0 && self.try_take_slot(limit).is_some() {
             self.hold_mine();
@@ -751,34 +918,78 @@ impl Pool {
         self.ring(Lane::Priority).has_published()
             || (self.ring(Lane::Default).has_published()
                 && (self.settings.priority_headroom == 0
-                    || self.w(at::IN_FLIGHT).load(SeqCst) < self.settings.default_limit()))
+                    || self.w(at::IN_FLIGHT).load(SeqCst) < self.default_limit()))
     }
 
     /// Gives a free slot, if any, to the next waiter. At most one grant;
     /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
+        match self.dispatch_one() {
+            Grant::Mine(id) => Some(id),
+            Grant::Other | Grant::Nothing => None,
+        }
+    }
+
+    fn dispatch_one(&self) -> Grant {
         loop {
-            let before = self.try_take_slot(self.settings.max_concurrency as u64)?;
+            let limit = self.limit();
+            let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
             // The CAS fixed how many slots others hold: the rule is exact.
-            if let Some((id, owner)) = self.pop_next(before < self.settings.default_limit()) {
-                match self.hand_to(id, owner, false) {
-                    Hand::Mine => return Some(id),
-                    Hand::Posted => return None,
+            if let Some((id, owner)) = self.pop_next(before < limit - self.settings.priority_headroom as u64) {
+                return match self.hand_to(id, owner, false) {
+                    Hand::Mine => Grant::Mine(id),
+                    Hand::Posted => Grant::Other,
                     Hand::OwnerGone if self.settings.priority_headroom > 0 => {
                         // Free it and take it again, so the rule is re-decided.
                         self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                         continue;
                     }
-                    Hand::OwnerGone => return self.pass_on(),
-                }
+                    Hand::OwnerGone => self.pass_on().map_or(Grant::Other, Grant::Mine),
+                };
             }
             self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
             // A waiter published after our pop but before our give-back saw no
             // free slot; the SeqCst order makes one of us see the other.
             if !self.any_published() {
-                return None;
+                return Grant::Nothing;
             }
         }
+    }
+
+    /// Gives every free slot to a waiter (after the limit rose); returns
+    /// this process's waiters granted. Others' are posted to their mailboxes.
+    fn fill(&self) -> Vec<WaiterId> {
+        let mut mine = Vec::new();
+        loop {
+            match self.dispatch_one() {
+                Grant::Mine(id) => mine.push(id),
+                Grant::Other => {}
+                Grant::Nothing => return mine,
+            }
+        }
+    }
+
+    /// The limit in force, in whole slots.
+    #[inline]
+    pub fn limit(&self) -> u64 {
+        match self.fixed {
+            Some(n) => n,
+            None => self.w(at::LIMIT).load(SeqCst) >> FP_SHIFT,
+        }
+    }
+
+    /// In-flight count below which a slot may go to a default request
+    /// (the limit is at least its minimum, which is above the headroom).
+    #[inline]
+    fn default_limit(&self) -> u64 {
+        self.limit() - self.settings.priority_headroom as u64
+    }
+
+    /// Whether a releasing slot may pass straight to a waiter: not while
+    /// more are held than a lowered limit allows (the slot is freed instead).
+    #[inline]
+    fn may_hand_on(&self) -> bool {
+        self.fixed.is_some() || self.w(at::IN_FLIGHT).load(SeqCst) <= self.limit()
     }
 
     /// Frees a slot. If someone waits, the slot passes straight to them; if
@@ -792,7 +1003,7 @@ impl Pool {
             if self.w(at::DEPTH).load(SeqCst) != 0 {
                 self.note_release();
             }
-        } else if let Some((id, owner)) = self.pop_next(true) {
+        } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true)).flatten() {
             self.note_release();
             return match self.hand_to(id, owner, true) {
                 Hand::Mine => Some(id),
@@ -815,7 +1026,7 @@ impl Pool {
     /// A taken slot that nobody holds (its owner died): the next waiter gets
     /// it, or it is freed.
     fn pass_on(&self) -> Option<WaiterId> {
-        if self.settings.priority_headroom > 0 {
+        if self.settings.priority_headroom > 0 || !self.may_hand_on() {
             self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
             return if self.any_published() { self.dispatch() } else { None };
         }
@@ -906,6 +1117,137 @@ impl Pool {
     /// (worker index, workers) of this process in a shared pool.
     pub fn worker(&self) -> Option<(Option<usize>, usize)> {
         self.shared.as_deref().map(|sh| (sh.index, sh.workers))
+    }
+
+    /// Moves the limit by `rule` (old word -> new word, clamped to the
+    /// bounds) in one CAS loop; returns what `rule` said alongside and, if
+    /// the limit rose, this process's waiters given the new slots (other
+    /// processes' are posted to their mailboxes). A lowered limit preempts
+    /// nothing: releases free slots until the count is under it.
+    fn move_limit<T>(&self, signal: Signal, rule: impl Fn(u64) -> (u64, T)) -> (T, Vec<WaiterId>) {
+        let word = self.w(at::LIMIT);
+        let mut cur = word.load(SeqCst);
+        let (next, extra) = loop {
+            let (next, extra) = rule(cur);
+            let next = self.settings.limit.clamp_fp(next);
+            if next == cur {
+                return (extra, Vec::new());
+            }
+            match word.compare_exchange_weak(cur, next, SeqCst, SeqCst) {
+                Ok(_) => break (next, extra),
+                Err(seen) => cur = seen,
+            }
+        };
+        if next >> FP_SHIFT == cur >> FP_SHIFT {
+            return (extra, Vec::new());
+        }
+        self.w(at::SIGNAL).store(signal as u64, Relaxed);
+        self.count(at::CHANGES);
+        let granted = if next > cur { self.fill() } else { Vec::new() };
+        (extra, granted)
+    }
+
+    fn view(&self) -> PoolView {
+        let (p, d) = self.depth();
+        PoolView { in_flight: self.w(at::IN_FLIGHT).load(SeqCst), waiters: p as u64 + d as u64 }
+    }
+
+    /// Sets an adaptive limit to `n` slots (clamped to its bounds); the
+    /// controller moves on from there. A no-op for a fixed limit. Returns
+    /// this process's waiters granted if it rose.
+    pub fn set_limit(&self, n: u64) -> Vec<WaiterId> {
+        if self.fixed.is_some() {
+            return Vec::new();
+        }
+        self.move_limit(Signal::None, |_| (n.min(u64::MAX >> FP_SHIFT) << FP_SHIFT, ())).1
+    }
+
+    /// One sample of the engine's metrics (`limit::engine_step`): `running`
+    /// and `waiting` sequences, KV cache usage in millionths if known. A
+    /// sample closer than half the engine interval to the last one applied
+    /// (by any process) is dropped. Returns this process's waiters granted.
+    pub fn observe_engine(&self, running: u64, waiting: u64, kv_usage_ppm: Option<u32>) -> Vec<WaiterId> {
+        if self.fixed.is_some() {
+            return Vec::new();
+        }
+        let now = self.clock.now_ns().max(1);
+        let stamp = self.w(at::ENGINE_AT);
+        let last = stamp.load(SeqCst);
+        if last != 0 && now.saturating_sub(last) < self.settings.engine_interval_ns / 2 {
+            return Vec::new();
+        }
+        if stamp.compare_exchange(last, now, SeqCst, SeqCst).is_err() {
+            return Vec::new();
+        }
+        let sample = EngineSample { running, waiting, kv_usage_ppm };
+        let view = self.view();
+        let hold = self.w(at::HOLD).load(Relaxed) as u32;
+        let cut_at = self.w(at::CUT_AT).load(Relaxed);
+        let (step, granted) = self.move_limit(Signal::Engine, |fp| {
+            let step = limit::engine_step(self.settings.limit, fp, sample, view, hold, cut_at);
+            (step.fp, step)
+        });
+        self.w(at::HOLD).store(step.hold as u64, Relaxed);
+        self.w(at::CUT_AT).store(step.cut_at, Relaxed);
+        granted
+    }
+
+    /// One time-to-first-token sample (ns) of a response from an upstream
+    /// without engine metrics. Samples gather in windows; the sample that
+    /// closes one applies `limit::gradient_step`. Returns this process's
+    /// waiters granted.
+    pub fn observe_latency(&self, ns: u64) -> Vec<WaiterId> {
+        if self.fixed.is_some() {
+            return Vec::new();
+        }
+        let ns = ns.max(1);
+        let now = self.clock.now_ns().max(1);
+        self.w(at::WIN_SUM).fetch_add(ns, Relaxed);
+        let n = self.w(at::WIN_N).fetch_add(1, Relaxed) + 1;
+        self.w(at::WIN_MIN).fetch_min(ns, Relaxed);
+        let start_word = self.w(at::WIN_START);
+        let start = start_word.load(SeqCst);
+        if start == 0 {
+            let _ = start_word.compare_exchange(0, now, SeqCst, SeqCst);
+            return Vec::new();
+        }
+        let age = now.saturating_sub(start);
+        let due = (n >= limit::WINDOW_SAMPLES && age >= limit::WINDOW_MIN_NS) || age >= limit::WINDOW_MAX_NS;
+        if !due || start_word.compare_exchange(start, now, SeqCst, SeqCst).is_err() {
+            return Vec::new();
+        }
+        let sum = self.w(at::WIN_SUM).swap(0, Relaxed);
+        let n = self.w(at::WIN_N).swap(0, Relaxed);
+        let window_min = self.w(at::WIN_MIN).swap(u64::MAX, Relaxed);
+        if n == 0 || window_min == u64::MAX {
+            return Vec::new();
+        }
+        let recent = (sum / n).max(1);
+        let floor = limit::next_floor(self.w(at::FLOOR).load(Relaxed), window_min);
+        self.w(at::FLOOR).store(floor, Relaxed);
+        self.w(at::RECENT).store(recent, Relaxed);
+        let view = self.view();
+        self.move_limit(Signal::Latency, |fp| (limit::gradient_step(self.settings.limit, fp, floor, recent, view), ())).1
+    }
+
+    /// The upstream said it is overloaded (429/503 before anything reached
+    /// the client): `limit::backoff_step`, at most once per back-off window
+    /// (`BACKOFF_MIN_NS`, or the latency floor if longer).
+    pub fn observe_overload(&self) -> Vec<WaiterId> {
+        if self.fixed.is_some() {
+            return Vec::new();
+        }
+        let now = self.clock.now_ns().max(1);
+        let window = limit::BACKOFF_MIN_NS.max(self.w(at::FLOOR).load(Relaxed));
+        let stamp = self.w(at::BACKOFF_AT);
+        let last = stamp.load(SeqCst);
+        if last != 0 && now.saturating_sub(last) < window {
+            return Vec::new();
+        }
+        if stamp.compare_exchange(last, now, SeqCst, SeqCst).is_err() {
+            return Vec::new();
+        }
+        self.move_limit(Signal::Backoff, |fp| (limit::backoff_step(self.settings.limit, fp), ())).1
     }
 
     /// Tracks the drain rate while the pool is saturated.
@@ -1000,7 +1342,12 @@ impl Pool {
         Stats {
             depth: [p, d],
             in_flight: self.w(at::IN_FLIGHT).load(SeqCst) as u32,
-            max_concurrency: self.settings.max_concurrency,
+            limit: self.limit() as u32,
+            limit_mode: self.settings.limit,
+            limit_signal: Signal::from_word(self.w(at::SIGNAL).load(Relaxed)),
+            limit_changes: self.w(at::CHANGES).load(Relaxed),
+            latency_floor_ns: self.w(at::FLOOR).load(Relaxed),
+            latency_recent_ns: self.w(at::RECENT).load(Relaxed),
             admitted: at::ADMITTED.map(|i| self.w(i).load(Relaxed)),
             shed: at::SHED.map(|i| self.w(i).load(Relaxed)),
             cancelled: self.w(at::CANCELLED).load(Relaxed),
@@ -1020,7 +1367,15 @@ impl Pool {
 pub struct Stats {
     pub depth: [u32; 2],
     pub in_flight: u32,
-    pub max_concurrency: u32,
+    /// The limit in force (whole slots) and its mode (bounds).
+    pub limit: u32,
+    pub limit_mode: LimitMode,
+    /// What moved the limit last, and how many times it moved.
+    pub limit_signal: Signal,
+    pub limit_changes: u64,
+    /// The latency signal's floor and last window's mean (0: no sample yet).
+    pub latency_floor_ns: u64,
+    pub latency_recent_ns: u64,
     pub admitted: [u64; 2],
     pub shed: [u64; 3],
     pub cancelled: u64,
@@ -1035,7 +1390,7 @@ mod tests {
     /// One slot (held), a deep queue, time on a manual clock.
     fn saturated() -> (Pool, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(1_000_000_000));
-        let s = Settings::new(1, 1024, 1e6, 1e6, None, None, 0.0, 0.0).unwrap();
+        let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1024, max_wait_ms: [1e6, 1e6], rate: None, burst: None, priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
         let pool = Pool::new(s, Clock::Manual(clock.clone()));
         assert_eq!(pool.admit(Lane::Priority, 1), Admit::Now);
         (pool, clock)

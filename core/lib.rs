@@ -7,6 +7,7 @@ pub mod bucket;
 pub mod clock;
 pub mod error;
 pub mod keytable;
+pub mod limit;
 mod lanes;
 #[doc(hidden)]
 pub mod mailbox;
@@ -18,7 +19,8 @@ mod sync;
 #[cfg(feature = "python")]
 mod py;
 
-pub use admission::{Admit, Outcome, Pool, Settings, ShedCode, Stats, WaiterId, MAX_WORKERS};
+pub use admission::{Admit, Outcome, Pool, PoolSettings, PoolSpec, ShedCode, Stats, WaiterId, MAX_WORKERS};
+pub use limit::{LimitMode, Signal};
 pub use bucket::{BucketParams, Decision, TokenBucket};
 pub use clock::{Clock, ManualClock};
 pub use error::CoreError;

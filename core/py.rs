@@ -4,20 +4,37 @@
 
 use std::sync::Arc;
 
+use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
-use crate::admission::{Admit, Outcome, Pool, Settings, ShedCode};
+use crate::admission::{Admit, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
+use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
 use crate::keytable::{KeyTable, RPM, TPM};
 use crate::{bucket, Lane};
 
+create_exception!(
+    _core,
+    SettingsError,
+    PyValueError,
+    "A bad setting or argument; `key` names it (e.g. \"max_wait_ms.default\") and `reason` says why."
+);
+
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> PyErr {
         match e {
-            CoreError::InvalidArgument { .. } | CoreError::Layout(_) => PyValueError::new_err(e.to_string()),
+            CoreError::InvalidArgument { name, ref reason } => Python::attach(|py| {
+                let err = SettingsError::new_err(e.to_string());
+                let value = err.value(py);
+                // Setting attributes on a fresh exception instance cannot fail.
+                let _ = value.setattr("key", name);
+                let _ = value.setattr("reason", reason.as_str());
+                err
+            }),
+            CoreError::Layout(_) => PyValueError::new_err(e.to_string()),
             CoreError::Os(_) => PyOSError::new_err(e.to_string()),
         }
     }
@@ -112,90 +129,204 @@ fn opt(id: Option<u64>) -> i64 {
     id.map_or(NONE, |v| v as i64)
 }
 
+/// `max_concurrency`: an int (fixed), "auto" or None (adaptive).
+fn limit_arg(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
+    let Some(v) = v else { return Ok(None) };
+    if v.is_none() {
+        return Ok(None);
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return match s.to_str()? {
+            "auto" => Ok(None),
+            other => Err(CoreError::arg("max_concurrency", format!("expected an integer or \"auto\", got {other:?}")).into()),
+        };
+    }
+    int_arg("max_concurrency", v).map(Some)
+}
+
+fn int_arg(name: &'static str, v: &Bound<'_, PyAny>) -> PyResult<i64> {
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(CoreError::arg(name, format!("expected an integer, got {v}")).into());
+    }
+    v.extract::<i64>().map_err(|_| CoreError::arg(name, format!("expected an integer, got {v}")).into())
+}
+
+fn num_arg(name: &'static str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if v.is_instance_of::<pyo3::types::PyBool>() || v.is_instance_of::<PyString>() {
+        return Err(CoreError::arg(name, format!("expected a number, got {}", v.repr()?)).into());
+    }
+    let shown = v.repr()?;
+    v.extract::<f64>().map_err(|_| CoreError::arg(name, format!("expected a number, got {shown}")).into())
+}
+
+/// `max_wait_ms`: one number for both lanes, or a mapping of lane to ms
+/// (a lane left out keeps its default). The same shape as in TOML.
+fn waits_arg(v: &Bound<'_, PyAny>, mut waits: [f64; 2]) -> PyResult<[f64; 2]> {
+    if let Ok(d) = v.cast::<PyDict>() {
+        for (k, ms) in d.iter() {
+            let lane = match k.extract::<String>() {
+                Ok(l) if l == "priority" => Lane::Priority,
+                Ok(l) if l == "default" => Lane::Default,
+                other => {
+                    let shown = match other {
+                        Ok(l) => format!("{l:?}"),
+                        Err(_) => k.repr()?.to_string(),
+                    };
+                    return Err(CoreError::arg("max_wait_ms", format!("unknown lane {shown} (lanes are \"default\" and \"priority\")")).into());
+                }
+            };
+            let name = if lane == Lane::Priority { "max_wait_ms.priority" } else { "max_wait_ms.default" };
+            waits[lane as usize] = num_arg(name, &ms)?;
+        }
+        return Ok(waits);
+    }
+    let ms = num_arg("max_wait_ms", v)?;
+    Ok([ms, ms])
+}
+
+/// A pool's validated settings: what `AdmissionCore`, `Admission` and the
+/// shared-memory constructors take. Every argument is optional; the
+/// defaults and the allowed ranges live in the core, and a bad value raises
+/// `SettingsError` naming its key.
+#[pyclass(name = "PoolSettings", module = "tierq._core", frozen)]
+pub struct PyPoolSettings(PoolSettings);
+
+#[pymethods]
+impl PyPoolSettings {
+    #[new]
+    #[pyo3(signature = (*, max_concurrency = None, min_concurrency = None, max_concurrency_limit = None,
+                        initial_concurrency = None, queue_depth = None, max_wait_ms = None, rate = None,
+                        burst = None, priority_reserve = None, default_min_share = None,
+                        priority_headroom = None, engine_interval_ms = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        max_concurrency: Option<&Bound<'_, PyAny>>,
+        min_concurrency: Option<&Bound<'_, PyAny>>,
+        max_concurrency_limit: Option<&Bound<'_, PyAny>>,
+        initial_concurrency: Option<&Bound<'_, PyAny>>,
+        queue_depth: Option<&Bound<'_, PyAny>>,
+        max_wait_ms: Option<&Bound<'_, PyAny>>,
+        rate: Option<&Bound<'_, PyAny>>,
+        burst: Option<&Bound<'_, PyAny>>,
+        priority_reserve: Option<&Bound<'_, PyAny>>,
+        default_min_share: Option<&Bound<'_, PyAny>>,
+        priority_headroom: Option<&Bound<'_, PyAny>>,
+        engine_interval_ms: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let d = PoolSpec::default();
+        let int = |name, v: Option<&Bound<'_, PyAny>>| v.map(|v| int_arg(name, v)).transpose();
+        let num = |name, v: Option<&Bound<'_, PyAny>>| v.map(|v| num_arg(name, v)).transpose();
+        let spec = PoolSpec {
+            max_concurrency: limit_arg(max_concurrency)?,
+            min_concurrency: int("min_concurrency", min_concurrency)?,
+            max_concurrency_limit: int("max_concurrency_limit", max_concurrency_limit)?,
+            initial_concurrency: int("initial_concurrency", initial_concurrency)?,
+            queue_depth: int("queue_depth", queue_depth)?.unwrap_or(d.queue_depth),
+            max_wait_ms: max_wait_ms.map(|v| waits_arg(v, d.max_wait_ms)).transpose()?.unwrap_or(d.max_wait_ms),
+            rate: num("rate", rate)?,
+            burst: num("burst", burst)?,
+            priority_reserve: num("priority_reserve", priority_reserve)?.unwrap_or(d.priority_reserve),
+            default_min_share: num("default_min_share", default_min_share)?.unwrap_or(d.default_min_share),
+            priority_headroom: int("priority_headroom", priority_headroom)?.unwrap_or(d.priority_headroom),
+            engine_interval_ms: num("engine_interval_ms", engine_interval_ms)?.unwrap_or(d.engine_interval_ms),
+        };
+        Ok(PyPoolSettings(spec.validate()?))
+    }
+
+    /// "fixed" or "adaptive".
+    #[getter]
+    fn limit_mode(&self) -> &'static str {
+        self.0.limit.as_str()
+    }
+    #[getter]
+    fn limit_min(&self) -> u32 {
+        self.0.limit.min()
+    }
+    /// The most slots the limit can reach (a fixed limit's n): size
+    /// connection pools by this.
+    #[getter]
+    fn limit_max(&self) -> u32 {
+        self.0.limit.max()
+    }
+    #[getter]
+    fn limit_initial(&self) -> u32 {
+        self.0.limit.initial()
+    }
+    #[getter]
+    fn queue_depth(&self) -> u32 {
+        self.0.queue_depth
+    }
+    /// `{"default": ms, "priority": ms}`.
+    #[getter]
+    fn max_wait_ms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("default", self.0.max_wait_ns[Lane::Default as usize] as f64 / 1e6)?;
+        d.set_item("priority", self.0.max_wait_ns[Lane::Priority as usize] as f64 / 1e6)?;
+        Ok(d)
+    }
+    #[getter]
+    fn priority_headroom(&self) -> u32 {
+        self.0.priority_headroom
+    }
+    #[getter]
+    fn engine_interval_ms(&self) -> f64 {
+        self.0.engine_interval_ns as f64 / 1e6
+    }
+
+    fn __repr__(&self) -> String {
+        let limit = match self.0.limit {
+            LimitMode::Fixed(n) => format!("max_concurrency={n}"),
+            LimitMode::Adaptive { min, max, initial } => {
+                format!("max_concurrency=\"auto\", min_concurrency={min}, max_concurrency_limit={max}, initial_concurrency={initial}")
+            }
+        };
+        format!("PoolSettings({limit}, queue_depth={}, ...)", self.0.queue_depth)
+    }
+}
+
 #[pymethods]
 impl PyAdmissionCore {
     #[new]
-    #[pyo3(signature = (max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
-                        max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0, clock = None, priority_headroom = 0))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        max_concurrency: i64,
-        queue_depth: i64,
-        max_wait_ms_default: f64,
-        max_wait_ms_priority: f64,
-        rate: Option<f64>,
-        burst: Option<f64>,
-        priority_reserve: f64,
-        default_min_share: f64,
-        clock: Option<&Bound<'_, PyManualClock>>,
-        priority_headroom: i64,
-    ) -> PyResult<Self> {
-        let s = Settings::new(
-            max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
-            rate, burst, priority_reserve, default_min_share,
-        )?
-        .with_priority_headroom(priority_headroom)?;
-        Ok(PyAdmissionCore(Pool::new(s, clock_of(clock))))
+    #[pyo3(signature = (settings, clock = None))]
+    fn new(settings: &Bound<'_, PyPoolSettings>, clock: Option<&Bound<'_, PyManualClock>>) -> Self {
+        PyAdmissionCore(Pool::new(settings.get().0.clone(), clock_of(clock)))
     }
 
     /// Creates the shared state block `name` for `workers` processes; returns
     /// the supervisor's handle (it reclaims dead workers; it never admits).
     #[staticmethod]
-    #[pyo3(signature = (name, workers, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
-                        max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0, priority_headroom = 0))]
-    #[allow(clippy::too_many_arguments)]
-    fn create_shared(
-        name: &str,
-        workers: usize,
-        wake_fds: Vec<i32>,
-        max_concurrency: i64,
-        queue_depth: i64,
-        max_wait_ms_default: f64,
-        max_wait_ms_priority: f64,
-        rate: Option<f64>,
-        burst: Option<f64>,
-        priority_reserve: f64,
-        default_min_share: f64,
-        priority_headroom: i64,
-    ) -> PyResult<Self> {
-        let s = Settings::new(
-            max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
-            rate, burst, priority_reserve, default_min_share,
-        )?
-        .with_priority_headroom(priority_headroom)?;
-        Ok(PyAdmissionCore(Pool::create_shared(name, s, workers, wake_fds, Clock::Monotonic)?))
+    fn create_shared(name: &str, workers: usize, wake_fds: Vec<i32>, settings: &Bound<'_, PyPoolSettings>) -> PyResult<Self> {
+        Ok(PyAdmissionCore(Pool::create_shared(name, settings.get().0.clone(), workers, wake_fds, Clock::Monotonic)?))
     }
 
     /// Maps the shared block `name` as worker `worker` (None: supervisor),
     /// checking it was made with the same settings. `wake_fds[i]` is worker
     /// i's eventfd, written when another process decides one of its waiters.
     #[staticmethod]
-    #[pyo3(signature = (name, worker, wake_fds, max_concurrency = 64, queue_depth = 1024, max_wait_ms_default = 30000.0,
-                        max_wait_ms_priority = 60000.0, rate = None, burst = None,
-                        priority_reserve = 0.2, default_min_share = 0.0, priority_headroom = 0))]
-    #[allow(clippy::too_many_arguments)]
-    fn attach_shared(
-        name: &str,
-        worker: Option<usize>,
-        wake_fds: Vec<i32>,
-        max_concurrency: i64,
-        queue_depth: i64,
-        max_wait_ms_default: f64,
-        max_wait_ms_priority: f64,
-        rate: Option<f64>,
-        burst: Option<f64>,
-        priority_reserve: f64,
-        default_min_share: f64,
-        priority_headroom: i64,
-    ) -> PyResult<Self> {
-        let s = Settings::new(
-            max_concurrency, queue_depth, max_wait_ms_default, max_wait_ms_priority,
-            rate, burst, priority_reserve, default_min_share,
-        )?
-        .with_priority_headroom(priority_headroom)?;
-        Ok(PyAdmissionCore(Pool::attach_shared(name, s, worker, wake_fds, Clock::Monotonic)?))
+    fn attach_shared(name: &str, worker: Option<usize>, wake_fds: Vec<i32>, settings: &Bound<'_, PyPoolSettings>) -> PyResult<Self> {
+        Ok(PyAdmissionCore(Pool::attach_shared(name, settings.get().0.clone(), worker, wake_fds, Clock::Monotonic)?))
+    }
+
+    /// The limit in force (whole slots).
+    #[getter]
+    fn limit(&self) -> u64 {
+        self.0.limit()
+    }
+
+    /// An engine metrics sample; returns this process's waiters granted.
+    #[pyo3(signature = (running, waiting, kv_usage_ppm = None))]
+    fn observe_engine(&self, running: u64, waiting: u64, kv_usage_ppm: Option<u32>) -> Vec<u64> {
+        self.0.observe_engine(running, waiting, kv_usage_ppm)
+    }
+
+    /// A time-to-first-token sample (ns); returns this process's waiters granted.
+    fn observe_latency(&self, ns: u64) -> Vec<u64> {
+        self.0.observe_latency(ns)
+    }
+
+    /// An upstream overload answer; returns this process's waiters granted.
+    fn observe_overload(&self) -> Vec<u64> {
+        self.0.observe_overload()
     }
 
     /// Removes a shared block's name (live mappings stay valid).
@@ -290,7 +421,16 @@ impl PyAdmissionCore {
         let out = PyDict::new(py);
         out.set_item("depth", lanes([s.depth[0] as u64, s.depth[1] as u64])?)?;
         out.set_item("in_flight", s.in_flight)?;
-        out.set_item("max_concurrency", s.max_concurrency)?;
+        // The limit in force, under the name consumers read since it was fixed.
+        out.set_item("max_concurrency", s.limit)?;
+        out.set_item("limit", s.limit)?;
+        out.set_item("limit_mode", s.limit_mode.as_str())?;
+        out.set_item("limit_signal", s.limit_signal.as_str())?;
+        out.set_item("limit_min", s.limit_mode.min())?;
+        out.set_item("limit_max", s.limit_mode.max())?;
+        out.set_item("limit_changes", s.limit_changes)?;
+        out.set_item("limit_floor_ms", s.latency_floor_ns as f64 / 1e6)?;
+        out.set_item("limit_recent_ms", s.latency_recent_ns as f64 / 1e6)?;
         out.set_item("admitted", lanes(s.admitted)?)?;
         out.set_item("shed", shed)?;
         out.set_item("cancelled", s.cancelled)?;
@@ -391,7 +531,9 @@ impl PySharedBucket {
 fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyManualClock>()?;
     m.add_class::<PyTokenBucket>()?;
+    m.add_class::<PyPoolSettings>()?;
     m.add_class::<PyAdmissionCore>()?;
+    m.add("SettingsError", m.py().get_type::<SettingsError>())?;
     m.add_class::<PySharedKeyBuckets>()?;
     m.add_class::<PySharedBucket>()?;
     m.add_class::<PySseRewriter>()?; // the stream rewrite section below

@@ -24,7 +24,7 @@ def main() -> int:
     config = load_config(config_path)
     debug = [int(p) for p in debug_ports.split(",")]
     catalog = Catalog.from_config(config)
-    shared = SharedPools({m.id: m.admission.admission_kwargs() for m in catalog.values()}, len(debug),
+    shared = SharedPools({m.id: m.admission.settings for m in catalog.values()}, len(debug),
                          key_capacity=config.keys.table_capacity)
     sock = listen("127.0.0.1", int(port))
 

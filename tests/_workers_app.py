@@ -17,14 +17,15 @@ import uvloop
 from aiohttp import web
 
 from tierq.admission import Shed
+from tierq import PoolSettings
 from tierq.workers import SharedPools, Supervisor, listen
 
 
 def main() -> int:
     port, debug_ports, sim, workers, max_conc = sys.argv[1:6]
     debug = [int(p) for p in debug_ports.split(",")]
-    shared = SharedPools({"m": {"max_concurrency": int(max_conc), "queue_depth": 256,
-                                "max_wait_ms": 20000}}, int(workers))
+    shared = SharedPools({"m": PoolSettings(max_concurrency=int(max_conc), queue_depth=256,
+                                            max_wait_ms=20000)}, int(workers))
     sock = listen("127.0.0.1", int(port))
 
     def target(index: int) -> int:

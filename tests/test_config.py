@@ -34,7 +34,7 @@ def test_example_config_loads_with_every_section() -> None:
     assert cfg.pricing.priority_multiplier == Decimal("1.5")
     llama = cfg.models[0]
     assert llama.admission.max_concurrency == 8
-    assert llama.admission.max_wait_ms_priority == 60000
+    assert llama.admission.settings.max_wait_ms["priority"] == 60000
     assert llama.admission.rate == 100.0 and llama.admission.burst == 200
     assert cfg.keys.path == "tierq.db"
     catalog = Catalog.from_config(cfg)
@@ -90,9 +90,7 @@ id = "zai-org/GLM-5.2"
 [models.admission]
 max_wait_ms = 500
 """))
-    a = cfg.models[0].admission
-    assert (a.max_wait_ms_default, a.max_wait_ms_priority) == (500, 500)
-    assert a.admission_kwargs()["max_wait_ms"] == {"default": 500, "priority": 500}
+    assert cfg.models[0].admission.settings.max_wait_ms == {"default": 500, "priority": 500}
 
 
 def test_priority_headroom_reaches_the_admission_and_defaults_to_none(tmp_path: Path) -> None:
@@ -105,8 +103,8 @@ priority_headroom = 2
 [[models]]
 id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 """))
-    assert cfg.models[0].admission.admission_kwargs()["priority_headroom"] == 2
-    assert cfg.models[1].admission.priority_headroom == 0
+    assert cfg.models[0].admission.settings.priority_headroom == 2
+    assert cfg.models[1].admission.settings.priority_headroom == 0
 
 
 @pytest.mark.parametrize(
@@ -141,12 +139,12 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
         ('[[models]]\nid = "zai-org/GLM-5.2"\npriority = "yes"\n',
          'tierq.toml: models[0].priority: expected true or false, got "yes"'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { default = 1, lowest = 2 }\n',
-         "tierq.toml: models[0].admission.max_wait_ms.lowest: unknown key"),
+         'tierq.toml: models[0].admission.max_wait_ms: unknown lane "lowest" (lanes are "default" and "priority")'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nburst = 5\n',
          "tierq.toml: models[0].admission.burst: needs rate (burst is the token bucket's size)"),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_concurrency = 4\npriority_headroom = 4\n',
-         "tierq.toml: models[0].admission.priority_headroom: must be below max_concurrency (4): "
-         "defaults need a slot"),
+         "tierq.toml: models[0].admission.priority_headroom: must be at least 0 and below max_concurrency (4): "
+         "defaults need a slot, got 4"),
         ('[[models]]\nupstream = "sim"\n', "tierq.toml: models[0].id: required"),
         ('models = 3\n', "tierq.toml: models: expected an array of tables ([[models]]), got 3"),
         ('[ledger]\nurl = "mysql://x"\n',
@@ -223,7 +221,7 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 def test_bucket_the_core_refuses_is_a_config_error_not_a_startup_traceback(tmp_path: Path) -> None:
     # A burst whose refill time overflows the core's clock (found by the fuzzer).
     msg = error_of(tmp_path, _BUCKET_MODEL + "rate = 0.001\nburst = 1000000000\n")
-    assert "models[0].admission.rate" in msg and "1e9 s" in msg and "\n" not in msg
+    assert "models[0].admission.burst" in msg and "1e9 s" in msg and "\n" not in msg
 
 
 def test_priority_reserve_of_one_is_a_config_error(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from tierq import Shed
 from tierq.sim import SimServer, start_sim
+from tierq import PoolSettings
 from tierq.workers import SharedPools
 
 APP = Path(__file__).with_name("_workers_app.py")
@@ -29,7 +30,7 @@ APP = Path(__file__).with_name("_workers_app.py")
 
 @pytest.fixture
 def shared() -> Iterator[SharedPools]:
-    sp = SharedPools({"m": {"max_concurrency": 1, "queue_depth": 4, "max_wait_ms": 2000}}, 2)
+    sp = SharedPools({"m": PoolSettings(max_concurrency=1, queue_depth=4, max_wait_ms=2000)}, 2)
     yield sp
     sp.close()
 
@@ -62,8 +63,8 @@ async def test_grant_decided_by_one_worker_wakes_the_owner_through_its_eventfd(s
 
 
 async def test_priority_headroom_holds_across_workers_of_a_shared_pool() -> None:
-    sp = SharedPools({"m": {"max_concurrency": 2, "queue_depth": 4, "max_wait_ms": 2000,
-                            "priority_headroom": 1}}, 2)
+    sp = SharedPools({"m": PoolSettings(max_concurrency=2, queue_depth=4, max_wait_ms=2000,
+                                        priority_headroom=1)}, 2)
     a, b = sp.attach(0), sp.attach(1)
     a.start()
     b.start()
@@ -94,7 +95,7 @@ async def test_priority_headroom_holds_across_workers_of_a_shared_pool() -> None
 
 
 async def test_expiry_decided_elsewhere_sheds_the_owners_waiter(shared: SharedPools) -> None:
-    sp = SharedPools({"m": {"max_concurrency": 1, "queue_depth": 4, "max_wait_ms": 30}}, 2)
+    sp = SharedPools({"m": PoolSettings(max_concurrency=1, queue_depth=4, max_wait_ms=30)}, 2)
     a, b = sp.attach(0), sp.attach(1)
     a.start()
     b.start()

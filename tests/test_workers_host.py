@@ -20,6 +20,7 @@ import pytest
 
 from tierq.keys import KeyStore
 from tierq.metrics import GatewayMetrics, PoolSnapshot, snapshot_from_json, snapshot_to_json
+from tierq import PoolSettings
 from tierq.workers import SharedPools
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -36,7 +37,7 @@ def test_snapshot_survives_the_json_exchange_unchanged() -> None:
 
 
 def test_board_shows_each_worker_the_others_latest_snapshot() -> None:
-    sp = SharedPools({"m": {"max_concurrency": 1}}, 2)
+    sp = SharedPools({"m": PoolSettings(max_concurrency=1)}, 2)
     try:
         a, b = sp.attach(0), sp.attach(1)
         assert a.board is not None and b.board is not None

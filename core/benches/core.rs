@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use criterion::{Bencher, Criterion};
 use tierq_core::bucket::{decide, BucketParams, Decision};
 use tierq_core::clock::monotonic_ns;
-use tierq_core::{Admit, Clock, Lane, Pool, Settings, TokenBucket};
+use tierq_core::{Admit, Clock, Lane, Pool, PoolSpec, TokenBucket};
 
 // ---------------------------------------------------------------- baselines --
 
@@ -103,7 +103,7 @@ impl MutexPool {
 // ------------------------------------------------------------------ harness --
 
 fn pool(max_concurrency: i64) -> Pool {
-    let s = Settings::new(max_concurrency, 1024, 30_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    let s = PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: 1024, max_wait_ms: [60_000.0, 30_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     Pool::new(s, Clock::Monotonic)
 }
 

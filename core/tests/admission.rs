@@ -7,15 +7,13 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, Settings, ShedCode, WaiterId};
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, ShedCode, WaiterId};
 
 const MS: u64 = 1_000_000;
 
 fn pool(max: i64, depth: i64, wait_default_ms: f64, wait_priority_ms: f64, headroom: i64) -> (Pool, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(1_000 * MS));
-    let s = Settings::new(max, depth, wait_default_ms, wait_priority_ms, None, None, 0.2, 0.0)
-        .unwrap()
-        .with_priority_headroom(headroom)
+    let s = PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [wait_priority_ms, wait_default_ms], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, priority_headroom: headroom, ..PoolSpec::default() }.validate()
         .unwrap();
     (Pool::new(s, Clock::Manual(clock.clone())), clock)
 }
@@ -82,7 +80,7 @@ fn retry_after_before_any_drain_under_load_is_one_second_per_line() {
 #[test]
 fn rate_limited_retry_after_stays_exact() {
     let clock = Arc::new(ManualClock::new(1_000 * MS));
-    let s = Settings::new(8, 8, 30_000.0, 60_000.0, Some(10.0), Some(1.0), 0.0, 0.0).unwrap().with_priority_headroom(2).unwrap();
+    let s = PoolSpec { max_concurrency: Some(8), queue_depth: 8, max_wait_ms: [60_000.0, 30_000.0], rate: Some(10.0), burst: Some(1.0), priority_reserve: 0.0, default_min_share: 0.0, priority_headroom: 2, ..PoolSpec::default() }.validate().unwrap();
     let p = Pool::new(s, Clock::Manual(clock.clone()));
     assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     clock.advance_ns(30 * MS);
@@ -119,10 +117,14 @@ fn priority_headroom_keeps_slots_from_default_requests() {
 
 #[test]
 fn priority_headroom_must_leave_defaults_a_slot() {
-    let s = Settings::new(4, 8, 1.0, 1.0, None, None, 0.2, 0.0).unwrap();
-    assert!(s.clone().with_priority_headroom(3).is_ok());
-    assert!(s.clone().with_priority_headroom(4).is_err());
-    assert!(s.with_priority_headroom(-1).is_err());
+    let with = |max_concurrency, headroom| PoolSpec { max_concurrency, priority_headroom: headroom, ..PoolSpec::default() }.validate();
+    assert!(with(Some(4), 3).is_ok());
+    assert!(with(Some(4), 4).is_err());
+    assert!(with(Some(4), -1).is_err());
+    // Adaptive: below the minimum the limit can fall to.
+    assert!(with(None, 1).is_ok());
+    let err = with(None, 2).unwrap_err().to_string();
+    assert!(err.starts_with("priority_headroom: must be at least 0 and below min_concurrency (2)"), "{err}");
 }
 
 /// xorshift: reproducible service times.

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use tierq_core::{Admit, BucketParams, Clock, Decision, Lane, ManualClock, Pool, Settings, ShedCode, TokenBucket};
+use tierq_core::{Admit, BucketParams, Clock, Decision, Lane, ManualClock, Pool, PoolSettings, PoolSpec, ShedCode, TokenBucket};
 
 /// Reads the input a byte at a time; a short input reads as zeros.
 pub struct Bytes<'a> {
@@ -73,7 +73,7 @@ pub fn decode_op(b: &mut Bytes) -> Op {
 
 /// Pool settings from the first four bytes: small pools, so the fuzzer
 /// reaches full queues, full rings and evictions in a few operations.
-pub fn decode_settings(b: &mut Bytes) -> Settings {
+pub fn decode_settings(b: &mut Bytes) -> PoolSettings {
     let max_concurrency = 1 + b.u8() as i64 % 4;
     let queue_depth = b.u8() as i64 % 7;
     let waits = [0.0, 0.005, 1.0, 50.0, 200.0];
@@ -85,7 +85,7 @@ pub fn decode_settings(b: &mut Bytes) -> Settings {
         2 => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.0),
         _ => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.5),
     };
-    Settings::new(max_concurrency, queue_depth, wait_default, wait_priority, rate, burst, reserve, default_min_share)
+    PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [wait_priority, wait_default], rate: rate, burst: burst, priority_reserve: reserve, default_min_share: default_min_share, ..PoolSpec::default() }.validate()
         .expect("decoded settings are valid")
 }
 
@@ -105,7 +105,7 @@ const LANES: [Lane; 2] = [Lane::Priority, Lane::Default];
 
 /// The plain sequential model plus the bookkeeping the invariants need.
 struct Model {
-    s: Settings,
+    s: PoolSettings,
     ring_cap: usize,
     share_fp: u64,
     credit: u64,
@@ -255,7 +255,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
                 assert_eq!(got, Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None }, "{op:?}");
                 return;
             }
-            if m.depth() == 0 && m.in_flight < m.s.max_concurrency {
+            if m.depth() == 0 && m.in_flight < m.s.limit.max() {
                 m.in_flight += 1;
                 m.admitted[l] += 1;
                 assert_eq!(got, Admit::Now, "{op:?}");
@@ -307,7 +307,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
             };
             assert_eq!(waiter, id, "{op:?}: ticket");
             assert_eq!(got_evicted, evicted, "{op:?}: evicted");
-            if m.in_flight < m.s.max_concurrency {
+            if m.in_flight < m.s.limit.max() {
                 m.in_flight += 1;
                 grant(m, granted, "admit");
             } else {
@@ -384,7 +384,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
         }
         Op::Dispatch => {
             let got = pool.dispatch();
-            if m.in_flight < m.s.max_concurrency {
+            if m.in_flight < m.s.limit.max() {
                 grant(m, got, "dispatch");
                 if got.is_some() {
                     m.in_flight += 1;
@@ -398,7 +398,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
 
 fn check(pool: &Pool, m: &Model, op: Op) {
     let s = pool.stats();
-    assert!(s.in_flight <= s.max_concurrency, "after {op:?}: in_flight {} > max {}", s.in_flight, s.max_concurrency);
+    assert!(s.in_flight <= s.limit, "after {op:?}: in_flight {} > max {}", s.in_flight, s.limit);
     assert!(s.depth[0] + s.depth[1] <= m.s.queue_depth, "after {op:?}: depth {:?} > queue_depth {}", s.depth, m.s.queue_depth);
     assert_eq!(s.in_flight, m.in_flight, "after {op:?}: in_flight");
     assert_eq!(s.depth, [m.live(0), m.live(1)], "after {op:?}: depth");
@@ -406,7 +406,7 @@ fn check(pool: &Pool, m: &Model, op: Op) {
     assert_eq!(s.shed, m.shed, "after {op:?}: shed");
     assert_eq!(s.cancelled, m.cancelled, "after {op:?}: cancelled");
     // Work conserving: nobody waits while a slot is free.
-    assert!(s.depth == [0, 0] || s.in_flight == s.max_concurrency, "after {op:?}: {:?} waiting with a free slot", s.depth);
+    assert!(s.depth == [0, 0] || s.in_flight == s.limit, "after {op:?}: {:?} waiting with a free slot", s.depth);
     // Every waiter ever queued is waiting or was decided once, and the
     // counters add up: queued = granted (from the line) + shed + cancelled + waiting.
     let (mut waiting, mut decided) = (0u64, [0u64; 4]);

@@ -6,10 +6,10 @@ use std::sync::Arc as StdArc;
 
 use loom::sync::Arc;
 use loom::thread;
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, Settings, TokenBucket};
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, TokenBucket};
 
 fn pool(max_concurrency: i64, queue_depth: i64) -> Pool {
-    let s = Settings::new(max_concurrency, queue_depth, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
+    let s = PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     Pool::new(s, Clock::Manual(StdArc::new(ManualClock::new(1))))
 }
 

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, Settings, ShedCode};
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, ShedCode};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -169,9 +169,7 @@ impl Model {
 
 fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize, headroom: usize) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(0));
-    let settings = Settings::new(max_concurrency as i64, queue_depth as i64, 50.0, 80.0, None, None, 0.2, 0.0)
-        .unwrap()
-        .with_priority_headroom(headroom as i64)
+    let settings = PoolSpec { max_concurrency: Some(max_concurrency as i64), queue_depth: queue_depth as i64, max_wait_ms: [80.0, 50.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, priority_headroom: headroom as i64, ..PoolSpec::default() }.validate()
         .unwrap();
     let ring_cap = settings.ring_cap();
     let pool = Pool::new(settings, Clock::Manual(clock.clone()));

@@ -9,10 +9,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tierq_core::{Admit, Clock, CoreError, Lane, Outcome, Pool, Settings, ShedCode};
+use tierq_core::{Admit, Clock, CoreError, Lane, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
 
-fn settings(max: i64, depth: i64) -> Settings {
-    Settings::new(max, depth, 60_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap()
+fn settings(max: i64, depth: i64) -> PoolSettings {
+    PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap()
 }
 
 /// A unique region name per test, removed when the guard drops.
@@ -29,7 +29,7 @@ impl Drop for Name {
     }
 }
 
-fn attach(name: &Name, s: &Settings, worker: usize, workers: usize) -> Pool {
+fn attach(name: &Name, s: &PoolSettings, worker: usize, workers: usize) -> Pool {
     Pool::attach_shared(&name.0, s.clone(), Some(worker), vec![-1; workers], Clock::Monotonic).unwrap()
 }
 
@@ -95,7 +95,7 @@ fn priority_waiter_in_one_worker_goes_ahead_of_defaults_queued_in_another() {
 #[test]
 fn eviction_and_expiry_decided_elsewhere_are_mailed_as_sheds() {
     let name = Name::new("shed");
-    let s = Settings::new(1, 1, 10.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1, max_wait_ms: [60_000.0, 10.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
@@ -345,7 +345,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
 }
 
 /// Forks `workers` children running `worker_loop`; returns their pids.
-fn fork_workers(name: &Name, s: &Settings, c: &Arc<Shm>, workers: usize, rounds: usize, hold_us: u64, skip: &[usize]) -> Vec<(usize, libc::pid_t)> {
+fn fork_workers(name: &Name, s: &PoolSettings, c: &Arc<Shm>, workers: usize, rounds: usize, hold_us: u64, skip: &[usize]) -> Vec<(usize, libc::pid_t)> {
     (0..workers)
         .filter(|i| !skip.contains(i))
         .map(|i| {
@@ -356,7 +356,7 @@ fn fork_workers(name: &Name, s: &Settings, c: &Arc<Shm>, workers: usize, rounds:
             if pid == 0 {
                 let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let p = attach(name, s, i, workers);
-                    worker_loop(&p, c.w(), i, s.max_concurrency as u64, rounds, i as u64 + 99, hold_us);
+                    worker_loop(&p, c.w(), i, s.limit.max() as u64, rounds, i as u64 + 99, hold_us);
                 }))
                 .map_or(1, |_| 0);
                 // SAFETY: ends the child without running the parent's atexit/test harness.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, Settings, TokenBucket};
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, TokenBucket};
 
 const THREADS: usize = 4;
 
@@ -104,7 +104,7 @@ impl Harness {
 
 #[test]
 fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
-    let settings = Settings::new(3, 16, 60_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    let settings = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let h = Arc::new(Harness {
         pool: Pool::new(settings, Clock::Monotonic),
         max: 3,
@@ -194,7 +194,7 @@ fn concurrent_waiters_are_each_granted_once() {
     // ticket must come out of the pool exactly once. `held` counts slots the
     // pool has handed out and nobody has released yet (an admit granted now, a
     // grant, a hand-off), so the releaser only ever releases a held slot.
-    let settings = Settings::new(1, 4096, 60_000.0, 60_000.0, None, None, 0.2, 0.0).unwrap();
+    let settings = PoolSpec { max_concurrency: Some(1), queue_depth: 4096, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let pool = Arc::new(Pool::new(settings, Clock::Monotonic));
     assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
     let held = Arc::new(AtomicU64::new(1));
@@ -262,14 +262,14 @@ fn concurrent_waiters_are_each_granted_once() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "release() without a held slot")]
 fn release_without_a_held_slot_is_caught_in_debug_builds() {
-    let settings = Settings::new(2, 4, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
+    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     Pool::new(settings, Clock::Monotonic).release();
 }
 
 #[test]
 #[cfg(not(debug_assertions))]
 fn release_without_a_held_slot_does_not_wrap_the_count() {
-    let settings = Settings::new(2, 4, 1000.0, 1000.0, None, None, 0.2, 0.0).unwrap();
+    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let pool = Pool::new(settings, Clock::Monotonic);
     assert_eq!(pool.release(), None);
     assert_eq!(pool.stats().in_flight, 0);

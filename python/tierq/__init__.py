@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tierq._core import ManualClock, TokenBucket
+from tierq._core import ManualClock, PoolSettings, SettingsError, TokenBucket
 from tierq.admission import Admission, Shed, Slot
 
 if TYPE_CHECKING:
     from tierq.app import create_app
 
-__all__ = ["Admission", "ManualClock", "Shed", "Slot", "TokenBucket", "create_app"]
+__all__ = ["Admission", "ManualClock", "PoolSettings", "SettingsError", "Shed", "Slot", "TokenBucket", "create_app"]
 __version__ = "0.1.0"
 
 

@@ -1,7 +1,18 @@
 # Hand-written stub for the compiled module; `python -m mypy.stubtest tierq._core` keeps it honest.
+from collections.abc import Mapping
 from typing import Self, final
 
-__all__ = ["AdmissionCore", "ManualClock", "SHED_CODES", "SharedBucket", "SharedKeyBuckets", "SseRewriter", "TokenBucket"]
+__all__ = [
+    "AdmissionCore",
+    "ManualClock",
+    "PoolSettings",
+    "SHED_CODES",
+    "SettingsError",
+    "SharedBucket",
+    "SharedKeyBuckets",
+    "SseRewriter",
+    "TokenBucket",
+]
 
 SHED_CODES: list[str]
 
@@ -45,51 +56,59 @@ class SharedBucket:
     def adjust(self, delta: int) -> None: ...
     def available(self) -> float: ...
 
+class SettingsError(ValueError):
+    """A bad setting or argument; `key` names it and `reason` says why."""
+
+    key: str
+    reason: str
+
 @final
-class AdmissionCore:
+class PoolSettings:
     def __new__(
         cls,
-        max_concurrency: int = 64,
-        queue_depth: int = 1024,
-        max_wait_ms_default: float = 30000.0,
-        max_wait_ms_priority: float = 60000.0,
+        *,
+        max_concurrency: int | str | None = None,
+        min_concurrency: int | None = None,
+        max_concurrency_limit: int | None = None,
+        initial_concurrency: int | None = None,
+        queue_depth: int | None = None,
+        max_wait_ms: float | Mapping[str, float] | None = None,
         rate: float | None = None,
         burst: float | None = None,
-        priority_reserve: float = 0.2,
-        default_min_share: float = 0.0,
-        clock: ManualClock | None = None,
-        priority_headroom: int = 0,
+        priority_reserve: float | None = None,
+        default_min_share: float | None = None,
+        priority_headroom: int | None = None,
+        engine_interval_ms: float | None = None,
     ) -> Self: ...
+    @property
+    def limit_mode(self) -> str: ...
+    @property
+    def limit_min(self) -> int: ...
+    @property
+    def limit_max(self) -> int: ...
+    @property
+    def limit_initial(self) -> int: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def max_wait_ms(self) -> dict[str, float]: ...
+    @property
+    def priority_headroom(self) -> int: ...
+    @property
+    def engine_interval_ms(self) -> float: ...
+
+@final
+class AdmissionCore:
+    def __new__(cls, settings: PoolSettings, clock: ManualClock | None = None) -> Self: ...
     @staticmethod
-    def create_shared(
-        name: str,
-        workers: int,
-        wake_fds: list[int],
-        max_concurrency: int = 64,
-        queue_depth: int = 1024,
-        max_wait_ms_default: float = 30000.0,
-        max_wait_ms_priority: float = 60000.0,
-        rate: float | None = None,
-        burst: float | None = None,
-        priority_reserve: float = 0.2,
-        default_min_share: float = 0.0,
-        priority_headroom: int = 0,
-    ) -> AdmissionCore: ...
+    def create_shared(name: str, workers: int, wake_fds: list[int], settings: PoolSettings) -> AdmissionCore: ...
     @staticmethod
-    def attach_shared(
-        name: str,
-        worker: int | None,
-        wake_fds: list[int],
-        max_concurrency: int = 64,
-        queue_depth: int = 1024,
-        max_wait_ms_default: float = 30000.0,
-        max_wait_ms_priority: float = 60000.0,
-        rate: float | None = None,
-        burst: float | None = None,
-        priority_reserve: float = 0.2,
-        default_min_share: float = 0.0,
-        priority_headroom: int = 0,
-    ) -> AdmissionCore: ...
+    def attach_shared(name: str, worker: int | None, wake_fds: list[int], settings: PoolSettings) -> AdmissionCore: ...
+    @property
+    def limit(self) -> int: ...
+    def observe_engine(self, running: int, waiting: int, kv_usage_ppm: int | None = None) -> list[int]: ...
+    def observe_latency(self, ns: int) -> list[int]: ...
+    def observe_overload(self) -> list[int]: ...
     @staticmethod
     def unlink_shared(name: str) -> None: ...
     def drain(self) -> list[tuple[int, int]]: ...

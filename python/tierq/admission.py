@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypedDict, Unpack
 
-from tierq._core import SHED_CODES, AdmissionCore, ManualClock
+from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings
 from tierq.retry_after import retry_after
 
-__all__ = ["Admission", "Shed", "Slot", "lane_waits"]
+__all__ = ["Admission", "PoolSettings", "SettingsKwargs", "Shed", "Slot"]
 
 _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
@@ -23,16 +23,21 @@ _NONE = -1
 _NEVER = (1 << 63) - 1
 
 
-def lane_waits(max_wait_ms: float | Mapping[str, float]) -> tuple[float, float]:
-    """`max_wait_ms` as (default, priority) ms: one number for both lanes, or a
-    mapping by lane (a missing lane takes its default). The one reading of it,
-    for a one-process pool and a shared one (tierq.workers) alike."""
-    if isinstance(max_wait_ms, Mapping):
-        unknown = set(max_wait_ms) - set(_LANES)
-        if unknown:
-            raise ValueError(f"max_wait_ms: unknown lane {sorted(unknown)[0]!r}")
-        return float(max_wait_ms.get("default", 30000.0)), float(max_wait_ms.get("priority", 60000.0))
-    return float(max_wait_ms), float(max_wait_ms)
+class SettingsKwargs(TypedDict, total=False):
+    """The keyword arguments of `PoolSettings` (defaults and ranges: the core)."""
+
+    max_concurrency: int | str | None
+    min_concurrency: int | None
+    max_concurrency_limit: int | None
+    initial_concurrency: int | None
+    queue_depth: int | None
+    max_wait_ms: float | Mapping[str, float] | None
+    rate: float | None
+    burst: float | None
+    priority_reserve: float | None
+    default_min_share: float | None
+    priority_headroom: int | None
+    engine_interval_ms: float | None
 
 
 class Shed(Exception):
@@ -137,81 +142,92 @@ class Admission:
     """Admission control for one pool (one model's backend capacity).
 
     ``async with adm.acquire("priority") as slot:`` waits in its lane for one
-    of `max_concurrency` slots or raises `Shed`. A task cancelled while waiting
-    leaves the queue at once; the slot is released however the block exits.
+    of `limit` slots or raises `Shed`. A task cancelled while waiting leaves
+    the queue at once; the slot is released however the block exits.
+
+    Settings: a `PoolSettings`, or its keyword arguments
+    (``Admission(max_concurrency=8, queue_depth=256, max_wait_ms=...)``).
+    ``max_concurrency=n`` fixes the limit at n; absent (or ``"auto"``) it is
+    adaptive within ``[min_concurrency, max_concurrency_limit]``, moved by
+    `observe_engine`, `observe_latency` and `observe_overload`.
     `priority_headroom` slots are kept for priority: a default request is
-    admitted only while fewer than ``max_concurrency - priority_headroom`` are
-    in use (0, the default, keeps none).
+    admitted only while fewer than ``limit - priority_headroom`` are in use.
     """
 
     __slots__ = ("_core", "_waiters", "_max_wait_s")
 
     def __init__(
         self,
-        max_concurrency: int = 64,
-        queue_depth: int = 1024,
-        max_wait_ms: float | Mapping[str, float] = 30000.0,
-        rate: float | None = None,
-        burst: float | None = None,
-        priority_reserve: float = 0.2,
-        default_min_share: float = 0.0,
+        settings: PoolSettings | None = None,
+        /,
+        *,
         clock: ManualClock | None = None,
-        priority_headroom: int = 0,
+        **kwargs: Unpack[SettingsKwargs],
     ) -> None:
-        wait_default, wait_priority = lane_waits(max_wait_ms)
-        core = AdmissionCore(
-            max_concurrency,
-            queue_depth,
-            wait_default,
-            wait_priority,
-            rate,
-            burst,
-            priority_reserve,
-            default_min_share,
-            clock,
-            priority_headroom,
-        )
-        self._adopt(core, wait_default, wait_priority)
+        if settings is None:
+            settings = PoolSettings(**kwargs)
+        elif kwargs:
+            raise TypeError("Admission takes a PoolSettings or its keyword arguments, not both")
+        self._adopt(AdmissionCore(settings, clock), settings)
 
-    def _adopt(self, core: AdmissionCore, wait_default: float, wait_priority: float) -> None:
+    def _adopt(self, core: AdmissionCore, settings: PoolSettings) -> None:
         """Takes `core` as this pool's state (local or shared): the one place the
         Python side of an Admission is set up."""
         self._core = core
         self._waiters: dict[int, Slot] = {}
+        waits = settings.max_wait_ms
         # Timers fire a little after the deadline so the core sees it passed.
-        self._max_wait_s = (wait_priority / 1000 + 0.001, wait_default / 1000 + 0.001)
+        self._max_wait_s = (waits["priority"] / 1000 + 0.001, waits["default"] / 1000 + 0.001)
 
     @classmethod
-    def shared(
-        cls,
-        name: str,
-        worker: int,
-        wake_fds: Sequence[int],
-        max_concurrency: int = 64,
-        queue_depth: int = 1024,
-        max_wait_ms: float | Mapping[str, float] = 30000.0,
-        rate: float | None = None,
-        burst: float | None = None,
-        priority_reserve: float = 0.2,
-        default_min_share: float = 0.0,
-        priority_headroom: int = 0,
-    ) -> Admission:
+    def shared(cls, name: str, worker: int, wake_fds: Sequence[int], settings: PoolSettings) -> Admission:
         """This worker's handle on a pool whose state is the shared block `name`.
 
         The block (made by `tierq.workers.SharedPools`) must have been created
         with the same settings; all workers then share one pair of lanes, one
-        bucket and one slot count. Outcomes another worker decides for this
-        one's waiters arrive in its mailbox: call `deliver()` when
+        bucket, one slot count and one limit. Outcomes another worker decides
+        for this one's waiters arrive in its mailbox: call `deliver()` when
         `wake_fds[worker]` (an eventfd) is readable.
         """
-        wait_default, wait_priority = lane_waits(max_wait_ms)
-        core = AdmissionCore.attach_shared(
-            name, worker, list(wake_fds), max_concurrency, queue_depth, wait_default,
-            wait_priority, rate, burst, priority_reserve, default_min_share, priority_headroom,
-        )
+        core = AdmissionCore.attach_shared(name, worker, list(wake_fds), settings)
         adm = cls.__new__(cls)
-        adm._adopt(core, wait_default, wait_priority)
+        adm._adopt(core, settings)
         return adm
+
+    @property
+    def limit(self) -> int:
+        """The concurrency limit in force (host-wide for a shared pool)."""
+        return self._core.limit
+
+    def observe_engine(self, running: int, waiting: int, kv_usage: float | None = None) -> int:
+        """Feeds one sample of the engine's metrics: sequences `running` and
+        `waiting` in its own queue, KV cache usage as a fraction (None: not
+        reported). Workers scraping the same engine may all call it; samples
+        closer than half `engine_interval_ms` count once. Returns how many of
+        this process's waiters were granted a slot by a raised limit.
+        """
+        if running < 0 or waiting < 0:
+            raise ValueError(f"running, waiting: must not be negative, got {running}, {waiting}")
+        ppm = None if kv_usage is None or math.isnan(kv_usage) else round(min(max(kv_usage, 0.0), 1.0) * 1e6)
+        return self._granted(self._core.observe_engine(running, waiting, ppm))
+
+    def observe_latency(self, seconds: float) -> int:
+        """Feeds one time to first token (seconds) of a response from an
+        upstream without engine metrics. Returns waiters granted, as above."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"seconds: must be a non-negative number, got {seconds}")
+        return self._granted(self._core.observe_latency(round(seconds * 1e9)))
+
+    def observe_overload(self) -> int:
+        """The upstream answered 429/503 before anything reached the client:
+        backs the limit off (once per back-off window). Returns waiters
+        granted (always 0 today: a back-off only lowers the limit)."""
+        return self._granted(self._core.observe_overload())
+
+    def _granted(self, waiters: list[int]) -> int:
+        for waiter in waiters:
+            self._grant(waiter)
+        return len(waiters)
 
     def deliver(self) -> int:
         """Resolves the waiters that other workers granted or shed (shared pools).
@@ -235,7 +251,11 @@ class Admission:
         return Slot(self, lane, cost)
 
     def stats(self) -> dict[str, object]:
-        """Depth per lane, in flight, admitted per lane, sheds per code, cancelled."""
+        """Depth per lane, in flight, admitted per lane, sheds per code,
+        cancelled; the limit (`limit`, also as `max_concurrency`), its
+        `limit_mode`, `limit_min`, `limit_max`, `limit_signal` (what moved it
+        last: engine, latency, backoff or none), `limit_changes` and the
+        latency signal's `limit_floor_ms` and `limit_recent_ms`."""
         return self._core.stats()
 
     def expire_due(self) -> int:

@@ -206,7 +206,7 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
 
     from tierq.workers import SharedPools, Supervisor, listen
 
-    shared = SharedPools({m.id: m.admission.admission_kwargs() for m in catalog.values()}, workers,
+    shared = SharedPools({m.id: m.admission.settings for m in catalog.values()}, workers,
                          key_capacity=config.keys.table_capacity if config.keys.path else None)
     try:
         sock = listen(host, port)
@@ -365,8 +365,8 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
         upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True,
                                   sim=SimSettings(slots)),),
         models=(ModelConfig(DEMO_MODEL, "sim", priority=True, admission=AdmissionConfig(
-            max_concurrency=slots, queue_depth=4 * slots, max_wait_ms_default=1500,
-            max_wait_ms_priority=10000)),),
+            max_concurrency=slots, queue_depth=4 * slots,
+            max_wait_ms={"default": 1500, "priority": 10000})),),
     )
     app = create_app(config, sim=sim)
     runner = web.AppRunner(app, **runner_kwargs())

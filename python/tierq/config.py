@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
 import yarl
 
+from tierq._core import PoolSettings, SettingsError
 from tierq.catalog import builtin_prices
 from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER
 
@@ -130,7 +131,8 @@ class UpstreamConfig:
     # Longest silence between two reads of an upstream response (a stream's
     # chunks included), not a bound on the whole response.
     read_timeout_s: float = 300.0
-    # Connection pool size; by default the sum of its models' max_concurrency.
+    # Connection pool size; by default the sum of its models' most slots
+    # (a fixed max_concurrency, or an adaptive limit's max_concurrency_limit).
     max_connections: int | None = None
     sim: SimSettings | None = None
     # Read the engine's load (vLLM/SGLang Prometheus names) every
@@ -144,33 +146,30 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
-    """Settings of one pool's tierq.Admission; every key optional (DESIGN.md)."""
+    """One pool's `[models.admission]` as written (None: not set, the core's
+    default) and `settings`, the `PoolSettings` the core validated from it:
+    the one object `Admission` and the shared pools take. Constructing it
+    raises `SettingsError` (naming the key) for a value the core refuses."""
 
-    max_concurrency: int = 64
-    queue_depth: int = 1024
-    max_wait_ms_default: int = 30000
-    max_wait_ms_priority: int = 60000
+    # An int: a fixed limit. "auto" or None: adaptive, within the bounds below.
+    max_concurrency: int | Literal["auto"] | None = None
+    min_concurrency: int | None = None
+    max_concurrency_limit: int | None = None
+    initial_concurrency: int | None = None
+    queue_depth: int | None = None
+    # One number for both lanes, or {"default": ms, "priority": ms}: TOML's shape.
+    max_wait_ms: float | Mapping[str, float] | None = None
     rate: float | None = None
     burst: int | None = None
-    priority_reserve: float = 0.2
-    default_min_share: float = 0.0
-    priority_headroom: int = 0
+    priority_reserve: float | None = None
+    default_min_share: float | None = None
+    priority_headroom: int | None = None
+    engine_interval_ms: float | None = None
+    settings: PoolSettings = field(init=False, repr=False, compare=False)
 
-    def admission_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for tierq.Admission."""
-        return {
-            "max_concurrency": self.max_concurrency,
-            "queue_depth": self.queue_depth,
-            "max_wait_ms": {
-                "default": self.max_wait_ms_default,
-                "priority": self.max_wait_ms_priority,
-            },
-            "rate": self.rate,
-            "burst": self.burst,
-            "priority_reserve": self.priority_reserve,
-            "default_min_share": self.default_min_share,
-            "priority_headroom": self.priority_headroom,
-        }
+    def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.init and getattr(self, f.name) is not None}
+        object.__setattr__(self, "settings", PoolSettings(**given))
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,18 +392,21 @@ class _Table:
             raise self.fail(name, f"expected true or false, got {_show(v)}")
         return v
 
-    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    def integer(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+        """An integer; checked against [lo, hi] when given (admission keys are
+        range-checked by the core instead, in one place)."""
         v = self.get(name)
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.fail(name, f"expected an integer, got {_show(v)}")
-        if not lo <= v <= hi:
+        if lo is not None and hi is not None and not lo <= v <= hi:
             raise self.fail(name, f"must be between {lo} and {hi}, got {v}")
         return v
 
     def number(
-        self, name: str, default: float | None, lo: float, hi: float, *, lo_open: bool = False
+        self, name: str, default: float | None, lo: float | None = None, hi: float | None = None,
+        *, lo_open: bool = False
     ) -> float | None:
         v = self.get(name)
         if v is None:
@@ -412,6 +414,8 @@ class _Table:
         if isinstance(v, bool) or not isinstance(v, (int, Decimal)):
             raise self.fail(name, f"expected a number, got {_show(v)}")
         f = float(v)
+        if lo is None or hi is None:
+            return f
         if not math.isfinite(f) or f < lo or f > hi or (lo_open and f == lo):
             bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
             raise self.fail(name, f"must be {bound} and at most {hi:g}, got {v}")
@@ -635,43 +639,42 @@ class _Parser:
                            upstream_model, admission)
 
     def admission(self, t: _Table) -> AdmissionConfig:
-        d = AdmissionConfig()
-        max_conc = _i(t.integer("max_concurrency", d.max_concurrency, 1, 1_000_000))
-        depth = _i(t.integer("queue_depth", d.queue_depth, 0, 10_000_000))
-        wait_default, wait_priority = d.max_wait_ms_default, d.max_wait_ms_priority
-        if t.has("max_wait_ms") and isinstance(t.data["max_wait_ms"], dict):
+        """Types are checked here (TOML's integers, numbers, tables); ranges and
+        combinations by the core, whose error names the key."""
+        limit: int | Literal["auto"] | None = None
+        v = t.get("max_concurrency")
+        if v == "auto" or v is None:
+            limit = v
+        elif isinstance(v, int) and not isinstance(v, bool):
+            limit = v
+        else:
+            raise t.fail("max_concurrency", f'expected an integer or "auto", got {_show(v)}')
+        wait: float | dict[str, float] | None
+        if isinstance(t.data.get("max_wait_ms"), dict):
             wt = t.table("max_wait_ms")
-            wait_default = _i(wt.integer("default", wait_default, 0, 86_400_000))
-            wait_priority = _i(wt.integer("priority", wait_priority, 0, 86_400_000))
-            wt.done()
-        elif t.has("max_wait_ms"):
-            v = t.integer("max_wait_ms", None, 0, 86_400_000)
-            wait_default = wait_priority = _i(v)
-        rate = t.number("rate", None, 0.0, 1e9, lo_open=True)
-        burst = t.integer("burst", None, 1, 1_000_000_000)
-        if burst is not None and rate is None:
-            raise t.fail("burst", "needs rate (burst is the token bucket's size)")
-        reserve = _f(t.number("priority_reserve", d.priority_reserve, 0.0, 1.0))
-        if reserve >= 1.0:
-            raise t.fail("priority_reserve", "must be below 1 (a share of burst kept for priority)")
-        share = _f(t.number("default_min_share", d.default_min_share, 0.0, 1.0))
-        headroom = _i(t.integer("priority_headroom", d.priority_headroom, 0, 1_000_000))
-        if headroom >= max_conc:
-            raise t.fail("priority_headroom",
-                         f"must be below max_concurrency ({max_conc}): defaults need a slot")
-        if rate is not None:
-            # The core has the last word on a bucket (e.g. a burst whose refill
-            # time overflows its clock); ask it now, so a bad pair is a config
-            # error at load, not a traceback at start-up.
-            from tierq._core import TokenBucket
-
-            try:
-                TokenBucket(rate, float(burst) if burst is not None else None, reserve)
-            except ValueError as e:
-                raise t.fail("rate", f"rate {rate} with burst {burst}: {e}") from None
+            wait = {lane: _f(wt.number(lane, None)) for lane in wt.data}
+            wt.used.update(wt.data)
+        else:
+            wait = t.number("max_wait_ms", None)
+        given: dict[str, Any] = dict(
+            max_concurrency=limit,
+            min_concurrency=t.integer("min_concurrency", None),
+            max_concurrency_limit=t.integer("max_concurrency_limit", None),
+            initial_concurrency=t.integer("initial_concurrency", None),
+            queue_depth=t.integer("queue_depth", None),
+            max_wait_ms=wait,
+            rate=t.number("rate", None),
+            burst=t.integer("burst", None),
+            priority_reserve=t.number("priority_reserve", None),
+            default_min_share=t.number("default_min_share", None),
+            priority_headroom=t.integer("priority_headroom", None),
+            engine_interval_ms=t.number("engine_interval_ms", None),
+        )
         t.done()
-        return AdmissionConfig(max_conc, depth, wait_default, wait_priority, rate, burst,
-                               reserve, share, headroom)
+        try:
+            return AdmissionConfig(**given)
+        except SettingsError as e:
+            raise t.fail(e.key, e.reason) from None
 
     def keys(self, t: _Table) -> KeysConfig:
         d = KeysConfig()

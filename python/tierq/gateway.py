@@ -73,7 +73,7 @@ class Gateway:
     def snapshot(self) -> WorkerSnapshot:
         """This process's admission state and request metrics (tierq.metrics)."""
         pools = (PoolSnapshot(p.entry.id, p.entry.upstream, p.entry.priority,
-                              p.entry.admission.queue_depth, p.admission.stats())
+                              p.entry.admission.settings.queue_depth, p.admission.stats())
                  for p in self.pools.values())
         return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger)
 

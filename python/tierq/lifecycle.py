@@ -46,14 +46,14 @@ def lifecycle(
                              for u in gw.config.upstreams}
                 pool_sizes: dict[str, int] = {}
                 for m in gw.catalog.values():
-                    pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.max_concurrency
+                    pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.settings.limit_max
                 for u in gw.config.upstreams:
                     size = u.max_connections or min(pool_sizes.get(u.name, 1), 4096)
                     client = UpstreamClient(u, base_urls[u.name], size)
                     await client.start()
                     gw.upstreams[u.name] = client
                 for m in gw.catalog.values():
-                    adm = pools[m.id] if pools is not None else Admission(**m.admission.admission_kwargs())
+                    adm = pools[m.id] if pools is not None else Admission(m.admission.settings)
                     gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
                 if gw.ledger is None:
                     gw.ledger = ledger_from_config(gw.config.ledger)

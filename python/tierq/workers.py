@@ -26,12 +26,12 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
-from tierq._core import AdmissionCore, SharedKeyBuckets
-from tierq.admission import Admission, lane_waits
+from tierq._core import AdmissionCore, PoolSettings, SharedKeyBuckets
+from tierq.admission import Admission
 from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
 from tierq.status import METRICS_SOURCE, MetricsSource
 
@@ -44,20 +44,6 @@ KEY_TABLE_CAPACITY: Final = 4096
 PUBLISH_INTERVAL_S: Final = 0.25
 
 log = logging.getLogger("tierq.workers")
-
-#: Keyword arguments of `Admission(...)` for one pool.
-PoolSettings = Mapping[str, Any]
-
-
-def _core_args(settings: PoolSettings) -> dict[str, Any]:
-    s = dict(settings)
-    unknown = set(s) - {"max_concurrency", "queue_depth", "max_wait_ms", "rate", "burst",
-                        "priority_reserve", "default_min_share", "priority_headroom"}
-    if unknown:
-        raise ValueError(f"admission: unknown setting {sorted(unknown)[0]!r}")
-    wait_default, wait_priority = lane_waits(s.pop("max_wait_ms", 30000.0))
-    return {**s, "max_wait_ms_default": wait_default, "max_wait_ms_priority": wait_priority}
-
 
 class SharedPools:
     """The supervisor's side: one shared state block per pool, one eventfd per worker.
@@ -72,7 +58,7 @@ class SharedPools:
         if workers < 1:
             raise ValueError(f"workers: must be at least 1, got {workers}")
         self.workers = workers
-        self.settings = {k: dict(v) for k, v in pools.items()}
+        self.settings = dict(pools)
         prefix = prefix or f"/tierq-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000}"
         self.names = {pool: f"{prefix}-{i}" for i, pool in enumerate(self.settings)}
         self.keys_name = f"{prefix}-keys"
@@ -83,7 +69,7 @@ class SharedPools:
         try:
             self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             for pool, s in self.settings.items():
-                self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, **_core_args(s))
+                self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, s)
             if key_capacity is not None:
                 self._keys = SharedKeyBuckets.create(self.keys_name, key_capacity)
             # tmpfs when there is one: snapshots are rewritten 4 times a second.
@@ -98,7 +84,7 @@ class SharedPools:
         assert self.run_dir is not None
         return WorkerPools(
             {
-                pool: Admission.shared(self.names[pool], worker, self.wake_fds, **s)
+                pool: Admission.shared(self.names[pool], worker, self.wake_fds, s)
                 for pool, s in self.settings.items()
             },
             self.wake_fds[worker],
