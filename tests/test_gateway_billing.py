@@ -87,7 +87,7 @@ async def run_case(s: aiohttp.ClientSession, base: str, o: Outcome, rng: random.
 
 async def test_billed_equals_echoed_over_randomized_mixed_load(make_gateway: GatewayFactory) -> None:
     rng = random.Random(20261122)
-    admission = {"max_concurrency": 3, "queue_depth": 8, "max_wait_ms_default": 400}
+    admission = {"max_concurrency": 3, "queue_depth": 8, "max_wait_ms": {"default": 400}}
     gw = await make_gateway(
         models=[model_config(PRIORITY_MODEL, **admission), model_config(PLAIN_MODEL, **admission)],
         sim={"slots": 6, "ttft_ms": 30.0, "tokens_per_s": 400.0})

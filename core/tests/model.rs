@@ -1,6 +1,8 @@
 //! proptest: random operation sequences run against the real pool and a plain
 //! sequential model of DESIGN.md's admission rules; every outcome, grant and
-//! counter must agree.
+//! counter must agree. Adaptive pools get random limit changes in between:
+//! the limit never leaves its bounds, no grant takes the count above the
+//! limit in force, a fixed limit is never exceeded, and no slot leaks.
 #![cfg(not(loom))]
 
 use std::collections::VecDeque;
@@ -18,6 +20,9 @@ enum Op {
     Cancel(usize),
     AdvanceMs(u64),
     Expire,
+    /// Set the limit to this many slots (clamped to the bounds; a no-op
+    /// for a fixed limit).
+    SetLimit(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -27,6 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => (0u64..40).prop_map(Op::AdvanceMs),
         1 => Just(Op::Expire),
+        1 => (0u64..7).prop_map(Op::SetLimit),
     ]
 }
 
@@ -40,7 +46,10 @@ struct Entry {
 
 /// The rules, written the plain way.
 struct Model {
-    max_concurrency: usize,
+    /// The limit in force.
+    limit: usize,
+    /// (min, max) for an adaptive limit; None when fixed.
+    bounds: Option<(usize, usize)>,
     /// Slots only priority may take (`priority_headroom`).
     headroom: usize,
     queue_depth: usize,
@@ -82,9 +91,9 @@ impl Model {
         // Defaults never take the headroom; with headroom, only priority
         // waiters are ahead of a priority arrival.
         let (limit, ahead) = match lane {
-            Lane::Priority if self.headroom > 0 => (self.max_concurrency, self.lane_depth(0) as usize),
-            Lane::Priority => (self.max_concurrency, self.depth()),
-            Lane::Default => (self.max_concurrency - self.headroom, self.depth()),
+            Lane::Priority if self.headroom > 0 => (self.limit, self.lane_depth(0) as usize),
+            Lane::Priority => (self.limit, self.depth()),
+            Lane::Default => (self.limit - self.headroom, self.depth()),
         };
         if ahead == 0 && self.in_flight < limit {
             self.in_flight += 1;
@@ -117,17 +126,18 @@ impl Model {
     }
     /// A free slot, if any, to the next waiter the rule allows.
     fn dispatch(&mut self) -> Option<u64> {
-        if self.in_flight >= self.max_concurrency {
+        if self.in_flight >= self.limit {
             return None;
         }
-        let next = self.pop_next(self.in_flight < self.max_concurrency - self.headroom);
+        let next = self.pop_next(self.in_flight < self.limit - self.headroom);
         if next.is_some() {
             self.in_flight += 1;
         }
         next
     }
     fn release(&mut self) -> Option<u64> {
-        if self.headroom > 0 {
+        // Over a lowered limit, the slot is freed, not handed on.
+        if self.headroom > 0 || self.in_flight > self.limit {
             self.in_flight -= 1;
             return self.dispatch();
         }
@@ -136,6 +146,19 @@ impl Model {
             self.in_flight -= 1;
         }
         next
+    }
+    /// A new limit; if it rose, every new slot goes to a waiter at once.
+    fn set_limit(&mut self, n: usize) -> Vec<u64> {
+        let Some((min, max)) = self.bounds else { return vec![] };
+        let old = self.limit;
+        self.limit = n.clamp(min, max);
+        let mut granted = vec![];
+        if self.limit > old {
+            while let Some(id) = self.dispatch() {
+                granted.push(id);
+            }
+        }
+        granted
     }
     fn live_ids(&self) -> Vec<u64> {
         (0..2).flat_map(|l| self.lanes[l].iter().filter(|e| e.live).map(move |e| id(l, e.ticket))).collect()
@@ -167,14 +190,31 @@ impl Model {
     }
 }
 
-fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize, headroom: usize) -> Result<(), TestCaseError> {
+/// `bounds`: Some((min, max)) for an adaptive limit starting at `limit`.
+fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: usize, headroom: usize) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(0));
-    let settings = PoolSpec { max_concurrency: Some(max_concurrency as i64), queue_depth: queue_depth as i64, max_wait_ms: [80.0, 50.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, priority_headroom: headroom as i64, ..PoolSpec::default() }.validate()
-        .unwrap();
+    let spec = match bounds {
+        None => PoolSpec { max_concurrency: Some(limit as i64), ..PoolSpec::default() },
+        Some((min, max)) => PoolSpec {
+            min_concurrency: Some(min as i64),
+            max_concurrency_limit: Some(max as i64),
+            initial_concurrency: Some(limit as i64),
+            ..PoolSpec::default()
+        },
+    };
+    let settings = PoolSpec {
+        queue_depth: queue_depth as i64,
+        max_wait_ms: [80.0, 50.0],
+        priority_headroom: headroom as i64,
+        ..spec
+    }
+    .validate()
+    .unwrap();
     let ring_cap = settings.ring_cap();
     let pool = Pool::new(settings, Clock::Manual(clock.clone()));
     let mut m = Model {
-        max_concurrency,
+        limit,
+        bounds,
         headroom,
         queue_depth,
         ring_cap,
@@ -188,15 +228,33 @@ fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize, headroom: usize
         match op {
             Op::Admit(lane) => {
                 let want = m.admit(lane);
-                let got = match pool.admit(lane, 1) {
+                let decided = pool.admit(lane, 1);
+                let got = match decided {
                     Admit::Now => (None, None, None),
                     Admit::Queued { evicted, granted, .. } => (None, evicted, granted),
                     Admit::Shed { code, .. } => (Some(code), None, None),
                 };
                 prop_assert_eq!(got, want, "admit {:?}", lane);
+                if decided == Admit::Now || got.2.is_some() {
+                    // A grant never takes the count over the limit in force.
+                    prop_assert!(pool.stats().in_flight as usize <= m.limit, "granted over the limit");
+                }
+            }
+            Op::SetLimit(n) => {
+                let granted = pool.set_limit(n);
+                prop_assert_eq!(granted.clone(), m.set_limit(n as usize));
+                if !granted.is_empty() {
+                    prop_assert!(pool.stats().in_flight as usize <= m.limit, "granted over the limit");
+                }
             }
             Op::Release(_) if m.in_flight == 0 => {}
-            Op::Release(_) => prop_assert_eq!(pool.release(), m.release()),
+            Op::Release(_) => {
+                let granted = pool.release();
+                prop_assert_eq!(granted, m.release());
+                if granted.is_some() {
+                    prop_assert!(pool.stats().in_flight as usize <= m.limit, "handed on over the limit");
+                }
+            }
             Op::Cancel(n) => {
                 let live = m.live_ids();
                 if !live.is_empty() {
@@ -219,7 +277,22 @@ fn run(ops: Vec<Op>, max_concurrency: usize, queue_depth: usize, headroom: usize
         let s = pool.stats();
         prop_assert_eq!(s.in_flight as usize, m.in_flight);
         prop_assert_eq!(s.depth, [m.lane_depth(0), m.lane_depth(1)]);
+        prop_assert_eq!(s.limit as usize, m.limit);
+        match bounds {
+            None => prop_assert!(s.in_flight as usize <= limit, "a fixed limit exceeded"),
+            Some((min, max)) => prop_assert!((min..=max).contains(&(s.limit as usize)), "limit out of bounds"),
+        }
     }
+    // No slot leaks: with every waiter gone, releasing what is held empties the pool.
+    for id in m.live_ids() {
+        prop_assert!(pool.cancel(id));
+        m.cancel(id);
+    }
+    for _ in 0..m.in_flight {
+        prop_assert_eq!(pool.release(), None);
+    }
+    let s = pool.stats();
+    prop_assert_eq!((s.in_flight, s.depth), (0, [0, 0]));
     Ok(())
 }
 
@@ -232,6 +305,17 @@ proptest! {
         (max_concurrency, headroom) in (1usize..4).prop_flat_map(|m| (Just(m), 0..m)),
         queue_depth in 0usize..6,
     ) {
-        run(ops, max_concurrency, queue_depth, headroom)?;
+        run(ops, max_concurrency, None, queue_depth, headroom)?;
+    }
+
+    #[test]
+    fn a_moving_limit_matches_the_model(
+        ops in prop::collection::vec(op(), 1..200),
+        (min, max, initial, headroom) in (1usize..4)
+            .prop_flat_map(|min| (Just(min), min..6))
+            .prop_flat_map(|(min, max)| (Just(min), Just(max), min..=max, 0..min)),
+        queue_depth in 0usize..6,
+    ) {
+        run(ops, initial, Some((min, max)), queue_depth, headroom)?;
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tierq_core::{Admit, Clock, CoreError, Lane, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
+use tierq_core::{Admit, Clock, CoreError, Lane, LimitMode, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
 
 fn settings(max: i64, depth: i64) -> PoolSettings {
     PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap()
@@ -345,7 +345,9 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
 }
 
 /// Forks `workers` children running `worker_loop`; returns their pids.
-fn fork_workers(name: &Name, s: &PoolSettings, c: &Arc<Shm>, workers: usize, rounds: usize, hold_us: u64, skip: &[usize]) -> Vec<(usize, libc::pid_t)> {
+/// `max`: the most slots the harness may ever see held at once.
+#[allow(clippy::too_many_arguments)]
+fn fork_workers(name: &Name, s: &PoolSettings, c: &Arc<Shm>, workers: usize, rounds: usize, hold_us: u64, skip: &[usize], max: u64) -> Vec<(usize, libc::pid_t)> {
     (0..workers)
         .filter(|i| !skip.contains(i))
         .map(|i| {
@@ -356,7 +358,7 @@ fn fork_workers(name: &Name, s: &PoolSettings, c: &Arc<Shm>, workers: usize, rou
             if pid == 0 {
                 let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let p = attach(name, s, i, workers);
-                    worker_loop(&p, c.w(), i, s.limit.max() as u64, rounds, i as u64 + 99, hold_us);
+                    worker_loop(&p, c.w(), i, max, rounds, i as u64 + 99, hold_us);
                 }))
                 .map_or(1, |_| 0);
                 // SAFETY: ends the child without running the parent's atexit/test harness.
@@ -374,6 +376,65 @@ fn wait_ok(pid: libc::pid_t) -> i32 {
     status
 }
 
+fn adaptive(min: i64, max: i64, initial: i64, depth: i64) -> PoolSettings {
+    PoolSpec {
+        min_concurrency: Some(min),
+        max_concurrency_limit: Some(max),
+        initial_concurrency: Some(initial),
+        queue_depth: depth,
+        max_wait_ms: [60_000.0, 60_000.0],
+        ..PoolSpec::default()
+    }
+    .validate()
+    .unwrap()
+}
+
+#[test]
+fn a_limit_set_through_one_worker_is_the_limit_of_every_worker() {
+    let name = Name::new("limit");
+    let s = adaptive(2, 16, 16, 8);
+    let sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    // The mode is part of the fingerprint: a fixed 16 (same sizes) may not attach.
+    let fixed = PoolSpec { max_concurrency: Some(16), queue_depth: 8, max_wait_ms: [60_000.0, 60_000.0], ..PoolSpec::default() }.validate().unwrap();
+    assert_eq!(fixed.limit, LimitMode::Fixed(16));
+    assert!(matches!(Pool::attach_shared(&name.0, fixed, Some(0), vec![-1; 2], Clock::Monotonic), Err(CoreError::Layout(_))));
+    let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
+    assert!(a.set_limit(3).is_empty());
+    assert_eq!((b.limit(), sup.limit(), sup.stats().limit), (3, 3, 3));
+    for _ in 0..3 {
+        assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+    }
+    let Admit::Queued { waiter, granted: None, .. } = b.admit(Lane::Default, 1) else { panic!() };
+    assert!(matches!(a.admit(Lane::Default, 1), Admit::Queued { granted: None, .. }));
+    // Raised by a: the slot goes to the first waiter, b's, through b's mailbox.
+    assert!(a.set_limit(4).is_empty());
+    assert_eq!(drain(&b), vec![(waiter, Outcome::Granted)]);
+    assert_eq!((sup.stats().in_flight, a.held_by(1)), (4, 4));
+    // Lowered by b: releases free slots, a's waiter stays queued.
+    assert!(b.set_limit(2).is_empty());
+    assert_eq!(b.release(), None);
+    assert_eq!(b.release(), None);
+    assert_eq!((sup.stats().in_flight, sup.stats().depth), (2, [0, 1]));
+    assert_eq!(drain(&a), vec![]);
+}
+
+#[test]
+fn a_lowered_limit_holds_across_processes() {
+    let name = Name::new("lowered");
+    let workers = 4;
+    let s = adaptive(2, 8, 8, 16);
+    let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
+    sup.set_limit(2);
+    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[], 2) {
+        assert_eq!(wait_ok(pid), 0, "worker {i} failed (held more than the lowered limit?)");
+    }
+    let st = sup.stats();
+    assert_eq!((st.in_flight, st.depth, st.limit), (0, [0, 0], 2));
+    assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed processes");
+    assert_eq!(c.w()[MAX_HOLDING].load(SeqCst), 2);
+}
+
 #[test]
 fn workers_as_processes_never_exceed_slots_and_decide_each_waiter_once() {
     let name = Name::new("procs");
@@ -381,7 +442,7 @@ fn workers_as_processes_never_exceed_slots_and_decide_each_waiter_once() {
     let s = settings(3, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
-    for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[]) {
+    for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[], s.limit.max() as u64) {
         assert_eq!(wait_ok(pid), 0, "worker {i} failed");
     }
     let st = sup.stats();
@@ -398,7 +459,7 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let s = settings(2, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
-    let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[]);
+    let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[], s.limit.max() as u64);
     thread::sleep(Duration::from_millis(300));
     let (victim, vpid) = pids[0];
     // SAFETY: signalling our own child.
@@ -413,7 +474,7 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     c.w()[HOLDING].fetch_sub(share << (16 * victim), SeqCst);
     let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
     // Restart it, as the supervisor would, and let everyone run a little more.
-    let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2]);
+    let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2], s.limit.max() as u64);
     thread::sleep(Duration::from_millis(200));
     c.w()[STOP].store(1, SeqCst);
     for (i, pid) in pids[1..].iter().chain(&restarted) {
