@@ -1,6 +1,12 @@
-//! A pool's admission: slots (`max_concurrency`), two lanes of waiters, an
-//! optional token bucket and the dispatch rule that hands a freed slot to the
-//! next waiter (strict priority, or `default_min_share` anti-starvation).
+//! A pool's admission: slots (a concurrency limit, fixed or learned by the
+//! controller in `limit.rs`), two lanes of waiters, an optional token bucket
+//! and the dispatch rule that hands a freed slot to the next waiter (strict
+//! priority, or `default_min_share` anti-starvation).
+//!
+//! The limit is a word of the block, so every worker of a host obeys one.
+//! Lowering it preempts nothing: a release frees its slot instead of handing
+//! it on while more are held than the limit. Raising it hands the new slots
+//! to waiters at once (`fill`).
 //!
 //! All mutable state is one fixed block of 64-bit atomic words (`State`):
 //! a header of counters, each hot one on its own cache line, then the two
@@ -96,8 +102,9 @@ pub struct PoolSpec {
     pub priority_reserve: f64,
     pub default_min_share: f64,
     pub priority_headroom: i64,
-    /// How often the engine's metrics are scraped; samples closer than half
-    /// of it to the last one applied are dropped (N workers act as one).
+    /// How often the engine's metrics are scraped (the upstream's
+    /// `metrics_interval_ms`); samples closer than half of it to the last one
+    /// applied are dropped, so N workers scraping one engine act as one.
     pub engine_interval_ms: f64,
 }
 
@@ -128,7 +135,7 @@ impl Default for PoolSpec {
             priority_reserve: 0.2,
             default_min_share: 0.0,
             priority_headroom: 0,
-            engine_interval_ms: 200.0,
+            engine_interval_ms: 100.0,
         }
     }
 }

@@ -92,7 +92,7 @@ async def test_a_rising_limit_grants_waiters_and_a_falling_one_preempts_nothing(
     # empty engine queue grows by one, and the new slot goes to a waiter.
     granted = []
     for _ in range(4):
-        clock.advance(0.2)
+        clock.advance(0.1)
         granted.append(adm.observe_engine(running=2, waiting=0, kv_usage=0.5))
     await settle()
     assert granted == [0, 0, 0, 1]
@@ -100,7 +100,7 @@ async def test_a_rising_limit_grants_waiters_and_a_falling_one_preempts_nothing(
     assert sum(t.done() for t in waiting) == 2
     # The limit is raised well past the load: every waiter gets in.
     for _ in range(40):
-        clock.advance(0.2)
+        clock.advance(0.1)
         adm.observe_engine(running=adm.limit, waiting=0)
     await settle()
     assert all(t.done() for t in waiting)

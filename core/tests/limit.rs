@@ -9,8 +9,8 @@ use tierq_core::limit::{BACKOFF_MIN_NS, ENGINE_HOLD_SAMPLES, WINDOW_MIN_NS, WIND
 use tierq_core::{Admit, Clock, Lane, LimitMode, ManualClock, Pool, PoolSpec, Signal};
 
 const MS: u64 = 1_000_000;
-/// The pool's engine interval (the default, 200 ms).
-const TICK: u64 = 200 * MS;
+/// The pool's engine interval (the default, 100 ms).
+const TICK: u64 = 100 * MS;
 
 fn adaptive(min: i64, max: i64, initial: i64) -> (Pool, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(1_000_000_000));

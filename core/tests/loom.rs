@@ -226,3 +226,56 @@ fn key_table_same_key_claimed_twice_shares_one_entry_and_last_entry_goes_to_one_
         assert_eq!(t.used(), 1);
     });
 }
+
+fn adaptive(min: i64, max: i64, initial: i64) -> Pool {
+    let s = PoolSpec {
+        min_concurrency: Some(min),
+        max_concurrency_limit: Some(max),
+        initial_concurrency: Some(initial),
+        queue_depth: 2,
+        max_wait_ms: [1000.0, 1000.0],
+        ..PoolSpec::default()
+    }
+    .validate()
+    .unwrap();
+    Pool::new(s, Clock::Manual(StdArc::new(ManualClock::new(1))))
+}
+
+#[test]
+fn a_limit_lowered_while_a_slot_is_released_hands_it_on_or_frees_it_never_both() {
+    loom::model(|| {
+        let p = Arc::new(adaptive(1, 2, 2));
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        let Admit::Queued { waiter, granted: None, .. } = p.admit(Lane::Default, 1) else { panic!() };
+        let p2 = p.clone();
+        let lowering = thread::spawn(move || p2.set_limit(1));
+        let released = p.release();
+        assert!(lowering.join().unwrap().is_empty());
+        let s = p.stats();
+        assert_eq!(s.limit, 1);
+        match released {
+            // Handed on before the lower limit was seen: nothing preempted.
+            Some(w) => assert_eq!((w, s.in_flight, s.depth), (waiter, 2, [0, 0])),
+            // Freed under the lower limit: the waiter waits.
+            None => assert_eq!((s.in_flight, s.depth), (1, [0, 1])),
+        }
+    });
+}
+
+#[test]
+fn a_limit_raised_while_a_slot_is_released_grants_the_waiter_once() {
+    loom::model(|| {
+        let p = Arc::new(adaptive(1, 2, 1));
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        let Admit::Queued { waiter, granted: None, .. } = p.admit(Lane::Default, 1) else { panic!() };
+        let p2 = p.clone();
+        let raising = thread::spawn(move || p2.set_limit(2));
+        let released = p.release();
+        let filled = raising.join().unwrap();
+        let grants = filled.iter().filter(|&&w| w == waiter).count() + usize::from(released == Some(waiter));
+        assert_eq!(grants, 1, "filled={filled:?} released={released:?}");
+        let s = p.stats();
+        assert_eq!((s.in_flight, s.depth, s.limit), (1, [0, 0], 2));
+    });
+}

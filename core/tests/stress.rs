@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, TokenBucket};
+use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSettings, PoolSpec, TokenBucket};
 
 const THREADS: usize = 4;
 
@@ -105,9 +105,31 @@ impl Harness {
 #[test]
 fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
     let settings = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    stress(settings, false);
+}
+
+/// The same with a thread moving an adaptive limit (1 to 3) all along: the
+/// bound holds, every waiter a raise grants is decided once, nothing leaks.
+#[test]
+fn a_moving_limit_never_exceeds_its_bound_and_leaks_nothing() {
+    let settings = PoolSpec {
+        min_concurrency: Some(1),
+        max_concurrency_limit: Some(3),
+        initial_concurrency: Some(2),
+        queue_depth: 16,
+        max_wait_ms: [60_000.0, 60_000.0],
+        ..PoolSpec::default()
+    }
+    .validate()
+    .unwrap();
+    stress(settings, true);
+}
+
+fn stress(settings: PoolSettings, move_limit: bool) {
+    let max = settings.limit.max();
     let h = Arc::new(Harness {
         pool: Pool::new(settings, Clock::Monotonic),
-        max: 3,
+        max,
         fate: (0..TICKETS * 2).map(|_| AtomicU8::new(PENDING)).collect(),
         holding: AtomicU64::new(0),
         max_holding: AtomicU64::new(0),
@@ -115,6 +137,24 @@ fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
         contended: AtomicBool::new(false),
     });
     let barrier = Arc::new(Barrier::new(THREADS));
+    let done = Arc::new(AtomicBool::new(false));
+    let mover = move_limit.then(|| {
+        let (h, done) = (h.clone(), done.clone());
+        thread::spawn(move || {
+            let (mut rng, mut moves) = (0x2545_f491_4f6c_dd1du64, 0u64);
+            while !done.load(SeqCst) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                for g in h.pool.set_limit(1 + rng % max as u64) {
+                    h.decide(g, GRANTED);
+                }
+                moves += 1;
+                thread::yield_now();
+            }
+            moves
+        })
+    });
     let ended: Vec<(u64, u64, u64)> = (0..THREADS)
         .map(|t| {
             let (h, barrier) = (h.clone(), barrier.clone());
@@ -172,6 +212,11 @@ fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
         .into_iter()
         .map(|j| j.join().unwrap())
         .collect();
+    done.store(true, SeqCst);
+    if let Some(m) = mover {
+        assert!(m.join().unwrap() > 0);
+        assert!(h.pool.stats().limit_changes > 0, "the limit never moved");
+    }
 
     let stats = h.pool.stats();
     assert_eq!(stats.in_flight, 0, "slot leaked: {stats:?}");
@@ -184,7 +229,7 @@ fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
     assert_eq!(served, stats.admitted.iter().sum::<u64>());
     assert_eq!(shed, stats.shed.iter().sum::<u64>());
     assert_eq!(cancelled, stats.cancelled);
-    assert_eq!(h.max_holding.load(SeqCst), 3, "slots were never all busy at once");
+    assert_eq!(h.max_holding.load(SeqCst), max as u64, "slots were never all busy at once");
     assert!(h.contended.load(SeqCst), "no release ever handed a slot to a waiter");
 }
 

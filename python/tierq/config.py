@@ -164,6 +164,7 @@ class AdmissionConfig:
     priority_reserve: float | None = None
     default_min_share: float | None = None
     priority_headroom: int | None = None
+    # The upstream's metrics_interval_ms (not a [models.admission] key).
     engine_interval_ms: float | None = None
     settings: PoolSettings = field(init=False, repr=False, compare=False)
 
@@ -633,14 +634,16 @@ class _Parser:
                 if v is None:
                     raise t.fail(name, "required for a model not in the built-in catalog")
         upstream_model = t.string("upstream_model")
-        admission = self.admission(t.table("admission"))
+        served_by = next(u for u in upstreams if u.name == upstream)
+        admission = self.admission(t.table("admission"), served_by.metrics_interval_ms)
         t.done()
         return ModelConfig(model_id, upstream, priority, input_per_m, output_per_m,
                            upstream_model, admission)
 
-    def admission(self, t: _Table) -> AdmissionConfig:
+    def admission(self, t: _Table, engine_interval_ms: float) -> AdmissionConfig:
         """Types are checked here (TOML's integers, numbers, tables); ranges and
-        combinations by the core, whose error names the key."""
+        combinations by the core, whose error names the key. The engine signal's
+        interval is the upstream's `metrics_interval_ms`."""
         limit: int | Literal["auto"] | None = None
         v = t.get("max_concurrency")
         if v == "auto" or v is None:
@@ -668,7 +671,7 @@ class _Parser:
             priority_reserve=t.number("priority_reserve", None),
             default_min_share=t.number("default_min_share", None),
             priority_headroom=t.integer("priority_headroom", None),
-            engine_interval_ms=t.number("engine_interval_ms", None),
+            engine_interval_ms=engine_interval_ms,
         )
         t.done()
         try:
