@@ -167,7 +167,7 @@ async def test_request_shed_by_the_pool_leaves_the_key_untouched(
     if code == "server_overloaded":
         k = await keyed(sim=SLOW, max_concurrency=1, queue_depth=0)
     else:
-        k = await keyed(sim=SLOW, max_concurrency=1, max_wait_ms_default=50)
+        k = await keyed(sim=SLOW, max_concurrency=1, max_wait_ms={"default": 50})
     held = await blocker(k)
     try:
         async with k.client() as c:
