@@ -12,6 +12,8 @@ pub enum CoreError {
     Layout(String),
     /// A system call on shared memory failed.
     Os(String),
+    /// The ledger could not open its file, start, or take a row.
+    Ledger(String),
 }
 
 impl CoreError {
@@ -26,6 +28,7 @@ impl fmt::Display for CoreError {
             CoreError::InvalidArgument { name, reason } => write!(f, "{name}: {reason}"),
             CoreError::Layout(m) => write!(f, "shared state: {m}"),
             CoreError::Os(m) => write!(f, "shared memory: {m}"),
+            CoreError::Ledger(m) => write!(f, "ledger: {m}"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! tierq's admission core: a GCRA token bucket, a lock-free two-lane waiter
-//! queue with slot accounting and a table of per-key buckets, in plain Rust.
+//! queue with slot accounting, a table of per-key buckets and the usage
+//! ledger's writer (SQLite, batched), in plain Rust.
 //! `py.rs` (feature `python`) is the only module that knows about Python.
 
 pub mod admission;
@@ -9,6 +10,8 @@ pub mod error;
 pub mod keytable;
 pub mod limit;
 mod lanes;
+#[cfg(not(loom))]
+pub mod ledger;
 #[doc(hidden)]
 pub mod mailbox;
 #[cfg(not(loom))]

@@ -35,7 +35,7 @@ impl From<CoreError> for PyErr {
                 err
             }),
             CoreError::Layout(_) => PyValueError::new_err(e.to_string()),
-            CoreError::Os(_) => PyOSError::new_err(e.to_string()),
+            CoreError::Os(_) | CoreError::Ledger(_) => PyOSError::new_err(e.to_string()),
         }
     }
 }

@@ -1,0 +1,290 @@
+//! The ledger writer against real SQLite files: every row committed once, in
+//! batches, settled in order, the notifier set after each batch, a failed batch
+//! reported and survived, everything queued committed by close.
+#![cfg(not(loom))]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tierq_core::ledger::{connect, cost_text, Durability, Row, Writer, CHECKPOINT_ROWS, MAX_BATCH};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct TempDb(PathBuf);
+
+impl TempDb {
+    fn new(name: &str) -> TempDb {
+        let dir = std::env::temp_dir().join(format!("tierq-ledger-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDb(dir.join("ledger.db"))
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn row(id: &str) -> Row {
+    Row {
+        request_id: id.into(),
+        ts: 1_700_000_000.0,
+        key_id: "k1".into(),
+        model: "m1".into(),
+        endpoint: "/v1/chat/completions".into(),
+        requested_tier: Some("priority".into()),
+        applied_tier: "priority".into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        cost_femto: 67_500_000_000, // 0.0000675 USD
+        status: "served".into(),
+        partial: false,
+        code: None,
+        queue_ms: 1.5,
+        latency_ms: 20.0,
+        upstream: Some("local".into()),
+    }
+}
+
+fn count(path: &PathBuf) -> i64 {
+    let c = Connection::open(path).unwrap();
+    c.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0)).unwrap()
+}
+
+fn readable(fd: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
+/// Holds the database's write lock until dropped, so the writer's next commit
+/// stalls in busy_timeout: what a batch collects meanwhile is then known.
+struct WriteLock(Connection);
+
+impl WriteLock {
+    fn take(path: &PathBuf) -> WriteLock {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(c)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+#[test]
+fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
+    let db = TempDb::new("columns");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    assert!(!readable(w.notify_fd()));
+    let seq = w.push(row("a")).unwrap();
+    assert_eq!(seq, 1);
+    assert!(w.wait_settled(seq, WAIT));
+    // The notifier is set once the batch is settled, and drain clears it.
+    assert!(readable(w.notify_fd()));
+    let d = w.drain();
+    assert_eq!((d.settled, d.failures.len(), d.lags_us.len()), (1, 0, 1));
+    assert!(!readable(w.notify_fd()));
+
+    let c = Connection::open(&db.0).unwrap();
+    let got: (String, String, i64, i64, String, i64, Option<String>, String, f64) = c
+        .query_row(
+            "SELECT request_id, cost, cost_micro, cost_femto, status, partial, code, upstream, queue_ms FROM ledger",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
+        )
+        .unwrap();
+    assert_eq!(got, ("a".into(), "0.0000675".into(), 67, 500_000_000, "served".into(), 0, None, "local".into(), 1.5));
+    assert_eq!(w.push(row("b")).unwrap(), 2);
+    w.close();
+    assert_eq!(count(&db.0), 2);
+    assert_eq!(w.stats().rows_committed, 2);
+}
+
+#[test]
+fn rows_queued_during_a_commit_share_the_next_one() {
+    let db = TempDb::new("group");
+    let w = Writer::open(&db.0, Durability::Power).unwrap();
+    let lock = WriteLock::take(&db.0);
+    let first = w.push(row("first")).unwrap();
+    // Wait until the writer has taken the first row (and stalls on the lock).
+    let deadline = Instant::now() + WAIT;
+    while w.pending() > 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut last = first;
+    for i in 0..999 {
+        last = w.push(row(&format!("r{i}"))).unwrap();
+    }
+    assert_eq!(w.pending(), 999);
+    drop(lock);
+    assert!(w.wait_settled(last, WAIT));
+    assert_eq!(count(&db.0), 1000);
+    // One commit for the row in flight, one for all that queued behind it.
+    assert_eq!(w.stats().batches, 2);
+    let d = w.drain();
+    assert_eq!((d.settled, d.failures.len(), d.lags_us.len()), (1000, 0, 2));
+    w.close();
+}
+
+#[test]
+fn a_flood_is_cut_into_batches_of_at_most_max_batch() {
+    let db = TempDb::new("flood");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    let lock = WriteLock::take(&db.0);
+    let first = w.push(row("first")).unwrap();
+    while w.pending() > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let n = MAX_BATCH + 10;
+    let mut last = first;
+    for i in 0..n {
+        last = w.push(row(&format!("f{i}"))).unwrap();
+    }
+    drop(lock);
+    assert!(w.wait_settled(last, WAIT));
+    // first; then MAX_BATCH; then the 10 left.
+    assert_eq!(w.stats().batches, 3);
+    assert_eq!(count(&db.0), n as i64 + 1);
+    w.close();
+}
+
+#[test]
+fn pushes_from_many_threads_are_all_committed_exactly_once() {
+    let db = TempDb::new("threads");
+    let w = Arc::new(Writer::open(&db.0, Durability::Process).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let w = w.clone();
+            std::thread::spawn(move || (0..500).map(|i| w.push(row(&format!("t{t}-{i}"))).unwrap()).collect::<Vec<u64>>())
+        })
+        .collect();
+    let mut seqs: Vec<u64> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>(), "every push has its own sequence number");
+    assert!(w.wait_settled(2000, WAIT));
+    assert_eq!(count(&db.0), 2000);
+    let s = w.stats();
+    assert_eq!((s.rows_committed, s.commit_errors), (2000, 0));
+    w.close();
+}
+
+#[test]
+fn a_repeated_request_id_is_stored_once_with_its_first_cost() {
+    let db = TempDb::new("dup");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    w.push(row("dup")).unwrap();
+    let mut again = row("dup");
+    again.cost_femto = 99;
+    let seq = w.push(again).unwrap();
+    assert!(w.wait_settled(seq, WAIT));
+    w.close();
+    let c = Connection::open(&db.0).unwrap();
+    let cost: String = c.query_row("SELECT cost FROM ledger WHERE request_id = 'dup'", [], |r| r.get(0)).unwrap();
+    assert_eq!((count(&db.0), cost.as_str()), (1, "0.0000675"));
+}
+
+#[test]
+fn a_failed_batch_is_reported_with_its_rows_and_the_writer_goes_on() {
+    let db = TempDb::new("fail");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    // A real failure inside the transaction: the database refuses this row.
+    let c = Connection::open(&db.0).unwrap();
+    c.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.request_id = 'bad' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let bad = w.push(row("bad")).unwrap();
+    assert!(w.wait_settled(bad, WAIT));
+    let after = w.push(row("after")).unwrap();
+    assert!(w.wait_settled(after, WAIT));
+    let d = w.drain();
+    assert_eq!(d.settled, 2);
+    assert_eq!(d.failures.len(), 1);
+    assert_eq!((d.failures[0].first, d.failures[0].last), (1, 1));
+    assert!(d.failures[0].message.contains("refused by the test"), "{}", d.failures[0].message);
+    let s = w.stats();
+    assert_eq!((s.batches, s.commit_errors, s.rows_committed), (1, 1, 1));
+    w.close();
+    let ids: Vec<String> = c.prepare("SELECT request_id FROM ledger").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert_eq!(ids, vec!["after".to_string()]);
+}
+
+#[test]
+fn close_commits_everything_queued_and_then_refuses_rows() {
+    let db = TempDb::new("close");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    let lock = WriteLock::take(&db.0);
+    for i in 0..300 {
+        w.push(row(&format!("c{i}"))).unwrap();
+    }
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        drop(lock);
+    });
+    w.close(); // waits for the lock, then commits all 300
+    releaser.join().unwrap();
+    assert_eq!(count(&db.0), 300);
+    assert_eq!(w.drain().settled, 300);
+    assert!(w.push(row("late")).is_err());
+    w.close(); // a second close returns at once
+}
+
+#[test]
+fn the_checkpointer_moves_committed_rows_into_the_database_file() {
+    let db = TempDb::new("checkpoint");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    let before = std::fs::metadata(&db.0).unwrap().len();
+    let mut last = 0;
+    for i in 0..CHECKPOINT_ROWS + 10 {
+        last = w.push(row(&format!("k{i}"))).unwrap();
+    }
+    assert!(w.wait_settled(last, WAIT));
+    let deadline = Instant::now() + WAIT;
+    while w.stats().checkpoints == 0 {
+        assert!(Instant::now() < deadline, "no checkpoint ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(std::fs::metadata(&db.0).unwrap().len() > before);
+    w.close();
+}
+
+#[test]
+fn connect_sets_wal_and_synchronous_by_durability() {
+    let db = TempDb::new("pragmas");
+    for (d, want) in [(Durability::Process, 1), (Durability::Power, 2)] {
+        let c = connect(&db.0, d).unwrap();
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", want));
+    }
+}
+
+#[test]
+fn an_unopenable_path_is_an_error_not_a_panic() {
+    let err = Writer::open(&PathBuf::from("/nonexistent-dir/x/ledger.db"), Durability::Process).err().unwrap();
+    assert!(err.to_string().starts_with("ledger: /nonexistent-dir/x/ledger.db"), "{err}");
+}
+
+#[test]
+fn a_cost_too_large_for_the_integer_columns_is_refused_at_push() {
+    let db = TempDb::new("huge");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    let mut r = row("huge");
+    r.cost_femto = u128::MAX;
+    assert!(w.push(r).is_err());
+    assert_eq!(w.last_pushed(), 0);
+    assert_eq!(cost_text(u128::from(u64::MAX)), "18446.744073709551615");
+    w.close();
+}
