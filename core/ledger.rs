@@ -141,7 +141,7 @@ pub struct Drained {
     /// Every row with a sequence number <= this is committed or in `failures`.
     pub settled: u64,
     pub failures: Vec<Failure>,
-    /// Per batch, its oldest row's wait from `push` to settled, in µs.
+    /// Per committed batch, its oldest row's wait from `push` to commit, in µs.
     pub lags_us: Vec<u64>,
 }
 
@@ -151,6 +151,12 @@ pub struct Stats {
     pub rows_committed: u64,
     pub commit_errors: u64,
     pub checkpoints: u64,
+}
+
+/// The SQLite library the writer runs on: the system's shared one, the same
+/// copy Python's sqlite3 module loads (see Cargo.toml).
+pub fn sqlite_version() -> &'static str {
+    rusqlite::version()
 }
 
 /// A connection with the ledger's pragmas and schema.
@@ -379,16 +385,17 @@ impl Shared {
         let lag_us = u64::try_from(oldest.elapsed().as_micros()).unwrap_or(u64::MAX);
         {
             let mut d = lock(&self.done);
-            if let Err(message) = result {
-                d.failures.push(Failure { first, last, message });
+            match result {
+                Ok(()) if d.lags_us.len() < MAX_LAGS => d.lags_us.push(lag_us),
+                Ok(()) => {}
+                Err(message) => d.failures.push(Failure { first, last, message }),
             }
             d.settled = last;
-            if d.lags_us.len() < MAX_LAGS {
-                d.lags_us.push(lag_us);
-            }
+            // Under the lock: whoever sees the new mark finds the notifier set
+            // (or already cleared by the drain that took the mark).
+            self.notifier.notify();
         }
         self.settled_cv.notify_all();
-        self.notifier.notify();
     }
 }
 

@@ -14,6 +14,7 @@ use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
 use crate::keytable::{KeyTable, RPM, TPM};
+use crate::ledger;
 use crate::{bucket, Lane};
 
 create_exception!(
@@ -526,6 +527,93 @@ impl PySharedBucket {
     }
 }
 
+// ---------------------------------------------------------------- the ledger's writer
+
+/// The ledger's SQLite writer (`tierq.ledger.Ledger` drives it): `push` queues a
+/// row and returns its sequence number; after each committed batch the fd is
+/// readable and `drain` tells which rows are settled.
+#[pyclass(name = "LedgerWriter", module = "tierq._core", frozen)]
+pub struct PyLedgerWriter(ledger::Writer);
+
+#[pymethods]
+impl PyLedgerWriter {
+    /// Opens (creates) the ledger file and starts its threads; the GIL is
+    /// released meanwhile (an open may wait on another writer's lock).
+    #[new]
+    #[pyo3(signature = (path, durability = "process"))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, durability: &str) -> PyResult<Self> {
+        let durability = ledger::Durability::parse(durability)?;
+        Ok(PyLedgerWriter(py.detach(|| ledger::Writer::open(&path, durability))?))
+    }
+
+    /// Queues one row (nanoseconds under a short lock: the GIL is kept).
+    #[pyo3(signature = (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,
+                        prompt_tokens, completion_tokens, cost_femto, status, partial, code,
+                        queue_ms, latency_ms, upstream))]
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        request_id: String,
+        ts: f64,
+        key_id: String,
+        model: String,
+        endpoint: String,
+        requested_tier: Option<String>,
+        applied_tier: String,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        cost_femto: u128,
+        status: String,
+        partial: bool,
+        code: Option<String>,
+        queue_ms: f64,
+        latency_ms: f64,
+        upstream: Option<String>,
+    ) -> PyResult<u64> {
+        Ok(self.0.push(ledger::Row {
+            request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
+            completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,
+        })?)
+    }
+
+    /// Clears the fd; returns `(settled, failures, lags_us)`: every row up to
+    /// `settled` is committed except the `(first, last, message)` ranges, and
+    /// one lag (µs, oldest row's push to commit) per batch.
+    fn drain(&self) -> (u64, Vec<(u64, u64, String)>, Vec<u64>) {
+        let d = self.0.drain();
+        (d.settled, d.failures.into_iter().map(|f| (f.first, f.last, f.message)).collect(), d.lags_us)
+    }
+
+    fn settled(&self) -> u64 {
+        self.0.settled()
+    }
+
+    fn last_pushed(&self) -> u64 {
+        self.0.last_pushed()
+    }
+
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.0.notify_fd()
+    }
+
+    #[getter]
+    fn pending(&self) -> usize {
+        self.0.pending()
+    }
+
+    /// `(batches, rows_committed, commit_errors, checkpoints)`.
+    fn stats(&self) -> (u64, u64, u64, u64) {
+        let s = self.0.stats();
+        (s.batches, s.rows_committed, s.commit_errors, s.checkpoints)
+    }
+
+    /// Commits everything queued and stops the threads; blocks without the GIL.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.0.close())
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -538,6 +626,10 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySharedBucket>()?;
     m.add_class::<PySseRewriter>()?; // the stream rewrite section below
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
+    m.add_class::<PyLedgerWriter>()?;
+    m.add("LEDGER_SCHEMA", ledger::SCHEMA)?;
+    m.add("LEDGER_CHECKPOINT_ROWS", ledger::CHECKPOINT_ROWS)?;
+    m.add("SQLITE_VERSION", ledger::sqlite_version())?;
     Ok(())
 }
 

@@ -365,12 +365,53 @@ async def test_a_row_sqlite_cannot_store_is_refused_before_it_reaches_a_batch() 
         books_row("bad", prompt_tokens=1.5)
 
 
-async def test_writer_survives_a_failed_batch_and_reports_it_to_its_waiters(
+async def test_a_value_the_writer_cannot_store_is_refused_by_record_itself(
     books_ledger: Ledger,
 ) -> None:
     bad = books_row("bad")
     object.__setattr__(bad, "model", object())  # slip past validation on purpose
-    with pytest.raises(Exception, match="binding"):
+    with pytest.raises(TypeError, match="model"):
         await books_ledger.record(bad)
+    with pytest.raises(TypeError, match="model"):
+        books_ledger.record_nowait(bad)
     await books_ledger.record(books_row("after"))
     assert [r.request_id for r in books_ledger.rows()] == ["after"]
+    assert books_ledger.commit_errors == 0
+
+
+async def test_writer_survives_a_failed_batch_and_reports_it_to_its_waiters(
+    books_ledger: Ledger,
+) -> None:
+    # A real failure inside the writer's transaction: the database itself
+    # refuses this row (a trigger), so the whole batch rolls back.
+    conn = sqlite3.connect(books_ledger.path)
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.request_id = 'bad'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(OSError, match="refused by the test"):
+        await books_ledger.record(books_row("bad"))
+    assert books_ledger.commit_errors == 1
+    await books_ledger.record(books_row("after"))
+    assert [r.request_id for r in books_ledger.rows()] == ["after"]
+
+
+async def test_the_writer_is_the_same_sqlite_as_the_readers() -> None:
+    """The writer (Rust) and the readers (Python's sqlite3) share one SQLite
+    library in the process: two copies would drop each other's POSIX locks on
+    the same file. The extension itself loads the system's shared libsqlite3."""
+    import tierq._core
+
+    assert tierq._core.SQLITE_VERSION == sqlite3.sqlite_version
+    probe = textwrap.dedent(
+        """
+        import ctypes, os, sys
+        import tierq._core  # before anything imports Python's sqlite3
+        assert "sqlite3" not in sys.modules and "_sqlite3" not in sys.modules
+        ctypes.CDLL("libsqlite3.so.0", mode=os.RTLD_NOLOAD)  # OSError unless already loaded
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHON}
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=60)

@@ -211,6 +211,7 @@ fn a_failed_batch_is_reported_with_its_rows_and_the_writer_goes_on() {
     assert!(w.wait_settled(after, WAIT));
     let d = w.drain();
     assert_eq!(d.settled, 2);
+    assert_eq!(d.lags_us.len(), 1, "a lag for the committed batch only");
     assert_eq!(d.failures.len(), 1);
     assert_eq!((d.failures[0].first, d.failures[0].last), (1, 1));
     assert!(d.failures[0].message.contains("refused by the test"), "{}", d.failures[0].message);

@@ -4,9 +4,13 @@ from typing import Self, final
 
 __all__ = [
     "AdmissionCore",
+    "LEDGER_CHECKPOINT_ROWS",
+    "LEDGER_SCHEMA",
+    "LedgerWriter",
     "ManualClock",
     "PoolSettings",
     "SHED_CODES",
+    "SQLITE_VERSION",
     "SettingsError",
     "SharedBucket",
     "SharedKeyBuckets",
@@ -133,3 +137,41 @@ class SseRewriter:
     #  handed-back events as (offset, tokens before it, payload) or None)
     def feed(self, chunk: bytes) -> tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]: ...
     def close(self) -> tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]: ...
+
+# ------------------------------------------------------------- the ledger's writer
+
+LEDGER_SCHEMA: str
+LEDGER_CHECKPOINT_ROWS: int
+SQLITE_VERSION: str
+
+@final
+class LedgerWriter:
+    def __new__(cls, path: str, durability: str = "process") -> Self: ...
+    def push(
+        self,
+        request_id: str,
+        ts: float,
+        key_id: str,
+        model: str,
+        endpoint: str,
+        requested_tier: str | None,
+        applied_tier: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_femto: int,
+        status: str,
+        partial: bool,
+        code: str | None,
+        queue_ms: float,
+        latency_ms: float,
+        upstream: str | None,
+    ) -> int: ...
+    def drain(self) -> tuple[int, list[tuple[int, int, str]], list[int]]: ...
+    def settled(self) -> int: ...
+    def last_pushed(self) -> int: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    def stats(self) -> tuple[int, int, int, int]: ...
+    def close(self) -> None: ...

@@ -1,8 +1,9 @@
 """The usage ledger: one row per request decision, in SQLite (WAL), written in batches.
 
-One writer thread owns the connection; `await record(row)` returns once the batch
-holding the row is committed, so the gateway can finish a response knowing a
-crash of the process will not lose its bill. `usage()` sums the rows by key,
+The writer is Rust (core/ledger.rs): one thread owns the connection and commits
+queued rows in batches; `await record(row)` returns once the batch holding the
+row is committed, so the gateway can finish a response knowing a crash of the
+process will not lose its bill. `usage()` sums the rows by key,
 model and tier (the query on this schema); tierq.usage renders the reports.
 
 Money is exact. `cost` is kept three ways in each row: the Decimal as TEXT (what
@@ -20,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
-import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Literal
 
+from tierq._core import LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.config import SQLITE_BUSY_TIMEOUT_MS
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 
@@ -52,53 +52,23 @@ STATUSES: Final = frozenset({"served", "shed", "failed", "cancelled"})
 APPLIED_TIERS: Final = frozenset({"priority", "default"})
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
-MAX_BATCH: Final = 8192  # rows per transaction; bounds a commit's latency under a flood
-# The writer never checkpoints (wal_autocheckpoint = 0): a checkpoint copies the
-# WAL into the database and syncs it, a stall of several ms that every response
-# waiting on the next commit would share. The checkpointer thread does it on
-# its own connection instead, beside the writer's commits (WAL allows that), once
-# this many rows were committed since the last one, or each second.
-CHECKPOINT_ROWS: Final = 1000
-CHECKPOINT_EVERY_S: Final = 1.0
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS ledger (
-    request_id        TEXT PRIMARY KEY,
-    ts                REAL NOT NULL,
-    key_id            TEXT NOT NULL,
-    model             TEXT NOT NULL,
-    endpoint          TEXT NOT NULL,
-    requested_tier    TEXT,
-    applied_tier      TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost              TEXT NOT NULL,
-    cost_micro        INTEGER NOT NULL,
-    cost_femto        INTEGER NOT NULL,
-    status            TEXT NOT NULL,
-    partial           INTEGER NOT NULL,
-    code              TEXT,
-    queue_ms          REAL NOT NULL,
-    latency_ms        REAL NOT NULL,
-    upstream          TEXT
-);
-CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
-"""
+# The writer's limits live with it (core/ledger.rs): at most 8192 rows per
+# transaction; it never checkpoints (wal_autocheckpoint = 0), since a checkpoint
+# copies the WAL into the database and syncs it, a stall of several ms every
+# waiting response would share. Its checkpointer thread does that on its own
+# connection, beside the commits, once this many rows were committed since the
+# last round, or each second.
+CHECKPOINT_ROWS: Final = LEDGER_CHECKPOINT_ROWS
 
 #: The ledger table's columns in the order of `row_values()`: the schema every
-#: backend keeps (tierq.postgres has the same table in PostgreSQL).
+#: backend keeps (tierq.postgres has the same table in PostgreSQL). The SQLite
+#: table itself is core/ledger.rs's (LEDGER_SCHEMA), written by its writer.
 COLUMNS: Final = (
     "request_id", "ts", "key_id", "model", "endpoint", "requested_tier", "applied_tier",
     "prompt_tokens", "completion_tokens", "cost", "cost_micro", "cost_femto", "status",
     "partial", "code", "queue_ms", "latency_ms", "upstream",
 )  # fmt: skip
 
-_INSERT: Final = (
-    "INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, requested_tier,"
-    " applied_tier, prompt_tokens, completion_tokens, cost, cost_micro, cost_femto, status,"
-    " partial, code, queue_ms, latency_ms, upstream)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 _SELECT: Final = (
     "SELECT request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,"
     " prompt_tokens, completion_tokens, cost, status, partial, code, queue_ms, latency_ms,"
@@ -155,12 +125,12 @@ class LedgerRow:
         _femto(self.cost)
 
     def _params(self) -> tuple[object, ...]:
-        micro, femto = divmod(_femto(self.cost), FEMTO_PER_MICRO)
+        """The writer's `push` arguments: the cost as an integer of femto-USD."""
         return (
             self.request_id, self.ts, self.key_id, self.model, self.endpoint,
             self.requested_tier, self.applied_tier, self.prompt_tokens,
-            self.completion_tokens, cost_text(self.cost), micro, femto, self.status,
-            int(self.partial), self.code, self.queue_ms, self.latency_ms, self.upstream,
+            self.completion_tokens, _femto(self.cost), self.status, self.partial,
+            self.code, self.queue_ms, self.latency_ms, self.upstream,
         )  # fmt: skip
 
 
@@ -186,7 +156,12 @@ def _from_femto(femto: int) -> Decimal:
 def row_values(row: LedgerRow) -> tuple[object, ...]:
     """A row's column values in `COLUMNS` order, as stored: cost as fixed-point text and
     split into whole micro-USD and the femto-USD rest, partial as 0 or 1."""
-    return row._params()
+    micro, femto = divmod(row._cost_femto, FEMTO_PER_MICRO)
+    return (
+        row.request_id, row.ts, row.key_id, row.model, row.endpoint, row.requested_tier,
+        row.applied_tier, row.prompt_tokens, row.completion_tokens, cost_text(row.cost), micro,
+        femto, row.status, int(row.partial), row.code, row.queue_ms, row.latency_ms, row.upstream,
+    )  # fmt: skip
 
 
 def connect(path: str, durability: Durability = "process") -> sqlite3.Connection:
@@ -200,88 +175,63 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     # since a commit carries a whole batch).
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'power' else 'NORMAL'}")
-    conn.executescript(_SCHEMA)
+    conn.executescript(LEDGER_SCHEMA)
     return conn
 
 
-_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-# (row or None for a flush barrier, waiter or None for fire-and-forget, time queued
-# in monotonic ns); None item = stop
-_Item = tuple[LedgerRow | None, _Waiter | None, int] | None
-
-
-def _settle(futs: list[asyncio.Future[None]], exc: BaseException | None) -> None:
-    for fut in futs:
-        if fut.done():  # the awaiting task was cancelled; the row is written anyway
-            continue
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
-
-
-def _notify(
-    loop: asyncio.AbstractEventLoop, futs: list[asyncio.Future[None]], exc: BaseException | None
-) -> None:
-    # One wake-up per loop per batch, not per row.
-    try:
-        loop.call_soon_threadsafe(_settle, futs, exc)
-    except RuntimeError:  # that loop is closed; nobody is left to tell
-        pass
+def _not_running() -> RuntimeError:
+    return RuntimeError("ledger is not running (call start(), and not after close())")
 
 
 class Ledger:
-    """A SQLite ledger with one writer thread. `await start()` before recording."""
+    """The SQLite ledger. `await start()` before recording.
+
+    The writer is Rust (`tierq._core.LedgerWriter`): its own thread, its own
+    connection, never the GIL. `record` pushes the row (integers and strings,
+    under a short lock, no thread hand-off) and waits on a future; the writer
+    commits whatever is queued as one transaction and then sets an eventfd this
+    loop watches. One wake-up settles every future of every batch committed
+    since the last: the writer reports a high-water mark of settled rows (and
+    the ranges that failed), and the futures wait in push order.
+
+    One event loop drives a Ledger (the one that started it); `record_nowait`
+    may be called from any thread.
+    """
 
     def __init__(self, path: str, durability: Durability = "process") -> None:
         if durability not in ("process", "power"):
             raise ValueError("durability must be 'process' or 'power'")
         self.path = path
         self.durability: Durability = durability
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
-        self._checkpoint_due = threading.Event()
-        self._uncheckpointed = 0  # rows committed since the last checkpoint (approximate)
-        self.checkpoints = 0
-        self._closed = False
-        self.batches = 0  # commits done; a test can see that batching happened
-        # For /metrics (tierq.metrics): rows committed, failed batches, and per
-        # batch its oldest row's wait from queued to committed. Written by the
-        # writer thread only.
-        self.rows_committed = 0
-        self.commit_errors = 0
+        # Set by start() and kept after close() for its counters.
+        self._writer: LedgerWriter | None = None
+        self._push: Callable[..., int] | None = None  # the writer's push while open
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (sequence number, future), in push order.
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # For /metrics: per batch, its oldest row's wait from queued to committed.
         self.lag = Histogram(LAG_BUCKETS_S)
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._writer is not None:
             raise RuntimeError("ledger already started")
         loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run, args=(loop, ready), name="tierq-ledger-writer", daemon=True
-        )
-        self._thread.start()
-        await ready  # raises here if the file cannot be opened
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop, name="tierq-ledger-checkpointer", daemon=True
-        )
-        self._checkpointer.start()
+        # Opening waits on the file's lock if another writer holds it: off the loop.
+        writer = await asyncio.to_thread(LedgerWriter, self.path, self.durability)
+        self._writer, self._loop = writer, loop
+        loop.add_reader(writer.fd, self._on_settled)
+        self._push = writer.push
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
-        if self._closed:
+        writer, loop = self._writer, self._loop
+        if self._push is None or writer is None or loop is None:
+            self._push = None
             return
-        self._closed = True
-        thread = self._thread
-        if thread is None:
-            return
-        self._queue.put(None)
-        await asyncio.to_thread(thread.join)
-        checkpointer = self._checkpointer
-        if checkpointer is not None:
-            self._checkpoint_due.set()  # with the writer gone, its loop ends
-            await asyncio.to_thread(checkpointer.join)
+        self._push = None
+        await asyncio.to_thread(writer.close)
+        self._on_settled()
+        loop.remove_reader(writer.fd)
 
     async def __aenter__(self) -> Ledger:
         await self.start()
@@ -290,137 +240,83 @@ class Ledger:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _check_open(self) -> None:
-        if self._thread is None or self._closed:
-            raise RuntimeError("ledger is not running (call start(), and not after close())")
-
     async def record(self, row: LedgerRow) -> None:
         """Write `row`; return once it is committed. A repeated request_id is ignored."""
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        # SimpleQueue.put never blocks: the event loop does no I/O here.
-        self._queue.put((row, (loop, fut), time.monotonic_ns()))
+        push, loop = self._push, self._loop
+        if push is None or loop is None:
+            raise _not_running()
+        seq = push(*row._params())
+        fut = loop.create_future()
+        self._waiters.append((seq, fut))
         await fut
 
     def record_nowait(self, row: LedgerRow) -> None:
         """Queue `row` without waiting (sheds: nothing was served, nothing to hold back)."""
-        self._check_open()
-        self._queue.put((row, None, time.monotonic_ns()))
+        push = self._push
+        if push is None:
+            raise _not_running()
+        push(*row._params())
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put((None, (loop, fut), time.monotonic_ns()))
+        writer, loop = self._writer, self._loop
+        if self._push is None or writer is None or loop is None:
+            raise _not_running()
+        target = writer.last_pushed()
+        if writer.settled() >= target:
+            self._on_settled()  # settle what is already known, as a wake-up would
+            return
+        fut = loop.create_future()
+        self._waiters.append((target, fut))
         await fut
 
     @property
     def pending(self) -> int:
-        """Rows and barriers queued for the writer, not yet taken (approximate)."""
-        return self._queue.qsize()
+        """Rows queued for the writer, not yet taken into a batch."""
+        return 0 if self._writer is None else self._writer.pending
 
-    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
-        try:
-            conn = connect(self.path, self.durability)
-            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
-        except Exception as e:  # noqa: BLE001 - handed to start()'s caller
-            loop.call_soon_threadsafe(_settle, [ready], e)
+    def _stats(self) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0) if self._writer is None else self._writer.stats()
+
+    @property
+    def batches(self) -> int:
+        """Commits done; a test can see that batching happened."""
+        return self._stats()[0]
+
+    @property
+    def rows_committed(self) -> int:
+        return self._stats()[1]
+
+    @property
+    def commit_errors(self) -> int:
+        """Batches that failed to commit (their rows' waiters got the error)."""
+        return self._stats()[2]
+
+    @property
+    def checkpoints(self) -> int:
+        return self._stats()[3]
+
+    def _on_settled(self) -> None:
+        """The eventfd is readable: settle every waiter up to the writer's mark."""
+        writer = self._writer
+        if writer is None:
             return
-        loop.call_soon_threadsafe(_settle, [ready], None)
-        try:
-            stopping = False
-            while not stopping:
-                batch = [self._queue.get()]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stopping = self._commit(conn, batch)
-        finally:
-            conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> bool:
-        if None in batch:
-            # Stopping: take whatever is still queued too, so nothing queued before
-            # (or racing with) close() is left behind.
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-        params: list[tuple[object, ...]] = []
-        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        stopping = False
-        oldest_ns: int | None = None
-        for item in batch:
-            if item is None:
-                stopping = True
+        settled, failures, lags_us = writer.drain()
+        for us in lags_us:
+            self.lag.observe_us(us)
+        waiters = self._waiters
+        errors = [(first, last, OSError(message)) for first, last, message in failures]
+        for _, _, exc in errors:
+            log.error("%s", exc)
+        while waiters and waiters[0][0] <= settled:
+            seq, fut = waiters.popleft()
+            if fut.done():  # the awaiting task was cancelled; the row is written anyway
                 continue
-            row, waiter, queued_ns = item
-            if row is not None:
-                if oldest_ns is None or queued_ns < oldest_ns:
-                    oldest_ns = queued_ns
-                try:
-                    params.append(row._params())
-                except Exception as e:  # noqa: BLE001 - fails this row, not its batch
-                    log.error("ledger row %r refused: %s", row.request_id, e)
-                    if waiter is not None:
-                        _notify(waiter[0], [waiter[1]], e)
-                    continue
-            if waiter is not None:
-                waiters.setdefault(waiter[0], []).append(waiter[1])
-        exc: BaseException | None = None
-        if params:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT, params)
-                conn.execute("COMMIT")
-                self.batches += 1
-                self.rows_committed += len(params)
-                self._uncheckpointed += len(params)
-                if self._uncheckpointed >= CHECKPOINT_ROWS:
-                    self._checkpoint_due.set()
-                if oldest_ns is not None:
-                    self.lag.observe_us((time.monotonic_ns() - oldest_ns) // 1000)
-            except Exception as e:  # noqa: BLE001 - the writer must outlive a bad batch
-                exc = e
-                self.commit_errors += 1
-                log.error("ledger commit of %d rows failed: %s", len(params), e)
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-        for wloop, futs in waiters.items():
-            _notify(wloop, futs, exc)
-        return stopping
-
-    def _checkpoint_loop(self) -> None:
-        """Moves committed WAL frames into the database, off the writer's path.
-        PASSIVE: never waits for the writer or readers, does what it can now."""
-        conn = connect(self.path, self.durability)
-        try:
-            while True:
-                self._checkpoint_due.wait(CHECKPOINT_EVERY_S)
-                self._checkpoint_due.clear()
-                writer = self._thread
-                stopping = writer is None or not writer.is_alive()
-                pending = self._uncheckpointed
-                if pending:
-                    self._uncheckpointed = 0
-                    try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                        self.checkpoints += 1
-                    except sqlite3.Error as e:  # busy or I/O: the next round retries
-                        self._uncheckpointed += pending
-                        log.warning("ledger checkpoint failed: %s", e)
-                if stopping:
-                    return
-        finally:
-            conn.close()
+            failed = next((e for first, last, e in errors if first <= seq <= last), None)
+            if failed is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(failed)
 
     # Reads: short-lived connections (WAL lets them run beside the writer). They
     # block, so they are for the CLI, tests and admin paths, not the request path.
@@ -524,3 +420,4 @@ def usage_lines(
             )  # fmt: skip
         )
     return out
+
