@@ -216,7 +216,6 @@ struct Shared {
     queue: Mutex<Queue>,
     wake_writer: Condvar,
     done: Mutex<Done>,
-    settled_cv: Condvar,
     checkpoint: Mutex<Checkpoint>,
     wake_checkpointer: Condvar,
     notifier: Notifier,
@@ -246,7 +245,6 @@ impl Writer {
             queue: Mutex::new(Queue { rows: Vec::new(), pushed: 0, taken: 0, writer_idle: false, stopping: false }),
             wake_writer: Condvar::new(),
             done: Mutex::new(Done { settled: 0, failures: Vec::new(), lags_us: Vec::new() }),
-            settled_cv: Condvar::new(),
             checkpoint: Mutex::new(Checkpoint { uncheckpointed: 0, stopping: false }),
             wake_checkpointer: Condvar::new(),
             notifier: Notifier::new()?,
@@ -327,19 +325,6 @@ impl Writer {
         }
     }
 
-    /// Blocks until row `seq` is settled or `timeout` passed; true if settled.
-    /// For callers without an event loop (Rust tests, tools); never call it
-    /// from a thread that must not block.
-    pub fn wait_settled(&self, seq: u64, timeout: Duration) -> bool {
-        let d = lock(&self.shared.done);
-        let (d, _) = self
-            .shared
-            .settled_cv
-            .wait_timeout_while(d, timeout, |d| d.settled < seq)
-            .unwrap_or_else(PoisonError::into_inner);
-        d.settled >= seq
-    }
-
     /// The fd the notifier makes readable after each settled batch.
     pub fn notify_fd(&self) -> i32 {
         self.shared.notifier.fd()
@@ -395,7 +380,6 @@ impl Shared {
             // (or already cleared by the drain that took the mark).
             self.notifier.notify();
         }
-        self.settled_cv.notify_all();
     }
 }
 

@@ -562,7 +562,7 @@ impl PyLedgerWriter {
         applied_tier: String,
         prompt_tokens: i64,
         completion_tokens: i64,
-        cost_femto: u128,
+        cost_femto: &Bound<'_, PyAny>,
         status: String,
         partial: bool,
         code: Option<String>,
@@ -570,6 +570,12 @@ impl PyLedgerWriter {
         latency_ms: f64,
         upstream: Option<String>,
     ) -> PyResult<u64> {
+        // Any cost a request has fits 64 bits (18,446 USD): that conversion is
+        // one C call, the 128-bit one (abi3) several Python calls.
+        let cost_femto = match cost_femto.extract::<u64>() {
+            Ok(v) => u128::from(v),
+            Err(_) => cost_femto.extract::<u128>()?,
+        };
         Ok(self.0.push(ledger::Row {
             request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
             completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,

@@ -63,6 +63,21 @@ fn readable(fd: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 }
 }
 
+/// Waits as an event loop does: on the notifier's fd, then the mark (without
+/// draining, so a test can still look at what the drain returns).
+fn wait_settled(w: &Writer, seq: u64) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while w.settled() < seq {
+        if Instant::now() > deadline {
+            return false;
+        }
+        let mut p = libc::pollfd { fd: w.notify_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; waits at most 10 ms.
+        unsafe { libc::poll(&mut p, 1, 10) };
+    }
+    true
+}
+
 /// Holds the database's write lock until dropped, so the writer's next commit
 /// stalls in busy_timeout: what a batch collects meanwhile is then known.
 struct WriteLock(Connection);
@@ -88,7 +103,7 @@ fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
     assert!(!readable(w.notify_fd()));
     let seq = w.push(row("a")).unwrap();
     assert_eq!(seq, 1);
-    assert!(w.wait_settled(seq, WAIT));
+    assert!(wait_settled(&w, seq));
     // The notifier is set once the batch is settled, and drain clears it.
     assert!(readable(w.notify_fd()));
     let d = w.drain();
@@ -128,7 +143,7 @@ fn rows_queued_during_a_commit_share_the_next_one() {
     }
     assert_eq!(w.pending(), 999);
     drop(lock);
-    assert!(w.wait_settled(last, WAIT));
+    assert!(wait_settled(&w, last));
     assert_eq!(count(&db.0), 1000);
     // One commit for the row in flight, one for all that queued behind it.
     assert_eq!(w.stats().batches, 2);
@@ -152,7 +167,7 @@ fn a_flood_is_cut_into_batches_of_at_most_max_batch() {
         last = w.push(row(&format!("f{i}"))).unwrap();
     }
     drop(lock);
-    assert!(w.wait_settled(last, WAIT));
+    assert!(wait_settled(&w, last));
     // first; then MAX_BATCH; then the 10 left.
     assert_eq!(w.stats().batches, 3);
     assert_eq!(count(&db.0), n as i64 + 1);
@@ -172,7 +187,7 @@ fn pushes_from_many_threads_are_all_committed_exactly_once() {
     let mut seqs: Vec<u64> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>(), "every push has its own sequence number");
-    assert!(w.wait_settled(2000, WAIT));
+    assert!(wait_settled(&w, 2000));
     assert_eq!(count(&db.0), 2000);
     let s = w.stats();
     assert_eq!((s.rows_committed, s.commit_errors), (2000, 0));
@@ -187,7 +202,7 @@ fn a_repeated_request_id_is_stored_once_with_its_first_cost() {
     let mut again = row("dup");
     again.cost_femto = 99;
     let seq = w.push(again).unwrap();
-    assert!(w.wait_settled(seq, WAIT));
+    assert!(wait_settled(&w, seq));
     w.close();
     let c = Connection::open(&db.0).unwrap();
     let cost: String = c.query_row("SELECT cost FROM ledger WHERE request_id = 'dup'", [], |r| r.get(0)).unwrap();
@@ -206,9 +221,9 @@ fn a_failed_batch_is_reported_with_its_rows_and_the_writer_goes_on() {
     )
     .unwrap();
     let bad = w.push(row("bad")).unwrap();
-    assert!(w.wait_settled(bad, WAIT));
+    assert!(wait_settled(&w, bad));
     let after = w.push(row("after")).unwrap();
-    assert!(w.wait_settled(after, WAIT));
+    assert!(wait_settled(&w, after));
     let d = w.drain();
     assert_eq!(d.settled, 2);
     assert_eq!(d.lags_us.len(), 1, "a lag for the committed batch only");
@@ -251,7 +266,7 @@ fn the_checkpointer_moves_committed_rows_into_the_database_file() {
     for i in 0..CHECKPOINT_ROWS + 10 {
         last = w.push(row(&format!("k{i}"))).unwrap();
     }
-    assert!(w.wait_settled(last, WAIT));
+    assert!(wait_settled(&w, last));
     let deadline = Instant::now() + WAIT;
     while w.stats().checkpoints == 0 {
         assert!(Instant::now() < deadline, "no checkpoint ran");

@@ -24,7 +24,7 @@ import logging
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal
 
@@ -97,22 +97,38 @@ class LedgerRow:
     latency_ms: float = 0.0
     upstream: str | None = None
 
+    # The cost in femto-USD, worked out once by __post_init__ (what the writer takes).
+    _cost_femto: int = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         # Validated here, on the caller's side, so a bad row fails its own
         # request instead of the batch it would have been committed with.
-        # Types are checked too: one value sqlite cannot bind would fail the whole
-        # batch it was committed with, and so other requests' rows.
-        for name in ("request_id", "key_id", "model", "endpoint", "applied_tier", "status"):
-            if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a str")
-        for name in ("requested_tier", "code", "upstream"):
-            if not isinstance(getattr(self, name), (str, type(None))):
-                raise TypeError(f"{name} must be a str or None")
-        for name in ("prompt_tokens", "completion_tokens"):
-            if type(getattr(self, name)) is not int:
-                raise TypeError(f"{name} must be an int")
-        for name in ("ts", "queue_ms", "latency_ms"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+        # Types are checked too: the writer takes only what SQLite stores.
+        # Spelled out field by field: this runs once per request.
+        if not isinstance(self.request_id, str):
+            raise TypeError("request_id must be a str")
+        if not isinstance(self.key_id, str):
+            raise TypeError("key_id must be a str")
+        if not isinstance(self.model, str):
+            raise TypeError("model must be a str")
+        if not isinstance(self.endpoint, str):
+            raise TypeError("endpoint must be a str")
+        if not isinstance(self.applied_tier, str):
+            raise TypeError("applied_tier must be a str")
+        if not isinstance(self.status, str):
+            raise TypeError("status must be a str")
+        if self.requested_tier is not None and not isinstance(self.requested_tier, str):
+            raise TypeError("requested_tier must be a str or None")
+        if self.code is not None and not isinstance(self.code, str):
+            raise TypeError("code must be a str or None")
+        if self.upstream is not None and not isinstance(self.upstream, str):
+            raise TypeError("upstream must be a str or None")
+        if type(self.prompt_tokens) is not int:
+            raise TypeError("prompt_tokens must be an int")
+        if type(self.completion_tokens) is not int:
+            raise TypeError("completion_tokens must be an int")
+        for name, value in (("ts", self.ts), ("queue_ms", self.queue_ms), ("latency_ms", self.latency_ms)):
+            if type(value) is not float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be a number")
         if not self.request_id:
             raise ValueError("request_id must be non-empty")
@@ -122,14 +138,14 @@ class LedgerRow:
             raise ValueError(f"applied_tier must be 'priority' or 'default', not {self.applied_tier!r}")
         if self.prompt_tokens < 0 or self.completion_tokens < 0:
             raise ValueError("token counts must be >= 0")
-        _femto(self.cost)
+        object.__setattr__(self, "_cost_femto", _femto(self.cost))
 
     def _params(self) -> tuple[object, ...]:
         """The writer's `push` arguments: the cost as an integer of femto-USD."""
         return (
             self.request_id, self.ts, self.key_id, self.model, self.endpoint,
             self.requested_tier, self.applied_tier, self.prompt_tokens,
-            self.completion_tokens, _femto(self.cost), self.status, self.partial,
+            self.completion_tokens, self._cost_femto, self.status, self.partial,
             self.code, self.queue_ms, self.latency_ms, self.upstream,
         )  # fmt: skip
 
