@@ -127,10 +127,11 @@ def test_sse_read_rewrite(benchmark, impl: str, events: int) -> None:  # type: i
 @pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
 def test_ledger_commit_round_trip(benchmark, loop, tmp_path, impl: str) -> None:  # type: ignore[no-untyped-def]
     """What a served response waits for before its last byte (DESIGN: the bill is
-    committed first), one request at a time: queue the row, the writer thread
-    commits it, the event loop is told. Baseline: the bare round trip to a
-    thread and back (asyncio.to_thread of a no-op), the floor of any commit made
-    off the event loop."""
+    committed first), one request at a time: push the row, the Rust writer
+    commits it and sets the eventfd the loop watches, the loop settles the
+    future. Baseline: the bare round trip to a thread and back
+    (asyncio.to_thread of a no-op), the floor of any commit made off the event
+    loop the way the Python writer did it."""
     ledger = Ledger(str(tmp_path / "ledger.db"))
     loop.run_until_complete(ledger.start())
     rows = 200
@@ -159,3 +160,57 @@ def test_ledger_commit_round_trip(benchmark, loop, tmp_path, impl: str) -> None:
         loop.run_until_complete(ledger.close())
     record(benchmark, "ledger commit round trip, one request at a time", impl, rows,
            "thread round trip, no commit")
+
+
+@pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
+def test_ledger_batch_throughput(benchmark, loop, tmp_path, impl: str) -> None:  # type: ignore[no-untyped-def]
+    """A flood: 2,000 rows queued at once (record_nowait), then one flush; the
+    writer commits them in as few transactions as it can. Baseline: the same
+    rows inserted from Python with sqlite3's executemany in one transaction on
+    a connection with the ledger's pragmas, the SQLite work alone."""
+    import sqlite3
+
+    from tierq.ledger import connect
+
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    loop.run_until_complete(ledger.start())
+    rows = 2000
+    made = iter(range(10**9))
+    sql = ("INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, requested_tier,"
+           " applied_tier, prompt_tokens, completion_tokens, cost, cost_micro, cost_femto, status,"
+           " partial, code, queue_ms, latency_ms, upstream)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+    def row() -> LedgerRow:
+        return LedgerRow(request_id=f"flood-{next(made)}", ts=0.0, key_id="k", model="m",
+                         endpoint="chat.completions", requested_tier="priority",
+                         applied_tier="priority", prompt_tokens=100, completion_tokens=20,
+                         cost=Decimal("0.0000411"), status="served")
+
+    async def ours() -> None:
+        for r in [row() for _ in range(rows)]:
+            ledger.record_nowait(r)
+        await ledger.flush()
+
+    conn: sqlite3.Connection = connect(str(tmp_path / "baseline.db"))
+
+    async def baseline() -> None:
+        params = [(r.request_id, r.ts, r.key_id, r.model, r.endpoint, r.requested_tier,
+                   r.applied_tier, r.prompt_tokens, r.completion_tokens, "0.0000411", 41, 100_000_000,
+                   r.status, 0, r.code, r.queue_ms, r.latency_ms, r.upstream)
+                  for r in [row() for _ in range(rows)]]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, params)
+        conn.execute("COMMIT")
+
+    try:
+        benchmark(lambda: loop.run_until_complete(ours() if impl == OURS else baseline()))
+        if impl == OURS:
+            assert ledger.count() % rows == 0 and ledger.count() > 0
+        else:
+            assert conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] % rows == 0
+    finally:
+        conn.close()
+        loop.run_until_complete(ledger.close())
+    record(benchmark, "ledger: 2,000 rows queued at once, then one flush", impl, rows,
+           "sqlite3 executemany, one transaction")

@@ -432,7 +432,8 @@ fn write_loop(shared: &Shared, mut conn: Connection) {
 
 fn commit(conn: &mut Connection, batch: &[Queued]) -> Result<(), String> {
     let result = (|| -> rusqlite::Result<()> {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        // Cached statements, BEGIN and COMMIT included: a batch parses no SQL.
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         {
             let mut stmt = conn.prepare_cached(INSERT)?;
             for Queued { row: r, .. } in batch {
@@ -446,7 +447,7 @@ fn commit(conn: &mut Connection, batch: &[Queued]) -> Result<(), String> {
                 ])?;
             }
         }
-        conn.execute_batch("COMMIT")
+        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
     })();
     result.map_err(|e| {
         if !conn.is_autocommit() {

@@ -51,9 +51,9 @@ _US: Final = 1_000_000
 class Histogram:
     """Fixed buckets, integer counts, sum in integer microseconds.
 
-    Not locked: increments happen on one thread (the event loop, or the ledger
-    writer for its own histogram); a scrape may see a sum one observation ahead
-    of the counts, which Prometheus tolerates.
+    Not locked: increments happen on one thread (the event loop; the ledger's
+    lag too, observed when its batches settle); a scrape may see a sum one
+    observation ahead of the counts, which Prometheus tolerates.
     """
 
     __slots__ = ("bounds", "_bounds_us", "counts", "sum_us")
