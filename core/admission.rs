@@ -111,8 +111,8 @@ pub struct PoolSpec {
 /// Adaptive defaults (docs/configuration.md): at least 2 slots, so a
 /// priority headroom of 1 is allowed and a back-off never serialises the
 /// upstream; at most 1024, which bounds the mailboxes sized for it; a start
-/// of 16 that any GPU engine runs, from which the engine signal reaches a
-/// 256-sequence engine in about 45 samples.
+/// of 16 that any GPU engine runs, from which the engine signal's slow start
+/// reaches a 256-sequence engine in 4 samples.
 pub const DEFAULT_MIN_CONCURRENCY: i64 = 2;
 pub const DEFAULT_MAX_CONCURRENCY_LIMIT: i64 = 1024;
 pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 16;

@@ -147,9 +147,11 @@ pub struct EngineStep {
 ///     Then hold for `ENGINE_HOLD_SAMPLES` samples.
 /// - Its queue is empty: after a hold, with KV room (or no KV figure), and
 ///   only while the pool is saturated (else the limit is not what holds
-///   requests back and nothing was learned), grow by one slot near the last
-///   cut, by half the gap below it (coming back after a back-off), and by a
-///   sixteenth far above it (the engine grew, or it was never cut).
+///   requests back and nothing was learned), grow: double while the engine
+///   has never queued (TCP's slow start: a 256-sequence engine is reached
+///   from 16 in 4 samples, and an overshoot costs one sample's queue), then
+///   by one slot near the last cut, by half the gap below it (coming back
+///   after a back-off), and by a sixteenth far above it (the engine grew).
 pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, hold: u32, cut_at: u64) -> EngineStep {
     let limit = fp >> FP_SHIFT;
     let keep = EngineStep { fp, hold: hold.saturating_sub(1), cut_at };
@@ -166,7 +168,9 @@ pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, ho
         return keep;
     }
     let near = (cut_at / 8).max(2);
-    let step = if limit < cut_at {
+    let step = if cut_at == 0 {
+        limit
+    } else if limit < cut_at {
         ((cut_at - limit) / 2).max(1)
     } else if limit - cut_at <= near {
         1
@@ -298,10 +302,13 @@ mod tests {
     fn growth_is_faster_far_from_the_last_cut() {
         // Below the last cut (a back-off took it there): half the gap.
         assert_eq!(engine_step(M, fp(10), sample(10, 0), view(10, 1), 0, 30).fp, fp(20));
-        // Far above it, or never cut: a sixteenth.
-        assert_eq!(engine_step(M, fp(48), sample(48, 0), view(48, 1), 0, 0).fp, fp(51));
+        // Far above it: a sixteenth.
+        assert_eq!(engine_step(M, fp(48), sample(48, 0), view(48, 1), 0, 20).fp, fp(51));
+        // Never cut: slow start, doubling.
+        assert_eq!(engine_step(M, fp(12), sample(12, 0), view(12, 1), 0, 0).fp, fp(24));
         // Never past max.
-        assert_eq!(engine_step(M, fp(64), sample(64, 0), view(64, 1), 0, 0).fp, fp(64));
+        assert_eq!(engine_step(M, fp(40), sample(40, 0), view(40, 1), 0, 0).fp, fp(64));
+        assert_eq!(engine_step(M, fp(64), sample(64, 0), view(64, 1), 0, 20).fp, fp(64));
     }
 
     #[test]

@@ -107,9 +107,27 @@ fn an_idle_pool_does_not_grow_and_a_full_kv_cache_holds() {
         pool.observe_engine(16, 0, Some(950_000));
     }
     assert_eq!(pool.limit(), 16);
+    // Room again, never cut: slow start doubles it, and the 8 waiting get in.
     clock.advance_ns(TICK);
-    assert_eq!(pool.observe_engine(16, 0, Some(500_000)).len(), 1);
-    assert_eq!(pool.limit(), 17);
+    assert_eq!(pool.observe_engine(16, 0, Some(500_000)).len(), 8);
+    assert_eq!(pool.limit(), 32);
+}
+
+#[test]
+fn an_engine_that_never_queued_is_reached_by_doubling() {
+    let (pool, clock) = adaptive(2, 1024, 16);
+    load(&pool, 270);
+    let mut seen = vec![];
+    for _ in 0..5 {
+        clock.advance_ns(TICK);
+        pool.observe_engine(pool.limit(), 0, None);
+        seen.push(pool.limit());
+    }
+    assert_eq!(seen, [32, 64, 128, 256, 512]);
+    // The engine (256 sequences) queues our other 14: cut to what it runs.
+    clock.advance_ns(TICK);
+    pool.observe_engine(256, 14, None);
+    assert_eq!(pool.limit(), 256);
 }
 
 #[test]
