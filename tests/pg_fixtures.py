@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,15 +27,15 @@ def _need_postgres() -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_session() -> Iterator[PgServer]:
     _need_postgres()
-    server = PgServer(tmp_path_factory.mktemp("pg"))
-    server.init()
-    server.start()
+    server = PgServer()
     try:
+        server.init()
+        server.start()
         yield server
     finally:
-        server.stop("immediate")
+        server.remove()
 
 
 @pytest.fixture
@@ -53,14 +52,14 @@ def pg_url(pg_session: PgServer, pg_password: str) -> str:
 
 
 @pytest.fixture
-def own_pg(tmp_path: Path, pg_password: str) -> Iterator[PgServer]:
+def own_pg(pg_password: str) -> Iterator[PgServer]:
     """A server of this test's own, to stop and start; database `tierq` made."""
     _need_postgres()
-    server = PgServer(tmp_path / "pg")
-    server.init()
-    server.start()
-    server.psql('CREATE DATABASE "tierq"')
+    server = PgServer()
     try:
+        server.init()
+        server.start()
+        server.psql('CREATE DATABASE "tierq"')
         yield server
     finally:
-        server.stop("immediate")
+        server.remove()

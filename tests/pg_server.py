@@ -7,8 +7,8 @@ superuser is `tierq` with a password (scram-sha-256), so the tests exercise the
 password path of a `postgresql://` URL. `stop()` / `start()` take the server down
 and back up on the same port and data, for the outage tests.
 
-Also runnable: `python tests/pg_server.py DIR` starts one and prints its URL, for
-the benchmark and for trying things by hand (`--stop DIR` stops it).
+Also runnable: `python tests/pg_server.py` starts one and prints its folder and
+URL, for trying things by hand (`--stop FOLDER` stops and removes it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 USER = "tierq"
@@ -45,9 +45,16 @@ def free_port() -> int:
 
 
 class PgServer:
-    """One PostgreSQL cluster under `base` (created; owned by postgres when root)."""
+    """One PostgreSQL cluster under `base` (created; owned by postgres when root).
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    Without `base`, a fresh folder directly under the system temporary directory:
+    the postgres user must be able to reach it, which a folder inside pytest's
+    private (0700, root's) tmp_path tree is not.
+    """
+
+    def __init__(self, base: Path | None = None, port: int | None = None) -> None:
+        if base is None:
+            base = Path(tempfile.mkdtemp(prefix="tierq-pg-"))
         bindir = pg_bin_dir()
         if bindir is None:
             raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin "
@@ -68,7 +75,11 @@ class PgServer:
         cmd = list(argv)
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:1])} failed ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout.strip()}")
+        return done
 
     def init(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -76,13 +87,6 @@ class PgServer:
         pwfile = self.base / "pw"
         pwfile.write_text(PASSWORD + "\n")
         if self.as_root:
-            # The postgres user must reach the folder: every parent needs x for it.
-            for p in [self.base, *self.base.parents]:
-                if p == Path("/"):
-                    break
-                mode = p.stat().st_mode
-                if not mode & 0o001:
-                    os.chmod(p, mode | 0o001)
             shutil.chown(self.base, "postgres", "postgres")
             shutil.chown(self.sockdir, "postgres", "postgres")
             shutil.chown(pwfile, "postgres", "postgres")
@@ -104,6 +108,11 @@ class PgServer:
         self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60",
                   "stop", check=False)
         self.running = False
+
+    def remove(self) -> None:
+        """Stop the server and delete its folder."""
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def url(self, database: str = "postgres", *, password: bool = False) -> str:
         cred = f"{USER}:{PASSWORD}" if password else USER
@@ -128,14 +137,13 @@ class PgServer:
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--stop":
         base = Path(argv[1])
-        server = PgServer(base, port=int((base / "port").read_text()))
-        server.stop()
+        PgServer(base, port=int((base / "port").read_text())).remove()
         return 0
-    base = Path(argv[0])
-    server = PgServer(base)
+    server = PgServer()
     server.init()
     server.start()
-    (base / "port").write_text(str(server.port))
+    (server.base / "port").write_text(str(server.port))
+    print(server.base)
     print(server.url(password=True))
     return 0
 

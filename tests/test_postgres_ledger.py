@@ -227,3 +227,57 @@ async def test_gateway_on_postgresql_bills_what_it_echoes_to_the_openai_client(
     for rid, (tier, cost) in echoed.items():
         assert (rows[rid].applied_tier, rows[rid].cost) == (tier, cost), rid
     assert {r.applied_tier for r in rows.values()} == {"priority", "default"}
+
+
+def test_usage_and_keys_cli_say_in_one_line_when_postgresql_is_unreachable(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from pg_server import free_port
+
+    from tierq.cli import main
+
+    url = f"postgresql://tierq:hunter2@127.0.0.1:{free_port()}/tierq"
+    assert main(["usage", "--db", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tierq usage: cannot read postgresql://tierq:***@127.0.0.1:")
+    assert err.count("\n") == 1 and "hunter2" not in err
+    assert main(["keys", "list", "--db", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tierq keys: cannot use postgresql://tierq:***@") and "hunter2" not in err
+
+
+async def test_metrics_show_the_spool_depth_and_the_switch(own_pg: PgServer, tmp_path: Path) -> None:
+    from tierq.metrics import GatewayMetrics, render_prometheus
+
+    own_pg.stop()
+    ledger = PostgresLedger(own_pg.url("tierq"), password_env=PASSWORD_ENV,
+                            spool=str(tmp_path / "spool.db"), retry_s=0.1)
+    async with ledger:
+        await asyncio.gather(*(ledger.record(row(i)) for i in range(7)))
+        text = render_prometheus([GatewayMetrics().snapshot([], ready=True, ledger=ledger)])
+        assert "tierq_ledger_spool_rows 7" in text.splitlines()
+        assert "tierq_ledger_spooling 1" in text.splitlines()
+        own_pg.start()
+        await wait_for(lambda: ledger.mode == "postgresql", what="the replay")
+        text = render_prometheus([GatewayMetrics().snapshot([], ready=True, ledger=ledger)])
+        assert "tierq_ledger_spool_rows 0" in text.splitlines()
+        assert "tierq_ledger_spooling 0" in text.splitlines()
+    assert ledger.count() == 7
+
+
+async def test_regression_idle_connection_closed_by_a_restart_does_not_strand_rows_in_the_spool(
+        own_pg: PgServer, tmp_path: Path) -> None:
+    # The reconnector used to drop a connection the server had closed without
+    # switching to the spool's mode: the next rows went to the spool and, the
+    # ledger still believing it wrote to PostgreSQL, were never replayed.
+    ledger = PostgresLedger(own_pg.url("tierq"), password_env=PASSWORD_ENV,
+                            spool=str(tmp_path / "spool.db"), retry_s=0.05)
+    async with ledger:
+        await ledger.record(row(0))
+        await asyncio.to_thread(own_pg.stop, "fast")  # while the ledger is idle
+        await wait_for(lambda: ledger.mode == "spool", what="the closed connection seen")
+        await ledger.record(row(1))
+        await asyncio.to_thread(own_pg.start)
+        await wait_for(lambda: ledger.mode == "postgresql", what="the replay")
+        await ledger.record(row(2))
+        assert ledger.spool_rows == 0
+    assert [r.request_id for r in ledger.rows()] == ["req-0", "req-1", "req-2"]

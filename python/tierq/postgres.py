@@ -393,7 +393,10 @@ class PostgresLedger:
         while True:
             await asyncio.sleep(self.retry_s)
             if self._conn is not None and self._conn.is_closed():
-                self._conn = None
+                # The server closed it while idle (a restart): the next batch
+                # must not find a connection that is gone.
+                self._lost(self._conn, ConnectionError("connection closed by the server"),
+                           "idle connection")
             if self._conn is None:
                 try:
                     self._conn = await self._connect()
@@ -402,10 +405,12 @@ class PostgresLedger:
                     continue
                 self._wake.set()  # the writer starts replaying the spool
 
-    def _lost(self, e: BaseException, what: str) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.terminate()
+    def _lost(self, conn: asyncpg.Connection, e: BaseException, what: str) -> None:
+        """`conn` failed: drop it (only it: the reconnector may have made a new one
+        meanwhile) and send rows to the spool until the replay empties it."""
+        if self._conn is conn:
+            self._conn = None
+        conn.terminate()
         if self.mode == "postgresql":
             self.mode = "spool"
             self.switches += 1
@@ -434,6 +439,7 @@ class PostgresLedger:
             except Exception:  # noqa: BLE001 - the writer must outlive any batch
                 log.exception("ledger writer: unexpected error")
                 self.commit_errors += 1
+                await asyncio.sleep(self.retry_s)  # no busy loop on a lasting fault
             if self._closing and not self._items:
                 return  # the spool's rows wait for the next start
 
@@ -441,15 +447,15 @@ class PostgresLedger:
         """True once the batch is settled (committed, or refused as rows); False
         when PostgreSQL could not be used and the batch must go to the spool."""
         conn = self._conn
+        rows = [row for row, _, _ in batch if row is not None]
         if conn is None:
             return False
-        rows = [row for row, _, _ in batch if row is not None]
         try:
             if rows:
                 await self._insert(conn, [row_values(r) for r in rows])
         except Exception as e:  # noqa: BLE001 - sorted by _unreachable
             if _unreachable(e):
-                self._lost(e, f"commit of {len(rows)} rows")
+                self._lost(conn, e, f"commit of {len(rows)} rows")
                 return False
             self.commit_errors += 1
             log.error("ledger: PostgreSQL refused a batch of %d rows: %s", len(rows), e)
@@ -512,7 +518,7 @@ class PostgresLedger:
                 await self._insert(conn, values)
             except Exception as e:  # noqa: BLE001
                 if _unreachable(e):
-                    self._lost(e, f"replay of {len(values)} spooled rows")
+                    self._lost(conn, e, f"replay of {len(values)} spooled rows")
                     return
                 # A spooled row PostgreSQL refuses would block the replay forever:
                 # it stays in the spool, said loudly, and the writer stops replaying.
