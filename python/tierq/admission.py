@@ -213,7 +213,10 @@ class Admission:
 
     def observe_latency(self, seconds: float) -> int:
         """Feeds one time to first token (seconds) of a response from an
-        upstream without engine metrics. Returns waiters granted, as above."""
+        upstream without engine metrics: from the request leaving for the
+        upstream to its first token, not counting the wait in tierq's lanes
+        (that wait grows with the load tierq holds back, and would read as the
+        upstream queueing). Returns waiters granted, as above."""
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds: must be a non-negative number, got {seconds}")
         return self._granted(self._core.observe_latency(round(seconds * 1e9)))
