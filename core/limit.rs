@@ -142,6 +142,9 @@ pub struct EngineStep {
 /// - The engine queues (`waiting > 0`):
 ///   - while more of ours are in flight than the limit (a cut is draining),
 ///     that queue is our own excess: hold, do not cut again;
+///   - while it runs nothing, the sample caught it between two steps (or
+///     stalled, its KV cache preempted): it says nothing about how many it
+///     runs, so hold rather than cut to the minimum;
 ///   - else cut to what the engine runs of ours, `in_flight - waiting`, and
 ///     no higher than its `running` count; always by at least one slot.
 ///     Then hold for `ENGINE_HOLD_SAMPLES` samples.
@@ -156,7 +159,7 @@ pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, ho
     let limit = fp >> FP_SHIFT;
     let keep = EngineStep { fp, hold: hold.saturating_sub(1), cut_at };
     if s.waiting > 0 {
-        if view.in_flight > limit {
+        if view.in_flight > limit || s.running == 0 {
             return EngineStep { fp, hold: ENGINE_HOLD_SAMPLES, cut_at };
         }
         let ours_running = view.in_flight.saturating_sub(s.waiting).min(s.running);
@@ -270,6 +273,12 @@ mod tests {
         // Always at least one slot, never below min.
         assert_eq!(engine_step(M, fp(16), sample(40, 1), view(3, 0), 0, 0).fp, fp(2));
         assert_eq!(engine_step(M, fp(5), sample(40, 1), view(5, 0), 0, 0).fp, fp(4));
+    }
+
+    #[test]
+    fn an_engine_caught_running_nothing_is_not_a_reason_to_cut() {
+        let s = engine_step(M, fp(16), sample(0, 5), view(16, 3), 0, 0);
+        assert_eq!(s, EngineStep { fp: fp(16), hold: ENGINE_HOLD_SAMPLES, cut_at: 0 });
     }
 
     #[test]
