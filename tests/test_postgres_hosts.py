@@ -31,7 +31,7 @@ from pg_server import PASSWORD, PASSWORD_ENV, PgServer, free_port
 from tierq.postgres import PostgresLedger
 from tierq.sim import SimServer, start_sim
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.reliability]
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Host:
     port: int
     config: Path
     log: Path
+    workers: int = 1
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +51,8 @@ class Host:
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tierq", "serve", "--config", str(self.config),
-                 "--port", str(self.port), "--no-access-log", "--log-level", "info"],
+                 "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
+                 "--log-level", "info"],
                 stdout=subprocess.DEVNULL, stderr=err)
 
     async def ready(self) -> None:
@@ -120,13 +122,15 @@ class Cluster:
 async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[Cluster] = []
 
-    async def make(ledger_url: str, n: int, keys_url: str | None = None) -> Cluster:
+    async def make(ledger_url: str, n: int, keys_url: str | None = None,
+                   workers: tuple[int, ...] = ()) -> Cluster:
         sim = await start_sim("127.0.0.1", 0, slots=64, ttft_ms=2.0, tokens_per_s=0.0)
         hosts = []
         for i in range(n):
             cfg = write_config(tmp_path / f"host{i}.toml", sim, ledger_url,
                                tmp_path / f"spool{i}.db", keys_url)
-            hosts.append(Host(f"host{i}", free_port(), cfg, tmp_path / f"host{i}.log"))
+            hosts.append(Host(f"host{i}", free_port(), cfg, tmp_path / f"host{i}.log",
+                              workers[i] if i < len(workers) else 1))
         c = Cluster(sim, hosts, ledger_url, tmp_path)
         made.append(c)
         for h in hosts:
@@ -198,7 +202,8 @@ def usage_cli(*args: str) -> dict[str, Any]:
 
 async def test_three_hosts_write_one_ledger_whose_usage_report_adds_up(
         pg_url: str, cluster_factory: Any) -> None:
-    c: Cluster = await cluster_factory(pg_url, 3)
+    # The last host runs two workers: each its own connection, one spool file.
+    c: Cluster = await cluster_factory(pg_url, 3, workers=(1, 1, 2))
     await asyncio.gather(*(one_request(c, c.hosts[i % 3], i) for i in range(60)))
     rows = pg_rows(pg_url)
     assert_billed_is_echoed(c, rows)

@@ -219,7 +219,6 @@ def _arrays(values: Sequence[Sequence[object]]) -> list[list[object]]:
 
 
 Mode = Literal["postgresql", "spool"]
-_Fut = "asyncio.Future[None]"
 # (row or None for a flush barrier, waiter or None, time queued in monotonic ns)
 _Item = tuple[LedgerRow | None, "asyncio.Future[None] | None", int]
 
@@ -358,7 +357,6 @@ class PostgresLedger:
 
     async def record(self, row: LedgerRow) -> None:
         """Write `row`; return once it is durable. A repeated request_id is ignored."""
-        assert self._loop is not None or self._writer is None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._put(row, fut)
         await fut
@@ -647,6 +645,7 @@ class PostgresKeyStore:
         self._revoked_here: dict[str, float] = {}  # public_id -> time.monotonic() of revoke
         self._task: asyncio.Task[None] | None = None
         self.loaded_at: float | None = None  # time.monotonic() of the last good read
+        self._migrated = False
         self.refreshes = 0
         self._healthy = True
 
@@ -684,7 +683,9 @@ class PostgresKeyStore:
         started = time.monotonic()
         conn = await pg_connect(self.url, self.password_env)
         try:
-            await migrate(conn)
+            if not self._migrated:  # once per process; the refreshes only read
+                await migrate(conn)
+                self._migrated = True
             records = await conn.fetch(
                 "SELECT public_id, name, created, revoked, rpm, tpm, secret_sha256 FROM keys")
         finally:
