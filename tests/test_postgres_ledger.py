@@ -281,3 +281,43 @@ async def test_regression_idle_connection_closed_by_a_restart_does_not_strand_ro
         await ledger.record(row(2))
         assert ledger.spool_rows == 0
     assert [r.request_id for r in ledger.rows()] == ["req-0", "req-1", "req-2"]
+
+
+def _pause(server: PgServer, sig: int) -> None:
+    """SIGSTOP / SIGCONT the server and all its processes: a server that accepts
+    connections but answers nothing, as behind a network partition."""
+    import os
+
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.append(int(d))
+    for pid in pids:
+        os.kill(pid, sig)
+
+
+@pytest.mark.timeout(120)
+async def test_a_server_that_stops_answering_mid_run_sends_rows_to_the_spool_after_the_commit_deadline(
+        own_pg: PgServer, tmp_path: Path) -> None:
+    import signal
+
+    ledger = PostgresLedger(own_pg.url("tierq"), password_env=PASSWORD_ENV,
+                            spool=str(tmp_path / "spool.db"), retry_s=0.1,
+                            commit_timeout_s=1.0, connect_timeout_s=0.5)
+    async with ledger:
+        await asyncio.gather(*(ledger.record(row(i)) for i in range(20)))
+        _pause(own_pg, signal.SIGSTOP)
+        try:
+            # Each returns once durable: here, in the spool, after the deadline.
+            await asyncio.gather(*(ledger.record(row(i)) for i in range(20, 30)))
+            assert ledger.mode == "spool" and ledger.spool_rows == 10
+        finally:
+            _pause(own_pg, signal.SIGCONT)
+        await wait_for(lambda: ledger.mode == "postgresql", what="the replay")
+    assert [r.request_id for r in ledger.rows()] == [f"req-{i}" for i in range(30)]

@@ -467,8 +467,14 @@ class PostgresLedger:
         return True
 
     async def _insert(self, conn: asyncpg.Connection, values: Sequence[Sequence[object]]) -> None:
-        async with conn.transaction():
-            await conn.execute(_INSERT, *_arrays(values), timeout=self.commit_timeout_s)
+        async def transaction() -> None:
+            async with conn.transaction():
+                await conn.execute(_INSERT, *_arrays(values))
+
+        # One deadline over BEGIN, the insert and COMMIT (a server that stops
+        # answering mid-transaction, a partition): past it the connection is
+        # dropped and the rows go to the spool.
+        await asyncio.wait_for(transaction(), self.commit_timeout_s)
 
     async def _commit_spool(self, batch: list[_Item]) -> None:
         rows = [(row, fut) for row, fut, _ in batch if row is not None]
