@@ -22,6 +22,7 @@ from aiohttp import web
 
 from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission, Shed
+from tierq.capacity import OVERLOAD_STATUSES, overload_backoff_s
 from tierq.config import Config, UpstreamConfig
 from tierq.errors import JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, drain_error, invalid_type, shed_error
 from tierq.gateway import CONFIG, DRAIN, GATEWAY, Gateway
@@ -234,13 +235,29 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                            applied_tier=ex.tier, endpoint=ex.endpoint,
                            upstream_model=pool.entry.upstream_model)
     payload = orjson.dumps(body)
+    retried = False
     try:
-        async with pool.upstream.post(ex.endpoint, payload, request.headers.get(BYO_HEADER)) as up:
-            if not 200 <= up.status < 300:
-                return await upstream_error(ex, up)
-            if info.stream and up.content_type == "text/event-stream":
-                return await relay_stream(request, ex, up, info.client_wants_usage)
-            return await relay_json(request, ex, up)
+        while True:
+            ex.sent_at = time.monotonic()
+            async with pool.upstream.post(ex.endpoint, payload,
+                                          request.headers.get(BYO_HEADER)) as up:
+                if up.status in OVERLOAD_STATUSES:
+                    # Nothing reached the client yet: the limit backs off, and
+                    # the request keeps its slot (nothing overtakes it) and is
+                    # sent again once if that fits in its max wait.
+                    ex.gw.capacity.overloaded(pool.entry.id)
+                    await up.read()
+                    wait = None if retried else overload_backoff_s(up.headers, _wait_left_s(ex))
+                    if wait is None:
+                        raise _upstream_overloaded(ex)
+                elif not 200 <= up.status < 300:
+                    return await upstream_error(ex, up)
+                elif info.stream and up.content_type == "text/event-stream":
+                    return await relay_stream(request, ex, up, info.client_wants_usage)
+                else:
+                    return await relay_json(request, ex, up)
+            retried = True
+            await asyncio.sleep(wait)
     except (aiohttp.ClientError, TimeoutError) as e:
         if ex.done:
             raise
@@ -249,6 +266,22 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
         ex.finish(failed(code, status))
         raise ApiError(status, f"The upstream serving this model failed: {type(e).__name__}.",
                        "server_error", None, code, ex.headers()) from None
+
+
+def _wait_left_s(ex: Exchange) -> float:
+    """What is left of the request's lane max wait, counted from its arrival."""
+    adm = ex.pool.entry.admission
+    limit_ms = adm.max_wait_ms_priority if ex.tier == "priority" else adm.max_wait_ms_default
+    return (limit_ms - (time.monotonic() - ex.t0) * 1000.0) / 1000.0
+
+
+def _upstream_overloaded(ex: Exchange) -> ApiError:
+    """The upstream still said 429/503 and the retry would not fit: tierq's own
+    shed, with the pool's honest Retry-After and no charge."""
+    ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
+    ex.finish(shed("upstream_overloaded"))
+    return shed_error(ex.headers(), "server_overloaded", ex.pool.admission.retry_after_s(ex.tier),
+                      SHED_MESSAGES["server_overloaded"])
 
 
 # ------------------------------------------------------------------ other routes

@@ -131,7 +131,14 @@ def parse_engine_load(text: str, model: str | None = None) -> EngineLoad | None:
     per model, as vLLM and SGLang are usually run). Counts add up over series
     (vLLM v1 labels each engine core); KV usage is the highest.
     """
-    samples = list(_samples(text))
+    return load_of(list(_samples(text)), model)
+
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def load_of(samples: Samples, model: str | None) -> EngineLoad | None:
+    """`parse_engine_load` over samples already read (one page, many models)."""
     if model is not None and any(lb.get("model_name") == model for _, lb, _ in samples):
         samples = [s for s in samples if s[1].get("model_name") == model]
     found: dict[str, float] = {}
@@ -230,7 +237,8 @@ class EngineScraper:
                 text = await r.text() if r.status == 200 else ""
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             text = ""
-        loads = [parse_engine_load(text, t.model) for t in self._targets] if text else []
+        samples = list(_samples(text)) if text else []
+        loads = [load_of(samples, t.model) for t in self._targets] if samples else []
         if not loads or any(load is None for load in loads):
             self.failures += 1
             self._missed += 1

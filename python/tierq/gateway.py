@@ -13,6 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from tierq.admission import Admission
+from tierq.capacity import Capacity
 from tierq.config import Config
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
@@ -53,6 +54,7 @@ class Gateway:
     draining: bool = False
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
     watchdog: WriteWatchdog = field(init=False)  # from config.server.write_timeout_s
+    capacity: Capacity = field(default_factory=Capacity)  # what feeds the pools' limits
 
     def __post_init__(self) -> None:
         self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)

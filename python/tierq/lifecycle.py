@@ -1,6 +1,7 @@
 """Start-up and clean-up of a gateway (an aiohttp cleanup context): the sims of
-upstreams of kind "sim" (from the caller), upstream clients, admission pools,
-the ledger, the key store and limiter, the write watchdog.
+upstreams of kind "sim" (from the caller), upstream clients, admission pools and
+what feeds their limits (tierq.capacity), the ledger, the key store and limiter,
+the write watchdog.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def lifecycle(
                 for m in gw.catalog.values():
                     adm = pools[m.id] if pools is not None else Admission(m.admission.settings)
                     gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
+                for u in gw.config.upstreams:
+                    gw.capacity.add_upstream(u.name, u.kind, base_urls[u.name], u.metrics,
+                                             u.metrics_url, u.metrics_interval_ms / 1000.0)
+                for p in gw.pools.values():
+                    gw.capacity.add_pool(p.entry.id, p.entry.upstream_model, p.entry.upstream,
+                                         p.admission)
+                gw.capacity.start(record=gw.metrics.record_limits)
                 if gw.ledger is None:
                     gw.ledger = ledger_from_config(gw.config.ledger)
                     await gw.ledger.start()
@@ -66,6 +74,7 @@ def lifecycle(
                 yield
             finally:
                 gw.ready = False
+                await gw.capacity.stop()
                 await gw.watchdog.stop()
                 for client in gw.upstreams.values():
                     await client.close()

@@ -130,6 +130,7 @@ class Exchange:
     @property
     def done(self) -> bool:
         return self.outcome is not None
+    sent_at: float = 0.0  # when the request last went upstream (monotonic)
 
     def cost(self, prompt: int, completion: int) -> Decimal:
         return price_cost(prompt, completion, self.pool.entry.prices, self.tier,

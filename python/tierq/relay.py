@@ -153,7 +153,11 @@ async def relay_stream(
             await write(request, resp, read.data)
             delivered += read.tokens
             if delivered and ex.ttft_s is None:
-                ex.ttft_s = time.monotonic() - ex.t0
+                now = time.monotonic()
+                ex.ttft_s = now - ex.t0
+                # The upstream's own time to first token (from sending), which
+                # an opaque upstream's learned limit holds against its floor.
+                ex.gw.capacity.first_token(ex.pool.entry.id, now - ex.sent_at)
         if read.error is not None:
             raise read.error
         return read.done
