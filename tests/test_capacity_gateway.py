@@ -8,11 +8,13 @@ Timings are only ever compared with each other in the same run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,8 +22,9 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from tierq.app import GATEWAY, create_app, runner_kwargs
-from tierq.config import LedgerConfig, default_config
+from tierq.config import AdmissionConfig, Config, LedgerConfig, ModelConfig, UpstreamConfig, default_config
 from tierq.embedded import start_sims
+from tierq.sim import SimServer, start_sim
 
 PRIORITY_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 
@@ -43,12 +46,12 @@ async def embedded(tmp_path: Path) -> AsyncIterator[tuple[str, web.Application]]
         await runner.cleanup()
 
 
-async def _ttft(client: AsyncOpenAI, tier: str) -> float:
+async def _ttft(client: AsyncOpenAI, tier: str, max_tokens: int = 8) -> float:
     t0 = time.monotonic()
     first: float | None = None
     stream = await client.chat.completions.create(
         model=PRIORITY_MODEL, messages=[{"role": "user", "content": "hello there"}],
-        max_tokens=8, stream=True, service_tier=tier)  # type: ignore[arg-type]
+        max_tokens=max_tokens, stream=True, service_tier=tier)  # type: ignore[arg-type]
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.monotonic() - t0
@@ -83,3 +86,123 @@ async def test_embedded_default_gives_priority_the_lead_under_48_streaming_clien
     async with aiohttp.ClientSession() as s, s.get(root + "/status.json") as r:
         card = next(x for x in (await r.json())["pools"] if x["model"] == PRIORITY_MODEL)
     assert card["limit"]["mode"] == "adaptive" and card["limit"]["value"] == pool.limit
+
+
+@pytest.fixture
+async def behind(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[str, web.Application, SimServer]]]]:
+    """A gateway in front of a sim it is told nothing about: `await behind(kind, admission, **sim)`."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(kind: str, admission: AdmissionConfig,
+                    **sim: Any) -> tuple[str, web.Application, SimServer]:
+        server = await start_sim("127.0.0.1", 0, **sim)
+        stack.push_async_callback(server.close)
+        config = Config(
+            ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'tierq.db'}"),
+            upstreams=(UpstreamConfig("engine", server.url, kind),),  # type: ignore[arg-type]
+            models=(ModelConfig(PRIORITY_MODEL, "engine", priority=True, admission=admission),),
+        )
+        app = create_app(config)
+        runner = web.AppRunner(app, **runner_kwargs())
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        return f"http://127.0.0.1:{port}", app, server
+
+    async with stack:
+        yield start
+
+
+async def _load(root: str, clients: int, seconds: float, *, priority_every: int = 8,
+                max_tokens: int = 8) -> dict[str, list[float]]:
+    """Closed-loop streaming clients, 1 in `priority_every` priority: TTFTs by tier."""
+    ttfts: dict[str, list[float]] = {"priority": [], "default": []}
+    stop_at = time.monotonic() + seconds
+
+    async def loop(c: AsyncOpenAI, tier: str) -> None:
+        while time.monotonic() < stop_at:
+            ttfts[tier].append(await _ttft(c, tier, max_tokens))
+
+    async with AsyncOpenAI(base_url=root + "/v1", api_key="unused-on-loopback",
+                           max_retries=0, timeout=60) as c:
+        await asyncio.gather(*(loop(c, "priority" if i % priority_every == 0 else "default")
+                               for i in range(clients)))
+    return ttfts
+
+
+@pytest.mark.timeout(120)
+async def test_an_opaque_upstream_is_learned_from_time_to_first_token(behind: Any) -> None:
+    # A hosted provider: no metrics (the sim's /metrics is 404), kind "openai".
+    root, app, sim = await behind("openai", AdmissionConfig(), slots=6, ttft_ms=40.0,
+                                  tokens_per_s=100.0, metrics=False)
+    ttfts = await _load(root, clients=36, seconds=10.0, priority_every=6)
+    pool = app[GATEWAY].pools[PRIORITY_MODEL].admission
+    stats = pool.stats()
+    assert stats["limit_signal"] == "latency", stats
+    p, d = statistics.median(ttfts["priority"]), statistics.median(ttfts["default"])
+    assert p < d / 2, (p, d, stats)
+    # The engine's own FCFS queue stayed short: the line formed in tierq's lanes.
+    st = sim.state.snapshot()
+    assert st["max_running_seen"] == 6
+    assert pool.limit < 16, stats
+
+
+@pytest.mark.timeout(60)
+async def test_an_upstream_429_is_retried_once_after_its_hint_and_then_served(behind: Any) -> None:
+    # One engine slot, no waiting room: a second request at once gets the
+    # engine's 429 (Retry-After: 1); the gateway holds it and sends it again
+    # after that second, when the first (50 ms) is long done.
+    root, app, sim = await behind("openai", AdmissionConfig(max_concurrency=2), slots=1,
+                                  ttft_ms=50.0, tokens_per_s=0.0, max_waiting=0, metrics=False)
+    async with AsyncOpenAI(base_url=root + "/v1", api_key="unused-on-loopback",
+                           max_retries=0, timeout=30) as c:
+        answers = await asyncio.gather(*(c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            for _ in range(2)))
+    assert [a.http_response.status_code for a in answers] == [200, 200]
+    st = sim.state.snapshot()
+    assert st["rejected"] == 1 and st["requests"] == 3
+    gw = app[GATEWAY]
+    assert gw.ledger is not None
+    await gw.ledger.flush()
+    assert sorted(r.status for r in gw.ledger.rows()) == ["served", "served"]
+
+
+@pytest.mark.timeout(60)
+async def test_an_upstream_still_overloaded_gets_tierqs_own_honest_429_and_no_charge(
+        behind: Any) -> None:
+    # An engine that always says 503 "overloaded" (no hint): retried once
+    # after the default back-off, then shed by tierq as server_overloaded.
+    root, app, sim = await behind("openai", AdmissionConfig(max_concurrency=4), slots=1,
+                                  ttft_ms=0.0, tokens_per_s=10.0, max_waiting=0,
+                                  overload_status=503, metrics=False)
+    async with aiohttp.ClientSession() as s:
+        # A long stream holds the engine's one slot, so every other request is refused.
+        hold = asyncio.create_task(s.post(root + "/v1/chat/completions", json={
+            "model": PRIORITY_MODEL, "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 300, "stream": True}))
+        await _until(lambda: sim.state.snapshot()["running"] == 1)
+        async with s.post(root + "/v1/chat/completions", json={
+                "model": PRIORITY_MODEL, "messages": [{"role": "user", "content": "y"}],
+                "max_tokens": 4}) as r:
+            body = await r.json()
+            assert r.status == 429, body
+            assert body["error"]["code"] == "server_overloaded"
+            assert int(r.headers["Retry-After"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
+        (await hold).close()
+    gw = app[GATEWAY]
+    assert gw.ledger is not None
+    await gw.ledger.flush()
+    shed = [row for row in gw.ledger.rows() if row.status == "shed"]
+    assert len(shed) == 1 and shed[0].code == "upstream_overloaded" and shed[0].cost == 0
+    assert sim.state.snapshot()["rejected"] == 2  # the first answer and the one retry
+    assert gw.pools[PRIORITY_MODEL].admission.stats()["limit_mode"] == "fixed"
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

@@ -227,6 +227,16 @@ class Admission:
         granted (always 0 today: a back-off only lowers the limit)."""
         return self._granted(self._core.observe_overload())
 
+    def retry_after_s(self, tier: str) -> float:
+        """The honest wait for a request of `tier` this pool turns away now (the
+        core's drain estimate, as for its own sheds; tierq.retry_after makes
+        the headers of it)."""
+        return self._core.retry_after_ns(_LANES[tier]) / 1e9
+
+    def max_wait_s(self, tier: str) -> float:
+        """The longest a request of `tier` may wait in this pool (its lane's max_wait_ms)."""
+        return self._max_wait_s[_LANES[tier]] - 0.001
+
     def _granted(self, waiters: list[int]) -> int:
         for waiter in waiters:
             self._grant(waiter)

@@ -270,9 +270,7 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
 
 def _wait_left_s(ex: Exchange) -> float:
     """What is left of the request's lane max wait, counted from its arrival."""
-    adm = ex.pool.entry.admission
-    limit_ms = adm.max_wait_ms_priority if ex.tier == "priority" else adm.max_wait_ms_default
-    return (limit_ms - (time.monotonic() - ex.t0) * 1000.0) / 1000.0
+    return ex.pool.admission.max_wait_s(ex.tier) - (time.monotonic() - ex.t0)
 
 
 def _upstream_overloaded(ex: Exchange) -> ApiError:
