@@ -354,7 +354,7 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
     import orjson
     from aiohttp import web
 
-    from tierq.app import create_app, runner_kwargs
+    from tierq.app import GATEWAY, create_app, runner_kwargs
     from tierq.sim import start_sim
 
     slots = 4
@@ -364,9 +364,10 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
         ledger=LedgerConfig(url=f"sqlite:///{Path(tmp.name) / 'demo.db'}"),
         upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True,
                                   sim=SimSettings(slots)),),
+        # No max_concurrency: the pool learns the sim's slots from its /metrics,
+        # as it would a vLLM engine's, so the line forms in tierq's lanes.
         models=(ModelConfig(DEMO_MODEL, "sim", priority=True, admission=AdmissionConfig(
-            max_concurrency=slots, queue_depth=4 * slots,
-            max_wait_ms={"default": 1500, "priority": 10000})),),
+            queue_depth=8 * slots, max_wait_ms={"default": 1500, "priority": 10000})),),
     )
     app = create_app(config, sim=sim)
     runner = web.AppRunner(app, **runner_kwargs())
@@ -435,13 +436,17 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
 
     try:
         print(f"tierq demo: {clients} clients, {priority_share:.0%} priority, against a sim "
-              f"with {slots} slots (40 ms TTFT, 200 tok/s), pool max_concurrency={slots}, "
+              f"with {slots} slots (40 ms TTFT, 200 tok/s) the gateway is not told about, "
               f"for {duration:g}s", file=sys.stderr)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
             bar = asyncio.create_task(progress())
             await asyncio.gather(*(client(s) for _ in range(clients)))
             await bar
         sys.stderr.write("\n")
+        limit = app[GATEWAY].pools[DEMO_MODEL].admission.stats()
+        print(f"the pool learned a concurrency limit of {limit['limit']} from the sim's "
+              f"/metrics (signal: {limit['limit_signal']}; the sim has {slots} slots)",
+              file=sys.stderr)
     finally:
         await runner.cleanup()
         await sim.close()
