@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -163,7 +165,10 @@ def main() -> int:
         ratios = [f"{m / meds[0]:.2f}x" for m in meds[1:]]
         lines.append("| " + " | ".join([label, *cells, *ratios]) + " |")
     builds = "\n".join(f"- build {i + 1}: `{py}`" for i, py in enumerate(pythons))
-    md = (f"# The ledger on its own\n\n{builds}\n\nMedian of {rounds} interleaved rounds "
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    md = (f"# The ledger on its own\n\n{os.cpu_count()} cores, load average {load} at the end, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{builds}\n\n"
+          f"Median of {rounds} interleaved rounds "
           "(min to max in brackets), each build in a fresh process per round.\n\n"
           + "\n".join(lines) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
