@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,7 +62,8 @@ async def _ttft(client: AsyncOpenAI, tier: str, max_tokens: int = 8) -> float:
 
 @pytest.mark.timeout(120)
 async def test_embedded_default_gives_priority_the_lead_under_48_streaming_clients(
-        embedded: tuple[str, web.Application]) -> None:
+        embedded: tuple[str, web.Application], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tierq.capacity")
     root, app = embedded
     ttfts: dict[str, list[float]] = {"priority": [], "default": []}
     stop_at = time.monotonic() + 8.0
@@ -86,6 +88,13 @@ async def test_embedded_default_gives_priority_the_lead_under_48_streaming_clien
     async with aiohttp.ClientSession() as s, s.get(root + "/status.json") as r:
         card = next(x for x in (await r.json())["pools"] if x["model"] == PRIORITY_MODEL)
     assert card["limit"]["mode"] == "adaptive" and card["limit"]["value"] == pool.limit
+    async with aiohttp.ClientSession() as s, s.get(root + "/metrics") as r:
+        text = await r.text()
+    assert (f'tierq_concurrency_limit{{model="{PRIORITY_MODEL}",mode="adaptive",signal="engine"}} '
+            f'{pool.limit}\n') in text
+    # The move from the initial 16 to the sim's 8 slots was big enough to be told.
+    assert any(f"pool {PRIORITY_MODEL}: concurrency limit 16 -> " in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 @pytest.fixture

@@ -135,3 +135,32 @@ async def test_status_page_shows_lanes_in_flight_sheds_and_both_tiers_latency_af
     for tier in ("priority", "default"):
         assert re.search(rf'<path [^>]*data-tier="{tier}" data-points="[1-9]', dom), tier
     assert shot.exists() and shot.stat().st_size > 10_000
+    # The pool's limit: fixed here, said so, and its history drawn.
+    assert re.search(r'<div class="limit" data-limit="2" data-limit-mode="fixed"', dom)
+    assert re.search(r'<path [^>]*class="limit-line"', dom)
+
+
+@pytest.mark.timeout(150)
+async def test_status_page_shows_a_learned_limit_and_the_signal_that_moved_it(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    # No max_concurrency: the pool learns the sim's 3 slots from its /metrics.
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL)],
+                            sim={"slots": 3, "ttft_ms": 20.0, "tokens_per_s": 200.0})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        stop = time.monotonic() + 4.5
+
+        async def client(tier: str) -> None:
+            while time.monotonic() < stop:
+                await _chat(s, gw.url, tier, 8)
+
+        await asyncio.gather(*(client("priority" if i < 2 else "default") for i in range(12)))
+    st = gw.gw.pools[PRIORITY_MODEL].admission.stats()
+    assert st["limit_mode"] == "adaptive" and st["limit_signal"] == "engine", st
+    dom = html.unescape(await _browser(gw.root + "/status", tmp_path, "--dump-dom"))
+    m = re.search(r'<div class="limit" data-limit="(\d+)" data-limit-mode="adaptive" '
+                  r'data-limit-signal="engine">(.*?)</div>', dom, re.S)
+    assert m, "no learned limit on the pool card"
+    assert int(m.group(1)) == st["limit"]
+    assert "learned from engine" in m.group(2)
+    assert re.search(r'<path [^>]*class="limit-line"', m.group(2))
