@@ -58,6 +58,16 @@ OVERLOAD_STATUSES: Final = frozenset({429, 503})
 DEFAULT_OVERLOAD_BACKOFF_S: Final = 0.1
 
 
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancels a background loop and waits until it has stopped."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
     """One scrape of an engine, for one model (or the whole engine)."""
@@ -219,13 +229,8 @@ class EngineScraper:
         self._task = asyncio.create_task(self._run(), name=f"tierq-scrape-{self.upstream}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await _cancelled(self._task)
+        self._task = None
 
     async def scrape_once(self) -> bool:
         """One scrape; feeds the pools and returns True when it read load metrics."""
@@ -319,13 +324,8 @@ class LimitWatch:
         self._task = asyncio.create_task(run(), name="tierq-limit-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await _cancelled(self._task)
+        self._task = None
 
 
 
