@@ -176,7 +176,9 @@ pub fn connect(path: &Path, durability: Durability) -> Result<Connection, CoreEr
 }
 
 fn ledger_err(path: &Path, e: rusqlite::Error) -> CoreError {
-    CoreError::Ledger(format!("{}: {e}", path.display()))
+    let (path, msg) = (path.display().to_string(), e.to_string());
+    // An open error already names the file.
+    CoreError::Ledger(if msg.contains(&path) { msg } else { format!("{path}: {msg}") })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
