@@ -216,6 +216,37 @@ async def test_api_keys_are_required_when_configured_and_key_id_is_billed(
     assert all(r["authorization_sha256"] is None for r in (await gw.sim_stats())["last_requests"])
 
 
+async def test_a_bad_key_retried_is_refused_from_memory_not_sqlite(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    import openai
+
+    keys_db = tmp_path / "keys.db"
+    with KeyStore(str(keys_db)) as store:
+        info, token = store.create("ci")
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL),), keys=KeysConfig(str(keys_db)))
+    gw = await make_gateway(config=config)
+    keys = gw.gw.keys
+    assert isinstance(keys, KeyStore)
+    bad = openai.AsyncOpenAI(base_url=gw.url, api_key=token[:-1] + ("x" if token[-1] != "x" else "y"),
+                             max_retries=0)
+    for _ in range(20):
+        with pytest.raises(openai.AuthenticationError) as e:
+            await bad.chat.completions.create(model=PRIORITY_MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert e.value.code == "invalid_api_key"
+    assert keys.lookups == 1
+    good = openai.AsyncOpenAI(base_url=gw.url, api_key=token, max_retries=0)
+    for _ in range(3):
+        r = await good.chat.completions.create(model=PRIORITY_MODEL, max_tokens=2,
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert r.choices
+    assert keys.lookups == 2  # the good key once, then from its own cache
+    await bad.close()
+    await good.close()
+
+
 async def _slow_gateway(make_gateway: GatewayFactory, tmp_path: Path) -> Running:
     from dataclasses import replace
 

@@ -63,6 +63,55 @@ def test_revocation_from_another_process_takes_effect_within_the_cache_ttl(tmp_p
     assert gateway.authenticate(token) is None
 
 
+def test_a_refused_token_is_refused_from_memory_until_the_denied_ttl(tmp_path: Path) -> None:
+    now = [100.0]
+    store = KeyStore(str(tmp_path / "k.db"), clock=lambda: now[0], denied_ttl_s=1.0)
+    info, token = store.create("a")
+    wrong = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+    unknown = "tq-zzzzzzzzzzzz-" + "s" * 32
+    for bad in (wrong, unknown, "tq-short", "Bearer x" * 9):
+        assert store.authenticate(bad) is None
+    assert store.lookups == 2  # the two well-formed ones; malformed never reach SQLite
+    for _ in range(50):
+        assert store.authenticate(wrong) is None and store.authenticate(unknown) is None
+    assert store.lookups == 2
+    now[0] += 1.01  # past the TTL: looked up again (and still refused)
+    assert store.authenticate(wrong) is None
+    assert store.lookups == 3
+    # A revoked key, once its positive entry is gone, is refused from memory too.
+    assert store.authenticate(token) == info
+    store.revoke(info.public_id)
+    assert store.authenticate(token) is None and store.authenticate(token) is None
+    assert store.lookups == 5
+
+
+def test_a_key_created_elsewhere_is_accepted_within_the_denied_ttl_of_being_tried(
+    tmp_path: Path,
+) -> None:
+    # A token can only be tried before its key exists if it was guessed or the
+    # create raced the client; even then the refusal lasts one TTL at most.
+    now = [100.0]
+    gateway = KeyStore(str(tmp_path / "k.db"), clock=lambda: now[0], denied_ttl_s=1.0)
+    admin = KeyStore(str(tmp_path / "k.db"))
+    info, token = admin.create("late")
+    gateway._deny(hashlib.sha256(token.encode()).digest(), now[0])  # tried just before
+    assert gateway.authenticate(token) is None
+    now[0] += 1.01
+    assert gateway.authenticate(token) == info
+
+
+def test_the_denied_cache_is_bounded_oldest_first(tmp_path: Path) -> None:
+    from tierq.keys import DENIED_MAX
+
+    store = KeyStore(str(tmp_path / "k.db"))
+    tokens = [f"tq-{i:012d}-" + "s" * 32 for i in range(DENIED_MAX + 10)]
+    for t in tokens:
+        assert store.authenticate(t) is None
+    assert len(store._denied) == DENIED_MAX
+    first, last = (hashlib.sha256(t.encode()).digest() for t in (tokens[0], tokens[-1]))
+    assert first not in store._denied and last in store._denied
+
+
 def test_wrong_secret_and_other_keys_secret_are_rejected(books_store: KeyStore) -> None:
     a, token_a = books_store.create("a")
     b, token_b = books_store.create("b")

@@ -45,6 +45,12 @@ _TOKEN: Final = re.compile(r"tq-([a-z0-9]{12})-([A-Za-z0-9_-]{32})")
 _PUBLIC_ID: Final = re.compile(r"[a-z0-9]{12}")
 CACHE_TTL_S: Final = 5.0
 CACHE_MAX: Final = 10_000
+# A token that failed (unknown public id, wrong secret, revoked) is refused from
+# memory for this long, so a client retrying a bad key costs no SQLite read.
+# It is also the bound on a key created by another process (`tierq keys
+# create`) being accepted if its token was tried just before it existed.
+DENIED_TTL_S: Final = 1.0
+DENIED_MAX: Final = 4096  # oldest dropped first: a flood of fresh tokens cannot grow it
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -117,7 +123,10 @@ class KeyStore:
     `authenticate` caches a successful lookup for `cache_ttl_s` seconds (keyed by
     the hash of the whole token), so the hot path does not touch SQLite; the price
     is that a revocation made by another process takes effect within that TTL.
-    A revocation through this same store takes effect at once.
+    A revocation through this same store takes effect at once. A failed lookup
+    is cached too, for `denied_ttl_s` (at most `DENIED_MAX` tokens, oldest
+    dropped first): a key created by another process is accepted within that
+    TTL of being tried, and a malformed token never reaches SQLite at all.
     """
 
     def __init__(
@@ -125,11 +134,15 @@ class KeyStore:
         path: str,
         cache_ttl_s: float = CACHE_TTL_S,
         clock: Callable[[], float] = time.monotonic,
+        denied_ttl_s: float = DENIED_TTL_S,
     ) -> None:
         self.path = sqlite_path(path)
         self.cache_ttl_s = cache_ttl_s
+        self.denied_ttl_s = denied_ttl_s
         self._clock = clock
         self._cache: dict[bytes, tuple[KeyInfo, float]] = {}
+        self._denied: dict[bytes, float] = {}  # token hash -> refused until (clock)
+        self.lookups = 0  # SQLite reads made by authenticate (what the caches save)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -209,23 +222,33 @@ class KeyStore:
         hit = self._cache.get(token_hash)
         if hit is not None and hit[1] > now:
             return hit[0]
+        denied_until = self._denied.get(token_hash)
+        if denied_until is not None and denied_until > now:
+            return None
+        self.lookups += 1
         found = self._query(
             f"SELECT {_COLUMNS}, secret_sha256 FROM keys WHERE public_id = ?", (public_id,)
         )
-        if not found:
-            return None
-        row = found[0]
         # Constant time, so response timing does not reveal how much of a guess matched.
-        if not hmac.compare_digest(row[-1], hash_secret(secret)):
+        if (not found or not hmac.compare_digest(found[0][-1], hash_secret(secret))
+                or found[0][3] is not None):  # unknown, wrong secret, revoked
+            self._deny(token_hash, now)
             return None
-        info = _info(row[:-1])
-        if info.revoked:
-            return None
+        info = _info(found[0][:-1])
         with self._lock:
+            self._denied.pop(token_hash, None)
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()  # only valid keys land here; refilling is cheap
             self._cache[token_hash] = (info, now + self.cache_ttl_s)
         return info
+
+    def _deny(self, token_hash: bytes, now: float) -> None:
+        with self._lock:
+            denied = self._denied
+            denied.pop(token_hash, None)  # re-inserted last: the newest entry
+            if len(denied) >= DENIED_MAX:
+                del denied[next(iter(denied))]
+            denied[token_hash] = now + self.denied_ttl_s
 
 
 _Bucket = TokenBucket | SharedBucket
