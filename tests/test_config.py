@@ -136,6 +136,12 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
          'tierq.toml: pricing.priority_multiplier: not a decimal number: "abc"'),
         ('[pricing]\npriority_multiplier = true\n',
          'tierq.toml: pricing.priority_multiplier: expected a decimal string such as "1.5", got true'),
+        ('[[models]]\nid = "new/model"\ninput_per_m = "0.0000000001"\noutput_per_m = "1"\n',
+         "tierq.toml: models[0].input_per_m: 0.0000000001 x 1.5 USD per 1M tokens is not a whole "
+         "number of femto-USD (1e-15) per token: use at most 9 decimals per 1M tokens"),
+        ('[pricing]\npriority_multiplier = "1.0000000001"\n',
+         "tierq.toml: pricing.priority_multiplier: zai-org/GLM-5.2: 1.4 x 1.0000000001 USD per 1M "
+         "tokens is not a whole number of femto-USD (1e-15) per token: use at most 9 decimals per 1M tokens"),
         ('[[models]]\nid = "zai-org/GLM-5.2"\npriority = "yes"\n',
          'tierq.toml: models[0].priority: expected true or false, got "yes"'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { default = 1, lowest = 2 }\n',

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tierq.catalog import builtin_prices
-from tierq.pricing import Prices, cost, decimal_text, render_cost
+from tierq.pricing import (FEMTO_PER_USD, Prices, cost, cost_femto, decimal_text, femto_decimal,
+                           femto_per_token, femto_text, rates, render_cost, render_femto)
 
 LLAMA_8B = Prices(Decimal("0.03"), Decimal("0.05"))
 
@@ -66,3 +67,34 @@ def test_cost_is_exact_and_priority_is_exactly_one_point_five_times(
     assert c == (base * Decimal("1.5") if tier == "priority" else base)
     # The rendered number parses back to the same decimal value.
     assert Decimal(decimal_text(c)) == c
+
+
+@given(st.integers(0, 10**7), st.integers(0, 10**7), st.sampled_from(sorted(builtin_prices())),
+       st.sampled_from(["priority", "default"]))
+def test_integer_cost_renders_the_same_json_number_as_the_exact_decimal(
+    prompt: int, completion: int, model: str, tier: str
+) -> None:
+    prices = builtin_prices()[model]
+    femto = cost_femto(prompt, completion, rates(prices, tier))
+    mult = Decimal("1.5") if tier == "priority" else Decimal(1)
+    exact = (prompt * prices.input_per_m + completion * prices.output_per_m) * mult / Decimal(10**6)
+    assert femto_decimal(femto) == exact and femto == exact * FEMTO_PER_USD
+    assert orjson.dumps(render_femto(femto)) == orjson.dumps(render_cost(exact))
+    assert femto_text(femto) == decimal_text(exact)
+
+
+@pytest.mark.parametrize(("femto", "text"), [
+    (0, "0"), (1, "0.000000000000001"), (10**15, "1"), (12 * 10**15, "12"),
+    (82_500_000_000, "0.0000825"), (1_234_567 * 10**15 + 5 * 10**14, "1234567.5"),
+])
+def test_femto_text_is_plain_usd_digits(femto: int, text: str) -> None:
+    assert femto_text(femto) == text
+
+
+def test_a_price_finer_than_a_femto_usd_per_token_is_refused_not_rounded() -> None:
+    assert femto_per_token(Decimal("0.000000001")) == 1  # 9 decimals per 1M: 1 femto-USD a token
+    assert femto_per_token(Decimal("0.27"), Decimal("1.5")) == 405_000_000
+    with pytest.raises(ValueError, match="femto-USD"):
+        femto_per_token(Decimal("0.0000000001"))
+    with pytest.raises(ValueError, match="femto-USD"):
+        femto_per_token(Decimal("0.000000001"), Decimal("1.5"))  # 1.5 femto-USD

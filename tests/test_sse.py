@@ -13,7 +13,7 @@ from _sse_reference import ReferenceRewriter, client_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierq.pricing import Prices, cost
+from tierq.pricing import Prices, cost, cost_femto, rates
 from tierq.sse import StreamRewriter
 
 PRICES = Prices(Decimal("0.10"), Decimal("0.20"))
@@ -21,7 +21,12 @@ PROPS = settings(derandomize=True, database=None, deadline=None, max_examples=40
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _price(p: int, c: int) -> Decimal:
+def _price(p: int, c: int) -> int:
+    return cost_femto(p, c, rates(PRICES, "priority"))
+
+
+def _price_decimal(p: int, c: int) -> Decimal:
+    # The reference prices in Decimal: the two must render the same digits.
     return cost(p, c, PRICES, "priority")
 
 
@@ -100,7 +105,7 @@ def test_usage_chunk_is_dropped_unless_asked_for_and_priced_when_it_is() -> None
     first, priced, null = _events(got.data)
     assert "usage" not in first and null == {"usage": None, "service_tier": "priority"}
     assert priced["usage"]["prompt_tokens"] == 10
-    assert Decimal(str(priced["usage"]["estimated_cost"])) == _price(10, 4)
+    assert Decimal(str(priced["usage"]["estimated_cost"])) == _price_decimal(10, 4) == Decimal("0.0000027")
     assert got.tokens == 1 and asked.usage == (10, 4)
 
 
@@ -210,7 +215,7 @@ def _cut(body: bytes, cuts: list[int]) -> list[bytes]:
 def test_the_core_rewrites_any_stream_as_the_reference_does(
         body: bytes, cuts: list[int], tier: str, wants_usage: bool) -> None:
     ours = StreamRewriter(tier, wants_usage, _price)
-    ref = ReferenceRewriter(tier, wants_usage, _price)
+    ref = ReferenceRewriter(tier, wants_usage, _price_decimal)
     reads = _cut(body, cuts)
     for i, read in enumerate(reads + [b""]):
         got = ours.feed(read) if i < len(reads) else ours.close()

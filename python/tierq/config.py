@@ -20,7 +20,7 @@ import yarl
 
 from tierq._core import PoolSettings, SettingsError
 from tierq.catalog import builtin_prices
-from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER
+from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 
 __all__ = [
     "AdmissionConfig",
@@ -481,7 +481,16 @@ class _Parser:
                 raise ConfigError(self.file, f"upstreams[{i}].name",
                                   f'duplicate upstream name "{u.name}" (also upstreams[{seen[u.name]}])')
             seen[u.name] = i
-        models = tuple(self.model(t, upstreams) for t in top.array_of_tables("models"))
+        models = tuple(self.model(t, upstreams, pricing.priority_multiplier)
+                       for t in top.array_of_tables("models"))
+        if not models:  # the whole built-in table is served, at this multiplier
+            for model_id, prices in builtin_prices().items():
+                for price in (prices.input_per_m, prices.output_per_m):
+                    try:
+                        femto_per_token(price, pricing.priority_multiplier)
+                    except ValueError as e:
+                        raise ConfigError(self.file, "pricing.priority_multiplier",
+                                          f"{model_id}: {e}") from None
         ids: dict[str, int] = {}
         for i, m in enumerate(models):
             if m.id in ids:
@@ -616,7 +625,7 @@ class _Parser:
             raise t.fail(key, "must not have a query or fragment")
         return value.rstrip("/")
 
-    def model(self, t: _Table, upstreams: tuple[UpstreamConfig, ...]) -> ModelConfig:
+    def model(self, t: _Table, upstreams: tuple[UpstreamConfig, ...], mult: Decimal) -> ModelConfig:
         model_id = _s(t.string("id", required=True))
         upstream = t.string("upstream")
         names = [u.name for u in upstreams]
@@ -629,10 +638,16 @@ class _Parser:
         priority = t.boolean("priority", None)
         input_per_m = t.amount("input_per_m")
         output_per_m = t.amount("output_per_m")
-        if model_id not in builtin_prices():
-            for name, v in (("input_per_m", input_per_m), ("output_per_m", output_per_m)):
-                if v is None:
-                    raise t.fail(name, "required for a model not in the built-in catalog")
+        builtin = builtin_prices().get(model_id)
+        for name, v in (("input_per_m", input_per_m), ("output_per_m", output_per_m)):
+            if v is None and builtin is None:
+                raise t.fail(name, "required for a model not in the built-in catalog")
+            price = v if v is not None else getattr(builtin, name)
+            try:  # billed in whole femto-USD per token at both tiers (tierq.pricing)
+                femto_per_token(price, mult)
+                femto_per_token(price)
+            except ValueError as e:
+                raise t.fail(name, str(e)) from None
         upstream_model = t.string("upstream_model")
         served_by = next(u for u in upstreams if u.name == upstream)
         admission = self.admission(t.table("admission"), served_by.metrics_interval_ms)

@@ -1,13 +1,18 @@
-"""Exact request cost and its JSON rendering.
+"""Exact request cost, in integers, and its JSON rendering.
 
-cost = (prompt_tokens x input_per_m + completion_tokens x output_per_m) / 1e6
-       x tier multiplier, in Decimal with no rounding anywhere; rendered into
-responses as a plain JSON number carrying exactly those digits.
+A model's prices (USD per 1M tokens, exact decimals) become, once, whole
+femto-USD (1e-15 USD) per token at each tier: price x tier multiplier x 1e9.
+A request's cost is then prompt x input rate + completion x output rate, an
+integer sum with no rounding; it is rendered into responses once, as a plain
+JSON number with exactly those digits, and the ledger keeps the same value.
+
+This module holds the one rule for money: a price (times the multiplier) that
+is not a whole number of femto-USD per token is refused when the price table
+is loaded (at most 9 decimals per 1M tokens), never rounded.
 """
 
 from __future__ import annotations
 
-import decimal
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
@@ -16,19 +21,25 @@ import orjson
 
 __all__ = [
     "DEFAULT_PRIORITY_MULTIPLIER",
+    "FEMTO_PER_USD",
     "Prices",
+    "Rates",
     "cost",
+    "cost_femto",
     "decimal_text",
+    "femto_decimal",
+    "femto_per_token",
+    "femto_text",
     "multiplier_for",
+    "rates",
     "render_cost",
+    "render_femto",
 ]
 
 DEFAULT_PRIORITY_MULTIPLIER: Final = Decimal("1.5")
-
-# Precision high enough that no product of realistic token counts and prices is
-# ever rounded; Inexact is trapped so a rounding would fail loudly, not bill
-# a different amount from the one echoed.
-_EXACT: Final = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation])
+FEMTO_PER_USD: Final = 10**15
+# USD per 1M tokens -> femto-USD per token: x 1e15 / 1e6.
+_FEMTO_PER_TOKEN_PER_USD_PER_M: Final = 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +50,44 @@ class Prices:
     output_per_m: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Femto-USD per token at one tier: what a request's cost is summed from."""
+
+    input: int
+    output: int
+
+
 def multiplier_for(tier: str, priority_multiplier: Decimal) -> Decimal:
     """The price multiplier of an applied tier: 1 for default."""
     return priority_multiplier if tier == "priority" else Decimal(1)
+
+
+def femto_per_token(price_per_m: Decimal, multiplier: Decimal = Decimal(1)) -> int:
+    """`price_per_m` x `multiplier` in whole femto-USD per token; ValueError if it
+    is not whole (more than 9 decimals per 1M tokens) or not a finite amount >= 0."""
+    if not price_per_m.is_finite() or not multiplier.is_finite() or price_per_m < 0 or multiplier < 0:
+        raise ValueError(f"not a finite amount >= 0: {price_per_m} x {multiplier}")
+    exact = price_per_m * multiplier * _FEMTO_PER_TOKEN_PER_USD_PER_M
+    whole = exact.to_integral_value()
+    if exact != whole:
+        shown = decimal_text(price_per_m) + ("" if multiplier == 1 else f" x {decimal_text(multiplier)}")
+        raise ValueError(f"{shown} USD per 1M tokens is not a whole number of femto-USD "
+                         "(1e-15) per token: use at most 9 decimals per 1M tokens")
+    return int(whole)
+
+
+def rates(prices: Prices, tier: str, priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER) -> Rates:
+    """A model's per-token rates at an applied tier (made once per model and tier)."""
+    mult = multiplier_for(tier, priority_multiplier)
+    return Rates(femto_per_token(prices.input_per_m, mult), femto_per_token(prices.output_per_m, mult))
+
+
+def cost_femto(prompt_tokens: int, completion_tokens: int, r: Rates) -> int:
+    """Exact cost of a request in femto-USD."""
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise ValueError("token counts must be >= 0")
+    return prompt_tokens * r.input + completion_tokens * r.output
 
 
 def cost(
@@ -51,17 +97,25 @@ def cost(
     tier: str,
     priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER,
 ) -> Decimal:
-    """Exact USD cost of a request served at `tier` (the applied tier)."""
-    if prompt_tokens < 0 or completion_tokens < 0:
-        raise ValueError("token counts must be >= 0")
-    # The context's own methods, not `with localcontext()`: the same exact
-    # arithmetic without switching the thread's context (bench/test_request_path.py
-    # measures both; the difference is within the machine's noise).
-    c = _EXACT
-    raw = c.add(c.multiply(prompt_tokens, prices.input_per_m),
-                c.multiply(completion_tokens, prices.output_per_m))
-    # scaleb shifts the exponent: an exact division by 10^6.
-    return c.multiply(c.scaleb(raw, -6), multiplier_for(tier, priority_multiplier))
+    """Exact USD cost of a request served at `tier` (the applied tier), as a Decimal."""
+    return femto_decimal(cost_femto(prompt_tokens, completion_tokens,
+                                    rates(prices, tier, priority_multiplier)))
+
+
+def femto_decimal(femto: int) -> Decimal:
+    """Femto-USD as an exact Decimal of USD (what the ledger's rows carry), with
+    no trailing zeros: the digits `femto_text` renders."""
+    return Decimal(femto_text(femto))
+
+
+def femto_text(femto: int) -> str:
+    """Femto-USD as plain USD digits, no exponent, no trailing zeros ("0.0000675", "0", "12")."""
+    if femto < 0:
+        raise ValueError(f"not an amount >= 0: {femto}")
+    whole, frac = divmod(femto, FEMTO_PER_USD)
+    if not frac:
+        return str(whole)
+    return f"{whole}.{frac:015d}".rstrip("0")
 
 
 def decimal_text(value: Decimal) -> str:
@@ -76,6 +130,11 @@ def decimal_text(value: Decimal) -> str:
     return text
 
 
+def render_femto(femto: int) -> orjson.Fragment:
+    """A cost in femto-USD as a JSON number of USD for orjson, digit for digit."""
+    return orjson.Fragment(femto_text(femto).encode())
+
+
 def render_cost(value: Decimal) -> orjson.Fragment:
-    """`value` as a JSON number for orjson, digit for digit (never via float)."""
+    """An exact amount (a price) as a JSON number for orjson, digit for digit (never via float)."""
     return orjson.Fragment(decimal_text(value).encode())

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 from tierq.catalog import builtin_prices, builtin_priority
 from tierq.config import AdmissionConfig, Config
-from tierq.pricing import Prices
+from tierq.pricing import Prices, Rates, rates
 
 __all__ = ["Catalog", "ModelEntry"]
 
@@ -27,6 +28,8 @@ class ModelEntry:
     upstream_model: str  # the name sent upstream (usually == id)
     admission: AdmissionConfig
     builtin: bool
+    # Femto-USD per token at each applied tier ("default", "priority"), made once.
+    rates: Mapping[str, Rates]
 
 
 class Catalog(Mapping[str, ModelEntry]):
@@ -56,13 +59,14 @@ class Catalog(Mapping[str, ModelEntry]):
         without prices).
         """
         builtin = builtin_prices()
+        mult = config.pricing.priority_multiplier
         models: dict[str, ModelEntry] = {}
         if not config.models:
             upstream = config.upstreams[0].name
             for model_id, prices in builtin.items():
                 models[model_id] = ModelEntry(
                     model_id, prices, builtin_priority(model_id), upstream, model_id,
-                    AdmissionConfig(), True,
+                    AdmissionConfig(), True, _rates(prices, mult),
                 )
             return cls(models)
         for m in config.models:
@@ -72,11 +76,16 @@ class Catalog(Mapping[str, ModelEntry]):
             priority = m.priority if m.priority is not None else (
                 builtin_priority(m.id) if base is not None else False
             )
+            prices = Prices(input_per_m, output_per_m)
             models[m.id] = ModelEntry(
-                m.id, Prices(input_per_m, output_per_m), priority, m.upstream,
-                m.upstream_model or m.id, m.admission, base is not None,
+                m.id, prices, priority, m.upstream, m.upstream_model or m.id, m.admission,
+                base is not None, _rates(prices, mult),
             )
         return cls(models)
+
+
+def _rates(prices: Prices, mult: Decimal) -> dict[str, Rates]:
+    return {tier: rates(prices, tier, mult) for tier in ("default", "priority")}
 
 
 def _need(base: Prices | None) -> Prices:

@@ -16,13 +16,12 @@ tierq.relay stays small and the per-read cost can be benchmarked alone
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
 import orjson
 
 from tierq._core import SseRewriter
-from tierq.pricing import render_cost
+from tierq.pricing import render_femto
 
 __all__ = ["DONE_EVENT", "Rewritten", "StreamRewriter", "UpstreamStreamError",
            "delivered_tokens", "encode_event", "usage_tokens"]
@@ -88,11 +87,11 @@ class StreamRewriter:
 
     __slots__ = ("_core", "client_wants_usage", "price", "tier", "usage")
 
-    def __init__(self, tier: str, client_wants_usage: bool, price: Callable[[int, int], Decimal],
+    def __init__(self, tier: str, client_wants_usage: bool, price: Callable[[int, int], int],
                  max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.tier = tier  # the applied tier, echoed in every event
         self.client_wants_usage = client_wants_usage  # stream_options.include_usage
-        self.price = price  # (prompt, completion) -> exact cost
+        self.price = price  # (prompt, completion) -> exact cost, femto-USD
         self.usage: tuple[int, int] | None = None  # the upstream's usage, once reported
         self._core = SseRewriter(tier, client_wants_usage, max_event_bytes)
 
@@ -146,7 +145,7 @@ class StreamRewriter:
             self.usage = tokens
             if self.client_wants_usage:
                 assert isinstance(usage, dict)
-                usage["estimated_cost"] = render_cost(self.price(*tokens))
+                usage["estimated_cost"] = render_femto(self.price(*tokens))
         if not self.client_wants_usage and "usage" in obj:
             if obj.get("choices") == [] and tokens is not None:
                 return b"", 0  # the usage-only chunk the client did not ask for
