@@ -323,7 +323,9 @@ def test_shed_retry_after_rounds_up_and_header_is_whole_seconds_between_1_and_12
     shed = Shed("rate_limit_exceeded", seconds, "default")
     assert shed.retry_after_ms == ms
     assert shed.retry_after_header == header
-    assert retry_after(seconds).headers() == {"retry-after-ms": str(ms), "Retry-After": str(header)}
+    headers = {"x-request-id": "r"}
+    retry_after(seconds).add_to(headers)
+    assert headers == {"x-request-id": "r", "retry-after-ms": str(ms), "Retry-After": str(header)}
 
 
 async def test_default_min_share_gives_defaults_that_share_of_dispatches_while_both_wait() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -66,6 +67,12 @@ async def test_access_log_is_one_json_line_per_request_without_credentials(
                                 "x-request-id": "trace-7"})
         bad, _ = await post(gw, {"Authorization": "Bearer tq-aaaaaaaaaaaa-" + "s" * 32})
     assert ok == 200 and bad == 401
+    # The lines are made and written by the writer thread, not on the event loop.
+    for _ in range(500):
+        if len([r for r in caplog.records if r.name == "tierq.access"]) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert {r.threadName for r in caplog.records if r.name == "tierq.access"} == {"tierq-access-log"}
     fmt = JsonFormatter()
     lines = [fmt.format(r) for r in caplog.records]
     # Fixed positions, not split("-"): the urlsafe secret may contain "-" itself.

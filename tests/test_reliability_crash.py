@@ -41,7 +41,8 @@ class Serve:
     """`python -m tierq serve --config ...` on a free loopback port."""
 
     def __init__(self, tmp: Path, sim: SimServer, *, max_concurrency: int = 4,
-                 drain_timeout_s: float = 10.0) -> None:
+                 drain_timeout_s: float = 10.0, workers: int = 1,
+                 access_log_gather_s: float | None = None) -> None:
         self.port = free_port()
         self.db = tmp / "ledger.db"
         self.config = tmp / "tierq.toml"
@@ -51,6 +52,7 @@ class Serve:
 host = "127.0.0.1"
 port = {self.port}
 drain_timeout_s = {drain_timeout_s}
+workers = {workers}
 
 [ledger]
 url = "sqlite:///{self.db}"
@@ -71,11 +73,18 @@ queue_depth = 64
 """)
         self.proc: subprocess.Popen[bytes] | None = None
         self.root = f"http://127.0.0.1:{self.port}"
+        self.argv = [sys.executable, "-m", "tierq"]
+        if access_log_gather_s is not None:
+            # The access-log writer thread made to hold its lines that long: only
+            # the flush at shutdown writes them.
+            self.argv = [sys.executable, "-c", "import sys, tierq.logs, tierq.cli; "
+                         f"tierq.logs._writer.gather_s = {access_log_gather_s}; "
+                         "sys.exit(tierq.cli.main(sys.argv[1:]))"]
 
     async def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tierq", "serve", "--config", str(self.config)],
+                [*self.argv, "serve", "--config", str(self.config)],
                 stdout=log, stderr=log, cwd=self.config.parent)
         deadline = time.monotonic() + 20.0
         async with aiohttp.ClientSession() as s:
@@ -245,3 +254,30 @@ async def test_sigterm_drains_finishes_streams_sheds_queue_with_503_and_exits_0(
     finally:
         serve.stop()
         await sim.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_loses_no_access_line(tmp_path: Path, sim: SimServer, workers: int) -> None:
+    """Access lines are written by a thread in batches: every request answered
+    before SIGTERM still has its line when the gateway (each worker) exits."""
+    serve = Serve(tmp_path, sim, max_concurrency=16, workers=workers, access_log_gather_s=3600.0)
+    try:
+        await serve.start()
+        async with aiohttp.ClientSession() as s:
+            async def request() -> str:
+                async with s.post(serve.root + "/v1/chat/completions", data=chat(False, 1),
+                                  headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    assert r.status in (200, 429)  # served or shed by the queue: a line each
+                    return r.headers["x-tierq-request-id"]
+
+            ids = set(await asyncio.gather(*(request() for _ in range(300))))
+        assert '"logger":"tierq.access"' not in serve.log.read_text()  # all still queued
+        serve.signal(signal.SIGTERM)
+        assert await serve.wait(15.0) == 0
+        logged = [orjson.loads(line) for line in serve.log.read_text().splitlines()
+                  if '"logger":"tierq.access"' in line]
+        assert ids <= {a["request_id"] for a in logged}
+        assert len(logged) == len({a["request_id"] for a in logged})  # none twice
+    finally:
+        serve.stop()

@@ -278,6 +278,9 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
                  "%d in flight get up to %g s", shed, in_flight, config.server.drain_timeout_s)
     finally:
         await runner.cleanup()
+        from tierq.logs import flush_access_log
+
+        flush_access_log()  # every request has ended: its access line is written before we go
     log.info("drained; ledger closed")
 
 

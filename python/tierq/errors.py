@@ -56,8 +56,10 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
-        return web.Response(status=self.status, body=orjson.dumps(body),
-                            content_type=JSON_TYPE, headers=self.headers)
+        headers = self.headers
+        if "Content-Type" not in headers:
+            headers["Content-Type"] = JSON_TYPE
+        return web.Response(status=self.status, body=orjson.dumps(body), headers=headers)
 
 
 _STATUS_TYPES: Final = {401: "invalid_request_error", 403: "invalid_request_error",
@@ -115,12 +117,12 @@ SHED_MESSAGES: Final = {
 def shed_error(headers: dict[str, str], code: str, wait_s: float, message: str) -> ApiError:
     """The 429 of a request shed by its pool or its key's limits; `wait_s` is the
     exact wait (the core's), turned into the retry headers added to `headers`."""
-    headers.update(retry_after(wait_s).headers())
+    retry_after(wait_s).add_to(headers)
     return ApiError(429, message, "rate_limit_error", None, code, headers)
 
 
 def drain_error(headers: dict[str, str]) -> ApiError:
     """The 503 of a request shed because the gateway is shutting down."""
-    headers.update(retry_after(DRAIN_RETRY_AFTER_S).headers())
+    retry_after(DRAIN_RETRY_AFTER_S).add_to(headers)
     return ApiError(503, "The gateway is shutting down; retry the request.", "server_error",
                     None, "server_shutting_down", headers)

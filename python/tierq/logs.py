@@ -6,33 +6,47 @@ gateway's own id (the ledger's key) and the `x-request-id` the response echoes
 the `tierq.access` logger: written with the request's outcome (tierq.outcome)
 when it has one, else by the middleware at the end. Headers are never logged, and `JsonFormatter`
 masks anything shaped like a credential, so no key reaches a log.
+
+Access lines are formatted and written off the event loop: the loop only
+captures the values a line needs (`access_line`) and appends them to a queue
+that a writer thread drains in batches (`AccessWriter`). `flush_access_log()`
+writes whatever is queued; `tierq serve` calls it once the server has stopped,
+and at interpreter exit, so no line is lost at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
-import re
 import os
+import re
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from tierq.ledger import LedgerRow
 
 __all__ = [
     "REQUEST_ID_HEADER",
     "REQUEST_INFO",
     "JsonFormatter",
     "RequestInfo",
+    "AccessWriter",
     "access_enabled",
     "access_line",
     "configure_logging",
+    "flush_access_log",
     "redact",
     "request_info",
     "request_log",
@@ -117,24 +131,143 @@ def access_enabled() -> bool:
 
 
 def access_line(request: web.Request, info: RequestInfo, status: int, duration_s: float,
-                outcome: Mapping[str, Any] | None = None) -> None:
-    """The request's one access line, with its `outcome` fields when it has one."""
+                row: LedgerRow | None = None) -> None:
+    """Queue the request's one access line, with its outcome's fields (`row`) when
+    it has one. Only what the line needs is captured here, on the loop; the
+    writer thread builds and formats it."""
     info.logged = True
     # The path only: a query string may carry a forward target, and headers may
     # carry keys; neither is logged.
+    _writer.put((time.time(), info.id, info.echo, request.method, request.rel_url.path, status,
+                 duration_s, request.remote, row))
+
+
+# (ts, request id, echoed id, method, path, status, duration s, remote, row or None)
+_Captured = tuple[float, str, str, str, str, int, float, "str | None", "LedgerRow | None"]
+
+
+def _record(c: _Captured) -> logging.LogRecord:
+    ts, rid, echo, method, path, status, duration_s, remote, row = c
     fields: dict[str, Any] = {
-        "request_id": info.id, "method": request.method, "path": request.rel_url.path,
-        "status": status, "duration_ms": round(duration_s * 1000, 3),
-        "remote": request.remote,
+        "request_id": rid, "method": method, "path": path,
+        "status": status, "duration_ms": round(duration_s * 1000, 3), "remote": remote,
     }
-    if info.echo != info.id:
-        fields["client_request_id"] = info.echo
-    if outcome is not None:
-        fields.update(outcome)
-    # makeRecord + handle is what `access_log.info` does, less the walk up the
-    # stack for a caller's file and line that an access line does not show.
-    access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (),
-                                            None, extra={"fields": fields}))
+    if echo != rid:
+        fields["client_request_id"] = echo
+    if row is not None:
+        fields.update({
+            "model": row.model, "key_id": row.key_id, "requested_tier": row.requested_tier,
+            "tier": row.applied_tier, "outcome": row.status, "code": row.code,
+            "queue_ms": round(row.queue_ms, 3), "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens, "cost": format(row.cost, "f")})
+    # makeRecord is what `access_log.info` does, less the walk up the stack for
+    # a caller's file and line that an access line does not show.
+    record = access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None,
+                                   extra={"fields": fields})
+    record.created = ts  # when the request ended, not when the line was written
+    record.msecs = (ts - int(ts)) * 1000.0
+    return record
+
+
+def _handlers(logger: logging.Logger, level: int) -> list[logging.Handler]:
+    """The handlers a record of `level` on `logger` reaches (Logger.callHandlers' walk)."""
+    found: list[logging.Handler] = []
+    c: logging.Logger | None = logger
+    while c is not None:
+        found.extend(h for h in c.handlers if level >= h.level)
+        if not c.propagate:
+            break
+        c = c.parent
+    return found
+
+
+class AccessWriter:
+    """The queue of access lines and the thread that writes them, in batches.
+
+    `put` (on the loop) is a deque append; the thread is woken only when the
+    queue goes from empty to not empty, waits `gather_s` for more lines to join
+    the batch, then formats them and hands them to the handlers: one write per
+    batch to a `BatchStreamHandler` (what `configure_logging` installs), one
+    per line to any other handler. At most `max_queued` lines wait; beyond
+    that (the log's stream stopped taking them) lines are counted and the count
+    is written once it drains, so a stuck stderr costs lines, not memory.
+    """
+
+    def __init__(self, gather_s: float = 0.02, max_queued: int = 100_000) -> None:
+        self.gather_s = gather_s
+        self.max_queued = max_queued
+        self._queue: deque[_Captured] = deque()
+        self._wake = threading.Event()
+        self._drain_lock = threading.Lock()  # one drainer at a time: lines stay in order
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def put(self, captured: _Captured) -> None:
+        q = self._queue
+        if len(q) >= self.max_queued:
+            self.dropped += 1
+            return
+        q.append(captured)
+        if len(q) == 1:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tierq-access-log",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.set()
+
+    def after_fork_in_child(self) -> None:
+        """A forked worker starts with no thread and none of its parent's lines
+        (the parent writes those itself)."""
+        self._queue = deque()
+        self._wake = threading.Event()
+        self._drain_lock = threading.Lock()
+        self._thread = None
+        self.dropped = 0
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if not self._queue:
+                continue
+            time.sleep(self.gather_s)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line now, in the calling thread."""
+        with self._drain_lock:
+            q = self._queue
+            while q:
+                batch: list[_Captured] = []
+                while q and len(batch) < 1024:
+                    batch.append(q.popleft())
+                self._write([_record(c) for c in batch])
+            if self.dropped:
+                n, self.dropped = self.dropped, 0
+                access_log.warning("%d access lines dropped: the log's stream did not take "
+                                   "them fast enough", n)
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        self.written += len(records)
+        for h in _handlers(access_log, logging.INFO):
+            if isinstance(h, BatchStreamHandler):
+                h.emit_batch(records)
+            else:
+                for r in records:
+                    h.handle(r)
+
+
+_writer: Final = AccessWriter()
+
+
+def flush_access_log() -> None:
+    """Write every access line queued so far (at shutdown, and before reading them)."""
+    _writer.flush()
+
+
+atexit.register(flush_access_log)
+os.register_at_fork(after_in_child=_writer.after_fork_in_child)
 
 
 # ------------------------------------------------------------------ formatting
@@ -213,9 +346,31 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+class BatchStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that also takes a batch of records in one write and flush."""
+
+    def emit_batch(self, records: Iterable[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            if not self.filter(record):
+                continue
+            try:
+                lines.append(self.format(record) + self.terminator)
+            except Exception:  # noqa: BLE001 - what logging does with a line it cannot format
+                self.handleError(record)
+        if not lines:
+            return
+        try:
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write("".join(lines))
+                self.stream.flush()
+        except Exception:  # noqa: BLE001 - a broken stream: logging's own report, once
+            self.handleError(logging.makeLogRecord({"msg": f"{len(lines)} lines"}))
+
+
 def configure_logging(fmt: str = "json", level: str = "info", access: bool = True) -> None:
     """Root logging for `tierq serve`: JSON (or text) lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          _TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()

@@ -21,12 +21,13 @@ from typing import Final
 
 from aiohttp import web
 
+from tierq.errors import JSON_TYPE
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ENDPOINT_PATHS
 from tierq.keys import KeyInfo
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
-from tierq.pricing import cost as price_cost
+from tierq.pricing import cost_femto, femto_decimal
 
 __all__ = [
     "QUEUE_HEADER",
@@ -63,13 +64,13 @@ class Outcome:
     billed: bool = False  # priced from its tokens and settled to them (served, partial)
     partial: bool = False
     by_gateway: bool = False  # the gateway caused it: the key's request is given back
-    cost: Decimal | None = None  # the price already computed for the answer, if billed
+    cost: int | None = None  # femto-USD: the price already computed for the answer, if billed
 
 
 def served(prompt: int, completion: int, code: str | None = None, *,
-           cost: Decimal | None = None) -> Outcome:
+           cost: int | None = None) -> Outcome:
     """A complete answer (`code` "usage_estimated" when the upstream reported no usage);
-    `cost`: its price when the answer already carries it."""
+    `cost`: its price in femto-USD when the answer already carries it."""
     return Outcome("served", code, 200, prompt, completion, billed=True, cost=cost)
 
 
@@ -132,15 +133,19 @@ class Exchange:
         return self.outcome is not None
     sent_at: float = 0.0  # when the request last went upstream (monotonic)
 
-    def cost(self, prompt: int, completion: int) -> Decimal:
-        return price_cost(prompt, completion, self.pool.entry.prices, self.tier,
-                          self.gw.config.pricing.priority_multiplier)
+    def cost(self, prompt: int, completion: int) -> int:
+        """The exact price of `prompt` and `completion` tokens here, in femto-USD."""
+        return cost_femto(prompt, completion, self.pool.entry.rates[self.tier])
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, content_type: str = JSON_TYPE) -> dict[str, str]:
+        """The response's headers, built once per response: the tier echo, the
+        queue time, both request ids and the Content-Type (so aiohttp sets none
+        of its own); callers add theirs to this same dict."""
         # x-request-id echoes the client's id when it sent one; the gateway's own
         # (the ledger's request_id) is always in x-tierq-request-id.
-        return {TIER_HEADER: self.tier, QUEUE_HEADER: f"{self.queue_ms:.3f}",
-                "x-request-id": self.info.echo, "x-tierq-request-id": self.request_id}
+        return {"Content-Type": content_type, TIER_HEADER: self.tier,
+                QUEUE_HEADER: f"{self.queue_ms:.3f}", "x-request-id": self.info.echo,
+                "x-tierq-request-id": self.info.id}
 
     @property
     def request_id(self) -> str:
@@ -189,7 +194,8 @@ class Exchange:
             model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
             requested_tier=self.requested_tier, applied_tier=self.tier,
             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-            cost=(o.cost if o.cost is not None else self.cost(o.prompt_tokens, o.completion_tokens))
+            cost=femto_decimal(o.cost if o.cost is not None else
+                               self.cost(o.prompt_tokens, o.completion_tokens))
             if o.billed else Decimal(0),
             status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
             latency_ms=latency_s * 1000.0, upstream=upstream,
@@ -198,11 +204,7 @@ class Exchange:
                                 self.queue_ms / 1000.0, latency_s,
                                 self.ttft_s if self.ttft_s is not None else latency_s)
         if access_enabled():
-            access_line(self.request, self.info, o.http_status, latency_s, {
-                "model": row.model, "key_id": row.key_id, "requested_tier": row.requested_tier,
-                "tier": row.applied_tier, "outcome": row.status, "code": row.code,
-                "queue_ms": round(row.queue_ms, 3), "prompt_tokens": row.prompt_tokens,
-                "completion_tokens": row.completion_tokens, "cost": format(row.cost, "f")})
+            access_line(self.request, self.info, o.http_status, latency_s, row)
         self._settle(o)
         return row
 

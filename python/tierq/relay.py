@@ -17,7 +17,7 @@ from tierq.errors import JSON_TYPE, ApiError
 from tierq.gateway import GATEWAY
 from tierq.intake import estimate_output_tokens
 from tierq.outcome import CLIENT_CLOSED, DRAIN_CODE, Exchange, cancelled, failed, partial, served
-from tierq.pricing import render_cost
+from tierq.pricing import render_femto
 from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
                        usage_tokens)
 from tierq.watchdog import ClientWriteTimeout
@@ -27,6 +27,7 @@ __all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
 # A JSON answer up to this size is sent in one write after its bill is committed
 # (see relay_json); half the transport's 64 KiB high-water mark.
 _ONE_WRITE_MAX: Final = 32 * 1024
+SSE_TYPE: Final = "text/event-stream; charset=utf-8"
 
 
 async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -41,8 +42,7 @@ async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> web.Stream
     if up.status < 500 and isinstance(data, dict) and isinstance(data.get("error"), dict):
         # The engine's own 4xx (bad parameter, context too long): the client's to fix.
         ex.finish(failed(code, up.status, upstream_status=up.status))
-        return web.Response(status=up.status, body=orjson.dumps(data), content_type=JSON_TYPE,
-                            headers=headers)
+        return web.Response(status=up.status, body=orjson.dumps(data), headers=headers)
     ex.finish(failed(code, 502, upstream_status=up.status))
     raise ApiError(502, f"The upstream serving this model answered HTTP {up.status}.",
                    "server_error", None, "upstream_error", headers)
@@ -99,7 +99,7 @@ async def relay_json(request: web.Request, ex: Exchange,
     amount = ex.cost(*tokens)
     data["service_tier"] = ex.tier
     assert isinstance(usage, dict)
-    usage["estimated_cost"] = render_cost(amount)
+    usage["estimated_cost"] = render_femto(amount)
     out = orjson.dumps(data)
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -112,12 +112,11 @@ async def relay_json(request: web.Request, ex: Exchange,
         # the transport's high-water mark), so no write timeout is needed: the
         # bill is committed, then aiohttp sends headers and body in one write.
         await ex.commit(served(tokens[0], tokens[1], code, cost=amount))
-        return web.Response(body=out, headers=ex.headers(), content_type=JSON_TYPE)
+        return web.Response(body=out, headers=ex.headers())
     # A large body may have to wait for the client to read: it is written here,
     # under the write timeout, as all but the last byte, then the bill
     # (committed before the client can see a complete response), then the last byte.
     resp = web.StreamResponse(headers=ex.headers())
-    resp.content_type = JSON_TYPE
     resp.content_length = len(out)
     await resp.prepare(request)
     try:
@@ -139,9 +138,10 @@ async def relay_json(request: web.Request, ex: Exchange,
 async def relay_stream(
     request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
 ) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", **ex.headers()})
+    headers = ex.headers(SSE_TYPE)
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    resp = web.StreamResponse(status=200, headers=headers)
     await resp.prepare(request)
     rewriter = StreamRewriter(ex.tier, client_wants_usage, ex.cost)
     delivered = 0  # tokens written to the client

@@ -28,8 +28,10 @@ class RetryAfter:
     ms: int  # retry-after-ms
     s: int  # Retry-After
 
-    def headers(self) -> dict[str, str]:
-        return {"retry-after-ms": str(self.ms), "Retry-After": str(self.s)}
+    def add_to(self, headers: dict[str, str]) -> None:
+        """Set the pair on a response's own header dict (no second dict built)."""
+        headers["retry-after-ms"] = str(self.ms)
+        headers["Retry-After"] = str(self.s)
 
 
 _LONGEST: Final = RetryAfter(RETRY_AFTER_MAX_S * 1000, RETRY_AFTER_MAX_S)
