@@ -1,22 +1,31 @@
 """Microbenchmarks of the request path in Python, each against a plain baseline in
 the same run (bench/baselines.py): parsing and checking a request body, the tier
-decision, pricing, and rewriting one SSE event. Every body checks its outcome, so
-the CI smoke run fails when one breaks, never because it is slow."""
+decision, pricing, rewriting one SSE event, the access line, a bad key's refusal
+and the response headers. Every body checks its outcome, so the CI smoke run
+fails when one breaks, never because it is slow."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+from collections.abc import Iterator
 from decimal import Decimal
 
 import orjson
 import pytest
-from baselines import cost_localcontext, rewrite_event_json
+from aiohttp import web
+from baselines import (access_line_on_loop, cost_decimal, rewrite_event_json, shed_headers_updated,
+                       stream_headers_merged)
 from conftest import BASELINE, FLOOR, OURS, record
 
+from tierq import logs
+from tierq.keys import KeyStore
+from tierq.logs import RequestInfo, access_log
 from tierq.intake import estimate_prompt_tokens, validate  # the gateway's own checks
 from tierq.ledger import Ledger, LedgerRow
-from tierq.pricing import Prices, cost, render_cost
+from tierq.pricing import Prices, cost_femto, femto_decimal, rates, render_cost, render_femto
 from tierq.sse import StreamRewriter
 from tierq.tiers import resolve_tier
 
@@ -73,19 +82,23 @@ def test_tier_decision(benchmark, impl: str) -> None:  # type: ignore[no-untyped
 
 @pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
 def test_price_and_render(benchmark, impl: str) -> None:  # type: ignore[no-untyped-def]
-    price = cost if impl == OURS else cost_localcontext
+    """Integer pricing (femto-USD per token, made once per model and tier) against
+    the exact Decimal arithmetic it replaced; both render the same JSON number."""
+    r = rates(PRICES, "priority")
 
-    def body() -> Decimal:
-        total = Decimal(0)
-        for i in range(N):
-            amount = price(1000 + i, 200 + i, PRICES, "priority")
-            render_cost(amount)
-            total += amount
-        return total
+    def ours() -> list[bytes]:
+        return [orjson.dumps(render_femto(cost_femto(1000 + i, 200 + i, r))) for i in range(N)]
 
-    expected = sum((cost_localcontext(1000 + i, 200 + i, PRICES, "priority") for i in range(N)), Decimal(0))
-    assert benchmark(body) == expected
-    record(benchmark, "price a request exactly + render it", impl, N, "decimal.localcontext")
+    def baseline() -> list[bytes]:
+        return [orjson.dumps(render_cost(cost_decimal(1000 + i, 200 + i, PRICES, "priority")))
+                for i in range(N)]
+
+    got = benchmark(ours if impl == OURS else baseline)
+    assert got == baseline()
+    assert [Decimal(x.decode()) for x in got[:3]] == [
+        femto_decimal(cost_femto(1000 + i, 200 + i, r)) for i in range(3)]
+    record(benchmark, "price a request exactly + render it", impl, N,
+           "Decimal, exact context (before)")
 
 
 @pytest.mark.parametrize("events", [1, 8], ids=["1-event", "8-events"])
@@ -95,7 +108,8 @@ def test_sse_read_rewrite(benchmark, impl: str, events: int) -> None:  # type: i
     (split + byte-level splice of the tier) against parsing and re-dumping each
     event with the stdlib `json` (no split)."""
     read = READ if events == 1 else READ8
-    rewriter = StreamRewriter("priority", False, lambda p, c: cost(p, c, PRICES, "priority"))
+    r = rates(PRICES, "priority")
+    rewriter = StreamRewriter("priority", False, lambda p, c: cost_femto(p, c, r))
 
     def ours() -> tuple[bytes, int]:
         data, tokens = b"", 0
@@ -214,3 +228,145 @@ def test_ledger_batch_throughput(benchmark, loop, tmp_path, impl: str) -> None: 
         loop.run_until_complete(ledger.close())
     record(benchmark, "ledger: 2,000 rows queued at once, then one flush", impl, rows,
            "sqlite3 executemany, one transaction")
+
+
+class _Transport:
+    """What web.Request reads of a connection: its peer."""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50123) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _request() -> web.Request:
+    from aiohttp.test_utils import make_mocked_request
+
+    return make_mocked_request("POST", "/v1/chat/completions", transport=_Transport())
+
+
+ROW = LedgerRow(request_id="req_0001", ts=0.0, key_id="abcdefghijkl", model="m",
+                endpoint="chat.completions", requested_tier="priority", applied_tier="priority",
+                prompt_tokens=100, completion_tokens=20, cost=Decimal("0.0000411"), status="served",
+                queue_ms=0.25, latency_ms=3.5, upstream="u")
+
+
+@pytest.fixture
+def access_sink() -> Iterator[list[logging.Handler]]:
+    """The access logger writing JSON lines to /dev/null, as `tierq serve` sets it
+    up, for the duration of one benchmark; the writer thread made to wait, so the
+    loop's share is what is timed."""
+    sink = open(os.devnull, "w")  # noqa: SIM115
+    handlers: list[logging.Handler] = [logs.BatchStreamHandler(sink), logging.StreamHandler(sink)]
+    for h in handlers:
+        h.setFormatter(logs.JsonFormatter())
+    saved = (access_log.propagate, access_log.level, logs._writer.gather_s)
+    access_log.propagate = False
+    access_log.setLevel(logging.INFO)
+    logs._writer.gather_s = 3600.0
+    try:
+        yield handlers
+    finally:
+        logs.flush_access_log()
+        for h in list(access_log.handlers):
+            access_log.removeHandler(h)
+        access_log.propagate, _, logs._writer.gather_s = saved
+        access_log.setLevel(saved[1])
+        sink.close()
+
+
+@pytest.mark.parametrize("part", ["loop", "total"])
+@pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
+def test_access_line(benchmark, access_sink, impl: str, part: str) -> None:  # type: ignore[no-untyped-def]
+    """An access line with its outcome's fields: what the event loop spends on it
+    (tierq: capture + queue; the writer thread does the rest), and everything
+    (tierq: capture, then the batch made, formatted and written in one write).
+    Baseline: the line made, formatted and written on the loop, one write each."""
+    batch, single = access_sink
+    access_log.addHandler(batch if impl == OURS else single)
+    request = _request()
+    info = RequestInfo("req_0001", "trace-7")
+    written = logs._writer.written
+
+    def ours() -> int:
+        for _ in range(N):
+            logs.access_line(request, info, 200, 0.0035, ROW)
+        if part == "total":
+            logs.flush_access_log()
+        return N
+
+    def baseline() -> int:
+        for _ in range(N):
+            access_line_on_loop(request, info, 200, 0.0035, ROW)
+        return N
+
+    assert benchmark(ours if impl == OURS else baseline) == N
+    logs.flush_access_log()
+    if impl == OURS:
+        assert logs._writer.written - written >= N and not logs._writer._queue
+    name = ("access line: the event loop's share" if part == "loop"
+            else "access line: all of it (made, formatted, written)")
+    record(benchmark, name, impl, N, "formatted + written on the loop (before)")
+
+
+@pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
+def test_bad_key_refused(benchmark, tmp_path, impl: str) -> None:  # type: ignore[no-untyped-def]
+    """A well-formed token that is not a key, sent again and again: refused from the
+    denied cache, against the SQLite read every time (the cache's TTL set to 0)."""
+    store = KeyStore(str(tmp_path / "keys.db"), denied_ttl_s=60.0 if impl == OURS else 0.0)
+    store.create("real")
+    bad = "tq-zzzzzzzzzzzz-" + "s" * 32
+
+    def body() -> int:
+        refused = 0
+        for _ in range(N):
+            refused += store.authenticate(bad) is None
+        return refused
+
+    try:
+        assert benchmark(body) == N
+        assert (store.lookups == 1) if impl == OURS else store.lookups >= N
+    finally:
+        store.close()
+    record(benchmark, "refuse a bad (well-formed) API key", impl, N, "SQLite read each time (before)")
+
+
+@pytest.mark.parametrize("kind", ["stream", "shed"])
+@pytest.mark.parametrize("impl", [OURS, BASELINE], ids=["tierq", "baseline"])
+def test_response_headers(benchmark, impl: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """A response's headers up to aiohttp's own copy: one dict built and filled in
+    place (tierq) against two dicts merged (before)."""
+    from types import SimpleNamespace
+
+    from tierq.outcome import Exchange
+    from tierq.relay import SSE_TYPE
+    from tierq.retry_after import retry_after
+
+    ex = SimpleNamespace(tier="priority", queue_ms=0.25, info=RequestInfo("req_0001", "trace-7"))
+
+    def ours() -> web.StreamResponse:
+        resp = web.StreamResponse()
+        for _ in range(N):
+            h = Exchange.headers(ex, SSE_TYPE) if kind == "stream" else Exchange.headers(ex)  # type: ignore[arg-type]
+            if kind == "stream":
+                h["Cache-Control"] = "no-cache"
+                h["X-Accel-Buffering"] = "no"
+            else:
+                retry_after(1.5).add_to(h)
+            resp = web.StreamResponse(status=200, headers=h)
+        return resp
+
+    def baseline() -> web.StreamResponse:
+        resp = web.StreamResponse()
+        for _ in range(N):
+            h = (stream_headers_merged("priority", 0.25, "trace-7", "req_0001") if kind == "stream"
+                 else shed_headers_updated("priority", 0.25, "trace-7", "req_0001", 1.5))
+            resp = web.StreamResponse(status=200, headers=h)
+        return resp
+
+    got = benchmark(ours if impl == OURS else baseline)
+    want = baseline().headers
+    assert {k: got.headers[k] for k in want} == dict(want)
+    record(benchmark, f"response headers, {kind} (to aiohttp's copy)", impl, N,
+           "two dicts merged (before)")
