@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The Debian packages tierq needs beyond Python and Rust, installed only when
+# missing (apt-get; sudo when not root). One place for the list, used by the
+# README's first command and by .ci/run.
+#   build  SQLite's headers and pkg-config: core/ledger.rs links the system
+#          libsqlite3, the same copy Python's sqlite3 module loads, so one
+#          process never runs two SQLites on one file (their POSIX locks would
+#          not see each other).
+set -euo pipefail
+missing=()
+for group in "${@:-build}"; do
+    case "$group" in
+        build)
+            pkg-config --exists sqlite3 2>/dev/null || missing+=(libsqlite3-dev pkg-config) ;;
+        *)
+            echo "system-deps: unknown group '$group' (known: build)" >&2; exit 2 ;;
+    esac
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "system-deps: installing ${missing[*]}" >&2
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
