@@ -165,7 +165,9 @@ def _describe(config: Config, catalog: Catalog) -> str:
     head = ("no config file: embedded default" if config.source is None
             else f"config {config.source}")
     return (f"tierq serve: {head}: {what}, {len(catalog)} models ({n_pri} priority-enabled); "
-            f"upstreams: {ups}; ledger {shown_url(config.ledger.url)}")
+            f"upstreams: {ups}; ledger {shown_url(config.ledger.url)}"
+            + (f" (spool {config.ledger.spool} while it is unreachable)"
+               if store_kind(config.ledger.url) == "postgresql" else ""))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -488,7 +490,8 @@ def usage_main(argv: list[str]) -> int:
         epilog="Costs are exact (USD). Rows: every request decision; only served and "
                "cut-short (partial) requests cost anything.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--db", help="ledger file or sqlite:/// url (default: tierq.db)")
+    src.add_argument("--db", help="ledger file, sqlite:/// or postgresql:// url (default: tierq.db; "
+                                  "PGPASSWORD for a postgresql:// password)")
     src.add_argument("--config", help="read the ledger url from this tierq TOML file")
     p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
     p.add_argument("--key", help="only this key's public id ('local' without API keys)")
