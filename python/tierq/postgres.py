@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
 
-from tierq.config import Durability, postgres_url, sqlite_path
+from tierq.config import DEFAULT_SPOOL, Durability, postgres_url, sqlite_path
 from tierq.keys import (
     PREFIX,
     PUBLIC_ALPHABET,
@@ -251,7 +251,7 @@ class PostgresLedger:
     """
 
     def __init__(
-        self, url: str, *, password_env: str | None = None, spool: str = "tierq-spool.db",
+        self, url: str, *, password_env: str | None = None, spool: str = DEFAULT_SPOOL,
         durability: Durability = "process", connect_timeout_s: float = CONNECT_TIMEOUT_S,
         commit_timeout_s: float = COMMIT_TIMEOUT_S, retry_s: float = RETRY_S,
     ) -> None:
@@ -299,6 +299,7 @@ class PostgresLedger:
         except Exception as e:  # noqa: BLE001 - sorted below
             if _fatal_at_start(e):
                 await self._spool.close()
+                self._spool_conn.close()
                 raise
             log.warning("ledger: PostgreSQL unreachable at start (%s): rows go to the spool "
                         "%s until it is back", _why(e), self.spool_path)
