@@ -6,14 +6,19 @@
 #          libsqlite3, the same copy Python's sqlite3 module loads, so one
 #          process never runs two SQLites on one file (their POSIX locks would
 #          not see each other).
+#   postgres  Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin) for
+#          the PostgreSQL ledger and key store tests and bench/cluster; each test
+#          starts its own cluster on a loopback port (tests/pg_server.py).
 set -euo pipefail
 missing=()
 for group in "${@:-build}"; do
     case "$group" in
         build)
             pkg-config --exists sqlite3 2>/dev/null || missing+=(libsqlite3-dev pkg-config) ;;
+        postgres)
+            compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql) ;;
         *)
-            echo "system-deps: unknown group '$group' (known: build)" >&2; exit 2 ;;
+            echo "system-deps: unknown group '$group' (known: build, postgres)" >&2; exit 2 ;;
     esac
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0
