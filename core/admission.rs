@@ -313,6 +313,13 @@ mod at {
     /// Handoffs since the clock was last read for the estimate (a hint:
     /// racing releases may lose a count).
     pub const UNSAMPLED: usize = 9 * LINE + 2;
+    /// Slots taken for nobody by `withhold` and not yet `restore`d: counted
+    /// in IN_FLIGHT, so the slots requests may use are the limit minus
+    /// these. A block made before this word had it 0, as a new block does.
+    pub const WITHHELD: usize = 9 * LINE + 3;
+    /// Slots `withhold` asked for that were busy: each release takes one
+    /// of these (into WITHHELD) before passing its slot on.
+    pub const OWED: usize = 9 * LINE + 4;
     /// Lines 10-11: the settings the block was made for (attach compares them).
     pub const SETTINGS: usize = 10 * LINE;
     pub const SETTINGS_WORDS: usize = 11;
@@ -1003,6 +1010,13 @@ impl Pool {
     /// that waiter is this process's, its id is returned and the caller
     /// resolves it (another process's is told through its mailbox).
     pub fn release(&self) -> Option<WaiterId> {
+        // A slot owed to `withhold` stays taken and becomes withheld. One
+        // load when nothing is owed, the common case.
+        if self.w(at::OWED).load(SeqCst) != 0 && Self::take_one(self.w(at::OWED)) {
+            self.w(at::WITHHELD).fetch_add(1, SeqCst);
+            self.unhold_mine();
+            return None;
+        }
         if self.settings.priority_headroom > 0 {
             // Whether a default waiter may have this slot depends on how many
             // others are held, which only a CAS on the count settles: free the
@@ -1048,6 +1062,64 @@ impl Pool {
                 Hand::OwnerGone => continue,
             }
         }
+    }
+
+    /// Takes `n` slots out of use, so requests can use only the limit minus
+    /// the slots withheld (a cluster host keeps to its lease of the
+    /// cluster's limit this way; see tierq.cluster). Free slots are taken at
+    /// once; the rest are owed, and each release pays one off before a waiter
+    /// gets its slot. A request in flight is never cut. Returns how many were
+    /// taken at once.
+    pub fn withhold(&self, n: u64) -> u64 {
+        let mut taken = 0;
+        while taken < n && self.try_take_slot(self.limit()).is_some() {
+            taken += 1;
+        }
+        if taken > 0 {
+            self.w(at::WITHHELD).fetch_add(taken, SeqCst);
+        }
+        if taken < n {
+            self.w(at::OWED).fetch_add(n - taken, SeqCst);
+        }
+        taken
+    }
+
+    /// Puts back up to `n` slots: owed ones are forgiven first, then each
+    /// withheld slot goes to the next waiter (or is freed) as a released
+    /// slot would. `on_granted` gets the waiters of this process granted on
+    /// the way. Returns how many were put back.
+    pub fn restore(&self, n: u64, mut on_granted: impl FnMut(WaiterId)) -> u64 {
+        let mut back = 0;
+        while back < n && Self::take_one(self.w(at::OWED)) {
+            back += 1;
+        }
+        while back < n && Self::take_one(self.w(at::WITHHELD)) {
+            // The slot is taken and held by no worker, as a dead owner's is.
+            if let Some(id) = self.pass_on() {
+                on_granted(id);
+            }
+            back += 1;
+        }
+        back
+    }
+
+    /// Decrements a count word unless it is 0; true if it did.
+    fn take_one(word: &AtomicU64) -> bool {
+        let mut cur = word.load(SeqCst);
+        loop {
+            if cur == 0 {
+                return false;
+            }
+            match word.compare_exchange_weak(cur, cur - 1, SeqCst, SeqCst) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// (withheld, owed) slots now (see `withhold`).
+    pub fn withheld(&self) -> (u64, u64) {
+        (self.w(at::WITHHELD).load(SeqCst), self.w(at::OWED).load(SeqCst))
     }
 
     /// Settles a dead worker: retires its generation and takes its held
@@ -1346,9 +1418,12 @@ impl Pool {
 
     pub fn stats(&self) -> Stats {
         let (p, d) = self.depth();
+        let (withheld, owed) = self.withheld();
         Stats {
             depth: [p, d],
-            in_flight: self.w(at::IN_FLIGHT).load(SeqCst) as u32,
+            in_flight: (self.w(at::IN_FLIGHT).load(SeqCst) as u32).saturating_sub(withheld as u32),
+            withheld: withheld as u32,
+            owed: owed as u32,
             limit: self.limit() as u32,
             limit_mode: self.settings.limit,
             limit_signal: Signal::from_word(self.w(at::SIGNAL).load(Relaxed)),
@@ -1373,6 +1448,7 @@ impl Pool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
     pub depth: [u32; 2],
+    /// Requests holding a slot (withheld slots not counted).
     pub in_flight: u32,
     /// The limit in force (whole slots) and its mode (bounds).
     pub limit: u32,
@@ -1383,6 +1459,10 @@ pub struct Stats {
     /// The latency signal's floor and last window's mean (0: no sample yet).
     pub latency_floor_ns: u64,
     pub latency_recent_ns: u64,
+    /// Slots taken out of use by `withhold`.
+    pub withheld: u32,
+    /// Slots `withhold` still waits for (busy when asked).
+    pub owed: u32,
     pub admitted: [u64; 2],
     pub shed: [u64; 3],
     pub cancelled: u64,
@@ -1446,5 +1526,45 @@ mod tests {
         }
         let interval = drain_interval(&pool);
         assert!((990_000..=1_000_000).contains(&interval), "{interval}");
+    }
+
+    #[test]
+    fn withheld_slots_are_kept_from_requests_and_restored_to_the_next_waiter() {
+        let s = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }.validate().unwrap();
+        let pool = Pool::new(s, Clock::Manual(Arc::new(ManualClock::new(1))));
+        assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+        // Two slots free: asking for three takes those two and owes one.
+        assert_eq!(pool.withhold(3), 2);
+        let st = pool.stats();
+        assert_eq!((st.in_flight, st.withheld, st.owed), (1, 2, 1));
+        let Admit::Queued { waiter, granted: None, .. } = pool.admit(Lane::Priority, 1) else {
+            panic!("a request must wait while the free slots are withheld")
+        };
+        // The busy slot pays the debt instead of going to the waiter.
+        assert_eq!(pool.release(), None);
+        let st = pool.stats();
+        assert_eq!((st.in_flight, st.withheld, st.owed), (0, 3, 0));
+        let mut granted = Vec::new();
+        assert_eq!(pool.restore(1, |id| granted.push(id)), 1);
+        assert_eq!(granted, vec![waiter]);
+        assert_eq!(pool.restore(5, |id| granted.push(id)), 2, "only two more were withheld");
+        assert_eq!(granted.len(), 1);
+        assert_eq!(pool.stats().in_flight, 1);
+        assert_eq!(pool.release(), None);
+        let st = pool.stats();
+        assert_eq!((st.in_flight, st.withheld, st.owed), (0, 0, 0));
+    }
+
+    #[test]
+    fn restore_forgives_what_is_owed_first() {
+        let s = PoolSpec { max_concurrency: Some(2), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }.validate().unwrap();
+        let pool = Pool::new(s, Clock::Manual(Arc::new(ManualClock::new(1))));
+        assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+        assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+        assert_eq!(pool.withhold(1), 0);
+        assert_eq!(pool.restore(1, |_| panic!("nothing waits")), 1);
+        assert_eq!(pool.stats().owed, 0);
+        assert_eq!(pool.release(), None);
+        assert_eq!((pool.stats().in_flight, pool.stats().withheld), (1, 0));
     }
 }

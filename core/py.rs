@@ -385,6 +385,20 @@ impl PyAdmissionCore {
         self.0.dispatch()
     }
 
+    /// Takes `n` slots out of use (free ones now, busy ones as released);
+    /// returns how many were free.
+    fn withhold(&self, n: u64) -> u64 {
+        self.0.withhold(n)
+    }
+
+    /// Puts back up to `n` owed or withheld slots; returns (how many,
+    /// waiters of this process granted on the way).
+    fn restore(&self, n: u64) -> (u64, Vec<u64>) {
+        let mut granted = Vec::new();
+        let back = self.0.restore(n, |id| granted.push(id));
+        (back, granted)
+    }
+
     fn cancel(&self, waiter: u64) -> bool {
         self.0.cancel(waiter)
     }
@@ -422,6 +436,8 @@ impl PyAdmissionCore {
         let out = PyDict::new(py);
         out.set_item("depth", lanes([s.depth[0] as u64, s.depth[1] as u64])?)?;
         out.set_item("in_flight", s.in_flight)?;
+        out.set_item("withheld", s.withheld)?;
+        out.set_item("owed", s.owed)?;
         // The limit in force, under the name consumers read since it was fixed.
         out.set_item("max_concurrency", s.limit)?;
         out.set_item("limit", s.limit)?;

@@ -478,6 +478,8 @@ def test_stats_shape() -> None:
     assert stats == {
         "depth": {"priority": 0, "default": 0},
         "in_flight": 0,
+        "withheld": 0,
+        "owed": 0,
         "max_concurrency": 8,
         "limit": 8,
         "limit_mode": "fixed",
@@ -530,3 +532,25 @@ async def test_regression_cost_that_can_never_fit_the_bucket_sheds_with_infinite
     assert shed.value.retry_after_s == math.inf
     assert shed.value.retry_after_ms == 120_000
     assert shed.value.retry_after_header == 120
+
+
+async def test_withheld_slots_keep_requests_out_until_restored_to_the_waiter() -> None:
+    adm = Admission(max_concurrency=2)
+    busy = adm.acquire("default")
+    await busy.__aenter__()
+    # One slot free, one busy: withholding both takes the free one now and owes the other.
+    assert adm.withhold(2) == 1
+    assert (adm.stats()["withheld"], adm.stats()["owed"]) == (1, 1)
+    waiter = asyncio.ensure_future(adm.acquire("priority").__aenter__())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await busy.__aexit__(None, None, None)  # pays the debt: the waiter still waits
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert (adm.stats()["in_flight"], adm.stats()["withheld"], adm.stats()["owed"]) == (0, 2, 0)
+    assert adm.restore(1) == 1
+    slot = await asyncio.wait_for(waiter, 1)
+    assert adm.stats()["in_flight"] == 1
+    await slot.__aexit__(None, None, None)
+    assert adm.restore(5) == 1
+    assert (adm.stats()["in_flight"], adm.stats()["withheld"]) == (0, 0)

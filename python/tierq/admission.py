@@ -271,6 +271,26 @@ class Admission:
         latency signal's `limit_floor_ms` and `limit_recent_ms`."""
         return self._core.stats()
 
+    def withhold(self, n: int) -> int:
+        """Takes `n` slots out of use, so requests get the limit (`limit`) minus
+        the slots withheld: free slots at once, busy ones as their requests
+        release them (before any waiter gets them). A request in flight is
+        never cut. Returns how many were free. In a shared pool the counts
+        (`stats()["withheld"]`, `["owed"]`) are host-wide and outlive the
+        worker that set them. tierq.cluster keeps a host to its lease this way.
+        """
+        return self._core.withhold(n) if n > 0 else 0
+
+    def restore(self, n: int) -> int:
+        """Puts back up to `n` slots: owed ones first, then withheld ones, each
+        handed to the next waiter as a released slot would be. Returns how many."""
+        if n <= 0:
+            return 0
+        back, granted = self._core.restore(n)
+        for waiter in granted:
+            self._grant(waiter)
+        return back
+
     def expire_due(self) -> int:
         """Sheds every waiter past its lane's max wait now; returns how many.
 
