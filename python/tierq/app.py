@@ -23,15 +23,17 @@ from aiohttp import web
 from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission, Shed
 from tierq.capacity import OVERLOAD_STATUSES, overload_backoff_s
+from tierq.cluster import ClusterUnavailable
 from tierq.config import Config, UpstreamConfig
-from tierq.errors import JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, drain_error, invalid_type, shed_error
+from tierq.errors import (JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, cluster_down_error,
+                          drain_error, invalid_type, shed_error)
 from tierq.gateway import CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import request_info, request_log
 from tierq.metrics import WorkerSnapshot
-from tierq.outcome import DRAIN_CODE, Exchange, cancelled, failed, key_limited, shed
+from tierq.outcome import DRAIN_CODE, Exchange, cancelled, cluster_down, failed, key_limited, shed
 from tierq.pricing import render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
@@ -180,7 +182,13 @@ async def _inference(
                   key.public_id if key is not None else ANONYMOUS_KEY, pool, endpoint,
                   requested if isinstance(requested, str) else None, tier, t0, ts,
                   est_prompt, est_total)
-    wait_s = ex.admit_key()
+    try:
+        wait_s = await ex.admit_key_shared() if gw.cluster is not None else ex.admit_key()
+        if gw.cluster is not None:
+            gw.cluster.check_open()
+    except ClusterUnavailable as e:
+        ex.finish(cluster_down())
+        raise cluster_down_error(ex.headers(), e.retry_after_s) from None
     if wait_s is not None:
         ex.finish(key_limited())
         raise shed_error(ex.headers(), "rate_limit_exceeded", wait_s,
@@ -200,6 +208,8 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     assert task is not None
     if gw.draining:
         raise _drained(ex)
+    if gw.cluster is not None:
+        gw.cluster.wake()  # the agent checks whether the lease still covers the queue
     gw.waiting.add(task)
     try:
         async with ex.pool.admission.acquire(ex.tier) as slot:

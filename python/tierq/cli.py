@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import contextlib
 import ipaddress
 import logging
@@ -38,6 +39,7 @@ from tierq.config import (
     sqlite_path,
     store_kind,
 )
+from tierq.cluster import default_host_id
 from tierq.embedded import start_sims
 from tierq.keys import KeyInfo, parse_public_id
 from tierq.stores import KeyStoreLike, open_key_store, usage_of
@@ -178,6 +180,14 @@ def _serve(args: argparse.Namespace) -> int:
     if workers < 1:
         print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
+    if config.cluster is not None:
+        if workers > 1:
+            print("tierq serve: [cluster] with --workers above 1 is not built yet; "
+                  "run one process per host", file=sys.stderr)
+            return 2
+        if config.cluster.host_id is None:
+            config = dataclasses.replace(config, cluster=dataclasses.replace(
+                config.cluster, host_id=default_host_id(port)))
     no_keys = config.keys.path is None
     if no_keys and not _is_loopback_host(host) and not args.insecure_no_auth:
         print(f"tierq serve: refusing to listen on {host} with no API keys configured; "

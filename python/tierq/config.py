@@ -24,6 +24,7 @@ from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 
 __all__ = [
     "AdmissionConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "KeysConfig",
@@ -48,6 +49,9 @@ UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
 # Ledger durability (tierq.ledger): "process" = WAL + synchronous=NORMAL (a
 # committed row survives kill -9), "power" = synchronous=FULL (survives power loss).
 Durability = Literal["process", "power"]
+# What a host does while Redis is unreachable (tierq.cluster): keep serving
+# with its share of each limit, or answer 503.
+RedisDown = Literal["local", "closed"]
 DEFAULT_LEDGER_URL: Final = "sqlite:///tierq.db"
 # Where a PostgreSQL ledger keeps the rows it could not write while PostgreSQL
 # was unreachable (a SQLite file of the ledger's schema), until they are replayed.
@@ -199,6 +203,21 @@ class KeysConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """[cluster]: several gateway hosts sharing slots and key limits through Redis."""
+
+    # redis:// or rediss:// (TLS); user and password may be in the URL.
+    redis_url: str
+    # Environment variable holding the Redis password (overrides the URL's).
+    password_env: str | None = None
+    # This host's name in Redis; None: hostname:port (tierq.cluster).
+    host_id: str | None = None
+    # A host that stops refreshing its lease for this long loses its slots.
+    lease_ttl_ms: int = 3000
+    on_redis_down: RedisDown = "local"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
@@ -207,6 +226,7 @@ class Config:
     models: tuple[ModelConfig, ...] = ()  # empty: serve the whole built-in catalog
     keys: KeysConfig = field(default_factory=KeysConfig)
     source: str | None = None  # the file it came from; None for the embedded default
+    cluster: ClusterConfig | None = None  # None: this host alone (the embedded default)
 
     def upstream(self, name: str) -> UpstreamConfig:
         for u in self.upstreams:
@@ -498,8 +518,9 @@ class _Parser:
                                   f'duplicate model id "{m.id}" (also models[{ids[m.id]}])')
             ids[m.id] = i
         keys = self.keys(top.table("keys"))
+        cluster = self.cluster(top.table("cluster")) if top.has("cluster") else None
         top.done()
-        return Config(server, ledger, pricing, upstreams, models, keys, self.file)
+        return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster)
 
     def server(self, t: _Table) -> ServerConfig:
         d = ServerConfig()
@@ -693,6 +714,30 @@ class _Parser:
             return AdmissionConfig(**given)
         except SettingsError as e:
             raise t.fail(e.key, e.reason) from None
+
+    def cluster(self, t: _Table) -> ClusterConfig:
+        d = ClusterConfig(redis_url="")
+        url = _s(t.string("redis_url", required=True))
+        try:
+            parsed = yarl.URL(url)
+        except ValueError:
+            parsed = None
+        # Only the scheme is ever echoed: the URL may carry a password.
+        if parsed is None or parsed.scheme not in ("redis", "rediss") or not parsed.host:
+            raise t.fail("redis_url", "expected redis://host:port/db or rediss://host:port/db")
+        db = parsed.path.strip("/")
+        if db and not db.isdigit():
+            raise t.fail("redis_url", "the path must be a database number, as in redis://host:6379/0")
+        password_env = t.string("password_env")
+        host_id = t.string("host_id")
+        if host_id is not None and (len(host_id) > 200 or not host_id.isprintable()):
+            raise t.fail("host_id", "must be 1 to 200 printable characters")
+        ttl = _i(t.integer("lease_ttl_ms", d.lease_ttl_ms, 300, 600_000))
+        down = _s(t.string("on_redis_down", d.on_redis_down))
+        if down not in get_args(RedisDown):
+            raise t.fail("on_redis_down", f'expected "local" or "closed", got {_show(down)}')
+        t.done()
+        return ClusterConfig(url, password_env, host_id, ttl, cast(RedisDown, down))
 
     def keys(self, t: _Table) -> KeysConfig:
         d = KeysConfig()

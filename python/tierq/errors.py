@@ -15,6 +15,10 @@ from aiohttp import web
 
 from tierq.retry_after import retry_after
 
+#: The error code of a request refused while the cluster's Redis is
+#: unreachable (`[cluster] on_redis_down = "closed"`).
+CLUSTER_DOWN_CODE: Final = "cluster_unavailable"
+
 __all__ = [
     "DRAIN_RETRY_AFTER_S",
     "JSON_TYPE",
@@ -119,6 +123,14 @@ def shed_error(headers: dict[str, str], code: str, wait_s: float, message: str) 
     exact wait (the core's), turned into the retry headers added to `headers`."""
     retry_after(wait_s).add_to(headers)
     return ApiError(429, message, "rate_limit_error", None, code, headers)
+
+
+def cluster_down_error(headers: dict[str, str], retry_after_s: float) -> ApiError:
+    """The 503 of a request refused while the cluster's Redis is unreachable
+    and `[cluster] on_redis_down = "closed"`."""
+    headers.update(retry_after(retry_after_s).headers())
+    return ApiError(503, "The gateway cannot reach its cluster state (Redis); retry the "
+                    "request.", "server_error", None, CLUSTER_DOWN_CODE, headers)
 
 
 def drain_error(headers: dict[str, str]) -> ApiError:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tierq.admission import Admission
 from tierq.capacity import Capacity
+from tierq.cluster import Cluster
 from tierq.config import Config
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
@@ -47,6 +48,7 @@ class Gateway:
     ledger: LedgerStore | None = None
     keys: KeyStoreLike | None = None  # when [keys] is configured
     limiter: KeyLimiter | None = None
+    cluster: Cluster | None = None  # [cluster]: slots and key limits shared through Redis
     allow_remote_without_keys: bool = False
     ready: bool = False
     models_body: bytes = b""
@@ -77,7 +79,8 @@ class Gateway:
         pools = (PoolSnapshot(p.entry.id, p.entry.upstream, p.entry.priority,
                               p.entry.admission.settings.queue_depth, p.admission.stats())
                  for p in self.pools.values())
-        return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger)
+        return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger,
+                                     cluster=self.cluster.status() if self.cluster else None)
 
 
 CONFIG: Final = web.AppKey("tierq.config", Config)

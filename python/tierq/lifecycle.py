@@ -1,12 +1,13 @@
 """Start-up and clean-up of a gateway (an aiohttp cleanup context): the sims of
 upstreams of kind "sim" (from the caller), upstream clients, admission pools and
 what feeds their limits (tierq.capacity), the ledger, the key store and limiter,
-the write watchdog.
+the cluster agent, the write watchdog.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission
+from tierq.cluster import Cluster
 from tierq.config import UpstreamConfig
 from tierq.gateway import Gateway, Pool
 from tierq.keys import KeyLimiter
@@ -53,8 +55,13 @@ def lifecycle(
                     client = UpstreamClient(u, base_urls[u.name], size)
                     await client.start()
                     gw.upstreams[u.name] = client
+                cluster = gw.config.cluster
                 for m in gw.catalog.values():
-                    adm = pools[m.id] if pools is not None else Admission(m.admission.settings)
+                    settings = m.admission.settings
+                    if cluster is not None:
+                        # The lease script keeps the headroom cluster-wide.
+                        settings = dataclasses.replace(m.admission, priority_headroom=None).settings
+                    adm = pools[m.id] if pools is not None else Admission(settings)
                     gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
                 for u in gw.config.upstreams:
                     gw.capacity.add_upstream(u.name, u.kind, base_urls[u.name], u.metrics,
@@ -69,6 +76,13 @@ def lifecycle(
                 gw.keys = await start_key_store(gw.config.keys)
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
+                if cluster is not None:
+                    if pools is not None:
+                        raise ValueError("[cluster] with several workers per host is not built yet")
+                    gw.cluster = Cluster(cluster, cluster.host_id or "tierq",
+                                         {mid: (p.admission, p.entry.admission)
+                                          for mid, p in gw.pools.items()})
+                    await gw.cluster.start()
                 gw.watchdog.start()
                 gw.ready = True
                 yield
@@ -76,6 +90,8 @@ def lifecycle(
                 gw.ready = False
                 await gw.capacity.stop()
                 await gw.watchdog.stop()
+                if gw.cluster is not None:
+                    await gw.cluster.stop()
                 for client in gw.upstreams.values():
                     await client.close()
                 if gw.keys is not None:

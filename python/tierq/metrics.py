@@ -132,6 +132,8 @@ class WorkerSnapshot:
     series: Mapping[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
     # model -> ((window start, concurrency limit), ...): the limit over time
     limits: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    # tierq.cluster.Cluster.status() of a [cluster] host; None when alone
+    cluster: Mapping[str, Any] | None = None
 
 
 class GatewayMetrics:
@@ -209,7 +211,7 @@ class GatewayMetrics:
         self._series.append((start, self._window))
 
     def snapshot(self, pools: Iterable[PoolSnapshot], *, ready: bool,
-                 ledger: Any = None) -> WorkerSnapshot:
+                 ledger: Any = None, cluster: Mapping[str, Any] | None = None) -> WorkerSnapshot:
         """A copy of this process's numbers (cheap: a few hundred integers)."""
         series = {(start, tier): tuple(v) for start, w in self._series for tier, v in w.items()}
         lag = getattr(ledger, "lag", None)
@@ -226,6 +228,7 @@ class GatewayMetrics:
             ledger_spooling=getattr(ledger, "mode", None) == "spool",
             series=series,
             limits={model: tuple(points) for model, points in self._limits.items()},
+            cluster=cluster,
         )
 
 
@@ -258,6 +261,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "ledger_lag": None if s.ledger_lag is None else _hist_json(s.ledger_lag),
         "series": [[*k, *v] for k, v in s.series.items()],
         "limits": {model: [list(p) for p in points] for model, points in s.limits.items()},
+        "cluster": s.cluster,
     })
 
 
@@ -281,6 +285,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         series={(int(r[0]), r[1]): tuple(int(x) for x in r[2:]) for r in d["series"]},
         limits={model: tuple((int(p[0]), int(p[1])) for p in points)
                 for model, points in d.get("limits", {}).items()},
+        cluster=d.get("cluster"),
     )
 
 
@@ -494,6 +499,22 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
                  "1 while ledger rows go to the local spool (PostgreSQL unreachable or "
                  "the spool being replayed), else 0.")
         o.sample("tierq_ledger_spooling", [], int(any(s.ledger_spooling for s in snapshots)))
+    cluster = _cluster(snapshots)
+    if cluster is not None:
+        o.family("tierq_cluster_redis_up", "gauge",
+                 "1 while this host reaches the cluster's Redis ([cluster]).")
+        o.sample("tierq_cluster_redis_up", [], int(bool(cluster["redis_up"])))
+        o.family("tierq_cluster_hosts", "gauge", "Live gateway hosts this host last saw, itself included.")
+        o.sample("tierq_cluster_hosts", [], int(cluster["hosts"]))
+        o.family("tierq_cluster_lease", "gauge",
+                 "Slots of each pool's cluster-wide limit leased to this host.")
+        for model, lease in sorted(cluster["leases"].items()):
+            o.sample("tierq_cluster_lease", [("model", model)], int(lease["lease"]))
+        o.family("tierq_cluster_redis_calls_total", "counter",
+                 "Round trips to Redis (lease syncs and key decisions).")
+        o.sample("tierq_cluster_redis_calls_total", [], int(cluster["redis_calls"]))
+        o.family("tierq_cluster_redis_errors_total", "counter", "Redis calls that failed.")
+        o.sample("tierq_cluster_redis_errors_total", [], int(cluster["redis_errors"]))
     lag: HistogramData | None = None
     for s in snapshots:
         if s.ledger_lag is not None:
@@ -503,6 +524,12 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
     if lag is not None:
         o.histogram("tierq_ledger_write_lag_seconds", [], lag)
     return "\n".join(o.lines) + "\n"
+
+
+def _cluster(snapshots: Sequence[WorkerSnapshot]) -> Mapping[str, Any] | None:
+    """The newest cluster status among the workers' snapshots."""
+    found = [s for s in snapshots if s.cluster is not None]
+    return max(found, key=lambda s: s.time).cluster if found else None
 
 
 # ------------------------------------------------------------------ status page
@@ -567,4 +594,5 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         "pools": pools,
         "totals": totals,
         "series": {"step_s": SERIES_STEP_S, "points": points},
+        "cluster": _cluster(snapshots),
     }

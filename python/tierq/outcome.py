@@ -21,7 +21,7 @@ from typing import Final
 
 from aiohttp import web
 
-from tierq.errors import JSON_TYPE
+from tierq.errors import CLUSTER_DOWN_CODE, JSON_TYPE
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ENDPOINT_PATHS
 from tierq.keys import KeyInfo
@@ -82,6 +82,11 @@ def partial(prompt: int, completion: int, code: str, http_status: int = 200) -> 
 def shed(code: str) -> Outcome:
     """Refused by the pool (overloaded, queue timeout, its rate) or by a drain."""
     return Outcome("shed", code, 503 if code == DRAIN_CODE else 429, by_gateway=True)
+
+
+def cluster_down() -> Outcome:
+    """Refused because the cluster's Redis is unreachable (on_redis_down = "closed")."""
+    return Outcome("shed", CLUSTER_DOWN_CODE, 503, by_gateway=True)
 
 
 def key_limited() -> Outcome:
@@ -161,6 +166,16 @@ class Exchange:
         self.charged = wait is None
         return wait
 
+    async def admit_key_shared(self) -> float | None:
+        """`admit_key` against the cluster's limits ([cluster]: one Redis round
+        trip). Raises ClusterUnavailable when Redis is down in "closed" mode."""
+        cluster, key = self.gw.cluster, self.key
+        if cluster is None or key is None or self.gw.limiter is None:
+            return self.admit_key()
+        wait = await cluster.check_key(key, self.est_total)
+        self.charged = wait is None
+        return wait
+
     def finish(self, outcome: Outcome) -> LedgerRow:
         """Record `outcome` (the row queued, not awaited): metrics, access line, key.
 
@@ -212,6 +227,13 @@ class Exchange:
         limiter, key = self.gw.limiter, self.key
         if not self.charged or limiter is None or key is None:
             return  # no limits, or the key's own limit refused it: nothing was taken
+        cluster = self.gw.cluster
+        if cluster is not None:
+            if o.billed:
+                cluster.settle_key(key, self.est_total, o.prompt_tokens + o.completion_tokens)
+            else:
+                cluster.refund_key(key, self.est_total, request=o.by_gateway)
+            return
         if o.billed:
             limiter.settle(key, self.est_total, o.prompt_tokens + o.completion_tokens)
         else:

@@ -1,0 +1,93 @@
+"""A real `redis-server` for the cluster tests: its own temporary folder, a free
+loopback port, no persistence (a restarted server starts empty, as a lease
+store should), stopped and started again on the same port for outage tests.
+
+Outside CI the tests that need it skip when redis-server is not installed; in
+CI (CI set) a missing server is a failure (`.ci/run` installs Debian's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The redis-server to run; skips (fails in CI) when there is none."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (CI must run the cluster tests)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return found
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:`port`, data in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = redis_server_binary()
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        with (self.folder / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                 str(self.folder), "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: see {self.folder / 'redis.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer PING within 20 s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
