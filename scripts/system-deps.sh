@@ -9,6 +9,8 @@
 #   postgres  Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin) for
 #          the PostgreSQL ledger and key store tests and bench/cluster; each test
 #          starts its own cluster on a loopback port (tests/pg_server.py).
+#   redis  Debian's redis-server for the cluster tests and bench/cluster; each
+#          test starts its own on a loopback port (tests/redis_server.py).
 set -euo pipefail
 missing=()
 for group in "${@:-build}"; do
@@ -17,8 +19,10 @@ for group in "${@:-build}"; do
             pkg-config --exists sqlite3 2>/dev/null || missing+=(libsqlite3-dev pkg-config) ;;
         postgres)
             compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql) ;;
+        redis)
+            command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) ;;
         *)
-            echo "system-deps: unknown group '$group' (known: build, postgres)" >&2; exit 2 ;;
+            echo "system-deps: unknown group '$group' (known: build, postgres, redis)" >&2; exit 2 ;;
     esac
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0

@@ -351,6 +351,37 @@ async def test_redis_outage_closed_mode_answers_503_then_rejoins(
     assert status == 200
 
 
+async def test_key_limits_in_redis_take_settle_and_refund_exactly(redis_server: RedisServer  # noqa: F811
+                                                                  ) -> None:
+    """The GCRA script on its own: the same rule as the local limiter."""
+    from tierq.cluster import Cluster as HostCluster
+    from tierq.config import ClusterConfig
+    from tierq.keys import KeyInfo
+
+    host = HostCluster(ClusterConfig(redis_server.url, host_id="solo"), "solo", {})
+    await host.start()
+    try:
+        key = KeyInfo("abcdefghijkl", "k", 0.0, None, rpm=3, tpm=100)
+        assert [await host.check_key(key, 10) for _ in range(3)] == [None, None, None]
+        wait = await host.check_key(key, 10)
+        assert wait is not None and 0 < wait <= 20.0, wait  # one request back every 20 s
+        host.refund_key(key, 10, request=True)  # the gateway failed one: it costs nothing
+        await host.settled()
+        assert await host.check_key(key, 10) is None
+        # Tokens: 40 of 100 taken so far; an estimate of 70 no longer fits.
+        tokens = KeyInfo("mnopqrstuvwx", "t", 0.0, None, rpm=None, tpm=100)
+        assert await host.check_key(tokens, 70) is None
+        wait = await host.check_key(tokens, 70)
+        assert wait is not None and wait > 0
+        host.settle_key(tokens, 70, 5)  # it really used 5: 65 come back
+        await host.settled()
+        assert await host.check_key(tokens, 70) is None
+        assert await host.check_key(tokens, 1000) is not None  # capped at the whole minute
+        assert host.redis_calls >= 8
+    finally:
+        await host.stop()
+
+
 def test_cluster_config_keys_and_their_one_line_errors(tmp_path: Path) -> None:
     from tierq.config import ConfigError
 

@@ -431,14 +431,18 @@ class Cluster:
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
-        for t in list(self._pending):
-            await asyncio.gather(t, return_exceptions=True)
+        await self.settled()
         if self.up:
             try:
                 await self._call_leases(leaving=True)
             except self._RedisError:
                 pass
         await self.redis.aclose()
+
+    async def settled(self) -> None:
+        """Waits for the key settlements and refunds sent so far."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     def wake(self) -> None:
         """A request arrived: the agent looks whether the lease still covers it."""
