@@ -290,13 +290,13 @@ async def _outage(c: Cluster, redis_server: RedisServer, seconds: float  # noqa:
     workers = [asyncio.ensure_future(_load(c, stop, before)) for _ in range(6)]
     await asyncio.sleep(1.0)
     redis_server.stop()
-    during: list[int] = []
-    workers[0:0] = [asyncio.ensure_future(_load(c, stop, during)) for _ in range(2)]
 
     async def all_down() -> bool:
         return all([not (await c.status(i))["cluster"]["redis_up"] for i in range(len(c.hosts))])
 
     await _wait_for(all_down, 10, "every host notices Redis is gone")
+    during: list[int] = []  # requests sent once every host knows
+    workers[0:0] = [asyncio.ensure_future(_load(c, stop, during)) for _ in range(2)]
     mid = [await c.status(i) for i in range(len(c.hosts))]
     await asyncio.sleep(seconds)
     redis_server.start()

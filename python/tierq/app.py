@@ -23,11 +23,11 @@ from aiohttp import web
 from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission, Shed
 from tierq.capacity import OVERLOAD_STATUSES, overload_backoff_s
-from tierq.cluster import ClusterUnavailable
+from tierq.cluster import CLOSED_RETRY_AFTER_S, ClusterUnavailable
 from tierq.config import Config, UpstreamConfig
 from tierq.errors import (JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, cluster_down_error,
                           drain_error, invalid_type, shed_error)
-from tierq.gateway import CONFIG, DRAIN, GATEWAY, Gateway
+from tierq.gateway import CLUSTER_CLOSED, CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
@@ -224,6 +224,11 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
         if e.args == (DRAIN,) and not ex.done:
             task.uncancel()
             raise _drained(ex) from None
+        if e.args == (CLUSTER_CLOSED,) and not ex.done:
+            task.uncancel()
+            ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
+            ex.finish(cluster_down())
+            raise cluster_down_error(ex.headers(), CLOSED_RETRY_AFTER_S) from None
         # The client went away while queued or before anything was delivered.
         if not ex.done:
             ex.finish(cancelled("client_disconnected"))

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -339,8 +339,12 @@ class Cluster:
     """This host's side of the cluster: the lease agent and the key limits."""
 
     def __init__(self, config: ClusterConfig, host_id: str,
-                 pools: Mapping[str, tuple[Admission, AdmissionConfig]]) -> None:
+                 pools: Mapping[str, tuple[Admission, AdmissionConfig]],
+                 on_closed: Callable[[], object] | None = None) -> None:
+        """`on_closed`: called when Redis goes down in "closed" mode, to answer
+        the requests queued on this host 503 (the gateway's waiting tasks)."""
         self.config = config
+        self._on_closed = on_closed
         self.host_id = host_id
         self.ttl_s = config.lease_ttl_ms / 1000.0
         self.heartbeat_s = self.ttl_s / 3
@@ -571,7 +575,9 @@ class Cluster:
                         type(e).__name__, what)
         if self.up or self.down_since is None:
             self.down_since = time.monotonic()
-        self.up = False
+        was_up, self.up = self.up, False
+        if was_up and self.config.on_redis_down == "closed" and self._on_closed is not None:
+            self._on_closed()
         if self.config.on_redis_down == "local":
             # Each host's share is the limit divided by the live hosts it last
             # saw. At first a host only cuts down to it: the others may still
@@ -656,10 +662,7 @@ class Cluster:
         if not (tokens or requests):
             return
         if not self.up:
-            local = self._local_key(key)
-            # The local limiter takes the same calls as a refund: settle to 0
-            # tokens, and the request back through its bucket.
-            self._local_keys.settle(local, est_tokens, 0)
+            self._local_keys.refund(self._local_key(key), est_tokens, request=request)
             return
         self._adjust(key, -requests, -tokens)
 

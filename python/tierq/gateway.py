@@ -23,11 +23,14 @@ from tierq.stores import KeyStoreLike, LedgerStore
 from tierq.upstream import UpstreamClient
 from tierq.watchdog import WriteWatchdog
 
-__all__ = ["CONFIG", "DRAIN", "GATEWAY", "Gateway", "Pool"]
+__all__ = ["CLUSTER_CLOSED", "CONFIG", "DRAIN", "GATEWAY", "Gateway", "Pool"]
 
 # The cancel message that tells a queued request it is shed by a drain (SIGTERM),
 # not abandoned by its client.
 DRAIN: Final = "tierq-drain"
+# The cancel message that tells a queued request the cluster's Redis is gone
+# and `on_redis_down = "closed"`.
+CLUSTER_CLOSED: Final = "tierq-cluster-closed"
 
 
 @dataclass(slots=True)
@@ -70,6 +73,10 @@ class Gateway:
         self.ready = False
         self.draining = True
         return sum(1 for task in list(self.waiting) if task.cancel(DRAIN))
+
+    def shed_waiting(self, why: str) -> int:
+        """Cancels every queued request with message `why`; returns how many."""
+        return sum(1 for task in list(self.waiting) if task.cancel(why))
 
     def bases(self) -> dict[str, str]:
         return {name: u.base_url for name, u in self.upstreams.items()}

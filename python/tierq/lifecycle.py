@@ -17,7 +17,7 @@ from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission
 from tierq.cluster import Cluster
 from tierq.config import UpstreamConfig
-from tierq.gateway import Gateway, Pool
+from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool
 from tierq.keys import KeyLimiter
 from tierq.stores import close_key_store, ledger_from_config, start_key_store
 from tierq.upstream import UpstreamClient
@@ -81,7 +81,8 @@ def lifecycle(
                         raise ValueError("[cluster] with several workers per host is not built yet")
                     gw.cluster = Cluster(cluster, cluster.host_id or "tierq",
                                          {mid: (p.admission, p.entry.admission)
-                                          for mid, p in gw.pools.items()})
+                                          for mid, p in gw.pools.items()},
+                                         on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED))
                     await gw.cluster.start()
                 gw.watchdog.start()
                 gw.ready = True

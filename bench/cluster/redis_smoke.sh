@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Smoke mode of the Redis cluster benchmarks (bench/cluster/smoke.sh runs it): end to end on tiny loads (a real
+# redis-server, sim and serve processes); asserts that runs produced numbers,
+# nothing about timing.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PY:-python3}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+"$PY" "$HERE/redis_latency.py" --smoke --out "$OUT/latency.json" >/dev/null
+"$PY" "$HERE/cluster_hosts.py" --smoke --out "$OUT/hosts.json" >/dev/null
+"$PY" - "$OUT" <<'PYEOF'
+import json, math, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+lat = json.loads((out / "latency.json").read_text())
+for name in ("alone", "cluster"):
+    assert lat["sequential"][name]["n"] > 0 and not math.isnan(lat["sequential"][name]["p99_ms"]), lat
+assert lat["sequential"]["redis_calls_per_request"] > 0, lat
+assert lat["contended"]["n"] > 0 and lat["contended"]["redis_calls_per_request"] > 0, lat
+hosts = json.loads((out / "hosts.json").read_text())
+for setup in ("one", "two"):
+    assert hosts[setup]["rps"] > 0 and hosts[setup]["errors"] == 0, hosts
+print("cluster smoke ok: redis latency and two hosts against one, 2 passed, 0 failed")
+PYEOF
