@@ -284,9 +284,9 @@ class PoolLease:
         busy = int(str(st["in_flight"]))
         withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
         holding = self.limit - withheld
-        if touch and holding > self.lease:
+        if touch and holding - owed > self.lease:
             # The core's own limit grew (adaptive): what it added is not leased.
-            self.admission.withhold(holding - self.lease)
+            self.admission.withhold(holding - owed - self.lease)
             st = self.admission.stats()
             withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
             holding = self.limit - withheld
