@@ -128,7 +128,7 @@ def shed_error(headers: dict[str, str], code: str, wait_s: float, message: str) 
 def cluster_down_error(headers: dict[str, str], retry_after_s: float) -> ApiError:
     """The 503 of a request refused while the cluster's Redis is unreachable
     and `[cluster] on_redis_down = "closed"`."""
-    headers.update(retry_after(retry_after_s).headers())
+    retry_after(retry_after_s).add_to(headers)
     return ApiError(503, "The gateway cannot reach its cluster state (Redis); retry the "
                     "request.", "server_error", None, CLUSTER_DOWN_CODE, headers)
 
