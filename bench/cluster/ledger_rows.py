@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -94,6 +95,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return out
     finally:
         server.remove()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def table(out: dict[str, Any]) -> str:
