@@ -100,6 +100,43 @@ def table(result: dict[str, Any]) -> str:
     return h.md_table(HEAD, rows)
 
 
+def summary(result: dict[str, Any]) -> str:
+    """One row per backend and load: each gateway's priority p99 TTFT against the
+    oracle's, and adaptive's busy share, goodput and sheds."""
+    cells = result["cells"]
+    rows = []
+    seen = []
+    for c in cells:
+        key = (c["backend"], c["load"])
+        if key in seen:
+            continue
+        seen.append(key)
+        o = find(cells, *key[:1], "oracle", key[1])
+        a = find(cells, key[0], "adaptive", key[1])
+
+        def p99(mode: str) -> str:
+            x = find(cells, key[0], mode, key[1])
+            if x is None:
+                return "–"
+            r = ratios(cells, x)
+            return f"{fmt(x['priority']['ttft_p99'], 0)} ({_x(r['vs_oracle'])})"
+
+        rows.append([
+            key[0], f"{key[1]:g}x", fmt(o and o["priority"]["ttft_p99"], 0),
+            p99("adaptive"), p99("fixed64"), p99("engine"),
+            "–" if a is None else _x(ratios(cells, a)["busy_vs_oracle"]),
+            "–" if a is None else _x(ratios(cells, a)["vs_own_half"]),
+            "–" if a is None else f"{_pct(a['default_goodput_share'])} / {_pct(o and o['default_goodput_share'])}",
+            "–" if a is None else str(a["priority"]["shed_n"]),
+            "–" if a is None else _limit(a),
+        ])
+    return h.md_table(["backend", "load", "oracle: priority p99 TTFT ms", "adaptive (÷ oracle)",
+                       "fixed 64 (÷ oracle)", "engine priority alone (÷ oracle)",
+                       "adaptive busy ÷ oracle's", "adaptive p99 ÷ its 0.5x",
+                       "default goodput ÷ capacity, adaptive / oracle", "adaptive priority sheds",
+                       "adaptive limit (mean, range)"], rows)
+
+
 def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(target, measured, met/missed) rows."""
     cells = result["cells"]
@@ -147,6 +184,7 @@ def write_report(result: dict[str, Any], name: str) -> None:
     args = result["args"]
     lines = [
         f"# Capacity the gateway is not told ({name})\n\n",
+        ("" if result.get("complete", True) else "**Incomplete: the run stopped before its end.**\n\n"),
         f"{result['machine']}; whole run {result['wall_s'] / 60:.1f} min. Open-loop Poisson "
         f"arrivals, {args['duration']:g} s per run (the first {args['warmup']:g} s left out), "
         f"10% priority, every request streaming, output length uniform in "
@@ -162,6 +200,10 @@ def write_report(result: dict[str, Any], name: str) -> None:
                      b["max_waiting"] if b["max_waiting"] is not None else "–", f"{b['ttft_ms']:g}",
                      f"{b['tokens_per_s']:g}", f"{b['batch_knee']:g}", fmt(b["capacity_rps"], 1),
                      fmt(b["closed_form_rps"], 1)] for b in result["backends"]]),
+        "\n## Summary\n\n",
+        "Priority p99 TTFT in ms, in brackets against the oracle's in the same run "
+        "(fixed 64 is the oracle itself on a 64-slot engine: no entry there).\n\n",
+        summary(result),
         "\n## Results\n\n",
         "Ratios are within this run: a gateway's priority p99 TTFT against its own at 0.5x, "
         "and against the oracle's (max_concurrency = the engine's slots) at the same load; "
