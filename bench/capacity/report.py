@@ -242,6 +242,7 @@ def plot(result: dict[str, Any], name: str) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     cells = result["cells"]
     ch = result.get("change")
@@ -271,6 +272,10 @@ def plot(result: dict[str, Any], name: str) -> Path | None:
         ax.set_title(title)
         if key == "vs_oracle":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            top = max([y for y in ax.get_ylim()] + [1.5])
+            ax.set_yticks([y for y in (0.5, 0.8, 1, 1.2, 1.5, 2, 3, 5, 10, 20, 50, 100) if y <= top * 1.1])
         ax.legend(fontsize=7)
     if ch and "adaptive" in ch["runs"]:
         ax = axes[2]
@@ -283,6 +288,11 @@ def plot(result: dict[str, Any], name: str) -> Path | None:
                     [p["priority_ttft_p99"] for p in ch["runs"]["oracle"]["series"]],
                     color="grey", lw=0.8, label=f"fixed {ch['slots']}: priority p99 TTFT")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        lo, hi = ax.get_ylim()
+        ax.set_yticks([y for y in (50, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000, 20000)
+                       if lo <= y <= hi])
         ref = {int(k): v for k, v in ch["oracle"].items()}
         ax.plot(t, [ref[p["slots"]]["ttft_p99"] * 1.2 if p["slots"] in ref else math.nan for p in pts],
                 color="tab:blue", ls="--", lw=0.8, label="1.2x oracle's at current slots")
