@@ -111,11 +111,12 @@ pub struct PoolSpec {
 /// Adaptive defaults (docs/configuration.md): at least 2 slots, so a
 /// priority headroom of 1 is allowed and a back-off never serialises the
 /// upstream; at most 1024, which bounds the mailboxes sized for it; a start
-/// of 16 that any GPU engine runs, from which the engine signal's slow start
-/// reaches a 256-sequence engine in 4 samples.
+/// of 4, below any engine's batch, so the first requests never queue inside
+/// an engine (where priority buys nothing); slow start takes it from there
+/// (x1.5 a sample or window: 256 in 11 engine samples).
 pub const DEFAULT_MIN_CONCURRENCY: i64 = 2;
 pub const DEFAULT_MAX_CONCURRENCY_LIMIT: i64 = 1024;
-pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 16;
+pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 4;
 /// Most slots a pool may have, fixed or as an adaptive bound.
 pub const MAX_SLOTS: i64 = 1_000_000;
 /// Most waiters a pool may queue.
@@ -335,6 +336,10 @@ mod at {
     /// Clock ns of the last back-off applied (0: never); a back-off wins
     /// its window by CAS on it, so one overload counts once.
     pub const BACKOFF_AT: usize = 12 * LINE + 3;
+    /// 1 during slow start (`limit::SLOW_START_NUM`): no signal has lowered
+    /// the limit yet; set at init for an adaptive limit, cleared (never set
+    /// again) by the first decrease.
+    pub const SLOW_START: usize = 12 * LINE + 4;
     // Line 13: the engine signal.
     /// Clock ns of the last engine sample applied (0: never). A sample
     /// applies only by CAS from a stamp at least half the engine interval
@@ -545,6 +550,7 @@ impl Pool {
         }
         self.w(at::LIMIT).store((self.settings.limit.initial() as u64) << FP_SHIFT, SeqCst);
         self.w(at::WIN_MIN).store(u64::MAX, SeqCst);
+        self.w(at::SLOW_START).store(self.fixed.is_none() as u64, SeqCst);
         self.w(at::WORKERS).store(workers as u64, SeqCst);
         self.w(at::MAILBOX_CAP).store(mailbox_cap as u64, SeqCst);
         self.w(at::RING_CAP).store(self.cap as u64, SeqCst);
@@ -1218,12 +1224,22 @@ impl Pool {
             }
         };
         if next >> FP_SHIFT == cur >> FP_SHIFT {
+            if next < cur {
+                self.w(at::SLOW_START).store(0, Relaxed);
+            }
             return (extra, Vec::new());
+        }
+        if next < cur {
+            self.w(at::SLOW_START).store(0, Relaxed);
         }
         self.w(at::SIGNAL).store(signal as u64, Relaxed);
         self.count(at::CHANGES);
         let granted = if next > cur { self.fill() } else { Vec::new() };
         (extra, granted)
+    }
+
+    fn slow_start(&self) -> bool {
+        self.w(at::SLOW_START).load(Relaxed) != 0
     }
 
     fn view(&self) -> PoolView {
@@ -1263,7 +1279,7 @@ impl Pool {
         let hold = self.w(at::HOLD).load(Relaxed) as u32;
         let cut_at = self.w(at::CUT_AT).load(Relaxed);
         let (step, granted) = self.move_limit(Signal::Engine, |fp| {
-            let step = limit::engine_step(self.settings.limit, fp, sample, view, hold, cut_at);
+            let step = limit::engine_step(self.settings.limit, fp, sample, view, hold, cut_at, self.slow_start());
             (step.fp, step)
         });
         self.w(at::HOLD).store(step.hold as u64, Relaxed);
@@ -1306,7 +1322,8 @@ impl Pool {
         self.w(at::FLOOR).store(floor, Relaxed);
         self.w(at::RECENT).store(recent, Relaxed);
         let view = self.view();
-        self.move_limit(Signal::Latency, |fp| (limit::gradient_step(self.settings.limit, fp, floor, recent, view), ())).1
+        let slow_start = self.slow_start();
+        self.move_limit(Signal::Latency, |fp| (limit::gradient_step(self.settings.limit, fp, floor, recent, view, slow_start), ())).1
     }
 
     /// The upstream said it is overloaded (429/503 before anything reached

@@ -122,6 +122,20 @@ pub struct EngineSample {
     pub kv_usage_ppm: Option<u32>,
 }
 
+/// Slow start (TCP's): until a signal first lowers the limit, a signal that
+/// would raise it multiplies it by this instead (engine sample or latency
+/// window, while saturated). From the default start of 4, a 256-sequence
+/// engine is reached in 11 samples (1.1 s), and an overshoot is at most half
+/// the limit, queued in the engine for one sample.
+pub const SLOW_START_NUM: u64 = 3;
+pub const SLOW_START_DEN: u64 = 2;
+
+#[inline]
+fn slow_start_fp(fp: u64) -> u64 {
+    // At least one slot more, so a limit of 1 still starts.
+    (fp / SLOW_START_DEN * SLOW_START_NUM).max(fp + FP_ONE)
+}
+
 /// Samples with no increase after a cut: the cut's excess is draining.
 pub const ENGINE_HOLD_SAMPLES: u32 = 3;
 /// No increase while the KV cache is at least this full (millionths): the
@@ -150,12 +164,11 @@ pub struct EngineStep {
 ///     Then hold for `ENGINE_HOLD_SAMPLES` samples.
 /// - Its queue is empty: after a hold, with KV room (or no KV figure), and
 ///   only while the pool is saturated (else the limit is not what holds
-///   requests back and nothing was learned), grow: double while the engine
-///   has never queued (TCP's slow start: a 256-sequence engine is reached
-///   from 16 in 4 samples, and an overshoot costs one sample's queue), then
-///   by one slot near the last cut, by half the gap below it (coming back
-///   after a back-off), and by a sixteenth far above it (the engine grew).
-pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, hold: u32, cut_at: u64) -> EngineStep {
+///   requests back and nothing was learned), grow: by half during slow start
+///   (`slow_start`: no signal has lowered the limit yet), then by one slot
+///   near the last cut, by half the gap below it (coming back after a
+///   back-off), and by a sixteenth far above it (the engine grew).
+pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, hold: u32, cut_at: u64, slow_start: bool) -> EngineStep {
     let limit = fp >> FP_SHIFT;
     let keep = EngineStep { fp, hold: hold.saturating_sub(1), cut_at };
     if s.waiting > 0 {
@@ -170,10 +183,11 @@ pub fn engine_step(mode: LimitMode, fp: u64, s: EngineSample, view: PoolView, ho
     if hold > 0 || s.kv_usage_ppm.is_some_and(|kv| kv >= KV_FULL_PPM) || !view.saturated(limit) {
         return keep;
     }
+    if slow_start {
+        return EngineStep { fp: mode.clamp_fp(slow_start_fp(fp)), hold: 0, cut_at };
+    }
     let near = (cut_at / 8).max(2);
-    let step = if cut_at == 0 {
-        limit
-    } else if limit < cut_at {
+    let step = if limit < cut_at {
         ((cut_at - limit) / 2).max(1)
     } else if limit - cut_at <= near {
         1
@@ -218,13 +232,17 @@ pub fn next_floor(floor: u64, window_min: u64) -> u64 {
 /// added to a falling limit: at a small limit it outweighs the cut and holds
 /// the limit above a backend that queues. The limit moves `SMOOTHING` of the
 /// way to the target, and grows only while the pool is saturated: an idle
-/// pool's latency says nothing about more load.
-pub fn gradient_step(mode: LimitMode, fp: u64, floor_ns: u64, recent_ns: u64, view: PoolView) -> u64 {
+/// pool's latency says nothing about more load. During slow start a window
+/// within tolerance multiplies the limit by 1.5 instead.
+pub fn gradient_step(mode: LimitMode, fp: u64, floor_ns: u64, recent_ns: u64, view: PoolView, slow_start: bool) -> u64 {
     if floor_ns == 0 || recent_ns == 0 {
         return fp;
     }
     let limit = fp as f64 / FP_ONE as f64;
     let gradient = (TOLERANCE * floor_ns as f64 / recent_ns as f64).clamp(0.5, 1.0);
+    if slow_start && gradient >= 1.0 {
+        return if view.saturated(fp >> FP_SHIFT) { mode.clamp_fp(slow_start_fp(fp)) } else { fp };
+    }
     let target = if gradient < 1.0 { limit * gradient } else { limit + limit.sqrt() };
     let next = limit + (target - limit) * SMOOTHING;
     let mut next_fp = (next * FP_ONE as f64) as u64;
@@ -266,25 +284,25 @@ mod tests {
     #[test]
     fn an_engine_queue_cuts_to_what_the_engine_runs_of_ours() {
         // 16 of ours in flight, the engine runs 8 and queues 8.
-        let s = engine_step(M, fp(16), sample(8, 8), view(16, 30), 0, 0);
+        let s = engine_step(M, fp(16), sample(8, 8), view(16, 30), 0, 0, false);
         assert_eq!(s, EngineStep { fp: fp(8), hold: ENGINE_HOLD_SAMPLES, cut_at: 8 });
         // Its running count bounds the cut when other clients queue there too.
-        assert_eq!(engine_step(M, fp(16), sample(6, 2), view(16, 0), 0, 0).fp, fp(6));
+        assert_eq!(engine_step(M, fp(16), sample(6, 2), view(16, 0), 0, 0, false).fp, fp(6));
         // Always at least one slot, never below min.
-        assert_eq!(engine_step(M, fp(16), sample(40, 1), view(3, 0), 0, 0).fp, fp(2));
-        assert_eq!(engine_step(M, fp(5), sample(40, 1), view(5, 0), 0, 0).fp, fp(4));
+        assert_eq!(engine_step(M, fp(16), sample(40, 1), view(3, 0), 0, 0, false).fp, fp(2));
+        assert_eq!(engine_step(M, fp(5), sample(40, 1), view(5, 0), 0, 0, false).fp, fp(4));
     }
 
     #[test]
     fn an_engine_caught_running_nothing_is_not_a_reason_to_cut() {
-        let s = engine_step(M, fp(16), sample(0, 5), view(16, 3), 0, 0);
+        let s = engine_step(M, fp(16), sample(0, 5), view(16, 3), 0, 0, false);
         assert_eq!(s, EngineStep { fp: fp(16), hold: ENGINE_HOLD_SAMPLES, cut_at: 0 });
     }
 
     #[test]
     fn a_draining_cut_is_not_cut_again() {
         // After a cut to 8, 16 are still in flight: the queue is our excess.
-        let s = engine_step(M, fp(8), sample(8, 8), view(16, 10), 0, 8);
+        let s = engine_step(M, fp(8), sample(8, 8), view(16, 10), 0, 8, false);
         assert_eq!(s, EngineStep { fp: fp(8), hold: ENGINE_HOLD_SAMPLES, cut_at: 8 });
     }
 
@@ -292,49 +310,55 @@ mod tests {
     fn after_a_cut_the_limit_holds_then_grows_only_while_saturated() {
         let mut st = EngineStep { fp: fp(8), hold: ENGINE_HOLD_SAMPLES, cut_at: 8 };
         for _ in 0..ENGINE_HOLD_SAMPLES {
-            st = engine_step(M, st.fp, sample(8, 0), view(8, 5), st.hold, st.cut_at);
+            st = engine_step(M, st.fp, sample(8, 0), view(8, 5), st.hold, st.cut_at, false);
             assert_eq!(st.fp, fp(8));
         }
         assert_eq!(st.hold, 0);
         // Not saturated: nothing learned.
-        assert_eq!(engine_step(M, st.fp, sample(5, 0), view(5, 0), 0, 8).fp, fp(8));
+        assert_eq!(engine_step(M, st.fp, sample(5, 0), view(5, 0), 0, 8, false).fp, fp(8));
         // Saturated, near the last cut: one slot.
-        assert_eq!(engine_step(M, st.fp, sample(8, 0), view(8, 0), 0, 8).fp, fp(9));
+        assert_eq!(engine_step(M, st.fp, sample(8, 0), view(8, 0), 0, 8, false).fp, fp(9));
         // KV nearly full: hold.
         let kv = EngineSample { kv_usage_ppm: Some(950_000), ..sample(8, 0) };
-        assert_eq!(engine_step(M, st.fp, kv, view(8, 3), 0, 8).fp, fp(8));
+        assert_eq!(engine_step(M, st.fp, kv, view(8, 3), 0, 8, false).fp, fp(8));
         let kv = EngineSample { kv_usage_ppm: Some(500_000), ..sample(8, 0) };
-        assert_eq!(engine_step(M, st.fp, kv, view(8, 3), 0, 8).fp, fp(9));
+        assert_eq!(engine_step(M, st.fp, kv, view(8, 3), 0, 8, false).fp, fp(9));
     }
 
     #[test]
     fn growth_is_faster_far_from_the_last_cut() {
         // Below the last cut (a back-off took it there): half the gap.
-        assert_eq!(engine_step(M, fp(10), sample(10, 0), view(10, 1), 0, 30).fp, fp(20));
+        assert_eq!(engine_step(M, fp(10), sample(10, 0), view(10, 1), 0, 30, false).fp, fp(20));
         // Far above it: a sixteenth.
-        assert_eq!(engine_step(M, fp(48), sample(48, 0), view(48, 1), 0, 20).fp, fp(51));
-        // Never cut: slow start, doubling.
-        assert_eq!(engine_step(M, fp(12), sample(12, 0), view(12, 1), 0, 0).fp, fp(24));
+        assert_eq!(engine_step(M, fp(48), sample(48, 0), view(48, 1), 0, 20, false).fp, fp(51));
+        // Slow start: half again, never past max; not while not saturated.
+        assert_eq!(engine_step(M, fp(12), sample(12, 0), view(12, 1), 0, 0, true).fp, fp(18));
+        assert_eq!(engine_step(M, fp(1), sample(1, 0), view(1, 1), 0, 0, true).fp, fp(2));
+        assert_eq!(engine_step(M, fp(50), sample(50, 0), view(50, 1), 0, 0, true).fp, fp(64));
+        assert_eq!(engine_step(M, fp(12), sample(5, 0), view(5, 0), 0, 0, true).fp, fp(12));
         // Never past max.
-        assert_eq!(engine_step(M, fp(40), sample(40, 0), view(40, 1), 0, 0).fp, fp(64));
-        assert_eq!(engine_step(M, fp(64), sample(64, 0), view(64, 1), 0, 20).fp, fp(64));
+        assert_eq!(engine_step(M, fp(64), sample(64, 0), view(64, 1), 0, 20, false).fp, fp(64));
     }
 
     #[test]
     fn gradient_cuts_when_latency_rises_and_grows_when_it_falls_back() {
         let sat = view(16, 4);
         // Latency at 3x the floor: gradient 0.5.
-        let down = gradient_step(M, fp(16), 100, 300, sat);
+        let down = gradient_step(M, fp(16), 100, 300, sat, false);
         assert!(down < fp(16), "{down}");
         // Within tolerance: grows by the smoothed allowance.
-        let up = gradient_step(M, fp(16), 100, 140, sat);
+        let up = gradient_step(M, fp(16), 100, 140, sat, false);
         assert_eq!(up, fp(17));
         // Not saturated: never up, still down.
-        assert_eq!(gradient_step(M, fp(16), 100, 140, view(3, 0)), fp(16));
-        assert!(gradient_step(M, fp(16), 100, 300, view(3, 0)) < fp(16));
+        assert_eq!(gradient_step(M, fp(16), 100, 140, view(3, 0), false), fp(16));
+        assert!(gradient_step(M, fp(16), 100, 300, view(3, 0), false) < fp(16));
+        // Slow start: within tolerance, half again; beyond it, the cut as ever.
+        assert_eq!(gradient_step(M, fp(16), 100, 140, sat, true), fp(24));
+        assert_eq!(gradient_step(M, fp(16), 100, 300, sat, true), down);
+        assert_eq!(gradient_step(M, fp(16), 100, 140, view(3, 0), true), fp(16));
         // Bounds.
-        assert_eq!(gradient_step(M, fp(2), 100, 10_000, sat), fp(2));
-        assert_eq!(gradient_step(M, fp(64), 100, 100, sat), fp(64));
+        assert_eq!(gradient_step(M, fp(2), 100, 10_000, sat, false), fp(2));
+        assert_eq!(gradient_step(M, fp(64), 100, 100, sat, false), fp(64));
     }
 
     #[test]
@@ -358,8 +382,8 @@ mod tests {
     #[test]
     fn fixed_bounds_pin_every_rule() {
         let fixed = LimitMode::Fixed(8);
-        assert_eq!(engine_step(fixed, fp(8), sample(1, 50), view(8, 9), 0, 0).fp, fp(8));
-        assert_eq!(gradient_step(fixed, fp(8), 1, 1_000_000, view(8, 9)), fp(8));
+        assert_eq!(engine_step(fixed, fp(8), sample(1, 50), view(8, 9), 0, 0, false).fp, fp(8));
+        assert_eq!(gradient_step(fixed, fp(8), 1, 1_000_000, view(8, 9), false), fp(8));
         assert_eq!(backoff_step(fixed, fp(8)), fp(8));
     }
 }

@@ -33,7 +33,7 @@ def stat(adm: Admission, key: str) -> object:
 
 def test_the_default_is_adaptive_and_a_number_is_fixed() -> None:
     adm = Admission()
-    assert (adm.limit, stat(adm, "limit_mode"), stat(adm, "limit_min"), stat(adm, "limit_max")) == (16, "adaptive", 2, 1024)
+    assert (adm.limit, stat(adm, "limit_mode"), stat(adm, "limit_min"), stat(adm, "limit_max")) == (4, "adaptive", 2, 1024)
     assert Admission(max_concurrency="auto").stats()["limit_mode"] == "adaptive"
     fixed = Admission(max_concurrency=8)
     assert (fixed.limit, stat(fixed, "limit_mode"), stat(fixed, "max_concurrency")) == (8, "fixed", 8)
@@ -171,8 +171,8 @@ async def test_a_shared_pool_has_one_limit_for_every_worker() -> None:
             if task.done():
                 break
             await asyncio.sleep(0.01)
-        # The engine never queued: slow start doubled the limit.
-        assert task.done() and b["m"].limit == 14
+        # The back-off ended slow start: one slot more.
+        assert task.done() and b["m"].limit == 8
         for slot in [*held, task.result()]:
             await slot.__aexit__(None, None, None)
         b.stop()
@@ -232,9 +232,9 @@ async def test_a_shed_waiter_is_not_granted_by_a_later_rise() -> None:
     assert adm.expire_due() == 1
     with pytest.raises(Shed):
         await task
-    # The next sample raises the limit (saturated, never cut: doubled):
+    # The next sample raises the limit (saturated, slow start: half again):
     # nobody is left to grant.
     assert adm.observe_engine(2, 0) == 0
-    assert (adm.limit, stat(adm, "in_flight")) == (4, 2)
+    assert (adm.limit, stat(adm, "in_flight")) == (3, 2)
     for slot in held:
         await slot.__aexit__(None, None, None)

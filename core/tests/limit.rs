@@ -40,11 +40,11 @@ fn load(pool: &Pool, n: usize) -> Vec<u64> {
 }
 
 #[test]
-fn defaults_are_adaptive_from_16_within_2_and_1024() {
+fn defaults_are_adaptive_from_4_within_2_and_1024() {
     let s = PoolSpec::default().validate().unwrap();
-    assert_eq!(s.limit, LimitMode::Adaptive { min: 2, max: 1024, initial: 16 });
+    assert_eq!(s.limit, LimitMode::Adaptive { min: 2, max: 1024, initial: 4 });
     let pool = Pool::new(s, Clock::Monotonic);
-    assert_eq!(pool.limit(), 16);
+    assert_eq!(pool.limit(), 4);
     assert_eq!(pool.stats().limit_signal, Signal::None);
 }
 
@@ -107,14 +107,14 @@ fn an_idle_pool_does_not_grow_and_a_full_kv_cache_holds() {
         pool.observe_engine(16, 0, Some(950_000));
     }
     assert_eq!(pool.limit(), 16);
-    // Room again, never cut: slow start doubles it, and the 8 waiting get in.
+    // Room again, never cut: slow start takes it half again, and the 8 waiting get in.
     clock.advance_ns(TICK);
     assert_eq!(pool.observe_engine(16, 0, Some(500_000)).len(), 8);
-    assert_eq!(pool.limit(), 32);
+    assert_eq!(pool.limit(), 24);
 }
 
 #[test]
-fn an_engine_that_never_queued_is_reached_by_doubling() {
+fn slow_start_grows_by_half_until_the_first_cut_then_by_slots() {
     let (pool, clock) = adaptive(2, 1024, 16);
     load(&pool, 270);
     let mut seen = vec![];
@@ -123,11 +123,31 @@ fn an_engine_that_never_queued_is_reached_by_doubling() {
         pool.observe_engine(pool.limit(), 0, None);
         seen.push(pool.limit());
     }
-    assert_eq!(seen, [32, 64, 128, 256, 512]);
-    // The engine (256 sequences) queues our other 14: cut to what it runs.
+    assert_eq!(seen, [24, 36, 54, 81, 121]);
+    // The engine (100 sequences) queues 21 of our 121: cut to what it runs.
     clock.advance_ns(TICK);
-    pool.observe_engine(256, 14, None);
-    assert_eq!(pool.limit(), 256);
+    pool.observe_engine(100, 21, None);
+    assert_eq!(pool.limit(), 100);
+    // Slow start is over: after the hold, one slot a sample near the cut.
+    for _ in 0..ENGINE_HOLD_SAMPLES + 2 {
+        clock.advance_ns(TICK);
+        for _ in 0..pool.stats().in_flight.saturating_sub(100) {
+            pool.release();
+        }
+        pool.observe_engine(100, 0, None);
+    }
+    assert_eq!(pool.limit(), 102);
+}
+
+#[test]
+fn any_decrease_ends_slow_start() {
+    let (pool, clock) = adaptive(2, 64, 8);
+    load(&pool, 40);
+    pool.observe_overload();
+    assert_eq!(pool.limit(), 7);
+    clock.advance_ns(TICK);
+    pool.observe_engine(7, 0, None);
+    assert_eq!(pool.limit(), 8, "grew by one slot, not by half");
 }
 
 #[test]
