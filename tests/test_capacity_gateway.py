@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from tierq import PoolSettings
 from tierq.app import GATEWAY, create_app, runner_kwargs
 from tierq.config import AdmissionConfig, Config, LedgerConfig, ModelConfig, UpstreamConfig, default_config
 from tierq.embedded import start_sims
@@ -92,8 +93,8 @@ async def test_embedded_default_gives_priority_the_lead_under_48_streaming_clien
         text = await r.text()
     assert (f'tierq_concurrency_limit{{model="{PRIORITY_MODEL}",mode="adaptive",signal="engine"}} '
             f'{pool.limit}\n') in text
-    # The move from the initial 16 to the sim's 8 slots was big enough to be told.
-    assert any(f"pool {PRIORITY_MODEL}: concurrency limit 16 -> " in r.getMessage()
+    # The move from the initial limit up to the sim's 8 slots was big enough to be told.
+    assert any(f"pool {PRIORITY_MODEL}: concurrency limit {PoolSettings().limit_initial} -> " in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
