@@ -217,6 +217,25 @@ async def test_priority_on_one_host_goes_before_defaults_queued_on_another(
     assert (await c.sim_stats())["max_in_flight_seen"] <= 2
 
 
+async def test_priority_headroom_is_kept_once_for_the_whole_cluster(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(hosts=2, limit=4, ttft_ms=1500, headroom=2)
+    defaults = [asyncio.ensure_future(c.chat(i % 2)) for i in range(8)]
+
+    async def defaults_queued() -> bool:
+        a, b = (await c.status(0))["pools"][0], (await c.status(1))["pools"][0]
+        return bool(a["in_flight"] + b["in_flight"] == 2
+                    and a["depth"]["default"] + b["depth"]["default"] == 6)
+
+    # Defaults get limit - headroom = 2 slots over both hosts, not 2 per host.
+    await _wait_for(defaults_queued, 20, "2 defaults running over both hosts, 6 queued")
+    status, headers, _ = await c.chat(0, tier="priority")
+    assert status == 200
+    # The headroom was free: the priority request did not wait for a default to end.
+    assert float(headers["x-tierq-queue-ms"]) < 1200, headers  # a default holds a slot 1500 ms
+    assert [r[0] for r in await asyncio.gather(*defaults)] == [200] * 8
+    assert (await c.sim_stats())["max_in_flight_seen"] <= 3
+
+
 async def test_a_key_at_10_rpm_gets_exactly_10_of_30_requests_over_three_hosts(
         make_cluster: MakeCluster, tmp_path: Path) -> None:
     db = tmp_path / "keys.db"

@@ -8,7 +8,9 @@ answers), all with an API key limited to 10^6 rpm (so every request makes a
 key decision):
 - `alone`: no [cluster] (the key decision is the host's shared-memory bucket);
 - `cluster`: [cluster] on a real redis-server: the key decision is one Lua
-  script call; the lease is held while requests keep coming.
+  script call; the lease is held while requests keep coming;
+- `cluster_no_key_limit`: another [cluster] host, its requests from a key with
+  no rpm/tpm: no key decision, so only the lease's own calls.
 Then a contended phase: two cluster hosts sharing a limit of 8 under 32
 clients, with the calls per request and the latency there.
 
@@ -67,30 +69,35 @@ async def run(requests: int, clients: int, seconds: float) -> dict[str, Any]:
         db = tmp / "keys.db"
         with KeyStore(str(db)) as store:
             _, token = store.create("bench", rpm=1_000_000, tpm=1_000_000_000)
+            _, free = store.create("free")
         alone = Serve(tmp, "alone", sim_url, limit=64, keys_db=db)
         on = Serve(tmp, "cluster", sim_url, limit=64, redis_url=redis.url, keys_db=db)
+        nokey = Serve(tmp, "nokey", sim_url, limit=64, redis_url=redis.url, keys_db=db)
         c1 = Serve(tmp, "c1", sim_url, limit=8, redis_url=redis.url, keys_db=db)
         c2 = Serve(tmp, "c2", sim_url, limit=8, redis_url=redis.url, keys_db=db)
-        procs = [alone, on, c1, c2]
+        procs = [alone, on, nokey, c1, c2]
         try:
             await wait_ready([p.url for p in procs])
             async with aiohttp.ClientSession() as s:
-                for _ in range(50):  # warm both: connections, caches, the lease
-                    await one(s, alone.url, token)
-                    await one(s, on.url, token)
-                calls0 = await redis_calls(s, on.url)
-                lat: dict[str, list[float]] = {"alone": [], "cluster": []}
+                variants = [("alone", alone.url, token), ("cluster", on.url, token),
+                            ("cluster_no_key_limit", nokey.url, free)]
+                for _ in range(50):  # warm all: connections, caches, the lease
+                    for _, url, tok in variants:
+                        await one(s, url, tok)
+                calls0 = {url: await redis_calls(s, url) for _, url, _ in variants[1:]}
+                lat: dict[str, list[float]] = {name: [] for name, _, _ in variants}
                 for i in range(requests):
-                    order = [("alone", alone.url), ("cluster", on.url)]
-                    for name, url in order if i % 2 else order[::-1]:
-                        lat[name].append(await one(s, url, token))
-                calls = await redis_calls(s, on.url) - calls0
-                sequential = {name: summary(ms) for name, ms in lat.items()}
-                sequential["added_p50_ms"] = round(
-                    sequential["cluster"]["p50_ms"] - sequential["alone"]["p50_ms"], 3)
-                sequential["added_p99_ms"] = round(
-                    sequential["cluster"]["p99_ms"] - sequential["alone"]["p99_ms"], 3)
-                sequential["redis_calls_per_request"] = round(calls / requests, 3)
+                    # Rotate the order so no variant always runs first.
+                    k = i % len(variants)
+                    for name, url, tok in variants[k:] + variants[:k]:
+                        lat[name].append(await one(s, url, tok))
+                sequential: dict[str, Any] = {name: summary(ms) for name, ms in lat.items()}
+                for name, url, _ in variants[1:]:
+                    v = sequential[name]
+                    v["added_p50_ms"] = round(v["p50_ms"] - sequential["alone"]["p50_ms"], 3)
+                    v["added_p99_ms"] = round(v["p99_ms"] - sequential["alone"]["p99_ms"], 3)
+                    v["redis_calls_per_request"] = round(
+                        (await redis_calls(s, url) - calls0[url]) / requests, 3)
 
                 # Contended: two hosts, one limit of 8, more clients than slots.
                 base = [await redis_calls(s, u) for u in (c1.url, c2.url)]
