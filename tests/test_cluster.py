@@ -193,6 +193,8 @@ async def test_a_pools_limit_holds_across_hosts(make_cluster: MakeCluster) -> No
     for i in range(2):
         st = await c.status(i)
         assert st["totals"]["default"]["served"] >= 1, st
+    # The first log line says which cluster the host is in.
+    assert "cluster host host-0 through redis://127.0.0.1:" in c.procs[0].log.read_text()
 
 
 async def test_priority_on_one_host_goes_before_defaults_queued_on_another(

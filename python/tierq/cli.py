@@ -169,7 +169,9 @@ def _describe(config: Config, catalog: Catalog) -> str:
     return (f"tierq serve: {head}: {what}, {len(catalog)} models ({n_pri} priority-enabled); "
             f"upstreams: {ups}; ledger {shown_url(config.ledger.url)}"
             + (f" (spool {config.ledger.spool} while it is unreachable)"
-               if store_kind(config.ledger.url) == "postgresql" else ""))
+               if store_kind(config.ledger.url) == "postgresql" else "")
+            + (f"; cluster host {config.cluster.host_id} through {shown_url(config.cluster.redis_url)}"
+               f" (on_redis_down {config.cluster.on_redis_down})" if config.cluster else ""))
 
 
 def _serve(args: argparse.Namespace) -> int:

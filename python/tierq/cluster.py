@@ -677,6 +677,7 @@ class Cluster:
             "hosts": self.hosts,
             "redis_calls": self.redis_calls,
             "redis_errors": self.redis_errors,
+            "lease_sync_s": round(self.sync_s, 6),  # time spent in lease round trips
             "down_for_s": 0.0 if self.down_since is None else time.monotonic() - self.down_since,
             "leases": {p.model: {"lease": p.lease, "holding": p.holding,
                                  "limit": p.cluster_limit, "host_limit": p.limit,
