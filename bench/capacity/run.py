@@ -429,15 +429,15 @@ def change_scenario(args: argparse.Namespace, b: Backend, cap_full: float, cap_h
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Not 16 slots for the opaque and 429 engines nor for the 3x rows: the adaptive
-    # limit starts at initial_concurrency = 16, the answer there. 6 is the example.
+    # The opaque and 429 engines and the 3x rows do not have 4 slots: the adaptive limit
+    # starts at initial_concurrency = 4, the answer there. 6 is the example.
     ap.add_argument("--backends", default="fcfs-4,fcfs-16,fcfs-64,prio-4,prio-16,prio-64,"
                                           "opaque-6,429-6",
                     help="kind-slots: fcfs (kind vllm, metrics), prio (the same, engine "
                          "priority scheduling), opaque (kind openai, no metrics), 429 (kind "
                          "openai, no metrics, 429 past slots waiting)")
     ap.add_argument("--loads", default="0.5,2,4", help="x the engine's measured capacity")
-    ap.add_argument("--three-x", default="fcfs-4,opaque-6",
+    ap.add_argument("--three-x", default="fcfs-16,opaque-6",
                     help="backends that also run at 3x (the issue's done-when: kind vllm and kind openai)")
     ap.add_argument("--modes", default="adaptive,fixed64,oracle,engine",
                     help="subset of the modes (engine runs only on prio backends)")
