@@ -113,7 +113,7 @@ async def make_cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterat
 
     async def make(hosts: int = 2, limit: int = 4, ttft_ms: float = 200, down: str = "local",
                    keys_db: Path | None = None, max_wait_ms: int = 30000,
-                   headroom: int = 0) -> Cluster:
+                   headroom: int = 0, workers: int = 1) -> Cluster:
         sim_port = _free_port()
         sim = Proc([sys.executable, "-m", "tierq", "sim", "--host", "127.0.0.1", "--port",
                     str(sim_port), "--slots", "64", "--ttft-ms", str(ttft_ms),
@@ -148,7 +148,7 @@ priority_headroom = {headroom}
 """)
             load_config(cfg)  # a bad file fails here, with its one line
             c.procs.append(Proc([sys.executable, "-m", "tierq", "serve", "--config", str(cfg),
-                                 "--port", str(port), "--no-access-log"],
+                                 "--port", str(port), "--no-access-log", "--workers", str(workers)],
                                 tmp_path / f"host{i}.log"))
             c.hosts.append(f"http://127.0.0.1:{port}")
 
@@ -195,6 +195,27 @@ async def test_a_pools_limit_holds_across_hosts(make_cluster: MakeCluster) -> No
         assert st["totals"]["default"]["served"] >= 1, st
     # The first log line says which cluster the host is in.
     assert "cluster host host-0 through redis://127.0.0.1:" in c.procs[0].log.read_text()
+
+
+async def test_hosts_with_two_workers_each_share_the_limit_and_a_keys_rpm(
+        make_cluster: MakeCluster, tmp_path: Path) -> None:
+    """Each host's workers share its pools in shared memory (worker 0 runs the
+    lease agent); the hosts share them through Redis."""
+    db = tmp_path / "keys.db"
+    with KeyStore(str(db)) as store:
+        _, limited = store.create("ten", rpm=10)
+        _, free = store.create("free")
+    c = await make_cluster(hosts=2, limit=4, ttft_ms=150, keys_db=db, workers=2)
+    results = await asyncio.gather(*(c.chat(i % 2, token=free) for i in range(32)))
+    assert [r[0] for r in results] == [200] * 32, _logs(c)
+    stats = await c.sim_stats()
+    assert stats["max_in_flight_seen"] <= 4, stats
+    codes = [(await c.chat(i % 2, token=limited))[0] for i in range(30)]
+    assert codes.count(200) == 10 and codes.count(429) == 20, codes
+    for i in range(2):
+        st = await c.status(i)
+        assert st["workers"] == 2 and st["cluster"]["agent"] is True, st["cluster"]
+        assert st["cluster"]["leases"][MODEL]["limit"] == 4
 
 
 async def test_priority_on_one_host_goes_before_defaults_queued_on_another(

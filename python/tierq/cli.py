@@ -39,7 +39,7 @@ from tierq.config import (
     sqlite_path,
     store_kind,
 )
-from tierq.cluster import default_host_id
+from tierq.cluster import cluster_settings, default_host_id
 from tierq.embedded import start_sims
 from tierq.keys import KeyInfo, parse_public_id
 from tierq.stores import KeyStoreLike, open_key_store, usage_of
@@ -183,10 +183,6 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
     if config.cluster is not None:
-        if workers > 1:
-            print("tierq serve: [cluster] with --workers above 1 is not built yet; "
-                  "run one process per host", file=sys.stderr)
-            return 2
         if config.cluster.host_id is None:
             config = dataclasses.replace(config, cluster=dataclasses.replace(
                 config.cluster, host_id=default_host_id(port)))
@@ -220,9 +216,12 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
 
     from tierq.workers import SharedPools, Supervisor, listen
 
-    shared = SharedPools({m.id: m.admission.settings for m in catalog.values()}, workers,
+    shared = SharedPools({m.id: cluster_settings(m.admission) if config.cluster else m.admission.settings
+                          for m in catalog.values()}, workers,
                          key_capacity=config.keys.table_capacity if config.keys.path else None)
     try:
+        if config.cluster is not None:
+            shared.withhold_all()  # worker 0's lease agent restores what Redis leases
         sock = listen(host, port)
 
         def worker(index: int) -> int:

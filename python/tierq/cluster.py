@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import yarl
 
+from tierq._core import PoolSettings
 from tierq.admission import Admission
 from tierq.config import AdmissionConfig, ClusterConfig
 from tierq.keys import KeyInfo, KeyLimiter
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 # The redis package is the optional extra `tierq[cluster]`: imported when a
 # Cluster is made, so the embedded default runs without it.
 
-__all__ = ["Cluster", "ClusterUnavailable", "PoolLease", "default_host_id"]
+__all__ = ["Cluster", "ClusterUnavailable", "PoolLease", "cluster_settings", "default_host_id"]
 
 log = logging.getLogger("tierq.cluster")
 
@@ -237,6 +238,21 @@ return {1, 0}
 """
 
 
+# KEYS: a pool's deadlines hash. Returns the live hosts in it (Redis time).
+_HOSTS: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seen, n = redis.call('HGETALL', KEYS[1]), 0
+for i = 2, #seen, 2 do
+  if tonumber(seen[i]) >= now then n = n + 1 end
+end
+return n
+"""
+# A worker other than the agent's polls its shared pools this often, so
+# demand queued in any worker reaches the agent (worker 0) within it.
+SHARED_POLL_S: Final = 0.005
+
+
 def _sha(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -340,11 +356,20 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig, host_id: str,
                  pools: Mapping[str, tuple[Admission, AdmissionConfig]],
-                 on_closed: Callable[[], object] | None = None) -> None:
+                 on_closed: Callable[[], object] | None = None,
+                 worker: int | None = None) -> None:
         """`on_closed`: called when Redis goes down in "closed" mode, to answer
-        the requests queued on this host 503 (the gateway's waiting tasks)."""
+        the requests queued on this host 503 (the gateway's waiting tasks).
+        `worker`: this process's index when the host runs several workers on
+        shared pools (None: one process). Worker 0 runs the host's lease agent
+        on the shared pools (whose slots the supervisor withheld before
+        forking); every other worker only makes key decisions and watches
+        Redis for its own requests."""
         self.config = config
         self._on_closed = on_closed
+        self._shared = worker is not None
+        self._agent = worker is None or worker == 0
+        self._models = list(pools)
         self.host_id = host_id
         self.ttl_s = config.lease_ttl_ms / 1000.0
         self.heartbeat_s = self.ttl_s / 3
@@ -375,7 +400,7 @@ class Cluster:
             model: PoolLease(model, adm, cfg.settings.priority_headroom,
                              cfg.default_min_share or 0.0, adm.limit, adm.limit)
             for model, (adm, cfg) in pools.items()
-        }
+        } if self._agent else {}
         self.up = False
         self.hosts = 1  # live hosts last seen, this one included
         self.redis_calls = 0
@@ -394,17 +419,57 @@ class Cluster:
         self._stopping = False
         self._lease_sha = _sha(_LEASE)
         self._keys_sha = _sha(_KEYS)
+        self._hosts_sha = _sha(_HOSTS)
         self._pending: set[asyncio.Task[Any]] = set()
-        # Until the first lease, a host holds nothing of any pool.
         for p in self.pools.values():
-            p.admission.withhold(p.limit)
+            if self._shared:
+                # Shared pools: the slots not withheld are this host's (a
+                # restarted agent takes over what the last one held).
+                st = p.admission.stats()
+                p.holding = p.limit - int(str(st["withheld"]))
+                p.lease = p.holding - int(str(st["owed"]))
+            else:
+                p.admission.withhold(p.limit)  # until the first lease, nothing
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if not self._agent:
+            await self._watch_once()
+            self._task = asyncio.create_task(self._watch(), name="tierq-cluster-watch")
+            return
         await self._sync(heartbeat=True)
         self._task = asyncio.create_task(self._run(), name="tierq-cluster")
         self._listener = asyncio.create_task(self._listen(), name="tierq-cluster-wake")
+
+    async def _watch(self) -> None:
+        """A worker without the agent: Redis's state and the live hosts, each heartbeat."""
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self._stopping:
+                await self._watch_once()
+
+    async def _watch_once(self) -> None:
+        if not self._models:
+            return
+        tag = f"{{tierq:pool:{self._models[0]}}}"
+        self.redis_calls += 1
+        try:
+            try:
+                n = await self.redis.evalsha(self._hosts_sha, 1, f"{tag}:seen")
+            except self._NoScriptError:
+                await self.redis.script_load(_HOSTS)
+                n = await self.redis.evalsha(self._hosts_sha, 1, f"{tag}:seen")
+        except self._RedisError as e:
+            self._went_down(e)
+            return
+        self.hosts = max(1, int(n))
+        if not self.up:
+            self._came_back()
 
     async def _listen(self) -> None:
         """Wakes the agent when another host starts lacking slots."""
@@ -436,7 +501,9 @@ class Cluster:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
         await self.settled()
-        if self.up:
+        if self.up and self._agent and not self._shared:
+            # Several workers: the others may still finish requests on the
+            # host's slots, so the lease runs out by its TTL instead.
             try:
                 await self._call_leases(leaving=True)
             except self._RedisError:
@@ -450,7 +517,8 @@ class Cluster:
 
     def wake(self) -> None:
         """A request arrived: the agent looks whether the lease still covers it."""
-        self._wake.set()
+        if self._agent:
+            self._wake.set()
 
     @property
     def closed(self) -> bool:
@@ -469,6 +537,8 @@ class Cluster:
         contended = False
         while not self._stopping:
             wait = CONTENDED_SYNC_S if contended else max(0.0, next_beat - time.monotonic())
+            if self._shared:
+                wait = min(wait, SHARED_POLL_S)  # the other workers' queues are only seen by polling
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
@@ -555,6 +625,10 @@ class Cluster:
         except self._RedisError as e:
             self._went_down(e)
             return False
+        self._came_back()
+        return True
+
+    def _came_back(self) -> None:
         away = time.monotonic() - (self.down_since or time.monotonic())
         if self._ever_up:
             log.warning("cluster: Redis is back after %.1f s; host %s rejoined (%d hosts live)",
@@ -564,7 +638,6 @@ class Cluster:
                      self.host_id, self._where, self.hosts)
         self.up = self._ever_up = True
         self.down_since = None
-        return True
 
     def _went_down(self, e: BaseException) -> None:
         self.redis_errors += 1
@@ -672,6 +745,7 @@ class Cluster:
         """For /metrics and /status.json."""
         return {
             "host_id": self.host_id,
+            "agent": self._agent,
             "redis_up": self.up,
             "on_redis_down": self.config.on_redis_down,
             "hosts": self.hosts,
@@ -686,7 +760,7 @@ class Cluster:
         }
 
 
-def pool_settings(models: Sequence[tuple[str, AdmissionConfig]]) -> dict[str, AdmissionConfig]:
-    """Each pool's admission settings as a cluster host runs it locally: the
-    headroom is kept cluster-wide by the lease script, not in each host's core."""
-    return {model: dataclasses.replace(cfg, priority_headroom=0) for model, cfg in models}
+def cluster_settings(cfg: AdmissionConfig) -> PoolSettings:
+    """A pool's settings as a cluster host's core runs them: headroom 0, since
+    the lease script keeps `priority_headroom` once for the whole cluster."""
+    return dataclasses.replace(cfg, priority_headroom=None).settings

@@ -7,7 +7,6 @@ the cluster agent, the write watchdog.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from tierq._core import SharedKeyBuckets
 from tierq.admission import Admission
-from tierq.cluster import Cluster
+from tierq.cluster import Cluster, cluster_settings
 from tierq.config import UpstreamConfig
 from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool
 from tierq.keys import KeyLimiter
@@ -59,8 +58,7 @@ def lifecycle(
                 for m in gw.catalog.values():
                     settings = m.admission.settings
                     if cluster is not None:
-                        # The lease script keeps the headroom cluster-wide.
-                        settings = dataclasses.replace(m.admission, priority_headroom=None).settings
+                        settings = cluster_settings(m.admission)
                     adm = pools[m.id] if pools is not None else Admission(settings)
                     gw.pools[m.id] = Pool(m, adm, gw.upstreams[m.upstream])
                 for u in gw.config.upstreams:
@@ -77,12 +75,15 @@ def lifecycle(
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
                 if cluster is not None:
-                    if pools is not None:
-                        raise ValueError("[cluster] with several workers per host is not built yet")
+                    # With several workers the pools are shared: worker 0 runs
+                    # the host's lease agent (the supervisor withheld every slot
+                    # before forking), the others only make key decisions.
+                    index = getattr(pools, "index", 0) if pools is not None else None
                     gw.cluster = Cluster(cluster, cluster.host_id or "tierq",
                                          {mid: (p.admission, p.entry.admission)
                                           for mid, p in gw.pools.items()},
-                                         on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED))
+                                         on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED),
+                                         worker=index)
                     await gw.cluster.start()
                 gw.watchdog.start()
                 gw.ready = True

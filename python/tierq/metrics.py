@@ -527,9 +527,12 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
 
 
 def _cluster(snapshots: Sequence[WorkerSnapshot]) -> Mapping[str, Any] | None:
-    """The newest cluster status among the workers' snapshots."""
+    """The newest cluster status among the workers' snapshots: the lease
+    agent's (worker 0 of a host with several workers) when it has reported."""
     found = [s for s in snapshots if s.cluster is not None]
-    return max(found, key=lambda s: s.time).cluster if found else None
+    agents = [s for s in found if s.cluster is not None and s.cluster.get("agent", True)]
+    pick = agents or found
+    return max(pick, key=lambda s: s.time).cluster if pick else None
 
 
 # ------------------------------------------------------------------ status page

@@ -90,7 +90,15 @@ class SharedPools:
             self.wake_fds[worker],
             key_buckets=SharedKeyBuckets.attach(self.keys_name) if self._keys is not None else None,
             board=SnapshotBoard(self.run_dir, worker, self.workers),
+            index=worker,
         )
+
+    def withhold_all(self) -> None:
+        """Takes every slot of every pool out of use (a `[cluster]` host starts
+        holding nothing; its lease agent, in worker 0, restores what Redis
+        leases it). Call before forking."""
+        for core in self._cores.values():
+            core.withhold(core.limit)
 
     def reclaim(self, worker: int) -> tuple[int, int]:
         """Settles dead worker `worker` in every pool: (slots released, waiters dropped)."""
@@ -133,8 +141,9 @@ class WorkerPools(Mapping[str, Admission]):
 
     def __init__(self, pools: dict[str, Admission], wake_fd: int,
                  key_buckets: SharedKeyBuckets | None = None,
-                 board: SnapshotBoard | None = None) -> None:
+                 board: SnapshotBoard | None = None, index: int = 0) -> None:
         self._pools = pools
+        self.index = index  # this worker's index (0 runs a [cluster] host's lease agent)
         self._fd = wake_fd
         self._loop: asyncio.AbstractEventLoop | None = None
         self.key_buckets = key_buckets
