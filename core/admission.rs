@@ -389,6 +389,42 @@ const UNKNOWN_DRAIN_NS: u64 = 1_000_000_000;
 const FAST_DRAIN_NS: u64 = 100_000;
 const SAMPLE_EVERY: u64 = 8;
 
+/// Marks a point between two atomic steps of a slot's way through a shared
+/// pool, where a worker killed by SIGKILL leaves the block. Unit tests arm
+/// one (`crash::arm`) and the call panics there, so a reclaim can be tried on
+/// exactly that state; in every other build it is nothing.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(all(test, not(loom)))]
+        crash::point($name);
+    };
+}
+
+#[cfg(all(test, not(loom)))]
+mod crash {
+    use std::cell::Cell;
+    thread_local! {
+        /// (point, hits to let pass first), armed by a test on its own thread.
+        static ARMED: Cell<Option<(&'static str, u32)>> = const { Cell::new(None) };
+    }
+    pub fn arm(name: &'static str, skip: u32) {
+        ARMED.with(|a| a.set(Some((name, skip))));
+    }
+    pub fn disarm() {
+        ARMED.with(|a| a.set(None));
+    }
+    pub fn point(name: &'static str) {
+        ARMED.with(|a| match a.get() {
+            Some((n, 0)) if n == name => {
+                a.set(None);
+                panic!("worker killed at {name}");
+            }
+            Some((n, skip)) if n == name => a.set(Some((n, skip - 1))),
+            _ => {}
+        });
+    }
+}
+
 /// Where the block lives. Either way the pool reads it through one
 /// pointer and length, so the heap path costs what a `Box<[_]>` did.
 enum Backing {
@@ -748,9 +784,11 @@ impl Pool {
         }
         if counted {
             self.unhold_mine();
+            crash_point!("hand.unheld");
         }
         match Self::owner_of(sh, owner) {
             Some((worker, generation)) if self.hold_for(worker, generation) => {
+                crash_point!("hand.counted");
                 self.post(sh, worker, generation, id, OUT_GRANT);
                 Hand::Posted
             }
@@ -850,6 +888,7 @@ impl Pool {
             Lane::Default => (self.default_limit(), u64::MAX),
         };
         if self.w(at::DEPTH).load(SeqCst) & ahead == 0 && self.try_take_slot(limit).is_some() {
+            crash_point!("admit.taken");
             self.hold_mine();
             self.count(at::ADMITTED[lane as usize]);
             return Admit::Now;
@@ -954,8 +993,10 @@ impl Pool {
         loop {
             let limit = self.limit();
             let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
+            crash_point!("dispatch.taken");
             // The CAS fixed how many slots others hold: the rule is exact.
             if let Some((id, owner)) = self.pop_next(before < limit - self.settings.priority_headroom as u64) {
+                crash_point!("dispatch.popped");
                 return match self.hand_to(id, owner, false) {
                     Hand::Mine => Grant::Mine(id),
                     Hand::Posted => Grant::Other,
@@ -1018,9 +1059,17 @@ impl Pool {
     pub fn release(&self) -> Option<WaiterId> {
         // A slot owed to `withhold` stays taken and becomes withheld. One
         // load when nothing is owed, the common case.
+        // The held count drops before WITHHELD rises: a worker killed
+        // between the two leaks the slot, where the other order would count
+        // it twice (withheld, and held for its reclaim to pass on) and let
+        // one request too many in for good. Killed just after taking the
+        // debt, it loses that debt; the cluster agent's next plan sees the
+        // pool one slot short of its lease and withholds again.
         if self.w(at::OWED).load(SeqCst) != 0 && Self::take_one(self.w(at::OWED)) {
-            self.w(at::WITHHELD).fetch_add(1, SeqCst);
+            crash_point!("release.owed");
             self.unhold_mine();
+            crash_point!("release.owed_unheld");
+            self.w(at::WITHHELD).fetch_add(1, SeqCst);
             return None;
         }
         if self.settings.priority_headroom > 0 {
@@ -1031,6 +1080,7 @@ impl Pool {
                 self.note_release();
             }
         } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true)).flatten() {
+            crash_point!("release.popped");
             self.note_release();
             return match self.hand_to(id, owner, true) {
                 Hand::Mine => Some(id),
@@ -1039,6 +1089,7 @@ impl Pool {
             };
         }
         self.unhold_mine();
+        crash_point!("release.unheld");
         if self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst) == 0 {
             // A release without a held slot is a caller bug; undo it rather
             // than wrap the count and lock the pool. Debug builds (every test)
@@ -1078,11 +1129,12 @@ impl Pool {
     /// taken at once.
     pub fn withhold(&self, n: u64) -> u64 {
         let mut taken = 0;
+        // Counted one by one: a worker killed in the loop leaks at most the
+        // slot it just took, not every slot taken so far.
         while taken < n && self.try_take_slot(self.limit()).is_some() {
+            crash_point!("withhold.taken");
+            self.w(at::WITHHELD).fetch_add(1, SeqCst);
             taken += 1;
-        }
-        if taken > 0 {
-            self.w(at::WITHHELD).fetch_add(taken, SeqCst);
         }
         if taken < n {
             self.w(at::OWED).fetch_add(n - taken, SeqCst);
@@ -1100,6 +1152,7 @@ impl Pool {
             back += 1;
         }
         while back < n && Self::take_one(self.w(at::WITHHELD)) {
+            crash_point!("restore.taken");
             // The slot is taken and held by no worker, as a dead owner's is.
             if let Some(id) = self.pass_on() {
                 on_granted(id);
@@ -1570,6 +1623,220 @@ mod tests {
         assert_eq!(pool.release(), None);
         let st = pool.stats();
         assert_eq!((st.in_flight, st.withheld, st.owed), (0, 0, 0));
+    }
+
+    /// Worker 0 of a two-worker block (`a`) dies at one crash point; the
+    /// supervisor reclaims it and worker 1 (`b`) settles everything it knows
+    /// of. What is left tells what the death cost.
+    struct Killed {
+        /// Slots counted in use that nobody holds or withholds.
+        leaked: u64,
+        /// Slots counted as b's for a grant b never heard of.
+        stuck: u64,
+        /// b's waiters that left the line without b being told.
+        unanswered: usize,
+        /// (withheld, owed) afterwards.
+        withheld: (u64, u64),
+    }
+
+    struct Block {
+        name: String,
+        sup: Pool,
+    }
+    impl Drop for Block {
+        fn drop(&mut self) {
+            let _ = Pool::unlink_shared(&self.name);
+        }
+    }
+
+    /// `setup` runs on (a, b) and returns b's slots held and waiters queued;
+    /// `fatal` runs on a with `point` armed (after `skip` passes) and must reach it.
+    fn killed_at(
+        point: &'static str,
+        skip: u32,
+        spec: PoolSpec,
+        setup: impl FnOnce(&Pool, &Pool, &Pool) -> (u32, Vec<WaiterId>),
+        fatal: impl FnOnce(&Pool),
+    ) -> Killed {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!("/tierq-unit-{}-crash-{}", std::process::id(), N.fetch_add(1, SeqCst));
+        let s = spec.validate().unwrap();
+        let sup = Pool::create_shared(&name, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+        let blk = Block { name, sup };
+        let attach = |i| Pool::attach_shared(&blk.name, s.clone(), Some(i), vec![-1; 2], Clock::Monotonic).unwrap();
+        let (a, b) = (attach(0), attach(1));
+        let (mut holds, mut pending) = setup(&blk.sup, &a, &b);
+        crash::arm(point, skip);
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fatal(&a)));
+        crash::disarm();
+        assert!(died.is_err(), "{point} was never reached");
+        drop(a);
+        blk.sup.reclaim_worker(0, |_| panic!("the supervisor owns no waiter")).unwrap();
+        loop {
+            b.drain_mailbox(|id, outcome| {
+                pending.retain(|&w| w != id);
+                holds += (outcome == Outcome::Granted) as u32;
+            });
+            if holds == 0 {
+                break;
+            }
+            holds -= 1;
+            if let Some(id) = b.release() {
+                pending.retain(|&w| w != id);
+                holds += 1;
+            }
+        }
+        // Still queued: b cancels them. Gone from the line: nobody told b.
+        let unanswered = pending.into_iter().filter(|&w| !b.cancel(w)).count();
+        let (withheld, owed) = blk.sup.withheld();
+        let raw = blk.sup.w(at::IN_FLIGHT).load(SeqCst);
+        let stuck = blk.sup.held_by(1);
+        assert!(raw >= withheld + stuck, "{point}: {raw} in use, {withheld} withheld, {stuck} held: a slot counted twice");
+        Killed { leaked: raw - withheld - stuck, stuck, unanswered, withheld: (withheld, owed) }
+    }
+
+    fn spec(n: i64) -> PoolSpec {
+        PoolSpec { max_concurrency: Some(n), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }
+    }
+
+    /// b holds the one slot of a fixed-1 pool and has one waiter queued.
+    fn b_waits(b: &Pool) -> WaiterId {
+        let Admit::Queued { waiter, granted: None, .. } = b.admit(Lane::Default, 1) else { panic!("b must queue") };
+        waiter
+    }
+
+    // The known limit (docs/architecture.md), window by window: a worker
+    // killed between two atomic steps leaks at most one slot, and no window
+    // counts a slot twice (which would let one request too many in for good).
+
+    #[test]
+    fn killed_between_taking_a_slot_and_counting_it_leaks_that_slot() {
+        let k = killed_at("admit.taken", 0, spec(2), |_, _, _| (0, vec![]), |a| {
+            a.admit(Lane::Default, 1);
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+    }
+
+    #[test]
+    fn killed_between_uncounting_a_slot_and_freeing_it_leaks_that_slot() {
+        let k = killed_at("release.unheld", 0, spec(2), |_, a, _| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            (0, vec![])
+        }, |a| {
+            a.release();
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+    }
+
+    #[test]
+    fn killed_after_taking_a_debt_loses_the_debt_not_a_slot() {
+        let k = killed_at("release.owed", 0, spec(1), |sup, a, _| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            assert_eq!(sup.withhold(1), 0);
+            (0, vec![])
+        }, |a| {
+            a.release();
+        });
+        // The slot a held was passed on by its reclaim (freed); the debt is gone.
+        assert_eq!((k.leaked, k.withheld), (0, (0, 0)));
+    }
+
+    #[test]
+    fn killed_while_paying_a_debt_leaks_the_slot_and_never_counts_it_twice() {
+        let k = killed_at("release.owed_unheld", 0, spec(1), |sup, a, _| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            assert_eq!(sup.withhold(1), 0);
+            (0, vec![])
+        }, |a| {
+            a.release();
+        });
+        assert_eq!((k.leaked, k.withheld), (1, (0, 0)));
+    }
+
+    #[test]
+    fn killed_after_popping_a_waiter_of_another_worker_frees_the_slot_and_loses_the_waiter() {
+        let k = killed_at("release.popped", 0, spec(1), |_, a, b| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            (0, vec![b_waits(b)])
+        }, |a| {
+            a.release();
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (0, 0, 1));
+    }
+
+    #[test]
+    fn killed_handing_a_held_slot_to_another_worker_leaks_it_and_loses_the_waiter() {
+        let k = killed_at("hand.unheld", 0, spec(1), |_, a, b| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            (0, vec![b_waits(b)])
+        }, |a| {
+            a.release();
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 1));
+    }
+
+    #[test]
+    fn killed_before_mailing_a_grant_leaves_the_slot_counted_for_a_waiter_never_told() {
+        let k = killed_at("hand.counted", 0, spec(1), |_, a, b| {
+            assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
+            (0, vec![b_waits(b)])
+        }, |a| {
+            a.release();
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (0, 1, 1));
+    }
+
+    fn adaptive_1() -> PoolSpec {
+        PoolSpec {
+            max_concurrency: None,
+            min_concurrency: Some(1),
+            max_concurrency_limit: Some(4),
+            initial_concurrency: Some(1),
+            ..spec(1)
+        }
+    }
+
+    #[test]
+    fn killed_between_taking_a_raised_limits_slot_and_popping_leaks_that_slot() {
+        let k = killed_at("dispatch.taken", 0, adaptive_1(), |_, _, b| {
+            assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+            (1, vec![b_waits(b)])
+        }, |a| {
+            a.set_limit(2);
+        });
+        // b's waiter got b's own slot when b released it.
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+    }
+
+    #[test]
+    fn killed_between_popping_for_a_raised_limit_and_handing_on_leaks_the_slot_and_the_waiter() {
+        let k = killed_at("dispatch.popped", 0, adaptive_1(), |_, _, b| {
+            assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+            (1, vec![b_waits(b)])
+        }, |a| {
+            a.set_limit(2);
+        });
+        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 1));
+    }
+
+    #[test]
+    fn killed_inside_withhold_leaks_only_the_slot_it_just_took() {
+        let k = killed_at("withhold.taken", 1, spec(3), |_, _, _| (0, vec![]), |a| {
+            a.withhold(3);
+        });
+        assert_eq!((k.leaked, k.withheld), (1, (1, 0)));
+    }
+
+    #[test]
+    fn killed_inside_restore_leaks_only_the_slot_it_just_took() {
+        let k = killed_at("restore.taken", 0, spec(1), |_, a, b| {
+            assert_eq!(a.withhold(1), 1);
+            (0, vec![b_waits(b)])
+        }, |a| {
+            a.restore(1, |_| {});
+        });
+        // b's waiter is still queued behind the leaked slot (b cancels it).
+        assert_eq!((k.leaked, k.withheld, k.unanswered), (1, (0, 0), 0));
     }
 
     #[test]
