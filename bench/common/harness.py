@@ -222,13 +222,17 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def pyspy_start(pid: int, seconds: int, raw: Path) -> subprocess.Popen[bytes] | None:
+def pyspy_start(pid: int, seconds: int, raw: Path, mode: str = "") -> subprocess.Popen[bytes] | None:
+    """py-spy recording `pid`. mode "gil": only samples of the thread holding the GIL
+    (where the one core a Python process can use goes); "native": C and Rust frames
+    too (py-spy then pauses the process at each sample, so it runs a little slower)."""
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         log("py-spy not installed: no profile")
         return None
+    how = {"": ["--nonblocking"], "gil": ["--gil", "--nonblocking"], "native": ["--native"]}[mode]
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(seconds),
-                             "--format", "raw", "--rate", "200", "--nonblocking", "-o", str(raw)],
+                             "--format", "raw", "--rate", "200", *how, "-o", str(raw)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -258,6 +262,29 @@ def pyspy_summary(raw: Path, title: str, out: Path) -> str | None:
     for f, c in sorted(((f, c) for f, c in incl.items() if "tierq" in f or "aiohttp" in f),
                        key=lambda x: -x[1])[:30]:
         lines.append(f"{100*c/total:5.1f}%  {f}\n")
+    # Where the time goes by layer: each sample counted once, by the first of
+    # these its stack (from the leaf up) reaches.
+    layers = (("tierq core (Rust)", ("_core.", "tierq::", "(core/")),
+              ("tierq (Python)", ("(tierq/",)),
+              ("aiohttp/multidict/yarl", ("(aiohttp/", "aiohttp/_", "_http_", "multidict", "yarl",
+                                          "propcache", "frozenlist")),
+              ("asyncio/uvloop", ("(asyncio/", "uvloop", "(loop.c", "_asynciomodule")),
+              ("orjson", ("orjson",)),
+              ("logging", ("(logging/",)),
+              ("sqlite", ("sqlite",)),
+              ("decimal", ("_decimal", "(decimal")))
+    by_layer: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")[::-1]
+        layer = next((name for f in frames for name, keys in layers if any(k in f for k in keys)),
+                     "other (interpreter, libc, kernel)")
+        by_layer[layer] = by_layer.get(layer, 0) + int(count)
+    lines.append("\nBy layer (a sample goes to the innermost frame's layer):\n")
+    for name, c in sorted(by_layer.items(), key=lambda x: -x[1]):
+        lines.append(f"{100*c/total:5.1f}%  {name}\n")
     out.write_text("".join(lines))
     return out.name
 

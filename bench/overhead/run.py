@@ -222,6 +222,7 @@ def main() -> None:
             root = f"http://127.0.0.1:{port}"
             T["tierq"] = {"static": root, "sim": root, "headers": [["authorization", f"Bearer {token}"]],
                           "pid": gw.pid, "pids": {"static": gw.pid, "sim": gw.pid}}
+            h.log(f"tierq at {cfg}: {gw.pid}")
         if "forwarder" in names:
             roots: dict[str, Any] = {"pids": {}}
             for kind, up in (("static", static_root), ("sim", sim_root)):
@@ -302,7 +303,10 @@ def main() -> None:
                 h.log(f"round {rnd+1} {n}: {sat[n][-1]:.0f} req/s, c=1 p50 {h.pct(c1[n], 50):.2f} ms")
 
         streams: dict[str, dict[str, Any]] = {}
+        stream_spy = None
         for n in names:
+            if args.profile and n == "tierq":
+                stream_spy = h.pyspy_start(T[n]["pid"], int(args.stream_s), h.TMP / "pyspy-streams.raw", "gil")
             recs, summ = run(n, "sim", "streams", mode="closed", concurrency=args.streams, ramp_s=1.0,
                              duration_s=args.stream_s, grace_s=args.stream_tokens / args.stream_tokens_per_s + 20,
                              stream=True, max_tokens=args.stream_tokens, gaps=True,
@@ -315,13 +319,22 @@ def main() -> None:
                           "ttft_p99": h.pct([a["ttft"] for a in good if "ttft" in a], 99),
                           "errors": len(recs) - len(good)}
             h.log(f"streams {n}: {streams[n]}")
+            if stream_spy is not None and n == "tierq":
+                stream_spy.wait(60)
+                stream_spy = None
 
-        profile = None
+        profile: dict[str, str] = {}
         if args.profile and "tierq" in T:
             profile = run_profile(T, args)
+            name = h.pyspy_summary(h.TMP / "pyspy-streams.raw",
+                                   f"tierq holding {args.streams} streams at {args.stream_tokens_per_s:g} "
+                                   "tokens/s, py-spy --gil", h.RESULTS / f"{args.name}-tierq-pyspy-streams-gil.txt")
+            if name:
+                profile[f"tierq, {args.streams} streams --gil"] = name
     finally:
         h.stop_all(reversed(procs))
 
+    res["load_end"] = [round(x, 2) for x in os.getloadavg()]
     res["sat_rps"] = sat
     res["proxy_cores"] = cores
     res["sat_errors"] = errs
@@ -340,18 +353,29 @@ def main() -> None:
     write_report(res, args.name)
 
 
-def run_profile(T: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
-    """py-spy on tierq while it is saturated: the top functions by own time."""
-    raw = h.TMP / "pyspy.raw"
+def run_profile(T: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, str]:
+    """py-spy on tierq (and the forwarder) while saturated: plain (every thread),
+    --gil (the thread holding the GIL: where a Python process's one core goes)
+    and --native (C and Rust frames too). Returns {label: file name}."""
+    out: dict[str, str] = {}
     secs = max(3, int(args.sat_s))
-    spy = h.pyspy_start(T["tierq"]["pid"], secs, raw)
-    if spy is None:
-        return None
-    gen(T["tierq"]["static"] + PATH, "static-chat", T["tierq"]["headers"], mode="closed",
-        concurrency=args.sat_conns, duration_s=secs + 1, grace_s=30)
-    spy.wait(60)
-    return h.pyspy_summary(raw, f"tierq saturated by {args.sat_conns} connections (static backend)",
-                           h.RESULTS / f"{args.name}-tierq-pyspy.txt")
+    for n, mode in (("tierq", ""), ("tierq", "gil"), ("tierq", "native"), ("forwarder", "gil")):
+        if n not in T:
+            continue
+        raw = h.TMP / f"pyspy-{n}-{mode or 'plain'}.raw"
+        spy = h.pyspy_start(T[n]["pids"]["static"], secs, raw, mode)
+        if spy is None:
+            return out
+        gen(T[n]["static"] + PATH, "static-chat", T[n]["headers"], mode="closed",
+            concurrency=args.sat_conns, duration_s=secs + 1, grace_s=30)
+        spy.wait(60)
+        suffix = f"-{mode}" if mode else ""
+        name = h.pyspy_summary(raw, f"{n} saturated by {args.sat_conns} connections (static backend)"
+                               f"{', py-spy --' + mode if mode else ''}",
+                               h.RESULTS / f"{args.name}-{n}-pyspy{suffix}.txt")
+        if name:
+            out[f"{n}{' --' + mode if mode else ''}"] = name
+    return out
 
 
 if __name__ == "__main__":
