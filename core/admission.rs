@@ -82,6 +82,33 @@ pub enum Admit {
     Shed { code: ShedCode, retry_after_ns: u64, evicted: Option<WaiterId> },
 }
 
+/// `Pool::audit` over the words it reads (`seq(i)`, `held(i)` of worker
+/// i; `me`: the caller's own index, inside its own call); public for the
+/// loom model of it racing a worker's steps.
+#[doc(hidden)]
+pub fn untaken_slots<'a>(
+    workers: usize,
+    me: Option<usize>,
+    seq: impl Fn(usize) -> &'a AtomicU64,
+    held: impl Fn(usize) -> &'a AtomicU64,
+    in_flight: &AtomicU64,
+    withheld: &AtomicU64,
+) -> Option<u64> {
+    let seqs = || (0..workers).map(|i| seq(i).load(SeqCst)).collect::<Vec<_>>();
+    let before = seqs();
+    if before.iter().enumerate().any(|(i, s)| s & 1 == 1 && me != Some(i)) {
+        return None;
+    }
+    let in_use = in_flight.load(SeqCst);
+    let withheld = withheld.load(SeqCst);
+    let held: u64 = (0..workers).map(|i| held(i).load(SeqCst) & HELD_COUNT).sum();
+    if seqs() != before {
+        return None;
+    }
+    debug_assert!(in_use >= withheld + held, "{in_use} in use, {withheld} withheld, {held} held: counted twice");
+    Some(in_use.saturating_sub(withheld + held))
+}
+
 /// A pool's settings as written (TOML keys, `PoolSettings(...)` keyword
 /// arguments), before any check. `None` means "the default"; the defaults
 /// live here and nowhere else (`Default`). `validate` is the one place that
@@ -276,7 +303,9 @@ const LINE: usize = 8;
 // Version 4: the limit lives in the block (lines 12-14), settings take two
 // lines (10-11) and name the limit's mode; a version-3 process would read
 // its limit from its own settings and overrun a lowered one.
-const MAGIC: u64 = 0x7469_6572_715f_0004; // "tierq_" + layout version 4
+// Version 5: a worker's line has its SEQ word; a version-4 worker would not
+// mark its steps and a reclaim's audit would take one in progress for a leak.
+const MAGIC: u64 = 0x7469_6572_715f_0005; // "tierq_" + layout version 5
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 mod at {
@@ -375,6 +404,11 @@ mod wk {
     /// Mailbox: "owner signalled" flag and producers' probe cursor.
     pub const SIGNALLED: usize = 1;
     pub const CURSOR: usize = 2;
+    /// Odd while this worker is inside a call that moves slots (IN_FLIGHT,
+    /// WITHHELD, a HELD word); +1 on entry and +1 on leaving, by this worker
+    /// only (one thread at a time per index: the GIL). A reclaim makes a
+    /// dead worker's odd value even; it never goes back. Read by `audit`.
+    pub const SEQ: usize = 3;
 }
 const HELD_COUNT: u64 = 0xffff_ffff;
 /// The priority lane's count in the DEPTH word.
@@ -388,6 +422,9 @@ const UNKNOWN_DRAIN_NS: u64 = 1_000_000_000;
 /// one in `SAMPLE_EVERY`; slower ones read it on every handoff.
 const FAST_DRAIN_NS: u64 = 100_000;
 const SAMPLE_EVERY: u64 = 8;
+/// Snapshots a reclaim tries before it leaves a dead worker's untaken step
+/// unsettled (every try found some worker inside a step).
+const AUDIT_TRIES: u32 = 10_000;
 
 /// Marks a point between two atomic steps of a slot's way through a shared
 /// pool, where a worker killed by SIGKILL leaves the block. Unit tests arm
@@ -524,6 +561,22 @@ enum Hand {
     Posted,
     /// Its owner died: the slot is held by nobody and must be passed on.
     OwnerGone,
+}
+
+/// A worker's mark of a call that moves slots (`Pool::moving`).
+struct Moving<'a>(Option<&'a AtomicU64>);
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        // A unit test's simulated kill unwinds; a SIGKILL runs nothing.
+        #[cfg(all(test, not(loom)))]
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(seq) = self.0 {
+            seq.fetch_add(1, SeqCst);
+        }
+    }
 }
 
 /// What one dispatch did.
@@ -724,6 +777,20 @@ impl Pool {
         }
     }
 
+    /// Marks this worker inside a call that moves slots until the guard
+    /// drops (see `wk::SEQ`); nested calls keep the outer mark.
+    #[inline]
+    fn moving(&self) -> Moving<'_> {
+        if let Some(Shared { index: Some(i), .. }) = self.shared.as_deref() {
+            let seq = self.worker_word(*i, wk::SEQ);
+            if seq.load(Relaxed) & 1 == 0 {
+                seq.fetch_add(1, SeqCst);
+                return Moving(Some(seq));
+            }
+        }
+        Moving(None)
+    }
+
     /// Splits an owner word into (worker index, generation), if it names one.
     fn owner_of(sh: &Shared, owner: u64) -> Option<(usize, u64)> {
         let i = (owner & 0xff) as usize;
@@ -868,6 +935,7 @@ impl Pool {
 
     /// Decides an arrival for `lane` costing `cost` bucket tokens.
     pub fn admit(&self, lane: Lane, cost: u64) -> Admit {
+        let _moving = self.moving();
         // The clock is read at most once, and only when the bucket or a join
         // needs it: a CLOCK_MONOTONIC read costs about three atomic RMWs.
         let mut now = None;
@@ -983,6 +1051,7 @@ impl Pool {
     /// Gives a free slot, if any, to the next waiter. At most one grant;
     /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
+        let _moving = self.moving();
         match self.dispatch_one() {
             Grant::Mine(id) => Some(id),
             Grant::Other | Grant::Nothing => None,
@@ -1020,6 +1089,7 @@ impl Pool {
     /// Gives every free slot to a waiter (after the limit rose); returns
     /// this process's waiters granted. Others' are posted to their mailboxes.
     fn fill(&self) -> Vec<WaiterId> {
+        let _moving = self.moving();
         let mut mine = Vec::new();
         loop {
             match self.dispatch_one() {
@@ -1057,6 +1127,7 @@ impl Pool {
     /// that waiter is this process's, its id is returned and the caller
     /// resolves it (another process's is told through its mailbox).
     pub fn release(&self) -> Option<WaiterId> {
+        let _moving = self.moving();
         // A slot owed to `withhold` stays taken and becomes withheld. One
         // load when nothing is owed, the common case.
         // The held count drops before WITHHELD rises: a worker killed
@@ -1128,6 +1199,7 @@ impl Pool {
     /// gets its slot. A request in flight is never cut. Returns how many were
     /// taken at once.
     pub fn withhold(&self, n: u64) -> u64 {
+        let _moving = self.moving();
         let mut taken = 0;
         // Counted one by one: a worker killed in the loop leaks at most the
         // slot it just took, not every slot taken so far.
@@ -1147,6 +1219,7 @@ impl Pool {
     /// slot would. `on_granted` gets the waiters of this process granted on
     /// the way. Returns how many were put back.
     pub fn restore(&self, n: u64, mut on_granted: impl FnMut(WaiterId)) -> u64 {
+        let _moving = self.moving();
         let mut back = 0;
         while back < n && Self::take_one(self.w(at::OWED)) {
             back += 1;
@@ -1183,14 +1256,17 @@ impl Pool {
 
     /// Settles a dead worker: retires its generation and takes its held
     /// count in one CAS, tombstones its waiters, then passes each slot it
-    /// held on (as a release would). Returns (slots, waiters) reclaimed;
-    /// `on_granted` gets any waiter of *this* process granted on the way.
-    /// Call it only once the worker's process is gone.
+    /// held on (as a release would). Then `audit` frees any slot it had
+    /// taken and not yet counted (killed between the two steps). Returns
+    /// (slots, waiters) reclaimed; `on_granted` gets any waiter of *this*
+    /// process granted on the way. Call it only once the worker's process
+    /// is gone.
     pub fn reclaim_worker(&self, worker: usize, mut on_granted: impl FnMut(WaiterId)) -> Result<(u64, u64), CoreError> {
         let Some(sh) = self.shared.as_deref() else { return Err(CoreError::arg("worker", "not a shared pool")) };
         if worker >= sh.workers || sh.index == Some(worker) {
             return Err(CoreError::arg("worker", format!("cannot reclaim worker {worker}")));
         }
+        let _moving = self.moving();
         let word = self.worker_word(worker, wk::HELD);
         let mut cur = word.load(SeqCst);
         let (generation, held) = loop {
@@ -1216,7 +1292,46 @@ impl Pool {
                 on_granted(id);
             }
         }
-        Ok((held, waiters))
+        // Killed inside a step: nothing more of it will happen.
+        let seq = self.worker_word(worker, wk::SEQ);
+        let s = seq.load(SeqCst);
+        if s & 1 == 1 {
+            seq.store(s + 1, SeqCst);
+        }
+        let mut leaked = 0;
+        for _ in 0..AUDIT_TRIES {
+            if let Some(n) = self.audit(sh) {
+                leaked = n;
+                break;
+            }
+            #[cfg(not(loom))]
+            std::thread::yield_now();
+            spin();
+        }
+        if leaked > 0 {
+            self.w(at::IN_FLIGHT).fetch_sub(leaked, SeqCst);
+            self.fill().into_iter().for_each(&mut on_granted);
+        }
+        Ok((held + leaked, waiters))
+    }
+
+    /// Slots counted in use that no worker holds and none withholds: taken
+    /// by a dead worker that was killed before it counted them (or after it
+    /// uncounted one and before it freed it). Reads every worker's SEQ, the
+    /// counts, then the SEQs again: equal and even (this process's own
+    /// aside), no step ran in between, so the counts were read at one
+    /// instant where every live worker's slots are in its HELD word (SeqCst:
+    /// a step's first change follows its odd SEQ in the one order of all
+    /// SeqCst operations). None: some worker was inside a step; try again.
+    fn audit(&self, sh: &Shared) -> Option<u64> {
+        untaken_slots(
+            sh.workers,
+            sh.index,
+            |i| self.worker_word(i, wk::SEQ),
+            |i| self.worker_word(i, wk::HELD),
+            self.w(at::IN_FLIGHT),
+            self.w(at::WITHHELD),
+        )
     }
 
     /// Takes every message in this worker's mailbox: waiters of ours that
@@ -1629,6 +1744,8 @@ mod tests {
     /// supervisor reclaims it and worker 1 (`b`) settles everything it knows
     /// of. What is left tells what the death cost.
     struct Killed {
+        /// Slots the reclaim settled (held by a, or taken and not counted).
+        reclaimed: u64,
         /// Slots counted in use that nobody holds or withholds.
         leaked: u64,
         /// Slots counted as b's for a grant b never heard of.
@@ -1671,7 +1788,7 @@ mod tests {
         crash::disarm();
         assert!(died.is_err(), "{point} was never reached");
         drop(a);
-        blk.sup.reclaim_worker(0, |_| panic!("the supervisor owns no waiter")).unwrap();
+        let (reclaimed, _) = blk.sup.reclaim_worker(0, |_| panic!("the supervisor owns no waiter")).unwrap();
         loop {
             b.drain_mailbox(|id, outcome| {
                 pending.retain(|&w| w != id);
@@ -1692,7 +1809,7 @@ mod tests {
         let raw = blk.sup.w(at::IN_FLIGHT).load(SeqCst);
         let stuck = blk.sup.held_by(1);
         assert!(raw >= withheld + stuck, "{point}: {raw} in use, {withheld} withheld, {stuck} held: a slot counted twice");
-        Killed { leaked: raw - withheld - stuck, stuck, unanswered, withheld: (withheld, owed) }
+        Killed { reclaimed, leaked: raw - withheld - stuck, stuck, unanswered, withheld: (withheld, owed) }
     }
 
     fn spec(n: i64) -> PoolSpec {
@@ -1705,27 +1822,29 @@ mod tests {
         waiter
     }
 
-    // The known limit (docs/architecture.md), window by window: a worker
-    // killed between two atomic steps leaks at most one slot, and no window
-    // counts a slot twice (which would let one request too many in for good).
+    // Window by window (docs/architecture.md): a worker killed between two
+    // atomic steps leaks no slot (its reclaim's audit frees one taken and not
+    // counted), and no window counts a slot twice (which would let one
+    // request too many in for good). What stays open: a grant counted for
+    // another worker's waiter and never mailed, and popped waiters.
 
     #[test]
-    fn killed_between_taking_a_slot_and_counting_it_leaks_that_slot() {
+    fn killed_between_taking_a_slot_and_counting_it_leaks_nothing() {
         let k = killed_at("admit.taken", 0, spec(2), |_, _, _| (0, vec![]), |a| {
             a.admit(Lane::Default, 1);
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 0));
     }
 
     #[test]
-    fn killed_between_uncounting_a_slot_and_freeing_it_leaks_that_slot() {
+    fn killed_between_uncounting_a_slot_and_freeing_it_leaks_nothing() {
         let k = killed_at("release.unheld", 0, spec(2), |_, a, _| {
             assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
             (0, vec![])
         }, |a| {
             a.release();
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 0));
     }
 
     #[test]
@@ -1738,11 +1857,11 @@ mod tests {
             a.release();
         });
         // The slot a held was passed on by its reclaim (freed); the debt is gone.
-        assert_eq!((k.leaked, k.withheld), (0, (0, 0)));
+        assert_eq!((k.reclaimed, k.leaked, k.withheld), (1, 0, (0, 0)));
     }
 
     #[test]
-    fn killed_while_paying_a_debt_leaks_the_slot_and_never_counts_it_twice() {
+    fn killed_while_paying_a_debt_never_counts_the_slot_twice() {
         let k = killed_at("release.owed_unheld", 0, spec(1), |sup, a, _| {
             assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
             assert_eq!(sup.withhold(1), 0);
@@ -1750,7 +1869,8 @@ mod tests {
         }, |a| {
             a.release();
         });
-        assert_eq!((k.leaked, k.withheld), (1, (0, 0)));
+        // Neither held nor withheld yet: the audit frees it, the debt is gone.
+        assert_eq!((k.reclaimed, k.leaked, k.withheld), (1, 0, (0, 0)));
     }
 
     #[test]
@@ -1761,18 +1881,18 @@ mod tests {
         }, |a| {
             a.release();
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (0, 0, 1));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 1));
     }
 
     #[test]
-    fn killed_handing_a_held_slot_to_another_worker_leaks_it_and_loses_the_waiter() {
+    fn killed_handing_a_held_slot_to_another_worker_frees_it_and_loses_the_waiter() {
         let k = killed_at("hand.unheld", 0, spec(1), |_, a, b| {
             assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
             (0, vec![b_waits(b)])
         }, |a| {
             a.release();
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 1));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 1));
     }
 
     #[test]
@@ -1783,7 +1903,7 @@ mod tests {
         }, |a| {
             a.release();
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (0, 1, 1));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (0, 0, 1, 1));
     }
 
     fn adaptive_1() -> PoolSpec {
@@ -1797,46 +1917,65 @@ mod tests {
     }
 
     #[test]
-    fn killed_between_taking_a_raised_limits_slot_and_popping_leaks_that_slot() {
+    fn killed_between_taking_a_raised_limits_slot_and_popping_leaks_nothing() {
         let k = killed_at("dispatch.taken", 0, adaptive_1(), |_, _, b| {
             assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
             (1, vec![b_waits(b)])
         }, |a| {
             a.set_limit(2);
         });
-        // b's waiter got b's own slot when b released it.
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 0));
+        // The audit's freed slot went to b's waiter.
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 0));
     }
 
     #[test]
-    fn killed_between_popping_for_a_raised_limit_and_handing_on_leaks_the_slot_and_the_waiter() {
+    fn killed_between_popping_for_a_raised_limit_and_handing_on_frees_the_slot_and_loses_the_waiter() {
         let k = killed_at("dispatch.popped", 0, adaptive_1(), |_, _, b| {
             assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
             (1, vec![b_waits(b)])
         }, |a| {
             a.set_limit(2);
         });
-        assert_eq!((k.leaked, k.stuck, k.unanswered), (1, 0, 1));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 1));
     }
 
     #[test]
-    fn killed_inside_withhold_leaks_only_the_slot_it_just_took() {
+    fn killed_inside_withhold_frees_the_slot_it_just_took() {
         let k = killed_at("withhold.taken", 1, spec(3), |_, _, _| (0, vec![]), |a| {
             a.withhold(3);
         });
-        assert_eq!((k.leaked, k.withheld), (1, (1, 0)));
+        assert_eq!((k.reclaimed, k.leaked, k.withheld), (1, 0, (1, 0)));
     }
 
     #[test]
-    fn killed_inside_restore_leaks_only_the_slot_it_just_took() {
+    fn killed_inside_restore_hands_the_slot_it_just_took_on() {
         let k = killed_at("restore.taken", 0, spec(1), |_, a, b| {
             assert_eq!(a.withhold(1), 1);
             (0, vec![b_waits(b)])
         }, |a| {
             a.restore(1, |_| {});
         });
-        // b's waiter is still queued behind the leaked slot (b cancels it).
-        assert_eq!((k.leaked, k.withheld, k.unanswered), (1, (0, 0), 0));
+        // The audit's freed slot went to b's waiter.
+        assert_eq!((k.reclaimed, k.leaked, k.withheld, k.unanswered), (1, 0, (0, 0), 0));
+    }
+
+    #[test]
+    fn a_reclaim_leaves_an_untaken_slot_while_another_dead_worker_is_unreclaimed() {
+        let name = format!("/tierq-unit-{}-two-dead", std::process::id());
+        let s = spec(2).validate().unwrap();
+        let sup = Pool::create_shared(&name, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
+        let blk = Block { name, sup };
+        for i in 0..2 {
+            let w = Pool::attach_shared(&blk.name, s.clone(), Some(i), vec![-1; 2], Clock::Monotonic).unwrap();
+            crash::arm("admit.taken", 0);
+            assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.admit(Lane::Default, 1))).is_err());
+            crash::disarm();
+        }
+        // Worker 1 still looks inside a step: no snapshot can be trusted.
+        assert_eq!(blk.sup.reclaim_worker(0, |_| {}).unwrap(), (0, 0));
+        assert_eq!(blk.sup.w(at::IN_FLIGHT).load(SeqCst), 2);
+        assert_eq!(blk.sup.reclaim_worker(1, |_| {}).unwrap(), (2, 0), "both untaken slots are freed");
+        assert_eq!(blk.sup.stats().in_flight, 0);
     }
 
     #[test]

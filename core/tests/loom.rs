@@ -279,3 +279,50 @@ fn a_limit_raised_while_a_slot_is_released_grants_the_waiter_once() {
         assert_eq!((s.in_flight, s.depth, s.limit), (1, [0, 0], 2));
     });
 }
+
+/// A reclaim's audit (`untaken_slots`) racing a live worker that takes a
+/// slot, counts it, uncounts it and frees it, each step marked in its SEQ
+/// word as `Pool::moving` does: whatever it reads, the audit never finds a
+/// slot to free (that would be a slot counted in use by a request, freed
+/// under it). Killed inside the step instead, the worker's slot is found.
+#[test]
+fn an_audit_racing_a_workers_step_never_frees_a_slot_in_use() {
+    use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tierq_core::admission::untaken_slots;
+
+    struct Words {
+        seq: AtomicU64,
+        held: AtomicU64,
+        in_flight: AtomicU64,
+        withheld: AtomicU64,
+    }
+    let audit = |w: &Words| untaken_slots(1, None, |_| &w.seq, |_| &w.held, &w.in_flight, &w.withheld);
+    loom::model(move || {
+        let w = Arc::new(Words { seq: AtomicU64::new(0), held: AtomicU64::new(0), in_flight: AtomicU64::new(0), withheld: AtomicU64::new(0) });
+        let worker = {
+            let w = w.clone();
+            thread::spawn(move || {
+                w.seq.fetch_add(1, SeqCst);
+                w.in_flight.fetch_add(1, SeqCst);
+                w.held.fetch_add(1, SeqCst);
+                w.seq.fetch_add(1, SeqCst);
+                w.seq.fetch_add(1, SeqCst);
+                w.held.fetch_sub(1, SeqCst);
+                w.in_flight.fetch_sub(1, SeqCst);
+                w.seq.fetch_add(1, SeqCst);
+            })
+        };
+        if let Some(n) = audit(&w) {
+            assert_eq!(n, 0, "an audit took a live worker's step for a leak");
+        }
+        worker.join().unwrap();
+        assert_eq!(audit(&w), Some(0));
+    });
+    // Killed after taking the slot: once its reclaim evens its SEQ, the audit finds it.
+    loom::model(move || {
+        let w = Words { seq: AtomicU64::new(1), held: AtomicU64::new(0), in_flight: AtomicU64::new(1), withheld: AtomicU64::new(0) };
+        assert_eq!(audit(&w), None, "inside a step");
+        w.seq.store(2, SeqCst);
+        assert_eq!(audit(&w), Some(1));
+    });
+}
