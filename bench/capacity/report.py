@@ -76,7 +76,7 @@ def _shed(s: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(s["shed"].items()))
 
 
-HEAD = ["backend", "load", "gateway", "priority TTFT p50 ms", "priority TTFT p99 ms",
+HEAD = ["backend", "load", "gateway", "priority TTFT p50 ms", "p90 ms", "p99 ms", "priority served",
         "p99 ÷ own 0.5x", "p99 ÷ oracle", "priority sheds", "default goodput ÷ capacity",
         "busy", "busy ÷ oracle", "engine queue (mean)", "gateway limit (mean, range)",
         "errors"]
@@ -91,7 +91,8 @@ def table(result: dict[str, Any]) -> str:
         errs = p["other_errors"] + c["default"]["other_errors"]
         rows.append([
             c["backend"], f"{c['load']:g}x", MODE_LABEL.get(c["mode"], c["mode"]),
-            fmt(p["ttft_p50"], 0), fmt(p["ttft_p99"], 0), _x(r["vs_own_half"]),
+            fmt(p["ttft_p50"], 0), fmt(p.get("ttft_p90"), 0), fmt(p["ttft_p99"], 0), p["ok"],
+            _x(r["vs_own_half"]),
             "–" if c["mode"] == "oracle" else _x(r["vs_oracle"]), _shed(p),
             _pct(c["default_goodput_share"]), _pct(c["busy"]),
             "–" if c["mode"] == "oracle" else _x(r["busy_vs_oracle"]),

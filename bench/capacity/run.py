@@ -206,7 +206,7 @@ def tier_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
     ttft = [a["ttft"] for a in ok if "ttft" in a]
     return {
         "n": len(first), "ok": len(ok),
-        "ttft_p50": h.pct(ttft, 50), "ttft_p99": h.pct(ttft, 99),
+        "ttft_p50": h.pct(ttft, 50), "ttft_p90": h.pct(ttft, 90), "ttft_p99": h.pct(ttft, 99),
         "queue_p99": h.pct([a["qms"] for a in ok if "qms" in a], 99),
         "shed": shed, "shed_n": sum(shed.values()),
         "other_errors": sum(1 for a in first if a["status"] not in (200, 429) or "err" in a),
