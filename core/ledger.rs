@@ -5,8 +5,12 @@
 //!
 //! The protocol with the caller (an event loop):
 //! - `push(row)` appends the row under a short lock and returns its sequence
-//!   number (1, 2, 3, ... in push order). It wakes the writer (one futex call)
-//!   only when the writer sleeps; it never waits for I/O.
+//!   number (1, 2, 3, ... in push order); it never waits for I/O and never
+//!   wakes the writer itself. When the writer sleeps, the first push after it
+//!   fell asleep says so (`wake` owed): its caller calls `wake()` (one futex
+//!   call) when it chooses. The event loop does it after the callbacks it is
+//!   running, so every row they push shares that one wake-up and one batch;
+//!   pushes meanwhile owe nothing.
 //! - The writer takes everything queued (at most `MAX_BATCH` rows) into one
 //!   transaction. Rows that arrive while it commits form the next batch, so
 //!   under load many rows share one commit and one sync.
@@ -275,28 +279,31 @@ impl Writer {
         Ok(Writer { shared, threads: Mutex::new(vec![writer, checkpointer]) })
     }
 
-    /// Queues `row`; returns its sequence number. Err once `close` began, or
-    /// for a cost whose micro-USD part would not fit SQLite's INTEGER.
-    pub fn push(&self, row: Row) -> Result<u64, CoreError> {
+    /// Queues `row`; returns its sequence number and whether the caller owes
+    /// the writer its wake-up (`wake()`): true for the first push since the
+    /// writer fell asleep, false while it is awake or a wake-up is already owed.
+    /// Err once `close` began, or for a cost whose micro-USD part would not fit
+    /// SQLite's INTEGER.
+    pub fn push(&self, row: Row) -> Result<(u64, bool), CoreError> {
         if row.cost_femto / FEMTO_PER_MICRO > i64::MAX as u128 {
             return Err(CoreError::arg("cost_femto", format!("{} femto-USD is more than a ledger row holds", row.cost_femto)));
         }
         let queued = Instant::now();
-        let wake = {
-            let mut q = lock(&self.shared.queue);
-            if q.stopping {
-                return Err(CoreError::Ledger("closed".into()));
-            }
-            q.rows.push(Queued { row, queued });
-            q.pushed += 1;
-            let wake = q.writer_idle;
-            q.writer_idle = false; // one wake-up is enough until it sleeps again
-            (q.pushed, wake)
-        };
-        if wake.1 {
-            self.shared.wake_writer.notify_one();
+        let mut q = lock(&self.shared.queue);
+        if q.stopping {
+            return Err(CoreError::Ledger("closed".into()));
         }
-        Ok(wake.0)
+        q.rows.push(Queued { row, queued });
+        q.pushed += 1;
+        let owed = q.writer_idle;
+        q.writer_idle = false; // one wake-up is enough until it sleeps again
+        Ok((q.pushed, owed))
+    }
+
+    /// Wakes the writer: what a push that returned `true` owes. A futex call
+    /// when the writer sleeps; harmless when it does not (or after `close`).
+    pub fn wake(&self) {
+        self.shared.wake_writer.notify_one();
     }
 
     /// Sequence number of the last row pushed (0: none).

@@ -562,7 +562,11 @@ impl PyLedgerWriter {
         Ok(PyLedgerWriter(py.detach(|| ledger::Writer::open(&path, durability))?))
     }
 
-    /// Queues one row (nanoseconds under a short lock: the GIL is kept).
+    /// Queues one row (nanoseconds under a short lock: the GIL is kept) and
+    /// returns `(sequence number, wake owed)`: true when the writer sleeps and
+    /// this is the first push since; the caller then calls `wake()` once (the
+    /// event loop does it after its current callbacks, so the rows they push
+    /// share one wake-up). `push` itself never makes a system call.
     #[pyo3(signature = (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,
                         prompt_tokens, completion_tokens, cost_femto, status, partial, code,
                         queue_ms, latency_ms, upstream))]
@@ -585,7 +589,7 @@ impl PyLedgerWriter {
         queue_ms: f64,
         latency_ms: f64,
         upstream: Option<String>,
-    ) -> PyResult<u64> {
+    ) -> PyResult<(u64, bool)> {
         // Any cost a request has fits 64 bits (18,446 USD): that conversion is
         // one C call, the 128-bit one (abi3) several Python calls.
         let cost_femto = match cost_femto.extract::<u64>() {
@@ -596,6 +600,12 @@ impl PyLedgerWriter {
             request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
             completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,
         })?)
+    }
+
+    /// Wakes the writer (what a push owes when it returns true): one futex
+    /// call, made without the GIL.
+    fn wake(&self, py: Python<'_>) {
+        py.detach(|| self.0.wake())
     }
 
     /// Clears the fd; returns `(settled, failures, lags_us)`: every row up to

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -167,6 +168,30 @@ async def test_record_nowait_rows_are_committed_by_flush_and_by_close(tmp_path: 
     assert ledger.count() == 80
     with pytest.raises(RuntimeError):
         await ledger.record(books_row("late"))
+
+
+def _wait_count(ledger: Ledger, n: int) -> int:
+    deadline = time.monotonic() + 20
+    while ledger.count() < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ledger.count()
+
+
+async def test_record_nowait_off_the_loop_wakes_the_writer_itself(tmp_path: Path) -> None:
+    """On the loop, a push that finds the writer asleep leaves the wake-up to the
+    loop's next turn; from another thread, or while the loop cannot turn, it wakes
+    the writer at once. Here the loop is blocked throughout, so only the pushing
+    thread's own wake-up can get its row committed."""
+    ledger = Ledger(str(tmp_path / "l.db"))
+    await ledger.start()
+    try:
+        await ledger.record(books_row("first"))
+        t = threading.Thread(target=ledger.record_nowait, args=(books_row("from-thread", status="shed"),))
+        t.start()
+        t.join()
+        assert _wait_count(ledger, 2) == 2
+    finally:
+        await ledger.close()
 
 
 async def test_record_waits_for_the_commit_without_blocking_the_event_loop(

@@ -52,6 +52,15 @@ fn row(id: &str) -> Row {
     }
 }
 
+/// A push as a plain thread makes it: wake the writer at once when it is owed.
+fn push(w: &Writer, r: Row) -> Result<u64, tierq_core::error::CoreError> {
+    let (seq, owed) = w.push(r)?;
+    if owed {
+        w.wake();
+    }
+    Ok(seq)
+}
+
 fn count(path: &PathBuf) -> i64 {
     let c = Connection::open(path).unwrap();
     c.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0)).unwrap()
@@ -101,7 +110,7 @@ fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
     let db = TempDb::new("columns");
     let w = Writer::open(&db.0, Durability::Process).unwrap();
     assert!(!readable(w.notify_fd()));
-    let seq = w.push(row("a")).unwrap();
+    let seq = push(&w, row("a")).unwrap();
     assert_eq!(seq, 1);
     assert!(wait_settled(&w, seq));
     // The notifier is set once the batch is settled, and drain clears it.
@@ -119,7 +128,7 @@ fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
         )
         .unwrap();
     assert_eq!(got, ("a".into(), "0.0000675".into(), 67, 500_000_000, "served".into(), 0, None, "local".into(), 1.5));
-    assert_eq!(w.push(row("b")).unwrap(), 2);
+    assert_eq!(push(&w, row("b")).unwrap(), 2);
     w.close();
     assert_eq!(count(&db.0), 2);
     assert_eq!(w.stats().rows_committed, 2);
@@ -130,7 +139,7 @@ fn rows_queued_during_a_commit_share_the_next_one() {
     let db = TempDb::new("group");
     let w = Writer::open(&db.0, Durability::Power).unwrap();
     let lock = WriteLock::take(&db.0);
-    let first = w.push(row("first")).unwrap();
+    let first = push(&w, row("first")).unwrap();
     // Wait until the writer has taken the first row (and stalls on the lock).
     let deadline = Instant::now() + WAIT;
     while w.pending() > 0 {
@@ -139,7 +148,7 @@ fn rows_queued_during_a_commit_share_the_next_one() {
     }
     let mut last = first;
     for i in 0..999 {
-        last = w.push(row(&format!("r{i}"))).unwrap();
+        last = push(&w, row(&format!("r{i}"))).unwrap();
     }
     assert_eq!(w.pending(), 999);
     drop(lock);
@@ -157,14 +166,14 @@ fn a_flood_is_cut_into_batches_of_at_most_max_batch() {
     let db = TempDb::new("flood");
     let w = Writer::open(&db.0, Durability::Process).unwrap();
     let lock = WriteLock::take(&db.0);
-    let first = w.push(row("first")).unwrap();
+    let first = push(&w, row("first")).unwrap();
     while w.pending() > 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
     let n = MAX_BATCH + 10;
     let mut last = first;
     for i in 0..n {
-        last = w.push(row(&format!("f{i}"))).unwrap();
+        last = push(&w, row(&format!("f{i}"))).unwrap();
     }
     drop(lock);
     assert!(wait_settled(&w, last));
@@ -175,13 +184,46 @@ fn a_flood_is_cut_into_batches_of_at_most_max_batch() {
 }
 
 #[test]
+fn a_sleeping_writer_is_owed_one_wake_up_and_its_rows_wait_for_it_in_one_batch() {
+    let db = TempDb::new("wake");
+    let w = Writer::open(&db.0, Durability::Process).unwrap();
+    // Push one row at a time, each committed before the next, until one finds
+    // the writer asleep: that push owes the wake-up (the writer sleeps after
+    // every batch, so this ends within a few rows).
+    let mut owed_at = None;
+    for i in 0..10_000 {
+        let (seq, owed) = w.push(row(&format!("w{i}"))).unwrap();
+        if owed {
+            owed_at = Some(seq);
+            break;
+        }
+        assert!(wait_settled(&w, seq));
+    }
+    let owed_at = owed_at.expect("the writer never slept");
+    // Until the wake-up is made, the writer sleeps on: later pushes owe nothing
+    // and nothing is taken.
+    let batches = w.stats().batches;
+    for i in 0..50 {
+        assert_eq!(w.push(row(&format!("later{i}"))).unwrap(), (owed_at + 1 + i, false));
+    }
+    assert_eq!(w.pending(), 51);
+    assert_eq!(w.settled(), owed_at - 1);
+    // One wake-up: all 51 rows in one batch.
+    w.wake();
+    assert!(wait_settled(&w, owed_at + 50));
+    assert_eq!(w.stats().batches, batches + 1);
+    assert_eq!(count(&db.0), owed_at as i64 + 50);
+    w.close();
+}
+
+#[test]
 fn pushes_from_many_threads_are_all_committed_exactly_once() {
     let db = TempDb::new("threads");
     let w = Arc::new(Writer::open(&db.0, Durability::Process).unwrap());
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let w = w.clone();
-            std::thread::spawn(move || (0..500).map(|i| w.push(row(&format!("t{t}-{i}"))).unwrap()).collect::<Vec<u64>>())
+            std::thread::spawn(move || (0..500).map(|i| push(&w, row(&format!("t{t}-{i}"))).unwrap()).collect::<Vec<u64>>())
         })
         .collect();
     let mut seqs: Vec<u64> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
@@ -198,10 +240,10 @@ fn pushes_from_many_threads_are_all_committed_exactly_once() {
 fn a_repeated_request_id_is_stored_once_with_its_first_cost() {
     let db = TempDb::new("dup");
     let w = Writer::open(&db.0, Durability::Process).unwrap();
-    w.push(row("dup")).unwrap();
+    push(&w, row("dup")).unwrap();
     let mut again = row("dup");
     again.cost_femto = 99;
-    let seq = w.push(again).unwrap();
+    let seq = push(&w, again).unwrap();
     assert!(wait_settled(&w, seq));
     w.close();
     let c = Connection::open(&db.0).unwrap();
@@ -220,9 +262,9 @@ fn a_failed_batch_is_reported_with_its_rows_and_the_writer_goes_on() {
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
     )
     .unwrap();
-    let bad = w.push(row("bad")).unwrap();
+    let bad = push(&w, row("bad")).unwrap();
     assert!(wait_settled(&w, bad));
-    let after = w.push(row("after")).unwrap();
+    let after = push(&w, row("after")).unwrap();
     assert!(wait_settled(&w, after));
     let d = w.drain();
     assert_eq!(d.settled, 2);
@@ -243,7 +285,7 @@ fn close_commits_everything_queued_and_then_refuses_rows() {
     let w = Writer::open(&db.0, Durability::Process).unwrap();
     let lock = WriteLock::take(&db.0);
     for i in 0..300 {
-        w.push(row(&format!("c{i}"))).unwrap();
+        push(&w, row(&format!("c{i}"))).unwrap();
     }
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
@@ -253,7 +295,7 @@ fn close_commits_everything_queued_and_then_refuses_rows() {
     releaser.join().unwrap();
     assert_eq!(count(&db.0), 300);
     assert_eq!(w.drain().settled, 300);
-    assert!(w.push(row("late")).is_err());
+    assert!(push(&w, row("late")).is_err());
     w.close(); // a second close returns at once
 }
 
@@ -264,7 +306,7 @@ fn the_checkpointer_moves_committed_rows_into_the_database_file() {
     let before = std::fs::metadata(&db.0).unwrap().len();
     let mut last = 0;
     for i in 0..CHECKPOINT_ROWS + 10 {
-        last = w.push(row(&format!("k{i}"))).unwrap();
+        last = push(&w, row(&format!("k{i}"))).unwrap();
     }
     assert!(wait_settled(&w, last));
     let deadline = Instant::now() + WAIT;
@@ -300,7 +342,7 @@ fn a_cost_too_large_for_the_integer_columns_is_refused_at_push() {
     let w = Writer::open(&db.0, Durability::Process).unwrap();
     let mut r = row("huge");
     r.cost_femto = u128::MAX;
-    assert!(w.push(r).is_err());
+    assert!(push(&w, r).is_err());
     assert_eq!(w.last_pushed(), 0);
     assert_eq!(cost_text(u128::from(u64::MAX)), "18446.744073709551615");
     w.close();

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -195,6 +196,10 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     return conn
 
 
+def _nothing() -> None:
+    pass
+
+
 def _not_running() -> RuntimeError:
     return RuntimeError("ledger is not running (call start(), and not after close())")
 
@@ -204,9 +209,12 @@ class Ledger:
 
     The writer is Rust (`tierq._core.LedgerWriter`): its own thread, its own
     connection, never the GIL. `record` pushes the row (integers and strings,
-    under a short lock, no thread hand-off) and waits on a future; the writer
-    commits whatever is queued as one transaction and then sets an eventfd this
-    loop watches. One wake-up settles every future of every batch committed
+    under a short lock, no thread hand-off, no system call) and waits on a
+    future. When the writer sleeps, the push that finds it so schedules its
+    wake-up after the loop's current callbacks: the rows they push all go in
+    the batch it starts, one futex call for them all (made without the GIL),
+    not one per row. The writer commits whatever is queued as one transaction
+    and then sets an eventfd this loop watches. One wake-up settles every future of every batch committed
     since the last: the writer reports a high-water mark of settled rows (and
     the ranges that failed), and the futures wait in push order.
 
@@ -221,7 +229,9 @@ class Ledger:
         self.durability: Durability = durability
         # Set by start() and kept after close() for its counters.
         self._writer: LedgerWriter | None = None
-        self._push: Callable[..., int] | None = None  # the writer's push while open
+        self._push: Callable[..., tuple[int, bool]] | None = None  # the writer's push while open
+        self._wake: Callable[[], None] = _nothing  # the writer's wake
+        self._loop_thread = 0  # the thread running the loop that started it
         self._loop: asyncio.AbstractEventLoop | None = None
         # (sequence number, future), in push order.
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -237,6 +247,8 @@ class Ledger:
         self._writer, self._loop = writer, loop
         loop.add_reader(writer.fd, self._on_settled)
         self._push = writer.push
+        self._wake = writer.wake
+        self._loop_thread = threading.get_ident()
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
@@ -261,7 +273,11 @@ class Ledger:
         push, loop = self._push, self._loop
         if push is None or loop is None:
             raise _not_running()
-        seq = push(*row._params())
+        seq, wake = push(*row._params())
+        if wake:
+            # After the loop's current callbacks: the rows they push go in the
+            # batch this wake-up starts, and none of them makes a system call.
+            loop.call_soon(self._wake)
         fut = loop.create_future()
         self._waiters.append((seq, fut))
         await fut
@@ -271,7 +287,17 @@ class Ledger:
         push = self._push
         if push is None:
             raise _not_running()
-        push(*row._params())
+        if push(*row._params())[1]:
+            self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        """Wake the writer after the running loop's current callbacks, or at once
+        from another thread or with the loop stopped (nothing else would)."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.get_ident() == self._loop_thread:
+            loop.call_soon(self._wake)
+        else:
+            self._wake()
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
