@@ -21,6 +21,8 @@ _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
 _NONE = -1
 _NEVER = (1 << 63) - 1
+# Expiry timers fire this long after a waiter's deadline, so the core sees it passed.
+_TIMER_SLACK_S = 0.001
 
 
 class SettingsKwargs(TypedDict, total=False):
@@ -112,7 +114,8 @@ class Slot:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._fut = fut
-        self._timer = loop.call_later(adm._max_wait_s[self.lane], adm.expire_due)
+        # A little after the deadline, so the core sees it passed.
+        self._timer = loop.call_later(adm._max_wait_s[self.lane] + _TIMER_SLACK_S, adm.expire_due)
         adm._waiters[a] = self
         if c != _NONE:
             adm._grant(c)
@@ -176,8 +179,7 @@ class Admission:
         self._core = core
         self._waiters: dict[int, Slot] = {}
         waits = settings.max_wait_ms
-        # Timers fire a little after the deadline so the core sees it passed.
-        self._max_wait_s = (waits["priority"] / 1000 + 0.001, waits["default"] / 1000 + 0.001)
+        self._max_wait_s = (waits["priority"] / 1000, waits["default"] / 1000)
 
     @classmethod
     def shared(cls, name: str, worker: int, wake_fds: Sequence[int], settings: PoolSettings) -> Admission:
@@ -235,7 +237,7 @@ class Admission:
 
     def max_wait_s(self, tier: str) -> float:
         """The longest a request of `tier` may wait in this pool (its lane's max_wait_ms)."""
-        return self._max_wait_s[_LANES[tier]] - 0.001
+        return self._max_wait_s[_LANES[tier]]
 
     def _granted(self, waiters: list[int]) -> int:
         for waiter in waiters:

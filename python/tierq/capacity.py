@@ -213,9 +213,7 @@ class EngineScraper:
         self.url = url
         self.interval_s = interval_s
         self.available = False
-        self.last: EngineLoad | None = None
-        self.scrapes = 0
-        self.failures = 0
+        self._timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * interval_s))
         self._session: aiohttp.ClientSession | None = None
         self._targets: list[_Target] = []
         self._missed = 0
@@ -234,18 +232,16 @@ class EngineScraper:
 
     async def scrape_once(self) -> bool:
         """One scrape; feeds the pools and returns True when it read load metrics."""
-        self.scrapes += 1
         assert self._session is not None, "start() first"
         try:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * self.interval_s))
-            async with self._session.get(self.url, timeout=timeout, allow_redirects=False) as r:
+            async with self._session.get(self.url, timeout=self._timeout,
+                                         allow_redirects=False) as r:
                 text = await r.text() if r.status == 200 else ""
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             text = ""
         samples = list(_samples(text)) if text else []
         loads = [load_of(samples, t.model) for t in self._targets] if samples else []
         if not loads or any(load is None for load in loads):
-            self.failures += 1
             self._missed += 1
             if self.available and self._missed >= self.STALE_AFTER:
                 self.available = False
@@ -259,7 +255,6 @@ class EngineScraper:
         self._missed = 0
         for target, load in zip(self._targets, loads):
             assert load is not None
-            self.last = load
             target.admission.observe_engine(load.running, load.waiting, load.kv_usage)
         return True
 
