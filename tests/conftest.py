@@ -70,6 +70,17 @@ def model_config(model_id: str, priority: bool | None = None, **admission: Any) 
 GatewayFactory = Callable[..., Awaitable[Running]]
 
 
+async def serve_app(app: web.Application) -> tuple[str, web.AppRunner]:
+    """Serves `app` as `tierq serve` does (handler cancellation on) on a free
+    loopback port; returns its root URL and the runner (clean it up when done)."""
+    runner = web.AppRunner(app, **runner_kwargs())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    return f"http://127.0.0.1:{port}", runner
+
+
 @pytest.fixture
 async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Start sim + gateway: `await make_gateway(models=[...], sim={...}, ...)`."""
@@ -96,13 +107,8 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
                              [model_config(PRIORITY_MODEL), model_config(PLAIN_MODEL)]),
             )
         app = create_app(config, ledger=ledger, sim=server)
-        runner = web.AppRunner(app, **runner_kwargs())
-        await runner.setup()
+        root, runner = await serve_app(app)
         cleanups.append(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-        root = f"http://127.0.0.1:{port}"
         return Running(root, root + "/v1", ledger, server, app)
 
     yield start

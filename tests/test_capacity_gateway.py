@@ -23,7 +23,8 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from tierq import PoolSettings
-from tierq.app import GATEWAY, create_app, runner_kwargs
+from conftest import serve_app
+from tierq.app import GATEWAY, create_app
 from tierq.config import AdmissionConfig, Config, LedgerConfig, ModelConfig, UpstreamConfig, default_config
 from tierq.embedded import start_sims
 from tierq.sim import SimServer, start_sim
@@ -37,13 +38,9 @@ async def embedded(tmp_path: Path) -> AsyncIterator[tuple[str, web.Application]]
     config = dataclasses.replace(default_config(),
                                  ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'tierq.db'}"))
     app = create_app(config, start_sims=start_sims)
-    runner = web.AppRunner(app, **runner_kwargs())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    root, runner = await serve_app(app)
     try:
-        yield f"http://127.0.0.1:{port}", app
+        yield root, app
     finally:
         await runner.cleanup()
 
@@ -113,13 +110,9 @@ async def behind(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[
             models=(ModelConfig(PRIORITY_MODEL, "engine", priority=True, admission=admission),),
         )
         app = create_app(config)
-        runner = web.AppRunner(app, **runner_kwargs())
-        await runner.setup()
+        root, runner = await serve_app(app)
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-        return f"http://127.0.0.1:{port}", app, server
+        return root, app, server
 
     async with stack:
         yield start

@@ -13,12 +13,11 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
-from aiohttp import web
-from conftest import PRIORITY_MODEL, exact_json, model_config
+from conftest import PRIORITY_MODEL, exact_json, model_config, serve_app
 from pg_fixtures import own_pg, pg_password, pg_session, pg_url  # noqa: F401
 from pg_server import PASSWORD_ENV, PgServer
 
-from tierq.app import create_app, runner_kwargs
+from tierq.app import create_app
 from tierq.config import Config, LedgerConfig, UpstreamConfig
 from tierq.ledger import Ledger, LedgerRow
 from tierq.postgres import MIGRATIONS, PostgresLedger, migrate, pg_connect, schema_version
@@ -190,14 +189,10 @@ async def test_gateway_on_postgresql_bills_what_it_echoes_to_the_openai_client(
         upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True),),
         models=(model_config(PRIORITY_MODEL, priority=True),),
     )
-    runner = web.AppRunner(create_app(config, sim=sim), **runner_kwargs())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    root, runner = await serve_app(create_app(config, sim=sim))
     echoed: dict[str, tuple[str, Decimal]] = {}
     try:
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        client = openai.AsyncOpenAI(base_url=f"{root}/v1", api_key="unused")
         for i, tier in enumerate(["priority", "default", None, "fast"] * 3):
             extra = {} if tier is None else {"service_tier": tier}
             if i % 2:
