@@ -54,7 +54,7 @@ def test_parse_and_check_request(benchmark, impl: str) -> None:  # type: ignore[
         est = 0
         for _ in range(N):
             req = loads(REQUEST)
-            validate("chat/completions", req)
+            validate("chat/completions", req, 128)  # [server] max_n
             est = estimate_prompt_tokens("chat/completions", req)
         return est
 

@@ -115,6 +115,7 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
         ('[server]\nprot = 80\n', "tierq.toml: server.prot: unknown key"),
         ('[server]\nport = "80"\n', 'tierq.toml: server.port: expected an integer, got "80"'),
         ('[server]\nport = 70000\n', "tierq.toml: server.port: must be between 0 and 65535, got 70000"),
+        ('[server]\nmax_n = 0\n', "tierq.toml: server.max_n: must be between 1 and 1024, got 0"),
         ('[bogus]\nx = 1\n', "tierq.toml: bogus: unknown key"),
         ('[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n'
          '[[models]]\nid = "zai-org/GLM-5.2"\nupstream = "b"\n',

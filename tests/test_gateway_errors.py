@@ -61,6 +61,16 @@ def assert_openai_error(body: Any, code: str | None = None, param: str | None = 
          "service_tier"),
         ("/v1/chat/completions", orjson.dumps({**CHAT, "service_tier": {"a": 1}}), 400,
          "invalid_value", "service_tier"),
+        ("/v1/chat/completions", orjson.dumps({**CHAT, "n": 1000}), 400,
+         "integer_above_max_value", "n"),
+        ("/v1/chat/completions", orjson.dumps({**CHAT, "n": 129}), 400,
+         "integer_above_max_value", "n"),
+        ("/v1/chat/completions", orjson.dumps({**CHAT, "n": 0}), 400,
+         "integer_below_min_value", "n"),
+        ("/v1/chat/completions", orjson.dumps({**CHAT, "n": "2"}), 400, "invalid_type", "n"),
+        ("/v1/chat/completions", orjson.dumps({**CHAT, "n": True}), 400, "invalid_type", "n"),
+        ("/v1/completions", orjson.dumps({"model": PRIORITY_MODEL, "prompt": "hi", "n": 1000}),
+         400, "integer_above_max_value", "n"),
         ("/v1/completions", orjson.dumps({"model": PRIORITY_MODEL}), 400,
          "missing_required_parameter", "prompt"),
         ("/v1/embeddings", orjson.dumps({"model": PRIORITY_MODEL}), 400,
@@ -79,6 +89,23 @@ async def test_bad_input_gets_openai_error_and_no_ledger_row(
     assert_openai_error(body, code, param)
     assert await gateway.rows() == []
     assert (await gateway.sim_stats())["requests"] == 0
+
+
+async def test_n_is_bounded_by_server_max_n(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL),))
+    gw = await make_gateway(config=replace(config, server=replace(config.server, max_n=2)))
+    status, _, body = await call(gw, "/v1/chat/completions", orjson.dumps({**CHAT, "n": 3}))
+    assert status == 400
+    assert_openai_error(body, "integer_above_max_value", "n")
+    assert "<= 2" in body["error"]["message"]
+    assert await gw.rows() == []  # never billed
+    status, _, body = await call(gw, "/v1/chat/completions", orjson.dumps({**CHAT, "n": 2}))
+    assert status == 200
+    assert [r.status for r in await gw.rows()] == ["served"]
 
 
 async def test_wrong_content_type_is_415(gateway: Running) -> None:

@@ -142,6 +142,24 @@ async def test_served_request_charges_the_key_its_real_usage(keyed: Callable[...
     assert k.budget() == (RPM - 1, TPM - real)
 
 
+async def test_a_request_for_n_choices_takes_n_times_max_tokens_from_the_keys_tpm(
+    keyed: Callable[..., Any],
+) -> None:
+    k = await keyed(sim=SLOW, **ONE_SLOT)
+    held = await blocker(k)
+    try:
+        async with k.client() as c:
+            queued = asyncio.create_task(chat(c, messages=HI, n=3))
+            await wait_for(lambda: k.budget() != (RPM, TPM))
+            # Taken when it is let in: one prompt token and 3 choices of max_tokens.
+            assert k.budget() == (RPM - 1, TPM - (1 + 3 * MAX_TOKENS))
+            queued.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+    finally:
+        await release(held)
+
+
 async def test_partial_stream_cut_by_its_client_charges_what_was_delivered(
     keyed: Callable[..., Any],
 ) -> None:

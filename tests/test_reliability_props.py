@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tierq.app import create_app, runner_kwargs
-from tierq.config import Config, LedgerConfig, UpstreamConfig
+from tierq.config import Config, LedgerConfig, ServerConfig, UpstreamConfig
 from tierq.errors import ApiError
 from tierq.intake import estimate_prompt_tokens, validate
 from tierq.stores import open_ledger
@@ -79,7 +79,7 @@ def test_request_parsing_is_a_400_or_a_clean_upstream_body(
     endpoint: str, body: dict[str, Any], kind: str, tier: str
 ) -> None:
     try:
-        validate(endpoint, body)
+        validate(endpoint, body, ServerConfig().max_n)
     except ApiError as e:
         assert e.status == 400 and e.message and e.code
         return

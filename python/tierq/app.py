@@ -170,7 +170,7 @@ async def _inference(
         message = ("You must provide a model parameter." if not model_id else
                    f"The model `{model_id}` does not exist or you do not have access to it.")
         raise ApiError(404, message, param="model", code="model_not_found")
-    validate(endpoint, body)
+    validate(endpoint, body, gw.config.server.max_n)
     requested = body.get("service_tier")
     try:
         tier = resolve_tier(requested, pool.entry.priority)

@@ -94,6 +94,9 @@ class ServerConfig:
     # the client to read; beyond it the gateway cuts the connection and frees
     # the slot, as for a client that hung up.
     write_timeout_s: float = 30.0
+    # Largest `n` (choices per request) accepted; 400 beyond. OpenAI's own bound
+    # is 128. Each choice can take max_tokens, so the key's token estimate is n x.
+    max_n: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,10 +535,11 @@ class _Parser:
         keepalive = t.number("keepalive_timeout_s", d.keepalive_timeout_s, 0.0, 3600.0, lo_open=True)
         drain = t.number("drain_timeout_s", d.drain_timeout_s, 0.0, 3600.0)
         write = t.number("write_timeout_s", d.write_timeout_s, 0.0, 3600.0, lo_open=True)
+        max_n = t.integer("max_n", d.max_n, 1, 1024)
         t.done()
         return ServerConfig(
             _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive),
-            _f(drain), _f(write),
+            _f(drain), _f(write), _i(max_n),
         )
 
     def ledger(self, t: _Table) -> LedgerConfig:

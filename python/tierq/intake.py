@@ -105,8 +105,9 @@ async def read_json(gw: Gateway, request: web.Request) -> dict[str, Any]:
     return body
 
 
-def validate(endpoint: str, body: dict[str, Any]) -> None:
-    """Shape checks the gateway needs to route and bill; engines check the rest."""
+def validate(endpoint: str, body: dict[str, Any], max_n: int) -> None:
+    """Shape checks the gateway needs to route and bill; engines check the rest.
+    `max_n` is `[server] max_n`: each of the n choices can take max_tokens."""
     if endpoint == "chat/completions":
         messages = body.get("messages")
         if messages is None:
@@ -133,6 +134,17 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         v = body.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise invalid_type(name, "a non-negative integer")
+    n = body.get("n")
+    if n is not None and endpoint != "embeddings":
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise invalid_type("n", "an integer")
+        if n < 1:
+            raise ApiError(400, f"Invalid 'n': integer below minimum value. Expected a value "
+                           f">= 1, but got {n} instead.", param="n", code="integer_below_min_value")
+        if n > max_n:
+            raise ApiError(400, f"Invalid 'n': integer above maximum value. Expected a value "
+                           f"<= {max_n}, but got {n} instead.", param="n",
+                           code="integer_above_max_value")
 
 
 def text_len(value: Any) -> int:
@@ -154,8 +166,12 @@ def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
 
 
 def estimate_completion_cap(body: dict[str, Any]) -> int:
+    """The most output tokens a validated body can ask for: `n` choices of
+    max_tokens each (256 each when the body sets no cap)."""
     v = body.get("max_completion_tokens", body.get("max_tokens"))
-    return v if isinstance(v, int) and not isinstance(v, bool) else 256
+    cap = v if isinstance(v, int) and not isinstance(v, bool) else 256
+    n = body.get("n")
+    return cap * (n if isinstance(n, int) and not isinstance(n, bool) else 1)
 
 
 def estimate_output_tokens(data: dict[str, Any]) -> int:

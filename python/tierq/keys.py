@@ -258,7 +258,7 @@ class KeyLimiter:
     """Per-key requests-per-minute and tokens-per-minute, one GCRA bucket each.
 
     A bucket holds a minute's worth (burst = the per-minute limit) and refills
-    continuously. The token cost is an estimate (prompt + max_tokens) taken up
+    continuously. The token cost is an estimate (prompt + n x max_tokens) taken up
     front and corrected by `settle` once real usage is known.
 
     `shared`: a `SharedKeyBuckets` table that every worker of the host maps
