@@ -41,7 +41,7 @@ from tierq.config import (
 )
 from tierq.cluster import cluster_settings, default_host_id
 from tierq.embedded import start_sims
-from tierq.keys import KeyInfo, parse_public_id
+from tierq.keys import KEEP, KeyInfo, parse_public_id
 from tierq.stores import KeyStoreLike, open_key_store, usage_of
 from tierq.pricing import decimal_text
 from tierq.progress import progress
@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # Listed for --help only; main() delegates them before parsing.
     sub.add_parser("usage", help="spend by key, model and tier (see tierq usage --help)")
-    sub.add_parser("keys", help="create, list, revoke API keys (see tierq keys --help)")
+    sub.add_parser("keys", help="create, list, update, revoke API keys (see tierq keys --help)")
 
     s = sub.add_parser("models", help="list served models with prices and the priority tag")
     s.add_argument("--config", help="TOML file (default: the built-in catalog)")
@@ -566,12 +566,27 @@ def _limit(v: int | None) -> str:
     return "unlimited" if v is None else str(v)
 
 
+def _limit_arg(text: str) -> int | None:
+    """`--rpm` / `--tpm` of `keys update`: a number, or "unlimited"."""
+    if text == "unlimited":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'unlimited'") from None
+
+
+def _describe_key(k: KeyInfo) -> str:
+    return (f"{k.public_id} ({k.name}): rpm {_limit(k.rpm)}, tpm {_limit(k.tpm)}, "
+            f"weight {k.weight:g}, {'trusted' if k.trusted else 'untrusted'}")
+
+
 def _render_keys(keys: list[KeyInfo]) -> str:
-    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM")
+    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM", "WEIGHT", "TRUSTED")
     body = [
         (k.public_id, k.name, _iso(k.created),
          f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
-         _limit(k.rpm), _limit(k.tpm))
+         _limit(k.rpm), _limit(k.tpm), f"{k.weight:g}", "yes" if k.trusted else "no")
         for k in keys
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -584,7 +599,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def keys_main(argv: list[str]) -> int:
-    """`tierq keys create|list|revoke`."""
+    """`tierq keys create|list|update|revoke`."""
     common = argparse.ArgumentParser(add_help=False)
     src = common.add_mutually_exclusive_group()
     src.add_argument("--db", default=None,
@@ -597,7 +612,24 @@ def keys_main(argv: list[str]) -> int:
     c.add_argument("name")
     c.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
     c.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
+    c.add_argument("--weight", type=float, default=1.0,
+                   help="fair share of a busy lane, 0.01 to 100 (default: 1)")
+    c.add_argument("--trusted", action="store_true",
+                   help="may split its traffic into flows with the x-tierq-fairness-id header")
     sub.add_parser("list", parents=[common], help="list keys (never secrets)")
+    u = sub.add_parser("update", parents=[common],
+                       help="change a live key's name, limits, weight or trust")
+    u.add_argument("id")
+    u.add_argument("--name")
+    u.add_argument("--rpm", type=_limit_arg, default=KEEP,
+                   help="requests per minute, or 'unlimited'")
+    u.add_argument("--tpm", type=_limit_arg, default=KEEP, help="tokens per minute, or 'unlimited'")
+    u.add_argument("--weight", type=float, default=KEEP, help="fair share, 0.01 to 100")
+    trust = u.add_mutually_exclusive_group()
+    trust.add_argument("--trusted", dest="trusted", action="store_true", default=KEEP,
+                       help="honour its x-tierq-fairness-id header")
+    trust.add_argument("--untrusted", dest="trusted", action="store_false",
+                       help="ignore its x-tierq-fairness-id header")
     r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
     r.add_argument("id")
     args = p.parse_args(argv)
@@ -635,16 +667,13 @@ def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
     with contextlib.closing(store):
         if args.cmd == "create":
             try:
-                info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
+                info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm,
+                                           weight=args.weight, trusted=args.trusted)
             except ValueError as e:
                 print(f"tierq keys: {e}", file=sys.stderr)
                 return 2
             # The token alone on stdout, so `KEY=$(tierq keys create ci)` works.
-            print(
-                f"created key {info.public_id} ({info.name}): rpm {_limit(info.rpm)}, "
-                f"tpm {_limit(info.tpm)}",
-                file=sys.stderr,
-            )
+            print(f"created key {_describe_key(info)}", file=sys.stderr)
             print(token)
             print("This key will not be shown again: store it now.", file=sys.stderr)
             return 0
@@ -655,6 +684,19 @@ def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
         if public_id is None:
             print(f"tierq keys: {args.id!r} is not a key id (12 characters, a-z 0-9)", file=sys.stderr)
             return 2
+        if args.cmd == "update":
+            try:
+                new = store.update(public_id, name=KEEP if args.name is None else args.name,
+                                   rpm=args.rpm, tpm=args.tpm, weight=args.weight,
+                                   trusted=args.trusted)
+            except ValueError as e:
+                print(f"tierq keys: {e}", file=sys.stderr)
+                return 2
+            if new is None:
+                print(f"tierq keys: no live key {public_id}", file=sys.stderr)
+                return 1
+            print(f"updated key {_describe_key(new)}")
+            return 0
         if store.revoke(public_id):
             print(f"revoked {public_id}")
             return 0

@@ -2,14 +2,19 @@
 and per-key requests-per-minute / tokens-per-minute limits over the Rust token bucket.
 
 A key reads `tq-<public id>-<secret>`; the public id is what logs and the ledger show.
+Each key also carries its fair-queuing `weight` and whether it is `trusted` to split
+its traffic into flows of its own (the `x-tierq-fairness-id` header, tierq.intake).
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import enum
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import sqlite3
@@ -23,12 +28,17 @@ from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
 from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = [
+    "KEEP",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
     "KeyInfo",
     "KeyLimiter",
     "KeyStore",
     "hash_secret",
     "parse_public_id",
     "parse_token",
+    "updated",
+    "validate_key",
     "validate_new_key",
 ]
 
@@ -52,6 +62,10 @@ CACHE_MAX: Final = 10_000
 DENIED_TTL_S: Final = 1.0
 DENIED_MAX: Final = 4096  # oldest dropped first: a flood of fresh tokens cannot grow it
 
+# A key's fair-queuing weight: its share of a busy lane against a key of weight 1.
+MIN_WEIGHT: Final = 0.01
+MAX_WEIGHT: Final = 100.0
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS keys (
     public_id     TEXT PRIMARY KEY,
@@ -60,10 +74,27 @@ CREATE TABLE IF NOT EXISTS keys (
     created       REAL NOT NULL,
     revoked       REAL,
     rpm           INTEGER,
-    tpm           INTEGER
-);
+    tpm           INTEGER,
+    weight        REAL NOT NULL DEFAULT 1.0,
+    trusted       INTEGER NOT NULL DEFAULT 0
+)
 """
-_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm"
+# Columns added after the first schema, each with the ALTER TABLE that adds it
+# to a key file an older tierq made (the defaults are what those keys meant).
+_ADDED_COLUMNS: Final = (
+    ("weight", "ALTER TABLE keys ADD COLUMN weight REAL NOT NULL DEFAULT 1.0"),
+    ("trusted", "ALTER TABLE keys ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0"),
+)
+_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm, weight, trusted"
+
+
+class Keep(enum.Enum):
+    """`update`'s "leave this field as it is"."""
+
+    KEEP = 0
+
+
+KEEP: Final = Keep.KEEP
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +107,8 @@ class KeyInfo:
     revoked_at: float | None
     rpm: int | None  # None = unlimited
     tpm: int | None
+    weight: float = 1.0  # its fair share of a busy lane, MIN_WEIGHT..MAX_WEIGHT
+    trusted: bool = False  # may split its traffic into flows (x-tierq-fairness-id)
 
     @property
     def revoked(self) -> bool:
@@ -83,7 +116,8 @@ class KeyInfo:
 
 
 def _info(r: tuple[Any, ...]) -> KeyInfo:
-    return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3], rpm=r[4], tpm=r[5])
+    return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3], rpm=r[4], tpm=r[5],
+                   weight=float(r[6]), trusted=bool(r[7]))
 
 
 def hash_secret(secret: str) -> str:
@@ -93,13 +127,42 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
-def validate_new_key(name: str, rpm: int | None, tpm: int | None) -> None:
-    """ValueError unless `name` and the limits are what a new key may have."""
-    for label, limit in (("rpm", rpm), ("tpm", tpm)):
+def validate_key(info: KeyInfo) -> None:
+    """ValueError unless `info`'s name, limits, weight and trust are what a key may
+    have (a new key, or what an update leaves)."""
+    for label, limit in (("rpm", info.rpm), ("tpm", info.tpm)):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"{label} must be a positive integer or None (unlimited)")
-    if not name or len(name) > 200:
+    if not isinstance(info.name, str) or not info.name or len(info.name) > 200:
         raise ValueError("key name must be 1 to 200 characters")
+    w = info.weight
+    if (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+            or not MIN_WEIGHT <= w <= MAX_WEIGHT):
+        raise ValueError(f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, "
+                         f"got {w!r}")
+    if not isinstance(info.trusted, bool):
+        raise ValueError("trusted must be true or false")
+
+
+def validate_new_key(name: str, rpm: int | None, tpm: int | None, weight: float = 1.0,
+                     trusted: bool = False) -> KeyInfo:
+    """What a new key of these settings holds (public id and times left blank);
+    ValueError unless they are what a key may have."""
+    info = KeyInfo("", name, 0.0, None, rpm, tpm, weight, trusted)
+    validate_key(info)
+    return dataclasses.replace(info, weight=float(weight))  # an int weight kept as REAL
+
+
+def updated(info: KeyInfo, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
+            tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
+            trusted: bool | Keep = KEEP) -> KeyInfo:
+    """`info` with the fields given changed; ValueError unless the result is a valid key."""
+    new = KeyInfo(info.public_id, info.name if name is KEEP else name, info.created,
+                  info.revoked_at, info.rpm if rpm is KEEP else rpm,
+                  info.tpm if tpm is KEEP else tpm, info.weight if weight is KEEP else weight,
+                  info.trusted if trusted is KEEP else trusted)
+    validate_key(new)
+    return dataclasses.replace(new, weight=float(new.weight))
 
 
 def parse_token(token: object) -> tuple[str, str] | None:
@@ -149,7 +212,25 @@ class KeyStore:
         self._conn.execute("PRAGMA journal_mode = WAL")  # shares the file with the ledger
         # Key writes are rare and a lost revocation is a security bug: fsync them.
         self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the table, or add the columns a key file from an older tierq lacks.
+        One IMMEDIATE transaction, so two processes opening an old file at once add
+        each column once."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(keys)")}
+            for column, ddl in _ADDED_COLUMNS:
+                if column not in have:
+                    conn.execute(ddl)
+                    log.info("key store %s: added the keys.%s column", self.path, column)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -170,10 +251,11 @@ class KeyStore:
             return self._conn.execute(sql, params).fetchall()
 
     def create(
-        self, name: str, rpm: int | None = None, tpm: int | None = None
+        self, name: str, rpm: int | None = None, tpm: int | None = None, *,
+        weight: float = 1.0, trusted: bool = False,
     ) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
-        validate_new_key(name, rpm, tpm)
+        blank = validate_new_key(name, rpm, tpm, weight, trusted)
         secret = secrets.token_urlsafe(24)  # 24 bytes -> 32 chars, 192 bits
         assert len(secret) == SECRET_LEN
         now = time.time()
@@ -181,14 +263,15 @@ class KeyStore:
             public_id = "".join(secrets.choice(PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
             try:
                 self._query(
-                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm)"
-                    " VALUES (?, ?, ?, ?, NULL, ?, ?)",
-                    (public_id, name, hash_secret(secret), now, rpm, tpm),
+                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
+                    " weight, trusted) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                    (public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight,
+                     int(trusted)),
                 )
                 break
             except sqlite3.IntegrityError:  # a public id collision (36^12): draw again
                 continue
-        info = KeyInfo(public_id, name, now, None, rpm, tpm)
+        info = dataclasses.replace(blank, public_id=public_id, created=now)
         return info, f"{PREFIX}-{public_id}-{secret}"
 
     def list(self) -> builtins.list[KeyInfo]:
@@ -205,11 +288,41 @@ class KeyStore:
                 "UPDATE keys SET revoked = ? WHERE public_id = ? AND revoked IS NULL",
                 (time.time(), public_id),
             )
-            changed = cur.rowcount == 1
-            for h, (info, _) in builtins.list(self._cache.items()):
-                if info.public_id == public_id:
-                    del self._cache[h]
-        return changed
+            self._forget(public_id)
+        return cur.rowcount == 1
+
+    def update(self, public_id: str, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
+               tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
+               trusted: bool | Keep = KEEP) -> KeyInfo | None:
+        """Change a live key's name, limits (None: unlimited), weight or trust; the
+        fields not given stay. Returns the key as it now is, or None if unknown or
+        revoked; ValueError (and nothing changed) unless the result is a valid key.
+        Takes effect at once through this store, within `cache_ttl_s` in others."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE public_id = ?"
+                                     " AND revoked IS NULL", (public_id,)).fetchall()
+                new = None if not found else updated(
+                    _info(found[0]), name=name, rpm=rpm, tpm=tpm, weight=weight, trusted=trusted)
+                if new is not None:
+                    conn.execute("UPDATE keys SET name = ?, rpm = ?, tpm = ?, weight = ?,"
+                                 " trusted = ? WHERE public_id = ?",
+                                 (new.name, new.rpm, new.tpm, new.weight, int(new.trusted),
+                                  public_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._forget(public_id)
+        return new
+
+    def _forget(self, public_id: str) -> None:
+        """Drops the key's cached lookups (the caller holds the lock)."""
+        for h, (info, _) in builtins.list(self._cache.items()):
+            if info.public_id == public_id:
+                del self._cache[h]
 
     def authenticate(self, bearer_token: str) -> KeyInfo | None:
         """The key for a bearer token, or None if malformed, unknown, revoked or wrong."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
+import dataclasses
 import hmac
 import logging
 import os
@@ -29,12 +30,15 @@ import asyncpg
 
 from tierq.config import DEFAULT_SPOOL, Durability, postgres_url, sqlite_path
 from tierq.keys import (
+    KEEP,
     PREFIX,
     PUBLIC_ALPHABET,
     PUBLIC_ID_LEN,
     KeyInfo,
+    Keep,
     hash_secret,
     parse_token,
+    updated,
     validate_new_key,
 )
 from tierq.ledger import COLUMNS, Ledger, LedgerRow, UsageLine, connect, row_values
@@ -101,11 +105,20 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 """
 
+# A key's fair-queuing weight and trust (tierq.keys); keys made before keep the
+# defaults, which are what they meant.
+_KEYS_FAIRNESS_DDL: Final = """
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS weight DOUBLE PRECISION NOT NULL DEFAULT 1.0;
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS trusted BOOLEAN NOT NULL DEFAULT false;
+"""
+
 #: (version, what it does, SQL). Append only: a version once shipped never changes.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "ledger table", _LEDGER_DDL),
     (2, "keys table", _KEYS_DDL),
+    (3, "keys weight and trusted", _KEYS_FAIRNESS_DDL),
 )
+_KEY_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm, weight, trusted"
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -693,11 +706,10 @@ class PostgresKeyStore:
             if not self._migrated:  # once per process; the refreshes only read
                 await migrate(conn)
                 self._migrated = True
-            records = await conn.fetch(
-                "SELECT public_id, name, created, revoked, rpm, tpm, secret_sha256 FROM keys")
+            records = await conn.fetch(f"SELECT {_KEY_COLUMNS}, secret_sha256 FROM keys")
         finally:
             await conn.close()
-        self._table = {r[0]: (_key_info(r), str(r[6])) for r in records}
+        self._table = {r[0]: (_key_info(r), str(r[8])) for r in records}
         # A revocation made here is in every read that began after it; until then
         # it is kept here, so a read that raced it cannot bring the key back.
         self._revoked_here = {k: t for k, t in self._revoked_here.items() if t >= started}
@@ -748,10 +760,10 @@ class PostgresKeyStore:
 
         return _blocking(run)
 
-    def create(self, name: str, rpm: int | None = None,
-               tpm: int | None = None) -> tuple[KeyInfo, str]:
+    def create(self, name: str, rpm: int | None = None, tpm: int | None = None, *,
+               weight: float = 1.0, trusted: bool = False) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
-        validate_new_key(name, rpm, tpm)
+        blank = validate_new_key(name, rpm, tpm, weight, trusted)
         secret = secrets.token_urlsafe(24)
         now = time.time()
 
@@ -759,30 +771,56 @@ class PostgresKeyStore:
             while True:
                 public_id = "".join(secrets.choice(PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
                 done = await conn.fetchval(
-                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm)"
-                    " VALUES ($1, $2, $3, $4, NULL, $5, $6) ON CONFLICT (public_id) DO NOTHING"
-                    " RETURNING public_id", public_id, name, hash_secret(secret), now, rpm, tpm)
+                    "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
+                    " weight, trusted) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)"
+                    " ON CONFLICT (public_id) DO NOTHING RETURNING public_id",
+                    public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight, trusted)
                 if done is not None:
                     return public_id
 
         public_id = self._run(insert)
-        return KeyInfo(public_id, name, now, None, rpm, tpm), f"{PREFIX}-{public_id}-{secret}"
+        info = dataclasses.replace(blank, public_id=public_id, created=now)
+        return info, f"{PREFIX}-{public_id}-{secret}"
 
     def list(self) -> builtins.list[KeyInfo]:
         async def fetch(conn: asyncpg.Connection) -> builtins.list[KeyInfo]:
             return [_key_info(r) for r in await conn.fetch(
-                "SELECT public_id, name, created, revoked, rpm, tpm FROM keys"
-                ' ORDER BY created, public_id COLLATE "C"')]
+                f'SELECT {_KEY_COLUMNS} FROM keys ORDER BY created, public_id COLLATE "C"')]
 
         return self._run(fetch)
 
     def get(self, public_id: str) -> KeyInfo | None:
         async def fetch(conn: asyncpg.Connection) -> KeyInfo | None:
-            r = await conn.fetchrow("SELECT public_id, name, created, revoked, rpm, tpm FROM keys"
-                                    " WHERE public_id = $1", public_id)
+            r = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM keys WHERE public_id = $1",
+                                    public_id)
             return None if r is None else _key_info(r)
 
         return self._run(fetch)
+
+    def update(self, public_id: str, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
+               tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
+               trusted: bool | Keep = KEEP) -> KeyInfo | None:
+        """As tierq.keys.KeyStore.update: at once on this host, within `refresh_s`
+        on the others."""
+        async def change(conn: asyncpg.Connection) -> KeyInfo | None:
+            async with conn.transaction():
+                r = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM keys WHERE public_id = $1"
+                                        " AND revoked IS NULL FOR UPDATE", public_id)
+                if r is None:
+                    return None
+                new = updated(_key_info(r), name=name, rpm=rpm, tpm=tpm, weight=weight,
+                              trusted=trusted)
+                await conn.execute(
+                    "UPDATE keys SET name = $1, rpm = $2, tpm = $3, weight = $4, trusted = $5"
+                    " WHERE public_id = $6", new.name, new.rpm, new.tpm, new.weight,
+                    new.trusted, public_id)
+                return new
+
+        new = self._run(change)
+        entry = self._table.get(public_id)
+        if new is not None and entry is not None:
+            self._table = {**self._table, public_id: (new, entry[1])}
+        return new
 
     def revoke(self, public_id: str) -> bool:
         """True if a live key was revoked now; False if unknown or already revoked."""
@@ -799,4 +837,5 @@ class PostgresKeyStore:
 
 def _key_info(r: asyncpg.Record) -> KeyInfo:
     return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3],
-                   rpm=None if r[4] is None else int(r[4]), tpm=None if r[5] is None else int(r[5]))
+                   rpm=None if r[4] is None else int(r[4]), tpm=None if r[5] is None else int(r[5]),
+                   weight=float(r[6]), trusted=bool(r[7]))
