@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from tierq.cli import usage_main
-from tierq.config import sqlite_path
 from tierq.ledger import CHECKPOINT_ROWS, Ledger, LedgerRow, UsageLine
 from tierq.stores import open_ledger
+from tierq.storage import sqlite_path
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 REPO_PYTHON = str(Path(__file__).resolve().parent.parent / "python")

@@ -35,9 +35,6 @@ from tierq.config import (
     UpstreamConfig,
     default_config,
     load_config,
-    shown_url,
-    sqlite_path,
-    store_kind,
 )
 from tierq.cluster import cluster_settings, default_host_id
 from tierq.embedded import start_sims
@@ -47,6 +44,7 @@ from tierq.pricing import decimal_text
 from tierq.progress import progress
 from tierq.served import Catalog
 from tierq.sim import FAULTS, SCHEDULING
+from tierq.storage import shown_url, sqlite_path, store_kind
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 __all__ = ["keys_main", "main", "usage_main"]

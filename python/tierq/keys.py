@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
-from tierq.config import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
+from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = [
     "KEEP",

@@ -30,8 +30,8 @@ from decimal import Decimal
 from typing import Any, Final, Literal
 
 from tierq._core import LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
-from tierq.config import SQLITE_BUSY_TIMEOUT_MS
 from tierq.metrics import LAG_BUCKETS_S, Histogram
+from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
 
 __all__ = [
     "APPLIED_TIERS",
@@ -48,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger("tierq.ledger")
 
-Durability = Literal["process", "power"]
 STATUSES: Final = frozenset({"served", "shed", "failed", "cancelled"})
 APPLIED_TIERS: Final = frozenset({"priority", "default"})
 FEMTO_PER_USD: Final = 10**15

@@ -28,7 +28,6 @@ from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
 
-from tierq.config import DEFAULT_SPOOL, Durability, postgres_url, sqlite_path
 from tierq.keys import (
     KEEP,
     PREFIX,
@@ -43,6 +42,7 @@ from tierq.keys import (
 )
 from tierq.ledger import COLUMNS, Ledger, LedgerRow, UsageLine, connect, row_values
 from tierq.metrics import LAG_BUCKETS_S, Histogram
+from tierq.storage import DEFAULT_SPOOL, Durability, postgres_url, sqlite_path
 
 __all__ = [
     "MIGRATIONS",

@@ -1,5 +1,5 @@
 """Which store a URL opens: the ledger and the API key store, in SQLite (one host) or
-PostgreSQL (several hosts sharing one database). tierq.config says which URLs are
+PostgreSQL (several hosts sharing one database). tierq.storage says which URLs are
 built (`store_kind`); this module is the one place that turns them into objects,
 and `LedgerStore` / `KeyStoreLike` are the calls every backend answers.
 """
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Protocol
 
-from tierq.config import DEFAULT_SPOOL, Durability, KeysConfig, LedgerConfig, sqlite_path, store_kind
+from tierq.config import KeysConfig, LedgerConfig
 from tierq.keys import KEEP, KeyInfo, Keep, KeyStore
 from tierq.ledger import Ledger, LedgerRow, UsageLine
+from tierq.storage import DEFAULT_SPOOL, Durability, sqlite_path, store_kind
 
 __all__ = [
     "KeyStoreLike",
