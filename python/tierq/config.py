@@ -8,11 +8,9 @@ and the key path, so `tierq serve` can print it instead of a traceback.
 
 from __future__ import annotations
 
-import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
@@ -22,6 +20,7 @@ from tierq._core import PoolSettings, SettingsError
 from tierq.catalog import builtin_prices
 from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 from tierq.storage import DEFAULT_LEDGER_URL, DEFAULT_SPOOL, Durability, StoreKind, sqlite_path, store_kind
+from tierq.toml_tables import ConfigError, Table, read_toml, show
 
 __all__ = [
     "AdmissionConfig",
@@ -45,17 +44,6 @@ UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
 # with its share of each limit, or answer 503.
 RedisDown = Literal["local", "closed"]
 SIM_UPSTREAM: Final = "sim"
-
-
-class ConfigError(ValueError):
-    """A bad configuration; str(e) is `file: key.path: problem` on one line."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file = file
-        self.key = key
-        self.problem = problem
-        where = f"{file}: {key}: " if key else f"{file}: "
-        super().__init__((where + problem).replace("\n", " "))
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,159 +222,18 @@ def _sim_upstream() -> UpstreamConfig:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a tierq TOML file."""
-    file = str(path)
-    try:
-        raw = Path(path).read_text("utf-8")
-    except OSError as e:
-        raise ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(file, "", "not UTF-8 text") from None
-    try:
-        # parse_float=Decimal keeps prices exactly as written.
-        data = tomllib.loads(raw, parse_float=Decimal)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(file, "", f"invalid TOML: {e}") from None
-    return _Parser(file).config(data)
+    top = read_toml(path)
+    return _Parser(top.file).config(top)
 
 
 # ---------------------------------------------------------------- validation
-
-
-def _show(value: object) -> str:
-    """How a bad value is quoted in an error: as it would read in TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        text = f'"{escaped}"'
-        return text if len(text) <= 60 else text[:57] + '..."'
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return str(value)
-
-
-class _Table:
-    """One TOML table being validated; every read names its key path."""
-
-    def __init__(self, parser: _Parser, data: Mapping[str, Any], path: str) -> None:
-        self.p = parser
-        self.data = data
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.p.file, self.key(name), problem)
-
-    def get(self, name: str) -> Any:
-        self.used.add(name)
-        return self.data.get(name)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def done(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                raise self.fail(name, "unknown key")
-
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
-        v = self.get(name)
-        if v is None:
-            if required:
-                raise self.fail(name, "required")
-            return default
-        if not isinstance(v, str):
-            raise self.fail(name, f"expected a string, got {_show(v)}")
-        if not v:
-            raise self.fail(name, "must not be empty")
-        return v
-
-    def boolean(self, name: str, default: bool | None) -> bool | None:
-        v = self.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise self.fail(name, f"expected true or false, got {_show(v)}")
-        return v
-
-    def integer(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
-        """An integer; checked against [lo, hi] when given (admission keys are
-        range-checked by the core instead, in one place)."""
-        v = self.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(name, f"expected an integer, got {_show(v)}")
-        if lo is not None and hi is not None and not lo <= v <= hi:
-            raise self.fail(name, f"must be between {lo} and {hi}, got {v}")
-        return v
-
-    def number(
-        self, name: str, default: float | None, lo: float | None = None, hi: float | None = None,
-        *, lo_open: bool = False
-    ) -> float | None:
-        v = self.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, Decimal)):
-            raise self.fail(name, f"expected a number, got {_show(v)}")
-        f = float(v)
-        if lo is None or hi is None:
-            return f
-        if not math.isfinite(f) or f < lo or f > hi or (lo_open and f == lo):
-            bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
-            raise self.fail(name, f"must be {bound} and at most {hi:g}, got {v}")
-        return f
-
-    def amount(self, name: str) -> Decimal | None:
-        """A price or multiplier: a string ("1.5") or a number, kept exact."""
-        v = self.get(name)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (str, int, Decimal)):
-            raise self.fail(name, f'expected a decimal string such as "1.5", got {_show(v)}')
-        try:
-            d = Decimal(v) if not isinstance(v, str) else Decimal(v.strip())
-        except InvalidOperation:
-            raise self.fail(name, f"not a decimal number: {_show(v)}") from None
-        if not d.is_finite() or d < 0:
-            raise self.fail(name, f"must be a finite amount >= 0, got {_show(v)}")
-        return d
-
-    def table(self, name: str) -> _Table:
-        v = self.get(name)
-        if v is None:
-            v = {}
-        if not isinstance(v, dict):
-            raise self.fail(name, f"expected a table, got {_show(v)}")
-        return _Table(self.p, v, self.key(name))
-
-    def array_of_tables(self, name: str) -> list[_Table]:
-        v = self.get(name)
-        if v is None:
-            return []
-        if not isinstance(v, list):
-            raise self.fail(name, f"expected an array of tables ([[{name}]]), got {_show(v)}")
-        out = []
-        for i, item in enumerate(v):
-            where = f"{self.key(name)}[{i}]"
-            if not isinstance(item, dict):
-                raise ConfigError(self.p.file, where, f"expected a table, got {_show(item)}")
-            out.append(_Table(self.p, item, where))
-        return out
 
 
 class _Parser:
     def __init__(self, file: str) -> None:
         self.file = file
 
-    def config(self, data: dict[str, Any]) -> Config:
-        top = _Table(self, data, "")
+    def config(self, top: Table) -> Config:
         server = self.server(top.table("server"))
         ledger = self.ledger(top.table("ledger"))
         pricing = self.pricing(top.table("pricing"))
@@ -423,7 +270,7 @@ class _Parser:
         top.done()
         return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster)
 
-    def server(self, t: _Table) -> ServerConfig:
+    def server(self, t: Table) -> ServerConfig:
         d = ServerConfig()
         host = t.string("host", d.host)
         port = t.integer("port", d.port, 0, 65535)
@@ -440,12 +287,12 @@ class _Parser:
             _f(drain), _f(write), _i(max_n),
         )
 
-    def ledger(self, t: _Table) -> LedgerConfig:
+    def ledger(self, t: Table) -> LedgerConfig:
         url = _s(t.string("url", DEFAULT_LEDGER_URL))
         kind = self.store_url(t, "url", url)
         durability = _s(t.string("durability", "process"))
         if durability not in get_args(Durability):
-            raise t.fail("durability", f'expected "process" or "power", got {_show(durability)}')
+            raise t.fail("durability", f'expected "process" or "power", got {show(durability)}')
         password_env = self.password_env(t, url, kind)
         spool = t.string("spool")
         if spool is not None:
@@ -460,25 +307,25 @@ class _Parser:
         return LedgerConfig(url, cast(Durability, durability), password_env,
                             spool if spool is not None else DEFAULT_SPOOL)
 
-    def store_url(self, t: _Table, key: str, url: str) -> StoreKind:
+    def store_url(self, t: Table, key: str, url: str) -> StoreKind:
         try:
             return store_kind(url)
         except ValueError as e:
             raise t.fail(key, str(e)) from None
 
-    def password_env(self, t: _Table, url: str, kind: StoreKind) -> str | None:
+    def password_env(self, t: Table, url: str, kind: StoreKind) -> str | None:
         name = t.string("password_env")
         if name is None:
             return None
         if kind != "postgresql":
             raise t.fail("password_env", "only for a postgresql:// url")
         if not name or "=" in name:
-            raise t.fail("password_env", f"not an environment variable name: {_show(name)}")
+            raise t.fail("password_env", f"not an environment variable name: {show(name)}")
         if yarl.URL(url).password is not None:
             raise t.fail("password_env", "the url carries a password already; give one or the other")
         return name
 
-    def pricing(self, t: _Table) -> PricingConfig:
+    def pricing(self, t: Table) -> PricingConfig:
         mult = t.amount("priority_multiplier")
         if mult is not None and mult < 1:
             # A priority tier cheaper than default would pay users to jump the queue.
@@ -486,11 +333,11 @@ class _Parser:
         t.done()
         return PricingConfig(mult if mult is not None else DEFAULT_PRIORITY_MULTIPLIER)
 
-    def upstream(self, t: _Table) -> UpstreamConfig:
+    def upstream(self, t: Table) -> UpstreamConfig:
         name = _s(t.string("name", required=True))
         kind = _s(t.string("kind", "openai"))
         if kind not in get_args(UpstreamKind):
-            raise t.fail("kind", f'expected one of "openai", "vllm", "sglang", "trtllm", "sim", got {_show(kind)}')
+            raise t.fail("kind", f'expected one of "openai", "vllm", "sglang", "trtllm", "sim", got {show(kind)}')
         base_url = t.string("base_url")
         sim: SimSettings | None = None
         if kind == "sim":
@@ -532,23 +379,23 @@ class _Parser:
             connect, read, max_conn, sim, metrics, metrics_url, interval,
         )
 
-    def base_url(self, t: _Table, value: str) -> str:
+    def base_url(self, t: Table, value: str) -> str:
         return self.url(t, "base_url", value)
 
-    def url(self, t: _Table, key: str, value: str) -> str:
+    def url(self, t: Table, key: str, value: str) -> str:
         try:
             url = yarl.URL(value)
         except ValueError:
-            raise t.fail(key, f"not a URL: {_show(value)}") from None
+            raise t.fail(key, f"not a URL: {show(value)}") from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise t.fail(key, f"expected an http:// or https:// URL with a host, got {_show(value)}")
+            raise t.fail(key, f"expected an http:// or https:// URL with a host, got {show(value)}")
         if url.user is not None or url.password is not None:
             raise t.fail(key, "must not carry credentials (use api_key_env)")
         if url.query_string or url.fragment:
             raise t.fail(key, "must not have a query or fragment")
         return value.rstrip("/")
 
-    def model(self, t: _Table, upstreams: tuple[UpstreamConfig, ...], mult: Decimal) -> ModelConfig:
+    def model(self, t: Table, upstreams: tuple[UpstreamConfig, ...], mult: Decimal) -> ModelConfig:
         model_id = _s(t.string("id", required=True))
         upstream = t.string("upstream")
         names = [u.name for u in upstreams]
@@ -578,7 +425,7 @@ class _Parser:
         return ModelConfig(model_id, upstream, priority, input_per_m, output_per_m,
                            upstream_model, admission)
 
-    def admission(self, t: _Table, engine_interval_ms: float) -> AdmissionConfig:
+    def admission(self, t: Table, engine_interval_ms: float) -> AdmissionConfig:
         """Types are checked here (TOML's integers, numbers, tables); ranges and
         combinations by the core, whose error names the key. The engine signal's
         interval is the upstream's `metrics_interval_ms`."""
@@ -589,7 +436,7 @@ class _Parser:
         elif isinstance(v, int) and not isinstance(v, bool):
             limit = v
         else:
-            raise t.fail("max_concurrency", f'expected an integer or "auto", got {_show(v)}')
+            raise t.fail("max_concurrency", f'expected an integer or "auto", got {show(v)}')
         wait: float | dict[str, float] | None
         if isinstance(t.data.get("max_wait_ms"), dict):
             wt = t.table("max_wait_ms")
@@ -617,7 +464,7 @@ class _Parser:
         except SettingsError as e:
             raise t.fail(e.key, e.reason) from None
 
-    def cluster(self, t: _Table) -> ClusterConfig:
+    def cluster(self, t: Table) -> ClusterConfig:
         d = ClusterConfig(redis_url="")
         url = _s(t.string("redis_url", required=True))
         try:
@@ -637,11 +484,11 @@ class _Parser:
         ttl = _i(t.integer("lease_ttl_ms", d.lease_ttl_ms, 300, 600_000))
         down = _s(t.string("on_redis_down", d.on_redis_down))
         if down not in get_args(RedisDown):
-            raise t.fail("on_redis_down", f'expected "local" or "closed", got {_show(down)}')
+            raise t.fail("on_redis_down", f'expected "local" or "closed", got {show(down)}')
         t.done()
         return ClusterConfig(url, password_env, host_id, ttl, cast(RedisDown, down))
 
-    def keys(self, t: _Table) -> KeysConfig:
+    def keys(self, t: Table) -> KeysConfig:
         d = KeysConfig()
         path = t.string("path")
         url = t.string("url")
@@ -658,7 +505,7 @@ class _Parser:
         return KeysConfig(store, capacity, password_env, refresh)
 
 
-# The _Table readers return Optional because a default may be None; these
+# The Table readers return Optional because a default may be None; these
 # narrow where the default given was not None.
 def _s(v: str | None) -> str:
     assert v is not None
