@@ -25,9 +25,9 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final
 
 from tierq._core import LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
@@ -36,6 +36,10 @@ from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
 __all__ = [
     "APPLIED_TIERS",
     "COLUMNS",
+    "Dialect",
+    "LedgerReads",
+    "POSTGRES",
+    "SQLITE",
     "STATUSES",
     "Ledger",
     "LedgerRow",
@@ -43,12 +47,13 @@ __all__ = [
     "connect",
     "cost_text",
     "row_values",
-    "usage_lines",
 ]
 
 log = logging.getLogger("tierq.ledger")
 
-STATUSES: Final = frozenset({"served", "shed", "failed", "cancelled"})
+# In UsageLine's order (its counts per status).
+_STATUS_ORDER: Final = ("served", "shed", "failed", "cancelled")
+STATUSES: Final = frozenset(_STATUS_ORDER)
 APPLIED_TIERS: Final = frozenset({"priority", "default"})
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
@@ -68,13 +73,6 @@ COLUMNS: Final = (
     "prompt_tokens", "completion_tokens", "cost", "cost_micro", "cost_femto", "status",
     "partial", "code", "queue_ms", "latency_ms", "upstream",
 )  # fmt: skip
-
-_SELECT: Final = (
-    "SELECT request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,"
-    " prompt_tokens, completion_tokens, cost, status, partial, code, queue_ms, latency_ms,"
-    " upstream FROM ledger"
-)
-
 
 @dataclass(slots=True, frozen=True)
 class LedgerRow:
@@ -195,6 +193,143 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     return conn
 
 
+# ---------------------------------------------------------------- reads
+
+
+@dataclass(slots=True, frozen=True)
+class UsageLine:
+    """Spend of one (key, model, applied tier)."""
+
+    key_id: str
+    model: str
+    applied_tier: str
+    requests: int
+    served: int
+    shed: int
+    failed: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one SQL backend spells the ledger's reads: everything the SQLite and the
+    PostgreSQL reads differ by, so `LedgerReads` writes each query once."""
+
+    #: The n-th query parameter (from 1): `?` or `$n`.
+    param: Callable[[int], str]
+    #: How many rows of a group meet a condition.
+    count_if: Callable[[str], str]
+    #: The select list of a group's cost, and how its values become the exact USD.
+    cost_sum: str
+    cost_of: Callable[[Sequence[Any]], Decimal]
+    #: After a text column in ORDER BY: byte order, as SQLite sorts by default.
+    text_order: str
+
+
+def _cost_of_split(sums: Sequence[Any]) -> Decimal:
+    micro, femto = sums
+    return _from_femto(int(micro) * FEMTO_PER_MICRO + int(femto))
+
+
+def _cost_of_numeric(sums: Sequence[Any]) -> Decimal:
+    total = Decimal(sums[0])
+    return total.normalize() if total else Decimal(0)
+
+
+#: SQLite has no exact decimal sum: it adds the integer split of the cost.
+SQLITE: Final = Dialect(
+    param=lambda n: "?", count_if=lambda cond: f"SUM({cond})",
+    cost_sum="SUM(cost_micro), SUM(cost_femto)", cost_of=_cost_of_split, text_order="",
+)
+#: PostgreSQL sums the NUMERIC cost exactly; its text order follows the locale unless told.
+POSTGRES: Final = Dialect(
+    param=lambda n: f"${n}", count_if=lambda cond: f"COUNT(*) FILTER (WHERE {cond})",
+    cost_sum="SUM(cost)", cost_of=_cost_of_numeric, text_order=' COLLATE "C"',
+)
+
+# The columns a read returns: LedgerRow's fields, in order.
+_READ_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow) if f.init)
+
+
+class LedgerReads:
+    """The ledger's blocking reads, written once for every backend: each backend
+    gives its `dialect` and `_read(sql, params)` (a short-lived connection). For
+    the CLI, tests and admin paths, never the request path."""
+
+    dialect: ClassVar[Dialect]
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _select(self) -> str:
+        return f"SELECT {', '.join(_READ_COLUMNS)} FROM ledger"
+
+    def get(self, request_id: str) -> LedgerRow | None:
+        found = self._read(self._select() + f" WHERE request_id = {self.dialect.param(1)}", (request_id,))
+        return _row(found[0]) if found else None
+
+    def rows(self, request_id: str | None = None) -> list[LedgerRow]:
+        if request_id is not None:
+            found = self._read(self._select() + f" WHERE request_id = {self.dialect.param(1)}",
+                               (request_id,))
+        else:
+            found = self._read(self._select() + f" ORDER BY ts, request_id{self.dialect.text_order}")
+        return [_row(r) for r in found]
+
+    def count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
+
+    def usage(
+        self, since: float | None = None, key_id: str | None = None, model: str | None = None
+    ) -> list[UsageLine]:
+        """Spend by key, model and applied tier: the same lines, in the same (byte)
+        order and to the same exact cost, whichever backend holds the rows."""
+        d = self.dialect
+        # Filters are fixed SQL fragments; values only ever travel as parameters.
+        where: list[str] = []
+        params: list[object] = []
+        for condition, value in (("ts >=", None if since is None else float(since)),
+                                 ("key_id =", key_id), ("model =", model)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{condition} {d.param(len(params))}")
+        group = ("key_id", "model", "applied_tier")
+        sql = (
+            f"SELECT {', '.join(group)}, COUNT(*), "
+            + ", ".join(d.count_if(f"status = '{status}'") for status in _STATUS_ORDER)
+            + f", SUM(prompt_tokens), SUM(completion_tokens), {d.cost_sum} FROM ledger"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" GROUP BY {', '.join(group)}"
+            + " ORDER BY " + ", ".join(c + d.text_order for c in group)
+        )
+        out = []
+        for r in self._read(sql, params):
+            k, m, tier, n, served, shed, failed, cancelled, pt, ct = r[:10]
+            out.append(
+                UsageLine(
+                    key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
+                    served=int(served), shed=int(shed), failed=int(failed),
+                    cancelled=int(cancelled), prompt_tokens=int(pt), completion_tokens=int(ct),
+                    cost=d.cost_of(r[10:]),
+                )  # fmt: skip
+            )
+        return out
+
+
+def _row(r: tuple[Any, ...]) -> LedgerRow:
+    (rid, ts, key_id, model, endpoint, req, applied, pt, ct, cost, status, partial, code,
+     queue_ms, latency_ms, upstream) = r  # fmt: skip
+    return LedgerRow(
+        request_id=rid, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
+        requested_tier=req, applied_tier=applied, prompt_tokens=int(pt), completion_tokens=int(ct),
+        cost=Decimal(cost), status=status, partial=bool(partial), code=code,
+        queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream,
+    )  # fmt: skip
+
+
 def _nothing() -> None:
     pass
 
@@ -203,7 +338,7 @@ def _not_running() -> RuntimeError:
     return RuntimeError("ledger is not running (call start(), and not after close())")
 
 
-class Ledger:
+class Ledger(LedgerReads):
     """The SQLite ledger. `await start()` before recording.
 
     The writer is Rust (`tierq._core.LedgerWriter`): its own thread, its own
@@ -220,6 +355,8 @@ class Ledger:
     One event loop drives a Ledger (the one that started it); `record_nowait`
     may be called from any thread.
     """
+
+    dialect = SQLITE
 
     def __init__(self, path: str, durability: Durability = "process") -> None:
         if durability not in ("process", "power"):
@@ -368,97 +505,3 @@ class Ledger:
             return list(conn.execute(sql, params))
         finally:
             conn.close()
-
-    def get(self, request_id: str) -> LedgerRow | None:
-        found = self._read(_SELECT + " WHERE request_id = ?", (request_id,))
-        return _row(found[0]) if found else None
-
-    def rows(self, request_id: str | None = None) -> list[LedgerRow]:
-        if request_id is not None:
-            found = self._read(_SELECT + " WHERE request_id = ?", (request_id,))
-        else:
-            found = self._read(_SELECT + " ORDER BY ts, request_id")
-        return [_row(r) for r in found]
-
-    def count(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
-
-    def usage(
-        self, since: float | None = None, key_id: str | None = None, model: str | None = None
-    ) -> list[UsageLine]:
-        return usage_lines(self._read, since=since, key_id=key_id, model=model)
-
-
-def _row(r: tuple[Any, ...]) -> LedgerRow:
-    (rid, ts, key_id, model, endpoint, req, applied, pt, ct, cost, status, partial, code,
-     queue_ms, latency_ms, upstream) = r  # fmt: skip
-    return LedgerRow(
-        request_id=rid, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
-        requested_tier=req, applied_tier=applied, prompt_tokens=pt, completion_tokens=ct,
-        cost=Decimal(cost), status=status, partial=bool(partial), code=code,
-        queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream,
-    )  # fmt: skip
-
-
-# ---------------------------------------------------------------- usage sums
-
-
-@dataclass(slots=True, frozen=True)
-class UsageLine:
-    """Spend of one (key, model, applied tier)."""
-
-    key_id: str
-    model: str
-    applied_tier: str
-    requests: int
-    served: int
-    shed: int
-    failed: int
-    cancelled: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost: Decimal
-
-
-Reader = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
-
-
-def usage_lines(
-    read: Reader,
-    since: float | None = None,
-    key_id: str | None = None,
-    model: str | None = None,
-) -> list[UsageLine]:
-    # Filters are fixed SQL fragments; values only ever travel as parameters.
-    where: list[str] = []
-    params: list[object] = []
-    if since is not None:
-        where.append("ts >= ?")
-        params.append(since)
-    if key_id is not None:
-        where.append("key_id = ?")
-        params.append(key_id)
-    if model is not None:
-        where.append("model = ?")
-        params.append(model)
-    sql = (
-        "SELECT key_id, model, applied_tier, COUNT(*),"
-        " SUM(status = 'served'), SUM(status = 'shed'), SUM(status = 'failed'),"
-        " SUM(status = 'cancelled'), SUM(prompt_tokens), SUM(completion_tokens),"
-        " SUM(cost_micro), SUM(cost_femto) FROM ledger"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + " GROUP BY key_id, model, applied_tier ORDER BY key_id, model, applied_tier"
-    )
-    out = []
-    for r in read(sql, params):
-        k, m, tier, n, served, shed, failed, cancelled, pt, ct, micro, femto = r
-        out.append(
-            UsageLine(
-                key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
-                served=int(served), shed=int(shed), failed=int(failed),
-                cancelled=int(cancelled), prompt_tokens=int(pt), completion_tokens=int(ct),
-                cost=_from_femto(int(micro) * FEMTO_PER_MICRO + int(femto)),
-            )  # fmt: skip
-        )
-    return out
-

@@ -23,7 +23,6 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from decimal import Decimal
 from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
@@ -40,7 +39,7 @@ from tierq.keys import (
     updated,
     validate_new_key,
 )
-from tierq.ledger import COLUMNS, Ledger, LedgerRow, UsageLine, connect, row_values
+from tierq.ledger import COLUMNS, POSTGRES, Ledger, LedgerReads, LedgerRow, connect, row_values
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import DEFAULT_SPOOL, Durability, postgres_url, sqlite_path
 
@@ -216,11 +215,6 @@ _INSERT: Final = (
     + f") AS u({', '.join(COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
 )
 _FLOAT_COLUMNS: Final = frozenset(i for i, t in enumerate(_PG_TYPES) if t == "float8")
-_SELECT: Final = (
-    "SELECT request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,"
-    " prompt_tokens, completion_tokens, cost, status, partial, code, queue_ms, latency_ms,"
-    " upstream FROM ledger"
-)
 
 
 def _arrays(values: Sequence[Sequence[object]]) -> list[list[object]]:
@@ -246,7 +240,100 @@ def _settle(futs: Iterable[asyncio.Future[None] | None], exc: BaseException | No
             fut.set_exception(exc)
 
 
-class PostgresLedger:
+class _Spool:
+    """The local SQLite file (the ledger's schema) holding the rows PostgreSQL could
+    not take, oldest first, until the replay moves them. Knows nothing of PostgreSQL."""
+
+    def __init__(self, path: str, durability: Durability) -> None:
+        self.path = path
+        self._ledger = Ledger(path, durability)  # its writer: rows go in as into any ledger
+        self._durability: Durability = durability
+        self._conn: sqlite3.Connection | None = None  # the replay's reads and deletes
+        self.rows = 0  # rows in the file, waiting for PostgreSQL
+        self.spooled = 0  # rows this process wrote to it
+
+    async def open(self) -> None:
+        await self._ledger.start()
+        self._conn = await asyncio.to_thread(connect, self.path, self._durability)
+        await self.recount()
+
+    async def close(self) -> None:
+        await self._ledger.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    async def write(self, batch: list[_Item]) -> None:
+        """Make the batch's rows durable here and settle their waiters (and barriers)."""
+        rows = [(row, fut) for row, fut, _ in batch if row is not None]
+        results = await asyncio.gather(*(self._ledger.record(row) for row, _ in rows),
+                                       return_exceptions=True)
+        for (row, fut), res in zip(rows, results):
+            exc = res if isinstance(res, BaseException) else None
+            if exc is not None:
+                log.error("ledger: spooling row %r failed: %s", row.request_id, exc)
+            _settle([fut], exc)
+        _settle((f for row, f, _ in batch if row is None), None)
+        written = sum(1 for r in results if not isinstance(r, BaseException))
+        self.spooled += written
+        self.rows += written  # an id already spooled is counted twice until recounted
+
+    async def recount(self) -> None:
+        self.rows = await asyncio.to_thread(self._count)
+
+    def _count(self) -> int:
+        assert self._conn is not None
+        return int(self._conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+    async def oldest(self, n: int) -> list[tuple[Any, ...]]:
+        """The `n` rows spooled first, as `COLUMNS` values."""
+        conn = self._conn
+        assert conn is not None
+        return await asyncio.to_thread(lambda: conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM ledger ORDER BY rowid LIMIT ?", (n,)
+        ).fetchall())
+
+    async def delete(self, ids: list[str]) -> None:
+        self.rows = await asyncio.to_thread(self._delete, ids)
+
+    def _delete(self, ids: list[str]) -> int:
+        # By request_id, not rowid: SQLite may hand a deleted row's rowid to a new row.
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM ledger WHERE request_id = ?", [(i,) for i in ids])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+
+class _Replay:
+    """The spool's rows back into PostgreSQL in the order they were spooled, a chunk
+    at a time, each chunk deleted from the spool only once PostgreSQL committed it.
+    The writer inserts each chunk between `take` and `moved` (it owns the
+    connection and what a failure means)."""
+
+    def __init__(self, spool: _Spool, chunk: int = REPLAY_CHUNK) -> None:
+        self.spool = spool
+        self.chunk = chunk  # rows per transaction
+        self.replayed = 0  # spooled rows this process moved to PostgreSQL
+
+    async def take(self) -> list[tuple[Any, ...]]:
+        """The next chunk to insert; empty once the spool is (then recounted)."""
+        values = await self.spool.oldest(self.chunk)
+        if not values:
+            await self.spool.recount()
+        return values
+
+    async def moved(self, values: list[tuple[Any, ...]]) -> None:
+        """`values` (from `take`) are committed in PostgreSQL: drop them from the spool."""
+        self.replayed += len(values)
+        await self.spool.delete([str(v[0]) for v in values])
+
+
+class PostgresLedger(LedgerReads):
     """The ledger in a PostgreSQL table shared by every host, with a SQLite spool.
 
     The same calls as tierq.ledger.Ledger: `await start()`, `await record(row)`
@@ -255,13 +342,16 @@ class PostgresLedger:
     and the blocking read helpers `get`, `rows`, `count`, `usage` (PostgreSQL's
     table only; the spool's rows show there once replayed).
 
-    One writer task on the event loop that started it: it takes every queued row
-    into one batch (group commit: rows queued while a batch commits go in the
-    next). While the spool holds rows (PostgreSQL was unreachable, or an earlier
-    run left some), new rows go to the spool too and the writer moves the oldest
-    ones to PostgreSQL in chunks, so rows reach PostgreSQL in the order they were
-    recorded; each spooled row is deleted only after its PostgreSQL commit.
+    This class is the writer: one task on the event loop that started it takes
+    every queued row into one batch (group commit: rows queued while a batch
+    commits go in the next) and decides where it goes. While the spool
+    (`_Spool`) holds rows (PostgreSQL was unreachable, or an earlier run left
+    some), new rows go to the spool too and the replay (`_Replay`) moves the
+    oldest ones to PostgreSQL in chunks, so rows reach PostgreSQL in the order
+    they were recorded.
     """
+
+    dialect = POSTGRES
 
     def __init__(
         self, url: str, *, password_env: str | None = None, spool: str = DEFAULT_SPOOL,
@@ -275,9 +365,8 @@ class PostgresLedger:
         self.connect_timeout_s = connect_timeout_s
         self.commit_timeout_s = commit_timeout_s
         self.retry_s = retry_s
-        self.replay_chunk = REPLAY_CHUNK
-        self._spool = Ledger(self.spool_path, durability)
-        self._spool_conn: sqlite3.Connection | None = None
+        self._spool = _Spool(self.spool_path, durability)
+        self._replay = _Replay(self._spool)
         self._items: deque[_Item] = deque()
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -292,10 +381,31 @@ class PostgresLedger:
         self.commit_errors = 0  # batches PostgreSQL refused (their rows, not the server)
         self.lag = Histogram(LAG_BUCKETS_S)
         self.batches = 0
-        self.spool_rows = 0  # rows in the spool file, waiting for PostgreSQL
-        self.spooled = 0  # rows this process wrote to the spool
-        self.replayed = 0  # spooled rows this process moved to PostgreSQL
         self.switches = 0  # mode changes, either way
+
+    @property
+    def spool_rows(self) -> int:
+        """Rows in the spool file, waiting for PostgreSQL."""
+        return self._spool.rows
+
+    @property
+    def spooled(self) -> int:
+        """Rows this process wrote to the spool."""
+        return self._spool.spooled
+
+    @property
+    def replayed(self) -> int:
+        """Spooled rows this process moved to PostgreSQL."""
+        return self._replay.replayed
+
+    @property
+    def replay_chunk(self) -> int:
+        """Spooled rows moved to PostgreSQL per transaction."""
+        return self._replay.chunk
+
+    @replay_chunk.setter
+    def replay_chunk(self, rows: int) -> None:
+        self._replay.chunk = rows
 
     # ------------------------------------------------------------ lifecycle
 
@@ -304,15 +414,12 @@ class PostgresLedger:
             raise RuntimeError("ledger already started")
         self._loop = asyncio.get_running_loop()
         _password(self.password_env)  # a missing variable is a config error: say so now
-        await self._spool.start()
-        self._spool_conn = await asyncio.to_thread(connect, self.spool_path, self.durability)
-        self.spool_rows = await asyncio.to_thread(self._spool_count)
+        await self._spool.open()
         try:
             self._conn = await self._connect()
         except Exception as e:  # noqa: BLE001 - sorted below
             if _fatal_at_start(e):
                 await self._spool.close()
-                self._spool_conn.close()
                 raise
             log.warning("ledger: PostgreSQL unreachable at start (%s): rows go to the spool "
                         "%s until it is back", _why(e), self.spool_path)
@@ -349,8 +456,6 @@ class PostgresLedger:
                 self._conn.terminate()
             self._conn = None
         await self._spool.close()
-        if self._spool_conn is not None:
-            self._spool_conn.close()
 
     async def __aenter__(self) -> PostgresLedger:
         await self.start()
@@ -445,7 +550,7 @@ class PostgresLedger:
                 batch.append(self._items.popleft())
             try:
                 if batch and not (self.mode == "postgresql" and await self._commit_pg(batch)):
-                    await self._commit_spool(batch)
+                    await self._spool.write(batch)
                 if self._replay_due():
                     await self._replay_chunk()
             except Exception:  # noqa: BLE001 - the writer must outlive any batch
@@ -490,47 +595,10 @@ class PostgresLedger:
         # dropped and the rows go to the spool.
         await asyncio.wait_for(transaction(), self.commit_timeout_s)
 
-    async def _commit_spool(self, batch: list[_Item]) -> None:
-        rows = [(row, fut) for row, fut, _ in batch if row is not None]
-        results = await asyncio.gather(*(self._spool.record(row) for row, _ in rows),
-                                       return_exceptions=True)
-        for (row, fut), res in zip(rows, results):
-            exc = res if isinstance(res, BaseException) else None
-            if exc is not None:
-                log.error("ledger: spooling row %r failed: %s", row.request_id, exc)
-            _settle([fut], exc)
-        _settle((f for row, f, _ in batch if row is None), None)
-        written = sum(1 for r in results if not isinstance(r, BaseException))
-        self.spooled += written
-        self.spool_rows += written  # an id already spooled is counted twice until recounted
-
-    def _spool_count(self) -> int:
-        assert self._spool_conn is not None
-        return int(self._spool_conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
-
-    def _spool_oldest(self, n: int) -> list[tuple[Any, ...]]:
-        assert self._spool_conn is not None
-        return self._spool_conn.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM ledger ORDER BY rowid LIMIT ?", (n,)
-        ).fetchall()
-
-    def _spool_delete(self, ids: list[str]) -> int:
-        # By request_id, not rowid: SQLite may hand a deleted row's rowid to a new row.
-        conn = self._spool_conn
-        assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("DELETE FROM ledger WHERE request_id = ?", [(i,) for i in ids])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
-
     async def _replay_chunk(self) -> None:
         conn = self._conn
         assert conn is not None
-        values = await asyncio.to_thread(self._spool_oldest, self.replay_chunk)
+        values = await self._replay.take()
         if values:
             try:
                 await self._insert(conn, values)
@@ -545,11 +613,7 @@ class PostgresLedger:
                           len(values), e, self.spool_path)
                 raise
             self.rows_committed += len(values)
-            self.replayed += len(values)
-            self.spool_rows = await asyncio.to_thread(self._spool_delete,
-                                                      [str(v[0]) for v in values])
-        else:
-            self.spool_rows = await asyncio.to_thread(self._spool_count)
+            await self._replay.moved(values)
         if self.spool_rows == 0:
             self.mode = "postgresql"
             self.switches += 1
@@ -559,82 +623,20 @@ class PostgresLedger:
 
     # ------------------------------------------------------------ reads (blocking)
 
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[asyncpg.Record]:
-        async def run() -> list[asyncpg.Record]:
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        async def run() -> list[tuple[Any, ...]]:
             conn = await pg_connect(self.url, self.password_env)
             try:
-                return list(await conn.fetch(sql, *params))
+                return [tuple(r) for r in await conn.fetch(sql, *params)]
             finally:
                 await conn.close()
 
         return _blocking(run)
 
-    def get(self, request_id: str) -> LedgerRow | None:
-        found = self._read(_SELECT + " WHERE request_id = $1", (request_id,))
-        return _row(found[0]) if found else None
-
-    def rows(self, request_id: str | None = None) -> list[LedgerRow]:
-        if request_id is not None:
-            found = self._read(_SELECT + " WHERE request_id = $1", (request_id,))
-        else:
-            found = self._read(_SELECT + ' ORDER BY ts, request_id COLLATE "C"')
-        return [_row(r) for r in found]
-
-    def count(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
-
-    def usage(self, since: float | None = None, key_id: str | None = None,
-              model: str | None = None) -> list[UsageLine]:
-        return pg_usage(self._read, since=since, key_id=key_id, model=model)
-
 
 def _why(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:200]
-
-
-def _row(r: asyncpg.Record) -> LedgerRow:
-    return LedgerRow(
-        request_id=r[0], ts=r[1], key_id=r[2], model=r[3], endpoint=r[4], requested_tier=r[5],
-        applied_tier=r[6], prompt_tokens=int(r[7]), completion_tokens=int(r[8]),
-        cost=Decimal(r[9]), status=r[10], partial=bool(r[11]), code=r[12], queue_ms=r[13],
-        latency_ms=r[14], upstream=r[15],
-    )  # fmt: skip
-
-
-def pg_usage(
-    read: Callable[[str, Sequence[object]], Sequence[asyncpg.Record]],
-    since: float | None = None, key_id: str | None = None, model: str | None = None,
-) -> list[UsageLine]:
-    """The usage sums of tierq.ledger.usage_lines, in PostgreSQL's SQL: the same
-    lines, the same order (byte order, as SQLite sorts), the same exact costs."""
-    where: list[str] = []
-    params: list[object] = []
-    for column, value in (("ts >=", since), ("key_id =", key_id), ("model =", model)):
-        if value is not None:
-            params.append(float(value) if column == "ts >=" else value)
-            where.append(f"{column} ${len(params)}")
-    sql = (
-        "SELECT key_id, model, applied_tier, COUNT(*),"
-        " COUNT(*) FILTER (WHERE status = 'served'), COUNT(*) FILTER (WHERE status = 'shed'),"
-        " COUNT(*) FILTER (WHERE status = 'failed'),"
-        " COUNT(*) FILTER (WHERE status = 'cancelled'),"
-        " SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) FROM ledger"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + ' GROUP BY key_id, model, applied_tier'
-        + ' ORDER BY key_id COLLATE "C", model COLLATE "C", applied_tier COLLATE "C"'
-    )
-    out = []
-    for r in read(sql, params):
-        k, m, tier, n, served, shed, failed, cancelled, pt, ct, cost = r
-        total = Decimal(cost)
-        out.append(UsageLine(
-            key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
-            served=int(served), shed=int(shed), failed=int(failed), cancelled=int(cancelled),
-            prompt_tokens=int(pt), completion_tokens=int(ct),
-            cost=total.normalize() if total else Decimal(0),
-        ))  # fmt: skip
-    return out
 
 
 # ---------------------------------------------------------------- keys
