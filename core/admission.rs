@@ -8,11 +8,9 @@
 //! it on while more are held than the limit. Raising it hands the new slots
 //! to waiters at once (`fill`).
 //!
-//! All mutable state is one fixed block of 64-bit atomic words (`State`):
-//! a header of counters, each hot one on its own cache line, then the two
-//! rings, then (shared pools only) one line and one mailbox per worker. No
-//! pointers live in it: the block is either on the heap (one process) or in
-//! a named shared-memory region mapped by every worker process of a host.
+//! All mutable state is one fixed block of 64-bit atomic words (`block.rs`:
+//! its layout, and where it lives); the settings it runs by are
+//! `settings.rs`'s.
 //!
 //! Shared pools: each waiter's ring cell records its owner (worker index and
 //! that worker's generation). Whoever decides a waiter owned by another
@@ -24,12 +22,15 @@
 //! generation's count (and is reclaimed) or sees the new generation and
 //! passes the slot on itself: never both, never neither.
 
-use crate::bucket::{self, BucketParams};
+use crate::block::{self, at, wk, State, HELD_COUNT, MAGIC};
+use crate::bucket;
 use crate::clock::Clock;
+use crate::crash::crash_point;
 use crate::error::CoreError;
 use crate::lanes::Ring;
 use crate::limit::{self, EngineSample, LimitMode, PoolView, Signal, FP_SHIFT};
 use crate::mailbox::{self, Mailbox, OUT_EVICTED, OUT_EXPIRED, OUT_GRANT};
+use crate::settings::PoolSettings;
 use crate::sync::{spin, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use crate::Lane;
 
@@ -109,308 +110,6 @@ pub fn untaken_slots<'a>(
     Some(in_use.saturating_sub(withheld + held))
 }
 
-/// A pool's settings as written (TOML keys, `PoolSettings(...)` keyword
-/// arguments), before any check. `None` means "the default"; the defaults
-/// live here and nowhere else (`Default`). `validate` is the one place that
-/// decides what is allowed; its errors name the key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolSpec {
-    /// `Some(n)`: a fixed limit of n. `None`: adaptive.
-    pub max_concurrency: Option<i64>,
-    /// Adaptive bounds and start; only with an adaptive limit.
-    pub min_concurrency: Option<i64>,
-    pub max_concurrency_limit: Option<i64>,
-    pub initial_concurrency: Option<i64>,
-    pub queue_depth: i64,
-    /// Per lane, indexed by `Lane as usize` (priority, default), in ms.
-    pub max_wait_ms: [f64; 2],
-    pub rate: Option<f64>,
-    pub burst: Option<f64>,
-    pub priority_reserve: f64,
-    pub default_min_share: f64,
-    pub priority_headroom: i64,
-    /// How often the engine's metrics are scraped (the upstream's
-    /// `metrics_interval_ms`); samples closer than half of it to the last one
-    /// applied are dropped, so N workers scraping one engine act as one.
-    pub engine_interval_ms: f64,
-}
-
-/// Adaptive defaults (docs/configuration.md): at least 2 slots, so a
-/// priority headroom of 1 is allowed and a back-off never serialises the
-/// upstream; at most 1024, which bounds the mailboxes sized for it; a start
-/// of 4, below any engine's batch, so the first requests never queue inside
-/// an engine (where priority buys nothing); slow start takes it from there
-/// (x1.5 a sample or window: 256 in 11 engine samples).
-pub const DEFAULT_MIN_CONCURRENCY: i64 = 2;
-pub const DEFAULT_MAX_CONCURRENCY_LIMIT: i64 = 1024;
-pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 4;
-/// Most slots a pool may have, fixed or as an adaptive bound.
-pub const MAX_SLOTS: i64 = 1_000_000;
-/// Most waiters a pool may queue.
-pub const MAX_QUEUE_DEPTH: i64 = 1 << 24;
-
-impl Default for PoolSpec {
-    fn default() -> Self {
-        PoolSpec {
-            max_concurrency: None,
-            min_concurrency: None,
-            max_concurrency_limit: None,
-            initial_concurrency: None,
-            queue_depth: 1024,
-            max_wait_ms: [60_000.0, 30_000.0],
-            rate: None,
-            burst: None,
-            priority_reserve: 0.2,
-            default_min_share: 0.0,
-            priority_headroom: 0,
-            engine_interval_ms: 100.0,
-        }
-    }
-}
-
-impl PoolSpec {
-    /// A fixed limit of `n` with the other settings at their defaults.
-    pub fn fixed(n: i64) -> Self {
-        PoolSpec { max_concurrency: Some(n), ..PoolSpec::default() }
-    }
-
-    /// Checks every setting; the error names the first bad key.
-    pub fn validate(&self) -> Result<PoolSettings, CoreError> {
-        let slots = |name, v: i64| {
-            if (1..=MAX_SLOTS).contains(&v) {
-                Ok(v as u32)
-            } else {
-                Err(CoreError::arg(name, format!("must be between 1 and {MAX_SLOTS}, got {v}")))
-            }
-        };
-        let limit = match self.max_concurrency {
-            Some(n) => {
-                for (name, v) in [
-                    ("min_concurrency", self.min_concurrency),
-                    ("max_concurrency_limit", self.max_concurrency_limit),
-                    ("initial_concurrency", self.initial_concurrency),
-                ] {
-                    if v.is_some() {
-                        return Err(CoreError::arg(name, "only for an adaptive limit (max_concurrency absent or \"auto\")"));
-                    }
-                }
-                LimitMode::Fixed(slots("max_concurrency", n)?)
-            }
-            None => {
-                let min = slots("min_concurrency", self.min_concurrency.unwrap_or(DEFAULT_MIN_CONCURRENCY))?;
-                let max = slots("max_concurrency_limit", self.max_concurrency_limit.unwrap_or(DEFAULT_MAX_CONCURRENCY_LIMIT))?;
-                if max < min {
-                    return Err(CoreError::arg(
-                        "max_concurrency_limit",
-                        format!("must be at least min_concurrency ({min}), got {max}"),
-                    ));
-                }
-                let initial = match self.initial_concurrency {
-                    Some(v) if !(min as i64..=max as i64).contains(&v) => {
-                        return Err(CoreError::arg(
-                            "initial_concurrency",
-                            format!("must be between min_concurrency ({min}) and max_concurrency_limit ({max}), got {v}"),
-                        ))
-                    }
-                    Some(v) => v as u32,
-                    None => (DEFAULT_INITIAL_CONCURRENCY as u32).clamp(min, max),
-                };
-                LimitMode::Adaptive { min, max, initial }
-            }
-        };
-        if !(0..=MAX_QUEUE_DEPTH).contains(&self.queue_depth) {
-            return Err(CoreError::arg("queue_depth", format!("must be between 0 and {MAX_QUEUE_DEPTH}, got {}", self.queue_depth)));
-        }
-        let wait = |name, ms: f64| {
-            if ms.is_finite() && (0.0..=86_400_000.0).contains(&ms) {
-                Ok((ms * 1e6).round() as u64)
-            } else {
-                Err(CoreError::arg(name, format!("must be between 0 and 86400000 ms, got {ms}")))
-            }
-        };
-        let max_wait_ns = [
-            wait("max_wait_ms.priority", self.max_wait_ms[Lane::Priority as usize])?,
-            wait("max_wait_ms.default", self.max_wait_ms[Lane::Default as usize])?,
-        ];
-        if !(self.priority_reserve.is_finite() && (0.0..1.0).contains(&self.priority_reserve)) {
-            return Err(CoreError::arg(
-                "priority_reserve",
-                format!("must be at least 0 and below 1 (a share of burst kept for priority), got {}", self.priority_reserve),
-            ));
-        }
-        let bucket = match (self.rate, self.burst) {
-            (None, None) => None,
-            (None, Some(_)) => return Err(CoreError::arg("burst", "needs rate (burst is the token bucket's size)")),
-            (Some(r), b) => Some(BucketParams::new(r, b.unwrap_or(r.max(1.0)), self.priority_reserve)?),
-        };
-        if !(self.default_min_share.is_finite() && (0.0..=1.0).contains(&self.default_min_share)) {
-            return Err(CoreError::arg("default_min_share", format!("must be between 0 and 1, got {}", self.default_min_share)));
-        }
-        let floor = limit.min() as i64;
-        if !(0..floor).contains(&self.priority_headroom) {
-            let bound = match limit {
-                LimitMode::Fixed(_) => "max_concurrency",
-                LimitMode::Adaptive { .. } => "min_concurrency",
-            };
-            return Err(CoreError::arg(
-                "priority_headroom",
-                format!("must be at least 0 and below {bound} ({floor}): defaults need a slot, got {}", self.priority_headroom),
-            ));
-        }
-        let ms = self.engine_interval_ms;
-        if !(ms.is_finite() && (1.0..=60_000.0).contains(&ms)) {
-            return Err(CoreError::arg("engine_interval_ms", format!("must be between 1 and 60000, got {ms}")));
-        }
-        Ok(PoolSettings {
-            limit,
-            queue_depth: self.queue_depth as u32,
-            max_wait_ns,
-            bucket,
-            default_min_share: self.default_min_share,
-            priority_headroom: self.priority_headroom as u32,
-            engine_interval_ns: (ms * 1e6).round() as u64,
-        })
-    }
-}
-
-/// Validated pool settings (made by `PoolSpec::validate`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolSettings {
-    pub limit: LimitMode,
-    pub queue_depth: u32,
-    /// Indexed by `Lane as usize`.
-    pub max_wait_ns: [u64; 2],
-    pub bucket: Option<BucketParams>,
-    pub default_min_share: f64,
-    /// Slots a default request may not take: defaults are admitted only while
-    /// fewer than `limit - priority_headroom` slots are in use, so a priority
-    /// arrival finds a free slot instead of waiting for one to end. Below the
-    /// limit's minimum, so defaults always have a slot.
-    pub priority_headroom: u32,
-    pub engine_interval_ns: u64,
-}
-
-impl PoolSettings {
-    /// Cells per lane ring: room for the whole queue in one lane plus as many
-    /// tombstones again (cancelled waiters wait for the head to pass them).
-    pub fn ring_cap(&self) -> usize {
-        ((self.queue_depth as usize).max(1) * 2).next_power_of_two().max(8)
-    }
-}
-
-// State block layout, in words. Each hot field starts its own 64-byte line.
-const LINE: usize = 8;
-// Version 4: the limit lives in the block (lines 12-14), settings take two
-// lines (10-11) and name the limit's mode; a version-3 process would read
-// its limit from its own settings and overrun a lowered one.
-// Version 5: a worker's line has its SEQ word; a version-4 worker would not
-// mark its steps and a reclaim's audit would take one in progress for a leak.
-const MAGIC: u64 = 0x7469_6572_715f_0005; // "tierq_" + layout version 5
-/// Worker indices fit the low byte of an owner word (0 = no worker).
-pub const MAX_WORKERS: usize = 255;
-mod at {
-    use super::LINE;
-    // Line 0: immutable header, checked when a process attaches. MAGIC is
-    // written last by the creator, so a reader that sees it sees the rest.
-    pub const MAGIC: usize = 0;
-    pub const WORDS: usize = 1;
-    pub const WORKERS: usize = 2;
-    pub const MAILBOX_CAP: usize = 3;
-    pub const RING_CAP: usize = 4;
-    /// Slots in use. A grant (a CAS from n to n + 1, or a release handing
-    /// its slot on at n) happens only while n is below (at or below, for a
-    /// hand-off) the limit read just before: never above the limit in
-    /// force, and never above a fixed limit. A lowered limit preempts
-    /// nothing, so the count may stay above it until releases drain it.
-    pub const IN_FLIGHT: usize = LINE;
-    /// Live waiters: priority in the low 32 bits, default in the high 32;
-    /// their sum never exceeds queue_depth.
-    pub const DEPTH: usize = 2 * LINE;
-    /// Bucket TAT (ns); see bucket.rs.
-    pub const TAT: usize = 3 * LINE;
-    pub const HEAD: [usize; 2] = [4 * LINE, 6 * LINE];
-    pub const TAIL: [usize; 2] = [5 * LINE, 7 * LINE];
-    // Line 8: counters only read by stats (monotonic, Relaxed).
-    pub const ADMITTED: [usize; 2] = [8 * LINE, 8 * LINE + 1];
-    pub const SHED: [usize; 3] = [8 * LINE + 2, 8 * LINE + 3, 8 * LINE + 4];
-    pub const CANCELLED: usize = 8 * LINE + 5;
-    /// Fixed-point (1e6 = one dispatch) share owed to the default lane.
-    pub const SHARE_CREDIT: usize = 8 * LINE + 6;
-    // Line 9: drain-rate estimate for honest Retry-After.
-    pub const LAST_RELEASE: usize = 9 * LINE;
-    /// EWMA of the time between slot releases while waiters queued (ns).
-    pub const RELEASE_INTERVAL: usize = 9 * LINE + 1;
-    /// Handoffs since the clock was last read for the estimate (a hint:
-    /// racing releases may lose a count).
-    pub const UNSAMPLED: usize = 9 * LINE + 2;
-    /// Slots taken for nobody by `withhold` and not yet `restore`d: counted
-    /// in IN_FLIGHT, so the slots requests may use are the limit minus
-    /// these. A block made before this word had it 0, as a new block does.
-    pub const WITHHELD: usize = 9 * LINE + 3;
-    /// Slots `withhold` asked for that were busy: each release takes one
-    /// of these (into WITHHELD) before passing its slot on.
-    pub const OWED: usize = 9 * LINE + 4;
-    /// Lines 10-11: the settings the block was made for (attach compares them).
-    pub const SETTINGS: usize = 10 * LINE;
-    pub const SETTINGS_WORDS: usize = 11;
-    // Line 12: the limit. Read by every admission, written only when it moves.
-    /// The limit in 1/1024ths of a slot (`limit::FP_SHIFT`); always within
-    /// the mode's [min, max], and exactly n << 10 for Fixed(n) (then never
-    /// written after init). Moved only by CAS around a `limit` rule.
-    pub const LIMIT: usize = 12 * LINE;
-    /// `limit::Signal` that last changed the whole-slot limit (Relaxed, a hint).
-    pub const SIGNAL: usize = 12 * LINE + 1;
-    /// Times the whole-slot limit changed (monotonic, Relaxed).
-    pub const CHANGES: usize = 12 * LINE + 2;
-    /// Clock ns of the last back-off applied (0: never); a back-off wins
-    /// its window by CAS on it, so one overload counts once.
-    pub const BACKOFF_AT: usize = 12 * LINE + 3;
-    /// 1 during slow start (`limit::SLOW_START_NUM`): no signal has lowered
-    /// the limit yet; set at init for an adaptive limit, cleared (never set
-    /// again) by the first decrease.
-    pub const SLOW_START: usize = 12 * LINE + 4;
-    // Line 13: the engine signal.
-    /// Clock ns of the last engine sample applied (0: never). A sample
-    /// applies only by CAS from a stamp at least half the engine interval
-    /// old, so workers scraping the same engine act as one.
-    pub const ENGINE_AT: usize = 13 * LINE;
-    /// Engine samples left to hold after a cut. Written only by the sample
-    /// that won ENGINE_AT (plain store).
-    pub const HOLD: usize = 13 * LINE + 1;
-    /// The limit the last engine cut set (0: never cut); same writer as HOLD.
-    pub const CUT_AT: usize = 13 * LINE + 2;
-    // Line 14: the latency estimate (racy load/store: an estimate; samples
-    // that race a window's close may land in the next one or be lost).
-    /// Latency floor (ns, 0: none yet): the lowest window minimum, drifting
-    /// up slowly (`limit::next_floor`).
-    pub const FLOOR: usize = 14 * LINE;
-    /// Mean latency of the last closed window (ns).
-    pub const RECENT: usize = 14 * LINE + 1;
-    /// The open window: sum and count of samples (fetch_add), its minimum
-    /// (fetch_min; u64::MAX when empty) and its start (clock ns, 0 before
-    /// the first sample). Closing is a CAS on the start.
-    pub const WIN_SUM: usize = 14 * LINE + 2;
-    pub const WIN_N: usize = 14 * LINE + 3;
-    pub const WIN_MIN: usize = 14 * LINE + 4;
-    pub const WIN_START: usize = 14 * LINE + 5;
-    /// Per lane: cells, enqueued_ns, owners (`ring_cap` words each).
-    pub const RINGS: usize = 15 * LINE;
-}
-/// Offsets within a worker's line (shared pools).
-mod wk {
-    /// `generation << 32 | slots held`: slots granted to this worker's
-    /// requests and not yet released. Only a reclaim changes the generation.
-    pub const HELD: usize = 0;
-    /// Mailbox: "owner signalled" flag and producers' probe cursor.
-    pub const SIGNALLED: usize = 1;
-    pub const CURSOR: usize = 2;
-    /// Odd while this worker is inside a call that moves slots (IN_FLIGHT,
-    /// WITHHELD, a HELD word); +1 on entry and +1 on leaving, by this worker
-    /// only (one thread at a time per index: the GIL). A reclaim makes a
-    /// dead worker's odd value even; it never goes back. Read by `audit`.
-    pub const SEQ: usize = 3;
-}
-const HELD_COUNT: u64 = 0xffff_ffff;
 /// The priority lane's count in the DEPTH word.
 const PRIORITY_DEPTH: u64 = 0xffff_ffff;
 const SHARE_ONE: u64 = 1_000_000;
@@ -425,118 +124,6 @@ const SAMPLE_EVERY: u64 = 8;
 /// Snapshots a reclaim tries before it leaves a dead worker's untaken step
 /// unsettled (every try found some worker inside a step).
 const AUDIT_TRIES: u32 = 10_000;
-
-/// Marks a point between two atomic steps of a slot's way through a shared
-/// pool, where a worker killed by SIGKILL leaves the block. Unit tests arm
-/// one (`crash::arm`) and the call panics there, so a reclaim can be tried on
-/// exactly that state; in every other build it is nothing.
-macro_rules! crash_point {
-    ($name:literal) => {
-        #[cfg(all(test, not(loom)))]
-        crash::point($name);
-    };
-}
-
-#[cfg(all(test, not(loom)))]
-mod crash {
-    use std::cell::Cell;
-    thread_local! {
-        /// (point, hits to let pass first), armed by a test on its own thread.
-        static ARMED: Cell<Option<(&'static str, u32)>> = const { Cell::new(None) };
-    }
-    pub fn arm(name: &'static str, skip: u32) {
-        ARMED.with(|a| a.set(Some((name, skip))));
-    }
-    pub fn disarm() {
-        ARMED.with(|a| a.set(None));
-    }
-    pub fn point(name: &'static str) {
-        ARMED.with(|a| match a.get() {
-            Some((n, 0)) if n == name => {
-                a.set(None);
-                panic!("worker killed at {name}");
-            }
-            Some((n, skip)) if n == name => a.set(Some((n, skip - 1))),
-            _ => {}
-        });
-    }
-}
-
-/// Where the block lives. Either way the pool reads it through one
-/// pointer and length, so the heap path costs what a `Box<[_]>` did.
-enum Backing {
-    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
-    #[cfg(not(loom))]
-    Shm(#[allow(dead_code)] crate::shm::Region),
-}
-
-/// The pool's fixed block of atomic words.
-pub struct State {
-    ptr: *const AtomicU64,
-    len: usize,
-    _backing: Backing,
-}
-
-// SAFETY: `ptr`/`len` point into `_backing`, which is owned by the State and
-// never moved out or freed before it; all access is through `&AtomicU64`.
-unsafe impl Send for State {}
-// SAFETY: as above; the words are atomics, safe to share between threads.
-unsafe impl Sync for State {}
-
-/// A block's size for `s` and `workers` processes (0: heap, one process).
-fn layout(s: &PoolSettings, workers: usize) -> (usize, usize) {
-    let mailbox_cap = if workers == 0 {
-        0
-    } else {
-        // Room for every waiter a worker can own plus every grant in flight.
-        ((s.queue_depth as usize + s.limit.max() as usize) * 2).next_power_of_two().max(64)
-    };
-    let words = at::RINGS + 6 * s.ring_cap() + workers * (LINE + mailbox_cap);
-    (words, mailbox_cap)
-}
-
-fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
-    let b = s.bucket.unwrap_or(BucketParams { interval_ns: 0, tau_ns: 0, reserve_ns: 0 });
-    let (mode, min, initial) = match s.limit {
-        LimitMode::Fixed(n) => (0, n, n),
-        LimitMode::Adaptive { min, initial, .. } => (1, min, initial),
-    };
-    [
-        mode,
-        s.limit.max() as u64 | (s.priority_headroom as u64) << 32,
-        min as u64 | (initial as u64) << 32,
-        s.engine_interval_ns,
-        s.queue_depth as u64,
-        s.max_wait_ns[0],
-        s.max_wait_ns[1],
-        b.interval_ns,
-        b.tau_ns,
-        b.reserve_ns,
-        s.default_min_share.to_bits(),
-    ]
-}
-
-impl State {
-    pub fn words_for(s: &PoolSettings) -> usize {
-        layout(s, 0).0
-    }
-    fn heap(n: usize) -> Self {
-        let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        State { ptr: words.as_ptr(), len: words.len(), _backing: Backing::Heap(words) }
-    }
-    #[cfg(not(loom))]
-    fn shm(region: crate::shm::Region) -> Self {
-        let w = region.words();
-        State { ptr: w.as_ptr(), len: w.len(), _backing: Backing::Shm(region) }
-    }
-    #[inline]
-    fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `ptr` and `len` describe the backing's words (see the Send
-        // impl), which live exactly as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
 /// This process's place in a shared pool.
 struct Shared {
     /// Worker index, or None for the supervisor (it holds nothing and owns
@@ -613,7 +200,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(settings: PoolSettings, clock: Clock) -> Self {
-        let state = State::heap(State::words_for(&settings));
+        let state = State::heap(&settings);
         let pool = Self::with_state(settings, clock, state, None);
         pool.init(0, 0);
         pool
@@ -630,21 +217,14 @@ impl Pool {
         Pool { settings, clock, state, cap, share_fp, fixed, me, shared }
     }
 
-    /// Fills a fresh (zeroed) block; MAGIC last.
+    /// Fills a fresh (zeroed) block; its header (and MAGIC) last.
     fn init(&self, workers: usize, mailbox_cap: usize) {
         self.ring(Lane::Priority).init();
         self.ring(Lane::Default).init();
-        for (i, v) in fingerprint(&self.settings).into_iter().enumerate() {
-            self.w(at::SETTINGS + i).store(v, SeqCst);
-        }
         self.w(at::LIMIT).store((self.settings.limit.initial() as u64) << FP_SHIFT, SeqCst);
         self.w(at::WIN_MIN).store(u64::MAX, SeqCst);
         self.w(at::SLOW_START).store(self.fixed.is_none() as u64, SeqCst);
-        self.w(at::WORKERS).store(workers as u64, SeqCst);
-        self.w(at::MAILBOX_CAP).store(mailbox_cap as u64, SeqCst);
-        self.w(at::RING_CAP).store(self.cap as u64, SeqCst);
-        self.w(at::WORDS).store(self.state.len as u64, SeqCst);
-        self.w(at::MAGIC).store(MAGIC, SeqCst);
+        self.state.seal(&self.settings, workers, mailbox_cap);
     }
 
     /// Creates the shared block `name` for `workers` processes and returns
@@ -652,6 +232,7 @@ impl Pool {
     #[cfg(not(loom))]
     /// `wake_fds` as for `attach_shared` (empty: none).
     pub fn create_shared(name: &str, settings: PoolSettings, workers: usize, wake_fds: Vec<i32>, clock: Clock) -> Result<Pool, CoreError> {
+        use crate::block::MAX_WORKERS;
         if !(1..=MAX_WORKERS).contains(&workers) {
             return Err(CoreError::arg("workers", format!("must be in 1..={MAX_WORKERS}, got {workers}")));
         }
@@ -659,10 +240,9 @@ impl Pool {
         if wake_fds.len() != workers {
             return Err(CoreError::arg("wake_fds", format!("need one per worker ({workers}), got {}", wake_fds.len())));
         }
-        let (words, mailbox_cap) = layout(&settings, workers);
-        let region = crate::shm::Region::create(name, words)?;
+        let (state, mailbox_cap) = State::create(name, &settings, workers)?;
         let shared = Shared { index: None, me: 0, generation: 0, workers, mailbox_cap, wake_fds };
-        let pool = Self::with_state(settings, clock, State::shm(region), Some(Box::new(shared)));
+        let pool = Self::with_state(settings, clock, state, Some(Box::new(shared)));
         pool.init(workers, mailbox_cap);
         Ok(pool)
     }
@@ -678,34 +258,17 @@ impl Pool {
         wake_fds: Vec<i32>,
         clock: Clock,
     ) -> Result<Pool, CoreError> {
-        let region = crate::shm::Region::attach(name)?;
-        let w = region.words();
-        let bad = |what: String| Err(CoreError::Layout(format!("{name}: {what}")));
-        let magic = w[at::MAGIC].load(SeqCst);
-        if w.len() < at::RINGS || magic != MAGIC {
-            return bad(format!("magic/version {magic:#x}, expected {MAGIC:#x}"));
-        }
-        let workers = w[at::WORKERS].load(SeqCst) as usize;
-        let (words, mailbox_cap) = layout(&settings, workers);
-        if w[at::WORDS].load(SeqCst) as usize != w.len() || w.len() != words {
-            return bad(format!("{} words, expected {words} for these settings", w.len()));
-        }
-        if w[at::MAILBOX_CAP].load(SeqCst) as usize != mailbox_cap || w[at::RING_CAP].load(SeqCst) as usize != settings.ring_cap() {
-            return bad("ring or mailbox size differs".into());
-        }
-        let seen: Vec<u64> = (0..at::SETTINGS_WORDS).map(|i| w[at::SETTINGS + i].load(SeqCst)).collect();
-        if seen != fingerprint(&settings) {
-            return bad("created with different admission settings".into());
-        }
+        let (state, workers, mailbox_cap) = State::attach(name, &settings)?;
+        let w = state.words();
         if wake_fds.len() != workers {
             return Err(CoreError::arg("wake_fds", format!("need one per worker ({workers}), got {}", wake_fds.len())));
         }
         let (me, generation) = match index {
             None => (0, 0),
             Some(i) if i < workers => {
-                let held = w[at::RINGS + 6 * settings.ring_cap() + i * LINE + wk::HELD].load(SeqCst);
+                let held = w[block::worker_line(settings.ring_cap(), i) + wk::HELD].load(SeqCst);
                 if held & HELD_COUNT != 0 {
-                    return bad(format!("worker {i} still holds {} slots; reclaim it first", held & HELD_COUNT));
+                    return Err(CoreError::Layout(format!("{name}: worker {i} still holds {} slots; reclaim it first", held & HELD_COUNT)));
                 }
                 let g = held >> 32;
                 (g << 8 | (i as u64 + 1), g)
@@ -713,13 +276,13 @@ impl Pool {
             Some(i) => return Err(CoreError::arg("worker", format!("must be below {workers}, got {i}"))),
         };
         let shared = Shared { index, me, generation, workers, mailbox_cap, wake_fds };
-        Ok(Self::with_state(settings, clock, State::shm(region), Some(Box::new(shared))))
+        Ok(Self::with_state(settings, clock, state, Some(Box::new(shared))))
     }
 
     /// Removes a shared block's name (mappings stay valid until dropped).
     #[cfg(not(loom))]
     pub fn unlink_shared(name: &str) -> Result<(), CoreError> {
-        crate::shm::Region::unlink(name)
+        State::unlink(name)
     }
 
     pub fn settings(&self) -> &PoolSettings {
@@ -737,7 +300,7 @@ impl Pool {
     #[inline]
     fn ring(&self, lane: Lane) -> Ring<'_> {
         let l = lane as usize;
-        let base = at::RINGS + l * 3 * self.cap;
+        let base = block::ring_base(self.cap, l);
         let words = self.state.words();
         Ring {
             head: self.w(at::HEAD[l]),
@@ -750,11 +313,11 @@ impl Pool {
 
     #[inline]
     fn worker_word(&self, worker: usize, field: usize) -> &AtomicU64 {
-        self.w(at::RINGS + 6 * self.cap + worker * LINE + field)
+        self.w(block::worker_line(self.cap, worker) + field)
     }
 
     fn mailbox(&self, sh: &Shared, worker: usize) -> Mailbox<'_> {
-        let base = at::RINGS + 6 * self.cap + sh.workers * LINE + worker * sh.mailbox_cap;
+        let base = block::mailbox_base(self.cap, sh.workers, sh.mailbox_cap, worker);
         Mailbox {
             signalled: self.worker_word(worker, wk::SIGNALLED),
             cursor: self.worker_word(worker, wk::CURSOR),
@@ -1657,6 +1220,8 @@ pub struct Stats {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::crash;
+    use crate::settings::PoolSpec;
     use std::sync::Arc;
 
     /// One slot (held), a deep queue, time on a manual clock.

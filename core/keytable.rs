@@ -13,6 +13,7 @@ use crate::bucket::{adjust_on, available_on, take_on, BucketParams};
 use crate::clock::Clock;
 use crate::error::CoreError;
 use crate::sync::{AtomicU64, Ordering};
+use crate::words::Words;
 use crate::Lane;
 
 const MAGIC: u64 = 0x7469_6572_714b_4559; // "tierqKEY"
@@ -57,26 +58,12 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-enum Backing {
-    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
-    #[cfg(not(loom))]
-    Shm(#[allow(dead_code)] crate::shm::Region),
-}
-
 /// The table: `capacity` entries (a power of two) after the header.
 pub struct KeyTable {
-    ptr: *const AtomicU64,
-    len: usize,
+    words: Words,
     capacity: usize,
     clock: Clock,
-    _backing: Backing,
 }
-
-// SAFETY: `ptr`/`len` point into `_backing`, owned by the table and never
-// moved out or freed before it; all access is through `&AtomicU64`.
-unsafe impl Send for KeyTable {}
-// SAFETY: as above; the words are atomics, safe to share between threads.
-unsafe impl Sync for KeyTable {}
 
 fn capacity_for(keys: usize) -> Result<usize, CoreError> {
     if !(1..=MAX_CAPACITY).contains(&keys) {
@@ -89,9 +76,7 @@ impl KeyTable {
     /// A table in this process's heap (one process; tests and loom).
     pub fn new(keys: usize, clock: Clock) -> Result<KeyTable, CoreError> {
         let capacity = capacity_for(keys)?;
-        let words: Box<[AtomicU64]> = (0..HEADER + capacity * ENTRY).map(|_| AtomicU64::new(0)).collect();
-        let (ptr, len) = (words.as_ptr(), words.len());
-        let t = KeyTable { ptr, len, capacity, clock, _backing: Backing::Heap(words) };
+        let t = KeyTable { words: Words::heap(HEADER + capacity * ENTRY), capacity, clock };
         t.init();
         Ok(t)
     }
@@ -132,9 +117,7 @@ impl KeyTable {
 
     #[cfg(not(loom))]
     fn from_region(region: crate::shm::Region, capacity: usize, clock: Clock) -> KeyTable {
-        let w = region.words();
-        let (ptr, len) = (w.as_ptr(), w.len());
-        KeyTable { ptr, len, capacity, clock, _backing: Backing::Shm(region) }
+        KeyTable { words: Words::shm(region), capacity, clock }
     }
 
     /// Removes a region's name (live mappings stay valid).
@@ -145,8 +128,7 @@ impl KeyTable {
 
     #[inline]
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `ptr` and `len` describe the backing's words, alive as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        self.words.get()
     }
 
     /// Keys the table holds at most.

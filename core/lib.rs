@@ -4,8 +4,10 @@
 //! `py.rs` (feature `python`) is the only module that knows about Python.
 
 pub mod admission;
+mod block;
 pub mod bucket;
 pub mod clock;
+mod crash;
 pub mod error;
 pub mod keytable;
 pub mod limit;
@@ -16,13 +18,17 @@ pub mod ledger;
 pub mod mailbox;
 #[cfg(not(loom))]
 pub mod shm;
+pub mod settings;
 pub mod sse;
 mod sync;
+mod words;
 
 #[cfg(feature = "python")]
 mod py;
 
-pub use admission::{Admit, Outcome, Pool, PoolSettings, PoolSpec, ShedCode, Stats, WaiterId, MAX_WORKERS};
+pub use admission::{Admit, Outcome, Pool, ShedCode, Stats, WaiterId};
+pub use block::MAX_WORKERS;
+pub use settings::{PoolSettings, PoolSpec};
 pub use limit::{LimitMode, Signal};
 pub use bucket::{BucketParams, Decision, TokenBucket};
 pub use clock::{Clock, ManualClock};

@@ -9,7 +9,8 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
-use crate::admission::{Admit, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
+use crate::admission::{Admit, Outcome, Pool, ShedCode};
+use crate::settings::{PoolSettings, PoolSpec};
 use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
