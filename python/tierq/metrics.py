@@ -16,7 +16,7 @@ import time
 import orjson
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -367,6 +367,203 @@ class _Out:
         self.sample(name + "_count", labels, cumulative)
 
 
+#: One sample of a family: its labels and a value, or a whole histogram.
+Sample = tuple[Sequence[tuple[str, str]], "float | HistogramData"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scrape:
+    """What the families read, each made once per rendering: the snapshots,
+    their pools and the sums over workers."""
+
+    snapshots: Sequence[WorkerSnapshot]
+    pools: list[PoolSnapshot]  # by model
+    requests: dict[tuple[str, str, str], int]
+    sheds: dict[tuple[str, str, str], int]
+    errors: dict[tuple[str, str, str], int]
+    hists: dict[tuple[str, str], HistogramData]
+    spools: list[int]  # each worker's reading of the PostgreSQL ledger's spool depth
+    cluster: Mapping[str, Any] | None
+    lag: HistogramData | None
+
+    @classmethod
+    def of(cls, snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> _Scrape:
+        requests: dict[tuple[str, str, str], int] = {}
+        sheds: dict[tuple[str, str, str], int] = {}
+        errors: dict[tuple[str, str, str], int] = {}
+        hists: dict[tuple[str, str], HistogramData] = {}
+        lag: HistogramData | None = None
+        for s in snapshots:
+            _sum_into(requests, s.requests)
+            _sum_into(sheds, s.sheds)
+            _sum_into(errors, s.upstream_errors)
+            for k, h in s.histograms.items():
+                hists[k] = hists[k] + h if k in hists else h
+            if s.ledger_lag is not None:
+                lag = s.ledger_lag if lag is None else lag + s.ledger_lag
+        return cls(
+            snapshots, sorted(_pools(snapshots, shared_admission), key=lambda p: p.model),
+            requests, sheds, errors, hists,
+            [s.ledger_spool for s in snapshots if s.ledger_spool is not None],
+            _cluster(snapshots), lag,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """One metric family: its HELP and TYPE, and where its samples come from."""
+
+    name: str
+    kind: str  # gauge | counter | histogram
+    help: str
+    samples: Callable[[_Scrape], Iterable[Sample]]
+    # None: always rendered (HELP and TYPE even without a sample); else only when true.
+    shown: Callable[[_Scrape], bool] | None = None
+
+
+def _one(value: Callable[[_Scrape], float]) -> Callable[[_Scrape], Iterable[Sample]]:
+    """A family of one unlabelled sample."""
+    return lambda s: [([], value(s))]
+
+
+def _per_pool(value: Callable[[PoolSnapshot], float]) -> Callable[[_Scrape], Iterable[Sample]]:
+    """A family of one sample per pool, labelled by model."""
+    return lambda s: [([("model", p.model)], value(p)) for p in s.pools]
+
+
+def _per_lane(stat: str, label: str) -> Callable[[_Scrape], Iterable[Sample]]:
+    """One sample per pool and lane of a per-lane stat (depth, admitted)."""
+    return lambda s: [([("model", p.model), (label, lane)], int(p.stats.get(stat, {}).get(lane, 0)))
+                      for p in s.pools for lane in TIERS]
+
+
+def _counted(field_: Callable[[_Scrape], Mapping[tuple[str, str, str], int]],
+             labels: tuple[str, str, str]) -> Callable[[_Scrape], Iterable[Sample]]:
+    """One sample per key of a summed (a, b, c) -> n counter, in key order."""
+    return lambda s: [(list(zip(labels, key)), n) for key, n in sorted(field_(s).items())]
+
+
+def _served_histogram(name: str) -> Callable[[_Scrape], Iterable[Sample]]:
+    return lambda s: [([("tier", tier)], h) for tier in TIERS
+                      if (h := s.hists.get((name, tier))) is not None]
+
+
+def _limit(p: PoolSnapshot) -> int:
+    return int(p.stats.get("limit", p.stats.get("max_concurrency", 0)))
+
+
+def _ttft_level(which: str) -> Callable[[_Scrape], Iterable[Sample]]:
+    return lambda s: [([("model", p.model)], float(ms) / 1000) for p in s.pools
+                      if (ms := p.stats.get(f"limit_{which}_ms"))]
+
+
+def _has_spool(s: _Scrape) -> bool:
+    return bool(s.spools)
+
+
+def _has_cluster(s: _Scrape) -> bool:
+    return s.cluster is not None
+
+
+def _cl(s: _Scrape) -> Mapping[str, Any]:
+    assert s.cluster is not None
+    return s.cluster
+
+
+#: Every family /metrics shows, in the order shown; `render_prometheus` is one loop over it.
+_FAMILIES: Final[tuple[_Family, ...]] = (
+    _Family("tierq_ready", "gauge", "1 when every worker is ready to serve.",
+            _one(lambda s: int(bool(s.snapshots) and all(w.ready for w in s.snapshots)))),
+    _Family("tierq_workers", "gauge", "Worker processes reporting.",
+            _one(lambda s: len(s.snapshots))),
+    _Family("tierq_queue_depth", "gauge", "Requests waiting for a slot, per pool and lane.",
+            _per_lane("depth", "lane")),
+    _Family("tierq_queue_capacity", "gauge", "Waiters a pool's queue holds (queue_depth).",
+            _per_pool(lambda p: p.queue_capacity)),
+    _Family("tierq_in_flight", "gauge", "Requests holding a slot (sent upstream), per pool.",
+            _per_pool(lambda p: int(p.stats.get("in_flight", 0)))),
+    _Family("tierq_max_concurrency", "gauge",
+            "Slots per pool: the concurrency limit in force (fixed, or learned).",
+            _per_pool(_limit)),
+    _Family("tierq_concurrency_limit", "gauge",
+            "The pool's concurrency limit, labelled with its mode (fixed or adaptive) and the "
+            "signal that moved it last (engine, latency, backoff, none).",
+            lambda s: [([("model", p.model), ("mode", str(p.stats.get("limit_mode", "fixed"))),
+                         ("signal", str(p.stats.get("limit_signal", "none")))], _limit(p))
+                       for p in s.pools]),
+    _Family("tierq_concurrency_limit_bounds", "gauge",
+            "An adaptive pool's bounds (min_concurrency, max_concurrency_limit).",
+            lambda s: [([("model", p.model), ("bound", bound)], int(p.stats.get(f"limit_{bound}", 0)))
+                       for p in s.pools if p.stats.get("limit_mode") == "adaptive"
+                       for bound in ("min", "max")]),
+    _Family("tierq_concurrency_limit_changes_total", "counter", "Times the learned limit moved.",
+            _per_pool(lambda p: int(p.stats.get("limit_changes", 0)))),
+    *(_Family(f"tierq_upstream_ttft_{which}_seconds", "gauge",
+              f"Adaptive pools learning from the upstream's time to first token: {help_}.",
+              _ttft_level(which))
+      for which, help_ in (("floor", "the floor it is held against"), ("recent", "its recent level"))),
+    _Family("tierq_admitted_total", "counter", "Requests given a slot by the admission core.",
+            _per_lane("admitted", "tier")),
+    _Family("tierq_admission_shed_total", "counter",
+            "Requests the admission core shed (429), per pool and code.",
+            lambda s: [([("model", p.model), ("code", code)], int(n))
+                       for p in s.pools for code, n in sorted(p.stats.get("shed", {}).items())]),
+    _Family("tierq_admission_cancelled_total", "counter",
+            "Waiters that left the queue because their client went away.",
+            _per_pool(lambda p: int(p.stats.get("cancelled", 0)))),
+    _Family("tierq_requests_total", "counter",
+            "Request decisions (one ledger row each), per model, applied tier and status.",
+            _counted(lambda s: s.requests, ("model", "tier", "status"))),
+    _Family("tierq_shed_total", "counter",
+            "429s per model, applied tier and code (admission and per-key limits).",
+            _counted(lambda s: s.sheds, ("model", "tier", "code"))),
+    _Family("tierq_upstream_errors_total", "counter",
+            "Requests failed by the upstream (connect, timeout, 5xx, broken stream).",
+            _counted(lambda s: s.errors, ("model", "upstream", "code"))),
+    _Family("tierq_time_to_first_token_seconds", "histogram",
+            "Served requests: arrival to first token (streams) or to the whole answer (JSON).",
+            _served_histogram("ttft")),
+    _Family("tierq_request_duration_seconds", "histogram",
+            "Served requests: arrival to the last byte, queueing included.",
+            _served_histogram("latency")),
+    _Family("tierq_queue_wait_seconds", "histogram", "Served requests: time waiting for a slot.",
+            _served_histogram("queue_wait")),
+    _Family("tierq_ledger_pending_rows", "gauge",
+            "Ledger rows queued for the writer, not yet taken into a batch.",
+            _one(lambda s: sum(w.ledger_pending for w in s.snapshots))),
+    _Family("tierq_ledger_rows_total", "counter", "Ledger rows committed.",
+            _one(lambda s: sum(w.ledger_rows for w in s.snapshots))),
+    _Family("tierq_ledger_commit_errors_total", "counter", "Ledger batches that failed to commit.",
+            _one(lambda s: sum(w.ledger_errors for w in s.snapshots))),
+    # The workers of a host share one spool file, each reading its depth: the
+    # largest reading is the freshest bound, a sum would count rows twice.
+    _Family("tierq_ledger_spool_rows", "gauge",
+            "Rows in the PostgreSQL ledger's local spool, waiting to be replayed.",
+            _one(lambda s: max(s.spools)), _has_spool),
+    _Family("tierq_ledger_spooling", "gauge",
+            "1 while ledger rows go to the local spool (PostgreSQL unreachable or "
+            "the spool being replayed), else 0.",
+            _one(lambda s: int(any(w.ledger_spooling for w in s.snapshots))), _has_spool),
+    _Family("tierq_cluster_redis_up", "gauge",
+            "1 while this host reaches the cluster's Redis ([cluster]).",
+            _one(lambda s: int(bool(_cl(s)["redis_up"]))), _has_cluster),
+    _Family("tierq_cluster_hosts", "gauge", "Live gateway hosts this host last saw, itself included.",
+            _one(lambda s: int(_cl(s)["hosts"])), _has_cluster),
+    _Family("tierq_cluster_lease", "gauge",
+            "Slots of each pool's cluster-wide limit leased to this host.",
+            lambda s: [([("model", model)], int(lease["lease"]))
+                       for model, lease in sorted(_cl(s)["leases"].items())], _has_cluster),
+    _Family("tierq_cluster_redis_calls_total", "counter",
+            "Round trips to Redis (lease syncs and key decisions).",
+            _one(lambda s: int(_cl(s)["redis_calls"])), _has_cluster),
+    _Family("tierq_cluster_redis_errors_total", "counter", "Redis calls that failed.",
+            _one(lambda s: int(_cl(s)["redis_errors"])), _has_cluster),
+    _Family("tierq_ledger_write_lag_seconds", "histogram",
+            "Per committed batch: its oldest row's time from queued to committed.",
+            lambda s: [] if s.lag is None else [([], s.lag)]),
+)
+
+
 def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
                       shared_admission: bool = False) -> str:
     """Prometheus text exposition (0.0.4) of one or many workers' snapshots.
@@ -375,154 +572,17 @@ def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,
     counters are summed too, unless `shared_admission` (all workers share one
     admission state in shared memory): then they are read once.
     """
+    scrape = _Scrape.of(snapshots, shared_admission)
     o = _Out()
-    pools = sorted(_pools(snapshots, shared_admission), key=lambda p: p.model)
-
-    o.family("tierq_ready", "gauge", "1 when every worker is ready to serve.")
-    o.sample("tierq_ready", [], int(bool(snapshots) and all(s.ready for s in snapshots)))
-    o.family("tierq_workers", "gauge", "Worker processes reporting.")
-    o.sample("tierq_workers", [], len(snapshots))
-
-    o.family("tierq_queue_depth", "gauge", "Requests waiting for a slot, per pool and lane.")
-    for p in pools:
-        for lane in TIERS:
-            o.sample("tierq_queue_depth", [("model", p.model), ("lane", lane)],
-                     int(p.stats.get("depth", {}).get(lane, 0)))
-    o.family("tierq_queue_capacity", "gauge", "Waiters a pool's queue holds (queue_depth).")
-    for p in pools:
-        o.sample("tierq_queue_capacity", [("model", p.model)], p.queue_capacity)
-    o.family("tierq_in_flight", "gauge", "Requests holding a slot (sent upstream), per pool.")
-    for p in pools:
-        o.sample("tierq_in_flight", [("model", p.model)], int(p.stats.get("in_flight", 0)))
-    o.family("tierq_max_concurrency", "gauge",
-             "Slots per pool: the concurrency limit in force (fixed, or learned).")
-    for p in pools:
-        o.sample("tierq_max_concurrency", [("model", p.model)],
-                 int(p.stats.get("limit", p.stats.get("max_concurrency", 0))))
-    o.family("tierq_concurrency_limit", "gauge",
-             "The pool's concurrency limit, labelled with its mode (fixed or adaptive) and the "
-             "signal that moved it last (engine, latency, backoff, none).")
-    for p in pools:
-        o.sample("tierq_concurrency_limit",
-                 [("model", p.model), ("mode", str(p.stats.get("limit_mode", "fixed"))),
-                  ("signal", str(p.stats.get("limit_signal", "none")))],
-                 int(p.stats.get("limit", p.stats.get("max_concurrency", 0))))
-    o.family("tierq_concurrency_limit_bounds", "gauge",
-             "An adaptive pool's bounds (min_concurrency, max_concurrency_limit).")
-    for p in pools:
-        if p.stats.get("limit_mode") == "adaptive":
-            for bound in ("min", "max"):
-                o.sample("tierq_concurrency_limit_bounds", [("model", p.model), ("bound", bound)],
-                         int(p.stats.get(f"limit_{bound}", 0)))
-    o.family("tierq_concurrency_limit_changes_total", "counter",
-             "Times the learned limit moved.")
-    for p in pools:
-        o.sample("tierq_concurrency_limit_changes_total", [("model", p.model)],
-                 int(p.stats.get("limit_changes", 0)))
-    for which, help_ in (("floor", "the floor it is held against"),
-                         ("recent", "its recent level")):
-        metric = f"tierq_upstream_ttft_{which}_seconds"
-        o.family(metric, "gauge", "Adaptive pools learning from the upstream's time to first "
-                                  f"token: {help_}.")
-        for p in pools:
-            ms = p.stats.get(f"limit_{which}_ms")
-            if ms:
-                o.sample(metric, [("model", p.model)], float(ms) / 1000)
-    o.family("tierq_admitted_total", "counter", "Requests given a slot by the admission core.")
-    for p in pools:
-        for lane in TIERS:
-            o.sample("tierq_admitted_total", [("model", p.model), ("tier", lane)],
-                     int(p.stats.get("admitted", {}).get(lane, 0)))
-    o.family("tierq_admission_shed_total", "counter",
-             "Requests the admission core shed (429), per pool and code.")
-    for p in pools:
-        for code, n in sorted(p.stats.get("shed", {}).items()):
-            o.sample("tierq_admission_shed_total", [("model", p.model), ("code", code)], int(n))
-    o.family("tierq_admission_cancelled_total", "counter",
-             "Waiters that left the queue because their client went away.")
-    for p in pools:
-        o.sample("tierq_admission_cancelled_total", [("model", p.model)],
-                 int(p.stats.get("cancelled", 0)))
-
-    requests: dict[tuple[str, str, str], int] = {}
-    sheds: dict[tuple[str, str, str], int] = {}
-    errors: dict[tuple[str, str, str], int] = {}
-    hists: dict[tuple[str, str], HistogramData] = {}
-    for s in snapshots:
-        _sum_into(requests, s.requests)
-        _sum_into(sheds, s.sheds)
-        _sum_into(errors, s.upstream_errors)
-        for k, h in s.histograms.items():
-            hists[k] = hists[k] + h if k in hists else h
-
-    o.family("tierq_requests_total", "counter",
-             "Request decisions (one ledger row each), per model, applied tier and status.")
-    for (model, tier, status), n in sorted(requests.items()):
-        o.sample("tierq_requests_total", [("model", model), ("tier", tier), ("status", status)], n)
-    o.family("tierq_shed_total", "counter",
-             "429s per model, applied tier and code (admission and per-key limits).")
-    for (model, tier, code), n in sorted(sheds.items()):
-        o.sample("tierq_shed_total", [("model", model), ("tier", tier), ("code", code)], n)
-    o.family("tierq_upstream_errors_total", "counter",
-             "Requests failed by the upstream (connect, timeout, 5xx, broken stream).")
-    for (model, upstream, code), n in sorted(errors.items()):
-        o.sample("tierq_upstream_errors_total",
-                 [("model", model), ("upstream", upstream), ("code", code)], n)
-
-    for name, metric, help_ in (
-        ("ttft", "tierq_time_to_first_token_seconds",
-         "Served requests: arrival to first token (streams) or to the whole answer (JSON)."),
-        ("latency", "tierq_request_duration_seconds",
-         "Served requests: arrival to the last byte, queueing included."),
-        ("queue_wait", "tierq_queue_wait_seconds", "Served requests: time waiting for a slot."),
-    ):
-        o.family(metric, "histogram", help_)
-        for tier in TIERS:
-            found = hists.get((name, tier))
-            if found is not None:
-                o.histogram(metric, [("tier", tier)], found)
-
-    o.family("tierq_ledger_pending_rows", "gauge", "Ledger rows queued for the writer, not yet taken into a batch.")
-    o.sample("tierq_ledger_pending_rows", [], sum(s.ledger_pending for s in snapshots))
-    o.family("tierq_ledger_rows_total", "counter", "Ledger rows committed.")
-    o.sample("tierq_ledger_rows_total", [], sum(s.ledger_rows for s in snapshots))
-    o.family("tierq_ledger_commit_errors_total", "counter", "Ledger batches that failed to commit.")
-    o.sample("tierq_ledger_commit_errors_total", [], sum(s.ledger_errors for s in snapshots))
-    spools = [s.ledger_spool for s in snapshots if s.ledger_spool is not None]
-    if spools:
-        # The workers of a host share one spool file, each reading its depth: the
-        # largest reading is the freshest bound, a sum would count rows twice.
-        o.family("tierq_ledger_spool_rows", "gauge",
-                 "Rows in the PostgreSQL ledger's local spool, waiting to be replayed.")
-        o.sample("tierq_ledger_spool_rows", [], max(spools))
-        o.family("tierq_ledger_spooling", "gauge",
-                 "1 while ledger rows go to the local spool (PostgreSQL unreachable or "
-                 "the spool being replayed), else 0.")
-        o.sample("tierq_ledger_spooling", [], int(any(s.ledger_spooling for s in snapshots)))
-    cluster = _cluster(snapshots)
-    if cluster is not None:
-        o.family("tierq_cluster_redis_up", "gauge",
-                 "1 while this host reaches the cluster's Redis ([cluster]).")
-        o.sample("tierq_cluster_redis_up", [], int(bool(cluster["redis_up"])))
-        o.family("tierq_cluster_hosts", "gauge", "Live gateway hosts this host last saw, itself included.")
-        o.sample("tierq_cluster_hosts", [], int(cluster["hosts"]))
-        o.family("tierq_cluster_lease", "gauge",
-                 "Slots of each pool's cluster-wide limit leased to this host.")
-        for model, lease in sorted(cluster["leases"].items()):
-            o.sample("tierq_cluster_lease", [("model", model)], int(lease["lease"]))
-        o.family("tierq_cluster_redis_calls_total", "counter",
-                 "Round trips to Redis (lease syncs and key decisions).")
-        o.sample("tierq_cluster_redis_calls_total", [], int(cluster["redis_calls"]))
-        o.family("tierq_cluster_redis_errors_total", "counter", "Redis calls that failed.")
-        o.sample("tierq_cluster_redis_errors_total", [], int(cluster["redis_errors"]))
-    lag: HistogramData | None = None
-    for s in snapshots:
-        if s.ledger_lag is not None:
-            lag = s.ledger_lag if lag is None else lag + s.ledger_lag
-    o.family("tierq_ledger_write_lag_seconds", "histogram",
-             "Per committed batch: its oldest row's time from queued to committed.")
-    if lag is not None:
-        o.histogram("tierq_ledger_write_lag_seconds", [], lag)
+    for f in _FAMILIES:
+        if f.shown is not None and not f.shown(scrape):
+            continue
+        o.family(f.name, f.kind, f.help)
+        for labels, value in f.samples(scrape):
+            if isinstance(value, HistogramData):
+                o.histogram(f.name, labels, value)
+            else:
+                o.sample(f.name, labels, value)
     return "\n".join(o.lines) + "\n"
 
 
