@@ -384,10 +384,9 @@ def test_x_forwarded_for_cannot_make_a_remote_client_loopback() -> None:
     from tierq.errors import ApiError
     from tierq.gateway import Gateway
     from tierq.intake import authenticate
-    from tierq.served import Catalog
 
     config = Config(upstreams=(UpstreamConfig("sim", "", "sim"),))
-    gw = Gateway(config, Catalog.from_config(config))
+    gw = Gateway.from_config(config)
     transport = mock.Mock()
     transport.get_extra_info.side_effect = lambda k, d=None: ("203.0.113.9", 4444) \
         if k == "peername" else d

@@ -46,13 +46,15 @@ class Shed(Exception):
     """A request was not admitted. Nothing is held and nothing is billed.
 
     `code` is one of ``server_overloaded``, ``queue_timeout`` and
-    ``rate_limit_exceeded``; `retry_after_s` is the exact wait the core computed.
+    ``rate_limit_exceeded``; `retry_after_s` is the exact wait the core computed;
+    `queue_ms` how long the request waited in its lane first (0: shed at once).
     """
 
     def __init__(self, code: str, retry_after_s: float, lane: str) -> None:
         self.code = code
         self.retry_after_s = retry_after_s
         self.lane = lane
+        self.queue_ms = 0.0
         super().__init__(f"{code}: retry after {retry_after_s:.3f}s ({lane} lane)")
 
     @property
@@ -72,6 +74,8 @@ class Slot:
     """One `acquire()`: waits in its lane on enter, releases on exit.
 
     The object is its own slot so that an admission allocates nothing else.
+    `queue_ms` is the time it waited in the lane, stamped however the wait
+    ended (granted, shed or cancelled).
     """
 
     __slots__ = ("_adm", "_fut", "_timer", "lane", "cost", "queue_ns")
@@ -121,7 +125,12 @@ class Slot:
             adm._grant(c)
         try:
             await fut
+        except Shed as e:
+            self.queue_ns = core.now_ns() - t0
+            e.queue_ms = self.queue_ms
+            raise
         except asyncio.CancelledError:
+            self.queue_ns = core.now_ns() - t0
             if core.cancel(a):
                 del adm._waiters[a]
                 self._timer.cancel()

@@ -25,15 +25,15 @@ from tierq.admission import Admission, Shed
 from tierq.capacity import OVERLOAD_STATUSES, overload_backoff_s
 from tierq.cluster import CLOSED_RETRY_AFTER_S, ClusterUnavailable
 from tierq.config import Config, UpstreamConfig
-from tierq.errors import (JSON_TYPE, SHED_MESSAGES, ApiError, api_errors, cluster_down_error,
-                          drain_error, invalid_type, shed_error)
+from tierq.errors import JSON_TYPE, ApiError, api_errors, invalid_type
 from tierq.gateway import CLUSTER_CLOSED, CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import request_info, request_log
 from tierq.metrics import WorkerSnapshot
-from tierq.outcome import DRAIN_CODE, Exchange, cancelled, cluster_down, failed, key_limited, shed
+from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, drained, failed,
+                           key_refused, pool_shed, upstream_overloaded)
 from tierq.pricing import render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
@@ -95,9 +95,8 @@ def create_app(
             if u.kind == "sim":
                 raise ValueError(f"upstream {u.name!r} is of kind \"sim\": pass create_app a "
                                  "running sim (sim=) or what starts it (start_sims=)")
-    catalog = Catalog.from_config(config)
-    gw = Gateway(config, catalog, ledger=ledger,
-                 allow_remote_without_keys=allow_remote_without_keys)
+    gw = Gateway.from_config(config, ledger=ledger, pools=pools,
+                             allow_remote_without_keys=allow_remote_without_keys)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[request_log, api_errors],
@@ -106,8 +105,9 @@ def create_app(
     app[CONFIG] = config
     app[GATEWAY] = gw
     gw.models_body = _models_body(gw)
+    shared_worker = getattr(pools, "index", 0) if pools is not None else None
     app.cleanup_ctx.append(lifecycle(gw, sim, start_sims, own_ledger=ledger is None,
-                                     pools=pools, key_buckets=key_buckets))
+                                     shared_worker=shared_worker, key_buckets=key_buckets))
     for prefix in ("/v1", "/v1/openai"):
         for endpoint in ENDPOINT_PATHS:
             app.router.add_post(f"{prefix}/{endpoint}", _endpoint_handler(endpoint))
@@ -182,65 +182,53 @@ async def _inference(
                   key.public_id if key is not None else ANONYMOUS_KEY, pool, endpoint,
                   requested if isinstance(requested, str) else None, tier, t0, ts,
                   est_prompt, est_total)
+    # The one way out: a refusal is finished here; the relays finish what ends
+    # once the response has begun; anything else still leaves one row.
+    try:
+        return await _admitted(request, ex, body)
+    except Refused as r:
+        raise ex.refuse(r) from None
+    except BaseException as e:
+        if not ex.done:
+            # The client went away while queued or before anything was
+            # delivered; or a bug, not a decision: still one row, the key made whole.
+            ex.finish(cancelled("client_disconnected") if isinstance(e, asyncio.CancelledError)
+                      else failed("internal_error", 500))
+        raise
+
+
+async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
+    """The key's limits, the pool's admission, then the upstream."""
+    gw = ex.gw
     try:
         wait_s = await ex.admit_key_shared() if gw.cluster is not None else ex.admit_key()
         if gw.cluster is not None:
             gw.cluster.check_open()
     except ClusterUnavailable as e:
-        ex.finish(cluster_down())
-        raise cluster_down_error(ex.headers(), e.retry_after_s) from None
+        raise cluster_refused(e.retry_after_s) from None
     if wait_s is not None:
-        ex.finish(key_limited())
-        raise shed_error(ex.headers(), "rate_limit_exceeded", wait_s,
-                         "Rate limit reached for this API key (requests or tokens per minute).")
-    try:
-        return await _admitted(request, ex, body)
-    except Exception:
-        if not ex.done:  # a bug, not a decision: still one row, and the key made whole
-            ex.finish(failed("internal_error", 500))
-        raise
-
-
-async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
-    """Past the key's limits: the pool's admission, then the upstream."""
-    gw = ex.gw
+        raise key_refused(wait_s)
+    if gw.draining:
+        raise drained()
     task = asyncio.current_task()
     assert task is not None
-    if gw.draining:
-        raise _drained(ex)
     if gw.cluster is not None:
         gw.cluster.wake()  # the agent checks whether the lease still covers the queue
+    ex.slot = slot = ex.pool.admission.acquire(ex.tier)
     gw.waiting.add(task)
     try:
-        async with ex.pool.admission.acquire(ex.tier) as slot:
+        async with slot:
             gw.waiting.discard(task)
-            ex.queue_ms = float(slot.queue_ms)
             return await _call_upstream(request, ex, body)
     except Shed as e:
-        ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
-        ex.finish(shed(e.code))
-        raise shed_error(ex.headers(), e.code, e.retry_after_s, SHED_MESSAGES.get(e.code, "Request shed.")) from None
+        raise pool_shed(e.code, e.retry_after_s) from None
     except asyncio.CancelledError as e:
-        if e.args == (DRAIN,) and not ex.done:
-            task.uncancel()
-            raise _drained(ex) from None
-        if e.args == (CLUSTER_CLOSED,) and not ex.done:
-            task.uncancel()
-            ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
-            ex.finish(cluster_down())
-            raise cluster_down_error(ex.headers(), CLOSED_RETRY_AFTER_S) from None
-        # The client went away while queued or before anything was delivered.
-        if not ex.done:
-            ex.finish(cancelled("client_disconnected"))
-        raise
+        if ex.done or e.args not in ((DRAIN,), (CLUSTER_CLOSED,)):
+            raise
+        task.uncancel()
+        raise (drained() if e.args == (DRAIN,) else cluster_refused(CLOSED_RETRY_AFTER_S)) from None
     finally:
         gw.waiting.discard(task)
-
-
-def _drained(ex: Exchange) -> ApiError:
-    ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
-    ex.finish(shed(DRAIN_CODE))
-    return drain_error(ex.headers())
 
 
 async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
@@ -264,7 +252,7 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                     await up.read()
                     wait = None if retried else overload_backoff_s(up.headers, _wait_left_s(ex))
                     if wait is None:
-                        raise _upstream_overloaded(ex)
+                        raise upstream_overloaded(pool.admission.retry_after_s(ex.tier))
                 elif not 200 <= up.status < 300:
                     return await upstream_error(ex, up)
                 elif info.stream and up.content_type == "text/event-stream":
@@ -278,23 +266,14 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
             raise
         code = "upstream_timeout" if isinstance(e, TimeoutError) else "upstream_unavailable"
         status = 504 if code == "upstream_timeout" else 502
-        ex.finish(failed(code, status))
-        raise ApiError(status, f"The upstream serving this model failed: {type(e).__name__}.",
-                       "server_error", None, code, ex.headers()) from None
+        raise Refused(failed(code, status), ApiError(
+            status, f"The upstream serving this model failed: {type(e).__name__}.",
+            "server_error", None, code)) from None
 
 
 def _wait_left_s(ex: Exchange) -> float:
     """What is left of the request's lane max wait, counted from its arrival."""
     return ex.pool.admission.max_wait_s(ex.tier) - (time.monotonic() - ex.t0)
-
-
-def _upstream_overloaded(ex: Exchange) -> ApiError:
-    """The upstream still said 429/503 and the retry would not fit: tierq's own
-    shed, with the pool's honest Retry-After and no charge."""
-    ex.queue_ms = (time.monotonic() - ex.t0) * 1000.0
-    ex.finish(shed("upstream_overloaded"))
-    return shed_error(ex.headers(), "server_overloaded", ex.pool.admission.retry_after_s(ex.tier),
-                      SHED_MESSAGES["server_overloaded"])
 
 
 # ------------------------------------------------------------------ other routes

@@ -48,7 +48,11 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        body: dict[str, object] | None = None,
     ) -> None:
+        """`body`: the JSON to answer instead of the usual one built from the
+        fields (an engine's own error object, passed on as it came)."""
         super().__init__(message)
         self.status = status
         self.message = message
@@ -56,10 +60,12 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.body = body
 
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        body = self.body if self.body is not None else {
+            "error": {"message": self.message, "type": self.type,
+                      "param": self.param, "code": self.code}}
         headers = self.headers
         if "Content-Type" not in headers:
             headers["Content-Type"] = JSON_TYPE
@@ -118,23 +124,27 @@ SHED_MESSAGES: Final = {
 }
 
 
-def shed_error(headers: dict[str, str], code: str, wait_s: float, message: str) -> ApiError:
-    """The 429 of a request shed by its pool or its key's limits; `wait_s` is the
-    exact wait (the core's), turned into the retry headers added to `headers`."""
+def _retry_headers(wait_s: float) -> dict[str, str]:
+    headers: dict[str, str] = {}
     retry_after(wait_s).add_to(headers)
-    return ApiError(429, message, "rate_limit_error", None, code, headers)
+    return headers
 
 
-def cluster_down_error(headers: dict[str, str], retry_after_s: float) -> ApiError:
+def shed_error(code: str, wait_s: float, message: str) -> ApiError:
+    """The 429 of a request shed by its pool or its key's limits; `wait_s` is the
+    exact wait (the core's), turned into its retry headers."""
+    return ApiError(429, message, "rate_limit_error", None, code, _retry_headers(wait_s))
+
+
+def cluster_down_error(retry_after_s: float) -> ApiError:
     """The 503 of a request refused while the cluster's Redis is unreachable
     and `[cluster] on_redis_down = "closed"`."""
-    retry_after(retry_after_s).add_to(headers)
     return ApiError(503, "The gateway cannot reach its cluster state (Redis); retry the "
-                    "request.", "server_error", None, CLUSTER_DOWN_CODE, headers)
+                    "request.", "server_error", None, CLUSTER_DOWN_CODE,
+                    _retry_headers(retry_after_s))
 
 
-def drain_error(headers: dict[str, str]) -> ApiError:
+def drain_error() -> ApiError:
     """The 503 of a request shed because the gateway is shutting down."""
-    retry_after(DRAIN_RETRY_AFTER_S).add_to(headers)
     return ApiError(503, "The gateway is shutting down; retry the request.", "server_error",
-                    None, "server_shutting_down", headers)
+                    None, "server_shutting_down", _retry_headers(DRAIN_RETRY_AFTER_S))

@@ -1,12 +1,15 @@
 """The gateway's state: its pools, upstreams, ledger, keys, metrics and drain.
 
-One `Gateway` per process, built by `tierq.app.create_app` and filled in at
-start-up by `tierq.lifecycle`; handlers reach it through `GATEWAY`.
+One `Gateway` per process, built whole by `Gateway.from_config` (what is always
+there: pools, upstreams, ledger, metrics) when `tierq.app.create_app` makes the
+app, and started by `tierq.lifecycle`, which adds what the config may leave out
+(keys, their limiter, the cluster); handlers reach it through `GATEWAY`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -14,12 +17,12 @@ from aiohttp import web
 
 from tierq.admission import Admission
 from tierq.capacity import Capacity
-from tierq.cluster import Cluster
+from tierq.cluster import Cluster, cluster_settings
 from tierq.config import Config
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
 from tierq.served import Catalog, ModelEntry
-from tierq.stores import KeyStoreLike, LedgerStore
+from tierq.stores import KeyStoreLike, LedgerStore, ledger_from_config
 from tierq.upstream import UpstreamClient
 from tierq.watchdog import WriteWatchdog
 
@@ -46,10 +49,10 @@ class Pool:
 class Gateway:
     config: Config
     catalog: Catalog
-    pools: dict[str, Pool] = field(default_factory=dict)
-    upstreams: dict[str, UpstreamClient] = field(default_factory=dict)
-    ledger: LedgerStore | None = None
-    keys: KeyStoreLike | None = None  # when [keys] is configured
+    pools: dict[str, Pool]
+    upstreams: dict[str, UpstreamClient]
+    ledger: LedgerStore
+    keys: KeyStoreLike | None = None  # when [keys] is configured (set at start)
     limiter: KeyLimiter | None = None
     cluster: Cluster | None = None  # [cluster]: slots and key limits shared through Redis
     allow_remote_without_keys: bool = False
@@ -63,6 +66,36 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)
+
+    @classmethod
+    def from_config(cls, config: Config, *, ledger: LedgerStore | None = None,
+                    pools: Mapping[str, Admission] | None = None,
+                    allow_remote_without_keys: bool = False) -> Gateway:
+        """The gateway `config` describes, whole and not yet started: an upstream
+        client per upstream (its pool sized from the admission limits of the
+        models it serves), a pool per model (`pools`: admission made by the
+        caller, as `tierq serve --workers N` does; else each model's own), the
+        ledger (`ledger`, else the one `config.ledger` names)."""
+        catalog = Catalog.from_config(config)
+        pool_sizes: dict[str, int] = {}
+        for m in catalog.values():
+            pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.settings.limit_max
+        upstreams = {u.name: UpstreamClient(u, u.base_url, u.max_connections
+                                            or min(pool_sizes.get(u.name, 1), 4096))
+                     for u in config.upstreams}
+        admissions = {}
+        for m in catalog.values():
+            if pools is not None:
+                admissions[m.id] = pools[m.id]
+            else:
+                settings = m.admission.settings
+                if config.cluster is not None:
+                    settings = cluster_settings(m.admission)
+                admissions[m.id] = Admission(settings)
+        return cls(config, catalog,
+                   {m.id: Pool(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
+                   upstreams, ledger if ledger is not None else ledger_from_config(config.ledger),
+                   allow_remote_without_keys=allow_remote_without_keys)
 
     def begin_drain(self) -> int:
         """Stop taking work: not ready, new requests and every queued one get 503.

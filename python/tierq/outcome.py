@@ -4,7 +4,11 @@ Every request that passes intake ends in exactly one `Outcome`: served,
 partial, shed, failed or cancelled, with its code. `Exchange.finish` (or
 `commit`, which also waits for the bill to be durable) turns it into the four
 things that must agree: the ledger row, the metrics, the access line and the
-settlement of the key's per-minute limits (DESIGN.md, Admission semantics):
+settlement of the key's per-minute limits (DESIGN.md, Admission semantics).
+A request turned away before its response began is raised as `Refused` (its
+outcome and its OpenAI error together) and finished by `Exchange.refuse`, in
+the handler's one wrapper (tierq.app); the relays record the ends that happen
+once the response has begun (served, partial, cut short, broken):
 
 - served or partial: the key is charged its real usage;
 - anything else: its whole token estimate is given back, and its request too
@@ -21,7 +25,9 @@ from typing import Final
 
 from aiohttp import web
 
-from tierq.errors import CLUSTER_DOWN_CODE, JSON_TYPE
+from tierq.admission import Slot
+from tierq.errors import (CLUSTER_DOWN_CODE, JSON_TYPE, SHED_MESSAGES, ApiError, cluster_down_error,
+                          drain_error, shed_error)
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ENDPOINT_PATHS
 from tierq.keys import KeyInfo
@@ -34,12 +40,17 @@ __all__ = [
     "TIER_HEADER",
     "Exchange",
     "Outcome",
+    "Refused",
     "cancelled",
+    "cluster_refused",
+    "drained",
     "failed",
-    "key_limited",
+    "key_refused",
     "partial",
+    "pool_shed",
     "served",
     "shed",
+    "upstream_overloaded",
 ]
 
 TIER_HEADER: Final = "x-tierq-service-tier"
@@ -84,16 +95,6 @@ def shed(code: str) -> Outcome:
     return Outcome("shed", code, 503 if code == DRAIN_CODE else 429, by_gateway=True)
 
 
-def cluster_down() -> Outcome:
-    """Refused because the cluster's Redis is unreachable (on_redis_down = "closed")."""
-    return Outcome("shed", CLUSTER_DOWN_CODE, 503, by_gateway=True)
-
-
-def key_limited() -> Outcome:
-    """Refused by the key's own per-minute limits (which charged nothing)."""
-    return Outcome("shed", "rate_limit_exceeded", 429)
-
-
 def failed(code: str, http_status: int = 502, *, prompt: int = 0, completion: int = 0,
            delivered: bool = False, upstream_status: int | None = None) -> Outcome:
     """The upstream failed (or answered something unusable): nothing is billed.
@@ -109,6 +110,49 @@ def failed(code: str, http_status: int = 502, *, prompt: int = 0, completion: in
 def cancelled(code: str, http_status: int = CLIENT_CLOSED) -> Outcome:
     """Nothing usable reached the client: it hung up or stopped reading, or a drain cut it."""
     return Outcome("cancelled", code, http_status, by_gateway=code == DRAIN_CODE)
+
+
+class Refused(Exception):
+    """A request turned away before its response began: how it ended (`outcome`,
+    for its row, metrics and key) and what the client is told (`error`, whose
+    headers hold the refusal's own, such as its retry hints). Raised anywhere past
+    intake; `Exchange.refuse` finishes the request with it, in one place."""
+
+    def __init__(self, outcome: Outcome, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.outcome = outcome
+        self.error = error
+
+
+def pool_shed(code: str, retry_after_s: float) -> Refused:
+    """Shed by the pool's admission (queue full, waited too long, its rate)."""
+    return Refused(shed(code), shed_error(code, retry_after_s,
+                                          SHED_MESSAGES.get(code, "Request shed.")))
+
+
+def upstream_overloaded(retry_after_s: float) -> Refused:
+    """The upstream still said 429/503 when the request's wait ran out: tierq's
+    own shed (server_overloaded, the pool's honest Retry-After), no charge."""
+    return Refused(shed("upstream_overloaded"),
+                   shed_error("server_overloaded", retry_after_s, SHED_MESSAGES["server_overloaded"]))
+
+
+def key_refused(wait_s: float) -> Refused:
+    """Refused by the key's own per-minute limits (which charged nothing)."""
+    return Refused(Outcome("shed", "rate_limit_exceeded", 429),
+                   shed_error("rate_limit_exceeded", wait_s, "Rate limit reached for this API "
+                              "key (requests or tokens per minute)."))
+
+
+def cluster_refused(retry_after_s: float) -> Refused:
+    """Refused because the cluster's Redis is unreachable (on_redis_down = "closed")."""
+    return Refused(Outcome("shed", CLUSTER_DOWN_CODE, 503, by_gateway=True),
+                   cluster_down_error(retry_after_s))
+
+
+def drained() -> Refused:
+    """Shed because the gateway is shutting down (before or while queued)."""
+    return Refused(shed(DRAIN_CODE), drain_error())
 
 
 @dataclass(slots=True)
@@ -128,15 +172,21 @@ class Exchange:
     ts: float
     est_prompt: int
     est_total: int
-    queue_ms: float = 0.0
+    slot: Slot | None = None  # the admission step's, once it began (its queue time)
     ttft_s: float | None = None  # first token delivered (streams), from t0
     charged: bool = False  # the key's limits took this request and its estimate
     outcome: Outcome | None = None
 
+    sent_at: float = 0.0  # when the request last went upstream (monotonic)
+
     @property
     def done(self) -> bool:
         return self.outcome is not None
-    sent_at: float = 0.0  # when the request last went upstream (monotonic)
+
+    @property
+    def queue_ms(self) -> float:
+        """The time it waited in its pool's lane, as admission stamped it."""
+        return self.slot.queue_ms if self.slot is not None else 0.0
 
     def cost(self, prompt: int, completion: int) -> int:
         """The exact price of `prompt` and `completion` tokens here, in femto-USD."""
@@ -186,20 +236,25 @@ class Exchange:
         assert self.outcome is None, (self.outcome, outcome)
         self.outcome = outcome
         row = self._row(outcome)
-        ledger = self.gw.ledger
-        assert ledger is not None
-        ledger.record_nowait(row)
+        self.gw.ledger.record_nowait(row)
         return row
+
+    def refuse(self, refused: Refused) -> ApiError:
+        """`finish` with a refusal's outcome; returns its error to raise, with this
+        response's headers (tier, queue time, request ids) ahead of its own."""
+        self.finish(refused.outcome)
+        err = refused.error
+        headers = self.headers()
+        headers.update(err.headers)
+        err.headers = headers
+        return err
 
     async def commit(self, outcome: Outcome) -> None:
         """`finish`, returning once the row is committed: a served response's
         last bytes wait for it."""
         assert self.outcome is None, (self.outcome, outcome)
         self.outcome = outcome
-        row = self._row(outcome)
-        ledger = self.gw.ledger
-        assert ledger is not None
-        await ledger.record(row)
+        await self.gw.ledger.record(self._row(outcome))
 
     def _row(self, o: Outcome) -> LedgerRow:
         latency_s = time.monotonic() - self.t0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final
+from typing import Final, NoReturn
 
 import aiohttp
 import orjson
@@ -16,7 +16,8 @@ from aiohttp import web
 from tierq.errors import JSON_TYPE, ApiError
 from tierq.gateway import GATEWAY
 from tierq.intake import estimate_output_tokens
-from tierq.outcome import CLIENT_CLOSED, DRAIN_CODE, Exchange, cancelled, failed, partial, served
+from tierq.outcome import (CLIENT_CLOSED, DRAIN_CODE, Exchange, Refused, cancelled, failed, partial,
+                           served)
 from tierq.pricing import render_femto
 from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
                        usage_tokens)
@@ -30,22 +31,21 @@ _ONE_WRITE_MAX: Final = 32 * 1024
 SSE_TYPE: Final = "text/event-stream; charset=utf-8"
 
 
-async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
+async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> NoReturn:
     """The upstream answered an error status: its own 4xx error body passed on, else a 502."""
     raw = await up.read()
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         data = None
-    headers = ex.headers()
     code = f"upstream_{up.status}"
     if up.status < 500 and isinstance(data, dict) and isinstance(data.get("error"), dict):
         # The engine's own 4xx (bad parameter, context too long): the client's to fix.
-        ex.finish(failed(code, up.status, upstream_status=up.status))
-        return web.Response(status=up.status, body=orjson.dumps(data), headers=headers)
-    ex.finish(failed(code, 502, upstream_status=up.status))
-    raise ApiError(502, f"The upstream serving this model answered HTTP {up.status}.",
-                   "server_error", None, "upstream_error", headers)
+        raise Refused(failed(code, up.status, upstream_status=up.status),
+                      ApiError(up.status, str(data["error"].get("message")), body=data))
+    raise Refused(failed(code, 502, upstream_status=up.status),
+                  ApiError(502, f"The upstream serving this model answered HTTP {up.status}.",
+                           "server_error", None, "upstream_error"))
 
 
 async def write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
@@ -82,9 +82,9 @@ async def relay_json(request: web.Request, ex: Exchange,
     except orjson.JSONDecodeError:
         data = None
     if not isinstance(data, dict):
-        ex.finish(failed("upstream_bad_response"))
-        raise ApiError(502, "The upstream answered with something that is not a JSON object.",
-                       "server_error", None, "upstream_bad_response", ex.headers())
+        raise Refused(failed("upstream_bad_response"), ApiError(
+            502, "The upstream answered with something that is not a JSON object.",
+            "server_error", None, "upstream_bad_response"))
     usage = data.get("usage")
     tokens = usage_tokens(usage)
     code = None
@@ -103,36 +103,39 @@ async def relay_json(request: web.Request, ex: Exchange,
     out = orjson.dumps(data)
     transport = request.transport
     if transport is None or transport.is_closing():
-        # The client left while the upstream answered: nothing was delivered.
-        ex.finish(cancelled("client_disconnected"))
-        return web.Response(status=CLIENT_CLOSED)  # nobody reads it
-    if len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0:
-        # The usual case. A body this small goes into the socket without
-        # waiting on the client (nothing is queued ahead of it and it is below
-        # the transport's high-water mark), so no write timeout is needed: the
-        # bill is committed, then aiohttp sends headers and body in one write.
-        await ex.commit(served(tokens[0], tokens[1], code, cost=amount))
-        return web.Response(body=out, headers=ex.headers())
-    # A large body may have to wait for the client to read: it is written here,
-    # under the write timeout, as all but the last byte, then the bill
-    # (committed before the client can see a complete response), then the last byte.
-    resp = web.StreamResponse(headers=ex.headers())
-    resp.content_length = len(out)
-    await resp.prepare(request)
-    try:
-        await write(request, resp, out[:-1])
-    except (ClientWriteTimeout, ConnectionResetError) as e:
-        # A JSON body cut short is of no use to the client: nothing is billed.
-        reason = "client_write_timeout" if isinstance(e, ClientWriteTimeout) else "client_disconnected"
-        ex.finish(cancelled(reason))
-        return resp
+        # The client left while the upstream answered: nothing was delivered
+        # (and nobody reads the answer).
+        raise Refused(cancelled("client_disconnected"),
+                      ApiError(CLIENT_CLOSED, "The client closed the request.", code="client_disconnected"))
+    # The usual case: a body this small goes into the socket without waiting on
+    # the client (nothing is queued ahead of it and it is below the transport's
+    # high-water mark), so no write timeout is needed: the bill is committed,
+    # then aiohttp sends headers and body in one write.
+    one_write = len(out) <= _ONE_WRITE_MAX and transport.get_write_buffer_size() == 0
+    resp: web.StreamResponse | None = None
+    if not one_write:
+        # A large body may have to wait for the client to read: it is written
+        # here, under the write timeout, as all but the last byte, then the
+        # bill (committed before the client can see a complete response), then
+        # the last byte.
+        resp = web.StreamResponse(headers=ex.headers())
+        resp.content_length = len(out)
+        await resp.prepare(request)
+        try:
+            await write(request, resp, out[:-1])
+        except (ClientWriteTimeout, ConnectionResetError) as e:
+            # A JSON body cut short is of no use to the client: nothing is billed.
+            ex.finish(cancelled("client_write_timeout" if isinstance(e, ClientWriteTimeout)
+                                else "client_disconnected"))
+            return resp
     await ex.commit(served(tokens[0], tokens[1], code, cost=amount))
+    if resp is None:
+        return web.Response(body=out, headers=ex.headers())
     try:
         await write(request, resp, out[-1:], last=True)
     except (ClientWriteTimeout, ConnectionResetError):
         pass  # billed already: all but one byte was delivered
     return resp
-
 
 
 async def relay_stream(
@@ -174,14 +177,11 @@ async def relay_stream(
         # A drain cuts a stream the client was still reading (answered 200);
         # otherwise the client is the one who left.
         status = 200 if code == DRAIN_CODE else CLIENT_CLOSED
-        if delivered == 0:
-            # Nothing the client could use was delivered: nothing is billed.
-            ex.finish(cancelled(code, status))
-            return
         usage = rewriter.usage
-        prompt = usage[0] if usage else ex.est_prompt
-        completion = min(delivered, usage[1]) if usage else delivered
-        ex.finish(partial(prompt, completion, code, status))
+        # Nothing the client could use delivered: nothing is billed.
+        ex.finish(cancelled(code, status) if delivered == 0 else
+                  partial(usage[0] if usage else ex.est_prompt,
+                          min(delivered, usage[1]) if usage else delivered, code, status))
 
     try:
         try:

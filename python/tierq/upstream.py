@@ -113,7 +113,8 @@ class UpstreamClient:
     """One upstream: its base URL, credential and pooled session.
 
     Call `start()` inside the event loop that will use it and `close()` at
-    shutdown (the app does both in its cleanup context).
+    shutdown (the app does both in its cleanup context). An upstream of kind
+    "sim" learns its address there, once its backend runs.
     """
 
     def __init__(self, config: UpstreamConfig, base_url: str, pool_size: int) -> None:
@@ -128,7 +129,10 @@ class UpstreamClient:
         self._managed_auth = f"Bearer {key}" if key else None
         self.managed = config.api_key_env is not None
 
-    async def start(self) -> None:
+    async def start(self, base_url: str | None = None) -> None:
+        if base_url is not None:
+            self.base_url = base_url.rstrip("/")
+            self._urls.clear()
         if self.managed and self._managed_auth is None:
             log.warning("upstream %s: $%s is not set; requests go without a credential",
                         self.name, self.config.api_key_env)
