@@ -36,10 +36,11 @@ from tierq.config import (
     default_config,
     load_config,
 )
-from tierq.cluster import cluster_settings, default_host_id
+from tierq.cluster import cluster_settings, default_host_id, require_redis
 from tierq.embedded import start_sims
 from tierq.keys import KEEP, KeyInfo, parse_public_id
-from tierq.stores import KeyStoreLike, open_key_store, usage_of
+from tierq.stores import (KeyStoreLike, StoreUnavailable, close_key_store, open_key_store,
+                          require_postgres, start_key_store, usage_of)
 from tierq.pricing import decimal_text
 from tierq.progress import progress
 from tierq.served import Catalog
@@ -190,6 +191,11 @@ def _serve(args: argparse.Namespace) -> int:
               "add [keys] to the config, listen on 127.0.0.1, or pass --insecure-no-auth",
               file=sys.stderr)
         return 2
+    try:
+        _require_extras(config)
+    except RuntimeError as e:
+        print(f"tierq serve: {e}", file=sys.stderr)
+        return 2
     catalog = Catalog.from_config(config)
     from tierq.logs import configure_logging
 
@@ -201,10 +207,32 @@ def _serve(args: argparse.Namespace) -> int:
                  "all (--insecure-no-auth)" if args.insecure_no_auth else "loopback")
     import uvloop
 
-    if workers == 1:
-        uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
-        return 0
-    return _serve_workers(config, catalog, host, port, args.insecure_no_auth, workers)
+    try:
+        if workers == 1:
+            uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
+            return 0
+        uvloop.run(_probe_key_store(config))  # before the socket and the forks
+        return _serve_workers(config, catalog, host, port, args.insecure_no_auth, workers)
+    except StoreUnavailable as e:
+        log.error("tierq serve: %s", e)
+        return 1
+
+
+def _require_extras(config: Config) -> None:
+    """The optional packages this config needs, imported before anything listens:
+    one without its package is one line naming the extra, not a traceback later."""
+    require_postgres("[ledger] url", config.ledger.url)
+    if config.keys.path is not None:
+        require_postgres("[keys] url", config.keys.path)
+    if config.cluster is not None:
+        require_redis()
+
+
+async def _probe_key_store(config: Config) -> None:
+    """StoreUnavailable if the key store cannot be read now (a worker reads it again)."""
+    store = await start_key_store(config.keys)
+    if store is not None:
+        await close_key_store(store)
 
 
 def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insecure: bool,
@@ -231,7 +259,11 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
                 finally:
                     pools.stop()
 
-            uvloop.run(run())
+            try:
+                uvloop.run(run())
+            except StoreUnavailable as e:  # lost since the probe: one line, then restarted
+                log.error("tierq serve: worker %d: %s", index, e)
+                return 1
             return 0
 
         log.info("listening on http://%s:%d/v1 with %d workers sharing admission", host, port, workers)

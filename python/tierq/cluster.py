@@ -51,7 +51,19 @@ if TYPE_CHECKING:
 # The redis package is the optional extra `tierq[cluster]`: imported when a
 # Cluster is made, so the embedded default runs without it.
 
-__all__ = ["Cluster", "ClusterUnavailable", "PoolLease", "cluster_settings", "default_host_id"]
+__all__ = ["Cluster", "ClusterUnavailable", "PoolLease", "cluster_settings", "default_host_id",
+           "require_redis"]
+
+_NO_REDIS: Final = "[cluster] needs the redis package: pip install 'tierq[cluster]'"
+
+
+def require_redis() -> None:
+    """Refuse a [cluster] when the redis package (the `cluster` extra) cannot be
+    imported: RuntimeError, one line naming the extra, before anything listens."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{_NO_REDIS} ({e})") from None
 
 log = logging.getLogger("tierq.cluster")
 
@@ -379,7 +391,7 @@ class Cluster:
             from redis.exceptions import NoScriptError, RedisError
             from redis.retry import Retry
         except ImportError:
-            raise ValueError("[cluster] needs the redis package: pip install 'tierq[cluster]'") from None
+            raise ValueError(_NO_REDIS) from None
         self._RedisError = RedisError
         self._NoScriptError = NoScriptError
         password = None

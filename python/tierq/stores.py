@@ -14,17 +14,24 @@ from typing import Protocol
 from tierq.config import KeysConfig, LedgerConfig
 from tierq.keys import KEEP, KeyInfo, Keep, KeyStore
 from tierq.ledger import Ledger, LedgerRow, UsageLine
-from tierq.storage import DEFAULT_SPOOL, Durability, sqlite_path, store_kind
+from tierq.storage import DEFAULT_SPOOL, Durability, shown_url, sqlite_path, store_kind
 
 __all__ = [
     "KeyStoreLike",
     "LedgerStore",
+    "StoreUnavailable",
     "close_key_store",
     "ledger_from_config",
     "open_key_store",
     "open_ledger",
+    "require_postgres",
     "start_key_store",
 ]
+
+
+class StoreUnavailable(RuntimeError):
+    """A store the gateway cannot start without could not be read; str(e) is one
+    line naming it (password masked) and why."""
 
 
 class LedgerStore(Protocol):
@@ -76,6 +83,16 @@ def _postgres() -> ModuleType:
     return tierq.postgres
 
 
+def require_postgres(key: str, url: str) -> None:
+    """Refuse a postgresql:// `key` (e.g. "[ledger] url") when asyncpg cannot be
+    imported: RuntimeError, one line naming the extra."""
+    if store_kind(url) == "postgresql":
+        try:
+            _postgres()
+        except RuntimeError as e:
+            raise RuntimeError(f"{key} {shown_url(url)}: {e}") from None
+
+
 def open_ledger(url: str, durability: Durability = "process", *,
                 password_env: str | None = None, spool: str = DEFAULT_SPOOL) -> LedgerStore:
     """The ledger a `[ledger] url` names (call `await start()`): sqlite:///path or a
@@ -109,7 +126,14 @@ async def start_key_store(cfg: KeysConfig) -> KeyStoreLike | None:
     if store_kind(cfg.path) == "postgresql":
         pg: KeyStoreLike = _postgres().PostgresKeyStore(
             cfg.path, password_env=cfg.password_env, refresh_s=cfg.refresh_s)
-        await pg.start()  # type: ignore[attr-defined]  # reads the table once, then refreshes
+        try:
+            await pg.start()  # type: ignore[attr-defined]  # reads the table once, then refreshes
+        except Exception as e:  # noqa: BLE001 - asyncpg's errors, OSError, a timeout: one line
+            # No request could be authenticated without the table: the gateway
+            # does not start (a supervisor restarts it), rather than serve 401s.
+            why = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+            raise StoreUnavailable(f"[keys] url {shown_url(cfg.path)}: could not read the key "
+                                   f"table at start ({why}); not serving without it") from None
         return pg
     return KeyStore(cfg.path)
 
