@@ -138,6 +138,9 @@ async def test_status_page_shows_lanes_in_flight_sheds_and_both_tiers_latency_af
     # The pool's limit: fixed here, said so, and its history drawn.
     assert re.search(r'<div class="limit" data-limit="2" data-limit-mode="fixed"', dom)
     assert re.search(r'<path [^>]*class="limit-line"', dom)
+    # Its flows: the one anonymous flow of a gateway without keys, which waited.
+    assert re.search(r'<div class="flows" [^>]*data-backlogged="1" data-jain="1"', dom)
+    assert re.search(r'top served: local [\d,]+ tok', dom)
 
 
 @pytest.mark.timeout(150)

@@ -28,7 +28,7 @@ from tierq.config import Config, UpstreamConfig
 from tierq.errors import JSON_TYPE, ApiError, api_errors, invalid_type
 from tierq.gateway import CLUSTER_CLOSED, CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
-                          estimate_prompt_tokens, read_json, validate)
+                          estimate_prompt_tokens, flow_of, max_queue_ms, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import request_info, request_log
 from tierq.metrics import WorkerSnapshot
@@ -161,6 +161,8 @@ async def _inference(
     t0 = time.monotonic()
     ts = time.time()
     key = authenticate(gw, request)
+    flow = flow_of(request, key)
+    deadline_ms = max_queue_ms(request)
     body = await read_json(gw, request)
     model_id = body.get("model")
     if model_id is not None and not isinstance(model_id, str):
@@ -181,7 +183,9 @@ async def _inference(
     ex = Exchange(gw, request, request_info(request), key,
                   key.public_id if key is not None else ANONYMOUS_KEY, pool, endpoint,
                   requested if isinstance(requested, str) else None, tier, t0, ts,
-                  est_prompt, est_total)
+                  est_prompt, est_total, flow, deadline_ms)
+    if flow.ignored:
+        gw.metrics.fairness_ignored += 1
     # The one way out: a refusal is finished here; the relays finish what ends
     # once the response has begun; anything else still leaves one row.
     try:
@@ -216,9 +220,12 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
         gw.cluster.wake()  # the agent checks whether the lease still covers the queue
     ex.slot = slot = ex.pool.admission.acquire(ex.tier)
     gw.waiting.add(task)
+    ex.pool.flows.queued(ex.flow.name, ex.est_total)
     try:
         async with slot:
             gw.waiting.discard(task)
+            if slot.queue_ns:
+                ex.pool.flows.waited(ex.flow.name)
             return await _call_upstream(request, ex, body)
     except Shed as e:
         raise pool_shed(e.code, e.retry_after_s) from None

@@ -19,6 +19,7 @@ from tierq.admission import Admission
 from tierq.capacity import Capacity
 from tierq.cluster import Cluster, cluster_settings
 from tierq.config import Config
+from tierq.fairness import FlowBoard
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
 from tierq.served import Catalog, ModelEntry
@@ -38,11 +39,13 @@ CLUSTER_CLOSED: Final = "tierq-cluster-closed"
 
 @dataclass(slots=True)
 class Pool:
-    """One model's backend capacity: its admission state and upstream."""
+    """One model's backend capacity: its admission state and upstream, and who
+    got its service over the last minute (/status)."""
 
     entry: ModelEntry
     admission: Admission
     upstream: UpstreamClient
+    flows: FlowBoard = field(default_factory=FlowBoard)
 
 
 @dataclass(slots=True)
@@ -117,7 +120,8 @@ class Gateway:
     def snapshot(self) -> WorkerSnapshot:
         """This process's admission state and request metrics (tierq.metrics)."""
         pools = (PoolSnapshot(p.entry.id, p.entry.upstream, p.entry.priority,
-                              p.entry.admission.settings.queue_depth, p.admission.stats())
+                              p.entry.admission.settings.queue_depth, p.admission.stats(),
+                              tuple(p.flows.data()))
                  for p in self.pools.values())
         return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger,
                                      cluster=self.cluster.status() if self.cluster else None)

@@ -1,6 +1,7 @@
-"""Request intake: who is calling (auth), the body (size- and time-bounded,
-orjson), the shape checks the gateway needs to route and bill, and the token
-estimates that per-key limits and cut-short bills are taken from.
+"""Request intake: who is calling (auth), which fair-queuing flow it is and its
+deadline (the tierq headers), the body (size- and time-bounded, orjson), the
+shape checks the gateway needs to route and bill, and the token estimates that
+per-key limits and cut-short bills are taken from.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import asyncio
 import functools
 import ipaddress
 import math
+import re
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -19,13 +22,20 @@ from tierq.gateway import Gateway
 from tierq.keys import KeyInfo
 
 __all__ = [
+    "ANONYMOUS_FLOW",
     "ANONYMOUS_KEY",
     "ENDPOINT_PATHS",
+    "FAIRNESS_HEADER",
+    "FLOW_SEP",
+    "MAX_QUEUE_HEADER",
+    "Flow",
     "authenticate",
     "estimate_completion_cap",
     "estimate_output_tokens",
     "estimate_prompt_tokens",
+    "flow_of",
     "is_loopback",
+    "max_queue_ms",
     "read_json",
     "text_len",
     "validate",
@@ -39,6 +49,34 @@ ENDPOINT_PATHS: Final = {
     "completions": "completions",
     "embeddings": "embeddings",
 }
+# A trusted key (or a loopback client without keys) splits its traffic into
+# flows of their own with this header: one per end customer of a gateway in front.
+FAIRNESS_HEADER: Final = "x-tierq-fairness-id"
+# 1 to 128 printable ASCII characters (space to tilde).
+_FAIRNESS_ID: Final = re.compile(r"[\x20-\x7e]{1,128}")
+# Between a key's id and its fairness id in a flow's name: a character neither
+# a key id nor a fairness id may hold, so two flows never share a name.
+FLOW_SEP: Final = "\x1f"
+# This request's own deadline for its wait in line, in milliseconds: shortens
+# the lane's max wait, never extends it.
+MAX_QUEUE_HEADER: Final = "x-tierq-max-queue-ms"
+# A positive integer of at most 9 digits (11.6 days: far past any lane's max wait).
+_MAX_QUEUE: Final = re.compile(r"[0-9]{1,9}")
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """Whom a request is fair against: its flow's name and weight (the core's
+    `acquire(flow=, weight=)`), the fairness id it honoured (the ledger's
+    column), and whether it ignored one (an untrusted key sent the header)."""
+
+    name: str
+    weight: float = 1.0
+    fairness_id: str | None = None
+    ignored: bool = False
+
+
+ANONYMOUS_FLOW: Final = Flow("")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -69,6 +107,48 @@ def authenticate(gw: Gateway, request: web.Request) -> KeyInfo | None:
     if info is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     return info
+
+
+def _one_header(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise ApiError(400, f"The header '{name}' was sent {len(values)} times: send it once.",
+                       param=name, code="invalid_header")
+    return values[0] if values else None
+
+
+def flow_of(request: web.Request, key: KeyInfo | None) -> Flow:
+    """The request's flow: its key, split by the fairness id header when the key
+    is trusted or there are no keys (loopback). From an untrusted key the header
+    is ignored (`Flow.ignored`), whatever it holds. A malformed fairness id from
+    a caller who may send one is a 400 naming the header."""
+    fid = _one_header(request, FAIRNESS_HEADER)
+    if key is not None and not key.trusted:
+        return Flow(key.public_id, key.weight, ignored=fid is not None)
+    if fid is None:
+        return ANONYMOUS_FLOW if key is None else Flow(key.public_id, key.weight)
+    if _FAIRNESS_ID.fullmatch(fid) is None:
+        raise ApiError(400, f"Invalid '{FAIRNESS_HEADER}' header: expected 1 to 128 printable "
+                       f"ASCII characters, got {min(len(fid), 1000)} characters"
+                       + ("" if fid.isascii() else " with non-ASCII ones") + ".",
+                       param=FAIRNESS_HEADER, code="invalid_header")
+    if key is None:
+        return Flow(FLOW_SEP + fid, 1.0, fid)
+    return Flow(key.public_id + FLOW_SEP + fid, key.weight, fid)
+
+
+def max_queue_ms(request: web.Request) -> int | None:
+    """The request's `x-tierq-max-queue-ms` (a positive integer), or None without
+    one. Anything else is a 400 naming the header."""
+    text = _one_header(request, MAX_QUEUE_HEADER)
+    if text is None:
+        return None
+    if _MAX_QUEUE.fullmatch(text) is None or int(text) == 0:
+        shown = repr(text) if len(text) <= 32 else f"{text[:32]!r}..."
+        raise ApiError(400, f"Invalid '{MAX_QUEUE_HEADER}' header {shown}: expected a positive "
+                       "whole number of milliseconds (1 to 999999999).",
+                       param=MAX_QUEUE_HEADER, code="invalid_header")
+    return int(text)
 
 
 async def read_json(gw: Gateway, request: web.Request) -> dict[str, Any]:

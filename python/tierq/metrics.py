@@ -10,6 +10,7 @@ latest snapshot (`snapshot_to_json` / `snapshot_from_json`, exchanged by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -19,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from tierq.fairness import FlowLine, flows_json, merge
 
 __all__ = [
     "LAG_BUCKETS_S",
@@ -46,6 +49,8 @@ LAG_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 SERIES_STEP_S: Final = 2
 SERIES_WINDOWS: Final = 180
 _US: Final = 1_000_000
+# The wait prediction's error histograms, by direction: their names in `hist`.
+_PREDICTION: Final = {"under": "wait_prediction_under", "over": "wait_prediction_over"}
 
 
 class Histogram:
@@ -106,6 +111,9 @@ class PoolSnapshot:
     priority: bool
     queue_capacity: int
     stats: Mapping[str, Any]  # Admission.stats(): depth, in_flight, admitted, shed, ...
+    # This process's tierq.fairness.FlowBoard.data(): per-process even when the
+    # admission state is shared, so the workers' lines are summed.
+    flows: tuple[FlowLine, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,8 @@ class WorkerSnapshot:
     limits: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     # tierq.cluster.Cluster.status() of a [cluster] host; None when alone
     cluster: Mapping[str, Any] | None = None
+    # x-tierq-fairness-id headers ignored (sent by untrusted keys)
+    fairness_ignored: int = 0
 
 
 class GatewayMetrics:
@@ -145,8 +155,10 @@ class GatewayMetrics:
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.hist: dict[tuple[str, str], Histogram] = {
             (name, tier): Histogram(LATENCY_BUCKETS_S)
-            for name in ("ttft", "latency", "queue_wait") for tier in TIERS
+            for name in ("ttft", "latency", "queue_wait", *_PREDICTION.values())
+            for tier in TIERS
         }
+        self.fairness_ignored = 0
         # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
         self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
                                self.hist["ttft", t]) for t in TIERS}
@@ -191,6 +203,13 @@ class GatewayMetrics:
             w[_TTFT_N] += 1
             w[_TTFT] += ttft_us
 
+    def observe_prediction(self, tier: str, predicted_s: float, realized_s: float) -> None:
+        """An admitted request's predicted wait in line (the core's, at join)
+        against the wait it had: the error, by whether it waited longer ("under":
+        the prediction was short) or not ("over")."""
+        error = realized_s - predicted_s
+        self.hist[_PREDICTION["under" if error > 0 else "over"], tier].observe(abs(error))
+
     def record_limits(self, limits: Iterable[tuple[str, int]], now: float | None = None) -> None:
         """Each pool's concurrency limit now: the last value seen in a chart
         window is that window's point (tierq.capacity.LimitWatch calls this)."""
@@ -229,6 +248,7 @@ class GatewayMetrics:
             series=series,
             limits={model: tuple(points) for model, points in self._limits.items()},
             cluster=cluster,
+            fairness_ignored=self.fairness_ignored,
         )
 
 
@@ -251,7 +271,8 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
     """A snapshot as JSON, for another worker to read (`snapshot_from_json`)."""
     return orjson.dumps({
         "pid": s.pid, "time": s.time, "ready": s.ready,
-        "pools": [[p.model, p.upstream, p.priority, p.queue_capacity, p.stats] for p in s.pools],
+        "pools": [[p.model, p.upstream, p.priority, p.queue_capacity, p.stats, p.flows]
+                  for p in s.pools],
         "requests": [[*k, n] for k, n in s.requests.items()],
         "sheds": [[*k, n] for k, n in s.sheds.items()],
         "upstream_errors": [[*k, n] for k, n in s.upstream_errors.items()],
@@ -262,6 +283,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "series": [[*k, *v] for k, v in s.series.items()],
         "limits": {model: [list(p) for p in points] for model, points in s.limits.items()},
         "cluster": s.cluster,
+        "fairness_ignored": s.fairness_ignored,
     })
 
 
@@ -273,7 +295,10 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
 
     return WorkerSnapshot(
         pid=int(d["pid"]), time=float(d["time"]), ready=bool(d["ready"]),
-        pools=tuple(PoolSnapshot(p[0], p[1], bool(p[2]), int(p[3]), p[4]) for p in d["pools"]),
+        pools=tuple(PoolSnapshot(p[0], p[1], bool(p[2]), int(p[3]), p[4],
+                                 tuple((str(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]))
+                                       for f in p[5]))
+                    for p in d["pools"]),
         requests=counts(d["requests"]), sheds=counts(d["sheds"]),
         upstream_errors=counts(d["upstream_errors"]),
         histograms={(h[0], h[1]): _hist_of(h[2]) for h in d["histograms"]},
@@ -286,6 +311,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         limits={model: tuple((int(p[0]), int(p[1])) for p in points)
                 for model, points in d.get("limits", {}).items()},
         cluster=d.get("cluster"),
+        fairness_ignored=int(d.get("fairness_ignored", 0)),
     )
 
 
@@ -303,8 +329,13 @@ def _pools(snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> list[
     state the numbers add up."""
     if not snapshots:
         return []
+    flows: dict[str, list[Sequence[FlowLine]]] = {}
+    for snap in snapshots:
+        for p in snap.pools:
+            flows.setdefault(p.model, []).append(p.flows)
     if shared_admission:
-        return list(max(snapshots, key=lambda s: s.time).pools)
+        return [dataclasses.replace(p, flows=tuple(merge(flows[p.model])))
+                for p in max(snapshots, key=lambda s: s.time).pools]
     merged: dict[str, PoolSnapshot] = {}
     for snap in snapshots:
         for p in snap.pools:
@@ -312,7 +343,8 @@ def _pools(snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> list[
             merged[p.model] = p if have is None else PoolSnapshot(
                 p.model, p.upstream, p.priority, have.queue_capacity + p.queue_capacity,
                 _add_stats(have.stats, p.stats))
-    return list(merged.values())
+    return [dataclasses.replace(p, flows=tuple(merge(flows[p.model])))
+            for p in merged.values()]
 
 
 def _add_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,6 +543,14 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
     _Family("tierq_admission_cancelled_total", "counter",
             "Waiters that left the queue because their client went away.",
             _per_pool(lambda p: int(p.stats.get("cancelled", 0)))),
+    _Family("tierq_fair_flows_active", "gauge",
+            "Flows (keys, or a trusted key's fairness ids) with requests waiting, per pool "
+            "and lane.",
+            _per_lane("fair_flows_active", "lane")),
+    _Family("tierq_deadline_refused_total", "counter",
+            "Requests refused on arrival because their predicted wait was over their "
+            "x-tierq-max-queue-ms.",
+            _per_pool(lambda p: int(p.stats.get("deadline_refused", 0)))),
     _Family("tierq_requests_total", "counter",
             "Request decisions (one ledger row each), per model, applied tier and status.",
             _counted(lambda s: s.requests, ("model", "tier", "status"))),
@@ -528,6 +568,15 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
             _served_histogram("latency")),
     _Family("tierq_queue_wait_seconds", "histogram", "Served requests: time waiting for a slot.",
             _served_histogram("queue_wait")),
+    _Family("tierq_queue_wait_prediction_error_seconds", "histogram",
+            "Admitted requests with a predicted wait: |realized - predicted| wait in line, "
+            "direction under (waited longer than predicted) or over.",
+            lambda s: [([("tier", tier), ("direction", direction)], h)
+                       for tier in TIERS for direction, name in _PREDICTION.items()
+                       if (h := s.hists.get((name, tier))) is not None]),
+    _Family("tierq_fairness_id_ignored_total", "counter",
+            "x-tierq-fairness-id headers ignored because the key sending them is not trusted.",
+            _one(lambda s: sum(w.fairness_ignored for w in s.snapshots))),
     _Family("tierq_ledger_pending_rows", "gauge",
             "Ledger rows queued for the writer, not yet taken into a batch.",
             _one(lambda s: sum(w.ledger_pending for w in s.snapshots))),
@@ -623,6 +672,10 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
             "admitted": {lane: int(st.get("admitted", {}).get(lane, 0)) for lane in TIERS},
             "shed": {code: int(n) for code, n in st.get("shed", {}).items()},
             "cancelled": int(st.get("cancelled", 0)),
+            "fairness": str(st.get("fairness", "off")),
+            "deadline_refused": int(st.get("deadline_refused", 0)),
+            "flows": {"active": {lane: int(st.get("fair_flows_active", {}).get(lane, 0))
+                                 for lane in TIERS}, **flows_json(p.flows)},
         })
     # Busy pools first, then the ones that ever saw traffic, then by name.
     pools.sort(key=lambda p: (-(p["in_flight"] + sum(p["depth"].values())),

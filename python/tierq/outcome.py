@@ -29,11 +29,11 @@ from tierq.admission import Slot
 from tierq.errors import (CLUSTER_DOWN_CODE, JSON_TYPE, SHED_MESSAGES, ApiError, cluster_down_error,
                           drain_error, shed_error)
 from tierq.gateway import Gateway, Pool
-from tierq.intake import ENDPOINT_PATHS
+from tierq.intake import ANONYMOUS_FLOW, ENDPOINT_PATHS, Flow
 from tierq.keys import KeyInfo
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
-from tierq.pricing import cost_femto, femto_decimal
+from tierq.pricing import cost_femto, fair_charge, femto_decimal
 
 __all__ = [
     "QUEUE_HEADER",
@@ -172,6 +172,8 @@ class Exchange:
     ts: float
     est_prompt: int
     est_total: int
+    flow: Flow = ANONYMOUS_FLOW  # whom it is fair against (tierq.intake.flow_of)
+    max_queue_ms: int | None = None  # its own deadline in line (x-tierq-max-queue-ms)
     slot: Slot | None = None  # the admission step's, once it began (its queue time)
     ttft_s: float | None = None  # first token delivered (streams), from t0
     charged: bool = False  # the key's limits took this request and its estimate
@@ -276,7 +278,16 @@ class Exchange:
         if access_enabled():
             access_line(self.request, self.info, o.http_status, latency_s, row)
         self._settle(o)
+        if o.billed:
+            self._served(o)
         return row
+
+    def _served(self, o: Outcome) -> None:
+        """The real service of a served or partial request, for its flow."""
+        tokens = o.prompt_tokens + o.completion_tokens
+        charge = fair_charge(o.prompt_tokens, o.completion_tokens,
+                             self.pool.entry.rates["default"])
+        self.pool.flows.served(self.flow.name, tokens, charge, self.flow.weight)
 
     def _settle(self, o: Outcome) -> None:
         limiter, key = self.gw.limiter, self.key

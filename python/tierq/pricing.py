@@ -9,6 +9,9 @@ JSON number with exactly those digits, and the ledger keeps the same value.
 This module holds the one rule for money: a price (times the multiplier) that
 is not a whole number of femto-USD per token is refused when the price table
 is loaded (at most 9 decimals per 1M tokens), never rounded.
+
+It also prices a request's service for fair queuing (`fair_charge`): what the
+core counts against the request's flow inside a lane.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import orjson
 
 __all__ = [
     "DEFAULT_PRIORITY_MULTIPLIER",
+    "FAIR_UNIT_FEMTO",
     "FEMTO_PER_USD",
     "Prices",
     "Rates",
     "cost",
     "cost_femto",
     "decimal_text",
+    "fair_charge",
     "femto_decimal",
     "femto_per_token",
     "femto_text",
@@ -88,6 +93,23 @@ def cost_femto(prompt_tokens: int, completion_tokens: int, r: Rates) -> int:
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError("token counts must be >= 0")
     return prompt_tokens * r.input + completion_tokens * r.output
+
+
+# Fair queuing's unit of service: one nano-USD (1e-9) at the model's prices.
+# The cheapest catalog price (0.01 USD per 1M tokens) is 10 units a token, and
+# a flow's counter in u64 holds 1.8e10 USD of service.
+FAIR_UNIT_FEMTO: Final = 10**6
+
+
+def fair_charge(prompt_tokens: int, completion_tokens: int, r: Rates) -> int:
+    """The service `prompt_tokens` and `completion_tokens` cost at rates `r` (the
+    model's default-tier rates: inside one lane every request pays the same
+    multiplier), in FAIR_UNIT_FEMTO, rounded up: so an output token weighs what
+    the price table says against an input one. Never 0 for a request: at least 1,
+    and a free model (both prices 0) counts its tokens."""
+    if r.input == 0 and r.output == 0:
+        return max(1, prompt_tokens + completion_tokens)
+    return max(1, -(-cost_femto(prompt_tokens, completion_tokens, r) // FAIR_UNIT_FEMTO))
 
 
 def cost(

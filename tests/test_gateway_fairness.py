@@ -1,0 +1,176 @@
+"""Flows at the edge, through real sockets and the official openai client: a key
+is a flow, a trusted key (or loopback without keys) splits it with
+x-tierq-fairness-id, an untrusted key's header is ignored and counted, malformed
+headers are one clear 400 and never billed, and /status and /metrics show it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
+
+from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
+from tierq.keys import KeyStore
+
+MESSAGES: Any = [{"role": "user", "content": "a b c d"}]
+FAIRNESS = "x-tierq-fairness-id"
+MAX_QUEUE = "x-tierq-max-queue-ms"
+
+
+async def keyed_gateway(make_gateway: GatewayFactory, tmp_path: Path,
+                        **admission: Any) -> tuple[Running, dict[str, str], KeyStore]:
+    """A gateway with keys: one trusted ("gw"), one untrusted ("app", weight 2)."""
+    store = KeyStore(str(tmp_path / "keys.db"))
+    tokens = {"gw": store.create("gw", trusted=True)[1],
+              "app": store.create("app", weight=2.0)[1]}
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL, **admission),),
+                    keys=KeysConfig(str(tmp_path / "keys.db")))
+    return await make_gateway(config=config), tokens, store
+
+
+def client(gw: Running, token: str = "unused-on-loopback") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gw.url, api_key=token, max_retries=0)
+
+
+async def status(gw: Running) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(gw.root + "/status.json") as r:
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+async def metrics(gw: Running) -> str:
+    async with aiohttp.ClientSession() as s, s.get(gw.root + "/metrics") as r:
+        return await r.text()
+
+
+def pool_flows(data: dict[str, Any], model: str = PRIORITY_MODEL) -> dict[str, Any]:
+    flows: dict[str, Any] = next(p for p in data["pools"] if p["model"] == model)["flows"]
+    return flows
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("header,value", [
+    (MAX_QUEUE, "abc"), (MAX_QUEUE, "0"), (MAX_QUEUE, "-5"), (MAX_QUEUE, "1.5"),
+    (MAX_QUEUE, "1e3"), (MAX_QUEUE, "+10"), (MAX_QUEUE, "1234567890"), (MAX_QUEUE, "0x10"),
+    (MAX_QUEUE, "9" * 4000), (FAIRNESS, "x" * 129), (FAIRNESS, "tab\there"),
+])
+async def test_a_malformed_header_is_one_400_naming_it_with_no_row_and_no_bill(
+        make_gateway: GatewayFactory, header: str, value: str) -> None:
+    gw = await make_gateway()
+    async with client(gw) as c:
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                            extra_headers={header: value})
+    body: Any = err.value.body
+    assert err.value.status_code == 400
+    assert body["param"] == header and body["code"] == "invalid_header"
+    assert body["type"] == "invalid_request_error" and header in body["message"]
+    assert await gw.rows() == [], "refused before any row: nothing billed"
+    assert (await gw.sim_stats())["requests"] == 0
+
+
+async def test_a_header_sent_twice_is_refused_and_non_ascii_is_named(
+        make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway()
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}]}' % (
+        PRIORITY_MODEL.encode())
+    async with aiohttp.ClientSession() as s:
+        for headers in ([(MAX_QUEUE, "100"), (MAX_QUEUE, "200")],
+                        [(FAIRNESS, "a"), (FAIRNESS, "b")]):
+            async with s.post(gw.url + "/chat/completions", data=body, headers=[
+                    ("Content-Type", "application/json"), *headers]) as r:
+                err = (await r.json())["error"]
+                assert r.status == 400 and err["param"] == headers[0][0]
+                assert "sent 2 times" in err["message"]
+        raw = "caf\u00e9".encode("utf-8").decode("latin-1")  # the bytes as sent on the wire
+        async with s.post(gw.url + "/chat/completions", data=body, headers={
+                "Content-Type": "application/json", FAIRNESS: raw}) as r:
+            err = (await r.json())["error"]
+            assert r.status == 400 and err["param"] == FAIRNESS and "non-ASCII" in err["message"]
+    assert await gw.rows() == []
+
+
+async def test_valid_headers_at_their_bounds_are_served(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway()
+    async with client(gw) as c:
+        for headers in ({MAX_QUEUE: "1"}, {MAX_QUEUE: "999999999"}, {FAIRNESS: "~" * 128},
+                        {FAIRNESS: "customer 42 / eu-west"}, {FAIRNESS: "a"}):
+            resp = await c.chat.completions.with_raw_response.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2, extra_headers=headers)
+            assert resp.http_response.status_code == 200, headers
+    assert [r.status for r in await gw.rows()] == ["served"] * 5
+
+
+async def test_untrusted_keys_fairness_id_is_ignored_and_counted_trusted_keys_is_its_flow(
+        make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    gw, tokens, _ = await keyed_gateway(make_gateway, tmp_path)
+    async with client(gw, tokens["app"]) as app, client(gw, tokens["gw"]) as trusted:
+        # From an untrusted key the header is ignored whatever it holds: even malformed.
+        for fid in ("tenant-1", "x" * 500):
+            resp = await app.chat.completions.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=3,
+                extra_headers={FAIRNESS: fid})
+            assert resp.usage is not None
+        await trusted.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                              max_tokens=3, extra_headers={FAIRNESS: "tenant-1"})
+        await trusted.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                              max_tokens=3, extra_headers={FAIRNESS: "tenant-2"})
+        await trusted.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                              max_tokens=3)
+        with pytest.raises(openai.BadRequestError) as err:
+            await trusted.chat.completions.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, extra_headers={FAIRNESS: "x" * 129})
+        assert err.value.body["param"] == FAIRNESS  # type: ignore[index]
+    assert metric(await metrics(gw), "tierq_fairness_id_ignored_total") == 2
+    rows = await gw.rows()
+    assert len(rows) == 5 and {r.status for r in rows} == {"served"}
+    flows = pool_flows(await status(gw))
+    app_id, gw_id = (tokens[k].split("-")[1] for k in ("app", "gw"))
+    served = {f["flow"]: f["tokens"] for f in flows["top_served"]}
+    assert set(served) == {app_id, f"{gw_id}/tenant-1", f"{gw_id}/tenant-2", gw_id}
+    app_tokens = sum(r.prompt_tokens + r.completion_tokens for r in rows if r.key_id == app_id)
+    assert served[app_id] == app_tokens, "the untrusted key's requests are all its one flow"
+
+
+async def test_loopback_without_keys_honours_the_fairness_id(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway()
+    async with client(gw) as c:
+        await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2,
+                                        extra_headers={FAIRNESS: "team-a"})
+        await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2)
+    flows = pool_flows(await status(gw))
+    assert {f["flow"] for f in flows["top_served"]} == {"local/team-a", "local"}
+    assert {f["flow"] for f in flows["top_queued"]} == {"local/team-a", "local"}
+    assert metric(await metrics(gw), "tierq_fairness_id_ignored_total") == 0
+
+
+async def test_status_shows_jains_index_of_the_flows_that_waited(
+        make_gateway: GatewayFactory) -> None:
+    # One slot and a slow stream: every request after the first waits in line.
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, max_concurrency=1)],
+                            sim={"ttft_ms": 20.0, "tokens_per_s": 500.0})
+    async with client(gw) as c:
+        async def one(fid: str) -> None:
+            await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                            max_tokens=4, extra_headers={FAIRNESS: fid})
+
+        await asyncio.gather(*(one(fid) for fid in ("a", "b", "c", "d") for _ in range(3)))
+    flows = pool_flows(await status(gw))
+    assert flows["backlogged"] >= 3 and flows["window_s"] == 60
+    assert 0.25 <= flows["jain_index"] <= 1.0
+    assert flows["active"] == {"priority": 0, "default": 0}, "nobody waits now"
+    text = await metrics(gw)
+    for name in ("tierq_fair_flows_active", "tierq_deadline_refused_total",
+                 "tierq_fairness_id_ignored_total"):
+        assert f"# TYPE {name} " in text
