@@ -13,16 +13,18 @@ import resource
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
 
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
 from tierq.keys import KeyStore
+from tierq.logs import ServerLog
 
 pytestmark = pytest.mark.reliability
 
@@ -129,6 +131,73 @@ async def test_malformed_or_oversized_headers_get_a_4xx_never_a_500(
     assert got[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") and got[9:10] == b"4", got[:200]
     assert b"Traceback" not in got
     assert (await gateway.sim_stats())["requests"] == 0
+
+
+# The five malformed requests of issue 17, each a whole request on its own connection.
+MALFORMED: Final = {
+    "a header line over 8 KB": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000
+                                + b"\r\n\r\n"),
+    "Content-Length with Transfer-Encoding": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    "a bad chunk size": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"zz\r\nhello\r\n0\r\n\r\n"),
+    "200 headers": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                    + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n"),
+    "a NUL in the path": b"GET /v1/mo\x00dels HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+async def _send_raw(gw: Running, raw: bytes) -> bytes:
+    port = int(gw.root.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    got = await asyncio.wait_for(reader.read(), timeout=5.0)
+    writer.close()
+    return got
+
+
+async def test_each_malformed_request_is_one_warning_line_without_a_traceback(
+    gateway: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name, raw in MALFORMED.items():
+        got = await _send_raw(gateway, raw)
+        assert got.startswith(b"HTTP/1.0 400 "), (name, got[:100])
+    lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelno for r in lines] == [logging.WARNING] * len(MALFORMED), caplog.text
+    for r in lines:
+        text = r.getMessage()
+        assert r.exc_info is None and "\n" not in text and "Traceback" not in caplog.text
+        assert text.startswith("bad HTTP request from 127.0.0.1: 400 ")
+        assert "aaaa" not in text and "\\x00" not in text  # none of the client's bytes
+    assert "Too many headers" in lines[3].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_bad_request_lines_are_rate_limited_and_say_how_many_were_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "tierq-test-server")
+    now = [100.0]
+    log = ServerLog(logging.getLogger("tierq-test-server"), per_s=3, clock=lambda: now[0])
+    bad = BadHttpMessage("Invalid character in chunk size:\n\n    b'zz'\n      ^")
+    for _ in range(50):  # one client, one second, 50 bad requests
+        log.exception("Error handling request from %s", "10.0.0.9", exc_info=bad)
+    assert len(caplog.records) == 3 and log.dropped == 47
+    now[0] += 1.0
+    log.exception("Error handling request from %s", "10.0.0.9", exc_info=bad)
+    assert caplog.records[-1].getMessage() == ("bad HTTP request from 10.0.0.9: 400 Invalid "
+                                               "character in chunk size (47 more not logged)")
+    assert log.dropped == 0
+    # Anything but a malformed request keeps aiohttp's error line and its traceback.
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as e:
+        log.exception("Unhandled exception", exc_info=e)
+    assert caplog.records[-1].levelno == logging.ERROR and caplog.records[-1].exc_info
 
 
 async def test_slowloris_connections_do_not_block_other_clients(make_gateway: GatewayFactory,

@@ -30,7 +30,7 @@ from tierq.gateway import CLUSTER_CLOSED, CONFIG, DRAIN, GATEWAY, Gateway
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, flow_of, max_queue_ms, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
-from tierq.logs import request_info, request_log
+from tierq.logs import ServerLog, request_info, request_log
 from tierq.metrics import WorkerSnapshot
 from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, drained, failed,
                            key_refused, pool_shed, upstream_overloaded)
@@ -59,7 +59,10 @@ def runner_kwargs() -> dict[str, Any]:
     Handler cancellation is what lets a client that hangs up leave the queue,
     cancel its upstream request and free its slot; aiohttp has it off by default.
     """
-    return {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 5.0}
+    # A malformed request is one rate-limited warning line, not an error
+    # with a traceback (tierq.logs.ServerLog).
+    return {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 5.0,
+            "logger": ServerLog()}
 
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 if TYPE_CHECKING:
     from tierq.ledger import LedgerRow
@@ -43,6 +44,7 @@ __all__ = [
     "JsonFormatter",
     "RequestInfo",
     "AccessWriter",
+    "ServerLog",
     "access_enabled",
     "access_line",
     "configure_logging",
@@ -366,6 +368,50 @@ class BatchStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.flush()
         except Exception:  # noqa: BLE001 - a broken stream: logging's own report, once
             self.handleError(logging.makeLogRecord({"msg": f"{len(lines)} lines"}))
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger as tierq serves an app (`logger=` of the runner).
+
+    A malformed request (aiohttp's HttpProcessingError: a header line over 8 KB,
+    Content-Length with Transfer-Encoding, a bad chunk size, too many headers, a
+    NUL in the path) is the client's doing and already answered 400: it is one
+    warning line, with no traceback and none of the client's bytes, and at most
+    `per_s` of them a second; the next line logged says how many were not. A
+    client cannot fill the log or fire the alerts that watch error lines.
+    Anything else aiohttp reports keeps its error line and traceback.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None, per_s: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+        self.per_s = per_s
+        self._clock = clock
+        self._second = -1
+        self._lines = 0  # bad-request lines logged in the current second
+        self.dropped = 0  # not logged since the last line that was
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._bad_request(exc_info, args[0] if args else None)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def _bad_request(self, exc: HttpProcessingError, remote: object) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._lines = second, 0
+        if self._lines >= self.per_s:
+            self.dropped += 1
+            return
+        self._lines += 1
+        # The reason only: the first line of aiohttp's message, before the bytes it quotes.
+        reason = redact(str(exc.message).splitlines()[0].split(": b'")[0].split(': b"')[0])
+        reason = reason.rstrip(":. ")[:120]
+        more = f" ({self.dropped} more not logged)" if self.dropped else ""
+        self.dropped = 0
+        self.logger.warning("bad HTTP request from %s: %d %s%s", remote, exc.code, reason, more)
 
 
 def configure_logging(fmt: str = "json", level: str = "info", access: bool = True) -> None:
