@@ -460,7 +460,9 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
     let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[], s.limit.max() as u64);
-    thread::sleep(Duration::from_millis(300));
+    // Under load: every worker's loop is turning (polled, not slept on, so a
+    // slow machine only makes it take longer).
+    wait_until(|| c.w()[HOLDS].load(SeqCst) >= 100, "100 holds before the kill");
     let (victim, vpid) = pids[0];
     // SAFETY: signalling our own child.
     unsafe { libc::kill(vpid, libc::SIGKILL) };
@@ -475,14 +477,24 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let (slots, waiters) = sup.reclaim_worker(victim, |_| panic!()).unwrap();
     // Restart it, as the supervisor would, and let everyone run a little more.
     let restarted = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[1, 2], s.limit.max() as u64);
-    thread::sleep(Duration::from_millis(200));
+    let before = c.w()[HOLDS].load(SeqCst);
+    wait_until(|| c.w()[HOLDS].load(SeqCst) >= before + 100, "100 more holds after the reclaim");
     c.w()[STOP].store(1, SeqCst);
     for (i, pid) in pids[1..].iter().chain(&restarted) {
         assert_eq!(wait_ok(*pid), 0, "worker {i} failed");
     }
     let st = sup.stats();
     assert_eq!((st.in_flight, st.depth), (0, [0, 0]), "reclaimed {slots} slots, {waiters} waiters");
-    assert!(c.w()[HOLDS].load(SeqCst) > 100);
+}
+
+/// Polls `cond` (a state the test waits for, never a fixed sleep); panics
+/// naming `what` after a minute, far beyond any loaded machine's delay.
+fn wait_until(cond: impl Fn() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "not reached in 60 s: {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 // ---- per-key buckets shared across workers ------------------------------
