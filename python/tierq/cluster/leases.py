@@ -1,0 +1,451 @@
+"""The lease agent: each pool's slots leased from Redis (`_LEASE`, how is in the
+package's docstring), kept to in the local core by withholding the rest, synced
+when demand or priority waiters change and at each heartbeat; while Redis is
+down in "local" mode, the host's share of each limit. One agent per host:
+worker 0's when the host runs several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tierq._core import PoolSettings
+from tierq.admission import Admission
+from tierq.cluster.link import RedisLink, Script
+from tierq.config import AdmissionConfig
+
+__all__ = ["LeaseAgent", "PoolLease", "cluster_settings"]
+
+log = logging.getLogger("tierq.cluster")
+
+# While a host has demand its lease does not cover, or another host has
+# priority waiters, it syncs this often; otherwise at its heartbeat.
+CONTENDED_SYNC_S: Final = 0.02
+# Two syncs are never closer than this, however often requests wake the agent.
+MIN_SYNC_GAP_S: Final = 0.002
+# Hosts that start lacking slots publish their id here; every host listens
+# and looks whether it holds idle slots to give back.
+WAKE_CHANNEL: Final = "tierq:cluster:wake"
+# With several workers the agent polls the shared pools this often, so demand
+# queued in any worker reaches it (worker 0) within it.
+SHARED_POLL_S: Final = 0.005
+
+# KEYS: leases, deadlines, priority waiters, unmet demand, limits (host -> n
+#       each), meta.
+# ARGV: host, ttl_ms, limit, headroom, default_min_share, holding, want,
+#       priority waiting, hosts last seen, leaving (1/0), the wake-up channel.
+# Returns {lease, live hosts, priority waiters elsewhere, unmet demand
+# elsewhere, priority waiters elsewhere not covered by free slots, the
+# cluster's limit}.
+_LEASE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local host = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local headroom = tonumber(ARGV[4])
+local share = tonumber(ARGV[5])
+local holding = tonumber(ARGV[6])
+local want = tonumber(ARGV[7])
+local pwait = tonumber(ARGV[8])
+local known = tonumber(ARGV[9])
+-- Hosts whose lease ran out lose it first: their slots are free again.
+local seen = redis.call('HGETALL', KEYS[2])
+local live = {}
+for i = 1, #seen, 2 do
+  if tonumber(seen[i + 1]) < now then
+    for k = 1, 5 do redis.call('HDEL', KEYS[k], seen[i]) end
+  else
+    live[seen[i]] = true
+  end
+end
+-- A lease with no deadline (a host's entry half gone) counts as expired too.
+local leases = redis.call('HGETALL', KEYS[1])
+local others, hosts = 0, 1
+for i = 1, #leases, 2 do
+  if not live[leases[i]] then
+    redis.call('HDEL', KEYS[1], leases[i])
+  elseif leases[i] ~= host then
+    others = others + tonumber(leases[i + 1])
+    hosts = hosts + 1
+  end
+end
+if ARGV[10] == '1' then
+  for k = 1, 5 do redis.call('HDEL', KEYS[k], host) end
+  return {0, hosts - 1, 0, 0, 0, limit}
+end
+-- The pool's limit: each host's core has its own (fixed, the same on every
+-- host; or learned): the cluster keeps to the lowest of the live hosts'.
+redis.call('HSET', KEYS[5], host, limit)
+local lims = redis.call('HGETALL', KEYS[5])
+for i = 1, #lims, 2 do
+  if live[lims[i]] then limit = math.min(limit, tonumber(lims[i + 1])) end
+end
+local function sum_others(key)
+  local n, kv = 0, redis.call('HGETALL', key)
+  for i = 1, #kv, 2 do
+    if kv[i] ~= host and live[kv[i]] then n = n + tonumber(kv[i + 1]) end
+  end
+  return n
+end
+local others_p = sum_others(KEYS[3])
+local others_unmet = sum_others(KEYS[4])
+-- A host that held slots (or had seen other hosts) and is unknown here is
+-- rejoining a Redis that lost its state (restarted) or gave it up for dead:
+-- hosts that still hold slots may not have reported yet, so for one TTL
+-- nobody grows past its share.
+local calm_until = tonumber(redis.call('HGET', KEYS[6], 'calm_until') or '0')
+local calm_hosts = tonumber(redis.call('HGET', KEYS[6], 'calm_hosts') or '1')
+if redis.call('HEXISTS', KEYS[2], host) == 0 and (holding > 0 or known > 1) then
+  if now >= calm_until then calm_hosts = 1 end
+  calm_until = now + ttl
+  calm_hosts = math.max(calm_hosts, known)
+  redis.call('HSET', KEYS[6], 'calm_until', calm_until, 'calm_hosts', calm_hosts)
+end
+-- The host holds what it reports (it never holds more than it was granted);
+-- past the limit (after an outage) the caller gives its excess back.
+local lease = holding
+local excess = others + lease - limit
+if excess > 0 then lease = math.max(0, lease - excess) end
+if want > lease then
+  local room = limit - others - lease
+  if now < calm_until then
+    room = math.min(room, math.floor(limit / math.max(calm_hosts, hosts)) - lease)
+  end
+  room = math.max(0, math.min(room, want - lease))
+  local grant = math.min(pwait, room)
+  local rest = room - grant
+  -- Default demand: never into the headroom, and not while priority waits
+  -- anywhere, unless default_min_share has earned it a slot.
+  local droom = math.max(0, math.min(rest, limit - headroom - others - lease - grant))
+  if droom > 0 and others_p > 0 then
+    local credit = tonumber(redis.call('HGET', KEYS[6], 'credit') or '0')
+    local earned = math.min(droom, math.floor(credit))
+    if earned > 0 then redis.call('HSET', KEYS[6], 'credit', credit - earned) end
+    droom = earned
+  end
+  if grant > 0 and share > 0 then
+    redis.call('HINCRBYFLOAT', KEYS[6], 'credit', grant * share)
+  end
+  lease = lease + grant + droom
+end
+-- Priority waiters elsewhere that the free slots do not cover yet: what a
+-- host without priority waiters of its own should yield.
+local uncovered = math.max(0, others_p - (limit - others - lease))
+-- A host that starts to lack slots, or to have priority waiters, tells the
+-- others at once (they may hold idle slots and would only hear at their
+-- next heartbeat otherwise).
+local unmet = math.max(0, want - lease)
+local was_unmet = tonumber(redis.call('HGET', KEYS[4], host) or '0')
+local was_p = tonumber(redis.call('HGET', KEYS[3], host) or '0')
+if (unmet > 0 and was_unmet == 0) or (pwait > 0 and was_p == 0) then
+  redis.call('PUBLISH', ARGV[11], host)
+end
+redis.call('HSET', KEYS[1], host, lease)
+redis.call('HSET', KEYS[2], host, now + ttl)
+redis.call('HSET', KEYS[3], host, pwait)
+redis.call('HSET', KEYS[4], host, unmet)
+-- Everything goes once no host has refreshed it for a while.
+for k = 1, 6 do redis.call('PEXPIRE', KEYS[k], ttl * 4) end
+return {lease, hosts, others_p, others_unmet, uncovered, limit}
+"""
+_LEASE_SCRIPT: Final = Script(_LEASE)
+
+
+def cluster_settings(cfg: AdmissionConfig) -> PoolSettings:
+    """A pool's settings as a cluster host's core runs them: headroom 0, since
+    the lease script keeps `priority_headroom` once for the whole cluster."""
+    return dataclasses.replace(cfg, priority_headroom=None).settings
+
+
+@dataclass(slots=True)
+class PoolLease:
+    """One pool's share of the cluster: what this host holds and last heard."""
+
+    model: str
+    admission: Admission
+    headroom: int
+    default_min_share: float
+    limit: int = 0  # this host's core's limit (fixed, or learned), last read
+    cluster_limit: int = 0  # the lowest of the live hosts' limits, last heard
+    lease: int = 0  # slots Redis last granted (or the local share while down)
+    others_priority: int = 0  # priority waiters on other hosts, last heard
+    others_unmet: int = 0  # demand other hosts could not get, last heard
+    uncovered: int = 0  # priority waiters elsewhere the free slots do not cover
+    reported_pwait: int = 0  # this host's priority waiters as Redis last heard
+    want: int = 0  # what this host asked for last
+    holding: int = 0  # limit minus withheld: slots it really has, busy or idle
+
+    def plan(self, heartbeat: bool, touch: bool = True) -> tuple[int, int, bool]:
+        """(holding, want, contended) from the local core, withholding locally
+        at once what it gives back (busy slots as they are released) unless
+        not `touch` (a probe while Redis is down: the local share stands)."""
+        st = self.admission.stats()
+        self.limit = int(str(st["limit"]))
+        depth = st["depth"]
+        assert isinstance(depth, dict)
+        pw, dw = int(depth["priority"]), int(depth["default"])
+        busy = int(str(st["in_flight"]))
+        withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
+        holding = self.limit - withheld
+        if touch and holding - owed > self.lease:
+            # The core's own limit grew (adaptive): what it added is not leased.
+            self.admission.withhold(holding - owed - self.lease)
+            st = self.admission.stats()
+            withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
+            holding = self.limit - withheld
+        usable = holding - owed
+        if self.others_priority > 0 and pw == 0:
+            # Strict priority across hosts: this host's defaults wait, and it
+            # yields slots (idle now, busy as they free) to the waiters the
+            # free slots do not cover yet.
+            want = max(0, busy - self.uncovered) if self.uncovered else min(usable, busy)
+        elif self.others_priority > 0:
+            want = busy + pw  # its own priority waiters first; defaults wait
+        elif self.others_unmet > 0:
+            want = busy + pw + dw  # others need slots: give back the idle ones
+        elif heartbeat and usable > busy + pw + dw:
+            # Idle slots nobody asked for: give half back each heartbeat, so
+            # an idle host's lease drains while a busy one keeps its own.
+            idle = usable - (busy + pw + dw)
+            want = usable - (idle + 1) // 2
+        else:
+            want = max(usable, busy + pw + dw)
+        want = min(self.limit, want)
+        if not touch:
+            pass
+        elif want < usable:
+            self.admission.withhold(usable - want)
+        elif want > usable and owed > 0:
+            self.admission.restore(min(owed, want - usable))
+        self.holding = holding
+        self.want = want
+        contended = (want > holding or self.others_priority > 0 or self.others_unmet > 0
+                     or pw != self.reported_pwait)
+        return holding, want, contended
+
+    def apply(self, lease: int, target: int) -> None:
+        """Records the lease Redis holds for this host and keeps the local core
+        to `target` slots (at most the lease)."""
+        self.lease = lease
+        target = min(lease, target)
+        st = self.admission.stats()
+        self.limit = int(str(st["limit"]))
+        usable = self.limit - int(str(st["withheld"])) - int(str(st["owed"]))
+        if target > usable:
+            self.admission.restore(target - usable)
+        elif target < usable:
+            self.admission.withhold(usable - target)
+        self.holding = self.limit - int(str(self.admission.stats()["withheld"]))
+
+
+class LeaseAgent:
+    """This host's lease agent: plans every pool from its local core, syncs the
+    leases with Redis (one pipelined call a round) and keeps each core to its
+    lease; while Redis is down in "local" mode, to its share of the limit."""
+
+    def __init__(self, link: RedisLink, pools: Mapping[str, tuple[Admission, AdmissionConfig]],
+                 shared: bool) -> None:
+        """`shared`: the host runs several workers on shared pools, whose slots
+        the supervisor withheld before forking (this agent is worker 0's)."""
+        self.link = link
+        self.config = link.config
+        self._shared = shared
+        self.ttl_s = link.ttl_s
+        self.heartbeat_s = link.heartbeat_s
+        self.pools = {
+            model: PoolLease(model, adm, cfg.settings.priority_headroom,
+                             cfg.default_min_share or 0.0, adm.limit, adm.limit)
+            for model, (adm, cfg) in pools.items()
+        }
+        self.sync_s = 0.0  # time spent waiting on lease syncs
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._poked = False  # another host published that it lacks slots
+        self._stopping = False
+        for p in self.pools.values():
+            if shared:
+                # Shared pools: the slots not withheld are this host's (a
+                # restarted agent takes over what the last one held).
+                st = p.admission.stats()
+                p.holding = p.limit - int(str(st["withheld"]))
+                p.lease = p.holding - int(str(st["owed"]))
+            else:
+                p.admission.withhold(p.limit)  # until the first lease, nothing
+        link.on_alone.append(self._serve_alone)
+
+    async def start(self) -> None:
+        await self._sync(heartbeat=True)
+        self._task = asyncio.create_task(self._run(), name="tierq-cluster")
+        self._listener = asyncio.create_task(self._listen(), name="tierq-cluster-wake")
+
+    async def stop(self) -> None:
+        """Stops the agent; `leave` then hands the leases back."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+
+    async def leave(self) -> None:
+        """Hands this host's leases back (best effort), unless other workers
+        may still finish requests on the host's slots: then the lease runs
+        out by its TTL instead."""
+        if self.link.up and not self._shared:
+            try:
+                await self._call_leases(leaving=True)
+            except self.link.RedisError:
+                pass
+
+    def wake(self) -> None:
+        """A request arrived: look whether the lease still covers it."""
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        """Wakes the agent when another host starts lacking slots."""
+        me = self.link.host_id.encode()
+        while not self._stopping:
+            pubsub = self.link.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(WAKE_CHANNEL)
+                while not self._stopping:
+                    msg = await pubsub.get_message(timeout=self.heartbeat_s)
+                    if msg is not None and msg.get("data") != me:
+                        self._poked = True  # ask Redis even if nothing changed here
+                        self._wake.set()
+            except self.link.RedisError:
+                await asyncio.sleep(self.heartbeat_s)  # down: the agent probes; retry later
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except self.link.RedisError:
+                    pass
+
+    async def _run(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_s
+        last = 0.0
+        contended = False
+        while not self._stopping:
+            wait = CONTENDED_SYNC_S if contended else max(0.0, next_beat - time.monotonic())
+            if self._shared:
+                wait = min(wait, SHARED_POLL_S)  # the other workers' queues are only seen by polling
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            if now - last < MIN_SYNC_GAP_S:
+                await asyncio.sleep(MIN_SYNC_GAP_S - (now - last))
+                now = time.monotonic()
+            beat = now >= next_beat
+            if beat:
+                next_beat = now + self.heartbeat_s
+            try:
+                contended = await self._sync(heartbeat=beat)
+            except Exception:  # never let the agent die: the host would keep stale leases
+                log.exception("cluster lease sync failed")
+                contended = False
+            last = time.monotonic()
+
+    async def _sync(self, heartbeat: bool) -> bool:
+        """One round: plan every pool, one pipelined call if anything changed.
+        Returns whether the next round should come soon."""
+        link = self.link
+        if not link.up and not heartbeat:
+            return False  # down: only the heartbeat probes Redis
+        plans = [p.plan(heartbeat, touch=link.up) for p in self.pools.values()]
+        contended = any(c for _, _, c in plans)
+        if not link.up:
+            return await self._probe()
+        changed = any(want != p.lease or holding != p.lease
+                      for (holding, want, _), p in zip(plans, self.pools.values()))
+        poked, self._poked = self._poked, False
+        if not (heartbeat or changed or contended or poked):
+            return False
+        try:
+            await self._call_leases(leaving=False)
+        except link.RedisError as e:
+            link.went_down(e)
+            return False
+        return contended or any(p.others_priority or p.others_unmet or p.want > p.lease
+                                for p in self.pools.values())
+
+    async def _call_leases(self, leaving: bool) -> None:
+        link = self.link
+        pools = list(self.pools.values())
+        t0 = time.perf_counter()
+        pipe = link.redis.pipeline(transaction=False)
+        for p in pools:
+            p.reported_pwait = self._priority_waiting(p)
+            tag = f"{{tierq:pool:{p.model}}}"
+            pipe.evalsha(_LEASE_SCRIPT.sha, 6, f"{tag}:lease", f"{tag}:seen", f"{tag}:pwait",
+                         f"{tag}:unmet", f"{tag}:limit", f"{tag}:meta",
+                         link.host_id, self.config.lease_ttl_ms, p.limit, p.headroom,
+                         repr(p.default_min_share), p.holding, p.want,
+                         p.reported_pwait, link.hosts, int(leaving), WAKE_CHANNEL)
+        link.calls += 1
+        try:
+            replies = await pipe.execute()
+        except link.NoScriptError:
+            await link.redis.script_load(_LEASE_SCRIPT.text)
+            return await self._call_leases(leaving)
+        finally:
+            self.sync_s += time.perf_counter() - t0
+        if leaving:
+            return
+        hosts = 1
+        for p, (lease, live, others_p, others_unmet, uncovered, limit) in zip(pools, replies):
+            p.others_priority, p.others_unmet = int(others_p), int(others_unmet)
+            p.uncovered, p.cluster_limit = int(uncovered), int(limit)
+            hosts = max(hosts, int(live))
+            p.apply(int(lease), p.want)
+        link.hosts = hosts
+
+    @staticmethod
+    def _priority_waiting(p: PoolLease) -> int:
+        depth = p.admission.stats()["depth"]
+        assert isinstance(depth, dict)
+        return int(depth["priority"])
+
+    async def _probe(self) -> bool:
+        """Tries Redis while it is down (or not joined yet); rejoins if it answers."""
+        try:
+            await self._call_leases(leaving=False)
+        except self.link.RedisError as e:
+            self.link.went_down(e)
+            return False
+        self.link.came_back()
+        return True
+
+    def _serve_alone(self) -> None:
+        """Redis went down in "local" mode: each host's share is the limit
+        divided by the live hosts it last saw. At first a host only cuts down to
+        it: the others may still run requests on slots above their share, which
+        they stop handing on as soon as they notice. After one TTL it also grows
+        to it."""
+        down_since = self.link.down_since
+        assert down_since is not None
+        settled = time.monotonic() - down_since >= self.ttl_s
+        for p in self.pools.values():
+            p.others_priority = p.others_unmet = 0
+            share = min(p.limit, p.cluster_limit) // max(1, self.link.hosts)
+            p.apply(share, share if settled else min(share, p.holding))
+
+    def status(self) -> dict[str, Any]:
+        """Each pool's lease, for Cluster.status()."""
+        return {p.model: {"lease": p.lease, "holding": p.holding,
+                          "limit": p.cluster_limit, "host_limit": p.limit,
+                          "others_priority": p.others_priority}
+                for p in self.pools.values()}
