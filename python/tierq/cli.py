@@ -14,29 +14,15 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-from tierq.config import (
-    AdmissionConfig,
-    Config,
-    ConfigError,
-    LedgerConfig,
-    ModelConfig,
-    SimSettings,
-    UpstreamConfig,
-    default_config,
-    load_config,
-)
+from tierq.config import Config, ConfigError, default_config, load_config
 from tierq.cluster import cluster_settings, default_host_id, require_redis
+from tierq.demo import run_demo
 from tierq.embedded import start_sims
 from tierq.keys import KEEP, KeyInfo, parse_public_id
 from tierq.stores import (KeyStoreLike, StoreUnavailable, close_key_store, open_key_store,
@@ -347,6 +333,10 @@ def _sim(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ models
 
 
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(args.duration, args.clients, args.priority_share)
+
+
 def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     catalog = Catalog.from_config(config)
@@ -375,150 +365,6 @@ def _models(args: argparse.Namespace) -> int:
           f'service_tier="priority" on a priority model is billed {decimal_text(mult)}x; '
           "elsewhere it is served and billed as default.")
     return 0
-
-
-# ------------------------------------------------------------------ demo
-
-
-DEMO_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
-
-
-def _demo(args: argparse.Namespace) -> int:
-    import uvloop
-
-    if args.duration <= 0 or args.clients < 1 or not 0 <= args.priority_share <= 1:
-        print("tierq demo: --duration > 0, --clients >= 1, 0 <= --priority-share <= 1",
-              file=sys.stderr)
-        return 2
-    results = uvloop.run(_demo_run(args.duration, args.clients, args.priority_share))
-    _demo_table(results)
-    return 0
-
-
-async def _demo_run(duration: float, clients: int, priority_share: float) -> list[dict[str, Any]]:
-    import aiohttp
-    import orjson
-    from aiohttp import web
-
-    from tierq.app import GATEWAY, create_app, runner_kwargs
-    from tierq.sim import start_sim
-
-    slots = 4
-    sim = await start_sim("127.0.0.1", 0, slots=slots, ttft_ms=40.0, tokens_per_s=200.0)
-    tmp = tempfile.TemporaryDirectory(prefix="tierq-demo-")
-    config = Config(
-        ledger=LedgerConfig(url=f"sqlite:///{Path(tmp.name) / 'demo.db'}"),
-        upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True,
-                                  sim=SimSettings(slots)),),
-        # No max_concurrency: the pool learns the sim's slots from its /metrics,
-        # as it would a vLLM engine's, so the line forms in tierq's lanes.
-        models=(ModelConfig(DEMO_MODEL, "sim", priority=True, admission=AdmissionConfig(
-            queue_depth=8 * slots, max_wait_ms={"default": 1500, "priority": 10000})),),
-    )
-    app = create_app(config, sim=sim)
-    runner = web.AppRunner(app, **runner_kwargs())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    results: list[dict[str, Any]] = []
-    deadline = time.monotonic() + duration
-    rng = random.Random(7)
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        tier = "priority" if rng.random() < priority_share else "default"
-        body = {"model": DEMO_MODEL, "stream": True, "max_tokens": 16, "service_tier": tier,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": "say something"}]}
-        t0 = time.monotonic()
-        r: dict[str, Any] = {"tier": tier, "status": "failed", "ttft_ms": None,
-                             "cost": Decimal(0)}
-        async with session.post(url, data=orjson.dumps(body),
-                                headers={"Content-Type": "application/json"}) as resp:
-            if resp.status == 429:
-                r["status"] = "shed"
-                await resp.read()
-                retry = float(resp.headers.get("retry-after-ms", "100")) / 1000
-                results.append(r)
-                await asyncio.sleep(min(retry, 0.5))
-                return
-            async for line in resp.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = orjson.loads(line[6:])
-                choices = chunk.get("choices") or []
-                if r["ttft_ms"] is None and any(c.get("delta", {}).get("content") for c in choices):
-                    r["ttft_ms"] = (time.monotonic() - t0) * 1000
-                usage = chunk.get("usage")
-                if usage:
-                    # Decimal from the exact digits the gateway rendered.
-                    raw = line[line.index(b'"estimated_cost":') + 17:]
-                    r["cost"] = Decimal(raw.split(b"}")[0].split(b",")[0].decode())
-            r["status"] = "served" if resp.status == 200 else "failed"
-        results.append(r)
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        while time.monotonic() < deadline:
-            try:
-                await one(session)
-            except aiohttp.ClientError:
-                results.append({"tier": "default", "status": "failed", "ttft_ms": None,
-                                "cost": Decimal(0)})
-
-    async def progress() -> None:
-        start = time.monotonic()
-        while True:
-            done = min(1.0, (time.monotonic() - start) / duration)
-            bar = "#" * int(done * 30)
-            served = sum(1 for r in results if r["status"] == "served")
-            shed = sum(1 for r in results if r["status"] == "shed")
-            sys.stderr.write(f"\r[{bar:<30}] {done * 100:5.1f}%  served {served:5d}  "
-                             f"shed {shed:5d}")
-            sys.stderr.flush()
-            if done >= 1.0:
-                break
-            await asyncio.sleep(0.2)
-
-    try:
-        print(f"tierq demo: {clients} clients, {priority_share:.0%} priority, against a sim "
-              f"with {slots} slots (40 ms TTFT, 200 tok/s) the gateway is not told about, "
-              f"for {duration:g}s", file=sys.stderr)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
-            bar = asyncio.create_task(progress())
-            await asyncio.gather(*(client(s) for _ in range(clients)))
-            await bar
-        sys.stderr.write("\n")
-        limit = app[GATEWAY].pools[DEMO_MODEL].admission.stats()
-        print(f"the pool learned a concurrency limit of {limit['limit']} from the sim's "
-              f"/metrics (signal: {limit['limit_signal']}; the sim has {slots} slots)",
-              file=sys.stderr)
-    finally:
-        await runner.cleanup()
-        await sim.close()
-        tmp.cleanup()
-    return results
-
-
-def _pct(values: list[float], q: float) -> str:
-    if not values:
-        return "-"
-    values = sorted(values)
-    return f"{values[min(len(values) - 1, int(q * len(values)))]:.0f}"
-
-
-def _demo_table(results: list[dict[str, Any]]) -> None:
-    rows = [("TIER", "REQUESTS", "SERVED", "SHED", "TTFT p50 ms", "TTFT p99 ms", "COST USD")]
-    for tier in ("priority", "default"):
-        rs = [r for r in results if r["tier"] == tier]
-        ttft = [r["ttft_ms"] for r in rs if r["ttft_ms"] is not None]
-        rows.append((tier, str(len(rs)), str(sum(r["status"] == "served" for r in rs)),
-                     str(sum(r["status"] == "shed" for r in rs)), _pct(ttft, 0.5),
-                     _pct(ttft, 0.99), decimal_text(sum((r["cost"] for r in rs), Decimal(0)))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(r, widths))))
 
 
 # ------------------------------------------------------------------ usage
