@@ -48,7 +48,8 @@ const FEMTO_PER_USD: u128 = 1_000_000_000_000_000;
 /// Lag samples kept between two drains (one per batch); more are dropped.
 const MAX_LAGS: usize = 4096;
 
-/// The table, unchanged since the first ledger: existing files open as they are.
+/// The table as a new file gets it. A file an older tierq made gains the
+/// `ADDED_COLUMNS` it lacks when it is opened (`connect`).
 pub const SCHEMA: &str = "\
 CREATE TABLE IF NOT EXISTS ledger (
     request_id        TEXT PRIMARY KEY,
@@ -68,16 +69,25 @@ CREATE TABLE IF NOT EXISTS ledger (
     code              TEXT,
     queue_ms          REAL NOT NULL,
     latency_ms        REAL NOT NULL,
-    upstream          TEXT
+    upstream          TEXT,
+    fairness_id       TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 ";
 
+/// Columns added after the first ledger, each with the statement that adds it
+/// to an older file: (column, ALTER TABLE). Append only. Python's readers
+/// (tierq.ledger.connect) apply the same list.
+pub const ADDED_COLUMNS: &[(&str, &str)] = &[
+    // The x-tierq-fairness-id a trusted key's request carried (NULL otherwise).
+    ("fairness_id", "ALTER TABLE ledger ADD COLUMN fairness_id TEXT"),
+];
+
 /// A repeated request_id is ignored: a retry or a restart never bills twice.
 const INSERT: &str = "INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, \
     requested_tier, applied_tier, prompt_tokens, completion_tokens, cost, cost_micro, cost_femto, \
-    status, partial, code, queue_ms, latency_ms, upstream) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+    status, partial, code, queue_ms, latency_ms, upstream, fairness_id) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
 
 /// `process`: a commit is a write to the WAL (survives kill -9, not power
 /// loss); `power`: each commit is synced (`synchronous = FULL`).
@@ -118,6 +128,7 @@ pub struct Row {
     pub queue_ms: f64,
     pub latency_ms: f64,
     pub upstream: Option<String>,
+    pub fairness_id: Option<String>,
 }
 
 /// Exact fixed-point USD text of a femto-USD amount, without trailing zeros
@@ -175,8 +186,36 @@ pub fn connect(path: &Path, durability: Durability) -> Result<Connection, CoreEr
     }
     let sync = if durability == Durability::Power { "FULL" } else { "NORMAL" };
     conn.pragma_update(None, "synchronous", sync).map_err(|e| ledger_err(path, e))?;
-    conn.execute_batch(SCHEMA).map_err(|e| ledger_err(path, e))?;
+    migrate(&conn).map_err(|e| ledger_err(path, e))?;
     Ok(conn)
+}
+
+/// Creates the table, or adds the `ADDED_COLUMNS` an older file lacks, in one
+/// IMMEDIATE transaction: two processes opening an old file at once add each
+/// column once.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        conn.execute_batch(SCHEMA)?;
+        let mut have = Vec::new();
+        {
+            let mut stmt = conn.prepare("PRAGMA table_info(ledger)")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                have.push(r.get::<_, String>(1)?);
+            }
+        }
+        for (column, ddl) in ADDED_COLUMNS {
+            if !have.iter().any(|c| c == column) {
+                conn.execute_batch(ddl)?;
+            }
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 fn ledger_err(path: &Path, e: rusqlite::Error) -> CoreError {
@@ -453,6 +492,7 @@ fn commit(conn: &mut Connection, batch: &[Queued]) -> Result<(), String> {
                     (r.cost_femto / FEMTO_PER_MICRO) as i64,
                     (r.cost_femto % FEMTO_PER_MICRO) as i64,
                     r.status, r.partial, r.code, r.queue_ms, r.latency_ms, r.upstream,
+                    r.fairness_id,
                 ])?;
             }
         }

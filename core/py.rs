@@ -570,7 +570,7 @@ impl PyLedgerWriter {
     /// share one wake-up). `push` itself never makes a system call.
     #[pyo3(signature = (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,
                         prompt_tokens, completion_tokens, cost_femto, status, partial, code,
-                        queue_ms, latency_ms, upstream))]
+                        queue_ms, latency_ms, upstream, fairness_id))]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -590,6 +590,7 @@ impl PyLedgerWriter {
         queue_ms: f64,
         latency_ms: f64,
         upstream: Option<String>,
+        fairness_id: Option<String>,
     ) -> PyResult<(u64, bool)> {
         // Any cost a request has fits 64 bits (18,446 USD): that conversion is
         // one C call, the 128-bit one (abi3) several Python calls.
@@ -600,6 +601,7 @@ impl PyLedgerWriter {
         Ok(self.0.push(ledger::Row {
             request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
             completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,
+            fairness_id,
         })?)
     }
 
@@ -661,6 +663,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
     m.add_class::<PyLedgerWriter>()?;
     m.add("LEDGER_SCHEMA", ledger::SCHEMA)?;
+    m.add("LEDGER_ADDED_COLUMNS", ledger::ADDED_COLUMNS.to_vec())?;
     m.add("LEDGER_CHECKPOINT_ROWS", ledger::CHECKPOINT_ROWS)?;
     m.add("SQLITE_VERSION", ledger::sqlite_version())?;
     Ok(())

@@ -6,16 +6,21 @@ headers are one clear 400 and never billed, and /status and /metrics show it."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
 
+from tierq.cli import usage_main
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
 from tierq.keys import KeyStore
+from tierq.ledger import Ledger
 
 MESSAGES: Any = [{"role": "user", "content": "a b c d"}]
 FAIRNESS = "x-tierq-fairness-id"
@@ -174,3 +179,60 @@ async def test_status_shows_jains_index_of_the_flows_that_waited(
     for name in ("tierq_fair_flows_active", "tierq_deadline_refused_total",
                  "tierq_fairness_id_ignored_total"):
         assert f"# TYPE {name} " in text
+
+
+async def test_the_ledger_records_an_honoured_fairness_id_and_usage_reports_by_it(
+        make_gateway: GatewayFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gw, tokens, _ = await keyed_gateway(make_gateway, tmp_path)
+    async with client(gw, tokens["app"]) as app, client(gw, tokens["gw"]) as trusted:
+        for fid in ("tenant-1", "tenant-1", "tenant-2", None):
+            await trusted.chat.completions.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=3,
+                extra_headers={FAIRNESS: fid} if fid else {})
+        await app.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=3,
+                                          extra_headers={FAIRNESS: "tenant-1"})
+    rows = await gw.rows()
+    app_id, gw_id = (tokens[k].split("-")[1] for k in ("app", "gw"))
+    assert sorted((r.key_id, r.fairness_id or "") for r in rows) == sorted(
+        [(gw_id, "tenant-1"), (gw_id, "tenant-1"), (gw_id, "tenant-2"), (gw_id, ""), (app_id, "")])
+    assert [r.fairness_id for r in rows if r.key_id == app_id] == [None], "ignored: not recorded"
+
+    lines = gw.ledger.usage(by_fairness_id=True)
+    by = {(line.key_id, line.fairness_id): line for line in lines}
+    assert set(by) == {(gw_id, "tenant-1"), (gw_id, "tenant-2"), (gw_id, ""), (app_id, "")}
+    assert by[gw_id, "tenant-1"].served == 2
+    assert sum((line.cost for line in lines), start=Decimal(0)) == sum(
+        (r.cost for r in rows), start=Decimal(0)), "the same money, split finer"
+    db = str(gw.ledger.path)
+    assert usage_main(["--db", db, "--by", "fairness-id"]) == 0
+    table = capsys.readouterr().out
+    assert "FAIRNESS_ID" in table and "tenant-1" in table and "tenant-2" in table
+    assert usage_main(["--db", db, "--by", "fairness-id", "--json", "--key", gw_id]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    assert {line["fairness_id"] for line in data["lines"]} == {"tenant-1", "tenant-2", ""}
+    assert usage_main(["--db", db, "--csv"]) == 0  # by key: the columns as before
+    assert capsys.readouterr().out.splitlines()[0].startswith("key_id,model,applied_tier,")
+    assert usage_main(["--db", db, "--by", "fairness-id", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("key_id,fairness_id,model,")
+
+
+def test_usage_reads_a_ledger_file_made_before_the_fairness_id_column(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, key_id TEXT NOT"
+            " NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, requested_tier TEXT, applied_tier"
+            " TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+            " cost TEXT NOT NULL, cost_micro INTEGER NOT NULL, cost_femto INTEGER NOT NULL,"
+            " status TEXT NOT NULL, partial INTEGER NOT NULL, code TEXT, queue_ms REAL NOT NULL,"
+            " latency_ms REAL NOT NULL, upstream TEXT);"
+            " INSERT INTO ledger VALUES ('r1', 1.0, 'k', 'm', 'chat.completions', NULL, 'default',"
+            " 3, 4, '0.25', 250000, 0, 'served', 0, NULL, 0.0, 1.0, 'sim');")
+    conn.close()
+    assert usage_main(["--db", str(db), "--by", "fairness-id", "--json"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    assert [(line["key_id"], line["fairness_id"], line["cost"]) for line in data["lines"]] == [
+        ("k", "", "0.25")]
+    row = Ledger(str(db)).get("r1")
+    assert row is not None and row.fairness_id is None and row.cost == Decimal("0.25")

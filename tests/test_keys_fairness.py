@@ -1,12 +1,13 @@
 """A key's fair-queuing weight and trust: set at create, changed by `tierq keys
 update`, kept through the migrations of both key stores (an existing SQLite key
-file, a PostgreSQL database at the previous schema version)."""
+file, a PostgreSQL database at schema version 2, whose ledger rows keep reading)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from pg_server import PASSWORD_ENV
 
 from tierq.cli import keys_main
 from tierq.keys import KeyStore, hash_secret
-from tierq.postgres import MIGRATIONS, PostgresKeyStore, migrate, pg_connect, schema_version
+from tierq.postgres import (MIGRATIONS, PostgresKeyStore, PostgresLedger, migrate, pg_connect,
+                            schema_version)
 
 # The keys table as tierq made it before keys had a weight and trust (main a32ca18).
 _OLD_SCHEMA = """
@@ -166,6 +168,9 @@ async def test_postgresql_at_the_previous_schema_version_migrates_and_old_keys_k
                                " VALUES ($1, $2)", version, description)
         await conn.execute("INSERT INTO keys VALUES ($1, 'legacy', $2, 1.0, NULL, 30, NULL)",
                            _OLD_ID, hash_secret(_OLD_SECRET))
+        await conn.execute("INSERT INTO ledger VALUES ('old', 1.0, 'k', 'm', 'chat.completions',"
+                           " NULL, 'default', 3, 4, 0.25, 250000, 0, 'served', 0, NULL, 0, 1,"
+                           " 'sim')")
         assert await schema_version(conn) == 2
     finally:
         await conn.close()
@@ -197,3 +202,5 @@ async def test_postgresql_at_the_previous_schema_version_migrates_and_old_keys_k
         assert await schema_version(conn) == MIGRATIONS[-1][0]
     finally:
         await conn.close()
+    old = PostgresLedger(pg_url, password_env=PASSWORD_ENV).get("old")
+    assert old is not None and old.fairness_id is None and old.cost == Decimal("0.25")

@@ -46,7 +46,8 @@ async def test_rows_land_in_postgresql_exactly_as_the_sqlite_ledger_keeps_them(
     costs = ["0.0000012345", "0.000000000000001", "123456.789012345678901", "0", "1.5"]
     rows = [row(i, costs[i % len(costs)], "priority" if i % 2 else "default",
                 status="served" if i % 4 else "shed", partial=i % 5 == 0,
-                code=None if i % 4 else "queue_timeout", upstream="sim" if i % 3 else None)
+                code=None if i % 4 else "queue_timeout", upstream="sim" if i % 3 else None,
+                fairness_id=None if i % 3 else f"tenant {i % 2}")
             for i in range(40)]
     pg = open_ledger(pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "spool.db"))
     lite = open_ledger(f"sqlite:///{tmp_path / 'lite.db'}")
@@ -65,6 +66,9 @@ async def test_rows_land_in_postgresql_exactly_as_the_sqlite_ledger_keeps_them(
     assert big is not None and big.cost == Decimal("123456.789012345678901") and big.partial is False
     assert pg.count() == 41 and pg.rows() == lite.rows() == [*rows, row(99)]
     assert pg.usage() == lite.usage(), "the same sums, lines and order as SQLite"
+    by_fid = pg.usage(by_fairness_id=True)
+    assert by_fid == lite.usage(by_fairness_id=True) and len(by_fid) > len(pg.usage())
+    assert {line.fairness_id for line in by_fid} == {"", "tenant 0", "tenant 1"}
     assert pg.usage(since=1_700_000_030.0, key_id="key1") == lite.usage(since=1_700_000_030.0, key_id="key1")
     assert pg.spool_rows == 0 and pg.spooled == 0 and _spool_count(tmp_path / "spool.db") == 0
 

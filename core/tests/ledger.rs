@@ -49,6 +49,7 @@ fn row(id: &str) -> Row {
         queue_ms: 1.5,
         latency_ms: 20.0,
         upstream: Some("local".into()),
+        fairness_id: None,
     }
 }
 
@@ -132,6 +133,43 @@ fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
     w.close();
     assert_eq!(count(&db.0), 2);
     assert_eq!(w.stats().rows_committed, 2);
+}
+
+/// The ledger table as every tierq before the fairness id made it.
+const OLD_SCHEMA: &str = "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, \
+    key_id TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, requested_tier TEXT, \
+    applied_tier TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, \
+    cost TEXT NOT NULL, cost_micro INTEGER NOT NULL, cost_femto INTEGER NOT NULL, \
+    status TEXT NOT NULL, partial INTEGER NOT NULL, code TEXT, queue_ms REAL NOT NULL, \
+    latency_ms REAL NOT NULL, upstream TEXT); \
+    INSERT INTO ledger VALUES ('old', 1.0, 'k', 'm', 'e', NULL, 'default', 1, 2, '0.5', 500000, 0, \
+    'served', 0, NULL, 0.0, 1.0, NULL);";
+
+#[test]
+fn an_older_ledger_file_gains_the_fairness_id_column_and_keeps_its_rows() {
+    let db = TempDb::new("migrate");
+    Connection::open(&db.0).unwrap().execute_batch(OLD_SCHEMA).unwrap();
+    // Two writers opening the old file at once add the column once.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Writer::open(&db.0, Durability::Process));
+        let b = s.spawn(|| Writer::open(&db.0, Durability::Process));
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    b.close();
+    let mut r = row("new");
+    r.fairness_id = Some("tenant 7".into());
+    let seq = push(&a, r).unwrap();
+    assert!(wait_settled(&a, seq));
+    a.close();
+    let c = Connection::open(&db.0).unwrap();
+    let got: Vec<(String, Option<String>)> = c
+        .prepare("SELECT request_id, fairness_id FROM ledger ORDER BY request_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, vec![("new".into(), Some("tenant 7".into())), ("old".into(), None)]);
 }
 
 #[test]

@@ -4,6 +4,7 @@ from typing import Self, final
 
 __all__ = [
     "AdmissionCore",
+    "LEDGER_ADDED_COLUMNS",
     "LEDGER_CHECKPOINT_ROWS",
     "LEDGER_SCHEMA",
     "LedgerWriter",
@@ -143,6 +144,7 @@ class SseRewriter:
 # ------------------------------------------------------------- the ledger's writer
 
 LEDGER_SCHEMA: str
+LEDGER_ADDED_COLUMNS: list[tuple[str, str]]
 LEDGER_CHECKPOINT_ROWS: int
 SQLITE_VERSION: str
 
@@ -167,6 +169,7 @@ class LedgerWriter:
         queue_ms: float,
         latency_ms: float,
         upstream: str | None,
+        fairness_id: str | None,
     ) -> tuple[int, bool]: ...
     def wake(self) -> None: ...
     def drain(self) -> tuple[int, list[tuple[int, int, str]], list[int]]: ...

@@ -383,6 +383,9 @@ def usage_main(argv: list[str]) -> int:
     p.add_argument("--since", help="relative (30m, 1h, 7d) or ISO date/time; naive times are UTC")
     p.add_argument("--key", help="only this key's public id ('local' without API keys)")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--by", choices=("key", "fairness-id"), default="key",
+                   help="lines per key, model and tier (default), or per key, fairness id "
+                        "(x-tierq-fairness-id of a trusted key's requests), model and tier")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
                    help="output format (default: table)")
     fmt = p.add_mutually_exclusive_group()
@@ -390,6 +393,7 @@ def usage_main(argv: list[str]) -> int:
     fmt.add_argument("--csv", action="store_true", help="same as --format csv; costs as exact strings")
     args = p.parse_args(argv)
     out_format = args.format or ("json" if args.json else "csv" if args.csv else "table")
+    by_fid = args.by == "fairness-id"
     if args.format and (args.json or args.csv) and out_format != ("json" if args.json else "csv"):
         print("tierq usage: --format contradicts --json/--csv", file=sys.stderr)
         return 2
@@ -417,16 +421,16 @@ def usage_main(argv: list[str]) -> int:
     try:
         with progress(f"summing the ledger at {where}"):
             lines = list(usage_of(url, password_env=password_env, since=since, key_id=args.key,
-                                  model=args.model))
+                                  model=args.model, by_fairness_id=by_fid))
     except Exception as e:  # noqa: BLE001 - sqlite3, asyncpg, OSError: one line, no traceback
         print(f"tierq usage: cannot read {where}: {_one_line(e)}", file=sys.stderr)
         return 1
     if out_format == "json":
-        out = render_json(lines) + "\n"
+        out = render_json(lines, by_fid) + "\n"
     elif out_format == "csv":
-        out = render_csv(lines)
+        out = render_csv(lines, by_fid)
     else:
-        out = render_table(lines)
+        out = render_table(lines, by_fid)
     sys.stdout.write(out)
     return 0
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, ClassVar, Final
 
-from tierq._core import LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
+from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
 
@@ -71,7 +71,7 @@ CHECKPOINT_ROWS: Final = LEDGER_CHECKPOINT_ROWS
 COLUMNS: Final = (
     "request_id", "ts", "key_id", "model", "endpoint", "requested_tier", "applied_tier",
     "prompt_tokens", "completion_tokens", "cost", "cost_micro", "cost_femto", "status",
-    "partial", "code", "queue_ms", "latency_ms", "upstream",
+    "partial", "code", "queue_ms", "latency_ms", "upstream", "fairness_id",
 )  # fmt: skip
 
 @dataclass(slots=True, frozen=True)
@@ -94,6 +94,7 @@ class LedgerRow:
     queue_ms: float = 0.0
     latency_ms: float = 0.0
     upstream: str | None = None
+    fairness_id: str | None = None  # the x-tierq-fairness-id it was fair by (a trusted key's)
 
     # The cost in femto-USD, worked out once by __post_init__ (what the writer takes).
     _cost_femto: int = field(init=False, repr=False, compare=False)
@@ -121,6 +122,8 @@ class LedgerRow:
             raise TypeError("code must be a str or None")
         if self.upstream is not None and not isinstance(self.upstream, str):
             raise TypeError("upstream must be a str or None")
+        if self.fairness_id is not None and not isinstance(self.fairness_id, str):
+            raise TypeError("fairness_id must be a str or None")
         if type(self.prompt_tokens) is not int:
             raise TypeError("prompt_tokens must be an int")
         if type(self.completion_tokens) is not int:
@@ -144,7 +147,7 @@ class LedgerRow:
             self.request_id, self.ts, self.key_id, self.model, self.endpoint,
             self.requested_tier, self.applied_tier, self.prompt_tokens,
             self.completion_tokens, self._cost_femto, self.status, self.partial,
-            self.code, self.queue_ms, self.latency_ms, self.upstream,
+            self.code, self.queue_ms, self.latency_ms, self.upstream, self.fairness_id,
         )  # fmt: skip
 
 
@@ -175,6 +178,7 @@ def row_values(row: LedgerRow) -> tuple[object, ...]:
         row.request_id, row.ts, row.key_id, row.model, row.endpoint, row.requested_tier,
         row.applied_tier, row.prompt_tokens, row.completion_tokens, cost_text(row.cost), micro,
         femto, row.status, int(row.partial), row.code, row.queue_ms, row.latency_ms, row.upstream,
+        row.fairness_id,
     )  # fmt: skip
 
 
@@ -190,6 +194,16 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'power' else 'NORMAL'}")
     conn.executescript(LEDGER_SCHEMA)
+    # The writer's migration (core/ledger.rs), so that a reader of a file an
+    # older tierq made (`tierq usage`) finds the columns it reads.
+    have = {r[1] for r in conn.execute("PRAGMA table_info(ledger)")}
+    for column, ddl in LEDGER_ADDED_COLUMNS:
+        if column not in have:
+            try:
+                conn.execute(ddl)
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # else another process just added it
+                    raise
     return conn
 
 
@@ -211,6 +225,9 @@ class UsageLine:
     prompt_tokens: int
     completion_tokens: int
     cost: Decimal
+    # With `usage(by_fairness_id=True)`: the lines are per fairness id too, and
+    # this is the id ("" for the requests that had none).
+    fairness_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +300,12 @@ class LedgerReads:
         return int(self._read("SELECT COUNT(*) FROM ledger")[0][0])
 
     def usage(
-        self, since: float | None = None, key_id: str | None = None, model: str | None = None
+        self, since: float | None = None, key_id: str | None = None, model: str | None = None,
+        by_fairness_id: bool = False,
     ) -> list[UsageLine]:
-        """Spend by key, model and applied tier: the same lines, in the same (byte)
-        order and to the same exact cost, whichever backend holds the rows."""
+        """Spend by key, model and applied tier (and fairness id after the key, if
+        `by_fairness_id`): the same lines, in the same (byte) order and to the same
+        exact cost, whichever backend holds the rows."""
         d = self.dialect
         # Filters are fixed SQL fragments; values only ever travel as parameters.
         where: list[str] = []
@@ -296,7 +315,10 @@ class LedgerReads:
             if value is not None:
                 params.append(value)
                 where.append(f"{condition} {d.param(len(params))}")
-        group = ("key_id", "model", "applied_tier")
+        # A fairness id is never empty (tierq.intake), so "" can stand for none:
+        # NULL sorts first in SQLite and last in PostgreSQL.
+        group = ("key_id", *(("COALESCE(fairness_id, '')",) if by_fairness_id else ()),
+                 "model", "applied_tier")
         sql = (
             f"SELECT {', '.join(group)}, COUNT(*), "
             + ", ".join(d.count_if(f"status = '{status}'") for status in _STATUS_ORDER)
@@ -307,13 +329,16 @@ class LedgerReads:
         )
         out = []
         for r in self._read(sql, params):
+            fid = str(r[1]) if by_fairness_id else None
+            if by_fairness_id:
+                r = (r[0], *r[2:])
             k, m, tier, n, served, shed, failed, cancelled, pt, ct = r[:10]
             out.append(
                 UsageLine(
                     key_id=str(k), model=str(m), applied_tier=str(tier), requests=int(n),
                     served=int(served), shed=int(shed), failed=int(failed),
                     cancelled=int(cancelled), prompt_tokens=int(pt), completion_tokens=int(ct),
-                    cost=d.cost_of(r[10:]),
+                    cost=d.cost_of(r[10:]), fairness_id=fid,
                 )  # fmt: skip
             )
         return out
@@ -321,12 +346,12 @@ class LedgerReads:
 
 def _row(r: tuple[Any, ...]) -> LedgerRow:
     (rid, ts, key_id, model, endpoint, req, applied, pt, ct, cost, status, partial, code,
-     queue_ms, latency_ms, upstream) = r  # fmt: skip
+     queue_ms, latency_ms, upstream, fairness_id) = r  # fmt: skip
     return LedgerRow(
         request_id=rid, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
         requested_tier=req, applied_tier=applied, prompt_tokens=int(pt), completion_tokens=int(ct),
         cost=Decimal(cost), status=status, partial=bool(partial), code=code,
-        queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream,
+        queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream, fairness_id=fairness_id,
     )  # fmt: skip
 
 

@@ -270,7 +270,7 @@ class Exchange:
                                self.cost(o.prompt_tokens, o.completion_tokens))
             if o.billed else Decimal(0),
             status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
-            latency_ms=latency_s * 1000.0, upstream=upstream,
+            latency_ms=latency_s * 1000.0, upstream=upstream, fairness_id=self.flow.fairness_id,
         )
         self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
                                 self.queue_ms / 1000.0, latency_s,

@@ -53,7 +53,8 @@ class LedgerStore(Protocol):
     def rows(self, request_id: str | None = None) -> builtins.list[LedgerRow]: ...
     def count(self) -> int: ...
     def usage(self, since: float | None = None, key_id: str | None = None,
-              model: str | None = None) -> builtins.list[UsageLine]: ...
+              model: str | None = None,
+              by_fairness_id: bool = False) -> builtins.list[UsageLine]: ...
 
 
 class KeyStoreLike(Protocol):
@@ -143,10 +144,12 @@ async def close_key_store(store: KeyStoreLike) -> None:
 
 
 def usage_of(url: str, *, password_env: str | None = None, since: float | None = None,
-             key_id: str | None = None, model: str | None = None) -> Sequence[UsageLine]:
+             key_id: str | None = None, model: str | None = None,
+             by_fairness_id: bool = False) -> Sequence[UsageLine]:
     """The usage sums of the ledger at `url` (blocking; `tierq usage`)."""
     if store_kind(url) == "postgresql":
         lines: Sequence[UsageLine] = _postgres().PostgresLedger(
-            url, password_env=password_env).usage(since, key_id, model)
+            url, password_env=password_env).usage(since, key_id, model, by_fairness_id)
         return lines
-    return Ledger(sqlite_path(url)).usage(since=since, key_id=key_id, model=model)
+    return Ledger(sqlite_path(url)).usage(since=since, key_id=key_id, model=model,
+                                          by_fairness_id=by_fairness_id)

@@ -40,49 +40,62 @@ def _cost_strings(costs: Iterable[Decimal]) -> list[str]:
     return [cost_text(c.quantize(Decimal(1).scaleb(-places))) for c in costs]
 
 
-def render_table(lines: Sequence[UsageLine]) -> str:
-    """An aligned plain-text table with a TOTAL row."""
-    header = ("KEY", "MODEL", "TIER", "REQUESTS", "SERVED", "SHED", "FAILED", "CANCELLED",
+def render_table(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:
+    """An aligned plain-text table with a TOTAL row (and a FAIRNESS_ID column
+    after KEY for lines by fairness id; "-" for requests without one)."""
+    fid: tuple[str, ...] = ("FAIRNESS_ID",) if by_fairness_id else ()
+    header = ("KEY", *fid, "MODEL", "TIER", "REQUESTS", "SERVED", "SHED", "FAILED", "CANCELLED",
               "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST_USD")  # fmt: skip
     all_lines = [*lines, _total(lines)]
     costs = _cost_strings(line.cost for line in all_lines)
     body = [
-        (line.key_id, line.model, line.applied_tier,
-         *(str(getattr(line, name)) for name in _COUNTS), cost)
+        (line.key_id, *((line.fairness_id or ("" if line.key_id == "TOTAL" else "-"),)
+                        if by_fairness_id else ()),
+         line.model, line.applied_tier, *(str(getattr(line, name)) for name in _COUNTS), cost)
         for line, cost in zip(all_lines, costs)
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    texts = 3 + len(fid)
 
     def fmt(row: Sequence[str]) -> str:
         # Text columns left-aligned, numbers right-aligned.
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if i < texts else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *(fmt(r) for r in body[:-1]), rule, fmt(body[-1])]) + "\n"
 
 
-def _as_dict(line: UsageLine) -> dict[str, object]:
-    d: dict[str, object] = {f.name: getattr(line, f.name) for f in fields(line)}
+def _names(by_fairness_id: bool) -> list[str]:
+    """The fields of a line as JSON and CSV show them: fairness_id (after key_id)
+    only for lines by fairness id."""
+    names = [f.name for f in fields(UsageLine) if f.name != "fairness_id"]
+    return [names[0], "fairness_id", *names[1:]] if by_fairness_id else names
+
+
+def _as_dict(line: UsageLine, by_fairness_id: bool = False) -> dict[str, object]:
+    d: dict[str, object] = {name: getattr(line, name) for name in _names(by_fairness_id)}
     d["cost"] = cost_text(line.cost)  # a string: JSON numbers would pass through floats
     return d
 
 
-def render_json(lines: Sequence[UsageLine]) -> str:
+def render_json(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:
     total = _as_dict(_total(lines))
     for name in ("key_id", "model", "applied_tier"):
         del total[name]
     return orjson.dumps(
-        {"lines": [_as_dict(line) for line in lines], "total": total}, option=orjson.OPT_INDENT_2
+        {"lines": [_as_dict(line, by_fairness_id) for line in lines], "total": total},
+        option=orjson.OPT_INDENT_2,
     ).decode()
 
 
-def render_csv(lines: Sequence[UsageLine]) -> str:
+def render_csv(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([f.name for f in fields(UsageLine)])
+    w.writerow(_names(by_fairness_id))
     for line in lines:
-        w.writerow(_as_dict(line).values())
+        w.writerow(_as_dict(line, by_fairness_id).values())
     return buf.getvalue()
 
 
