@@ -21,7 +21,9 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from tierq.config import load_config
 from tierq.keys import KeyStore
@@ -61,6 +63,8 @@ class Cluster:
         self.hosts: list[str] = []
         self.procs: list[Proc] = []
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        # The last answer seen per status (its headers and body), for the codes.
+        self.last: dict[int, tuple[dict[str, str], bytes]] = {}
 
     async def sim_stats(self) -> dict[str, Any]:
         async with self.session.get(self.sim_url + "/sim/stats") as r:
@@ -86,7 +90,7 @@ class Cluster:
         async with self.session.post(self.hosts[i] + "/v1/chat/completions", json=body,
                                      headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-            await r.read()
+            self.last[r.status] = (dict(r.headers), await r.read())
             return r.status, dict(r.headers), time.monotonic()
 
 
@@ -304,6 +308,10 @@ async def test_a_killed_hosts_slots_come_back_within_its_lease_ttl(
     # Within the TTL plus generous slack for a loaded machine.
     await _wait_for(b_holds_all, TTL_MS / 1000 + 10, "host B gets the dead host's slots")
     took = time.monotonic() - killed
+    # Not before the dead host's lease ran out: its deadline is its last
+    # heartbeat (at most a third of the TTL before the kill) plus the TTL, and a
+    # loaded machine only makes the takeover later. After: within the bound above.
+    assert took >= TTL_MS / 1000 * (1 - 1 / 3) - 0.1, took
     st = await c.status(1)
     assert st["cluster"]["hosts"] == 1
     assert st["cluster"]["leases"][MODEL]["lease"] == 4, (took, st)
@@ -387,6 +395,10 @@ async def test_redis_outage_closed_mode_answers_503_then_rejoins(
     assert 500 not in before + during and -1 not in before + during, _logs(c)
     assert 503 in during, during
     assert set(during) <= {200, 503}
+    headers, body = c.last[503]  # the refusal a client sees while Redis is down
+    err = orjson.loads(body)["error"]
+    assert (err["code"], err["type"]) == ("cluster_unavailable", "server_error"), err
+    assert headers["Retry-After"] == "1", headers
     assert before.count(200) > 0
     await _no_leak(c, 4)
     status, headers, _ = await c.chat(0)
@@ -403,23 +415,47 @@ async def test_key_limits_in_redis_take_settle_and_refund_exactly(redis_server: 
     host = HostCluster(ClusterConfig(redis_server.url, host_id="solo"), "solo", {})
     await host.start()
     try:
+        r = aioredis.from_url(redis_server.url)
+
+        async def timed(key: KeyInfo, est: int) -> tuple[float | None, float, float]:
+            """check_key's answer between two readings of Redis's clock, the one
+            the script decides on."""
+            before = await r.time()
+            got = await host.check_key(key, est)
+            after = await r.time()
+            return got, before[0] + before[1] / 1e6, after[0] + after[1] / 1e6
+
+        def exactly(wait: float | None, owed: float, first: tuple[Any, float, float],
+                    now: tuple[Any, float, float]) -> None:
+            """`wait` is `owed` seconds less what passed on Redis's clock since
+            `first` was decided, to the microsecond the script rounds up to."""
+            assert wait is not None
+            lo, hi = owed - (now[2] - first[1]), owed - (now[1] - first[2])
+            assert lo - 1e-6 <= wait <= hi + 1e-6, (wait, lo, hi)
+
         key = KeyInfo("abcdefghijkl", "k", 0.0, None, rpm=3, tpm=100)
-        assert [await host.check_key(key, 10) for _ in range(3)] == [None, None, None]
-        wait = await host.check_key(key, 10)
-        assert wait is not None and 0 < wait <= 20.0, wait  # one request back every 20 s
+        first = await timed(key, 10)
+        assert [first[0]] + [await host.check_key(key, 10) for _ in range(2)] == [None] * 3
+        fourth = await timed(key, 10)
+        exactly(fourth[0], 20.0, first, fourth)  # the first request's 20 s comes back first
         host.refund_key(key, 10, request=True)  # the gateway failed one: it costs nothing
         await host.settled()
         assert await host.check_key(key, 10) is None
-        # Tokens: 40 of 100 taken so far; an estimate of 70 no longer fits.
+        # Tokens: 70 of 100 (42 s of the minute's 60); another 70 fits only 24 s on.
         tokens = KeyInfo("mnopqrstuvwx", "t", 0.0, None, rpm=None, tpm=100)
-        assert await host.check_key(tokens, 70) is None
-        wait = await host.check_key(tokens, 70)
-        assert wait is not None and wait > 0
-        host.settle_key(tokens, 70, 5)  # it really used 5: 65 come back
+        first = await timed(tokens, 70)
+        assert first[0] is None
+        second = await timed(tokens, 70)
+        exactly(second[0], 24.0, first, second)
+        host.settle_key(tokens, 70, 5)  # it really used 5: 65 (39 s) come back
         await host.settled()
-        assert await host.check_key(tokens, 70) is None
-        assert await host.check_key(tokens, 1000) is not None  # capped at the whole minute
+        assert await host.check_key(tokens, 70) is None  # 5 + 70 taken: 45 s of the minute
+        # An estimate over the whole minute takes the whole minute (capped), so it
+        # waits until the bucket is empty: 45 s after the first was decided.
+        capped = await timed(tokens, 1000)
+        exactly(capped[0], 45.0, first, capped)
         assert host.redis_calls >= 8
+        await r.aclose()
     finally:
         await host.stop()
 

@@ -10,8 +10,6 @@ import pytest
 from openai import AsyncOpenAI
 
 from conftest import PLAIN_MODEL, PRIORITY_MODEL, Running, exact_json
-from tierq.catalog import builtin_prices
-from tierq.pricing import cost
 
 MESSAGES = [{"role": "user", "content": "hello there gateway"}]
 
@@ -33,10 +31,11 @@ async def test_chat_priority_on_priority_model_is_echoed_and_billed_at_1_5x(gate
     assert row is not None and row.status == "served" and row.applied_tier == "priority"
     assert row.requested_tier == "priority"
     assert (row.prompt_tokens, row.completion_tokens) == (resp.usage.prompt_tokens, 5)  # type: ignore[union-attr]
-    expected = cost(row.prompt_tokens, 5, builtin_prices()[PRIORITY_MODEL], "priority")
-    assert row.cost == body["usage"]["estimated_cost"] == expected
-    # And it is exactly 1.5 times the default price of the same tokens.
-    assert expected == Decimal("1.5") * cost(row.prompt_tokens, 5, builtin_prices()[PRIORITY_MODEL], "default")
+    # 3 prompt tokens at $0.03 and 5 completion tokens at $0.05 per 1M, times 1.5:
+    # (0.09 + 0.25) / 1e6 x 1.5, written out as test_pricing.py does.
+    assert row.prompt_tokens == 3
+    assert row.cost == body["usage"]["estimated_cost"] == Decimal("0.00000051")
+    assert row.cost == Decimal("1.5") * Decimal("0.00000034")  # 1.5x the default price
 
 
 async def test_priority_on_non_priority_model_is_served_as_default_and_billed_1x(gateway: Running) -> None:
@@ -47,7 +46,9 @@ async def test_priority_on_non_priority_model_is_served_as_default_and_billed_1x
     assert raw.headers["x-tierq-service-tier"] == "default"
     row = await gateway.row(raw.headers["x-request-id"])
     assert row is not None and row.applied_tier == "default" and row.requested_tier == "priority"
-    assert row.cost == cost(row.prompt_tokens, 3, builtin_prices()[PLAIN_MODEL], "default")
+    # 3 + 3 tokens at the plain model's $0.02 / $0.03 per 1M, 1x: (0.06 + 0.09) / 1e6.
+    assert (row.prompt_tokens, row.completion_tokens) == (3, 3)
+    assert row.cost == Decimal("0.00000015")
 
 
 @pytest.mark.parametrize(("requested", "applied"), [
@@ -124,7 +125,9 @@ async def test_embeddings_are_echoed_and_billed_at_input_price_times_tier(gatewa
     assert resp.model_extra["service_tier"] == "priority"  # type: ignore[index]
     row = await gateway.row(raw.headers["x-request-id"])
     assert row is not None and row.endpoint == "embeddings" and row.completion_tokens == 0
-    assert row.cost == cost(resp.usage.prompt_tokens, 0, builtin_prices()[PRIORITY_MODEL], "priority")
+    # 4 input tokens at $0.03 per 1M, times 1.5: 0.12 / 1e6 x 1.5.
+    assert resp.usage.prompt_tokens == row.prompt_tokens == 4
+    assert row.cost == Decimal("0.00000018")
     assert row.cost == exact_json(raw.http_response.content)["usage"]["estimated_cost"]
 
 
