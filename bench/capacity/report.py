@@ -1,4 +1,4 @@
-"""Turns bench/results/<name>.json from run.py into <name>.md (the table, same-run
+"""Turns bench/results/<name>.json.gz from run.py into <name>.md (the table, same-run
 ratios, targets met or missed) and <name>.png (priority p99 TTFT and busy share
 against the oracle's, and the capacity-change time series).
 
@@ -7,7 +7,6 @@ against the oracle's, and the capacity-change time series).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -320,4 +319,4 @@ def plot(result: dict[str, Any], name: str) -> Path | None:
 
 if __name__ == "__main__":
     stem = sys.argv[1] if len(sys.argv) > 1 else "capacity"
-    write_report(json.loads((h.RESULTS / f"{stem}.json").read_text()), stem)
+    write_report(h.load_raw(stem), stem)

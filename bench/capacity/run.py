@@ -12,13 +12,12 @@ Backends: FCFS engines; the same engines scheduling by priority (the gateway pas
 the tier down); an opaque backend with no /metrics (kind "openai"); one that answers
 429 past its waiting queue. Plus a capacity change: the engine's slots halve, then
 double, mid-run; a time series shows how long adaptive takes to be back within its
-bounds. Writes bench/results/capacity.md, capacity.json and capacity.png.
+bounds. Writes bench/results/capacity.md, capacity.png and the raw results, capacity.json.gz.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import threading
@@ -507,7 +506,7 @@ def main() -> None:
                   "backends": [{**asdict(b), "capacity_rps": cap(b),
                                 "closed_form_rps": closed_form_capacity(b, mt)} for b in backends],
                   "capacities": caps, "cells": cells, "change": change}
-        (h.RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))
+        h.save_raw(args.name, result)
         return result
 
     try:

@@ -13,9 +13,9 @@ BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/run.py" --backends fcfs-4,prio-4 --three-
     --capacity-s 2 --change-backend fcfs-4 --change-phase 1.5 --change-modes adaptive,oracle \
     --hold 0.5 --name smoke
 "$PY" - "$OUT" <<'PYEOF'
-import json, math, sys, pathlib
+import gzip, json, math, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-r = json.loads((out / "smoke.json").read_text())
+r = json.loads(gzip.decompress((out / "smoke.json.gz").read_bytes()))
 assert (out / "smoke.md").stat().st_size > 0 and (out / "smoke.png").stat().st_size > 0
 assert all(c["measured_rps"] > 0 for c in r["capacities"].values()), r["capacities"]
 got = {(c["backend"], c["mode"], c["load"]) for c in r["cells"]}

@@ -7,6 +7,7 @@ load run is bounded in time by the generator itself (duration + grace).
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -30,6 +31,23 @@ LOADGEN_DIR = BENCH / "common" / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "tierq-loadgen"
 PY = os.environ.get("PY", sys.executable)
 TMP = Path(tempfile.mkdtemp(prefix="tierq-bench-"))
+
+
+def save_raw(name: str, obj: Any) -> Path:
+    """RESULTS/<name>.json.gz: a run's raw samples, compact JSON, gzipped (mtime 0,
+    so the same numbers make the same bytes). The <name>.md beside it is the summary
+    git keeps readable; `load_raw` reads it back for the reports."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json.gz"
+    data = json.dumps(obj, separators=(",", ":"), default=str).encode()
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
+        z.write(data)
+    return path
+
+
+def load_raw(name: str) -> Any:
+    """What `save_raw(name, ...)` wrote."""
+    return json.loads(gzip.decompress((RESULTS / f"{name}.json.gz").read_bytes()))
 
 
 def log(msg: str) -> None:

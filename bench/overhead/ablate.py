@@ -6,7 +6,7 @@ against the same nginx static backend and interleaved in rounds.
 
 CPU per request (the gateway process's user+sys seconds over requests answered) is
 the steadier figure on a shared machine; throughput is reported beside it. Writes
-bench/results/<name>.md and .json.
+bench/results/<name>.md and the raw samples, <name>.json.gz.
 
     python bench/overhead/ablate.py [--rounds 3] [--secs 4] [--conns 16]
 """
@@ -14,7 +14,6 @@ bench/results/<name>.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -128,7 +127,7 @@ def main() -> None:
                         "1 concurrent p50 / p99 ms", "p50 vs forwarder, us"], rows))
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     (h.RESULTS / f"{args.name}.md").write_text(md)
-    (h.RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
+    h.save_raw(args.name, {"args": vars(args), "results": res})
     print(md)
 
 

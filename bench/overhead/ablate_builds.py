@@ -5,7 +5,7 @@ other, measured in the same run. Each build is a source tree with its own venv
 (`TREE/.venv/bin/python`, `TREE/bench/overhead/ablate_serve.py`).
 
 CPU per request is the gateway process's (all threads) and its event-loop
-thread's alone (/proc/PID/task/PID/stat). Writes bench/results/<name>.md, .json.
+thread's alone (/proc/PID/task/PID/stat). Writes bench/results/<name>.md and the raw samples, <name>.json.gz.
 
     python bench/overhead/ablate_builds.py OLD_TREE NEW_TREE [--rounds 5] [--conns 64]
 """
@@ -13,7 +13,6 @@ thread's alone (/proc/PID/task/PID/stat). Writes bench/results/<name>.md, .json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -120,8 +119,8 @@ def main() -> None:
                        share))
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     (h.RESULTS / f"{args.name}.md").write_text(md)
-    (h.RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"args": {**vars(args), "trees": [str(t) for t in args.trees]}, "results": res}, indent=1))
+    h.save_raw(args.name, {"args": {**vars(args), "trees": [str(t) for t in args.trees]},
+                           "results": res})
     print(md)
 
 

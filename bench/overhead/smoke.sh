@@ -30,8 +30,8 @@ PYEOF
 # What each feature costs (bench/overhead/ablate.py): every variant serves and is measured.
 BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/ablate.py" --rounds 1 --secs 0.5 --conns 4 --lat-s 0.3 --name ablate-smoke >/dev/null
 "$PY" - "$OUT" <<'PYEOF'
-import json, sys, pathlib
-r = json.loads((pathlib.Path(sys.argv[1]) / "ablate-smoke.json").read_text())["results"]
+import gzip, json, sys, pathlib
+r = json.loads(gzip.decompress((pathlib.Path(sys.argv[1]) / "ablate-smoke.json.gz").read_bytes()))["results"]
 assert len(r) >= 7 and all(v["rps"] and v["rps"][0] > 0 and v["cpu_us"][0] > 0 for v in r.values()), r
 print(f"overhead ablation smoke ok: {len(r)} paths, 1 passed, 0 failed")
 PYEOF
