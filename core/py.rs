@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::admission::{Admit, Outcome, Pool, ShedCode};
-use crate::settings::{PoolSettings, PoolSpec};
+use crate::settings::{self, Kind, PoolSettings, PoolSpec, Value};
 use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
@@ -131,59 +131,125 @@ fn opt(id: Option<u64>) -> i64 {
     id.map_or(NONE, |v| v as i64)
 }
 
-/// `max_concurrency`: an int (fixed), "auto" or None (adaptive).
-fn limit_arg(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
-    let Some(v) = v else { return Ok(None) };
-    if v.is_none() {
-        return Ok(None);
+/// A bad value as an error shows it: as it would read in TOML (the
+/// configuration file passes its values through unchanged).
+fn shown(v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(b) = v.cast::<pyo3::types::PyBool>() {
+        return Ok(if b.is_true() { "true" } else { "false" }.to_string());
     }
     if let Ok(s) = v.cast::<PyString>() {
-        return match s.to_str()? {
-            "auto" => Ok(None),
-            other => Err(CoreError::arg("max_concurrency", format!("expected an integer or \"auto\", got {other:?}")).into()),
-        };
+        let text = format!("\"{}\"", s.to_str()?.replace('\\', "\\\\").replace('"', "\\\""));
+        return Ok(if text.chars().count() <= 60 { text } else { text.chars().take(57).collect::<String>() + "...\"" });
     }
-    int_arg("max_concurrency", v).map(Some)
+    if v.is_instance_of::<PyDict>() {
+        return Ok("a table".to_string());
+    }
+    if v.is_instance_of::<pyo3::types::PyList>() || v.is_instance_of::<pyo3::types::PyTuple>() {
+        return Ok("an array".to_string());
+    }
+    Ok(v.str()?.to_string())
 }
 
 fn int_arg(name: &'static str, v: &Bound<'_, PyAny>) -> PyResult<i64> {
-    if v.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(CoreError::arg(name, format!("expected an integer, got {v}")).into());
+    if !v.is_instance_of::<pyo3::types::PyBool>() {
+        if let Ok(n) = v.extract::<i64>() {
+            return Ok(n);
+        }
     }
-    v.extract::<i64>().map_err(|_| CoreError::arg(name, format!("expected an integer, got {v}")).into())
+    Err(CoreError::arg(name, format!("expected an integer, got {}", shown(v)?)).into())
 }
 
 fn num_arg(name: &'static str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if v.is_instance_of::<pyo3::types::PyBool>() || v.is_instance_of::<PyString>() {
-        return Err(CoreError::arg(name, format!("expected a number, got {}", v.repr()?)).into());
+    if !(v.is_instance_of::<pyo3::types::PyBool>() || v.is_instance_of::<PyString>()) {
+        if let Ok(x) = v.extract::<f64>() {
+            return Ok(x);
+        }
     }
-    let shown = v.repr()?;
-    v.extract::<f64>().map_err(|_| CoreError::arg(name, format!("expected a number, got {shown}")).into())
+    Err(CoreError::arg(name, format!("expected a number, got {}", shown(v)?)).into())
 }
 
-/// `max_wait_ms`: one number for both lanes, or a mapping of lane to ms
-/// (a lane left out keeps its default). The same shape as in TOML.
-fn waits_arg(v: &Bound<'_, PyAny>, mut waits: [f64; 2]) -> PyResult<[f64; 2]> {
-    if let Ok(d) = v.cast::<PyDict>() {
-        for (k, ms) in d.iter() {
-            let lane = match k.extract::<String>() {
-                Ok(l) if l == "priority" => Lane::Priority,
-                Ok(l) if l == "default" => Lane::Default,
-                other => {
-                    let shown = match other {
-                        Ok(l) => format!("{l:?}"),
-                        Err(_) => k.repr()?.to_string(),
-                    };
-                    return Err(CoreError::arg("max_wait_ms", format!("unknown lane {shown} (lanes are \"default\" and \"priority\")")).into());
+/// A setting's Python value, type-checked against its declared `Kind`.
+fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    Ok(match f.kind {
+        Kind::Int => Value::Int(int_arg(f.name, v)?),
+        Kind::Number => Value::Number(num_arg(f.name, v)?),
+        Kind::IntOrAuto => {
+            if let Ok(s) = v.cast::<PyString>() {
+                if s.to_str()? == "auto" {
+                    return Ok(Value::Auto);
                 }
-            };
-            let name = if lane == Lane::Priority { "max_wait_ms.priority" } else { "max_wait_ms.default" };
-            waits[lane as usize] = num_arg(name, &ms)?;
+            }
+            match int_arg(f.name, v) {
+                Ok(n) => Value::Int(n),
+                Err(_) => {
+                    let reason = format!("expected an integer or \"auto\", got {}", shown(v)?);
+                    return Err(CoreError::arg(f.name, reason).into());
+                }
+            }
         }
-        return Ok(waits);
+        Kind::LaneMs => {
+            let Ok(d) = v.cast::<PyDict>() else {
+                let ms = num_arg(f.name, v)?;
+                return Ok(Value::LaneMs([Some(ms), Some(ms)]));
+            };
+            let mut lanes = [None; 2];
+            for (k, ms) in d.iter() {
+                let lane = match k.extract::<String>() {
+                    Ok(l) if l == "priority" => Lane::Priority,
+                    Ok(l) if l == "default" => Lane::Default,
+                    other => {
+                        let shown = match other {
+                            Ok(l) => format!("{l:?}"),
+                            Err(_) => k.repr()?.to_string(),
+                        };
+                        let reason = format!("unknown lane {shown} (lanes are \"default\" and \"priority\")");
+                        return Err(CoreError::arg(f.name, reason).into());
+                    }
+                };
+                let name = if lane == Lane::Priority { "max_wait_ms.priority" } else { "max_wait_ms.default" };
+                lanes[lane as usize] = Some(num_arg(name, &ms)?);
+            }
+            Value::LaneMs(lanes)
+        }
+    })
+}
+
+/// One declared setting (`PoolSettings.FIELDS`): how it is written, its
+/// default and range as the docs write them, and whether it is a
+/// `[models.admission]` key.
+#[pyclass(name = "SettingField", module = "tierq._core", frozen)]
+pub struct PySettingField(&'static settings::Field);
+
+#[pymethods]
+impl PySettingField {
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.0.name
     }
-    let ms = num_arg("max_wait_ms", v)?;
-    Ok([ms, ms])
+    /// "int", "number", "int_or_auto" or "lane_ms".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.0.kind.as_str()
+    }
+    #[getter]
+    fn default(&self) -> String {
+        self.0.default_text()
+    }
+    #[getter]
+    fn range(&self) -> &'static str {
+        self.0.range
+    }
+    #[getter]
+    fn toml(&self) -> bool {
+        self.0.toml
+    }
+    #[getter]
+    fn doc(&self) -> &'static str {
+        self.0.doc
+    }
+    fn __repr__(&self) -> String {
+        format!("SettingField({:?}, {})", self.0.name, self.0.kind.as_str())
+    }
 }
 
 /// A pool's validated settings: what `AdmissionCore`, `Admission` and the
@@ -195,44 +261,29 @@ pub struct PyPoolSettings(PoolSettings);
 
 #[pymethods]
 impl PyPoolSettings {
+    /// Every keyword is optional (None: the default) and one of `FIELDS`.
     #[new]
-    #[pyo3(signature = (*, max_concurrency = None, min_concurrency = None, max_concurrency_limit = None,
-                        initial_concurrency = None, queue_depth = None, max_wait_ms = None, rate = None,
-                        burst = None, priority_reserve = None, default_min_share = None,
-                        priority_headroom = None, engine_interval_ms = None))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        max_concurrency: Option<&Bound<'_, PyAny>>,
-        min_concurrency: Option<&Bound<'_, PyAny>>,
-        max_concurrency_limit: Option<&Bound<'_, PyAny>>,
-        initial_concurrency: Option<&Bound<'_, PyAny>>,
-        queue_depth: Option<&Bound<'_, PyAny>>,
-        max_wait_ms: Option<&Bound<'_, PyAny>>,
-        rate: Option<&Bound<'_, PyAny>>,
-        burst: Option<&Bound<'_, PyAny>>,
-        priority_reserve: Option<&Bound<'_, PyAny>>,
-        default_min_share: Option<&Bound<'_, PyAny>>,
-        priority_headroom: Option<&Bound<'_, PyAny>>,
-        engine_interval_ms: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let d = PoolSpec::default();
-        let int = |name, v: Option<&Bound<'_, PyAny>>| v.map(|v| int_arg(name, v)).transpose();
-        let num = |name, v: Option<&Bound<'_, PyAny>>| v.map(|v| num_arg(name, v)).transpose();
-        let spec = PoolSpec {
-            max_concurrency: limit_arg(max_concurrency)?,
-            min_concurrency: int("min_concurrency", min_concurrency)?,
-            max_concurrency_limit: int("max_concurrency_limit", max_concurrency_limit)?,
-            initial_concurrency: int("initial_concurrency", initial_concurrency)?,
-            queue_depth: int("queue_depth", queue_depth)?.unwrap_or(d.queue_depth),
-            max_wait_ms: max_wait_ms.map(|v| waits_arg(v, d.max_wait_ms)).transpose()?.unwrap_or(d.max_wait_ms),
-            rate: num("rate", rate)?,
-            burst: num("burst", burst)?,
-            priority_reserve: num("priority_reserve", priority_reserve)?.unwrap_or(d.priority_reserve),
-            default_min_share: num("default_min_share", default_min_share)?.unwrap_or(d.default_min_share),
-            priority_headroom: int("priority_headroom", priority_headroom)?.unwrap_or(d.priority_headroom),
-            engine_interval_ms: num("engine_interval_ms", engine_interval_ms)?.unwrap_or(d.engine_interval_ms),
-        };
+    #[pyo3(signature = (**kwargs))]
+    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut spec = PoolSpec::default();
+        for (k, v) in kwargs.into_iter().flat_map(|d| d.iter()) {
+            let name = k.cast::<PyString>()?.to_str()?.to_owned();
+            let Some(f) = settings::field(&name) else {
+                return Err(PyTypeError::new_err(format!("PoolSettings() got an unexpected keyword argument '{name}'")));
+            };
+            if !v.is_none() {
+                spec.set(f.name, value_of(f, &v)?)?;
+            }
+        }
         Ok(PyPoolSettings(spec.validate()?))
+    }
+
+    /// The declared settings, in order (`settings.rs`).
+    #[classattr]
+    #[allow(non_snake_case)]
+    fn FIELDS(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyTuple>> {
+        let items = settings::FIELDS.iter().map(|f| Bound::new(py, PySettingField(f))).collect::<PyResult<Vec<_>>>()?;
+        pyo3::types::PyTuple::new(py, items)
     }
 
     /// "fixed" or "adaptive".
@@ -269,6 +320,10 @@ impl PyPoolSettings {
     #[getter]
     fn priority_headroom(&self) -> u32 {
         self.0.priority_headroom
+    }
+    #[getter]
+    fn default_min_share(&self) -> f64 {
+        self.0.default_min_share
     }
     #[getter]
     fn engine_interval_ms(&self) -> f64 {
@@ -655,6 +710,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyManualClock>()?;
     m.add_class::<PyTokenBucket>()?;
     m.add_class::<PyPoolSettings>()?;
+    m.add_class::<PySettingField>()?;
     m.add_class::<PyAdmissionCore>()?;
     m.add("SettingsError", m.py().get_type::<SettingsError>())?;
     m.add_class::<PySharedKeyBuckets>()?;

@@ -1,7 +1,14 @@
-//! A pool's admission settings: `PoolSpec` as written (TOML keys, the
-//! `PoolSettings(...)` keyword arguments), its defaults and bounds, and
+//! A pool's admission settings: `FIELDS`, the one declaration of every
+//! setting (name, how it is written, default, range, a line of doc) that the
+//! Python side, the stub, the docs and the example are checked against;
+//! `PoolSpec`, the settings as written, its defaults and bounds; and
 //! `validate`, the one place that decides what is allowed and names the bad
 //! key in its error (`CoreError::InvalidArgument`, `SettingsError` in Python).
+//!
+//! Adding a setting: one `Field` in `FIELDS`, its `PoolSpec` field and arm in
+//! `PoolSpec::set`, its check in `validate`; then the lines the declaration
+//! test (tests/test_settings_declared.py) asks for in `_core.pyi`,
+//! docs/configuration.md and examples/tierq.toml.
 
 use crate::bucket::BucketParams;
 use crate::error::CoreError;
@@ -10,7 +17,7 @@ use crate::Lane;
 
 /// A pool's settings as written (TOML keys, `PoolSettings(...)` keyword
 /// arguments), before any check. `None` means "the default"; the defaults
-/// live here and nowhere else (`Default`). `validate` is the one place that
+/// are `FIELDS`' fallbacks and nowhere else. `validate` is the one place that
 /// decides what is allowed; its errors name the key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSpec {
@@ -48,22 +55,211 @@ pub const MAX_SLOTS: i64 = 1_000_000;
 /// Most waiters a pool may queue.
 pub const MAX_QUEUE_DEPTH: i64 = 1 << 24;
 
+/// How a setting is written (TOML, or a Python keyword argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    /// An integer or a float.
+    Number,
+    /// An integer, or `"auto"`.
+    IntOrAuto,
+    /// Milliseconds: one number for both lanes, or a table of lane to number
+    /// (a lane left out keeps its default).
+    LaneMs,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Int => "int",
+            Kind::Number => "number",
+            Kind::IntOrAuto => "int_or_auto",
+            Kind::LaneMs => "lane_ms",
+        }
+    }
+}
+
+/// A setting's value as written, of its field's `Kind`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Number(f64),
+    /// `"auto"` (`Kind::IntOrAuto`).
+    Auto,
+    /// Per lane, indexed by `Lane as usize`; `None` keeps that lane's value.
+    LaneMs([Option<f64>; 2]),
+}
+
+/// What applies to a setting not given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fallback {
+    /// This value (a fresh `PoolSpec` holds it).
+    Value(Value),
+    /// With an adaptive limit, this value (`validate` applies it).
+    Adaptive(i64),
+    /// Nothing; the text says what that means.
+    Absent(&'static str),
+}
+
+/// One setting, declared once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Field {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub fallback: Fallback,
+    /// What `validate` allows, as docs/configuration.md writes it.
+    pub range: &'static str,
+    /// A key of `[models.admission]`; false for a setting tierq derives
+    /// from other configuration.
+    pub toml: bool,
+    pub doc: &'static str,
+}
+
+/// Every setting, in the order the docs list them.
+pub const FIELDS: &[Field] = &[
+    Field {
+        name: "max_concurrency",
+        kind: Kind::IntOrAuto,
+        fallback: Fallback::Absent("absent: adaptive"),
+        range: "1 - 1,000,000, or `\"auto\"`",
+        toml: true,
+        doc: "requests in flight to the upstream: an integer fixes the limit, absent or \"auto\" learns it",
+    },
+    Field {
+        name: "min_concurrency",
+        kind: Kind::Int,
+        fallback: Fallback::Adaptive(DEFAULT_MIN_CONCURRENCY),
+        range: "1 - 1,000,000, adaptive only",
+        toml: true,
+        doc: "the adaptive limit never goes below it",
+    },
+    Field {
+        name: "max_concurrency_limit",
+        kind: Kind::Int,
+        fallback: Fallback::Adaptive(DEFAULT_MAX_CONCURRENCY_LIMIT),
+        range: "`min_concurrency` - 1,000,000, adaptive only",
+        toml: true,
+        doc: "the adaptive limit never goes above it",
+    },
+    Field {
+        name: "initial_concurrency",
+        kind: Kind::Int,
+        fallback: Fallback::Adaptive(DEFAULT_INITIAL_CONCURRENCY),
+        range: "`min_concurrency` - `max_concurrency_limit`, adaptive only",
+        toml: true,
+        doc: "where the adaptive limit starts (clamped to its bounds when not given)",
+    },
+    Field {
+        name: "queue_depth",
+        kind: Kind::Int,
+        fallback: Fallback::Value(Value::Int(1024)),
+        range: "0 - 16,777,216",
+        toml: true,
+        doc: "waiters in both lanes together",
+    },
+    Field {
+        name: "max_wait_ms",
+        kind: Kind::LaneMs,
+        fallback: Fallback::Value(Value::LaneMs([Some(60_000.0), Some(30_000.0)])),
+        range: "0 - 86,400,000",
+        toml: true,
+        doc: "longest wait in each lane before a queue_timeout; one number sets both",
+    },
+    Field {
+        name: "rate",
+        kind: Kind::Number,
+        fallback: Fallback::Absent("none (no rate limit)"),
+        range: "> 0",
+        toml: true,
+        doc: "admissions per second (token bucket)",
+    },
+    Field {
+        name: "burst",
+        kind: Kind::Number,
+        fallback: Fallback::Absent("`rate`"),
+        range: ">= 1, needs `rate`",
+        toml: true,
+        doc: "the token bucket's size",
+    },
+    Field {
+        name: "priority_reserve",
+        kind: Kind::Number,
+        fallback: Fallback::Value(Value::Number(0.2)),
+        range: ">= 0, < 1",
+        toml: true,
+        doc: "share of the bucket only priority requests may take",
+    },
+    Field {
+        name: "default_min_share",
+        kind: Kind::Number,
+        fallback: Fallback::Value(Value::Number(0.0)),
+        range: "0 - 1",
+        toml: true,
+        doc: "share of dispatches kept for the default lane while both lanes wait (0: strict priority)",
+    },
+    Field {
+        name: "priority_headroom",
+        kind: Kind::Int,
+        fallback: Fallback::Value(Value::Int(0)),
+        range: "0 - (`max_concurrency` or `min_concurrency`) - 1",
+        toml: true,
+        doc: "slots a default request may not take",
+    },
+    Field {
+        name: "engine_interval_ms",
+        kind: Kind::Number,
+        fallback: Fallback::Value(Value::Number(100.0)),
+        range: "1 - 60,000",
+        toml: false,
+        doc: "how often the engine's metrics are read: the upstream's metrics_interval_ms",
+    },
+];
+
+/// The declared setting `name`.
+pub fn field(name: &str) -> Option<&'static Field> {
+    FIELDS.iter().find(|f| f.name == name)
+}
+
+impl Field {
+    /// The default as docs/configuration.md writes it.
+    pub fn default_text(&self) -> String {
+        match self.fallback {
+            Fallback::Value(Value::Int(n)) | Fallback::Adaptive(n) => format!("`{n}`"),
+            Fallback::Value(Value::Number(x)) => format!("`{x:?}`"),
+            Fallback::Value(Value::LaneMs([p, d])) => {
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
+                format!("`{{ default = {}, priority = {} }}`", ms(d), ms(p))
+            }
+            Fallback::Value(Value::Auto) => "`\"auto\"`".to_string(),
+            Fallback::Absent(text) => text.to_string(),
+        }
+    }
+}
+
 impl Default for PoolSpec {
+    /// Every `Fallback::Value` of `FIELDS`; the rest absent.
     fn default() -> Self {
-        PoolSpec {
+        let mut spec = PoolSpec {
             max_concurrency: None,
             min_concurrency: None,
             max_concurrency_limit: None,
             initial_concurrency: None,
-            queue_depth: 1024,
-            max_wait_ms: [60_000.0, 30_000.0],
+            queue_depth: 0,
+            max_wait_ms: [0.0; 2],
             rate: None,
             burst: None,
-            priority_reserve: 0.2,
+            priority_reserve: 0.0,
             default_min_share: 0.0,
             priority_headroom: 0,
-            engine_interval_ms: 100.0,
+            engine_interval_ms: 0.0,
+        };
+        for f in FIELDS {
+            if let Fallback::Value(v) = f.fallback {
+                // Of the field's own kind (a unit test checks): cannot fail.
+                let _ = spec.set(f.name, v);
+            }
         }
+        spec
     }
 }
 
@@ -71,6 +267,38 @@ impl PoolSpec {
     /// A fixed limit of `n` with the other settings at their defaults.
     pub fn fixed(n: i64) -> Self {
         PoolSpec { max_concurrency: Some(n), ..PoolSpec::default() }
+    }
+
+    /// Sets the declared setting `name` to `v` as written (`validate` checks
+    /// the range). An unknown name, or a value not of its `Kind`, is an error
+    /// naming the key.
+    pub fn set(&mut self, name: &str, v: Value) -> Result<(), CoreError> {
+        let Some(f) = field(name) else {
+            return Err(CoreError::arg("setting", format!("unknown setting {name:?}")));
+        };
+        match (f.name, v) {
+            ("max_concurrency", Value::Int(n)) => self.max_concurrency = Some(n),
+            ("max_concurrency", Value::Auto) => self.max_concurrency = None,
+            ("min_concurrency", Value::Int(n)) => self.min_concurrency = Some(n),
+            ("max_concurrency_limit", Value::Int(n)) => self.max_concurrency_limit = Some(n),
+            ("initial_concurrency", Value::Int(n)) => self.initial_concurrency = Some(n),
+            ("queue_depth", Value::Int(n)) => self.queue_depth = n,
+            ("max_wait_ms", Value::LaneMs(lanes)) => {
+                for (lane, ms) in lanes.into_iter().enumerate() {
+                    if let Some(ms) = ms {
+                        self.max_wait_ms[lane] = ms;
+                    }
+                }
+            }
+            ("rate", Value::Number(x)) => self.rate = Some(x),
+            ("burst", Value::Number(x)) => self.burst = Some(x),
+            ("priority_reserve", Value::Number(x)) => self.priority_reserve = x,
+            ("default_min_share", Value::Number(x)) => self.default_min_share = x,
+            ("priority_headroom", Value::Int(n)) => self.priority_headroom = n,
+            ("engine_interval_ms", Value::Number(x)) => self.engine_interval_ms = x,
+            (name, v) => return Err(CoreError::arg(f.name, format!("{v:?} is not a value of {name} ({})", f.kind.as_str()))),
+        }
+        Ok(())
     }
 
     /// Checks every setting; the error names the first bad key.
@@ -194,5 +422,63 @@ impl PoolSettings {
     /// tombstones again (cancelled waiters wait for the head to pass them).
     pub fn ring_cap(&self) -> usize {
         ((self.queue_depth as usize).max(1) * 2).next_power_of_two().max(8)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A value of `kind` (what a caller writing that kind would pass).
+    fn sample(kind: Kind) -> Value {
+        match kind {
+            Kind::Int => Value::Int(3),
+            Kind::Number => Value::Number(0.5),
+            Kind::IntOrAuto => Value::Int(3),
+            Kind::LaneMs => Value::LaneMs([Some(1.0), None]),
+        }
+    }
+
+    #[test]
+    fn every_declared_setting_takes_a_value_of_its_kind_and_its_fallback() {
+        for f in FIELDS {
+            let mut spec = PoolSpec::default();
+            assert_eq!(spec.set(f.name, sample(f.kind)), Ok(()), "{}", f.name);
+            if let Fallback::Value(v) = f.fallback {
+                assert_eq!(spec.set(f.name, v), Ok(()), "{}: its fallback is not of its kind", f.name);
+            }
+        }
+        PoolSpec::default().validate().expect("the declared defaults are valid");
+    }
+
+    #[test]
+    fn a_setting_changes_only_its_own_field() {
+        for f in FIELDS {
+            let mut spec = PoolSpec::default();
+            spec.set(f.name, sample(f.kind)).unwrap();
+            let moved = FIELDS.iter().filter(|g| {
+                let mut other = PoolSpec::default();
+                other.set(g.name, sample(g.kind)).unwrap();
+                other == spec
+            });
+            assert_eq!(moved.map(|g| g.name).collect::<Vec<_>>(), vec![f.name]);
+        }
+    }
+
+    #[test]
+    fn an_unknown_setting_or_a_value_of_another_kind_is_an_error_naming_it() {
+        let mut spec = PoolSpec::default();
+        assert!(matches!(spec.set("max_concurency", Value::Int(1)), Err(CoreError::InvalidArgument { name: "setting", .. })));
+        assert!(matches!(spec.set("queue_depth", Value::Number(1.0)), Err(CoreError::InvalidArgument { name: "queue_depth", .. })));
+        assert_eq!(spec, PoolSpec::default());
+    }
+
+    #[test]
+    fn defaults_read_as_the_docs_write_them() {
+        let text = |name| field(name).unwrap().default_text();
+        assert_eq!(text("max_wait_ms"), "`{ default = 30000, priority = 60000 }`");
+        assert_eq!(text("priority_reserve"), "`0.2`");
+        assert_eq!(text("min_concurrency"), format!("`{DEFAULT_MIN_CONCURRENCY}`"));
+        assert_eq!(text("rate"), "none (no rate limit)");
     }
 }

@@ -33,9 +33,9 @@ def test_example_config_loads_with_every_section() -> None:
     assert [u.name for u in cfg.upstreams] == ["local", "deepinfra", "sim"]
     assert cfg.pricing.priority_multiplier == Decimal("1.5")
     llama = cfg.models[0]
-    assert llama.admission.max_concurrency == 8
+    assert llama.admission.written["max_concurrency"] == 8
     assert llama.admission.settings.max_wait_ms["priority"] == 60000
-    assert llama.admission.rate == 100.0 and llama.admission.burst == 200
+    assert llama.admission.written["rate"] == 100.0 and llama.admission.written["burst"] == 200
     assert cfg.keys.path == "tierq.db"
     catalog = Catalog.from_config(cfg)
     assert list(catalog) == [

@@ -1,6 +1,6 @@
 # Hand-written stub for the compiled module; `python -m mypy.stubtest tierq._core` keeps it honest.
 from collections.abc import Mapping
-from typing import Self, final
+from typing import ClassVar, Literal, Self, TypedDict, Unpack, final
 
 __all__ = [
     "AdmissionCore",
@@ -11,6 +11,7 @@ __all__ = [
     "ManualClock",
     "PoolSettings",
     "SHED_CODES",
+    "SettingField",
     "SQLITE_VERSION",
     "SettingsError",
     "SharedBucket",
@@ -67,24 +68,42 @@ class SettingsError(ValueError):
     key: str
     reason: str
 
+class _SettingsKwargs(TypedDict, total=False):
+    """`PoolSettings`' keywords: one per `PoolSettings.FIELDS` entry, in its
+    order, typed by its kind (tests/test_settings_declared.py checks)."""
+
+    max_concurrency: int | Literal["auto"] | None
+    min_concurrency: int | None
+    max_concurrency_limit: int | None
+    initial_concurrency: int | None
+    queue_depth: int | None
+    max_wait_ms: float | Mapping[str, float] | None
+    rate: float | None
+    burst: float | None
+    priority_reserve: float | None
+    default_min_share: float | None
+    priority_headroom: int | None
+    engine_interval_ms: float | None
+
+@final
+class SettingField:
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> Literal["int", "number", "int_or_auto", "lane_ms"]: ...
+    @property
+    def default(self) -> str: ...
+    @property
+    def range(self) -> str: ...
+    @property
+    def toml(self) -> bool: ...
+    @property
+    def doc(self) -> str: ...
+
 @final
 class PoolSettings:
-    def __new__(
-        cls,
-        *,
-        max_concurrency: int | str | None = None,
-        min_concurrency: int | None = None,
-        max_concurrency_limit: int | None = None,
-        initial_concurrency: int | None = None,
-        queue_depth: int | None = None,
-        max_wait_ms: float | Mapping[str, float] | None = None,
-        rate: float | None = None,
-        burst: float | None = None,
-        priority_reserve: float | None = None,
-        default_min_share: float | None = None,
-        priority_headroom: int | None = None,
-        engine_interval_ms: float | None = None,
-    ) -> Self: ...
+    FIELDS: ClassVar[tuple[SettingField, ...]]
+    def __new__(cls, **kwargs: Unpack[_SettingsKwargs]) -> Self: ...
     @property
     def limit_mode(self) -> str: ...
     @property
@@ -99,6 +118,8 @@ class PoolSettings:
     def max_wait_ms(self) -> dict[str, float]: ...
     @property
     def priority_headroom(self) -> int: ...
+    @property
+    def default_min_share(self) -> float: ...
     @property
     def engine_interval_ms(self) -> float: ...
 

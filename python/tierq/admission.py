@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
-from typing import Mapping, Sequence, TypedDict, Unpack
+from typing import TYPE_CHECKING, Sequence, Unpack
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings
 from tierq.retry_after import retry_after
 
-__all__ = ["Admission", "PoolSettings", "SettingsKwargs", "Shed", "Slot"]
+if TYPE_CHECKING:
+    # PoolSettings' keywords, declared by the core (typed in the stub).
+    from tierq._core import _SettingsKwargs as SettingsKwargs
+
+__all__ = ["Admission", "PoolSettings", "Shed", "Slot"]
 
 _LANES = {"priority": 0, "default": 1}
 _LANE_NAMES = ("priority", "default")
@@ -23,23 +27,6 @@ _NONE = -1
 _NEVER = (1 << 63) - 1
 # Expiry timers fire this long after a waiter's deadline, so the core sees it passed.
 _TIMER_SLACK_S = 0.001
-
-
-class SettingsKwargs(TypedDict, total=False):
-    """The keyword arguments of `PoolSettings` (defaults and ranges: the core)."""
-
-    max_concurrency: int | str | None
-    min_concurrency: int | None
-    max_concurrency_limit: int | None
-    initial_concurrency: int | None
-    queue_depth: int | None
-    max_wait_ms: float | Mapping[str, float] | None
-    rate: float | None
-    burst: float | None
-    priority_reserve: float | None
-    default_min_share: float | None
-    priority_headroom: int | None
-    engine_interval_ms: float | None
 
 
 class Shed(Exception):

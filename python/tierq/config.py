@@ -8,11 +8,10 @@ and the key path, so `tierq serve` can print it instead of a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Unpack, cast, get_args
 
 import yarl
 
@@ -21,6 +20,9 @@ from tierq.catalog import builtin_prices
 from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 from tierq.storage import DEFAULT_LEDGER_URL, DEFAULT_SPOOL, Durability, StoreKind, sqlite_path, store_kind
 from tierq.toml_tables import ConfigError, Table, read_toml, show
+
+if TYPE_CHECKING:
+    from tierq._core import _SettingsKwargs
 
 __all__ = [
     "AdmissionConfig",
@@ -124,33 +126,26 @@ class UpstreamConfig:
     metrics_interval_ms: float = 100.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class AdmissionConfig:
-    """One pool's `[models.admission]` as written (None: not set, the core's
-    default) and `settings`, the `PoolSettings` the core validated from it:
-    the one object `Admission` and the shared pools take. Constructing it
-    raises `SettingsError` (naming the key) for a value the core refuses."""
+    """One pool's `[models.admission]` as written (`written`: the keys given,
+    the upstream's `engine_interval_ms` among them) and `settings`, the
+    `PoolSettings` the core validated from it: the one object `Admission` and
+    the shared pools take. The keys, their types, defaults and ranges are the
+    core's (`PoolSettings.FIELDS`); constructing one raises `SettingsError`
+    (naming the key) for a value the core refuses."""
 
-    # An int: a fixed limit. "auto" or None: adaptive, within the bounds below.
-    max_concurrency: int | Literal["auto"] | None = None
-    min_concurrency: int | None = None
-    max_concurrency_limit: int | None = None
-    initial_concurrency: int | None = None
-    queue_depth: int | None = None
-    # One number for both lanes, or {"default": ms, "priority": ms}: TOML's shape.
-    max_wait_ms: float | Mapping[str, float] | None = None
-    rate: float | None = None
-    burst: int | None = None
-    priority_reserve: float | None = None
-    default_min_share: float | None = None
-    priority_headroom: int | None = None
-    # The upstream's metrics_interval_ms (not a [models.admission] key).
-    engine_interval_ms: float | None = None
-    settings: PoolSettings = field(init=False, repr=False, compare=False)
+    written: dict[str, object]
+    settings: PoolSettings = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        given = {f.name: getattr(self, f.name) for f in fields(self) if f.init and getattr(self, f.name) is not None}
-        object.__setattr__(self, "settings", PoolSettings(**given))
+    def __init__(self, **written: Unpack[_SettingsKwargs]) -> None:
+        given = {k: v for k, v in written.items() if v is not None}
+        object.__setattr__(self, "written", given)
+        object.__setattr__(self, "settings", PoolSettings(**cast("_SettingsKwargs", given)))
+
+    def but(self, **changes: Unpack[_SettingsKwargs]) -> AdmissionConfig:
+        """The same settings with `changes` (None: back to the default)."""
+        return AdmissionConfig(**cast("_SettingsKwargs", {**self.written, **changes}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,41 +421,13 @@ class _Parser:
                            upstream_model, admission)
 
     def admission(self, t: Table, engine_interval_ms: float) -> AdmissionConfig:
-        """Types are checked here (TOML's integers, numbers, tables); ranges and
-        combinations by the core, whose error names the key. The engine signal's
+        """The table's values pass through to the core, which checks their
+        types, ranges and combinations and names the key. The engine signal's
         interval is the upstream's `metrics_interval_ms`."""
-        limit: int | Literal["auto"] | None = None
-        v = t.get("max_concurrency")
-        if v == "auto" or v is None:
-            limit = v
-        elif isinstance(v, int) and not isinstance(v, bool):
-            limit = v
-        else:
-            raise t.fail("max_concurrency", f'expected an integer or "auto", got {show(v)}')
-        wait: float | dict[str, float] | None
-        if isinstance(t.data.get("max_wait_ms"), dict):
-            wt = t.table("max_wait_ms")
-            wait = {lane: _f(wt.number(lane, None)) for lane in wt.data}
-            wt.used.update(wt.data)
-        else:
-            wait = t.number("max_wait_ms", None)
-        given: dict[str, Any] = dict(
-            max_concurrency=limit,
-            min_concurrency=t.integer("min_concurrency", None),
-            max_concurrency_limit=t.integer("max_concurrency_limit", None),
-            initial_concurrency=t.integer("initial_concurrency", None),
-            queue_depth=t.integer("queue_depth", None),
-            max_wait_ms=wait,
-            rate=t.number("rate", None),
-            burst=t.integer("burst", None),
-            priority_reserve=t.number("priority_reserve", None),
-            default_min_share=t.number("default_min_share", None),
-            priority_headroom=t.integer("priority_headroom", None),
-            engine_interval_ms=engine_interval_ms,
-        )
+        given = {f.name: t.get(f.name) for f in PoolSettings.FIELDS if f.toml and t.has(f.name)}
         t.done()
         try:
-            return AdmissionConfig(**given)
+            return AdmissionConfig(**cast("_SettingsKwargs", {**given, "engine_interval_ms": engine_interval_ms}))
         except SettingsError as e:
             raise t.fail(e.key, e.reason) from None
 

@@ -8,7 +8,6 @@ worker 0's when the host runs several.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -161,7 +160,7 @@ _LEASE_SCRIPT: Final = Script(_LEASE)
 def cluster_settings(cfg: AdmissionConfig) -> PoolSettings:
     """A pool's settings as a cluster host's core runs them: headroom 0, since
     the lease script keeps `priority_headroom` once for the whole cluster."""
-    return dataclasses.replace(cfg, priority_headroom=None).settings
+    return cfg.but(priority_headroom=None).settings
 
 
 @dataclass(slots=True)
@@ -261,7 +260,7 @@ class LeaseAgent:
         self.heartbeat_s = link.heartbeat_s
         self.pools = {
             model: PoolLease(model, adm, cfg.settings.priority_headroom,
-                             cfg.default_min_share or 0.0, adm.limit, adm.limit)
+                             cfg.settings.default_min_share, adm.limit, adm.limit)
             for model, (adm, cfg) in pools.items()
         }
         self.sync_s = 0.0  # time spent waiting on lease syncs
