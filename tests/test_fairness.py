@@ -8,6 +8,8 @@ from decimal import Decimal
 import pytest
 
 from tierq.fairness import TRACKED, FlowBoard, flows_json, jain_index, merge
+from tierq.metrics import (GatewayMetrics, PoolSnapshot, snapshot_from_json, snapshot_to_json,
+                           status_json)
 from tierq.pricing import Prices, fair_charge, rates
 
 
@@ -85,3 +87,23 @@ def test_fair_charge_weighs_tokens_by_the_models_prices_and_is_never_zero() -> N
     assert fair_charge(1, 0, tiny) == 1, "rounded up, never 0"
     free = rates(Prices(Decimal("0"), Decimal("0")), "default")
     assert fair_charge(7, 5, free) == 12, "a free model counts tokens"
+
+
+def test_flows_travel_in_worker_snapshots_and_a_shared_pool_sums_every_workers_lines() -> None:
+    boards = [FlowBoard(Clock()), FlowBoard(Clock())]
+    boards[0].served("k", 10, 100, 1.0)
+    boards[0].waited("k")
+    boards[1].served("k", 30, 300, 1.0)
+    boards[1].served("j", 40, 400, 1.0)
+    boards[1].waited("j")
+    metrics = GatewayMetrics()
+    snaps = [snapshot_from_json(snapshot_to_json(metrics.snapshot(
+        [PoolSnapshot("m", "sim", True, 8, {"fair_flows_active": {"priority": 0, "default": i}},
+                      tuple(b.data()))], ready=True)))
+        for i, b in enumerate(boards)]
+    assert snaps[1].pools[0].flows == tuple(boards[1].data())
+    # Shared admission: the pool's stats are read once (the newest), its flows summed.
+    pool = status_json(snaps, shared_admission=True)["pools"][0]
+    assert pool["flows"]["top_served"] == [{"flow": "j", "tokens": 40}, {"flow": "k", "tokens": 40}]
+    assert pool["flows"]["backlogged"] == 2 and pool["flows"]["jain_index"] == pytest.approx(1.0)
+    assert pool["flows"]["active"]["default"] in (0, 1)
