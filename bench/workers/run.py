@@ -3,19 +3,25 @@ and requests per gateway CPU-second (utime + stime of the supervisor and its
 workers, from /proc/<pid>/stat). Backend: the simulated backend with instant
 answers and ample slots, so the gateway is what is measured.
 
-    python bench/workers/run.py [--seconds 5] [--clients 64]
+    python bench/workers/run.py [--seconds 5] [--clients 64] [--rounds 3] [--name workers]
+
+Writes bench/results/<name>.json: the figures printed, with the load average
+before and after and when.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -97,18 +103,39 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--name", default="workers", help="bench/results/NAME.json ('' for none)")
     a = ap.parse_args()
+    load_before = os.getloadavg()
     sim = await start_sim(slots=4096, ttft_ms=0, tokens_per_s=0)
+    runs: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            r1 = await one(1, sim.url.rstrip("/").removesuffix("/v1"), a.seconds, a.clients, tmp)
-            r2 = await one(2, sim.url.rstrip("/").removesuffix("/v1"), a.seconds, a.clients, tmp)
+            for i in range(a.rounds):  # interleaved, the order turned each round
+                for w in ((1, 2) if i % 2 == 0 else (2, 1)):
+                    runs[w].append(await one(w, sim.url.rstrip("/").removesuffix("/v1"),
+                                             a.seconds, a.clients, tmp))
     finally:
         await sim.close()
+    r1, r2 = ((statistics.median(x for x, _ in runs[w]), statistics.median(y for _, y in runs[w]))
+              for w in (1, 2))
+    print(f"median of {a.rounds} interleaved rounds")
     print(f"host cores: {os.cpu_count()} (load generator and sim share them)")
     print(f"--workers 1: {r1[0]:8.0f} req/s  {r1[1]:8.0f} req per gateway CPU-s")
     print(f"--workers 2: {r2[0]:8.0f} req/s  {r2[1]:8.0f} req per gateway CPU-s")
     print(f"ratio 2/1:   {r2[0] / r1[0]:8.2f} x     {r2[1] / r1[1]:8.2f} x")
+    if a.name:
+        out = Path(__file__).resolve().parent.parent / "results" / f"{a.name}.json"
+        out.write_text(json.dumps({
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+            "load_before": load_before, "load_after": os.getloadavg(), "args": vars(a),
+            "rounds": {f"workers_{w}": [{"req_per_s": x, "req_per_cpu_s": y} for x, y in runs[w]]
+                       for w in (1, 2)},
+            "workers_1": {"req_per_s": r1[0], "req_per_cpu_s": r1[1]},
+            "workers_2": {"req_per_s": r2[0], "req_per_cpu_s": r2[1]},
+            "ratio_2_1": {"req_per_s": r2[0] / r1[0], "req_per_cpu_s": r2[1] / r1[1]},
+        }, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
