@@ -494,8 +494,6 @@ impl PyAdmissionCore {
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("withheld", s.withheld)?;
         out.set_item("owed", s.owed)?;
-        // The limit in force, under the name consumers read since it was fixed.
-        out.set_item("max_concurrency", s.limit)?;
         out.set_item("limit", s.limit)?;
         out.set_item("limit_mode", s.limit_mode.as_str())?;
         out.set_item("limit_signal", s.limit_signal.as_str())?;

@@ -36,7 +36,8 @@ def test_the_default_is_adaptive_and_a_number_is_fixed() -> None:
     assert (adm.limit, stat(adm, "limit_mode"), stat(adm, "limit_min"), stat(adm, "limit_max")) == (4, "adaptive", 2, 1024)
     assert Admission(max_concurrency="auto").stats()["limit_mode"] == "adaptive"
     fixed = Admission(max_concurrency=8)
-    assert (fixed.limit, stat(fixed, "limit_mode"), stat(fixed, "max_concurrency")) == (8, "fixed", 8)
+    assert (fixed.limit, stat(fixed, "limit_mode"), stat(fixed, "limit")) == (8, "fixed", 8)
+    assert "max_concurrency" not in fixed.stats(), "one name for the limit in force: limit"
     s = PoolSettings(min_concurrency=4, max_concurrency_limit=64, initial_concurrency=8, max_wait_ms=500)
     assert (s.limit_mode, s.limit_min, s.limit_max, s.limit_initial) == ("adaptive", 4, 64, 8)
     assert s.max_wait_ms == {"default": 500.0, "priority": 500.0}

@@ -188,7 +188,7 @@ def _snapshot(in_flight: int, served: int, pid: int) -> WorkerSnapshot:
     for _ in range(served):
         m.observe("m", "up", "priority", "served", None, 0.0, 0.2, 0.05)
     m.observe("m", "up", "default", "shed", "queue_timeout", 0.5, 0.5, None)
-    stats = {"depth": {"priority": 1, "default": 2}, "in_flight": in_flight, "max_concurrency": 4,
+    stats = {"depth": {"priority": 1, "default": 2}, "in_flight": in_flight, "limit": 4,
              "admitted": {"priority": served, "default": 0},
              "shed": {"server_overloaded": 0, "queue_timeout": 1, "rate_limit_exceeded": 0},
              "cancelled": 0}

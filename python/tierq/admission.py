@@ -263,7 +263,7 @@ class Admission:
 
     def stats(self) -> dict[str, object]:
         """Depth per lane, in flight, admitted per lane, sheds per code,
-        cancelled; the limit (`limit`, also as `max_concurrency`), its
+        cancelled; the limit in force (`limit`), its
         `limit_mode`, `limit_min`, `limit_max`, `limit_signal` (what moved it
         last: engine, latency, backoff or none), `limit_changes` and the
         latency signal's `limit_floor_ms` and `limit_recent_ms`."""

@@ -481,7 +481,7 @@ def _served_histogram(name: str) -> Callable[[_Scrape], Iterable[Sample]]:
 
 
 def _limit(p: PoolSnapshot) -> int:
-    return int(p.stats.get("limit", p.stats.get("max_concurrency", 0)))
+    return int(p.stats.get("limit", 0))
 
 
 def _ttft_level(which: str) -> Callable[[_Scrape], Iterable[Sample]]:
@@ -657,7 +657,7 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         limits.update(s.limits)  # one worker's history: the limit is host-wide
     for p in _pools(snapshots, shared_admission):
         st = p.stats
-        limit = int(st.get("limit", st.get("max_concurrency", 0)))
+        limit = _limit(p)
         pools.append({
             "model": p.model, "upstream": p.upstream, "priority": p.priority,
             "in_flight": int(st.get("in_flight", 0)),
