@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -81,10 +82,14 @@ def test_progress_shows_a_spinner_only_for_slow_work_and_erases_it() -> None:
         pass
     assert out.getvalue() == ""
     with progress("summing", delay=0.0, stream=out, force=True):
-        time.sleep(0.25)
+        deadline = time.monotonic() + 30.0  # polled: the spinner's first frame is drawn
+        while "summing (" not in out.getvalue():
+            assert time.monotonic() < deadline, "no spinner frame"
+            time.sleep(0.005)
     text = out.getvalue()
     assert "summing (" in text and text.endswith("\r\033[K")
     quiet = io.StringIO()  # not a terminal, not forced: nothing at all
     with progress("summing", delay=0.0, stream=quiet):
-        time.sleep(0.05)
+        # No spinner thread was started at all, so nothing can be drawn later.
+        assert not [t for t in threading.enumerate() if t.name == "tierq-progress"]
     assert quiet.getvalue() == ""
