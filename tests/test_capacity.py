@@ -107,19 +107,37 @@ def test_metrics_url_is_derived_from_the_api_base(base: str, url: str) -> None:
 
 
 @pytest.mark.parametrize("headers, remaining, wait", [
-    ({}, 10.0, 0.1),
     ({"retry-after-ms": "250"}, 10.0, 0.25),
     ({"retry-after": "2"}, 10.0, 2.0),
     ({"retry-after-ms": "40", "retry-after": "3"}, 10.0, 0.04),  # the exact one wins
-    ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 10.0, 0.1),  # a date: no hint
-    ({"retry-after": "-1"}, 10.0, 0.1),
-    ({"retry-after": "nan"}, 10.0, 0.1),
-    ({"retry-after": "5"}, 1.0, None),  # does not fit in the max wait left
-    ({}, 0.05, None),
+    ({"retry-after": "5"}, 1.0, None),  # the upstream's own wait is past the max wait left
+    ({"retry-after": "1"}, 1.0, None),
+    ({"retry-after-ms": "900"}, 1.0, 0.9),
 ])
-def test_an_upstream_overload_is_retried_after_its_own_hint_if_it_fits(
+def test_an_upstream_overload_is_retried_after_its_own_hint_when_shorter_than_the_wait_left(
         headers: dict[str, str], remaining: float, wait: float | None) -> None:
-    assert overload_backoff_s(headers, remaining) == (pytest.approx(wait) if wait else None)
+    for attempt in (1, 2, 7):
+        got = overload_backoff_s(headers, attempt, remaining)
+        assert got == (pytest.approx(wait) if wait else None), attempt
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},  # a date: no hint
+    {"retry-after": "-1"}, {"retry-after": "nan"}, {"retry-after-ms": "0"},
+])
+def test_without_a_hint_the_back_off_doubles_per_answer_jittered_and_capped(
+        headers: dict[str, str]) -> None:
+    def backoff(attempt: int, draw: float, remaining: float = 60.0) -> float | None:
+        return overload_backoff_s(headers, attempt, remaining, jitter=lambda: draw)
+
+    # 0.1 s doubled per answer up to 1 s, times a draw in [0.5, 1).
+    assert [backoff(n, 0.0) for n in (1, 2, 3, 4, 5, 40)] == pytest.approx(
+        [0.05, 0.1, 0.2, 0.4, 0.5, 0.5])
+    assert [backoff(n, 0.999) for n in (1, 4, 5)] == pytest.approx([0.09995, 0.7996, 0.9995])
+    # The last try lands within the wait left; nothing left, no try.
+    assert backoff(3, 0.5, remaining=0.12) == pytest.approx(0.12)
+    assert backoff(1, 0.5, remaining=0.0) is None
+    assert backoff(1, 0.5, remaining=-0.5) is None
 
 
 def _config(tmp_path: Path, upstream: str) -> Config:

@@ -152,56 +152,126 @@ async def test_an_opaque_upstream_is_learned_from_time_to_first_token(behind: An
     assert pool.limit < 16, stats
 
 
-@pytest.mark.timeout(60)
-async def test_an_upstream_429_is_retried_once_after_its_hint_and_then_served(behind: Any) -> None:
-    # One engine slot, no waiting room: a second request at once gets the
-    # engine's 429 (Retry-After: 1); the gateway holds it and sends it again
-    # after that second, when the first (50 ms) is long done.
-    root, app, sim = await behind("openai", AdmissionConfig(max_concurrency=2), slots=1,
-                                  ttft_ms=50.0, tokens_per_s=0.0, max_waiting=0, metrics=False)
-    async with AsyncOpenAI(base_url=root + "/v1", api_key="unused-on-loopback",
-                           max_retries=0, timeout=30) as c:
-        answers = await asyncio.gather(*(c.chat.completions.with_raw_response.create(
-            model=PRIORITY_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-            for _ in range(2)))
-    assert [a.http_response.status_code for a in answers] == [200, 200]
-    st = sim.state.snapshot()
-    assert st["rejected"] == 1 and st["requests"] == 3
-    gw = app[GATEWAY]
-    assert gw.ledger is not None
-    await gw.ledger.flush()
-    assert sorted(r.status for r in gw.ledger.rows()) == ["served", "served"]
+def _chat(content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": PRIORITY_MODEL, "messages": [{"role": "user", "content": content}], **extra}
 
 
 @pytest.mark.timeout(60)
-async def test_an_upstream_still_overloaded_gets_tierqs_own_honest_429_and_no_charge(
+async def test_an_upstream_429_many_times_keeps_the_slot_and_is_served_once_the_upstream_frees(
         behind: Any) -> None:
-    # An engine that always says 503 "overloaded" (no hint): retried once
-    # after the default back-off, then shed by tierq as server_overloaded.
-    root, app, sim = await behind("openai", AdmissionConfig(max_concurrency=4), slots=1,
-                                  ttft_ms=0.0, tokens_per_s=10.0, max_waiting=0,
-                                  overload_status=503, metrics=False)
-    async with aiohttp.ClientSession() as s:
-        # A long stream holds the engine's one slot, so every other request is refused.
-        hold = asyncio.create_task(s.post(root + "/v1/chat/completions", json={
-            "model": PRIORITY_MODEL, "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 300, "stream": True}))
+    # The engine's one slot is held by a long stream and it keeps no waiting
+    # room: every other request gets its 429 (Retry-After: 1). A priority
+    # request keeps its tierq slot and is sent again after each hint, as often
+    # as its max wait allows, and is served once the holder goes.
+    root, app, sim = await behind("openai", AdmissionConfig(max_wait_ms={"default": 30000,
+                                                                         "priority": 30000}),
+                                  slots=1, ttft_ms=0.0, tokens_per_s=10.0, max_waiting=0,
+                                  metrics=False)
+    async with aiohttp.ClientSession() as s, AsyncOpenAI(
+            base_url=root + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=30) as c:
+        hold = await s.post(root + "/v1/chat/completions",
+                            json=_chat("x", max_tokens=300, stream=True))
         await _until(lambda: sim.state.snapshot()["running"] == 1)
-        async with s.post(root + "/v1/chat/completions", json={
-                "model": PRIORITY_MODEL, "messages": [{"role": "user", "content": "y"}],
-                "max_tokens": 4}) as r:
+        asked = asyncio.create_task(c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            service_tier="priority"))
+        await _until(lambda: sim.state.snapshot()["rejected"] >= 3, timeout_s=20.0)
+        assert not asked.done()  # three 429s, none passed on
+        hold.close()  # the holder hangs up: the engine's slot frees
+        answer = await asked
+    assert answer.http_response.status_code == 200
+    assert answer.parse().service_tier == "priority"
+    st = sim.state.snapshot()
+    # Every attempt but the last was refused: the holder, then rejected + 1 tries.
+    assert st["rejected"] >= 3 and st["requests"] == st["rejected"] + 2, st
+    gw = app[GATEWAY]
+    await gw.ledger.flush()
+    row = gw.ledger.get(answer.headers["x-tierq-request-id"])
+    assert row is not None and row.status == "served" and row.cost > 0
+    # The learned limit backed off on those answers (the last signal it took).
+    assert gw.pools[PRIORITY_MODEL].admission.stats()["limit_signal"] == "backoff"
+
+
+@pytest.mark.timeout(60)
+async def test_an_upstream_still_overloaded_gets_tierqs_own_honest_429_within_the_wait_and_no_charge(
+        tmp_path: Path) -> None:
+    # A provider that always says 503 with no hint (a proxy in front of it
+    # that sets no Retry-After): sent again after each jittered back-off (0.1 s
+    # doubling, times [0.5, 1)) until the 1 s max wait is spent, then shed by
+    # tierq as server_overloaded.
+    attempts = 0
+
+    async def overloaded(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        await request.read()
+        return web.json_response({"error": {"message": "overloaded", "type": "server_error",
+                                            "param": None, "code": None}}, status=503)
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", overloaded)
+    provider_root, provider_runner = await serve_app(provider)
+    config = Config(
+        ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'tierq.db'}"),
+        upstreams=(UpstreamConfig("provider", provider_root + "/v1", "openai", metrics=False),),
+        models=(ModelConfig(PRIORITY_MODEL, "provider", priority=True,
+                            admission=AdmissionConfig(max_concurrency=4, max_wait_ms=1000)),))
+    app = create_app(config)
+    root, runner = await serve_app(app)
+    try:
+        async with aiohttp.ClientSession() as s, \
+                s.post(root + "/v1/chat/completions", json=_chat("y", max_tokens=4)) as r:
             body = await r.json()
             assert r.status == 429, body
             assert body["error"]["code"] == "server_overloaded"
             assert int(r.headers["Retry-After"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
-        (await hold).close()
+            request_id = r.headers["x-tierq-request-id"]
+        gw = app[GATEWAY]
+        await gw.ledger.flush()
+        row = gw.ledger.get(request_id)
+        assert row is not None and row.status == "shed" and row.code == "upstream_overloaded"
+        assert row.cost == 0
+        # More than the one retry of before, and no more than 1 s of back-offs
+        # holds: waits of at least 0.05, 0.1, 0.2, 0.4 s, then what is left, then none.
+        assert 3 <= attempts <= 6, attempts
+        assert gw.pools[PRIORITY_MODEL].admission.stats()["in_flight"] == 0
+    finally:
+        await runner.cleanup()
+        await provider_runner.cleanup()
+
+
+@pytest.mark.timeout(60)
+async def test_an_upstream_hint_past_the_wait_left_is_shed_at_once(behind: Any) -> None:
+    # The engine says Retry-After: 1; a default request may wait 0.5 s in all
+    # (its lane's max wait), a priority one too (its own x-tierq-max-queue-ms),
+    # so sending either again is of no use: shed at once (one upstream attempt
+    # each), unbilled, with tierq's own Retry-After.
+    root, app, sim = await behind("openai", AdmissionConfig(max_concurrency=4, max_wait_ms={
+                                      "default": 500, "priority": 30000}),
+                                  slots=1, ttft_ms=0.0, tokens_per_s=10.0, max_waiting=0,
+                                  metrics=False)
+    async with aiohttp.ClientSession() as s:
+        hold = await s.post(root + "/v1/chat/completions",
+                            json=_chat("x", max_tokens=300, stream=True))
+        await _until(lambda: sim.state.snapshot()["running"] == 1)
+        async with s.post(root + "/v1/chat/completions", json=_chat("y", max_tokens=4)) as r:
+            body = await r.json()
+            assert r.status == 429 and body["error"]["code"] == "server_overloaded", body
+            request_id = r.headers["x-tierq-request-id"]
+        # A priority request may wait 30 s, but its own deadline says 0.5 s: the same.
+        async with s.post(root + "/v1/chat/completions", headers={"x-tierq-max-queue-ms": "500"},
+                          json=_chat("z", max_tokens=4, service_tier="priority")) as r:
+            body = await r.json()
+            assert r.status == 429 and body["error"]["code"] == "server_overloaded", body
+            assert r.headers["x-tierq-service-tier"] == "priority"
+            priority_id = r.headers["x-tierq-request-id"]
+        hold.close()
+    assert sim.state.snapshot()["rejected"] == 2
     gw = app[GATEWAY]
-    assert gw.ledger is not None
     await gw.ledger.flush()
-    shed = [row for row in gw.ledger.rows() if row.status == "shed"]
-    assert len(shed) == 1 and shed[0].code == "upstream_overloaded" and shed[0].cost == 0
-    assert sim.state.snapshot()["rejected"] == 2  # the first answer and the one retry
-    assert gw.pools[PRIORITY_MODEL].admission.stats()["limit_mode"] == "fixed"
+    for rid in (request_id, priority_id):
+        row = gw.ledger.get(rid)
+        assert row is not None and row.code == "upstream_overloaded" and row.cost == 0
 
 
 async def _until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -248,19 +248,21 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                            applied_tier=ex.tier, endpoint=ex.endpoint,
                            upstream_model=pool.entry.upstream_model)
     payload = orjson.dumps(body)
-    retried = False
+    overloads = 0
     try:
         while True:
             ex.sent_at = time.monotonic()
             async with pool.upstream.post(ex.endpoint, payload,
                                           request.headers.get(BYO_HEADER)) as up:
                 if up.status in OVERLOAD_STATUSES:
-                    # Nothing reached the client yet: the limit backs off, and
-                    # the request keeps its slot (nothing overtakes it) and is
-                    # sent again once if that fits in its max wait.
+                    # Nothing reached the client yet: the limit backs off on
+                    # each such answer, and the request keeps its slot (nothing
+                    # overtakes it) and is sent again after a back-off, as often
+                    # as what is left of its max wait allows.
                     ex.gw.capacity.overloaded(pool.entry.id)
                     await up.read()
-                    wait = None if retried else overload_backoff_s(up.headers, _wait_left_s(ex))
+                    overloads += 1
+                    wait = overload_backoff_s(up.headers, overloads, _wait_left_s(ex))
                     if wait is None:
                         raise upstream_overloaded(pool.admission.retry_after_s(ex.tier))
                 elif not 200 <= up.status < 300:
@@ -269,7 +271,6 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                     return await relay_stream(request, ex, up, info.client_wants_usage)
                 else:
                     return await relay_json(request, ex, up)
-            retried = True
             await asyncio.sleep(wait)
     except (aiohttp.ClientError, TimeoutError) as e:
         if ex.done:
@@ -282,8 +283,13 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
 
 
 def _wait_left_s(ex: Exchange) -> float:
-    """What is left of the request's lane max wait, counted from its arrival."""
-    return ex.pool.admission.max_wait_s(ex.tier) - (time.monotonic() - ex.t0)
+    """What is left of the request's max wait (its lane's, or its own
+    x-tierq-max-queue-ms when shorter), counted from its arrival: one budget for
+    its time in the lane and its overload back-offs."""
+    budget = ex.pool.admission.max_wait_s(ex.tier)
+    if ex.max_queue_ms is not None:
+        budget = min(budget, ex.max_queue_ms / 1000.0)
+    return budget - (time.monotonic() - ex.t0)
 
 
 # ------------------------------------------------------------------ other routes

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -34,6 +35,7 @@ __all__ = [
     "LimitWatch",
     "metrics_url_for",
     "overload_backoff_s",
+    "overload_hint_s",
     "parse_engine_load",
 ]
 
@@ -50,12 +52,15 @@ _KV: Final = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:t
 _WANTED: Final = frozenset(_RUNNING + _WAITING + _KV)
 
 # An upstream's "overloaded, try again" answers. Arriving before anything
-# reached the client, they back the limit off and the request is sent again
-# once instead of being passed on (DESIGN.md, Slots).
+# reached the client, they back the limit off and the request keeps its slot
+# and is sent again after a back-off, as often as its max wait allows, instead
+# of being passed on (DESIGN.md, Slots).
 OVERLOAD_STATUSES: Final = frozenset({429, 503})
-# The wait before that one retry when the upstream gives no Retry-After: about
-# one engine step batch's worth of decode, long enough for a sequence to end.
+# The first back-off when the upstream gives no Retry-After: about one engine
+# step batch's worth of decode, long enough for a sequence to end; doubled on
+# each answer after, up to the second value (jittered, see overload_backoff_s).
 DEFAULT_OVERLOAD_BACKOFF_S: Final = 0.1
+MAX_OVERLOAD_BACKOFF_S: Final = 1.0
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
@@ -268,13 +273,9 @@ class EngineScraper:
             await asyncio.sleep(next_at - loop.time())
 
 
-def overload_backoff_s(headers: Mapping[str, str], remaining_s: float) -> float | None:
-    """How long to hold a request an upstream answered 429/503 before its one
-    retry: the upstream's own `retry-after-ms` / `Retry-After` (seconds; an
-    HTTP date counts as no hint), else DEFAULT_OVERLOAD_BACKOFF_S. None when
-    that does not fit in the `remaining_s` of the request's max wait: it is
-    then shed by tierq with its own honest Retry-After."""
-    wait = DEFAULT_OVERLOAD_BACKOFF_S
+def overload_hint_s(headers: Mapping[str, str]) -> float | None:
+    """The upstream's own wait on a 429/503: `retry-after-ms`, else `Retry-After`
+    in seconds (an HTTP date, a negative or unreadable value: no hint)."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
@@ -284,9 +285,30 @@ def overload_backoff_s(headers: Mapping[str, str], remaining_s: float) -> float 
         except ValueError:
             continue
         if math.isfinite(hinted) and hinted >= 0:
-            wait = hinted
-            break
-    return wait if wait <= remaining_s else None
+            return hinted
+    return None
+
+
+def overload_backoff_s(headers: Mapping[str, str], attempt: int, remaining_s: float,
+                       jitter: Callable[[], float] = random.random) -> float | None:
+    """How long to hold a request an upstream answered 429/503 (its `attempt`th
+    such answer, from 1) before sending it again, keeping its slot.
+
+    The upstream's own hint (`overload_hint_s`) when it gave one, else a short
+    jittered back-off: DEFAULT_OVERLOAD_BACKOFF_S doubled per attempt up to
+    MAX_OVERLOAD_BACKOFF_S, times a uniform draw in [0.5, 1) (`jitter()` in [0, 1))
+    so that requests refused together do not come back together. At most the
+    `remaining_s` of the request's max wait, so its last try lands within it.
+    None when waiting is of no use: nothing is left, or the upstream's hint is
+    past what is left. The request is then shed by tierq with its own honest
+    Retry-After (DESIGN.md, Slots; docs/gateway.md)."""
+    hint = overload_hint_s(headers)
+    if remaining_s <= 0 or (hint is not None and hint >= remaining_s):
+        return None
+    if hint:
+        return hint
+    step = min(MAX_OVERLOAD_BACKOFF_S, DEFAULT_OVERLOAD_BACKOFF_S * 2.0 ** min(attempt - 1, 16))
+    return min(step * (0.5 + jitter() / 2), remaining_s)
 
 
 class LimitWatch:
