@@ -480,7 +480,6 @@ def test_stats_shape() -> None:
         "in_flight": 0,
         "withheld": 0,
         "owed": 0,
-        "max_concurrency": 8,
         "limit": 8,
         "limit_mode": "fixed",
         "limit_signal": "none",
