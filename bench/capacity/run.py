@@ -10,7 +10,8 @@ priority, streaming, through four gateways compared in the same run:
 
 Backends: FCFS engines; the same engines scheduling by priority (the gateway passes
 the tier down); an opaque backend with no /metrics (kind "openai"); one that answers
-429 past its waiting queue. Plus a capacity change: the engine's slots halve, then
+429 past its waiting queue; one that answers 429 past its slots at once (conn: nginx
+limit_conn in front of a hosted provider, no waiting room). Plus a capacity change: the engine's slots halve, then
 double, mid-run; a time series shows how long adaptive takes to be back within its
 bounds. Writes bench/results/capacity.md, capacity.png and the raw results, capacity.json.gz.
 """
@@ -39,7 +40,7 @@ UNLIMITED = 4096
 class Backend:
     """One engine the gateway is not told about, and how the gateway talks to it."""
 
-    name: str  # "fcfs-16", "prio-16", "opaque-16", "429-16"
+    name: str  # "fcfs-16", "prio-16", "opaque-16", "429-16", "conn-6"
     slots: int
     scheduling: str  # the sim's waiting-queue order: "fcfs" or "priority"
     kind: str  # the gateway's upstream kind
@@ -68,6 +69,7 @@ KINDS = {
     "prio": ("priority", "vllm", True, None),
     "opaque": ("fcfs", "openai", False, None),
     "429": ("fcfs", "openai", False, 1.0),
+    "conn": ("fcfs", "openai", False, 0.0),
 }
 
 
@@ -92,9 +94,9 @@ def backend(spec: str, target_rps: float, mean_tokens: float) -> Backend:
     slots = int(slots_s)
     scheduling, up_kind, metrics, waiting_per_slot = KINDS[kind]
     ttft, tps, knee = speed(slots, target_rps, mean_tokens)
-    return Backend(spec, slots, scheduling, up_kind, metrics,
-                   None if waiting_per_slot is None else max(1, int(waiting_per_slot * slots)),
-                   ttft, tps, knee)
+    waiting = (None if waiting_per_slot is None else 0 if waiting_per_slot == 0
+               else max(1, int(waiting_per_slot * slots)))
+    return Backend(spec, slots, scheduling, up_kind, metrics, waiting, ttft, tps, knee)
 
 
 def closed_form_capacity(b: Backend, mean_tokens: float) -> float:
@@ -434,7 +436,8 @@ def main() -> None:
                                           "opaque-6,429-6",
                     help="kind-slots: fcfs (kind vllm, metrics), prio (the same, engine "
                          "priority scheduling), opaque (kind openai, no metrics), 429 (kind "
-                         "openai, no metrics, 429 past slots waiting)")
+                         "openai, no metrics, 429 past slots waiting), conn (the same, 429 "
+                         "past slots at once)")
     ap.add_argument("--loads", default="0.5,2,4", help="x the engine's measured capacity")
     ap.add_argument("--three-x", default="fcfs-16,opaque-6",
                     help="backends that also run at 3x (the issue's done-when: kind vllm and kind openai)")
