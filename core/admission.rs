@@ -22,15 +22,16 @@
 //! generation's count (and is reclaimed) or sees the new generation and
 //! passes the slot on itself: never both, never neither.
 
-use crate::block::{self, at, wk, State, HELD_COUNT, MAGIC};
+use crate::block::{self, at, wk, State, HELD_COUNT, LINE, MAGIC};
 use crate::bucket;
 use crate::clock::Clock;
 use crate::crash::crash_point;
 use crate::error::CoreError;
+use crate::fair::{self, FairLane};
 use crate::lanes::Ring;
 use crate::limit::{self, EngineSample, LimitMode, PoolView, Signal, FP_SHIFT};
 use crate::mailbox::{self, Mailbox, OUT_EVICTED, OUT_EXPIRED, OUT_GRANT};
-use crate::settings::PoolSettings;
+use crate::settings::{Fairness, PoolSettings};
 use crate::sync::{spin, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use crate::Lane;
 
@@ -81,6 +82,25 @@ pub enum Admit {
     /// arrival pushed out before the lane turned out to have no free cell
     /// (a race with another arrival); it is shed too, and its owner must hear.
     Shed { code: ShedCode, retry_after_ns: u64, evicted: Option<WaiterId> },
+}
+
+/// What a request asks of its lane beyond a slot: which flow queues it may
+/// join (`Pool::hand`), its service (`fair::service`: charge over weight)
+/// and its own max wait, if shorter than the lane's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub hand: (u32, u32),
+    pub service: u64,
+    pub max_wait_ns: Option<u64>,
+}
+
+/// Where an admitted or refused request stood: the flow queue it joined
+/// (or was charged to) and, when it had to queue, its predicted wait (None
+/// while the pool has no drain estimate yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub queue: u32,
+    pub predicted_ns: Option<u64>,
 }
 
 /// `Pool::audit` over the words it reads (`seq(i)`, `held(i)` of worker
@@ -196,6 +216,13 @@ pub struct Pool {
     /// Owner word written into this process's ring cells (0 on the heap).
     me: u64,
     shared: Option<Box<Shared>>,
+    /// `settings.fairness == Tokens`.
+    fair_on: bool,
+    /// Where each lane's fair state and the workers' lines start.
+    fair_at: [usize; 2],
+    workers_at: usize,
+    /// The anonymous flow's hand (`admit` without an `Ask`).
+    anon: Ask,
 }
 
 impl Pool {
@@ -214,7 +241,11 @@ impl Pool {
             LimitMode::Fixed(n) => Some(n as u64),
             LimitMode::Adaptive { .. } => None,
         };
-        Pool { settings, clock, state, cap, share_fp, fixed, me, shared }
+        let fair_on = settings.fairness == Fairness::Tokens;
+        let fair_at = [block::fair_base(&settings, 0), block::fair_base(&settings, 1)];
+        let workers_at = block::worker_line(&settings, 0);
+        let anon = Ask { hand: fair::hand(b"", settings.fair_queues), service: fair::service(1, 100), max_wait_ns: None };
+        Pool { settings, clock, state, cap, share_fp, fixed, me, shared, fair_on, fair_at, workers_at, anon }
     }
 
     /// Fills a fresh (zeroed) block; its header (and MAGIC) last.
@@ -266,7 +297,7 @@ impl Pool {
         let (me, generation) = match index {
             None => (0, 0),
             Some(i) if i < workers => {
-                let held = w[block::worker_line(settings.ring_cap(), i) + wk::HELD].load(SeqCst);
+                let held = w[block::worker_line(&settings, i) + wk::HELD].load(SeqCst);
                 if held & HELD_COUNT != 0 {
                     return Err(CoreError::Layout(format!("{name}: worker {i} still holds {} slots; reclaim it first", held & HELD_COUNT)));
                 }
@@ -302,22 +333,31 @@ impl Pool {
         let l = lane as usize;
         let base = block::ring_base(self.cap, l);
         let words = self.state.words();
+        let array = |k: usize| &words[base + k * self.cap..base + (k + 1) * self.cap];
         Ring {
             head: self.w(at::HEAD[l]),
             tail: self.w(at::TAIL[l]),
-            cells: &words[base..base + self.cap],
-            enqueued_ns: &words[base + self.cap..base + 2 * self.cap],
-            owners: &words[base + 2 * self.cap..base + 3 * self.cap],
+            cells: array(0),
+            enqueued_ns: array(1),
+            owners: array(2),
+            tags: array(3),
+            dues: array(4),
         }
     }
 
     #[inline]
+    fn fair(&self, lane: Lane) -> FairLane<'_> {
+        let base = self.fair_at[lane as usize];
+        FairLane::new(&self.state.words()[base..base + fair::lane_words(self.settings.fair_queues)], self.settings.fair_queues)
+    }
+
+    #[inline]
     fn worker_word(&self, worker: usize, field: usize) -> &AtomicU64 {
-        self.w(block::worker_line(self.cap, worker) + field)
+        self.w(self.workers_at + worker * LINE + field)
     }
 
     fn mailbox(&self, sh: &Shared, worker: usize) -> Mailbox<'_> {
-        let base = block::mailbox_base(self.cap, sh.workers, sh.mailbox_cap, worker);
+        let base = block::mailbox_base(self.workers_at, sh.workers, sh.mailbox_cap, worker);
         Mailbox {
             signalled: self.worker_word(worker, wk::SIGNALLED),
             cursor: self.worker_word(worker, wk::CURSOR),
@@ -496,9 +536,30 @@ impl Pool {
         self.w(i).fetch_add(1, Relaxed);
     }
 
-    /// Decides an arrival for `lane` costing `cost` bucket tokens.
+    /// Decides an arrival for `lane` costing `cost` bucket tokens, of the
+    /// anonymous flow, service 1, no deadline of its own.
     pub fn admit(&self, lane: Lane, cost: u64) -> Admit {
+        self.admit_ask(lane, cost, &self.anon).0
+    }
+
+    /// The anonymous flow's ask: service 1, no deadline of its own.
+    pub fn ask_anonymous(&self) -> Ask {
+        self.anon
+    }
+
+    /// The two flow queues flow id `flow` may join (`fair::hand`).
+    pub fn hand(&self, flow: &[u8]) -> (u32, u32) {
+        fair::hand(flow, self.settings.fair_queues)
+    }
+
+    /// Decides an arrival for `lane` costing `cost` bucket tokens, asking
+    /// `ask`. A request with its own max wait whose predicted wait exceeds
+    /// it is refused at once (`queue_timeout`, nothing held or queued).
+    pub fn admit_ask(&self, lane: Lane, cost: u64, ask: &Ask) -> (Admit, Placed) {
         let _moving = self.moving();
+        let fair = self.fair(lane);
+        let queue = if self.fair_on { fair.choose(ask.hand) } else { ask.hand.0 };
+        let mut placed = Placed { queue, predicted_ns: None };
         // The clock is read at most once, and only when the bucket or a join
         // needs it: a CLOCK_MONOTONIC read costs about three atomic RMWs.
         let mut now = None;
@@ -507,7 +568,7 @@ impl Pool {
             now = Some(t);
             if let Err(wait) = bucket::take_on(self.w(at::TAT), t, cost, lane, p) {
                 self.count(at::SHED[ShedCode::RateLimitExceeded as usize]);
-                return Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None };
+                return (Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None }, placed);
             }
         }
         // Fast path: nobody waiting ahead of this arrival and a slot free for
@@ -522,7 +583,33 @@ impl Pool {
             crash_point!("admit.taken");
             self.hold_mine();
             self.count(at::ADMITTED[lane as usize]);
-            return Admit::Now;
+            if self.fair_on {
+                fair.charge(queue, ask.service);
+            }
+            return (Admit::Now, placed);
+        }
+        // Its place under the lane's order, and the wait that means at the
+        // measured drain rate: refused now if that misses its own deadline.
+        let interval = self.w(at::RELEASE_INTERVAL).load(Relaxed);
+        let lane_wait = self.settings.max_wait_ns[lane as usize];
+        let deadline = ask.max_wait_ns.map(|w| w.min(lane_wait));
+        if interval != 0 {
+            let (p, d) = self.depth();
+            let before = match lane {
+                Lane::Priority => 0,
+                Lane::Default => p as u64,
+            } + if self.fair_on { fair.ahead(queue, ask.service) } else { [p, d][lane as usize] as u64 };
+            let predicted = interval.saturating_mul(before + 1);
+            placed.predicted_ns = Some(predicted);
+            if let Some(w) = deadline.filter(|&w| predicted > w) {
+                self.count(at::DEADLINE_REFUSED);
+                self.refund(cost);
+                self.count(at::SHED[ShedCode::QueueTimeout as usize]);
+                // Honest: once the line ahead has drained by what it misses
+                // by, the same request would fit (at least one release away).
+                let retry_after_ns = (predicted - w).max(interval);
+                return (Admit::Shed { code: ShedCode::QueueTimeout, retry_after_ns, evicted: None }, placed);
+            }
         }
         let mut evicted = None;
         let mut attempt = 0;
@@ -532,7 +619,8 @@ impl Pool {
             // tombstones behind it): the arrival would be shed anyway, and the
             // victim with it.
             if lane == Lane::Priority && !self.ring(Lane::Priority).is_full() {
-                if let Some((pos, owner)) = self.ring(Lane::Default).remove_newest() {
+                if let Some((pos, owner, tag)) = self.ring(Lane::Default).remove_newest() {
+                    self.left(Lane::Default, tag);
                     // The victim's depth unit moves to this arrival's lane.
                     self.w(at::DEPTH).fetch_sub(Self::depth_unit(Lane::Default) - 1, SeqCst);
                     self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
@@ -546,7 +634,7 @@ impl Pool {
             // instructions out rather than shed while a place is freeing.
             attempt += 1;
             if attempt > FULL_RETRIES {
-                return self.shed_full(lane, cost, None);
+                return (self.shed_full(lane, cost, None), placed);
             }
             spin();
         }
@@ -554,23 +642,59 @@ impl Pool {
         // taken late only makes the max wait count from a little later, so a
         // waiter is still never shed early.
         let now = now.unwrap_or_else(|| self.clock.now_ns());
-        let pos = match self.ring(lane).push(now, self.me) {
+        // Its own deadline is kept apart only when shorter than the lane's.
+        let due = deadline.filter(|&w| w < lane_wait).map_or(0, |w| now.saturating_add(w).max(1));
+        let tag = fair::tag(queue, ask.service, due != 0);
+        // Counted in its queue before it is published, so a waiter that is
+        // published is always counted (`fair::WAITING`).
+        self.joined(lane, queue, due != 0);
+        let pos = match self.ring(lane).push(now, self.me, tag, due) {
             Ok(pos) => pos,
             Err(_) => {
+                self.left(lane, tag);
                 self.unreserve_depth(lane);
-                return self.shed_full(lane, cost, evicted);
+                return (self.shed_full(lane, cost, evicted), placed);
             }
         };
         // A slot may have freed while we joined; whoever holds it now is us.
         let granted = self.dispatch();
-        Admit::Queued { waiter: waiter_id(lane, pos), evicted, granted }
+        (Admit::Queued { waiter: waiter_id(lane, pos), evicted, granted }, placed)
+    }
+
+    /// A waiter of `queue` is about to be published in `lane`.
+    #[inline]
+    fn joined(&self, lane: Lane, queue: u32, own_deadline: bool) {
+        let fair = self.fair(lane);
+        if own_deadline {
+            fair.deadline_joined();
+        }
+        if self.fair_on {
+            fair.join(queue, self.ring(lane).tail.load(SeqCst));
+        }
+    }
+
+    /// A waiter tagged `tag` left `lane` (decided by its cell's CAS).
+    #[inline]
+    fn left(&self, lane: Lane, tag: u64) {
+        let fair = self.fair(lane);
+        if fair::tag_has_deadline(tag) {
+            fair.deadline_left();
+        }
+        if self.fair_on {
+            fair.leave(tag);
+        }
+    }
+
+    /// Gives back a refused request's bucket tokens: not admitted, so it
+    /// does not spend the rate either.
+    fn refund(&self, cost: u64) {
+        if let Some(p) = &self.settings.bucket {
+            bucket::adjust_on(self.w(at::TAT), self.clock.now_ns(), -(cost.min(i64::MAX as u64) as i64), p);
+        }
     }
 
     fn shed_full(&self, lane: Lane, cost: u64, evicted: Option<WaiterId>) -> Admit {
-        if let Some(p) = &self.settings.bucket {
-            // Not admitted, so it does not spend the rate either.
-            bucket::adjust_on(self.w(at::TAT), self.clock.now_ns(), -(cost.min(i64::MAX as u64) as i64), p);
-        }
+        self.refund(cost);
         self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
         Admit::Shed { code: ShedCode::ServerOverloaded, retry_after_ns: self.retry_after_ns(lane), evicted }
     }
@@ -596,10 +720,45 @@ impl Pool {
 
     #[inline]
     fn pop_lane(&self, lane: Lane) -> Option<(WaiterId, u64)> {
-        let (pos, owner) = self.ring(lane).pop()?;
+        let ring = self.ring(lane);
+        let (pos, owner, _) = if self.fair_on {
+            // While tombstones left by fair picks crowd the ring (a waiter
+            // of a queue far ahead holds the head), the oldest goes next, so
+            // they never fill it and shed arrivals the queue has room for.
+            let crowded = ring.span() >= self.cap as u64 * 3 / 4;
+            let fair = (!crowded).then(|| self.pop_fair(lane, &ring)).flatten();
+            let taken = fair.or_else(|| ring.pop())?;
+            self.left(lane, taken.2);
+            self.fair(lane).charge(fair::tag_queue(taken.2), fair::tag_service(taken.2));
+            taken
+        } else {
+            let taken = ring.pop()?;
+            self.left(lane, taken.2);
+            taken
+        };
         self.unreserve_depth(lane);
         self.count(at::ADMITTED[lane as usize]);
         Some((waiter_id(lane, pos), owner))
+    }
+
+    /// The oldest waiter of the active flow queue with the least counter
+    /// (or, if that one turns out to have nobody published, of the next
+    /// least). None: the caller takes the ring's front instead, so a stale
+    /// count or bitmap never strands a waiter.
+    fn pop_fair(&self, lane: Lane, ring: &Ring<'_>) -> Option<crate::lanes::Taken> {
+        let fair = self.fair(lane);
+        let mut skip = None;
+        for _ in 0..2 {
+            let q = fair.least(skip)?;
+            let (taken, hint) = ring.take_first(fair.hint(q), q);
+            fair.set_hint(q, hint);
+            if taken.is_some() {
+                ring.reap();
+                return taken;
+            }
+            skip = Some(q);
+        }
+        None
     }
 
     /// A waiter that a free slot could go to may be in a ring. With headroom,
@@ -843,7 +1002,8 @@ impl Pool {
         let mut waiters = 0;
         for lane in [Lane::Priority, Lane::Default] {
             let ring = self.ring(lane);
-            ring.remove_all_of(owner, |_| {
+            ring.remove_all_of(owner, |_, tag| {
+                self.left(lane, tag);
                 self.unreserve_depth(lane);
                 self.count(at::CANCELLED);
                 waiters += 1;
@@ -1110,7 +1270,8 @@ impl Pool {
     pub fn cancel(&self, id: WaiterId) -> bool {
         let lane = waiter_lane(id);
         let ring = self.ring(lane);
-        if ring.remove(id >> 1) {
+        if let Some((_, tag)) = ring.remove_owned(id >> 1) {
+            self.left(lane, tag);
             self.unreserve_depth(lane);
             self.count(at::CANCELLED);
             ring.reap();
@@ -1120,25 +1281,66 @@ impl Pool {
         }
     }
 
-    /// Sheds every waiter past its lane's max wait; calls `on_expired` per id.
+    /// Sheds every waiter past its lane's max wait or its own deadline;
+    /// calls `on_expired` per id.
     pub fn expire_due(&self, mut on_expired: impl FnMut(WaiterId)) {
         let now = self.clock.now_ns();
         for lane in [Lane::Priority, Lane::Default] {
-            let Some(deadline) = now.checked_sub(self.settings.max_wait_ns[lane as usize]) else { continue };
-            self.ring(lane).expire(deadline, |pos, owner| {
+            let mut expired = |pos, owner, tag| {
+                self.left(lane, tag);
                 self.unreserve_depth(lane);
                 self.count(at::SHED[ShedCode::QueueTimeout as usize]);
                 if let Some(id) = self.route_shed(waiter_id(lane, pos), owner, OUT_EXPIRED) {
                     on_expired(id);
                 }
-            });
+            };
+            if let Some(deadline) = now.checked_sub(self.settings.max_wait_ns[lane as usize]) {
+                self.ring(lane).expire(deadline, &mut expired);
+            }
+            // Own deadlines are not in join order: the whole line is looked
+            // at, only while some waiter of the lane has one.
+            if self.fair(lane).personal() > 0 {
+                self.ring(lane).expire_own(now, &mut expired);
+            }
         }
     }
 
-    /// When waiter `id` will pass its max wait (clock ns), if still waiting.
+    /// When waiter `id` will pass its max wait or own deadline (clock ns),
+    /// if still waiting.
     pub fn deadline_ns(&self, id: WaiterId) -> Option<u64> {
         let lane = waiter_lane(id);
-        self.ring(lane).enqueued_at(id >> 1).map(|t| t.saturating_add(self.settings.max_wait_ns[lane as usize]))
+        self.ring(lane).enqueued_at(id >> 1).map(|(at, due)| match due {
+            0 => at.saturating_add(self.settings.max_wait_ns[lane as usize]),
+            due => due,
+        })
+    }
+
+    /// Replaces the estimated service charged for a request of `queue` in
+    /// `lane` (its `Ask::service`) by the real one (`fair::service` of its
+    /// real charge). A no-op with fairness off.
+    pub fn settle(&self, lane: Lane, queue: u32, estimate: u64, real: u64) {
+        if self.fair_on && queue < self.settings.fair_queues {
+            self.fair(lane).correct(queue, estimate, real);
+        }
+    }
+
+    /// Per (lane, queue): the service its flows got here since the last
+    /// export (may be negative after corrections); for the cluster's lease
+    /// sync, which adds it on the other hosts with `fair_import`.
+    pub fn fair_export(&self, mut f: impl FnMut(Lane, u32, i64)) {
+        for lane in [Lane::Priority, Lane::Default] {
+            self.fair(lane).export(|q, d| f(lane, q, d));
+        }
+    }
+
+    /// Adds service another host gave a queue's flows (its `fair_export`).
+    pub fn fair_import(&self, lane: Lane, queue: u32, service: i64) {
+        self.fair(lane).import(queue, service);
+    }
+
+    /// (counter, waiters) of a flow queue (tests, diagnostics).
+    pub fn fair_queue(&self, lane: Lane, queue: u32) -> (u64, u64) {
+        self.fair(lane).queue_state(queue.min(self.settings.fair_queues - 1))
     }
 
     /// Retry-After for a request shed from `lane` (full queue, evicted, or
@@ -1181,6 +1383,9 @@ impl Pool {
             admitted: at::ADMITTED.map(|i| self.w(i).load(Relaxed)),
             shed: at::SHED.map(|i| self.w(i).load(Relaxed)),
             cancelled: self.w(at::CANCELLED).load(Relaxed),
+            fairness: self.settings.fairness,
+            fair_flows_active: [Lane::Priority, Lane::Default].map(|l| if self.fair_on { self.fair(l).active() } else { 0 }),
+            deadline_refused: self.w(at::DEADLINE_REFUSED).load(Relaxed),
         }
     }
 
@@ -1214,6 +1419,11 @@ pub struct Stats {
     pub admitted: [u64; 2],
     pub shed: [u64; 3],
     pub cancelled: u64,
+    pub fairness: Fairness,
+    /// Per lane: flow queues with waiters (0 with fairness off).
+    pub fair_flows_active: [u32; 2],
+    /// Refused at join: predicted wait past their own deadline.
+    pub deadline_refused: u64,
 }
 
 #[cfg(all(test, not(loom)))]

@@ -1,17 +1,18 @@
 //! A pool's block: the fixed run of 64-bit atomic words that holds all of
 //! its mutable state, and its layout. A header of counters, each hot one on
-//! its own cache line, then the two rings, then (shared pools only) one line
-//! and one mailbox per worker. No pointers live in it: it is either on the
+//! its own cache line, then the two rings, then the two lanes' fair state
+//! (`fair.rs`), then (shared pools only) one line and one mailbox per worker. No pointers live in it: it is either on the
 //! heap (one process) or in a named shared-memory region mapped by every
 //! worker process of a host, which `create`/`attach` check by magic, layout
 //! version, size and the settings it was made for. What the words mean to
 //! admission is `admission.rs`'s business.
 
 use crate::bucket::BucketParams;
+use crate::fair;
 #[cfg(not(loom))]
 use crate::error::CoreError;
 use crate::limit::LimitMode;
-use crate::settings::PoolSettings;
+use crate::settings::{Fairness, PoolSettings};
 use crate::sync::{AtomicU64, Ordering::SeqCst};
 use crate::words::Words;
 
@@ -22,7 +23,10 @@ pub(crate) const LINE: usize = 8;
 // its limit from its own settings and overrun a lowered one.
 // Version 5: a worker's line has its SEQ word; a version-4 worker would not
 // mark its steps and a reclaim's audit would take one in progress for a leak.
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0005; // "tierq_" + layout version 5
+// Version 6: each ring cell has a fairness tag and an own deadline beside
+// it, and each lane its fair state after the rings; a version-5 process
+// would read the workers' lines where the fair state now is.
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0006; // "tierq_" + layout version 6
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {
@@ -53,6 +57,9 @@ pub(crate) mod at {
     pub const CANCELLED: usize = 8 * LINE + 5;
     /// Fixed-point (1e6 = one dispatch) share owed to the default lane.
     pub const SHARE_CREDIT: usize = 8 * LINE + 6;
+    /// Requests refused at join because their predicted wait exceeded their
+    /// own deadline (also counted in SHED's queue_timeout).
+    pub const DEADLINE_REFUSED: usize = 8 * LINE + 7;
     // Line 9: drain-rate estimate for honest Retry-After.
     pub const LAST_RELEASE: usize = 9 * LINE;
     /// EWMA of the time between slot releases while waiters queued (ns).
@@ -69,7 +76,7 @@ pub(crate) mod at {
     pub const OWED: usize = 9 * LINE + 4;
     /// Lines 10-11: the settings the block was made for (attach compares them).
     pub const SETTINGS: usize = 10 * LINE;
-    pub const SETTINGS_WORDS: usize = 11;
+    pub const SETTINGS_WORDS: usize = 12;
     // Line 12: the limit. Read by every admission, written only when it moves.
     /// The limit in 1/1024ths of a slot (`limit::FP_SHIFT`); always within
     /// the mode's [min, max], and exactly n << 10 for Fixed(n) (then never
@@ -110,8 +117,11 @@ pub(crate) mod at {
     pub const WIN_N: usize = 14 * LINE + 3;
     pub const WIN_MIN: usize = 14 * LINE + 4;
     pub const WIN_START: usize = 14 * LINE + 5;
-    /// Per lane: cells, enqueued_ns, owners (`ring_cap` words each).
+    /// Per lane: cells, enqueued_ns, owners, tags, dues (`ring_cap` words
+    /// each); then per lane its fair state (`fair::lane_words`); then the
+    /// workers' lines and mailboxes.
     pub const RINGS: usize = 15 * LINE;
+    pub const RING_ARRAYS: usize = 5;
 }
 /// Offsets within a worker's line (shared pools).
 pub(crate) mod wk {
@@ -130,23 +140,28 @@ pub(crate) mod wk {
 /// The slot count in a worker's HELD word (the generation is above it).
 pub(crate) const HELD_COUNT: u64 = 0xffff_ffff;
 
-/// First word of lane `lane`'s ring (cells, enqueued_ns, owners: `ring_cap`
-/// words each).
+/// First word of lane `lane`'s ring (cells, enqueued_ns, owners, tags,
+/// dues: `ring_cap` words each).
 #[inline]
 pub(crate) fn ring_base(ring_cap: usize, lane: usize) -> usize {
-    at::RINGS + lane * 3 * ring_cap
+    at::RINGS + lane * at::RING_ARRAYS * ring_cap
+}
+
+/// First word of lane `lane`'s fair state (`fair::lane_words` words).
+pub(crate) fn fair_base(s: &PoolSettings, lane: usize) -> usize {
+    ring_base(s.ring_cap(), 2) + lane * fair::lane_words(s.fair_queues)
 }
 
 /// First word of worker `worker`'s line (fields: `wk`).
-#[inline]
-pub(crate) fn worker_line(ring_cap: usize, worker: usize) -> usize {
-    at::RINGS + 6 * ring_cap + worker * LINE
+pub(crate) fn worker_line(s: &PoolSettings, worker: usize) -> usize {
+    fair_base(s, 2) + worker * LINE
 }
 
-/// First word of worker `worker`'s mailbox (`mailbox_cap` words).
+/// First word of worker `worker`'s mailbox (`mailbox_cap` words), the
+/// workers' lines starting at `lines`.
 #[inline]
-pub(crate) fn mailbox_base(ring_cap: usize, workers: usize, mailbox_cap: usize, worker: usize) -> usize {
-    worker_line(ring_cap, workers) + worker * mailbox_cap
+pub(crate) fn mailbox_base(lines: usize, workers: usize, mailbox_cap: usize, worker: usize) -> usize {
+    lines + workers * LINE + worker * mailbox_cap
 }
 
 /// A block's size for `s` and `workers` processes (0: heap, one process),
@@ -158,7 +173,7 @@ fn layout(s: &PoolSettings, workers: usize) -> (usize, usize) {
         // Room for every waiter a worker can own plus every grant in flight.
         ((s.queue_depth as usize + s.limit.max() as usize) * 2).next_power_of_two().max(64)
     };
-    let words = at::RINGS + 6 * s.ring_cap() + workers * (LINE + mailbox_cap);
+    let words = worker_line(s, 0) + workers * (LINE + mailbox_cap);
     (words, mailbox_cap)
 }
 
@@ -180,6 +195,7 @@ fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
         b.tau_ns,
         b.reserve_ns,
         s.default_min_share.to_bits(),
+        (s.fairness == Fairness::Tokens) as u64 | (s.fair_queues as u64) << 1,
     ]
 }
 

@@ -12,7 +12,11 @@
 //! The ring lives in caller-provided atomics (no heap pointers) so a pool's
 //! state can be one fixed block mapped into shared memory. Each cell also
 //! records its waiter's owner (a worker process and its generation; 0 in a
-//! single-process pool), so whoever decides a waiter knows whom to tell.
+//! single-process pool), so whoever decides a waiter knows whom to tell,
+//! its fairness tag (flow queue and service, `fair.rs`) and its own deadline.
+//! The ring stays the arrival order; a fair pop takes the oldest waiting
+//! ticket of one flow queue from the middle of it (`take_first`) with the
+//! same CAS as a cancel, and the head reclaims the tombstone when it passes.
 
 use crate::sync::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst};
 
@@ -53,7 +57,16 @@ pub(crate) struct Ring<'a> {
     /// rule as `enqueued_ns`. Read it only after seeing the cell WAITING and
     /// trust it only if a CAS from that WAITING word then succeeds.
     pub owners: &'a [AtomicU64],
+    /// `tags[pos % cap]`: ticket `pos`'s fairness tag (`fair::tag`); same
+    /// publication and trust rule as `owners`.
+    pub tags: &'a [AtomicU64],
+    /// `dues[pos % cap]`: when ticket `pos` passes its own deadline (clock
+    /// ns; 0: it has none, the lane's max wait applies); same rule.
+    pub dues: &'a [AtomicU64],
 }
+
+/// A waiter taken out of the line: its ticket, owner and fairness tag.
+pub(crate) type Taken = (u64, u64, u64);
 
 /// The push could not take a cell: every cell holds a waiter or a tombstone.
 #[derive(Debug, PartialEq, Eq)]
@@ -78,8 +91,9 @@ impl<'a> Ring<'a> {
         }
     }
 
-    /// Joins the back of the line at `now` for `owner`; returns the ticket.
-    pub(crate) fn push(&self, now: u64, owner: u64) -> Result<u64, RingFull> {
+    /// Joins the back of the line at `now` for `owner`, with its fairness
+    /// `tag` and own deadline `due` (0: none); returns the ticket.
+    pub(crate) fn push(&self, now: u64, owner: u64, tag: u64, due: u64) -> Result<u64, RingFull> {
         loop {
             let t = self.tail.load(SeqCst);
             let i = self.idx(t);
@@ -89,6 +103,8 @@ impl<'a> Ring<'a> {
                     // Relaxed: the SeqCst store of the cell below publishes both.
                     self.enqueued_ns[i].store(now, Relaxed);
                     self.owners[i].store(owner, Relaxed);
+                    self.tags[i].store(tag, Relaxed);
+                    self.dues[i].store(due, Relaxed);
                     self.cells[i].store(cell(t, WAITING), SeqCst);
                     return Ok(t);
                 }
@@ -118,10 +134,10 @@ impl<'a> Ring<'a> {
     }
 
     /// Takes the waiter at the front, reclaiming tombstones on the way; returns
-    /// its ticket and owner. `None` when nothing is published (a producer that
-    /// took a ticket but has not published yet dispatches for itself right
-    /// after publishing).
-    pub(crate) fn pop(&self) -> Option<(u64, u64)> {
+    /// its ticket, owner and tag. `None` when nothing is published (a producer
+    /// that took a ticket but has not published yet dispatches for itself
+    /// right after publishing).
+    pub(crate) fn pop(&self) -> Option<Taken> {
         loop {
             let h = self.head.load(Acquire);
             let i = self.idx(h);
@@ -133,12 +149,13 @@ impl<'a> Ring<'a> {
                 }
                 // Valid once the CAS below succeeds from this same word.
                 let owner = self.owners[i].load(SeqCst);
+                let tag = self.tags[i].load(SeqCst);
                 if self.cells[i].compare_exchange(word, cell(h + self.cap(), EMPTY), SeqCst, SeqCst).is_ok() {
                     // The CAS decided ticket h; the head only has to follow
                     // (see `head`), so a store, not a second locked RMW.
                     self.head.store(h + 1, Release);
                     if state == WAITING {
-                        return Some((h, owner));
+                        return Some((h, owner, tag));
                     }
                 }
             } else if pos > h {
@@ -168,19 +185,64 @@ impl<'a> Ring<'a> {
 
     /// Removes waiter `pos` if it is still waiting. False: it was already
     /// granted, expired or evicted (its fate is decided elsewhere).
+    #[cfg(test)]
     pub(crate) fn remove(&self, pos: u64) -> bool {
-        let c = &self.cells[self.idx(pos)];
-        c.compare_exchange(cell(pos, WAITING), cell(pos, TOMB), SeqCst, SeqCst).is_ok()
+        self.remove_owned(pos).is_some()
     }
 
-    /// Removes waiter `pos` if it is still waiting; returns its owner.
-    pub(crate) fn remove_owned(&self, pos: u64) -> Option<u64> {
+    /// Removes waiter `pos` if it is still waiting; returns its owner and tag.
+    pub(crate) fn remove_owned(&self, pos: u64) -> Option<(u64, u64)> {
         let i = self.idx(pos);
         if self.cells[i].load(SeqCst) != cell(pos, WAITING) {
             return None;
         }
         let owner = self.owners[i].load(SeqCst);
-        self.remove(pos).then_some(owner)
+        let tag = self.tags[i].load(SeqCst);
+        let c = &self.cells[i];
+        c.compare_exchange(cell(pos, WAITING), cell(pos, TOMB), SeqCst, SeqCst).is_ok().then_some((owner, tag))
+    }
+
+    /// Takes the oldest waiting ticket of flow queue `queue` at or after
+    /// `from` (its queue's hint), with the same CAS as a cancel. Returns it
+    /// (ticket, owner, tag) and the queue's next hint: the ticket after it,
+    /// or, when nothing was found, the tail it looked up to; in both cases no
+    /// further than the first ticket it found taken but not yet published
+    /// (that one's queue is not known yet). So the hint never passes a
+    /// ticket of `queue` that is or may become waiting: every ticket below
+    /// it was seen published (with another queue, or no longer waiting), and
+    /// tickets never come back. A hint stored late may move it back, which
+    /// only costs a longer look next time.
+    pub(crate) fn take_first(&self, from: u64, queue: u32) -> (Option<Taken>, u64) {
+        let (h, t) = self.live_span();
+        let mut unpublished = t;
+        let mut p = from.max(h);
+        while p < t {
+            let i = self.idx(p);
+            let word = self.cells[i].load(SeqCst);
+            let (pos, state) = split(word);
+            if pos == p && state == EMPTY {
+                unpublished = unpublished.min(p);
+            } else if pos == p && state == WAITING {
+                let tag = self.tags[i].load(SeqCst);
+                if crate::fair::tag_queue(tag) == queue {
+                    let owner = self.owners[i].load(SeqCst);
+                    if self.cells[i].compare_exchange(word, cell(p, TOMB), SeqCst, SeqCst).is_ok() {
+                        return (Some((p, owner, tag)), unpublished.min(p + 1));
+                    }
+                    // Decided meanwhile (granted, cancelled): look at it again.
+                    continue;
+                }
+            }
+            p += 1;
+        }
+        (None, unpublished)
+    }
+
+    /// Tickets between the head hint and the tail: live waiters and the
+    /// tombstones the head has not reclaimed yet.
+    pub(crate) fn span(&self) -> u64 {
+        let (h, t) = self.live_span();
+        t - h
     }
 
     /// Tickets that may be waiting: from the head hint (no further back than
@@ -192,16 +254,37 @@ impl<'a> Ring<'a> {
     }
 
     /// Removes every waiting ticket whose owner is `owner` (a dead worker);
-    /// calls `on_removed` per ticket.
-    pub(crate) fn remove_all_of(&self, owner: u64, mut on_removed: impl FnMut(u64)) {
+    /// calls `on_removed` per ticket with its tag.
+    pub(crate) fn remove_all_of(&self, owner: u64, mut on_removed: impl FnMut(u64, u64)) {
         let (h, t) = self.live_span();
         for p in h..t {
             let i = self.idx(p);
-            if self.cells[i].load(SeqCst) == cell(p, WAITING)
-                && self.owners[i].load(SeqCst) == owner
-                && self.remove(p)
-            {
-                on_removed(p);
+            if self.cells[i].load(SeqCst) == cell(p, WAITING) && self.owners[i].load(SeqCst) == owner {
+                if let Some((o, tag)) = self.remove_owned(p) {
+                    // The owner read again under the CAS's trust rule.
+                    debug_assert_eq!(o, owner);
+                    on_removed(p, tag);
+                }
+            }
+        }
+    }
+
+    /// Expires every waiter whose own deadline (`dues`) is at or before
+    /// `now`, anywhere in the line (own deadlines are not in join order);
+    /// `on_expired` gets the ticket, owner and tag.
+    pub(crate) fn expire_own(&self, now: u64, mut on_expired: impl FnMut(u64, u64, u64)) {
+        let (h, t) = self.live_span();
+        for p in h..t {
+            let i = self.idx(p);
+            if self.cells[i].load(SeqCst) != cell(p, WAITING) {
+                continue;
+            }
+            let due = self.dues[i].load(SeqCst);
+            if due != 0 && due <= now {
+                // A due read from a later ticket of this cell fails the CAS.
+                if let Some((owner, tag)) = self.remove_owned(p) {
+                    on_expired(p, owner, tag);
+                }
             }
         }
     }
@@ -215,14 +298,14 @@ impl<'a> Ring<'a> {
     }
 
     /// Removes the newest waiting ticket (scanning back from the tail);
-    /// returns it and its owner.
-    pub(crate) fn remove_newest(&self) -> Option<(u64, u64)> {
+    /// returns it, its owner and tag.
+    pub(crate) fn remove_newest(&self) -> Option<Taken> {
         let (h, t) = self.live_span();
         let mut p = t;
         while p > h {
             p -= 1;
-            if let Some(owner) = self.remove_owned(p) {
-                return Some((p, owner));
+            if let Some((owner, tag)) = self.remove_owned(p) {
+                return Some((p, owner, tag));
             }
         }
         None
@@ -231,8 +314,8 @@ impl<'a> Ring<'a> {
     /// Expires waiters at the front that joined at or before `deadline`
     /// (= now - max_wait), calling `on_expired` for each. Stops at the first
     /// live waiter that is still in time: the line is FIFO, so those behind
-    /// it joined later. `on_expired` gets the ticket and its owner.
-    pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64, u64)) {
+    /// it joined later. `on_expired` gets the ticket, its owner and tag.
+    pub(crate) fn expire(&self, deadline: u64, mut on_expired: impl FnMut(u64, u64, u64)) {
         loop {
             self.reap();
             let h = self.head.load(Acquire);
@@ -249,23 +332,25 @@ impl<'a> Ring<'a> {
             if self.enqueued_ns[i].load(SeqCst) > deadline {
                 return;
             }
-            if let Some(owner) = self.remove_owned(h) {
-                on_expired(h, owner);
+            if let Some((owner, tag)) = self.remove_owned(h) {
+                on_expired(h, owner, tag);
             }
         }
     }
 
-    /// The waiter's join time, if `pos` is still waiting.
-    pub(crate) fn enqueued_at(&self, pos: u64) -> Option<u64> {
+    /// The waiter's join time and own deadline (0: none), if `pos` is
+    /// still waiting.
+    pub(crate) fn enqueued_at(&self, pos: u64) -> Option<(u64, u64)> {
         let i = self.idx(pos);
         let waiting = cell(pos, WAITING);
-        // Cell, time, cell again: tickets never repeat, so an unchanged cell
-        // means the time read belongs to `pos`.
+        // Cell, times, cell again: tickets never repeat, so an unchanged cell
+        // means the times read belong to `pos`.
         if self.cells[i].load(SeqCst) != waiting {
             return None;
         }
         let at = self.enqueued_ns[i].load(SeqCst);
-        (self.cells[i].load(SeqCst) == waiting).then_some(at)
+        let due = self.dues[i].load(SeqCst);
+        (self.cells[i].load(SeqCst) == waiting).then_some((at, due))
     }
 }
 
@@ -279,6 +364,8 @@ mod tests {
         cells: Vec<AtomicU64>,
         enq: Vec<AtomicU64>,
         own: Vec<AtomicU64>,
+        tags: Vec<AtomicU64>,
+        dues: Vec<AtomicU64>,
     }
     impl Owned {
         fn new(cap: usize) -> Self {
@@ -288,12 +375,14 @@ mod tests {
                 cells: (0..cap).map(|_| AtomicU64::new(0)).collect(),
                 enq: (0..cap).map(|_| AtomicU64::new(0)).collect(),
                 own: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+                tags: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+                dues: (0..cap).map(|_| AtomicU64::new(0)).collect(),
             };
             o.ring().init();
             o
         }
         fn ring(&self) -> Ring<'_> {
-            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq, owners: &self.own }
+            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq, owners: &self.own, tags: &self.tags, dues: &self.dues }
         }
     }
 
@@ -302,7 +391,7 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..5 {
-            assert_eq!(r.push(n, 0), Ok(n));
+            assert_eq!(r.push(n, 0, 0, 0), Ok(n));
         }
         assert_eq!((0..5).map(|_| r.pop().unwrap().0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert_eq!(r.pop(), None);
@@ -313,17 +402,17 @@ mod tests {
         let o = Owned::new(4);
         let r = o.ring();
         for n in 0..4 {
-            r.push(n, 0).unwrap();
+            r.push(n, 0, 0, 0).unwrap();
         }
-        assert_eq!(r.push(9, 0), Err(RingFull));
+        assert_eq!(r.push(9, 0, 0, 0), Err(RingFull));
         assert!(r.remove(0));
         assert!(!r.remove(0), "a waiter leaves exactly once");
         r.reap();
-        assert_eq!(r.push(9, 0), Ok(4), "the reclaimed cell is reused");
+        assert_eq!(r.push(9, 0, 0, 0), Ok(4), "the reclaimed cell is reused");
         assert!(r.remove(2));
-        assert_eq!(r.pop(), Some((1, 0)));
-        assert_eq!(r.pop(), Some((3, 0)));
-        assert_eq!(r.pop(), Some((4, 0)));
+        assert_eq!(r.pop(), Some((1, 0, 0)));
+        assert_eq!(r.pop(), Some((3, 0, 0)));
+        assert_eq!(r.pop(), Some((4, 0, 0)));
         assert_eq!(r.pop(), None);
     }
 
@@ -332,11 +421,11 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..3 {
-            r.push(n, 0).unwrap();
+            r.push(n, 0, 0, 0).unwrap();
         }
         assert!(r.remove(2));
-        assert_eq!(r.remove_newest(), Some((1, 0)));
-        assert_eq!(r.pop(), Some((0, 0)));
+        assert_eq!(r.remove_newest(), Some((1, 0, 0)));
+        assert_eq!(r.pop(), Some((0, 0, 0)));
         assert_eq!(r.remove_newest(), None);
     }
 
@@ -345,13 +434,13 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for at in [10, 20, 30] {
-            r.push(at, 0).unwrap();
+            r.push(at, 0, 0, 0).unwrap();
         }
         let mut gone = vec![];
-        r.expire(20, |p, _| gone.push(p));
+        r.expire(20, |p, _, _| gone.push(p));
         assert_eq!(gone, vec![0, 1]);
-        assert_eq!(r.enqueued_at(2), Some(30));
-        assert_eq!(r.pop(), Some((2, 0)));
+        assert_eq!(r.enqueued_at(2), Some((30, 0)));
+        assert_eq!(r.pop(), Some((2, 0, 0)));
     }
 
     #[test]
@@ -359,13 +448,13 @@ mod tests {
         let o = Owned::new(4);
         let r = o.ring();
         for (n, owner) in [7u64, 8, 7, 9].into_iter().enumerate() {
-            assert_eq!(r.push(n as u64, owner), Ok(n as u64));
+            assert_eq!(r.push(n as u64, owner, 0, 0), Ok(n as u64));
         }
         let mut gone = vec![];
-        r.remove_all_of(7, |p| gone.push(p));
+        r.remove_all_of(7, |p, _| gone.push(p));
         assert_eq!(gone, vec![0, 2]);
-        assert_eq!(r.remove_newest(), Some((3, 9)));
-        assert_eq!(r.pop(), Some((1, 8)));
+        assert_eq!(r.remove_newest(), Some((3, 9, 0)));
+        assert_eq!(r.pop(), Some((1, 8, 0)));
         assert_eq!(r.pop(), None);
     }
 
@@ -375,9 +464,9 @@ mod tests {
         let r = o.ring();
         // Two laps in, so the stale cells hold later tickets, not empty ones.
         for n in 0..11 {
-            r.push(n, 0).unwrap();
+            r.push(n, 0, 0, 0).unwrap();
             if n < 9 {
-                assert_eq!(r.pop(), Some((n, 0)));
+                assert_eq!(r.pop(), Some((n, 0, 0)));
             }
         }
         assert!(r.remove(10));
@@ -385,16 +474,16 @@ mod tests {
             // A releaser that reclaimed ticket `stale - 1` long ago stores now.
             o.head.store(stale, Release);
             assert!(r.has_published(), "a lagging head is work for pop");
-            assert_eq!(r.enqueued_at(9), Some(9));
+            assert_eq!(r.enqueued_at(9), Some((9, 0)));
         }
-        assert_eq!(r.remove_newest(), Some((9, 0)));
+        assert_eq!(r.remove_newest(), Some((9, 0, 0)));
         o.head.store(2, Release);
-        r.expire(u64::MAX, |p, _| panic!("expired {p}"));
+        r.expire(u64::MAX, |p, _, _| panic!("expired {p}"));
         assert_eq!(r.pop(), None);
         assert_eq!(o.head.load(Acquire), 11, "tombstones reclaimed, head caught up");
-        assert_eq!(r.push(11, 0), Ok(11));
+        assert_eq!(r.push(11, 0, 0, 0), Ok(11));
         o.head.store(5, Release);
-        assert_eq!(r.pop(), Some((11, 0)));
+        assert_eq!(r.pop(), Some((11, 0, 0)));
         assert_eq!(r.pop(), None);
     }
 
@@ -402,9 +491,62 @@ mod tests {
     fn granted_waiter_cannot_be_removed() {
         let o = Owned::new(4);
         let r = o.ring();
-        r.push(0, 0).unwrap();
-        assert_eq!(r.pop(), Some((0, 0)));
+        r.push(0, 0, 0, 0).unwrap();
+        assert_eq!(r.pop(), Some((0, 0, 0)));
         assert!(!r.remove(0));
         assert_eq!(r.enqueued_at(0), None);
+    }
+
+    #[test]
+    fn a_fair_take_picks_the_oldest_of_its_queue_from_the_middle_of_the_line() {
+        use crate::fair::tag;
+        let o = Owned::new(16);
+        let r = o.ring();
+        // Arrival order: queue 1, 1, 2, 1, 2.
+        for (n, q) in [1u32, 1, 2, 1, 2].into_iter().enumerate() {
+            r.push(n as u64, 0, tag(q, 10, false), 0).unwrap();
+        }
+        assert_eq!(r.take_first(0, 2), (Some((2, 0, tag(2, 10, false))), 3));
+        assert_eq!(r.take_first(3, 2), (Some((4, 0, tag(2, 10, false))), 5));
+        assert_eq!(r.take_first(5, 2), (None, 5), "nothing more of queue 2: the hint goes to the tail");
+        assert_eq!(r.span(), 5, "the tombstones wait for the head");
+        assert_eq!(r.pop().map(|t| t.0), Some(0));
+        assert_eq!(r.pop().map(|t| t.0), Some(1));
+        assert_eq!(r.pop().map(|t| t.0), Some(3), "the head skips the taken tickets");
+        r.reap();
+        assert_eq!(r.span(), 0);
+    }
+
+    #[test]
+    fn a_fair_take_never_moves_the_hint_past_a_ticket_not_yet_published() {
+        use crate::fair::tag;
+        let o = Owned::new(8);
+        let r = o.ring();
+        r.push(0, 0, tag(1, 1, false), 0).unwrap();
+        // A producer took ticket 1 and has not published it yet.
+        o.tail.store(2, SeqCst);
+        o.cells[2].store(cell(2, EMPTY), SeqCst);
+        o.tail.store(3, SeqCst);
+        o.cells[2].store(cell(2, WAITING), SeqCst);
+        o.tags[2].store(tag(1, 1, false), SeqCst);
+        // Ticket 2 is published (queue 1) but ticket 1 is not.
+        let (got, hint) = r.take_first(1, 1);
+        assert_eq!(got.map(|t| t.0), Some(2));
+        assert_eq!(hint, 1, "ticket 1 may turn out to be queue 1's");
+    }
+
+    #[test]
+    fn own_deadlines_expire_anywhere_in_the_line() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        r.push(10, 0, 0, 0).unwrap();
+        r.push(11, 0, 0, 50).unwrap();
+        r.push(12, 0, 0, 40).unwrap();
+        r.push(13, 0, 0, 90).unwrap();
+        let mut gone = vec![];
+        r.expire_own(50, |p, _, _| gone.push(p));
+        assert_eq!(gone, vec![1, 2]);
+        assert_eq!(r.enqueued_at(3), Some((13, 90)));
+        assert_eq!(r.enqueued_at(0), Some((10, 0)));
     }
 }

@@ -9,6 +9,8 @@ pub mod bucket;
 pub mod clock;
 mod crash;
 pub mod error;
+#[doc(hidden)]
+pub mod fair;
 pub mod keytable;
 pub mod limit;
 mod lanes;
@@ -26,9 +28,9 @@ mod words;
 #[cfg(feature = "python")]
 mod py;
 
-pub use admission::{Admit, Outcome, Pool, ShedCode, Stats, WaiterId};
+pub use admission::{Admit, Ask, Outcome, Placed, Pool, ShedCode, Stats, WaiterId};
 pub use block::MAX_WORKERS;
-pub use settings::{PoolSettings, PoolSpec};
+pub use settings::{Fairness, PoolSettings, PoolSpec};
 pub use limit::{LimitMode, Signal};
 pub use bucket::{BucketParams, Decision, TokenBucket};
 pub use clock::{Clock, ManualClock};

@@ -9,7 +9,8 @@ use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
-use crate::admission::{Admit, Outcome, Pool, ShedCode};
+use crate::admission::{Admit, Ask, Outcome, Pool, ShedCode};
+use crate::fair;
 use crate::settings::{self, Kind, PoolSettings, PoolSpec, Value};
 use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
@@ -187,6 +188,16 @@ fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value
                 }
             }
         }
+        Kind::Choice(choices) => {
+            let given = v.cast::<PyString>().ok().map(|s| s.to_str().map(str::to_owned)).transpose()?;
+            match given.as_deref().and_then(|g| choices.iter().find(|c| **c == g)) {
+                Some(c) => Value::Choice(c),
+                None => {
+                    let one_of = choices.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(" or ");
+                    return Err(CoreError::arg(f.name, format!("expected {one_of}, got {}", shown(v)?)).into());
+                }
+            }
+        }
         Kind::LaneMs => {
             let Ok(d) = v.cast::<PyDict>() else {
                 let ms = num_arg(f.name, v)?;
@@ -226,7 +237,7 @@ impl PySettingField {
     fn name(&self) -> &'static str {
         self.0.name
     }
-    /// "int", "number", "int_or_auto" or "lane_ms".
+    /// "int", "number", "int_or_auto", "lane_ms" or "choice".
     #[getter]
     fn kind(&self) -> &'static str {
         self.0.kind.as_str()
@@ -329,6 +340,15 @@ impl PyPoolSettings {
     fn engine_interval_ms(&self) -> f64 {
         self.0.engine_interval_ns as f64 / 1e6
     }
+    /// "tokens" or "off".
+    #[getter]
+    fn fairness(&self) -> &'static str {
+        self.0.fairness.as_str()
+    }
+    #[getter]
+    fn fair_queues(&self) -> u32 {
+        self.0.fair_queues
+    }
 
     fn __repr__(&self) -> String {
         let limit = match self.0.limit {
@@ -418,17 +438,81 @@ impl PyAdmissionCore {
         self.0.held_by(worker)
     }
 
-    /// `(0, -1, -1, -1)` admitted now; `(1, waiter, evicted, granted)` queued;
-    /// `(2, code, retry_after_ns, evicted)` shed (code indexes SHED_CODES;
-    /// `evicted` as when queued: a waiter pushed out on the way, to shed too).
-    fn admit(&self, lane: u8, cost: i64) -> PyResult<(u8, i64, i64, i64)> {
-        Ok(match self.0.admit(lane_of(lane)?, cost_of(cost)?) {
-            Admit::Now => (0, NONE, NONE, NONE),
-            Admit::Queued { waiter, evicted, granted } => (1, waiter as i64, opt(evicted), opt(granted)),
+    /// A request's ask, checked: `(queue_a, queue_b, service, max_wait_ns
+    /// or -1)` for `admit`. `flow`'s UTF-8 bytes are hashed to its two
+    /// queues; `weight` 0.01 to 100; `charge` >= 0 (0 counts as 1);
+    /// `max_wait_ms` a positive integer or None.
+    #[pyo3(signature = (flow = "", weight = 1.0, charge = 1, max_wait_ms = None))]
+    fn ask(&self, flow: &str, weight: f64, charge: i64, max_wait_ms: Option<i64>) -> PyResult<(u32, u32, u64, i64)> {
+        let centi = fair::weight_centi(weight)?;
+        if charge < 0 {
+            return Err(CoreError::arg("charge", format!("must be at least 0, got {charge}")).into());
+        }
+        let wait = match max_wait_ms {
+            None => NONE,
+            Some(ms) if (1..=86_400_000).contains(&ms) => ms * 1_000_000,
+            Some(ms) => return Err(CoreError::arg("max_wait_ms", format!("must be a positive integer of at most 86400000, got {ms}")).into()),
+        };
+        let (a, b) = self.0.hand(flow.as_bytes());
+        Ok((a, b, fair::service(charge as u64, centi), wait))
+    }
+
+    /// `(0, -1, -1, -1, queue, -1)` admitted now; `(1, waiter, evicted,
+    /// granted, queue, predicted_ns)` queued; `(2, code, retry_after_ns,
+    /// evicted, queue, predicted_ns)` shed (code indexes SHED_CODES;
+    /// `evicted` as when queued: a waiter pushed out on the way, to shed
+    /// too). `predicted_ns` is -1 when unknown (no drain measured yet). The
+    /// ask's four values come from `ask` (default: the anonymous flow).
+    #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1))]
+    fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64) -> PyResult<(u8, i64, i64, i64, u32, i64)> {
+        let lane = lane_of(lane)?;
+        let cost = cost_of(cost)?;
+        let (decided, placed) = match queue_a {
+            None => self.0.admit_ask(lane, cost, &self.0.ask_anonymous()),
+            Some(a) => {
+                let q = self.0.settings().fair_queues;
+                let ask = Ask {
+                    hand: (a.min(q - 1), queue_b.min(q - 1)),
+                    service: service.clamp(1, fair::MAX_SERVICE),
+                    max_wait_ns: (max_wait_ns > 0).then_some(max_wait_ns as u64),
+                };
+                self.0.admit_ask(lane, cost, &ask)
+            }
+        };
+        let predicted = opt(placed.predicted_ns);
+        Ok(match decided {
+            Admit::Now => (0, NONE, NONE, NONE, placed.queue, NONE),
+            Admit::Queued { waiter, evicted, granted } => (1, waiter as i64, opt(evicted), opt(granted), placed.queue, predicted),
             Admit::Shed { code, retry_after_ns, evicted } => {
-                (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, opt(evicted))
+                (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, opt(evicted), placed.queue, predicted)
             }
         })
+    }
+
+    /// Replaces the service a request of `queue` in `lane` was charged at
+    /// dispatch (`estimate`, from `ask`) by its real `charge` at `weight`.
+    fn settle(&self, lane: u8, queue: u32, estimate: u64, charge: i64, weight: f64) -> PyResult<()> {
+        let centi = fair::weight_centi(weight)?;
+        if charge < 0 {
+            return Err(CoreError::arg("charge", format!("must be at least 0, got {charge}")).into());
+        }
+        self.0.settle(lane_of(lane)?, queue, estimate, fair::service(charge as u64, centi));
+        Ok(())
+    }
+
+    /// `[(lane, queue, service)]`: service given here since the last export.
+    fn fair_service_export(&self) -> Vec<(u8, u32, i64)> {
+        let mut out = Vec::new();
+        self.0.fair_export(|lane, q, d| out.push((lane as u8, q, d)));
+        out
+    }
+
+    /// Adds other hosts' service (`[(lane, queue, service)]`, their export).
+    fn fair_service_import(&self, items: Vec<(u8, u32, i64)>) -> PyResult<()> {
+        for (lane, q, d) in items {
+            self.0.fair_import(lane_of(lane)?, q, d);
+        }
+        Ok(())
     }
 
     /// Frees a slot; returns the waiter it passed to, if any.
@@ -505,6 +589,9 @@ impl PyAdmissionCore {
         out.set_item("admitted", lanes(s.admitted)?)?;
         out.set_item("shed", shed)?;
         out.set_item("cancelled", s.cancelled)?;
+        out.set_item("fairness", s.fairness.as_str())?;
+        out.set_item("fair_flows_active", lanes(s.fair_flows_active.map(u64::from))?)?;
+        out.set_item("deadline_refused", s.deadline_refused)?;
         Ok(out)
     }
 }

@@ -12,6 +12,7 @@
 
 use crate::bucket::BucketParams;
 use crate::error::CoreError;
+use crate::fair;
 use crate::limit::LimitMode;
 use crate::Lane;
 
@@ -39,6 +40,29 @@ pub struct PoolSpec {
     /// `metrics_interval_ms`); samples closer than half of it to the last one
     /// applied are dropped, so N workers scraping one engine act as one.
     pub engine_interval_ms: f64,
+    /// `"tokens"` (weighted fair queuing inside each lane, `fair.rs`) or
+    /// `"off"` (first come, first served, as before fairness).
+    pub fairness: String,
+    /// Flow queues per lane (`fair.rs`).
+    pub fair_queues: i64,
+}
+
+/// How a lane orders its waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fairness {
+    /// The waiting flow queue with the least service goes next (VTC).
+    Tokens,
+    /// First come, first served.
+    Off,
+}
+
+impl Fairness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fairness::Tokens => "tokens",
+            Fairness::Off => "off",
+        }
+    }
 }
 
 /// Adaptive defaults (docs/configuration.md): at least 2 slots, so a
@@ -66,6 +90,8 @@ pub enum Kind {
     /// Milliseconds: one number for both lanes, or a table of lane to number
     /// (a lane left out keeps its default).
     LaneMs,
+    /// One of these strings.
+    Choice(&'static [&'static str]),
 }
 
 impl Kind {
@@ -75,6 +101,7 @@ impl Kind {
             Kind::Number => "number",
             Kind::IntOrAuto => "int_or_auto",
             Kind::LaneMs => "lane_ms",
+            Kind::Choice(_) => "choice",
         }
     }
 }
@@ -88,6 +115,8 @@ pub enum Value {
     Auto,
     /// Per lane, indexed by `Lane as usize`; `None` keeps that lane's value.
     LaneMs([Option<f64>; 2]),
+    /// One of its `Kind::Choice` strings.
+    Choice(&'static str),
 }
 
 /// What applies to a setting not given.
@@ -206,6 +235,22 @@ pub const FIELDS: &[Field] = &[
         doc: "slots a default request may not take",
     },
     Field {
+        name: "fairness",
+        kind: Kind::Choice(&["tokens", "off"]),
+        fallback: Fallback::Value(Value::Choice("tokens")),
+        range: "`\"tokens\"` or `\"off\"`",
+        toml: true,
+        doc: "inside a lane: the flow with the least service (tokens over weight) goes next; \"off\": first come, first served",
+    },
+    Field {
+        name: "fair_queues",
+        kind: Kind::Int,
+        fallback: Fallback::Value(Value::Int(fair::DEFAULT_QUEUES as i64)),
+        range: "1 - 4,096",
+        toml: true,
+        doc: "flow queues per lane; each flow hashes to two and joins the shorter",
+    },
+    Field {
         name: "engine_interval_ms",
         kind: Kind::Number,
         fallback: Fallback::Value(Value::Number(100.0)),
@@ -231,6 +276,7 @@ impl Field {
                 format!("`{{ default = {}, priority = {} }}`", ms(d), ms(p))
             }
             Fallback::Value(Value::Auto) => "`\"auto\"`".to_string(),
+            Fallback::Value(Value::Choice(c)) => format!("`{c:?}`"),
             Fallback::Absent(text) => text.to_string(),
         }
     }
@@ -252,6 +298,8 @@ impl Default for PoolSpec {
             default_min_share: 0.0,
             priority_headroom: 0,
             engine_interval_ms: 0.0,
+            fairness: String::new(),
+            fair_queues: 0,
         };
         for f in FIELDS {
             if let Fallback::Value(v) = f.fallback {
@@ -296,6 +344,8 @@ impl PoolSpec {
             ("default_min_share", Value::Number(x)) => self.default_min_share = x,
             ("priority_headroom", Value::Int(n)) => self.priority_headroom = n,
             ("engine_interval_ms", Value::Number(x)) => self.engine_interval_ms = x,
+            ("fairness", Value::Choice(c)) => self.fairness = c.to_string(),
+            ("fair_queues", Value::Int(n)) => self.fair_queues = n,
             (name, v) => return Err(CoreError::arg(f.name, format!("{v:?} is not a value of {name} ({})", f.kind.as_str()))),
         }
         Ok(())
@@ -388,7 +438,17 @@ impl PoolSpec {
         if !(ms.is_finite() && (1.0..=60_000.0).contains(&ms)) {
             return Err(CoreError::arg("engine_interval_ms", format!("must be between 1 and 60000, got {ms}")));
         }
+        let fairness = match self.fairness.as_str() {
+            "tokens" => Fairness::Tokens,
+            "off" => Fairness::Off,
+            other => return Err(CoreError::arg("fairness", format!("must be \"tokens\" or \"off\", got {other:?}"))),
+        };
+        if !(1..=fair::MAX_QUEUES as i64).contains(&self.fair_queues) {
+            return Err(CoreError::arg("fair_queues", format!("must be between 1 and {}, got {}", fair::MAX_QUEUES, self.fair_queues)));
+        }
         Ok(PoolSettings {
+            fairness,
+            fair_queues: self.fair_queues as u32,
             limit,
             queue_depth: self.queue_depth as u32,
             max_wait_ns,
@@ -415,6 +475,8 @@ pub struct PoolSettings {
     /// limit's minimum, so defaults always have a slot.
     pub priority_headroom: u32,
     pub engine_interval_ns: u64,
+    pub fairness: Fairness,
+    pub fair_queues: u32,
 }
 
 impl PoolSettings {
@@ -436,6 +498,7 @@ mod tests {
             Kind::Number => Value::Number(0.5),
             Kind::IntOrAuto => Value::Int(3),
             Kind::LaneMs => Value::LaneMs([Some(1.0), None]),
+            Kind::Choice(choices) => Value::Choice(choices[choices.len() - 1]),
         }
     }
 

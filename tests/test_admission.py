@@ -491,6 +491,9 @@ def test_stats_shape() -> None:
         "admitted": {"priority": 0, "default": 0},
         "shed": {"server_overloaded": 0, "queue_timeout": 0, "rate_limit_exceeded": 0},
         "cancelled": 0,
+        "fairness": "tokens",
+        "fair_flows_active": {"priority": 0, "default": 0},
+        "deadline_refused": 0,
     }
 
 

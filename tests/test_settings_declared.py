@@ -25,9 +25,10 @@ STUB_TYPE = {
     "number": "float | None",
     "int_or_auto": "int | Literal['auto'] | None",
     "lane_ms": "float | Mapping[str, float] | None",
+    "choice": "str | None",
 }
 # A value of the wrong type for each kind, as a TOML value.
-WRONG_TYPE = {"int": '"2"', "number": '"fast"', "int_or_auto": '"many"', "lane_ms": '"soon"'}
+WRONG_TYPE = {"int": '"2"', "number": '"fast"', "int_or_auto": '"many"', "lane_ms": '"soon"', "choice": '"fast"'}
 
 
 def test_the_core_declares_each_setting_once_with_its_kind_default_range_and_doc() -> None:

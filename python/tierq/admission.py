@@ -35,13 +35,25 @@ class Shed(Exception):
     `code` is one of ``server_overloaded``, ``queue_timeout`` and
     ``rate_limit_exceeded``; `retry_after_s` is the exact wait the core computed;
     `queue_ms` how long the request waited in its lane first (0: shed at once).
+    `deadline_refused`: refused at join, its predicted wait (`predicted_wait_s`,
+    else None) being past the request's own `max_wait_ms`.
     """
 
-    def __init__(self, code: str, retry_after_s: float, lane: str) -> None:
+    def __init__(
+        self,
+        code: str,
+        retry_after_s: float,
+        lane: str,
+        *,
+        predicted_wait_s: float | None = None,
+        deadline_refused: bool = False,
+    ) -> None:
         self.code = code
         self.retry_after_s = retry_after_s
         self.lane = lane
         self.queue_ms = 0.0
+        self.predicted_wait_s = predicted_wait_s
+        self.deadline_refused = deadline_refused
         super().__init__(f"{code}: retry after {retry_after_s:.3f}s ({lane} lane)")
 
     @property
@@ -57,23 +69,38 @@ class Shed(Exception):
         return retry_after(self.retry_after_s).s
 
 
+# The anonymous flow's ask, as `AdmissionCore.ask()` returns it.
+_Ask = tuple[int, int, int, int]
+
+
 class Slot:
     """One `acquire()`: waits in its lane on enter, releases on exit.
 
     The object is its own slot so that an admission allocates nothing else.
     `queue_ms` is the time it waited in the lane, stamped however the wait
     ended (granted, shed or cancelled).
+    `flow_queue` is the flow queue it joined (or was charged to);
+    `predicted_wait_s` the core's prediction at join when it had to wait
+    (None otherwise, or before the pool measured its drain rate).
     """
 
-    __slots__ = ("_adm", "_fut", "_timer", "lane", "cost", "queue_ns")
+    __slots__ = (
+        "_adm", "_fut", "_timer", "_ask", "_weight", "_settled", "lane", "cost", "queue_ns",
+        "flow_queue", "predicted_wait_s",
+    )
 
-    def __init__(self, adm: Admission, lane: int, cost: int) -> None:
+    def __init__(self, adm: Admission, lane: int, cost: int, ask: _Ask | None, weight: float) -> None:
         self._adm = adm
         self._fut: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._ask = ask
+        self._weight = weight
+        self._settled = False
         self.lane = lane
         self.cost = cost
         self.queue_ns = 0
+        self.flow_queue = 0
+        self.predicted_wait_s: float | None = None
 
     @property
     def tier(self) -> str:
@@ -87,7 +114,12 @@ class Slot:
     async def __aenter__(self) -> Slot:
         adm = self._adm
         core = adm._core
-        kind, a, b, c = core.admit(self.lane, self.cost)
+        ask = self._ask
+        if ask is None:
+            kind, a, b, c, queue, predicted = core.admit(self.lane, self.cost)
+        else:
+            kind, a, b, c, queue, predicted = core.admit(self.lane, self.cost, *ask)
+        self.flow_queue = queue
         if kind == 0:
             return self
         if kind == 2:
@@ -95,8 +127,18 @@ class Slot:
                 # Evicted for this arrival, which then found no free cell itself.
                 adm._shed_waiter(c, "server_overloaded")
             # The core's "never fits" wait (u64::MAX) arrives clamped to i64::MAX.
-            raise Shed(SHED_CODES[a], math.inf if b == _NEVER else b / 1e9, _LANE_NAMES[self.lane])
+            retry = math.inf if b == _NEVER else b / 1e9
+            code = SHED_CODES[a]
+            # Only a deadline refusal is a queue_timeout at join.
+            refused = code == "queue_timeout"
+            raise Shed(
+                code, retry, _LANE_NAMES[self.lane],
+                predicted_wait_s=predicted / 1e9 if refused and predicted != _NONE else None,
+                deadline_refused=refused,
+            )
         # Queued as waiter `a`; maybe it evicted `b`, maybe a slot went to `c`.
+        if predicted != _NONE:
+            self.predicted_wait_s = predicted / 1e9
         if b != _NONE:
             adm._shed_waiter(b, "server_overloaded")
         if c == a:
@@ -105,8 +147,11 @@ class Slot:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._fut = fut
-        # A little after the deadline, so the core sees it passed.
-        self._timer = loop.call_later(adm._max_wait_s[self.lane] + _TIMER_SLACK_S, adm.expire_due)
+        # A little after the deadline (its own, if shorter), so the core sees it passed.
+        wait_s = adm._max_wait_s[self.lane]
+        if ask is not None and ask[3] > 0:
+            wait_s = min(wait_s, ask[3] / 1e9)
+        self._timer = loop.call_later(wait_s + _TIMER_SLACK_S, adm.expire_due)
         adm._waiters[a] = self
         if c != _NONE:
             adm._grant(c)
@@ -136,6 +181,18 @@ class Slot:
     ) -> None:
         self._adm._release()
 
+    def settle(self, charge: int) -> None:
+        """The request's real service (price-weighted tokens, as `charge` at
+        `acquire`): replaces the estimate its flow queue was charged at
+        dispatch. At most once, before the slot is released; later calls
+        are ignored. Without it the estimate stands."""
+        if self._settled:
+            return
+        self._settled = True
+        ask = self._ask
+        estimate = ask[2] if ask is not None else self._adm._anon_service
+        self._adm._core.settle(self.lane, self.flow_queue, estimate, charge, self._weight)
+
 
 class Admission:
     """Admission control for one pool (one model's backend capacity).
@@ -153,7 +210,7 @@ class Admission:
     admitted only while fewer than ``limit - priority_headroom`` are in use.
     """
 
-    __slots__ = ("_core", "_waiters", "_max_wait_s")
+    __slots__ = ("_core", "_waiters", "_max_wait_s", "_anon_service")
 
     def __init__(
         self,
@@ -176,6 +233,7 @@ class Admission:
         self._waiters: dict[int, Slot] = {}
         waits = settings.max_wait_ms
         self._max_wait_s = (waits["priority"] / 1000, waits["default"] / 1000)
+        self._anon_service = core.ask()[2]
 
     @classmethod
     def shared(cls, name: str, worker: int, wake_fds: Sequence[int], settings: PoolSettings) -> Admission:
@@ -253,17 +311,52 @@ class Admission:
                 self._shed_waiter(waiter, SHED_CODES[outcome - 1])
         return len(mail)
 
-    def acquire(self, tier: str = "default", cost: int = 1) -> Slot:
-        """A slot in lane `tier` (``"priority"`` or ``"default"``), as an async context manager."""
+    def acquire(
+        self,
+        tier: str = "default",
+        cost: int = 1,
+        *,
+        flow: str = "",
+        weight: float = 1.0,
+        charge: int = 1,
+        max_wait_ms: int | None = None,
+    ) -> Slot:
+        """A slot in lane `tier` (``"priority"`` or ``"default"``), as an async context manager.
+
+        Inside the lane, flows share by service (``fairness = "tokens"``):
+        `flow` names the request's flow ("" is one anonymous flow), `weight`
+        (0.01 to 100) its share, `charge` (an int >= 0, 0 counting as 1) its
+        estimated service, corrected by `Slot.settle`. `max_wait_ms` (a
+        positive int) is its own deadline, at most the lane's max wait: a
+        request whose predicted wait is longer is refused at once (`Shed`
+        ``queue_timeout`` with `deadline_refused`). Bad values raise
+        ValueError here.
+        """
         try:
             lane = _LANES[tier]
         except (KeyError, TypeError):
             raise ValueError(f'tier: must be "priority" or "default", got {tier!r}') from None
-        return Slot(self, lane, cost)
+        if not flow and weight == 1.0 and charge == 1 and max_wait_ms is None:
+            return Slot(self, lane, cost, None, 1.0)
+        if max_wait_ms is not None and (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int)):
+            raise ValueError(f"max_wait_ms: must be a positive integer, got {max_wait_ms!r}")
+        return Slot(self, lane, cost, self._core.ask(flow, weight, charge, max_wait_ms), weight)
+
+    def fair_service_export(self) -> list[tuple[int, int, int]]:
+        """``[(lane, queue, service)]``: the service this pool (host-wide when
+        shared) gave each flow queue since the last export, for a cluster's
+        lease sync to add on the other hosts (`fair_service_import`)."""
+        return self._core.fair_service_export()
+
+    def fair_service_import(self, items: list[tuple[int, int, int]]) -> None:
+        """Adds other hosts' service (their `fair_service_export`) to these flow
+        queues' counters, so a flow spread over hosts is charged once."""
+        self._core.fair_service_import(items)
 
     def stats(self) -> dict[str, object]:
         """Depth per lane, in flight, admitted per lane, sheds per code,
-        cancelled; the limit in force (`limit`), its
+        cancelled; `fairness` ("tokens" or "off"), `fair_flows_active` (per
+        lane: flow queues with waiters), `deadline_refused`; the limit in force (`limit`), its
         `limit_mode`, `limit_min`, `limit_max`, `limit_signal` (what moved it
         last: engine, latency, backoff or none), `limit_changes` and the
         latency signal's `limit_floor_ms` and `limit_recent_ms`."""

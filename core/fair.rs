@@ -1,0 +1,536 @@
+//! Weighted fair queuing inside one lane: the Virtual Token Counter of Sheng
+//! et al. (OSDI 2024) over a fixed number of flow queues, in caller-provided
+//! atomics so a lane's fair state is part of the pool's block (heap or shared
+//! memory). The waiters themselves stay in the lane's ring (`lanes.rs`, the
+//! arrival order); each ticket records its queue beside it (`tag`), and a
+//! fair pop takes the oldest waiting ticket of the queue with the least
+//! counter (`Ring::take_first`). Memory: `4 * queues` words per lane, so a
+//! pool's block grows with `queue_depth + fair_queues`, not their product.
+//!
+//! The rules, each in one place:
+//! - a flow id (bytes) hashes with a fixed-key hash to a hand of two queues
+//!   (`hand`); it joins the one with fewer waiters (`choose`), as Kubernetes'
+//!   API Priority and Fairness shuffle-shards;
+//! - service is a request's charge divided by its weight (`service`), added
+//!   to its queue's counter when it is dispatched (`charge`) and corrected
+//!   with the real charge when it ends (`correct`);
+//! - a queue that becomes active (0 -> 1 waiters) is lifted to the least
+//!   counter among the active queues, or to the lane's floor (the counter
+//!   last dispatched from) when none is active, so idle time banks no credit
+//!   (`join`);
+//! - the active queue with the least counter goes next (`least`).
+//!
+//! Counts and the active bitmap are hints for the choice, never for safety:
+//! who gets a waiter is decided by the CAS on its ring cell, and a fair pop
+//! that finds nothing falls back to the ring's FIFO pop, so no waiter is
+//! ever lost to a stale hint (see `Pool::pop_lane`).
+
+use crate::error::CoreError;
+use crate::sync::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+
+/// Flow queues per lane unless configured (`fair_queues`).
+pub const DEFAULT_QUEUES: u32 = 64;
+/// Most flow queues a lane may have (the tag keeps 12 bits for the index).
+pub const MAX_QUEUES: u32 = 4096;
+/// Service units per unit of charge at weight 1 (weights are in hundredths,
+/// so the smallest weight, 0.01, costs 100x).
+pub const WEIGHT_ONE: u64 = 100;
+/// Weights allowed: 0.01 to 100, in hundredths.
+pub const MIN_WEIGHT_CENTI: u32 = 1;
+pub const MAX_WEIGHT_CENTI: u32 = 10_000;
+/// Largest service a tag can carry (48 bits).
+pub const MAX_SERVICE: u64 = (1 << 48) - 1;
+
+const QUEUE_MASK: u64 = 0xfff;
+/// Tag bit: this waiter carries its own deadline (counted in `PERSONAL`).
+const TAG_DEADLINE: u64 = 1 << 15;
+
+// A lane's words. Queue q's four words are at QUEUES + 4q.
+const FLOOR: usize = 0;
+const PERSONAL: usize = 1;
+const BITMAP: usize = 2;
+/// Per queue, in order:
+/// COUNTER: virtual service received (service units); only grows, except
+///   by a correction (`correct`) that takes back an estimate's excess.
+/// BASE: COUNTER minus the local service not yet exported (`export`);
+///   lifts and imports move it with the counter, so they are never exported.
+/// WAITING: live waiters tagged with this queue, moved +1 before the ticket
+///   is published and -1 after its cell left WAITING, so it never goes
+///   below the waiters that are published (a hint otherwise).
+/// HINT: a ticket position at or below the oldest waiting ticket of this
+///   queue (a plain store; see `Ring::take_first`).
+const COUNTER: usize = 0;
+const BASE: usize = 1;
+const WAITING: usize = 2;
+const HINT: usize = 3;
+const QUEUE_WORDS: usize = 4;
+
+/// Words a lane's fair state needs for `queues` flow queues.
+pub const fn lane_words(queues: u32) -> usize {
+    BITMAP + (queues as usize).div_ceil(64) + QUEUE_WORDS * queues as usize
+}
+
+/// The two queues a flow may join. FNV-1a 64 with a fixed offset basis and a
+/// splitmix64 finalizer: no per-process seed, so every worker and host puts
+/// a flow in the same two queues.
+pub fn hand(flow: &[u8], queues: u32) -> (u32, u32) {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in flow {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let n = queues.max(1) as u64;
+    let a = h % n;
+    if n == 1 {
+        return (0, 0);
+    }
+    let mut b = (h >> 32) % (n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a as u32, b as u32)
+}
+
+/// A weight (0.01 to 100) in hundredths; the error names `weight`.
+pub fn weight_centi(weight: f64) -> Result<u32, CoreError> {
+    let centi = (weight * 100.0).round();
+    if weight.is_finite() && (MIN_WEIGHT_CENTI as f64..=MAX_WEIGHT_CENTI as f64).contains(&centi) {
+        Ok(centi as u32)
+    } else {
+        Err(CoreError::arg("weight", format!("must be between 0.01 and 100, got {weight}")))
+    }
+}
+
+/// A request's service: its charge (0 counts as 1) over its weight, in
+/// service units (`WEIGHT_ONE` per unit of charge at weight 1).
+#[inline]
+pub fn service(charge: u64, weight_centi: u32) -> u64 {
+    let w = weight_centi.clamp(MIN_WEIGHT_CENTI, MAX_WEIGHT_CENTI) as u64;
+    (charge.max(1).saturating_mul(WEIGHT_ONE * WEIGHT_ONE) / w).clamp(1, MAX_SERVICE)
+}
+
+/// The word recorded beside a ticket: its queue, its service and whether it
+/// has its own deadline.
+#[inline]
+pub fn tag(queue: u32, service: u64, own_deadline: bool) -> u64 {
+    service.min(MAX_SERVICE) << 16 | (own_deadline as u64) << 15 | (queue as u64 & QUEUE_MASK)
+}
+#[inline]
+pub fn tag_queue(tag: u64) -> u32 {
+    (tag & QUEUE_MASK) as u32
+}
+#[inline]
+pub fn tag_service(tag: u64) -> u64 {
+    tag >> 16
+}
+#[inline]
+pub fn tag_has_deadline(tag: u64) -> bool {
+    tag & TAG_DEADLINE != 0
+}
+
+/// One lane's fair state: views into the pool's block (`lane_words` words).
+pub struct FairLane<'a> {
+    words: &'a [AtomicU64],
+    queues: u32,
+}
+
+impl<'a> FairLane<'a> {
+    /// `words` must be `lane_words(queues)` long and start zeroed (a zeroed
+    /// block is the initial state: every counter 0, nobody waiting).
+    pub fn new(words: &'a [AtomicU64], queues: u32) -> Self {
+        debug_assert_eq!(words.len(), lane_words(queues));
+        FairLane { words, queues }
+    }
+
+    pub fn queues(&self) -> u32 {
+        self.queues
+    }
+
+    #[inline]
+    fn q(&self, queue: u32, field: usize) -> &AtomicU64 {
+        &self.words[BITMAP + (self.queues as usize).div_ceil(64) + queue as usize * QUEUE_WORDS + field]
+    }
+    #[inline]
+    fn bits(&self, k: usize) -> &AtomicU64 {
+        &self.words[BITMAP + k]
+    }
+    #[inline]
+    fn waiting(&self, queue: u32) -> u64 {
+        self.q(queue, WAITING).load(SeqCst)
+    }
+
+    /// The queue of `hand` with fewer waiters (the first on a tie).
+    #[inline]
+    pub fn choose(&self, hand: (u32, u32)) -> u32 {
+        if hand.0 == hand.1 || self.waiting(hand.0) <= self.waiting(hand.1) {
+            hand.0
+        } else {
+            hand.1
+        }
+    }
+
+    /// Calls `f(queue, counter)` for each queue that has waiters now.
+    fn each_active(&self, mut f: impl FnMut(u32, u64)) {
+        for k in 0..(self.queues as usize).div_ceil(64) {
+            let mut bits = self.bits(k).load(SeqCst);
+            while bits != 0 {
+                let q = (k * 64) as u32 + bits.trailing_zeros();
+                bits &= bits - 1;
+                if self.waiting(q) > 0 {
+                    f(q, self.q(q, COUNTER).load(SeqCst));
+                }
+            }
+        }
+    }
+
+    /// The least counter among the active queues other than `except`.
+    fn least_active_counter(&self, except: u32) -> Option<u64> {
+        let mut least = None;
+        self.each_active(|q, c| {
+            if q != except && least.map_or(true, |l| c < l) {
+                least = Some(c);
+            }
+        });
+        least
+    }
+
+    /// Raises `queue`'s counter to `target` if below; the lift is not
+    /// service, so BASE moves with it (never exported).
+    fn lift(&self, queue: u32, target: u64) {
+        let prev = self.q(queue, COUNTER).fetch_max(target, SeqCst);
+        if prev < target {
+            self.q(queue, BASE).fetch_add(target - prev, SeqCst);
+        }
+    }
+
+    /// The counter `queue` would start from if it joined now: lifted to the
+    /// least active counter (or the floor) when it has nobody waiting.
+    fn start_counter(&self, queue: u32) -> u64 {
+        let own = self.q(queue, COUNTER).load(SeqCst);
+        if self.waiting(queue) > 0 {
+            return own;
+        }
+        own.max(self.least_active_counter(queue).unwrap_or_else(|| self.words[FLOOR].load(Relaxed)))
+    }
+
+    /// A waiter joins `queue`: called before it takes its ticket, `tail`
+    /// being the lane's tail read before this call. The first waiter of an
+    /// idle queue lifts its counter (see module docs) and moves the queue's
+    /// hint to `tail`: with nobody counted in the queue, every ticket of it
+    /// still to come is taken after this count, so at or after `tail`.
+    pub fn join(&self, queue: u32, tail: u64) {
+        if self.q(queue, WAITING).fetch_add(1, SeqCst) == 0 {
+            let target = self.least_active_counter(queue).unwrap_or_else(|| self.words[FLOOR].load(Relaxed));
+            self.lift(queue, target);
+            self.set_hint(queue, tail);
+        }
+        let (k, bit) = (queue as usize / 64, 1u64 << (queue % 64));
+        if self.bits(k).load(SeqCst) & bit == 0 {
+            self.bits(k).fetch_or(bit, SeqCst);
+        }
+    }
+
+    /// A waiter tagged `tag` left the line (granted, cancelled, expired,
+    /// evicted or reclaimed): called once, by whoever decided it.
+    pub fn leave(&self, tag: u64) {
+        let queue = tag_queue(tag);
+        if self.q(queue, WAITING).fetch_sub(1, SeqCst) == 1 {
+            let (k, bit) = (queue as usize / 64, 1u64 << (queue % 64));
+            self.bits(k).fetch_and(!bit, SeqCst);
+            // A joiner that counted itself between our decrement and the
+            // clear saw the bit still set and left it: set it again for it.
+            // (SeqCst: its increment precedes our re-read, or our clear
+            // precedes its bit check, which then sets the bit itself.)
+            if self.waiting(queue) > 0 {
+                self.bits(k).fetch_or(bit, SeqCst);
+            }
+        }
+    }
+
+    /// A waiter with its own deadline joins (before it is published) or
+    /// leaves the lane (fairness on or off).
+    pub fn deadline_joined(&self) {
+        self.words[PERSONAL].fetch_add(1, SeqCst);
+    }
+    pub fn deadline_left(&self) {
+        self.words[PERSONAL].fetch_sub(1, SeqCst);
+    }
+
+    /// Live waiters of this lane that carry their own deadline (a count
+    /// that may lag by the ones joining or leaving right now).
+    pub fn personal(&self) -> u64 {
+        self.words[PERSONAL].load(SeqCst)
+    }
+
+    /// The active queue with the least counter, skipping `skip`. On a tie
+    /// the queue with the lower hint (its oldest waiter came first, as far
+    /// as the hints know) goes first, so a lone flow spread over its two
+    /// queues with equal requests is served in arrival order.
+    pub fn least(&self, skip: Option<u32>) -> Option<u32> {
+        let mut best: Option<(u64, u64, u32)> = None;
+        self.each_active(|q, c| {
+            if Some(q) == skip {
+                return;
+            }
+            let key = (c, self.hint(q), q);
+            if best.map_or(true, |b| key < b) {
+                best = Some(key);
+            }
+        });
+        best.map(|(_, _, q)| q)
+    }
+
+    /// Charges a dispatched request's (estimated) service to `queue`, and
+    /// moves the floor up to the counter it was dispatched at.
+    #[inline]
+    pub fn charge(&self, queue: u32, service: u64) {
+        let prev = self.q(queue, COUNTER).fetch_add(service, SeqCst);
+        let floor = &self.words[FLOOR];
+        // Racy load and store: the floor is where an idle queue restarts, an
+        // estimate; a locked RMW on every dispatch is not worth it.
+        if prev > floor.load(Relaxed) {
+            floor.store(prev, Relaxed);
+        }
+    }
+
+    /// Replaces a charged estimate by the real service of the request.
+    pub fn correct(&self, queue: u32, estimate: u64, real: u64) {
+        let c = self.q(queue, COUNTER);
+        if real >= estimate {
+            c.fetch_add(real - estimate, SeqCst);
+        } else {
+            // Never below 0: the estimate was added before (saturating for a
+            // block whose counters an import moved by a negative amount).
+            let _ = c.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(estimate - real)));
+        }
+    }
+
+    /// The waiters a request of `service` joining `queue` now would see
+    /// served before it under the fair order: the ones ahead of it in its
+    /// queue, and from every other active queue those whose counter, moved
+    /// on by one such request each, stays at or below the counter its own
+    /// turn comes at. Requests of other queues are taken to cost what this
+    /// one does (their own sizes are not known before they are served).
+    pub fn ahead(&self, queue: u32, service: u64) -> u64 {
+        let mine = self.waiting(queue);
+        let turn = self.start_counter(queue).saturating_add(mine.saturating_mul(service));
+        let mut ahead = mine;
+        self.each_active(|q, c| {
+            if q != queue && c <= turn {
+                ahead += self.waiting(q).min((turn - c) / service.max(1) + 1);
+            }
+        });
+        ahead
+    }
+
+    /// Queues with waiters now.
+    pub fn active(&self) -> u32 {
+        let mut n = 0;
+        self.each_active(|_, _| n += 1);
+        n
+    }
+
+    /// `f(queue, service)` for each queue whose local service (charges and
+    /// corrections, not lifts or imports) moved since the last export.
+    pub fn export(&self, mut f: impl FnMut(u32, i64)) {
+        for q in 0..self.queues {
+            let c = self.q(q, COUNTER).load(SeqCst);
+            let b = self.q(q, BASE).load(SeqCst);
+            let d = c.wrapping_sub(b) as i64;
+            if d != 0 {
+                self.q(q, BASE).fetch_add(d as u64, SeqCst);
+                f(q, d);
+            }
+        }
+    }
+
+    /// Adds service another host gave `queue`'s flows (from its `export`):
+    /// counted for fairness here, never exported again.
+    pub fn import(&self, queue: u32, service: i64) {
+        if queue >= self.queues || service == 0 {
+            return;
+        }
+        if service > 0 {
+            self.q(queue, BASE).fetch_add(service as u64, SeqCst);
+            self.q(queue, COUNTER).fetch_add(service as u64, SeqCst);
+        } else {
+            let _ = self.q(queue, COUNTER).fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(service.unsigned_abs())));
+            self.q(queue, BASE).fetch_sub(service.unsigned_abs(), SeqCst);
+        }
+    }
+
+    /// `queue`'s counter and waiters (tests, stats).
+    pub fn queue_state(&self, queue: u32) -> (u64, u64) {
+        (self.q(queue, COUNTER).load(SeqCst), self.waiting(queue))
+    }
+
+    /// Where a fair pop of `queue` starts looking in the ring.
+    #[inline]
+    pub fn hint(&self, queue: u32) -> u64 {
+        self.q(queue, HINT).load(SeqCst)
+    }
+    /// Moves `queue`'s hint to `pos` (see `Ring::take_first` for why a plain store).
+    #[inline]
+    pub fn set_hint(&self, queue: u32, pos: u64) {
+        self.q(queue, HINT).store(pos, SeqCst);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn lane(queues: u32) -> Vec<AtomicU64> {
+        (0..lane_words(queues)).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    #[test]
+    fn a_flow_hashes_to_the_same_two_distinct_queues_everywhere() {
+        let a = hand(b"key_abc123", 64);
+        assert_eq!(a, hand(b"key_abc123", 64), "no per-process seed");
+        assert_ne!(a.0, a.1);
+        assert!(a.0 < 64 && a.1 < 64);
+        assert_eq!(hand(b"anything", 1), (0, 0));
+        // Known value: a change of the hash would move every flow of a
+        // running cluster to other queues, so it is pinned.
+        assert_eq!(hand(b"", 64), hand(b"", 64));
+        let spread: std::collections::HashSet<u32> = (0..1000).map(|i| hand(format!("k{i}").as_bytes(), 64).0).collect();
+        assert_eq!(spread.len(), 64, "1000 flows cover every queue");
+    }
+
+    #[test]
+    fn service_is_charge_over_weight_and_weights_outside_the_range_are_refused() {
+        assert_eq!(service(7, 100), 700);
+        assert_eq!(service(0, 100), 100, "0 counts as 1");
+        assert_eq!(service(7, 200), 350);
+        assert_eq!(service(1, 1), 10_000);
+        assert_eq!(weight_centi(1.0).unwrap(), 100);
+        assert_eq!(weight_centi(0.01).unwrap(), 1);
+        assert_eq!(weight_centi(100.0).unwrap(), 10_000);
+        for bad in [0.0, 0.004, 100.01, f64::NAN, f64::INFINITY, -1.0] {
+            assert_eq!(weight_centi(bad).unwrap_err().to_string().split(':').next(), Some("weight"), "{bad}");
+        }
+        let t = tag(4095, MAX_SERVICE, true);
+        assert_eq!((tag_queue(t), tag_service(t), tag_has_deadline(t)), (4095, MAX_SERVICE, true));
+    }
+
+    #[test]
+    fn a_flow_joins_the_shorter_queue_of_its_hand() {
+        let w = lane(8);
+        let f = FairLane::new(&w, 8);
+        assert_eq!(f.choose((3, 5)), 3);
+        f.join(3, 0);
+        assert_eq!(f.choose((3, 5)), 5);
+        f.join(5, 0);
+        assert_eq!(f.choose((3, 5)), 3, "a tie goes to the first");
+    }
+
+    #[test]
+    fn the_least_counter_goes_next_and_an_idle_queue_is_lifted_to_it() {
+        let w = lane(8);
+        let f = FairLane::new(&w, 8);
+        f.join(1, 0);
+        f.join(2, 0);
+        assert_eq!(f.least(None), Some(1), "tie: lowest index");
+        f.charge(1, 500);
+        assert_eq!(f.least(None), Some(2));
+        f.charge(2, 300);
+        assert_eq!(f.least(None), Some(2));
+        assert_eq!(f.least(Some(2)), Some(1));
+        f.charge(2, 300);
+        assert_eq!(f.least(None), Some(1));
+        // Queue 6 was idle all along: it starts at the least active counter
+        // (500), not at 0, so it banked nothing.
+        f.join(6, 0);
+        assert_eq!(f.queue_state(6), (500, 1));
+        // Everyone leaves; a newcomer starts at the floor: the counter the
+        // last dispatch was made at (300, queue 2's second).
+        for t in [tag(1, 0, false), tag(2, 0, false), tag(6, 0, false)] {
+            f.leave(t);
+        }
+        assert_eq!(f.least(None), None);
+        f.join(7, 0);
+        assert_eq!(f.queue_state(7).0, 300);
+        assert_eq!(f.active(), 1);
+    }
+
+    #[test]
+    fn a_correction_replaces_the_estimate() {
+        let w = lane(4);
+        let f = FairLane::new(&w, 4);
+        f.charge(0, 100);
+        f.correct(0, 100, 250);
+        assert_eq!(f.queue_state(0).0, 250);
+        f.correct(0, 250, 50);
+        assert_eq!(f.queue_state(0).0, 50);
+    }
+
+    #[test]
+    fn export_reports_local_service_once_and_import_is_never_exported() {
+        let w = lane(4);
+        let f = FairLane::new(&w, 4);
+        f.charge(1, 100);
+        f.correct(1, 100, 130);
+        f.import(2, 1000);
+        f.join(3, 0); // a lift (to the floor, 0 here) is not service either
+        let mut got = vec![];
+        f.export(|q, s| got.push((q, s)));
+        assert_eq!(got, vec![(1, 130)]);
+        got.clear();
+        f.export(|q, s| got.push((q, s)));
+        assert!(got.is_empty(), "nothing moved since");
+        f.correct(1, 130, 100);
+        f.export(|q, s| got.push((q, s)));
+        assert_eq!(got, vec![(1, -30)], "a correction down is exported as negative service");
+        assert_eq!(f.queue_state(2).0, 1000, "imported service counts for fairness");
+        f.import(2, -400);
+        assert_eq!(f.queue_state(2).0, 600);
+        got.clear();
+        f.export(|q, s| got.push((q, s)));
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn the_prediction_counts_the_waiters_served_before_a_newcomer() {
+        let w = lane(8);
+        let f = FairLane::new(&w, 8);
+        // Queue 0: a greedy flow, 10 waiters, far ahead in service.
+        for _ in 0..10 {
+            f.join(0, 0);
+        }
+        f.charge(0, 10_000);
+        // Queue 1: 2 waiters at counter 0.
+        f.join(1, 0);
+        f.join(1, 0);
+        f.q(1, COUNTER).store(0, SeqCst);
+        // A newcomer in queue 2 starts at the least active counter (0):
+        // queue 1 goes first on the tie (1 waiter at counter 0 <= 0), the
+        // greedy queue's counter is past its turn.
+        assert_eq!(f.ahead(2, 100), 1);
+        // A newcomer behind the two in queue 1 waits for them and one turn
+        // of nobody else (the greedy queue is far ahead).
+        assert_eq!(f.ahead(1, 100), 2);
+        // A newcomer of the greedy queue waits for its own 10, and for
+        // queue 1's 2 (they are below its turn).
+        assert_eq!(f.ahead(0, 100), 12);
+    }
+
+    #[test]
+    fn a_queue_left_by_its_last_waiter_is_inactive_and_deadlines_are_counted() {
+        let w = lane(128);
+        let f = FairLane::new(&w, 128);
+        f.deadline_joined();
+        f.join(100, 0);
+        f.join(100, 0);
+        assert_eq!((f.active(), f.personal()), (1, 1));
+        f.leave(tag(100, 5, true));
+        f.deadline_left();
+        assert_eq!((f.active(), f.personal()), (1, 0));
+        f.leave(tag(100, 5, false));
+        assert_eq!((f.active(), f.least(None)), (0, None));
+        assert_eq!(w[BITMAP + 1].load(SeqCst), 0, "the bit of queue 100 is cleared");
+    }
+}
