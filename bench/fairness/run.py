@@ -25,6 +25,7 @@ on a fast engine. Writes bench/results/NAME.md and NAME.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -409,12 +410,13 @@ def deadline_stats(run: dict[str, Any], groups: list[Group], args: argparse.Name
             "refusal_ms_p50": h.pct(refuse_ms, 50), "refusal_ms_p99": h.pct(refuse_ms, 99)}
 
 
-PRED_METRIC = "tierq_deadline_prediction_error"
+PRED_METRIC = "tierq_queue_wait_prediction_error_seconds"
 
 
 def prediction_error(root: str) -> dict[str, float]:
-    """The gateway's histogram of the prediction's relative error, read from
-    /metrics (cumulative since start: the caller takes differences)."""
+    """The gateway's histogram of the wait prediction's error (|realized -
+    predicted|, s, both directions summed), read from /metrics (cumulative since
+    start: the caller takes differences)."""
     try:
         with __import__("urllib.request").request.urlopen(root + "/metrics", timeout=5) as r:
             text = r.read().decode()
@@ -437,14 +439,58 @@ def hist_p50(before: dict[str, float], after: dict[str, float]) -> float:
     return next(le for le, c in diff if c >= half)
 
 
-def typical_wait(g: Gw, lane: str, keys: Keys, args: argparse.Namespace, cap: float) -> float:
-    """The lane's p50 queue time under the deadline cells' backlog alone (FIFO), ms."""
-    groups = [Group(f"back-{i}", f"polite-{i}", lane, streams=args.deadline_streams, role="backlog")
-              for i in range(4)]
+def typical_wait(g: Gw, cell: str, keys: Keys, args: argparse.Namespace, cap: float) -> float:
+    """The lane's p50 queue time (ms) under the cell's own load with no deadline
+    sent, through the FIFO gateway: the "typical wait" the deadlines are drawn
+    against."""
+    lane = cell.split("-")[1]
+    groups = [dataclasses.replace(gr, deadline_ms=None) for gr in cell_groups(cell, cap, args, {lane: 1.0})]
     run = run_groups(g, groups, keys, args, args.typical_s, args.seed + 7)
-    q = [r["a"]["qms"] for gr in groups for r in run["recs"][gr.name]
+    q = [r["a"]["qms"] for gr in groups if gr.lane == lane for r in run["recs"][gr.name]
          if ok(r["a"]) and "qms" in r["a"] and r["t"] >= args.typical_s / 4]
     return h.pct(q, 50)
+
+
+def together(fn: Any, items: list[Any]) -> list[Any]:
+    """fn(item) for every item on its own thread, at once; results in order."""
+    out: list[Any] = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            out[i] = fn(items[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once all ended
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def one_cell(g: Gw, cell: str, ci: int, cap: float, keys: Keys, args: argparse.Namespace,
+             waits: dict[str, dict[str, float]]) -> dict[str, Any]:
+    groups = cell_groups(cell, cap, args, waits.get(g.limit, {}))
+    root = f"http://127.0.0.1:{g.gw.port}"
+    before = prediction_error(root)
+    run = run_groups(g, groups, keys, args, args.duration, args.seed + ci)
+    extra: dict[str, Any] = {}
+    if cell.startswith("deadline"):
+        extra["deadline"] = deadline_stats(run, groups, args)
+        extra["typical_wait_ms"] = waits[g.limit][cell.split("-")[1]]
+        extra["prediction_error_p50_ms"] = 1000 * hist_p50(before, prediction_error(root))
+        lane = cell.split("-")[1]
+        q = [r["a"]["qms"] for gr in groups if gr.lane == lane for r in run["recs"][gr.name]
+             if ok(r["a"]) and "qms" in r["a"] and args.warmup <= r["t"] <= args.duration]
+        extra["queue_p50_ms"] = h.pct(q, 50)
+        extra["prediction_error_p50"] = extra["prediction_error_p50_ms"] / extra["queue_p50_ms"] \
+            if extra["queue_p50_ms"] else math.nan
+    return {"cell": cell, "limit": g.limit, "fairness": g.fairness,
+            **summarize(cell, run, groups, args, extra)}
 
 
 # ------------------------------------------------------------------ CPU per request
@@ -516,7 +562,8 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=10.0, help="Jain's index window, s")
     ap.add_argument("--grace", type=float, default=20.0)
     ap.add_argument("--capacity-s", type=float, default=8.0)
-    ap.add_argument("--typical-s", type=float, default=8.0, help="the run that measures the typical wait")
+    ap.add_argument("--typical-s", type=float, default=10.0,
+                    help="the run that measures a deadline cell's typical wait (its load, no deadlines)")
     ap.add_argument("--refuse-ms", type=float, default=50.0, help="a refusal within this is 'at once'")
     ap.add_argument("--wait-default-ms", type=int, default=30000)
     ap.add_argument("--wait-priority-ms", type=int, default=60000)
@@ -563,29 +610,21 @@ def main() -> None:
                                      fair if fair_build else None, keys, args, args.slots,
                                      args.ttft_ms, args.tokens_per_s, procs)
                 gws.append(Gw(limit, fair, sim, gw))
-        for limit in limits:
-            fifo = next(g for g in gws if g.limit == limit and g.fairness == "off")
-            if any(c.startswith("deadline") for c in cells):
-                waits[limit] = {lane: typical_wait(fifo, lane, keys, args, cap)
-                                for lane in ("priority", "default")
-                                if f"deadline-{lane}" in cells}
-                h.log(f"{limit}: typical wait (FIFO, backlog alone) {waits[limit]}")
+        if any(c.startswith("deadline") for c in cells):
+            dcells = [c for c in cells if c.startswith("deadline")]
+            fifos = [next(g for g in gws if g.limit == limit and g.fairness == "off") for limit in limits]
+            measured = together(lambda g: {c.split("-")[1]: typical_wait(g, c, keys, args, cap) for c in dcells},
+                                fifos)
+            waits = {g.limit: w for g, w in zip(fifos, measured)}
+            h.log(f"typical wait (FIFO, the cell's load without deadlines): {waits}")
         for ci, cell in enumerate(cells):
-            for limit in limits:
-                for g in (x for x in gws if x.limit == limit):
-                    groups = cell_groups(cell, cap, args, waits.get(limit, {}))
-                    root = f"http://127.0.0.1:{g.gw.port}"
-                    before = prediction_error(root)
-                    h.log(f"{cell} {g.label}: {len(groups)} keys' load generators, {args.duration:g} s")
-                    run = run_groups(g, groups, keys, args, args.duration, args.seed + ci)
-                    extra: dict[str, Any] = {}
-                    if cell.startswith("deadline"):
-                        extra["deadline"] = deadline_stats(run, groups, args)
-                        extra["typical_wait_ms"] = waits[limit][cell.split("-")[1]]
-                        extra["prediction_error_p50"] = hist_p50(before, prediction_error(root))
-                    s = summarize(cell, run, groups, args, extra)
-                    results.append({"cell": cell, "limit": limit, "fairness": g.fairness, **s})
-                    h.log("   " + brief(results[-1]))
+            h.log(f"{cell}: {', '.join(g.label for g in gws)} at once, {args.duration:g} s")
+            # Every gateway at once, on the same arrivals (same seeds): each shares
+            # the machine's load with the others, so the comparison sees the same noise.
+            results += together(lambda g, cell=cell, ci=ci: one_cell(g, cell, ci, cap, keys, args, waits),
+                                gws)
+            for r in results[-len(gws):]:
+                h.log(f"   {r['limit']}/{r['fairness']}: " + brief(r))
         for g in gws:
             g.gw.stop()
             g.sim.stop()
