@@ -1,7 +1,7 @@
 """Several gateway hosts, one tier: slots and per-key limits shared through Redis.
 
 `[cluster]` turns it on (docs/operations.md, "Running N hosts", is the long
-form). Two things live in Redis, each behind one Lua script so a decision is
+form). Three things live in Redis, each behind one Lua script so a decision is
 one round trip and atomic:
 
 - **Slot leases** (`_LEASE`). Each pool's limit (`max_concurrency`) is split
@@ -15,6 +15,9 @@ one round trip and atomic:
   back within its TTL, and it grants slots for default demand only while no
   host has priority waiters (strict priority across hosts), keeping
   `priority_headroom` slots of the limit for priority demand.
+- **Fair counters** (`_FAIR`, pools with `fairness = "tokens"`): each flow
+  queue's service, summed over the hosts, beside each host's part, in the lease
+  agent's round (docs/operations.md, "Fair across hosts").
 - **Per-key RPM/TPM** (`_KEYS`): GCRA on Redis TIME, the same rule as the
   core's bucket (`bucket::decide`), one script call per decision, settled to
   real usage and refunded like `tierq.keys.KeyLimiter`. Keys are hash-tagged
@@ -26,8 +29,9 @@ itself; `"closed"` answers new requests 503 (`ClusterUnavailable`).
 
 The package, by job: `link` (the Redis client, its scripts, up and down, the
 down modes and `ClusterUnavailable`), `leases` (the lease agent and each pool's
-`PoolLease`), `keys` (the key limits in Redis), `host` (`Cluster`, which holds
-the three).
+`PoolLease`), `flows` (a fair pool's counters, carried in the lease agent's
+round: `_FAIR`), `keys` (the key limits in Redis), `host` (`Cluster`, which
+holds them).
 """
 
 from tierq.cluster.host import Cluster, default_host_id

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from tierq._core import PoolSettings
 from tierq.admission import Admission
+from tierq.cluster.flows import FAIR_SCRIPT, FlowCounters
 from tierq.cluster.link import RedisLink, Script
 from tierq.config import AdmissionConfig
 
@@ -34,6 +35,9 @@ WAKE_CHANNEL: Final = "tierq:cluster:wake"
 # With several workers the agent polls the shared pools this often, so demand
 # queued in any worker reaches it (worker 0) within it.
 SHARED_POLL_S: Final = 0.005
+# The fair counters in Redis outlive this many lease TTLs without a round from
+# any host (every live host calls at least each heartbeat, a third of a TTL).
+FAIR_TTL_TTLS: Final = 4
 
 # KEYS: leases, deadlines, priority waiters, unmet demand, limits (host -> n
 #       each), meta.
@@ -180,6 +184,7 @@ class PoolLease:
     reported_pwait: int = 0  # this host's priority waiters as Redis last heard
     want: int = 0  # what this host asked for last
     holding: int = 0  # limit minus withheld: slots it really has, busy or idle
+    flows: FlowCounters | None = None  # its fair counters, shared (fairness "tokens")
 
     def plan(self, heartbeat: bool, touch: bool = True) -> tuple[int, int, bool]:
         """(holding, want, contended) from the local core, withholding locally
@@ -260,7 +265,8 @@ class LeaseAgent:
         self.heartbeat_s = link.heartbeat_s
         self.pools = {
             model: PoolLease(model, adm, cfg.settings.priority_headroom,
-                             cfg.settings.default_min_share, adm.limit, adm.limit)
+                             cfg.settings.default_min_share, adm.limit, adm.limit,
+                             flows=FlowCounters(adm) if cfg.settings.fairness == "tokens" else None)
             for model, (adm, cfg) in pools.items()
         }
         self.sync_s = 0.0  # time spent waiting on lease syncs
@@ -386,6 +392,8 @@ class LeaseAgent:
         pools = list(self.pools.values())
         t0 = time.perf_counter()
         pipe = link.redis.pipeline(transaction=False)
+        # Each fair pool's counters ride in the same round trip, after its lease.
+        fair = [] if leaving else [p for p in pools if p.flows is not None]
         for p in pools:
             p.reported_pwait = self._priority_waiting(p)
             tag = f"{{tierq:pool:{p.model}}}"
@@ -394,18 +402,26 @@ class LeaseAgent:
                          link.host_id, self.config.lease_ttl_ms, p.limit, p.headroom,
                          repr(p.default_min_share), p.holding, p.want,
                          p.reported_pwait, link.hosts, int(leaving), WAKE_CHANNEL)
+        for p in fair:
+            assert p.flows is not None
+            pipe.evalsha(FAIR_SCRIPT.sha, 2, *p.flows.keys(p.model, link.host_id),
+                         *p.flows.args(FAIR_TTL_TTLS * self.config.lease_ttl_ms))
         link.calls += 1
         try:
             replies = await pipe.execute()
         except link.NoScriptError:
-            await link.redis.script_load(_LEASE_SCRIPT.text)
+            for script in (_LEASE_SCRIPT, FAIR_SCRIPT):
+                await link.redis.script_load(script.text)
             return await self._call_leases(leaving)
         finally:
             self.sync_s += time.perf_counter() - t0
         if leaving:
             return
+        for p, reply in zip(fair, replies[len(pools):], strict=True):
+            assert p.flows is not None
+            p.flows.incoming(reply)
         hosts = 1
-        for p, (lease, live, others_p, others_unmet, uncovered, limit) in zip(pools, replies):
+        for p, (lease, live, others_p, others_unmet, uncovered, limit) in zip(pools, replies[:len(pools)]):
             p.others_priority, p.others_unmet = int(others_p), int(others_unmet)
             p.uncovered, p.cluster_limit = int(uncovered), int(limit)
             hosts = max(hosts, int(live))
