@@ -405,9 +405,11 @@ def deadline_stats(run: dict[str, Any], groups: list[Group], args: argparse.Name
             tot[k] += c[k]
     admitted = tot["served"] + tot["refused_slow"]
     missed = tot["served_late"] + tot["refused_slow"]
+    fast = [ms for ms in refuse_ms if ms <= args.refuse_ms]
     return {"rows": rows, **tot, "admitted": admitted,
             "missed_share": missed / admitted if admitted else math.nan,
-            "refusal_ms_p50": h.pct(refuse_ms, 50), "refusal_ms_p99": h.pct(refuse_ms, 99)}
+            "refusal_ms_p50": h.pct(refuse_ms, 50), "refusal_ms_p99": h.pct(refuse_ms, 99),
+            "refused_fast_ms_p99": h.pct(fast, 99), "refused_fast_ms_max": max(fast, default=math.nan)}
 
 
 PRED_METRIC = "tierq_queue_wait_prediction_error_seconds"
