@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke mode (about 40 s): four of the cells (greedy beside polite, the mark, weights,
+# Smoke mode (about 35 s): four of the cells (greedy beside polite, the mark, weights,
 # a deadline mix) through the FIFO and the fair gateway with the limit known, a
 # CPU round each, and the report written. Asserts that every run produced numbers
 # and that the report names each cell, nothing about timing or fairness itself
@@ -11,7 +11,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/run.py" --limits known \
     --cells greedy-default,mark,weights,deadline-priority --greedy-streams 16 \
-    --duration 1.5 --warmup 0.3 --grace 5 --capacity-s 1.5 --typical-s 1 \
+    --duration 1.2 --warmup 0.3 --grace 4 --capacity-s 1.5 --typical-s 1 \
     --cpu-rounds 1 --cpu-round-s 1 --name smoke
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys, pathlib
