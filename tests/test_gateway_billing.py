@@ -1,4 +1,5 @@
-"""Billed == echoed, over a randomized mixed load with sheds and hang-ups."""
+"""Billed == echoed, over a randomized mixed load with sheds and hang-ups, flows
+(fairness ids) and deadlines."""
 
 from __future__ import annotations
 
@@ -29,13 +30,23 @@ class Outcome:
     echoed_tiers: set[str] = field(default_factory=set)
     echoed_cost: Decimal | None = None
     done: bool = False
+    # Flows and deadlines (loopback without keys honours the fairness id).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def make_case(rng: random.Random) -> Outcome:
     endpoint = rng.choice(["chat/completions", "chat/completions", "completions", "embeddings"])
     stream = endpoint != "embeddings" and rng.random() < 0.6
+    headers = {}
+    fid = rng.choice(["tenant-a", "tenant-b", "tenant-c", None])
+    if fid is not None:
+        headers["x-tierq-fairness-id"] = fid
+    deadline = rng.choice([None, None, "30", "5000"])
+    if deadline is not None:
+        headers["x-tierq-max-queue-ms"] = deadline
     return Outcome(model=rng.choice([PRIORITY_MODEL, PLAIN_MODEL]), requested=rng.choice(TIERS),
-                   endpoint=endpoint, stream=stream, hang_up=stream and rng.random() < 0.25)
+                   endpoint=endpoint, stream=stream, hang_up=stream and rng.random() < 0.25,
+                   headers=headers)
 
 
 async def run_case(s: aiohttp.ClientSession, base: str, o: Outcome, rng: random.Random) -> None:
@@ -56,7 +67,7 @@ async def run_case(s: aiohttp.ClientSession, base: str, o: Outcome, rng: random.
         if o.hang_up:
             body["max_tokens"] = 400  # long enough to be cut short
     resp = await s.post(f"{base}/{o.endpoint}", data=orjson.dumps(body),
-                        headers={"Content-Type": "application/json"})
+                        headers={"Content-Type": "application/json", **o.headers})
     o.status = resp.status
     o.request_id = resp.headers["x-request-id"]
     o.header_tier = resp.headers.get("x-tierq-service-tier", "")
@@ -113,6 +124,8 @@ async def test_billed_equals_echoed_over_randomized_mixed_load(make_gateway: Gat
         await asyncio.sleep(0.01)
     by_id = {r.request_id: r for r in rows}
     assert len(rows) == len(cases)  # one row per request decision, no more, no less
+    for o in cases:  # the flow it was fair by, recorded
+        assert by_id[o.request_id].fairness_id == o.headers.get("x-tierq-fairness-id")
     statuses = {"served": 0, "shed": 0, "cancelled": 0}
     for o in cases:
         row = by_id[o.request_id]

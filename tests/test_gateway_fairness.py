@@ -236,3 +236,93 @@ def test_usage_reads_a_ledger_file_made_before_the_fairness_id_column(
         ("k", "", "0.25")]
     row = Ledger(str(db)).get("r1")
     assert row is not None and row.fairness_id is None and row.cost == Decimal("0.25")
+
+
+async def _hold(gw: Running, n: int) -> list[asyncio.Task[Any]]:
+    """`n` long streams holding the pool's slots (and its line past them), until cancelled."""
+    async def one() -> None:
+        async with client(gw) as c:
+            stream = await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                                     max_tokens=100_000, stream=True)
+            async for _ in stream:
+                pass
+
+    return [asyncio.create_task(one()) for _ in range(n)]
+
+
+async def _wait_for(pred: Any, what: str) -> None:
+    for _ in range(1000):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_deadline_the_prediction_cannot_meet_is_refused_on_arrival_and_one_it_can_is_kept(
+        make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, max_concurrency=1,
+                                                 max_wait_ms={"default": 30000})],
+                            sim={"ttft_ms": 5.0, "tokens_per_s": 2000.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    async with client(gw) as c:
+        # Some traffic through the one slot, so the lane has a measured drain rate.
+        await asyncio.gather(*(c.chat.completions.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=20) for _ in range(8)))
+        # Kept: a deadline well over what it will wait.
+        kept = await c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2,
+            extra_headers={MAX_QUEUE: "20000"})
+        assert kept.http_response.status_code == 200
+        assert float(kept.headers["x-tierq-queue-ms"]) < 20000
+        # One stream holds the slot and two wait behind it: the line is long now.
+        holders = await _hold(gw, 3)
+        try:
+            await _wait_for(lambda: adm.stats()["in_flight"] == 1
+                            and adm.stats()["depth"]["default"] == 2, "the line to form")  # type: ignore[index]
+            with pytest.raises(openai.RateLimitError) as err:
+                await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                                max_tokens=2, extra_headers={MAX_QUEUE: "1"})
+            # Refused at join, by the core's prediction: nobody ahead was served
+            # meanwhile (the slot's holder still streams, the two still wait).
+            st = adm.stats()
+            assert st["in_flight"] == 1 and st["depth"]["default"] == 2  # type: ignore[index]
+            assert st["deadline_refused"] == 1
+        finally:
+            for t in holders:
+                t.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+    body: Any = err.value.body
+    assert body["code"] == "queue_timeout" and "x-tierq-max-queue-ms (1 ms)" in body["message"]
+    assert "predicted wait" in body["message"]
+    assert int(err.value.response.headers["retry-after-ms"]) >= 1
+    assert metric(await metrics(gw), "tierq_deadline_refused_total") == 1
+    rows = await gw.rows()
+    refused = [r for r in rows if r.code == "queue_timeout"]
+    assert len(refused) == 1 and refused[0].status == "shed" and refused[0].cost == 0
+    assert "tierq_queue_wait_prediction_error_seconds_count" in await metrics(gw)
+
+
+async def test_an_admitted_request_is_shed_when_its_own_deadline_passes_not_the_lanes(
+        make_gateway: GatewayFactory) -> None:
+    # No drain measured yet: no prediction, so the request joins the line, and its
+    # deadline (200 ms) is what sheds it, long before the lane's 30 s.
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, max_concurrency=1,
+                                                 max_wait_ms={"default": 30000})],
+                            sim={"ttft_ms": 5.0, "tokens_per_s": 50.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    holders = await _hold(gw, 1)
+    try:
+        await _wait_for(lambda: adm.stats()["in_flight"] == 1, "the slot to be held")
+        async with client(gw) as c:
+            with pytest.raises(openai.RateLimitError) as err:
+                await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                                max_tokens=2, extra_headers={MAX_QUEUE: "200"})
+        st = adm.stats()
+        assert st["in_flight"] == 1, "shed while the slot was still held"
+        assert st["deadline_refused"] == 0, "it joined the line: no prediction refused it"
+        assert st["shed"]["queue_timeout"] == 1  # type: ignore[index]
+    finally:
+        for t in holders:
+            t.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+    assert err.value.body["code"] == "queue_timeout"  # type: ignore[index]

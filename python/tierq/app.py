@@ -33,7 +33,7 @@ from tierq.lifecycle import StartSims, lifecycle
 from tierq.logs import ServerLog, request_info, request_log
 from tierq.metrics import WorkerSnapshot
 from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, drained, failed,
-                           key_refused, pool_shed, upstream_overloaded)
+                           deadline_refused, key_refused, pool_shed, upstream_overloaded)
 from tierq.pricing import render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
@@ -221,7 +221,8 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     assert task is not None
     if gw.cluster is not None:
         gw.cluster.wake()  # the agent checks whether the lease still covers the queue
-    ex.slot = slot = ex.pool.admission.acquire(ex.tier)
+    ex.slot = slot = ex.pool.admission.acquire(ex.tier, flow=ex.flow.name, weight=ex.flow.weight,
+                                               charge=ex.charge, max_wait_ms=ex.deadline_ms)
     gw.waiting.add(task)
     ex.pool.flows.queued(ex.flow.name, ex.est_total)
     try:
@@ -229,8 +230,12 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
             gw.waiting.discard(task)
             if slot.queue_ns:
                 ex.pool.flows.waited(ex.flow.name)
+            if slot.predicted_wait_s is not None:
+                gw.metrics.observe_prediction(ex.tier, slot.predicted_wait_s, slot.queue_ms / 1000)
             return await _call_upstream(request, ex, body)
     except Shed as e:
+        if e.deadline_refused:
+            raise deadline_refused(e.predicted_wait_s, ex.max_queue_ms, e.retry_after_s) from None
         raise pool_shed(e.code, e.retry_after_s) from None
     except asyncio.CancelledError as e:
         if ex.done or e.args not in ((DRAIN,), (CLUSTER_CLOSED,)):
@@ -283,13 +288,10 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
 
 
 def _wait_left_s(ex: Exchange) -> float:
-    """What is left of the request's max wait (its lane's, or its own
-    x-tierq-max-queue-ms when shorter), counted from its arrival: one budget for
-    its time in the lane and its overload back-offs."""
-    budget = ex.pool.admission.max_wait_s(ex.tier)
-    if ex.max_queue_ms is not None:
-        budget = min(budget, ex.max_queue_ms / 1000.0)
-    return budget - (time.monotonic() - ex.t0)
+    """What is left of the request's max wait (`Exchange.max_wait_s`: its lane's,
+    or its own x-tierq-max-queue-ms when shorter), counted from its arrival: one
+    budget for its time in the lane and its overload back-offs."""
+    return ex.max_wait_s - (time.monotonic() - ex.t0)
 
 
 # ------------------------------------------------------------------ other routes

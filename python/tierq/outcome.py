@@ -43,6 +43,7 @@ __all__ = [
     "Refused",
     "cancelled",
     "cluster_refused",
+    "deadline_refused",
     "drained",
     "failed",
     "key_refused",
@@ -130,6 +131,17 @@ def pool_shed(code: str, retry_after_s: float) -> Refused:
                                           SHED_MESSAGES.get(code, "Request shed.")))
 
 
+def deadline_refused(predicted_s: float | None, deadline_ms: int | None,
+                     retry_after_s: float) -> Refused:
+    """Refused on arrival: the core predicted a wait in line over the request's
+    own deadline (x-tierq-max-queue-ms), so it was not made to wait it out."""
+    predicted = "unknown" if predicted_s is None else f"{predicted_s * 1000:.0f} ms"
+    return Refused(shed("queue_timeout"), shed_error(
+        "queue_timeout", retry_after_s,
+        f"The predicted wait in the queue ({predicted}) is over this request's "
+        f"x-tierq-max-queue-ms ({deadline_ms} ms): refused at once, without waiting."))
+
+
 def upstream_overloaded(retry_after_s: float) -> Refused:
     """The upstream still said 429/503 when the request's wait ran out: tierq's
     own shed (server_overloaded, the pool's honest Retry-After), no charge."""
@@ -184,6 +196,31 @@ class Exchange:
     @property
     def done(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def max_wait_s(self) -> float:
+        """The longest it may wait in line: its lane's max wait, or its own
+        deadline if shorter (never longer)."""
+        lane = self.pool.admission.max_wait_s(self.tier)
+        return lane if self.max_queue_ms is None else min(lane, self.max_queue_ms / 1000)
+
+    @property
+    def deadline_ms(self) -> int | None:
+        """Its own deadline as the core takes it (whole ms): its header's value, or
+        the lane's max wait when that is shorter; None without the header, or when
+        the lane's wait is under a millisecond (a deadline never extends it)."""
+        if self.max_queue_ms is None:
+            return None
+        lane_ms = self.pool.admission.max_wait_s(self.tier) * 1000
+        if self.max_queue_ms < lane_ms:
+            return self.max_queue_ms
+        return int(lane_ms) if lane_ms >= 1 else None
+
+    @property
+    def charge(self) -> int:
+        """Its estimated service for fair queuing (tierq.pricing.fair_charge)."""
+        return fair_charge(self.est_prompt, self.est_total - self.est_prompt,
+                           self.pool.entry.rates["default"])
 
     @property
     def queue_ms(self) -> float:
@@ -283,10 +320,13 @@ class Exchange:
         return row
 
     def _served(self, o: Outcome) -> None:
-        """The real service of a served or partial request, for its flow."""
+        """The real service of a served or partial request: the core's fair
+        order corrected from its estimate, and the flow's line on /status."""
         tokens = o.prompt_tokens + o.completion_tokens
         charge = fair_charge(o.prompt_tokens, o.completion_tokens,
                              self.pool.entry.rates["default"])
+        if self.slot is not None:
+            self.slot.settle(charge)
         self.pool.flows.served(self.flow.name, tokens, charge, self.flow.weight)
 
     def _settle(self, o: Outcome) -> None:
