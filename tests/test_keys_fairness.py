@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pg_fixtures import pg_password, pg_session, pg_url  # noqa: F401
-from pg_server import PASSWORD_ENV
+from pg_server import PASSWORD, PASSWORD_ENV
 
 from tierq.cli import keys_main
 from tierq.keys import KeyStore, hash_secret
@@ -204,3 +204,20 @@ async def test_postgresql_at_the_previous_schema_version_migrates_and_old_keys_k
         await conn.close()
     old = PostgresLedger(pg_url, password_env=PASSWORD_ENV).get("old")
     assert old is not None and old.fairness_id is None and old.cost == Decimal("0.25")
+
+
+def test_cli_creates_and_updates_a_trusted_weighted_key_in_postgresql(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    assert keys_main(["create", "edge-gw", "--weight", "4", "--trusted", "--db", pg_url]) == 0
+    token = capsys.readouterr().out.strip()
+    public_id = token.split("-")[1]
+    assert keys_main(["update", public_id, "--weight", "0.5", "--untrusted", "--tpm", "900",
+                      "--db", pg_url]) == 0
+    assert "weight 0.5, untrusted" in capsys.readouterr().out
+    assert keys_main(["list", "--db", pg_url]) == 0
+    listing = capsys.readouterr().out
+    line = next(row for row in listing.splitlines() if row.startswith(public_id))
+    assert line.split()[-4:] == ["unlimited", "900", "0.5", "no"]
+    assert keys_main(["update", public_id, "--weight", "0", "--db", pg_url]) == 2
+    assert keys_main(["update", "nosuchkey000", "--weight", "2", "--db", pg_url]) == 1
