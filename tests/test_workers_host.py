@@ -130,10 +130,11 @@ id = "{MODEL}"
         assert proc.wait(20) == 0
 
 
-async def _chat(s: aiohttp.ClientSession, g: Served, key: str, i: int) -> tuple[int, str, str]:
+async def _chat(s: aiohttp.ClientSession, g: Served, key: str, i: int,
+                **headers: str) -> tuple[int, str, str]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 2}
     async with s.post(g.at(i) + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {g.tokens[key]}"}) as r:
+                      headers={"Authorization": f"Bearer {g.tokens[key]}", **headers}) as r:
         data = await r.json()
         code = data["error"]["code"] if r.status != 200 else ""
         return r.status, code, r.headers.get("x-tierq-request-id", "")
@@ -154,7 +155,10 @@ async def test_two_workers_act_as_one_gateway_for_key_limits_metrics_and_the_led
         assert sorted(st for st, _, _ in limited) == [200] * 5 + [429] * 7, "5 a minute for the host"
         assert {c for st, c, _ in limited if st == 429} == {"rate_limit_exceeded"}
 
-        load = await asyncio.gather(*(_chat(s, g, "free", i) for i in range(80)))
+        # Half of them name a fairness id, which an untrusted key's requests ignore.
+        load = await asyncio.gather(*(
+            _chat(s, g, "free", i, **({"x-tierq-fairness-id": f"t{i}"} if i % 2 else {}))
+            for i in range(80)))
         assert all(st == 200 for st, _, _ in load)
         total = len(limited) + len(load)
 
@@ -169,10 +173,17 @@ async def test_two_workers_act_as_one_gateway_for_key_limits_metrics_and_the_led
         assert "tierq_workers 2" in text.splitlines()
         assert _metric_sum(text, "tierq_requests_total") == total
         assert _metric_sum(text, "tierq_shed_total") == 7
+        ignored = [line for line in text.splitlines()
+                   if line.startswith("tierq_fairness_id_ignored_total ")]
+        assert ignored == ["tierq_fairness_id_ignored_total 40"], "counted on both workers"
         async with s.get(g.at(1) + "/status.json") as r:
             status = await r.json()
         assert status["workers"] == 2
         assert sum(sum(t.values()) for t in status["totals"].values()) == total
+        # Each key is one flow, its served tokens summed over both workers (4 a request).
+        served_by_flow = {f["flow"]: f["tokens"] for f in status["pools"][0]["flows"]["top_served"]}
+        ids = {k: t.split("-")[1] for k, t in g.tokens.items()}
+        assert served_by_flow == {ids["free"]: 320, ids["limited"]: 20}
 
     served_ids = [rid for st, _, rid in [*limited, *load] if st == 200]
     assert len(served_ids) == 85 and len(set(served_ids)) == 85
