@@ -241,6 +241,55 @@ async def test_an_upstream_still_overloaded_gets_tierqs_own_honest_429_within_th
 
 
 @pytest.mark.timeout(60)
+async def test_a_request_in_overload_back_off_when_the_drain_starts_gets_the_drains_503(
+        tmp_path: Path) -> None:
+    # A provider that always says 503 with no hint; the request's max wait is
+    # 30 s, so it would be sent again for 30 s. A drain (SIGTERM) ends that:
+    # 503 server_shutting_down after the back-off it was in, no further try.
+    attempts = 0
+
+    async def overloaded(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        await request.read()
+        return web.json_response({"error": {"message": "overloaded"}}, status=503)
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", overloaded)
+    provider_root, provider_runner = await serve_app(provider)
+    config = Config(
+        ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'tierq.db'}"),
+        upstreams=(UpstreamConfig("provider", provider_root + "/v1", "openai", metrics=False),),
+        models=(ModelConfig(PRIORITY_MODEL, "provider", priority=True,
+                            admission=AdmissionConfig(max_concurrency=4, max_wait_ms=30000)),))
+    app = create_app(config)
+    root, runner = await serve_app(app)
+    try:
+        async with aiohttp.ClientSession() as s:
+            asked = asyncio.create_task(s.post(root + "/v1/chat/completions",
+                                               json=_chat("y", max_tokens=4)))
+            await _until(lambda: attempts >= 2)
+            gw = app[GATEWAY]
+            gw.begin_drain()
+            r = await asked
+            body = await r.json()
+            assert r.status == 503 and body["error"]["code"] == "server_shutting_down", body
+            assert r.headers["Retry-After"] == "1"
+            request_id = r.headers["x-tierq-request-id"]
+            r.close()
+        tried = attempts
+        await gw.ledger.flush()
+        row = gw.ledger.get(request_id)
+        assert row is not None and row.status == "shed" and row.code == "server_shutting_down"
+        assert row.cost == 0
+        assert gw.pools[PRIORITY_MODEL].admission.stats()["in_flight"] == 0
+        assert attempts == tried  # nothing sent after the drain's answer
+    finally:
+        await runner.cleanup()
+        await provider_runner.cleanup()
+
+
+@pytest.mark.timeout(60)
 async def test_an_upstream_hint_past_the_wait_left_is_shed_at_once(behind: Any) -> None:
     # The engine says Retry-After: 1; a default request may wait 0.5 s in all
     # (its lane's max wait), a priority one too (its own x-tierq-max-queue-ms),

@@ -261,9 +261,9 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                                           request.headers.get(BYO_HEADER)) as up:
                 if up.status in OVERLOAD_STATUSES:
                     # Nothing reached the client yet: the limit backs off on
-                    # each such answer, and the request keeps its slot (nothing
-                    # overtakes it) and is sent again after a back-off, as often
-                    # as what is left of its max wait allows.
+                    # each such answer, and the request keeps its slot (no
+                    # waiter takes it) and is sent again after a back-off, as
+                    # often as what is left of its max wait allows.
                     ex.gw.capacity.overloaded(pool.entry.id)
                     await up.read()
                     overloads += 1
@@ -276,7 +276,12 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                     return await relay_stream(request, ex, up, info.client_wants_usage)
                 else:
                     return await relay_json(request, ex, up)
-            await asyncio.sleep(wait)
+            # A drain ends the back-off: the request is the drain's 503, as a
+            # queued one is, rather than held until the shutdown cuts it.
+            if not ex.gw.draining:
+                await asyncio.sleep(wait)
+            if ex.gw.draining:
+                raise drained()
     except (aiohttp.ClientError, TimeoutError) as e:
         if ex.done:
             raise
