@@ -6,6 +6,7 @@ headers are one clear 400 and never billed, and /status and /metrics show it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from tierq.cli import usage_main
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
 from tierq.keys import KeyStore
 from tierq.ledger import Ledger
+from tierq.logs import JsonFormatter
 
 MESSAGES: Any = [{"role": "user", "content": "a b c d"}]
 FAIRNESS = "x-tierq-fairness-id"
@@ -326,3 +328,20 @@ async def test_an_admitted_request_is_shed_when_its_own_deadline_passes_not_the_
             t.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
     assert err.value.body["code"] == "queue_timeout"  # type: ignore[index]
+
+
+async def test_the_access_line_names_an_honoured_fairness_id_only(
+        make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway()
+    with caplog.at_level(logging.INFO, logger="tierq"):
+        async with client(gw) as c:
+            for headers in ({FAIRNESS: "team-a", "x-request-id": "with-id"},
+                            {"x-request-id": "without-id"}):
+                await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
+                                                max_tokens=2, extra_headers=headers)
+        await _wait_for(lambda: len([r for r in caplog.records if r.name == "tierq.access"]) >= 2,
+                        "two access lines")
+    lines = {a["client_request_id"]: a for a in (
+        orjson.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "tierq.access")}
+    assert lines["with-id"]["fairness_id"] == "team-a"
+    assert "fairness_id" not in lines["without-id"]

@@ -162,6 +162,8 @@ def _record(c: _Captured) -> logging.LogRecord:
             "tier": row.applied_tier, "outcome": row.status, "code": row.code,
             "queue_ms": round(row.queue_ms, 3), "prompt_tokens": row.prompt_tokens,
             "completion_tokens": row.completion_tokens, "cost": format(row.cost, "f")})
+        if row.fairness_id is not None:
+            fields["fairness_id"] = row.fairness_id
     # makeRecord is what `access_log.info` does, less the walk up the stack for
     # a caller's file and line that an access line does not show.
     record = access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None,
