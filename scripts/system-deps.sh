@@ -11,6 +11,8 @@
 #          starts its own cluster on a loopback port (tests/pg_server.py).
 #   redis  Debian's redis-server for the cluster tests and bench/cluster; each
 #          test starts its own on a loopback port (tests/redis_server.py).
+#   prometheus  Debian's prometheus and promtool for the dashboard and alert
+#          tests (tests/test_dashboards.py starts its own on a loopback port).
 set -euo pipefail
 missing=()
 for group in "${@:-build}"; do
@@ -21,8 +23,10 @@ for group in "${@:-build}"; do
             compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql) ;;
         redis)
             command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) ;;
+        prometheus)
+            command -v promtool >/dev/null 2>&1 || missing+=(prometheus) ;;
         *)
-            echo "system-deps: unknown group '$group' (known: build, postgres, redis)" >&2; exit 2 ;;
+            echo "system-deps: unknown group '$group' (known: build, postgres, redis, prometheus)" >&2; exit 2 ;;
     esac
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0

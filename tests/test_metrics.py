@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,15 @@ async def test_metrics_count_served_shed_and_time_per_tier_in_prometheus_format(
     assert m["tierq_ledger_rows_total"] == 3 and m["tierq_ledger_pending_rows"] == 0
     assert m["tierq_ledger_commit_errors_total"] == 0
     assert check_histogram(m, "tierq_ledger_write_lag_seconds", "") >= 1
+    # Cost per model and applied tier: the ledger rows' costs summed, the shed one free.
+    billed: dict[tuple[str, str], Decimal] = {}
+    for row in await gw.rows():
+        if row.cost:
+            billed[row.model, row.applied_tier] = billed.get((row.model, row.applied_tier), Decimal(0)) + row.cost
+    assert set(billed) == {(PRIORITY_MODEL, "priority"), (PLAIN_MODEL, "default")}
+    for (model, tier), usd in billed.items():
+        assert m[f'tierq_cost_usd_total{{model="{model}",tier="{tier}"}}'] == float(usd)
+    assert len([k for k in m if k.startswith("tierq_cost_usd_total")]) == 2, "nothing for the shed"
 
 
 async def test_upstream_errors_are_counted_per_model_upstream_and_code(

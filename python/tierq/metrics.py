@@ -26,6 +26,7 @@ from tierq.fairness import FlowLine, flows_json, merge
 __all__ = [
     "LAG_BUCKETS_S",
     "LATENCY_BUCKETS_S",
+    "METRIC_NAMES",
     "SERIES_STEP_S",
     "SERIES_WINDOWS",
     "GatewayMetrics",
@@ -49,6 +50,7 @@ LAG_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 SERIES_STEP_S: Final = 2
 SERIES_WINDOWS: Final = 180
 _US: Final = 1_000_000
+_FEMTO: Final = 10**15  # femto-USD per USD (tierq.pricing's unit)
 # The wait prediction's error histograms, by direction: their names in `hist`.
 _PREDICTION: Final = {"under": "wait_prediction_under", "over": "wait_prediction_over"}
 
@@ -128,6 +130,8 @@ class WorkerSnapshot:
     sheds: Mapping[tuple[str, str, str], int]  # (model, tier, code) -> n
     upstream_errors: Mapping[tuple[str, str, str], int]  # (model, upstream, code) -> n
     histograms: Mapping[tuple[str, str], HistogramData]  # (name, tier) -> data
+    # (model, tier) -> femto-USD billed (served and partial answers, as the ledger's cost)
+    costs: Mapping[tuple[str, str], int] = field(default_factory=dict)
     ledger_pending: int = 0
     ledger_rows: int = 0
     ledger_errors: int = 0
@@ -153,6 +157,7 @@ class GatewayMetrics:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.sheds: dict[tuple[str, str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        self.costs: dict[tuple[str, str], int] = {}
         self.hist: dict[tuple[str, str], Histogram] = {
             (name, tier): Histogram(LATENCY_BUCKETS_S)
             for name in ("ttft", "latency", "queue_wait", *_PREDICTION.values())
@@ -168,11 +173,16 @@ class GatewayMetrics:
         self._limits: dict[str, deque[tuple[int, int]]] = {}
 
     def observe(self, model: str, upstream: str, tier: str, status: str, code: str | None,
-                queue_s: float, latency_s: float, ttft_s: float | None) -> None:
-        """One request decision (the same one that becomes a ledger row)."""
+                queue_s: float, latency_s: float, ttft_s: float | None,
+                cost_femto: int = 0) -> None:
+        """One request decision (the same one that becomes a ledger row);
+        `cost_femto` its billed cost, the ledger row's, in femto-USD."""
         k = (model, tier, status)
         requests = self.requests
         requests[k] = requests.get(k, 0) + 1
+        if cost_femto:
+            c = (model, tier)
+            self.costs[c] = self.costs.get(c, 0) + cost_femto
         now = time.time()
         if now >= self._window_end:
             self._rotate(now)
@@ -239,6 +249,7 @@ class GatewayMetrics:
             requests=dict(self.requests), sheds=dict(self.sheds),
             upstream_errors=dict(self.upstream_errors),
             histograms={k: h.data() for k, h in self.hist.items()},
+            costs=dict(self.costs),
             ledger_pending=int(getattr(ledger, "pending", 0) or 0),
             ledger_rows=int(getattr(ledger, "rows_committed", 0) or 0),
             ledger_errors=int(getattr(ledger, "commit_errors", 0) or 0),
@@ -277,6 +288,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "sheds": [[*k, n] for k, n in s.sheds.items()],
         "upstream_errors": [[*k, n] for k, n in s.upstream_errors.items()],
         "histograms": [[*k, _hist_json(h)] for k, h in s.histograms.items()],
+        "costs": [[*k, n] for k, n in s.costs.items()],
         "ledger": [s.ledger_pending, s.ledger_rows, s.ledger_errors, s.ledger_spool,
                    s.ledger_spooling],
         "ledger_lag": None if s.ledger_lag is None else _hist_json(s.ledger_lag),
@@ -302,6 +314,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         requests=counts(d["requests"]), sheds=counts(d["sheds"]),
         upstream_errors=counts(d["upstream_errors"]),
         histograms={(h[0], h[1]): _hist_of(h[2]) for h in d["histograms"]},
+        costs={(c[0], c[1]): int(c[2]) for c in d.get("costs", [])},
         ledger_pending=int(d["ledger"][0]), ledger_rows=int(d["ledger"][1]),
         ledger_errors=int(d["ledger"][2]),
         ledger_spool=_opt_int(d["ledger"][3]) if len(d["ledger"]) > 3 else None,
@@ -417,6 +430,7 @@ class _Scrape:
     spools: list[int]  # each worker's reading of the PostgreSQL ledger's spool depth
     cluster: Mapping[str, Any] | None
     lag: HistogramData | None
+    costs: dict[tuple[str, str], int]  # (model, tier) -> femto-USD
 
     @classmethod
     def of(cls, snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> _Scrape:
@@ -424,9 +438,11 @@ class _Scrape:
         sheds: dict[tuple[str, str, str], int] = {}
         errors: dict[tuple[str, str, str], int] = {}
         hists: dict[tuple[str, str], HistogramData] = {}
+        costs: dict[tuple[str, str], int] = {}
         lag: HistogramData | None = None
         for s in snapshots:
             _sum_into(requests, s.requests)
+            _sum_into(costs, s.costs)
             _sum_into(sheds, s.sheds)
             _sum_into(errors, s.upstream_errors)
             for k, h in s.histograms.items():
@@ -437,7 +453,7 @@ class _Scrape:
             snapshots, sorted(_pools(snapshots, shared_admission), key=lambda p: p.model),
             requests, sheds, errors, hists,
             [s.ledger_spool for s in snapshots if s.ledger_spool is not None],
-            _cluster(snapshots), lag,
+            _cluster(snapshots), lag, costs,
         )
 
 
@@ -557,6 +573,10 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
     _Family("tierq_shed_total", "counter",
             "429s per model, applied tier and code (admission and per-key limits).",
             _counted(lambda s: s.sheds, ("model", "tier", "code"))),
+    _Family("tierq_cost_usd_total", "counter",
+            "USD billed per model and applied tier (the ledger rows' cost, summed).",
+            lambda s: [([("model", model), ("tier", tier)], femto / _FEMTO)
+                       for (model, tier), femto in sorted(s.costs.items())]),
     _Family("tierq_upstream_errors_total", "counter",
             "Requests failed by the upstream (connect, timeout, 5xx, broken stream).",
             _counted(lambda s: s.errors, ("model", "upstream", "code"))),
@@ -611,6 +631,10 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
             "Per committed batch: its oldest row's time from queued to committed.",
             lambda s: [] if s.lag is None else [([], s.lag)]),
 )
+
+
+#: The name of every family /metrics may show (the shipped dashboard and alerts use only these).
+METRIC_NAMES: Final[tuple[str, ...]] = tuple(f.name for f in _FAMILIES)
 
 
 def render_prometheus(snapshots: Sequence[WorkerSnapshot], *,

@@ -298,20 +298,20 @@ class Exchange:
     def _row(self, o: Outcome) -> LedgerRow:
         latency_s = time.monotonic() - self.t0
         upstream = self.pool.upstream.name
+        femto = ((o.cost if o.cost is not None else self.cost(o.prompt_tokens, o.completion_tokens))
+                 if o.billed else 0)
         row = LedgerRow(
             request_id=self.info.id, ts=self.ts, key_id=self.key_id,
             model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
             requested_tier=self.requested_tier, applied_tier=self.tier,
             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-            cost=femto_decimal(o.cost if o.cost is not None else
-                               self.cost(o.prompt_tokens, o.completion_tokens))
-            if o.billed else Decimal(0),
+            cost=femto_decimal(femto) if o.billed else Decimal(0),
             status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
             latency_ms=latency_s * 1000.0, upstream=upstream, fairness_id=self.flow.fairness_id,
         )
         self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
                                 self.queue_ms / 1000.0, latency_s,
-                                self.ttft_s if self.ttft_s is not None else latency_s)
+                                self.ttft_s if self.ttft_s is not None else latency_s, femto)
         if access_enabled():
             access_line(self.request, self.info, o.http_status, latency_s, row)
         self._settle(o)
