@@ -70,7 +70,8 @@ def metric(text: str, name: str) -> float:
 @pytest.mark.parametrize("header,value", [
     (MAX_QUEUE, "abc"), (MAX_QUEUE, "0"), (MAX_QUEUE, "-5"), (MAX_QUEUE, "1.5"),
     (MAX_QUEUE, "1e3"), (MAX_QUEUE, "+10"), (MAX_QUEUE, "1234567890"), (MAX_QUEUE, "0x10"),
-    (MAX_QUEUE, "9" * 4000), (FAIRNESS, "x" * 129), (FAIRNESS, "tab\there"),
+    (MAX_QUEUE, "9" * 4000), (MAX_QUEUE, ""), (FAIRNESS, "x" * 129), (FAIRNESS, "tab\there"),
+    (FAIRNESS, ""),
 ])
 async def test_a_malformed_header_is_one_400_naming_it_with_no_row_and_no_bill(
         make_gateway: GatewayFactory, header: str, value: str) -> None:
