@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use criterion::{Bencher, Criterion};
 use tierq_core::bucket::{decide, BucketParams, Decision};
 use tierq_core::clock::monotonic_ns;
-use tierq_core::{Admit, Clock, Lane, Pool, PoolSpec, TokenBucket};
+use tierq_core::{Admit, Ask, Clock, Lane, Pool, PoolSpec, TokenBucket};
 
 // ---------------------------------------------------------------- baselines --
 
@@ -231,6 +231,65 @@ fn bench_queue(c: &mut Criterion) {
     }
 }
 
+fn fair_pool(max_concurrency: i64, fairness: &str) -> Pool {
+    let s = PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: 1024, fairness: fairness.into(), ..PoolSpec::default() }.validate().unwrap();
+    Pool::new(s, Clock::Monotonic)
+}
+
+/// Fairness on (`"tokens"`: the flow id hashed to its hand on every call,
+/// as `AdmissionCore.ask` does, the queue chosen, charged and, when queued,
+/// joined, predicted and picked by the least counter) against off (today's
+/// FIFO: `admit` of the anonymous flow), in the same run. Push + pop
+/// alternates two flows, so each pop picks between two active queues.
+fn bench_fairness(c: &mut Criterion) {
+    let flows: [&[u8]; 2] = [b"key_polite_0001", b"key_greedy_0002"];
+    let mut g = c.benchmark_group("fairness_admit_release/1t");
+    let on = fair_pool(64, "tokens");
+    g.bench_function("on", |b| {
+        b.iter(|| {
+            let ask = Ask { hand: on.hand(black_box(flows[0])), service: 100, max_wait_ns: None };
+            assert_eq!(black_box(&on).admit_ask(Lane::Default, 1, &ask).0, Admit::Now);
+            assert_eq!(on.release(), None);
+        })
+    });
+    let off = fair_pool(64, "off");
+    g.bench_function("off", |b| {
+        b.iter(|| {
+            assert_eq!(black_box(&off).admit(Lane::Default, 1), Admit::Now);
+            assert_eq!(off.release(), None);
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("fairness_push_pop/1t");
+    for (name, fairness) in [("on", "tokens"), ("off", "off")] {
+        let p = fair_pool(1, fairness);
+        assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+        // One waiter of each flow always queued, so every pop chooses.
+        for f in flows {
+            let ask = Ask { hand: p.hand(f), service: 100, max_wait_ns: None };
+            assert!(matches!(p.admit_ask(Lane::Default, 1, &ask).0, Admit::Queued { granted: None, .. }));
+        }
+        let turn = AtomicU64::new(0);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let queued = if fairness == "off" {
+                    black_box(&p).admit(Lane::Default, 1)
+                } else {
+                    let f = flows[(turn.fetch_add(1, Relaxed) & 1) as usize];
+                    let ask = Ask { hand: p.hand(black_box(f)), service: 100, max_wait_ns: None };
+                    black_box(&p).admit_ask(Lane::Default, 1, &ask).0
+                };
+                assert!(matches!(queued, Admit::Queued { granted: None, .. }));
+                assert!(p.release().is_some(), "handed to a waiter");
+            })
+        });
+        let st = p.stats();
+        assert_eq!((st.in_flight, st.depth), (1, [0, 2]), "the bench leaked a slot or a waiter");
+    }
+    g.finish();
+}
+
 /// The two primitives that bound push + pop, measured in the same run: one
 /// CLOCK_MONOTONIC read and one uncontended locked RMW (`lock xadd` on x86;
 /// every ordering of an RMW is the same instruction there).
@@ -284,6 +343,14 @@ fn summary() {
         };
         println!("| {label} | {ours:.1} ns | {base:.1} ns | {:.2}x | {verdict} |", base / ours);
     }
+    println!("\n| fairness, same run | on (tokens) | off (FIFO) | on / off | target |");
+    println!("|---|---:|---:|---:|---|");
+    for (group, label) in [("fairness_admit_release/1t", "admit + release, uncontended"), ("fairness_push_pop/1t", "push + pop, two flows waiting")] {
+        let (Some(on), Some(off)) = (median_ns(group, "on"), median_ns(group, "off")) else { continue };
+        let ratio = on / off;
+        let verdict = if ratio <= 1.3 { "<= 1.3x: met" } else { "<= 1.3x: missed" };
+        println!("| {label} | {on:.1} ns | {off:.1} ns | {ratio:.2}x | {verdict} |");
+    }
     if let (Some(clock), Some(rmw)) = (median_ns("floor/1t", "clock_read"), median_ns("floor/1t", "atomic_rmw")) {
         let floor = PUSH_POP_CLOCKS * clock + PUSH_POP_RMWS * rmw;
         println!(
@@ -298,6 +365,7 @@ fn main() {
     bench_bucket(&mut c);
     bench_admit_release(&mut c);
     bench_queue(&mut c);
+    bench_fairness(&mut c);
     bench_floor(&mut c);
     c.final_summary();
     summary();

@@ -323,3 +323,210 @@ proptest! {
         run(ops, initial, Some((min, max)), queue_depth, headroom)?;
     }
 }
+
+// ------------------------------------------------------------ fair order --
+
+use std::collections::{HashMap, HashSet};
+use tierq_core::{fair, Ask};
+
+fn fair_pool(limit: i64, queue_depth: i64) -> (Pool, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(1));
+    let s = PoolSpec { max_concurrency: Some(limit), queue_depth, max_wait_ms: [80.0, 50.0], ..PoolSpec::default() }.validate().unwrap();
+    (Pool::new(s, Clock::Manual(clock.clone())), clock)
+}
+
+#[derive(Debug, Clone)]
+enum FairOp {
+    /// Flow (0..4), lane, charge, weight (index into WEIGHTS).
+    Admit(usize, Lane, u64, usize),
+    /// Release the n-th held slot, settling it at this real charge.
+    Release(usize, u64),
+    Cancel(usize),
+    AdvanceMs(u64),
+    Expire,
+}
+
+const WEIGHTS: [u32; 3] = [100, 200, 400];
+
+fn fair_op() -> impl Strategy<Value = FairOp> {
+    let lane = prop_oneof![1 => Just(Lane::Priority), 3 => Just(Lane::Default)];
+    prop_oneof![
+        5 => (0usize..4, lane, 0u64..50, 0usize..3).prop_map(|(f, l, c, w)| FairOp::Admit(f, l, c, w)),
+        3 => (any::<usize>(), 0u64..80).prop_map(|(n, c)| FairOp::Release(n, c)),
+        1 => any::<usize>().prop_map(FairOp::Cancel),
+        1 => (0u64..40).prop_map(FairOp::AdvanceMs),
+        1 => Just(FairOp::Expire),
+    ]
+}
+
+/// A held slot: its lane, queue and the service charged for it.
+type Held = (Lane, u32, u64);
+
+/// Random flows, weights, charges, settles, cancels and expiries on a fair
+/// pool: no grant takes the count over the limit, every waiter is decided
+/// exactly once (granted, cancelled, expired or evicted), the depth is the
+/// live waiters, and once everything is released no waiter is left behind
+/// and no flow queue is left counted active.
+fn run_fair(ops: Vec<FairOp>, limit: i64, queue_depth: i64) -> Result<(), TestCaseError> {
+    let (pool, clock) = fair_pool(limit, queue_depth);
+    let flows: Vec<(u32, u32)> = (0..4).map(|i| pool.hand(format!("key-{i}").as_bytes())).collect();
+    let mut held: Vec<Held> = Vec::new();
+    // Live waiters: id -> (lane, service charged at dispatch).
+    let mut live: HashMap<u64, (Lane, u64)> = HashMap::new();
+    let mut decided: HashSet<u64> = HashSet::new();
+    let grant = |id: u64, live: &mut HashMap<u64, (Lane, u64)>, decided: &mut HashSet<u64>, held: &mut Vec<Held>| -> Result<(), TestCaseError> {
+        prop_assert!(decided.insert(id), "waiter {} decided twice", id);
+        let (lane, svc) = live.remove(&id).ok_or_else(|| TestCaseError::fail(format!("granted {id}, not waiting")))?;
+        held.push((lane, u32::MAX, svc));
+        Ok(())
+    };
+    let shed = |id: u64, live: &mut HashMap<u64, (Lane, u64)>, decided: &mut HashSet<u64>| -> Result<(), TestCaseError> {
+        prop_assert!(decided.insert(id), "waiter {} decided twice", id);
+        prop_assert!(live.remove(&id).is_some(), "shed {} not waiting", id);
+        Ok(())
+    };
+    for op in ops {
+        match op {
+            FairOp::Admit(f, lane, charge, w) => {
+                let svc = fair::service(charge, WEIGHTS[w]);
+                let ask = Ask { hand: flows[f], service: svc, max_wait_ns: None };
+                let (decided_now, placed) = pool.admit_ask(lane, 1, &ask);
+                prop_assert!(placed.queue == flows[f].0 || placed.queue == flows[f].1, "joined a queue outside its hand");
+                match decided_now {
+                    Admit::Now => held.push((lane, placed.queue, svc)),
+                    Admit::Queued { waiter, evicted, granted } => {
+                        live.insert(waiter, (lane, svc));
+                        if let Some(v) = evicted {
+                            shed(v, &mut live, &mut decided)?;
+                        }
+                        if let Some(g) = granted {
+                            grant(g, &mut live, &mut decided, &mut held)?;
+                        }
+                    }
+                    Admit::Shed { evicted, .. } => {
+                        if let Some(v) = evicted {
+                            shed(v, &mut live, &mut decided)?;
+                        }
+                    }
+                }
+            }
+            FairOp::Release(_, _) if held.is_empty() => {}
+            FairOp::Release(n, real) => {
+                let (lane, queue, svc) = held.swap_remove(n % held.len());
+                if queue != u32::MAX {
+                    pool.settle(lane, queue, svc, real.max(1) * 100);
+                }
+                if let Some(g) = pool.release() {
+                    grant(g, &mut live, &mut decided, &mut held)?;
+                }
+            }
+            FairOp::Cancel(n) => {
+                let mut ids: Vec<u64> = live.keys().copied().collect();
+                ids.sort();
+                if !ids.is_empty() {
+                    let id = ids[n % ids.len()];
+                    prop_assert!(pool.cancel(id));
+                    prop_assert!(!pool.cancel(id), "cancelled twice");
+                    shed(id, &mut live, &mut decided)?;
+                }
+            }
+            FairOp::AdvanceMs(ms) => {
+                clock.advance_ns(ms * 1_000_000);
+            }
+            FairOp::Expire => {
+                let mut gone = vec![];
+                pool.expire_due(|id| gone.push(id));
+                for id in gone {
+                    shed(id, &mut live, &mut decided)?;
+                }
+            }
+        }
+        let s = pool.stats();
+        prop_assert!(s.in_flight as i64 <= limit, "granted over the limit");
+        prop_assert_eq!(s.in_flight as usize, held.len());
+        let lane_live = |l: Lane| live.values().filter(|(ll, _)| *ll == l).count() as u32;
+        prop_assert_eq!(s.depth, [lane_live(Lane::Priority), lane_live(Lane::Default)]);
+    }
+    // No lost waiter: releasing every slot grants every waiter left, once.
+    while let Some((lane, queue, svc)) = held.pop() {
+        if queue != u32::MAX {
+            pool.settle(lane, queue, svc, svc);
+        }
+        if let Some(g) = pool.release() {
+            grant(g, &mut live, &mut decided, &mut held)?;
+        }
+    }
+    prop_assert!(live.is_empty(), "waiters left behind: {:?}", live);
+    let s = pool.stats();
+    prop_assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0], [0, 0]));
+    Ok(())
+}
+
+/// Flows backlogged together, each in a flow queue of its own (an `Ask`
+/// whose hand names one queue twice), requests of random charges and
+/// weights, joined in a random interleaving behind one held slot, then
+/// served one at a time: while every flow still waits, any two flows'
+/// service (charge over weight, as charged) differs by at most twice the
+/// largest single request's service. (With exact charges the counters of
+/// two backlogged queues stay within one request's service, since the
+/// least is served next; settles correct a counter after the fact, by up to
+/// the corrections of the requests in flight.)
+fn run_bound(backlogs: Vec<Vec<(u64, usize)>>, order: Vec<usize>) -> Result<(), TestCaseError> {
+    let (pool, _clock) = fair_pool(1, 512);
+    let holder = Ask { hand: (60, 60), service: 100, max_wait_ns: None };
+    prop_assert_eq!(pool.admit_ask(Lane::Default, 1, &holder).0, Admit::Now);
+    let mut left: Vec<usize> = backlogs.iter().map(|b| b.len()).collect();
+    let mut next = vec![0usize; backlogs.len()];
+    let mut flow_of: HashMap<u64, (usize, u64)> = HashMap::new();
+    let mut max_svc = 0;
+    // Join in the random interleaving, then whatever is left in flow order.
+    let mut arrivals: Vec<usize> = order.into_iter().map(|o| o % backlogs.len()).collect();
+    arrivals.extend((0..backlogs.len()).flat_map(|f| std::iter::repeat(f).take(backlogs[f].len())));
+    for f in arrivals {
+        if next[f] == backlogs[f].len() {
+            continue;
+        }
+        let (charge, w) = backlogs[f][next[f]];
+        next[f] += 1;
+        let svc = fair::service(charge, WEIGHTS[w]);
+        max_svc = max_svc.max(svc);
+        let ask = Ask { hand: (f as u32, f as u32), service: svc, max_wait_ns: None };
+        let (Admit::Queued { waiter, granted: None, .. }, _) = pool.admit_ask(Lane::Default, 1, &ask) else {
+            return Err(TestCaseError::fail("the slot is held: it must queue"));
+        };
+        flow_of.insert(waiter, (f, svc));
+    }
+    let mut served = vec![0u64; backlogs.len()];
+    while let Some(g) = pool.release() {
+        let (f, svc) = flow_of.remove(&g).ok_or_else(|| TestCaseError::fail("granted an unknown waiter"))?;
+        served[f] += svc;
+        left[f] -= 1;
+        if left.iter().all(|&n| n > 0) {
+            let (lo, hi) = (served.iter().min().unwrap(), served.iter().max().unwrap());
+            prop_assert!(hi - lo <= 2 * max_svc, "service gap {} > 2 x {} ({:?})", hi - lo, max_svc, served);
+        }
+    }
+    prop_assert!(flow_of.is_empty(), "waiters left behind");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fair_pool_keeps_the_invariants_with_flows_weights_and_settles(
+        ops in prop::collection::vec(fair_op(), 1..250),
+        limit in 1i64..4,
+        queue_depth in 1i64..12,
+    ) {
+        run_fair(ops, limit, queue_depth)?;
+    }
+
+    #[test]
+    fn backlogged_flows_stay_within_twice_one_requests_service(
+        backlogs in prop::collection::vec(prop::collection::vec((0u64..100, 0usize..3), 1..30), 2..4),
+        order in prop::collection::vec(any::<usize>(), 0..90),
+    ) {
+        run_bound(backlogs, order)?;
+    }
+}

@@ -611,3 +611,86 @@ fn forked_workers_racing_on_one_keys_bucket_get_exactly_the_burst() {
     assert!(got >= 60 && got <= 60 + refill, "got {got} across {workers} processes, burst 60, refill {refill}");
     assert_eq!(sup.used(), 1, "one entry for the one key");
 }
+
+/// A child process attached as `worker` that queues `n` requests of `flow`,
+/// says so (`c[0]` += 1), then serves them as they are granted (by mail from
+/// the others, or to itself on its own release): each grant appends `tag`
+/// to the log (`c[2..]`, `c[1]` the next place) before the slot is released.
+fn fair_child(name: &Name, s: &PoolSettings, c: &Arc<Shm>, worker: usize, flow: &str, n: usize, tag: u64) -> libc::pid_t {
+    // SAFETY: the child only runs this crate's code and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid != 0 {
+        return pid;
+    }
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let p = attach(name, s, worker, 3);
+        let ask = tierq_core::Ask { hand: p.hand(flow.as_bytes()), service: 100, max_wait_ns: None };
+        for _ in 0..n {
+            assert!(matches!(p.admit_ask(Lane::Default, 1, &ask).0, Admit::Queued { granted: None, .. }));
+        }
+        c.w()[0].fetch_add(1, SeqCst);
+        let log = |c: &Shm| {
+            let at = c.w()[1].fetch_add(1, SeqCst) as usize;
+            c.w()[2 + at].store(tag, SeqCst);
+        };
+        let mut served = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while served < n {
+            assert!(Instant::now() < deadline, "worker {worker} starved: {served} of {n}");
+            for (_, outcome) in drain(&p) {
+                assert_eq!(outcome, Outcome::Granted);
+                let mut granted = true;
+                while granted {
+                    log(c);
+                    served += 1;
+                    granted = p.release().is_some();
+                }
+            }
+            thread::yield_now();
+        }
+    }))
+    .map_or(1, |_| 0);
+    // SAFETY: ends the child without running the parent's test harness.
+    unsafe { libc::_exit(code) };
+}
+
+#[test]
+fn a_greedy_flow_in_one_process_cannot_starve_a_polite_flow_in_another() {
+    let name = Name::new("fair");
+    let s = settings(1, 64);
+    let sup = Pool::create_shared(&name.0, s.clone(), 3, vec![], Clock::Monotonic).unwrap();
+    let (greedy, polite) = ("key-greedy", "key-polite");
+    let (g, p) = (sup.hand(greedy.as_bytes()), sup.hand(polite.as_bytes()));
+    assert!(g.0 != p.0 && g.0 != p.1 && g.1 != p.0 && g.1 != p.1, "the two keys share a queue: pick other names");
+    let holder = attach(&name, &s, 0, 3);
+    // The holder's own service goes to a queue of neither key.
+    let free = (0..64).find(|q| ![g.0, g.1, p.0, p.1].contains(q)).unwrap();
+    let ask = tierq_core::Ask { hand: (free, free), service: 100, max_wait_ns: None };
+    assert_eq!(holder.admit_ask(Lane::Default, 1, &ask).0, Admit::Now);
+    let c = Arc::new(Shm::new(64));
+    let wait_for = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.w()[0].load(SeqCst) < n {
+            assert!(Instant::now() < deadline);
+            thread::yield_now();
+        }
+    };
+    // The greedy key's 20 requests queue first, in process 1; the polite
+    // key's one after them, in process 2.
+    let pid_g = fair_child(&name, &s, &c, 1, greedy, 20, 1);
+    wait_for(1);
+    let pid_p = fair_child(&name, &s, &c, 2, polite, 1, 2);
+    wait_for(2);
+    assert_eq!(sup.stats().fair_flows_active, [0, 3]);
+    assert_eq!(holder.release(), None, "the slot went to another process's waiter");
+    assert_eq!(wait_ok(pid_g), 0);
+    assert_eq!(wait_ok(pid_p), 0);
+    let order: Vec<u64> = (0..21).map(|i| c.w()[2 + i].load(SeqCst)).collect();
+    assert_eq!(order.iter().filter(|&&t| t == 1).count(), 20);
+    // First come, first served would serve it 21st.
+    let at = order.iter().position(|&t| t == 2).unwrap();
+    assert!(at <= 2, "the polite key was served {}th: {order:?}", at + 1);
+    let st = sup.stats();
+    assert_eq!((st.in_flight, st.depth, st.fair_flows_active), (0, [0, 0], [0, 0]));
+}
