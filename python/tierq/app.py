@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from tierq._core import SharedKeyBuckets
+from tierq.admin import add_admin_routes
 from tierq.admission import Admission, Shed
 from tierq.capacity import OVERLOAD_STATUSES, overload_backoff_s
 from tierq.cluster import CLOSED_RETRY_AFTER_S, ClusterUnavailable
@@ -119,6 +120,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     add_routes(app, MetricsSource(_local_snapshots(gw)))
+    add_admin_routes(app, config.admin)
     return app
 
 

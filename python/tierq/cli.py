@@ -235,13 +235,15 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
         if config.cluster is not None:
             shared.withhold_all()  # worker 0's lease agent restores what Redis leases
         sock = listen(host, port)
+        admin_sock = listen(*config.admin.listen) if config.admin.listen is not None else None
 
         def worker(index: int) -> int:
             async def run() -> None:
                 pools = shared.attach(index)
                 pools.start()
                 try:
-                    await _run_server(config, host, port, insecure, sock=sock, pools=pools)
+                    await _run_server(config, host, port, insecure, sock=sock, pools=pools,
+                                      admin_sock=admin_sock)
                 finally:
                     pools.stop()
 
@@ -265,13 +267,16 @@ def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
 
     app = create_app(config, start_sims=start_sims, allow_remote_without_keys=insecure,
                      pools=pools, key_buckets=pools.key_buckets)
+    gw = app[GATEWAY]
+    gw.keys_changed = pools.keys_changed
+    pools.on_keys_changed = lambda: gw.keys.forget_all() if gw.keys is not None else None
     if pools.board is not None:
         pools.board.install(app, app[GATEWAY].snapshot)
     return app
 
 
 async def _run_server(config: Config, host: str, port: int, insecure: bool,
-                      sock: Any = None, pools: Any = None) -> None:
+                      sock: Any = None, pools: Any = None, admin_sock: Any = None) -> None:
     from aiohttp import web
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
@@ -291,6 +296,14 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
         await site.start()
         if sock is None:
             log.info("listening on http://%s:%d/v1 (also /v1/openai)", host, port)
+        admin = config.admin.listen
+        if admin is not None:
+            # The same app on a listener of its own: /admin/v1 answers only there.
+            await (web.SockSite(runner, admin_sock) if admin_sock is not None
+                   else web.TCPSite(runner, *admin, backlog=128)).start()
+        if config.admin.token_sha256 is not None and (sock is None or pools.index == 0):
+            log.info("admin API on %s", f"http://{admin[0]}:{admin[1]}/admin/v1" if admin else
+                     f"http://{host}:{port}/admin/v1, loopback clients only")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ and the key path, so `tierq serve` can print it instead of a traceback.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from tierq._core import _SettingsKwargs
 
 __all__ = [
+    "AdminConfig",
     "AdmissionConfig",
     "ClusterConfig",
     "Config",
@@ -46,6 +48,7 @@ UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
 # with its share of each limit, or answer 503.
 RedisDown = Literal["local", "closed"]
 SIM_UPSTREAM: Final = "sim"
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,21 @@ class KeysConfig:
     # each host re-reads the key table (the bound on a revocation reaching it).
     password_env: str | None = None
     refresh_s: float = 2.0
+    # How long a worker keeps a key it has checked without reading the store
+    # again (SQLite); a change made through the admin API on this host reaches
+    # every worker at once, one made elsewhere within this.
+    cache_ttl_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: the key management API (/admin/v1, tierq.admin)."""
+
+    # sha256 (hex) of the bearer token the API takes; None: no admin API.
+    token_sha256: str | None = None
+    # "host:port" the admin API listens on, on its own; None: on the main
+    # port, for loopback clients only.
+    listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +216,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     source: str | None = None  # the file it came from; None for the embedded default
     cluster: ClusterConfig | None = None  # None: this host alone (the embedded default)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def upstream(self, name: str) -> UpstreamConfig:
         for u in self.upstreams:
@@ -262,8 +281,9 @@ class _Parser:
             ids[m.id] = i
         keys = self.keys(top.table("keys"))
         cluster = self.cluster(top.table("cluster")) if top.has("cluster") else None
+        admin = self.admin(top.table("admin"))
         top.done()
-        return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster)
+        return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster, admin)
 
     def server(self, t: Table) -> ServerConfig:
         d = ServerConfig()
@@ -468,8 +488,28 @@ class _Parser:
         password_env = self.password_env(t, store or "", kind)
         refresh = _f(t.number("refresh_s", d.refresh_s, 0.05, 3600.0))
         capacity = _i(t.integer("table_capacity", d.table_capacity, 1, 1 << 20))
+        cache_ttl = _f(t.number("cache_ttl_s", d.cache_ttl_s, 0.0, 86400.0))
         t.done()
-        return KeysConfig(store, capacity, password_env, refresh)
+        return KeysConfig(store, capacity, password_env, refresh, cache_ttl)
+
+    def admin(self, t: Table) -> AdminConfig:
+        token = t.string("token_sha256")
+        if token is not None and _SHA256_HEX.fullmatch(token) is None:
+            # Never echoed: it may be the token itself, pasted by mistake.
+            raise t.fail("token_sha256", "expected 64 lower-case hex digits, the sha256 of the "
+                                         "token (printf %s \"$TOKEN\" | sha256sum)")
+        listen_text = t.string("listen")
+        listen = None
+        if listen_text is not None:
+            host, sep, port = listen_text.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise t.fail("listen", f'expected "host:port", got {show(listen_text)}')
+            listen = (host, int(port))
+        if listen is not None and token is None:
+            raise t.fail("listen", "needs token_sha256 (the admin API is off without it)")
+        t.done()
+        return AdminConfig(token, listen)
 
 
 # The Table readers return Optional because a default may be None; these

@@ -9,7 +9,7 @@ app, and started by `tierq.lifecycle`, which adds what the config may leave out
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -66,6 +66,9 @@ class Gateway:
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
     watchdog: WriteWatchdog = field(init=False)  # from config.server.write_timeout_s
     capacity: Capacity = field(default_factory=Capacity)  # what feeds the pools' limits
+    # Called after a key changed here (the admin API): tells this host's other
+    # workers to drop their cached keys (`tierq serve --workers N`).
+    keys_changed: Callable[[], None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
         self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)

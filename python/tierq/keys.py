@@ -29,6 +29,7 @@ from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = [
     "KEEP",
+    "MAX_LIMIT",
     "MAX_WEIGHT",
     "MIN_WEIGHT",
     "KeyInfo",
@@ -65,6 +66,9 @@ DENIED_MAX: Final = 4096  # oldest dropped first: a flood of fresh tokens cannot
 # A key's fair-queuing weight: its share of a busy lane against a key of weight 1.
 MIN_WEIGHT: Final = 0.01
 MAX_WEIGHT: Final = 100.0
+# The largest rpm or tpm a key may have (a trillion a minute): what the stores'
+# 64-bit integers and the buckets' floats hold exactly.
+MAX_LIMIT: Final = 10**12
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -131,8 +135,10 @@ def validate_key(info: KeyInfo) -> None:
     """ValueError unless `info`'s name, limits, weight and trust are what a key may
     have (a new key, or what an update leaves)."""
     for label, limit in (("rpm", info.rpm), ("tpm", info.tpm)):
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"{label} must be a positive integer or None (unlimited)")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or not 1 <= limit <= MAX_LIMIT):
+            raise ValueError(f"{label} must be a positive integer up to {MAX_LIMIT} "
+                             "or None (unlimited)")
     if not isinstance(info.name, str) or not info.name or len(info.name) > 200:
         raise ValueError("key name must be 1 to 200 characters")
     w = info.weight
@@ -317,6 +323,13 @@ class KeyStore:
                 raise
             self._forget(public_id)
         return new
+
+    def forget_all(self) -> None:
+        """Drops every cached lookup, granted or refused: the next check of each
+        token reads the store (another worker of this host changed a key)."""
+        with self._lock:
+            self._cache.clear()
+            self._denied.clear()
 
     def _forget(self, public_id: str) -> None:
         """Drops the key's cached lookups (the caller holds the lock)."""

@@ -674,6 +674,7 @@ class PostgresKeyStore:
         self._migrated = False
         self.refreshes = 0
         self._healthy = True
+        self._wake: asyncio.Event | None = None  # set: refresh now, not in refresh_s
 
     # ------------------------------------------------------------ the gateway side
 
@@ -681,6 +682,7 @@ class PostgresKeyStore:
         """Read the table once (raising if PostgreSQL cannot be read: a gateway must
         not start without knowing its keys), then keep it fresh in the background."""
         await self._refresh()
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop(),
                                                             name="tierq-pg-keys-refresh")
 
@@ -722,9 +724,20 @@ class PostgresKeyStore:
         self.loaded_at = time.monotonic()
         self.refreshes += 1
 
+    def forget_all(self) -> None:
+        """Re-read the table now rather than in up to `refresh_s` (another worker of
+        this host changed a key). Call on the gateway's loop, after `start()`."""
+        if self._wake is not None:
+            self._wake.set()
+
     async def _refresh_loop(self) -> None:
+        assert self._wake is not None
         while True:
-            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await asyncio.wait_for(self._refresh(), max(self.refresh_s, CONNECT_TIMEOUT_S) * 2)
             except Exception as e:  # noqa: BLE001 - keep the last copy
@@ -786,6 +799,8 @@ class PostgresKeyStore:
 
         public_id = self._run(insert)
         info = dataclasses.replace(blank, public_id=public_id, created=now)
+        # Known at once through this store (the admin API's), elsewhere within refresh_s.
+        self._table = {**self._table, public_id: (info, hash_secret(secret))}
         return info, f"{PREFIX}-{public_id}-{secret}"
 
     def list(self) -> builtins.list[KeyInfo]:

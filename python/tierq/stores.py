@@ -69,6 +69,7 @@ class KeyStoreLike(Protocol):
     def update(self, public_id: str, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
                tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
                trusted: bool | Keep = KEEP) -> KeyInfo | None: ...
+    def forget_all(self) -> None: ...
     def close(self) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -136,7 +137,7 @@ async def start_key_store(cfg: KeysConfig) -> KeyStoreLike | None:
             raise StoreUnavailable(f"[keys] url {shown_url(cfg.path)}: could not read the key "
                                    f"table at start ({why}); not serving without it") from None
         return pg
-    return KeyStore(cfg.path)
+    return KeyStore(cfg.path, cache_ttl_s=cfg.cache_ttl_s)
 
 
 async def close_key_store(store: KeyStoreLike) -> None:

@@ -20,7 +20,7 @@ import orjson
 
 from tierq.ledger import UsageLine, cost_text
 
-__all__ = ["parse_since", "render_csv", "render_json", "render_table"]
+__all__ = ["parse_since", "render_csv", "render_json", "render_table", "usage_report"]
 
 _COUNTS: Final = ("requests", "served", "shed", "failed", "cancelled",
                   "prompt_tokens", "completion_tokens")  # fmt: skip
@@ -80,14 +80,17 @@ def _as_dict(line: UsageLine, by_fairness_id: bool = False) -> dict[str, object]
     return d
 
 
-def render_json(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:
+def usage_report(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> dict[str, object]:
+    """The report as JSON holds it (`tierq usage --json`, GET /admin/v1/usage):
+    the lines and their total, costs as exact strings."""
     total = _as_dict(_total(lines))
     for name in ("key_id", "model", "applied_tier"):
         del total[name]
-    return orjson.dumps(
-        {"lines": [_as_dict(line, by_fairness_id) for line in lines], "total": total},
-        option=orjson.OPT_INDENT_2,
-    ).decode()
+    return {"lines": [_as_dict(line, by_fairness_id) for line in lines], "total": total}
+
+
+def render_json(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:
+    return orjson.dumps(usage_report(lines, by_fairness_id), option=orjson.OPT_INDENT_2).decode()
 
 
 def render_csv(lines: Sequence[UsageLine], by_fairness_id: bool = False) -> str:

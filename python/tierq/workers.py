@@ -9,6 +9,11 @@ worker inherits all of them. When a worker decides a waiter owned by another
 and writes the owner's eventfd, which the owner's event loop watches with
 `loop.add_reader`. No polling, no lock across processes.
 
+Key changes: each worker caches the keys it has checked. A worker that
+changes a key (the admin API) writes every other worker's key eventfd (one
+more per worker, made the same way); each drops its cached keys when it
+sees its own, so a revocation holds on every worker of the host at once.
+
 Per-key limits use one `SharedKeyBuckets` table for the host, and /metrics
 reports the host: every worker publishes its `WorkerSnapshot` to a run
 directory (`SnapshotBoard`) and a scrape of any worker reads them all.
@@ -63,11 +68,13 @@ class SharedPools:
         self.names = {pool: f"{prefix}-{i}" for i, pool in enumerate(self.settings)}
         self.keys_name = f"{prefix}-keys"
         self.wake_fds: list[int] = []
+        self.key_fds: list[int] = []
         self._cores: dict[str, AdmissionCore] = {}
         self._keys: SharedKeyBuckets | None = None
         self.run_dir: str | None = None
         try:
             self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
+            self.key_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             for pool, s in self.settings.items():
                 self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, s)
             if key_capacity is not None:
@@ -91,6 +98,7 @@ class SharedPools:
             key_buckets=SharedKeyBuckets.attach(self.keys_name) if self._keys is not None else None,
             board=SnapshotBoard(self.run_dir, worker, self.workers),
             index=worker,
+            key_fds=self.key_fds,
         )
 
     def withhold_all(self) -> None:
@@ -127,9 +135,10 @@ class SharedPools:
         if self._keys is not None:
             SharedKeyBuckets.unlink(self.keys_name)
             self._keys = None
-        for fd in self.wake_fds:
+        for fd in [*self.wake_fds, *self.key_fds]:
             os.close(fd)
         self.wake_fds = []
+        self.key_fds = []
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
@@ -137,17 +146,22 @@ class SharedPools:
 
 class WorkerPools(Mapping[str, Admission]):
     """A worker's `Admission` per pool, plus the reader that delivers its mail,
-    the host's per-key buckets (`key_buckets`) and its snapshot board."""
+    the host's per-key buckets (`key_buckets`), its snapshot board, and the
+    key eventfds (`key_fds`, one per worker: `keys_changed` tells the others,
+    `on_keys_changed` is what this one does when told)."""
 
     def __init__(self, pools: dict[str, Admission], wake_fd: int,
                  key_buckets: SharedKeyBuckets | None = None,
-                 board: SnapshotBoard | None = None, index: int = 0) -> None:
+                 board: SnapshotBoard | None = None, index: int = 0,
+                 key_fds: list[int] | None = None) -> None:
         self._pools = pools
         self.index = index  # this worker's index (0 runs a [cluster] host's lease agent)
         self._fd = wake_fd
         self._loop: asyncio.AbstractEventLoop | None = None
         self.key_buckets = key_buckets
         self.board = board
+        self._key_fds = key_fds or []
+        self.on_keys_changed: Callable[[], None] | None = None
 
     def __getitem__(self, pool: str) -> Admission:
         return self._pools[pool]
@@ -162,12 +176,30 @@ class WorkerPools(Mapping[str, Admission]):
         """Watches this worker's eventfd on `loop` and takes any mail already there."""
         self._loop = loop or asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._on_wake)
+        if self._key_fds:
+            self._loop.add_reader(self._key_fds[self.index], self._on_keys_told)
         self._deliver()
 
     def stop(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
+            if self._key_fds:
+                self._loop.remove_reader(self._key_fds[self.index])
             self._loop = None
+
+    def keys_changed(self) -> None:
+        """Tells every other worker of the host that a key changed."""
+        for i, fd in enumerate(self._key_fds):
+            if i != self.index:
+                os.eventfd_write(fd, 1)
+
+    def _on_keys_told(self) -> None:
+        try:
+            os.eventfd_read(self._key_fds[self.index])
+        except BlockingIOError:
+            return
+        if self.on_keys_changed is not None:
+            self.on_keys_changed()
 
     def _on_wake(self) -> None:
         try:
