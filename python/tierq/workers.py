@@ -17,11 +17,19 @@ sees its own, so a revocation holds on every worker of the host at once.
 Per-key limits use one `SharedKeyBuckets` table for the host, and /metrics
 reports the host: every worker publishes its `WorkerSnapshot` to a run
 directory (`SnapshotBoard`) and a scrape of any worker reads them all.
+
+What a supervisor leaves if it is killed -9 (its blocks in /dev/shm, its run
+directory) is named by one token, `<pid>-<start ns>`, beside a lock file the
+supervisor and its workers hold (flock) for their lives; the next SharedPools
+on the host removes what belongs to a token whose lock nobody holds
+(`sweep_stale`). A pid alone could not tell: a container's next supervisor
+often gets the same one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -41,7 +49,7 @@ from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
 from tierq.status import METRICS_SOURCE, MetricsSource
 
 __all__ = ["KEY_TABLE_CAPACITY", "PUBLISH_INTERVAL_S", "SharedPools", "SnapshotBoard",
-           "Supervisor", "WorkerPools", "listen"]
+           "Supervisor", "WorkerPools", "listen", "sweep_stale"]
 
 #: Keys the host-wide per-key limit table holds (`[keys] table_capacity`).
 KEY_TABLE_CAPACITY: Final = 4096
@@ -49,6 +57,70 @@ KEY_TABLE_CAPACITY: Final = 4096
 PUBLISH_INTERVAL_S: Final = 0.25
 
 log = logging.getLogger("tierq.workers")
+
+#: Where POSIX shared-memory blocks appear as files (Linux).
+SHM_DIR: Final = "/dev/shm"
+
+
+def _run_parent() -> str:
+    """tmpfs when there is one: snapshots are rewritten 4 times a second."""
+    return SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
+
+
+def _hold_lock(directory: str, token: str) -> int:
+    """`tierq-<token>.lock` in `directory`, flocked by this process (and its
+    forks, which share the open file) until it exits; its fd. Locked under a
+    temporary name, then renamed: a sweep never sees it unlocked."""
+    tmp = os.path.join(directory, f".tierq-{token}.lock.new")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(tmp, os.path.join(directory, f"tierq-{token}.lock"))
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd
+
+
+def sweep_stale(directory: str | None = None, shm: str = SHM_DIR) -> list[str]:
+    """Removes the blocks (in `shm`) and run directory (in `directory`) of every
+    supervisor whose lock in `directory` nobody holds any more; logs one line
+    each and returns the tokens removed. Blocks of a supervisor still running,
+    or of one from before these locks, are left alone."""
+    directory = directory or _run_parent()
+    removed: list[str] = []
+    for lock in sorted(Path(directory).glob("tierq-*.lock")):
+        token = lock.name[len("tierq-"):-len(".lock")]
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # another start swept it first
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its supervisor or a worker of it is alive
+            try:
+                if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            blocks = [p for p in Path(shm).glob(f"tierq-{token}-*") if p.is_file()]
+            for p in blocks:
+                p.unlink(missing_ok=True)
+            run = Path(directory, f"tierq-run-{token}")
+            had_run = run.is_dir()
+            shutil.rmtree(run, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(token)
+            log.warning("removed what supervisor %s left (gone): %d shared-memory block%s in %s%s",
+                        token.split("-")[0], len(blocks), "" if len(blocks) == 1 else "s", shm,
+                        f" and {run}" if had_run else "")
+        finally:
+            os.close(fd)
+    return removed
+
 
 class SharedPools:
     """The supervisor's side: one shared state block per pool, one eventfd per worker.
@@ -58,13 +130,18 @@ class SharedPools:
     releases the slots it held and drops its waiters; `close()` removes the blocks.
     """
 
-    def __init__(self, pools: Mapping[str, PoolSettings], workers: int, prefix: str | None = None,
+    def __init__(self, pools: Mapping[str, PoolSettings], workers: int,
                  key_capacity: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers: must be at least 1, got {workers}")
         self.workers = workers
         self.settings = dict(pools)
-        prefix = prefix or f"/tierq-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000}"
+        parent = _run_parent()
+        sweep_stale(parent)
+        token = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000_000}"
+        self._lock_fd: int | None = _hold_lock(parent, token)
+        self._lock = os.path.join(parent, f"tierq-{token}.lock")
+        prefix = f"/tierq-{token}"
         self.names = {pool: f"{prefix}-{i}" for i, pool in enumerate(self.settings)}
         self.keys_name = f"{prefix}-keys"
         self.wake_fds: list[int] = []
@@ -79,9 +156,8 @@ class SharedPools:
                 self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, s)
             if key_capacity is not None:
                 self._keys = SharedKeyBuckets.create(self.keys_name, key_capacity)
-            # tmpfs when there is one: snapshots are rewritten 4 times a second.
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self.run_dir = tempfile.mkdtemp(prefix="tierq-run-", dir=shm)
+            self.run_dir = os.path.join(parent, f"tierq-run-{token}")
+            os.mkdir(self.run_dir, 0o700)
         except BaseException:
             self.close()
             raise
@@ -142,6 +218,10 @@ class SharedPools:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+        if self._lock_fd is not None:
+            os.unlink(self._lock)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class WorkerPools(Mapping[str, Admission]):
