@@ -415,10 +415,10 @@ def deadline_stats(run: dict[str, Any], groups: list[Group], args: argparse.Name
 PRED_METRIC = "tierq_queue_wait_prediction_error_seconds"
 
 
-def prediction_error(root: str) -> dict[str, float]:
+def prediction_error(root: str, tier: str) -> dict[str, float]:
     """The gateway's histogram of the wait prediction's error (|realized -
     predicted|, s, both directions summed), read from /metrics (cumulative since
-    start: the caller takes differences)."""
+    start: the caller takes differences), for one tier."""
     try:
         with __import__("urllib.request").request.urlopen(root + "/metrics", timeout=5) as r:
             text = r.read().decode()
@@ -426,7 +426,7 @@ def prediction_error(root: str) -> dict[str, float]:
         return {}
     out = {}
     for line in text.splitlines():
-        if line.startswith(PRED_METRIC + "_bucket"):
+        if line.startswith(PRED_METRIC + "_bucket") and f'tier="{tier}"' in line:
             m = re.search(r'le="([^"]+)"\}\s+(\S+)', line)
             if m:
                 out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
@@ -478,14 +478,14 @@ def one_cell(g: Gw, cell: str, ci: int, cap: float, keys: Keys, args: argparse.N
              waits: dict[str, dict[str, float]]) -> dict[str, Any]:
     groups = cell_groups(cell, cap, args, waits.get(g.limit, {}))
     root = f"http://127.0.0.1:{g.gw.port}"
-    before = prediction_error(root)
+    lane = cell.split("-")[1] if cell.startswith("deadline") else "default"
+    before = prediction_error(root, lane)
     run = run_groups(g, groups, keys, args, args.duration, args.seed + ci)
     extra: dict[str, Any] = {}
     if cell.startswith("deadline"):
         extra["deadline"] = deadline_stats(run, groups, args)
         extra["typical_wait_ms"] = waits[g.limit][cell.split("-")[1]]
-        extra["prediction_error_p50_ms"] = 1000 * hist_p50(before, prediction_error(root))
-        lane = cell.split("-")[1]
+        extra["prediction_error_p50_ms"] = 1000 * hist_p50(before, prediction_error(root, lane))
         q = [r["a"]["qms"] for gr in groups if gr.lane == lane for r in run["recs"][gr.name]
              if ok(r["a"]) and "qms" in r["a"] and args.warmup <= r["t"] <= args.duration]
         extra["queue_p50_ms"] = h.pct(q, 50)
