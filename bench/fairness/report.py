@@ -166,12 +166,13 @@ def render(report: dict[str, Any]) -> str:
                 miss = num(d["missed_share"])
                 rows.append([limit, fair, cell.split("-")[1], h.fmt(num(c["typical_wait_ms"]), 0), d["n"],
                              f"{d['refused_fast']}/{refused}",
+                             f"{h.fmt(num(d.get('join_refused_counted')), 0)} / {d.get('all_429_fast', '–')}",
                              h.fmt(num(d.get("refused_fast_ms_p99")), 1) + " / " + h.fmt(num(d.get("refused_fast_ms_max")), 1),
                              d["admitted"], f"{d['refused_slow'] + d['served_late']} ({h.fmt(100 * miss, 1)}%)",
                              verdict(miss <= 0.01) if cell == "deadline-priority" and fair == "tokens" else "–",
                              pred(c)])
     out.append(h.md_table(["limit", "fairness", "lane", "typical wait ms", "with deadline",
-                           "refused at once / refused", "at once: p99 / max ms", "admitted", "missed",
+                           "refused at once / refused", "whole cell: refused at join (gateway count) / 429 within 50 ms", "at once: p99 / max ms", "admitted", "missed",
                            "<= 1% (priority)", "prediction error p50 (of the p50 wait)"], rows))
 
     # -- cpu

@@ -433,6 +433,17 @@ def prediction_error(root: str, tier: str) -> dict[str, float]:
     return out
 
 
+def counter(root: str, name: str) -> float:
+    """A counter's sum over its labels from /metrics (nan if unreadable)."""
+    try:
+        with __import__("urllib.request").request.urlopen(root + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return math.nan
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
 def hist_p50(before: dict[str, float], after: dict[str, float]) -> float:
     diff = sorted(((math.inf if k == "+Inf" else float(k), after[k] - before.get(k, 0.0)) for k in after))
     if not diff or diff[-1][1] <= 0:
@@ -480,10 +491,19 @@ def one_cell(g: Gw, cell: str, ci: int, cap: float, keys: Keys, args: argparse.N
     root = f"http://127.0.0.1:{g.gw.port}"
     lane = cell.split("-")[1] if cell.startswith("deadline") else "default"
     before = prediction_error(root, lane)
+    refused_before = counter(root, "tierq_deadline_refused_total")
     run = run_groups(g, groups, keys, args, args.duration, args.seed + ci)
     extra: dict[str, Any] = {}
     if cell.startswith("deadline"):
         extra["deadline"] = deadline_stats(run, groups, args)
+        # The whole cell (not only the measured window): refused at join by the
+        # gateway's own count, against the 429s the clients had within refuse_ms.
+        d = extra["deadline"]
+        d["join_refused_counted"] = counter(root, "tierq_deadline_refused_total") - refused_before
+        all_429 = [r["a"]["total"] for gr in groups if gr.deadline_ms is not None
+                   for r in run["recs"][gr.name] if r["a"]["status"] == 429]
+        d["all_429"] = len(all_429)
+        d["all_429_fast"] = sum(1 for t in all_429 if t <= args.refuse_ms)
         extra["typical_wait_ms"] = waits[g.limit][cell.split("-")[1]]
         extra["prediction_error_p50_ms"] = 1000 * hist_p50(before, prediction_error(root, lane))
         q = [r["a"]["qms"] for gr in groups if gr.lane == lane for r in run["recs"][gr.name]
