@@ -336,14 +336,16 @@ async def _up(url: str, proc: subprocess.Popen[bytes], log: Path, workers: int) 
     raise RuntimeError("gateway never came up: " + log.read_text())
 
 
-def _toml(tmp_path: Path, extra: str) -> Path:
+def _toml(tmp_path: Path, extra: str, keys: str | None = None) -> Path:
+    """A host's config; its keys in SQLite, each worker keeping a checked key for
+    an hour (or `keys`, another [keys] table)."""
     cfg = tmp_path / "tierq.toml"
+    keys = keys or f'path = "{tmp_path / "tierq.db"}"\ncache_ttl_s = 3600'
     cfg.write_text(f"""
 [ledger]
 url = "sqlite:///{tmp_path / 'tierq.db'}"
 [keys]
-path = "{tmp_path / 'tierq.db'}"
-cache_ttl_s = 3600
+{keys}
 [admin]
 token_sha256 = "{SHA}"
 {extra}
@@ -365,10 +367,15 @@ async def _stop(proc: subprocess.Popen[bytes]) -> None:
     assert await asyncio.to_thread(proc.wait, 30) == 0
 
 
-@pytest.fixture
-async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[list[str], Path]]:
-    """A `--workers 2` host (tierq.cli.worker_app per worker) with a port per worker."""
-    cfg = _toml(tmp_path, "")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def two_workers(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[list[str], str]]:
+    """A `--workers 2` host (tierq.cli.worker_app per worker) with a port per worker;
+    its keys in SQLite, or in PostgreSQL re-read only every hour (refresh_s)."""
+    keys = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        keys = f'url = "{url}"\npassword_env = "{PASSWORD_ENV}"\nrefresh_s = 3600'
+    cfg = _toml(tmp_path, "", keys)
     ports = [_free_port(), _free_port()]
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
@@ -378,14 +385,14 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[list[str], Path]]:
     try:
         for root in roots:
             await _up(root, proc, log, 2)
-        yield roots, log
+        yield roots, request.param
     finally:
         await _stop(proc)
 
 
 async def test_a_key_revoked_on_one_worker_is_refused_by_the_other_at_once(
-        two_workers: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
-    (w0, w1), _ = two_workers
+        two_workers: tuple[list[str], str], capsys: pytest.CaptureFixture[str]) -> None:
+    (w0, w1), store = two_workers
     status, made = await _call("POST", w0 + PREFIX + "/keys", {"name": "both"})
     assert status == 201
     token = made["secret"]
@@ -404,7 +411,7 @@ async def test_a_key_revoked_on_one_worker_is_refused_by_the_other_at_once(
         await asyncio.sleep(0.05)
     assert seen[-1] == 401, f"worker 0 still serves the revoked key: {seen[-5:]}"
     with capsys.disabled():
-        print(f"\n[admin] revoked on worker 1, refused by worker 0 after {len(seen)} "
+        print(f"\n[admin, keys in {store}] revoked on worker 1, refused by worker 0 after {len(seen)} "
               f"request(s), {time.monotonic() - t0:.3f} s from the DELETE")
     # A key created on one worker is good on the other at once too (its refusal
     # of the token a moment before is dropped with the rest).
