@@ -73,7 +73,7 @@ pub fn decode_op(b: &mut Bytes) -> Op {
 
 /// Pool settings from the first four bytes: small pools, so the fuzzer
 /// reaches full queues, full rings and evictions in a few operations.
-pub fn decode_settings(b: &mut Bytes) -> PoolSettings {
+pub fn decode_settings(b: &mut Bytes, fairness: &str) -> PoolSettings {
     let max_concurrency = 1 + b.u8() as i64 % 4;
     let queue_depth = b.u8() as i64 % 7;
     let waits = [0.0, 0.005, 1.0, 50.0, 200.0];
@@ -85,7 +85,7 @@ pub fn decode_settings(b: &mut Bytes) -> PoolSettings {
         2 => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.0),
         _ => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.5),
     };
-    PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [wait_priority, wait_default], rate: rate, burst: burst, priority_reserve: reserve, default_min_share: default_min_share, ..PoolSpec::default() }.validate()
+    PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [wait_priority, wait_default], rate: rate, burst: burst, priority_reserve: reserve, default_min_share: default_min_share, fairness: fairness.into(), ..PoolSpec::default() }.validate()
         .expect("decoded settings are valid")
 }
 
@@ -108,6 +108,10 @@ struct Model {
     s: PoolSettings,
     ring_cap: usize,
     share_fp: u64,
+    /// Fair order inside a lane: the pool's pick is any live waiter of the
+    /// lane the rule names (its order is the proptest flow model's concern);
+    /// otherwise first come, first served, exactly.
+    fair: bool,
     credit: u64,
     in_flight: u32,
     lanes: [VecDeque<Entry>; 2],
@@ -143,7 +147,7 @@ impl Model {
     }
     /// The dispatch rule: strict priority, except that `default_min_share`
     /// of dispatches made while both lanes wait go to the default lane.
-    fn pop_next(&mut self) -> Option<u64> {
+    fn pop_next(&mut self, got: Option<u64>) -> Option<u64> {
         let mut order = [0, 1];
         if self.share_fp > 0 && self.live(0) > 0 && self.live(1) > 0 {
             self.credit += self.share_fp;
@@ -154,6 +158,19 @@ impl Model {
         }
         for lane in order {
             self.reap(lane);
+            // While tombstones crowd the ring (3/4 of its cells), the fair
+            // pool takes the front too, and like `pop` leaves the tombstones
+            // behind it; a fair pick elsewhere reaps the front after it.
+            let crowded = self.lanes[lane].len() >= self.ring_cap * 3 / 4;
+            let picked = got.filter(|&id| self.fair && !crowded && (id & 1) as usize == lane);
+            if let Some(e) = picked.and_then(|id| self.lanes[lane].iter_mut().find(|e| e.live && wid(lane, e.ticket) == id)) {
+                e.live = false;
+                let id = wid(lane, e.ticket);
+                self.reap(lane);
+                self.decide(id, "granted");
+                self.admitted[lane] += 1;
+                return Some(id);
+            }
             if let Some(e) = self.lanes[lane].pop_front() {
                 let id = wid(lane, e.ticket);
                 self.decide(id, "granted");
@@ -190,15 +207,22 @@ impl Model {
     }
 }
 
-/// Runs one `admission_ops` input; panics on the first broken invariant.
+/// Runs one `admission_ops` input twice, first come first served and fair;
+/// panics on the first broken invariant.
 pub fn run_admission(data: &[u8]) {
+    run_admission_with(data, "off");
+    run_admission_with(data, "tokens");
+}
+
+fn run_admission_with(data: &[u8], fairness: &str) {
     let mut b = Bytes::new(data);
-    let settings = decode_settings(&mut b);
+    let settings = decode_settings(&mut b, fairness);
     let clock = Arc::new(ManualClock::new(1_000_000_000));
     let pool = Pool::new(settings.clone(), Clock::Manual(clock.clone()));
     let mut m = Model {
         ring_cap: settings.ring_cap(),
         share_fp: (settings.default_min_share * 1e6).round() as u64,
+        fair: fairness != "off",
         s: settings,
         credit: 0,
         in_flight: 0,
@@ -241,7 +265,7 @@ fn grant(m: &mut Model, got: Option<u64>, what: &str) {
         // waiting priority request for a default one under strict priority.
         assert!(strict_ok(m, id), "{what}: default waiter {id} granted while {} priority waiting", m.live(0));
     }
-    let want = m.pop_next();
+    let want = m.pop_next(got);
     assert_eq!(got, want, "{what}: granted");
 }
 
