@@ -9,6 +9,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 "$PY" "$HERE/redis_latency.py" --smoke --out "$OUT/latency.json" >/dev/null
 "$PY" "$HERE/cluster_hosts.py" --smoke --out "$OUT/hosts.json" >/dev/null
+"$PY" "$HERE/redis_outage.py" --smoke --out "$OUT/outage.json" >/dev/null
 "$PY" - "$OUT" <<'PYEOF'
 import json, math, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -20,5 +21,10 @@ assert lat["contended"]["n"] > 0 and lat["contended"]["redis_calls_per_request"]
 hosts = json.loads((out / "hosts.json").read_text())
 for setup in ("one", "two"):
     assert hosts[setup]["rps"] > 0 and hosts[setup]["errors"] == 0, hosts
-print("cluster smoke ok: redis latency and two hosts against one, 2 passed, 0 failed")
+outage = json.loads((out / "outage.json").read_text())
+for m in outage["modes"]:
+    assert m["no_slot_leaked"] and m["rejoined_logged"] and m["max_in_flight_seen"] <= 4, m
+    assert "500" not in m["whole_run"] and "-1" not in m["whole_run"], m
+assert len(outage["kill9_takeover_s"]) == 1, outage
+print("cluster smoke ok: redis latency, two hosts against one, a Redis outage, 3 passed, 0 failed")
 PYEOF
