@@ -37,7 +37,11 @@ pub use clock::{Clock, ManualClock};
 pub use error::CoreError;
 pub use keytable::KeyTable;
 
-/// The two lanes. The discriminants index per-lane arrays in state and stats.
+/// The two lanes, which are the two tiers tierq sells. Their names (`as_str`)
+/// are the tier names everywhere: the JSON echo, the ledger, metrics labels,
+/// TOML keys. Python's `tierq.Tier` is built from `ALL` (`tierq._core.TIERS`),
+/// so this is the one place they are spelled. The discriminants index per-lane
+/// arrays in state and stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
     Priority = 0,
@@ -45,17 +49,51 @@ pub enum Lane {
 }
 
 impl Lane {
+    /// Every lane in discriminant order: `ALL[i] as usize == i`.
+    pub const ALL: [Lane; 2] = [Lane::Priority, Lane::Default];
+
     pub fn parse(s: &str) -> Result<Lane, CoreError> {
-        match s {
-            "priority" => Ok(Lane::Priority),
-            "default" => Ok(Lane::Default),
-            other => Err(CoreError::arg("tier", format!("must be \"priority\" or \"default\", got {other:?}"))),
-        }
+        Lane::ALL.into_iter().find(|l| l.as_str() == s).ok_or_else(|| {
+            CoreError::arg("tier", format!("must be {}, got {s:?}", Lane::one_of()))
+        })
+    }
+    /// The lane of discriminant `i`, if there is one.
+    pub fn from_index(i: usize) -> Option<Lane> {
+        Lane::ALL.get(i).copied()
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Priority => "priority",
             Lane::Default => "default",
         }
+    }
+    /// The key path of this lane's max wait, as a settings error names it.
+    pub fn max_wait_key(self) -> &'static str {
+        match self {
+            Lane::Priority => "max_wait_ms.priority",
+            Lane::Default => "max_wait_ms.default",
+        }
+    }
+    /// `"priority" or "default"`, for error messages.
+    pub fn one_of() -> String {
+        Lane::ALL.map(|l| format!("{:?}", l.as_str())).join(" or ")
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::Lane;
+
+    #[test]
+    fn all_lists_each_lane_at_its_discriminant_and_names_parse_back() {
+        for (i, lane) in Lane::ALL.into_iter().enumerate() {
+            assert_eq!(lane as usize, i);
+            assert_eq!(Lane::from_index(i), Some(lane));
+            assert_eq!(Lane::parse(lane.as_str()).unwrap(), lane);
+            assert_eq!(lane.max_wait_key(), format!("max_wait_ms.{}", lane.as_str()));
+        }
+        assert_eq!(Lane::from_index(Lane::ALL.len()), None);
+        let err = Lane::parse("flex").unwrap_err().to_string();
+        assert_eq!(err, r#"tier: must be "priority" or "default", got "flex""#);
     }
 }

@@ -44,11 +44,19 @@ impl From<CoreError> for PyErr {
 }
 
 fn lane_of(lane: u8) -> PyResult<Lane> {
-    match lane {
-        0 => Ok(Lane::Priority),
-        1 => Ok(Lane::Default),
-        _ => Err(CoreError::arg("lane", format!("must be 0 (priority) or 1 (default), got {lane}")).into()),
+    Lane::from_index(lane.into()).ok_or_else(|| {
+        let each = Lane::ALL.map(|l| format!("{} ({})", l as usize, l.as_str())).join(" or ");
+        CoreError::arg("lane", format!("must be {each}, got {lane}")).into()
+    })
+}
+
+/// A `{lane name: value}` dict, in lane order (`TIERS`).
+fn per_lane<'py, T: IntoPyObject<'py> + Copy>(py: Python<'py>, v: [T; 2]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for lane in Lane::ALL {
+        d.set_item(lane.as_str(), v[lane as usize])?;
     }
+    Ok(d)
 }
 
 fn cost_of(cost: i64) -> PyResult<u64> {
@@ -205,20 +213,18 @@ fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value
             };
             let mut lanes = [None; 2];
             for (k, ms) in d.iter() {
-                let lane = match k.extract::<String>() {
-                    Ok(l) if l == "priority" => Lane::Priority,
-                    Ok(l) if l == "default" => Lane::Default,
-                    other => {
-                        let shown = match other {
-                            Ok(l) => format!("{l:?}"),
-                            Err(_) => k.repr()?.to_string(),
-                        };
-                        let reason = format!("unknown lane {shown} (lanes are \"default\" and \"priority\")");
-                        return Err(CoreError::arg(f.name, reason).into());
-                    }
+                let name = k.extract::<String>();
+                let Some(lane) = name.as_deref().ok().and_then(|l| Lane::parse(l).ok()) else {
+                    let shown = match name {
+                        Ok(l) => format!("{l:?}"),
+                        Err(_) => k.repr()?.to_string(),
+                    };
+                    let mut names = Lane::ALL.map(|l| format!("{:?}", l.as_str()));
+                    names.sort();
+                    let reason = format!("unknown lane {shown} (lanes are {})", names.join(" and "));
+                    return Err(CoreError::arg(f.name, reason).into());
                 };
-                let name = if lane == Lane::Priority { "max_wait_ms.priority" } else { "max_wait_ms.default" };
-                lanes[lane as usize] = Some(num_arg(name, &ms)?);
+                lanes[lane as usize] = Some(num_arg(lane.max_wait_key(), &ms)?);
             }
             Value::LaneMs(lanes)
         }
@@ -320,13 +326,10 @@ impl PyPoolSettings {
     fn queue_depth(&self) -> u32 {
         self.0.queue_depth
     }
-    /// `{"default": ms, "priority": ms}`.
+    /// `{lane: ms}` for each lane (`TIERS`).
     #[getter]
     fn max_wait_ms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("default", self.0.max_wait_ns[Lane::Default as usize] as f64 / 1e6)?;
-        d.set_item("priority", self.0.max_wait_ns[Lane::Priority as usize] as f64 / 1e6)?;
-        Ok(d)
+        per_lane(py, self.0.max_wait_ns.map(|ns| ns as f64 / 1e6))
     }
     #[getter]
     fn priority_headroom(&self) -> u32 {
@@ -563,12 +566,7 @@ impl PyAdmissionCore {
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.0.stats();
-        let lanes = |v: [u64; 2]| -> PyResult<Bound<'py, PyDict>> {
-            let d = PyDict::new(py);
-            d.set_item("priority", v[0])?;
-            d.set_item("default", v[1])?;
-            Ok(d)
-        };
+        let lanes = |v: [u64; 2]| per_lane(py, v);
         let shed = PyDict::new(py);
         for code in ShedCode::ALL {
             shed.set_item(code.as_str(), s.shed[code as usize])?;
@@ -802,6 +800,8 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySharedBucket>()?;
     m.add_class::<PySseRewriter>()?; // the stream rewrite section below
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
+    // The tier names in lane order: tierq.tiers.Tier is made of them.
+    m.add("TIERS", pyo3::types::PyTuple::new(m.py(), Lane::ALL.map(Lane::as_str))?)?;
     m.add_class::<PyLedgerWriter>()?;
     m.add("LEDGER_SCHEMA", ledger::SCHEMA)?;
     m.add("LEDGER_ADDED_COLUMNS", ledger::ADDED_COLUMNS.to_vec())?;

@@ -405,10 +405,10 @@ impl PoolSpec {
                 Err(CoreError::arg(name, format!("must be between 0 and 86400000 ms, got {ms}")))
             }
         };
-        let max_wait_ns = [
-            wait("max_wait_ms.priority", self.max_wait_ms[Lane::Priority as usize])?,
-            wait("max_wait_ms.default", self.max_wait_ms[Lane::Default as usize])?,
-        ];
+        let mut max_wait_ns = [0; 2];
+        for lane in Lane::ALL {
+            max_wait_ns[lane as usize] = wait(lane.max_wait_key(), self.max_wait_ms[lane as usize])?;
+        }
         if !(self.priority_reserve.is_finite() && (0.0..1.0).contains(&self.priority_reserve)) {
             return Err(CoreError::arg(
                 "priority_reserve",

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from tierq._core import ManualClock, PoolSettings, SettingsError, TokenBucket
 from tierq.admission import Admission, Shed, Slot
+from tierq.tiers import Tier
 
 if TYPE_CHECKING:
     from tierq.app import create_app
 
-__all__ = ["Admission", "ManualClock", "PoolSettings", "SettingsError", "Shed", "Slot", "TokenBucket", "create_app"]
+__all__ = ["Admission", "ManualClock", "PoolSettings", "SettingsError", "Shed", "Slot", "Tier", "TokenBucket", "create_app"]
 __version__ = "0.1.0"
 
 

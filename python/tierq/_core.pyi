@@ -17,10 +17,13 @@ __all__ = [
     "SharedBucket",
     "SharedKeyBuckets",
     "SseRewriter",
+    "TIERS",
     "TokenBucket",
 ]
 
 SHED_CODES: list[str]
+# The lanes' names in lane order (core/lib.rs `Lane::ALL`): tierq.tiers.Tier.
+TIERS: tuple[str, str]
 
 @final
 class ManualClock:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
-from typing import TYPE_CHECKING, Sequence, Unpack
+from typing import TYPE_CHECKING, Final, Sequence, Unpack
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings
 from tierq.retry_after import retry_after
+from tierq.tiers import Tier
 
 if TYPE_CHECKING:
     # PoolSettings' keywords, declared by the core (typed in the stub).
@@ -21,8 +22,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Admission", "PoolSettings", "Shed", "Slot"]
 
-_LANES = {"priority": 0, "default": 1}
-_LANE_NAMES = ("priority", "default")
+# Lane index -> tier; a tier's index is `Tier.lane`.
+_LANE_TIERS: Final = tuple(Tier)
+# A tier or its name -> lane index (a dict: acquire() runs per request).
+_LANE_OF: Final[dict[str, int]] = {tier: tier.lane for tier in Tier}
+_ONE_OF: Final = " or ".join(f'"{tier}"' for tier in Tier)
 _NONE = -1
 _NEVER = (1 << 63) - 1
 # Expiry timers fire this long after a waiter's deadline, so the core sees it passed.
@@ -43,7 +47,7 @@ class Shed(Exception):
         self,
         code: str,
         retry_after_s: float,
-        lane: str,
+        lane: Tier,
         *,
         predicted_wait_s: float | None = None,
         deadline_refused: bool = False,
@@ -103,9 +107,9 @@ class Slot:
         self.predicted_wait_s: float | None = None
 
     @property
-    def tier(self) -> str:
-        """The lane this request was admitted in: ``priority`` or ``default``."""
-        return _LANE_NAMES[self.lane]
+    def tier(self) -> Tier:
+        """The lane this request was admitted in, as its tier."""
+        return _LANE_TIERS[self.lane]
 
     @property
     def queue_ms(self) -> float:
@@ -132,7 +136,7 @@ class Slot:
             # Only a deadline refusal is a queue_timeout at join.
             refused = code == "queue_timeout"
             raise Shed(
-                code, retry, _LANE_NAMES[self.lane],
+                code, retry, _LANE_TIERS[self.lane],
                 predicted_wait_s=predicted / 1e9 if refused and predicted != _NONE else None,
                 deadline_refused=refused,
             )
@@ -232,7 +236,7 @@ class Admission:
         self._core = core
         self._waiters: dict[int, Slot] = {}
         waits = settings.max_wait_ms
-        self._max_wait_s = (waits["priority"] / 1000, waits["default"] / 1000)
+        self._max_wait_s = tuple(waits[tier] / 1000 for tier in Tier)
         self._anon_service = core.ask()[2]
 
     @classmethod
@@ -283,15 +287,15 @@ class Admission:
         granted (always 0 today: a back-off only lowers the limit)."""
         return self._granted(self._core.observe_overload())
 
-    def retry_after_s(self, tier: str) -> float:
+    def retry_after_s(self, tier: Tier | str) -> float:
         """The honest wait for a request of `tier` this pool turns away now (the
         core's drain estimate, as for its own sheds; tierq.retry_after makes
         the headers of it)."""
-        return self._core.retry_after_ns(_LANES[tier]) / 1e9
+        return self._core.retry_after_ns(_LANE_OF[tier]) / 1e9
 
-    def max_wait_s(self, tier: str) -> float:
+    def max_wait_s(self, tier: Tier | str) -> float:
         """The longest a request of `tier` may wait in this pool (its lane's max_wait_ms)."""
-        return self._max_wait_s[_LANES[tier]]
+        return self._max_wait_s[_LANE_OF[tier]]
 
     def _granted(self, waiters: list[int]) -> int:
         for waiter in waiters:
@@ -313,7 +317,7 @@ class Admission:
 
     def acquire(
         self,
-        tier: str = "default",
+        tier: Tier | str = Tier.DEFAULT,
         cost: int = 1,
         *,
         flow: str = "",
@@ -321,7 +325,7 @@ class Admission:
         charge: int = 1,
         max_wait_ms: int | None = None,
     ) -> Slot:
-        """A slot in lane `tier` (``"priority"`` or ``"default"``), as an async context manager.
+        """A slot in lane `tier` (a `Tier`, or its name: ``"priority"``), as an async context manager.
 
         Inside the lane, flows share by service (``fairness = "tokens"``):
         `flow` names the request's flow ("" is one anonymous flow), `weight`
@@ -333,9 +337,9 @@ class Admission:
         ValueError here.
         """
         try:
-            lane = _LANES[tier]
+            lane = _LANE_OF[tier]
         except (KeyError, TypeError):
-            raise ValueError(f'tier: must be "priority" or "default", got {tier!r}') from None
+            raise ValueError(f"tier: must be {_ONE_OF}, got {tier!r}") from None
         if not flow and weight == 1.0 and charge == 1 and max_wait_ms is None:
             return Slot(self, lane, cost, None, 1.0)
         if max_wait_ms is not None and (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int)):
@@ -400,7 +404,7 @@ class Admission:
             slot._timer.cancel()
         if not slot._fut.done():
             retry = self._core.retry_after_ns(slot.lane) / 1e9
-            slot._fut.set_exception(Shed(code, retry, _LANE_NAMES[slot.lane]))
+            slot._fut.set_exception(Shed(code, retry, _LANE_TIERS[slot.lane]))
 
     def _grant(self, waiter: int) -> None:
         slot = self._waiters.pop(waiter, None)

@@ -32,6 +32,7 @@ from tierq.progress import progress
 from tierq.served import Catalog
 from tierq.sim import FAULTS, SCHEDULING
 from tierq.storage import shown_url, sqlite_path, store_kind
+from tierq.tiers import Tier
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 __all__ = ["keys_main", "main", "usage_main"]
@@ -375,7 +376,7 @@ def _models(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     n_pri = sum(1 for m in catalog.values() if m.priority)
     print(f"\n{len(catalog)} models, {n_pri} priority-enabled; prices in USD per 1M tokens. "
-          f'service_tier="priority" on a priority model is billed {decimal_text(mult)}x; '
+          f'service_tier="{Tier.PRIORITY}" on a priority model is billed {decimal_text(mult)}x; '
           "elsewhere it is served and billed as default.")
     return 0
 

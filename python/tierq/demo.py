@@ -19,6 +19,7 @@ from typing import Any
 
 from tierq.config import AdmissionConfig, Config, LedgerConfig, ModelConfig, SimSettings, UpstreamConfig
 from tierq.pricing import decimal_text
+from tierq.tiers import Tier
 
 __all__ = ["DEMO_MODEL", "run_demo"]
 
@@ -56,7 +57,7 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
         # No max_concurrency: the pool learns the sim's slots from its /metrics,
         # as it would a vLLM engine's, so the line forms in tierq's lanes.
         models=(ModelConfig(DEMO_MODEL, "sim", priority=True, admission=AdmissionConfig(
-            queue_depth=8 * slots, max_wait_ms={"default": 1500, "priority": 10000})),),
+            queue_depth=8 * slots, max_wait_ms={Tier.DEFAULT: 1500, Tier.PRIORITY: 10000})),),
     )
     app = create_app(config, sim=sim)
     runner = web.AppRunner(app, **runner_kwargs())
@@ -70,7 +71,7 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
     rng = random.Random(7)
 
     async def one(session: aiohttp.ClientSession) -> None:
-        tier = "priority" if rng.random() < priority_share else "default"
+        tier = Tier.PRIORITY if rng.random() < priority_share else Tier.DEFAULT
         body = {"model": DEMO_MODEL, "stream": True, "max_tokens": 16, "service_tier": tier,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "say something"}]}
@@ -106,7 +107,7 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
             try:
                 await one(session)
             except aiohttp.ClientError:
-                results.append({"tier": "default", "status": "failed", "ttft_ms": None,
+                results.append({"tier": Tier.DEFAULT, "status": "failed", "ttft_ms": None,
                                 "cost": Decimal(0)})
 
     async def progress() -> None:
@@ -152,7 +153,7 @@ def _pct(values: list[float], q: float) -> str:
 
 def _demo_table(results: list[dict[str, Any]]) -> None:
     rows = [("TIER", "REQUESTS", "SERVED", "SHED", "TTFT p50 ms", "TTFT p99 ms", "COST USD")]
-    for tier in ("priority", "default"):
+    for tier in Tier:
         rs = [r for r in results if r["tier"] == tier]
         ttft = [r["ttft_ms"] for r in rs if r["ttft_ms"] is not None]
         rows.append((tier, str(len(rs)), str(sum(r["status"] == "served" for r in rs)),

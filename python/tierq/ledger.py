@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Final
 from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
+from tierq.tiers import Tier
 
 __all__ = [
     "APPLIED_TIERS",
@@ -54,7 +55,8 @@ log = logging.getLogger("tierq.ledger")
 # In UsageLine's order (its counts per status).
 _STATUS_ORDER: Final = ("served", "shed", "failed", "cancelled")
 STATUSES: Final = frozenset(_STATUS_ORDER)
-APPLIED_TIERS: Final = frozenset({"priority", "default"})
+APPLIED_TIERS: Final = frozenset(Tier)
+_ONE_OF: Final = " or ".join(f"'{tier}'" for tier in Tier)
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
 # The writer's limits live with it (core/ledger.rs): at most 8192 rows per
@@ -84,7 +86,7 @@ class LedgerRow:
     model: str
     endpoint: str
     requested_tier: str | None
-    applied_tier: str
+    applied_tier: Tier  # a tier's name is taken too, and made its Tier
     prompt_tokens: int
     completion_tokens: int
     cost: Decimal
@@ -135,8 +137,10 @@ class LedgerRow:
             raise ValueError("request_id must be non-empty")
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {sorted(STATUSES)}, not {self.status!r}")
-        if self.applied_tier not in APPLIED_TIERS:
-            raise ValueError(f"applied_tier must be 'priority' or 'default', not {self.applied_tier!r}")
+        if type(self.applied_tier) is not Tier:
+            if self.applied_tier not in APPLIED_TIERS:
+                raise ValueError(f"applied_tier must be {_ONE_OF}, not {self.applied_tier!r}")
+            object.__setattr__(self, "applied_tier", Tier(self.applied_tier))
         if self.prompt_tokens < 0 or self.completion_tokens < 0:
             raise ValueError("token counts must be >= 0")
         object.__setattr__(self, "_cost_femto", _femto(self.cost))
@@ -145,7 +149,7 @@ class LedgerRow:
         """The writer's `push` arguments: the cost as an integer of femto-USD."""
         return (
             self.request_id, self.ts, self.key_id, self.model, self.endpoint,
-            self.requested_tier, self.applied_tier, self.prompt_tokens,
+            self.requested_tier, self.applied_tier.value, self.prompt_tokens,
             self.completion_tokens, self._cost_femto, self.status, self.partial,
             self.code, self.queue_ms, self.latency_ms, self.upstream, self.fairness_id,
         )  # fmt: skip
@@ -176,7 +180,7 @@ def row_values(row: LedgerRow) -> tuple[object, ...]:
     micro, femto = divmod(row._cost_femto, FEMTO_PER_MICRO)
     return (
         row.request_id, row.ts, row.key_id, row.model, row.endpoint, row.requested_tier,
-        row.applied_tier, row.prompt_tokens, row.completion_tokens, cost_text(row.cost), micro,
+        row.applied_tier.value, row.prompt_tokens, row.completion_tokens, cost_text(row.cost), micro,
         femto, row.status, int(row.partial), row.code, row.queue_ms, row.latency_ms, row.upstream,
         row.fairness_id,
     )  # fmt: skip

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tierq.fairness import FlowLine, flows_json, merge
+from tierq.tiers import Tier
 
 __all__ = [
     "LAG_BUCKETS_S",
@@ -39,7 +40,9 @@ __all__ = [
     "status_json",
 ]
 
-TIERS: Final = ("priority", "default")
+# The tiers' names as plain str, in lane order: the labels and the status JSON's
+# keys (orjson takes only exact str as a dict key, not a Tier).
+TIERS: Final = tuple(tier.value for tier in Tier)
 # Upper bounds in seconds (Prometheus `le`), +Inf implied. Covers a cached
 # embedding (5 ms) to a long generation (2 min).
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -172,12 +175,12 @@ class GatewayMetrics:
         self._window_end = 0.0  # the current window's end, unix seconds
         self._limits: dict[str, deque[tuple[int, int]]] = {}
 
-    def observe(self, model: str, upstream: str, tier: str, status: str, code: str | None,
+    def observe(self, model: str, upstream: str, tier: Tier, status: str, code: str | None,
                 queue_s: float, latency_s: float, ttft_s: float | None,
                 cost_femto: int = 0) -> None:
         """One request decision (the same one that becomes a ledger row);
         `cost_femto` its billed cost, the ledger row's, in femto-USD."""
-        k = (model, tier, status)
+        k: tuple[str, str, str] = (model, tier, status)
         requests = self.requests
         requests[k] = requests.get(k, 0) + 1
         if cost_femto:
@@ -213,7 +216,7 @@ class GatewayMetrics:
             w[_TTFT_N] += 1
             w[_TTFT] += ttft_us
 
-    def observe_prediction(self, tier: str, predicted_s: float, realized_s: float) -> None:
+    def observe_prediction(self, tier: Tier, predicted_s: float, realized_s: float) -> None:
         """An admitted request's predicted wait in line (the core's, at join)
         against the wait it had: the error, by whether it waited longer ("under":
         the prediction was short) or not ("over")."""

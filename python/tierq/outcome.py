@@ -34,6 +34,7 @@ from tierq.keys import KeyInfo
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
+from tierq.tiers import Tier
 
 __all__ = [
     "QUEUE_HEADER",
@@ -178,8 +179,8 @@ class Exchange:
     key_id: str
     pool: Pool
     endpoint: str
-    requested_tier: str | None
-    tier: str
+    requested_tier: str | None  # as the client wrote it (None: absent)
+    tier: Tier  # applied (tierq.tiers.resolve_tier): echoed, queued, billed
     t0: float
     ts: float
     est_prompt: int
@@ -220,7 +221,7 @@ class Exchange:
     def charge(self) -> int:
         """Its estimated service for fair queuing (tierq.pricing.fair_charge)."""
         return fair_charge(self.est_prompt, self.est_total - self.est_prompt,
-                           self.pool.entry.rates["default"])
+                           self.pool.entry.rates[Tier.DEFAULT])
 
     @property
     def queue_ms(self) -> float:
@@ -324,7 +325,7 @@ class Exchange:
         order corrected from its estimate, and the flow's line on /status."""
         tokens = o.prompt_tokens + o.completion_tokens
         charge = fair_charge(o.prompt_tokens, o.completion_tokens,
-                             self.pool.entry.rates["default"])
+                             self.pool.entry.rates[Tier.DEFAULT])
         if self.slot is not None:
             self.slot.settle(charge)
         self.pool.flows.served(self.flow.name, tokens, charge, self.flow.weight)

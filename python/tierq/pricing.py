@@ -22,6 +22,8 @@ from typing import Final
 
 import orjson
 
+from tierq.tiers import Tier
+
 __all__ = [
     "DEFAULT_PRIORITY_MULTIPLIER",
     "FAIR_UNIT_FEMTO",
@@ -63,9 +65,9 @@ class Rates:
     output: int
 
 
-def multiplier_for(tier: str, priority_multiplier: Decimal) -> Decimal:
+def multiplier_for(tier: Tier, priority_multiplier: Decimal) -> Decimal:
     """The price multiplier of an applied tier: 1 for default."""
-    return priority_multiplier if tier == "priority" else Decimal(1)
+    return priority_multiplier if tier == Tier.PRIORITY else Decimal(1)
 
 
 def femto_per_token(price_per_m: Decimal, multiplier: Decimal = Decimal(1)) -> int:
@@ -82,7 +84,7 @@ def femto_per_token(price_per_m: Decimal, multiplier: Decimal = Decimal(1)) -> i
     return int(whole)
 
 
-def rates(prices: Prices, tier: str, priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER) -> Rates:
+def rates(prices: Prices, tier: Tier, priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER) -> Rates:
     """A model's per-token rates at an applied tier (made once per model and tier)."""
     mult = multiplier_for(tier, priority_multiplier)
     return Rates(femto_per_token(prices.input_per_m, mult), femto_per_token(prices.output_per_m, mult))
@@ -116,7 +118,7 @@ def cost(
     prompt_tokens: int,
     completion_tokens: int,
     prices: Prices,
-    tier: str,
+    tier: Tier,
     priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER,
 ) -> Decimal:
     """Exact USD cost of a request served at `tier` (the applied tier), as a Decimal."""

@@ -13,6 +13,7 @@ from decimal import Decimal
 from tierq.catalog import builtin_prices, builtin_priority
 from tierq.config import AdmissionConfig, Config
 from tierq.pricing import Prices, Rates, rates
+from tierq.tiers import Tier
 
 __all__ = ["Catalog", "ModelEntry"]
 
@@ -28,8 +29,8 @@ class ModelEntry:
     upstream_model: str  # the name sent upstream (usually == id)
     admission: AdmissionConfig
     builtin: bool
-    # Femto-USD per token at each applied tier ("default", "priority"), made once.
-    rates: Mapping[str, Rates]
+    # Femto-USD per token at each applied tier, made once.
+    rates: Mapping[Tier, Rates]
 
 
 class Catalog(Mapping[str, ModelEntry]):
@@ -84,8 +85,8 @@ class Catalog(Mapping[str, ModelEntry]):
         return cls(models)
 
 
-def _rates(prices: Prices, mult: Decimal) -> dict[str, Rates]:
-    return {tier: rates(prices, tier, mult) for tier in ("default", "priority")}
+def _rates(prices: Prices, mult: Decimal) -> dict[Tier, Rates]:
+    return {tier: rates(prices, tier, mult) for tier in Tier}
 
 
 def _need(base: Prices | None) -> Prices:

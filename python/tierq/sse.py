@@ -22,6 +22,7 @@ import orjson
 
 from tierq._core import SseRewriter
 from tierq.pricing import render_femto
+from tierq.tiers import Tier
 
 __all__ = ["DONE_EVENT", "Rewritten", "StreamRewriter", "UpstreamStreamError",
            "delivered_tokens", "encode_event", "usage_tokens"]
@@ -87,7 +88,7 @@ class StreamRewriter:
 
     __slots__ = ("_core", "client_wants_usage", "price", "tier", "usage")
 
-    def __init__(self, tier: str, client_wants_usage: bool, price: Callable[[int, int], int],
+    def __init__(self, tier: Tier, client_wants_usage: bool, price: Callable[[int, int], int],
                  max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.tier = tier  # the applied tier, echoed in every event
         self.client_wants_usage = client_wants_usage  # stream_options.include_usage

@@ -1,28 +1,52 @@
-"""The tier rule of DESIGN.md, and nothing else.
+"""The tiers, and the tier rule of DESIGN.md.
 
-`resolve_tier` turns a request's raw `service_tier` value and the model's
-priority flag into the tier that is applied, echoed and billed.
+`Tier` is the one declaration of the tier names on the Python side, made of
+the core's lanes (`tierq._core.TIERS`, in lane order). `resolve_tier` turns a
+request's raw `service_tier` value and the model's priority flag into the tier
+that is applied, echoed and billed.
 """
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from enum import StrEnum
+from typing import Final
 
 import orjson
 
-__all__ = ["DEFAULT", "PRIORITY", "InvalidTier", "Tier", "resolve_tier"]
+from tierq._core import TIERS
 
-Tier = Literal["priority", "default"]
-PRIORITY: Final[Tier] = "priority"
-DEFAULT: Final[Tier] = "default"
+__all__ = ["InvalidTier", "Tier", "resolve_tier"]
+
+
+class Tier(StrEnum):
+    """A tier tierq sells, which is one of the core's lanes.
+
+    A `str` (``Tier.PRIORITY == "priority"``), so the JSON echo, ledger rows,
+    metrics labels and TOML keys carry the plain name; iteration is in lane
+    order, and `lane` is the core's lane index.
+    """
+
+    PRIORITY = TIERS[0]
+    DEFAULT = TIERS[1]
+
+    @property
+    def lane(self) -> int:
+        """The core's index of this lane (`Lane as usize`)."""
+        return _LANE[self]
+
+
+_LANE: Final[dict[Tier, int]] = {tier: i for i, tier in enumerate(Tier)}
+if tuple(Tier) != TIERS:
+    # The core's lanes changed without this enum: fail at import, not on a request.
+    raise ImportError(f"tierq.tiers.Tier {tuple(Tier)} does not match the core's lanes {TIERS}")
 
 # "fast" is OpenAI's alias of "priority".
-_PRIORITY_NAMES: Final = frozenset({"priority", "fast"})
+_PRIORITY_NAMES: Final = frozenset({Tier.PRIORITY.value, "fast"})
 # Tiers a client may name that tierq does not sell ("flex", "scale") are served,
 # and billed, as default rather than refused: a client written for another
 # provider keeps working and is never charged for a tier it did not get.
-_DEFAULT_NAMES: Final = frozenset({"auto", "default", "flex", "scale"})
-_ACCEPTED: Final = "'auto', 'default', 'flex', 'scale', 'priority' or 'fast'"
+_DEFAULT_NAMES: Final = frozenset({"auto", Tier.DEFAULT.value, "flex", "scale"})
+_ACCEPTED: Final = f"'auto', '{Tier.DEFAULT}', 'flex', 'scale', '{Tier.PRIORITY}' or 'fast'"
 
 
 class InvalidTier(ValueError):
@@ -48,14 +72,14 @@ def resolve_tier(requested: object, model_priority: bool) -> Tier:
     OpenAI's API.
     """
     if requested is None:
-        return DEFAULT
+        return Tier.DEFAULT
     # type() rather than isinstance(): a str subclass is not JSON input, and the
     # check also keeps bools (an int subclass) out by construction.
     if type(requested) is str:
         if requested in _PRIORITY_NAMES:
-            return PRIORITY if model_priority else DEFAULT
+            return Tier.PRIORITY if model_priority else Tier.DEFAULT
         if requested in _DEFAULT_NAMES:
-            return DEFAULT
+            return Tier.DEFAULT
     raise InvalidTier(requested)
 
 

@@ -19,6 +19,7 @@ import aiohttp
 import yarl
 
 from tierq.config import UpstreamConfig
+from tierq.tiers import Tier
 
 __all__ = [
     "BYO_HEADER",
@@ -49,11 +50,11 @@ BYO_HEADER: Final = "x-upstream-authorization"
 #     (--schedule-low-priority-values-first flips it): 10 vs 0.
 #   TensorRT-LLM `priority`: float in [0, 1], higher first, engine default 0.5.
 # The sim validates vLLM's int form, so it stands in for a vLLM engine.
-ENGINE_PRIORITY: Final[dict[str, dict[str, int | float]]] = {
-    "vllm": {"priority": -10, "default": 0},
-    "sim": {"priority": -10, "default": 0},
-    "sglang": {"priority": 10, "default": 0},
-    "trtllm": {"priority": 1.0, "default": 0.5},
+ENGINE_PRIORITY: Final[dict[str, dict[Tier, int | float]]] = {
+    "vllm": {Tier.PRIORITY: -10, Tier.DEFAULT: 0},
+    "sim": {Tier.PRIORITY: -10, Tier.DEFAULT: 0},
+    "sglang": {Tier.PRIORITY: 10, Tier.DEFAULT: 0},
+    "trtllm": {Tier.PRIORITY: 1.0, Tier.DEFAULT: 0.5},
 }
 
 
@@ -71,7 +72,7 @@ def rewrite_request(
     *,
     kind: str,
     priority_scheduling: bool,
-    applied_tier: str,
+    applied_tier: Tier,
     endpoint: str,
     upstream_model: str,
 ) -> RewriteInfo:
@@ -93,8 +94,8 @@ def rewrite_request(
     body.pop("priority", None)
     if priority_scheduling:
         if kind == "openai":
-            if applied_tier == "priority":
-                body["service_tier"] = "priority"
+            if applied_tier == Tier.PRIORITY:
+                body["service_tier"] = Tier.PRIORITY.value
         elif kind in ENGINE_PRIORITY and (endpoint != "embeddings" or kind in ("vllm", "sim")):
             body["priority"] = ENGINE_PRIORITY[kind][applied_tier]
     stream = body.get("stream") is True

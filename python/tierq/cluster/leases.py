@@ -19,6 +19,7 @@ from tierq.admission import Admission
 from tierq.cluster.flows import FAIR_SCRIPT, FlowCounters
 from tierq.cluster.link import RedisLink, Script
 from tierq.config import AdmissionConfig
+from tierq.tiers import Tier
 
 __all__ = ["LeaseAgent", "PoolLease", "cluster_settings"]
 
@@ -194,7 +195,7 @@ class PoolLease:
         self.limit = int(str(st["limit"]))
         depth = st["depth"]
         assert isinstance(depth, dict)
-        pw, dw = int(depth["priority"]), int(depth["default"])
+        pw, dw = int(depth[Tier.PRIORITY]), int(depth[Tier.DEFAULT])
         busy = int(str(st["in_flight"]))
         withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
         holding = self.limit - withheld
@@ -432,7 +433,7 @@ class LeaseAgent:
     def _priority_waiting(p: PoolLease) -> int:
         depth = p.admission.stats()["depth"]
         assert isinstance(depth, dict)
-        return int(depth["priority"])
+        return int(depth[Tier.PRIORITY])
 
     async def _probe(self) -> bool:
         """Tries Redis while it is down (or not joined yet); rejoins if it answers."""
