@@ -41,6 +41,7 @@ from tierq.served import Catalog
 from tierq.stores import LedgerStore
 from tierq.status import MetricsSource, add_routes
 from tierq.tiers import InvalidTier, resolve_tier
+from tierq.tracing import TRACEPARENT, TRACESTATE
 from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
 
 __all__ = [
@@ -189,6 +190,8 @@ async def _inference(
                   key.public_id if key is not None else ANONYMOUS_KEY, pool, endpoint,
                   requested if isinstance(requested, str) else None, tier, t0, ts,
                   est_prompt, est_total, flow, deadline_ms)
+    if gw.tracer is not None:
+        ex.trace = gw.tracer.begin(request.headers.get(TRACEPARENT), request.headers.get(TRACESTATE))
     if flow.ignored:
         gw.metrics.fairness_ignored += 1
     # The one way out: a refusal is finished here; the relays finish what ends
@@ -223,6 +226,9 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     assert task is not None
     if gw.cluster is not None:
         gw.cluster.wake()  # the agent checks whether the lease still covers the queue
+    traced = ex.trace is not None and ex.trace.sampled
+    if traced:
+        ex.queued_at = time.monotonic()
     ex.slot = slot = ex.pool.admission.acquire(ex.tier, flow=ex.flow.name, weight=ex.flow.weight,
                                                charge=ex.charge, max_wait_ms=ex.deadline_ms)
     gw.waiting.add(task)
@@ -230,6 +236,8 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     try:
         async with slot:
             gw.waiting.discard(task)
+            if traced:
+                ex.admitted_at = time.monotonic()
             if slot.queue_ns:
                 ex.pool.flows.waited(ex.flow.name)
             if slot.predicted_wait_s is not None:
@@ -255,12 +263,15 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                            applied_tier=ex.tier, endpoint=ex.endpoint,
                            upstream_model=pool.entry.upstream_model)
     payload = orjson.dumps(body)
+    trace = ex.trace.upstream_headers() if ex.trace is not None else None
     overloads = 0
     try:
         while True:
             ex.sent_at = time.monotonic()
+            if not ex.upstream_at:
+                ex.upstream_at = ex.sent_at
             async with pool.upstream.post(ex.endpoint, payload,
-                                          request.headers.get(BYO_HEADER)) as up:
+                                          request.headers.get(BYO_HEADER), trace) as up:
                 if up.status in OVERLOAD_STATUSES:
                     # Nothing reached the client yet: the limit backs off on
                     # each such answer, and the request keeps its slot (no

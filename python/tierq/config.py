@@ -37,6 +37,7 @@ __all__ = [
     "PricingConfig",
     "ServerConfig",
     "SimSettings",
+    "TracingConfig",
     "UpstreamConfig",
     "UpstreamKind",
     "default_config",
@@ -207,6 +208,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """[tracing]: OpenTelemetry traces over OTLP/HTTP (tierq.tracing); off without otlp_endpoint."""
+
+    # The collector's OTLP/HTTP base URL ("/v1/traces" is added when it has no path).
+    otlp_endpoint: str
+    # The share of requests without a client traceparent that are traced; a
+    # client's traceparent decides by its sampled flag.
+    sample_ratio: float = 0.01
+    service_name: str = "tierq"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
@@ -217,6 +230,7 @@ class Config:
     source: str | None = None  # the file it came from; None for the embedded default
     cluster: ClusterConfig | None = None  # None: this host alone (the embedded default)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tracing: TracingConfig | None = None  # None: no traces (the embedded default)
 
     def upstream(self, name: str) -> UpstreamConfig:
         for u in self.upstreams:
@@ -282,8 +296,10 @@ class _Parser:
         keys = self.keys(top.table("keys"))
         cluster = self.cluster(top.table("cluster")) if top.has("cluster") else None
         admin = self.admin(top.table("admin"))
+        tracing = self.tracing(top.table("tracing"))
         top.done()
-        return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster, admin)
+        return Config(server, ledger, pricing, upstreams, models, keys, self.file, cluster, admin,
+                      tracing)
 
     def server(self, t: Table) -> ServerConfig:
         d = ServerConfig()
@@ -510,6 +526,18 @@ class _Parser:
             raise t.fail("listen", "needs token_sha256 (the admin API is off without it)")
         t.done()
         return AdminConfig(token, listen)
+
+    def tracing(self, t: Table) -> TracingConfig | None:
+        d = TracingConfig(otlp_endpoint="")
+        endpoint = t.string("otlp_endpoint")
+        ratio = _f(t.number("sample_ratio", d.sample_ratio, 0.0, 1.0))
+        name = _s(t.string("service_name", d.service_name))
+        if not name or len(name) > 200 or not name.isprintable():
+            raise t.fail("service_name", "must be 1 to 200 printable characters")
+        t.done()
+        if endpoint is None:
+            return None
+        return TracingConfig(self.url(t, "otlp_endpoint", endpoint), ratio, name)
 
 
 # The Table readers return Optional because a default may be None; these

@@ -23,6 +23,7 @@ from tierq.fairness import FlowBoard
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
 from tierq.served import Catalog, ModelEntry
+from tierq.tracing import Tracer
 from tierq.stores import KeyStoreLike, LedgerStore, ledger_from_config
 from tierq.upstream import UpstreamClient
 from tierq.watchdog import WriteWatchdog
@@ -66,6 +67,7 @@ class Gateway:
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # queued in admission
     watchdog: WriteWatchdog = field(init=False)  # from config.server.write_timeout_s
     capacity: Capacity = field(default_factory=Capacity)  # what feeds the pools' limits
+    tracer: Tracer | None = None  # [tracing]: None without it (nothing traced, nothing imported)
     # Called after a key changed here (the admin API): tells this host's other
     # workers to drop their cached keys (`tierq serve --workers N`).
     keys_changed: Callable[[], None] = field(default=lambda: None)
@@ -101,7 +103,8 @@ class Gateway:
         return cls(config, catalog,
                    {m.id: Pool(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
                    upstreams, ledger if ledger is not None else ledger_from_config(config.ledger),
-                   allow_remote_without_keys=allow_remote_without_keys)
+                   allow_remote_without_keys=allow_remote_without_keys,
+                   tracer=Tracer(config.tracing) if config.tracing is not None else None)
 
     def begin_drain(self) -> int:
         """Stop taking work: not ready, new requests and every queued one get 503.

@@ -1,11 +1,12 @@
 """Start-up and clean-up of a gateway built whole (an aiohttp cleanup context):
 the sims of upstreams of kind "sim" (from the caller), upstream clients, what
 feeds the pools' limits (tierq.capacity), the ledger, the key store and limiter,
-the cluster agent, the write watchdog.
+the cluster agent, the write watchdog, the trace exporter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -72,6 +73,8 @@ def lifecycle(
                                          worker=shared_worker)
                     await gw.cluster.start()
                 gw.watchdog.start()
+                if gw.tracer is not None:
+                    gw.tracer.start()
                 gw.ready = True
                 yield
             finally:
@@ -86,5 +89,8 @@ def lifecycle(
                     await close_key_store(gw.keys)
                 if own_ledger:
                     await gw.ledger.close()
+                if gw.tracer is not None:
+                    # Last: the spans of requests the drain ended are sent too.
+                    await asyncio.to_thread(gw.tracer.stop)
 
     return ctx

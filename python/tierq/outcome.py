@@ -35,6 +35,7 @@ from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
 from tierq.tiers import Tier
+from tierq.tracing import Ended, TraceContext
 
 __all__ = [
     "QUEUE_HEADER",
@@ -193,6 +194,14 @@ class Exchange:
     outcome: Outcome | None = None
 
     sent_at: float = 0.0  # when the request last went upstream (monotonic)
+    # [tracing]: its trace context (None when tracing is off), and for its spans
+    # when it joined its lane and left it, what the upstream said its model was,
+    # and when it first went upstream (monotonic; 0.0: never).
+    trace: TraceContext | None = None
+    queued_at: float = 0.0
+    admitted_at: float = 0.0
+    response_model: str | None = None
+    upstream_at: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -297,7 +306,8 @@ class Exchange:
         await self.gw.ledger.record(self._row(outcome))
 
     def _row(self, o: Outcome) -> LedgerRow:
-        latency_s = time.monotonic() - self.t0
+        end = time.monotonic()
+        latency_s = end - self.t0
         upstream = self.pool.upstream.name
         femto = ((o.cost if o.cost is not None else self.cost(o.prompt_tokens, o.completion_tokens))
                  if o.billed else 0)
@@ -315,10 +325,24 @@ class Exchange:
                                 self.ttft_s if self.ttft_s is not None else latency_s, femto)
         if access_enabled():
             access_line(self.request, self.info, o.http_status, latency_s, row)
+        if self.trace is not None and self.trace.sampled:
+            self._traced(o, femto, end)
         self._settle(o)
         if o.billed:
             self._served(o)
         return row
+
+    def _traced(self, o: Outcome, femto: int, end: float) -> None:
+        """The request's spans, as plain values for the exporter thread."""
+        tracer = self.gw.tracer
+        assert tracer is not None and self.trace is not None
+        up = self.pool.upstream
+        tracer.end(Ended(
+            self.trace, self.endpoint, up.config.kind, self.pool.entry.id,
+            self.pool.entry.upstream_model, self.response_model, self.requested_tier, self.tier,
+            o.status, o.code, o.http_status, o.prompt_tokens, o.completion_tokens, o.billed, femto,
+            self.ttft_s, self.queue_ms, self.pool.admission.limit, self.info.id, up.name,
+            up.base_url, self.t0, self.ts, self.queued_at, self.admitted_at, self.upstream_at, end))
 
     def _served(self, o: Outcome) -> None:
         """The real service of a served or partial request: the core's fair

@@ -21,6 +21,7 @@ from tierq.outcome import (CLIENT_CLOSED, DRAIN_CODE, Exchange, Refused, cancell
 from tierq.pricing import render_femto
 from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
                        usage_tokens)
+from tierq.tracing import response_model
 from tierq.watchdog import ClientWriteTimeout
 
 __all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
@@ -97,6 +98,9 @@ async def relay_json(request: web.Request, ex: Exchange,
         data["usage"] = usage
         code = "usage_estimated"
     amount = ex.cost(*tokens)
+    if ex.trace is not None:
+        model = data.get("model")
+        ex.response_model = model if isinstance(model, str) else None
     data["service_tier"] = ex.tier
     assert isinstance(usage, dict)
     usage["estimated_cost"] = render_femto(amount)
@@ -153,6 +157,8 @@ async def relay_stream(
         """Send what one read completed, in one write; True at [DONE]."""
         nonlocal delivered
         if read.data:  # sent even when a later event is [DONE] or broken
+            if ex.trace is not None and ex.response_model is None and ex.trace.sampled:
+                ex.response_model = response_model(read.data)
             await write(request, resp, read.data)
             delivered += read.tokens
             if delivered and ex.ttft_s is None:

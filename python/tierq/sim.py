@@ -169,6 +169,9 @@ def _record(state: SimState, request: web.Request, endpoint: str, body: dict[str
             "stream": body.get("stream"),
             "stream_options": body.get("stream_options"),
             "max_tokens": body.get("max_tokens", body.get("max_completion_tokens")),
+            # The W3C trace context the gateway passed on ([tracing]).
+            "traceparent": request.headers.get("traceparent"),
+            "tracestate": request.headers.get("tracestate"),
             "keys": sorted(body),
             # A hash, never the credential itself, so a test can prove which
             # upstream key the gateway attached without the sim storing it.

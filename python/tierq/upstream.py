@@ -184,17 +184,24 @@ class UpstreamClient:
             h["Authorization"] = self._managed_auth
         return h
 
-    def _request_headers(self, client_upstream_auth: str | None) -> dict[str, str] | None:
-        """The client's own credential (bring your own key), when this upstream is unmanaged."""
+    def _request_headers(self, client_upstream_auth: str | None,
+                         trace: dict[str, str] | None) -> dict[str, str] | None:
+        """The client's own credential (bring your own key), when this upstream is
+        unmanaged; the trace context (traceparent), when the request has one."""
         if self.managed or not client_upstream_auth:
-            return None
+            return trace
         value = client_upstream_auth.strip()
-        return {"Authorization": value if value.lower().startswith("bearer ") else f"Bearer {value}"}
+        h = {"Authorization": value if value.lower().startswith("bearer ") else f"Bearer {value}"}
+        if trace is not None:
+            h.update(trace)
+        return h
 
     def post(
-        self, endpoint: str, body: bytes, client_upstream_auth: str | None
+        self, endpoint: str, body: bytes, client_upstream_auth: str | None,
+        trace: dict[str, str] | None = None,
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """POST a JSON body: `async with client.post(...) as resp:`.
+        """POST a JSON body: `async with client.post(...) as resp:`. `trace`: the
+        W3C trace context headers to send ([tracing], tierq.tracing).
 
         Leaving the block before the body is read closes the connection, which
         is how an abandoned stream cancels the upstream's generation.
@@ -207,7 +214,7 @@ class UpstreamClient:
         return self._session.post(
             url,
             data=body,
-            headers=self._request_headers(client_upstream_auth),
+            headers=self._request_headers(client_upstream_auth, trace),
             # An upstream redirect is never followed: it could point anywhere,
             # and the credential would follow it.
             allow_redirects=False,
