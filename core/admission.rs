@@ -669,7 +669,7 @@ impl Pool {
             fair.deadline_joined();
         }
         if self.fair_on {
-            fair.join(queue, self.ring(lane).tail.load(SeqCst));
+            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst));
         }
     }
 

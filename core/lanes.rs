@@ -203,7 +203,8 @@ impl<'a> Ring<'a> {
     }
 
     /// Takes the oldest waiting ticket of flow queue `queue` at or after
-    /// `from` (its queue's hint), with the same CAS as a cancel. Returns it
+    /// `from` (its queue's hint), with the same CAS as a cancel (as a pop's,
+    /// when it is the front: then nothing is left to reclaim). Returns it
     /// (ticket, owner, tag) and the queue's next hint: the ticket after it,
     /// or, when nothing was found, the tail it looked up to; in both cases no
     /// further than the first ticket it found taken but not yet published
@@ -226,7 +227,15 @@ impl<'a> Ring<'a> {
                 let tag = self.tags[i].load(SeqCst);
                 if crate::fair::tag_queue(tag) == queue {
                     let owner = self.owners[i].load(SeqCst);
-                    if self.cells[i].compare_exchange(word, cell(p, TOMB), SeqCst, SeqCst).is_ok() {
+                    // At the head hint, ticket p is H itself (h <= H, and a
+                    // cell still holding p means H <= p): reclaim it in the
+                    // same CAS, as `pop` does, rather than leave a tombstone
+                    // for a second CAS to reclaim.
+                    let next = if p == h { cell(p + self.cap(), EMPTY) } else { cell(p, TOMB) };
+                    if self.cells[i].compare_exchange(word, next, SeqCst, SeqCst).is_ok() {
+                        if p == h {
+                            self.head.store(p + 1, Release);
+                        }
                         return (Some((p, owner, tag)), unpublished.min(p + 1));
                     }
                     // Decided meanwhile (granted, cancelled): look at it again.

@@ -336,24 +336,31 @@ fn ask(p: &Pool, flow: &str) -> tierq_core::Ask {
 }
 
 /// The first-waiter bookkeeping of a flow queue (`fair::FairLane::join` /
-/// `leave`): a leave that empties the queue clears its active bit while a
-/// join refills it. Whatever the order, the queue ends with its one waiter
-/// counted and its bit set, so the fair pop sees it.
+/// `leave`, and the fair pop's scan that clears the bits of emptied
+/// queues): a leave empties the queue and a scan clears its active bit
+/// while a join refills it. Whatever the order, the queue ends with its
+/// one waiter counted and its bit set, so the fair pop sees it. Eight other
+/// queues were emptied first, so the scan keeps their bits and clears this
+/// one's (`STALE_KEPT`).
 #[test]
-fn a_queue_emptied_while_it_is_joined_stays_active_for_its_new_waiter() {
-    use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
+fn a_queue_emptied_and_tidied_while_it_is_joined_stays_active_for_its_new_waiter() {
+    use loom::sync::atomic::AtomicU64;
     use tierq_core::fair::{lane_words, tag, FairLane};
     loom::model(|| {
-        let words: Arc<Vec<AtomicU64>> = Arc::new((0..lane_words(4)).map(|_| AtomicU64::new(0)).collect());
-        FairLane::new(&words, 4).join(2, 0);
+        let words: Arc<Vec<AtomicU64>> = Arc::new((0..lane_words(16)).map(|_| AtomicU64::new(0)).collect());
+        let f = FairLane::new(&words, 16);
+        for q in 0..8 {
+            f.join(q, 0);
+            f.leave(tag(q, 100, false));
+        }
+        f.join(10, 0);
         let w2 = words.clone();
-        let t = thread::spawn(move || FairLane::new(&w2, 4).join(2, 1));
-        FairLane::new(&words, 4).leave(tag(2, 100, false));
+        let t = thread::spawn(move || FairLane::new(&w2, 16).join(10, 1));
+        f.leave(tag(10, 100, false));
+        let _ = f.least(None);
         t.join().unwrap();
-        let f = FairLane::new(&words, 4);
-        assert_eq!(f.queue_state(2).1, 1);
-        assert_eq!((f.active(), f.least(None)), (1, Some(2)));
-        let _ = words[0].load(SeqCst);
+        assert_eq!(f.queue_state(10).1, 1);
+        assert_eq!((f.active(), f.least(None)), (1, Some(10)));
     });
 }
 
