@@ -300,7 +300,7 @@ fn an_audit_racing_a_workers_step_never_frees_a_slot_in_use() {
         in_flight: AtomicU64,
         withheld: AtomicU64,
     }
-    let audit = |w: &Words| untaken_slots(1, None, |_| &w.seq, |_| &w.held, &w.in_flight, &w.withheld);
+    let audit = |w: &Words| untaken_slots(1, None, |_| &w.seq, |_| &w.held, &w.in_flight, &w.withheld, || 0);
     loom::model(move || {
         let w = Arc::new(Words { seq: AtomicU64::new(0), held: AtomicU64::new(0), in_flight: AtomicU64::new(0), withheld: AtomicU64::new(0) });
         let worker = {
