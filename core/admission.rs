@@ -607,6 +607,7 @@ impl Pool {
         let mut evicted = None;
         let mut attempt = 0;
         while !self.reserve_depth(lane) {
+            crash_point!("admit.full");
             // Full. A priority arrival takes the place of the newest default waiter.
             // Not when every cell of the priority ring is taken (a live head with
             // tombstones behind it): the arrival would be shed anyway, and the
@@ -638,9 +639,11 @@ impl Pool {
         // Its own deadline is kept apart only when shorter than the lane's.
         let due = deadline.filter(|&w| w < lane_wait).map_or(0, |w| now.saturating_add(w).max(1));
         let tag = fair::tag(queue, ask.service, due != 0);
+        crash_point!("admit.reserved");
         // Counted in its queue before it is published, so a waiter that is
         // published is always counted (`fair::WAITING`).
         self.joined(lane, queue, due != 0);
+        crash_point!("admit.joined");
         let pos = match self.ring(lane).push(now, self.me, tag, due) {
             Ok(pos) => pos,
             Err(_) => {
@@ -1020,16 +1023,22 @@ impl Pool {
             seq.store(s + 1, SeqCst);
         }
         let mut leaked = 0;
+        let mut recounted = false;
         for _ in 0..AUDIT_TRIES {
-            if let Some(n) = self.audit(sh) {
-                leaked = n;
-                break;
+            if !recounted {
+                recounted = self.recount(sh);
+            }
+            if recounted {
+                if let Some(n) = self.audit(sh) {
+                    leaked = n;
+                    break;
+                }
             }
             #[cfg(not(loom))]
             std::thread::yield_now();
             spin();
         }
-        if leaked > 0 {
+        if leaked > 0 || recounted {
             self.w(at::IN_FLIGHT).fetch_sub(leaked, SeqCst);
             self.fill().into_iter().for_each(&mut on_granted);
         }
@@ -1062,6 +1071,58 @@ impl Pool {
             self.w(at::WITHHELD),
             || (0..sh.workers).map(|i| self.mailed_grants(sh, i)).sum(),
         )
+    }
+
+    /// Takes back what a worker killed while joining a lane left counted
+    /// for a waiter it never published: its place (DEPTH), its flow queue's
+    /// count and its own-deadline count, each beyond what the ring holds,
+    /// and buries a ticket it took and never published (a head stuck there
+    /// would stop the lane). Counts only from a quiet snapshot, as `audit`:
+    /// every step counter (but ours) even and unchanged around the census,
+    /// so every live worker's joins and leaves are whole; `cancel` and
+    /// `expire_due` are steps for this. False: some worker was inside a step.
+    fn recount(&self, sh: &Shared) -> bool {
+        let seqs = || (0..sh.workers).map(|i| self.worker_word(i, wk::SEQ).load(SeqCst)).collect::<Vec<_>>();
+        let before = seqs();
+        if before.iter().enumerate().any(|(i, s)| s & 1 == 1 && sh.index != Some(i)) {
+            return false;
+        }
+        let queues = self.settings.fair_queues as usize;
+        let mut found = Vec::new();
+        for lane in [Lane::Priority, Lane::Default] {
+            let (mut waiting, mut own) = (0u64, 0u64);
+            let mut per_queue = vec![0u64; queues];
+            let unpublished = self.ring(lane).census(|tag| {
+                waiting += 1;
+                own += fair::tag_has_deadline(tag) as u64;
+                if let Some(n) = per_queue.get_mut(fair::tag_queue(tag) as usize) {
+                    *n += 1;
+                }
+            });
+            let depth = [self.depth().0, self.depth().1][lane as usize] as u64;
+            let fair = self.fair(lane);
+            let counted: Vec<u64> = (0..queues as u32).map(|q| fair.queue_state(q).1).collect();
+            found.push((lane, depth.saturating_sub(waiting), fair.personal().saturating_sub(own), per_queue, counted, unpublished));
+        }
+        if seqs() != before {
+            return false;
+        }
+        for (lane, depth, own, per_queue, counted, unpublished) in found {
+            let ring = self.ring(lane);
+            for p in unpublished {
+                ring.bury(p);
+            }
+            ring.reap();
+            self.w(at::DEPTH).fetch_sub(depth * Self::depth_unit(lane), SeqCst);
+            let fair = self.fair(lane);
+            fair.forget_deadlines(own);
+            if self.fair_on {
+                for (q, (&c, &w)) in counted.iter().zip(&per_queue).enumerate() {
+                    fair.forget(q as u32, c.saturating_sub(w));
+                }
+            }
+        }
+        true
     }
 
     /// Grants in `worker`'s mailbox not yet taken (any generation).
@@ -1297,6 +1358,9 @@ impl Pool {
     /// Removes a waiting `id` (its client left). False when it already left
     /// the line: granted (the caller then owns a slot) or shed.
     pub fn cancel(&self, id: WaiterId) -> bool {
+        // A step: between its cell's CAS and `left`, the counts are ahead of
+        // the ring, which a reclaim's recount must not read as an orphan.
+        let _moving = self.moving();
         let lane = waiter_lane(id);
         let ring = self.ring(lane);
         if let Some((_, tag)) = ring.remove_owned(id >> 1) {
@@ -1313,6 +1377,7 @@ impl Pool {
     /// Sheds every waiter past its lane's max wait or its own deadline;
     /// calls `on_expired` per id.
     pub fn expire_due(&self, mut on_expired: impl FnMut(WaiterId)) {
+        let _moving = self.moving(); // as `cancel`
         let now = self.clock.now_ns();
         for lane in [Lane::Priority, Lane::Default] {
             let mut expired = |pos, owner, tag| {
@@ -1558,6 +1623,13 @@ mod tests {
         unanswered: usize,
         /// (withheld, owed) afterwards.
         withheld: (u64, u64),
+        /// Waiters counted per lane, and flow queues counted active, after
+        /// everyone left (a count beyond the ring is a dead join's).
+        depth: [u32; 2],
+        flows: [u32; 2],
+        /// With the pool idle afterwards, a waiter queued behind a busy slot
+        /// still gets it (no ticket a dead worker never published stops a lane).
+        lanes_flow: bool,
     }
 
     struct Block {
@@ -1613,7 +1685,18 @@ mod tests {
         let raw = blk.sup.w(at::IN_FLIGHT).load(SeqCst);
         let stuck = blk.sup.held_by(1);
         assert!(raw >= withheld + stuck, "{point}: {raw} in use, {withheld} withheld, {stuck} held: a slot counted twice");
-        Killed { reclaimed, leaked: raw - withheld - stuck, stuck, unanswered, withheld: (withheld, owed) }
+        let st = blk.sup.stats();
+        let (depth, flows) = (st.depth, st.fair_flows_active);
+        let lanes_flow = raw > 0 || withheld > 0 || {
+            let all = b.limit();
+            (0..all).all(|_| b.admit(Lane::Default, 1) == Admit::Now) && {
+                let Admit::Queued { waiter, .. } = b.admit(Lane::Default, 1) else { panic!("{point}: b must queue") };
+                let handed = b.release() == Some(waiter);
+                (0..all).for_each(|_| assert_eq!(b.release(), None));
+                handed
+            }
+        };
+        Killed { reclaimed, leaked: raw - withheld - stuck, stuck, unanswered, withheld: (withheld, owed), depth, flows, lanes_flow }
     }
 
     fn spec(n: i64) -> PoolSpec {
@@ -1754,6 +1837,39 @@ mod tests {
         });
         // The mailed slot went on to b's waiter; nothing stuck or lost.
         assert_eq!((k.reclaimed, k.leaked, k.stuck, k.unanswered), (1, 0, 0, 0));
+    }
+
+    // A worker killed while joining a lane, before its waiter is published:
+    // its place, its flow queue's count and a ticket it took would stay
+    // counted (a queue that looks active forever, lifting newcomers to its
+    // stale counter; a head stuck at the ticket, stopping the lane). The
+    // reclaim recounts them against the ring.
+    fn killed_joining(point: &'static str) -> Killed {
+        killed_at(point, 0, spec(1), |_, _, b| {
+            assert_eq!(b.admit(Lane::Default, 1), Admit::Now);
+            (1, vec![])
+        }, |a| {
+            let ask = Ask { hand: a.hand(b"key_joining"), service: 100, max_wait_ns: Some(60_000_000_000) };
+            a.admit_ask(Lane::Default, 1, &ask);
+        })
+    }
+
+    #[test]
+    fn killed_between_reserving_a_place_and_joining_a_flow_queue_leaves_no_count() {
+        let k = killed_joining("admit.reserved");
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
+    }
+
+    #[test]
+    fn killed_between_joining_a_flow_queue_and_taking_a_ticket_leaves_no_count() {
+        let k = killed_joining("admit.joined");
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
+    }
+
+    #[test]
+    fn killed_between_taking_a_ticket_and_publishing_it_buries_the_ticket() {
+        let k = killed_joining("push.taken");
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
     }
 
     fn adaptive_1() -> PoolSpec {

@@ -417,6 +417,20 @@ impl<'a> FairLane<'a> {
         }
     }
 
+    /// Takes back `n` waiters counted in `queue` (and, with `own`, `n`
+    /// with their own deadline) that were never published: their worker
+    /// died between `join` and the ring (a reclaim's recount).
+    pub fn forget(&self, queue: u32, n: u64) {
+        if n > 0 && queue < self.queues {
+            self.q(queue, WAITING).fetch_sub(n, SeqCst);
+        }
+    }
+    pub fn forget_deadlines(&self, n: u64) {
+        if n > 0 {
+            self.words[PERSONAL].fetch_sub(n, SeqCst);
+        }
+    }
+
     /// `queue`'s counter and waiters (tests, stats).
     pub fn queue_state(&self, queue: u32) -> (u64, u64) {
         (self.q(queue, COUNTER).load(SeqCst), self.waiting(queue))

@@ -100,6 +100,7 @@ impl<'a> Ring<'a> {
             let (pos, state) = split(self.cells[i].load(SeqCst));
             if pos == t && state == EMPTY {
                 if self.tail.compare_exchange_weak(t, t + 1, SeqCst, SeqCst).is_ok() {
+                    crate::crash::crash_point!("push.taken");
                     // Relaxed: the SeqCst store of the cell below publishes both.
                     self.enqueued_ns[i].store(now, Relaxed);
                     self.owners[i].store(owner, Relaxed);
@@ -260,6 +261,31 @@ impl<'a> Ring<'a> {
         let h = self.head.load(Acquire);
         let t = self.tail.load(SeqCst);
         (h.max(t.saturating_sub(self.cap())), t)
+    }
+
+    /// Calls `on_waiting(tag)` for every waiting ticket and returns the
+    /// tickets taken at the tail and not published (their cell still EMPTY
+    /// for them). Only meaningful while no producer is inside `push` (a
+    /// reclaim's quiet snapshot): then an unpublished ticket is a dead one.
+    pub(crate) fn census(&self, mut on_waiting: impl FnMut(u64)) -> Vec<u64> {
+        let (h, t) = self.live_span();
+        let mut unpublished = Vec::new();
+        for p in h..t {
+            let i = self.idx(p);
+            match split(self.cells[i].load(SeqCst)) {
+                (pos, WAITING) if pos == p => on_waiting(self.tags[i].load(SeqCst)),
+                (pos, EMPTY) if pos == p => unpublished.push(p),
+                _ => {}
+            }
+        }
+        unpublished
+    }
+
+    /// Turns unpublished ticket `pos` (its producer died between taking it
+    /// and publishing it) into a tombstone, so the head can pass it; true if
+    /// it did. A head stuck at it would otherwise stop the lane for good.
+    pub(crate) fn bury(&self, pos: u64) -> bool {
+        self.cells[self.idx(pos)].compare_exchange(cell(pos, EMPTY), cell(pos, TOMB), SeqCst, SeqCst).is_ok()
     }
 
     /// Removes every waiting ticket whose owner is `owner` (a dead worker);
