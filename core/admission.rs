@@ -607,7 +607,6 @@ impl Pool {
         let mut evicted = None;
         let mut attempt = 0;
         while !self.reserve_depth(lane) {
-            crash_point!("admit.full");
             // Full. A priority arrival takes the place of the newest default waiter.
             // Not when every cell of the priority ring is taken (a live head with
             // tombstones behind it): the arrival would be shed anyway, and the
