@@ -419,3 +419,71 @@ fn a_fair_pop_and_a_cancel_of_the_picked_waiter_decide_it_once() {
         assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0], [0, 0]));
     });
 }
+
+/// A grant handed to another worker by mail alone (`Pool::hand_to`'s post,
+/// `Pool::drain_mailbox`): the granter uncounts the slot and posts one
+/// message, the owner takes it and counts the slot, each inside a step, as
+/// a reclaim's audit reads the block. Wherever it looks, the slot is held,
+/// or in the mailbox (which the audit counts), or inside a step: the audit
+/// never frees it. Bounded to 3 preemptions (three threads).
+#[test]
+fn an_audit_racing_a_grant_by_mail_never_frees_the_slot() {
+    use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tierq_core::admission::untaken_slots;
+    use tierq_core::mailbox::{pack, Mailbox, OUT_GRANT};
+
+    struct Words {
+        seq: [AtomicU64; 2],
+        held: [AtomicU64; 2],
+        in_flight: AtomicU64,
+        withheld: AtomicU64,
+        signalled: AtomicU64,
+        cursor: AtomicU64,
+        cells: [AtomicU64; 2],
+    }
+    impl Words {
+        fn mb(&self) -> Mailbox<'_> {
+            Mailbox { signalled: &self.signalled, cursor: &self.cursor, cells: &self.cells }
+        }
+        fn audit(&self) -> Option<u64> {
+            untaken_slots(2, None, |i| &self.seq[i], |i| &self.held[i], &self.in_flight, &self.withheld, || {
+                self.cells.iter().filter(|c| c.load(SeqCst) != 0).count() as u64
+            })
+        }
+    }
+    let z = || AtomicU64::new(0);
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(move || {
+        // Worker 0 holds the one slot; worker 1 has a waiter it is granted.
+        let w = Arc::new(Words { seq: [z(), z()], held: [AtomicU64::new(1), z()], in_flight: AtomicU64::new(1), withheld: z(), signalled: z(), cursor: z(), cells: [z(), z()] });
+        let granter = {
+            let w = w.clone();
+            thread::spawn(move || {
+                w.seq[0].fetch_add(1, SeqCst);
+                w.held[0].fetch_sub(1, SeqCst);
+                w.mb().post(pack(7, 0, OUT_GRANT)).unwrap();
+                w.seq[0].fetch_add(1, SeqCst);
+            })
+        };
+        let owner = {
+            let w = w.clone();
+            thread::spawn(move || {
+                w.seq[1].fetch_add(1, SeqCst);
+                let n = w.mb().drain(|_| {
+                    w.held[1].fetch_add(1, SeqCst);
+                });
+                w.seq[1].fetch_add(1, SeqCst);
+                n
+            })
+        };
+        if let Some(n) = w.audit() {
+            assert_eq!(n, 0, "an audit freed a slot on its way by mail");
+        }
+        granter.join().unwrap();
+        let took = owner.join().unwrap();
+        assert_eq!(w.audit(), Some(0));
+        let mailed = w.cells.iter().filter(|c| c.load(SeqCst) != 0).count();
+        assert_eq!(took + mailed, 1, "the grant is taken once or still waits in the mailbox");
+    });
+}
