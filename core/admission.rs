@@ -1711,8 +1711,9 @@ mod tests {
     // Window by window (docs/architecture.md): a worker killed between two
     // atomic steps leaks no slot (its reclaim's audit frees one taken and not
     // counted), and no window counts a slot twice (which would let one
-    // request too many in for good). What stays open: a grant counted for
-    // another worker's waiter and never mailed, and popped waiters.
+    // request too many in for good); killed while joining a lane, its
+    // reclaim's recount takes back the counts and buries the ticket. What
+    // stays open: another worker's waiter popped and never told.
 
     #[test]
     fn killed_between_taking_a_slot_and_counting_it_leaks_nothing() {
