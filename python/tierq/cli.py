@@ -33,6 +33,7 @@ from tierq.served import Catalog
 from tierq.sim import FAULTS, SCHEDULING
 from tierq.storage import shown_url, sqlite_path, store_kind
 from tierq.tiers import Tier
+from tierq.tracing import require_otel
 from tierq.usage import parse_since, render_csv, render_json, render_table
 
 __all__ = ["keys_main", "main", "usage_main"]
@@ -213,6 +214,8 @@ def _require_extras(config: Config) -> None:
         require_postgres("[keys] url", config.keys.path)
     if config.cluster is not None:
         require_redis()
+    if config.tracing is not None:
+        require_otel()
 
 
 async def _probe_key_store(config: Config) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "Ended",
     "TraceContext",
     "Tracer",
+    "require_otel",
     "response_model",
     "traces_url",
 ]
@@ -135,6 +136,16 @@ def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
     return trace_id, parent_id, bool(int(flags, 16) & 1)
 
 
+def require_otel() -> None:
+    """Refuse [tracing] when opentelemetry-proto (the `otel` extra) cannot be
+    imported: RuntimeError, one line naming the extra, before anything listens."""
+    try:
+        import opentelemetry.proto.collector.trace.v1.trace_service_pb2  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"[tracing] needs opentelemetry-proto: pip install 'tierq[otel]' ({e})") \
+            from None
+
+
 def _span_id() -> int:
     return random.getrandbits(64) or 1
 
@@ -202,11 +213,9 @@ class Tracer:
 
     def start(self) -> None:
         """Starts the exporter thread (imports opentelemetry-proto: `tierq[otel]`)."""
-        try:
-            import opentelemetry.proto.collector.trace.v1.trace_service_pb2  # noqa: F401
-        except ImportError:
-            raise RuntimeError("[tracing] needs opentelemetry-proto: pip install 'tierq[otel]'") \
-                from None
+        require_otel()
+        log.info("tracing: spans to %s, sample_ratio %g for requests without a traceparent",
+                 self.url, self.config.sample_ratio)
         self._thread = threading.Thread(target=self._run, name="tierq-otlp", daemon=True)
         self._thread.start()
 
