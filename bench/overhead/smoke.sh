@@ -35,3 +35,12 @@ r = json.loads(gzip.decompress((pathlib.Path(sys.argv[1]) / "ablate-smoke.json.g
 assert len(r) >= 7 and all(v["rps"] and v["rps"][0] > 0 and v["cpu_us"][0] > 0 for v in r.values()), r
 print(f"overhead ablation smoke ok: {len(r)} paths, 1 passed, 0 failed")
 PYEOF
+# What tracing costs (bench/overhead/tracing.py): every variant serves, the spans arrive.
+BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/tracing.py" --rounds 1 --secs 0.5 --conns 4 --name tracing-smoke >/dev/null
+"$PY" - "$OUT" <<'PYEOF'
+import gzip, json, sys, pathlib
+r = json.loads(gzip.decompress((pathlib.Path(sys.argv[1]) / "tracing-smoke.json.gz").read_bytes()))
+assert all(v["rps"] and v["rps"][0] > 0 for v in r["results"].values()), r["results"]
+assert r["sink"]["bench-2"]["requests"] == r["answered"]["tracing on, sample_ratio 1.0"], r
+print("tracing bench smoke ok: 3 paths, 1 passed, 0 failed")
+PYEOF
