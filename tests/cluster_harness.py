@@ -211,3 +211,16 @@ async def outage(c: Cluster, redis_server: Any, seconds: float
     stop.set()
     await asyncio.gather(*workers)
     return before, during, mid
+
+
+async def all_at_once(c: Cluster, limit: int) -> tuple[list[int], int]:
+    """Once nothing is in flight, `limit` requests at once (spread over the
+    hosts): their statuses, and how many of them reached the sim. Every slot
+    is usable again when all are 200 and all reached it."""
+    async def idle() -> bool:
+        return all([(await c.status(i))["pools"][0]["in_flight"] == 0 for i in range(len(c.hosts))])
+
+    await wait_for(idle, 20, "nothing in flight after the load")
+    t0 = (await c.sim_stats())["requests"]
+    results = await asyncio.gather(*(c.chat(i % len(c.hosts)) for i in range(limit)))
+    return [r[0] for r in results], (await c.sim_stats())["requests"] - t0

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from tierq.config import load_config
 from tierq.keys import KeyStore
 from redis_server import RedisServer, redis_server  # noqa: F401  (the fixture)
-from cluster_harness import MODEL, TTL_MS, Cluster, start_cluster
+from cluster_harness import MODEL, TTL_MS, Cluster, all_at_once, start_cluster
 from cluster_harness import outage as _outage
 from cluster_harness import wait_for as _wait_for
 
@@ -183,15 +183,10 @@ async def test_a_killed_hosts_slots_come_back_within_its_lease_ttl(
 
 
 async def _no_leak(c: Cluster, limit: int) -> None:
-    async def idle() -> bool:
-        return all([(await c.status(i))["pools"][0]["in_flight"] == 0 for i in range(len(c.hosts))])
-
-    await _wait_for(idle, 20, "nothing in flight after the load")
     # Every slot is usable again: `limit` requests at once all run together.
-    t0 = (await c.sim_stats())["requests"]
-    results = await asyncio.gather(*(c.chat(i % len(c.hosts)) for i in range(limit)))
-    assert [r[0] for r in results] == [200] * limit
-    assert (await c.sim_stats())["requests"] == t0 + limit
+    statuses, reached = await all_at_once(c, limit)
+    assert statuses == [200] * limit
+    assert reached == limit
 
 
 async def test_redis_outage_local_mode_serves_with_each_hosts_share_and_rejoins(

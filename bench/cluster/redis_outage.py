@@ -27,7 +27,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from cluster_harness import MODEL, TTL_MS, Cluster, outage, start_cluster, wait_for  # noqa: E402
+from cluster_harness import MODEL, TTL_MS, Cluster, all_at_once, outage, start_cluster, wait_for  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 LIMIT = 4
@@ -40,13 +40,8 @@ def counts(statuses: list[int]) -> dict[str, int]:
 async def no_leak(c: Cluster) -> bool:
     """Every slot usable again: `LIMIT` requests at once all answered 200
     and all reached the sim."""
-    async def idle() -> bool:
-        return all([(await c.status(i))["pools"][0]["in_flight"] == 0 for i in range(len(c.hosts))])
-
-    await wait_for(idle, 20, "nothing in flight after the load")
-    t0 = (await c.sim_stats())["requests"]
-    results = await asyncio.gather(*(c.chat(i % len(c.hosts)) for i in range(LIMIT)))
-    return [r[0] for r in results] == [200] * LIMIT and (await c.sim_stats())["requests"] == t0 + LIMIT
+    statuses, reached = await all_at_once(c, LIMIT)
+    return statuses == [200] * LIMIT and reached == LIMIT
 
 
 async def one_mode(tmp: Path, down: str, down_s: float) -> dict[str, Any]:
