@@ -148,7 +148,14 @@ const OLD_SCHEMA: &str = "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts R
 #[test]
 fn an_older_ledger_file_gains_the_fairness_id_column_and_keeps_its_rows() {
     let db = TempDb::new("migrate");
-    Connection::open(&db.0).unwrap().execute_batch(OLD_SCHEMA).unwrap();
+    // In WAL mode, as every tierq left its file: a file still in rollback mode
+    // makes the second opener's switch to WAL meet the first one's migration
+    // lock, which SQLite answers busy at once (no busy handler on that path).
+    let old = Connection::open(&db.0).unwrap();
+    let mode: String = old.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    old.execute_batch(OLD_SCHEMA).unwrap();
+    drop(old);
     // Two writers opening the old file at once add the column once.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| Writer::open(&db.0, Durability::Process));
