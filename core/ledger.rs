@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     queue_ms          REAL NOT NULL,
     latency_ms        REAL NOT NULL,
     upstream          TEXT,
-    fairness_id       TEXT
+    fairness_id       TEXT,
+    tier_reason       TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 ";
@@ -81,13 +82,17 @@ CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 pub const ADDED_COLUMNS: &[(&str, &str)] = &[
     // The x-tierq-fairness-id a trusted key's request carried (NULL otherwise).
     ("fairness_id", "ALTER TABLE ledger ADD COLUMN fairness_id TEXT"),
+    // Why a request was served below the tier it asked for ("ramp", "budget";
+    // NULL when it was not downgraded). `code` keeps its meaning.
+    ("tier_reason", "ALTER TABLE ledger ADD COLUMN tier_reason TEXT"),
 ];
 
 /// A repeated request_id is ignored: a retry or a restart never bills twice.
 const INSERT: &str = "INSERT OR IGNORE INTO ledger (request_id, ts, key_id, model, endpoint, \
     requested_tier, applied_tier, prompt_tokens, completion_tokens, cost, cost_micro, cost_femto, \
-    status, partial, code, queue_ms, latency_ms, upstream, fairness_id) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+    status, partial, code, queue_ms, latency_ms, upstream, fairness_id, tier_reason) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+    ?20)";
 
 /// `process`: a commit is a write to the WAL (survives kill -9, not power
 /// loss); `power`: each commit is synced (`synchronous = FULL`).
@@ -129,6 +134,8 @@ pub struct Row {
     pub latency_ms: f64,
     pub upstream: Option<String>,
     pub fairness_id: Option<String>,
+    /// Why it was served below the tier it asked for (`ramp`, `budget`), if it was.
+    pub tier_reason: Option<String>,
 }
 
 /// Exact fixed-point USD text of a femto-USD amount, without trailing zeros
@@ -492,7 +499,7 @@ fn commit(conn: &mut Connection, batch: &[Queued]) -> Result<(), String> {
                     (r.cost_femto / FEMTO_PER_MICRO) as i64,
                     (r.cost_femto % FEMTO_PER_MICRO) as i64,
                     r.status, r.partial, r.code, r.queue_ms, r.latency_ms, r.upstream,
-                    r.fairness_id,
+                    r.fairness_id, r.tier_reason,
                 ])?;
             }
         }

@@ -708,7 +708,7 @@ impl PyLedgerWriter {
     /// share one wake-up). `push` itself never makes a system call.
     #[pyo3(signature = (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,
                         prompt_tokens, completion_tokens, cost_femto, status, partial, code,
-                        queue_ms, latency_ms, upstream, fairness_id))]
+                        queue_ms, latency_ms, upstream, fairness_id, tier_reason))]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -729,6 +729,7 @@ impl PyLedgerWriter {
         latency_ms: f64,
         upstream: Option<String>,
         fairness_id: Option<String>,
+        tier_reason: Option<String>,
     ) -> PyResult<(u64, bool)> {
         // Any cost a request has fits 64 bits (18,446 USD): that conversion is
         // one C call, the 128-bit one (abi3) several Python calls.
@@ -739,7 +740,7 @@ impl PyLedgerWriter {
         Ok(self.0.push(ledger::Row {
             request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
             completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,
-            fairness_id,
+            fairness_id, tier_reason,
         })?)
     }
 

@@ -47,7 +47,8 @@ async def test_rows_land_in_postgresql_exactly_as_the_sqlite_ledger_keeps_them(
     rows = [row(i, costs[i % len(costs)], "priority" if i % 2 else "default",
                 status="served" if i % 4 else "shed", partial=i % 5 == 0,
                 code=None if i % 4 else "queue_timeout", upstream="sim" if i % 3 else None,
-                fairness_id=None if i % 3 else f"tenant {i % 2}")
+                fairness_id=None if i % 3 else f"tenant {i % 2}",
+                tier_reason=None if i % 4 != 2 else "ramp" if i % 8 == 2 else "budget")
             for i in range(40)]
     pg = open_ledger(pg_url, password_env=PASSWORD_ENV, spool=str(tmp_path / "spool.db"))
     lite = open_ledger(f"sqlite:///{tmp_path / 'lite.db'}")
@@ -122,7 +123,7 @@ async def test_unreachable_at_start_spools_then_replays_in_order_each_row_once(
     await ledger.start()
     try:
         assert ledger.mode == "spool"
-        rows = [row(i) for i in range(50)]
+        rows = [row(i, tier_reason="budget" if i % 5 == 1 else None) for i in range(50)]
         await asyncio.gather(*(ledger.record(r) for r in rows[:30]))
         assert _spool_count(spool) == 30, "record() returned once the row was in the spool"
         assert ledger.spool_rows == 30

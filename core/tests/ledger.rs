@@ -50,6 +50,7 @@ fn row(id: &str) -> Row {
         latency_ms: 20.0,
         upstream: Some("local".into()),
         fairness_id: None,
+        tier_reason: None,
     }
 }
 
@@ -135,7 +136,7 @@ fn a_row_is_committed_with_its_exact_columns_and_settled_in_order() {
     assert_eq!(w.stats().rows_committed, 2);
 }
 
-/// The ledger table as every tierq before the fairness id made it.
+/// The ledger table as every tierq before the fairness id (and the tier reason) made it.
 const OLD_SCHEMA: &str = "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, \
     key_id TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, requested_tier TEXT, \
     applied_tier TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, \
@@ -146,7 +147,7 @@ const OLD_SCHEMA: &str = "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts R
     'served', 0, NULL, 0.0, 1.0, NULL);";
 
 #[test]
-fn an_older_ledger_file_gains_the_fairness_id_column_and_keeps_its_rows() {
+fn an_older_ledger_file_gains_the_added_columns_and_keeps_its_rows() {
     let db = TempDb::new("migrate");
     // In WAL mode, as every tierq left its file: a file still in rollback mode
     // makes the second opener's switch to WAL meet the first one's migration
@@ -156,7 +157,7 @@ fn an_older_ledger_file_gains_the_fairness_id_column_and_keeps_its_rows() {
     assert_eq!(mode, "wal");
     old.execute_batch(OLD_SCHEMA).unwrap();
     drop(old);
-    // Two writers opening the old file at once add the column once.
+    // Two writers opening the old file at once add each column once.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| Writer::open(&db.0, Durability::Process));
         let b = s.spawn(|| Writer::open(&db.0, Durability::Process));
@@ -165,18 +166,21 @@ fn an_older_ledger_file_gains_the_fairness_id_column_and_keeps_its_rows() {
     b.close();
     let mut r = row("new");
     r.fairness_id = Some("tenant 7".into());
+    r.tier_reason = Some("budget".into());
     let seq = push(&a, r).unwrap();
     assert!(wait_settled(&a, seq));
     a.close();
     let c = Connection::open(&db.0).unwrap();
-    let got: Vec<(String, Option<String>)> = c
-        .prepare("SELECT request_id, fairness_id FROM ledger ORDER BY request_id")
+    type Got = (String, Option<String>, Option<String>);
+    let got: Vec<Got> = c
+        .prepare("SELECT request_id, fairness_id, tier_reason FROM ledger ORDER BY request_id")
         .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(got, vec![("new".into(), Some("tenant 7".into())), ("old".into(), None)]);
+    assert_eq!(got, vec![("new".into(), Some("tenant 7".into()), Some("budget".into())),
+                         ("old".into(), None, None)]);
 }
 
 #[test]

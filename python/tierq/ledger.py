@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Final
 from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
-from tierq.tiers import Tier
+from tierq.tiers import Tier, TierReason
 
 __all__ = [
     "APPLIED_TIERS",
@@ -42,6 +42,7 @@ __all__ = [
     "POSTGRES",
     "SQLITE",
     "STATUSES",
+    "TIER_REASONS",
     "Ledger",
     "LedgerRow",
     "UsageLine",
@@ -56,6 +57,7 @@ log = logging.getLogger("tierq.ledger")
 _STATUS_ORDER: Final = ("served", "shed", "failed", "cancelled")
 STATUSES: Final = frozenset(_STATUS_ORDER)
 APPLIED_TIERS: Final = frozenset(Tier)
+TIER_REASONS: Final = frozenset(TierReason)
 _ONE_OF: Final = " or ".join(f"'{tier}'" for tier in Tier)
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
@@ -73,7 +75,7 @@ CHECKPOINT_ROWS: Final = LEDGER_CHECKPOINT_ROWS
 COLUMNS: Final = (
     "request_id", "ts", "key_id", "model", "endpoint", "requested_tier", "applied_tier",
     "prompt_tokens", "completion_tokens", "cost", "cost_micro", "cost_femto", "status",
-    "partial", "code", "queue_ms", "latency_ms", "upstream", "fairness_id",
+    "partial", "code", "queue_ms", "latency_ms", "upstream", "fairness_id", "tier_reason",
 )  # fmt: skip
 
 @dataclass(slots=True, frozen=True)
@@ -97,6 +99,8 @@ class LedgerRow:
     latency_ms: float = 0.0
     upstream: str | None = None
     fairness_id: str | None = None  # the x-tierq-fairness-id it was fair by (a trusted key's)
+    # Why it was served below the tier it asked for ("ramp", "budget"); None if it was not.
+    tier_reason: str | None = None
 
     # The cost in femto-USD, worked out once by __post_init__ (what the writer takes).
     _cost_femto: int = field(init=False, repr=False, compare=False)
@@ -126,6 +130,9 @@ class LedgerRow:
             raise TypeError("upstream must be a str or None")
         if self.fairness_id is not None and not isinstance(self.fairness_id, str):
             raise TypeError("fairness_id must be a str or None")
+        if self.tier_reason is not None and self.tier_reason not in TIER_REASONS:
+            raise ValueError(f"tier_reason must be one of {sorted(TIER_REASONS)} or None, "
+                             f"not {self.tier_reason!r}")
         if type(self.prompt_tokens) is not int:
             raise TypeError("prompt_tokens must be an int")
         if type(self.completion_tokens) is not int:
@@ -152,6 +159,7 @@ class LedgerRow:
             self.requested_tier, self.applied_tier.value, self.prompt_tokens,
             self.completion_tokens, self._cost_femto, self.status, self.partial,
             self.code, self.queue_ms, self.latency_ms, self.upstream, self.fairness_id,
+            self.tier_reason,
         )  # fmt: skip
 
 
@@ -182,7 +190,7 @@ def row_values(row: LedgerRow) -> tuple[object, ...]:
         row.request_id, row.ts, row.key_id, row.model, row.endpoint, row.requested_tier,
         row.applied_tier.value, row.prompt_tokens, row.completion_tokens, cost_text(row.cost), micro,
         femto, row.status, int(row.partial), row.code, row.queue_ms, row.latency_ms, row.upstream,
-        row.fairness_id,
+        row.fairness_id, row.tier_reason,
     )  # fmt: skip
 
 
@@ -350,12 +358,13 @@ class LedgerReads:
 
 def _row(r: tuple[Any, ...]) -> LedgerRow:
     (rid, ts, key_id, model, endpoint, req, applied, pt, ct, cost, status, partial, code,
-     queue_ms, latency_ms, upstream, fairness_id) = r  # fmt: skip
+     queue_ms, latency_ms, upstream, fairness_id, tier_reason) = r  # fmt: skip
     return LedgerRow(
         request_id=rid, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
         requested_tier=req, applied_tier=applied, prompt_tokens=int(pt), completion_tokens=int(ct),
         cost=Decimal(cost), status=status, partial=bool(partial), code=code,
         queue_ms=queue_ms, latency_ms=latency_ms, upstream=upstream, fairness_id=fairness_id,
+        tier_reason=tier_reason,
     )  # fmt: skip
 
 

@@ -164,6 +164,8 @@ def _record(c: _Captured) -> logging.LogRecord:
             "completion_tokens": row.completion_tokens, "cost": format(row.cost, "f")})
         if row.fairness_id is not None:
             fields["fairness_id"] = row.fairness_id
+        if row.tier_reason is not None:
+            fields["tier_reason"] = row.tier_reason
     # makeRecord is what `access_log.info` does, less the walk up the stack for
     # a caller's file and line that an access line does not show.
     record = access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None,

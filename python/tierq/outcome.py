@@ -34,11 +34,12 @@ from tierq.keys import KeyInfo
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
-from tierq.tiers import Tier
+from tierq.tiers import Tier, TierReason
 from tierq.tracing import Ended, TraceContext
 
 __all__ = [
     "QUEUE_HEADER",
+    "REASON_HEADER",
     "TIER_HEADER",
     "Exchange",
     "Outcome",
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 TIER_HEADER: Final = "x-tierq-service-tier"
+# Set only on a downgrade: why the request was served below the tier it asked for.
+REASON_HEADER: Final = "x-tierq-service-tier-reason"
 QUEUE_HEADER: Final = "x-tierq-queue-ms"
 CLIENT_CLOSED: Final = 499  # nginx's "client closed request": the access line's status
 DRAIN_CODE: Final = "server_shutting_down"
@@ -181,7 +184,7 @@ class Exchange:
     pool: Pool
     endpoint: str
     requested_tier: str | None  # as the client wrote it (None: absent)
-    tier: Tier  # applied (tierq.tiers.resolve_tier): echoed, queued, billed
+    tier: Tier  # applied (tierq.tiers.resolve_tier, then downgrades): echoed, queued, billed
     t0: float
     ts: float
     est_prompt: int
@@ -192,6 +195,9 @@ class Exchange:
     ttft_s: float | None = None  # first token delivered (streams), from t0
     charged: bool = False  # the key's limits took this request and its estimate
     outcome: Outcome | None = None
+    # A downgrade (`tier` lowered by its key's ramp or budget): why, for the
+    # header and the row.
+    reason: TierReason | None = None
 
     sent_at: float = 0.0  # when the request last went upstream (monotonic)
     # [tracing]: its trace context (None when tracing is off), and for its spans
@@ -247,9 +253,12 @@ class Exchange:
         of its own); callers add theirs to this same dict."""
         # x-request-id echoes the client's id when it sent one; the gateway's own
         # (the ledger's request_id) is always in x-tierq-request-id.
-        return {"Content-Type": content_type, TIER_HEADER: self.tier,
-                QUEUE_HEADER: f"{self.queue_ms:.3f}", "x-request-id": self.info.echo,
-                "x-tierq-request-id": self.info.id}
+        headers = {"Content-Type": content_type, TIER_HEADER: self.tier,
+                   QUEUE_HEADER: f"{self.queue_ms:.3f}", "x-request-id": self.info.echo,
+                   "x-tierq-request-id": self.info.id}
+        if self.reason is not None:
+            headers[REASON_HEADER] = self.reason
+        return headers
 
     @property
     def request_id(self) -> str:
@@ -319,6 +328,7 @@ class Exchange:
             cost=femto_decimal(femto) if o.billed else Decimal(0),
             status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
             latency_ms=latency_s * 1000.0, upstream=upstream, fairness_id=self.flow.fairness_id,
+            tier_reason=self.reason,
         )
         self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
                                 self.queue_ms / 1000.0, latency_s,

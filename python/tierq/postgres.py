@@ -114,12 +114,16 @@ ALTER TABLE keys ADD COLUMN IF NOT EXISTS trusted BOOLEAN NOT NULL DEFAULT false
 # The x-tierq-fairness-id of a trusted key's request (tierq.ledger's column).
 _LEDGER_FAIRNESS_DDL: Final = "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS fairness_id TEXT"
 
+# Why a request was served below the tier it asked for (tierq.ledger's column).
+_LEDGER_REASON_DDL: Final = "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS tier_reason TEXT"
+
 #: (version, what it does, SQL). Append only: a version once shipped never changes.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "ledger table", _LEDGER_DDL),
     (2, "keys table", _KEYS_DDL),
     (3, "keys weight and trusted", _KEYS_FAIRNESS_DDL),
     (4, "ledger fairness_id", _LEDGER_FAIRNESS_DDL),
+    (5, "ledger tier_reason", _LEDGER_REASON_DDL),
 )
 _KEY_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm, weight, trusted"
 
@@ -210,7 +214,7 @@ def _blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 # cost sent as its exact text and cast to NUMERIC by the server.
 _PG_TYPES: Final = (
     "text", "float8", "text", "text", "text", "text", "text", "int8", "int8", "text",
-    "int8", "int8", "text", "int2", "text", "float8", "float8", "text", "text",
+    "int8", "int8", "text", "int2", "text", "float8", "float8", "text", "text", "text",
 )  # fmt: skip
 _INSERT: Final = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT "

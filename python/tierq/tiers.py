@@ -15,7 +15,7 @@ import orjson
 
 from tierq._core import TIERS
 
-__all__ = ["InvalidTier", "Tier", "resolve_tier"]
+__all__ = ["InvalidTier", "Tier", "TierReason", "resolve_tier"]
 
 
 class Tier(StrEnum):
@@ -33,6 +33,14 @@ class Tier(StrEnum):
     def lane(self) -> int:
         """The core's index of this lane (`Lane as usize`)."""
         return _LANE[self]
+
+
+class TierReason(StrEnum):
+    """Why a request was served below the tier it asked for (a downgrade): the
+    `x-tierq-service-tier-reason` header and the ledger's `tier_reason`."""
+
+    RAMP = "ramp"  # its key's priority rate grew faster than its ramp rule allows
+    BUDGET = "budget"  # its key's priority budget for the UTC day is spent
 
 
 _LANE: Final[dict[Tier, int]] = {tier: i for i, tier in enumerate(Tier)}
