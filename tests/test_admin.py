@@ -100,7 +100,8 @@ async def test_a_key_made_over_http_serves_the_openai_client_then_changes_and_is
     assert token.startswith(f"tq-{public_id}-")
     assert made == {"id": public_id, "object": "api_key", "name": "ci", "created": made["created"],
                     "revoked": False, "revoked_at": None, "rpm": 100, "tpm": 50_000,
-                    "weight": 2.0, "trusted": True}
+                    "weight": 2.0, "trusted": True, "priority_budget_usd": None,
+                    "ramp_min_tpm": 0, "ramp_max_growth": None, "ramp_window_s": 900}
     # The secret is shown once: never again in a read or the list.
     status, listed = await _call("GET", base + "/keys")
     assert status == 200 and listed == {"object": "list", "data": [made]}
@@ -126,6 +127,16 @@ async def test_a_key_made_over_http_serves_the_openai_client_then_changes_and_is
     assert admin_gw.gw.keys is not None
     stored = admin_gw.gw.keys.get(public_id)
     assert stored is not None and (stored.rpm, stored.tpm, stored.weight) == (1, None, 0.5)
+    # The downgrades too: a budget as a number or exact text, answered as text.
+    status, changed = await _call("PATCH", base + f"/keys/{public_id}",
+                                  {"priority_budget_usd": 2.5, "ramp_max_growth": 0.5,
+                                   "ramp_min_tpm": 1000, "ramp_window_s": 600})
+    assert status == 200 and changed["priority_budget_usd"] == "2.5", changed
+    assert (changed["ramp_max_growth"], changed["ramp_min_tpm"], changed["ramp_window_s"]) == (
+        0.5, 1000, 600)
+    status, changed = await _call("PATCH", base + f"/keys/{public_id}",
+                                  {"priority_budget_usd": "0.000000001"})
+    assert status == 200 and changed["priority_budget_usd"] == "0.000000001", changed
 
     status, gone = await _call("DELETE", base + f"/keys/{public_id}")
     assert status == 200 and gone["revoked"] is True and gone["revoked_at"] is not None
@@ -202,6 +213,16 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("weight false", {"name": "x", "weight": False}, "weight"),
     ("trusted as text", {"name": "x", "trusted": "yes"}, "trusted"),
     ("trusted as 1", {"name": "x", "trusted": 1}, "trusted"),
+    ("ramp growth zero", {"name": "x", "ramp_max_growth": 0}, "ramp_max_growth"),
+    ("ramp growth negative", {"name": "x", "ramp_max_growth": -0.5}, "ramp_max_growth"),
+    ("ramp growth as text", {"name": "x", "ramp_max_growth": "0.5"}, "ramp_max_growth"),
+    ("ramp window too short", {"name": "x", "ramp_window_s": 10}, "ramp_window_s"),
+    ("ramp floor negative", {"name": "x", "ramp_min_tpm": -1}, "ramp_min_tpm"),
+    ("budget negative", {"name": "x", "priority_budget_usd": -1}, "priority_budget_usd"),
+    ("budget as words", {"name": "x", "priority_budget_usd": "ten"}, "priority_budget_usd"),
+    ("budget finer than nano-USD", {"name": "x", "priority_budget_usd": "0.0000000001"},
+     "priority_budget_usd"),
+    ("budget true", {"name": "x", "priority_budget_usd": True}, "priority_budget_usd"),
 ]
 
 

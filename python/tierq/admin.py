@@ -30,7 +30,8 @@ from tierq.config import AdminConfig
 from tierq.errors import JSON_TYPE, ApiError
 from tierq.gateway import GATEWAY, Gateway
 from tierq.intake import is_loopback
-from tierq.keys import KEEP, MAX_LIMIT, KeyInfo, parse_public_id, updated, validate_new_key
+from tierq.keys import (KEEP, MAX_BUDGET_USD, MAX_LIMIT, MAX_RAMP_GROWTH, RAMP_WINDOW_RANGE, KeyInfo,
+                        budget_text, parse_public_id, updated, validate_new_key)
 from tierq.stores import KeyStoreLike
 from tierq.usage import parse_since, usage_report
 
@@ -40,7 +41,8 @@ log = logging.getLogger("tierq.admin")
 
 PREFIX: Final = "/admin/v1"
 # What a key's body may hold: a new key needs its name, an update any of them.
-_FIELDS: Final = ("name", "rpm", "tpm", "weight", "trusted")
+_FIELDS: Final = ("name", "rpm", "tpm", "weight", "trusted", "priority_budget_usd",
+                   "ramp_min_tpm", "ramp_max_growth", "ramp_window_s")
 _UNAUTHORIZED: Final = ("Missing or incorrect admin token. Pass it as "
                         "'Authorization: Bearer ADMIN_TOKEN'.")
 
@@ -107,7 +109,11 @@ def _check_token(request: web.Request, want: bytes) -> None:
 def key_json(key: KeyInfo) -> dict[str, object]:
     return {"id": key.public_id, "object": "api_key", "name": key.name, "created": key.created,
             "revoked": key.revoked, "revoked_at": key.revoked_at, "rpm": key.rpm, "tpm": key.tpm,
-            "weight": key.weight, "trusted": key.trusted}
+            "weight": key.weight, "trusted": key.trusted,
+            # Exact decimal text, as every cost tierq shows.
+            "priority_budget_usd": budget_text(key.priority_budget_usd),
+            "ramp_min_tpm": key.ramp_min_tpm, "ramp_max_growth": key.ramp_max_growth,
+            "ramp_window_s": key.ramp_window_s}
 
 
 def _store(gw: Gateway) -> KeyStoreLike:
@@ -161,8 +167,11 @@ async def _create(request: web.Request, gw: Gateway) -> tuple[int, object, str]:
         raise ApiError(400, "Missing required field 'name'.", param="name",
                        code="missing_required_parameter")
     new = _checked(validate_new_key("unnamed", None, None), body)
-    key, token = await asyncio.to_thread(store.create, new.name, new.rpm, new.tpm,
-                                         weight=new.weight, trusted=new.trusted)
+    key, token = await asyncio.to_thread(
+        lambda: store.create(new.name, new.rpm, new.tpm, weight=new.weight, trusted=new.trusted,
+                             priority_budget_usd=new.priority_budget_usd,
+                             ramp_min_tpm=new.ramp_min_tpm, ramp_max_growth=new.ramp_max_growth,
+                             ramp_window_s=new.ramp_window_s))
     gw.keys_changed()  # a token another worker refused a moment ago is now good
     return 201, {**key_json(key), "secret": token}, f"created key {key.public_id}"
 
@@ -265,6 +274,21 @@ _SETTINGS: Final = {
     "weight": {"type": "number", "minimum": 0.01, "maximum": 100,
                "description": "fair share of a busy lane against a key of weight 1"},
     "trusted": {"type": "boolean", "description": "may split its traffic by x-tierq-fairness-id"},
+    "priority_budget_usd": {
+        "type": ["string", "number", "null"], "pattern": r"^[0-9]+(\.[0-9]{1,9})?$",
+        "description": "priority spend per UTC day (USD, at most 9 decimals, up to "
+                       f"{MAX_BUDGET_USD}), then its priority requests are served default "
+                       "(x-tierq-service-tier-reason: budget); null: no budget. Answered as "
+                       "exact text"},
+    "ramp_min_tpm": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT,
+                     "description": "ramp rule: priority tokens per minute always allowed"},
+    "ramp_max_growth": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                        "maximum": MAX_RAMP_GROWTH,
+                        "description": "ramp rule: the most its priority tokens per minute "
+                                       "grow over ramp_window_s (0.5: 50%); the excess is "
+                                       "served default (reason ramp); null: no ramp rule"},
+    "ramp_window_s": {"type": "integer", "minimum": RAMP_WINDOW_RANGE[0],
+                      "maximum": RAMP_WINDOW_RANGE[1], "description": "ramp rule: its window"},
 }
 
 

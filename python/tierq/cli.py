@@ -16,15 +16,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Final
 
 from tierq.config import Config, ConfigError, default_config, load_config
 from tierq.cluster import cluster_settings, default_host_id, require_redis
 from tierq.demo import run_demo
 from tierq.embedded import start_sims
-from tierq.keys import KEEP, KeyInfo, parse_public_id
+from tierq.keys import KEEP, KeyInfo, budget_text, parse_public_id
 from tierq.stores import (KeyStoreLike, StoreUnavailable, close_key_store, open_key_store,
                           require_postgres, start_key_store, usage_of)
 from tierq.pricing import decimal_text
@@ -473,17 +473,42 @@ def _limit_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'unlimited'") from None
 
 
+def _none_arg(kind: Callable[[str], object]) -> Callable[[str], object]:
+    """An `update` flag that also takes "none" (the setting removed)."""
+    def parse(text: str) -> object:
+        if text == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+    return parse
+
+
+def _downgrades(k: KeyInfo) -> str:
+    budget = ("none" if k.priority_budget_usd is None else
+              f"{budget_text(k.priority_budget_usd)} USD/day")
+    ramp = ("none" if k.ramp_max_growth is None else
+            f"+{k.ramp_max_growth:g} over {k.ramp_window_s} s above {k.ramp_min_tpm} tpm")
+    return f"priority budget {budget}, ramp {ramp}"
+
+
 def _describe_key(k: KeyInfo) -> str:
     return (f"{k.public_id} ({k.name}): rpm {_limit(k.rpm)}, tpm {_limit(k.tpm)}, "
-            f"weight {k.weight:g}, {'trusted' if k.trusted else 'untrusted'}")
+            f"weight {k.weight:g}, {'trusted' if k.trusted else 'untrusted'}, {_downgrades(k)}")
 
 
 def _render_keys(keys: list[KeyInfo]) -> str:
-    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM", "WEIGHT", "TRUSTED")
+    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM", "WEIGHT", "TRUSTED", "BUDGET/DAY",
+              "RAMP")
     body = [
         (k.public_id, k.name, _iso(k.created),
          f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
-         _limit(k.rpm), _limit(k.tpm), f"{k.weight:g}", "yes" if k.trusted else "no")
+         _limit(k.rpm), _limit(k.tpm), f"{k.weight:g}", "yes" if k.trusted else "no",
+         budget_text(k.priority_budget_usd) or "-",
+         "-" if k.ramp_max_growth is None else
+         f"+{k.ramp_max_growth:g}/{k.ramp_window_s}s>{k.ramp_min_tpm}")
         for k in keys
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -513,6 +538,15 @@ def keys_main(argv: list[str]) -> int:
                    help="fair share of a busy lane, 0.01 to 100 (default: 1)")
     c.add_argument("--trusted", action="store_true",
                    help="may split its traffic into flows with the x-tierq-fairness-id header")
+    c.add_argument("--priority-budget-usd", default=None,
+                   help="priority spend per UTC day, then served default (default: none)")
+    c.add_argument("--ramp-max-growth", type=float, default=None,
+                   help="ramp rule: the most its priority tokens per minute may grow over "
+                        "the window, 0.5 = 50%% (default: no ramp rule)")
+    c.add_argument("--ramp-min-tpm", type=int, default=0,
+                   help="ramp rule: priority tokens per minute always allowed (default: 0)")
+    c.add_argument("--ramp-window-s", type=int, default=900,
+                   help="ramp rule: the window, 60 to 86400 seconds (default: 900)")
     sub.add_parser("list", parents=[common], help="list keys (never secrets)")
     u = sub.add_parser("update", parents=[common],
                        help="change a live key's name, limits, weight or trust")
@@ -527,6 +561,12 @@ def keys_main(argv: list[str]) -> int:
                        help="honour its x-tierq-fairness-id header")
     trust.add_argument("--untrusted", dest="trusted", action="store_false",
                        help="ignore its x-tierq-fairness-id header")
+    u.add_argument("--priority-budget-usd", type=_none_arg(str), default=KEEP,
+                   help="priority spend per UTC day, or 'none'")
+    u.add_argument("--ramp-max-growth", type=_none_arg(float), default=KEEP,
+                   help="ramp rule's growth over its window, or 'none' (no ramp rule)")
+    u.add_argument("--ramp-min-tpm", type=int, default=KEEP, help="ramp rule's floor")
+    u.add_argument("--ramp-window-s", type=int, default=KEEP, help="ramp rule's window")
     r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
     r.add_argument("id")
     args = p.parse_args(argv)
@@ -560,12 +600,18 @@ def keys_main(argv: list[str]) -> int:
         return 1
 
 
+# The key fields of the downgrades (tierq.keys.KeyInfo), one flag each.
+_DOWNGRADE_FIELDS: Final = ("priority_budget_usd", "ramp_min_tpm", "ramp_max_growth",
+                            "ramp_window_s")
+
+
 def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
     with contextlib.closing(store):
         if args.cmd == "create":
             try:
                 info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm,
-                                           weight=args.weight, trusted=args.trusted)
+                                           weight=args.weight, trusted=args.trusted,
+                                           **{f: getattr(args, f) for f in _DOWNGRADE_FIELDS})
             except ValueError as e:
                 print(f"tierq keys: {e}", file=sys.stderr)
                 return 2
@@ -585,7 +631,8 @@ def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
             try:
                 new = store.update(public_id, name=KEEP if args.name is None else args.name,
                                    rpm=args.rpm, tpm=args.tpm, weight=args.weight,
-                                   trusted=args.trusted)
+                                   trusted=args.trusted,
+                                   **{f: getattr(args, f) for f in _DOWNGRADE_FIELDS})
             except ValueError as e:
                 print(f"tierq keys: {e}", file=sys.stderr)
                 return 2

@@ -3,7 +3,9 @@ and per-key requests-per-minute / tokens-per-minute limits over the Rust token b
 
 A key reads `tq-<public id>-<secret>`; the public id is what logs and the ledger show.
 Each key also carries its fair-queuing `weight` and whether it is `trusted` to split
-its traffic into flows of its own (the `x-tierq-fairness-id` header, tierq.intake).
+its traffic into flows of its own (the `x-tierq-fairness-id` header, tierq.intake),
+and what downgrades its priority requests (tierq.downgrades): a daily priority
+budget and a ramp rule.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
@@ -29,12 +32,16 @@ from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = [
     "KEEP",
+    "MAX_BUDGET_USD",
     "MAX_LIMIT",
+    "MAX_RAMP_GROWTH",
     "MAX_WEIGHT",
     "MIN_WEIGHT",
+    "RAMP_WINDOW_RANGE",
     "KeyInfo",
     "KeyLimiter",
     "KeyStore",
+    "budget_text",
     "hash_secret",
     "parse_public_id",
     "parse_token",
@@ -69,6 +76,13 @@ MAX_WEIGHT: Final = 100.0
 # The largest rpm or tpm a key may have (a trillion a minute): what the stores'
 # 64-bit integers and the buckets' floats hold exactly.
 MAX_LIMIT: Final = 10**12
+# A key's priority budget per UTC day: whole nano-USD (what the shared counters
+# hold, core/keytable.rs), up to this many USD.
+MAX_BUDGET_USD: Final = Decimal(100_000)
+BUDGET_DECIMALS: Final = 9
+# The ramp rule's window (seconds) and growth over it.
+RAMP_WINDOW_RANGE: Final = (60, 86_400)
+MAX_RAMP_GROWTH: Final = 100.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -80,7 +94,11 @@ CREATE TABLE IF NOT EXISTS keys (
     rpm           INTEGER,
     tpm           INTEGER,
     weight        REAL NOT NULL DEFAULT 1.0,
-    trusted       INTEGER NOT NULL DEFAULT 0
+    trusted       INTEGER NOT NULL DEFAULT 0,
+    priority_budget_usd TEXT,
+    ramp_min_tpm    INTEGER NOT NULL DEFAULT 0,
+    ramp_max_growth REAL,
+    ramp_window_s   INTEGER NOT NULL DEFAULT 900
 )
 """
 # Columns added after the first schema, each with the ALTER TABLE that adds it
@@ -88,8 +106,14 @@ CREATE TABLE IF NOT EXISTS keys (
 _ADDED_COLUMNS: Final = (
     ("weight", "ALTER TABLE keys ADD COLUMN weight REAL NOT NULL DEFAULT 1.0"),
     ("trusted", "ALTER TABLE keys ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0"),
+    # The downgrades (exact decimal text; NULL: none).
+    ("priority_budget_usd", "ALTER TABLE keys ADD COLUMN priority_budget_usd TEXT"),
+    ("ramp_min_tpm", "ALTER TABLE keys ADD COLUMN ramp_min_tpm INTEGER NOT NULL DEFAULT 0"),
+    ("ramp_max_growth", "ALTER TABLE keys ADD COLUMN ramp_max_growth REAL"),
+    ("ramp_window_s", "ALTER TABLE keys ADD COLUMN ramp_window_s INTEGER NOT NULL DEFAULT 900"),
 )
-_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm, weight, trusted"
+_COLUMNS: Final = ("public_id, name, created, revoked, rpm, tpm, weight, trusted, "
+                   "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s")
 
 
 class Keep(enum.Enum):
@@ -113,6 +137,15 @@ class KeyInfo:
     tpm: int | None
     weight: float = 1.0  # its fair share of a busy lane, MIN_WEIGHT..MAX_WEIGHT
     trusted: bool = False  # may split its traffic into flows (x-tierq-fairness-id)
+    # Priority spend per UTC day, past which its priority requests are served
+    # default (reason "budget"); None: no budget.
+    priority_budget_usd: Decimal | None = None
+    # The ramp rule, on when ramp_max_growth is set: above ramp_min_tpm, its
+    # priority tokens per minute may grow by at most ramp_max_growth over
+    # ramp_window_s; the excess is served default (reason "ramp").
+    ramp_min_tpm: int = 0
+    ramp_max_growth: float | None = None
+    ramp_window_s: int = 900
 
     @property
     def revoked(self) -> bool:
@@ -121,7 +154,36 @@ class KeyInfo:
 
 def _info(r: tuple[Any, ...]) -> KeyInfo:
     return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3], rpm=r[4], tpm=r[5],
-                   weight=float(r[6]), trusted=bool(r[7]))
+                   weight=float(r[6]), trusted=bool(r[7]),
+                   priority_budget_usd=None if r[8] is None else Decimal(r[8]),
+                   ramp_min_tpm=int(r[9]), ramp_max_growth=None if r[10] is None else float(r[10]),
+                   ramp_window_s=int(r[11]))
+
+
+def budget_text(budget: Decimal | None) -> str | None:
+    """A budget as the stores keep it: exact fixed-point text (None: none)."""
+    return None if budget is None else format(budget.normalize(), "f")
+
+
+def _budget(value: object) -> Decimal | None:
+    """A budget as given (a Decimal, or an int, str or float as JSON and the CLI
+    have it) as an exact Decimal; ValueError naming `priority_budget_usd`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, str, float)):
+        raise ValueError("priority_budget_usd must be a decimal number of USD or None (no budget)")
+    try:
+        # A float is taken as it prints (0.1 is "0.1", not its binary expansion).
+        d = Decimal(repr(value) if isinstance(value, float) else value)
+    except InvalidOperation:
+        raise ValueError(f"priority_budget_usd must be a decimal number, got {value!r}") from None
+    if not d.is_finite() or d < 0 or d > MAX_BUDGET_USD:
+        raise ValueError(f"priority_budget_usd must be from 0 to {MAX_BUDGET_USD} USD a day, "
+                         f"got {value!r}")
+    if d.scaleb(BUDGET_DECIMALS) != d.scaleb(BUDGET_DECIMALS).to_integral_value():
+        raise ValueError(f"priority_budget_usd has more than {BUDGET_DECIMALS} decimals "
+                         f"(nano-USD): {value!r}")
+    return d
 
 
 def hash_secret(secret: str) -> str:
@@ -148,27 +210,61 @@ def validate_key(info: KeyInfo) -> None:
                          f"got {w!r}")
     if not isinstance(info.trusted, bool):
         raise ValueError("trusted must be true or false")
+    _budget(info.priority_budget_usd)
+    m = info.ramp_min_tpm
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_LIMIT:
+        raise ValueError(f"ramp_min_tpm must be an integer from 0 to {MAX_LIMIT}, got {m!r}")
+    g = info.ramp_max_growth
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float))
+                          or not math.isfinite(g) or not 0 < g <= MAX_RAMP_GROWTH):
+        raise ValueError(f"ramp_max_growth must be a number above 0 and at most "
+                         f"{MAX_RAMP_GROWTH:g} (0.5: 50% over the window) or None (no ramp "
+                         f"rule), got {g!r}")
+    lo, hi = RAMP_WINDOW_RANGE
+    s = info.ramp_window_s
+    if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
+        raise ValueError(f"ramp_window_s must be an integer from {lo} to {hi} seconds, got {s!r}")
+
+
+def _normal(info: KeyInfo) -> KeyInfo:
+    """A valid key's numbers as the stores keep them (an int weight or growth as a
+    float, the budget as an exact Decimal)."""
+    g = info.ramp_max_growth
+    return dataclasses.replace(info, weight=float(info.weight),
+                               ramp_max_growth=None if g is None else float(g),
+                               priority_budget_usd=_budget(info.priority_budget_usd))
 
 
 def validate_new_key(name: str, rpm: int | None, tpm: int | None, weight: float = 1.0,
-                     trusted: bool = False) -> KeyInfo:
+                     trusted: bool = False, *, priority_budget_usd: object = None,
+                     ramp_min_tpm: int = 0, ramp_max_growth: float | None = None,
+                     ramp_window_s: int = 900) -> KeyInfo:
     """What a new key of these settings holds (public id and times left blank);
     ValueError unless they are what a key may have."""
-    info = KeyInfo("", name, 0.0, None, rpm, tpm, weight, trusted)
+    info = KeyInfo("", name, 0.0, None, rpm, tpm, weight, trusted,
+                   priority_budget_usd, ramp_min_tpm, ramp_max_growth,  # type: ignore[arg-type]
+                   ramp_window_s)
     validate_key(info)
-    return dataclasses.replace(info, weight=float(weight))  # an int weight kept as REAL
+    return _normal(info)
 
 
 def updated(info: KeyInfo, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
             tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
-            trusted: bool | Keep = KEEP) -> KeyInfo:
+            trusted: bool | Keep = KEEP, priority_budget_usd: object = KEEP,
+            ramp_min_tpm: int | Keep = KEEP, ramp_max_growth: float | None | Keep = KEEP,
+            ramp_window_s: int | Keep = KEEP) -> KeyInfo:
     """`info` with the fields given changed; ValueError unless the result is a valid key."""
     new = KeyInfo(info.public_id, info.name if name is KEEP else name, info.created,
                   info.revoked_at, info.rpm if rpm is KEEP else rpm,
                   info.tpm if tpm is KEEP else tpm, info.weight if weight is KEEP else weight,
-                  info.trusted if trusted is KEEP else trusted)
+                  info.trusted if trusted is KEEP else trusted,
+                  info.priority_budget_usd if priority_budget_usd is KEEP
+                  else priority_budget_usd,  # type: ignore[arg-type]
+                  info.ramp_min_tpm if ramp_min_tpm is KEEP else ramp_min_tpm,
+                  info.ramp_max_growth if ramp_max_growth is KEEP else ramp_max_growth,
+                  info.ramp_window_s if ramp_window_s is KEEP else ramp_window_s)
     validate_key(new)
-    return dataclasses.replace(new, weight=float(new.weight))
+    return _normal(new)
 
 
 def parse_token(token: object) -> tuple[str, str] | None:
@@ -258,10 +354,14 @@ class KeyStore:
 
     def create(
         self, name: str, rpm: int | None = None, tpm: int | None = None, *,
-        weight: float = 1.0, trusted: bool = False,
+        weight: float = 1.0, trusted: bool = False, priority_budget_usd: object = None,
+        ramp_min_tpm: int = 0, ramp_max_growth: float | None = None, ramp_window_s: int = 900,
     ) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
-        blank = validate_new_key(name, rpm, tpm, weight, trusted)
+        blank = validate_new_key(name, rpm, tpm, weight, trusted,
+                                 priority_budget_usd=priority_budget_usd,
+                                 ramp_min_tpm=ramp_min_tpm, ramp_max_growth=ramp_max_growth,
+                                 ramp_window_s=ramp_window_s)
         secret = secrets.token_urlsafe(24)  # 24 bytes -> 32 chars, 192 bits
         assert len(secret) == SECRET_LEN
         now = time.time()
@@ -270,9 +370,11 @@ class KeyStore:
             try:
                 self._query(
                     "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
-                    " weight, trusted) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                    " weight, trusted, priority_budget_usd, ramp_min_tpm, ramp_max_growth,"
+                    " ramp_window_s) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight,
-                     int(trusted)),
+                     int(trusted), budget_text(blank.priority_budget_usd), blank.ramp_min_tpm,
+                     blank.ramp_max_growth, blank.ramp_window_s),
                 )
                 break
             except sqlite3.IntegrityError:  # a public id collision (36^12): draw again
@@ -297,11 +399,9 @@ class KeyStore:
             self._forget(public_id)
         return cur.rowcount == 1
 
-    def update(self, public_id: str, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
-               tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
-               trusted: bool | Keep = KEEP) -> KeyInfo | None:
-        """Change a live key's name, limits (None: unlimited), weight or trust; the
-        fields not given stay. Returns the key as it now is, or None if unknown or
+    def update(self, public_id: str, **changes: Any) -> KeyInfo | None:
+        """Change a live key's fields (`updated`'s keywords: name, limits (None:
+        unlimited), weight, trust, budget, ramp rule); the fields not given stay. Returns the key as it now is, or None if unknown or
         revoked; ValueError (and nothing changed) unless the result is a valid key.
         Takes effect at once through this store, within `cache_ttl_s` in others."""
         with self._lock:
@@ -310,13 +410,14 @@ class KeyStore:
             try:
                 found = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE public_id = ?"
                                      " AND revoked IS NULL", (public_id,)).fetchall()
-                new = None if not found else updated(
-                    _info(found[0]), name=name, rpm=rpm, tpm=tpm, weight=weight, trusted=trusted)
+                new = None if not found else updated(_info(found[0]), **changes)
                 if new is not None:
                     conn.execute("UPDATE keys SET name = ?, rpm = ?, tpm = ?, weight = ?,"
-                                 " trusted = ? WHERE public_id = ?",
+                                 " trusted = ?, priority_budget_usd = ?, ramp_min_tpm = ?,"
+                                 " ramp_max_growth = ?, ramp_window_s = ? WHERE public_id = ?",
                                  (new.name, new.rpm, new.tpm, new.weight, int(new.trusted),
-                                  public_id))
+                                  budget_text(new.priority_budget_usd), new.ramp_min_tpm,
+                                  new.ramp_max_growth, new.ramp_window_s, public_id))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -23,17 +23,17 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from decimal import Decimal
 from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
 
 from tierq.keys import (
-    KEEP,
     PREFIX,
     PUBLIC_ALPHABET,
     PUBLIC_ID_LEN,
     KeyInfo,
-    Keep,
+    budget_text,
     hash_secret,
     parse_token,
     updated,
@@ -114,6 +114,14 @@ ALTER TABLE keys ADD COLUMN IF NOT EXISTS trusted BOOLEAN NOT NULL DEFAULT false
 # The x-tierq-fairness-id of a trusted key's request (tierq.ledger's column).
 _LEDGER_FAIRNESS_DDL: Final = "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS fairness_id TEXT"
 
+# A key's downgrades (tierq.keys): the budget as exact text, as SQLite keeps it.
+_KEYS_DOWNGRADES_DDL: Final = """
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS priority_budget_usd TEXT;
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS ramp_min_tpm BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS ramp_max_growth DOUBLE PRECISION;
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS ramp_window_s INTEGER NOT NULL DEFAULT 900;
+"""
+
 # Why a request was served below the tier it asked for (tierq.ledger's column).
 _LEDGER_REASON_DDL: Final = "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS tier_reason TEXT"
 
@@ -124,8 +132,10 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (3, "keys weight and trusted", _KEYS_FAIRNESS_DDL),
     (4, "ledger fairness_id", _LEDGER_FAIRNESS_DDL),
     (5, "ledger tier_reason", _LEDGER_REASON_DDL),
+    (6, "keys priority budget and ramp rule", _KEYS_DOWNGRADES_DDL),
 )
-_KEY_COLUMNS: Final = "public_id, name, created, revoked, rpm, tpm, weight, trusted"
+_KEY_COLUMNS: Final = ("public_id, name, created, revoked, rpm, tpm, weight, trusted, "
+                       "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s")
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -721,7 +731,7 @@ class PostgresKeyStore:
             records = await conn.fetch(f"SELECT {_KEY_COLUMNS}, secret_sha256 FROM keys")
         finally:
             await conn.close()
-        self._table = {r[0]: (_key_info(r), str(r[8])) for r in records}
+        self._table = {r[0]: (_key_info(r), str(r["secret_sha256"])) for r in records}
         # A revocation made here is in every read that began after it; until then
         # it is kept here, so a read that raced it cannot bring the key back.
         self._revoked_here = {k: t for k, t in self._revoked_here.items() if t >= started}
@@ -784,9 +794,14 @@ class PostgresKeyStore:
         return _blocking(run)
 
     def create(self, name: str, rpm: int | None = None, tpm: int | None = None, *,
-               weight: float = 1.0, trusted: bool = False) -> tuple[KeyInfo, str]:
+               weight: float = 1.0, trusted: bool = False, priority_budget_usd: object = None,
+               ramp_min_tpm: int = 0, ramp_max_growth: float | None = None,
+               ramp_window_s: int = 900) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
-        blank = validate_new_key(name, rpm, tpm, weight, trusted)
+        blank = validate_new_key(name, rpm, tpm, weight, trusted,
+                                 priority_budget_usd=priority_budget_usd,
+                                 ramp_min_tpm=ramp_min_tpm, ramp_max_growth=ramp_max_growth,
+                                 ramp_window_s=ramp_window_s)
         secret = secrets.token_urlsafe(24)
         now = time.time()
 
@@ -795,9 +810,12 @@ class PostgresKeyStore:
                 public_id = "".join(secrets.choice(PUBLIC_ALPHABET) for _ in range(PUBLIC_ID_LEN))
                 done = await conn.fetchval(
                     "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
-                    " weight, trusted) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)"
-                    " ON CONFLICT (public_id) DO NOTHING RETURNING public_id",
-                    public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight, trusted)
+                    " weight, trusted, priority_budget_usd, ramp_min_tpm, ramp_max_growth,"
+                    " ramp_window_s) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $11,"
+                    " $12) ON CONFLICT (public_id) DO NOTHING RETURNING public_id",
+                    public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight, trusted,
+                    budget_text(blank.priority_budget_usd), blank.ramp_min_tpm,
+                    blank.ramp_max_growth, blank.ramp_window_s)
                 if done is not None:
                     return public_id
 
@@ -822,9 +840,7 @@ class PostgresKeyStore:
 
         return self._run(fetch)
 
-    def update(self, public_id: str, *, name: str | Keep = KEEP, rpm: int | None | Keep = KEEP,
-               tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
-               trusted: bool | Keep = KEEP) -> KeyInfo | None:
+    def update(self, public_id: str, **changes: Any) -> KeyInfo | None:
         """As tierq.keys.KeyStore.update: at once on this host, within `refresh_s`
         on the others."""
         async def change(conn: asyncpg.Connection) -> KeyInfo | None:
@@ -833,12 +849,13 @@ class PostgresKeyStore:
                                         " AND revoked IS NULL FOR UPDATE", public_id)
                 if r is None:
                     return None
-                new = updated(_key_info(r), name=name, rpm=rpm, tpm=tpm, weight=weight,
-                              trusted=trusted)
+                new = updated(_key_info(r), **changes)
                 await conn.execute(
-                    "UPDATE keys SET name = $1, rpm = $2, tpm = $3, weight = $4, trusted = $5"
-                    " WHERE public_id = $6", new.name, new.rpm, new.tpm, new.weight,
-                    new.trusted, public_id)
+                    "UPDATE keys SET name = $1, rpm = $2, tpm = $3, weight = $4, trusted = $5,"
+                    " priority_budget_usd = $6, ramp_min_tpm = $7, ramp_max_growth = $8,"
+                    " ramp_window_s = $9 WHERE public_id = $10", new.name, new.rpm, new.tpm,
+                    new.weight, new.trusted, budget_text(new.priority_budget_usd),
+                    new.ramp_min_tpm, new.ramp_max_growth, new.ramp_window_s, public_id)
                 return new
 
         new = self._run(change)
@@ -863,4 +880,8 @@ class PostgresKeyStore:
 def _key_info(r: asyncpg.Record) -> KeyInfo:
     return KeyInfo(public_id=r[0], name=r[1], created=r[2], revoked_at=r[3],
                    rpm=None if r[4] is None else int(r[4]), tpm=None if r[5] is None else int(r[5]),
-                   weight=float(r[6]), trusted=bool(r[7]))
+                   weight=float(r[6]), trusted=bool(r[7]),
+                   priority_budget_usd=None if r[8] is None else Decimal(r[8]),
+                   ramp_min_tpm=int(r[9]),
+                   ramp_max_growth=None if r[10] is None else float(r[10]),
+                   ramp_window_s=int(r[11]))
