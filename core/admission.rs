@@ -101,6 +101,9 @@ pub struct Ask {
 pub struct Placed {
     pub queue: u32,
     pub predicted_ns: Option<u64>,
+    /// The shed a limit in shadow mode decided and did not apply
+    /// (`enforce = false`): the request went on as if let through.
+    pub shadowed: Option<ShedCode>,
 }
 
 /// `Pool::audit` over the words it reads (`seq(i)`, `held(i)` of worker
@@ -552,16 +555,25 @@ impl Pool {
         let _moving = self.moving();
         let fair = self.fair(lane);
         let queue = if self.fair_on { fair.choose(ask.hand) } else { ask.hand.0 };
-        let mut placed = Placed { queue, predicted_ns: None };
+        let mut placed = Placed { queue, predicted_ns: None, shadowed: None };
         // The clock is read at most once, and only when the bucket or a join
         // needs it: a CLOCK_MONOTONIC read costs about three atomic RMWs.
         let mut now = None;
+        let mut cost = cost;
         if let Some(p) = &self.settings.bucket {
             let t = self.clock.now_ns();
             now = Some(t);
             if let Err(wait) = bucket::take_on(self.w(at::TAT), t, cost, lane, p) {
-                self.count(at::SHED[ShedCode::RateLimitExceeded as usize]);
-                return (Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None }, placed);
+                if self.settings.enforce {
+                    self.count(at::SHED[ShedCode::RateLimitExceeded as usize]);
+                    return (Admit::Shed { code: ShedCode::RateLimitExceeded, retry_after_ns: wait, evicted: None }, placed);
+                }
+                // Shadow mode: counted, not applied. Enforcing would have
+                // taken nothing from the bucket, so nothing is taken and
+                // nothing is given back if the queue sheds it later.
+                self.count(at::SHADOW_RATE);
+                placed.shadowed = Some(ShedCode::RateLimitExceeded);
+                cost = 0;
             }
         }
         // Fast path: nobody waiting ahead of this arrival and a slot free for
@@ -1479,6 +1491,7 @@ impl Pool {
             fairness: self.settings.fairness,
             fair_flows_active: [Lane::Priority, Lane::Default].map(|l| if self.fair_on { self.fair(l).active() } else { 0 }),
             deadline_refused: self.w(at::DEADLINE_REFUSED).load(Relaxed),
+            shadow_rate_limited: self.w(at::SHADOW_RATE).load(Relaxed),
         }
     }
 
@@ -1517,6 +1530,8 @@ pub struct Stats {
     pub fair_flows_active: [u32; 2],
     /// Refused at join: predicted wait past their own deadline.
     pub deadline_refused: u64,
+    /// Bucket refusals counted and not applied (`enforce = false`).
+    pub shadow_rate_limited: u64,
 }
 
 #[cfg(all(test, not(loom)))]

@@ -74,6 +74,10 @@ pub(crate) mod at {
     /// Slots `withhold` asked for that were busy: each release takes one
     /// of these (into WITHHELD) before passing its slot on.
     pub const OWED: usize = 9 * LINE + 4;
+    /// Bucket refusals not applied (`enforce = false`, shadow mode): each
+    /// is a `rate_limit_exceeded` shed enforcing would have made. A block
+    /// made before this word had it 0, as a new block does.
+    pub const SHADOW_RATE: usize = 9 * LINE + 5;
     /// Lines 10-11: the settings the block was made for (attach compares them).
     pub const SETTINGS: usize = 10 * LINE;
     pub const SETTINGS_WORDS: usize = 12;
@@ -184,7 +188,9 @@ fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
         LimitMode::Adaptive { min, initial, .. } => (1, min, initial),
     };
     [
-        mode,
+        // Bit 1: shadow mode (0 when enforcing, so a block made before
+        // the flag reads as enforcing).
+        mode | (!s.enforce as u64) << 1,
         s.limit.max() as u64 | (s.priority_headroom as u64) << 32,
         min as u64 | (initial as u64) << 32,
         s.engine_interval_ns,

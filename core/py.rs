@@ -206,6 +206,10 @@ fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value
                 }
             }
         }
+        Kind::Bool => match v.cast::<pyo3::types::PyBool>() {
+            Ok(b) => Value::Bool(b.is_true()),
+            Err(_) => return Err(CoreError::arg(f.name, format!("expected true or false, got {}", shown(v)?)).into()),
+        },
         Kind::LaneMs => {
             let Ok(d) = v.cast::<PyDict>() else {
                 let ms = num_arg(f.name, v)?;
@@ -243,7 +247,7 @@ impl PySettingField {
     fn name(&self) -> &'static str {
         self.0.name
     }
-    /// "int", "number", "int_or_auto", "lane_ms" or "choice".
+    /// "int", "number", "int_or_auto", "lane_ms", "choice" or "bool".
     #[getter]
     fn kind(&self) -> &'static str {
         self.0.kind.as_str()
@@ -351,6 +355,11 @@ impl PyPoolSettings {
     #[getter]
     fn fair_queues(&self) -> u32 {
         self.0.fair_queues
+    }
+    /// false: the rate limit runs in shadow mode (counted, not applied).
+    #[getter]
+    fn enforce(&self) -> bool {
+        self.0.enforce
     }
 
     fn __repr__(&self) -> String {
@@ -460,14 +469,16 @@ impl PyAdmissionCore {
         Ok((a, b, fair::service(charge as u64, centi), wait))
     }
 
-    /// `(0, -1, -1, -1, queue, -1)` admitted now; `(1, waiter, evicted,
-    /// granted, queue, predicted_ns)` queued; `(2, code, retry_after_ns,
-    /// evicted, queue, predicted_ns)` shed (code indexes SHED_CODES;
-    /// `evicted` as when queued: a waiter pushed out on the way, to shed
-    /// too). `predicted_ns` is -1 when unknown (no drain measured yet). The
+    /// `(0, -1, -1, -1, queue, -1, shadow)` admitted now; `(1, waiter,
+    /// evicted, granted, queue, predicted_ns, shadow)` queued; `(2, code,
+    /// retry_after_ns, evicted, queue, predicted_ns, shadow)` shed (code
+    /// indexes SHED_CODES; `evicted` as when queued: a waiter pushed out on
+    /// the way, to shed too). `predicted_ns` is -1 when unknown (no drain
+    /// measured yet). `shadow`: the SHED_CODES index of a shed the pool's
+    /// rate limit decided in shadow mode and did not apply, else -1. The
     /// ask's four values come from `ask` (default: the anonymous flow).
     #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1))]
-    fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64) -> PyResult<(u8, i64, i64, i64, u32, i64)> {
+    fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64) -> PyResult<(u8, i64, i64, i64, u32, i64, i64)> {
         let lane = lane_of(lane)?;
         let cost = cost_of(cost)?;
         let (decided, placed) = match queue_a {
@@ -483,11 +494,12 @@ impl PyAdmissionCore {
             }
         };
         let predicted = opt(placed.predicted_ns);
+        let shadow = placed.shadowed.map_or(NONE, |c| c as i64);
         Ok(match decided {
-            Admit::Now => (0, NONE, NONE, NONE, placed.queue, NONE),
-            Admit::Queued { waiter, evicted, granted } => (1, waiter as i64, opt(evicted), opt(granted), placed.queue, predicted),
+            Admit::Now => (0, NONE, NONE, NONE, placed.queue, NONE, shadow),
+            Admit::Queued { waiter, evicted, granted } => (1, waiter as i64, opt(evicted), opt(granted), placed.queue, predicted, shadow),
             Admit::Shed { code, retry_after_ns, evicted } => {
-                (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, opt(evicted), placed.queue, predicted)
+                (2, code as i64, retry_after_ns.min(i64::MAX as u64) as i64, opt(evicted), placed.queue, predicted, shadow)
             }
         })
     }
@@ -590,6 +602,8 @@ impl PyAdmissionCore {
         out.set_item("fairness", s.fairness.as_str())?;
         out.set_item("fair_flows_active", lanes(s.fair_flows_active.map(u64::from))?)?;
         out.set_item("deadline_refused", s.deadline_refused)?;
+        out.set_item("shadow_rate_limited", s.shadow_rate_limited)?;
+        out.set_item("enforce", self.0.settings().enforce)?;
         Ok(out)
     }
 }

@@ -34,6 +34,8 @@ pub struct PoolSpec {
     pub rate: Option<f64>,
     pub burst: Option<f64>,
     pub priority_reserve: f64,
+    /// false: the token bucket's sheds are counted (shadow mode), not applied.
+    pub enforce: bool,
     pub default_min_share: f64,
     pub priority_headroom: i64,
     /// How often the engine's metrics are scraped (the upstream's
@@ -92,6 +94,8 @@ pub enum Kind {
     LaneMs,
     /// One of these strings.
     Choice(&'static [&'static str]),
+    /// `true` or `false`.
+    Bool,
 }
 
 impl Kind {
@@ -102,6 +106,7 @@ impl Kind {
             Kind::IntOrAuto => "int_or_auto",
             Kind::LaneMs => "lane_ms",
             Kind::Choice(_) => "choice",
+            Kind::Bool => "bool",
         }
     }
 }
@@ -117,6 +122,7 @@ pub enum Value {
     LaneMs([Option<f64>; 2]),
     /// One of its `Kind::Choice` strings.
     Choice(&'static str),
+    Bool(bool),
 }
 
 /// What applies to a setting not given.
@@ -219,6 +225,14 @@ pub const FIELDS: &[Field] = &[
         doc: "share of the bucket only priority requests may take",
     },
     Field {
+        name: "enforce",
+        kind: Kind::Bool,
+        fallback: Fallback::Value(Value::Bool(true)),
+        range: "`true` or `false`, needs `rate`",
+        toml: true,
+        doc: "false: shadow mode, the rate limit's sheds are counted (tierq_shadow_decisions_total) and not applied; the queue's own bounds still apply",
+    },
+    Field {
         name: "default_min_share",
         kind: Kind::Number,
         fallback: Fallback::Value(Value::Number(0.0)),
@@ -277,6 +291,7 @@ impl Field {
             }
             Fallback::Value(Value::Auto) => "`\"auto\"`".to_string(),
             Fallback::Value(Value::Choice(c)) => format!("`{c:?}`"),
+            Fallback::Value(Value::Bool(b)) => format!("`{b}`"),
             Fallback::Absent(text) => text.to_string(),
         }
     }
@@ -295,6 +310,7 @@ impl Default for PoolSpec {
             rate: None,
             burst: None,
             priority_reserve: 0.0,
+            enforce: true,
             default_min_share: 0.0,
             priority_headroom: 0,
             engine_interval_ms: 0.0,
@@ -341,6 +357,7 @@ impl PoolSpec {
             ("rate", Value::Number(x)) => self.rate = Some(x),
             ("burst", Value::Number(x)) => self.burst = Some(x),
             ("priority_reserve", Value::Number(x)) => self.priority_reserve = x,
+            ("enforce", Value::Bool(b)) => self.enforce = b,
             ("default_min_share", Value::Number(x)) => self.default_min_share = x,
             ("priority_headroom", Value::Int(n)) => self.priority_headroom = n,
             ("engine_interval_ms", Value::Number(x)) => self.engine_interval_ms = x,
@@ -420,6 +437,9 @@ impl PoolSpec {
             (None, Some(_)) => return Err(CoreError::arg("burst", "needs rate (burst is the token bucket's size)")),
             (Some(r), b) => Some(BucketParams::new(r, b.unwrap_or(r.max(1.0)), self.priority_reserve)?),
         };
+        if !self.enforce && bucket.is_none() {
+            return Err(CoreError::arg("enforce", "false needs rate (shadow mode tries the rate limit without applying it)"));
+        }
         if !(self.default_min_share.is_finite() && (0.0..=1.0).contains(&self.default_min_share)) {
             return Err(CoreError::arg("default_min_share", format!("must be between 0 and 1, got {}", self.default_min_share)));
         }
@@ -453,6 +473,7 @@ impl PoolSpec {
             queue_depth: self.queue_depth as u32,
             max_wait_ns,
             bucket,
+            enforce: self.enforce,
             default_min_share: self.default_min_share,
             priority_headroom: self.priority_headroom as u32,
             engine_interval_ns: (ms * 1e6).round() as u64,
@@ -468,6 +489,10 @@ pub struct PoolSettings {
     /// Indexed by `Lane as usize`.
     pub max_wait_ns: [u64; 2],
     pub bucket: Option<BucketParams>,
+    /// false: a bucket refusal is counted (`at::SHADOW_RATE`) and the
+    /// request goes on as if the bucket had let it through, taking nothing
+    /// from it (what enforcing would have left there).
+    pub enforce: bool,
     pub default_min_share: f64,
     /// Slots a default request may not take: defaults are admitted only while
     /// fewer than `limit - priority_headroom` slots are in use, so a priority
@@ -499,6 +524,7 @@ mod tests {
             Kind::IntOrAuto => Value::Int(3),
             Kind::LaneMs => Value::LaneMs([Some(1.0), None]),
             Kind::Choice(choices) => Value::Choice(choices[choices.len() - 1]),
+            Kind::Bool => Value::Bool(false),
         }
     }
 

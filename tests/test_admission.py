@@ -494,6 +494,8 @@ def test_stats_shape() -> None:
         "fairness": "tokens",
         "fair_flows_active": {"priority": 0, "default": 0},
         "deadline_refused": 0,
+        "shadow_rate_limited": 0,
+        "enforce": True,
     }
 
 

@@ -26,9 +26,10 @@ STUB_TYPE = {
     "int_or_auto": "int | Literal['auto'] | None",
     "lane_ms": "float | Mapping[str, float] | None",
     "choice": "str | None",
+    "bool": "bool | None",
 }
 # A value of the wrong type for each kind, as a TOML value.
-WRONG_TYPE = {"int": '"2"', "number": '"fast"', "int_or_auto": '"many"', "lane_ms": '"soon"', "choice": '"fast"'}
+WRONG_TYPE = {"int": '"2"', "number": '"fast"', "int_or_auto": '"many"', "lane_ms": '"soon"', "choice": '"fast"', "bool": '"no"'}
 
 
 def test_the_core_declares_each_setting_once_with_its_kind_default_range_and_doc() -> None:

@@ -249,3 +249,75 @@ fn a_client_that_honours_retry_after_is_admitted_within_2x_of_it_under_sustained
         assert!((1.0..=1.7).contains(&p50), "load {load}: p50 {p50:.2}");
     }
 }
+
+#[test]
+fn shadow_mode_counts_every_rate_shed_enforcing_makes_and_applies_none() {
+    // The same arrivals (every 7 ms, a priority one in three) at 50/s with a
+    // burst of 4, on two pools differing only in `enforce`, each releasing
+    // what it admitted 20 ms later: shadow admits all and counts, as
+    // `rate_limit_exceeded` decisions it did not apply, exactly the sheds
+    // enforcing made, arrival for arrival (its bucket took nothing for them).
+    let make = |enforce: bool| {
+        let clock = Arc::new(ManualClock::new(1_000 * MS));
+        let s = PoolSpec { max_concurrency: Some(1000), queue_depth: 8, rate: Some(50.0), burst: Some(4.0), enforce, ..PoolSpec::default() }.validate().unwrap();
+        (Pool::new(s, Clock::Manual(clock.clone())), clock)
+    };
+    let (on, on_clock) = make(true);
+    let (shadow, shadow_clock) = make(false);
+    let mut held = [Vec::new(), Vec::new()];
+    for i in 0..600u64 {
+        for c in [&on_clock, &shadow_clock] {
+            c.advance_ns(7 * MS);
+        }
+        let now = on_clock.now_ns();
+        for (k, p) in [&on, &shadow].into_iter().enumerate() {
+            while held[k].first().is_some_and(|&t| t <= now) {
+                held[k].remove(0);
+                p.release();
+            }
+        }
+        let lane = if i % 3 == 0 { Lane::Priority } else { Lane::Default };
+        let enforced = on.admit_ask(lane, 1, &on.ask_anonymous()).0;
+        let (tried, placed) = shadow.admit_ask(lane, 1, &shadow.ask_anonymous());
+        assert_eq!(tried, Admit::Now, "shadow mode sheds nothing (arrival {i})");
+        held[1].push(now + 20 * MS);
+        match enforced {
+            Admit::Now => {
+                held[0].push(now + 20 * MS);
+                assert_eq!(placed.shadowed, None, "arrival {i}");
+            }
+            Admit::Shed { code: ShedCode::RateLimitExceeded, .. } => {
+                assert_eq!(placed.shadowed, Some(ShedCode::RateLimitExceeded), "arrival {i}")
+            }
+            other => panic!("arrival {i}: {other:?}"),
+        }
+    }
+    let (a, b) = (on.stats(), shadow.stats());
+    let shed = a.shed[ShedCode::RateLimitExceeded as usize];
+    assert!(shed > 100, "the load must be over the rate: {shed} shed");
+    assert_eq!(b.shadow_rate_limited, shed);
+    assert_eq!(b.shed, [0, 0, 0]);
+    assert_eq!(a.shadow_rate_limited, 0);
+    assert_eq!(b.admitted.iter().sum::<u64>(), 600);
+}
+
+#[test]
+fn a_shadowed_request_the_queue_sheds_gives_back_no_tokens_it_never_took() {
+    // One slot, no queue: the second arrival is over the rate (shadowed) and
+    // then finds no slot nor place (shed server_overloaded). Enforcing would
+    // have taken nothing for it, so nothing is refunded: the bucket still
+    // refuses the third arrival, with the same wait as before.
+    let clock = Arc::new(ManualClock::new(1_000 * MS));
+    let s = PoolSpec { max_concurrency: Some(1), queue_depth: 0, rate: Some(10.0), burst: Some(1.0), priority_reserve: 0.0, enforce: false, ..PoolSpec::default() }.validate().unwrap();
+    let p = Pool::new(s, Clock::Manual(clock.clone()));
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+    let (second, placed) = p.admit_ask(Lane::Default, 1, &p.ask_anonymous());
+    assert!(matches!(second, Admit::Shed { code: ShedCode::ServerOverloaded, .. }), "{second:?}");
+    assert_eq!(placed.shadowed, Some(ShedCode::RateLimitExceeded));
+    p.release();
+    let (third, placed) = p.admit_ask(Lane::Default, 1, &p.ask_anonymous());
+    assert_eq!(third, Admit::Now);
+    assert_eq!(placed.shadowed, Some(ShedCode::RateLimitExceeded), "a refund of the untaken token would have let it through");
+    assert_eq!(p.stats().shadow_rate_limited, 2);
+    assert_eq!(p.stats().shed, [1, 0, 0]);
+}

@@ -86,11 +86,13 @@ class Slot:
     `flow_queue` is the flow queue it joined (or was charged to);
     `predicted_wait_s` the core's prediction at join when it had to wait
     (None otherwise, or before the pool measured its drain rate).
+    `shadowed`: the shed code the pool's rate limit decided in shadow mode
+    (``enforce = false``) and did not apply, else None.
     """
 
     __slots__ = (
         "_adm", "_fut", "_timer", "_ask", "_weight", "_settled", "lane", "cost", "queue_ns",
-        "flow_queue", "predicted_wait_s",
+        "flow_queue", "predicted_wait_s", "shadowed",
     )
 
     def __init__(self, adm: Admission, lane: int, cost: int, ask: _Ask | None, weight: float) -> None:
@@ -105,6 +107,7 @@ class Slot:
         self.queue_ns = 0
         self.flow_queue = 0
         self.predicted_wait_s: float | None = None
+        self.shadowed: str | None = None
 
     @property
     def tier(self) -> Tier:
@@ -120,10 +123,12 @@ class Slot:
         core = adm._core
         ask = self._ask
         if ask is None:
-            kind, a, b, c, queue, predicted = core.admit(self.lane, self.cost)
+            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost)
         else:
-            kind, a, b, c, queue, predicted = core.admit(self.lane, self.cost, *ask)
+            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost, *ask)
         self.flow_queue = queue
+        if shadow != _NONE:
+            self.shadowed = SHED_CODES[shadow]
         if kind == 0:
             return self
         if kind == 2:

@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
+from tierq.shadow import KEY_RPM, KEY_TPM
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "RAMP_WINDOW_RANGE",
     "KeyInfo",
     "KeyLimiter",
+    "KeyRefusal",
     "KeyStore",
     "budget_text",
     "hash_secret",
@@ -146,6 +148,8 @@ class KeyInfo:
     ramp_min_tpm: int = 0
     ramp_max_growth: float | None = None
     ramp_window_s: int = 900
+    # False: its limits run in shadow mode (decided and counted, not applied)
+    enforce: bool = True
 
     @property
     def revoked(self) -> bool:
@@ -481,6 +485,16 @@ class KeyStore:
 _Bucket = TokenBucket | SharedBucket
 
 
+@dataclass(slots=True, frozen=True)
+class KeyRefusal:
+    """A key limit's refusal: the seconds until the same request would pass, and
+    which limit refused it (tierq.shadow's `key_rpm` or `key_tpm`). Nothing was
+    charged for it."""
+
+    wait_s: float
+    decision: str
+
+
 class KeyLimiter:
     """Per-key requests-per-minute and tokens-per-minute, one GCRA bucket each.
 
@@ -536,18 +550,24 @@ class KeyLimiter:
 
     def check(self, key: KeyInfo, est_tokens: int) -> float | None:
         """None if admitted (and charged); else seconds until it would be."""
+        refused = self.decide(key, est_tokens)
+        return None if refused is None else refused.wait_s
+
+    def decide(self, key: KeyInfo, est_tokens: int) -> KeyRefusal | None:
+        """None if admitted (and charged); else which limit refused it and when
+        it would pass (nothing charged). The key's `enforce` is the caller's."""
         rpm, tpm = self._for(key)
         if rpm is not None:
             wait = rpm.try_take(1)
             if wait is not None:
-                return wait
+                return KeyRefusal(wait, KEY_RPM)
         cost = self._token_cost(key, est_tokens)
         if tpm is not None and cost > 0:
             wait = tpm.try_take(cost)
             if wait is not None:
                 if rpm is not None:
                     rpm.adjust(-1)  # refused as a whole: give the request back
-                return wait
+                return KeyRefusal(wait, KEY_TPM)
         return None
 
     def settle(self, key: KeyInfo, est_tokens: int, real_tokens: int) -> None:

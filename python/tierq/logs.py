@@ -133,23 +133,26 @@ def access_enabled() -> bool:
 
 
 def access_line(request: web.Request, info: RequestInfo, status: int, duration_s: float,
-                row: LedgerRow | None = None) -> None:
+                row: LedgerRow | None = None, shadow: tuple[str, ...] = ()) -> None:
     """Queue the request's one access line, with its outcome's fields (`row`) when
-    it has one. Only what the line needs is captured here, on the loop; the
-    writer thread builds and formats it."""
+    it has one and the decisions limits in shadow mode made for it and did not
+    apply (`shadow`, tierq.shadow's names). Only what the line needs is captured
+    here, on the loop; the writer thread builds and formats it."""
     info.logged = True
     # The path only: a query string may carry a forward target, and headers may
     # carry keys; neither is logged.
     _writer.put((time.time(), info.id, info.echo, request.method, request.rel_url.path, status,
-                 duration_s, request.remote, row))
+                 duration_s, request.remote, row, shadow))
 
 
-# (ts, request id, echoed id, method, path, status, duration s, remote, row or None)
-_Captured = tuple[float, str, str, str, str, int, float, "str | None", "LedgerRow | None"]
+# (ts, request id, echoed id, method, path, status, duration s, remote, row or None,
+# shadow decisions)
+_Captured = tuple[float, str, str, str, str, int, float, "str | None", "LedgerRow | None",
+                  tuple[str, ...]]
 
 
 def _record(c: _Captured) -> logging.LogRecord:
-    ts, rid, echo, method, path, status, duration_s, remote, row = c
+    ts, rid, echo, method, path, status, duration_s, remote, row, shadow = c
     fields: dict[str, Any] = {
         "request_id": rid, "method": method, "path": path,
         "status": status, "duration_ms": round(duration_s * 1000, 3), "remote": remote,
@@ -166,6 +169,9 @@ def _record(c: _Captured) -> logging.LogRecord:
             fields["fairness_id"] = row.fairness_id
         if row.tier_reason is not None:
             fields["tier_reason"] = row.tier_reason
+    if shadow:
+        # A string: the decision names, comma-separated (every field is a scalar).
+        fields["shadow"] = ",".join(shadow)
     # makeRecord is what `access_log.info` does, less the walk up the stack for
     # a caller's file and line that an access line does not show.
     record = access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None,

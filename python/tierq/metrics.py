@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tierq.fairness import FlowLine, flows_json, merge
+from tierq.shadow import DECISIONS as SHADOW_DECISIONS
 from tierq.tiers import Tier
 
 __all__ = [
@@ -151,6 +152,8 @@ class WorkerSnapshot:
     cluster: Mapping[str, Any] | None = None
     # x-tierq-fairness-id headers ignored (sent by untrusted keys)
     fairness_ignored: int = 0
+    # tierq.shadow decision -> n: what limits in shadow mode decided, not applied
+    shadow: Mapping[str, int] = field(default_factory=dict)
 
 
 class GatewayMetrics:
@@ -167,6 +170,7 @@ class GatewayMetrics:
             for tier in TIERS
         }
         self.fairness_ignored = 0
+        self.shadow: dict[str, int] = {}
         # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
         self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
                                self.hist["ttft", t]) for t in TIERS}
@@ -216,6 +220,13 @@ class GatewayMetrics:
             w[_TTFT_N] += 1
             w[_TTFT] += ttft_us
 
+    def observe_shadow(self, decisions: Iterable[str]) -> None:
+        """A request's decisions (tierq.shadow) that limits in shadow mode made
+        and did not apply: counted with its outcome, once each."""
+        shadow = self.shadow
+        for d in decisions:
+            shadow[d] = shadow.get(d, 0) + 1
+
     def observe_prediction(self, tier: Tier, predicted_s: float, realized_s: float) -> None:
         """An admitted request's predicted wait in line (the core's, at join)
         against the wait it had: the error, by whether it waited longer ("under":
@@ -263,6 +274,7 @@ class GatewayMetrics:
             limits={model: tuple(points) for model, points in self._limits.items()},
             cluster=cluster,
             fairness_ignored=self.fairness_ignored,
+            shadow=dict(self.shadow),
         )
 
 
@@ -299,6 +311,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "limits": {model: [list(p) for p in points] for model, points in s.limits.items()},
         "cluster": s.cluster,
         "fairness_ignored": s.fairness_ignored,
+        "shadow": s.shadow,
     })
 
 
@@ -328,6 +341,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
                 for model, points in d.get("limits", {}).items()},
         cluster=d.get("cluster"),
         fairness_ignored=int(d.get("fairness_ignored", 0)),
+        shadow={str(k): int(n) for k, n in d.get("shadow", {}).items()},
     )
 
 
@@ -600,6 +614,13 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
     _Family("tierq_fairness_id_ignored_total", "counter",
             "x-tierq-fairness-id headers ignored because the key sending them is not trusted.",
             _one(lambda s: sum(w.fairness_ignored for w in s.snapshots))),
+    _Family("tierq_shadow_decisions_total", "counter",
+            "Decisions of limits in shadow mode (enforce = false), computed and counted, not "
+            "applied: rate_limited (the pool's rate), key_rpm, key_tpm (the key's per-minute "
+            "limits), downgrade_ramp, downgrade_budget. Each is a request enforcing would have "
+            "refused (or downgraded).",
+            lambda s: [([("decision", d)], sum(w.shadow.get(d, 0) for w in s.snapshots))
+                       for d in SHADOW_DECISIONS]),
     _Family("tierq_ledger_pending_rows", "gauge",
             "Ledger rows queued for the writer, not yet taken into a batch.",
             _one(lambda s: sum(w.ledger_pending for w in s.snapshots))),
@@ -701,6 +722,8 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
             "cancelled": int(st.get("cancelled", 0)),
             "fairness": str(st.get("fairness", "off")),
             "deadline_refused": int(st.get("deadline_refused", 0)),
+            "enforce": bool(st.get("enforce", True)),
+            "shadow_rate_limited": int(st.get("shadow_rate_limited", 0)),
             "flows": {"active": {lane: int(st.get("fair_flows_active", {}).get(lane, 0))
                                  for lane in TIERS}, **flows_json(p.flows)},
         })
@@ -738,4 +761,5 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         "totals": totals,
         "series": {"step_s": SERIES_STEP_S, "points": points},
         "cluster": _cluster(snapshots),
+        "shadow": {d: sum(s.shadow.get(d, 0) for s in snapshots) for d in SHADOW_DECISIONS},
     }

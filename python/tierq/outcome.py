@@ -30,10 +30,11 @@ from tierq.errors import (CLUSTER_DOWN_CODE, JSON_TYPE, SHED_MESSAGES, ApiError,
                           drain_error, shed_error)
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ANONYMOUS_FLOW, ENDPOINT_PATHS, Flow
-from tierq.keys import KeyInfo
+from tierq.keys import KeyInfo, KeyRefusal
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
+from tierq.shadow import RATE_LIMITED
 from tierq.tiers import Tier, TierReason
 from tierq.tracing import Ended, TraceContext
 
@@ -194,6 +195,9 @@ class Exchange:
     slot: Slot | None = None  # the admission step's, once it began (its queue time)
     ttft_s: float | None = None  # first token delivered (streams), from t0
     charged: bool = False  # the key's limits took this request and its estimate
+    # What the key's limits in shadow mode decided and did not apply (tierq.shadow);
+    # the pool's rate limit's is the slot's (`shadow_decisions`).
+    shadow: tuple[str, ...] = ()
     outcome: Outcome | None = None
     # A downgrade (`tier` lowered by its key's ramp or budget): why, for the
     # header and the row.
@@ -270,9 +274,7 @@ class Exchange:
         limiter, key = self.gw.limiter, self.key
         if limiter is None or key is None:
             return None
-        wait = limiter.check(key, self.est_total)
-        self.charged = wait is None
-        return wait
+        return self._keyed(key, limiter.decide(key, self.est_total))
 
     async def admit_key_shared(self) -> float | None:
         """`admit_key` against the cluster's limits ([cluster]: one Redis round
@@ -280,9 +282,28 @@ class Exchange:
         cluster, key = self.gw.cluster, self.key
         if cluster is None or key is None or self.gw.limiter is None:
             return self.admit_key()
-        wait = await cluster.check_key(key, self.est_total)
-        self.charged = wait is None
-        return wait
+        return self._keyed(key, await cluster.decide_key(key, self.est_total))
+
+    def _keyed(self, key: KeyInfo, refused: KeyRefusal | None) -> float | None:
+        """The key limits' decision applied, or only recorded when the key's
+        limits are in shadow mode: then it goes on uncharged, the buckets left as
+        the refusal left them (as enforcing would)."""
+        self.charged = refused is None
+        if refused is None:
+            return None
+        if key.enforce:
+            return refused.wait_s
+        self.shadow += (refused.decision,)
+        return None
+
+    @property
+    def shadow_decisions(self) -> tuple[str, ...]:
+        """Every decision a limit in shadow mode made for it and did not apply:
+        the key's, then the pool's rate limit's."""
+        slot = self.slot
+        if slot is not None and slot.shadowed is not None:
+            return (*self.shadow, RATE_LIMITED)
+        return self.shadow
 
     def finish(self, outcome: Outcome) -> LedgerRow:
         """Record `outcome` (the row queued, not awaited): metrics, access line, key.
@@ -333,8 +354,11 @@ class Exchange:
         self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
                                 self.queue_ms / 1000.0, latency_s,
                                 self.ttft_s if self.ttft_s is not None else latency_s, femto)
+        shadow = self.shadow_decisions
+        if shadow:
+            self.gw.metrics.observe_shadow(shadow)
         if access_enabled():
-            access_line(self.request, self.info, o.http_status, latency_s, row)
+            access_line(self.request, self.info, o.http_status, latency_s, row, shadow)
         if self.trace is not None and self.trace.sampled:
             self._traced(o, femto, end)
         self._settle(o)

@@ -18,7 +18,7 @@ from tierq.cluster.keys import ClusterKeys
 from tierq.cluster.leases import LeaseAgent
 from tierq.cluster.link import RedisLink
 from tierq.config import AdmissionConfig, ClusterConfig
-from tierq.keys import KeyInfo
+from tierq.keys import KeyInfo, KeyRefusal
 
 __all__ = ["Cluster", "default_host_id"]
 
@@ -92,6 +92,10 @@ class Cluster:
         """None if admitted (and charged) cluster-wide; else seconds until it
         would be. Raises ClusterUnavailable when Redis is down in "closed" mode."""
         return await self.keys.check_key(key, est_tokens)
+
+    async def decide_key(self, key: KeyInfo, est_tokens: int) -> KeyRefusal | None:
+        """`check_key` with which limit refused (`KeyLimiter.decide`)."""
+        return await self.keys.decide_key(key, est_tokens)
 
     def settle_key(self, key: KeyInfo, est_tokens: int, real_tokens: int) -> None:
         """Corrects the token charge of `check_key` to the real usage."""

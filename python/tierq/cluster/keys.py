@@ -14,13 +14,15 @@ import dataclasses
 from typing import Any, Final
 
 from tierq.cluster.link import RedisLink, Script
-from tierq.keys import KeyInfo, KeyLimiter
+from tierq.keys import KeyInfo, KeyLimiter, KeyRefusal
+from tierq.shadow import KEY_RPM, KEY_TPM
 
 __all__ = ["ClusterKeys"]
 
 # KEYS: the key's rpm TAT, its tpm TAT (microseconds on Redis TIME).
 # ARGV: op ("take" | "adjust"), rpm, tpm (0: none), requests, tokens.
-# take: both or neither; returns {1, 0} or {0, wait_us} (-1: never fits).
+# take: both or neither; returns {1, 0} or {0, wait_us, i} (wait -1: never fits;
+# i the limit that refused, 1 rpm or 2 tpm).
 # adjust: moves the TATs by requests / tokens (negative gives back); {1, 0}.
 _KEYS: Final = """
 local t = redis.call('TIME')
@@ -57,9 +59,9 @@ local new = {}
 for i = 1, 2 do
   if limits[i] > 0 and costs[i] > 0 then
     local need = costs[i] * window / limits[i]
-    if need > window then return {0, -1} end
+    if need > window then return {0, -1, i} end
     local tat = math.max(tat_of(KEYS[i]), now) + need
-    if tat - now > window then return {0, math.ceil(tat - now - window)} end
+    if tat - now > window then return {0, math.ceil(tat - now - window), i} end
     new[i] = tat
   end
 end
@@ -106,21 +108,27 @@ class ClusterKeys:
     async def check_key(self, key: KeyInfo, est_tokens: int) -> float | None:
         """None if admitted (and charged) cluster-wide; else seconds until it
         would be. Raises ClusterUnavailable when Redis is down in "closed" mode."""
+        refused = await self.decide_key(key, est_tokens)
+        return None if refused is None else refused.wait_s
+
+    async def decide_key(self, key: KeyInfo, est_tokens: int) -> KeyRefusal | None:
+        """`check_key` with which limit refused (`KeyLimiter.decide`)."""
         if key.rpm is None and key.tpm is None:
             return None
         link = self.link
         if link.up:
             try:
-                ok, wait_us = await self._keys_call(
-                    key, "take", 1, self._token_cost(key, est_tokens))
+                reply = await self._keys_call(key, "take", 1, self._token_cost(key, est_tokens))
             except link.RedisError as e:
                 link.went_down(e)
             else:
-                if int(ok):
+                if int(reply[0]):
                     return None
-                return float("inf") if int(wait_us) < 0 else int(wait_us) / 1e6
+                wait_us = int(reply[1])
+                return KeyRefusal(float("inf") if wait_us < 0 else wait_us / 1e6,
+                                  KEY_TPM if int(reply[2]) == 2 else KEY_RPM)
         link.check_open()
-        return self._local_keys.check(self._local_key(key), est_tokens)
+        return self._local_keys.decide(self._local_key(key), est_tokens)
 
     def _adjust(self, key: KeyInfo, requests: int, tokens: int) -> None:
         async def run() -> None:
