@@ -16,11 +16,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from ports import free_port
 
 USER = "tierq"
 PASSWORD = "tierq-test-pw"
@@ -35,13 +35,6 @@ def pg_bin_dir() -> str | None:
     if not found:
         return None
     return max(found, key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class PgServer:

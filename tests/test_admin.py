@@ -35,6 +35,7 @@ from tierq.config import (AdminConfig, Config, ConfigError, KeysConfig, LedgerCo
 from tierq.keys import KeyStore
 from tierq.sim import start_sim
 from tierq.stores import open_ledger
+from ports import free_port
 
 TOKEN = "admin-" + "x" * 40
 SHA = hashlib.sha256(TOKEN.encode()).hexdigest()
@@ -335,13 +336,6 @@ async def test_the_openapi_description_names_every_admin_route_and_no_other(admi
 # ------------------------------------------------------------------ real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _up(url: str, proc: subprocess.Popen[bytes], log: Path, workers: int) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         for _ in range(600):
@@ -397,10 +391,10 @@ async def two_workers(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIt
         url = request.getfixturevalue("pg_url")
         keys = f'url = "{url}"\npassword_env = "{PASSWORD_ENV}"\nrefresh_s = 3600'
     cfg = _toml(tmp_path, "", keys)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, str(APP), str(cfg), str(_free_port()),
+        proc = subprocess.Popen([sys.executable, str(APP), str(cfg), str(free_port()),
                                  ",".join(map(str, ports))], stdout=subprocess.DEVNULL, stderr=err)
     roots = [f"http://127.0.0.1:{p}" for p in ports]
     try:
@@ -449,7 +443,7 @@ async def test_a_key_revoked_on_one_worker_is_refused_by_the_other_at_once(
 
 
 async def test_admin_listen_serves_the_api_on_its_own_port_with_workers(tmp_path: Path) -> None:
-    admin_port, port = _free_port(), _free_port()
+    admin_port, port = free_port(), free_port()
     cfg = _toml(tmp_path, f'listen = "127.0.0.1:{admin_port}"')
     log = tmp_path / "serve.log"
     with log.open("wb") as err:

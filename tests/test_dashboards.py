@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +35,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tierq.metrics import METRIC_NAMES
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "examples" / "prometheus" / "alerts.yml"
@@ -53,12 +53,6 @@ def _binary(name: str) -> str:
             pytest.fail(f"{name} is not installed (CI must run the dashboard tests)")
         pytest.skip(f"{name} is not installed (bash scripts/system-deps.sh prometheus)")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _panels() -> list[dict[str, Any]]:
@@ -169,7 +163,7 @@ initial_concurrency = 2
 max_concurrency_limit = 4
 queue_depth = 4
 """)
-    port, prom_port = _free_port(), _free_port()
+    port, prom_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(f"""
 global:
   scrape_interval: 1s

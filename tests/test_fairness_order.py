@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from redis_server import RedisServer, redis_server  # noqa: F401  (the fixture)
 
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
 from tierq.keys import KeyStore
+from ports import free_port
 
 MESSAGES: Any = [{"role": "user", "content": "tell me about fairness"}]
 HOLD: Any = {"sim_fault": "slow-first-byte"}  # the sim waits before answering (fault_delay_s)
@@ -196,12 +196,6 @@ async def _is(state: State, n: int) -> bool:
 # ---- two workers ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _config(tmp: Path, name: str, db: Path, fairness: str, cluster: str = "",
             upstream: str = '[upstreams.sim]\nslots = 64\nttft_ms = 20\ntokens_per_s = 0\n',
             kind: str = "sim") -> Path:
@@ -258,9 +252,9 @@ async def test_a_greedy_key_in_one_worker_cannot_delay_a_polite_key_in_the_other
     each worker's own port beside the shared one: the greedy key talks to
     worker 0 only, the polite key to worker 1 only; one slot for both."""
     db, tokens = _keys(tmp_path)
-    debug = [_free_port(), _free_port()]
+    debug = [free_port(), free_port()]
     proc = Proc([sys.executable, str(APP), str(_config(tmp_path, "gw", db, fairness)),
-                 str(_free_port()), ",".join(map(str, debug))], tmp_path / "gw.log")
+                 str(free_port()), ",".join(map(str, debug))], tmp_path / "gw.log")
     roots = [f"http://127.0.0.1:{p}" for p in debug]
     try:
         async with aiohttp.ClientSession() as s:
@@ -289,7 +283,7 @@ async def test_a_greedy_key_in_one_worker_cannot_delay_a_polite_key_in_the_other
 
 @pytest.fixture
 async def sim_proc(tmp_path: Path) -> AsyncIterator[str]:
-    port = _free_port()
+    port = free_port()
     sim = Proc([sys.executable, "-m", "tierq", "sim", "--host", "127.0.0.1", "--port", str(port),
                 "--slots", "64", "--ttft-ms", "20", "--tokens-per-s", "0"], tmp_path / "sim.log")
     url = f"http://127.0.0.1:{port}"
@@ -320,7 +314,7 @@ async def test_a_cluster_host_is_fair_among_its_flows_and_shares_their_counters(
                    'lease_ttl_ms = 1500\n')
         cfg = _config(tmp_path, f"host{i}", db, fairness, cluster,
                       upstream=f'base_url = "{sim_proc}/v1"\n', kind="openai")
-        port = _free_port()
+        port = free_port()
         hosts.append(Proc([sys.executable, "-m", "tierq", "serve", "--config", str(cfg), "--port",
                            str(port), "--no-access-log"], tmp_path / f"host{i}.log"))
         roots.append(f"http://127.0.0.1:{port}")

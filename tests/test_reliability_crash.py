@@ -12,7 +12,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,14 +26,9 @@ import pytest
 from conftest import PRIORITY_MODEL
 
 from tierq.sim import SimServer, start_sim
+from ports import free_port
 
 pytestmark = pytest.mark.reliability
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Serve:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from tierq.capacity import EngineLoad, parse_engine_load
 from tierq.cli import main
 from tierq.sim import METRICS_MODEL_NAME, SIM_STATE, SimServer, create_sim_app, start_sim
+from ports import free_port
 
 Stats = dict[str, Any]
 
@@ -358,15 +358,8 @@ def test_default_knee_slows_a_full_batch_but_still_raises_throughput() -> None:
     assert flat.step_s(8) == flat.step_s(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _start_cli_sim(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tierq", "sim", "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     root = f"http://127.0.0.1:{port}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from tierq import Shed
 from tierq.sim import SimServer, start_sim
 from tierq import PoolSettings
 from tierq.workers import SharedPools
+from ports import free_port
 
 APP = Path(__file__).with_name("_workers_app.py")
 
@@ -130,12 +130,6 @@ async def test_reclaim_of_a_dead_worker_hands_its_slot_to_a_survivor(shared: Sha
 # ---- real worker processes ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Gateway:
     def __init__(self, proc: subprocess.Popen[bytes], port: int, debug: list[int], workers: int) -> None:
         self.proc, self.port, self.debug, self.workers = proc, port, debug, workers
@@ -145,7 +139,7 @@ class Gateway:
 
 
 async def _start(sim: SimServer, workers: int, max_conc: int) -> Gateway:
-    port, debug = _free_port(), [_free_port() for _ in range(workers)]
+    port, debug = free_port(), [free_port() for _ in range(workers)]
     proc = subprocess.Popen(
         [sys.executable, str(APP), str(port), ",".join(map(str, debug)), f"http://127.0.0.1:{sim.port}", str(workers), str(max_conc)],
         stdout=subprocess.DEVNULL,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from tierq.keys import KeyStore
 from tierq.metrics import GatewayMetrics, PoolSnapshot, snapshot_from_json, snapshot_to_json
 from tierq import PoolSettings
 from tierq.workers import SharedPools
+from ports import free_port
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 
@@ -62,12 +62,6 @@ def test_board_shows_each_worker_the_others_latest_snapshot() -> None:
 # ---- real `tierq serve --workers 2` -------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Served:
     def __init__(self, url: str, db: Path, tokens: dict[str, str], workers: list[str]) -> None:
         self.url, self.db, self.tokens, self.workers = url, db, tokens, workers
@@ -101,9 +95,9 @@ tokens_per_s = 0
 [[models]]
 id = "{MODEL}"
 """)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
-    debug = [_free_port(), _free_port()] if request.param == "worker ports" else []
+    debug = [free_port(), free_port()] if request.param == "worker ports" else []
     cmd = ([sys.executable, str(APP), str(cfg), str(port), ",".join(map(str, debug))] if debug else
            [sys.executable, "-m", "tierq", "serve", "--config", str(cfg), "--port", str(port), "--workers", "2",
             "--no-access-log", "--log-level", "warning"])

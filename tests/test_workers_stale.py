@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import pytest
 
 from tierq import PoolSettings
 from tierq.workers import SHM_DIR, SharedPools, sweep_stale
+
+from ports import free_port
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs /dev/shm (Linux)")
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -81,12 +82,6 @@ def test_a_killed_supervisors_blocks_are_swept_and_a_live_ones_kept(
     assert _left(live_token) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     cfg = tmp_path / "tierq.toml"
     cfg.write_text(f'[ledger]\nurl = "sqlite:///{tmp_path / "tierq.db"}"\n[[upstreams]]\nname = "sim"\n'
@@ -119,7 +114,7 @@ def _until(cond: object, what: str, proc: subprocess.Popen[bytes], log: Path) ->
 
 @pytest.mark.timeout(120)
 def test_tierq_serve_killed_minus_9_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     first = _serve(tmp_path, port, tmp_path / "first.log")
     try:
         _until(lambda: any(Path(SHM_DIR).glob(f"tierq-run-{first.pid}-*")), "first serve's run folder",

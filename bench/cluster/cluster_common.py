@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from ports import free_port  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 __all__ = ["MODEL", "RedisServer", "Serve", "cpu_s", "free_port", "percentile", "start_sim",
@@ -23,12 +23,6 @@ __all__ = ["MODEL", "RedisServer", "Serve", "cpu_s", "free_port", "percentile", 
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_s(pid: int) -> float:
