@@ -1,7 +1,8 @@
 //! A pool's admission: slots (a concurrency limit, fixed or learned by the
-//! controller in `limit.rs`), two lanes of waiters, an optional token bucket
+//! controller in `limit.rs`), three lanes of waiters, an optional token bucket
 //! and the dispatch rule that hands a freed slot to the next waiter (strict
-//! priority, or `default_min_share` anti-starvation).
+//! priority, or `default_min_share` anti-starvation; flex last, and only
+//! from idle capacity: below the limit minus both headrooms).
 //!
 //! The limit is a word of the block, so every worker of a host obeys one.
 //! Lowering it preempts nothing: a release frees its slot instead of handing
@@ -22,7 +23,7 @@
 //! generation's count (and is reclaimed) or sees the new generation and
 //! passes the slot on itself: never both, never neither.
 
-use crate::block::{self, at, wk, State, HELD_COUNT, LINE, MAGIC};
+use crate::block::{self, at, wk, State, DEPTH_BITS, HELD_COUNT, LANES, LINE, MAGIC};
 use crate::bucket;
 use crate::clock::Clock;
 use crate::crash::crash_point;
@@ -38,7 +39,8 @@ use crate::Lane;
 /// Why a request was shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShedCode {
-    /// Queue full (or evicted by a priority arrival at a full queue).
+    /// Queue full (or evicted by a priority arrival at a full queue, or a
+    /// flex waiter evicted by any non-flex arrival).
     ServerOverloaded = 0,
     /// Waited longer than its lane's `max_wait`.
     QueueTimeout = 1,
@@ -57,16 +59,24 @@ impl ShedCode {
     }
 }
 
-/// A waiter's name: its lane ticket and lane, packed (`pos << 1 | lane`).
+/// A waiter's name: its lane ticket and lane, packed (`pos << 2 | lane`).
 pub type WaiterId = u64;
 
 #[inline]
 pub fn waiter_id(lane: Lane, pos: u64) -> WaiterId {
-    pos << 1 | lane as u64
+    pos << 2 | lane as u64
 }
 #[inline]
 pub fn waiter_lane(id: WaiterId) -> Lane {
-    if id & 1 == 0 { Lane::Priority } else { Lane::Default }
+    match id & 3 {
+        0 => Lane::Priority,
+        1 => Lane::Default,
+        _ => Lane::Flex,
+    }
+}
+#[inline]
+fn waiter_pos(id: WaiterId) -> u64 {
+    id >> 2
 }
 
 /// What `admit` decided.
@@ -135,8 +145,13 @@ pub fn untaken_slots<'a>(
     Some(in_use.saturating_sub(withheld + held))
 }
 
+/// One lane's count in the DEPTH word (shifted to its place).
+const LANE_DEPTH: u64 = (1 << DEPTH_BITS) - 1;
 /// The priority lane's count in the DEPTH word.
-const PRIORITY_DEPTH: u64 = 0xffff_ffff;
+const PRIORITY_DEPTH: u64 = LANE_DEPTH;
+/// The priority and default lanes' counts: what is ahead of a flex waiter
+/// and, without headroom, of a priority or default arrival.
+const SOLD_DEPTH: u64 = (1 << (2 * DEPTH_BITS)) - 1;
 const SHARE_ONE: u64 = 1_000_000;
 /// Re-checks of a full queue before shedding (see `admit`).
 const FULL_RETRIES: u32 = 4;
@@ -224,7 +239,7 @@ pub struct Pool {
     /// `settings.fairness == Tokens`.
     fair_on: bool,
     /// Where each lane's fair state and the workers' lines start.
-    fair_at: [usize; 2],
+    fair_at: [usize; LANES],
     workers_at: usize,
     /// The anonymous flow's hand (`admit` without an `Ask`).
     anon: Ask,
@@ -247,7 +262,7 @@ impl Pool {
             LimitMode::Adaptive { .. } => None,
         };
         let fair_on = settings.fairness == Fairness::Tokens;
-        let fair_at = [block::fair_base(&settings, 0), block::fair_base(&settings, 1)];
+        let fair_at = Lane::ALL.map(|l| block::fair_base(&settings, l as usize));
         let workers_at = block::worker_line(&settings, 0);
         let anon = Ask { hand: fair::hand(b"", settings.fair_queues), service: fair::service(1, 100), max_wait_ns: None };
         Pool { settings, clock, state, cap, share_fp, fixed, me, shared, fair_on, fair_at, workers_at, anon }
@@ -255,8 +270,9 @@ impl Pool {
 
     /// Fills a fresh (zeroed) block; its header (and MAGIC) last.
     fn init(&self, workers: usize, mailbox_cap: usize) {
-        self.ring(Lane::Priority).init();
-        self.ring(Lane::Default).init();
+        for lane in Lane::ALL {
+            self.ring(lane).init();
+        }
         self.w(at::LIMIT).store((self.settings.limit.initial() as u64) << FP_SHIFT, SeqCst);
         self.w(at::WIN_MIN).store(u64::MAX, SeqCst);
         self.w(at::SLOW_START).store(self.fixed.is_none() as u64, SeqCst);
@@ -479,24 +495,25 @@ impl Pool {
 
     #[inline]
     fn depth_unit(lane: Lane) -> u64 {
-        match lane {
-            Lane::Priority => 1,
-            Lane::Default => 1 << 32,
-        }
+        1 << (DEPTH_BITS * lane as u32)
     }
 
-    /// (priority, default) live waiters.
     #[inline]
-    pub fn depth(&self) -> (u32, u32) {
-        let d = self.w(at::DEPTH).load(SeqCst);
-        (d as u32, (d >> 32) as u32)
+    fn split_depth(d: u64) -> [u32; LANES] {
+        Lane::ALL.map(|l| (d >> (DEPTH_BITS * l as u32) & LANE_DEPTH) as u32)
+    }
+
+    /// Live waiters per lane (priority, default, flex).
+    #[inline]
+    pub fn depth(&self) -> [u32; LANES] {
+        Self::split_depth(self.w(at::DEPTH).load(SeqCst))
     }
 
     fn reserve_depth(&self, lane: Lane) -> bool {
         let word = self.w(at::DEPTH);
         let mut d = word.load(SeqCst);
         loop {
-            if (d as u32 as u64) + (d >> 32) >= self.settings.queue_depth as u64 {
+            if Self::split_depth(d).iter().map(|&n| n as u64).sum::<u64>() >= self.settings.queue_depth as u64 {
                 return false;
             }
             match word.compare_exchange_weak(d, d + Self::depth_unit(lane), SeqCst, SeqCst) {
@@ -579,10 +596,13 @@ impl Pool {
         // Fast path: nobody waiting ahead of this arrival and a slot free for
         // its lane. With headroom, defaults may wait while slots are free for
         // priority, so only priority waiters are ahead of a priority arrival.
+        // Flex waits while slots are free for the others (its headroom), so
+        // it is never ahead of them; everyone is ahead of a flex arrival.
         let (limit, ahead) = match lane {
             Lane::Priority if self.settings.priority_headroom > 0 => (self.limit(), PRIORITY_DEPTH),
-            Lane::Priority => (self.limit(), u64::MAX),
-            Lane::Default => (self.default_limit(), u64::MAX),
+            Lane::Priority => (self.limit(), SOLD_DEPTH),
+            Lane::Default => (self.default_limit(), SOLD_DEPTH),
+            Lane::Flex => (self.flex_limit(), u64::MAX),
         };
         if self.w(at::DEPTH).load(SeqCst) & ahead == 0 && self.try_take_slot(limit).is_some() {
             crash_point!("admit.taken");
@@ -599,11 +619,13 @@ impl Pool {
         let lane_wait = self.settings.max_wait_ns[lane as usize];
         let deadline = ask.max_wait_ns.map(|w| w.min(lane_wait));
         if interval != 0 {
-            let (p, d) = self.depth();
+            let depth = self.depth();
+            let [p, d, _] = depth;
             let before = match lane {
                 Lane::Priority => 0,
                 Lane::Default => p as u64,
-            } + if self.fair_on { fair.ahead(queue, ask.service) } else { [p, d][lane as usize] as u64 };
+                Lane::Flex => p as u64 + d as u64,
+            } + if self.fair_on { fair.ahead(queue, ask.service) } else { depth[lane as usize] as u64 };
             let predicted = interval.saturating_mul(before + 1);
             placed.predicted_ns = Some(predicted);
             if let Some(w) = deadline.filter(|&w| predicted > w) {
@@ -619,18 +641,19 @@ impl Pool {
         let mut evicted = None;
         let mut attempt = 0;
         while !self.reserve_depth(lane) {
-            // Full. A priority arrival takes the place of the newest default waiter.
-            // Not when every cell of the priority ring is taken (a live head with
-            // tombstones behind it): the arrival would be shed anyway, and the
-            // victim with it.
-            if lane == Lane::Priority && !self.ring(Lane::Priority).is_full() {
-                if let Some((pos, owner, tag)) = self.ring(Lane::Default).remove_newest() {
-                    self.left(Lane::Default, tag);
-                    // The victim's depth unit moves to this arrival's lane.
-                    self.w(at::DEPTH).fetch_sub(Self::depth_unit(Lane::Default) - 1, SeqCst);
-                    self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
-                    self.ring(Lane::Default).reap();
-                    evicted = self.route_shed(waiter_id(Lane::Default, pos), owner, OUT_EVICTED);
+            // Full. A priority or default arrival takes the place of the
+            // newest flex waiter; a priority one, failing that, of the newest
+            // default waiter. Not when every cell of the arrival's ring is
+            // taken (a live head with tombstones behind it): the arrival would
+            // be shed anyway, and the victim with it.
+            let victims: &[Lane] = match lane {
+                Lane::Priority => &[Lane::Flex, Lane::Default],
+                Lane::Default => &[Lane::Flex],
+                Lane::Flex => &[],
+            };
+            if !victims.is_empty() && !self.ring(lane).is_full() {
+                if let Some(id) = victims.iter().find_map(|&v| self.evict_newest(v, lane)) {
+                    evicted = id;
                     break;
                 }
             }
@@ -666,6 +689,18 @@ impl Pool {
         // A slot may have freed while we joined; whoever holds it now is us.
         let granted = self.dispatch();
         (Admit::Queued { waiter: waiter_id(lane, pos), evicted, granted }, placed)
+    }
+
+    /// Removes the newest waiter of `victim` for an arrival of `lane` at a
+    /// full queue: the victim's depth unit moves to the arrival's lane.
+    /// `Some(evicted)` if one was removed (`evicted` as `Admit` carries it).
+    fn evict_newest(&self, victim: Lane, lane: Lane) -> Option<Option<WaiterId>> {
+        let (pos, owner, tag) = self.ring(victim).remove_newest()?;
+        self.left(victim, tag);
+        self.w(at::DEPTH).fetch_sub(Self::depth_unit(victim) - Self::depth_unit(lane), SeqCst);
+        self.count(at::SHED[ShedCode::ServerOverloaded as usize]);
+        self.ring(victim).reap();
+        Some(self.route_shed(waiter_id(victim, pos), owner, OUT_EVICTED))
     }
 
     /// A waiter of `queue` is about to be published in `lane`.
@@ -709,11 +744,13 @@ impl Pool {
     /// Takes the next waiter by the dispatch rule, without touching slots;
     /// returns it and its owner. `allow_default`: the slot may go to a
     /// default waiter (false while only the priority headroom is free).
-    fn pop_next(&self, allow_default: bool) -> Option<(WaiterId, u64)> {
+    /// `allow_flex`: to a flex waiter, once no other waits (false unless
+    /// the slot is below the limit minus both headrooms).
+    fn pop_next(&self, allow_default: bool, allow_flex: bool) -> Option<(WaiterId, u64)> {
         if !allow_default {
             return self.pop_lane(Lane::Priority);
         }
-        let (p, d) = self.depth();
+        let [p, d, _] = self.depth();
         let mut order = [Lane::Priority, Lane::Default];
         if self.share_fp > 0 && p > 0 && d > 0 {
             let credit = self.w(at::SHARE_CREDIT).fetch_add(self.share_fp, Relaxed) + self.share_fp;
@@ -722,7 +759,7 @@ impl Pool {
                 order = [Lane::Default, Lane::Priority];
             }
         }
-        order.into_iter().find_map(|lane| self.pop_lane(lane))
+        order.into_iter().find_map(|lane| self.pop_lane(lane)).or_else(|| allow_flex.then(|| self.pop_lane(Lane::Flex)).flatten())
     }
 
     #[inline]
@@ -769,12 +806,14 @@ impl Pool {
     }
 
     /// A waiter that a free slot could go to may be in a ring. With headroom,
-    /// a default waiter counts only while in-flight is below the default limit.
+    /// a default waiter counts only while in-flight is below the default
+    /// limit; a flex waiter only while it is below the flex limit.
     fn any_published(&self) -> bool {
         self.ring(Lane::Priority).has_published()
             || (self.ring(Lane::Default).has_published()
                 && (self.settings.priority_headroom == 0
                     || self.w(at::IN_FLIGHT).load(SeqCst) < self.default_limit()))
+            || (self.ring(Lane::Flex).has_published() && self.w(at::IN_FLIGHT).load(SeqCst) < self.flex_limit())
     }
 
     /// Gives a free slot, if any, to the next waiter. At most one grant;
@@ -793,12 +832,13 @@ impl Pool {
             let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
             crash_point!("dispatch.taken");
             // The CAS fixed how many slots others hold: the rule is exact.
-            if let Some((id, owner)) = self.pop_next(before < limit - self.settings.priority_headroom as u64) {
+            let below_default = before < limit - self.settings.priority_headroom as u64;
+            if let Some((id, owner)) = self.pop_next(below_default, before < self.flex_limit_of(limit)) {
                 crash_point!("dispatch.popped");
                 return match self.hand_to(id, owner, false) {
                     Hand::Mine => Grant::Mine(id),
                     Hand::Posted => Grant::Other,
-                    Hand::OwnerGone if self.settings.priority_headroom > 0 => {
+                    Hand::OwnerGone if self.settings.priority_headroom > 0 || waiter_lane(id) == Lane::Flex => {
                         // Free it and take it again, so the rule is re-decided.
                         self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                         continue;
@@ -845,6 +885,18 @@ impl Pool {
         self.limit() - self.settings.priority_headroom as u64
     }
 
+    /// In-flight count below which a slot may go to a flex request: the
+    /// limit minus both headrooms (0 when they take it all).
+    #[inline]
+    fn flex_limit(&self) -> u64 {
+        self.flex_limit_of(self.limit())
+    }
+
+    #[inline]
+    fn flex_limit_of(&self, limit: u64) -> u64 {
+        limit.saturating_sub(self.settings.priority_headroom as u64 + self.settings.flex_headroom_slots(limit))
+    }
+
     /// Whether a releasing slot may pass straight to a waiter: not while
     /// more are held than a lowered limit allows (the slot is freed instead).
     #[inline]
@@ -879,7 +931,9 @@ impl Pool {
             if self.w(at::DEPTH).load(SeqCst) != 0 {
                 self.note_release();
             }
-        } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true)).flatten() {
+        } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true, false)).flatten() {
+            // Never straight to flex: whether it may have the slot depends on
+            // how many others are held, which only `dispatch`'s CAS settles.
             crash_point!("release.popped");
             self.note_release();
             return match self.hand_to(id, owner, true) {
@@ -909,7 +963,7 @@ impl Pool {
             return if self.any_published() { self.dispatch() } else { None };
         }
         loop {
-            let Some((id, owner)) = self.pop_next(true) else {
+            let Some((id, owner)) = self.pop_next(true, false) else {
                 self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                 return if self.any_published() { self.dispatch() } else { None };
             };
@@ -1012,7 +1066,7 @@ impl Pool {
         let mut mailed = 0;
         self.mailbox(sh, worker).drain(|msg| mailed += (mailbox::unpack(msg).2 == OUT_GRANT) as u64);
         let mut waiters = 0;
-        for lane in [Lane::Priority, Lane::Default] {
+        for lane in Lane::ALL {
             let ring = self.ring(lane);
             ring.remove_all_of(owner, |_, tag| {
                 self.left(lane, tag);
@@ -1100,7 +1154,7 @@ impl Pool {
         }
         let queues = self.settings.fair_queues as usize;
         let mut found = Vec::new();
-        for lane in [Lane::Priority, Lane::Default] {
+        for lane in Lane::ALL {
             let (mut waiting, mut own) = (0u64, 0u64);
             let mut per_queue = vec![0u64; queues];
             let unpublished = self.ring(lane).census(|tag| {
@@ -1110,7 +1164,7 @@ impl Pool {
                     *n += 1;
                 }
             });
-            let depth = [self.depth().0, self.depth().1][lane as usize] as u64;
+            let depth = self.depth()[lane as usize] as u64;
             let fair = self.fair(lane);
             let counted: Vec<u64> = (0..queues as u32).map(|q| fair.queue_state(q).1).collect();
             found.push((lane, depth.saturating_sub(waiting), fair.personal().saturating_sub(own), per_queue, counted, unpublished));
@@ -1235,8 +1289,8 @@ impl Pool {
     }
 
     fn view(&self) -> PoolView {
-        let (p, d) = self.depth();
-        PoolView { in_flight: self.w(at::IN_FLIGHT).load(SeqCst), waiters: p as u64 + d as u64 }
+        let waiters = self.depth().iter().map(|&n| n as u64).sum();
+        PoolView { in_flight: self.w(at::IN_FLIGHT).load(SeqCst), waiters }
     }
 
     /// Sets an adaptive limit to `n` slots (clamped to its bounds); the
@@ -1374,7 +1428,7 @@ impl Pool {
         let _moving = self.moving();
         let lane = waiter_lane(id);
         let ring = self.ring(lane);
-        if let Some((_, tag)) = ring.remove_owned(id >> 1) {
+        if let Some((_, tag)) = ring.remove_owned(waiter_pos(id)) {
             self.left(lane, tag);
             self.unreserve_depth(lane);
             self.count(at::CANCELLED);
@@ -1390,7 +1444,7 @@ impl Pool {
     pub fn expire_due(&self, mut on_expired: impl FnMut(WaiterId)) {
         let _moving = self.moving(); // as `cancel`
         let now = self.clock.now_ns();
-        for lane in [Lane::Priority, Lane::Default] {
+        for lane in Lane::ALL {
             let mut expired = |pos, owner, tag| {
                 self.left(lane, tag);
                 self.unreserve_depth(lane);
@@ -1414,7 +1468,7 @@ impl Pool {
     /// if still waiting.
     pub fn deadline_ns(&self, id: WaiterId) -> Option<u64> {
         let lane = waiter_lane(id);
-        self.ring(lane).enqueued_at(id >> 1).map(|(at, due)| match due {
+        self.ring(lane).enqueued_at(waiter_pos(id)).map(|(at, due)| match due {
             0 => at.saturating_add(self.settings.max_wait_ns[lane as usize]),
             due => due,
         })
@@ -1433,7 +1487,7 @@ impl Pool {
     /// export (may be negative after corrections); for the cluster's lease
     /// sync, which adds it on the other hosts with `fair_import`.
     pub fn fair_export(&self, mut f: impl FnMut(Lane, u32, i64)) {
-        for lane in [Lane::Priority, Lane::Default] {
+        for lane in Lane::ALL {
             self.fair(lane).export(|q, d| f(lane, q, d));
         }
     }
@@ -1458,11 +1512,14 @@ impl Pool {
     /// same load. Neither line is longer than the lane's max wait (a waiter
     /// still in line then is shed, not served). A retry that gets in has then
     /// waited 1x to 1.5x the hint; counting one line only gave ~2x.
+    /// A flex request counts every waiter ahead of it: it is served only
+    /// once they are, at the rate slots free up.
     pub fn retry_after_ns(&self, lane: Lane) -> u64 {
-        let (p, d) = self.depth();
+        let [p, d, f] = self.depth();
         let ahead = match lane {
             Lane::Priority => p as u64,
             Lane::Default => p as u64 + d as u64,
+            Lane::Flex => p as u64 + d as u64 + f as u64,
         } + 1;
         let line = match self.w(at::RELEASE_INTERVAL).load(Relaxed) {
             0 => UNKNOWN_DRAIN_NS,
@@ -1472,10 +1529,9 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Stats {
-        let (p, d) = self.depth();
         let (withheld, owed) = self.withheld();
         Stats {
-            depth: [p, d],
+            depth: self.depth(),
             in_flight: (self.w(at::IN_FLIGHT).load(SeqCst) as u32).saturating_sub(withheld as u32),
             withheld: withheld as u32,
             owed: owed as u32,
@@ -1489,7 +1545,7 @@ impl Pool {
             shed: at::SHED.map(|i| self.w(i).load(Relaxed)),
             cancelled: self.w(at::CANCELLED).load(Relaxed),
             fairness: self.settings.fairness,
-            fair_flows_active: [Lane::Priority, Lane::Default].map(|l| if self.fair_on { self.fair(l).active() } else { 0 }),
+            fair_flows_active: Lane::ALL.map(|l| if self.fair_on { self.fair(l).active() } else { 0 }),
             deadline_refused: self.w(at::DEADLINE_REFUSED).load(Relaxed),
             shadow_rate_limited: self.w(at::SHADOW_RATE).load(Relaxed),
         }
@@ -1506,7 +1562,7 @@ impl Pool {
 /// and by `ShedCode`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
-    pub depth: [u32; 2],
+    pub depth: [u32; LANES],
     /// Requests holding a slot (withheld slots not counted).
     pub in_flight: u32,
     /// The limit in force (whole slots) and its mode (bounds).
@@ -1522,12 +1578,12 @@ pub struct Stats {
     pub withheld: u32,
     /// Slots `withhold` still waits for (busy when asked).
     pub owed: u32,
-    pub admitted: [u64; 2],
+    pub admitted: [u64; LANES],
     pub shed: [u64; 3],
     pub cancelled: u64,
     pub fairness: Fairness,
     /// Per lane: flow queues with waiters (0 with fairness off).
-    pub fair_flows_active: [u32; 2],
+    pub fair_flows_active: [u32; LANES],
     /// Refused at join: predicted wait past their own deadline.
     pub deadline_refused: u64,
     /// Bucket refusals counted and not applied (`enforce = false`).
@@ -1545,7 +1601,7 @@ mod tests {
     /// One slot (held), a deep queue, time on a manual clock.
     fn saturated() -> (Pool, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(1_000_000_000));
-        let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1024, max_wait_ms: [1e6, 1e6], rate: None, burst: None, priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+        let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1024, max_wait_ms: [1e6, 1e6, 600_000.0], rate: None, burst: None, priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
         let pool = Pool::new(s, Clock::Manual(clock.clone()));
         assert_eq!(pool.admit(Lane::Priority, 1), Admit::Now);
         (pool, clock)
@@ -1598,7 +1654,7 @@ mod tests {
 
     #[test]
     fn withheld_slots_are_kept_from_requests_and_restored_to_the_next_waiter() {
-        let s = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }.validate().unwrap();
+        let s = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [1e6, 1e6, 600_000.0], ..PoolSpec::default() }.validate().unwrap();
         let pool = Pool::new(s, Clock::Manual(Arc::new(ManualClock::new(1))));
         assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
         // Two slots free: asking for three takes those two and owes one.
@@ -1639,8 +1695,8 @@ mod tests {
         withheld: (u64, u64),
         /// Waiters counted per lane, and flow queues counted active, after
         /// everyone left (a count beyond the ring is a dead join's).
-        depth: [u32; 2],
-        flows: [u32; 2],
+        depth: [u32; 3],
+        flows: [u32; 3],
         /// With the pool idle afterwards, a waiter queued behind a busy slot
         /// still gets it (no ticket a dead worker never published stops a lane).
         lanes_flow: bool,
@@ -1714,7 +1770,7 @@ mod tests {
     }
 
     fn spec(n: i64) -> PoolSpec {
-        PoolSpec { max_concurrency: Some(n), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }
+        PoolSpec { max_concurrency: Some(n), queue_depth: 16, max_wait_ms: [1e6, 1e6, 600_000.0], ..PoolSpec::default() }
     }
 
     /// b holds the one slot of a fixed-1 pool and has one waiter queued.
@@ -1872,19 +1928,19 @@ mod tests {
     #[test]
     fn killed_between_reserving_a_place_and_joining_a_flow_queue_leaves_no_count() {
         let k = killed_joining("admit.reserved");
-        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0, 0], [0, 0, 0], true));
     }
 
     #[test]
     fn killed_between_joining_a_flow_queue_and_taking_a_ticket_leaves_no_count() {
         let k = killed_joining("admit.joined");
-        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0, 0], [0, 0, 0], true));
     }
 
     #[test]
     fn killed_between_taking_a_ticket_and_publishing_it_buries_the_ticket() {
         let k = killed_joining("push.taken");
-        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0], [0, 0], true));
+        assert_eq!((k.reclaimed, k.leaked, k.stuck, k.depth, k.flows, k.lanes_flow), (0, 0, 0, [0, 0, 0], [0, 0, 0], true));
     }
 
     fn adaptive_1() -> PoolSpec {
@@ -1961,7 +2017,7 @@ mod tests {
 
     #[test]
     fn restore_forgives_what_is_owed_first() {
-        let s = PoolSpec { max_concurrency: Some(2), queue_depth: 16, max_wait_ms: [1e6, 1e6], ..PoolSpec::default() }.validate().unwrap();
+        let s = PoolSpec { max_concurrency: Some(2), queue_depth: 16, max_wait_ms: [1e6, 1e6, 600_000.0], ..PoolSpec::default() }.validate().unwrap();
         let pool = Pool::new(s, Clock::Manual(Arc::new(ManualClock::new(1))));
         assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
         assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);

@@ -1,6 +1,6 @@
 //! A pool's block: the fixed run of 64-bit atomic words that holds all of
 //! its mutable state, and its layout. A header of counters, each hot one on
-//! its own cache line, then the two rings, then the two lanes' fair state
+//! its own cache line, then the three rings, then the three lanes' fair state
 //! (`fair.rs`), then (shared pools only) one line and one mailbox per worker. No pointers live in it: it is either on the
 //! heap (one process) or in a named shared-memory region mapped by every
 //! worker process of a host, which `create`/`attach` check by magic, layout
@@ -26,7 +26,12 @@ pub(crate) const LINE: usize = 8;
 // Version 6: each ring cell has a fairness tag and an own deadline beside
 // it, and each lane its fair state after the rings; a version-5 process
 // would read the workers' lines where the fair state now is.
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0006; // "tierq_" + layout version 6
+// Version 7: a third lane (flex). DEPTH holds three 21-bit counts where it
+// held two 32-bit ones, the flex ring's head and tail take lines 15-16 (the
+// rings start at line 17), a third fair state follows the rings, and the
+// settings name flex's max wait and headroom; a version-6 process would read
+// a flex waiter's count as part of the default lane's and the rings a line early.
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0007; // "tierq_" + layout version 7
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {
@@ -44,15 +49,16 @@ pub(crate) mod at {
     /// force, and never above a fixed limit. A lowered limit preempts
     /// nothing, so the count may stay above it until releases drain it.
     pub const IN_FLIGHT: usize = LINE;
-    /// Live waiters: priority in the low 32 bits, default in the high 32;
-    /// their sum never exceeds queue_depth.
+    /// Live waiters: priority in bits 0-20, default in 21-41, flex in
+    /// 42-62 (`DEPTH_BITS` each); their sum never exceeds queue_depth, which
+    /// is below 2^21, so no count carries into the next.
     pub const DEPTH: usize = 2 * LINE;
     /// Bucket TAT (ns); see bucket.rs.
     pub const TAT: usize = 3 * LINE;
-    pub const HEAD: [usize; 2] = [4 * LINE, 6 * LINE];
-    pub const TAIL: [usize; 2] = [5 * LINE, 7 * LINE];
+    pub const HEAD: [usize; 3] = [4 * LINE, 6 * LINE, 15 * LINE];
+    pub const TAIL: [usize; 3] = [5 * LINE, 7 * LINE, 16 * LINE];
     // Line 8: counters only read by stats (monotonic, Relaxed).
-    pub const ADMITTED: [usize; 2] = [8 * LINE, 8 * LINE + 1];
+    pub const ADMITTED: [usize; 3] = [8 * LINE, 8 * LINE + 1, 9 * LINE + 6];
     pub const SHED: [usize; 3] = [8 * LINE + 2, 8 * LINE + 3, 8 * LINE + 4];
     pub const CANCELLED: usize = 8 * LINE + 5;
     /// Fixed-point (1e6 = one dispatch) share owed to the default lane.
@@ -80,7 +86,7 @@ pub(crate) mod at {
     pub const SHADOW_RATE: usize = 9 * LINE + 5;
     /// Lines 10-11: the settings the block was made for (attach compares them).
     pub const SETTINGS: usize = 10 * LINE;
-    pub const SETTINGS_WORDS: usize = 12;
+    pub const SETTINGS_WORDS: usize = 14;
     // Line 12: the limit. Read by every admission, written only when it moves.
     /// The limit in 1/1024ths of a slot (`limit::FP_SHIFT`); always within
     /// the mode's [min, max], and exactly n << 10 for Fixed(n) (then never
@@ -121,10 +127,11 @@ pub(crate) mod at {
     pub const WIN_N: usize = 14 * LINE + 3;
     pub const WIN_MIN: usize = 14 * LINE + 4;
     pub const WIN_START: usize = 14 * LINE + 5;
+    // Lines 15-16: the flex ring's head and tail (HEAD[2], TAIL[2]).
     /// Per lane: cells, enqueued_ns, owners, tags, dues (`ring_cap` words
     /// each); then per lane its fair state (`fair::lane_words`); then the
     /// workers' lines and mailboxes.
-    pub const RINGS: usize = 15 * LINE;
+    pub const RINGS: usize = 17 * LINE;
     pub const RING_ARRAYS: usize = 5;
 }
 /// Offsets within a worker's line (shared pools).
@@ -141,6 +148,11 @@ pub(crate) mod wk {
     /// dead worker's odd value even; it never goes back. Read by `audit`.
     pub const SEQ: usize = 3;
 }
+/// Bits per lane's count in the DEPTH word.
+pub(crate) const DEPTH_BITS: u32 = 21;
+/// The lanes in the block: rings, fair states, DEPTH counts.
+pub(crate) const LANES: usize = crate::Lane::ALL.len();
+
 /// The slot count in a worker's HELD word (the generation is above it).
 pub(crate) const HELD_COUNT: u64 = 0xffff_ffff;
 
@@ -153,12 +165,12 @@ pub(crate) fn ring_base(ring_cap: usize, lane: usize) -> usize {
 
 /// First word of lane `lane`'s fair state (`fair::lane_words` words).
 pub(crate) fn fair_base(s: &PoolSettings, lane: usize) -> usize {
-    ring_base(s.ring_cap(), 2) + lane * fair::lane_words(s.fair_queues)
+    ring_base(s.ring_cap(), LANES) + lane * fair::lane_words(s.fair_queues)
 }
 
 /// First word of worker `worker`'s line (fields: `wk`).
 pub(crate) fn worker_line(s: &PoolSettings, worker: usize) -> usize {
-    fair_base(s, 2) + worker * LINE
+    fair_base(s, LANES) + worker * LINE
 }
 
 /// First word of worker `worker`'s mailbox (`mailbox_cap` words), the
@@ -197,11 +209,13 @@ fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
         s.queue_depth as u64,
         s.max_wait_ns[0],
         s.max_wait_ns[1],
+        s.max_wait_ns[2],
         b.interval_ns,
         b.tau_ns,
         b.reserve_ns,
         s.default_min_share.to_bits(),
         (s.fairness == Fairness::Tokens) as u64 | (s.fair_queues as u64) << 1,
+        s.flex_headroom.to_bits(),
     ]
 }
 

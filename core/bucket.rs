@@ -69,7 +69,8 @@ pub fn decide(tat: u64, now: u64, cost: u64, lane: Lane, p: &BucketParams) -> De
         Lane::Priority => p.tau_ns,
         // At least one token: a reserve that leaves the default lane less than
         // a whole token must not shut that lane out for good (burst 1, reserve 0.2).
-        Lane::Default => (p.tau_ns - p.reserve_ns).max(p.interval_ns),
+        // Flex spends the rate as default does: the reserve is priority's.
+        Lane::Default | Lane::Flex => (p.tau_ns - p.reserve_ns).max(p.interval_ns),
     };
     let need = cost.saturating_mul(p.interval_ns);
     if need > limit {

@@ -1,4 +1,4 @@
-//! tierq's admission core: a GCRA token bucket, a lock-free two-lane waiter
+//! tierq's admission core: a GCRA token bucket, a lock-free three-lane waiter
 //! queue with slot accounting, a table of per-key buckets and the usage
 //! ledger's writer (SQLite, batched), in plain Rust.
 //! `py.rs` (feature `python`) is the only module that knows about Python.
@@ -37,20 +37,23 @@ pub use clock::{Clock, ManualClock};
 pub use error::CoreError;
 pub use keytable::KeyTable;
 
-/// The two lanes, which are the two tiers tierq sells. Their names (`as_str`)
+/// The three lanes, which are the three tiers tierq sells. Their names (`as_str`)
 /// are the tier names everywhere: the JSON echo, the ledger, metrics labels,
 /// TOML keys. Python's `tierq.Tier` is built from `ALL` (`tierq._core.TIERS`),
 /// so this is the one place they are spelled. The discriminants index per-lane
-/// arrays in state and stats.
+/// arrays in state and stats. Flex is served from idle capacity only: after
+/// every priority and default waiter, and only below the limit minus both
+/// headrooms (`admission.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
     Priority = 0,
     Default = 1,
+    Flex = 2,
 }
 
 impl Lane {
     /// Every lane in discriminant order: `ALL[i] as usize == i`.
-    pub const ALL: [Lane; 2] = [Lane::Priority, Lane::Default];
+    pub const ALL: [Lane; 3] = [Lane::Priority, Lane::Default, Lane::Flex];
 
     pub fn parse(s: &str) -> Result<Lane, CoreError> {
         Lane::ALL.into_iter().find(|l| l.as_str() == s).ok_or_else(|| {
@@ -65,6 +68,7 @@ impl Lane {
         match self {
             Lane::Priority => "priority",
             Lane::Default => "default",
+            Lane::Flex => "flex",
         }
     }
     /// The key path of this lane's max wait, as a settings error names it.
@@ -72,11 +76,13 @@ impl Lane {
         match self {
             Lane::Priority => "max_wait_ms.priority",
             Lane::Default => "max_wait_ms.default",
+            Lane::Flex => "max_wait_ms.flex",
         }
     }
-    /// `"priority" or "default"`, for error messages.
+    /// `"priority", "default" or "flex"`, for error messages.
     pub fn one_of() -> String {
-        Lane::ALL.map(|l| format!("{:?}", l.as_str())).join(" or ")
+        let names = Lane::ALL.map(|l| format!("{:?}", l.as_str()));
+        format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1])
     }
 }
 
@@ -93,7 +99,7 @@ mod lane_tests {
             assert_eq!(lane.max_wait_key(), format!("max_wait_ms.{}", lane.as_str()));
         }
         assert_eq!(Lane::from_index(Lane::ALL.len()), None);
-        let err = Lane::parse("flex").unwrap_err().to_string();
-        assert_eq!(err, r#"tier: must be "priority" or "default", got "flex""#);
+        let err = Lane::parse("scale").unwrap_err().to_string();
+        assert_eq!(err, r#"tier: must be "priority", "default" or "flex", got "scale""#);
     }
 }

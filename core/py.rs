@@ -51,7 +51,7 @@ fn lane_of(lane: u8) -> PyResult<Lane> {
 }
 
 /// A `{lane name: value}` dict, in lane order (`TIERS`).
-fn per_lane<'py, T: IntoPyObject<'py> + Copy>(py: Python<'py>, v: [T; 2]) -> PyResult<Bound<'py, PyDict>> {
+fn per_lane<'py, T: IntoPyObject<'py> + Copy>(py: Python<'py>, v: [T; 3]) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for lane in Lane::ALL {
         d.set_item(lane.as_str(), v[lane as usize])?;
@@ -213,9 +213,9 @@ fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value
         Kind::LaneMs => {
             let Ok(d) = v.cast::<PyDict>() else {
                 let ms = num_arg(f.name, v)?;
-                return Ok(Value::LaneMs([Some(ms), Some(ms)]));
+                return Ok(Value::LaneMs([Some(ms); 3]));
             };
-            let mut lanes = [None; 2];
+            let mut lanes = [None; 3];
             for (k, ms) in d.iter() {
                 let name = k.extract::<String>();
                 let Some(lane) = name.as_deref().ok().and_then(|l| Lane::parse(l).ok()) else {
@@ -225,7 +225,7 @@ fn value_of(f: &'static settings::Field, v: &Bound<'_, PyAny>) -> PyResult<Value
                     };
                     let mut names = Lane::ALL.map(|l| format!("{:?}", l.as_str()));
                     names.sort();
-                    let reason = format!("unknown lane {shown} (lanes are {})", names.join(" and "));
+                    let reason = format!("unknown lane {shown} (lanes are {} and {})", names[..2].join(", "), names[2]);
                     return Err(CoreError::arg(f.name, reason).into());
                 };
                 lanes[lane as usize] = Some(num_arg(lane.max_wait_key(), &ms)?);
@@ -338,6 +338,10 @@ impl PyPoolSettings {
     #[getter]
     fn priority_headroom(&self) -> u32 {
         self.0.priority_headroom
+    }
+    #[getter]
+    fn flex_headroom(&self) -> f64 {
+        self.0.flex_headroom
     }
     #[getter]
     fn default_min_share(&self) -> f64 {
@@ -578,13 +582,13 @@ impl PyAdmissionCore {
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.0.stats();
-        let lanes = |v: [u64; 2]| per_lane(py, v);
+        let lanes = |v: [u64; 3]| per_lane(py, v);
         let shed = PyDict::new(py);
         for code in ShedCode::ALL {
             shed.set_item(code.as_str(), s.shed[code as usize])?;
         }
         let out = PyDict::new(py);
-        out.set_item("depth", lanes([s.depth[0] as u64, s.depth[1] as u64])?)?;
+        out.set_item("depth", lanes(s.depth.map(u64::from))?)?;
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("withheld", s.withheld)?;
         out.set_item("owed", s.owed)?;

@@ -29,8 +29,8 @@ pub struct PoolSpec {
     pub max_concurrency_limit: Option<i64>,
     pub initial_concurrency: Option<i64>,
     pub queue_depth: i64,
-    /// Per lane, indexed by `Lane as usize` (priority, default), in ms.
-    pub max_wait_ms: [f64; 2],
+    /// Per lane, indexed by `Lane as usize` (priority, default, flex), in ms.
+    pub max_wait_ms: [f64; 3],
     pub rate: Option<f64>,
     pub burst: Option<f64>,
     pub priority_reserve: f64,
@@ -38,6 +38,8 @@ pub struct PoolSpec {
     pub enforce: bool,
     pub default_min_share: f64,
     pub priority_headroom: i64,
+    /// Share of the limit flex may not take (besides the priority headroom).
+    pub flex_headroom: f64,
     /// How often the engine's metrics are scraped (the upstream's
     /// `metrics_interval_ms`); samples closer than half of it to the last one
     /// applied are dropped, so N workers scraping one engine act as one.
@@ -78,8 +80,9 @@ pub const DEFAULT_MAX_CONCURRENCY_LIMIT: i64 = 1024;
 pub const DEFAULT_INITIAL_CONCURRENCY: i64 = 4;
 /// Most slots a pool may have, fixed or as an adaptive bound.
 pub const MAX_SLOTS: i64 = 1_000_000;
-/// Most waiters a pool may queue.
-pub const MAX_QUEUE_DEPTH: i64 = 1 << 24;
+/// Most waiters a pool may queue: the three lanes' counts share one word
+/// (`block::DEPTH_BITS` bits each).
+pub const MAX_QUEUE_DEPTH: i64 = (1 << crate::block::DEPTH_BITS) - 1;
 
 /// How a setting is written (TOML, or a Python keyword argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +92,7 @@ pub enum Kind {
     Number,
     /// An integer, or `"auto"`.
     IntOrAuto,
-    /// Milliseconds: one number for both lanes, or a table of lane to number
+    /// Milliseconds: one number for every lane, or a table of lane to number
     /// (a lane left out keeps its default).
     LaneMs,
     /// One of these strings.
@@ -119,7 +122,7 @@ pub enum Value {
     /// `"auto"` (`Kind::IntOrAuto`).
     Auto,
     /// Per lane, indexed by `Lane as usize`; `None` keeps that lane's value.
-    LaneMs([Option<f64>; 2]),
+    LaneMs([Option<f64>; 3]),
     /// One of its `Kind::Choice` strings.
     Choice(&'static str),
     Bool(bool),
@@ -188,17 +191,17 @@ pub const FIELDS: &[Field] = &[
         name: "queue_depth",
         kind: Kind::Int,
         fallback: Fallback::Value(Value::Int(1024)),
-        range: "0 - 16,777,216",
+        range: "0 - 2,097,151",
         toml: true,
-        doc: "waiters in both lanes together",
+        doc: "waiters in all three lanes together",
     },
     Field {
         name: "max_wait_ms",
         kind: Kind::LaneMs,
-        fallback: Fallback::Value(Value::LaneMs([Some(60_000.0), Some(30_000.0)])),
+        fallback: Fallback::Value(Value::LaneMs([Some(60_000.0), Some(30_000.0), Some(600_000.0)])),
         range: "0 - 86,400,000",
         toml: true,
-        doc: "longest wait in each lane before a queue_timeout; one number sets both",
+        doc: "longest wait in each lane before a queue_timeout (flex: resource_unavailable); one number sets every lane",
     },
     Field {
         name: "rate",
@@ -249,6 +252,14 @@ pub const FIELDS: &[Field] = &[
         doc: "slots a default request may not take",
     },
     Field {
+        name: "flex_headroom",
+        kind: Kind::Number,
+        fallback: Fallback::Value(Value::Number(0.1)),
+        range: "0 - 0.5",
+        toml: true,
+        doc: "share of the limit (at least one slot), beyond priority_headroom, that a flex request may not take",
+    },
+    Field {
         name: "fairness",
         kind: Kind::Choice(&["tokens", "off"]),
         fallback: Fallback::Value(Value::Choice("tokens")),
@@ -285,9 +296,9 @@ impl Field {
         match self.fallback {
             Fallback::Value(Value::Int(n)) | Fallback::Adaptive(n) => format!("`{n}`"),
             Fallback::Value(Value::Number(x)) => format!("`{x:?}`"),
-            Fallback::Value(Value::LaneMs([p, d])) => {
+            Fallback::Value(Value::LaneMs([p, d, f])) => {
                 let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
-                format!("`{{ default = {}, priority = {} }}`", ms(d), ms(p))
+                format!("`{{ default = {}, priority = {}, flex = {} }}`", ms(d), ms(p), ms(f))
             }
             Fallback::Value(Value::Auto) => "`\"auto\"`".to_string(),
             Fallback::Value(Value::Choice(c)) => format!("`{c:?}`"),
@@ -306,13 +317,14 @@ impl Default for PoolSpec {
             max_concurrency_limit: None,
             initial_concurrency: None,
             queue_depth: 0,
-            max_wait_ms: [0.0; 2],
+            max_wait_ms: [0.0; 3],
             rate: None,
             burst: None,
             priority_reserve: 0.0,
             enforce: true,
             default_min_share: 0.0,
             priority_headroom: 0,
+            flex_headroom: 0.0,
             engine_interval_ms: 0.0,
             fairness: String::new(),
             fair_queues: 0,
@@ -360,6 +372,7 @@ impl PoolSpec {
             ("enforce", Value::Bool(b)) => self.enforce = b,
             ("default_min_share", Value::Number(x)) => self.default_min_share = x,
             ("priority_headroom", Value::Int(n)) => self.priority_headroom = n,
+            ("flex_headroom", Value::Number(x)) => self.flex_headroom = x,
             ("engine_interval_ms", Value::Number(x)) => self.engine_interval_ms = x,
             ("fairness", Value::Choice(c)) => self.fairness = c.to_string(),
             ("fair_queues", Value::Int(n)) => self.fair_queues = n,
@@ -422,7 +435,7 @@ impl PoolSpec {
                 Err(CoreError::arg(name, format!("must be between 0 and 86400000 ms, got {ms}")))
             }
         };
-        let mut max_wait_ns = [0; 2];
+        let mut max_wait_ns = [0; 3];
         for lane in Lane::ALL {
             max_wait_ns[lane as usize] = wait(lane.max_wait_key(), self.max_wait_ms[lane as usize])?;
         }
@@ -454,6 +467,9 @@ impl PoolSpec {
                 format!("must be at least 0 and below {bound} ({floor}): defaults need a slot, got {}", self.priority_headroom),
             ));
         }
+        if !(self.flex_headroom.is_finite() && (0.0..=0.5).contains(&self.flex_headroom)) {
+            return Err(CoreError::arg("flex_headroom", format!("must be between 0 and 0.5 (a share of the limit), got {}", self.flex_headroom)));
+        }
         let ms = self.engine_interval_ms;
         if !(ms.is_finite() && (1.0..=60_000.0).contains(&ms)) {
             return Err(CoreError::arg("engine_interval_ms", format!("must be between 1 and 60000, got {ms}")));
@@ -476,6 +492,7 @@ impl PoolSpec {
             enforce: self.enforce,
             default_min_share: self.default_min_share,
             priority_headroom: self.priority_headroom as u32,
+            flex_headroom: self.flex_headroom,
             engine_interval_ns: (ms * 1e6).round() as u64,
         })
     }
@@ -487,7 +504,7 @@ pub struct PoolSettings {
     pub limit: LimitMode,
     pub queue_depth: u32,
     /// Indexed by `Lane as usize`.
-    pub max_wait_ns: [u64; 2],
+    pub max_wait_ns: [u64; 3],
     pub bucket: Option<BucketParams>,
     /// false: a bucket refusal is counted (`at::SHADOW_RATE`) and the
     /// request goes on as if the bucket had let it through, taking nothing
@@ -499,6 +516,11 @@ pub struct PoolSettings {
     /// arrival finds a free slot instead of waiting for one to end. Below the
     /// limit's minimum, so defaults always have a slot.
     pub priority_headroom: u32,
+    /// Share of the limit (0 to 0.5) a flex request may not take beyond the
+    /// priority headroom, at least one slot (`flex_headroom_slots`): flex is
+    /// dispatched only below `limit - priority_headroom - that`, so it never
+    /// holds the slot a default arrival needs.
+    pub flex_headroom: f64,
     pub engine_interval_ns: u64,
     pub fairness: Fairness,
     pub fair_queues: u32,
@@ -509,6 +531,12 @@ impl PoolSettings {
     /// tombstones again (cancelled waiters wait for the head to pass them).
     pub fn ring_cap(&self) -> usize {
         ((self.queue_depth as usize).max(1) * 2).next_power_of_two().max(8)
+    }
+
+    /// Slots of a limit of `limit` a flex request may not take beyond the
+    /// priority headroom: the share rounded up, at least one.
+    pub fn flex_headroom_slots(&self, limit: u64) -> u64 {
+        ((self.flex_headroom * limit as f64).ceil() as u64).max(1)
     }
 }
 
@@ -522,7 +550,7 @@ mod tests {
             Kind::Int => Value::Int(3),
             Kind::Number => Value::Number(0.5),
             Kind::IntOrAuto => Value::Int(3),
-            Kind::LaneMs => Value::LaneMs([Some(1.0), None]),
+            Kind::LaneMs => Value::LaneMs([Some(1.0), None, None]),
             Kind::Choice(choices) => Value::Choice(choices[choices.len() - 1]),
             Kind::Bool => Value::Bool(false),
         }
@@ -565,7 +593,7 @@ mod tests {
     #[test]
     fn defaults_read_as_the_docs_write_them() {
         let text = |name| field(name).unwrap().default_text();
-        assert_eq!(text("max_wait_ms"), "`{ default = 30000, priority = 60000 }`");
+        assert_eq!(text("max_wait_ms"), "`{ default = 30000, priority = 60000, flex = 600000 }`");
         assert_eq!(text("priority_reserve"), "`0.2`");
         assert_eq!(text("min_concurrency"), format!("`{DEFAULT_MIN_CONCURRENCY}`"));
         assert_eq!(text("rate"), "none (no rate limit)");

@@ -65,7 +65,7 @@ async def test_uncontended_acquire_is_admitted_at_once_and_released_on_exit() ->
         assert slot.queue_ms == 0.0
         assert in_flight(adm) == 1
     assert in_flight(adm) == 0
-    assert adm.stats()["admitted"] == {"priority": 1, "default": 0}
+    assert adm.stats()["admitted"] == {"priority": 1, "default": 0, "flex": 0}
 
 
 async def test_strict_priority_order_under_contention() -> None:
@@ -79,7 +79,7 @@ async def test_strict_priority_order_under_contention() -> None:
     await settle()
     tasks += [asyncio.create_task(request(f"p{i}", "priority")) for i in range(3)]
     await settle()
-    assert depth(adm) == {"priority": 3, "default": 3}
+    assert depth(adm) == {"priority": 3, "default": 3, "flex": 0}
     assert order == []
     await give_back(holder)
     await asyncio.gather(*tasks)
@@ -112,7 +112,7 @@ async def test_priority_request_evicts_newest_default_waiter_when_full() -> None
     request = recorder(adm, order)
     defaults = [asyncio.create_task(request(f"d{i}", "default")) for i in range(3)]
     await settle()
-    assert depth(adm) == {"priority": 0, "default": 3}
+    assert depth(adm) == {"priority": 0, "default": 3, "flex": 0}
 
     p0 = asyncio.create_task(request("p0", "priority"))
     await settle()
@@ -121,7 +121,7 @@ async def test_priority_request_evicts_newest_default_waiter_when_full() -> None
     err = defaults[2].exception()
     assert isinstance(err, Shed) and err.code == "server_overloaded" and err.lane == "default"
     assert not defaults[0].done() and not defaults[1].done()
-    assert depth(adm) == {"priority": 1, "default": 2}
+    assert depth(adm) == {"priority": 1, "default": 2, "flex": 0}
     assert shed_counts(adm)["server_overloaded"] == 1
 
     await give_back(holder)
@@ -141,7 +141,7 @@ async def test_priority_request_is_shed_when_no_default_waiter_is_left() -> None
     p0 = asyncio.create_task(request("p0", "priority"))
     p1 = asyncio.create_task(request("p1", "priority"))
     await settle()
-    assert depth(adm) == {"priority": 2, "default": 0}
+    assert depth(adm) == {"priority": 2, "default": 0, "flex": 0}
     assert [type(t.exception()) for t in (d0, d1)] == [Shed, Shed]
 
     # Queue full of priority waiters: a third priority request is shed itself.
@@ -150,7 +150,7 @@ async def test_priority_request_is_shed_when_no_default_waiter_is_left() -> None
             pytest.fail("admitted past a full queue")
     assert shed.value.code == "server_overloaded"
     assert shed.value.lane == "priority"
-    assert depth(adm) == {"priority": 2, "default": 0}
+    assert depth(adm) == {"priority": 2, "default": 0, "flex": 0}
     assert shed_counts(adm)["server_overloaded"] == 3
 
     await give_back(holder)
@@ -176,7 +176,7 @@ async def test_default_request_is_shed_at_once_when_queue_is_full() -> None:
     assert shed.value.code == "server_overloaded"
     assert shed.value.retry_after_s > 0
     # A default arrival never evicts anyone.
-    assert depth(adm) == {"priority": 1, "default": 1}
+    assert depth(adm) == {"priority": 1, "default": 1, "flex": 0}
     assert not any(t.done() for t in waiting)
     await give_back(holder)
     await asyncio.gather(*waiting)
@@ -204,7 +204,7 @@ async def test_each_lane_sheds_waiters_past_its_own_max_wait() -> None:
     await settle()
     err = d0.exception()
     assert isinstance(err, Shed) and err.code == "queue_timeout" and err.lane == "default"
-    assert depth(adm) == {"priority": 1, "default": 0}
+    assert depth(adm) == {"priority": 1, "default": 0, "flex": 0}
     assert not p0.done(), "the priority lane has a longer max wait"
 
     clock.advance(1.999)
@@ -214,7 +214,7 @@ async def test_each_lane_sheds_waiters_past_its_own_max_wait() -> None:
     await settle()
     err = p0.exception()
     assert isinstance(err, Shed) and err.code == "queue_timeout" and err.lane == "priority"
-    assert depth(adm) == {"priority": 0, "default": 0}
+    assert depth(adm) == {"priority": 0, "default": 0, "flex": 0}
     assert shed_counts(adm)["queue_timeout"] == 2
     assert order == []
     await give_back(holder)
@@ -269,7 +269,7 @@ async def test_token_bucket_default_lane_stops_at_the_reserve_and_priority_drain
     clock.advance(0.1)
     async with adm.acquire("priority"):
         pass
-    assert adm.stats()["admitted"] == {"priority": 3, "default": 8}
+    assert adm.stats()["admitted"] == {"priority": 3, "default": 8, "flex": 0}
 
 
 async def test_rate_limit_retry_after_is_exact_on_the_manual_clock() -> None:
@@ -366,12 +366,12 @@ async def test_cancelled_waiting_task_leaves_the_queue_at_once_and_takes_no_slot
     leaver = asyncio.create_task(request("leaver", "default"))
     stayer = asyncio.create_task(request("stayer", "default"))
     await settle()
-    assert depth(adm) == {"priority": 0, "default": 2}
+    assert depth(adm) == {"priority": 0, "default": 2, "flex": 0}
     leaver.cancel()
     # One loop turn delivers the cancellation; by then the task is out of line.
     await asyncio.sleep(0)
     assert leaver.cancelled()
-    assert depth(adm) == {"priority": 0, "default": 1}
+    assert depth(adm) == {"priority": 0, "default": 1, "flex": 0}
     assert adm.stats()["cancelled"] == 1
     assert in_flight(adm) == 1
     await give_back(holder)
@@ -416,7 +416,7 @@ async def test_task_cancelled_right_after_grant_passes_the_slot_on() -> None:
     assert granted.cancelled()
     assert order == ["behind"]
     assert in_flight(adm) == 0
-    assert depth(adm) == {"priority": 0, "default": 0}
+    assert depth(adm) == {"priority": 0, "default": 0, "flex": 0}
 
 
 async def test_task_cancelled_right_after_grant_with_nobody_behind_frees_the_slot() -> None:
@@ -470,13 +470,13 @@ async def test_cost_below_one_raises_value_error_naming_cost_and_holds_nothing(c
             pytest.fail("admitted with a bad cost")
     stats = adm.stats()
     assert stats["in_flight"] == 0
-    assert stats["admitted"] == {"priority": 0, "default": 0}
+    assert stats["admitted"] == {"priority": 0, "default": 0, "flex": 0}
 
 
 def test_stats_shape() -> None:
     stats = Admission(max_concurrency=8).stats()
     assert stats == {
-        "depth": {"priority": 0, "default": 0},
+        "depth": {"priority": 0, "default": 0, "flex": 0},
         "in_flight": 0,
         "withheld": 0,
         "owed": 0,
@@ -488,11 +488,11 @@ def test_stats_shape() -> None:
         "limit_changes": 0,
         "limit_floor_ms": 0.0,
         "limit_recent_ms": 0.0,
-        "admitted": {"priority": 0, "default": 0},
+        "admitted": {"priority": 0, "default": 0, "flex": 0},
         "shed": {"server_overloaded": 0, "queue_timeout": 0, "rate_limit_exceeded": 0},
         "cancelled": 0,
         "fairness": "tokens",
-        "fair_flows_active": {"priority": 0, "default": 0},
+        "fair_flows_active": {"priority": 0, "default": 0, "flex": 0},
         "deadline_refused": 0,
         "shadow_rate_limited": 0,
         "enforce": True,

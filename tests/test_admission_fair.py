@@ -70,7 +70,7 @@ async def test_a_greedy_flow_queued_first_cannot_delay_a_polite_one() -> None:
     await settle()
     tasks.append(queued(adm, order, "p", flow=polite))
     await settle()
-    assert adm.stats()["fair_flows_active"] == {"priority": 0, "default": 3}, "greedy spread over its two queues"
+    assert adm.stats()["fair_flows_active"] == {"priority": 0, "default": 3, "flex": 0}, "greedy spread over its two queues"
     await serve_in_turn(adm, holder, order, 21)
     await asyncio.gather(*tasks)
     # FIFO would serve the polite request 21st; fair, it goes once its
@@ -89,7 +89,7 @@ async def test_fairness_off_serves_first_come_first_served() -> None:
     tasks.append(queued(adm, order, "p", flow=polite))
     await settle()
     assert adm.stats()["fairness"] == "off"
-    assert adm.stats()["fair_flows_active"] == {"priority": 0, "default": 0}
+    assert adm.stats()["fair_flows_active"] == {"priority": 0, "default": 0, "flex": 0}
     await serve_in_turn(adm, holder, order, 6)
     await asyncio.gather(*tasks)
     assert order == [f"g{i}" for i in range(5)] + ["p"]
@@ -174,7 +174,7 @@ async def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once() -> N
     stats = adm.stats()
     assert stats["deadline_refused"] == 1
     assert stats["shed"]["queue_timeout"] == 1  # type: ignore[index]
-    assert stats["depth"] == {"priority": 0, "default": 4}
+    assert stats["depth"] == {"priority": 0, "default": 4, "flex": 0}
     # One whose deadline fits joins, with the prediction reported.
     fits = asyncio.create_task(hold(adm))
     late = adm.acquire(max_wait_ms=1000)
@@ -226,7 +226,7 @@ async def test_an_admitted_request_overtaken_by_priority_is_shed_at_its_own_dead
     with pytest.raises(Shed) as shed:
         await task
     assert (shed.value.code, shed.value.deadline_refused) == ("queue_timeout", False)
-    assert adm.stats()["depth"] == {"priority": 3, "default": 0}
+    assert adm.stats()["depth"] == {"priority": 3, "default": 0, "flex": 0}
     await give_back(holder)
     await release_as_granted(prio)
 

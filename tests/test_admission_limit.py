@@ -40,7 +40,7 @@ def test_the_default_is_adaptive_and_a_number_is_fixed() -> None:
     assert "max_concurrency" not in fixed.stats(), "one name for the limit in force: limit"
     s = PoolSettings(min_concurrency=4, max_concurrency_limit=64, initial_concurrency=8, max_wait_ms=500)
     assert (s.limit_mode, s.limit_min, s.limit_max, s.limit_initial) == ("adaptive", 4, 64, 8)
-    assert s.max_wait_ms == {"default": 500.0, "priority": 500.0}
+    assert s.max_wait_ms == {"default": 500.0, "priority": 500.0, "flex": 500.0}
     assert Admission(s).limit == 8
 
 
@@ -74,7 +74,7 @@ async def test_a_rising_limit_grants_waiters_and_a_falling_one_preempts_nothing(
     held = [await hold(adm) for _ in range(4)]
     waiting = [asyncio.create_task(hold(adm)) for _ in range(6)]
     await settle()
-    assert stat(adm, "depth") == {"priority": 0, "default": 6}
+    assert stat(adm, "depth") == {"priority": 0, "default": 6, "flex": 0}
     # The engine queues 2 of our 4: cut to 2. Nobody holding a slot loses it.
     assert adm.observe_engine(running=2, waiting=2) == 0
     assert (adm.limit, stat(adm, "in_flight"), stat(adm, "limit_signal")) == (2, 4, "engine")
@@ -105,7 +105,7 @@ async def test_a_rising_limit_grants_waiters_and_a_falling_one_preempts_nothing(
         adm.observe_engine(running=adm.limit, waiting=0)
     await settle()
     assert all(t.done() for t in waiting)
-    assert stat(adm, "depth") == {"priority": 0, "default": 0}
+    assert stat(adm, "depth") == {"priority": 0, "default": 0, "flex": 0}
     for t in waiting:
         await t.result().__aexit__(None, None, None)
     await held[3].__aexit__(None, None, None)
@@ -214,7 +214,7 @@ def test_config_takes_the_three_forms_of_max_concurrency(tmp_path: Path, admissi
         ("priority_headroom = 2\n",
          "priority_headroom: must be at least 0 and below min_concurrency (2): defaults need a slot, got 2"),
         # One range for queue_depth, the core's.
-        ("queue_depth = 20000000\n", "queue_depth: must be between 0 and 16777216, got 20000000"),
+        ("queue_depth = 20000000\n", "queue_depth: must be between 0 and 2097151, got 20000000"),
     ],
 )
 def test_config_errors_of_the_limit_keys_name_the_key(tmp_path: Path, admission: str, expected: str) -> None:

@@ -83,14 +83,14 @@ input_per_m = 0.5
     assert m.upstream == "sim"  # the implied in-process sim
 
 
-def test_single_max_wait_applies_to_both_lanes(tmp_path: Path) -> None:
+def test_single_max_wait_applies_to_every_lane(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, """
 [[models]]
 id = "zai-org/GLM-5.2"
 [models.admission]
 max_wait_ms = 500
 """))
-    assert cfg.models[0].admission.settings.max_wait_ms == {"default": 500, "priority": 500}
+    assert cfg.models[0].admission.settings.max_wait_ms == {"default": 500, "priority": 500, "flex": 500}
 
 
 def test_priority_headroom_reaches_the_admission_and_defaults_to_none(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
         ('[[models]]\nid = "zai-org/GLM-5.2"\npriority = "yes"\n',
          'tierq.toml: models[0].priority: expected true or false, got "yes"'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { default = 1, lowest = 2 }\n',
-         'tierq.toml: models[0].admission.max_wait_ms: unknown lane "lowest" (lanes are "default" and "priority")'),
+         'tierq.toml: models[0].admission.max_wait_ms: unknown lane "lowest" (lanes are "default", "flex" and "priority")'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nburst = 5\n',
          "tierq.toml: models[0].admission.burst: needs rate (burst is the token bucket's size)"),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_concurrency = 4\npriority_headroom = 4\n',

@@ -98,7 +98,7 @@ def test_flows_travel_in_worker_snapshots_and_a_shared_pool_sums_every_workers_l
     boards[1].waited("j")
     metrics = GatewayMetrics()
     snaps = [snapshot_from_json(snapshot_to_json(metrics.snapshot(
-        [PoolSnapshot("m", "sim", True, 8, {"fair_flows_active": {"priority": 0, "default": i}},
+        [PoolSnapshot("m", "sim", True, 8, {"fair_flows_active": {"priority": 0, "default": i, "flex": 0}},
                       tuple(b.data()))], ready=True)))
         for i, b in enumerate(boards)]
     assert snaps[1].pools[0].flows == tuple(boards[1].data())

@@ -177,7 +177,7 @@ async def test_status_shows_jains_index_of_the_flows_that_waited(
     flows = pool_flows(await status(gw))
     assert flows["backlogged"] >= 3 and flows["window_s"] == 60
     assert 0.25 <= flows["jain_index"] <= 1.0
-    assert flows["active"] == {"priority": 0, "default": 0}, "nobody waits now"
+    assert flows["active"] == {"priority": 0, "default": 0, "flex": 0}, "nobody waits now"
     text = await metrics(gw)
     for name in ("tierq_fair_flows_active", "tierq_deadline_refused_total",
                  "tierq_fairness_id_ignored_total"):

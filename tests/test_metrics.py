@@ -174,8 +174,8 @@ async def test_status_json_lists_pools_busy_first_with_lanes_totals_and_series(
     assert data["ready"] is True and data["workers"] == 1
     first = data["pools"][0]
     assert first["model"] == PRIORITY_MODEL and first["priority"] is True
-    assert first["admitted"] == {"priority": 1, "default": 1}
-    assert first["depth"] == {"priority": 0, "default": 0} and first["in_flight"] == 0
+    assert first["admitted"] == {"priority": 1, "default": 1, "flex": 0}
+    assert first["depth"] == {"priority": 0, "default": 0, "flex": 0} and first["in_flight"] == 0
     assert data["totals"]["priority"]["served"] == 1 and data["totals"]["default"]["served"] == 1
     points = data["series"]["points"]
     assert all(b["t"] - a["t"] == data["series"]["step_s"] for a, b in zip(points, points[1:]))
@@ -198,8 +198,8 @@ def _snapshot(in_flight: int, served: int, pid: int) -> WorkerSnapshot:
     for _ in range(served):
         m.observe("m", "up", "priority", "served", None, 0.0, 0.2, 0.05)
     m.observe("m", "up", "default", "shed", "queue_timeout", 0.5, 0.5, None)
-    stats = {"depth": {"priority": 1, "default": 2}, "in_flight": in_flight, "limit": 4,
-             "admitted": {"priority": served, "default": 0},
+    stats = {"depth": {"priority": 1, "default": 2, "flex": 0}, "in_flight": in_flight, "limit": 4,
+             "admitted": {"priority": served, "default": 0, "flex": 0},
              "shed": {"server_overloaded": 0, "queue_timeout": 1, "rate_limit_exceeded": 0},
              "cancelled": 0}
     snap = m.snapshot([PoolSnapshot("m", "up", True, 8, stats)], ready=True)
@@ -227,7 +227,7 @@ def test_many_worker_snapshots_sum_counters_and_histograms() -> None:
     assert shared['tierq_max_concurrency{model="m"}'] == 4
     status = status_json(snaps, shared_admission=True)
     assert status["workers"] == 2 and status["totals"]["priority"]["served"] == 7
-    assert status["pools"][0]["depth"] == {"priority": 1, "default": 2}
+    assert status["pools"][0]["depth"] == {"priority": 1, "default": 2, "flex": 0}
     last = [p for p in status["series"]["points"] if p["priority"]["served"]][-1]
     assert last["priority"]["served"] == 7 and last["priority"]["latency_ms"] == 200.0
     assert last["priority"]["ttft_ms"] == 50.0 and last["default"]["shed"] == 2

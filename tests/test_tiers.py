@@ -22,10 +22,10 @@ PRIORITY, DEFAULT = Tier.PRIORITY, Tier.DEFAULT
 
 
 def test_tier_is_the_cores_lanes_in_lane_order() -> None:
-    assert _core.TIERS == ("priority", "default")
+    assert _core.TIERS == ("priority", "default", "flex")
     assert tuple(Tier) == _core.TIERS
-    assert [t.name for t in Tier] == ["PRIORITY", "DEFAULT"]
-    assert [t.lane for t in Tier] == [0, 1]
+    assert [t.name for t in Tier] == ["PRIORITY", "DEFAULT", "FLEX"]
+    assert [t.lane for t in Tier] == [0, 1, 2]
     # The core's per-lane dicts come in the same order, under the same names.
     assert list(Admission().stats()["depth"]) == list(Tier)  # type: ignore[call-overload]
     assert list(_core.PoolSettings().max_wait_ms) == list(Tier)
@@ -63,9 +63,9 @@ def test_a_ledger_row_takes_a_tiers_name_and_stores_the_plain_string() -> None:
     assert row.applied_tier is Tier.PRIORITY
     stored = row_values(row)[6]
     assert stored == "priority" and type(stored) is str
-    with pytest.raises(ValueError, match=r"^applied_tier must be 'priority' or 'default', not 'flex'$"):
+    with pytest.raises(ValueError, match=r"^applied_tier must be 'priority', 'default' or 'flex', not 'scale'$"):
         LedgerRow(request_id="r2", ts=1.0, key_id="anonymous", model="m", endpoint="/v1/completions",
-                  requested_tier="flex", applied_tier="flex", prompt_tokens=0,  # type: ignore[arg-type]
+                  requested_tier="scale", applied_tier="scale", prompt_tokens=0,  # type: ignore[arg-type]
                   completion_tokens=0, cost=Decimal(0), status="served")
 
 
@@ -107,6 +107,14 @@ def test_priority_on_non_priority_model_applies_default(requested: str) -> None:
 @pytest.mark.parametrize("model_priority", [True, False])
 def test_absent_null_auto_default_flex_scale_apply_default(requested: object, model_priority: bool) -> None:
     assert resolve_tier(requested, model_priority) == DEFAULT
+
+
+@pytest.mark.parametrize("model_priority", [True, False])
+def test_flex_on_a_flex_model_applies_flex_and_nothing_else_does(model_priority: bool) -> None:
+    assert resolve_tier("flex", model_priority, True) == Tier.FLEX
+    for other in (None, "auto", "default", "scale"):
+        assert resolve_tier(other, model_priority, True) == DEFAULT
+    assert resolve_tier("priority", model_priority, True) == (PRIORITY if model_priority else DEFAULT)
 
 
 @pytest.mark.parametrize(

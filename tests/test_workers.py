@@ -50,7 +50,7 @@ async def test_grant_decided_by_one_worker_wakes_the_owner_through_its_eventfd(s
 
         task = asyncio.create_task(wait_in_b())
         await asyncio.sleep(0.01)
-        assert shared.stats()["m"]["depth"] == {"priority": 0, "default": 1}
+        assert shared.stats()["m"]["depth"] == {"priority": 0, "default": 1, "flex": 0}
         assert shared.held("m") == [1, 0]
         await held.__aexit__(None, None, None)  # a's release grants b's waiter
         assert shared.held("m") == [0, 1]
@@ -74,7 +74,7 @@ async def test_priority_headroom_holds_across_workers_of_a_shared_pool() -> None
         # The second slot is the headroom: a default in the other worker waits for it...
         task = asyncio.create_task(b["m"].acquire("default").__aenter__())
         await asyncio.sleep(0.01)
-        assert sp.stats()["m"]["depth"] == {"priority": 0, "default": 1}
+        assert sp.stats()["m"]["depth"] == {"priority": 0, "default": 1, "flex": 0}
         assert sp.stats()["m"]["in_flight"] == 1
         # ...and a priority request in that worker takes it at once.
         prio = b["m"].acquire("priority")
@@ -267,7 +267,7 @@ async def test_kill_9_of_a_worker_under_load_leaks_no_slot(sim: SimServer) -> No
                 await asyncio.sleep(0.05)
             async with s.get(gw.url(1) + "/admission") as r:
                 st = await r.json()
-            assert st["in_flight"] == 0 and st["depth"] == {"priority": 0, "default": 0}, st
+            assert st["in_flight"] == 0 and st["depth"] == {"priority": 0, "default": 0, "flex": 0}, st
             again = await asyncio.gather(*(_chat(s, gw.url(i % 2), i) for i in range(20)))
             assert all(status == 200 for status, _, _ in again)
             stats = await _sim_stats(s, sim)

@@ -31,7 +31,7 @@ def test_snapshot_survives_the_json_exchange_unchanged() -> None:
     m.observe(MODEL, "sim", "priority", "served", None, 0.001, 0.2, 0.05, 510_000_000)
     m.observe(MODEL, "sim", "default", "shed", "rate_limit_exceeded", 0, 0, None)
     m.observe(MODEL, "sim", "default", "failed", "upstream_502", 0, 0.1, None)
-    stats = {"depth": {"priority": 0, "default": 1}, "in_flight": 2, "shed": {"queue_timeout": 1}}
+    stats = {"depth": {"priority": 0, "default": 1, "flex": 0}, "in_flight": 2, "shed": {"queue_timeout": 1}}
     snap = m.snapshot([PoolSnapshot(MODEL, "sim", True, 8, stats)], ready=True)
     assert snap.costs == {(MODEL, "priority"): 510_000_000}
     assert snapshot_from_json(snapshot_to_json(snap)) == snap

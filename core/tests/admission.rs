@@ -13,7 +13,7 @@ const MS: u64 = 1_000_000;
 
 fn pool(max: i64, depth: i64, wait_default_ms: f64, wait_priority_ms: f64, headroom: i64) -> (Pool, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(1_000 * MS));
-    let s = PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [wait_priority_ms, wait_default_ms], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, priority_headroom: headroom, ..PoolSpec::default() }.validate()
+    let s = PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [wait_priority_ms, wait_default_ms, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, priority_headroom: headroom, ..PoolSpec::default() }.validate()
         .unwrap();
     (Pool::new(s, Clock::Manual(clock.clone())), clock)
 }
@@ -64,7 +64,7 @@ fn priority_retry_after_counts_only_priority_waiters() {
     let (p, _) = drained_every_10ms(4, 30_000.0);
     // A priority arrival at the full queue evicts the newest default.
     assert!(matches!(p.admit(Lane::Priority, 1), Admit::Queued { evicted: Some(_), .. }));
-    assert_eq!(p.depth(), (1, 3));
+    assert_eq!(p.depth(), [1, 3, 0]);
     assert_eq!(p.retry_after_ns(Lane::Priority), 2 * 2 * 10 * MS);
     assert_eq!(p.retry_after_ns(Lane::Default), 2 * 5 * 10 * MS);
 }
@@ -80,7 +80,7 @@ fn retry_after_before_any_drain_under_load_is_one_second_per_line() {
 #[test]
 fn rate_limited_retry_after_stays_exact() {
     let clock = Arc::new(ManualClock::new(1_000 * MS));
-    let s = PoolSpec { max_concurrency: Some(8), queue_depth: 8, max_wait_ms: [60_000.0, 30_000.0], rate: Some(10.0), burst: Some(1.0), priority_reserve: 0.0, default_min_share: 0.0, priority_headroom: 2, ..PoolSpec::default() }.validate().unwrap();
+    let s = PoolSpec { max_concurrency: Some(8), queue_depth: 8, max_wait_ms: [60_000.0, 30_000.0, 600_000.0], rate: Some(10.0), burst: Some(1.0), priority_reserve: 0.0, default_min_share: 0.0, priority_headroom: 2, ..PoolSpec::default() }.validate().unwrap();
     let p = Pool::new(s, Clock::Manual(clock.clone()));
     assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     clock.advance_ns(30 * MS);
@@ -105,14 +105,14 @@ fn priority_headroom_keeps_slots_from_default_requests() {
     // 4 in flight; a release leaves 3, still not below 4 - 2: the default waits.
     assert_eq!(p.release(), None);
     assert_eq!(p.stats().in_flight, 3);
-    assert_eq!(p.depth(), (0, 1));
+    assert_eq!(p.depth(), [0, 1, 0]);
     // At 2 in use it still may not: it would be the third.
     assert_eq!(p.release(), None);
     assert_eq!(p.stats().in_flight, 2);
     // One release more and the slot passes to it.
     assert_eq!(p.release(), Some(d));
     assert_eq!(p.stats().in_flight, 2);
-    assert_eq!(p.depth(), (0, 0));
+    assert_eq!(p.depth(), [0, 0, 0]);
 }
 
 #[test]

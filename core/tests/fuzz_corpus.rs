@@ -64,7 +64,7 @@ fn default_waiter_evicted_for_a_priority_arrival_that_is_then_shed_is_not_lost()
     // it used to evict the default waiter anyway and report only its own shed,
     // so the victim's owner never heard and its client waited forever.
     let clock = Arc::new(ManualClock::new(1));
-    let pool = Pool::new(PoolSpec { max_concurrency: Some(1), queue_depth: 2, max_wait_ms: [1e3, 1e3], rate: None, burst: None, priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap(), Clock::Manual(clock));
+    let pool = Pool::new(PoolSpec { max_concurrency: Some(1), queue_depth: 2, max_wait_ms: [1e3, 1e3, 600_000.0], rate: None, burst: None, priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap(), Clock::Manual(clock));
     assert_eq!(pool.admit(Lane::Priority, 1), Admit::Now);
     assert!(matches!(pool.admit(Lane::Priority, 1), Admit::Queued { .. }));
     for _ in 0..7 {
@@ -73,7 +73,7 @@ fn default_waiter_evicted_for_a_priority_arrival_that_is_then_shed_is_not_lost()
     }
     let Admit::Queued { waiter: victim, .. } = pool.admit(Lane::Default, 1) else { panic!("expected to queue") };
     assert!(matches!(pool.admit(Lane::Priority, 1), Admit::Shed { code: ShedCode::ServerOverloaded, evicted: None, .. }));
-    assert_eq!(pool.stats().depth, [1, 1], "the default waiter is still in line");
+    assert_eq!(pool.stats().depth, [1, 1, 0], "the default waiter is still in line");
     assert!(pool.deadline_ns(victim).is_some());
     assert!(pool.cancel(victim));
 }
@@ -85,7 +85,7 @@ fn burst_whose_refill_time_overflows_the_clock_is_refused_not_saturated() {
     let e = BucketParams::new(1e6, 1e30, 0.0).unwrap_err();
     assert!(e.to_string().starts_with("burst:"), "{e}");
     assert!(TokenBucket::new(0.001, 1e9, 0.0, Clock::Monotonic).is_err());
-    assert!(PoolSpec { max_concurrency: Some(1), queue_depth: 1, max_wait_ms: [1.0, 1.0], rate: Some(0.001), burst: Some(1e9), priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().is_err());
+    assert!(PoolSpec { max_concurrency: Some(1), queue_depth: 1, max_wait_ms: [1.0, 1.0, 600_000.0], rate: Some(0.001), burst: Some(1e9), priority_reserve: 0.0, default_min_share: 0.0, ..PoolSpec::default() }.validate().is_err());
     // The largest accepted refill time still works exactly.
     let b = TokenBucket::new(1.0, 1e9, 0.0, Clock::Manual(Arc::new(ManualClock::new(1)))).unwrap();
     assert_eq!(b.try_take(u64::MAX, Lane::Priority), Err(u64::MAX));

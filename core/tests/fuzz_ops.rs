@@ -85,7 +85,7 @@ pub fn decode_settings(b: &mut Bytes, fairness: &str) -> PoolSettings {
         2 => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.0),
         _ => (Some([1.0, 10.0, 1000.0][(k / 20) as usize % 3]), Some([1.0, 2.0, 5.0][(k / 60) as usize % 3]), 0.5),
     };
-    PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [wait_priority, wait_default], rate: rate, burst: burst, priority_reserve: reserve, default_min_share: default_min_share, fairness: fairness.into(), ..PoolSpec::default() }.validate()
+    PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [wait_priority, wait_default, 600_000.0], rate: rate, burst: burst, priority_reserve: reserve, default_min_share: default_min_share, fairness: fairness.into(), ..PoolSpec::default() }.validate()
         .expect("decoded settings are valid")
 }
 
@@ -98,9 +98,11 @@ struct Entry {
 }
 
 fn wid(lane: usize, ticket: u64) -> u64 {
-    ticket << 1 | lane as u64
+    ticket << 2 | lane as u64
 }
 
+/// The lanes this model drives: flex (served from idle capacity, never
+/// work conserving) has its own sequential model in tests/model.rs.
 const LANES: [Lane; 2] = [Lane::Priority, Lane::Default];
 
 /// The plain sequential model plus the bookkeeping the invariants need.
@@ -162,7 +164,7 @@ impl Model {
             // pool takes the front too, and like `pop` leaves the tombstones
             // behind it; a fair pick elsewhere reaps the front after it.
             let crowded = self.lanes[lane].len() >= self.ring_cap * 3 / 4;
-            let picked = got.filter(|&id| self.fair && !crowded && (id & 1) as usize == lane);
+            let picked = got.filter(|&id| self.fair && !crowded && (id & 3) as usize == lane);
             if let Some(e) = picked.and_then(|id| self.lanes[lane].iter_mut().find(|e| e.live && wid(lane, e.ticket) == id)) {
                 e.live = false;
                 let id = wid(lane, e.ticket);
@@ -184,7 +186,7 @@ impl Model {
         let Some(p) = self.s.bucket else { return Ok(()) };
         let limit = match lane {
             Lane::Priority => p.tau_ns as u128,
-            Lane::Default => (p.tau_ns as u128 - p.reserve_ns as u128).max(p.interval_ns as u128),
+            Lane::Default | Lane::Flex => (p.tau_ns as u128 - p.reserve_ns as u128).max(p.interval_ns as u128),
         };
         let need = cost as u128 * p.interval_ns as u128;
         if need > limit {
@@ -255,11 +257,11 @@ fn run_admission_with(data: &[u8], fairness: &str) {
     }
     let undecided: Vec<_> = m.fate.iter().filter(|(_, f)| f.is_none()).map(|(id, _)| *id).collect();
     assert!(undecided.is_empty(), "waiters never decided: {undecided:?}");
-    assert_eq!(pool.stats().depth, [0, 0]);
+    assert_eq!(pool.stats().depth, [0, 0, 0]);
 }
 
 fn grant(m: &mut Model, got: Option<u64>, what: &str) {
-    let strict_ok = |m: &Model, id: u64| m.share_fp > 0 || id & 1 == 0 || m.live(0) == 0;
+    let strict_ok = |m: &Model, id: u64| m.share_fp > 0 || id & 3 == 0 || m.live(0) == 0;
     if let Some(id) = got {
         // Checked before the model pops: the pool must never pass over a
         // waiting priority request for a default one under strict priority.
@@ -359,7 +361,7 @@ fn step(pool: &Pool, clock: &ManualClock, m: &mut Model, op: Op) {
             assert!(pool.deadline_ns(id).is_some(), "live waiter {id} has no deadline");
             assert!(pool.cancel(id), "live waiter {id} refused cancel");
             assert!(!pool.cancel(id), "waiter {id} cancelled twice");
-            let l = (id & 1) as usize;
+            let l = (id & 3) as usize;
             for e in m.lanes[l].iter_mut().filter(|e| wid(l, e.ticket) == id) {
                 e.live = false;
             }
@@ -425,12 +427,12 @@ fn check(pool: &Pool, m: &Model, op: Op) {
     assert!(s.in_flight <= s.limit, "after {op:?}: in_flight {} > max {}", s.in_flight, s.limit);
     assert!(s.depth[0] + s.depth[1] <= m.s.queue_depth, "after {op:?}: depth {:?} > queue_depth {}", s.depth, m.s.queue_depth);
     assert_eq!(s.in_flight, m.in_flight, "after {op:?}: in_flight");
-    assert_eq!(s.depth, [m.live(0), m.live(1)], "after {op:?}: depth");
-    assert_eq!(s.admitted, m.admitted, "after {op:?}: admitted");
+    assert_eq!(s.depth, [m.live(0), m.live(1), 0], "after {op:?}: depth");
+    assert_eq!(s.admitted, [m.admitted[0], m.admitted[1], 0], "after {op:?}: admitted");
     assert_eq!(s.shed, m.shed, "after {op:?}: shed");
     assert_eq!(s.cancelled, m.cancelled, "after {op:?}: cancelled");
     // Work conserving: nobody waits while a slot is free.
-    assert!(s.depth == [0, 0] || s.in_flight == s.limit, "after {op:?}: {:?} waiting with a free slot", s.depth);
+    assert!(s.depth == [0, 0, 0] || s.in_flight == s.limit, "after {op:?}: {:?} waiting with a free slot", s.depth);
     // Every waiter ever queued is waiting or was decided once, and the
     // counters add up: queued = granted (from the line) + shed + cancelled + waiting.
     let (mut waiting, mut decided) = (0u64, [0u64; 4]);
@@ -471,7 +473,7 @@ pub fn run_bucket(data: &[u8]) {
     assert_eq!(bucket.params(), &p);
     let limit = |lane: Lane| match lane {
         Lane::Priority => p.tau_ns as u128,
-        Lane::Default => (p.tau_ns as u128 - p.reserve_ns as u128).max(p.interval_ns as u128),
+        Lane::Default | Lane::Flex => (p.tau_ns as u128 - p.reserve_ns as u128).max(p.interval_ns as u128),
     };
     // The exact rule; None when the exact TAT would not fit a u64 (the
     // core saturates there, which only a burst of ~1e10 s reaches).

@@ -63,7 +63,7 @@ fn an_engine_queue_cuts_then_holds_then_saturation_grows() {
         assert_eq!(pool.release(), None);
     }
     assert_eq!(pool.stats().in_flight, 10);
-    assert_eq!(pool.stats().depth, [0, 8]);
+    assert_eq!(pool.stats().depth, [0, 8, 0]);
     // Now a release hands on.
     assert_eq!(pool.release(), Some(queued[0]));
     // Held after the cut, though saturated and the engine queue is empty.

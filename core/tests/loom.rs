@@ -9,7 +9,7 @@ use loom::thread;
 use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, TokenBucket};
 
 fn pool(max_concurrency: i64, queue_depth: i64) -> Pool {
-    let s = PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let s = PoolSpec { max_concurrency: Some(max_concurrency), queue_depth: queue_depth, max_wait_ms: [1000.0, 1000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     Pool::new(s, Clock::Manual(StdArc::new(ManualClock::new(1))))
 }
 
@@ -43,7 +43,7 @@ fn waiter_joining_while_slot_frees_is_never_stranded() {
             other => panic!("unexpected {other:?}"),
         }
         let s = p.stats();
-        assert_eq!((s.in_flight, s.depth), (1, [0, 0]));
+        assert_eq!((s.in_flight, s.depth), (1, [0, 0, 0]));
     });
 }
 
@@ -63,7 +63,7 @@ fn cancel_and_release_race_decides_the_waiter_once() {
         } else {
             assert_eq!((released, s.in_flight), (Some(waiter), 1));
         }
-        assert_eq!(s.depth, [0, 0]);
+        assert_eq!(s.depth, [0, 0, 0]);
     });
 }
 
@@ -106,7 +106,7 @@ fn priority_eviction_races_a_cancel_of_the_same_default_waiter() {
             Admit::Shed { .. } => panic!("a place was always available"),
             Admit::Now => panic!("the slot is held"),
         }
-        assert_eq!(p.stats().depth, [1, 0]);
+        assert_eq!(p.stats().depth, [1, 0, 0]);
     });
 }
 
@@ -120,7 +120,7 @@ fn two_releases_racing_past_a_tombstone_grant_each_waiter_once() {
         // The ring's own pops (fairness off): with fair pops, the reads of
         // the flow queues' words take the model past loom's branch limit;
         // the fair take is modelled apart (`a_fair_pop_*` below).
-        let s = PoolSpec { max_concurrency: Some(2), queue_depth: 3, max_wait_ms: [1000.0, 1000.0], fairness: "off".into(), ..PoolSpec::default() }.validate().unwrap();
+        let s = PoolSpec { max_concurrency: Some(2), queue_depth: 3, max_wait_ms: [1000.0, 1000.0, 600_000.0], fairness: "off".into(), ..PoolSpec::default() }.validate().unwrap();
         let p = Arc::new(Pool::new(s, Clock::Manual(StdArc::new(ManualClock::new(1)))));
         assert_eq!(p.settings().ring_cap(), 8);
         assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
@@ -145,7 +145,7 @@ fn two_releases_racing_past_a_tombstone_grant_each_waiter_once() {
         let mut got = [mine.unwrap(), theirs.unwrap()];
         got.sort();
         assert_eq!(got, [ids[0], ids[2]]);
-        assert_eq!(p.stats().depth, [0, 0]);
+        assert_eq!(p.stats().depth, [0, 0, 0]);
         // Whatever the head was left at, the next waiter is granted once.
         let Admit::Queued { waiter, granted: None, .. } = p.admit(Lane::Default, 1) else { panic!() };
         assert_eq!(p.release(), Some(waiter));
@@ -237,7 +237,7 @@ fn adaptive(min: i64, max: i64, initial: i64) -> Pool {
         max_concurrency_limit: Some(max),
         initial_concurrency: Some(initial),
         queue_depth: 2,
-        max_wait_ms: [1000.0, 1000.0],
+        max_wait_ms: [1000.0, 1000.0, 600_000.0],
         ..PoolSpec::default()
     }
     .validate()
@@ -260,9 +260,9 @@ fn a_limit_lowered_while_a_slot_is_released_hands_it_on_or_frees_it_never_both()
         assert_eq!(s.limit, 1);
         match released {
             // Handed on before the lower limit was seen: nothing preempted.
-            Some(w) => assert_eq!((w, s.in_flight, s.depth), (waiter, 2, [0, 0])),
+            Some(w) => assert_eq!((w, s.in_flight, s.depth), (waiter, 2, [0, 0, 0])),
             // Freed under the lower limit: the waiter waits.
-            None => assert_eq!((s.in_flight, s.depth), (1, [0, 1])),
+            None => assert_eq!((s.in_flight, s.depth), (1, [0, 1, 0])),
         }
     });
 }
@@ -280,7 +280,7 @@ fn a_limit_raised_while_a_slot_is_released_grants_the_waiter_once() {
         let grants = filled.iter().filter(|&&w| w == waiter).count() + usize::from(released == Some(waiter));
         assert_eq!(grants, 1, "filled={filled:?} released={released:?}");
         let s = p.stats();
-        assert_eq!((s.in_flight, s.depth, s.limit), (1, [0, 0], 2));
+        assert_eq!((s.in_flight, s.depth, s.limit), (1, [0, 0, 0], 2));
     });
 }
 
@@ -386,7 +386,7 @@ fn a_fair_pop_racing_another_flows_join_grants_each_waiter_once() {
         assert_eq!(got, want);
         assert_eq!(p.release(), None);
         let s = p.stats();
-        assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0], [0, 0]));
+        assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
     });
 }
 
@@ -416,7 +416,7 @@ fn a_fair_pop_and_a_cancel_of_the_picked_waiter_decide_it_once() {
         }
         assert_eq!(p.release(), None);
         let s = p.stats();
-        assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0], [0, 0]));
+        assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
     });
 }
 

@@ -27,7 +27,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => prop_oneof![Just(Lane::Priority), Just(Lane::Default)].prop_map(Op::Admit),
+        4 => prop_oneof![Just(Lane::Priority), Just(Lane::Default), Just(Lane::Flex)].prop_map(Op::Admit),
         3 => any::<usize>().prop_map(Op::Release),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => (0u64..40).prop_map(Op::AdvanceMs),
@@ -52,20 +52,28 @@ struct Model {
     bounds: Option<(usize, usize)>,
     /// Slots only priority may take (`priority_headroom`).
     headroom: usize,
+    /// `flex_headroom`: a share of the limit, at least one slot, that flex
+    /// may not take beyond `headroom`.
+    flex_share: f64,
     queue_depth: usize,
     ring_cap: usize,
-    max_wait_ms: [u64; 2],
+    max_wait_ms: [u64; 3],
     in_flight: usize,
-    lanes: [VecDeque<Entry>; 2],
-    next_ticket: [u64; 2],
+    lanes: [VecDeque<Entry>; 3],
+    next_ticket: [u64; 3],
     now_ms: u64,
 }
 
 fn id(lane: usize, ticket: u64) -> u64 {
-    ticket << 1 | lane as u64
+    ticket << 2 | lane as u64
 }
 
 impl Model {
+    /// Flex is served only below the limit minus both headrooms.
+    fn flex_limit(&self) -> usize {
+        let slots = ((self.flex_share * self.limit as f64).ceil() as usize).max(1);
+        self.limit.saturating_sub(self.headroom + slots)
+    }
     fn depth(&self) -> usize {
         self.lanes.iter().map(|l| l.iter().filter(|e| e.live).count()).sum()
     }
@@ -77,8 +85,13 @@ impl Model {
             self.lanes[lane].pop_front();
         }
     }
-    fn pop_next(&mut self, allow_default: bool) -> Option<u64> {
-        for lane in 0..if allow_default { 2 } else { 1 } {
+    fn pop_next(&mut self, allow_default: bool, allow_flex: bool) -> Option<u64> {
+        let lanes: &[usize] = match (allow_default, allow_flex) {
+            (false, _) => &[0],
+            (true, false) => &[0, 1],
+            (true, true) => &[0, 1, 2],
+        };
+        for &lane in lanes {
             self.reap(lane);
             if let Some(e) = self.lanes[lane].pop_front() {
                 return Some(id(lane, e.ticket));
@@ -89,11 +102,14 @@ impl Model {
     fn admit(&mut self, lane: Lane) -> (Option<ShedCode>, Option<u64>, Option<u64>) {
         let l = lane as usize;
         // Defaults never take the headroom; with headroom, only priority
-        // waiters are ahead of a priority arrival.
+        // waiters are ahead of a priority arrival. Flex waiters are never
+        // ahead of the others; every waiter is ahead of a flex arrival.
+        let sold = (self.lane_depth(0) + self.lane_depth(1)) as usize;
         let (limit, ahead) = match lane {
             Lane::Priority if self.headroom > 0 => (self.limit, self.lane_depth(0) as usize),
-            Lane::Priority => (self.limit, self.depth()),
-            Lane::Default => (self.limit - self.headroom, self.depth()),
+            Lane::Priority => (self.limit, sold),
+            Lane::Default => (self.limit - self.headroom, sold),
+            Lane::Flex => (self.flex_limit(), self.depth()),
         };
         if ahead == 0 && self.in_flight < limit {
             self.in_flight += 1;
@@ -101,17 +117,22 @@ impl Model {
         }
         let mut evicted = None;
         if self.depth() >= self.queue_depth {
-            if lane == Lane::Default {
-                return (Some(ShedCode::ServerOverloaded), None, None);
-            }
-            // No eviction for an arrival that would find its own ring full.
+            // The newest flex waiter goes first, then (for priority) the
+            // newest default one; none for an arrival that would find its
+            // own ring full.
+            let victims: &[usize] = match lane {
+                Lane::Priority => &[2, 1],
+                Lane::Default => &[2],
+                Lane::Flex => &[],
+            };
             let room = self.lanes[l].len() < self.ring_cap;
-            let newest = self.lanes[1].iter_mut().rev().find(|e| e.live && room);
-            match newest {
-                Some(e) => {
+            let victim = victims.iter().copied().find(|&v| room && self.lanes[v].iter().any(|e| e.live));
+            match victim {
+                Some(v) => {
+                    let e = self.lanes[v].iter_mut().rev().find(|e| e.live).unwrap();
                     e.live = false;
-                    evicted = Some(id(1, e.ticket));
-                    self.reap(1);
+                    evicted = Some(id(v, e.ticket));
+                    self.reap(v);
                 }
                 None => return (Some(ShedCode::ServerOverloaded), None, None),
             }
@@ -129,7 +150,7 @@ impl Model {
         if self.in_flight >= self.limit {
             return None;
         }
-        let next = self.pop_next(self.in_flight < self.limit - self.headroom);
+        let next = self.pop_next(self.in_flight < self.limit - self.headroom, self.in_flight < self.flex_limit());
         if next.is_some() {
             self.in_flight += 1;
         }
@@ -141,9 +162,12 @@ impl Model {
             self.in_flight -= 1;
             return self.dispatch();
         }
-        let next = self.pop_next(true);
+        // Handed straight on to priority or default only; flex is decided
+        // by a dispatch once the slot is free.
+        let next = self.pop_next(true, false);
         if next.is_none() {
             self.in_flight -= 1;
+            return self.dispatch();
         }
         next
     }
@@ -161,10 +185,10 @@ impl Model {
         granted
     }
     fn live_ids(&self) -> Vec<u64> {
-        (0..2).flat_map(|l| self.lanes[l].iter().filter(|e| e.live).map(move |e| id(l, e.ticket))).collect()
+        (0..3).flat_map(|l| self.lanes[l].iter().filter(|e| e.live).map(move |e| id(l, e.ticket))).collect()
     }
     fn cancel(&mut self, target: u64) {
-        let l = (target & 1) as usize;
+        let l = (target & 3) as usize;
         for e in self.lanes[l].iter_mut() {
             if id(l, e.ticket) == target {
                 e.live = false;
@@ -174,7 +198,7 @@ impl Model {
     }
     fn expire(&mut self) -> Vec<u64> {
         let mut out = vec![];
-        for l in 0..2 {
+        for l in 0..3 {
             loop {
                 self.reap(l);
                 match self.lanes[l].front() {
@@ -191,7 +215,7 @@ impl Model {
 }
 
 /// `bounds`: Some((min, max)) for an adaptive limit starting at `limit`.
-fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: usize, headroom: usize) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: usize, headroom: usize, flex_share: f64) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(0));
     let spec = match bounds {
         None => PoolSpec { max_concurrency: Some(limit as i64), ..PoolSpec::default() },
@@ -204,8 +228,9 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
     };
     let settings = PoolSpec {
         queue_depth: queue_depth as i64,
-        max_wait_ms: [80.0, 50.0],
+        max_wait_ms: [80.0, 50.0, 120.0],
         priority_headroom: headroom as i64,
+        flex_headroom: flex_share,
         // The model is first come, first served inside a lane: today's
         // order, kept as `fairness = "off"`. The fair order has its own
         // model below (`fair_pool_keeps_the_invariants_and_the_service_bound`).
@@ -220,12 +245,13 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
         limit,
         bounds,
         headroom,
+        flex_share,
         queue_depth,
         ring_cap,
-        max_wait_ms: [80, 50],
+        max_wait_ms: [80, 50, 120],
         in_flight: 0,
-        lanes: [VecDeque::new(), VecDeque::new()],
-        next_ticket: [0, 0],
+        lanes: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
+        next_ticket: [0, 0, 0],
         now_ms: 0,
     };
     for op in ops {
@@ -280,7 +306,11 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
         }
         let s = pool.stats();
         prop_assert_eq!(s.in_flight as usize, m.in_flight);
-        prop_assert_eq!(s.depth, [m.lane_depth(0), m.lane_depth(1)]);
+        prop_assert_eq!(s.depth, [m.lane_depth(0), m.lane_depth(1), m.lane_depth(2)]);
+        // Flex never holds a slot above the flex limit of the limit it was
+        // granted under: with no flex waiter left behind a free flex slot.
+        prop_assert!(s.depth[2] == 0 || s.in_flight as usize >= m.flex_limit() || s.depth[0] + s.depth[1] > 0 || m.in_flight > m.limit,
+            "a flex waiter left waiting beside an idle slot");
         prop_assert_eq!(s.limit as usize, m.limit);
         match bounds {
             None => prop_assert!(s.in_flight as usize <= limit, "a fixed limit exceeded"),
@@ -296,7 +326,7 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
         prop_assert_eq!(pool.release(), None);
     }
     let s = pool.stats();
-    prop_assert_eq!((s.in_flight, s.depth), (0, [0, 0]));
+    prop_assert_eq!((s.in_flight, s.depth), (0, [0, 0, 0]));
     Ok(())
 }
 
@@ -306,10 +336,11 @@ proptest! {
     #[test]
     fn pool_matches_the_sequential_model(
         ops in prop::collection::vec(op(), 1..200),
-        (max_concurrency, headroom) in (1usize..4).prop_flat_map(|m| (Just(m), 0..m)),
+        (max_concurrency, headroom) in (1usize..6).prop_flat_map(|m| (Just(m), 0..m)),
         queue_depth in 0usize..6,
+        flex_share in prop_oneof![Just(0.0), Just(0.1), Just(0.25), Just(0.5)],
     ) {
-        run(ops, max_concurrency, None, queue_depth, headroom)?;
+        run(ops, max_concurrency, None, queue_depth, headroom, flex_share)?;
     }
 
     #[test]
@@ -319,8 +350,9 @@ proptest! {
             .prop_flat_map(|min| (Just(min), min..6))
             .prop_flat_map(|(min, max)| (Just(min), Just(max), min..=max, 0..min)),
         queue_depth in 0usize..6,
+        flex_share in prop_oneof![Just(0.0), Just(0.1), Just(0.25), Just(0.5)],
     ) {
-        run(ops, initial, Some((min, max)), queue_depth, headroom)?;
+        run(ops, initial, Some((min, max)), queue_depth, headroom, flex_share)?;
     }
 }
 
@@ -331,7 +363,7 @@ use tierq_core::{fair, Ask};
 
 fn fair_pool(limit: i64, queue_depth: i64) -> (Pool, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(1));
-    let s = PoolSpec { max_concurrency: Some(limit), queue_depth, max_wait_ms: [80.0, 50.0], ..PoolSpec::default() }.validate().unwrap();
+    let s = PoolSpec { max_concurrency: Some(limit), queue_depth, max_wait_ms: [80.0, 50.0, 600_000.0], ..PoolSpec::default() }.validate().unwrap();
     (Pool::new(s, Clock::Manual(clock.clone())), clock)
 }
 
@@ -349,7 +381,7 @@ enum FairOp {
 const WEIGHTS: [u32; 3] = [100, 200, 400];
 
 fn fair_op() -> impl Strategy<Value = FairOp> {
-    let lane = prop_oneof![1 => Just(Lane::Priority), 3 => Just(Lane::Default)];
+    let lane = prop_oneof![1 => Just(Lane::Priority), 3 => Just(Lane::Default), 1 => Just(Lane::Flex)];
     prop_oneof![
         5 => (0usize..4, lane, 0u64..50, 0usize..3).prop_map(|(f, l, c, w)| FairOp::Admit(f, l, c, w)),
         3 => (any::<usize>(), 0u64..80).prop_map(|(n, c)| FairOp::Release(n, c)),
@@ -445,7 +477,7 @@ fn run_fair(ops: Vec<FairOp>, limit: i64, queue_depth: i64) -> Result<(), TestCa
         prop_assert!(s.in_flight as i64 <= limit, "granted over the limit");
         prop_assert_eq!(s.in_flight as usize, held.len());
         let lane_live = |l: Lane| live.values().filter(|(ll, _)| *ll == l).count() as u32;
-        prop_assert_eq!(s.depth, [lane_live(Lane::Priority), lane_live(Lane::Default)]);
+        prop_assert_eq!(s.depth, [lane_live(Lane::Priority), lane_live(Lane::Default), lane_live(Lane::Flex)]);
     }
     // No lost waiter: releasing every slot grants every waiter left, once.
     while let Some((lane, queue, svc)) = held.pop() {
@@ -456,9 +488,13 @@ fn run_fair(ops: Vec<FairOp>, limit: i64, queue_depth: i64) -> Result<(), TestCa
             grant(g, &mut live, &mut decided, &mut held)?;
         }
     }
-    prop_assert!(live.is_empty(), "waiters left behind: {:?}", live);
+    // Flex waits on: a pool of one slot keeps it as flex's headroom.
+    prop_assert!(live.values().all(|(l, _)| *l == Lane::Flex) && (live.is_empty() || limit == 1), "waiters left behind: {:?}", live);
+    for id in live.keys() {
+        prop_assert!(pool.cancel(*id));
+    }
     let s = pool.stats();
-    prop_assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0], [0, 0]));
+    prop_assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tierq_core::{Admit, Clock, CoreError, Lane, LimitMode, Outcome, Pool, PoolSettings, PoolSpec, ShedCode};
 
 fn settings(max: i64, depth: i64) -> PoolSettings {
-    PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap()
+    PoolSpec { max_concurrency: Some(max), queue_depth: depth, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap()
 }
 
 /// A unique region name per test, removed when the guard drops.
@@ -95,7 +95,7 @@ fn priority_waiter_in_one_worker_goes_ahead_of_defaults_queued_in_another() {
 #[test]
 fn eviction_and_expiry_decided_elsewhere_are_mailed_as_sheds() {
     let name = Name::new("shed");
-    let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1, max_wait_ms: [60_000.0, 10.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let s = PoolSpec { max_concurrency: Some(1), queue_depth: 1, max_wait_ms: [60_000.0, 10.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert_eq!(a.admit(Lane::Default, 1), Admit::Now);
@@ -126,7 +126,7 @@ fn reclaim_of_a_dead_worker_frees_its_slots_and_tombstones_its_waiters() {
     // One slot went to a's waiter (through the mailbox), the other is free.
     assert_eq!(drain(&a), vec![(mine, Outcome::Granted)]);
     let st = a.stats();
-    assert_eq!((st.in_flight, st.depth, st.cancelled), (1, [0, 0], 1));
+    assert_eq!((st.in_flight, st.depth, st.cancelled), (1, [0, 0, 0], 1));
     // A new generation attaches at the same index; mail for the old one is ignored.
     let b2 = attach(&name, &s, 1, 2);
     assert_eq!(b2.admit(Lane::Default, 1), Admit::Now);
@@ -324,7 +324,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
     let workers = 4;
     let s = settings(3, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
-    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let c = Arc::new(Shm::new(FATE + 4 * TICKETS));
     let barrier = Arc::new(Barrier::new(workers));
     let handles: Vec<_> = (0..workers)
         .map(|i| {
@@ -338,7 +338,7 @@ fn workers_as_threads_never_exceed_slots_and_decide_each_waiter_once() {
         .collect();
     let total: u64 = handles.into_iter().map(|h| h.join().unwrap().0).sum();
     let st = sup.stats();
-    assert_eq!((st.in_flight, st.depth), (0, [0, 0]));
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0, 0]));
     assert_eq!(c.w()[HOLDS].load(SeqCst), total);
     assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed workers");
     assert_eq!(c.w()[MAX_HOLDING].load(SeqCst), 3);
@@ -382,7 +382,7 @@ fn adaptive(min: i64, max: i64, initial: i64, depth: i64) -> PoolSettings {
         max_concurrency_limit: Some(max),
         initial_concurrency: Some(initial),
         queue_depth: depth,
-        max_wait_ms: [60_000.0, 60_000.0],
+        max_wait_ms: [60_000.0, 60_000.0, 600_000.0],
         ..PoolSpec::default()
     }
     .validate()
@@ -395,7 +395,7 @@ fn a_limit_set_through_one_worker_is_the_limit_of_every_worker() {
     let s = adaptive(2, 16, 16, 8);
     let sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     // The mode is part of the fingerprint: a fixed 16 (same sizes) may not attach.
-    let fixed = PoolSpec { max_concurrency: Some(16), queue_depth: 8, max_wait_ms: [60_000.0, 60_000.0], ..PoolSpec::default() }.validate().unwrap();
+    let fixed = PoolSpec { max_concurrency: Some(16), queue_depth: 8, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], ..PoolSpec::default() }.validate().unwrap();
     assert_eq!(fixed.limit, LimitMode::Fixed(16));
     assert!(matches!(Pool::attach_shared(&name.0, fixed, Some(0), vec![-1; 2], Clock::Monotonic), Err(CoreError::Layout(_))));
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
@@ -414,7 +414,7 @@ fn a_limit_set_through_one_worker_is_the_limit_of_every_worker() {
     assert!(b.set_limit(2).is_empty());
     assert_eq!(b.release(), None);
     assert_eq!(b.release(), None);
-    assert_eq!((sup.stats().in_flight, sup.stats().depth), (2, [0, 1]));
+    assert_eq!((sup.stats().in_flight, sup.stats().depth), (2, [0, 1, 0]));
     assert_eq!(drain(&a), vec![]);
 }
 
@@ -425,12 +425,12 @@ fn a_lowered_limit_holds_across_processes() {
     let s = adaptive(2, 8, 8, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
     sup.set_limit(2);
-    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let c = Arc::new(Shm::new(FATE + 4 * TICKETS));
     for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[], 2) {
         assert_eq!(wait_ok(pid), 0, "worker {i} failed (held more than the lowered limit?)");
     }
     let st = sup.stats();
-    assert_eq!((st.in_flight, st.depth, st.limit), (0, [0, 0], 2));
+    assert_eq!((st.in_flight, st.depth, st.limit), (0, [0, 0, 0], 2));
     assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed processes");
     assert_eq!(c.w()[MAX_HOLDING].load(SeqCst), 2);
 }
@@ -441,12 +441,12 @@ fn workers_as_processes_never_exceed_slots_and_decide_each_waiter_once() {
     let workers = 4;
     let s = settings(3, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
-    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let c = Arc::new(Shm::new(FATE + 4 * TICKETS));
     for (i, pid) in fork_workers(&name, &s, &c, workers, 1500, 0, &[], s.limit.max() as u64) {
         assert_eq!(wait_ok(pid), 0, "worker {i} failed");
     }
     let st = sup.stats();
-    assert_eq!((st.in_flight, st.depth), (0, [0, 0]));
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0, 0]));
     assert!(c.w()[CROSS].load(SeqCst) > 0, "no grant ever crossed processes");
     assert!(c.w()[MAX_HOLDING].load(SeqCst) <= 3);
     assert!((0..workers).all(|i| sup.held_by(i) == 0));
@@ -458,7 +458,7 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
     let workers = 3;
     let s = settings(2, 16);
     let sup = Pool::create_shared(&name.0, s.clone(), workers, vec![], Clock::Monotonic).unwrap();
-    let c = Arc::new(Shm::new(FATE + 2 * TICKETS));
+    let c = Arc::new(Shm::new(FATE + 4 * TICKETS));
     let pids = fork_workers(&name, &s, &c, workers, usize::MAX, 200, &[], s.limit.max() as u64);
     // Under load: every worker's loop is turning (polled, not slept on, so a
     // slow machine only makes it take longer).
@@ -484,7 +484,7 @@ fn worker_killed_with_sigkill_under_load_leaks_no_slot() {
         assert_eq!(wait_ok(*pid), 0, "worker {i} failed");
     }
     let st = sup.stats();
-    assert_eq!((st.in_flight, st.depth), (0, [0, 0]), "reclaimed {slots} slots, {waiters} waiters");
+    assert_eq!((st.in_flight, st.depth), (0, [0, 0, 0]), "reclaimed {slots} slots, {waiters} waiters");
 }
 
 /// Polls `cond` (a state the test waits for, never a fixed sleep); panics
@@ -682,7 +682,7 @@ fn a_greedy_flow_in_one_process_cannot_starve_a_polite_flow_in_another() {
     wait_for(1);
     let pid_p = fair_child(&name, &s, &c, 2, polite, 1, 2);
     wait_for(2);
-    assert_eq!(sup.stats().fair_flows_active, [0, 3]);
+    assert_eq!(sup.stats().fair_flows_active, [0, 3, 0]);
     assert_eq!(holder.release(), None, "the slot went to another process's waiter");
     assert_eq!(wait_ok(pid_g), 0);
     assert_eq!(wait_ok(pid_p), 0);
@@ -692,5 +692,5 @@ fn a_greedy_flow_in_one_process_cannot_starve_a_polite_flow_in_another() {
     let at = order.iter().position(|&t| t == 2).unwrap();
     assert!(at <= 2, "the polite key was served {}th: {order:?}", at + 1);
     let st = sup.stats();
-    assert_eq!((st.in_flight, st.depth, st.fair_flows_active), (0, [0, 0], [0, 0]));
+    assert_eq!((st.in_flight, st.depth, st.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
 }

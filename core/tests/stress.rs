@@ -72,7 +72,7 @@ const SHED: u8 = 2;
 struct Harness {
     pool: Pool,
     max: u32,
-    /// Indexed by waiter id; ids are `ticket << 1 | lane`, tickets < TICKETS.
+    /// Indexed by waiter id; ids are `ticket << 2 | lane`, tickets < TICKETS.
     fate: Vec<AtomicU8>,
     holding: AtomicU64,
     max_holding: AtomicU64,
@@ -104,7 +104,7 @@ impl Harness {
 
 #[test]
 fn pool_never_exceeds_slots_and_every_waiter_ends_exactly_once() {
-    let settings = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let settings = PoolSpec { max_concurrency: Some(3), queue_depth: 16, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     stress(settings, false);
 }
 
@@ -117,7 +117,7 @@ fn a_moving_limit_never_exceeds_its_bound_and_leaks_nothing() {
         max_concurrency_limit: Some(3),
         initial_concurrency: Some(2),
         queue_depth: 16,
-        max_wait_ms: [60_000.0, 60_000.0],
+        max_wait_ms: [60_000.0, 60_000.0, 600_000.0],
         ..PoolSpec::default()
     }
     .validate()
@@ -130,7 +130,7 @@ fn stress(settings: PoolSettings, move_limit: bool) {
     let h = Arc::new(Harness {
         pool: Pool::new(settings, Clock::Monotonic),
         max,
-        fate: (0..TICKETS * 2).map(|_| AtomicU8::new(PENDING)).collect(),
+        fate: (0..TICKETS * 4).map(|_| AtomicU8::new(PENDING)).collect(),
         holding: AtomicU64::new(0),
         max_holding: AtomicU64::new(0),
         holds: AtomicU64::new(0),
@@ -220,7 +220,7 @@ fn stress(settings: PoolSettings, move_limit: bool) {
 
     let stats = h.pool.stats();
     assert_eq!(stats.in_flight, 0, "slot leaked: {stats:?}");
-    assert_eq!(stats.depth, [0, 0], "waiter leaked: {stats:?}");
+    assert_eq!(stats.depth, [0, 0, 0], "waiter leaked: {stats:?}");
     let served: u64 = ended.iter().map(|e| e.0).sum();
     let shed: u64 = ended.iter().map(|e| e.1).sum();
     let cancelled: u64 = ended.iter().map(|e| e.2).sum();
@@ -239,7 +239,7 @@ fn concurrent_waiters_are_each_granted_once() {
     // ticket must come out of the pool exactly once. `held` counts slots the
     // pool has handed out and nobody has released yet (an admit granted now, a
     // grant, a hand-off), so the releaser only ever releases a held slot.
-    let settings = PoolSpec { max_concurrency: Some(1), queue_depth: 4096, max_wait_ms: [60_000.0, 60_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let settings = PoolSpec { max_concurrency: Some(1), queue_depth: 4096, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let pool = Arc::new(Pool::new(settings, Clock::Monotonic));
     assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
     let held = Arc::new(AtomicU64::new(1));
@@ -275,7 +275,7 @@ fn concurrent_waiters_are_each_granted_once() {
         thread::spawn(move || {
             let mut handoffs = 0;
             // Each grant hands the one slot on; keep releasing until all are through.
-            while !(done.load(SeqCst) && pool.stats().depth == [0, 0]) {
+            while !(done.load(SeqCst) && pool.stats().depth == [0, 0, 0]) {
                 if held.fetch_update(SeqCst, SeqCst, |h| h.checked_sub(1)).is_ok() {
                     if let Some(next) = pool.release() {
                         granted.lock().unwrap().push(next);
@@ -307,14 +307,14 @@ fn concurrent_waiters_are_each_granted_once() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "release() without a held slot")]
 fn release_without_a_held_slot_is_caught_in_debug_builds() {
-    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     Pool::new(settings, Clock::Monotonic).release();
 }
 
 #[test]
 #[cfg(not(debug_assertions))]
 fn release_without_a_held_slot_does_not_wrap_the_count() {
-    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
+    let settings = PoolSpec { max_concurrency: Some(2), queue_depth: 4, max_wait_ms: [1000.0, 1000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.0, ..PoolSpec::default() }.validate().unwrap();
     let pool = Pool::new(settings, Clock::Monotonic);
     assert_eq!(pool.release(), None);
     assert_eq!(pool.stats().in_flight, 0);

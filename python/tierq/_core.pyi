@@ -23,7 +23,7 @@ __all__ = [
 
 SHED_CODES: list[str]
 # The lanes' names in lane order (core/lib.rs `Lane::ALL`): tierq.tiers.Tier.
-TIERS: tuple[str, str]
+TIERS: tuple[str, str, str]
 
 @final
 class ManualClock:
@@ -87,6 +87,7 @@ class _SettingsKwargs(TypedDict, total=False):
     enforce: bool | None
     default_min_share: float | None
     priority_headroom: int | None
+    flex_headroom: float | None
     fairness: str | None
     fair_queues: int | None
     engine_interval_ms: float | None
@@ -124,6 +125,8 @@ class PoolSettings:
     def max_wait_ms(self) -> dict[str, float]: ...
     @property
     def priority_headroom(self) -> int: ...
+    @property
+    def flex_headroom(self) -> float: ...
     @property
     def default_min_share(self) -> float: ...
     @property

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final, Sequence, Unpack
 
 from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings
 from tierq.retry_after import retry_after
-from tierq.tiers import Tier
+from tierq.tiers import Tier, one_of
 
 if TYPE_CHECKING:
     # PoolSettings' keywords, declared by the core (typed in the stub).
@@ -26,7 +26,7 @@ __all__ = ["Admission", "PoolSettings", "Shed", "Slot"]
 _LANE_TIERS: Final = tuple(Tier)
 # A tier or its name -> lane index (a dict: acquire() runs per request).
 _LANE_OF: Final[dict[str, int]] = {tier: tier.lane for tier in Tier}
-_ONE_OF: Final = " or ".join(f'"{tier}"' for tier in Tier)
+_ONE_OF: Final = one_of('"')
 _NONE = -1
 _NEVER = (1 << 63) - 1
 # Expiry timers fire this long after a waiter's deadline, so the core sees it passed.

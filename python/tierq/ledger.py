@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Final
 from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
-from tierq.tiers import Tier, TierReason
+from tierq.tiers import Tier, TierReason, one_of
 
 __all__ = [
     "APPLIED_TIERS",
@@ -58,7 +58,7 @@ _STATUS_ORDER: Final = ("served", "shed", "failed", "cancelled")
 STATUSES: Final = frozenset(_STATUS_ORDER)
 APPLIED_TIERS: Final = frozenset(Tier)
 TIER_REASONS: Final = frozenset(TierReason)
-_ONE_OF: Final = " or ".join(f"'{tier}'" for tier in Tier)
+_ONE_OF: Final = one_of("'")
 FEMTO_PER_USD: Final = 10**15
 FEMTO_PER_MICRO: Final = 10**9
 # The writer's limits live with it (core/ledger.rs): at most 8192 rows per

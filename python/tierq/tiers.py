@@ -2,8 +2,8 @@
 
 `Tier` is the one declaration of the tier names on the Python side, made of
 the core's lanes (`tierq._core.TIERS`, in lane order). `resolve_tier` turns a
-request's raw `service_tier` value and the model's priority flag into the tier
-that is applied, echoed and billed.
+request's raw `service_tier` value and the model's priority and flex flags into
+the tier that is applied, echoed and billed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import orjson
 
 from tierq._core import TIERS
 
-__all__ = ["InvalidTier", "Tier", "TierReason", "resolve_tier"]
+__all__ = ["InvalidTier", "Tier", "TierReason", "one_of", "resolve_tier"]
 
 
 class Tier(StrEnum):
@@ -28,6 +28,7 @@ class Tier(StrEnum):
 
     PRIORITY = TIERS[0]
     DEFAULT = TIERS[1]
+    FLEX = TIERS[2]
 
     @property
     def lane(self) -> int:
@@ -50,11 +51,12 @@ if tuple(Tier) != TIERS:
 
 # "fast" is OpenAI's alias of "priority".
 _PRIORITY_NAMES: Final = frozenset({Tier.PRIORITY.value, "fast"})
-# Tiers a client may name that tierq does not sell ("flex", "scale") are served,
-# and billed, as default rather than refused: a client written for another
-# provider keeps working and is never charged for a tier it did not get.
-_DEFAULT_NAMES: Final = frozenset({"auto", Tier.DEFAULT.value, "flex", "scale"})
-_ACCEPTED: Final = f"'auto', '{Tier.DEFAULT}', 'flex', 'scale', '{Tier.PRIORITY}' or 'fast'"
+# A tier a client may name that tierq does not sell ("scale"), or flex on a
+# model without it, is served, and billed, as default rather than refused: a
+# client written for another provider keeps working and is never charged for a
+# tier it did not get.
+_DEFAULT_NAMES: Final = frozenset({"auto", Tier.DEFAULT.value, "scale"})
+_ACCEPTED: Final = f"'auto', '{Tier.DEFAULT}', '{Tier.FLEX}', 'scale', '{Tier.PRIORITY}' or 'fast'"
 
 
 class InvalidTier(ValueError):
@@ -70,14 +72,20 @@ class InvalidTier(ValueError):
         )
 
 
-def resolve_tier(requested: object, model_priority: bool) -> Tier:
+def one_of(quote: str) -> str:
+    """The tier names for an error message: `'priority', 'default' or 'flex'`."""
+    names = [f"{quote}{tier}{quote}" for tier in Tier]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def resolve_tier(requested: object, model_priority: bool, model_flex: bool = False) -> Tier:
     """The applied tier for a request's `service_tier` on a model.
 
-    Absent (pass None), null, "auto", "default", "flex" and "scale" apply
-    "default"; "priority" and "fast" apply "priority" only on a priority-enabled
-    model, else "default". Anything else (other strings, numbers, booleans,
-    objects, arrays) raises InvalidTier. Names are case-sensitive, as in
-    OpenAI's API.
+    Absent (pass None), null, "auto", "default" and "scale" apply "default";
+    "priority" and "fast" apply "priority" only on a priority-enabled model,
+    "flex" applies "flex" only on a flex-enabled one, else "default". Anything
+    else (other strings, numbers, booleans, objects, arrays) raises
+    InvalidTier. Names are case-sensitive, as in OpenAI's API.
     """
     if requested is None:
         return Tier.DEFAULT
@@ -86,6 +94,8 @@ def resolve_tier(requested: object, model_priority: bool) -> Tier:
     if type(requested) is str:
         if requested in _PRIORITY_NAMES:
             return Tier.PRIORITY if model_priority else Tier.DEFAULT
+        if requested == Tier.FLEX.value:
+            return Tier.FLEX if model_flex else Tier.DEFAULT
         if requested in _DEFAULT_NAMES:
             return Tier.DEFAULT
     raise InvalidTier(requested)
