@@ -63,8 +63,10 @@ class Running:
             return data
 
 
-def model_config(model_id: str, priority: bool | None = None, **admission: Any) -> ModelConfig:
-    return ModelConfig(model_id, "sim", priority=priority, admission=AdmissionConfig(**admission))
+def model_config(model_id: str, priority: bool | None = None, flex: bool = False,
+                 **admission: Any) -> ModelConfig:
+    return ModelConfig(model_id, "sim", priority=priority, admission=AdmissionConfig(**admission),
+                       flex=flex)
 
 
 GatewayFactory = Callable[..., Awaitable[Running]]

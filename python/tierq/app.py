@@ -35,7 +35,7 @@ from tierq.logs import ServerLog, request_info, request_log
 from tierq.metrics import WorkerSnapshot
 from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, drained, failed,
                            deadline_refused, key_refused, pool_shed, upstream_overloaded)
-from tierq.pricing import render_cost
+from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
 from tierq.stores import LedgerStore
@@ -181,7 +181,7 @@ async def _inference(
     validate(endpoint, body, gw.config.server.max_n)
     requested = body.get("service_tier")
     try:
-        tier = resolve_tier(requested, pool.entry.priority)
+        tier = resolve_tier(requested, pool.entry.priority, pool.entry.flex)
     except InvalidTier as e:
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     est_prompt = estimate_prompt_tokens(endpoint, body)
@@ -245,8 +245,8 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
             return await _call_upstream(request, ex, body)
     except Shed as e:
         if e.deadline_refused:
-            raise deadline_refused(e.predicted_wait_s, ex.max_queue_ms, e.retry_after_s) from None
-        raise pool_shed(e.code, e.retry_after_s) from None
+            raise deadline_refused(e.predicted_wait_s, ex.max_queue_ms, e.retry_after_s, ex.tier) from None
+        raise pool_shed(e.code, e.retry_after_s, ex.tier) from None
     except asyncio.CancelledError as e:
         if ex.done or e.args not in ((DRAIN,), (CLUSTER_CLOSED,)):
             raise
@@ -316,10 +316,12 @@ def _wait_left_s(ex: Exchange) -> float:
 
 
 def _models_body(gw: Gateway) -> bytes:
-    return orjson.dumps(models_payload(gw.catalog, gw.config.pricing.priority_multiplier))
+    return orjson.dumps(models_payload(gw.catalog, gw.config.pricing.priority_multiplier,
+                                       gw.config.pricing.flex_multiplier))
 
 
-def models_payload(catalog: Catalog, mult: Decimal) -> dict[str, Any]:
+def models_payload(catalog: Catalog, mult: Decimal,
+                   flex_mult: Decimal = DEFAULT_FLEX_MULTIPLIER) -> dict[str, Any]:
     """The body of GET /v1/models (also `tierq models --json`)."""
     data = []
     for m in catalog.values():
@@ -331,8 +333,11 @@ def models_payload(catalog: Catalog, mult: Decimal) -> dict[str, Any]:
         if m.priority:
             pricing["priority_input"] = render_cost(m.prices.input_per_m * mult)
             pricing["priority_output"] = render_cost(m.prices.output_per_m * mult)
+        if m.flex:
+            pricing["flex_input"] = render_cost(m.prices.input_per_m * flex_mult)
+            pricing["flex_output"] = render_cost(m.prices.output_per_m * flex_mult)
         data.append({"id": m.id, "object": "model", "created": 0, "owned_by": m.upstream,
-                     "priority": m.priority, "pricing": pricing})
+                     "priority": m.priority, "flex": m.flex, "pricing": pricing})
     return {"object": "list", "data": data}
 
 

@@ -358,29 +358,36 @@ def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     catalog = Catalog.from_config(config)
     mult = config.pricing.priority_multiplier
+    flex = config.pricing.flex_multiplier
     if args.json:
         import orjson
 
         from tierq.app import models_payload
 
-        sys.stdout.write(orjson.dumps(models_payload(catalog, mult),
+        sys.stdout.write(orjson.dumps(models_payload(catalog, mult, flex),
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    rows = [("MODEL", "INPUT/1M", "OUTPUT/1M", "TIER", "PRIORITY IN/OUT", "UPSTREAM")]
+    rows = [("MODEL", "INPUT/1M", "OUTPUT/1M", "TIER", "PRIORITY IN/OUT", "FLEX", "FLEX IN/OUT",
+             "UPSTREAM")]
     for m in catalog.values():
         rows.append((m.id, "$" + decimal_text(m.prices.input_per_m),
                      "$" + decimal_text(m.prices.output_per_m),
                      f"priority ({decimal_text(mult)}x)" if m.priority else "-",
                      f"${decimal_text(m.prices.input_per_m * mult)} / "
                      f"${decimal_text(m.prices.output_per_m * mult)}" if m.priority else "-",
+                     f"flex ({decimal_text(flex)}x)" if m.flex else "-",
+                     f"${decimal_text(m.prices.input_per_m * flex)} / "
+                     f"${decimal_text(m.prices.output_per_m * flex)}" if m.flex else "-",
                      m.upstream))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     n_pri = sum(1 for m in catalog.values() if m.priority)
-    print(f"\n{len(catalog)} models, {n_pri} priority-enabled; prices in USD per 1M tokens. "
-          f'service_tier="{Tier.PRIORITY}" on a priority model is billed {decimal_text(mult)}x; '
-          "elsewhere it is served and billed as default.")
+    n_flex = sum(1 for m in catalog.values() if m.flex)
+    print(f"\n{len(catalog)} models, {n_pri} priority-enabled, {n_flex} flex-enabled; prices in USD "
+          f'per 1M tokens. service_tier="{Tier.PRIORITY}" on a priority model is billed '
+          f'{decimal_text(mult)}x, service_tier="{Tier.FLEX}" on a flex model {decimal_text(flex)}x '
+          "(served from idle capacity only); elsewhere each is served and billed as default.")
     return 0
 
 

@@ -18,7 +18,7 @@ import yarl
 
 from tierq._core import PoolSettings, SettingsError
 from tierq.catalog import builtin_prices
-from tierq.pricing import DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
+from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 from tierq.storage import DEFAULT_LEDGER_URL, DEFAULT_SPOOL, Durability, StoreKind, sqlite_path, store_kind
 from tierq.toml_tables import ConfigError, Table, read_toml, show
 
@@ -92,6 +92,7 @@ class LedgerConfig:
 @dataclass(frozen=True, slots=True)
 class PricingConfig:
     priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER
+    flex_multiplier: Decimal = DEFAULT_FLEX_MULTIPLIER
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,7 @@ class ModelConfig:
     output_per_m: Decimal | None = None
     upstream_model: str | None = None  # name sent upstream, if not `id`
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    flex: bool = False  # serves service_tier="flex" from idle capacity
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,16 +279,18 @@ class _Parser:
                 raise ConfigError(self.file, f"upstreams[{i}].name",
                                   f'duplicate upstream name "{u.name}" (also upstreams[{seen[u.name]}])')
             seen[u.name] = i
-        models = tuple(self.model(t, upstreams, pricing.priority_multiplier)
+        models = tuple(self.model(t, upstreams, pricing)
                        for t in top.array_of_tables("models"))
-        if not models:  # the whole built-in table is served, at this multiplier
+        if not models:  # the whole built-in table is served, at these multipliers
             for model_id, prices in builtin_prices().items():
                 for price in (prices.input_per_m, prices.output_per_m):
-                    try:
-                        femto_per_token(price, pricing.priority_multiplier)
-                    except ValueError as e:
-                        raise ConfigError(self.file, "pricing.priority_multiplier",
-                                          f"{model_id}: {e}") from None
+                    for key, mult in (("priority_multiplier", pricing.priority_multiplier),
+                                      ("flex_multiplier", pricing.flex_multiplier)):
+                        try:
+                            femto_per_token(price, mult)
+                        except ValueError as e:
+                            raise ConfigError(self.file, f"pricing.{key}",
+                                              f"{model_id}: {e}") from None
         ids: dict[str, int] = {}
         for i, m in enumerate(models):
             if m.id in ids:
@@ -361,8 +365,13 @@ class _Parser:
         if mult is not None and mult < 1:
             # A priority tier cheaper than default would pay users to jump the queue.
             raise t.fail("priority_multiplier", f"must be at least 1, got \"{mult}\"")
+        flex = t.amount("flex_multiplier")
+        if flex is not None and not 0 < flex <= 1:
+            # Flex is sold below default (idle capacity), never free or above it.
+            raise t.fail("flex_multiplier", f"must be above 0 and at most 1, got \"{flex}\"")
         t.done()
-        return PricingConfig(mult if mult is not None else DEFAULT_PRIORITY_MULTIPLIER)
+        return PricingConfig(mult if mult is not None else DEFAULT_PRIORITY_MULTIPLIER,
+                             flex if flex is not None else DEFAULT_FLEX_MULTIPLIER)
 
     def upstream(self, t: Table) -> UpstreamConfig:
         name = _s(t.string("name", required=True))
@@ -426,7 +435,7 @@ class _Parser:
             raise t.fail(key, "must not have a query or fragment")
         return value.rstrip("/")
 
-    def model(self, t: Table, upstreams: tuple[UpstreamConfig, ...], mult: Decimal) -> ModelConfig:
+    def model(self, t: Table, upstreams: tuple[UpstreamConfig, ...], pricing: PricingConfig) -> ModelConfig:
         model_id = _s(t.string("id", required=True))
         upstream = t.string("upstream")
         names = [u.name for u in upstreams]
@@ -437,6 +446,7 @@ class _Parser:
         elif upstream not in names:
             raise t.fail("upstream", f'unknown upstream "{upstream}" (declared: {", ".join(names)})')
         priority = t.boolean("priority", None)
+        flex = bool(t.boolean("flex", False))
         input_per_m = t.amount("input_per_m")
         output_per_m = t.amount("output_per_m")
         builtin = builtin_prices().get(model_id)
@@ -444,9 +454,11 @@ class _Parser:
             if v is None and builtin is None:
                 raise t.fail(name, "required for a model not in the built-in catalog")
             price = v if v is not None else getattr(builtin, name)
-            try:  # billed in whole femto-USD per token at both tiers (tierq.pricing)
-                femto_per_token(price, mult)
+            try:  # billed in whole femto-USD per token at every tier (tierq.pricing)
+                femto_per_token(price, pricing.priority_multiplier)
                 femto_per_token(price)
+                if flex:
+                    femto_per_token(price, pricing.flex_multiplier)
             except ValueError as e:
                 raise t.fail(name, str(e)) from None
         upstream_model = t.string("upstream_model")
@@ -454,7 +466,7 @@ class _Parser:
         admission = self.admission(t.table("admission"), served_by.metrics_interval_ms)
         t.done()
         return ModelConfig(model_id, upstream, priority, input_per_m, output_per_m,
-                           upstream_model, admission)
+                           upstream_model, admission, flex)
 
     def admission(self, t: Table, engine_interval_ms: float) -> AdmissionConfig:
         """The table's values pass through to the core, which checks their

@@ -121,6 +121,8 @@ SHED_MESSAGES: Final = {
                          "time given, or send service_tier=\"priority\" on a priority-enabled model.",
     "queue_timeout": "The request waited in the queue longer than allowed and was shed.",
     "rate_limit_exceeded": "Rate limit reached for this model.",
+    "resource_unavailable": "No idle capacity for this flex request. Retry after the time "
+                            "given, or send it at the default tier.",
 }
 
 

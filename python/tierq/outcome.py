@@ -131,19 +131,30 @@ class Refused(Exception):
         self.error = error
 
 
-def pool_shed(code: str, retry_after_s: float) -> Refused:
-    """Shed by the pool's admission (queue full, waited too long, its rate)."""
+# A flex request shed for want of idle capacity: nothing else is the matter.
+FLEX_UNAVAILABLE: Final = "resource_unavailable"
+_NO_IDLE_CAPACITY: Final = frozenset({"server_overloaded", "queue_timeout"})
+
+
+def pool_shed(code: str, retry_after_s: float, tier: Tier = Tier.DEFAULT) -> Refused:
+    """Shed by the pool's admission (queue full, waited too long, its rate).
+    A flex request that found no idle capacity (evicted, queue full, or past
+    its max wait) is told `resource_unavailable`, as OpenAI's flex tier says."""
+    if tier == Tier.FLEX and code in _NO_IDLE_CAPACITY:
+        code = FLEX_UNAVAILABLE
     return Refused(shed(code), shed_error(code, retry_after_s,
                                           SHED_MESSAGES.get(code, "Request shed.")))
 
 
 def deadline_refused(predicted_s: float | None, deadline_ms: int | None,
-                     retry_after_s: float) -> Refused:
+                     retry_after_s: float, tier: Tier = Tier.DEFAULT) -> Refused:
     """Refused on arrival: the core predicted a wait in line over the request's
-    own deadline (x-tierq-max-queue-ms), so it was not made to wait it out."""
+    own deadline (x-tierq-max-queue-ms), so it was not made to wait it out (a
+    flex request: no idle capacity in time, `resource_unavailable`)."""
     predicted = "unknown" if predicted_s is None else f"{predicted_s * 1000:.0f} ms"
-    return Refused(shed("queue_timeout"), shed_error(
-        "queue_timeout", retry_after_s,
+    code = FLEX_UNAVAILABLE if tier == Tier.FLEX else "queue_timeout"
+    return Refused(shed(code), shed_error(
+        code, retry_after_s,
         f"The predicted wait in the queue ({predicted}) is over this request's "
         f"x-tierq-max-queue-ms ({deadline_ms} ms): refused at once, without waiting."))
 

@@ -1,7 +1,8 @@
 """Exact request cost, in integers, and its JSON rendering.
 
 A model's prices (USD per 1M tokens, exact decimals) become, once, whole
-femto-USD (1e-15 USD) per token at each tier: price x tier multiplier x 1e9.
+femto-USD (1e-15 USD) per token at each tier: price x tier multiplier x 1e9
+(priority: `priority_multiplier`, flex: `flex_multiplier`, default: 1).
 A request's cost is then prompt x input rate + completion x output rate, an
 integer sum with no rounding; it is rendered into responses once, as a plain
 JSON number with exactly those digits, and the ledger keeps the same value.
@@ -25,6 +26,7 @@ import orjson
 from tierq.tiers import Tier
 
 __all__ = [
+    "DEFAULT_FLEX_MULTIPLIER",
     "DEFAULT_PRIORITY_MULTIPLIER",
     "FAIR_UNIT_FEMTO",
     "FEMTO_PER_USD",
@@ -44,6 +46,8 @@ __all__ = [
 ]
 
 DEFAULT_PRIORITY_MULTIPLIER: Final = Decimal("1.5")
+# OpenAI's and Google's flex tiers: about half the standard price.
+DEFAULT_FLEX_MULTIPLIER: Final = Decimal("0.5")
 FEMTO_PER_USD: Final = 10**15
 # USD per 1M tokens -> femto-USD per token: x 1e15 / 1e6.
 _FEMTO_PER_TOKEN_PER_USD_PER_M: Final = 10**9
@@ -65,9 +69,12 @@ class Rates:
     output: int
 
 
-def multiplier_for(tier: Tier, priority_multiplier: Decimal) -> Decimal:
+def multiplier_for(tier: Tier, priority_multiplier: Decimal,
+                   flex_multiplier: Decimal = DEFAULT_FLEX_MULTIPLIER) -> Decimal:
     """The price multiplier of an applied tier: 1 for default."""
-    return priority_multiplier if tier == Tier.PRIORITY else Decimal(1)
+    if tier == Tier.PRIORITY:
+        return priority_multiplier
+    return flex_multiplier if tier == Tier.FLEX else Decimal(1)
 
 
 def femto_per_token(price_per_m: Decimal, multiplier: Decimal = Decimal(1)) -> int:
@@ -84,9 +91,10 @@ def femto_per_token(price_per_m: Decimal, multiplier: Decimal = Decimal(1)) -> i
     return int(whole)
 
 
-def rates(prices: Prices, tier: Tier, priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER) -> Rates:
+def rates(prices: Prices, tier: Tier, priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER,
+          flex_multiplier: Decimal = DEFAULT_FLEX_MULTIPLIER) -> Rates:
     """A model's per-token rates at an applied tier (made once per model and tier)."""
-    mult = multiplier_for(tier, priority_multiplier)
+    mult = multiplier_for(tier, priority_multiplier, flex_multiplier)
     return Rates(femto_per_token(prices.input_per_m, mult), femto_per_token(prices.output_per_m, mult))
 
 
@@ -120,10 +128,11 @@ def cost(
     prices: Prices,
     tier: Tier,
     priority_multiplier: Decimal = DEFAULT_PRIORITY_MULTIPLIER,
+    flex_multiplier: Decimal = DEFAULT_FLEX_MULTIPLIER,
 ) -> Decimal:
     """Exact USD cost of a request served at `tier` (the applied tier), as a Decimal."""
     return femto_decimal(cost_femto(prompt_tokens, completion_tokens,
-                                    rates(prices, tier, priority_multiplier)))
+                                    rates(prices, tier, priority_multiplier, flex_multiplier)))
 
 
 def femto_decimal(femto: int) -> Decimal:

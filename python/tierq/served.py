@@ -1,7 +1,7 @@
 """The models this deployment serves: the built-in catalog merged with the config.
 
-`Catalog.from_config` resolves every served model to its prices, priority
-flag, upstream and admission settings.
+`Catalog.from_config` resolves every served model to its prices, priority and
+flex flags, upstream and admission settings.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class ModelEntry:
     builtin: bool
     # Femto-USD per token at each applied tier, made once.
     rates: Mapping[Tier, Rates]
+    # Serves service_tier="flex" from idle capacity (else flex is default).
+    flex: bool = False
 
 
 class Catalog(Mapping[str, ModelEntry]):
@@ -55,19 +57,22 @@ class Catalog(Mapping[str, ModelEntry]):
         """Configured models; with none configured, the whole built-in table.
 
         Built-in models then run on the first upstream with default admission
-        settings. A configured model omitting prices or `priority` takes the
+        settings, and flex wherever priority is enabled (three tiers out of the
+        box). A configured model omitting prices or `priority` takes the
         built-in values (load_config has already rejected unknown models
-        without prices).
+        without prices); its `flex` is false unless set.
         """
         builtin = builtin_prices()
         mult = config.pricing.priority_multiplier
+        flex_mult = config.pricing.flex_multiplier
         models: dict[str, ModelEntry] = {}
         if not config.models:
             upstream = config.upstreams[0].name
             for model_id, prices in builtin.items():
+                priority = builtin_priority(model_id)
                 models[model_id] = ModelEntry(
-                    model_id, prices, builtin_priority(model_id), upstream, model_id,
-                    AdmissionConfig(), True, _rates(prices, mult),
+                    model_id, prices, priority, upstream, model_id,
+                    AdmissionConfig(), True, _rates(prices, mult, flex_mult), flex=priority,
                 )
             return cls(models)
         for m in config.models:
@@ -80,13 +85,13 @@ class Catalog(Mapping[str, ModelEntry]):
             prices = Prices(input_per_m, output_per_m)
             models[m.id] = ModelEntry(
                 m.id, prices, priority, m.upstream, m.upstream_model or m.id, m.admission,
-                base is not None, _rates(prices, mult),
+                base is not None, _rates(prices, mult, flex_mult), flex=m.flex,
             )
         return cls(models)
 
 
-def _rates(prices: Prices, mult: Decimal) -> dict[Tier, Rates]:
-    return {tier: rates(prices, tier, mult) for tier in Tier}
+def _rates(prices: Prices, mult: Decimal, flex_mult: Decimal) -> dict[Tier, Rates]:
+    return {tier: rates(prices, tier, mult, flex_mult) for tier in Tier}
 
 
 def _need(base: Prices | None) -> Prices:

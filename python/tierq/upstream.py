@@ -49,12 +49,14 @@ BYO_HEADER: Final = "x-upstream-authorization"
 #   SGLang `priority`: int, higher first by default
 #     (--schedule-low-priority-values-first flips it): 10 vs 0.
 #   TensorRT-LLM `priority`: float in [0, 1], higher first, engine default 0.5.
+# Flex runs after default in every engine (it only ever holds idle slots, but
+# inside an engine's own batch queue it should not delay a default request).
 # The sim validates vLLM's int form, so it stands in for a vLLM engine.
 ENGINE_PRIORITY: Final[dict[str, dict[Tier, int | float]]] = {
-    "vllm": {Tier.PRIORITY: -10, Tier.DEFAULT: 0},
-    "sim": {Tier.PRIORITY: -10, Tier.DEFAULT: 0},
-    "sglang": {Tier.PRIORITY: 10, Tier.DEFAULT: 0},
-    "trtllm": {Tier.PRIORITY: 1.0, Tier.DEFAULT: 0.5},
+    "vllm": {Tier.PRIORITY: -10, Tier.DEFAULT: 0, Tier.FLEX: 10},
+    "sim": {Tier.PRIORITY: -10, Tier.DEFAULT: 0, Tier.FLEX: 10},
+    "sglang": {Tier.PRIORITY: 10, Tier.DEFAULT: 0, Tier.FLEX: -10},
+    "trtllm": {Tier.PRIORITY: 1.0, Tier.DEFAULT: 0.5, Tier.FLEX: 0.0},
 }
 
 

@@ -1,0 +1,108 @@
+"""The flex tier through real sockets and the official openai client: served
+from idle capacity at the flex price, refused unbilled (429
+resource_unavailable) when none comes up in time, and served as default on a
+model without flex."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from conftest import PLAIN_MODEL, PRIORITY_MODEL, GatewayFactory, Running, exact_json, model_config
+
+MESSAGES = [{"role": "user", "content": "hello there gateway"}]
+
+
+def client(gw: Running) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=gw.url, api_key="unused-on-loopback", max_retries=0)
+
+
+async def until(pred: object, what: str) -> None:
+    for _ in range(2000):
+        if pred():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(what)
+
+
+async def test_flex_on_an_idle_flex_model_is_served_echoed_and_billed_at_half_price(
+        make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4)])
+    async with client(gw) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=5, service_tier="flex")
+        stream = await c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=4, service_tier="flex", stream=True,
+            stream_options={"include_usage": True})
+        chunks = [ch async for ch in stream.parse()]
+    assert raw.parse().service_tier == "flex" and raw.headers["x-tierq-service-tier"] == "flex"
+    body = exact_json(raw.http_response.content)
+    row = await gw.row(raw.headers["x-request-id"])
+    assert row is not None and row.status == "served" and row.applied_tier == "flex"
+    assert row.requested_tier == "flex" and (row.prompt_tokens, row.completion_tokens) == (3, 5)
+    # 3 prompt tokens at $0.03 and 5 completion tokens at $0.05 per 1M, times 0.5.
+    assert row.cost == body["usage"]["estimated_cost"] == Decimal("0.00000017")
+    assert row.cost == Decimal("0.5") * Decimal("0.00000034")
+    assert chunks and all(ch.service_tier == "flex" for ch in chunks)
+    srow = await gw.row(stream.headers["x-request-id"])
+    assert srow is not None and srow.applied_tier == "flex" and srow.completion_tokens == 4
+    assert chunks[-1].usage is not None
+    assert exact_json(chunks[-1].usage.model_dump_json())["estimated_cost"] == srow.cost
+
+
+async def test_flex_is_refused_unbilled_while_the_idle_capacity_is_taken_and_waits_behind_default(
+        make_gateway: GatewayFactory) -> None:
+    # Limit 4, flex headroom 0.1 -> one slot: flex runs only while fewer than 3 are busy.
+    gw = await make_gateway(
+        models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4,
+                             max_wait_ms={"flex": 300, "default": 30000})],
+        sim={"slots": 8, "ttft_ms": 1.0, "tokens_per_s": 20.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    async with client(gw) as c:
+        busy = [asyncio.ensure_future(c.chat.completions.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=20)) for _ in range(3)]
+        await until(lambda: adm.stats()["in_flight"] == 3, "three defaults never held their slots")
+        with pytest.raises(openai.RateLimitError) as info:
+            await c.chat.completions.with_raw_response.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2, service_tier="flex")
+        # A default arrival still finds the slot flex left free.
+        fourth = await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1)
+        await asyncio.gather(*busy)
+    assert fourth.service_tier == "default"
+    err = info.value
+    assert err.status_code == 429 and err.code == "resource_unavailable"
+    assert int(err.response.headers["retry-after"]) >= 1
+    row = await gw.row(err.response.headers["x-request-id"])
+    assert row is not None and row.status == "shed" and row.code == "resource_unavailable"
+    assert row.applied_tier == "flex" and row.cost == 0 and row.completion_tokens == 0
+    assert 250 <= row.queue_ms < 5000, "it waited its flex max wait for idle capacity"
+
+
+async def test_flex_on_a_model_without_flex_is_served_echoed_and_billed_as_default(gateway: Running) -> None:
+    async with client(gateway) as c:
+        for model in (PRIORITY_MODEL, PLAIN_MODEL):
+            raw = await c.chat.completions.with_raw_response.create(
+                model=model, messages=MESSAGES, max_tokens=3, service_tier="flex")
+            assert raw.parse().service_tier == "default"
+            assert raw.headers["x-tierq-service-tier"] == "default"
+            row = await gateway.row(raw.headers["x-request-id"])
+            assert row is not None and row.applied_tier == "default" and row.requested_tier == "flex"
+            body = exact_json(raw.http_response.content)
+            assert row.cost == body["usage"]["estimated_cost"]
+    # The plain model's 3 + 3 tokens at $0.02 / $0.03 per 1M, 1x.
+    assert row.cost == Decimal("0.00000015")
+
+
+async def test_models_lists_the_flex_tag_and_price(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, flex=True), model_config(PLAIN_MODEL)])
+    async with client(gw) as c:
+        raw = await c.models.with_raw_response.list()
+    data = {m["id"]: m for m in exact_json(raw.http_response.content)["data"]}
+    assert data[PRIORITY_MODEL]["flex"] is True and data[PLAIN_MODEL]["flex"] is False
+    pricing = data[PRIORITY_MODEL]["pricing"]
+    assert (pricing["flex_input"], pricing["flex_output"]) == (Decimal("0.015"), Decimal("0.025"))
+    assert "flex_input" not in data[PLAIN_MODEL]["pricing"]
