@@ -102,7 +102,8 @@ async def test_a_key_made_over_http_serves_the_openai_client_then_changes_and_is
     assert made == {"id": public_id, "object": "api_key", "name": "ci", "created": made["created"],
                     "revoked": False, "revoked_at": None, "rpm": 100, "tpm": 50_000,
                     "weight": 2.0, "trusted": True, "priority_budget_usd": None,
-                    "ramp_min_tpm": 0, "ramp_max_growth": None, "ramp_window_s": 900}
+                    "ramp_min_tpm": 0, "ramp_max_growth": None, "ramp_window_s": 900,
+                    "enforce": True}
     # The secret is shown once: never again in a read or the list.
     status, listed = await _call("GET", base + "/keys")
     assert status == 200 and listed == {"object": "list", "data": [made]}

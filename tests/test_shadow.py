@@ -10,20 +10,30 @@ requests.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import PRIORITY_MODEL, GatewayFactory, Running
+from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
 from openai import AsyncOpenAI
+from pg_fixtures import pg_password, pg_session, pg_url  # noqa: F401
+from pg_server import PASSWORD_ENV
 
 from tierq import Admission, ManualClock
+from tierq.cli import keys_main
+from tierq.config import AdminConfig, Config, KeysConfig, LedgerConfig, UpstreamConfig
+from tierq.keys import KeyLimiter, KeyStore, hash_secret
 from tierq.logs import JsonFormatter
+from tierq.postgres import PostgresKeyStore
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 N = 12  # requests sent in each run, none refilling the bucket (burst 4)
@@ -55,14 +65,15 @@ async def status(gw: Running) -> dict[str, Any]:
         return data
 
 
-async def send(gw: Running, n: int, tier: str = "default") -> list[int]:
+async def send(gw: Running, n: int, tier: str = "default", *, key: str = "x",
+               max_tokens: int = 1) -> list[int]:
     """`n` requests one after another; the HTTP status of each."""
     statuses = []
-    async with AsyncOpenAI(base_url=gw.url, api_key="x", max_retries=0) as c:
+    async with AsyncOpenAI(base_url=gw.url, api_key=key, max_retries=0) as c:
         for _ in range(n):
             try:
                 await c.chat.completions.create(model=PRIORITY_MODEL, messages=MESSAGES,
-                                                max_tokens=1, service_tier=tier)  # type: ignore[arg-type]
+                                                max_tokens=max_tokens, service_tier=tier)  # type: ignore[arg-type]
                 statuses.append(200)
             except openai.RateLimitError as e:
                 assert e.code == "rate_limit_exceeded"
@@ -136,3 +147,133 @@ async def test_the_queues_own_bounds_still_apply_in_shadow_mode(make_gateway: Ga
     stats = pool.admission.stats()
     assert stats["shadow_rate_limited"] == 1 and stats["shed"]["server_overloaded"] == 1
     assert (await shadow_metric(gw))["rate_limited"] == 1
+
+
+ADMIN = "admin-" + "y" * 40
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+async def admin(gw: Running, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, gw.root + "/admin/v1" + path, headers=ADMIN_AUTH,
+            data=None if body is None else json.dumps(body)) as r:
+        return r.status, await r.json(content_type=None)
+
+
+@pytest.mark.parametrize(("limit", "decision", "max_tokens"),
+                         [({"rpm": 3}, "key_rpm", 1), ({"tpm": 50}, "key_tpm", 20)])
+async def test_key_limits_in_shadow_mode_shed_nothing_and_count_what_enforcing_sheds(
+    make_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    limit: dict[str, int], decision: str, max_tokens: int,
+) -> None:
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL),),
+                    keys=KeysConfig(str(tmp_path / "keys.db")),
+                    admin=AdminConfig(token_sha256=hashlib.sha256(ADMIN.encode()).hexdigest()))
+    gw = await make_gateway(config=config)
+    gw.gw.limiter = KeyLimiter(ManualClock())  # nothing refills while the test runs
+    status, made = await admin(gw, "POST", "/keys", {"name": "on", **limit})
+    assert status == 201 and made["enforce"] is True
+    enforced = await send(gw, 8, key=made["secret"], max_tokens=max_tokens)
+    shed = enforced.count(429)
+    assert 0 < shed < 8
+    # The same limit tried in shadow mode on a second key, over the same requests.
+    status, tried_key = await admin(gw, "POST", "/keys", {"name": "tried", **limit})
+    status, patched = await admin(gw, "PATCH", f"/keys/{tried_key['id']}", {"enforce": False})
+    assert status == 200 and patched["enforce"] is False
+    with caplog.at_level(logging.INFO, logger="tierq"):
+        tried = await send(gw, 8, key=tried_key["secret"], max_tokens=max_tokens)
+        await wait_for(lambda: sum(1 for a in access_lines(caplog)
+                                   if a.get("key_id") == tried_key["id"]) == 8)
+    assert tried == [200] * 8
+    metric = await shadow_metric(gw)
+    assert metric[decision] == shed and sum(metric.values()) == shed
+    lines = [a for a in access_lines(caplog) if a.get("key_id") == tried_key["id"]]
+    assert [a.get("shadow") for a in lines] == [None if s == 200 else decision for s in enforced]
+    assert (await status_json_shadow(gw))[decision] == shed
+    rows = [r for r in await gw.rows() if r.key_id == tried_key["id"]]
+    assert [r.status for r in rows] == ["served"] * 8 and all(r.cost > 0 for r in rows)
+    # Enforcing again: the bucket stood where enforcing would have left it (the
+    # shadowed requests took nothing), so the next request is refused at once.
+    await admin(gw, "PATCH", f"/keys/{tried_key['id']}", {"enforce": True})
+    assert await send(gw, 1, key=tried_key["secret"], max_tokens=max_tokens) == [429]
+
+
+async def status_json_shadow(gw: Running) -> dict[str, int]:
+    shadow: dict[str, int] = (await status(gw))["shadow"]
+    return shadow
+
+
+# The keys table as tierq made it before shadow mode (main 303e3ae).
+_PREVIOUS_SCHEMA = """
+CREATE TABLE keys (
+    public_id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
+    created REAL NOT NULL, revoked REAL, rpm INTEGER, tpm INTEGER,
+    weight REAL NOT NULL DEFAULT 1.0, trusted INTEGER NOT NULL DEFAULT 0,
+    priority_budget_usd TEXT, ramp_min_tpm INTEGER NOT NULL DEFAULT 0, ramp_max_growth REAL,
+    ramp_window_s INTEGER NOT NULL DEFAULT 900
+)
+"""
+
+
+def test_a_key_file_of_the_previous_schema_gains_enforce_and_its_keys_stay_enforced(
+        tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_PREVIOUS_SCHEMA)
+        conn.execute("INSERT INTO keys (public_id, name, secret_sha256, created, rpm)"
+                     " VALUES ('oldkey000003', 'legacy', ?, 1.0, 30)", (hash_secret("s" * 32),))
+    conn.close()
+    with KeyStore(str(db)) as store:
+        info = store.authenticate("tq-oldkey000003-" + "s" * 32)
+        assert info is not None and info.enforce is True and info.rpm == 30
+        new = store.update("oldkey000003", enforce=False)
+        assert new is not None and new.enforce is False
+        with pytest.raises(ValueError, match="^enforce must be true or false"):
+            store.update("oldkey000003", enforce="no")
+    with KeyStore(str(db)) as again:
+        assert again.get("oldkey000003") == new
+    columns = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(keys)")]
+    assert columns.count("enforce") == 1
+
+
+def test_cli_creates_a_key_in_shadow_mode_and_updates_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "keys.db")
+    assert keys_main(["create", "trial", "--rpm", "10", "--shadow", "--db", db]) == 0
+    out = capsys.readouterr()
+    public_id = out.out.strip().split("-")[1]
+    assert "limits in shadow mode" in out.err
+    assert keys_main(["list", "--db", db]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert line.split()[header.split().index("LIMITS")] == "shadow"
+    assert keys_main(["update", public_id, "--enforce", "--db", db]) == 0
+    assert "shadow" not in capsys.readouterr().out
+    assert keys_main(["update", public_id, "--no-enforce", "--db", db]) == 0
+    assert "limits in shadow mode" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # argparse: the two flags exclude each other
+        keys_main(["update", public_id, "--shadow", "--enforce", "--db", db])
+    assert refused.value.code == 2
+    with KeyStore(db) as store:
+        key = store.get(public_id)
+        assert key is not None and key.enforce is False and key.rpm == 10
+
+
+async def test_postgresql_keeps_a_keys_shadow_mode_for_every_host(pg_url: str) -> None:
+    store = PostgresKeyStore(pg_url, password_env=PASSWORD_ENV, refresh_s=0.05)
+    await store.start()
+    try:
+        made, token = await asyncio.to_thread(store.create, "pg-shadow", rpm=5, enforce=False)
+        assert made.enforce is False and store.authenticate(token) == made
+        other = PostgresKeyStore(pg_url, password_env=PASSWORD_ENV, refresh_s=0.05)
+        await other.start()
+        try:
+            assert other.authenticate(token) == made, "every host reads it"
+            new = await asyncio.to_thread(store.update, made.public_id, enforce=True)
+            assert new is not None and new.enforce is True
+            assert await asyncio.to_thread(other.get, made.public_id) == new
+        finally:
+            await other.aclose()
+    finally:
+        await store.aclose()

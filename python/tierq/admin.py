@@ -42,7 +42,7 @@ log = logging.getLogger("tierq.admin")
 PREFIX: Final = "/admin/v1"
 # What a key's body may hold: a new key needs its name, an update any of them.
 _FIELDS: Final = ("name", "rpm", "tpm", "weight", "trusted", "priority_budget_usd",
-                   "ramp_min_tpm", "ramp_max_growth", "ramp_window_s")
+                   "ramp_min_tpm", "ramp_max_growth", "ramp_window_s", "enforce")
 _UNAUTHORIZED: Final = ("Missing or incorrect admin token. Pass it as "
                         "'Authorization: Bearer ADMIN_TOKEN'.")
 
@@ -113,7 +113,7 @@ def key_json(key: KeyInfo) -> dict[str, object]:
             # Exact decimal text, as every cost tierq shows.
             "priority_budget_usd": budget_text(key.priority_budget_usd),
             "ramp_min_tpm": key.ramp_min_tpm, "ramp_max_growth": key.ramp_max_growth,
-            "ramp_window_s": key.ramp_window_s}
+            "ramp_window_s": key.ramp_window_s, "enforce": key.enforce}
 
 
 def _store(gw: Gateway) -> KeyStoreLike:
@@ -171,7 +171,7 @@ async def _create(request: web.Request, gw: Gateway) -> tuple[int, object, str]:
         lambda: store.create(new.name, new.rpm, new.tpm, weight=new.weight, trusted=new.trusted,
                              priority_budget_usd=new.priority_budget_usd,
                              ramp_min_tpm=new.ramp_min_tpm, ramp_max_growth=new.ramp_max_growth,
-                             ramp_window_s=new.ramp_window_s))
+                             ramp_window_s=new.ramp_window_s, enforce=new.enforce))
     gw.keys_changed()  # a token another worker refused a moment ago is now good
     return 201, {**key_json(key), "secret": token}, f"created key {key.public_id}"
 
@@ -289,6 +289,9 @@ _SETTINGS: Final = {
                                        "served default (reason ramp); null: no ramp rule"},
     "ramp_window_s": {"type": "integer", "minimum": RAMP_WINDOW_RANGE[0],
                       "maximum": RAMP_WINDOW_RANGE[1], "description": "ramp rule: its window"},
+    "enforce": {"type": "boolean",
+                "description": "false: shadow mode, its rpm and tpm refusals are counted "
+                               "(tierq_shadow_decisions_total, the access line) and not applied"},
 }
 
 

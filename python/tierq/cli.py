@@ -503,16 +503,18 @@ def _downgrades(k: KeyInfo) -> str:
 
 def _describe_key(k: KeyInfo) -> str:
     return (f"{k.public_id} ({k.name}): rpm {_limit(k.rpm)}, tpm {_limit(k.tpm)}, "
-            f"weight {k.weight:g}, {'trusted' if k.trusted else 'untrusted'}, {_downgrades(k)}")
+            f"weight {k.weight:g}, {'trusted' if k.trusted else 'untrusted'}, {_downgrades(k)}"
+            f"{'' if k.enforce else ', limits in shadow mode (counted, not applied)'}")
 
 
 def _render_keys(keys: list[KeyInfo]) -> str:
-    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM", "WEIGHT", "TRUSTED", "BUDGET/DAY",
-              "RAMP")
+    header = ("ID", "NAME", "CREATED", "STATUS", "RPM", "TPM", "WEIGHT", "TRUSTED", "LIMITS",
+              "BUDGET/DAY", "RAMP")
     body = [
         (k.public_id, k.name, _iso(k.created),
          f"revoked {_iso(k.revoked_at)}" if k.revoked_at is not None else "active",
          _limit(k.rpm), _limit(k.tpm), f"{k.weight:g}", "yes" if k.trusted else "no",
+         "enforced" if k.enforce else "shadow",
          budget_text(k.priority_budget_usd) or "-",
          "-" if k.ramp_max_growth is None else
          f"+{k.ramp_max_growth:g}/{k.ramp_window_s}s>{k.ramp_min_tpm}")
@@ -520,6 +522,17 @@ def _render_keys(keys: list[KeyInfo]) -> str:
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]) + "\n"
+
+
+def _enforce_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """--shadow (or --no-enforce) and --enforce: whether the key's rpm and tpm
+    are applied, or only decided and counted (shadow mode)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--shadow", "--no-enforce", dest="enforce", action="store_false", default=default,
+                   help="shadow mode: its rpm/tpm refusals are counted "
+                        "(tierq_shadow_decisions_total), not applied")
+    g.add_argument("--enforce", dest="enforce", action="store_true",
+                   help="apply its rpm/tpm (the default for a new key)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -554,6 +567,7 @@ def keys_main(argv: list[str]) -> int:
                    help="ramp rule: priority tokens per minute always allowed (default: 0)")
     c.add_argument("--ramp-window-s", type=int, default=900,
                    help="ramp rule: the window, 60 to 86400 seconds (default: 900)")
+    _enforce_flags(c, default=True)
     sub.add_parser("list", parents=[common], help="list keys (never secrets)")
     u = sub.add_parser("update", parents=[common],
                        help="change a live key's name, limits, weight or trust")
@@ -574,6 +588,7 @@ def keys_main(argv: list[str]) -> int:
                    help="ramp rule's growth over its window, or 'none' (no ramp rule)")
     u.add_argument("--ramp-min-tpm", type=int, default=KEEP, help="ramp rule's floor")
     u.add_argument("--ramp-window-s", type=int, default=KEEP, help="ramp rule's window")
+    _enforce_flags(u, default=KEEP)
     r = sub.add_parser("revoke", parents=[common], help="revoke a key by its public id")
     r.add_argument("id")
     args = p.parse_args(argv)
@@ -618,6 +633,7 @@ def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
             try:
                 info, token = store.create(args.name, rpm=args.rpm, tpm=args.tpm,
                                            weight=args.weight, trusted=args.trusted,
+                                           enforce=args.enforce,
                                            **{f: getattr(args, f) for f in _DOWNGRADE_FIELDS})
             except ValueError as e:
                 print(f"tierq keys: {e}", file=sys.stderr)
@@ -638,7 +654,7 @@ def _keys_command(args: argparse.Namespace, store: KeyStoreLike) -> int:
             try:
                 new = store.update(public_id, name=KEEP if args.name is None else args.name,
                                    rpm=args.rpm, tpm=args.tpm, weight=args.weight,
-                                   trusted=args.trusted,
+                                   trusted=args.trusted, enforce=args.enforce,
                                    **{f: getattr(args, f) for f in _DOWNGRADE_FIELDS})
             except ValueError as e:
                 print(f"tierq keys: {e}", file=sys.stderr)

@@ -100,7 +100,8 @@ CREATE TABLE IF NOT EXISTS keys (
     priority_budget_usd TEXT,
     ramp_min_tpm    INTEGER NOT NULL DEFAULT 0,
     ramp_max_growth REAL,
-    ramp_window_s   INTEGER NOT NULL DEFAULT 900
+    ramp_window_s   INTEGER NOT NULL DEFAULT 900,
+    enforce       INTEGER NOT NULL DEFAULT 1
 )
 """
 # Columns added after the first schema, each with the ALTER TABLE that adds it
@@ -113,9 +114,11 @@ _ADDED_COLUMNS: Final = (
     ("ramp_min_tpm", "ALTER TABLE keys ADD COLUMN ramp_min_tpm INTEGER NOT NULL DEFAULT 0"),
     ("ramp_max_growth", "ALTER TABLE keys ADD COLUMN ramp_max_growth REAL"),
     ("ramp_window_s", "ALTER TABLE keys ADD COLUMN ramp_window_s INTEGER NOT NULL DEFAULT 900"),
+    # 0: the key's limits in shadow mode (counted, not applied).
+    ("enforce", "ALTER TABLE keys ADD COLUMN enforce INTEGER NOT NULL DEFAULT 1"),
 )
 _COLUMNS: Final = ("public_id, name, created, revoked, rpm, tpm, weight, trusted, "
-                   "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s")
+                   "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s, enforce")
 
 
 class Keep(enum.Enum):
@@ -148,7 +151,8 @@ class KeyInfo:
     ramp_min_tpm: int = 0
     ramp_max_growth: float | None = None
     ramp_window_s: int = 900
-    # False: its limits run in shadow mode (decided and counted, not applied)
+    # False: its limits (rpm, tpm) run in shadow mode: each refusal is decided
+    # and counted (tierq.shadow), none applied
     enforce: bool = True
 
     @property
@@ -161,7 +165,7 @@ def _info(r: tuple[Any, ...]) -> KeyInfo:
                    weight=float(r[6]), trusted=bool(r[7]),
                    priority_budget_usd=None if r[8] is None else Decimal(r[8]),
                    ramp_min_tpm=int(r[9]), ramp_max_growth=None if r[10] is None else float(r[10]),
-                   ramp_window_s=int(r[11]))
+                   ramp_window_s=int(r[11]), enforce=bool(r[12]))
 
 
 def budget_text(budget: Decimal | None) -> str | None:
@@ -228,6 +232,8 @@ def validate_key(info: KeyInfo) -> None:
     s = info.ramp_window_s
     if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
         raise ValueError(f"ramp_window_s must be an integer from {lo} to {hi} seconds, got {s!r}")
+    if not isinstance(info.enforce, bool):
+        raise ValueError("enforce must be true or false (false: its limits in shadow mode)")
 
 
 def _normal(info: KeyInfo) -> KeyInfo:
@@ -242,12 +248,12 @@ def _normal(info: KeyInfo) -> KeyInfo:
 def validate_new_key(name: str, rpm: int | None, tpm: int | None, weight: float = 1.0,
                      trusted: bool = False, *, priority_budget_usd: object = None,
                      ramp_min_tpm: int = 0, ramp_max_growth: float | None = None,
-                     ramp_window_s: int = 900) -> KeyInfo:
+                     ramp_window_s: int = 900, enforce: bool = True) -> KeyInfo:
     """What a new key of these settings holds (public id and times left blank);
     ValueError unless they are what a key may have."""
     info = KeyInfo("", name, 0.0, None, rpm, tpm, weight, trusted,
                    priority_budget_usd, ramp_min_tpm, ramp_max_growth,  # type: ignore[arg-type]
-                   ramp_window_s)
+                   ramp_window_s, enforce)
     validate_key(info)
     return _normal(info)
 
@@ -256,7 +262,7 @@ def updated(info: KeyInfo, *, name: str | Keep = KEEP, rpm: int | None | Keep = 
             tpm: int | None | Keep = KEEP, weight: float | Keep = KEEP,
             trusted: bool | Keep = KEEP, priority_budget_usd: object = KEEP,
             ramp_min_tpm: int | Keep = KEEP, ramp_max_growth: float | None | Keep = KEEP,
-            ramp_window_s: int | Keep = KEEP) -> KeyInfo:
+            ramp_window_s: int | Keep = KEEP, enforce: bool | Keep = KEEP) -> KeyInfo:
     """`info` with the fields given changed; ValueError unless the result is a valid key."""
     new = KeyInfo(info.public_id, info.name if name is KEEP else name, info.created,
                   info.revoked_at, info.rpm if rpm is KEEP else rpm,
@@ -266,7 +272,8 @@ def updated(info: KeyInfo, *, name: str | Keep = KEEP, rpm: int | None | Keep = 
                   else priority_budget_usd,  # type: ignore[arg-type]
                   info.ramp_min_tpm if ramp_min_tpm is KEEP else ramp_min_tpm,
                   info.ramp_max_growth if ramp_max_growth is KEEP else ramp_max_growth,
-                  info.ramp_window_s if ramp_window_s is KEEP else ramp_window_s)
+                  info.ramp_window_s if ramp_window_s is KEEP else ramp_window_s,
+                  info.enforce if enforce is KEEP else enforce)
     validate_key(new)
     return _normal(new)
 
@@ -360,12 +367,13 @@ class KeyStore:
         self, name: str, rpm: int | None = None, tpm: int | None = None, *,
         weight: float = 1.0, trusted: bool = False, priority_budget_usd: object = None,
         ramp_min_tpm: int = 0, ramp_max_growth: float | None = None, ramp_window_s: int = 900,
+        enforce: bool = True,
     ) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
         blank = validate_new_key(name, rpm, tpm, weight, trusted,
                                  priority_budget_usd=priority_budget_usd,
                                  ramp_min_tpm=ramp_min_tpm, ramp_max_growth=ramp_max_growth,
-                                 ramp_window_s=ramp_window_s)
+                                 ramp_window_s=ramp_window_s, enforce=enforce)
         secret = secrets.token_urlsafe(24)  # 24 bytes -> 32 chars, 192 bits
         assert len(secret) == SECRET_LEN
         now = time.time()
@@ -375,10 +383,10 @@ class KeyStore:
                 self._query(
                     "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
                     " weight, trusted, priority_budget_usd, ramp_min_tpm, ramp_max_growth,"
-                    " ramp_window_s) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " ramp_window_s, enforce) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight,
                      int(trusted), budget_text(blank.priority_budget_usd), blank.ramp_min_tpm,
-                     blank.ramp_max_growth, blank.ramp_window_s),
+                     blank.ramp_max_growth, blank.ramp_window_s, int(blank.enforce)),
                 )
                 break
             except sqlite3.IntegrityError:  # a public id collision (36^12): draw again
@@ -405,7 +413,7 @@ class KeyStore:
 
     def update(self, public_id: str, **changes: Any) -> KeyInfo | None:
         """Change a live key's fields (`updated`'s keywords: name, limits (None:
-        unlimited), weight, trust, budget, ramp rule); the fields not given stay. Returns the key as it now is, or None if unknown or
+        unlimited), weight, trust, budget, ramp rule, enforce); the fields not given stay. Returns the key as it now is, or None if unknown or
         revoked; ValueError (and nothing changed) unless the result is a valid key.
         Takes effect at once through this store, within `cache_ttl_s` in others."""
         with self._lock:
@@ -418,10 +426,12 @@ class KeyStore:
                 if new is not None:
                     conn.execute("UPDATE keys SET name = ?, rpm = ?, tpm = ?, weight = ?,"
                                  " trusted = ?, priority_budget_usd = ?, ramp_min_tpm = ?,"
-                                 " ramp_max_growth = ?, ramp_window_s = ? WHERE public_id = ?",
+                                 " ramp_max_growth = ?, ramp_window_s = ?, enforce = ?"
+                                 " WHERE public_id = ?",
                                  (new.name, new.rpm, new.tpm, new.weight, int(new.trusted),
                                   budget_text(new.priority_budget_usd), new.ramp_min_tpm,
-                                  new.ramp_max_growth, new.ramp_window_s, public_id))
+                                  new.ramp_max_growth, new.ramp_window_s, int(new.enforce),
+                                  public_id))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -125,6 +125,9 @@ ALTER TABLE keys ADD COLUMN IF NOT EXISTS ramp_window_s INTEGER NOT NULL DEFAULT
 # Why a request was served below the tier it asked for (tierq.ledger's column).
 _LEDGER_REASON_DDL: Final = "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS tier_reason TEXT"
 
+# A key's limits in shadow mode (tierq.keys): false counts their refusals, applies none.
+_KEYS_ENFORCE_DDL: Final = "ALTER TABLE keys ADD COLUMN IF NOT EXISTS enforce BOOLEAN NOT NULL DEFAULT true"
+
 #: (version, what it does, SQL). Append only: a version once shipped never changes.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "ledger table", _LEDGER_DDL),
@@ -133,9 +136,10 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (4, "ledger fairness_id", _LEDGER_FAIRNESS_DDL),
     (5, "ledger tier_reason", _LEDGER_REASON_DDL),
     (6, "keys priority budget and ramp rule", _KEYS_DOWNGRADES_DDL),
+    (7, "keys enforce (shadow mode)", _KEYS_ENFORCE_DDL),
 )
 _KEY_COLUMNS: Final = ("public_id, name, created, revoked, rpm, tpm, weight, trusted, "
-                       "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s")
+                       "priority_budget_usd, ramp_min_tpm, ramp_max_growth, ramp_window_s, enforce")
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -796,12 +800,12 @@ class PostgresKeyStore:
     def create(self, name: str, rpm: int | None = None, tpm: int | None = None, *,
                weight: float = 1.0, trusted: bool = False, priority_budget_usd: object = None,
                ramp_min_tpm: int = 0, ramp_max_growth: float | None = None,
-               ramp_window_s: int = 900) -> tuple[KeyInfo, str]:
+               ramp_window_s: int = 900, enforce: bool = True) -> tuple[KeyInfo, str]:
         """A new key and its full token. The token is not stored: show it now or never."""
         blank = validate_new_key(name, rpm, tpm, weight, trusted,
                                  priority_budget_usd=priority_budget_usd,
                                  ramp_min_tpm=ramp_min_tpm, ramp_max_growth=ramp_max_growth,
-                                 ramp_window_s=ramp_window_s)
+                                 ramp_window_s=ramp_window_s, enforce=enforce)
         secret = secrets.token_urlsafe(24)
         now = time.time()
 
@@ -811,11 +815,11 @@ class PostgresKeyStore:
                 done = await conn.fetchval(
                     "INSERT INTO keys (public_id, name, secret_sha256, created, revoked, rpm, tpm,"
                     " weight, trusted, priority_budget_usd, ramp_min_tpm, ramp_max_growth,"
-                    " ramp_window_s) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $11,"
-                    " $12) ON CONFLICT (public_id) DO NOTHING RETURNING public_id",
+                    " ramp_window_s, enforce) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9,"
+                    " $10, $11, $12, $13) ON CONFLICT (public_id) DO NOTHING RETURNING public_id",
                     public_id, name, hash_secret(secret), now, rpm, tpm, blank.weight, trusted,
                     budget_text(blank.priority_budget_usd), blank.ramp_min_tpm,
-                    blank.ramp_max_growth, blank.ramp_window_s)
+                    blank.ramp_max_growth, blank.ramp_window_s, blank.enforce)
                 if done is not None:
                     return public_id
 
@@ -853,9 +857,10 @@ class PostgresKeyStore:
                 await conn.execute(
                     "UPDATE keys SET name = $1, rpm = $2, tpm = $3, weight = $4, trusted = $5,"
                     " priority_budget_usd = $6, ramp_min_tpm = $7, ramp_max_growth = $8,"
-                    " ramp_window_s = $9 WHERE public_id = $10", new.name, new.rpm, new.tpm,
-                    new.weight, new.trusted, budget_text(new.priority_budget_usd),
-                    new.ramp_min_tpm, new.ramp_max_growth, new.ramp_window_s, public_id)
+                    " ramp_window_s = $9, enforce = $10 WHERE public_id = $11", new.name, new.rpm,
+                    new.tpm, new.weight, new.trusted, budget_text(new.priority_budget_usd),
+                    new.ramp_min_tpm, new.ramp_max_growth, new.ramp_window_s, new.enforce,
+                    public_id)
                 return new
 
         new = self._run(change)
@@ -884,4 +889,4 @@ def _key_info(r: asyncpg.Record) -> KeyInfo:
                    priority_budget_usd=None if r[8] is None else Decimal(r[8]),
                    ramp_min_tpm=int(r[9]),
                    ramp_max_growth=None if r[10] is None else float(r[10]),
-                   ramp_window_s=int(r[11]))
+                   ramp_window_s=int(r[11]), enforce=bool(r[12]))
