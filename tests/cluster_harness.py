@@ -105,7 +105,7 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, what:
 async def start_cluster(tmp_path: Path, redis_url: str, hosts: int = 2, limit: int = 4,
                         ttft_ms: float = 200, down: str = "local", keys_db: Path | None = None,
                         max_wait_ms: int = 30000, headroom: int = 0, workers: int = 1,
-                        made: list[Cluster] | None = None) -> Cluster:
+                        made: list[Cluster] | None = None, flex: bool = False) -> Cluster:
     """A sim and `hosts` hosts, ready and seeing each other. `made` gets the
     cluster before it is ready, so a caller can stop one that never was."""
     sim_port = free_port()
@@ -135,6 +135,7 @@ base_url = "{c.sim_url}/v1"
 [[models]]
 id = "{MODEL}"
 upstream = "sim"
+flex = {str(flex).lower()}
 [models.admission]
 max_concurrency = {limit}
 queue_depth = 256

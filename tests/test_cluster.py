@@ -106,6 +106,33 @@ async def test_priority_on_one_host_goes_before_defaults_queued_on_another(
     assert (await c.sim_stats())["max_in_flight_seen"] <= 2
 
 
+async def test_flex_on_one_host_takes_no_slot_while_another_host_has_defaults_waiting(
+        make_cluster: MakeCluster) -> None:
+    c = await make_cluster(hosts=2, limit=4, ttft_ms=1000, flex=True)
+    defaults = [asyncio.ensure_future(c.chat(1)) for _ in range(8)]
+
+    async def queued_on_b() -> bool:
+        pool = (await c.status(1))["pools"][0]
+        return bool(pool["in_flight"] == 4 and pool["depth"]["default"] >= 3)
+
+    await _wait_for(queued_on_b, 20, "host B running 4 defaults, the rest queued")
+    flex = [asyncio.ensure_future(c.chat(0, tier="flex")) for _ in range(3)]
+
+    async def flex_waiting_on_a() -> bool:
+        return bool((await c.status(0))["pools"][0]["depth"]["flex"] == 3)
+
+    await _wait_for(flex_waiting_on_a, 20, "host A's flex requests waiting")
+    finished = await asyncio.gather(*defaults)
+    assert [r[0] for r in finished] == [200] * 8, _logs(c)
+    served = await asyncio.gather(*flex)
+    assert [(r[0], r[1]["x-tierq-service-tier"]) for r in served] == [(200, "flex")] * 3, _logs(c)
+    # Every flex request ran after the last default began (a 1 s request each):
+    # none took a slot while B had defaults queued or running on all four.
+    last_default = max(t for _, _, t in finished)
+    assert min(t for _, _, t in served) > last_default, (served, finished)
+    assert (await c.sim_stats())["max_in_flight_seen"] <= 4
+
+
 async def test_priority_headroom_is_kept_once_for_the_whole_cluster(make_cluster: MakeCluster) -> None:
     c = await make_cluster(hosts=2, limit=4, ttft_ms=1500, headroom=2)
     defaults = [asyncio.ensure_future(c.chat(i % 2)) for i in range(8)]

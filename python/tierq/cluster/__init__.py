@@ -14,7 +14,9 @@ one round trip and atomic:
   hosts whose deadline passed before deciding, so a dead host's slots come
   back within its TTL, and it grants slots for default demand only while no
   host has priority waiters (strict priority across hosts), keeping
-  `priority_headroom` slots of the limit for priority demand.
+  `priority_headroom` slots of the limit for priority demand, and slots for
+  flex demand only while no host has priority waiters or unmet demand (flex
+  demand is never unmet demand: it makes no host give a slot back).
 - **Fair counters** (`_FAIR`, pools with `fairness = "tokens"`): each flow
   queue's service, summed over the hosts, beside each host's part, in the lease
   agent's round (docs/operations.md, "Fair across hosts").

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,11 @@ FAIR_TTL_TTLS: Final = 4
 # KEYS: leases, deadlines, priority waiters, unmet demand, limits (host -> n
 #       each), meta.
 # ARGV: host, ttl_ms, limit, headroom, default_min_share, holding, want,
-#       priority waiting, hosts last seen, leaving (1/0), the wake-up channel.
+#       priority waiting, hosts last seen, leaving (1/0), the wake-up channel,
+#       the flex part of want (granted only from idle capacity).
+# Unmet demand is a host's priority and default demand only: flex never
+# makes another host give a slot back, and takes none while another host
+# has priority waiters or unmet demand.
 # Returns {lease, live hosts, priority waiters elsewhere, unmet demand
 # elsewhere, priority waiters elsewhere not covered by free slots, the
 # cluster's limit}.
@@ -59,6 +64,7 @@ local holding = tonumber(ARGV[6])
 local want = tonumber(ARGV[7])
 local pwait = tonumber(ARGV[8])
 local known = tonumber(ARGV[9])
+local fwant = tonumber(ARGV[12] or '0')
 -- Hosts whose lease ran out lose it first: their slots are free again.
 local seen = redis.call('HGETALL', KEYS[2])
 local live = {}
@@ -122,9 +128,10 @@ if want > lease then
   if now < calm_until then
     room = math.min(room, math.floor(limit / math.max(calm_hosts, hosts)) - lease)
   end
-  room = math.max(0, math.min(room, want - lease))
-  local grant = math.min(pwait, room)
-  local rest = room - grant
+  room = math.max(0, room)
+  local sold = math.min(room, math.max(0, want - fwant - lease))
+  local grant = math.min(pwait, sold)
+  local rest = sold - grant
   -- Default demand: never into the headroom, and not while priority waits
   -- anywhere, unless default_min_share has earned it a slot.
   local droom = math.max(0, math.min(rest, limit - headroom - others - lease - grant))
@@ -138,6 +145,11 @@ if want > lease then
     redis.call('HINCRBYFLOAT', KEYS[6], 'credit', grant * share)
   end
   lease = lease + grant + droom
+  -- Flex: only what nobody else waits for, never into the headroom.
+  if fwant > 0 and others_p == 0 and others_unmet == 0 then
+    lease = lease + math.max(0, math.min(want - lease, room - grant - droom,
+                                         limit - headroom - others - lease))
+  end
 end
 -- Priority waiters elsewhere that the free slots do not cover yet: what a
 -- host without priority waiters of its own should yield.
@@ -145,7 +157,7 @@ local uncovered = math.max(0, others_p - (limit - others - lease))
 -- A host that starts to lack slots, or to have priority waiters, tells the
 -- others at once (they may hold idle slots and would only hear at their
 -- next heartbeat otherwise).
-local unmet = math.max(0, want - lease)
+local unmet = math.max(0, want - fwant - lease)
 local was_unmet = tonumber(redis.call('HGET', KEYS[4], host) or '0')
 local was_p = tonumber(redis.call('HGET', KEYS[3], host) or '0')
 if (unmet > 0 and was_unmet == 0) or (pwait > 0 and was_p == 0) then
@@ -184,6 +196,8 @@ class PoolLease:
     uncovered: int = 0  # priority waiters elsewhere the free slots do not cover
     reported_pwait: int = 0  # this host's priority waiters as Redis last heard
     want: int = 0  # what this host asked for last
+    flex_want: int = 0  # the part of `want` that is flex waiters (idle capacity only)
+    flex_headroom: float = 0.1  # the pool's flex_headroom (its core keeps it free of flex)
     holding: int = 0  # limit minus withheld: slots it really has, busy or idle
     flows: FlowCounters | None = None  # its fair counters, shared (fairness "tokens")
 
@@ -196,6 +210,8 @@ class PoolLease:
         depth = st["depth"]
         assert isinstance(depth, dict)
         pw, dw = int(depth[Tier.PRIORITY]), int(depth[Tier.DEFAULT])
+        fw = int(depth[Tier.FLEX])
+        flex = 0  # flex waiters asked for: only while no host has other demand
         busy = int(str(st["in_flight"]))
         withheld, owed = int(str(st["withheld"])), int(str(st["owed"]))
         holding = self.limit - withheld
@@ -214,15 +230,22 @@ class PoolLease:
         elif self.others_priority > 0:
             want = busy + pw  # its own priority waiters first; defaults wait
         elif self.others_unmet > 0:
-            want = busy + pw + dw  # others need slots: give back the idle ones
-        elif heartbeat and usable > busy + pw + dw:
-            # Idle slots nobody asked for: give half back each heartbeat, so
-            # an idle host's lease drains while a busy one keeps its own.
-            idle = usable - (busy + pw + dw)
-            want = usable - (idle + 1) // 2
+            want = busy + pw + dw  # others need slots: give back the idle ones (flex waits)
         else:
-            want = max(usable, busy + pw + dw)
+            # Flex asks only while this host's own lanes are empty: the core
+            # serves it only then, so slots asked for it sooner would idle.
+            # Plus the flex headroom the core keeps free of flex within them.
+            headroom = max(1, math.ceil(self.flex_headroom * self.limit))
+            flex = fw + headroom if fw and pw == dw == 0 else 0
+            if heartbeat and usable > busy + pw + dw + flex:
+                # Idle slots nobody asked for: give half back each heartbeat, so
+                # an idle host's lease drains while a busy one keeps its own.
+                idle = usable - (busy + pw + dw + flex)
+                want = usable - (idle + 1) // 2
+            else:
+                want = max(usable, busy + pw + dw + flex)
         want = min(self.limit, want)
+        self.flex_want = min(flex, max(0, want - (busy + pw + dw)))
         if not touch:
             pass
         elif want < usable:
@@ -231,8 +254,10 @@ class PoolLease:
             self.admission.restore(min(owed, want - usable))
         self.holding = holding
         self.want = want
-        contended = (want > holding or self.others_priority > 0 or self.others_unmet > 0
-                     or pw != self.reported_pwait)
+        # Flex demand alone is not contention: it waits for idle slots at the
+        # heartbeat's pace (or the next arrival's wake-up), not 50 syncs a second.
+        contended = (want - self.flex_want > holding or self.others_priority > 0
+                     or self.others_unmet > 0 or pw != self.reported_pwait)
         return holding, want, contended
 
     def apply(self, lease: int, target: int) -> None:
@@ -267,7 +292,8 @@ class LeaseAgent:
         self.pools = {
             model: PoolLease(model, adm, cfg.settings.priority_headroom,
                              cfg.settings.default_min_share, adm.limit, adm.limit,
-                             flows=FlowCounters(adm) if cfg.settings.fairness == "tokens" else None)
+                             flows=FlowCounters(adm) if cfg.settings.fairness == "tokens" else None,
+                             flex_headroom=cfg.settings.flex_headroom)
             for model, (adm, cfg) in pools.items()
         }
         self.sync_s = 0.0  # time spent waiting on lease syncs
@@ -402,7 +428,7 @@ class LeaseAgent:
                          f"{tag}:unmet", f"{tag}:limit", f"{tag}:meta",
                          link.host_id, self.config.lease_ttl_ms, p.limit, p.headroom,
                          repr(p.default_min_share), p.holding, p.want,
-                         p.reported_pwait, link.hosts, int(leaving), WAKE_CHANNEL)
+                         p.reported_pwait, link.hosts, int(leaving), WAKE_CHANNEL, p.flex_want)
         for p in fair:
             assert p.flows is not None
             pipe.evalsha(FAIR_SCRIPT.sha, 2, *p.flows.keys(p.model, link.host_id),
