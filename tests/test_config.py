@@ -32,6 +32,7 @@ def test_example_config_loads_with_every_section() -> None:
     cfg = load_config(EXAMPLE)
     assert [u.name for u in cfg.upstreams] == ["local", "deepinfra", "sim"]
     assert cfg.pricing.priority_multiplier == Decimal("1.5")
+    assert cfg.pricing.flex_multiplier == Decimal("0.5")
     llama = cfg.models[0]
     assert llama.admission.written["max_concurrency"] == 8
     assert llama.admission.settings.max_wait_ms["priority"] == 60000
@@ -143,6 +144,30 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
         ('[pricing]\npriority_multiplier = "1.0000000001"\n',
          "tierq.toml: pricing.priority_multiplier: zai-org/GLM-5.2: 1.4 x 1.0000000001 USD per 1M "
          "tokens is not a whole number of femto-USD (1e-15) per token: use at most 9 decimals per 1M tokens"),
+        # Flex: its multiplier above 0 and at most 1, exact; its headroom a share.
+        ('[pricing]\nflex_multiplier = "-0.5"\n',
+         'tierq.toml: pricing.flex_multiplier: must be a finite amount >= 0, got "-0.5"'),
+        ('[pricing]\nflex_multiplier = "half"\n',
+         'tierq.toml: pricing.flex_multiplier: not a decimal number: "half"'),
+        ('[pricing]\nflex_multiplier = "0"\n',
+         'tierq.toml: pricing.flex_multiplier: must be above 0 and at most 1, got "0"'),
+        ('[pricing]\nflex_multiplier = "1.5"\n',
+         'tierq.toml: pricing.flex_multiplier: must be above 0 and at most 1, got "1.5"'),
+        ('[pricing]\nflex_multiplier = "0.5000000001"\n',
+         "tierq.toml: pricing.flex_multiplier: zai-org/GLM-5.2: 1.4 x 0.5000000001 USD per 1M "
+         "tokens is not a whole number of femto-USD (1e-15) per token: use at most 9 decimals per 1M tokens"),
+        ('[pricing]\nflex_multiplier = "0.3333333333"\n[[models]]\nid = "new/model"\nflex = true\n'
+         'input_per_m = "0.1"\noutput_per_m = "1"\n',
+         "tierq.toml: models[0].input_per_m: 0.1 x 0.3333333333 USD per 1M tokens is not a whole "
+         "number of femto-USD (1e-15) per token: use at most 9 decimals per 1M tokens"),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\nflex = 1\n',
+         'tierq.toml: models[0].flex: expected true or false, got 1'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nflex_headroom = 0.6\n',
+         'tierq.toml: models[0].admission.flex_headroom: must be between 0 and 0.5 (a share of the limit), got 0.6'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nflex_headroom = -0.1\n',
+         'tierq.toml: models[0].admission.flex_headroom: must be between 0 and 0.5 (a share of the limit), got -0.1'),
+        ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { flex = -1 }\n',
+         'tierq.toml: models[0].admission.max_wait_ms.flex: must be between 0 and 86400000 ms, got -1'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\npriority = "yes"\n',
          'tierq.toml: models[0].priority: expected true or false, got "yes"'),
         ('[[models]]\nid = "zai-org/GLM-5.2"\n[models.admission]\nmax_wait_ms = { default = 1, lowest = 2 }\n',

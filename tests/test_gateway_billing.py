@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from conftest import PLAIN_MODEL, PRIORITY_MODEL, GatewayFactory, exact_json, model_config
+from ports import free_port
+
+from tierq.stores import open_ledger
 
 
 TIERS = [None, "auto", "default", "flex", "scale", "priority", "fast"]
@@ -161,3 +168,85 @@ async def test_billed_equals_echoed_over_randomized_mixed_load(make_gateway: Gat
     assert statuses["served"] > 20 and statuses["shed"] > 0 and statuses["cancelled"] > 0
     assert {r.applied_tier for r in rows} == {"priority", "default", "flex"}
     assert any(r.applied_tier == "flex" and r.status == "served" for r in rows)
+
+
+# ---- two workers ----------------------------------------------------------------
+
+WORKERS_APP = Path(__file__).with_name("_gateway_workers_app.py")
+
+
+async def test_billed_equals_echoed_for_three_tiers_across_two_workers(tmp_path: Path) -> None:
+    """`tierq serve --workers 2` (tests/_gateway_workers_app.py) on shared
+    pools: the same randomized load as above, each request sent to one
+    worker's own port, every tier's echo, header and row agreeing."""
+    ledger = tmp_path / "ledger.db"
+    cfg = tmp_path / "tierq.toml"
+    cfg.write_text(f"""
+[ledger]
+url = "sqlite:///{ledger}"
+[[upstreams]]
+name = "sim"
+kind = "sim"
+[upstreams.sim]
+slots = 6
+ttft_ms = 30
+tokens_per_s = 400
+[[models]]
+id = "{PRIORITY_MODEL}"
+priority = true
+flex = true
+[models.admission]
+max_concurrency = 3
+queue_depth = 8
+max_wait_ms = {{ default = 400, flex = 300 }}
+[[models]]
+id = "{PLAIN_MODEL}"
+[models.admission]
+max_concurrency = 3
+queue_depth = 8
+max_wait_ms = {{ default = 400 }}
+""")
+    debug = [free_port(), free_port()]
+    log = tmp_path / "gw.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, str(WORKERS_APP), str(cfg), str(free_port()),
+                                 ",".join(map(str, debug))], stdout=subprocess.DEVNULL, stderr=err)
+    roots = [f"http://127.0.0.1:{p}" for p in debug]
+    rng = random.Random(20261207)
+    cases = [make_case(rng) for _ in range(90)]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3000):
+                try:
+                    ok = [(await s.get(r + "/readyz")).status == 200 for r in roots]
+                    if all(ok):
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"workers never came up: {log.read_text()[-2000:]}")
+            await asyncio.gather(*(run_case(s, roots[i % 2] + "/v1", o, random.Random(i))
+                                   for i, o in enumerate(cases)))
+            # Hang-ups are recorded when a worker notices the disconnect.
+            await asyncio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    rows = open_ledger(f"sqlite:///{ledger}").rows()
+    by_id = {r.request_id: r for r in rows}
+    assert len(rows) == len(cases)
+    served_flex = 0
+    for o in cases:
+        row = by_id[o.request_id]
+        assert row.applied_tier == o.header_tier == expected_tier(o.model, o.requested)
+        if o.status == 429:
+            assert row.status == "shed" and row.cost == 0 and row.completion_tokens == 0
+            continue
+        assert o.status == 200 and o.echoed_tiers == {row.applied_tier}
+        assert row.cost == expected_cost(o.model, row.prompt_tokens, row.completion_tokens, row.applied_tier)
+        if not o.hang_up and o.echoed_cost is not None:
+            assert o.echoed_cost == row.cost
+        served_flex += row.applied_tier == "flex" and o.stream
+    assert {r.applied_tier for r in rows} == {"priority", "default", "flex"}
+    assert served_flex > 0, "a flex stream was served and billed"
