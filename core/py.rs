@@ -479,12 +479,15 @@ impl PyAdmissionCore {
     /// indexes SHED_CODES; `evicted` as when queued: a waiter pushed out on
     /// the way, to shed too). `predicted_ns` is -1 when unknown (no drain
     /// measured yet). `shadow`: the SHED_CODES index of a shed the pool's
-    /// rate limit decided in shadow mode and did not apply, else -1. The
+    /// rate limit decided in shadow mode and did not apply, else -1. `cost`
+    /// 0 takes nothing from the bucket (nor can the bucket refuse it). The
     /// ask's four values come from `ask` (default: the anonymous flow).
     #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1))]
     fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64) -> PyResult<(u8, i64, i64, i64, u32, i64, i64)> {
         let lane = lane_of(lane)?;
-        let cost = cost_of(cost)?;
+        // 0: takes nothing from the bucket (a request that a limit in shadow
+        // mode before this one refused: enforcing, it never came this far).
+        let cost = if cost == 0 { 0 } else { cost_of(cost)? };
         let (decided, placed) = match queue_a {
             None => self.0.admit_ask(lane, cost, &self.0.ask_anonymous()),
             Some(a) => {

@@ -462,8 +462,8 @@ async def test_unknown_tier_raises_value_error_naming_tier() -> None:
         adm.acquire(None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("cost", [0, -1])
-async def test_cost_below_one_raises_value_error_naming_cost_and_holds_nothing(cost: int) -> None:
+@pytest.mark.parametrize("cost", [-1, -(2**40)])
+async def test_a_negative_cost_raises_value_error_naming_cost_and_holds_nothing(cost: int) -> None:
     adm = Admission(rate=10.0)
     with pytest.raises(ValueError, match="^cost:"):
         async with adm.acquire(cost=cost):
@@ -471,6 +471,23 @@ async def test_cost_below_one_raises_value_error_naming_cost_and_holds_nothing(c
     stats = adm.stats()
     assert stats["in_flight"] == 0
     assert stats["admitted"] == {"priority": 0, "default": 0, "flex": 0}
+
+
+async def test_cost_zero_takes_nothing_from_the_bucket_and_is_never_refused_by_it() -> None:
+    # What a request refused by a limit in shadow mode before the pool costs it.
+    clock = ManualClock()
+    adm = Admission(rate=1.0, burst=1, priority_reserve=0.0, clock=clock)
+    for _ in range(3):
+        async with adm.acquire(cost=0):
+            pass
+    async with adm.acquire():
+        pass
+    with pytest.raises(Shed, match="^rate_limit_exceeded"):
+        async with adm.acquire():
+            pass
+    async with adm.acquire(cost=0):
+        pass
+    assert adm.stats()["shed"]["rate_limit_exceeded"] == 1
 
 
 def test_stats_shape() -> None:

@@ -277,3 +277,52 @@ async def test_postgresql_keeps_a_keys_shadow_mode_for_every_host(pg_url: str) -
             await other.aclose()
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize(("sequence", "expected"), [
+    # A's rpm (2) refuses its 3rd and 4th; the pool's bucket (3) sheds B's 2nd.
+    ("ABAABA", {"key_rpm": 2, "rate_limited": 1}),
+    # The pool's bucket sheds A's 2nd to 4th, each given back to A's rpm, which
+    # so never refuses.
+    ("ABBAAA", {"key_rpm": 0, "rate_limited": 3}),
+])
+async def test_a_key_limit_and_the_pools_rate_in_shadow_together_count_what_both_enforcing_shed(
+    make_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    sequence: str, expected: dict[str, int],
+) -> None:
+    """A request its key refuses takes nothing from the pool's bucket, and one the
+    pool's rate refuses gives its key back its request, as enforcing: so each
+    limit counts in shadow exactly the sheds it makes enforcing, request for request."""
+    keys_db = tmp_path / "keys.db"
+    with KeyStore(str(keys_db)) as store:
+        tokens = {(name, enforce): store.create(f"{name}-{enforce}", rpm=2 if name == "A" else None,
+                                                enforce=enforce)[1]
+                  for name in "AB" for enforce in (True, False)}
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(model_config(PRIORITY_MODEL),), keys=KeysConfig(str(keys_db)))
+    gw = await make_gateway(config=config)
+    pool = gw.gw.pools[PRIORITY_MODEL]
+    decided: dict[bool, list[str | None]] = {}
+    for enforce in (True, False):
+        clock = ManualClock()  # nothing refills while a run lasts
+        gw.gw.limiter = KeyLimiter(clock)
+        pool.admission = Admission(rate=0.01, burst=3, priority_reserve=0.0, enforce=enforce,
+                                   clock=clock)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tierq"):
+            statuses = [(await send(gw, 1, key=tokens[name, enforce]))[0] for name in sequence]
+            await wait_for(lambda: len(access_lines(caplog)) == len(sequence))
+        if enforce:
+            # Which limit shed each: the pool's count says how many were its own.
+            assert pool.admission.stats()["shed"]["rate_limit_exceeded"] == expected["rate_limited"]
+            assert statuses.count(429) == sum(expected.values())
+            decided[True] = [s == 429 for s in statuses]
+        else:
+            assert statuses == [200] * len(sequence)  # sheds nothing
+            flags = [line.get("shadow") for line in access_lines(caplog)]
+            assert {d: flags.count(d) for d in expected} == expected
+            decided[False] = [f is not None for f in flags]
+    metric = await shadow_metric(gw)
+    assert {d: int(metric[d]) for d in expected} == expected
+    assert decided[False] == decided[True], "the same requests, not only as many"

@@ -339,7 +339,8 @@ class Admission:
         positive int) is its own deadline, at most the lane's max wait: a
         request whose predicted wait is longer is refused at once (`Shed`
         ``queue_timeout`` with `deadline_refused`). Bad values raise
-        ValueError here.
+        ValueError here. `cost` is its bucket tokens; 0 takes none (a request
+        another limit in shadow mode refused before it came here).
         """
         try:
             lane = _LANE_OF[tier]

@@ -229,13 +229,18 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     traced = ex.trace is not None and ex.trace.sampled
     if traced:
         ex.queued_at = time.monotonic()
-    ex.slot = slot = ex.pool.admission.acquire(ex.tier, flow=ex.flow.name, weight=ex.flow.weight,
-                                               charge=ex.charge, max_wait_ms=ex.deadline_ms)
+    # A request its key's limits refused in shadow mode takes nothing from the
+    # pool's bucket: enforcing, it never reached it, and the bucket must stand
+    # where enforcing leaves it.
+    ex.slot = slot = ex.pool.admission.acquire(ex.tier, 0 if ex.shadow else 1, flow=ex.flow.name,
+                                               weight=ex.flow.weight, charge=ex.charge,
+                                               max_wait_ms=ex.deadline_ms)
     gw.waiting.add(task)
     ex.pool.flows.queued(ex.flow.name, ex.est_total)
     try:
         async with slot:
             gw.waiting.discard(task)
+            ex.rate_shadowed()
             if traced:
                 ex.admitted_at = time.monotonic()
             if slot.queue_ns:

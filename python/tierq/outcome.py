@@ -403,6 +403,25 @@ class Exchange:
         limiter, key = self.gw.limiter, self.key
         if not self.charged or limiter is None or key is None:
             return  # no limits, or the key's own limit refused it: nothing was taken
+        if self.slot is not None and self.slot.shadowed is not None:
+            o = shed(self.slot.shadowed)  # see `rate_shadowed`
+        self._settle_key(key, o)
+
+    def rate_shadowed(self) -> None:
+        """Once admitted: if the pool's rate limit refused it in shadow mode, its
+        key gets back now what that shed would have given back (its request and
+        its estimate: the gateway's doing), so the key's buckets stand where
+        enforcing leaves them; nothing more is settled for it."""
+        limiter, key = self.gw.limiter, self.key
+        if (self.slot is None or self.slot.shadowed is None or not self.charged
+                or limiter is None or key is None):
+            return
+        self.charged = False
+        self._settle_key(key, shed(self.slot.shadowed))
+
+    def _settle_key(self, key: KeyInfo, o: Outcome) -> None:
+        limiter = self.gw.limiter
+        assert limiter is not None
         cluster = self.gw.cluster
         if cluster is not None:
             if o.billed:
