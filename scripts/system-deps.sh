@@ -9,8 +9,9 @@
 #   postgres  Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin) for
 #          the PostgreSQL ledger and key store tests and bench/cluster; each test
 #          starts its own cluster on a loopback port (tests/pg_server.py).
-#   redis  Debian's redis-server for the cluster tests and bench/cluster; each
-#          test starts its own on a loopback port (tests/redis_server.py).
+#   redis  Debian's redis-server and redis-sentinel for the cluster tests and
+#          bench/cluster; each test starts its own on a loopback port
+#          (tests/redis_server.py), sentinels too (tests/test_cluster_faults.py).
 #   prometheus  Debian's prometheus and promtool for the dashboard and alert
 #          tests (tests/test_dashboards.py starts its own on a loopback port).
 set -euo pipefail
@@ -22,7 +23,8 @@ for group in "${@:-build}"; do
         postgres)
             compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql) ;;
         redis)
-            command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) ;;
+            command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+            command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel) ;;
         prometheus)
             command -v promtool >/dev/null 2>&1 || missing+=(prometheus) ;;
         *)

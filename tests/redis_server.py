@@ -34,11 +34,13 @@ def redis_server_binary() -> str:
 class RedisServer:
     """One redis-server process on 127.0.0.1:`port`, data in `folder`."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, args: tuple[str, ...] = ()) -> None:
+        """`args`: more options, as `("--replicaof", "127.0.0.1 6379")`."""
         self.binary = redis_server_binary()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +52,8 @@ class RedisServer:
         with (self.folder / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                 str(self.folder), "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+                 str(self.folder), "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+                 *self.args],
                 stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -66,6 +69,13 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not answer PING within 20 s")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or lost primary: no goodbye to anyone."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -76,6 +86,66 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+def redis_sentinel_binary() -> str:
+    """The redis-sentinel to run (Debian's redis-sentinel package); skips
+    (fails in CI) when there is none."""
+    found = shutil.which("redis-sentinel") or (
+        "/usr/bin/redis-sentinel" if Path("/usr/bin/redis-sentinel").exists() else None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-sentinel is not installed (CI must run the failover test)")
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    return found
+
+
+class RedisSentinel:
+    """One redis-sentinel on 127.0.0.1 watching `master` at `primary_port`.
+    A sentinel rewrites its config file, so each has its own in `folder`."""
+
+    def __init__(self, folder: Path, master: str, primary_port: int, quorum: int,
+                 down_after_ms: int = 500) -> None:
+        self.binary = redis_sentinel_binary()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.port = free_port()
+        self.down_after_ms = down_after_ms
+        (folder / "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+            f"sentinel failover-timeout {master} 5000\n"
+            f"sentinel parallel-syncs {master} 1\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.folder / "sentinel.log").open("ab") as log:
+            self.proc = subprocess.Popen([self.binary, str(self.folder / "sentinel.conf")],
+                                         stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-sentinel exited: see {self.folder / 'sentinel.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("redis-sentinel did not answer PING within 20 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
 
 
 @pytest.fixture

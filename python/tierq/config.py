@@ -207,6 +207,11 @@ class ClusterConfig:
     # A host that stops refreshing its lease for this long loses its slots.
     lease_ttl_ms: int = 3000
     on_redis_down: RedisDown = "local"
+    # Redis Sentinel: ("host", port) of each sentinel and the primary's name
+    # in them; the primary's address then comes from the sentinels (redis_url
+    # gives the db, credentials and TLS). Empty: redis_url's host is Redis.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,8 +505,29 @@ class _Parser:
         down = _s(t.string("on_redis_down", d.on_redis_down))
         if down not in get_args(RedisDown):
             raise t.fail("on_redis_down", f'expected "local" or "closed", got {show(down)}')
+        sentinels = self.sentinels(t)
+        master = t.string("sentinel_master")
+        if sentinels and master is None:
+            raise t.fail("sentinel_master", "required with sentinels (the primary's name in them)")
+        if master is not None and not sentinels:
+            raise t.fail("sentinels", 'required with sentinel_master, as ["host:26379", ...]')
         t.done()
-        return ClusterConfig(url, password_env, host_id, ttl, cast(RedisDown, down))
+        return ClusterConfig(url, password_env, host_id, ttl, cast(RedisDown, down), sentinels, master)
+
+    def sentinels(self, t: Table) -> tuple[tuple[str, int], ...]:
+        v = t.get("sentinels")
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not v:
+            raise t.fail("sentinels", f'expected a non-empty array of "host:port", got {show(v)}')
+        out = []
+        for item in v:
+            host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+            host = host.removeprefix("[").removesuffix("]")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise t.fail("sentinels", f'expected "host:port" items, got {show(item)}')
+            out.append((host, int(port)))
+        return tuple(out)
 
     def keys(self, t: Table) -> KeysConfig:
         d = KeysConfig()

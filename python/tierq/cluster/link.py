@@ -111,7 +111,14 @@ class RedisLink:
         }
         if password:
             kwargs["password"] = password
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(config.redis_url, **kwargs)
+        # Where Redis is, for log lines: host and port only, never a password.
+        url = yarl.URL(config.redis_url)
+        self._where = f"{url.scheme}://{url.host}:{url.port or 6379}"
+        self.redis: aioredis.Redis
+        if config.sentinels:
+            self.redis = self._from_sentinels(url, kwargs)
+        else:
+            self.redis = aioredis.Redis.from_url(config.redis_url, **kwargs)
         self.up = False
         self.hosts = 1  # live hosts last seen, this one included
         self.calls = 0
@@ -120,9 +127,28 @@ class RedisLink:
         self._ever_up = False
         #: Called when Redis goes down in "local" mode: each serves its share alone.
         self.on_alone: list[Callable[[], None]] = []
-        # Where Redis is, for log lines: host and port only, never a password.
-        url = yarl.URL(config.redis_url)
-        self._where = f"{url.scheme}://{url.host}:{url.port or 6379}"
+
+    def _from_sentinels(self, url: yarl.URL, kwargs: dict[str, Any]) -> aioredis.Redis:
+        """A client of the primary the sentinels name: each new connection asks
+        them where it is, so after a failover the next call (the one after the
+        first that fails) reaches the new primary. redis_url gives the db, the
+        credentials and TLS; its host is not used."""
+        from redis.asyncio.sentinel import Sentinel
+
+        cfg = self.config
+        assert cfg.sentinel_master is not None
+        # The sentinels are asked as briefly as Redis: short timeouts, one try.
+        quick = {k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
+        sentinel = Sentinel(list(cfg.sentinels), sentinel_kwargs=quick)  # type: ignore[no-untyped-call]
+        kwargs = {**kwargs, "db": int(url.path.strip("/") or 0), "ssl": url.scheme == "rediss"}
+        if url.user:
+            kwargs["username"] = url.user
+        if "password" not in kwargs and url.password:
+            kwargs["password"] = url.password
+        self._where = (f"sentinel master {cfg.sentinel_master} via "
+                       + ",".join(f"{h}:{p}" for h, p in cfg.sentinels))
+        client: aioredis.Redis = sentinel.master_for(cfg.sentinel_master, **kwargs)
+        return client
 
     async def run(self, script: Script, keys: Sequence[str], *args: str | int | float) -> Any:
         """One call of `script`: one round trip (two if the server lost it)."""
