@@ -9,15 +9,16 @@
 //!
 //! The rules, each in one place:
 //! - a flow id (bytes) hashes with a fixed-key hash to a hand of two queues
-//!   (`hand`); it joins the one with fewer waiters (`choose`), as Kubernetes'
-//!   API Priority and Fairness shuffle-shards;
+//!   (`hand`); it joins the one with fewer waiters, on a tie the one with
+//!   the lower counter (`choose`), as Kubernetes' API Priority and Fairness
+//!   shuffle-shards;
 //! - service is a request's charge divided by its weight (`service`), added
 //!   to its queue's counter when it is dispatched (`charge`) and corrected
 //!   with the real charge when it ends (`correct`);
-//! - a queue that becomes active (0 -> 1 waiters) is lifted to the least
-//!   counter among the active queues, or to the lane's floor (the counter
-//!   last dispatched from) when none is active, so idle time banks no credit
-//!   (`join`);
+//! - a queue that becomes active (0 -> 1 waiters) is lifted to the lane's
+//!   floor (the counter last dispatched at), or to the least active counter
+//!   if one is below it, so idle time banks no credit (`join`,
+//!   `lift_target`);
 //! - the active queue with the least counter goes next (`least`).
 //!
 //! Counts and the active bitmap are hints for the choice, never for safety:
@@ -192,13 +193,26 @@ impl<'a> FairLane<'a> {
         self.q(queue, WAITING).load(SeqCst)
     }
 
-    /// The queue of `hand` with fewer waiters (the first on a tie).
+    /// The queue of `hand` with fewer waiters; on a tie the one with the
+    /// lower counter (the first if equal), read only then. A flow arriving
+    /// to two idle queues so takes the one it was served less from: its two
+    /// queues stay level, so its own requests keep their arrival order
+    /// (`core/tests/fair_sim.rs`), and a quick second request of a polite
+    /// flow starts at the floor, as a backlogged flow's two queues each
+    /// get their turn, instead of waiting for the queue it just used.
     #[inline]
     pub fn choose(&self, hand: (u32, u32)) -> u32 {
-        if hand.0 == hand.1 || self.waiting(hand.0) <= self.waiting(hand.1) {
-            hand.0
-        } else {
+        if hand.0 == hand.1 {
+            return hand.0;
+        }
+        let (a, b) = (self.waiting(hand.0), self.waiting(hand.1));
+        if a != b {
+            return if a < b { hand.0 } else { hand.1 };
+        }
+        if self.q(hand.1, COUNTER).load(SeqCst) < self.q(hand.0, COUNTER).load(SeqCst) {
             hand.1
+        } else {
+            hand.0
         }
     }
 
@@ -252,6 +266,21 @@ impl<'a> FairLane<'a> {
         least
     }
 
+    /// The counter an idle `queue` is lifted to when it becomes active: the
+    /// lane's floor (the counter the last dispatch was made at, the start of
+    /// the service last begun, as start-time fair queuing's virtual time),
+    /// or the least active counter if one is below it (a correction moved it
+    /// down). A backlogged flow's queues are at or above the floor, so a
+    /// newcomer goes before them rather than tie with the least of them and
+    /// lose on its younger hint, which cost a polite flow one or two extra
+    /// dispatches on nearly every request; newcomers tie with each other and
+    /// go in arrival order. Credit banked: at most the distance from the
+    /// floor to the least active counter, within one request's service.
+    fn lift_target(&self, queue: u32) -> u64 {
+        let floor = self.words[FLOOR].load(Relaxed);
+        self.least_active_counter(queue).map_or(floor, |least| least.min(floor))
+    }
+
     /// Raises `queue`'s counter to `target` if below; the lift is not
     /// service, so BASE moves with it (never exported).
     fn lift(&self, queue: u32, target: u64) {
@@ -265,14 +294,14 @@ impl<'a> FairLane<'a> {
         }
     }
 
-    /// The counter `queue` would start from if it joined now: lifted to the
-    /// least active counter (or the floor) when it has nobody waiting.
+    /// The counter `queue` would start from if it joined now: lifted
+    /// (`lift_target`) when it has nobody waiting.
     fn start_counter(&self, queue: u32) -> u64 {
         let own = self.q(queue, COUNTER).load(SeqCst);
         if self.waiting(queue) > 0 {
             return own;
         }
-        own.max(self.least_active_counter(queue).unwrap_or_else(|| self.words[FLOOR].load(Relaxed)))
+        own.max(self.lift_target(queue))
     }
 
     /// A waiter joins `queue`: called before it takes its ticket, `tail`
@@ -282,8 +311,7 @@ impl<'a> FairLane<'a> {
     /// still to come is taken after this count, so at or after `tail`.
     pub fn join(&self, queue: u32, tail: u64) {
         if self.q(queue, WAITING).fetch_add(1, SeqCst) == 0 {
-            let target = self.least_active_counter(queue).unwrap_or_else(|| self.words[FLOOR].load(Relaxed));
-            self.lift(queue, target);
+            self.lift(queue, self.lift_target(queue));
             self.set_hint(queue, tail);
         }
         // Set unless a leave left it set (see `leave`): then a load only.
@@ -322,8 +350,9 @@ impl<'a> FairLane<'a> {
 
     /// The active queue with the least counter, skipping `skip`. On a tie
     /// the queue with the lower hint (its oldest waiter came first, as far
-    /// as the hints know) goes first, so a lone flow spread over its two
-    /// queues with equal requests is served in arrival order.
+    /// as the hints know) goes first: newcomers lifted to the floor tie and go
+    /// in arrival order, and so, mostly, does a lone flow spread over its two
+    /// queues (`core/tests/fair_sim.rs`).
     pub fn least(&self, skip: Option<u32>) -> Option<u32> {
         let mut best: Option<(u64, u64, u32)> = None;
         self.scan(true, |q, c| {
@@ -515,6 +544,9 @@ mod tests {
         assert_eq!(f.choose((3, 5)), 5);
         f.join(5, 0);
         assert_eq!(f.choose((3, 5)), 3, "a tie goes to the first");
+        f.charge(3, 10);
+        assert_eq!(f.choose((3, 5)), 5, "a tie goes to the queue served less");
+        assert_eq!(f.choose((5, 3)), 5);
     }
 
     #[test]
@@ -531,10 +563,13 @@ mod tests {
         assert_eq!(f.least(Some(2)), Some(1));
         f.charge(2, 300);
         assert_eq!(f.least(None), Some(1));
-        // Queue 6 was idle all along: it starts at the least active counter
-        // (500), not at 0, so it banked nothing.
+        // Queue 6 was idle all along: it starts at the floor (300, where
+        // queue 2's second dispatch began), not at 0, so it banked nothing
+        // but the distance to the least active counter (500), and goes
+        // first rather than tie with queue 1.
         f.join(6, 0);
-        assert_eq!(f.queue_state(6), (500, 1));
+        assert_eq!(f.queue_state(6), (300, 1));
+        assert_eq!(f.least(None), Some(6), "a newcomer does not lose a tie to a backlogged queue");
         // Everyone leaves; a newcomer starts at the floor: the counter the
         // last dispatch was made at (300, queue 2's second).
         for t in [tag(1, 0, false), tag(2, 0, false), tag(6, 0, false)] {

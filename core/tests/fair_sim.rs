@@ -1,0 +1,248 @@
+//! A discrete-event run of the real pool (manual clock, no threads, no
+//! sockets): an engine of 8 slots, a greedy flow of 40 streams back to back,
+//! nine polite flows arriving at random (Poisson, about 0.4x capacity in
+//! all), as bench/fairness's greedy cells, and the same with the polite flows
+//! strictly ahead (priority lane, the greedy one in the default lane: the
+//! mark). Deterministic (seeded), so a change of the fair order shows as a
+//! change of the polite flows' wait, free of the machine's noise:
+//! `cargo test --release --test fair_sim -- --nocapture` prints it.
+#![cfg(not(loom))]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use tierq_core::{fair, Admit, Ask, Clock, Lane, ManualClock, Pool, PoolSpec, WaiterId};
+
+const SLOTS: i64 = 8;
+const GREEDY_STREAMS: usize = 40;
+const POLITE: usize = 9;
+const MS: u64 = 1_000_000;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn tokens(&mut self) -> u64 {
+        16 + self.next() % 33
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Req {
+    flow: usize, // 0 = greedy, 1.. = polite
+    lane: Lane,
+    queue: u32,
+    tokens: u64,
+    arrived: u64,
+}
+
+enum Ev {
+    PoliteArrival(usize),
+    Done(Req),
+}
+
+#[derive(Default)]
+struct Events {
+    heap: BinaryHeap<Reverse<(u64, u64)>>,
+    bodies: HashMap<u64, Ev>,
+    seq: u64,
+}
+impl Events {
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse((at, self.seq)));
+        self.bodies.insert(self.seq, ev);
+    }
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let Reverse((at, id)) = self.heap.pop()?;
+        Some((at, self.bodies.remove(&id).unwrap()))
+    }
+}
+
+/// Polite waits (ns) over `secs` simulated seconds after a warm-up.
+fn run(seed: u64, mark: bool, secs: u64) -> Vec<u64> {
+    let clock = Arc::new(ManualClock::new(1));
+    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [600_000.0, 600_000.0], ..PoolSpec::default() };
+    let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock.clone()));
+    let mut rng = Rng(seed | 1);
+    let hands: Vec<(u32, u32)> = (0..=POLITE).map(|f| pool.hand(format!("key_{seed:04}_{f:02}_{:08x}", rng.next() as u32).as_bytes())).collect();
+    // Service: 20 ms to the first token, 200 tokens/s (the bench's sim).
+    let service_ns = |tokens: u64| 20 * MS + tokens * 5 * MS;
+    let capacity = SLOTS as f64 / (service_ns(32) as f64 / 1e9);
+    let polite_rate = 0.4 * capacity / POLITE as f64; // per flow, req/s
+    let mut ev = Events::default();
+    let mut waiting: HashMap<WaiterId, Req> = HashMap::new();
+    let mut waits = Vec::new();
+
+    let warm = 5_000 * MS;
+    let end = warm + secs * 1000 * MS;
+    let charge = |tokens: u64| fair::service(tokens + 10, 100);
+
+    // One request asks; returns the requests that start now.
+    let admit = |r: Req, waiting: &mut HashMap<WaiterId, Req>| -> (Vec<Req>, u32) {
+        let ask = Ask { hand: hands[r.flow], service: charge(r.tokens), max_wait_ns: None };
+        let (got, placed) = pool.admit_ask(r.lane, 1, &ask);
+        let r = Req { queue: placed.queue, ..r };
+        let mut start = vec![];
+        match got {
+            Admit::Now => start.push(r),
+            Admit::Queued { waiter, granted, .. } => {
+                waiting.insert(waiter, r);
+                if let Some(g) = granted {
+                    start.push(waiting.remove(&g).unwrap());
+                }
+            }
+            Admit::Shed { .. } => panic!("shed"),
+        }
+        (start, placed.queue)
+    };
+    let begin = |r: Req, now: u64, ev: &mut Events, waits: &mut Vec<u64>| {
+        if r.flow != 0 && r.arrived >= warm && r.arrived < end {
+            waits.push(now - r.arrived);
+
+        }
+        ev.push(now + service_ns(r.tokens), Ev::Done(r));
+    };
+    let greedy_lane = Lane::Default;
+    let polite_lane = if mark { Lane::Priority } else { Lane::Default };
+    for _ in 0..GREEDY_STREAMS {
+        let r = Req { flow: 0, lane: greedy_lane, queue: 0, tokens: rng.tokens(), arrived: 0 };
+        for s in admit(r, &mut waiting).0 {
+            begin(s, 0, &mut ev, &mut waits);
+        }
+    }
+    for f in 1..=POLITE {
+        let at = (-(1.0 - rng.unit()).ln() / polite_rate * 1e9) as u64;
+        ev.push(at, Ev::PoliteArrival(f));
+    }
+    while let Some((at, body)) = ev.pop() {
+        if at > end + 20_000 * MS {
+            break;
+        }
+        clock.advance_ns(at - clock.now_ns().min(at));
+        let now = at;
+        match body {
+            Ev::PoliteArrival(f) => {
+                if now < end {
+                    let next = now + (-(1.0 - rng.unit()).ln() / polite_rate * 1e9) as u64;
+                    ev.push(next, Ev::PoliteArrival(f));
+                }
+                let r = Req { flow: f, lane: polite_lane, queue: 0, tokens: rng.tokens(), arrived: now };
+                for s in admit(r, &mut waiting).0 {
+                    begin(s, now, &mut ev, &mut waits);
+                }
+            }
+            Ev::Done(r) => {
+                pool.settle(r.lane, r.queue, charge(r.tokens), charge(r.tokens));
+                if let Some(g) = pool.release() {
+                    let w = waiting.remove(&g).unwrap();
+                    begin(w, now, &mut ev, &mut waits);
+                }
+                if r.flow == 0 && now < end {
+                    let n = Req { flow: 0, lane: greedy_lane, queue: 0, tokens: rng.tokens(), arrived: now };
+                    for s in admit(n, &mut waiting).0 {
+                        begin(s, now, &mut ev, &mut waits);
+                    }
+                }
+            }
+        }
+    }
+    waits
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize] as f64 / 1e6
+}
+
+#[test]
+fn polite_flows_beside_a_greedy_one_wait_about_as_long_as_strictly_ahead_of_it() {
+    let mut ratios = vec![];
+    for seed in 1..=16u64 {
+        let mut fair = run(seed, false, 120);
+        let mut mark = run(seed, true, 120);
+        let (f50, f99, m50, m99) = (pct(&mut fair, 50.0), pct(&mut fair, 99.0), pct(&mut mark, 50.0), pct(&mut mark, 99.0));
+        println!("seed {seed}: polite wait ms fair p50 {f50:.1} p99 {f99:.1} | mark p50 {m50:.1} p99 {m99:.1} | p99 ratio {:.2}", f99 / m99);
+        ratios.push(f99 / m99);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let (median, max) = (ratios[ratios.len() / 2], ratios[ratios.len() - 1]);
+    println!("p99 ratio median {median:.2}, max {max:.2}");
+    // Measured: median 1.12, max 1.30 (16 seeds of 120 s); before the lift
+    // to the floor and the tie of `choose` by counter, 1.70 and 1.98.
+    assert!(median <= 1.25, "polite p99 wait {median:.2}x the mark's (median of 16 seeds)");
+}
+
+/// A lone flow, spread over its two queues by joining the shorter, with
+/// requests of one size, random arrivals and releases on 2 slots, 200
+/// hands: the line it forms is served in its arrival order but for few
+/// grants, each of which goes before one older waiter at most.
+#[test]
+fn a_lone_flow_of_equal_requests_is_served_in_arrival_order() {
+    let mut total = (0usize, 0usize, 0usize);
+    for seed in 1..=200u64 {
+        let clock = Arc::new(ManualClock::new(1));
+        let spec = PoolSpec { max_concurrency: Some(2), queue_depth: 64, max_wait_ms: [600_000.0, 600_000.0], ..PoolSpec::default() };
+        let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock));
+        let mut rng = Rng(seed * 0x9e37_79b9 | 1);
+        let hand = pool.hand(format!("lone-{seed}").as_bytes());
+        let mut held = 0usize;
+        let mut next = 0u64;
+        let mut ids: HashMap<WaiterId, u64> = HashMap::new();
+        let mut served: Vec<u64> = vec![];
+        let svc = fair::service(40, 100);
+        let mut grant = |g: WaiterId, ids: &mut HashMap<WaiterId, u64>, served: &mut Vec<u64>| served.push(ids.remove(&g).unwrap());
+        for _ in 0..3000 {
+            if rng.next() % 2 == 0 && ids.len() < 60 {
+                let ask = Ask { hand, service: svc, max_wait_ns: None };
+                match pool.admit_ask(Lane::Default, 1, &ask).0 {
+                    Admit::Now => {
+                        assert!(ids.is_empty(), "seed {seed}: admitted at once past waiters");
+                        held += 1;
+                    }
+                    Admit::Queued { waiter, granted, .. } => {
+                        ids.insert(waiter, next);
+                        if let Some(g) = granted {
+                            grant(g, &mut ids, &mut served);
+                            held += 1;
+                        }
+                    }
+                    Admit::Shed { .. } => panic!("shed"),
+                }
+                next += 1;
+            } else if held > 0 {
+                held -= 1;
+                if let Some(g) = pool.release() {
+                    grant(g, &mut ids, &mut served);
+                    held += 1;
+                }
+            }
+        }
+        // How far each grant came before an older waiter of the flow: the
+        // older ones still waiting when it was served.
+        let mut overtaken = 0usize;
+        let mut worst = 0usize;
+        for (i, &a) in served.iter().enumerate() {
+            let older_later = served[i + 1..].iter().filter(|&&b| b < a).count();
+            overtaken += (older_later > 0) as usize;
+            worst = worst.max(older_later);
+        }
+        total.0 += overtaken;
+        total.1 = total.1.max(worst);
+        total.2 += served.len();
+    }
+    println!("lone flow: {} of {} grants went before an older waiter of the flow, at most {} older ones", total.0, total.2, total.1);
+    // Measured: 1,822 of 277,149 (0.66%), each before one older waiter (not
+    // none, a cause not traced here). Before `choose` broke ties by counter
+    // and the lift went to the floor: 63,893 (23%), up to 2.
+    assert!(total.1 <= 1 && total.0 * 100 < total.2, "{total:?}");
+}
