@@ -155,6 +155,11 @@ const SOLD_DEPTH: u64 = (1 << (2 * DEPTH_BITS)) - 1;
 const SHARE_ONE: u64 = 1_000_000;
 /// Re-checks of a full queue before shedding (see `admit`).
 const FULL_RETRIES: u32 = 4;
+/// A request with its own deadline is refused at join unless its predicted
+/// wait plus 1/DEADLINE_MARGIN of it fits: the prediction is off by about
+/// 15% either way at p50 (a waiter's place moves as other flows' counters
+/// do), so one admitted just under its deadline missed it as often as not.
+const DEADLINE_MARGIN: u64 = 3;
 /// Retry-After when the pool has never drained under load: one second.
 const UNKNOWN_DRAIN_NS: u64 = 1_000_000_000;
 /// Handoffs closer together than this (10k a second) sample the clock on
@@ -628,13 +633,13 @@ impl Pool {
             } + if self.fair_on { fair.ahead(queue, ask.service) } else { depth[lane as usize] as u64 };
             let predicted = interval.saturating_mul(before + 1);
             placed.predicted_ns = Some(predicted);
-            if let Some(w) = deadline.filter(|&w| predicted > w) {
+            if let Some(w) = deadline.filter(|&w| predicted.saturating_add(predicted / DEADLINE_MARGIN) > w) {
                 self.count(at::DEADLINE_REFUSED);
                 self.refund(cost);
                 self.count(at::SHED[ShedCode::QueueTimeout as usize]);
                 // Honest: once the line ahead has drained by what it misses
                 // by, the same request would fit (at least one release away).
-                let retry_after_ns = (predicted - w).max(interval);
+                let retry_after_ns = predicted.saturating_add(predicted / DEADLINE_MARGIN).saturating_sub(w).max(interval);
                 return (Admit::Shed { code: ShedCode::QueueTimeout, retry_after_ns, evicted: None }, placed);
             }
         }

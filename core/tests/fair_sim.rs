@@ -246,3 +246,144 @@ fn a_lone_flow_of_equal_requests_is_served_in_arrival_order() {
     // and the lift went to the floor: 63,893 (23%), up to 2.
     assert!(total.1 <= 1 && total.0 * 100 < total.2, "{total:?}");
 }
+
+/// bench/fairness's deadline-priority cell on the real pool: four flows of
+/// 6 streams back to back in the priority lane, and from the same flows
+/// Poisson arrivals (half the capacity in all) in six groups with their own
+/// max wait at 0.2x-2x the lane's typical wait (its p50 without deadlines).
+/// Returns (admitted with a deadline, of them missed, |realized -
+/// predicted| p50 over every queued request, p50 wait), waits in ns.
+fn deadline_cell(seed: u64, typical_ns: Option<u64>, secs: u64) -> (usize, usize, u64, u64) {
+    let clock = Arc::new(ManualClock::new(1));
+    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [60_000.0, 30_000.0], ..PoolSpec::default() };
+    let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock.clone()));
+    let mut rng = Rng(seed * 2 + 1);
+    let hands: Vec<(u32, u32)> = (0..4).map(|f| pool.hand(format!("key_{seed:04}_{f:02}_{:08x}", rng.next() as u32).as_bytes())).collect();
+    let service_ns = |tokens: u64| 20 * MS + tokens * 5 * MS;
+    let capacity = SLOTS as f64 / (service_ns(32) as f64 / 1e9);
+    const FACTORS: [f64; 6] = [0.2, 0.5, 0.8, 1.2, 1.6, 2.0];
+    let rate = 0.5 * capacity / FACTORS.len() as f64;
+    let charge = |tokens: u64| fair::service(tokens + 10, 100);
+    // Per waiter: (flow, group or usize::MAX, tokens, arrived, predicted, deadline).
+    type W = (usize, usize, u64, u64, Option<u64>, Option<u64>);
+    let mut waiting: HashMap<WaiterId, W> = HashMap::new();
+    let mut ev = Events::default();
+    let (warm, end) = (5_000 * MS, 5_000 * MS + secs * 1000 * MS);
+    let (mut admitted, mut missed, mut errors, mut waits) = (0usize, 0usize, vec![], vec![]);
+    let deadline_of = |g: usize| typical_ns.map(|t| (FACTORS[g] * t as f64) as u64);
+    // Starts a request: (flow, group, tokens, arrived, queue) -> Done event.
+    let mut start = |w: W, queue: u32, now: u64, ev: &mut Events, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize| {
+        let (flow, group, tokens, arrived, predicted, deadline) = w;
+        if arrived >= warm && arrived < end {
+            let wait = now - arrived;
+            waits.push(wait);
+            if let Some(p) = predicted {
+                errors.push(wait.abs_diff(p));
+            }
+            if deadline.is_some_and(|d| wait > d) {
+                *missed += 1;
+            }
+
+        }
+        ev.push(now + service_ns(tokens), Ev::Done(Req { flow: flow + 100 * (group != usize::MAX) as usize, lane: Lane::Priority, queue, tokens, arrived: group as u64 }));
+    };
+    let mut queues: HashMap<WaiterId, u32> = HashMap::new();
+    let mut admit = |w: W, now: u64, ev: &mut Events, waiting: &mut HashMap<WaiterId, W>, queues: &mut HashMap<WaiterId, u32>, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize, admitted: &mut usize| {
+        let ask = Ask { hand: hands[w.0], service: charge(w.2), max_wait_ns: w.5 };
+        let (got, placed) = pool.admit_ask(Lane::Priority, 1, &ask);
+        let w = (w.0, w.1, w.2, w.3, placed.predicted_ns, w.5);
+        let counted = w.5.is_some() && w.3 >= warm && w.3 < end;
+        match got {
+            Admit::Now => {
+                *admitted += counted as usize;
+                start(w, placed.queue, now, ev, errors, waits, missed)
+            }
+            Admit::Queued { waiter, granted, .. } => {
+                *admitted += counted as usize;
+                waiting.insert(waiter, w);
+                queues.insert(waiter, placed.queue);
+                if let Some(g) = granted {
+                    let (w, q) = (waiting.remove(&g).unwrap(), queues.remove(&g).unwrap());
+                    start(w, q, now, ev, errors, waits, missed);
+                }
+            }
+            Admit::Shed { .. } => {}
+        }
+    };
+    for f in 0..4 {
+        for _ in 0..6 {
+            let t = rng.tokens();
+            admit((f, usize::MAX, t, 0, None, None), 0, &mut ev, &mut waiting, &mut queues, &mut errors, &mut waits, &mut missed, &mut admitted);
+        }
+    }
+    if typical_ns.is_some() {
+        for g in 0..FACTORS.len() {
+            ev.push((-(1.0 - rng.unit()).ln() / rate * 1e9) as u64, Ev::PoliteArrival(g));
+        }
+    }
+    while let Some((at, body)) = ev.pop() {
+        if at > end + 20_000 * MS {
+            break;
+        }
+        clock.advance_ns(at - clock.now_ns().min(at));
+        let mut gone = vec![];
+        pool.expire_due(|id| gone.push(id));
+        for id in gone {
+            let w = waiting.remove(&id).unwrap();
+            queues.remove(&id);
+            if w.3 >= warm && w.3 < end {
+                missed += 1;
+
+            }
+            if w.1 == usize::MAX {
+                panic!("a backlog request expired");
+            }
+        }
+        match body {
+            Ev::PoliteArrival(g) => {
+                if at < end {
+                    ev.push(at + (-(1.0 - rng.unit()).ln() / rate * 1e9) as u64, Ev::PoliteArrival(g));
+                }
+                let t = rng.tokens();
+                admit((g % 4, g, t, at, None, deadline_of(g)), at, &mut ev, &mut waiting, &mut queues, &mut errors, &mut waits, &mut missed, &mut admitted);
+            }
+            Ev::Done(r) => {
+                pool.settle(Lane::Priority, r.queue, charge(r.tokens), charge(r.tokens));
+                if let Some(g) = pool.release() {
+                    let (w, q) = (waiting.remove(&g).unwrap(), queues.remove(&g).unwrap());
+                    start(w, q, at, &mut ev, &mut errors, &mut waits, &mut missed);
+                }
+                if r.flow < 100 && at < end {
+                    let t = rng.tokens();
+                    admit((r.flow, usize::MAX, t, at, None, None), at, &mut ev, &mut waiting, &mut queues, &mut errors, &mut waits, &mut missed, &mut admitted);
+                }
+            }
+        }
+    }
+    let p50 = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    (admitted, missed, p50(&mut errors), p50(&mut waits))
+}
+
+#[test]
+fn deadlines_in_the_priority_lane_are_kept_or_refused_at_join() {
+    let (mut adm, mut miss, mut rel) = (0, 0, vec![]);
+    for seed in 1..=8u64 {
+        let (_, _, _, typical) = deadline_cell(seed, None, 30);
+        let (a, m, err, wait) = deadline_cell(seed, Some(typical), 60);
+        println!("seed {seed}: typical {} ms, admitted {a}, missed {m} ({:.1}%), prediction error p50 {} ms of p50 wait {} ms ({:.0}%)",
+                 typical / MS, 100.0 * m as f64 / a as f64, err / MS, wait / MS, 100.0 * err as f64 / wait as f64);
+        adm += a;
+        miss += m;
+        rel.push(err as f64 / wait as f64);
+    }
+    rel.sort_by(f64::total_cmp);
+    println!("missed {miss} of {adm} ({:.2}%), prediction error median {:.0}%", 100.0 * miss as f64 / adm as f64, 100.0 * rel[rel.len() / 2]);
+    // Measured: 23 of 1,368 missed (1.68%), error 16%. With the other
+    // queues counted only for their waiters and no margin: 27% missed; with
+    // their turns counted and no margin, 13%; margin 1/4, 3.2%.
+    assert!(miss * 50 <= adm, "{miss} of {adm} admitted with a deadline missed it");
+    assert!(rel[rel.len() / 2] <= 0.20);
+}
