@@ -71,7 +71,7 @@ impl Events {
 /// Polite waits (ns) over `secs` simulated seconds after a warm-up.
 fn run(seed: u64, mark: bool, secs: u64) -> Vec<u64> {
     let clock = Arc::new(ManualClock::new(1));
-    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [600_000.0, 600_000.0], ..PoolSpec::default() };
+    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [600_000.0, 600_000.0, 600_000.0], ..PoolSpec::default() };
     let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock.clone()));
     let mut rng = Rng(seed | 1);
     let hands: Vec<(u32, u32)> = (0..=POLITE).map(|f| pool.hand(format!("key_{seed:04}_{f:02}_{:08x}", rng.next() as u32).as_bytes())).collect();
@@ -191,7 +191,7 @@ fn a_lone_flow_of_equal_requests_is_served_in_arrival_order() {
     let mut total = (0usize, 0usize, 0usize);
     for seed in 1..=200u64 {
         let clock = Arc::new(ManualClock::new(1));
-        let spec = PoolSpec { max_concurrency: Some(2), queue_depth: 64, max_wait_ms: [600_000.0, 600_000.0], ..PoolSpec::default() };
+        let spec = PoolSpec { max_concurrency: Some(2), queue_depth: 64, max_wait_ms: [600_000.0, 600_000.0, 600_000.0], ..PoolSpec::default() };
         let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock));
         let mut rng = Rng(seed * 0x9e37_79b9 | 1);
         let hand = pool.hand(format!("lone-{seed}").as_bytes());
@@ -200,7 +200,7 @@ fn a_lone_flow_of_equal_requests_is_served_in_arrival_order() {
         let mut ids: HashMap<WaiterId, u64> = HashMap::new();
         let mut served: Vec<u64> = vec![];
         let svc = fair::service(40, 100);
-        let mut grant = |g: WaiterId, ids: &mut HashMap<WaiterId, u64>, served: &mut Vec<u64>| served.push(ids.remove(&g).unwrap());
+        let grant = |g: WaiterId, ids: &mut HashMap<WaiterId, u64>, served: &mut Vec<u64>| served.push(ids.remove(&g).unwrap());
         for _ in 0..3000 {
             if rng.next() % 2 == 0 && ids.len() < 60 {
                 let ask = Ask { hand, service: svc, max_wait_ns: None };
@@ -255,7 +255,7 @@ fn a_lone_flow_of_equal_requests_is_served_in_arrival_order() {
 /// predicted| p50 over every queued request, p50 wait), waits in ns.
 fn deadline_cell(seed: u64, typical_ns: Option<u64>, secs: u64) -> (usize, usize, u64, u64) {
     let clock = Arc::new(ManualClock::new(1));
-    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [60_000.0, 30_000.0], ..PoolSpec::default() };
+    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [60_000.0, 30_000.0, 30_000.0], ..PoolSpec::default() };
     let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock.clone()));
     let mut rng = Rng(seed * 2 + 1);
     let hands: Vec<(u32, u32)> = (0..4).map(|f| pool.hand(format!("key_{seed:04}_{f:02}_{:08x}", rng.next() as u32).as_bytes())).collect();
@@ -272,7 +272,7 @@ fn deadline_cell(seed: u64, typical_ns: Option<u64>, secs: u64) -> (usize, usize
     let (mut admitted, mut missed, mut errors, mut waits) = (0usize, 0usize, vec![], vec![]);
     let deadline_of = |g: usize| typical_ns.map(|t| (FACTORS[g] * t as f64) as u64);
     // Starts a request: (flow, group, tokens, arrived, queue) -> Done event.
-    let mut start = |w: W, queue: u32, now: u64, ev: &mut Events, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize| {
+    let start = |w: W, queue: u32, now: u64, ev: &mut Events, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize| {
         let (flow, group, tokens, arrived, predicted, deadline) = w;
         if arrived >= warm && arrived < end {
             let wait = now - arrived;
@@ -288,7 +288,7 @@ fn deadline_cell(seed: u64, typical_ns: Option<u64>, secs: u64) -> (usize, usize
         ev.push(now + service_ns(tokens), Ev::Done(Req { flow: flow + 100 * (group != usize::MAX) as usize, lane: Lane::Priority, queue, tokens, arrived: group as u64 }));
     };
     let mut queues: HashMap<WaiterId, u32> = HashMap::new();
-    let mut admit = |w: W, now: u64, ev: &mut Events, waiting: &mut HashMap<WaiterId, W>, queues: &mut HashMap<WaiterId, u32>, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize, admitted: &mut usize| {
+    let admit = |w: W, now: u64, ev: &mut Events, waiting: &mut HashMap<WaiterId, W>, queues: &mut HashMap<WaiterId, u32>, errors: &mut Vec<u64>, waits: &mut Vec<u64>, missed: &mut usize, admitted: &mut usize| {
         let ask = Ask { hand: hands[w.0], service: charge(w.2), max_wait_ns: w.5 };
         let (got, placed) = pool.admit_ask(Lane::Priority, 1, &ask);
         let w = (w.0, w.1, w.2, w.3, placed.predicted_ns, w.5);
