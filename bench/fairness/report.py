@@ -46,6 +46,19 @@ def pred(c: dict[str, Any]) -> str:
     return f"<= {ms:,.0f} ms ({100 * num(c.get('prediction_error_p50')):.0f}% of {num(c.get('queue_p50_ms')):,.0f})"
 
 
+def shared_note(report: dict[str, Any], what: str) -> str:
+    """The run's keys that share a flow queue (their key ids are random, so this
+    differs from run to run): a shared queue's counter carries both keys' service."""
+    shared = (report.get("shared_queues") or {}).get(what)
+    if shared is None:
+        return ""
+    if not shared:
+        return "\nIn this run no two of these keys share a flow queue of their hands of two.\n"
+    return ("\nKeys sharing a flow queue of their hands of two in this run (random key ids, so it "
+            "differs from run to run; a shared queue's counter carries both keys' service): "
+            + "; ".join(f"queue {q}: {', '.join(ns)}" for q, ns in shared) + ".\n")
+
+
 def render(report: dict[str, Any]) -> str:
     out = [f"# bench/fairness: {report['name']}\n\n",
            f"{report['machine']}; load average at the end {report['load_end'][0]:.2f}; "
@@ -92,6 +105,7 @@ def render(report: dict[str, Any]) -> str:
     out.append(h.md_table(["limit", "fairness", "cell", "polite lane", "polite p50", "polite p99",
                            "polite served/sent", "greedy p50", "total req/s", "p99 / mark", "<= 1.25x"],
                           rows))
+    out.append(shared_note(report, "greedy"))
 
     # -- throughput
     out.append("\n## Work conservation: total throughput, fair against FIFO\n\n"
@@ -143,6 +157,7 @@ def render(report: dict[str, Any]) -> str:
                          h.fmt(jmin, 3), verdict(jmin >= 0.95) if fair == "tokens" else "–"])
     out.append(h.md_table(["limit", "fairness", "shares (off the weight's)", "+-5%",
                            "min Jain (equal weights)", ">= 0.95"], rows))
+    out.append(shared_note(report, "weights"))
 
     # -- deadlines
     out.append("\n## Deadlines\n\n"

@@ -85,6 +85,22 @@ class Keys:
                            capture_output=True, text=True, check=True, cwd=h.TMP)
 
 
+def shared_queues(keys: Keys, names: list[str]) -> list[list[Any]]:
+    """Which of `names` (key names) share a flow queue of their hands of two (the
+    core's own hash, `fair_queues` = 64 as the gateways run): their service is
+    counted in one queue's counter, so their shares are off by it. Key ids are
+    random, so which keys share differs from run to run. [[queue, [names]], ...]"""
+    from tierq import Admission  # the bench runs under the PY it drives
+
+    core = Admission(max_concurrency=1)._core
+    holders: dict[int, list[str]] = {}
+    for n in names:
+        a, b, _, _ = core.ask(keys.ids[n])
+        for q in {a, b}:
+            holders.setdefault(q, []).append(n)
+    return [[q, ns] for q, ns in sorted(holders.items()) if len(ns) > 1]
+
+
 def has_fairness() -> bool:
     """Does this build take `[models.admission] fairness`? (A FIFO-only build runs the
     FIFO gateways alone, and the report says so.)"""
@@ -658,7 +674,10 @@ def main() -> None:
     report = {"name": args.name, "machine": machine, "load_end": list(__import__("os").getloadavg()),
               "elapsed_s": round(time.monotonic() - t_start, 1), "fair_build": fair_build,
               "capacity_rps": cap, "typical_wait_ms": waits, "args": vars(args),
-              "cells": results, "cpu": cpu}
+              "cells": results, "cpu": cpu,
+              "shared_queues": {"weights": shared_queues(keys, [f"back-{j}-w{w}" for w in (1, 2, 4) for j in "ab"]),
+                                "greedy": shared_queues(keys, ["greedy"] + [f"polite-{i}" for i in range(POLITE_KEYS)])}
+              if fair_build else None}
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     (h.RESULTS / f"{args.name}.json").write_text(json.dumps(compact(report), separators=(",", ":")) + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
