@@ -187,14 +187,34 @@ pub fn connect(path: &Path, durability: Durability) -> Result<Connection, CoreEr
     conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| ledger_err(path, e))?;
     // WAL: readers never block the writer. NORMAL: a commit is a write to the
     // WAL; FULL syncs each commit (group commit: a commit carries a batch).
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| ledger_err(path, e))?;
+    let mode: String = while_busy(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
+        .map_err(|e| ledger_err(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(CoreError::Ledger(format!("{}: journal_mode is {mode}, not wal", path.display())));
     }
     let sync = if durability == Durability::Power { "FULL" } else { "NORMAL" };
     conn.pragma_update(None, "synchronous", sync).map_err(|e| ledger_err(path, e))?;
-    migrate(&conn).map_err(|e| ledger_err(path, e))?;
+    while_busy(|| migrate(&conn)).map_err(|e| ledger_err(path, e))?;
     Ok(conn)
+}
+
+/// Runs `step` again while SQLite answers it busy, for up to `BUSY_TIMEOUT`.
+/// The busy handler covers most waits, but not the ones SQLite's deadlock
+/// rule answers at once: on a brand-new file (rollback mode) one opener's
+/// switch to WAL meets the other's `BEGIN IMMEDIATE` and is refused without
+/// waiting (2 to 11 of 60 pairs of processes opening one new file failed so).
+fn while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Creates the table, or adds the `ADDED_COLUMNS` an older file lacks, in one

@@ -440,3 +440,27 @@ async def test_the_writer_is_the_same_sqlite_as_the_readers() -> None:
     )
     env = {**os.environ, "PYTHONPATH": REPO_PYTHON}
     subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=60)
+
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_opening_a_new_file_another_process_is_migrating_waits_for_it(tmp_path: Path) -> None:
+    """Two processes creating one new ledger at once: the file is still in
+    rollback mode, and the second's switch to WAL meets the first's migration
+    lock, which SQLite answers busy at once instead of waiting (its deadlock
+    rule skips the busy handler; 2 to 11 of 60 racing pairs failed so). Made
+    deterministic: the first opener's lock is held here, and the writer must
+    wait for it rather than fail."""
+    path = tmp_path / "new.db"
+    first = sqlite3.connect(path, isolation_level=None)
+    first.execute("BEGIN IMMEDIATE")  # a new file, rollback mode, migrating
+    opener = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom tierq._core import LedgerWriter\n"
+         "try:\n    LedgerWriter(sys.argv[1]).close(); print('ok')\nexcept OSError as e:\n    print(e)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the opener meets the lock meanwhile (or has already given up)
+    first.execute("COMMIT")
+    first.close()
+    assert opener.communicate(timeout=30)[0].strip() == "ok"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
