@@ -218,6 +218,6 @@ def test_cli_creates_and_updates_a_trusted_weighted_key_in_postgresql(
     assert keys_main(["list", "--db", pg_url]) == 0
     listing = capsys.readouterr().out
     line = next(row for row in listing.splitlines() if row.startswith(public_id))
-    assert line.split()[-6:] == ["unlimited", "900", "0.5", "no", "-", "-"]
+    assert line.split()[-7:] == ["unlimited", "900", "0.5", "no", "enforced", "-", "-"]
     assert keys_main(["update", public_id, "--weight", "0", "--db", pg_url]) == 2
     assert keys_main(["update", "nosuchkey000", "--weight", "2", "--db", pg_url]) == 1
