@@ -582,7 +582,11 @@ impl Pool {
         // needs it: a CLOCK_MONOTONIC read costs about three atomic RMWs.
         let mut now = None;
         let mut cost = cost;
-        if let Some(p) = &self.settings.bucket {
+        // Cost 0 (a request another limit in shadow mode refused before it
+        // came here) is not the bucket's to decide: even a bucket drained into
+        // its priority reserve, which refuses a default request of any cost,
+        // must not count it.
+        if let Some(p) = self.settings.bucket.as_ref().filter(|_| cost > 0) {
             let t = self.clock.now_ns();
             now = Some(t);
             if let Err(wait) = bucket::take_on(self.w(at::TAT), t, cost, lane, p) {

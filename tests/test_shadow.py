@@ -27,11 +27,12 @@ from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
 from openai import AsyncOpenAI
 from pg_fixtures import pg_password, pg_session, pg_url  # noqa: F401
 from pg_server import PASSWORD_ENV
+from redis_server import RedisServer, redis_server  # noqa: F401  (the fixture)
 
 from tierq import Admission, ManualClock
 from tierq.cli import keys_main
 from tierq.config import AdminConfig, Config, KeysConfig, LedgerConfig, UpstreamConfig
-from tierq.keys import KeyLimiter, KeyStore, hash_secret
+from tierq.keys import KeyInfo, KeyLimiter, KeyStore, hash_secret
 from tierq.logs import JsonFormatter
 from tierq.postgres import PostgresKeyStore
 
@@ -326,3 +327,25 @@ async def test_a_key_limit_and_the_pools_rate_in_shadow_together_count_what_both
     metric = await shadow_metric(gw)
     assert {d: int(metric[d]) for d in expected} == expected
     assert decided[False] == decided[True], "the same requests, not only as many"
+
+
+async def test_the_clusters_key_limits_in_redis_name_the_limit_that_refused(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    """[cluster]: the Redis script says which limit refused, as the local limiter does,
+    so a key in shadow mode counts key_rpm or key_tpm across hosts too."""
+    from tierq.cluster import Cluster as HostCluster
+    from tierq.config import ClusterConfig
+
+    host = HostCluster(ClusterConfig(redis_server.url, host_id="solo"), "solo", {})
+    await host.start()
+    try:
+        by_rpm = KeyInfo("shadowrpm001", "r", 0.0, None, 2, 1000, enforce=False)
+        assert [await host.decide_key(by_rpm, 10) for _ in range(2)] == [None, None]
+        refused = await host.decide_key(by_rpm, 10)
+        assert refused is not None and refused.decision == "key_rpm" and refused.wait_s > 0
+        by_tpm = KeyInfo("shadowtpm001", "t", 0.0, None, 100, 30, enforce=False)
+        assert await host.decide_key(by_tpm, 20) is None
+        refused = await host.decide_key(by_tpm, 20)
+        assert refused is not None and refused.decision == "key_tpm"
+    finally:
+        await host.stop()

@@ -321,3 +321,25 @@ fn a_shadowed_request_the_queue_sheds_gives_back_no_tokens_it_never_took() {
     assert_eq!(p.stats().shadow_rate_limited, 2);
     assert_eq!(p.stats().shed, [1, 0, 0]);
 }
+
+#[test]
+fn a_cost_zero_request_is_not_the_buckets_to_decide_even_in_its_priority_reserve() {
+    // Priority drains the bucket into the reserve, where a default request of
+    // any cost is refused; a cost-0 one (refused before by a limit in shadow
+    // mode) is neither refused nor counted, enforcing or not.
+    for enforce in [true, false] {
+        let clock = Arc::new(ManualClock::new(1_000 * MS));
+        let s = PoolSpec { max_concurrency: Some(100), queue_depth: 8, rate: Some(1.0), burst: Some(10.0), priority_reserve: 0.5, enforce, ..PoolSpec::default() }.validate().unwrap();
+        let p = Pool::new(s, Clock::Manual(clock.clone()));
+        for _ in 0..7 {
+            assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+        }
+        let (one, placed) = p.admit_ask(Lane::Default, 1, &p.ask_anonymous());
+        assert_eq!(enforce, matches!(one, Admit::Shed { code: ShedCode::RateLimitExceeded, .. }), "{one:?}");
+        assert_eq!(placed.shadowed.is_some(), !enforce);
+        let (zero, placed) = p.admit_ask(Lane::Default, 0, &p.ask_anonymous());
+        assert_eq!((zero, placed.shadowed), (Admit::Now, None));
+        let st = p.stats();
+        assert_eq!(st.shed[ShedCode::RateLimitExceeded as usize] + st.shadow_rate_limited, 1);
+    }
+}
