@@ -2,8 +2,9 @@
 
 It starts a sim with a few slots the gateway is not told about, a gateway in
 front of it (the pool learns the limit from the sim's /metrics), and clients
-that stream with a share of them asking for the priority tier; then prints,
-per tier, requests, served, shed, time to first token and cost.
+that stream with a share of them asking for the priority tier and a share
+(`FLEX_SHARE`) for flex; then prints, per tier, requests, served, shed, time to
+first token and cost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tierq.tiers import Tier
 __all__ = ["DEMO_MODEL", "run_demo"]
 
 DEMO_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+# The share of requests asking for flex: served from what the others leave idle.
+FLEX_SHARE = 0.2
 
 
 def run_demo(duration: float, clients: int, priority_share: float) -> int:
@@ -56,8 +59,9 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
                                   sim=SimSettings(slots)),),
         # No max_concurrency: the pool learns the sim's slots from its /metrics,
         # as it would a vLLM engine's, so the line forms in tierq's lanes.
-        models=(ModelConfig(DEMO_MODEL, "sim", priority=True, admission=AdmissionConfig(
-            queue_depth=8 * slots, max_wait_ms={Tier.DEFAULT: 1500, Tier.PRIORITY: 10000})),),
+        models=(ModelConfig(DEMO_MODEL, "sim", priority=True, flex=True, admission=AdmissionConfig(
+            queue_depth=8 * slots,
+            max_wait_ms={Tier.DEFAULT: 1500, Tier.PRIORITY: 10000, Tier.FLEX: 3000})),),
     )
     app = create_app(config, sim=sim)
     runner = web.AppRunner(app, **runner_kwargs())
@@ -71,7 +75,9 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
     rng = random.Random(7)
 
     async def one(session: aiohttp.ClientSession) -> None:
-        tier = Tier.PRIORITY if rng.random() < priority_share else Tier.DEFAULT
+        draw = rng.random()
+        tier = (Tier.PRIORITY if draw < priority_share else
+                Tier.FLEX if draw < priority_share + FLEX_SHARE * (1 - priority_share) else Tier.DEFAULT)
         body = {"model": DEMO_MODEL, "stream": True, "max_tokens": 16, "service_tier": tier,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "say something"}]}
@@ -125,7 +131,8 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
             await asyncio.sleep(0.2)
 
     try:
-        print(f"tierq demo: {clients} clients, {priority_share:.0%} priority, against a sim "
+        print(f"tierq demo: {clients} clients, {priority_share:.0%} priority, "
+              f"{FLEX_SHARE * (1 - priority_share):.0%} flex, against a sim "
               f"with {slots} slots (40 ms TTFT, 200 tok/s) the gateway is not told about, "
               f"for {duration:g}s", file=sys.stderr)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
