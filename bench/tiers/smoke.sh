@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Smoke mode (a few seconds a scenario): proves bench/tiers/flex.py runs end to
+# end, writes its files and finds flex served and every flex refusal unbilled.
+# Asserts nothing about timing. Writes into a temporary directory.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=$(bash "$HERE/../common/setup.sh" | tail -n1)
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/flex.py" --duration 2 --warmup 0.5 --rounds 1 \
+    --slots 8 --backlog 12 --wait-flex-ms 500 --name smoke > /dev/null
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+r = json.loads((out / "smoke.json").read_text())
+assert (out / "smoke.md").stat().st_size > 0 and (out / "smoke-records.json.gz").stat().st_size > 0
+assert [x["scenario"] for x in r["runs"]] == ["base", "flex@0.1", "default"], r["runs"]
+flex = r["result"]["flex@0.1"]
+assert flex["flex_served"] > 0 and flex["flex_served_at_half_price"], flex
+assert flex["flex_refused_billed"] == 0, flex
+print(f"tiers/flex smoke ok: {flex['flex_served']} flex served, {flex['flex_refused']} refused unbilled")
+PYEOF
