@@ -130,7 +130,7 @@ def test_acquire_release_contended(benchmark, loop: asyncio.AbstractEventLoop, i
     benchmark(lambda: loop.run_until_complete(body()))
     stats = adm.stats()
     assert stats["in_flight"] == 0
-    assert stats["depth"] == {"priority": 0, "default": 0}
+    assert not any(stats["depth"].values())  # pyref has the two lanes this bench sends to
     assert _admitted(adm) % CONTENDED_TASKS == 0
     record(benchmark, f"acquire + release, contended ({CONTENDED_TASKS} tasks, {CONTENDED_SLOTS} slots)", impl, CONTENDED_TASKS)
 
