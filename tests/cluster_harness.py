@@ -281,15 +281,22 @@ async def slow_redis(c: Cluster, relay: Any, delay_s: float, rounds: int, per_ro
     base: list[float] = []
     slow: list[float] = []
     calls0 = (await c.status(0))["cluster"]["redis_calls"]
+    conns = {"baseline": 0, "slowed": 0}  # connections host 0 opened to Redis in each
     for _ in range(rounds):
         relay.delay_s = 0.0
+        n0 = relay.connections
         base += await timed_chats(c, 0, per_round, token)
         relay.delay_s = delay_s
+        n1 = relay.connections
         slow += await timed_chats(c, 0, per_round, token)
+        conns["baseline"] += n1 - n0
+        conns["slowed"] += relay.connections - n1
     relay.delay_s = 0.0
     calls = (await c.status(0))["cluster"]["redis_calls"] - calls0
     b, s = summary(base), summary(slow)
     return {"delay_ms": delay_s * 1000, "baseline": b, "slowed": s,
+            "new_redis_connections": conns,
+            "baseline_ms": [round(x, 3) for x in base], "slowed_ms": [round(x, 3) for x in slow],
             "added_p50_ms": round(s["p50_ms"] - b["p50_ms"], 3),
             "added_p99_ms": round(s["p99_ms"] - b["p99_ms"], 3),
             "p99_ratio": round(s["p99_ms"] / b["p99_ms"], 3),

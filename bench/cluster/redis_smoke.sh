@@ -10,6 +10,7 @@ trap 'rm -rf "$OUT"' EXIT
 "$PY" "$HERE/redis_latency.py" --smoke --out "$OUT/latency.json" >/dev/null
 "$PY" "$HERE/cluster_hosts.py" --smoke --out "$OUT/hosts.json" >/dev/null
 "$PY" "$HERE/redis_outage.py" --smoke --out "$OUT/outage.json" >/dev/null
+"$PY" "$HERE/redis_faults.py" --smoke --out "$OUT/faults.json" >/dev/null
 "$PY" - "$OUT" <<'PYEOF'
 import json, math, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -26,5 +27,13 @@ for m in outage["modes"]:
     assert m["no_slot_leaked"] and m["rejoined_logged"] and m["max_in_flight_seen"] <= 4, m
     assert "500" not in m["whole_run"] and "-1" not in m["whole_run"], m
 assert len(outage["kill9_takeover_s"]) == 1, outage
-print("cluster smoke ok: redis latency, two hosts against one, a Redis outage, 3 passed, 0 failed")
+faults = json.loads((out / "faults.json").read_text())
+slow = faults["slow_redis"]
+assert slow["baseline"]["n"] > 0 and slow["slowed"]["n"] > 0 and slow["redis_up_after"], slow
+for f in faults["failovers"]:
+    assert f["followed_s"] > 0 and f["probe_reached"] == f["limit"] and f["rejoined_logged"], f
+    assert f["max_in_flight_burst"] <= f["limit"], f
+for sp in faults["splits"]:
+    assert sp["max_in_flight_split"] <= sp["bound"] and sp["rejoined_logged"], sp
+print("cluster smoke ok: redis latency, two hosts against one, a Redis outage, fleet faults, 4 passed, 0 failed")
 PYEOF
