@@ -8,6 +8,12 @@
 //! (and its buckets) for the region's life. A full table is an answer
 //! (`None`), not an error: the caller decides (tierq falls back to a
 //! per-process bucket and says so in the log).
+//!
+//! Each entry also holds a key's downgrade counters (tierq.downgrades): its
+//! priority spend of the UTC day (nano-USD) and its priority tokens of the
+//! current and the previous ramp step. A counter is one word, its period's tag
+//! in the high bits and the count below, so moving to a new period and
+//! counting in it is one CAS: nothing is counted in the wrong day or step.
 
 use crate::bucket::{adjust_on, available_on, take_on, BucketParams};
 use crate::clock::Clock;
@@ -17,20 +23,32 @@ use crate::words::Words;
 use crate::Lane;
 
 const MAGIC: u64 = 0x7469_6572_714b_4559; // "tierqKEY"
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 /// Header: magic, version, capacity, entries claimed, then reserved words.
 const HEADER: usize = 8;
 const H_MAGIC: usize = 0;
 const H_VERSION: usize = 1;
 const H_CAPACITY: usize = 2;
 const H_USED: usize = 3;
-/// Per entry: tag, one TAT per bucket kind, one spare word (keeps entries
-/// 32 bytes, two per cache line).
-const ENTRY: usize = 4;
+/// Per entry: tag, one TAT per bucket kind, a spare word, the budget counter,
+/// two ramp counters (the steps of even and odd number) and a spare word
+/// (64 bytes, one cache line).
+const ENTRY: usize = 8;
+const E_BUDGET: usize = 4;
+const E_RAMP: usize = 5;
 /// Bucket kinds per key: requests per minute, tokens per minute.
 pub const RPM: usize = 0;
 pub const TPM: usize = 1;
-/// Largest table, in keys (32 MiB of words).
+/// Counter kinds per key: the priority budget's spend of a day, the
+/// priority tokens of a ramp step.
+pub const BUDGET: usize = 0;
+pub const RAMP: usize = 1;
+/// Bits of a counter word that tag its period (the rest is the count), per
+/// kind: a day in 16 bits (179 years before a tag repeats) and a count up to
+/// 2^48 nano-USD (281,474 USD); a minute step in 24 bits (31 years) and up to
+/// 2^40 tokens (over the 10^12 a key's limits allow).
+const TAG_BITS: [u32; 2] = [16, 24];
+/// Largest table, in keys (64 MiB of words).
 pub const MAX_CAPACITY: usize = 1 << 20;
 
 /// The tag of a key id: never 0 (0 marks a free entry). Public ids
@@ -197,6 +215,118 @@ impl KeyTable {
     pub fn available(&self, entry: usize, kind: usize, p: &BucketParams) -> f64 {
         available_on(self.tat(entry, kind), self.clock.now_ns(), p)
     }
+
+    /// The word that holds counter `kind` (BUDGET, RAMP) for `period`: the
+    /// budget has one (only today counts), the ramp two (this step and the
+    /// one before, by the step's parity).
+    fn counter(&self, entry: usize, kind: usize, period: u64) -> &AtomicU64 {
+        debug_assert!(entry < self.capacity && kind < 2);
+        let at = if kind == BUDGET { E_BUDGET } else { E_RAMP + (period & 1) as usize };
+        &self.words()[HEADER + entry * ENTRY + at]
+    }
+
+    /// Counter `kind` of `entry` in `period` (0 if the word holds another period).
+    pub fn count(&self, entry: usize, kind: usize, period: u64) -> u64 {
+        let c = Packed::of(kind);
+        let w = self.counter(entry, kind, period).load(Ordering::Acquire);
+        if c.tag(w) == c.tag_of(period) { c.count(w) } else { 0 }
+    }
+
+    /// Counts `cost` in `period` if the count stays at or below `limit`: the
+    /// count after it, or `Err(count now)` (nothing counted). A word holding an
+    /// older period starts this one from 0; one holding a later period (the
+    /// caller's clock is behind another process's) counts in that one.
+    pub fn count_take(&self, entry: usize, kind: usize, period: u64, cost: u64, limit: u64) -> Result<u64, u64> {
+        let c = Packed::of(kind);
+        let word = self.counter(entry, kind, period);
+        let mut w = word.load(Ordering::Acquire);
+        loop {
+            let (tag, now) = if c.tag(w) == c.tag_of(period) || (w != 0 && c.later(c.tag(w), c.tag_of(period))) {
+                (c.tag(w), c.count(w))
+            } else {
+                (c.tag_of(period), 0)
+            };
+            let after = now.saturating_add(cost);
+            if after > limit.min(c.max) {
+                return Err(now);
+            }
+            match word.compare_exchange_weak(w, c.pack(tag, after), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(after),
+                Err(seen) => w = seen,
+            }
+        }
+    }
+
+    /// Adds `delta` (negative: gives back, never below 0) to counter `kind`
+    /// in `period`, unchecked: a settlement, a refund, or a count rebuilt at
+    /// start-up. A word holding an older period starts this one from 0; one
+    /// already in a later period is left alone (a late settlement of a
+    /// request counted in a day or step that is over).
+    pub fn count_add(&self, entry: usize, kind: usize, period: u64, delta: i64) {
+        let c = Packed::of(kind);
+        let word = self.counter(entry, kind, period);
+        let mut w = word.load(Ordering::Acquire);
+        loop {
+            let now = if c.tag(w) == c.tag_of(period) {
+                c.count(w)
+            } else if w != 0 && c.later(c.tag(w), c.tag_of(period)) {
+                return;
+            } else {
+                0
+            };
+            let after = if delta < 0 { now.saturating_sub(delta.unsigned_abs()) } else { now.saturating_add(delta as u64).min(c.max) };
+            match word.compare_exchange_weak(w, c.pack(period, after), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(seen) => w = seen,
+            }
+        }
+    }
+}
+
+/// How one kind of counter packs its period tag and count into a word.
+#[derive(Clone, Copy)]
+struct Packed {
+    /// Bits of the count (below the tag).
+    shift: u32,
+    tag_mask: u64,
+    /// The largest count.
+    max: u64,
+}
+
+impl Packed {
+    fn of(kind: usize) -> Packed {
+        let tag_bits = TAG_BITS[kind];
+        let shift = 64 - tag_bits;
+        Packed { shift, tag_mask: (1u64 << tag_bits) - 1, max: (1u64 << shift) - 1 }
+    }
+
+    #[inline]
+    fn tag_of(self, period: u64) -> u64 {
+        period & self.tag_mask
+    }
+
+    #[inline]
+    fn tag(self, w: u64) -> u64 {
+        w >> self.shift
+    }
+
+    #[inline]
+    fn count(self, w: u64) -> u64 {
+        w & self.max
+    }
+
+    #[inline]
+    fn pack(self, period: u64, count: u64) -> u64 {
+        self.tag_of(period) << self.shift | count.min(self.max)
+    }
+
+    /// Whether tag `a` (a word's) is a later period than tag `b` (modulo the tag's range:
+    /// within half of it).
+    #[inline]
+    fn later(self, a: u64, b: u64) -> bool {
+        let d = a.wrapping_sub(b) & self.tag_mask;
+        d != 0 && d <= self.tag_mask / 2
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -246,5 +376,41 @@ mod tests {
         assert_eq!(t.try_take(e, RPM, 1, &p), Ok(()));
         let other = t.entry("k2").unwrap();
         assert_eq!(t.try_take(other, RPM, 5, &p), Ok(()), "another key has its own bucket");
+    }
+
+    #[test]
+    fn a_budget_counts_within_its_limit_per_day_and_a_new_day_starts_from_zero() {
+        let t = KeyTable::new(4, Clock::Monotonic).unwrap();
+        let e = t.entry("k1").unwrap();
+        let day = 20_429;
+        assert_eq!(t.count_take(e, BUDGET, day, 600, 1000), Ok(600));
+        assert_eq!(t.count_take(e, BUDGET, day, 401, 1000), Err(600), "over the limit: nothing counted");
+        assert_eq!(t.count_take(e, BUDGET, day, 400, 1000), Ok(1000), "exactly the limit fits");
+        t.count_add(e, BUDGET, day, -250);
+        assert_eq!(t.count(e, BUDGET, day), 750, "a settlement below its estimate gives back");
+        assert_eq!(t.count(e, BUDGET, day + 1), 0, "the next day has spent nothing");
+        assert_eq!(t.count_take(e, BUDGET, day + 1, 10, 1000), Ok(10));
+        t.count_add(e, BUDGET, day, 500);
+        assert_eq!(t.count(e, BUDGET, day + 1), 10, "a late settlement of yesterday is left out");
+        t.count_add(e, BUDGET, day + 1, -100);
+        assert_eq!(t.count(e, BUDGET, day + 1), 0, "never below zero");
+        t.count_add(e, BUDGET, day + 2, 1 << 60);
+        assert_eq!(t.count(e, BUDGET, day + 2), (1 << 48) - 1, "saturates at the word's count");
+        assert_eq!(t.count_take(e, BUDGET, day + 1, 1, u64::MAX), Err((1 << 48) - 1),
+                   "a worker whose clock is behind counts in the later day the word holds");
+    }
+
+    #[test]
+    fn ramp_steps_keep_this_step_and_the_one_before_apart() {
+        let t = KeyTable::new(4, Clock::Monotonic).unwrap();
+        let e = t.entry("k2").unwrap();
+        let step = 29_418_000;
+        assert_eq!(t.count_take(e, RAMP, step, 700, u64::MAX), Ok(700));
+        assert_eq!(t.count_take(e, RAMP, step + 1, 300, 1000), Ok(300));
+        assert_eq!((t.count(e, RAMP, step), t.count(e, RAMP, step + 1)), (700, 300));
+        assert_eq!(t.count_take(e, RAMP, step + 2, 5, 1000), Ok(5), "step + 2 reuses step's word");
+        assert_eq!(t.count(e, RAMP, step), 0, "and step is gone");
+        assert_eq!(t.count(e, RAMP, step + 1), 300);
+        assert_eq!(t.count(e, BUDGET, 0), 0, "the budget is a word of its own");
     }
 }

@@ -15,7 +15,7 @@ use crate::settings::{self, Kind, PoolSettings, PoolSpec, Value};
 use crate::limit::LimitMode;
 use crate::clock::{Clock, ManualClock};
 use crate::error::CoreError;
-use crate::keytable::{KeyTable, RPM, TPM};
+use crate::keytable::{KeyTable, BUDGET, RAMP, RPM, TPM};
 use crate::ledger;
 use crate::{bucket, Lane};
 
@@ -669,6 +669,45 @@ impl PySharedKeyBuckets {
         let params = bucket::BucketParams::new(rate, burst, 0.0)?;
         Ok(self.0.entry(key_id).map(|entry| PySharedBucket { table: self.0.clone(), entry, kind, params }))
     }
+
+    /// Key `key_id`'s downgrade counter `kind` ("budget": nano-USD a day,
+    /// "ramp": priority tokens a step); None when the table has no room for the key.
+    fn counter(&self, key_id: &str, kind: &str) -> PyResult<Option<PySharedCounter>> {
+        let kind = match kind {
+            "budget" => BUDGET,
+            "ramp" => RAMP,
+            other => return Err(CoreError::arg("kind", format!("must be \"budget\" or \"ramp\", got {other:?}")).into()),
+        };
+        Ok(self.0.entry(key_id).map(|entry| PySharedCounter { table: self.0.clone(), entry, kind }))
+    }
+}
+
+/// One downgrade counter of a `SharedKeyBuckets` table: a count per period
+/// (a UTC day, a ramp step), moved to a new period in the same CAS that counts.
+#[pyclass(name = "SharedCounter", module = "tierq._core", frozen)]
+pub struct PySharedCounter {
+    table: Arc<KeyTable>,
+    entry: usize,
+    kind: usize,
+}
+
+#[pymethods]
+impl PySharedCounter {
+    /// Counts `cost` in `period` if the count stays at or below `limit`;
+    /// False (nothing counted) if it would not.
+    fn take(&self, period: u64, cost: u64, limit: u64) -> bool {
+        self.table.count_take(self.entry, self.kind, period, cost, limit).is_ok()
+    }
+
+    /// Adds `delta` (negative gives back, never below 0) in `period`, unchecked.
+    fn add(&self, period: u64, delta: i64) {
+        self.table.count_add(self.entry, self.kind, period, delta)
+    }
+
+    /// The count in `period`.
+    fn count(&self, period: u64) -> u64 {
+        self.table.count(self.entry, self.kind, period)
+    }
 }
 
 /// One bucket of a `SharedKeyBuckets` table; the same calls as `TokenBucket`.
@@ -820,6 +859,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SettingsError", m.py().get_type::<SettingsError>())?;
     m.add_class::<PySharedKeyBuckets>()?;
     m.add_class::<PySharedBucket>()?;
+    m.add_class::<PySharedCounter>()?;
     m.add_class::<PySseRewriter>()?; // the stream rewrite section below
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
     // The tier names in lane order: tierq.tiers.Tier is made of them.

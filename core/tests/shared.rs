@@ -694,3 +694,33 @@ fn a_greedy_flow_in_one_process_cannot_starve_a_polite_flow_in_another() {
     let st = sup.stats();
     assert_eq!((st.in_flight, st.depth, st.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
 }
+
+#[test]
+fn threads_racing_on_one_keys_budget_count_exactly_its_limit_and_nothing_in_another_day() {
+    use tierq_core::keytable::{BUDGET, RAMP};
+    let name = table_name("keys-budget");
+    let _sup = KeyTable::create_shared(&name.0, 64, Clock::Monotonic).unwrap();
+    let (threads, day, limit) = (4, 20_429u64, 3_000u64);
+    let barrier = Arc::new(Barrier::new(threads));
+    let got: u64 = (0..threads)
+        .map(|_| {
+            let (name, barrier) = (name.0.clone(), barrier.clone());
+            thread::spawn(move || {
+                let t = KeyTable::attach_shared(&name, Clock::Monotonic).unwrap();
+                let e = t.entry("budgetkey001").unwrap();
+                barrier.wait();
+                // Costs 1 to 3, so the last ones that would cross the limit are refused.
+                (0..2000u64).filter(|i| t.count_take(e, BUDGET, day, 1 + i % 3, limit).is_ok()).map(|i| 1 + i % 3).sum::<u64>()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    let t = KeyTable::attach_shared(&name.0, Clock::Monotonic).unwrap();
+    let e = t.entry("budgetkey001").unwrap();
+    assert_eq!(t.count(e, BUDGET, day), got, "every cost counted once");
+    assert!(got <= limit && got >= limit - 2, "counted {got} of {limit}: never past it");
+    assert_eq!(t.count(e, BUDGET, day + 1), 0);
+    assert_eq!(t.count(e, RAMP, day), 0);
+}

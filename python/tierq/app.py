@@ -220,6 +220,7 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
         raise cluster_refused(e.retry_after_s) from None
     if wait_s is not None:
         raise key_refused(wait_s)
+    ex.downgrade()
     if gw.draining:
         raise drained()
     task = asyncio.current_task()

@@ -20,6 +20,7 @@ from tierq.capacity import Capacity
 from tierq.cluster import Cluster, cluster_settings
 from tierq.config import Config
 from tierq.fairness import FlowBoard
+from tierq.downgrades import Downgrades
 from tierq.keys import KeyLimiter
 from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
 from tierq.served import Catalog, ModelEntry
@@ -58,6 +59,7 @@ class Gateway:
     ledger: LedgerStore
     keys: KeyStoreLike | None = None  # when [keys] is configured (set at start)
     limiter: KeyLimiter | None = None
+    downgrades: Downgrades | None = None  # with keys: their ramp rules and priority budgets
     cluster: Cluster | None = None  # [cluster]: slots and key limits shared through Redis
     allow_remote_without_keys: bool = False
     ready: bool = False

@@ -17,7 +17,9 @@ from tierq._core import SharedKeyBuckets
 from tierq.cluster import Cluster
 from tierq.config import UpstreamConfig
 from tierq.gateway import CLUSTER_CLOSED, Gateway
+from tierq.downgrades import Downgrades
 from tierq.keys import KeyLimiter
+from tierq.tiers import Tier
 from tierq.stores import close_key_store, start_key_store
 
 __all__ = ["StartSims", "lifecycle"]
@@ -61,6 +63,12 @@ def lifecycle(
                 gw.keys = await start_key_store(gw.config.keys)
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
+                    gw.downgrades = downgrades = Downgrades(shared=key_buckets)
+                    # Today's priority spend as the ledger has it: a restart
+                    # keeps each key's budget where it was.
+                    lines = await asyncio.to_thread(gw.ledger.usage, downgrades.day_start())
+                    downgrades.rebuild((line.key_id, line.cost) for line in lines
+                                       if line.applied_tier == Tier.PRIORITY)
                 cluster = gw.config.cluster
                 if cluster is not None:
                     # With several workers the pools are shared: worker 0 runs

@@ -28,6 +28,7 @@ from aiohttp import web
 from tierq.admission import Slot
 from tierq.errors import (CLUSTER_DOWN_CODE, JSON_TYPE, SHED_MESSAGES, ApiError, cluster_down_error,
                           drain_error, shed_error)
+from tierq.downgrades import Hold
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ANONYMOUS_FLOW, ENDPOINT_PATHS, Flow
 from tierq.keys import KeyInfo, KeyRefusal
@@ -211,8 +212,9 @@ class Exchange:
     shadow: tuple[str, ...] = ()
     outcome: Outcome | None = None
     # A downgrade (`tier` lowered by its key's ramp or budget): why, for the
-    # header and the row.
+    # header and the row; and what a priority request counted of them.
     reason: TierReason | None = None
+    hold: Hold | None = None
 
     sent_at: float = 0.0  # when the request last went upstream (monotonic)
     # [tracing]: its trace context (None when tracing is off), and for its spans
@@ -316,6 +318,18 @@ class Exchange:
             return (*self.shadow, RATE_LIMITED)
         return self.shadow
 
+    def downgrade(self) -> None:
+        """The key's ramp rule and priority budget applied to the tier, before
+        admission (tierq.downgrades): a downgraded request is queued, echoed,
+        billed and recorded as default, with its reason."""
+        downgrades = self.gw.downgrades
+        if downgrades is None:
+            return
+        est = cost_femto(self.est_prompt, self.est_total - self.est_prompt,
+                         self.pool.entry.rates[Tier.PRIORITY])
+        self.tier, self.reason, self.hold = downgrades.decide(self.key, self.tier,
+                                                              self.est_total, est)
+
     def finish(self, outcome: Outcome) -> LedgerRow:
         """Record `outcome` (the row queued, not awaited): metrics, access line, key.
 
@@ -373,6 +387,8 @@ class Exchange:
         if self.trace is not None and self.trace.sampled:
             self._traced(o, femto, end)
         self._settle(o)
+        if self.hold is not None:
+            self._settle_hold(o, femto)
         if o.billed:
             self._served(o)
         return row
@@ -398,6 +414,16 @@ class Exchange:
         if self.slot is not None:
             self.slot.settle(charge)
         self.pool.flows.served(self.flow.name, tokens, charge, self.flow.weight)
+
+    def _settle_hold(self, o: Outcome, femto: int) -> None:
+        """The ramp and budget counts of a request served priority: its real
+        tokens and cost, or all given back when nothing was billed."""
+        downgrades, key, hold = self.gw.downgrades, self.key, self.hold
+        assert downgrades is not None and key is not None and hold is not None
+        if o.billed:
+            downgrades.settle(key, hold, o.prompt_tokens + o.completion_tokens, femto)
+        else:
+            downgrades.refund(key, hold)
 
     def _settle(self, o: Outcome) -> None:
         limiter, key = self.gw.limiter, self.key
