@@ -20,3 +20,20 @@ assert flex["flex_served"] > 0 and flex["flex_served_at_half_price"], flex
 assert flex["flex_refused_billed"] == 0, flex
 print(f"tiers/flex smoke ok: {flex['flex_served']} flex served, {flex['flex_refused']} refused unbilled")
 PYEOF
+
+# Shadow mode (about 15 s): one round of 3 s of bench/tiers/shadow.py, enforcing and in
+# shadow mode: both runs produced numbers, shadow mode served every request and counted
+# pool-rate decisions. Nothing about the 1% target (3 s is too short for the keys'
+# per-minute buckets to empty; tests/test_shadow.py judges exactness on a manual clock).
+BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/shadow.py" --rounds 1 --duration 3 --name smoke 2>/dev/null
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys, pathlib
+r = json.loads((pathlib.Path(sys.argv[1]) / "tiers-smoke.json").read_text())
+modes = sorted(x["mode"] for x in r["runs"])
+assert modes == ["enforce", "shadow"], modes
+(round0,) = r["rounds"]
+assert round0["shadow_served_all"], r["runs"]
+assert round0["enforce"]["rate_limited"] > 0 and round0["shadow"]["rate_limited"] > 0, round0
+print(f"tiers/shadow smoke ok: {r['params']['requests_per_run']} requests a run, "
+      f"rate_limited enforce {round0['enforce']['rate_limited']} shadow {round0['shadow']['rate_limited']}")
+PYEOF
