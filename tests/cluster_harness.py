@@ -171,12 +171,15 @@ priority_headroom = {headroom}
     return c
 
 
-async def load(c: Cluster, stop: asyncio.Event, out: list[int], tier: str | None = None) -> None:
+async def load(c: Cluster, stop: asyncio.Event, out: list[int], tier: str | None = None,
+               host: int | None = None) -> None:
+    """One closed-loop client: alternating hosts, or always `host`."""
     i = 0
     while not stop.is_set():
         i += 1
         try:
-            status, _, _ = await c.chat(i % len(c.hosts), tier=tier, timeout_s=30)
+            status, _, _ = await c.chat(i % len(c.hosts) if host is None else host, tier=tier,
+                                        timeout_s=30)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             status = -1
         out.append(status)
@@ -305,15 +308,17 @@ async def slow_redis(c: Cluster, relay: Any, delay_s: float, rounds: int, per_ro
 
 async def split(c: Cluster, relays: list[Any], limit: int, seconds: float,
                 clients: int) -> dict[str, Any]:
-    """The network split in "local" mode: closed-loop load on every host (each
-    client alternates hosts), then host 0's link to Redis is cut (its relay a
+    """The network split in "local" mode: closed-loop load on every host
+    (`clients` spread evenly, each sticking to its host, so one waiting on the
+    cut host's queue does not starve the others' demand), then host 0's link to Redis is cut (its relay a
     black hole) for `seconds` after the others saw its lease run out, then
     healed. The sim's in-flight high-water mark before, during and after
     (from 1 s after every host rejoined), and how long the excess took to
     drain once host 0 was back."""
     stop = asyncio.Event()
     statuses: list[int] = []
-    loads = [asyncio.ensure_future(load(c, stop, statuses)) for _ in range(clients)]
+    loads = [asyncio.ensure_future(load(c, stop, statuses, host=i % len(c.hosts)))
+             for i in range(clients)]
     try:
         await asyncio.sleep(1.0)
         await sim_reset(c)
