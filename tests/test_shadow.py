@@ -349,3 +349,34 @@ async def test_the_clusters_key_limits_in_redis_name_the_limit_that_refused(
         assert refused is not None and refused.decision == "key_tpm"
     finally:
         await host.stop()
+
+
+@pytest.mark.parametrize(("rule", "decision"), [
+    ({"priority_budget_usd": "0.000001"}, "downgrade_budget"),
+    ({"ramp_min_tpm": 60, "ramp_max_growth": 0.5, "ramp_window_s": 60}, "downgrade_ramp"),
+])
+async def test_a_keys_downgrades_in_shadow_mode_serve_priority_and_count_what_enforcing_downgrades(
+        make_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        rule: dict[str, Any], decision: str) -> None:
+    from test_gateway_downgrades import _ask, _config, _manual
+
+    running = await make_gateway(config=_config(tmp_path))
+    _manual(running)  # the step and the day stand still while the test runs
+    keys = running.gw.keys
+    assert keys is not None
+    tiers: dict[bool, list[tuple[str, str | None]]] = {}
+    with caplog.at_level(logging.INFO, logger="tierq"):
+        for enforce in (True, False):
+            info, token = keys.create(f"rule-{enforce}", enforce=enforce, **rule)
+            tiers[enforce] = [await _ask(running, token) for _ in range(12)]
+            assert info.enforce is enforce
+        await wait_for(lambda: len(access_lines(caplog)) == 24)
+    downgraded = [reason is not None for _, reason in tiers[True]]
+    assert 0 < sum(downgraded) < 12
+    # Shadow: every request served, echoed and billed priority (no reason header);
+    # the downgrades enforcing made counted, on the same requests.
+    assert tiers[False] == [("priority", None)] * 12
+    flags = [line.get("shadow") for line in access_lines(caplog)[12:]]
+    assert flags == [decision if d else None for d in downgraded]
+    metric = await shadow_metric(gw=running)
+    assert metric[decision] == sum(downgraded) and sum(metric.values()) == sum(downgraded)

@@ -290,7 +290,7 @@ _SETTINGS: Final = {
     "ramp_window_s": {"type": "integer", "minimum": RAMP_WINDOW_RANGE[0],
                       "maximum": RAMP_WINDOW_RANGE[1], "description": "ramp rule: its window"},
     "enforce": {"type": "boolean",
-                "description": "false: shadow mode, its rpm and tpm refusals are counted "
+                "description": "false: shadow mode, its rpm/tpm refusals and downgrades are counted "
                                "(tierq_shadow_decisions_total, the access line) and not applied"},
 }
 

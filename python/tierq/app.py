@@ -233,7 +233,8 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
     # A request its key's limits refused in shadow mode takes nothing from the
     # pool's bucket: enforcing, it never reached it, and the bucket must stand
     # where enforcing leaves it.
-    ex.slot = slot = ex.pool.admission.acquire(ex.tier, 0 if ex.shadow else 1, flow=ex.flow.name,
+    ex.slot = slot = ex.pool.admission.acquire(ex.tier, 0 if ex.key_shadow_refused else 1,
+                                               flow=ex.flow.name,
                                                weight=ex.flow.weight, charge=ex.charge,
                                                max_wait_ms=ex.deadline_ms)
     gw.waiting.add(task)

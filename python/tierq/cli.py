@@ -529,10 +529,10 @@ def _enforce_flags(p: argparse.ArgumentParser, default: object) -> None:
     are applied, or only decided and counted (shadow mode)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--shadow", "--no-enforce", dest="enforce", action="store_false", default=default,
-                   help="shadow mode: its rpm/tpm refusals are counted "
+                   help="shadow mode: its rpm/tpm refusals and downgrades are counted "
                         "(tierq_shadow_decisions_total), not applied")
     g.add_argument("--enforce", dest="enforce", action="store_true",
-                   help="apply its rpm/tpm (the default for a new key)")
+                   help="apply its rpm/tpm and downgrades (the default for a new key)")
 
 
 def _one_line(e: BaseException) -> str:

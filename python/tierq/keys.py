@@ -151,8 +151,8 @@ class KeyInfo:
     ramp_min_tpm: int = 0
     ramp_max_growth: float | None = None
     ramp_window_s: int = 900
-    # False: its limits (rpm, tpm) run in shadow mode: each refusal is decided
-    # and counted (tierq.shadow), none applied
+    # False: its limits (rpm, tpm) and downgrades run in shadow mode: each
+    # refusal or downgrade is decided and counted (tierq.shadow), none applied
     enforce: bool = True
 
     @property

@@ -35,7 +35,7 @@ from tierq.keys import KeyInfo, KeyRefusal
 from tierq.ledger import LedgerRow
 from tierq.logs import RequestInfo, access_enabled, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
-from tierq.shadow import RATE_LIMITED
+from tierq.shadow import DOWNGRADES, KEY_REFUSALS, RATE_LIMITED
 from tierq.tiers import Tier, TierReason
 from tierq.tracing import Ended, TraceContext
 
@@ -310,6 +310,11 @@ class Exchange:
         return None
 
     @property
+    def key_shadow_refused(self) -> bool:
+        """A key limit in shadow mode refused it (rpm or tpm), not applied."""
+        return any(d in KEY_REFUSALS for d in self.shadow)
+
+    @property
     def shadow_decisions(self) -> tuple[str, ...]:
         """Every decision a limit in shadow mode made for it and did not apply:
         the key's, then the pool's rate limit's."""
@@ -323,12 +328,18 @@ class Exchange:
         admission (tierq.downgrades): a downgraded request is queued, echoed,
         billed and recorded as default, with its reason."""
         downgrades = self.gw.downgrades
-        if downgrades is None:
-            return
+        if downgrades is None or self.key_shadow_refused:
+            return  # a key limit refused it in shadow: enforcing, it never came here
         est = cost_femto(self.est_prompt, self.est_total - self.est_prompt,
                          self.pool.entry.rates[Tier.PRIORITY])
-        self.tier, self.reason, self.hold = downgrades.decide(self.key, self.tier,
-                                                              self.est_total, est)
+        tier, reason, hold = downgrades.decide(self.key, self.tier, self.est_total, est)
+        if reason is not None and self.key is not None and not self.key.enforce:
+            # Shadow mode: counted, not applied. A downgrade counts nothing in the
+            # ramp step or the day's budget, so served as asked it counts nothing
+            # either, and the counters stand where enforcing leaves them.
+            self.shadow += (DOWNGRADES[reason],)
+            return
+        self.tier, self.reason, self.hold = tier, reason, hold
 
     def finish(self, outcome: Outcome) -> LedgerRow:
         """Record `outcome` (the row queued, not awaited): metrics, access line, key.
