@@ -167,3 +167,20 @@ async def test_status_page_shows_a_learned_limit_and_the_signal_that_moved_it(
     assert int(m.group(1)) == st["limit"]
     assert "learned from engine" in m.group(2)
     assert re.search(r'<path [^>]*class="limit-line"', m.group(2))
+
+
+@pytest.mark.timeout(150)
+async def test_status_page_shows_the_shadow_panel_with_what_a_limit_in_shadow_would_have_shed(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = await make_gateway(models=[model_config(PRIORITY_MODEL, rate=0.01, burst=2,
+                                                 priority_reserve=0.0, enforce=False)])
+    async with aiohttp.ClientSession() as s:
+        statuses = [await _chat(s, gw.url, "default", 1) for _ in range(7)]
+    assert statuses == [200] * 7  # shadow mode sheds nothing
+    assert gw.gw.pools[PRIORITY_MODEL].admission.stats()["shadow_rate_limited"] == 5
+    dom = html.unescape(await _browser(gw.root + "/status", tmp_path, "--dump-dom"))
+    panel = re.search(r'<section id="shadow-panel"( hidden="")?>(.*?)</section>', dom, re.S)
+    assert panel and panel.group(1) is None, "the shadow panel is hidden"
+    assert re.search(r'<span data-decision="rate_limited" class="shed"><b>5</b>', panel.group(2))
+    assert f"{PRIORITY_MODEL} (5 would have been shed)" in panel.group(2)
