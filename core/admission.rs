@@ -170,6 +170,7 @@ const SAMPLE_EVERY: u64 = 8;
 /// unsettled (every try found some worker inside a step).
 const AUDIT_TRIES: u32 = 10_000;
 /// This process's place in a shared pool.
+#[derive(Clone)]
 struct Shared {
     /// Worker index, or None for the supervisor (it holds nothing and owns
     /// no waiters; it only reclaims).
@@ -910,7 +911,8 @@ impl Pool {
     /// more are held than a lowered limit allows (the slot is freed instead).
     #[inline]
     fn may_hand_on(&self) -> bool {
-        self.fixed.is_some() || self.w(at::IN_FLIGHT).load(SeqCst) <= self.limit()
+        // Fixed limits check too: a reload may have lowered one (`retuned`).
+        self.w(at::IN_FLIGHT).load(SeqCst) <= self.limit()
     }
 
     /// Frees a slot. If someone waits, the slot passes straight to them; if
@@ -1300,6 +1302,43 @@ impl Pool {
     fn view(&self) -> PoolView {
         let waiters = self.depth().iter().map(|&n| n as u64).sum();
         PoolView { in_flight: self.w(at::IN_FLIGHT).load(SeqCst), waiters }
+    }
+
+    /// This pool's words (its lanes, waiters, slots, bucket and limit)
+    /// under new settings, for a reload: the queue is kept. Settings that
+    /// place or size the words (queue depth, flow queues, mailboxes) must
+    /// not change: an error names `queue_depth`. A fixed limit takes its new
+    /// value, an adaptive one is clamped to its new bounds (or starts at its
+    /// initial value, coming from a fixed one); a lowered limit preempts
+    /// nothing. Returns the new pool and this process's waiters granted
+    /// slots the new settings free; this handle should no longer admit.
+    #[cfg(not(loom))]
+    pub fn retuned(&self, settings: PoolSettings) -> Result<(Pool, Vec<WaiterId>), CoreError> {
+        let workers = self.shared.as_ref().map_or(0, |s| s.workers);
+        if !State::fits(&self.settings, &settings, workers) {
+            return Err(CoreError::arg("queue_depth", "queue_depth, fair_queues and (with several workers) the mailboxes sized by max_concurrency cannot change without a restart".to_string()));
+        }
+        if self.shared.is_some() && crate::block::fingerprint(&self.settings) != crate::block::fingerprint(&settings) {
+            // Every worker and every worker started later attaches with these.
+            return Err(CoreError::arg("queue_depth", "a shared pool's queue_depth, max_wait_ms, bucket, default_min_share and fairness cannot change without a restart".to_string()));
+        }
+        let word = self.w(at::LIMIT);
+        match (self.settings.limit, settings.limit) {
+            (_, LimitMode::Fixed(n)) => word.store((n as u64) << FP_SHIFT, SeqCst),
+            (LimitMode::Fixed(_), LimitMode::Adaptive { initial, .. }) => {
+                word.store((initial as u64) << FP_SHIFT, SeqCst);
+                self.w(at::SLOW_START).store(1, SeqCst);
+            }
+            (LimitMode::Adaptive { .. }, next @ LimitMode::Adaptive { .. }) => {
+                let mut cur = word.load(SeqCst);
+                while let Err(seen) = word.compare_exchange_weak(cur, next.clamp_fp(cur), SeqCst, SeqCst) {
+                    cur = seen;
+                }
+            }
+        }
+        let pool = Self::with_state(settings, self.clock.clone(), self.state.clone(), self.shared.clone());
+        let granted = pool.fill();
+        Ok((pool, granted))
     }
 
     /// Sets an adaptive limit to `n` slots (clamped to its bounds); the

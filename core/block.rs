@@ -11,7 +11,6 @@ use crate::bucket::BucketParams;
 use crate::fair;
 #[cfg(not(loom))]
 use crate::error::CoreError;
-use crate::limit::LimitMode;
 use crate::settings::{Fairness, PoolSettings};
 use crate::sync::{AtomicU64, Ordering::SeqCst};
 use crate::words::Words;
@@ -193,19 +192,21 @@ fn layout(s: &PoolSettings, workers: usize) -> (usize, usize) {
     (words, mailbox_cap)
 }
 
-fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
+/// What a block is made for beyond its sizes: the settings every worker must
+/// share (queue depth, max waits, the bucket, the minimum share, fairness).
+/// The limit's mode and bounds, the priority headroom and the engine interval
+/// are each worker's own and a reload may change them (`Pool::retuned`), so
+/// they are not part of it: a worker started after a reload still attaches.
+/// The first four words stay (zero) so the header keeps its places.
+pub(crate) fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
     let b = s.bucket.unwrap_or(BucketParams { interval_ns: 0, tau_ns: 0, reserve_ns: 0 });
-    let (mode, min, initial) = match s.limit {
-        LimitMode::Fixed(n) => (0, n, n),
-        LimitMode::Adaptive { min, initial, .. } => (1, min, initial),
-    };
     [
         // Bit 1: shadow mode (0 when enforcing, so a block made before
         // the flag reads as enforcing).
-        mode | (!s.enforce as u64) << 1,
-        s.limit.max() as u64 | (s.priority_headroom as u64) << 32,
-        min as u64 | (initial as u64) << 32,
-        s.engine_interval_ns,
+        (!s.enforce as u64) << 1,
+        0,
+        0,
+        0,
         s.queue_depth as u64,
         s.max_wait_ns[0],
         s.max_wait_ns[1],
@@ -219,7 +220,8 @@ fn fingerprint(s: &PoolSettings) -> [u64; at::SETTINGS_WORDS] {
     ]
 }
 
-/// The pool's fixed block of atomic words.
+/// The pool's fixed block of atomic words (a clone maps the same words).
+#[derive(Clone)]
 pub struct State {
     words: Words,
 }
@@ -274,6 +276,13 @@ impl State {
     #[cfg(not(loom))]
     pub(crate) fn unlink(name: &str) -> Result<(), CoreError> {
         crate::shm::Region::unlink(name)
+    }
+
+    /// Whether settings `next` fit the block made for `s` and `workers`: the
+    /// same words in the same places (queue depth, flow queues, mailboxes).
+    #[cfg(not(loom))]
+    pub(crate) fn fits(s: &PoolSettings, next: &PoolSettings, workers: usize) -> bool {
+        s.queue_depth == next.queue_depth && s.fair_queues == next.fair_queues && layout(s, workers) == layout(next, workers)
     }
 
     /// Writes the header of a block whose other words are filled: what

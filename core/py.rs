@@ -400,6 +400,13 @@ impl PyAdmissionCore {
         Ok(PyAdmissionCore(Pool::attach_shared(name, settings.get().0.clone(), worker, wake_fds, Clock::Monotonic)?))
     }
 
+    /// This pool's state under new settings (a reload; the queue is kept):
+    /// the new handle and this process's waiters it granted slots.
+    fn retuned(&self, settings: &Bound<'_, PyPoolSettings>) -> PyResult<(Self, Vec<u64>)> {
+        let (pool, granted) = self.0.retuned(settings.get().0.clone())?;
+        Ok((PyAdmissionCore(pool), granted))
+    }
+
     /// The limit in force (whole slots).
     #[getter]
     fn limit(&self) -> u64 {

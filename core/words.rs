@@ -13,10 +13,12 @@ enum Backing {
     Shm(#[allow(dead_code)] crate::shm::Region),
 }
 
+/// Cloning shares the backing: a pool retuned by a reload keeps its words.
+#[derive(Clone)]
 pub struct Words {
     ptr: *const AtomicU64,
     len: usize,
-    _backing: Backing,
+    _backing: std::sync::Arc<Backing>,
 }
 
 // SAFETY: `ptr`/`len` point into `_backing`, which is owned by the Words and
@@ -29,14 +31,14 @@ impl Words {
     /// `n` zeroed words on the heap (one process; tests and loom).
     pub fn heap(n: usize) -> Words {
         let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        Words { ptr: words.as_ptr(), len: words.len(), _backing: Backing::Heap(words) }
+        Words { ptr: words.as_ptr(), len: words.len(), _backing: std::sync::Arc::new(Backing::Heap(words)) }
     }
 
     /// The words of a mapped region (kept mapped as long as this lives).
     #[cfg(not(loom))]
     pub fn shm(region: crate::shm::Region) -> Words {
         let w = region.words();
-        Words { ptr: w.as_ptr(), len: w.len(), _backing: Backing::Shm(region) }
+        Words { ptr: w.as_ptr(), len: w.len(), _backing: std::sync::Arc::new(Backing::Shm(region)) }
     }
 
     #[inline]

@@ -45,7 +45,9 @@ fn attach_refuses_other_settings_sizes_and_names() {
     let s = settings(2, 8);
     let _sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
     assert!(matches!(Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic), Err(CoreError::Os(_))), "exists");
-    let other = settings(3, 8);
+    // Another limit (same sizes) attaches: each worker's own, a reload changes it.
+    assert!(Pool::attach_shared(&name.0, settings(3, 8), None, vec![-1; 2], Clock::Monotonic).is_ok());
+    let other = PoolSpec { max_concurrency: Some(2), queue_depth: 8, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], rate: None, burst: None, priority_reserve: 0.2, default_min_share: 0.5, ..PoolSpec::default() }.validate().unwrap();
     let e = Pool::attach_shared(&name.0, other, Some(0), vec![-1; 2], Clock::Monotonic).err().unwrap();
     assert!(matches!(e, CoreError::Layout(_)), "{e}");
     let deeper = settings(2, 100);
@@ -394,10 +396,14 @@ fn a_limit_set_through_one_worker_is_the_limit_of_every_worker() {
     let name = Name::new("limit");
     let s = adaptive(2, 16, 16, 8);
     let sup = Pool::create_shared(&name.0, s.clone(), 2, vec![], Clock::Monotonic).unwrap();
-    // The mode is part of the fingerprint: a fixed 16 (same sizes) may not attach.
+    // The limit's mode is each worker's own (a reload may change it): a fixed
+    // 16 (same sizes) attaches; another max wait (same sizes) may not.
     let fixed = PoolSpec { max_concurrency: Some(16), queue_depth: 8, max_wait_ms: [60_000.0, 60_000.0, 600_000.0], ..PoolSpec::default() }.validate().unwrap();
     assert_eq!(fixed.limit, LimitMode::Fixed(16));
-    assert!(matches!(Pool::attach_shared(&name.0, fixed, Some(0), vec![-1; 2], Clock::Monotonic), Err(CoreError::Layout(_))));
+    assert!(Pool::attach_shared(&name.0, fixed, None, vec![-1; 2], Clock::Monotonic).is_ok());
+    let waits = PoolSpec { max_wait_ms: [30_000.0, 60_000.0, 600_000.0], ..PoolSpec::default() };
+    let waits = PoolSpec { min_concurrency: Some(2), max_concurrency_limit: Some(16), initial_concurrency: Some(16), queue_depth: 8, ..waits }.validate().unwrap();
+    assert!(matches!(Pool::attach_shared(&name.0, waits, None, vec![-1; 2], Clock::Monotonic), Err(CoreError::Layout(_))));
     let (a, b) = (attach(&name, &s, 0, 2), attach(&name, &s, 1, 2));
     assert!(a.set_limit(3).is_empty());
     assert_eq!((b.limit(), sup.limit(), sup.stats().limit), (3, 3, 3));

@@ -244,6 +244,29 @@ class Admission:
         self._max_wait_s = tuple(waits[tier] / 1000 for tier in Tier)
         self._anon_service = core.ask()[2]
 
+    def retune(self, settings: PoolSettings) -> int:
+        """Applies `settings` (a reload) to this pool in place: its waiters stay
+        in their lanes, its slots in flight are untouched, a raised limit hands
+        free slots to waiters at once (a lowered one preempts nothing). Queue
+        depth and fair_queues place the pool's words: changing one raises
+        `SettingsError` (a restart applies it). Returns the waiters granted."""
+        core, granted = self._core.retuned(settings)
+        self._core = core
+        waits = settings.max_wait_ms
+        self._max_wait_s = tuple(waits[tier] / 1000 for tier in Tier)
+        self._anon_service = core.ask()[2]
+        # A waiter's expiry timer was set for its lane's old max wait.
+        loop: asyncio.AbstractEventLoop | None = None
+        now = core.now_ns()
+        for waiter, slot in self._waiters.items():
+            deadline = core.deadline_ns(waiter)
+            if slot._timer is None or deadline is None:
+                continue
+            loop = loop or asyncio.get_running_loop()
+            slot._timer.cancel()
+            slot._timer = loop.call_later(max(0, deadline - now) / 1e9 + _TIMER_SLACK_S, self.expire_due)
+        return self._granted(granted)
+
     @classmethod
     def shared(cls, name: str, worker: int, wake_fds: Sequence[int], settings: PoolSettings) -> Admission:
         """This worker's handle on a pool whose state is the shared block `name`.

@@ -243,6 +243,12 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
         async with slot:
             gw.waiting.discard(task)
             ex.rate_shadowed()
+            current = gw.pools.get(ex.pool.entry.id)
+            if current is not None and current is not ex.pool and current.admission is ex.pool.admission:
+                # Reloaded while it waited: the prices and upstream in force at
+                # admission apply (docs/operations.md, Reloading the config).
+                ex.pool = current
+            request_info(request).config = gw.config_sha256
             if traced:
                 ex.admitted_at = time.monotonic()
             if slot.queue_ns:

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true",
                    help="no line per request (errors and start-up are still logged)")
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("reload", help="tell a running tierq serve to re-read its config (SIGHUP)")
+    s.add_argument("--config", help="the TOML file the server runs (where [server] pid_file is)")
+    s.set_defaults(func=_reload)
 
     s = sub.add_parser("sim", help="run a simulated OpenAI-compatible backend")
     s.add_argument("--host", default="127.0.0.1")
@@ -195,7 +199,9 @@ def _serve(args: argparse.Namespace) -> int:
                  "all (--insecure-no-auth)" if args.insecure_no_auth else "loopback")
     import uvloop
 
+    pid_file = pid_path(config)
     try:
+        _write_pid(pid_file)
         if workers == 1:
             uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
             return 0
@@ -204,6 +210,43 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreUnavailable as e:
         log.error("tierq serve: %s", e)
         return 1
+    finally:
+        with contextlib.suppress(OSError):
+            if open(pid_file).read().strip() == str(os.getpid()):
+                os.unlink(pid_file)
+
+
+def pid_path(config: Config) -> str:
+    """`[server] pid_file`, else tierq.pid beside the ledger (its SQLite file,
+    or a PostgreSQL ledger's spool)."""
+    if config.server.pid_file is not None:
+        return config.server.pid_file
+    url = config.ledger.url if store_kind(config.ledger.url) == "sqlite" else config.ledger.spool
+    return os.path.join(os.path.dirname(sqlite_path(url)), "tierq.pid")
+
+
+def _write_pid(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)  # whole or absent: `tierq reload` never reads half a pid
+
+
+def _reload(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else default_config()
+    path = pid_path(config)
+    try:
+        pid = int(open(path).read().strip())
+    except (OSError, ValueError) as e:
+        print(f"tierq reload: no running server's pid in {path}: {e}", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"tierq reload: pid {pid} (from {path}) is not running", file=sys.stderr)
+        return 1
+    print(f"tierq reload: sent SIGHUP to pid {pid}; the server logs whether it applied the config")
+    return 0
 
 
 def _require_extras(config: Config) -> None:
@@ -247,7 +290,7 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
                 pools.start()
                 try:
                     await _run_server(config, host, port, insecure, sock=sock, pools=pools,
-                                      admin_sock=admin_sock)
+                                      admin_sock=admin_sock, reload_first=supervisor.reloaded)
                 finally:
                     pools.stop()
 
@@ -259,9 +302,36 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
             return 0
 
         log.info("listening on http://%s:%d/v1 with %d workers sharing admission", host, port, workers)
-        return Supervisor(workers, worker, shared).run()
+        supervisor = Supervisor(workers, worker, shared)
+        return supervisor.run()
     finally:
         shared.close()
+
+
+def _on_reload(gw: Any, path: str | None) -> tuple[Callable[[], None], Callable[[], Awaitable[bool]]]:
+    """SIGHUP's handler, and the reload it runs: one reload at a time, each
+    after the one before."""
+    from tierq.app import models_payload
+    from tierq.lifecycle import reload
+
+    import orjson
+
+    lock = asyncio.Lock()
+    tasks: set[asyncio.Task[bool]] = set()
+
+    def render(g: Any) -> bytes:
+        return orjson.dumps(models_payload(g.catalog, g.config.pricing.priority_multiplier))
+
+    async def run() -> bool:
+        async with lock:
+            return await reload(gw, path, render)
+
+    def on_signal() -> None:
+        task = asyncio.ensure_future(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return on_signal, run
 
 
 def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
@@ -280,7 +350,8 @@ def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
 
 
 async def _run_server(config: Config, host: str, port: int, insecure: bool,
-                      sock: Any = None, pools: Any = None, admin_sock: Any = None) -> None:
+                      sock: Any = None, pools: Any = None, admin_sock: Any = None,
+                      reload_first: bool = False) -> None:
     from aiohttp import web
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
@@ -291,6 +362,11 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
     runner = web.AppRunner(app, **{**runner_kwargs(),
                                    "shutdown_timeout": config.server.drain_timeout_s})
     await runner.setup()
+    on_reload = _on_reload(app[GATEWAY], config.source)
+    if reload_first:
+        # A worker replacing one that died after a reload: the config file as
+        # the others applied it, before this one takes a connection.
+        await on_reload[1]()
     try:
         site: web.BaseSite
         if sock is not None:
@@ -312,6 +388,7 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_reload[0])
         await stop.wait()
         # Drain: stop listening, shed the queue with 503, let admitted requests
         # finish within the deadline, then the ledger commits what is queued.

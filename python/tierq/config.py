@@ -76,6 +76,9 @@ class ServerConfig:
     # Largest `n` (choices per request) accepted; 400 beyond. OpenAI's own bound
     # is 128. Each choice can take max_tokens, so the key's token estimate is n x.
     max_n: int = 128
+    # The file holding the server's pid (`tierq reload` signals it), written at
+    # start and removed at exit; None: tierq.pid beside the ledger.
+    pid_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +324,13 @@ class _Parser:
         drain = t.number("drain_timeout_s", d.drain_timeout_s, 0.0, 3600.0)
         write = t.number("write_timeout_s", d.write_timeout_s, 0.0, 3600.0, lo_open=True)
         max_n = t.integer("max_n", d.max_n, 1, 1024)
+        pid_file = t.string("pid_file")
+        if pid_file is not None and not pid_file.strip():
+            raise t.fail("pid_file", "must not be empty")
         t.done()
         return ServerConfig(
             _s(host), _i(port), _i(workers), _i(max_body), _f(body_timeout), _f(keepalive),
-            _f(drain), _f(write), _i(max_n),
+            _f(drain), _f(write), _i(max_n), pid_file,
         )
 
     def ledger(self, t: Table) -> LedgerConfig:

@@ -9,6 +9,8 @@ app, and started by `tierq.lifecycle`, which adds what the config may leave out
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -73,9 +75,21 @@ class Gateway:
     # Called after a key changed here (the admin API): tells this host's other
     # workers to drop their cached keys (`tierq serve --workers N`).
     keys_changed: Callable[[], None] = field(default=lambda: None)
+    # The config in force (/status.json): its file's sha256 ("": the embedded
+    # default) and when it was loaded; a reload (tierq.lifecycle) sets both.
+    config_sha256: str = ""
+    config_loaded: float = field(default_factory=time.time)
+    # Upstream clients a reload replaced: requests in flight still use them;
+    # closed at exit.
+    retired: list[UpstreamClient] = field(default_factory=list)
+    # Settings a reload cannot change in place (`tierq serve --workers N`
+    # shares each pool's block; [cluster] leases): `tierq.lifecycle.reload`.
+    shared_pools: bool = False
 
     def __post_init__(self) -> None:
         self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)
+        if self.config.source is not None and not self.config_sha256:
+            self.config_sha256 = config_sha256(self.config.source)
 
     @classmethod
     def from_config(cls, config: Config, *, ledger: LedgerStore | None = None,
@@ -106,6 +120,7 @@ class Gateway:
                    {m.id: Pool(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
                    upstreams, ledger if ledger is not None else ledger_from_config(config.ledger),
                    allow_remote_without_keys=allow_remote_without_keys,
+                   shared_pools=pools is not None or config.cluster is not None,
                    tracer=Tracer(config.tracing) if config.tracing is not None else None)
 
     def begin_drain(self) -> int:
@@ -132,7 +147,18 @@ class Gateway:
                               tuple(p.flows.data()))
                  for p in self.pools.values())
         return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger,
-                                     cluster=self.cluster.status() if self.cluster else None)
+                                     cluster=self.cluster.status() if self.cluster else None,
+                                     config=(self.config_sha256, self.config_loaded))
+
+
+def config_sha256(path: str) -> str:
+    """The sha256 (hex) of a config file's bytes, as /status.json shows it;
+    "" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
 
 
 CONFIG: Final = web.AppKey("tierq.config", Config)

@@ -1,28 +1,49 @@
-"""Start-up and clean-up of a gateway built whole (an aiohttp cleanup context):
-the sims of upstreams of kind "sim" (from the caller), upstream clients, what
-feeds the pools' limits (tierq.capacity), the ledger, the key store and limiter,
-the cluster agent, the write watchdog, the trace exporter.
+"""Start-up, reload and clean-up of a gateway built whole (an aiohttp cleanup
+context): the sims of upstreams of kind "sim" (from the caller), upstream
+clients, what feeds the pools' limits (tierq.capacity), the ledger, the key
+store and limiter, the cluster agent, the write watchdog, the trace exporter;
+`reload`, a config re-read (SIGHUP, `tierq reload`) applied to what follows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
 
 from tierq._core import SharedKeyBuckets
+from tierq.admission import Admission
+from tierq.capacity import Capacity
 from tierq.cluster import Cluster
-from tierq.config import UpstreamConfig
-from tierq.gateway import CLUSTER_CLOSED, Gateway
+from tierq.config import AdmissionConfig, Config, ConfigError, UpstreamConfig, load_config
 from tierq.downgrades import Downgrades
+from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool, config_sha256
 from tierq.keys import KeyLimiter
+from tierq.served import Catalog
 from tierq.tiers import Tier
 from tierq.stores import close_key_store, start_key_store
+from tierq.upstream import UpstreamClient
 
-__all__ = ["StartSims", "lifecycle"]
+if TYPE_CHECKING:
+    from tierq._core import _SettingsKwargs
+
+__all__ = ["SHARED_BLOCK_KEYS", "StartSims", "lifecycle", "reload"]
+
+log = logging.getLogger("tierq.reload")
+
+#: A pool's settings that size or fingerprint the block its workers share
+#: (`tierq serve --workers N`): a reload leaves them as they are (a restart
+#: applies them). queue_depth and fair_queues place a pool's words even alone.
+SHARED_BLOCK_KEYS: Final = ("queue_depth", "max_wait_ms", "rate", "burst", "priority_reserve",
+                            "default_min_share", "fairness", "fair_queues", "enforce",
+                            "flex_headroom")
+_LAYOUT_KEYS: Final = ("queue_depth", "fair_queues")
 
 #: Starts the backends of the given kind="sim" upstreams inside the app's event
 #: loop, yields each one's base URL by upstream name, and stops them on exit
@@ -91,7 +112,7 @@ def lifecycle(
                 await gw.watchdog.stop()
                 if gw.cluster is not None:
                     await gw.cluster.stop()
-                for client in gw.upstreams.values():
+                for client in [*gw.upstreams.values(), *gw.retired]:
                     await client.close()
                 if gw.keys is not None:
                     await close_key_store(gw.keys)
@@ -102,3 +123,173 @@ def lifecycle(
                     await asyncio.to_thread(gw.tracer.stop)
 
     return ctx
+
+
+async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway], bytes]) -> bool:
+    """Re-reads the config file `path` and applies it to requests admitted from
+    now on: prices, models and their flags, upstreams, admission settings,
+    [keys] and [server]'s request bounds. Requests in flight keep what they
+    started with (their pool, prices and upstream client); waiters stay in
+    their lanes (a pool is retuned in place, `Admission.retune`). A config that
+    fails to load is refused: one log line, `tierq_config_reload_total
+    {result="error"}`, the running config stays. What needs a restart
+    (listening, workers, ledger, cluster, admin, tracing, a sim upstream, the
+    shared block's settings with several workers) is named in one line and
+    the rest applied. Returns whether it was applied."""
+    if path is None:
+        log.warning("config reload refused: serving the embedded default (no --config file)")
+        gw.metrics.reloads["error"] += 1
+        return False
+    try:
+        new = load_config(path)
+        catalog = Catalog.from_config(new)
+    except (ConfigError, OSError, ValueError) as e:
+        log.error("config reload refused, the running config stays: %s", e)
+        gw.metrics.reloads["error"] += 1
+        return False
+    old = gw.config
+    restart: list[str] = []
+    for section in ("ledger", "cluster", "admin", "tracing"):
+        if getattr(new, section) != getattr(old, section):
+            restart.append(f"[{section}]")
+    for name in ("host", "port", "workers"):
+        if getattr(new.server, name) != getattr(old.server, name):
+            restart.append(f"server.{name}")
+    # What is not applied stays as it runs, so the config in force reads true.
+    applied = dataclasses.replace(
+        new, ledger=old.ledger, cluster=old.cluster, admin=old.admin, tracing=old.tracing,
+        server=dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
+                                   workers=old.server.workers))
+    upstreams, started = await _reload_upstreams(gw, applied, catalog, restart)
+    store, previous = gw.keys, None
+    if applied.keys != old.keys:
+        store, previous = await start_key_store(applied.keys), gw.keys
+        if (store is None) != (previous is None):
+            # Keys turned on or off: the limiter, the downgrades and (with
+            # several workers) their shared buckets are made at start.
+            restart.append("[keys] (turned on or off)")
+            if store is not None:
+                await close_key_store(store)
+            store, previous = gw.keys, None
+            applied = dataclasses.replace(applied, keys=old.keys)
+    # From here to the swap nothing awaits: a waiter the retune grants runs
+    # after it, and is priced by the config this worker then holds (its pools
+    # and prices), the one `config_sha256` names in its access line.
+    pools = _reload_pools(gw, catalog, upstreams, restart)
+    if previous is None and store is not None:
+        store.forget_all()  # keys and their limits read again
+    gw.keys = store
+    gw.retired.extend(c for name, c in gw.upstreams.items() if upstreams.get(name) is not c)
+    gw.config, gw.catalog, gw.upstreams, gw.pools = applied, catalog, upstreams, pools
+    gw.models_body = render_models(gw)
+    gw.watchdog.timeout_s = applied.server.write_timeout_s
+    gw.config_sha256 = config_sha256(path)
+    gw.config_loaded = time.time()
+    gw.metrics.reloads["applied"] += 1
+    if previous is not None:
+        await close_key_store(previous)
+    await _rewire_capacity(gw)
+    log.info("config reloaded from %s (sha256 %s): %d models, %d upstreams (%d new clients)%s",
+             path, gw.config_sha256[:12], len(pools), len(upstreams), started,
+             "; needs a restart to take effect: " + ", ".join(restart) if restart else "")
+    return True
+
+
+async def _reload_upstreams(gw: Gateway, config: Config, catalog: Catalog,
+                            restart: list[str]) -> tuple[dict[str, UpstreamClient], int]:
+    """An upstream whose settings are unchanged keeps its client; a changed or
+    new one gets a new client (the old one stays open for requests in flight).
+    A sim upstream is started with the process: its changes need a restart."""
+    pool_sizes: dict[str, int] = {}
+    for m in catalog.values():
+        pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.settings.limit_max
+    out: dict[str, UpstreamClient] = {}
+    started = 0
+    for u in config.upstreams:
+        current = gw.upstreams.get(u.name)
+        # Its connection pool is sized from its models' limits: a raised limit
+        # needs the connections too.
+        size = u.max_connections or min(pool_sizes.get(u.name, 1), 4096)
+        if current is not None and current.config == u and current.pool_size == size:
+            out[u.name] = current
+            continue
+        if current is not None and current.config.kind == "sim" and current.config.sim == u.sim \
+                and dataclasses.replace(current.config, max_connections=None) == \
+                dataclasses.replace(u, max_connections=None):
+            sim_client = UpstreamClient(u, u.base_url, size)
+            await sim_client.start(current.base_url)  # the same in-process sim
+            out[u.name] = sim_client
+            started += 1
+            continue
+        if u.kind == "sim" or (current is not None and current.config.kind == "sim"):
+            if current is not None:
+                out[u.name] = current
+            restart.append(f"upstreams.{u.name} (kind sim)")
+            continue
+        client = UpstreamClient(u, u.base_url, size)
+        await client.start()
+        out[u.name] = client
+        started += 1
+    return out, started
+
+
+def _reload_pools(gw: Gateway, catalog: Catalog, upstreams: dict[str, UpstreamClient],
+                  restart: list[str]) -> dict[str, Pool]:
+    """A pool per model: a model kept keeps its admission (its queue and slots,
+    retuned to its new settings) and who got its service; a new one starts
+    empty. With shared pools (several workers, [cluster]) a model cannot be
+    added and the shared block's settings stay."""
+    pools: dict[str, Pool] = {}
+    for m in catalog.values():
+        if m.upstream not in upstreams:  # a sim upstream added: not started
+            continue
+        current = gw.pools.get(m.id)
+        if current is None:
+            if gw.shared_pools:
+                restart.append(f"models.{m.id} (new)")
+                continue
+            pools[m.id] = Pool(m, Admission(m.admission.settings), upstreams[m.upstream])
+            continue
+        entry = m
+        if m.admission != current.entry.admission:
+            entry = dataclasses.replace(m, admission=_retune(gw, m.id, current, m.admission, restart))
+        pools[m.id] = Pool(entry, current.admission, upstreams[m.upstream], current.flows)
+    return pools
+
+
+def _retune(gw: Gateway, model: str, pool: Pool, new: AdmissionConfig,
+            restart: list[str]) -> AdmissionConfig:
+    """Applies `new` to the pool's admission in place where it can; returns
+    the settings in force after it."""
+    old = pool.entry.admission
+    if gw.config.cluster is not None:
+        restart.append(f"models.{model}.admission ([cluster])")
+        return old
+    kept = SHARED_BLOCK_KEYS if gw.shared_pools else _LAYOUT_KEYS
+    held = [k for k in kept if new.written.get(k) != old.written.get(k)]
+    restart.extend(f"models.{model}.admission.{k}" for k in held)
+    if held:
+        new = new.but(**cast("_SettingsKwargs", {k: old.written.get(k) for k in held}))
+    if new == old:
+        return old
+    try:
+        pool.admission.retune(new.settings)
+    except ValueError as e:  # mailboxes sized by a shared pool's max_concurrency
+        restart.append(f"models.{model}.admission ({e})")
+        return old
+    return new
+
+
+async def _rewire_capacity(gw: Gateway) -> None:
+    """What feeds the pools' limits, wired again to the pools and upstreams now served."""
+    await gw.capacity.stop()
+    capacity = Capacity()
+    for u in gw.config.upstreams:
+        client = gw.upstreams.get(u.name)
+        if client is not None:
+            capacity.add_upstream(u.name, u.kind, client.base_url, u.metrics, u.metrics_url,
+                                  u.metrics_interval_ms / 1000.0)
+    for p in gw.pools.values():
+        capacity.add_pool(p.entry.id, p.entry.upstream_model, p.entry.upstream, p.admission)
+    capacity.start(record=gw.metrics.record_limits)
+    gw.capacity = capacity

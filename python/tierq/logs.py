@@ -69,6 +69,9 @@ class RequestInfo:
     id: str  # the gateway's id: the ledger's request_id, unique
     echo: str  # the x-request-id of the response: the client's if valid, else `id`
     logged: bool = False
+    # The sha256 of the config that priced it: the one the serving worker held
+    # when it was admitted (a reload may come while it waits or runs).
+    config: str | None = None
 
     @classmethod
     def new(cls, client_id: str | None) -> RequestInfo:
@@ -142,17 +145,17 @@ def access_line(request: web.Request, info: RequestInfo, status: int, duration_s
     # The path only: a query string may carry a forward target, and headers may
     # carry keys; neither is logged.
     _writer.put((time.time(), info.id, info.echo, request.method, request.rel_url.path, status,
-                 duration_s, request.remote, row, shadow))
+                 duration_s, request.remote, row, shadow, info.config))
 
 
 # (ts, request id, echoed id, method, path, status, duration s, remote, row or None,
-# shadow decisions)
+# shadow decisions, config sha256 or None)
 _Captured = tuple[float, str, str, str, str, int, float, "str | None", "LedgerRow | None",
-                  tuple[str, ...]]
+                  tuple[str, ...], "str | None"]
 
 
 def _record(c: _Captured) -> logging.LogRecord:
-    ts, rid, echo, method, path, status, duration_s, remote, row, shadow = c
+    ts, rid, echo, method, path, status, duration_s, remote, row, shadow, config = c
     fields: dict[str, Any] = {
         "request_id": rid, "method": method, "path": path,
         "status": status, "duration_ms": round(duration_s * 1000, 3), "remote": remote,
@@ -172,6 +175,8 @@ def _record(c: _Captured) -> logging.LogRecord:
     if shadow:
         # A string: the decision names, comma-separated (every field is a scalar).
         fields["shadow"] = ",".join(shadow)
+    if config:
+        fields["config"] = config[:12]
     # makeRecord is what `access_log.info` does, less the walk up the stack for
     # a caller's file and line that an access line does not show.
     record = access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None,

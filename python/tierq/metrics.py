@@ -154,12 +154,22 @@ class WorkerSnapshot:
     fairness_ignored: int = 0
     # tierq.shadow decision -> n: what limits in shadow mode decided, not applied
     shadow: Mapping[str, int] = field(default_factory=dict)
+    # The config in force: its file's sha256 ("" for the embedded default) and
+    # when it was loaded (epoch s); reloads by result ("applied", "error").
+    config_sha256: str = ""
+    config_loaded: float = 0.0
+    reloads: Mapping[str, int] = field(default_factory=dict)
+
+
+#: The results a config reload counts (`tierq_config_reload_total{result}`).
+RELOAD_RESULTS: Final = ("applied", "error")
 
 
 class GatewayMetrics:
     """The per-process counters the request path bumps, one `observe()` per decision."""
 
     def __init__(self) -> None:
+        self.reloads: dict[str, int] = {r: 0 for r in RELOAD_RESULTS}
         self.requests: dict[tuple[str, str, str], int] = {}
         self.sheds: dict[tuple[str, str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
@@ -254,7 +264,8 @@ class GatewayMetrics:
         self._series.append((start, self._window))
 
     def snapshot(self, pools: Iterable[PoolSnapshot], *, ready: bool,
-                 ledger: Any = None, cluster: Mapping[str, Any] | None = None) -> WorkerSnapshot:
+                 ledger: Any = None, cluster: Mapping[str, Any] | None = None,
+                 config: tuple[str, float] = ("", 0.0)) -> WorkerSnapshot:
         """A copy of this process's numbers (cheap: a few hundred integers)."""
         series = {(start, tier): tuple(v) for start, w in self._series for tier, v in w.items()}
         lag = getattr(ledger, "lag", None)
@@ -275,6 +286,7 @@ class GatewayMetrics:
             cluster=cluster,
             fairness_ignored=self.fairness_ignored,
             shadow=dict(self.shadow),
+            config_sha256=config[0], config_loaded=config[1], reloads=dict(self.reloads),
         )
 
 
@@ -312,6 +324,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "cluster": s.cluster,
         "fairness_ignored": s.fairness_ignored,
         "shadow": s.shadow,
+        "config": [s.config_sha256, s.config_loaded, s.reloads],
     })
 
 
@@ -342,6 +355,9 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         cluster=d.get("cluster"),
         fairness_ignored=int(d.get("fairness_ignored", 0)),
         shadow={str(k): int(n) for k, n in d.get("shadow", {}).items()},
+        config_sha256=str(d.get("config", ["", 0.0, {}])[0]),
+        config_loaded=float(d.get("config", ["", 0.0, {}])[1]),
+        reloads={str(k): int(v) for k, v in d.get("config", ["", 0.0, {}])[2].items()},
     )
 
 
@@ -621,6 +637,13 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
             "refused (or downgraded).",
             lambda s: [([("decision", d)], sum(w.shadow.get(d, 0) for w in s.snapshots))
                        for d in SHADOW_DECISIONS]),
+    # Every worker of a host reloads on each SIGHUP: the host's count is the
+    # most any worker counted, not their sum.
+    _Family("tierq_config_reload_total", "counter",
+            "Config reloads (SIGHUP, tierq reload) by result: applied, or error (refused: the "
+            "running config stays).",
+            lambda s: [([("result", r)], max(w.reloads.get(r, 0) for w in s.snapshots))
+                       for r in RELOAD_RESULTS if s.snapshots]),
     _Family("tierq_ledger_pending_rows", "gauge",
             "Ledger rows queued for the writer, not yet taken into a batch.",
             _one(lambda s: sum(w.ledger_pending for w in s.snapshots))),
@@ -762,4 +785,15 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         "series": {"step_s": SERIES_STEP_S, "points": points},
         "cluster": _cluster(snapshots),
         "shadow": {d: sum(s.shadow.get(d, 0) for s in snapshots) for d in SHADOW_DECISIONS},
+        "config": _config(snapshots),
     }
+
+
+def _config(snapshots: Sequence[WorkerSnapshot]) -> dict[str, Any]:
+    """The config in force: the newest one any worker loaded, and whether
+    every worker runs it."""
+    if not snapshots:
+        return {"sha256": "", "loaded_at": None, "all_workers": True}
+    newest = max(snapshots, key=lambda s: s.config_loaded)
+    return {"sha256": newest.config_sha256, "loaded_at": newest.config_loaded,
+            "all_workers": all(s.config_sha256 == newest.config_sha256 for s in snapshots)}

@@ -29,6 +29,7 @@ often gets the same one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -390,6 +391,9 @@ class Supervisor:
         self.grace_s = grace_s
         self.pids: dict[int, int] = {}
         self.restarts = 0
+        # Set by a SIGHUP: a worker forked after it (a replacement) reads the
+        # config file again before it serves, as the running workers did.
+        self.reloaded = False
 
     def _fork(self, index: int) -> None:
         pid = os.fork()
@@ -398,6 +402,7 @@ class Supervisor:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its loop handles it
                 code = self.target(index)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -409,7 +414,16 @@ class Supervisor:
         def stop(signum: int, frame: object) -> None:
             raise _Stop
 
+        def reload(signum: int, frame: object) -> None:
+            # Each worker re-reads the config and applies it (tierq.lifecycle.reload).
+            log.info("supervisor %d: SIGHUP: reloading %d workers", os.getpid(), len(self.pids))
+            self.reloaded = True
+            for pid in list(self.pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
         old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
         try:
             for i in range(self.workers):
                 self._fork(i)
