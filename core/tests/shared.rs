@@ -730,3 +730,27 @@ fn threads_racing_on_one_keys_budget_count_exactly_its_limit_and_nothing_in_anot
     assert_eq!(t.count(e, BUDGET, day + 1), 0);
     assert_eq!(t.count(e, RAMP, day), 0);
 }
+
+#[test]
+fn shadow_mode_is_part_of_the_blocks_settings_and_its_count_is_host_wide() {
+    // A worker that would enforce may not attach to a block made in shadow mode
+    // (nor the other way round): the bit is in the settings fingerprint.
+    let name = Name::new("shadow");
+    let spec = |enforce| PoolSpec { max_concurrency: Some(8), queue_depth: 8, rate: Some(0.001), burst: Some(2.0), priority_reserve: 0.0, enforce, ..PoolSpec::default() }.validate().unwrap();
+    let (shadow, enforcing) = (spec(false), spec(true));
+    let _sup = Pool::create_shared(&name.0, shadow.clone(), 2, vec![], Clock::Monotonic).unwrap();
+    let e = Pool::attach_shared(&name.0, enforcing, Some(0), vec![-1; 2], Clock::Monotonic).err().unwrap();
+    assert!(matches!(e, CoreError::Layout(_)), "{e}");
+    let (a, b) = (attach(&name, &shadow, 0, 2), attach(&name, &shadow, 1, 2));
+    // One bucket of 2 for both workers: 3 arrivals on each, 4 over the rate,
+    // counted once each in the block and none shed.
+    for _ in 0..3 {
+        for p in [&a, &b] {
+            assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        }
+    }
+    for p in [&a, &b] {
+        let st = p.stats();
+        assert_eq!((st.shadow_rate_limited, st.shed), (4, [0, 0, 0]));
+    }
+}
