@@ -21,7 +21,15 @@ in the same mode too: `spread_within_mode` measures that floor.
 
     python bench/tiers/shadow.py                      # 5 rounds of 30 s
     python bench/tiers/shadow.py --rounds 1 --duration 3 --name smoke
+    python bench/tiers/shadow.py --clock manual --rounds 1 --name manual
 Writes RESULTS/tiers-<name>.json (the default name: shadow).
+
+`--clock manual`: the same schedule and limits, the gateway in this process
+(create_app, real sockets, an in-process sim) with the pool's bucket and the key
+limiter on one ManualClock that the driver moves to each request's arrival time,
+the requests one after another. Time is then the schedule's alone, so shadow
+mode's counts must equal enforcing's sheds exactly: the rule measured without
+the real clock's noise.
 """
 
 from __future__ import annotations
@@ -158,6 +166,13 @@ def run_once(tag: str, sim: h.Proc, enforce: bool, plan: list[tuple[float, str, 
             text = r.read().decode()
     finally:
         gw.stop()
+    return summarize(enforce, plan, answers, text, wall)
+
+
+def summarize(enforce: bool, plan: list[tuple[float, str, str, int]],
+              answers: list[tuple[int, str, str]], text: str, wall: float) -> dict[str, Any]:
+    """A run's record: its answers counted, its decisions (from the answers when
+    enforcing, from the shadow metric in shadow mode) and the core's sheds."""
     statuses: dict[str, int] = {}
     for status, code, _ in answers:
         k = f"{status} {code}".strip()
@@ -188,6 +203,66 @@ def _spread(values: list[int]) -> float | None:
     return max(abs(v / mean - 1) for v in values)
 
 
+async def run_manual(tag: str, enforce: bool, plan: list[tuple[float, str, str, int]],
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """`run_once` on a manual clock, the gateway in this process."""
+    from tierq import Admission, ManualClock
+    from tierq.app import GATEWAY, create_app, runner_kwargs
+    from tierq.config import (AdmissionConfig, Config, KeysConfig, LedgerConfig, ModelConfig,
+                              UpstreamConfig)
+    from tierq.keys import KeyLimiter
+    from tierq.sim import start_sim
+    from tierq.stores import open_ledger
+    from aiohttp import web
+
+    keys_db = h.TMP / f"{tag}-keys.db"
+    with KeyStore(str(keys_db)) as store:
+        tokens = {k: store.create(k, rpm=rpm, tpm=tpm, enforce=enforce)[1]
+                  for k, (rpm, tpm) in KEYS.items()}
+    clock = ManualClock()
+    admission = AdmissionConfig(max_concurrency=512, queue_depth=4096, rate=args.rate,
+                                burst=args.burst, enforce=enforce)
+    config = Config(ledger=LedgerConfig(url=f"sqlite:///{h.TMP / (tag + '-unused.db')}"),
+                    upstreams=(UpstreamConfig("sim", "", "sim"),),
+                    models=(ModelConfig(MODEL, "sim", priority=True, admission=admission),),
+                    keys=KeysConfig(str(keys_db)))
+    sim = await start_sim("127.0.0.1", 0, slots=1024, ttft_ms=0.0, tokens_per_s=0.0)
+    ledger = open_ledger(f"sqlite:///{h.TMP / (tag + '-ledger.db')}")
+    await ledger.start()
+    app = create_app(config, ledger=ledger, sim=sim,
+                     pools={MODEL: Admission(admission.settings, clock=clock)})
+    runner = web.AppRunner(app, **runner_kwargs())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    app[GATEWAY].limiter = KeyLimiter(clock)
+    root = f"http://127.0.0.1:{port}"
+    answers = []
+    t0 = time.monotonic()
+    try:
+        async with aiohttp.ClientSession() as s:
+            at_ns = 0
+            for at, key, tier, max_tokens in plan:
+                clock.advance_ns(int(at * 1e9) - at_ns)
+                at_ns = int(at * 1e9)
+                body = {"model": MODEL, "service_tier": tier, "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": "how many tokens is this?"}]}
+                async with s.post(root + "/v1/chat/completions", json=body,
+                                  headers={"Authorization": f"Bearer {tokens[key]}"}) as r:
+                    data = await r.json(content_type=None)
+                    err = (data.get("error") or {}) if isinstance(data, dict) else {}
+                    answers.append((r.status, str(err.get("code") or ""),
+                                    str(err.get("message") or "")))
+            async with s.get(root + "/metrics") as r:
+                text = await r.text()
+    finally:
+        await runner.cleanup()
+        await ledger.close()
+        await sim.close()
+    return summarize(enforce, plan, answers, text, time.monotonic() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -199,10 +274,12 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=20)
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--name", default="shadow")
+    ap.add_argument("--clock", choices=("real", "manual"), default="real",
+                    help="manual: the gateway in this process on a manual clock (see above)")
     args = ap.parse_args()
     plan = schedule(args.seed, args.rps, args.duration)
     h.log(f"{len(plan)} requests over {args.duration} s, seed {args.seed}")
-    sim = h.start_sim("sim", 1024, 2.0, 0.0)
+    sim = h.start_sim("sim", 1024, 2.0, 0.0) if args.clock == "real" else None
     runs = []
     try:
         for r in range(args.rounds):
@@ -210,12 +287,14 @@ def main() -> None:
             # the session falls on both modes alike.
             for enforce in ((True, False) if r % 2 == 0 else (False, True)):
                 tag = f"r{r}-{'enforce' if enforce else 'shadow'}"
-                run = run_once(tag, sim, enforce, plan, args)
+                run = (run_once(tag, sim, enforce, plan, args) if sim is not None
+                       else asyncio.run(run_manual(tag, enforce, plan, args)))
                 run["round"] = r
                 h.log(f"{tag}: {run['statuses']} decisions {run['decisions']}")
                 runs.append(run)
     finally:
-        sim.stop()
+        if sim is not None:
+            sim.stop()
     rounds = []
     for r in range(args.rounds):
         e = next(x for x in runs if x["round"] == r and x["mode"] == "enforce")
@@ -237,7 +316,7 @@ def main() -> None:
         "bench": "tiers/shadow", "machine": h.machine_line(),
         "params": {"rounds": args.rounds, "duration_s": args.duration, "rps": args.rps,
                    "pool_rate": args.rate, "pool_burst": args.burst, "seed": args.seed,
-                   "warmup_s": args.warmup,
+                   "warmup_s": args.warmup if args.clock == "real" else 0, "clock": args.clock,
                    "keys": {k: {"rpm": v[0], "tpm": v[1]} for k, v in KEYS.items()},
                    "requests_per_run": len(plan)},
         "runs": runs, "rounds": rounds, "total": total,
