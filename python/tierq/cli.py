@@ -290,7 +290,8 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
                 pools.start()
                 try:
                     await _run_server(config, host, port, insecure, sock=sock, pools=pools,
-                                      admin_sock=admin_sock, reload_first=supervisor.reloaded)
+                                      admin_sock=admin_sock,
+                                      reload_first=reloaded[0] if reloaded else None)
                 finally:
                     pools.stop()
 
@@ -302,13 +303,23 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
             return 0
 
         log.info("listening on http://%s:%d/v1 with %d workers sharing admission", host, port, workers)
-        supervisor = Supervisor(workers, worker, shared)
-        return supervisor.run()
+        # The config file as it was at the last SIGHUP: what a worker forked
+        # after it (a replacement) applies before it serves.
+        reloaded: list[bytes] = []
+
+        def snapshot() -> None:
+            if config.source is not None:
+                with contextlib.suppress(OSError):
+                    with open(config.source, "rb") as f:
+                        reloaded[:] = [f.read()]
+
+        return Supervisor(workers, worker, shared, on_reload=snapshot).run()
     finally:
         shared.close()
 
 
-def _on_reload(gw: Any, path: str | None) -> tuple[Callable[[], None], Callable[[], Awaitable[bool]]]:
+def _on_reload(gw: Any, path: str | None) -> tuple[Callable[[], None],
+                                                   Callable[[bytes | None], Awaitable[bool]]]:
     """SIGHUP's handler, and the reload it runs: one reload at a time, each
     after the one before."""
     from tierq.app import models_payload
@@ -322,9 +333,9 @@ def _on_reload(gw: Any, path: str | None) -> tuple[Callable[[], None], Callable[
     def render(g: Any) -> bytes:
         return orjson.dumps(models_payload(g.catalog, g.config.pricing.priority_multiplier))
 
-    async def run() -> bool:
+    async def run(data: bytes | None = None) -> bool:
         async with lock:
-            return await reload(gw, path, render)
+            return await reload(gw, path, render, data)
 
     def on_signal() -> None:
         task = asyncio.ensure_future(run())
@@ -351,7 +362,7 @@ def worker_app(config: Config, insecure: bool, pools: Any) -> Any:
 
 async def _run_server(config: Config, host: str, port: int, insecure: bool,
                       sock: Any = None, pools: Any = None, admin_sock: Any = None,
-                      reload_first: bool = False) -> None:
+                      reload_first: bytes | None = None) -> None:
     from aiohttp import web
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
@@ -363,10 +374,10 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
                                    "shutdown_timeout": config.server.drain_timeout_s})
     await runner.setup()
     on_reload = _on_reload(app[GATEWAY], config.source)
-    if reload_first:
+    if reload_first is not None:
         # A worker replacing one that died after a reload: the config file as
         # the others applied it, before this one takes a connection.
-        await on_reload[1]()
+        await on_reload[1](reload_first)
     try:
         site: web.BaseSite
         if sock is not None:

@@ -258,9 +258,9 @@ def _sim_upstream() -> UpstreamConfig:
     return UpstreamConfig(name=SIM_UPSTREAM, base_url="", kind="sim", sim=SimSettings())
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a tierq TOML file."""
-    top = read_toml(path)
+def load_config(path: str | Path, text: str | None = None) -> Config:
+    """Read and validate a tierq TOML file (`text`: its contents, already read)."""
+    top = read_toml(path, text)
     return _Parser(top.file).config(top)
 
 

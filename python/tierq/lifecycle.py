@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ from tierq.capacity import Capacity
 from tierq.cluster import Cluster
 from tierq.config import AdmissionConfig, Config, ConfigError, UpstreamConfig, load_config
 from tierq.downgrades import Downgrades
-from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool, config_sha256
+from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool
 from tierq.keys import KeyLimiter
 from tierq.served import Catalog
 from tierq.tiers import Tier
@@ -125,7 +126,8 @@ def lifecycle(
     return ctx
 
 
-async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway], bytes]) -> bool:
+async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway], bytes],
+                 data: bytes | None = None) -> bool:
     """Re-reads the config file `path` and applies it to requests admitted from
     now on: prices, models and their flags, upstreams, admission settings,
     [keys] and [server]'s request bounds. Requests in flight keep what they
@@ -135,13 +137,20 @@ async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway
     {result="error"}`, the running config stays. What needs a restart
     (listening, workers, ledger, cluster, admin, tracing, a sim upstream, the
     shared block's settings with several workers) is named in one line and
-    the rest applied. Returns whether it was applied."""
+    the rest applied. `data`: the file's bytes as read earlier (a worker
+    replacing one that died applies what the others applied, not edits made
+    since). Returns whether it was applied."""
     if path is None:
         log.warning("config reload refused: serving the embedded default (no --config file)")
         gw.metrics.reloads["error"] += 1
         return False
     try:
-        new = load_config(path)
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        # Parsed and hashed from the same bytes: an edit racing the reload
+        # cannot make /status.json name a config that was not applied.
+        new = load_config(path, data.decode("utf-8"))
         catalog = Catalog.from_config(new)
     except (ConfigError, OSError, ValueError) as e:
         log.error("config reload refused, the running config stays: %s", e)
@@ -183,7 +192,7 @@ async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway
     gw.config, gw.catalog, gw.upstreams, gw.pools = applied, catalog, upstreams, pools
     gw.models_body = render_models(gw)
     gw.watchdog.timeout_s = applied.server.write_timeout_s
-    gw.config_sha256 = config_sha256(path)
+    gw.config_sha256 = hashlib.sha256(data).hexdigest()
     gw.config_loaded = time.time()
     gw.metrics.reloads["applied"] += 1
     if previous is not None:

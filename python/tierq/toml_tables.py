@@ -26,11 +26,12 @@ class ConfigError(ValueError):
         super().__init__((where + problem).replace("\n", " "))
 
 
-def read_toml(path: str | Path) -> Table:
-    """The file's top table; ConfigError if it cannot be read or is not TOML."""
+def read_toml(path: str | Path, text: str | None = None) -> Table:
+    """The file's top table (`text`: its contents, already read); ConfigError
+    if it cannot be read or is not TOML."""
     file = str(path)
     try:
-        raw = Path(path).read_text("utf-8")
+        raw = Path(path).read_text("utf-8") if text is None else text
     except OSError as e:
         raise ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:

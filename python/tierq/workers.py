@@ -384,16 +384,16 @@ class Supervisor:
     """
 
     def __init__(self, workers: int, target: Callable[[int], int], shared: SharedPools | None = None,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, on_reload: Callable[[], None] = lambda: None) -> None:
         self.workers = workers
         self.target = target
         self.shared = shared
         self.grace_s = grace_s
         self.pids: dict[int, int] = {}
         self.restarts = 0
-        # Set by a SIGHUP: a worker forked after it (a replacement) reads the
-        # config file again before it serves, as the running workers did.
-        self.reloaded = False
+        # Called on SIGHUP before the workers are told: what a worker forked
+        # after it (a replacement) needs to apply the reload too.
+        self.on_reload = on_reload
 
     def _fork(self, index: int) -> None:
         pid = os.fork()
@@ -417,7 +417,7 @@ class Supervisor:
         def reload(signum: int, frame: object) -> None:
             # Each worker re-reads the config and applies it (tierq.lifecycle.reload).
             log.info("supervisor %d: SIGHUP: reloading %d workers", os.getpid(), len(self.pids))
-            self.reloaded = True
+            self.on_reload()
             for pid in list(self.pids):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
