@@ -109,9 +109,9 @@ class Server:
         raise AssertionError(f"never: {what}\n{self.log.read_text()}")
 
 
-async def _start(tmp: Path, workers: int) -> Server:
+async def _start(tmp: Path, workers: int, server: str = "") -> Server:
     cfg = tmp / "tierq.toml"
-    cfg.write_text(_config(tmp, input_per_m="1", output_per_m="2", limit=1))
+    cfg.write_text(server + _config(tmp, input_per_m="1", output_per_m="2", limit=1))
     port = _free_port()
     log = tmp / "serve.log"
     with log.open("wb") as err:
@@ -353,3 +353,23 @@ async def test_a_worker_started_after_a_reload_attaches_and_serves_the_reloaded_
     assert "cannot attach" not in text and "different admission settings" not in text, text
     lines = [ln["msg"] for ln in srv.log_lines() if "config reloaded" in ln.get("msg", "")]
     assert len(lines) == 3, "each worker, and the replacement before it served"
+
+
+@pytest.mark.timeout(60)
+async def test_a_pid_file_that_cannot_be_written_is_one_warning_and_the_server_serves(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "no-such-dir" / "tierq.pid"
+    srv = await _start(tmp_path, 1, f'[server]\npid_file = "{missing}"\n')
+    try:
+        async with AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0) as c:
+            resp = await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+            assert resp.choices[0].finish_reason is not None
+        out = subprocess.run([sys.executable, "-m", "tierq", "reload", "--config", str(srv.cfg)],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 1 and str(missing) in out.stderr, out
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0, srv.log.read_text()
+    lines = [ln["msg"] for ln in srv.log_lines() if "pid file" in ln.get("msg", "")]
+    assert len(lines) == 1 and str(missing) in lines[0] and f"kill -HUP {srv.proc.pid}" in lines[0], lines

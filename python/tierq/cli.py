@@ -201,7 +201,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     pid_file = pid_path(config)
     try:
-        _write_pid(pid_file)
+        try:
+            _write_pid(pid_file)
+        except OSError as e:  # serving matters more than `tierq reload` finding us
+            log.warning("tierq serve: cannot write the pid file %s (%s): `tierq reload` will not "
+                        "find this server; kill -HUP %d still reloads it", pid_file,
+                        e.strerror or e, os.getpid())
         if workers == 1:
             uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
             return 0
