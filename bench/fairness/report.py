@@ -39,11 +39,16 @@ def lat(c: dict[str, Any] | None, key: str, q: str) -> Any:
 
 def pred(c: dict[str, Any]) -> str:
     """The p50 of |realized - predicted| wait (the histogram bucket's upper edge,
-    so an upper bound) and that against the lane's p50 queue time in the cell."""
+    so an upper bound; and interpolated in the bucket, histogram_quantile's
+    estimate) against the lane's p50 queue time in the cell."""
     ms = num(c.get("prediction_error_p50_ms"))
     if math.isnan(ms):
         return "–"
-    return f"<= {ms:,.0f} ms ({100 * num(c.get('prediction_error_p50')):.0f}% of {num(c.get('queue_p50_ms')):,.0f})"
+    out = f"<= {ms:,.0f} ms ({100 * num(c.get('prediction_error_p50')):.0f}% of {num(c.get('queue_p50_ms')):,.0f})"
+    est = num(c.get("prediction_error_p50_interpolated_ms"))
+    if not math.isnan(est):
+        out += f"; interpolated {est:,.0f} ms ({100 * num(c.get('prediction_error_p50_interpolated')):.0f}%)"
+    return out
 
 
 def shared_note(report: dict[str, Any], what: str) -> str:
@@ -167,7 +172,9 @@ def render(report: dict[str, Any]) -> str:
                "and shed when their deadline passed); *admitted*: served, or shed once its deadline passed; *missed*: admitted and then shed, or served after queueing "
                "longer than its deadline. Targets: refusals within 50 ms; in the priority lane <= 1% "
                "of the admitted miss; the prediction's error <= 20% at p50 (here: the p50 of the "
-               "gateway's `tierq_queue_wait_prediction_error_seconds`, |realized - predicted|, "
+               "gateway's `tierq_queue_wait_prediction_error_seconds`, |realized - predicted|: the upper edge of "
+               "the bucket the median falls in, and interpolated inside it as Prometheus' histogram_quantile "
+               "does, the buckets being 100 and 250 ms apart there; "
                "against the lane's p50 wait).\n\n")
     rows = []
     for limit in limits:
