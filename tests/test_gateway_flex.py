@@ -106,3 +106,27 @@ async def test_models_lists_the_flex_tag_and_price(make_gateway: GatewayFactory)
     pricing = data[PRIORITY_MODEL]["pricing"]
     assert (pricing["flex_input"], pricing["flex_output"]) == (Decimal("0.015"), Decimal("0.025"))
     assert "flex_input" not in data[PLAIN_MODEL]["pricing"]
+
+
+async def test_a_default_arrival_at_a_full_queue_evicts_the_waiting_flex_request_unbilled(
+        make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(
+        models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4, queue_depth=1)],
+        sim={"slots": 8, "ttft_ms": 1.0, "tokens_per_s": 20.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    async with client(gw) as c:
+        busy = [asyncio.ensure_future(c.chat.completions.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=20)) for _ in range(4)]
+        await until(lambda: adm.stats()["in_flight"] == 4, "four defaults never held every slot")
+        flex = asyncio.ensure_future(c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=2, service_tier="flex"))
+        await until(lambda: adm.stats()["depth"]["flex"] == 1, "the flex request never queued")
+        default = asyncio.ensure_future(c.chat.completions.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1))
+        with pytest.raises(openai.RateLimitError) as info:
+            await flex
+        assert (await default).service_tier == "default"
+        await asyncio.gather(*busy)
+    assert info.value.code == "resource_unavailable"
+    row = await gw.row(info.value.response.headers["x-request-id"])
+    assert row is not None and row.status == "shed" and row.applied_tier == "flex" and row.cost == 0
