@@ -343,7 +343,7 @@ def test_response_headers(benchmark, impl: str, kind: str) -> None:  # type: ign
     from tierq.relay import SSE_TYPE
     from tierq.retry_after import retry_after
 
-    ex = SimpleNamespace(tier="priority", queue_ms=0.25, info=RequestInfo("req_0001", "trace-7"))
+    ex = SimpleNamespace(tier="priority", reason=None, queue_ms=0.25, info=RequestInfo("req_0001", "trace-7"))
 
     def ours() -> web.StreamResponse:
         resp = web.StreamResponse()
