@@ -47,3 +47,12 @@ assert round0["shadow_served_all"] and round0["enforce"] == round0["shadow"], ro
 assert round0["enforce"]["rate_limited"] > 0, round0
 print(f"tiers/shadow manual-clock smoke ok: {round0['shadow']} counted, as enforcing shed")
 PYEOF
+# The ramp rule (a second): a doubling's excess served default within one step, billed == echoed.
+BENCH_RESULTS=$OUT "$PY" "$HERE/ramp.py" --base 20 --steady 2 --doubled 3 --name smoke-ramp > /dev/null
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys, pathlib
+s = json.loads((pathlib.Path(sys.argv[1]) / "smoke-ramp.json").read_text())["summary"]
+assert s["billed_ne_echoed"] == 0 and s["excess_served_default_within_one_step"], s
+assert s["baseline_all_priority"] and s["steady_default_ramped"] == 0, s
+print(f"tiers/ramp smoke ok: {s['first_doubled_step']['ramped_default_ramp']} served default at the doubling, {s['requests']} billed == echoed")
+PYEOF

@@ -98,7 +98,13 @@ class Downgrades:
         ramp = self._counter(key.public_id, "ramp") if key.ramp_max_growth is not None else None
         if ramp is not None:
             allowed = max(key.ramp_min_tpm, math.floor(ramp.count(step - 1) * growth_per_step(key)))
-            if not ramp.take(step, tokens, allowed):
+            # Served while the step's count is below its allowance (the last one
+            # may pass it by its own estimate): so a step uses all of its
+            # allowance, and the next one's, grown from it, is larger. Were a
+            # request to fit whole, up to one request of each step's allowance
+            # would go unused, and below about f / (f - 1) requests a step
+            # (37 for OpenAI's rule) the allowance would never grow.
+            if not ramp.take(step, tokens, allowed + tokens - 1):
                 self.decided[TierReason.RAMP] += 1
                 return Tier.DEFAULT, TierReason.RAMP, None
         budget = (self._counter(key.public_id, "budget")
