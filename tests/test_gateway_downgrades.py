@@ -7,6 +7,7 @@ regains priority as its rate settles."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tierq._core import ManualClock
 from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
 from tierq.downgrades import DAY_S, STEP_S, Downgrades, nano_usd
 from tierq.pricing import cost_femto, femto_decimal
-from tierq.tiers import Tier
+from tierq.tiers import Tier, TierReason
 
 # A Unix time at the start of a UTC day (2026-12-07T00:00:00Z).
 T0 = 1_796_601_600.0
@@ -139,3 +140,39 @@ def test_bad_downgrade_settings_never_reach_a_key(tmp_path: Path, changes: dict[
     with KeyStore(str(tmp_path / "k.db")) as store, pytest.raises(
             ValueError, match=f"^{next(iter(changes))} "):
         store.create("bad", **changes)
+
+
+def test_two_workers_on_one_key_table_share_one_budget_and_one_ramp_exactly() -> None:
+    """`tierq serve --workers N`: each worker's Downgrades on the host's key table
+    (attached as a worker attaches it) counts into the same words."""
+    import os
+
+    from tierq._core import SharedKeyBuckets
+    from tierq.keys import validate_new_key
+    name = f"/tierq-test-downgrades-{os.getpid()}"
+    table = SharedKeyBuckets.create(name, 64)
+    try:
+        now = [T0]
+        workers = [Downgrades(shared=SharedKeyBuckets.attach(name), clock=lambda: now[0])
+                   for _ in range(2)]
+        key = validate_new_key("k", None, None, priority_budget_usd=Decimal("0.00001"),
+                               ramp_min_tpm=100, ramp_max_growth=0.5, ramp_window_s=60)
+        key = dataclasses.replace(key, public_id="sharedkey001")
+        # The ramp's floor of 100 tokens a minute (10 each) lets ten through between
+        # the two workers, whichever takes them; the ramp is checked first.
+        got = [workers[i % 2].decide(key, Tier.PRIORITY, 10, 10**9) for i in range(14)]
+        assert [t for t, _, _ in got] == [Tier.PRIORITY] * 10 + [Tier.DEFAULT] * 4
+        assert {r for _, r, _ in got[10:]} == {TierReason.RAMP}
+        # The next minute (its allowance 150 from the 100 just served): the budget,
+        # 10,000 nano-USD at 1,000 an estimate, is what is left: all of it was spent.
+        now[0] += STEP_S
+        assert workers[1].decide(key, Tier.PRIORITY, 10, 10**9)[1] is TierReason.BUDGET
+        assert workers[0].spent_nano("sharedkey001") == workers[1].spent_nano("sharedkey001")
+        assert workers[1].spent_nano("sharedkey001") == 10 * 1000
+        hold = got[0][2]
+        assert hold is not None
+        workers[1].refund(key, hold)  # a request of worker 0 given back by worker 1's table
+        assert workers[0].spent_nano("sharedkey001") == 9 * 1000
+    finally:
+        del table
+        SharedKeyBuckets.unlink(name)
