@@ -6,6 +6,7 @@ and passed upstream (the sim records what it got)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,8 @@ from openai import AsyncOpenAI
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from conftest import PLAIN_MODEL, PRIORITY_MODEL, GatewayFactory, Running, model_config, serve_app
-from tierq.config import Config, ConfigError, LedgerConfig, TracingConfig, UpstreamConfig, load_config
+from tierq.config import (Config, ConfigError, KeysConfig, LedgerConfig, TracingConfig, UpstreamConfig,
+                          load_config)
 from tierq.tracing import Tracer, parse_traceparent, response_model, traces_url
 
 MESSAGES = [{"role": "user", "content": "hello there gateway"}]
@@ -128,7 +130,7 @@ async def test_json_request_continues_the_clients_trace_and_passes_it_upstream(
     assert a["tierq.pool.limit"] == gw.gw.pools[PRIORITY_MODEL].admission.limit
     assert a["tierq.request_id"] == row.request_id
     assert "error.type" not in a and "tierq.shed_code" not in a
-    assert "tierq.downgrade_reason" not in a  # no downgrades exist yet
+    assert "tierq.downgrade_reason" not in a  # not downgraded
     assert "gen_ai.response.time_to_first_chunk" not in a  # JSON: no chunks
     [wait] = collector.named("wait ")
     [up] = [s for s in collector.spans if s.kind == 3]  # CLIENT
@@ -142,6 +144,26 @@ async def test_json_request_continues_the_clients_trace_and_passes_it_upstream(
     sent = (await gw.sim_stats())["last_requests"][-1]
     assert sent["traceparent"] == f"00-{CLIENT_TRACE}-{up.span_id.hex()}-01"
     assert sent["tracestate"] == "vendor=abc"
+
+
+async def test_a_downgraded_request_carries_its_reason(
+    collector: Collector, make_gateway: GatewayFactory, tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(traced_config(tmp_path, collector.url),
+                                 keys=KeysConfig(path=str(tmp_path / "keys.db")))
+    gw = await make_gateway(config=config)
+    assert gw.gw.keys is not None
+    _, token = gw.gw.keys.create("spent", priority_budget_usd=0)
+    async with AsyncOpenAI(base_url=gw.url, api_key=token) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=5, service_tier="priority")
+    assert raw.headers["x-tierq-service-tier-reason"] == "budget"
+    await flushed(gw)
+    [req] = collector.requests()
+    a = attrs(req.attributes)
+    assert a["tierq.downgrade_reason"] == "budget"
+    assert a["openai.request.service_tier"] == "priority"
+    assert a["openai.response.service_tier"] == "default" == a["tierq.lane"]
 
 
 async def test_stream_is_a_new_trace_with_time_to_first_chunk(

@@ -414,7 +414,8 @@ class Exchange:
             self.pool.entry.upstream_model, self.response_model, self.requested_tier, self.tier,
             o.status, o.code, o.http_status, o.prompt_tokens, o.completion_tokens, o.billed, femto,
             self.ttft_s, self.queue_ms, self.pool.admission.limit, self.info.id, up.name,
-            up.base_url, self.t0, self.ts, self.queued_at, self.admitted_at, self.upstream_at, end))
+            up.base_url, self.t0, self.ts, self.queued_at, self.admitted_at, self.upstream_at, end,
+            self.reason))
 
     def _served(self, o: Outcome) -> None:
         """The real service of a served or partial request: the core's fair

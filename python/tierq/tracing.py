@@ -111,6 +111,7 @@ class Ended(NamedTuple):
     admitted_at: float
     upstream_at: float
     end: float
+    tier_reason: str | None = None  # a downgrade's reason (ramp, budget)
 
 
 def traces_url(endpoint: str) -> str:
@@ -340,6 +341,8 @@ def _spans(out: Any, e: Ended) -> None:
         attrs["error.type"] = e.code or e.status
     if e.status == "shed" and e.code is not None:
         attrs["tierq.shed_code"] = e.code
+    if e.tier_reason is not None:
+        attrs["tierq.downgrade_reason"] = e.tier_reason
     span = _span(out, trace_id, ctx.span_id, ctx.parent_id, f"{operation} {e.model}", _SERVER,
                  int(e.ts * 1e9), end_ns, attrs)
     if e.status == "failed" or e.http_status >= 500:
