@@ -85,7 +85,8 @@ def lifecycle(
                 gw.keys = await start_key_store(gw.config.keys)
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
-                    gw.downgrades = downgrades = Downgrades(shared=key_buckets)
+                    gw.downgrades = downgrades = Downgrades(
+                        shared=key_buckets, capacity=gw.config.keys.table_capacity)
                     # Today's priority spend as the ledger has it: a restart
                     # keeps each key's budget where it was.
                     lines = await asyncio.to_thread(gw.ledger.usage, downgrades.day_start())
