@@ -22,7 +22,7 @@ import pytest
 from tierq import Shed
 from tierq.sim import SimServer, start_sim
 from tierq import PoolSettings
-from tierq.workers import SharedPools
+from tierq.workers import ReloadBarrier, SharedPools
 from ports import free_port
 
 APP = Path(__file__).with_name("_workers_app.py")
@@ -279,3 +279,55 @@ async def test_kill_9_of_a_worker_under_load_leaks_no_slot(sim: SimServer) -> No
             assert (await _sim_stats(s, sim))["in_flight"] == 0
     finally:
         assert _stop(gw) == 0
+
+
+def _commits(barrier: ReloadBarrier, index: int) -> int:
+    try:
+        return os.eventfd_read(barrier.commit_fds[index])
+    except BlockingIOError:
+        return 0
+
+
+def test_a_reload_round_commits_only_when_every_live_worker_has_swapped() -> None:
+    barrier = ReloadBarrier(2)
+    try:
+        gen = barrier.open({0, 1})
+        assert (barrier.signalled, barrier.committed) == (gen, 0)
+        barrier.report(0, gen, True)
+        barrier.read_reports()
+        assert barrier.committed == 0 and _commits(barrier, 0) == _commits(barrier, 1) == 0, \
+            "worker 1 has not swapped: nothing retuned"
+        barrier.report(0, gen, True)  # worker 0 again (a second SIGHUP): still waiting for 1
+        barrier.read_reports()
+        assert barrier.committed == 0
+        barrier.report(1, gen, True)
+        barrier.read_reports()
+        assert barrier.committed == gen
+        assert _commits(barrier, 0) == _commits(barrier, 1) == 1, "each worker told once"
+    finally:
+        barrier.close()
+
+
+def test_a_worker_that_fails_to_load_leaves_every_pool_unretuned() -> None:
+    barrier = ReloadBarrier(2)
+    try:
+        gen = barrier.open({0, 1})
+        barrier.report(1, gen, False)
+        barrier.report(0, gen, True)
+        barrier.read_reports()
+        assert barrier.committed == 0 and _commits(barrier, 0) == 0
+        # The round is over: a late report (a replacement applying its bytes) commits nothing.
+        barrier.report(1, gen, True)
+        barrier.read_reports()
+        assert barrier.committed == 0
+        # The next reload is a round of its own.
+        gen2 = barrier.open({0, 1})
+        barrier.report(0, gen, True)  # the old round's: not counted
+        barrier.report(1, gen2, True)
+        barrier.read_reports()
+        assert barrier.committed == 0
+        barrier.report(0, gen2, True)
+        barrier.read_reports()
+        assert barrier.committed == gen2
+    finally:
+        barrier.close()

@@ -318,35 +318,58 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
                     with open(config.source, "rb") as f:
                         reloaded[:] = [f.read()]
 
-        return Supervisor(workers, worker, shared, on_reload=snapshot).run()
+        return Supervisor(workers, worker, shared, on_reload=snapshot, barrier=shared.barrier).run()
     finally:
         shared.close()
 
 
-def _on_reload(gw: Any, path: str | None) -> tuple[Callable[[], None],
-                                                   Callable[[bytes | None], Awaitable[bool]]]:
+def _on_reload(gw: Any, path: str | None, pools: Any = None) -> tuple[
+        Callable[[], None], Callable[[bytes | None, int | None], Awaitable[bool]]]:
     """SIGHUP's handler, and the reload it runs: one reload at a time, each
-    after the one before."""
+    after the one before. With a reload barrier (`pools`, --workers N) the
+    reload swaps the config, reports it to the supervisor and retunes the
+    pools only when the supervisor commits the round (every worker swapped)."""
     from tierq.app import models_payload
-    from tierq.lifecycle import reload
+    from tierq.lifecycle import reload, retune
 
     import orjson
 
     lock = asyncio.Lock()
     tasks: set[asyncio.Task[bool]] = set()
+    barrier: Any = None
+    index = 0
+    # The round whose retune this worker waits for (None: none; 0: a SIGHUP
+    # sent to this worker itself, not through the supervisor: retuned at once).
+    pending: list[int | None] = [None]
 
     def render(g: Any) -> bytes:
         return orjson.dumps(models_payload(g.catalog, g.config.pricing.priority_multiplier))
 
-    async def run(data: bytes | None = None) -> bool:
+    async def run(data: bytes | None = None, gen: int | None = None) -> bool:
         async with lock:
-            return await reload(gw, path, render, data)
+            if barrier is None:
+                return await reload(gw, path, render, data)
+            # Swapped here, retuned when every worker has swapped (round `gen`).
+            gen = barrier.signalled if gen is None else gen
+            ok = await reload(gw, path, render, data, defer_retune=True)
+            pending[0] = gen if ok else None
+            barrier.report(index, gen, ok)
+            on_commit()  # a round committed already (this worker forked after it)
+            return ok
+
+    def on_commit() -> None:
+        if barrier is not None and pending[0] is not None and barrier.committed >= pending[0]:
+            pending[0] = None
+            retune(gw)
 
     def on_signal() -> None:
         task = asyncio.ensure_future(run())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    if pools is not None and pools.barrier is not None:
+        barrier, index = pools.barrier, pools.index
+        pools.on_commit = on_commit
     return on_signal, run
 
 
@@ -378,11 +401,12 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
     runner = web.AppRunner(app, **{**runner_kwargs(),
                                    "shutdown_timeout": config.server.drain_timeout_s})
     await runner.setup()
-    on_reload = _on_reload(app[GATEWAY], config.source)
+    on_reload = _on_reload(app[GATEWAY], config.source, pools)
+    barrier = pools.barrier if pools is not None else None
     if reload_first is not None:
         # A worker replacing one that died after a reload: the config file as
         # the others applied it, before this one takes a connection.
-        await on_reload[1](reload_first)
+        await on_reload[1](reload_first, barrier.gen if barrier is not None else None)
     try:
         site: web.BaseSite
         if sock is not None:
@@ -405,6 +429,9 @@ async def _run_server(config: Config, host: str, port: int, insecure: bool,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_reload[0])
+        if barrier is not None and barrier.signalled > barrier.gen:
+            # Signalled between its fork and this handler (SIGHUP ignored meanwhile).
+            on_reload[0]()
         await stop.wait()
         # Drain: stop listening, shed the queue with 503, let admitted requests
         # finish within the deadline, then the ledger commits what is queued.

@@ -20,7 +20,7 @@ from aiohttp import web
 from tierq.admission import Admission
 from tierq.capacity import Capacity
 from tierq.cluster import Cluster, cluster_settings
-from tierq.config import Config
+from tierq.config import AdmissionConfig, Config
 from tierq.fairness import FlowBoard
 from tierq.downgrades import Downgrades
 from tierq.keys import KeyLimiter
@@ -85,6 +85,10 @@ class Gateway:
     # Settings a reload cannot change in place (`tierq serve --workers N`
     # shares each pool's block; [cluster] leases): `tierq.lifecycle.reload`.
     shared_pools: bool = False
+    # A reload's admission settings swapped in but not yet applied to the
+    # pools, by model: with --workers N they wait until every worker holds the
+    # new config (`tierq.lifecycle.reload`, `retune`).
+    retunes: dict[str, AdmissionConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.watchdog = WriteWatchdog(self.config.server.write_timeout_s)

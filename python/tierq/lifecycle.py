@@ -34,7 +34,7 @@ from tierq.upstream import UpstreamClient
 if TYPE_CHECKING:
     from tierq._core import _SettingsKwargs
 
-__all__ = ["SHARED_BLOCK_KEYS", "StartSims", "lifecycle", "reload"]
+__all__ = ["SHARED_BLOCK_KEYS", "StartSims", "lifecycle", "reload", "retune"]
 
 log = logging.getLogger("tierq.reload")
 
@@ -128,7 +128,7 @@ def lifecycle(
 
 
 async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway], bytes],
-                 data: bytes | None = None) -> bool:
+                 data: bytes | None = None, defer_retune: bool = False) -> bool:
     """Re-reads the config file `path` and applies it to requests admitted from
     now on: prices, models and their flags, upstreams, admission settings,
     [keys] and [server]'s request bounds. Requests in flight keep what they
@@ -140,7 +140,11 @@ async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway
     shared block's settings with several workers) is named in one line and
     the rest applied. `data`: the file's bytes as read earlier (a worker
     replacing one that died applies what the others applied, not edits made
-    since). Returns whether it was applied."""
+    since). `defer_retune`: the pools keep their admission settings (and
+    limits) and the new ones wait in `gw.retunes` for `retune` (with several
+    workers: once every worker holds the new config, so a waiter a raised
+    limit grants is priced by it on whichever worker it waits). Returns
+    whether it was applied."""
     if path is None:
         log.warning("config reload refused: serving the embedded default (no --config file)")
         gw.metrics.reloads["error"] += 1
@@ -185,12 +189,16 @@ async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway
     # From here to the swap nothing awaits: a waiter the retune grants runs
     # after it, and is priced by the config this worker then holds (its pools
     # and prices), the one `config_sha256` names in its access line.
-    pools = _reload_pools(gw, catalog, upstreams, restart)
+    retunes: dict[str, AdmissionConfig] = {}
+    pools = _reload_pools(gw, catalog, upstreams, restart, retunes)
     if previous is None and store is not None:
         store.forget_all()  # keys and their limits read again
     gw.keys = store
     gw.retired.extend(c for name, c in gw.upstreams.items() if upstreams.get(name) is not c)
     gw.config, gw.catalog, gw.upstreams, gw.pools = applied, catalog, upstreams, pools
+    gw.retunes = retunes
+    if not defer_retune:
+        retune(gw)
     gw.models_body = render_models(gw)
     gw.watchdog.timeout_s = applied.server.write_timeout_s
     gw.config_sha256 = hashlib.sha256(data).hexdigest()
@@ -244,11 +252,11 @@ async def _reload_upstreams(gw: Gateway, config: Config, catalog: Catalog,
 
 
 def _reload_pools(gw: Gateway, catalog: Catalog, upstreams: dict[str, UpstreamClient],
-                  restart: list[str]) -> dict[str, Pool]:
+                  restart: list[str], retunes: dict[str, AdmissionConfig]) -> dict[str, Pool]:
     """A pool per model: a model kept keeps its admission (its queue and slots,
-    retuned to its new settings) and who got its service; a new one starts
-    empty. With shared pools (several workers, [cluster]) a model cannot be
-    added and the shared block's settings stay."""
+    its new settings put in `retunes` for `retune`) and who got its service; a
+    new one starts empty. With shared pools (several workers, [cluster]) a
+    model cannot be added and the shared block's settings stay."""
     pools: dict[str, Pool] = {}
     for m in catalog.values():
         if m.upstream not in upstreams:  # a sim upstream added: not started
@@ -260,17 +268,38 @@ def _reload_pools(gw: Gateway, catalog: Catalog, upstreams: dict[str, UpstreamCl
                 continue
             pools[m.id] = Pool(m, Admission(m.admission.settings), upstreams[m.upstream])
             continue
-        entry = m
-        if m.admission != current.entry.admission:
-            entry = dataclasses.replace(m, admission=_retune(gw, m.id, current, m.admission, restart))
+        target = _retune_target(gw, m.id, current, m.admission, restart)
+        if target != current.entry.admission:
+            retunes[m.id] = target
+        entry = dataclasses.replace(m, admission=current.entry.admission)
         pools[m.id] = Pool(entry, current.admission, upstreams[m.upstream], current.flows)
     return pools
 
 
-def _retune(gw: Gateway, model: str, pool: Pool, new: AdmissionConfig,
-            restart: list[str]) -> AdmissionConfig:
-    """Applies `new` to the pool's admission in place where it can; returns
-    the settings in force after it."""
+def retune(gw: Gateway) -> None:
+    """Applies the settings the last reload left in `gw.retunes` to the pools'
+    admission in place (a raised limit grants waiters at once); a setting the
+    core refuses stays as it is, named in one line."""
+    restart: list[str] = []
+    for model, new in gw.retunes.items():
+        pool = gw.pools.get(model)
+        if pool is None:
+            continue
+        try:
+            pool.admission.retune(new.settings)
+        except ValueError as e:  # mailboxes sized by a shared pool's max_concurrency
+            restart.append(f"models.{model}.admission ({e})")
+            continue
+        pool.entry = dataclasses.replace(pool.entry, admission=new)
+    gw.retunes = {}
+    if restart:
+        log.warning("config reload: needs a restart to take effect: %s", ", ".join(restart))
+
+
+def _retune_target(gw: Gateway, model: str, pool: Pool, new: AdmissionConfig,
+                   restart: list[str]) -> AdmissionConfig:
+    """The settings `new` leaves the pool's admission with once retuned (what
+    cannot change in place stays, named in `restart`)."""
     old = pool.entry.admission
     if gw.config.cluster is not None:
         restart.append(f"models.{model}.admission ([cluster])")
@@ -280,14 +309,7 @@ def _retune(gw: Gateway, model: str, pool: Pool, new: AdmissionConfig,
     restart.extend(f"models.{model}.admission.{k}" for k in held)
     if held:
         new = new.but(**cast("_SettingsKwargs", {k: old.written.get(k) for k in held}))
-    if new == old:
-        return old
-    try:
-        pool.admission.retune(new.settings)
-    except ValueError as e:  # mailboxes sized by a shared pool's max_concurrency
-        restart.append(f"models.{model}.admission ({e})")
-        return old
-    return new
+    return old if new == old else new
 
 
 async def _rewire_capacity(gw: Gateway) -> None:

@@ -14,6 +14,12 @@ changes a key (the admin API) writes every other worker's key eventfd (one
 more per worker, made the same way); each drops its cached keys when it
 sees its own, so a revocation holds on every worker of the host at once.
 
+Reloads are ordered (`ReloadBarrier`): on SIGHUP every worker swaps its own
+config (prices, models, upstreams, keys) and reports over a pipe; only when
+every live worker has reported a swap does the supervisor tell them (one more
+eventfd each) to retune their pools' limits, so a waiter a raised limit
+grants is always on a worker that already holds the new config.
+
 Per-key limits use one `SharedKeyBuckets` table for the host, and /metrics
 reports the host: every worker publishes its `WorkerSnapshot` to a run
 directory (`SnapshotBoard`) and a scrape of any worker reads them all.
@@ -32,10 +38,13 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
+import select
 import signal
 import shutil
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -49,7 +58,7 @@ from tierq.admission import Admission
 from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
 from tierq.status import METRICS_SOURCE, MetricsSource
 
-__all__ = ["KEY_TABLE_CAPACITY", "PUBLISH_INTERVAL_S", "SharedPools", "SnapshotBoard",
+__all__ = ["KEY_TABLE_CAPACITY", "PUBLISH_INTERVAL_S", "ReloadBarrier", "SharedPools", "SnapshotBoard",
            "Supervisor", "WorkerPools", "listen", "sweep_stale"]
 
 #: Keys the host-wide per-key limit table holds (`[keys] table_capacity`).
@@ -150,7 +159,9 @@ class SharedPools:
         self._cores: dict[str, AdmissionCore] = {}
         self._keys: SharedKeyBuckets | None = None
         self.run_dir: str | None = None
+        self.barrier: ReloadBarrier | None = None
         try:
+            self.barrier = ReloadBarrier(workers)
             self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             self.key_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             for pool, s in self.settings.items():
@@ -176,6 +187,7 @@ class SharedPools:
             board=SnapshotBoard(self.run_dir, worker, self.workers),
             index=worker,
             key_fds=self.key_fds,
+            barrier=self.barrier,
         )
 
     def withhold_all(self) -> None:
@@ -214,6 +226,9 @@ class SharedPools:
             self._keys = None
         for fd in [*self.wake_fds, *self.key_fds]:
             os.close(fd)
+        if self.barrier is not None:
+            self.barrier.close()
+            self.barrier = None
         self.wake_fds = []
         self.key_fds = []
         if self.run_dir is not None:
@@ -225,16 +240,105 @@ class SharedPools:
             self._lock_fd = None
 
 
+class ReloadBarrier:
+    """Orders a reload with several workers: swap everywhere, then retune.
+
+    Made by the supervisor before forking. Two words of anonymous shared
+    memory: the round signalled (written by the supervisor before it sends
+    SIGHUP) and the round committed. A worker that has reloaded (swapped its
+    config, its pools' limits left as they were) reports `index round ok` on
+    one pipe (a line under PIPE_BUF: written whole); once every live worker
+    has reported the open round and none failed, the supervisor commits it
+    and writes each worker's `commit_fds` eventfd, and each worker then
+    retunes its pools. A worker that fails to load fails the round: nothing is
+    retuned. A worker forked during a round applies the round's bytes and
+    reports it too; one forked after a commit sees it committed and retunes
+    at once. `gen`: the round as this process last knew it (the supervisor's
+    at fork: what a replacement's reload bytes belong to).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._words = mmap.mmap(-1, 16)  # [signalled, committed], MAP_SHARED
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.commit_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
+        self.gen = 0
+        self._waiting: set[int] = set()  # supervisor: workers the open round waits for
+        self._failed: list[int] = []
+        self._open = 0  # supervisor: the round open (0: none)
+        self._buf = b""
+
+    @property
+    def signalled(self) -> int:
+        return int(struct.unpack_from("<Q", self._words, 0)[0])
+
+    @property
+    def committed(self) -> int:
+        return int(struct.unpack_from("<Q", self._words, 8)[0])
+
+    # -- the supervisor's side
+
+    def fileno(self) -> int:
+        return self._r
+
+    def open(self, live: set[int]) -> int:
+        """A new round for the workers `live` (call before signalling them)."""
+        self.gen += 1
+        struct.pack_into("<Q", self._words, 0, self.gen)
+        self._open, self._waiting, self._failed = self.gen, set(live), []
+        return self.gen
+
+    def read_reports(self) -> None:
+        """Takes the reports on the pipe; commits the open round when complete."""
+        while True:
+            try:
+                chunk = os.read(self._r, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            index, gen, ok = (int(x) for x in line.split())
+            if gen != self._open or index not in self._waiting:
+                continue  # a round given up for a newer one, or already done
+            self._waiting.discard(index)
+            if not ok:
+                self._failed.append(index)
+        if self._open and not self._waiting:
+            gen, self._open = self._open, 0
+            if self._failed:
+                log.error("reload %d: worker %s did not apply the config; no pool retuned", gen,
+                          ", ".join(map(str, sorted(self._failed))))
+                return
+            struct.pack_into("<Q", self._words, 8, gen)
+            for fd in self.commit_fds:
+                os.eventfd_write(fd, 1)
+            log.info("reload %d: every worker holds the new config; pools retuned", gen)
+
+    # -- a worker's side
+
+    def report(self, index: int, gen: int, ok: bool) -> None:
+        os.write(self._w, b"%d %d %d\n" % (index, gen, ok))
+
+    def close(self) -> None:
+        for fd in [self._r, self._w, *self.commit_fds]:
+            os.close(fd)
+        self.commit_fds = []
+        self._words.close()
+
+
 class WorkerPools(Mapping[str, Admission]):
     """A worker's `Admission` per pool, plus the reader that delivers its mail,
     the host's per-key buckets (`key_buckets`), its snapshot board, and the
     key eventfds (`key_fds`, one per worker: `keys_changed` tells the others,
-    `on_keys_changed` is what this one does when told)."""
+    `on_keys_changed` is what this one does when told), and the reload
+    barrier (`on_commit`: what this one does when a round is committed)."""
 
     def __init__(self, pools: dict[str, Admission], wake_fd: int,
                  key_buckets: SharedKeyBuckets | None = None,
                  board: SnapshotBoard | None = None, index: int = 0,
-                 key_fds: list[int] | None = None) -> None:
+                 key_fds: list[int] | None = None, barrier: ReloadBarrier | None = None) -> None:
         self._pools = pools
         self.index = index  # this worker's index (0 runs a [cluster] host's lease agent)
         self._fd = wake_fd
@@ -243,6 +347,8 @@ class WorkerPools(Mapping[str, Admission]):
         self.board = board
         self._key_fds = key_fds or []
         self.on_keys_changed: Callable[[], None] | None = None
+        self.barrier = barrier
+        self.on_commit: Callable[[], None] | None = None
 
     def __getitem__(self, pool: str) -> Admission:
         return self._pools[pool]
@@ -259,6 +365,8 @@ class WorkerPools(Mapping[str, Admission]):
         self._loop.add_reader(self._fd, self._on_wake)
         if self._key_fds:
             self._loop.add_reader(self._key_fds[self.index], self._on_keys_told)
+        if self.barrier is not None:
+            self._loop.add_reader(self.barrier.commit_fds[self.index], self._on_commit_told)
         self._deliver()
 
     def stop(self) -> None:
@@ -266,6 +374,8 @@ class WorkerPools(Mapping[str, Admission]):
             self._loop.remove_reader(self._fd)
             if self._key_fds:
                 self._loop.remove_reader(self._key_fds[self.index])
+            if self.barrier is not None:
+                self._loop.remove_reader(self.barrier.commit_fds[self.index])
             self._loop = None
 
     def keys_changed(self) -> None:
@@ -281,6 +391,15 @@ class WorkerPools(Mapping[str, Admission]):
             return
         if self.on_keys_changed is not None:
             self.on_keys_changed()
+
+    def _on_commit_told(self) -> None:
+        assert self.barrier is not None
+        try:
+            os.eventfd_read(self.barrier.commit_fds[self.index])
+        except BlockingIOError:
+            return
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _on_wake(self) -> None:
         try:
@@ -384,7 +503,8 @@ class Supervisor:
     """
 
     def __init__(self, workers: int, target: Callable[[int], int], shared: SharedPools | None = None,
-                 grace_s: float = 10.0, on_reload: Callable[[], None] = lambda: None) -> None:
+                 grace_s: float = 10.0, on_reload: Callable[[], None] = lambda: None,
+                 barrier: ReloadBarrier | None = None) -> None:
         self.workers = workers
         self.target = target
         self.shared = shared
@@ -394,6 +514,9 @@ class Supervisor:
         # Called on SIGHUP before the workers are told: what a worker forked
         # after it (a replacement) needs to apply the reload too.
         self.on_reload = on_reload
+        # Orders the workers' reloads (swap everywhere, then retune); None:
+        # each worker retunes as it reloads.
+        self.barrier = barrier
 
     def _fork(self, index: int) -> None:
         pid = os.fork()
@@ -418,6 +541,8 @@ class Supervisor:
             # Each worker re-reads the config and applies it (tierq.lifecycle.reload).
             log.info("supervisor %d: SIGHUP: reloading %d workers", os.getpid(), len(self.pids))
             self.on_reload()
+            if self.barrier is not None:
+                self.barrier.open(set(self.pids.values()))
             for pid in list(self.pids):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
@@ -429,7 +554,9 @@ class Supervisor:
                 self._fork(i)
             log.info("supervisor %d: %d workers %s", os.getpid(), self.workers, sorted(self.pids))
             while True:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = self._wait()
+                if pid == 0:
+                    continue
                 index = self.pids.pop(pid, None)
                 if index is None:
                     continue
@@ -447,6 +574,18 @@ class Supervisor:
                 signal.signal(s, h)
         self._stop_all()
         return 0
+
+    def _wait(self) -> tuple[int, int]:
+        """The next worker to exit, taking reload reports meanwhile; (0, 0) if
+        none exited within a tenth of a second."""
+        if self.barrier is None:
+            return os.waitpid(-1, 0)
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            ready, _, _ = select.select([self.barrier], [], [], 0.1)
+            if ready:
+                self.barrier.read_reports()
+        return pid, status
 
     def _stop_all(self) -> None:
         for pid in self.pids:
