@@ -686,7 +686,7 @@ impl Pool {
         crash_point!("admit.reserved");
         // Counted in its queue before it is published, so a waiter that is
         // published is always counted (`fair::WAITING`).
-        self.joined(lane, queue, due != 0);
+        self.joined(lane, queue, fair::owner(ask.hand), due != 0);
         crash_point!("admit.joined");
         let pos = match self.ring(lane).push(now, self.me, tag, due) {
             Ok(pos) => pos,
@@ -713,15 +713,16 @@ impl Pool {
         Some(self.route_shed(waiter_id(victim, pos), owner, OUT_EVICTED))
     }
 
-    /// A waiter of `queue` is about to be published in `lane`.
+    /// A waiter of `queue` (of the flow `who`, `fair::owner`) is about to
+    /// be published in `lane`.
     #[inline]
-    fn joined(&self, lane: Lane, queue: u32, own_deadline: bool) {
+    fn joined(&self, lane: Lane, queue: u32, who: u64, own_deadline: bool) {
         let fair = self.fair(lane);
         if own_deadline {
             fair.deadline_joined();
         }
         if self.fair_on {
-            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst));
+            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst), who);
         }
     }
 

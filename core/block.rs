@@ -30,7 +30,9 @@ pub(crate) const LINE: usize = 8;
 // rings start at line 17), a third fair state follows the rings, and the
 // settings name flex's max wait and headroom; a version-6 process would read
 // a flex waiter's count as part of the default lane's and the rings a line early.
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0007; // "tierq_" + layout version 7
+// Version 8: each flow queue has a fifth word, its owner (`fair::OWNER`); a
+// version-7 process would read queue q's words 4q.. where they are now 5q..
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0008; // "tierq_" + layout version 8
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {

@@ -4,14 +4,15 @@
 //! memory). The waiters themselves stay in the lane's ring (`lanes.rs`, the
 //! arrival order); each ticket records its queue beside it (`tag`), and a
 //! fair pop takes the oldest waiting ticket of the queue with the least
-//! counter (`Ring::take_first`). Memory: `4 * queues` words per lane, so a
+//! counter (`Ring::take_first`). Memory: `5 * queues` words per lane, so a
 //! pool's block grows with `queue_depth + fair_queues`, not their product.
 //!
 //! The rules, each in one place:
 //! - a flow id (bytes) hashes with a fixed-key hash to a hand of two queues
-//!   (`hand`); it joins the one with fewer waiters, on a tie the one with
-//!   the lower counter (`choose`), as Kubernetes' API Priority and Fairness
-//!   shuffle-shards;
+//!   (`hand`); it joins the one of them it owns (`owner`: the queue's
+//!   waiters are its own), else the one with fewer waiters (an empty one
+//!   first), on a tie the one with the lower counter (`choose`), as
+//!   Kubernetes' API Priority and Fairness shuffle-shards;
 //! - service is a request's charge divided by its weight (`service`), added
 //!   to its queue's counter when it is dispatched (`charge`) and corrected
 //!   with the real charge when it ends (`correct`);
@@ -52,7 +53,7 @@ const TAG_DEADLINE: u64 = 1 << 15;
 const FLOOR: usize = 0;
 const PERSONAL: usize = 1;
 const BITMAP: usize = 2;
-/// Per queue, in order:
+/// Per queue, in order (OWNER last):
 /// COUNTER: virtual service received (service units); only grows, except
 ///   by a correction (`correct`) that takes back an estimate's excess.
 /// BASE: COUNTER minus the local service not yet exported (`export`);
@@ -66,7 +67,13 @@ const COUNTER: usize = 0;
 const BASE: usize = 1;
 const WAITING: usize = 2;
 const HINT: usize = 3;
-const QUEUE_WORDS: usize = 4;
+/// OWNER: the fingerprint (`owner`) of the flow whose waiter made this
+///   queue active (0 -> 1 waiters), a plain store by that joiner; kept
+///   while the queue has waiters, read only with WAITING > 0. A hint for
+///   `choose`, like the counts: two flows sharing a queue mix their
+///   service in its counter, so a flow keeps to the queue it owns.
+const OWNER: usize = 4;
+const QUEUE_WORDS: usize = 5;
 
 /// Words a lane's fair state needs for `queues` flow queues.
 pub const fn lane_words(queues: u32) -> usize {
@@ -121,6 +128,16 @@ pub fn hand(flow: &[u8], queues: u32) -> (u32, u32) {
         b += 1;
     }
     (a as u32, b as u32)
+}
+
+/// A flow's fingerprint for a queue's OWNER word: its hand, ordered (both
+/// queues + 1, so never 0, the word of a queue nobody joined yet). The hand
+/// is what reaches the core of a flow (`Ask::hand`, from `hand`'s 64-bit
+/// hash); two flows with the same ordered hand (1 in 4,032 pairs at 64
+/// queues) share both queues and count as one owner.
+#[inline]
+pub fn owner(hand: (u32, u32)) -> u64 {
+    (hand.0 as u64 + 1) << 32 | (hand.1 as u64 + 1)
 }
 
 /// A weight (0.01 to 100) in hundredths; the error names `weight`.
@@ -193,8 +210,15 @@ impl<'a> FairLane<'a> {
         self.q(queue, WAITING).load(SeqCst)
     }
 
-    /// The queue of `hand` with fewer waiters; on a tie the one with the
-    /// lower counter (the first if equal), read only then. A flow arriving
+    /// The queue of `hand` this flow owns (it has waiters there and made
+    /// the queue active: OWNER is its fingerprint) if only one is; else the
+    /// queue with fewer waiters (so an empty one before an other flow's);
+    /// on a tie the one with the lower counter (the first if equal), read
+    /// only then. Owned first: a flow whose hand shares a queue with a
+    /// backlogged flow goes to its other queue, not into a counter that
+    /// mixes the two flows' service (weights 1:2 then got -11%/+6% of their
+    /// shares, `core/tests/fair_sim.rs`); so a backlogged flow keeps to one
+    /// queue, and every flow's service is its own queue's counter. A flow arriving
     /// to two idle queues so takes the one it was served less from: its two
     /// queues stay level, so its own requests keep their arrival order
     /// (`core/tests/fair_sim.rs`), and a quick second request of a polite
@@ -206,6 +230,13 @@ impl<'a> FairLane<'a> {
             return hand.0;
         }
         let (a, b) = (self.waiting(hand.0), self.waiting(hand.1));
+        let me = owner(hand);
+        let mine = |q: u32, n: u64| n > 0 && self.q(q, OWNER).load(Relaxed) == me;
+        match (mine(hand.0, a), mine(hand.1, b)) {
+            (true, false) => return hand.0,
+            (false, true) => return hand.1,
+            _ => {}
+        }
         if a != b {
             return if a < b { hand.0 } else { hand.1 };
         }
@@ -308,9 +339,13 @@ impl<'a> FairLane<'a> {
     /// being the lane's tail read before this call. The first waiter of an
     /// idle queue lifts its counter (see module docs) and moves the queue's
     /// hint to `tail`: with nobody counted in the queue, every ticket of it
-    /// still to come is taken after this count, so at or after `tail`.
-    pub fn join(&self, queue: u32, tail: u64) {
+    /// still to come is taken after this count, so at or after `tail`; and
+    /// becomes its owner (`owner`: `who`, the joiner's fingerprint). A plain
+    /// store: two first joiners racing (one saw 0, one 1 before the store)
+    /// only mislead one `choose`, which decides no waiter's fate.
+    pub fn join(&self, queue: u32, tail: u64, who: u64) {
         if self.q(queue, WAITING).fetch_add(1, SeqCst) == 0 {
+            self.q(queue, OWNER).store(who, Relaxed);
             self.lift(queue, self.lift_target(queue));
             self.set_hint(queue, tail);
         }
@@ -551,9 +586,9 @@ mod tests {
         let w = lane(8);
         let f = FairLane::new(&w, 8);
         assert_eq!(f.choose((3, 5)), 3);
-        f.join(3, 0);
+        f.join(3, 0, 0);
         assert_eq!(f.choose((3, 5)), 5);
-        f.join(5, 0);
+        f.join(5, 0, 0);
         assert_eq!(f.choose((3, 5)), 3, "a tie goes to the first");
         f.charge(3, 10);
         assert_eq!(f.choose((3, 5)), 5, "a tie goes to the queue served less");
@@ -564,8 +599,8 @@ mod tests {
     fn the_least_counter_goes_next_and_an_idle_queue_is_lifted_to_it() {
         let w = lane(8);
         let f = FairLane::new(&w, 8);
-        f.join(1, 0);
-        f.join(2, 0);
+        f.join(1, 0, 0);
+        f.join(2, 0, 0);
         assert_eq!(f.least(None), Some(1), "tie: lowest index");
         f.charge(1, 500);
         assert_eq!(f.least(None), Some(2));
@@ -578,7 +613,7 @@ mod tests {
         // queue 2's second dispatch began), not at 0, so it banked nothing
         // but the distance to the least active counter (500), and goes
         // first rather than tie with queue 1.
-        f.join(6, 0);
+        f.join(6, 0, 0);
         assert_eq!(f.queue_state(6), (300, 1));
         assert_eq!(f.least(None), Some(6), "a newcomer does not lose a tie to a backlogged queue");
         // Everyone leaves; a newcomer starts at the floor: the counter the
@@ -587,7 +622,7 @@ mod tests {
             f.leave(t);
         }
         assert_eq!(f.least(None), None);
-        f.join(7, 0);
+        f.join(7, 0, 0);
         assert_eq!(f.queue_state(7).0, 300);
         assert_eq!(f.active(), 1);
     }
@@ -610,7 +645,7 @@ mod tests {
         f.charge(1, 100);
         f.correct(1, 100, 130);
         f.import(2, 1000);
-        f.join(3, 0); // a lift (to the floor, 0 here) is not service either
+        f.join(3, 0, 0); // a lift (to the floor, 0 here) is not service either
         let mut got = vec![];
         f.export(|q, s| got.push((q, s)));
         assert_eq!(got, vec![(1, 130)]);
@@ -634,12 +669,12 @@ mod tests {
         let f = FairLane::new(&w, 8);
         // Queue 0: a greedy flow, 10 waiters, far ahead in service.
         for _ in 0..10 {
-            f.join(0, 0);
+            f.join(0, 0, 0);
         }
         f.charge(0, 10_000);
         // Queue 1: 2 waiters at counter 0.
-        f.join(1, 0);
-        f.join(1, 0);
+        f.join(1, 0, 0);
+        f.join(1, 0, 0);
         f.q(1, COUNTER).store(0, SeqCst);
         // A newcomer in queue 2 starts at the floor (0): queue 1 goes first
         // on the tie (one turn at counter 0 <= 0), the greedy queue's
@@ -659,8 +694,8 @@ mod tests {
         let w = lane(128);
         let f = FairLane::new(&w, 128);
         f.deadline_joined();
-        f.join(100, 0);
-        f.join(100, 0);
+        f.join(100, 0, 0);
+        f.join(100, 0, 0);
         assert_eq!((f.active(), f.personal()), (1, 1));
         f.leave(tag(100, 5, true));
         f.deadline_left();
@@ -675,9 +710,9 @@ mod tests {
         let w = lane(64);
         let f = FairLane::new(&w, 64);
         for q in 0..20 {
-            f.join(q, 0);
+            f.join(q, 0, 0);
         }
-        f.join(40, 0);
+        f.join(40, 0, 0);
         for q in 0..20 {
             f.leave(tag(q, 1, false));
         }
@@ -688,7 +723,7 @@ mod tests {
         let bits = w[BITMAP].load(SeqCst);
         assert_eq!(bits.count_ones(), STALE_KEPT + 1, "{bits:#x}");
         assert_ne!(bits & 1 << 40, 0);
-        f.join(3, 0);
+        f.join(3, 0, 0);
         assert_eq!(f.least(None), Some(3), "a rejoined queue's bit was kept: nothing to set");
     }
 }

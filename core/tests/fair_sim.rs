@@ -387,3 +387,112 @@ fn deadlines_in_the_priority_lane_are_kept_or_refused_at_join() {
     assert!(miss * 50 <= adm, "{miss} of {adm} admitted with a deadline missed it");
     assert!(rel[rel.len() / 2] <= 0.20);
 }
+
+/// Flow ids `"{prefix}-{i}"`, one per weight, each searched (by the core's
+/// own hash) so that its hand shares a queue with the hand of the flow
+/// before it: 2 flows, one shared queue; 3 flows, a chain of two.
+fn colliding_flows(pool: &Pool, prefix: &str, n: usize) -> Vec<(u32, u32)> {
+    let mut hands: Vec<(u32, u32)> = vec![pool.hand(format!("{prefix}-0").as_bytes())];
+    let mut i = 1;
+    while hands.len() < n {
+        let h = pool.hand(format!("{prefix}-{i}").as_bytes());
+        let prev = *hands.last().unwrap();
+        let shares = |x: u32| x == prev.0 || x == prev.1;
+        let new = |x: u32| hands.iter().all(|o| x != o.0 && x != o.1);
+        // One queue shared with the flow before, the other its own.
+        if (shares(h.0) && new(h.1)) || (shares(h.1) && new(h.0)) {
+            // and no more than that one with any older flow
+            if hands[..hands.len() - 1].iter().all(|o| ![o.0, o.1].contains(&h.0) && ![o.0, o.1].contains(&h.1)) {
+                hands.push(h);
+            }
+        }
+        i += 1;
+    }
+    hands
+}
+
+/// Flows of `weights` (hundredths), each `STREAMS` requests back to back in
+/// the default lane of an 8-slot engine, hands colliding as
+/// `colliding_flows`; returns each flow's share of the service (tokens
+/// charged, dispatched after a 5 s warm-up, over `secs` seconds) divided by
+/// its weight's share of the total weight (1.0: exact).
+fn weighted_shares(seed: u64, weights: &[u32], secs: u64) -> Vec<f64> {
+    const STREAMS: usize = 16;
+    let clock = Arc::new(ManualClock::new(1));
+    let spec = PoolSpec { max_concurrency: Some(SLOTS), queue_depth: 1024, max_wait_ms: [600_000.0, 600_000.0, 600_000.0], ..PoolSpec::default() };
+    let pool = Pool::new(spec.validate().unwrap(), Clock::Manual(clock.clone()));
+    let hands = colliding_flows(&pool, &format!("weights-{seed}"), weights.len());
+    let mut rng = Rng(seed | 1);
+    let service_ns = |tokens: u64| 20 * MS + tokens * 5 * MS;
+    let charge = |tokens: u64| tokens + 10;
+    let warm = 5_000 * MS;
+    let end = warm + secs * 1000 * MS;
+    let mut served = vec![0u64; weights.len()];
+    let mut ev = Events::default();
+    let mut waiting: HashMap<WaiterId, Req> = HashMap::new();
+    let admit = |r: Req, waiting: &mut HashMap<WaiterId, Req>| -> Vec<Req> {
+        let ask = Ask { hand: hands[r.flow], service: fair::service(charge(r.tokens), weights[r.flow]), max_wait_ns: None };
+        let (got, placed) = pool.admit_ask(Lane::Default, 1, &ask);
+        let r = Req { queue: placed.queue, ..r };
+        match got {
+            Admit::Now => vec![r],
+            Admit::Queued { waiter, granted, .. } => {
+                waiting.insert(waiter, r);
+                granted.map(|g| waiting.remove(&g).unwrap()).into_iter().collect()
+            }
+            Admit::Shed { .. } => panic!("shed"),
+        }
+    };
+    let mut begin = |r: Req, now: u64, ev: &mut Events| {
+        if now >= warm && now < end {
+            served[r.flow] += charge(r.tokens);
+        }
+        ev.push(now + service_ns(r.tokens), Ev::Done(r));
+    };
+    // Streams start interleaved, one of each flow in turn.
+    for _ in 0..STREAMS {
+        for f in 0..weights.len() {
+            let r = Req { flow: f, lane: Lane::Default, queue: 0, tokens: rng.tokens(), arrived: 0 };
+            for s in admit(r, &mut waiting) {
+                begin(s, 0, &mut ev);
+            }
+        }
+    }
+    while let Some((at, body)) = ev.pop() {
+        if at >= end {
+            break;
+        }
+        clock.advance_ns(at - clock.now_ns().min(at));
+        let Ev::Done(r) = body else { unreachable!() };
+        let w = weights[r.flow];
+        pool.settle(Lane::Default, r.queue, fair::service(charge(r.tokens), w), fair::service(charge(r.tokens), w));
+        if let Some(g) = pool.release() {
+            let next = waiting.remove(&g).unwrap();
+            begin(next, at, &mut ev);
+        }
+        let n = Req { flow: r.flow, lane: Lane::Default, queue: 0, tokens: rng.tokens(), arrived: at };
+        for s in admit(n, &mut waiting) {
+            begin(s, at, &mut ev);
+        }
+    }
+    let total: u64 = served.iter().sum();
+    let wsum: u32 = weights.iter().sum();
+    served.iter().zip(weights).map(|(&s, &w)| (s as f64 / total as f64) / (w as f64 / wsum as f64)).collect()
+}
+
+/// Weights 1:2 and 1:2:4 under saturation, with hands that share a queue
+/// (the bench's full run had two keys in one queue and missed the target:
+/// w1 -2.0%, w2 -11.5%, w4 +6.2%): each flow's share within 5% of its
+/// weight's, as the bench's target, for each of four seeds.
+#[test]
+fn weighted_shares_hold_when_two_flows_hands_share_a_queue() {
+    for seed in 1..=4 {
+        for weights in [&[100, 200][..], &[100, 200, 400][..]] {
+            let got = weighted_shares(seed, weights, 60);
+            println!("seed {seed} weights {weights:?}: share / weight's share {got:.3?}");
+            for (w, g) in weights.iter().zip(&got) {
+                assert!((g - 1.0).abs() <= 0.05, "seed {seed}, weights {weights:?}: weight {w} got {:+.1}% of its share ({got:.3?})", (g - 1.0) * 100.0);
+            }
+        }
+    }
+}

@@ -688,7 +688,9 @@ fn a_greedy_flow_in_one_process_cannot_starve_a_polite_flow_in_another() {
     wait_for(1);
     let pid_p = fair_child(&name, &s, &c, 2, polite, 1, 2);
     wait_for(2);
-    assert_eq!(sup.stats().fair_flows_active, [0, 3, 0]);
+    // The greedy key keeps to the one queue it owns (`fair::owner`), the
+    // polite key has its own.
+    assert_eq!(sup.stats().fair_flows_active, [0, 2, 0]);
     assert_eq!(holder.release(), None, "the slot went to another process's waiter");
     assert_eq!(wait_ok(pid_g), 0);
     assert_eq!(wait_ok(pid_p), 0);
