@@ -212,18 +212,18 @@ impl<'a> FairLane<'a> {
 
     /// The queue of `hand` this flow owns (it has waiters there and made
     /// the queue active: OWNER is its fingerprint) if only one is; else the
-    /// queue with fewer waiters (so an empty one before an other flow's);
+    /// queue with fewer waiters (so an empty one before another flow's);
     /// on a tie the one with the lower counter (the first if equal), read
     /// only then. Owned first: a flow whose hand shares a queue with a
     /// backlogged flow goes to its other queue, not into a counter that
-    /// mixes the two flows' service (weights 1:2 then got -11%/+6% of their
-    /// shares, `core/tests/fair_sim.rs`); so a backlogged flow keeps to one
-    /// queue, and every flow's service is its own queue's counter. A flow arriving
-    /// to two idle queues so takes the one it was served less from: its two
-    /// queues stay level, so its own requests keep their arrival order
-    /// (`core/tests/fair_sim.rs`), and a quick second request of a polite
-    /// flow starts at the floor, as a backlogged flow's two queues each
-    /// get their turn, instead of waiting for the queue it just used.
+    /// mixes the two flows' service (weights 1:2 got +22%/-11% of their
+    /// shares so, `core/tests/fair_sim.rs`); so a flow with waiters keeps
+    /// to one queue, its requests in their arrival order, and its service
+    /// is its own queue's counter. A flow with nobody waiting, arriving to
+    /// two idle queues, takes the one it was served less from, so its two
+    /// queues stay level. The price: a polite flow's second request waits
+    /// behind its first, where it used to start its other queue at the
+    /// floor (docs/architecture.md).
     #[inline]
     pub fn choose(&self, hand: (u32, u32)) -> u32 {
         if hand.0 == hand.1 {
@@ -593,6 +593,30 @@ mod tests {
         f.charge(3, 10);
         assert_eq!(f.choose((3, 5)), 5, "a tie goes to the queue served less");
         assert_eq!(f.choose((5, 3)), 5);
+    }
+
+    #[test]
+    fn a_flow_keeps_to_the_queue_it_owns_and_others_keep_out_of_it() {
+        let w = lane(8);
+        let f = FairLane::new(&w, 8);
+        let (a, b) = ((3, 5), (3, 6)); // their hands share queue 3
+        assert_eq!(f.choose(a), 3);
+        f.join(3, 0, owner(a));
+        assert_eq!(f.choose(a), 3, "its own queue, though its other one is empty");
+        assert_eq!(f.choose(b), 6, "not into the queue another flow owns");
+        f.join(6, 0, owner(b));
+        f.join(6, 0, owner(b));
+        assert_eq!(f.choose(b), 6, "its own, though longer than a's");
+        assert_eq!(f.choose((6, 3)), 3, "a flow owning neither: the shorter");
+        assert_ne!(owner((6, 3)), owner((3, 6)), "the hand is ordered");
+        // Emptied, a queue's owner word is stale and not trusted: b may
+        // take queue 3 on the usual rule, and then owns it.
+        f.leave(tag(3, 1, false));
+        assert_eq!(f.choose(a), 3, "both empty: the usual rule (counters tie: the first)");
+        f.leave(tag(6, 1, false));
+        f.leave(tag(6, 1, false));
+        f.join(3, 0, owner(b));
+        assert_eq!((f.choose(b), f.choose(a)), (3, 5), "b owns queue 3 now: a keeps out");
     }
 
     #[test]

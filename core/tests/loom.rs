@@ -364,6 +364,36 @@ fn a_queue_emptied_and_tidied_while_it_is_joined_stays_active_for_its_new_waiter
     });
 }
 
+/// Two flows whose hands share a queue join it at once, each racing the
+/// other for its OWNER word (`fair::FairLane::join`, a plain store after the
+/// count): the owner is a hint only, so whichever queues they end in, each
+/// waiter is granted exactly once and none is lost.
+#[test]
+fn two_flows_racing_into_a_shared_queue_are_each_granted_once() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let p = Arc::new(pool(1, 4));
+        let q = p.settings().fair_queues;
+        // Hands chosen to share queue 0 (one more queue each).
+        let a = tierq_core::Ask { hand: (0, 1), service: 100, max_wait_ns: None };
+        let b = tierq_core::Ask { hand: (0, q - 1), service: 100, max_wait_ns: None };
+        assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+        let p2 = p.clone();
+        let joiner = thread::spawn(move || p2.admit_ask(Lane::Default, 1, &b).0);
+        let (Admit::Queued { waiter: wa, granted: None, .. }, _) = p.admit_ask(Lane::Default, 1, &a) else { panic!() };
+        let Admit::Queued { waiter: wb, granted: None, .. } = joiner.join().unwrap() else { panic!() };
+        let mut got = [p.release().unwrap(), p.release().unwrap()];
+        got.sort();
+        let mut want = [wa, wb];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(p.release(), None);
+        let s = p.stats();
+        assert_eq!((s.in_flight, s.depth, s.fair_flows_active), (0, [0, 0, 0], [0, 0, 0]));
+    });
+}
+
 /// A release's fair pop races another flow's join: each waiter is granted
 /// exactly once, in some order, and none is lost.
 #[test]
