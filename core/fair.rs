@@ -49,7 +49,7 @@ const STALE_KEPT: u32 = 8;
 /// Tag bit: this waiter carries its own deadline (counted in `PERSONAL`).
 const TAG_DEADLINE: u64 = 1 << 15;
 
-// A lane's words. Queue q's four words are at QUEUES + 4q.
+// A lane's words. Queue q's five words (`QUEUE_WORDS`) start at the bitmap's end + 5q.
 const FLOOR: usize = 0;
 const PERSONAL: usize = 1;
 const BITMAP: usize = 2;
