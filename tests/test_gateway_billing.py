@@ -128,14 +128,28 @@ async def test_billed_equals_echoed_over_randomized_mixed_load(make_gateway: Gat
         models=[model_config(PRIORITY_MODEL, flex=True, **admission), model_config(PLAIN_MODEL, **admission)],
         sim={"slots": 6, "ttft_ms": 30.0, "tokens_per_s": 400.0})
     cases = [make_case(rng) for _ in range(90)]
+
+    async def all_rows() -> list[Any]:
+        # Hang-ups are recorded when the gateway notices the disconnect: give it a moment.
+        for _ in range(200):
+            rows = await gw.rows()
+            if len(rows) == len(cases):
+                break
+            await asyncio.sleep(0.01)
+        return rows
+
     async with aiohttp.ClientSession() as s:
         await asyncio.gather(*(run_case(s, gw.url, o, random.Random(i)) for i, o in enumerate(cases)))
-    # Hang-ups are recorded when the gateway notices the disconnect: give it a moment.
-    for _ in range(200):
-        rows = await gw.rows()
-        if len(rows) == len(cases):
-            break
-        await asyncio.sleep(0.01)
+        await all_rows()
+        # Flex is served from idle capacity only, which the mix may never leave:
+        # two more flex requests once it is over, one at a time, so every run
+        # serves flex (JSON and a stream) beside the ones the mix refused.
+        idle = [Outcome(model=PRIORITY_MODEL, requested="flex", endpoint="chat/completions",
+                        stream=stream, hang_up=False) for stream in (False, True)]
+        for i, o in enumerate(idle):
+            await run_case(s, gw.url, o, random.Random(1000 + i))
+        cases += idle
+    rows = await all_rows()
     by_id = {r.request_id: r for r in rows}
     assert len(rows) == len(cases)  # one row per request decision, no more, no less
     for o in cases:  # the flow it was fair by, recorded

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from tierq._core import ManualClock, SharedBucket, SharedKeyBuckets, TokenBucket
 from tierq.shadow import KEY_RPM, KEY_TPM
-from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path
+from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, sqlite_path, while_busy
 
 __all__ = [
     "KEEP",
@@ -322,10 +322,10 @@ class KeyStore:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        self._conn.execute("PRAGMA journal_mode = WAL")  # shares the file with the ledger
+        while_busy(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))  # shares the file with the ledger
         # Key writes are rare and a lost revocation is a security bug: fsync them.
         self._conn.execute("PRAGMA synchronous = FULL")
-        self._migrate()
+        while_busy(self._migrate)
 
     def _migrate(self) -> None:
         """Create the table, or add the columns a key file from an older tierq lacks.

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Final
 
 from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
 from tierq.metrics import LAG_BUCKETS_S, Histogram
-from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability
+from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability, while_busy
 from tierq.tiers import Tier, TierReason, one_of
 
 __all__ = [
@@ -203,7 +203,7 @@ def connect(path: str, durability: Durability = "process") -> sqlite3.Connection
     # WAL: readers never block the writer. NORMAL: a commit is a write to the WAL
     # (survives kill -9, not power loss); FULL fsyncs each commit (group commit,
     # since a commit carries a whole batch).
-    conn.execute("PRAGMA journal_mode = WAL")
+    while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'power' else 'NORMAL'}")
     conn.executescript(LEDGER_SCHEMA)
     # The writer's migration (core/ledger.rs), so that a reader of a file an

@@ -8,7 +8,10 @@ none of them needs tierq.config (or any TOML) to know these.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Final, Literal, TypeVar
 
 import yarl
 
@@ -23,6 +26,7 @@ __all__ = [
     "shown_url",
     "sqlite_path",
     "store_kind",
+    "while_busy",
 ]
 
 # Ledger durability (tierq.ledger): "process" = WAL + synchronous=NORMAL (a
@@ -38,6 +42,25 @@ PG_SCHEMES: Final = ("postgresql", "postgres")
 
 #: The ledger and the key store may share one SQLite file; both wait this long for its lock.
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
+
+_T = TypeVar("_T")
+
+
+def while_busy(step: Callable[[], _T]) -> _T:
+    """Runs `step` again while SQLite answers it busy, for up to the busy timeout
+    (the Rust writer's `while_busy` in core/ledger.rs is the same rule). The busy
+    handler covers most waits, but not the ones SQLite's deadlock rule answers at
+    once: on a file still in rollback mode one opener's switch to WAL meets
+    another's `BEGIN IMMEDIATE` and is refused without waiting."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            busy = getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 def sqlite_path(url_or_path: str) -> str:
