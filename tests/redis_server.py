@@ -20,15 +20,47 @@ import pytest
 from ports import free_port
 
 
-def redis_server_binary() -> str:
-    """The redis-server to run; skips (fails in CI) when there is none."""
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+def _binary(name: str, needed_by: str) -> str:
+    """The `name` binary (on PATH or Debian's /usr/bin); skips when there is
+    none, and fails in CI (CI set), which must run `needed_by`."""
+    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (CI must run the cluster tests)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+            pytest.fail(f"{name} is not installed (CI must run {needed_by})")
+        pytest.skip(f"{name} is not installed (apt-get install {name})")
     return found
+
+
+def _until_pong(proc: subprocess.Popen[bytes], port: int, log: Path, name: str) -> None:
+    """Waits until the server `proc` started on `port` answers PING (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: see {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{name} did not answer PING within 20 s")
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def redis_server_binary() -> str:
+    """The redis-server to run; skips (fails in CI) when there is none."""
+    return _binary("redis-server", "the cluster tests")
 
 
 class RedisServer:
@@ -55,19 +87,7 @@ class RedisServer:
                  str(self.folder), "--save", "", "--appendonly", "no", "--protected-mode", "yes",
                  *self.args],
                 stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: see {self.folder / 'redis.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 20 s")
+        _until_pong(self.proc, self.port, self.folder / "redis.log", "redis-server")
 
     def kill(self) -> None:
         """SIGKILL, as a crashed or lost primary: no goodbye to anyone."""
@@ -79,25 +99,14 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _terminate(self.proc)
         self.proc = None
 
 
 def redis_sentinel_binary() -> str:
     """The redis-sentinel to run (Debian's redis-sentinel package); skips
     (fails in CI) when there is none."""
-    found = shutil.which("redis-sentinel") or (
-        "/usr/bin/redis-sentinel" if Path("/usr/bin/redis-sentinel").exists() else None)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-sentinel is not installed (CI must run the failover test)")
-        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
-    return found
+    return _binary("redis-sentinel", "the failover test")
 
 
 class RedisSentinel:
@@ -123,28 +132,11 @@ class RedisSentinel:
         with (self.folder / "sentinel.log").open("ab") as log:
             self.proc = subprocess.Popen([self.binary, str(self.folder / "sentinel.conf")],
                                          stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-sentinel exited: see {self.folder / 'sentinel.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("redis-sentinel did not answer PING within 20 s")
+        _until_pong(self.proc, self.port, self.folder / "sentinel.log", "redis-sentinel")
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            _terminate(self.proc)
             self.proc = None
 
 
