@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from conftest import PRIORITY_MODEL, GatewayFactory, Running, model_config
@@ -96,6 +97,16 @@ async def test_a_spent_budget_serves_default_until_the_utc_day_turns_and_a_resta
     assert await _ask(running, other) == ("priority", None)
     rows = running.ledger.rows()
     assert [r.tier_reason for r in rows] == [None, "budget", "budget", None, None]
+    # Counted in /metrics and /status.json, per model and reason.
+    async with aiohttp.ClientSession() as s:
+        async with s.get(running.root + "/metrics") as r:
+            text = await r.text()
+        async with s.get(running.root + "/status.json") as r:
+            status = await r.json()
+    assert f'tierq_downgrades_total{{model="{PRIORITY_MODEL}",reason="budget"}} 2\n' in text
+    assert 'reason="ramp"' not in text
+    assert status["downgrades"] == {"ramp": 0, "budget": 2,
+                                    "models": {PRIORITY_MODEL: {"ramp": 0, "budget": 2}}}
     assert [r.applied_tier for r in rows] == ["priority", "default", "default", "priority",
                                               "priority"]
 

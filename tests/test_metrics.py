@@ -239,3 +239,31 @@ def test_label_values_are_escaped() -> None:
     text = render_prometheus([m.snapshot([], ready=False)])
     assert 'model="we\\"ird\\\\model\\nx"' in text
     assert parse(text)["tierq_ready"] == 0
+
+
+def test_downgrades_are_counted_per_model_and_reason_and_summed_over_workers() -> None:
+    from tierq.metrics import snapshot_from_json, snapshot_to_json
+
+    workers = []
+    for pid, budget in ((201, 2), (202, 3)):
+        m = GatewayMetrics()
+        for _ in range(budget):
+            m.observe_downgrade("m", "budget")
+        m.observe_downgrade("n", "ramp")
+        # Exchanged between workers as JSON, as tierq.workers.SnapshotBoard does.
+        workers.append(snapshot_from_json(snapshot_to_json(replace(m.snapshot([], ready=True),
+                                                                    pid=pid))))
+    text = render_prometheus(workers)
+    samples = parse(text)
+    assert "# TYPE tierq_downgrades_total counter" in text
+    assert samples['tierq_downgrades_total{model="m",reason="budget"}'] == 5
+    assert samples['tierq_downgrades_total{model="n",reason="ramp"}'] == 2
+    assert 'tierq_downgrades_total{model="m",reason="ramp"}' not in samples
+    assert status_json(workers)["downgrades"] == {
+        "ramp": 2, "budget": 5,
+        "models": {"m": {"ramp": 0, "budget": 5}, "n": {"ramp": 2, "budget": 0}}}
+    # None made: the family is still declared, with no sample.
+    empty = render_prometheus([GatewayMetrics().snapshot([], ready=True)])
+    assert "# TYPE tierq_downgrades_total counter" in empty
+    assert status_json([GatewayMetrics().snapshot([], ready=True)])["downgrades"] == {
+        "ramp": 0, "budget": 0, "models": {}}

@@ -184,3 +184,32 @@ async def test_status_page_shows_the_shadow_panel_with_what_a_limit_in_shadow_wo
     assert panel and panel.group(1) is None, "the shadow panel is hidden"
     assert re.search(r'<span data-decision="rate_limited" class="shed"><b>5</b>', panel.group(2))
     assert f"{PRIORITY_MODEL} (5 would have been shed)" in panel.group(2)
+
+
+@pytest.mark.timeout(150)
+async def test_status_page_shows_the_downgrades_panel_with_each_models_count_by_reason(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    from tierq.config import Config, KeysConfig, LedgerConfig, UpstreamConfig
+
+    gw = await make_gateway(config=Config(
+        ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
+        upstreams=(UpstreamConfig("sim", "", "sim"),), models=(model_config(PRIORITY_MODEL),),
+        keys=KeysConfig(path=str(tmp_path / "keys.db"))))
+    assert gw.gw.keys is not None
+    _, token = gw.gw.keys.create("no priority", priority_budget_usd=0)
+    body = {"model": PRIORITY_MODEL, "service_tier": "priority", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "status page"}]}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(gw.url + "/chat/completions", data=orjson.dumps(body),
+                              headers={"Content-Type": "application/json",
+                                       "Authorization": f"Bearer {token}"}) as r:
+                await r.read()
+                assert r.status == 200 and r.headers["x-tierq-service-tier-reason"] == "budget"
+    dom = html.unescape(await _browser(gw.root + "/status", tmp_path, "--dump-dom"))
+    panel = re.search(r'<section id="downgrades-panel"( hidden="")?>(.*?)</section>', dom, re.S)
+    assert panel and panel.group(1) is None, "the downgrades panel is hidden"
+    assert re.search(r'<span data-reason="budget" class="shed"><b>3</b> budget', panel.group(2))
+    assert re.search(r'<span data-reason="ramp" class=""><b>0</b> ramp', panel.group(2))
+    assert f"{PRIORITY_MODEL}: 0 ramp, 3 budget" in panel.group(2)

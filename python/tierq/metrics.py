@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from tierq.fairness import FlowLine, flows_json, merge
 from tierq.shadow import DECISIONS as SHADOW_DECISIONS
-from tierq.tiers import Tier
+from tierq.tiers import Tier, TierReason
 
 __all__ = [
     "LAG_BUCKETS_S",
@@ -44,6 +44,8 @@ __all__ = [
 # The tiers' names as plain str, in lane order: the labels and the status JSON's
 # keys (orjson takes only exact str as a dict key, not a Tier).
 TIERS: Final = tuple(tier.value for tier in Tier)
+# Why a request was downgraded (tierq.downgrades), as plain str the same way.
+REASONS: Final = tuple(reason.value for reason in TierReason)
 # Upper bounds in seconds (Prometheus `le`), +Inf implied. Covers a cached
 # embedding (5 ms) to a long generation (2 min).
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -154,6 +156,9 @@ class WorkerSnapshot:
     fairness_ignored: int = 0
     # tierq.shadow decision -> n: what limits in shadow mode decided, not applied
     shadow: Mapping[str, int] = field(default_factory=dict)
+    # (model, reason) -> n: requests downgraded (served default by their key's
+    # ramp rule or priority budget, tierq.downgrades), counted at their outcome
+    downgrades: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # The config in force: its file's sha256 ("" for the embedded default) and
     # when it was loaded (epoch s); reloads by result ("applied", "error").
     config_sha256: str = ""
@@ -181,6 +186,7 @@ class GatewayMetrics:
         }
         self.fairness_ignored = 0
         self.shadow: dict[str, int] = {}
+        self.downgrades: dict[tuple[str, str], int] = {}
         # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
         self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
                                self.hist["ttft", t]) for t in TIERS}
@@ -237,6 +243,12 @@ class GatewayMetrics:
         for d in decisions:
             shadow[d] = shadow.get(d, 0) + 1
 
+    def observe_downgrade(self, model: str, reason: str) -> None:
+        """A request its key's ramp rule or budget served default (applied, not
+        shadow): counted with its outcome, once."""
+        k = (model, reason)
+        self.downgrades[k] = self.downgrades.get(k, 0) + 1
+
     def observe_prediction(self, tier: Tier, predicted_s: float, realized_s: float) -> None:
         """An admitted request's predicted wait in line (the core's, at join)
         against the wait it had: the error, by whether it waited longer ("under":
@@ -286,6 +298,7 @@ class GatewayMetrics:
             cluster=cluster,
             fairness_ignored=self.fairness_ignored,
             shadow=dict(self.shadow),
+            downgrades=dict(self.downgrades),
             config_sha256=config[0], config_loaded=config[1], reloads=dict(self.reloads),
         )
 
@@ -324,6 +337,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "cluster": s.cluster,
         "fairness_ignored": s.fairness_ignored,
         "shadow": s.shadow,
+        "downgrades": [[*k, n] for k, n in s.downgrades.items()],
         "config": [s.config_sha256, s.config_loaded, s.reloads],
     })
 
@@ -355,6 +369,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         cluster=d.get("cluster"),
         fairness_ignored=int(d.get("fairness_ignored", 0)),
         shadow={str(k): int(n) for k, n in d.get("shadow", {}).items()},
+        downgrades={(str(r[0]), str(r[1])): int(r[2]) for r in d.get("downgrades", [])},
         config_sha256=str(d.get("config", ["", 0.0, {}])[0]),
         config_loaded=float(d.get("config", ["", 0.0, {}])[1]),
         reloads={str(k): int(v) for k, v in d.get("config", ["", 0.0, {}])[2].items()},
@@ -464,6 +479,7 @@ class _Scrape:
     cluster: Mapping[str, Any] | None
     lag: HistogramData | None
     costs: dict[tuple[str, str], int]  # (model, tier) -> femto-USD
+    downgrades: dict[tuple[str, str], int]  # (model, reason) -> n
 
     @classmethod
     def of(cls, snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> _Scrape:
@@ -472,10 +488,12 @@ class _Scrape:
         errors: dict[tuple[str, str, str], int] = {}
         hists: dict[tuple[str, str], HistogramData] = {}
         costs: dict[tuple[str, str], int] = {}
+        downgrades: dict[tuple[str, str], int] = {}
         lag: HistogramData | None = None
         for s in snapshots:
             _sum_into(requests, s.requests)
             _sum_into(costs, s.costs)
+            _sum_into(downgrades, s.downgrades)
             _sum_into(sheds, s.sheds)
             _sum_into(errors, s.upstream_errors)
             for k, h in s.histograms.items():
@@ -486,7 +504,7 @@ class _Scrape:
             snapshots, sorted(_pools(snapshots, shared_admission), key=lambda p: p.model),
             requests, sheds, errors, hists,
             [s.ledger_spool for s in snapshots if s.ledger_spool is not None],
-            _cluster(snapshots), lag, costs,
+            _cluster(snapshots), lag, costs, downgrades,
         )
 
 
@@ -610,6 +628,12 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
             "USD billed per model and applied tier (the ledger rows' cost, summed).",
             lambda s: [([("model", model), ("tier", tier)], femto / _FEMTO)
                        for (model, tier), femto in sorted(s.costs.items())]),
+    _Family("tierq_downgrades_total", "counter",
+            "Priority requests served default by their key's ramp rule or daily priority budget "
+            "(echoed, billed and recorded as default, header x-tierq-service-tier-reason), per "
+            "model and reason (ramp, budget). Shadow mode's are in tierq_shadow_decisions_total.",
+            lambda s: [([("model", model), ("reason", reason)], n)
+                       for (model, reason), n in sorted(s.downgrades.items())]),
     _Family("tierq_upstream_errors_total", "counter",
             "Requests failed by the upstream (connect, timeout, 5xx, broken stream).",
             _counted(lambda s: s.errors, ("model", "upstream", "code"))),
@@ -785,8 +809,20 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         "series": {"step_s": SERIES_STEP_S, "points": points},
         "cluster": _cluster(snapshots),
         "shadow": {d: sum(s.shadow.get(d, 0) for s in snapshots) for d in SHADOW_DECISIONS},
+        "downgrades": _downgrades(snapshots),
         "config": _config(snapshots),
     }
+
+
+def _downgrades(snapshots: Sequence[WorkerSnapshot]) -> dict[str, Any]:
+    """The downgrades made (applied), per reason over every model, and per model."""
+    by_model: dict[str, dict[str, int]] = {}
+    for s in snapshots:
+        for (model, reason), n in s.downgrades.items():
+            counts = by_model.setdefault(model, dict.fromkeys(REASONS, 0))
+            counts[reason] = counts.get(reason, 0) + n
+    return {**{r: sum(m.get(r, 0) for m in by_model.values()) for r in REASONS},
+            "models": {model: by_model[model] for model in sorted(by_model)}}
 
 
 def _config(snapshots: Sequence[WorkerSnapshot]) -> dict[str, Any]:

@@ -393,6 +393,8 @@ class Exchange:
         shadow = self.shadow_decisions
         if shadow:
             self.gw.metrics.observe_shadow(shadow)
+        if self.reason is not None:
+            self.gw.metrics.observe_downgrade(row.model, self.reason)
         if access_enabled():
             access_line(self.request, self.info, o.http_status, latency_s, row, shadow)
         if self.trace is not None and self.trace.sampled:
