@@ -259,3 +259,45 @@ def test_bucket_the_core_refuses_is_a_config_error_not_a_startup_traceback(tmp_p
 def test_priority_reserve_of_one_is_a_config_error(tmp_path: Path) -> None:
     msg = error_of(tmp_path, _BUCKET_MODEL + "rate = 10.0\npriority_reserve = 1.0\n")
     assert "models[0].admission.priority_reserve" in msg and "below 1" in msg
+
+
+def test_upstream_health_settings_default_to_the_stated_rule_and_are_read(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[[upstreams]]
+name = "a"
+base_url = "http://127.0.0.1:9001/v1"
+[[upstreams]]
+name = "b"
+base_url = "http://127.0.0.1:9002/v1"
+[upstreams.health]
+consecutive_failures = 3
+base_ejection_s = 600
+max_ejection_percent = 25
+slow_start_s = 0
+probe_interval_s = 0.5
+"""))
+    a, b = cfg.upstreams
+    assert (a.health.consecutive_failures, a.health.base_ejection_s, a.health.max_ejection_s,
+            a.health.max_ejection_percent, a.health.slow_start_s, a.health.probe_interval_s) == \
+        (5, 30.0, 300.0, 50, 10.0, 1.0)
+    # A base above the default cap raises the cap with it.
+    assert (b.health.consecutive_failures, b.health.base_ejection_s, b.health.max_ejection_s,
+            b.health.max_ejection_percent, b.health.slow_start_s, b.health.probe_interval_s) == \
+        (3, 600.0, 600.0, 25, 0.0, 0.5)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("consecutive_failures = 0",
+     "upstreams[0].health.consecutive_failures: must be between 1 and 1000, got 0"),
+    ("max_ejection_percent = 101",
+     "upstreams[0].health.max_ejection_percent: must be between 0 and 100, got 101"),
+    ("base_ejection_s = 60\nmax_ejection_s = 30",
+     "upstreams[0].health.max_ejection_s: must be at least base_ejection_s (60.0), got 30.0"),
+    ("probe_interval_s = 0",
+     "upstreams[0].health.probe_interval_s: must be greater than 0 and at most 3600, got 0"),
+    ("ejection = 1", "upstreams[0].health.ejection: unknown key"),
+])
+def test_upstream_health_errors_are_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    message = error_of(tmp_path, '[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n'
+                                 f"[upstreams.health]\n{text}\n")
+    assert message.replace(str(tmp_path) + "/", "") == f"tierq.toml: {expected}"

@@ -18,6 +18,7 @@ import yarl
 
 from tierq._core import PoolSettings, SettingsError
 from tierq.catalog import builtin_prices
+from tierq.health import HEALTH_DEFAULTS, HealthSettings
 from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 from tierq.storage import DEFAULT_LEDGER_URL, DEFAULT_SPOOL, Durability, StoreKind, sqlite_path, store_kind
 from tierq.toml_tables import ConfigError, Table, read_toml, show
@@ -132,6 +133,8 @@ class UpstreamConfig:
     metrics: bool = True
     metrics_url: str | None = None
     metrics_interval_ms: float = 100.0
+    # `[upstreams.health]`: when a replica is ejected and how it comes back.
+    health: HealthSettings = HEALTH_DEFAULTS
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -424,11 +427,30 @@ class _Parser:
                 raise t.fail("metrics_url", 'not allowed for kind "sim" (its own /metrics is read)')
             metrics_url = self.url(t, "metrics_url", metrics_url)
         interval = _f(t.number("metrics_interval_ms", d_up.metrics_interval_ms, 10.0, 60000.0))
+        health = self.health(t.table("health"))
         t.done()
         return UpstreamConfig(
             name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
-            connect, read, max_conn, sim, metrics, metrics_url, interval,
+            connect, read, max_conn, sim, metrics, metrics_url, interval, health=health,
         )
+
+    def health(self, t: Table) -> HealthSettings:
+        d = HEALTH_DEFAULTS
+        base = _f(t.number("base_ejection_s", d.base_ejection_s, 0.0, 86400.0, lo_open=True))
+        cap = _f(t.number("max_ejection_s", max(d.max_ejection_s, base), 0.0, 86400.0, lo_open=True))
+        if cap < base:
+            raise t.fail("max_ejection_s", f"must be at least base_ejection_s ({base}), got {cap}")
+        health = HealthSettings(
+            consecutive_failures=_i(t.integer("consecutive_failures", d.consecutive_failures, 1, 1000)),
+            base_ejection_s=base,
+            max_ejection_s=cap,
+            max_ejection_percent=_i(t.integer("max_ejection_percent", d.max_ejection_percent, 0, 100)),
+            slow_start_s=_f(t.number("slow_start_s", d.slow_start_s, 0.0, 3600.0)),
+            probe_interval_s=_f(t.number("probe_interval_s", d.probe_interval_s, 0.0, 3600.0,
+                                         lo_open=True)),
+        )
+        t.done()
+        return health
 
     def base_url(self, t: Table, value: str) -> str:
         return self.url(t, "base_url", value)
