@@ -4,11 +4,16 @@ sockets in tests/test_gateway_replicas_health.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 
 import pytest
 
 from tierq.health import Health, HealthSettings, Outcome, ReplicaState
+from tierq.probes import HealthLoop, target_of
+
+from ports import free_port
 
 
 class Clock:
@@ -186,3 +191,77 @@ def test_snapshot_says_what_status_shows() -> None:
 def test_settings_out_of_range_are_refused_naming_the_key(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         HealthSettings(**bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ the probe loop
+
+
+async def _until(cond: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _listen(port: int) -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+    return await asyncio.start_server(answer, "127.0.0.1", port, reuse_address=True)
+
+
+def test_a_probe_target_is_the_endpoints_host_and_port() -> None:
+    assert target_of("http://10.0.0.1:8000/v1") == ("10.0.0.1", 8000)
+    assert target_of("https://engine.example/v1") == ("engine.example", 443)
+    assert target_of("http://[::1]:9000/v1") == ("::1", 9000)
+
+
+async def test_a_replica_that_refused_connections_is_back_once_it_listens_again() -> None:
+    clock = Clock()
+    port = free_port()
+    h = Health(2, HealthSettings(probe_interval_s=0.5), clock=clock)
+    told: list[tuple[int, ReplicaState, float]] = []
+    loop = HealthLoop("up", h, ["http://127.0.0.1:1/v1", f"http://127.0.0.1:{port}/v1"],
+                      lambda i, st, share: told.append((i, st, share)))
+    try:
+        fail(h, 1, 5, Outcome.UNREACHABLE)
+        loop.check()
+        assert told == [(1, ReplicaState.EJECTED, 0.0)]
+        clock.advance(0.5)
+        loop.check()  # nothing listens on the port: the probe fails
+        await _until(lambda: not loop._probes, "the probe ended")
+        assert not h.healthy(1)
+        server = await _listen(port)
+        try:
+            clock.advance(0.5)
+            loop.check()
+            await _until(lambda: h.healthy(1), "the probe connected")
+        finally:
+            server.close()
+            await server.wait_closed()
+        loop.check()
+        assert told[-1] == (1, ReplicaState.SLOW_START, 0.0)
+        clock.advance(5.0)
+        loop.check()
+        assert told[-1] == (1, ReplicaState.SLOW_START, 0.5)
+        clock.advance(5.0)
+        loop.check()
+        assert told[-1] == (1, ReplicaState.HEALTHY, 1.0)
+        assert all(i == 1 for i, _, _ in told)
+    finally:
+        await loop.stop()
+
+
+async def test_the_loop_runs_the_checks_itself_until_stopped() -> None:
+    h = Health(2, HealthSettings(base_ejection_s=0.2, slow_start_s=0.0))
+    told: list[ReplicaState] = []
+    loop = HealthLoop("up", h, ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"],
+                      lambda i, st, share: told.append(st), tick_s=0.01)
+    loop.start()
+    try:
+        fail(h, 0, 5)
+        await _until(lambda: told[-1:] == [ReplicaState.HEALTHY], "back after its back-off")
+        assert told == [ReplicaState.EJECTED, ReplicaState.HEALTHY]
+    finally:
+        await loop.stop()
