@@ -267,3 +267,44 @@ def test_downgrades_are_counted_per_model_and_reason_and_summed_over_workers() -
     assert "# TYPE tierq_downgrades_total counter" in empty
     assert status_json([GatewayMetrics().snapshot([], ready=True)])["downgrades"] == {
         "ramp": 0, "budget": 0, "models": {}}
+
+
+def test_replicas_and_retries_reach_metrics_and_status_through_the_worker_exchange() -> None:
+    from tierq.health import ReplicaState
+    from tierq.metrics import REPLICA_STATES, replica_line, snapshot_from_json, snapshot_to_json
+
+    assert set(REPLICA_STATES) == {s.value for s in ReplicaState}
+    lines = (
+        replica_line("http://a:8000/v1", {"in_flight": 3, "limit": 4, "waiting": 1, "grants": 10},
+                     {"health": "healthy", "ejections": 0}, (1000, 250)),
+        replica_line("http://b:8000/v1", {"in_flight": 0, "limit": 1, "waiting": 0, "grants": 2},
+                     {"health": "slow_start", "ejections": 2}, None),
+    )
+    m = GatewayMetrics()
+    m.observe_retry("m", "up", "unreachable")
+    m.observe_retry("m", "up", "unreachable")
+    m.observe_retry("m", "up", "failed")
+    pools = [PoolSnapshot("m", "up", True, 8, {"limit": 5}, replicas=lines),
+             PoolSnapshot("n", "up", True, 8, {"limit": 5}, replicas=lines)]
+    snap = snapshot_from_json(snapshot_to_json(m.snapshot(pools, ready=True)))
+    text = render_prometheus([snap])
+    samples = parse(text)
+    assert samples['tierq_replica_in_flight{model="m",replica="0"}'] == 3
+    assert samples['tierq_replica_limit{model="n",replica="1"}'] == 1
+    assert samples['tierq_replica_grants_total{model="m",replica="0"}'] == 10
+    # Health is the upstream's: once per upstream, however many pools it serves.
+    assert samples['tierq_replica_health{upstream="up",replica="1",state="slow_start"}'] == 1
+    assert samples['tierq_replica_health{upstream="up",replica="1",state="ejected"}'] == 0
+    assert text.count('tierq_replica_health{upstream="up",replica="0",state="healthy"}') == 1
+    assert samples['tierq_replica_ejections_total{upstream="up",replica="1"}'] == 2
+    assert samples['tierq_replica_prefix_cache_hit_ratio{upstream="up",replica="0"}'] == 0.25
+    assert 'tierq_replica_prefix_cache_hit_ratio{upstream="up",replica="1"}' not in samples
+    assert samples['tierq_upstream_retries_total{model="m",upstream="up",reason="unreachable"}'] == 2
+    assert samples['tierq_upstream_retries_total{model="m",upstream="up",reason="failed"}'] == 1
+    pool = next(p for p in status_json([snap])["pools"] if p["model"] == "m")
+    assert [r["endpoint"] for r in pool["replicas"]] == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert pool["replicas"][0]["prefix_hit_rate"] == 0.25 and pool["replicas"][1]["health"] == "slow_start"
+    # A pool of one endpoint shows no replica families and no "replicas" key.
+    plain = m.snapshot([PoolSnapshot("m", "up", True, 8, {"limit": 5})], ready=True)
+    assert "tierq_replica_limit" not in render_prometheus([plain])
+    assert "replicas" not in status_json([plain])["pools"][0]

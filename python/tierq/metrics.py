@@ -34,8 +34,10 @@ __all__ = [
     "GatewayMetrics",
     "Histogram",
     "PoolSnapshot",
+    "REPLICA_STATES",
     "WorkerSnapshot",
     "render_prometheus",
+    "replica_line",
     "snapshot_from_json",
     "snapshot_to_json",
     "status_json",
@@ -122,6 +124,10 @@ class PoolSnapshot:
     # This process's tierq.fairness.FlowBoard.data(): per-process even when the
     # admission state is shared, so the workers' lines are summed.
     flows: tuple[FlowLine, ...] = ()
+    # With several endpoints, one per replica (`replica_line`): its endpoint,
+    # the core's slots held, limit, engine queue and grants, this process's
+    # view of its health, and its engine's prefix-cache counters when scraped.
+    replicas: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +165,20 @@ class WorkerSnapshot:
     # (model, reason) -> n: requests downgraded (served default by their key's
     # ramp rule or priority budget, tierq.downgrades), counted at their outcome
     downgrades: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # (model, upstream, reason) -> n: tries sent again on another replica
+    # after one failed before any byte reached the client (reason: the
+    # tierq.health outcome, "failed" or "unreachable")
+    retries: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
     # The config in force: its file's sha256 ("" for the embedded default) and
     # when it was loaded (epoch s); reloads by result ("applied", "error").
     config_sha256: str = ""
     config_loaded: float = 0.0
     reloads: Mapping[str, int] = field(default_factory=dict)
 
+
+#: A replica's health states (tierq.health.ReplicaState's values), each a
+#: `tierq_replica_health{state}` sample.
+REPLICA_STATES: Final = ("healthy", "slow_start", "ejected")
 
 #: The results a config reload counts (`tierq_config_reload_total{result}`).
 RELOAD_RESULTS: Final = ("applied", "error")
@@ -187,6 +201,7 @@ class GatewayMetrics:
         self.fairness_ignored = 0
         self.shadow: dict[str, int] = {}
         self.downgrades: dict[tuple[str, str], int] = {}
+        self.retries: dict[tuple[str, str, str], int] = {}
         # tier -> (latency, queue_wait, ttft): one lookup on the hot path.
         self._tier_hist = {t: (self.hist["latency", t], self.hist["queue_wait", t],
                                self.hist["ttft", t]) for t in TIERS}
@@ -249,6 +264,11 @@ class GatewayMetrics:
         k = (model, reason)
         self.downgrades[k] = self.downgrades.get(k, 0) + 1
 
+    def observe_retry(self, model: str, upstream: str, reason: str) -> None:
+        """A request sent again on another replica (tierq.app), once per move."""
+        k = (model, upstream, reason)
+        self.retries[k] = self.retries.get(k, 0) + 1
+
     def observe_prediction(self, tier: Tier, predicted_s: float, realized_s: float) -> None:
         """An admitted request's predicted wait in line (the core's, at join)
         against the wait it had: the error, by whether it waited longer ("under":
@@ -299,6 +319,7 @@ class GatewayMetrics:
             fairness_ignored=self.fairness_ignored,
             shadow=dict(self.shadow),
             downgrades=dict(self.downgrades),
+            retries=dict(self.retries),
             config_sha256=config[0], config_loaded=config[1], reloads=dict(self.reloads),
         )
 
@@ -322,8 +343,8 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
     """A snapshot as JSON, for another worker to read (`snapshot_from_json`)."""
     return orjson.dumps({
         "pid": s.pid, "time": s.time, "ready": s.ready,
-        "pools": [[p.model, p.upstream, p.priority, p.queue_capacity, p.stats, p.flows]
-                  for p in s.pools],
+        "pools": [[p.model, p.upstream, p.priority, p.queue_capacity, p.stats, p.flows,
+                   list(p.replicas)] for p in s.pools],
         "requests": [[*k, n] for k, n in s.requests.items()],
         "sheds": [[*k, n] for k, n in s.sheds.items()],
         "upstream_errors": [[*k, n] for k, n in s.upstream_errors.items()],
@@ -338,6 +359,7 @@ def snapshot_to_json(s: WorkerSnapshot) -> bytes:
         "fairness_ignored": s.fairness_ignored,
         "shadow": s.shadow,
         "downgrades": [[*k, n] for k, n in s.downgrades.items()],
+        "retries": [[*k, n] for k, n in s.retries.items()],
         "config": [s.config_sha256, s.config_loaded, s.reloads],
     })
 
@@ -352,7 +374,8 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         pid=int(d["pid"]), time=float(d["time"]), ready=bool(d["ready"]),
         pools=tuple(PoolSnapshot(p[0], p[1], bool(p[2]), int(p[3]), p[4],
                                  tuple((str(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]))
-                                       for f in p[5]))
+                                       for f in p[5]),
+                                 tuple(p[6]) if len(p) > 6 else ())
                     for p in d["pools"]),
         requests=counts(d["requests"]), sheds=counts(d["sheds"]),
         upstream_errors=counts(d["upstream_errors"]),
@@ -370,6 +393,7 @@ def snapshot_from_json(data: bytes) -> WorkerSnapshot:
         fairness_ignored=int(d.get("fairness_ignored", 0)),
         shadow={str(k): int(n) for k, n in d.get("shadow", {}).items()},
         downgrades={(str(r[0]), str(r[1])): int(r[2]) for r in d.get("downgrades", [])},
+        retries=counts(d.get("retries", [])),
         config_sha256=str(d.get("config", ["", 0.0, {}])[0]),
         config_loaded=float(d.get("config", ["", 0.0, {}])[1]),
         reloads={str(k): int(v) for k, v in d.get("config", ["", 0.0, {}])[2].items()},
@@ -403,7 +427,7 @@ def _pools(snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> list[
             have = merged.get(p.model)
             merged[p.model] = p if have is None else PoolSnapshot(
                 p.model, p.upstream, p.priority, have.queue_capacity + p.queue_capacity,
-                _add_stats(have.stats, p.stats))
+                _add_stats(have.stats, p.stats), replicas=p.replicas or have.replicas)
     return [dataclasses.replace(p, flows=tuple(merge(flows[p.model])))
             for p in merged.values()]
 
@@ -480,6 +504,7 @@ class _Scrape:
     lag: HistogramData | None
     costs: dict[tuple[str, str], int]  # (model, tier) -> femto-USD
     downgrades: dict[tuple[str, str], int]  # (model, reason) -> n
+    retries: dict[tuple[str, str, str], int]  # (model, upstream, reason) -> n
 
     @classmethod
     def of(cls, snapshots: Sequence[WorkerSnapshot], shared_admission: bool) -> _Scrape:
@@ -489,8 +514,10 @@ class _Scrape:
         hists: dict[tuple[str, str], HistogramData] = {}
         costs: dict[tuple[str, str], int] = {}
         downgrades: dict[tuple[str, str], int] = {}
+        retries: dict[tuple[str, str, str], int] = {}
         lag: HistogramData | None = None
         for s in snapshots:
+            _sum_into(retries, s.retries)
             _sum_into(requests, s.requests)
             _sum_into(costs, s.costs)
             _sum_into(downgrades, s.downgrades)
@@ -504,7 +531,7 @@ class _Scrape:
             snapshots, sorted(_pools(snapshots, shared_admission), key=lambda p: p.model),
             requests, sheds, errors, hists,
             [s.ledger_spool for s in snapshots if s.ledger_spool is not None],
-            _cluster(snapshots), lag, costs, downgrades,
+            _cluster(snapshots), lag, costs, downgrades, retries,
         )
 
 
@@ -545,6 +572,49 @@ def _counted(field_: Callable[[_Scrape], Mapping[tuple[str, str, str], int]],
 def _served_histogram(name: str) -> Callable[[_Scrape], Iterable[Sample]]:
     return lambda s: [([("tier", tier)], h) for tier in TIERS
                       if (h := s.hists.get((name, tier))) is not None]
+
+
+def _per_replica(key: str) -> Callable[[_Scrape], Iterable[Sample]]:
+    """One sample per pool and replica of a replica line's number."""
+    return lambda s: [([("model", p.model), ("replica", str(i))], int(r.get(key) or 0))
+                      for p in s.pools for i, r in enumerate(p.replicas)]
+
+
+def _upstream_replicas(s: _Scrape) -> list[tuple[str, int, Mapping[str, Any]]]:
+    """Each upstream's replicas once (the pools of one upstream share its
+    replicas' health and engines): (upstream, replica, line)."""
+    seen: set[str] = set()
+    out: list[tuple[str, int, Mapping[str, Any]]] = []
+    for p in s.pools:
+        if p.replicas and p.upstream not in seen:
+            seen.add(p.upstream)
+            out.extend((p.upstream, i, r) for i, r in enumerate(p.replicas))
+    return out
+
+
+def _replica_states(s: _Scrape) -> list[Sample]:
+    return [([("upstream", up), ("replica", str(i)), ("state", state)], int(r.get("health") == state))
+            for up, i, r in _upstream_replicas(s) for state in REPLICA_STATES]
+
+
+def _has_replicas(s: _Scrape) -> bool:
+    return any(p.replicas for p in s.pools)
+
+
+def replica_line(endpoint: str, core: Mapping[str, Any], health: Mapping[str, Any],
+                 prefix: tuple[int, int] | None) -> dict[str, Any]:
+    """One replica as a pool's snapshot carries it: `core` its slots
+    (core/replicas.rs stats: in_flight, limit, waiting, grants), `health` its
+    tierq.health snapshot, `prefix` its engine's prefix-cache (queries, hits)
+    counters in tokens when scraped (vLLM's vllm:prefix_cache_*_total)."""
+    line = {"endpoint": endpoint, "in_flight": int(core.get("in_flight", 0)),
+            "limit": int(core.get("limit", 0)), "waiting": int(core.get("waiting", 0)),
+            "grants": int(core.get("grants", 0)), **health}
+    queries, hits = prefix if prefix is not None else (None, None)
+    line["prefix_cache_queries"] = queries
+    line["prefix_cache_hits"] = hits
+    line["prefix_hit_rate"] = round(hits / queries, 4) if queries and hits is not None else None
+    return line
 
 
 def _limit(p: PoolSnapshot) -> int:
@@ -634,6 +704,33 @@ _FAMILIES: Final[tuple[_Family, ...]] = (
             "model and reason (ramp, budget). Shadow mode's are in tierq_shadow_decisions_total.",
             lambda s: [([("model", model), ("reason", reason)], n)
                        for (model, reason), n in sorted(s.downgrades.items())]),
+    _Family("tierq_replica_in_flight", "gauge",
+            "Requests holding a slot on each replica of a pool (upstream endpoints).",
+            _per_replica("in_flight"), _has_replicas),
+    _Family("tierq_replica_limit", "gauge",
+            "Each replica's concurrency limit in force (learned or fixed; ramped in slow start).",
+            _per_replica("limit"), _has_replicas),
+    _Family("tierq_replica_grants_total", "counter", "Slots granted on each replica.",
+            _per_replica("grants"), _has_replicas),
+    _Family("tierq_replica_health", "gauge",
+            "1 for each replica's health state (healthy, slow_start, ejected; tierq.health), "
+            "as the worker answering sees it.",
+            _replica_states, _has_replicas),
+    _Family("tierq_replica_ejections_total", "counter",
+            "Times each replica was ejected after consecutive failures.",
+            lambda s: [([("upstream", up), ("replica", str(i))], int(r.get("ejections", 0)))
+                       for up, i, r in _upstream_replicas(s)], _has_replicas),
+    _Family("tierq_replica_prefix_cache_hit_ratio", "gauge",
+            "Each replica's prefix-cache hits over queries (tokens, its engine's "
+            "vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total since it started).",
+            lambda s: [([("upstream", up), ("replica", str(i))], float(r["prefix_hit_rate"]))
+                       for up, i, r in _upstream_replicas(s) if r.get("prefix_hit_rate") is not None],
+            _has_replicas),
+    _Family("tierq_upstream_retries_total", "counter",
+            "Requests sent again on another replica after one failed before any byte reached "
+            "the client, per model, upstream and reason (failed: a 5xx; unreachable: refused, "
+            "reset or closed before an answer). Billed once, as one request.",
+            _counted(lambda s: s.retries, ("model", "upstream", "reason"))),
     _Family("tierq_upstream_errors_total", "counter",
             "Requests failed by the upstream (connect, timeout, 5xx, broken stream).",
             _counted(lambda s: s.errors, ("model", "upstream", "code"))),
@@ -773,6 +870,7 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
             "shadow_rate_limited": int(st.get("shadow_rate_limited", 0)),
             "flows": {"active": {lane: int(st.get("fair_flows_active", {}).get(lane, 0))
                                  for lane in TIERS}, **flows_json(p.flows)},
+            **({"replicas": [dict(r) for r in p.replicas]} if p.replicas else {}),
         })
     # Busy pools first, then the ones that ever saw traffic, then by name.
     pools.sort(key=lambda p: (-(p["in_flight"] + sum(p["depth"].values())),
