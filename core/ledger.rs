@@ -561,15 +561,16 @@ fn checkpoint_loop(shared: &Shared, conn: Connection) {
 }
 
 /// A readable-when-set flag for an event loop: an eventfd on Linux, a pipe
-/// elsewhere. Non-blocking on both ends.
-struct Notifier {
+/// elsewhere. Non-blocking on both ends. Also the upstream client's
+/// (crate::upstream): one wake-up per batch of answers.
+pub(crate) struct Notifier {
     read_fd: i32,
     write_fd: i32,
 }
 
 impl Notifier {
     #[cfg(target_os = "linux")]
-    fn new() -> Result<Notifier, CoreError> {
+    pub(crate) fn new() -> Result<Notifier, CoreError> {
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -579,7 +580,7 @@ impl Notifier {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn new() -> Result<Notifier, CoreError> {
+    pub(crate) fn new() -> Result<Notifier, CoreError> {
         let mut fds = [0i32; 2];
         // SAFETY: `fds` has room for the two descriptors pipe writes.
         if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
@@ -595,18 +596,18 @@ impl Notifier {
         Ok(Notifier { read_fd: fds[0], write_fd: fds[1] })
     }
 
-    fn fd(&self) -> i32 {
+    pub(crate) fn fd(&self) -> i32 {
         self.read_fd
     }
 
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live local. A full pipe or a saturated
         // eventfd (EAGAIN) is already readable, which is all a notify means.
         unsafe { libc::write(self.write_fd, (&one as *const u64).cast(), 8) };
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut buf = [0u8; 64];
         // SAFETY: reads into a live local buffer of the length given. An
         // eventfd read resets its counter; a pipe is read until empty.

@@ -22,6 +22,8 @@ pub mod mailbox;
 pub mod shm;
 pub mod settings;
 pub mod sse;
+#[cfg(not(loom))]
+pub mod upstream;
 mod sync;
 mod words;
 
