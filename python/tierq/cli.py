@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="a step over a batch of b takes (1 + (b-1)/knee) / tokens_per_s, so "
                         "throughput rises towards knee x tokens_per_s (default 2 x slots; inf: "
                         "no slow-down)")
+    s.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                   help="prefill speed for prompt tokens not in the prefix cache, on one "
+                        "prefill unit the engine's sequences share, first come first served, "
+                        "on top of --ttft-ms (default 0: prefill is --ttft-ms alone)")
+    s.add_argument("--prefix-cache-tokens", type=int, default=0,
+                   help="an LRU of cached prompt-prefix blocks (256 characters each) this many "
+                        "tokens large (default 0: no prefix cache)")
     s.add_argument("--scheduling", choices=SCHEDULING, default="fcfs",
                    help="waiting-queue order: fcfs, or priority (the body's int priority, lower "
                         "first, as vllm --scheduling-policy priority)")
@@ -460,7 +467,8 @@ def _sim(args: argparse.Namespace) -> int:
         run_sim(args.host, args.port, args.slots, args.ttft_ms, args.tokens_per_s, args.fault,
                 args.fault_delay_ms, batch_knee=args.batch_knee, scheduling=args.scheduling,
                 max_waiting=args.max_waiting, overload_status=args.overload_status,
-                metrics=not args.no_metrics)
+                metrics=not args.no_metrics, prefill_tokens_per_s=args.prefill_tokens_per_s,
+                prefix_cache_tokens=args.prefix_cache_tokens)
     except ValueError as e:  # a setting out of range, found before anything listens
         print(f"tierq sim: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from tierq.sim_engine import (
     SCHEDULING,
     Seq,
     SimState,
+    check_cache_tokens,
     check_knee,
     check_number,
     check_slots,
@@ -47,7 +48,7 @@ from tierq.sim_engine import (
 )
 
 __all__ = ["FAULTS", "FAULT_HEADER", "METRICS_MODEL_NAME", "SCHEDULING", "SimServer", "SimState",
-           "create_sim_app", "prometheus_text", "run_sim", "start_sim"]
+           "create_sim_app", "prometheus_text", "rendered_prompt", "run_sim", "start_sim"]
 
 DEFAULT_MAX_TOKENS: Final = 16
 MAX_OUTPUT_TOKENS: Final = 131_072
@@ -125,6 +126,28 @@ def _count_words(value: Any) -> int:
         # chat content parts ({"type": "text", "text": ...}) and messages
         return _count_words(value.get("text")) + _count_words(value.get("content"))
     return 0
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: their text, in order
+        return "".join(p["text"] for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def rendered_prompt(body: dict[str, Any], chat: bool) -> str:
+    """The prompt as one text, the prefix cache's input (docs/sim.md, "Prefix cache").
+
+    Chat: each message as its role, a newline, its text, a newline. Completions:
+    the prompt if it is a string, else its JSON.
+    """
+    if chat:
+        return "".join(f"{m.get('role')}\n{_content_text(m.get('content'))}\n"
+                       for m in body["messages"] if isinstance(m, dict))
+    prompt = body["prompt"]
+    return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
 
 
 def _max_tokens(body: dict[str, Any]) -> int:
@@ -327,8 +350,9 @@ class _Answer:
                                 content_type="text/event-stream")
         # A request that asked for a length gets "length", as an engine stops on the cap.
         finish = "length" if _max_tokens_given(body) else "stop"
+        prompt = rendered_prompt(body, self.chat) if self.state.prefix_cache_tokens else None
         seq = self.state.submit(self.n_tokens, self.prompt_tokens, self.priority, body["model"],
-                                finish)
+                                finish, prompt)
         if seq is None:
             return _overloaded(self.state)
         try:
@@ -555,6 +579,12 @@ async def _reset(request: web.Request) -> web.StreamResponse:
     return _json({"ok": True})
 
 
+async def _reset_prefix_cache(request: web.Request) -> web.StreamResponse:
+    """Forget every cached prefix block, as vLLM's POST /reset_prefix_cache."""
+    request.app[SIM_STATE].clear_prefix_cache()
+    return _json({"ok": True})
+
+
 async def _set_fault(request: web.Request) -> web.StreamResponse:
     """POST {"fault": name | null}: the default fault from now on (for a sim in another process)."""
     state = request.app[SIM_STATE]
@@ -570,7 +600,8 @@ async def _set_fault(request: web.Request) -> web.StreamResponse:
 
 
 async def _set_capacity(request: web.Request) -> web.StreamResponse:
-    """POST {"slots": N, "ttft_ms": .., "tokens_per_s": .., "batch_knee": ..} (any subset)."""
+    """POST {"slots": N, "ttft_ms": .., "tokens_per_s": .., "batch_knee": ..,
+    "prefill_tokens_per_s": ..} (any subset)."""
     state = request.app[SIM_STATE]
     try:
         body = orjson.loads(await request.read())
@@ -589,7 +620,8 @@ async def _set_capacity(request: web.Request) -> web.StreamResponse:
     return _json({"ok": True, **capacity})
 
 
-_CAPACITY_FIELDS: Final = ("slots", "ttft_ms", "tokens_per_s", "batch_knee")
+_CAPACITY_FIELDS: Final = ("slots", "ttft_ms", "tokens_per_s", "batch_knee",
+                           "prefill_tokens_per_s")
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
@@ -610,6 +642,8 @@ def create_sim_app(
     max_waiting: int | None = None,
     overload_status: int = 429,
     metrics: bool = True,
+    prefill_tokens_per_s: float = 0.0,
+    prefix_cache_tokens: int = 0,
 ) -> web.Application:
     """The sim as an aiohttp app. Serve it with handler cancellation on (see start_sim).
 
@@ -619,6 +653,9 @@ def create_sim_app(
     scheduling: "fcfs" or "priority" (the body's int priority, lower first);
     max_waiting: refuse with overload_status (429 or 503) once this many wait
     (None: never); metrics: serve /metrics (False: 404, an opaque backend).
+    prefill_tokens_per_s: the engine's prefill speed for prompt tokens not in
+    its prefix cache (0: prefill is ttft_ms alone); prefix_cache_tokens: the
+    prefix cache's size in tokens (0: no cache).
     fault: one of FAULTS applied to every chat/completions request that does not
     name its own (x-sim-fault header or sim_fault body field); None by default.
     """
@@ -629,6 +666,8 @@ def create_sim_app(
     check_number("ttft_ms", ttft_ms)
     check_number("tokens_per_s", tokens_per_s, allow_inf=True)
     knee = check_knee(batch_knee)
+    check_number("prefill_tokens_per_s", prefill_tokens_per_s, allow_inf=True)
+    check_cache_tokens(prefix_cache_tokens)
     if scheduling not in SCHEDULING:
         raise ValueError(f"scheduling must be one of {list(SCHEDULING)}")
     if max_waiting is not None and (not isinstance(max_waiting, int)
@@ -639,7 +678,9 @@ def create_sim_app(
     app = web.Application()
     state = SimState(slots, ttft_ms / 1000.0, token_interval(tokens_per_s), embedding_dim,
                      batch_knee=knee, scheduling=scheduling, max_waiting=max_waiting,
-                     overload_status=overload_status, metrics=metrics)
+                     overload_status=overload_status, metrics=metrics,
+                     prefill_tokens_per_s=float(prefill_tokens_per_s),
+                     prefix_cache_tokens=prefix_cache_tokens)
     state.fault = fault
     state.fault_delay_s = fault_delay_ms / 1000.0
     if redirect_to is not None:
@@ -654,6 +695,7 @@ def create_sim_app(
         app.router.add_get("/metrics", _metrics)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
+    app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
     app.router.add_post("/sim/fault", _set_fault)
     app.router.add_post("/sim/capacity", _set_capacity)
     return app
@@ -675,10 +717,11 @@ class SimServer:
         return self.app[SIM_STATE]
 
     def set_capacity(self, slots: int | None = None, ttft_ms: float | None = None,
-                     tokens_per_s: float | None = None,
-                     batch_knee: float | None = None) -> dict[str, Any]:
+                     tokens_per_s: float | None = None, batch_knee: float | None = None,
+                     prefill_tokens_per_s: float | None = None) -> dict[str, Any]:
         """SimState.set_capacity; call it on the sim's event loop."""
-        return self.state.set_capacity(slots, ttft_ms, tokens_per_s, batch_knee)
+        return self.state.set_capacity(slots, ttft_ms, tokens_per_s, batch_knee,
+                                       prefill_tokens_per_s)
 
     async def close(self) -> None:
         await self._runner.cleanup()
@@ -729,6 +772,8 @@ def run_sim(
     max_waiting: int | None = None,
     overload_status: int = 429,
     metrics: bool = True,
+    prefill_tokens_per_s: float = 0.0,
+    prefix_cache_tokens: int = 0,
 ) -> None:
     """Serve the sim until interrupted (the `tierq sim` command)."""
     import uvloop
@@ -736,10 +781,16 @@ def run_sim(
     app = create_sim_app(slots=slots, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, fault=fault,
                          fault_delay_ms=fault_delay_ms, batch_knee=batch_knee,
                          scheduling=scheduling, max_waiting=max_waiting,
-                         overload_status=overload_status, metrics=metrics)
+                         overload_status=overload_status, metrics=metrics,
+                         prefill_tokens_per_s=prefill_tokens_per_s,
+                         prefix_cache_tokens=prefix_cache_tokens)
     state = app[SIM_STATE]
     limits = (f" max_waiting={max_waiting} (then {overload_status})"
               if max_waiting is not None else "")
+    if prefill_tokens_per_s:
+        limits += f" prefill_tokens_per_s={prefill_tokens_per_s:g}"
+    if prefix_cache_tokens:
+        limits += f" prefix_cache_tokens={prefix_cache_tokens}"
     print(
         f"tierq sim: http://{host}:{port}/v1 slots={slots} ttft_ms={ttft_ms:g} "
         f"tokens_per_s={tokens_per_s:g} batch_knee={state.knee:g} scheduling={scheduling}"

@@ -5,8 +5,15 @@ A continuous-batching engine (vLLM's scheduler in miniature):
   the sim's own queue: first come first served, or with `scheduling="priority"`
   by the body's int `priority` (lower first, FCFS among equals), as
   `vllm serve --scheduling-policy priority` (without its preemption).
-- A sequence that leaves the queue prefills for `ttft_ms` and then has its first
-  token (tierq.sim starts a stream's response when it leaves the queue).
+- A sequence that leaves the queue prefills and then has its first token
+  (tierq.sim starts a stream's response when it leaves the queue). Prefill is
+  `ttft_ms` per sequence, plus, with `prefill_tokens_per_s`, its prompt tokens
+  not already in the prefix cache at that speed on one prefill unit the engine
+  shares (first come first served), as an engine's prefill compute is shared.
+- The prefix cache (`prefix_cache_tokens`, 0: off) is an LRU of prompt blocks:
+  the leading fixed-size blocks of the prompt text, each keyed by the hash of
+  the text up to its end, so a block hits only if every block before it does.
+  Its queries and hits are counted in tokens, as vLLM counts them.
 - Every further token comes from a decode step shared by all decoding sequences
   (one step timer per sim, not a timer per token per sequence): each step emits
   one token to every sequence in the batch. A step over a batch of b takes
@@ -29,14 +36,16 @@ It imports nothing of tierq and nothing of HTTP: it stands in for an engine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["FINISH_REASONS", "METRICS_MODEL_NAME", "SCHEDULING", "Seq", "SimState", "check_knee",
-           "check_number", "check_slots", "prometheus_text", "token_interval"]
+__all__ = ["BLOCK_CHARS", "FINISH_REASONS", "METRICS_MODEL_NAME", "SCHEDULING", "Seq", "SimState",
+           "check_cache_tokens", "check_knee", "check_number", "check_slots", "prefix_blocks",
+           "prometheus_text", "token_interval"]
 
 LAST_REQUESTS_KEPT: Final = 100
 SCHEDULING: Final = ("fcfs", "priority")
@@ -45,6 +54,9 @@ SCHEDULING: Final = ("fcfs", "priority")
 # model name, so its series carry this one, as vLLM's carry --served-model-name.
 METRICS_MODEL_NAME: Final = "sim-chat"
 FINISH_REASONS: Final = ("stop", "length", "abort")
+# The prefix cache's block: this many characters of the rendered prompt, the
+# size the gateway's prefix routing hashes (docs/sim.md states the rule).
+BLOCK_CHARS: Final = 256
 
 # How far the decode steps may fall behind their schedule and still catch up.
 _MAX_LAG_S: Final = 0.1
@@ -60,13 +72,15 @@ class Seq:
     stream is decoupled from the client reading it.
     """
 
-    __slots__ = ("n", "prompt_tokens", "priority", "model", "finish", "order", "phase",
+    __slots__ = ("n", "prompt_tokens", "blocks", "priority", "model", "finish", "order", "phase",
                  "emitted", "queued_at", "started_at", "timer", "waiter")
 
     def __init__(self, n: int, prompt_tokens: int, priority: int | None, model: str,
-                 finish: str, order: int, now: float) -> None:
+                 finish: str, order: int, now: float,
+                 blocks: tuple[tuple[bytes, int], ...] = ()) -> None:
         self.n = n
         self.prompt_tokens = prompt_tokens
+        self.blocks = blocks  # (key, tokens) of its prompt's prefix blocks, in order
         self.priority = priority
         self.model = model
         self.finish = finish
@@ -125,8 +139,38 @@ def check_knee(knee: Any) -> float | None:
     return float(knee)
 
 
+def check_cache_tokens(tokens: Any) -> int:
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError("prefix_cache_tokens must be an integer >= 0 (0: no prefix cache)")
+    return tokens
+
+
 def token_interval(tokens_per_s: float) -> float:
     return 0.0 if tokens_per_s in (0.0, math.inf) else 1.0 / tokens_per_s
+
+
+def prefix_blocks(text: str, tokens: int) -> tuple[tuple[bytes, int], ...]:
+    """The prefix cache's blocks of a prompt: (key, tokens) for each full block.
+
+    A block is BLOCK_CHARS characters of `text` (a trailing partial block is not
+    cached, as an engine caches only full blocks); its key is the SHA-256 of the
+    text from the start to the block's end, so equal keys mean equal prefixes.
+    The prompt's `tokens` are spread over its characters: the first k blocks
+    hold tokens * (k * BLOCK_CHARS) // len(text) of them.
+    """
+    full = len(text) // BLOCK_CHARS
+    if not full:
+        return ()
+    h = hashlib.sha256()
+    out: list[tuple[bytes, int]] = []
+    before = 0
+    for i in range(full):
+        end = (i + 1) * BLOCK_CHARS
+        h.update(text[i * BLOCK_CHARS:end].encode())
+        upto = tokens * end // len(text)
+        out.append((h.copy().digest(), upto - before))
+        before = upto
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -146,6 +190,8 @@ class SimState:
     max_waiting: int | None = None  # refuse new requests once this many wait
     overload_status: int = 429
     metrics: bool = True
+    prefill_tokens_per_s: float = 0.0  # 0: prefill is ttft_s alone, whatever the prompt
+    prefix_cache_tokens: int = 0  # the LRU's size in tokens; 0: no prefix cache
     requests: int = 0  # received (any endpoint, however they end)
     in_flight: int = 0  # received and not yet answered: waiting, running, or neither yet
     max_in_flight_seen: int = 0
@@ -165,6 +211,8 @@ class SimState:
     tokens_generated: int = 0  # tokens the engine produced (streamed or not)
     prompt_tokens: int = 0  # prefilled
     steps: int = 0  # decode steps run
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not prefilled again)
     finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
     zombies: int = 0  # generations still running after their client left (ignore-cancel)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -182,6 +230,10 @@ class SimState:
     _step_at: float = 0.0  # when the pending step ends (deadlines chain, so no drift)
     _order: int = 0
     _admitting: bool = False
+    # The prefix cache: block key -> its tokens, least recently used first.
+    _cache: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    _cache_used: int = 0  # tokens held (sum of _cache's values)
+    _prefill_free_at: float = 0.0  # when the shared prefill unit has done all it was given
 
     @property
     def generating(self) -> int:
@@ -205,6 +257,7 @@ class SimState:
         # zeroed; their high-water marks restart from the current level.
         self.requests = self.completed = self.cancelled = self.tokens_sent = 0
         self.rejected = self.tokens_generated = self.prompt_tokens = self.steps = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
         self.busy_s = 0.0
         self.faults.clear()
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
@@ -216,7 +269,13 @@ class SimState:
 
     def capacity(self) -> dict[str, Any]:
         return {"slots": self.slots, "ttft_ms": self.ttft_s * 1000.0,
-                "tokens_per_s": self.tokens_per_s, "batch_knee": self.knee}
+                "tokens_per_s": self.tokens_per_s, "batch_knee": self.knee,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s}
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block (vLLM's POST /reset_prefix_cache)."""
+        self._cache.clear()
+        self._cache_used = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -244,6 +303,11 @@ class SimState:
             "tokens_sent": self.tokens_sent,
             "tokens_generated": self.tokens_generated,
             "steps": self.steps,
+            "prefix_cache_tokens": self.prefix_cache_tokens,
+            "prefix_cache_queries": self.prefix_cache_queries,
+            "prefix_cache_hits": self.prefix_cache_hits,
+            "prefix_cache_used_tokens": self._cache_used,
+            "prefix_cache_blocks": len(self._cache),
             "finished": dict(self.finished),
             "zombies": self.zombies,
             "last_requests": list(self.last_requests),
@@ -253,14 +317,17 @@ class SimState:
     # ------------------------------------------------------------ the engine
 
     def set_capacity(self, slots: int | None = None, ttft_ms: float | None = None,
-                     tokens_per_s: float | None = None,
-                     batch_knee: float | None = None) -> dict[str, Any]:
+                     tokens_per_s: float | None = None, batch_knee: float | None = None,
+                     prefill_tokens_per_s: float | None = None) -> dict[str, Any]:
         """Change capacity while running; None leaves a setting as it is.
 
         More slots start waiters at once; fewer let the running sequences finish
         (no preemption). A new decode speed applies from the next step, a new
-        time to first token to sequences that start from now on.
+        time to first token or prefill speed to sequences that start from now on.
         """
+        new_prefill = (self.prefill_tokens_per_s if prefill_tokens_per_s is None
+                       else check_number("prefill_tokens_per_s", prefill_tokens_per_s,
+                                         allow_inf=True))
         new_slots = self.slots if slots is None else check_slots(slots)
         new_ttft = self.ttft_s if ttft_ms is None else check_number("ttft_ms", ttft_ms) / 1000.0
         new_interval = (self.token_interval_s if tokens_per_s is None
@@ -268,6 +335,7 @@ class SimState:
                                                      allow_inf=True)))
         new_knee = self.batch_knee if batch_knee is None else check_knee(batch_knee)
         self.slots, self.ttft_s, self.batch_knee = new_slots, new_ttft, new_knee
+        self.prefill_tokens_per_s = new_prefill
         if new_interval != self.token_interval_s:
             self.token_interval_s = new_interval
             if self._step_timer is not None:
@@ -282,15 +350,20 @@ class SimState:
         return self.capacity()
 
     def submit(self, n_tokens: int, prompt_tokens: int, priority: int | None, model: str,
-               finish: str) -> Seq | None:
-        """Hand a sequence to the engine; None if it is refused (queue full)."""
+               finish: str, prompt: str | None = None) -> Seq | None:
+        """Hand a sequence to the engine; None if it is refused (queue full).
+
+        `prompt` is its rendered prompt text, for the prefix cache (None: not cached).
+        """
         now = asyncio.get_running_loop().time()
         if (self.running >= self.slots and self.max_waiting is not None
                 and self.waiting >= self.max_waiting):
             self.rejected += 1
             return None
         self._order += 1
-        seq = Seq(n_tokens, prompt_tokens, priority, model, finish, self._order, now)
+        blocks = (prefix_blocks(prompt, prompt_tokens)
+                  if prompt is not None and self.prefix_cache_tokens else ())
+        seq = Seq(n_tokens, prompt_tokens, priority, model, finish, self._order, now, blocks)
         if self.running < self.slots and not self.waiting:
             self._start(seq, now)
         else:
@@ -348,13 +421,58 @@ class SimState:
         self.max_running_seen = max(self.max_running_seen, self.running)
         seq.phase = _PREFILL
         seq.started_at = now
+        cached = self._lookup(seq)
+        # The uncached tokens queue for the one prefill unit; ttft_s is each
+        # sequence's own and overlaps the others'.
+        speed = self.prefill_tokens_per_s
+        compute = 0.0
+        first = now + self.ttft_s
+        if speed and speed != math.inf:
+            compute = (seq.prompt_tokens - cached) / speed
+            self._prefill_free_at = max(now, self._prefill_free_at) + compute
+            first = self._prefill_free_at + self.ttft_s
         self.last_started.append({"model": seq.model, "priority": seq.priority,
-                                  "order": seq.order, "queued_s": now - seq.queued_at})
+                                  "order": seq.order, "queued_s": now - seq.queued_at,
+                                  "prompt_tokens": seq.prompt_tokens, "cached_tokens": cached,
+                                  "prefill_s": compute, "first_token_in_s": first - now})
         seq.wake()
-        if self.ttft_s > 0:
-            seq.timer = asyncio.get_running_loop().call_at(now + self.ttft_s, self._prefilled, seq)
+        if first > now:
+            seq.timer = asyncio.get_running_loop().call_at(first, self._prefilled, seq)
         else:
             self._prefilled(seq)
+
+    def _lookup(self, seq: Seq) -> int:
+        """Its cached prompt tokens; then its blocks are the most recently used.
+
+        A block hits only while every block before it did. At least the prompt's
+        last token is always computed, as an engine computes it to sample from.
+        The blocks enter the cache as the sequence starts: the prefill unit is
+        first come first served, so a later sequence's prefill begins only
+        after they are computed.
+        """
+        if not self.prefix_cache_tokens:
+            return 0
+        cache = self._cache
+        hit = 0
+        for key, tokens in seq.blocks:
+            if key not in cache:
+                break
+            hit += tokens
+        cached = max(0, min(hit, seq.prompt_tokens - 1))
+        self.prefix_cache_queries += seq.prompt_tokens
+        self.prefix_cache_hits += cached
+        # Last block first, so the first block is the most recent of them and a
+        # prompt's tail is evicted before its head (vLLM frees blocks in the
+        # same reverse order): a head without its tail still hits.
+        for key, tokens in reversed(seq.blocks):
+            if key in cache:
+                cache.move_to_end(key)
+            else:
+                cache[key] = tokens
+                self._cache_used += tokens
+        while self._cache_used > self.prefix_cache_tokens:
+            self._cache_used -= cache.popitem(last=False)[1]
+        return cached
 
     def _prefilled(self, seq: Seq) -> None:
         # Prefill produces the first token; instant decode produces them all.
@@ -446,6 +564,14 @@ def prometheus_text(state: SimState) -> str:
            [(labels, state.prompt_tokens)])
     metric("vllm:generation_tokens_total", "counter", "Generation tokens processed.",
            [(labels, state.tokens_generated)])
+    # vLLM v1 counts both in tokens: every prompt's tokens are queried, the
+    # cached ones hit (hits / queries is the token hit rate).
+    metric("vllm:prefix_cache_queries_total", "counter",
+           "Prefix cache queries, in terms of number of queried tokens.",
+           [(labels, state.prefix_cache_queries)])
+    metric("vllm:prefix_cache_hits_total", "counter",
+           "Prefix cache hits, in terms of number of cached tokens.",
+           [(labels, state.prefix_cache_hits)])
     metric("vllm:request_success_total", "counter", "Requests finished, by reason.",
            [(f'{labels},finished_reason="{r}"', n) for r, n in state.finished.items()])
     return "".join(out)
