@@ -173,3 +173,24 @@ def test_bad_metrics_settings_are_one_line_config_errors(tmp_path: Path, upstrea
     with pytest.raises(ConfigError) as info:
         _config(tmp_path, upstream)
     assert str(info.value).split(": ", 1)[1] == expected
+
+
+def test_an_engines_prefix_cache_counters_are_read_summed_over_its_series() -> None:
+    from tierq.capacity import _samples, prefix_cache_of
+
+    v1 = """
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 800.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 900.0
+vllm:prefix_cache_hits_total{engine="1",model_name="m"} 100.0
+vllm:num_requests_running{model_name="m"} 1
+"""
+    assert prefix_cache_of(list(_samples(v1))) == (2000, 1000)
+    old = "vllm:gpu_prefix_cache_queries_total 10\nvllm:gpu_prefix_cache_hits_total 4\n"
+    assert prefix_cache_of(list(_samples(old))) == (10, 4)
+    # Half a pair, or none: no figure (a hit rate needs both).
+    assert prefix_cache_of(list(_samples("vllm:prefix_cache_hits_total 3\n"))) is None
+    assert prefix_cache_of(list(_samples(v1.replace("prefix_cache", "other")))) is None
+    # Never a load signal: the load read from the page is unchanged by them.
+    assert parse_engine_load(v1 + "vllm:num_requests_waiting 0\n") == EngineLoad(1, 0, None)

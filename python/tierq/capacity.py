@@ -37,6 +37,7 @@ __all__ = [
     "overload_backoff_s",
     "overload_hint_s",
     "parse_engine_load",
+    "prefix_cache_of",
 ]
 
 log = logging.getLogger("tierq.capacity")
@@ -49,7 +50,12 @@ _RUNNING: Final = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _WAITING: Final = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (v0.10); both are 0..1.
 _KV: Final = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
-_WANTED: Final = frozenset(_RUNNING + _WAITING + _KV)
+# The engine's prefix cache, in tokens since it started: vLLM v1's counters
+# (vllm:prefix_cache_queries / _hits, exposed with _total), the older
+# gpu_-prefixed names after them. Shown per replica (hit rate), never a signal.
+_PREFIX_QUERIES: Final = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
+_PREFIX_HITS: Final = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+_WANTED: Final = frozenset(_RUNNING + _WAITING + _KV + _PREFIX_QUERIES + _PREFIX_HITS)
 
 # An upstream's "overloaded, try again" answers. Arriving before anything
 # reached the client, they back the limit off and the request keeps its slot
@@ -172,6 +178,19 @@ def load_of(samples: Samples, model: str | None) -> EngineLoad | None:
                       None if kv_usage is None else min(1.0, max(0.0, kv_usage)))
 
 
+def prefix_cache_of(samples: Samples) -> tuple[int, int] | None:
+    """The engine's prefix-cache (queries, hits) in tokens, summed over its
+    series (every model and engine core it runs), or None when it has none."""
+    found: dict[str, float] = {}
+    for name, _, value in samples:
+        if name in _PREFIX_QUERIES or name in _PREFIX_HITS:
+            found[name] = found.get(name, 0.0) + value
+    for queries, hits in zip(_PREFIX_QUERIES, _PREFIX_HITS):
+        if queries in found and hits in found:
+            return max(0, round(found[queries])), max(0, round(found[hits]))
+    return None
+
+
 def metrics_url_for(base_url: str) -> str:
     """Where an engine whose API is at `base_url` publishes /metrics: vLLM and
     SGLang serve it at the server's root, beside /v1."""
@@ -223,6 +242,8 @@ class EngineScraper:
         self._targets: list[_Target] = []
         self._missed = 0
         self._task: asyncio.Task[None] | None = None
+        # The engine's prefix-cache (queries, hits) at the last scrape that had them.
+        self.prefix_cache: tuple[int, int] | None = None
 
     def add(self, model: str, admission: Observer) -> None:
         self._targets.append(_Target(model, admission))
@@ -245,6 +266,9 @@ class EngineScraper:
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             text = ""
         samples = list(_samples(text)) if text else []
+        prefix = prefix_cache_of(samples)
+        if prefix is not None:
+            self.prefix_cache = prefix
         loads = [load_of(samples, t.model) for t in self._targets] if samples else []
         if not loads or any(load is None for load in loads):
             self._missed += 1
