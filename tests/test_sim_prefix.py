@@ -42,8 +42,8 @@ def _messages(system: str, user: str) -> Any:  # the openai client's message par
 
 
 def _render(system: str, user: str) -> str:
-    # docs/sim.md: each message as role, newline, text, newline.
-    return f"system\n{system}\nuser\n{user}\n"
+    # docs/sim.md: each message as role, newline, text, blank line.
+    return f"system\n{system}\n\nuser\n{user}\n\n"
 
 
 def _expected_hit(first: str, second: str, tokens: int) -> int:
@@ -79,11 +79,12 @@ async def _ask(client: openai.AsyncOpenAI, system: str, user: str) -> int:
     return r.usage.prompt_tokens
 
 
-def test_a_block_key_is_the_hash_of_the_prompt_up_to_its_end() -> None:
+def test_a_block_key_chains_on_the_key_before_it() -> None:
     text = _words("a", 700)
     blocks = prefix_blocks(text, 70)
-    assert [k for k, _ in blocks] == [hashlib.sha256(text[:256].encode()).digest(),
-                                      hashlib.sha256(text[:512].encode()).digest()]
+    first = hashlib.blake2b(text[:256].encode(), digest_size=8).digest()
+    second = hashlib.blake2b(first + text[256:512].encode(), digest_size=8).digest()
+    assert [k for k, _ in blocks] == [first, second]
     # 70 tokens over 700 characters: 256 characters hold 25, 512 hold 51.
     assert [t for _, t in blocks] == [25, 26]
     assert prefix_blocks(text[:255], 10) == ()  # no full block, nothing cached
@@ -92,13 +93,14 @@ def test_a_block_key_is_the_hash_of_the_prompt_up_to_its_end() -> None:
     assert {k for k, _ in prefix_blocks(other, 70)}.isdisjoint({k for k, _ in blocks})
 
 
-def test_rendered_prompt_is_role_newline_text_newline_per_message() -> None:
+def test_rendered_prompt_is_role_newline_text_blank_line_per_message() -> None:
     body = {"messages": [{"role": "system", "content": "be brief"},
                          {"role": "user", "content": [{"type": "text", "text": "hi "},
                                                       {"type": "text", "text": "there"}]}]}
-    assert rendered_prompt(body, chat=True) == "system\nbe brief\nuser\nhi there\n"
+    assert rendered_prompt(body, chat=True) == "system\nbe brief\n\nuser\nhi there\n\n"
     assert rendered_prompt({"prompt": "once upon"}, chat=False) == "once upon"
-    assert rendered_prompt({"prompt": [1, 2, 3]}, chat=False) == "[1,2,3]"
+    assert rendered_prompt({"prompt": ["a", "b"]}, chat=False) == "a\nb"
+    assert rendered_prompt({"prompt": [1, 2, 3]}, chat=False) == ""  # token ids: not cached
 
 
 async def test_a_shared_prefix_is_prefilled_once_and_counted_as_vllm_counts_it() -> None:

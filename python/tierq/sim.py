@@ -131,23 +131,25 @@ def _count_words(value: Any) -> int:
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # content parts: their text, in order
-        return "".join(p["text"] for p in content
-                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if isinstance(content, list):  # content parts: their text, joined with nothing between
+        parts = (p.get("text") if isinstance(p, dict) else p for p in content)
+        return "".join(p for p in parts if isinstance(p, str))
     return ""
 
 
 def rendered_prompt(body: dict[str, Any], chat: bool) -> str:
     """The prompt as one text, the prefix cache's input (docs/sim.md, "Prefix cache").
 
-    Chat: each message as its role, a newline, its text, a newline. Completions:
-    the prompt if it is a string, else its JSON.
+    Chat: each message as its role, a newline, its text and a blank line.
+    Completions: the prompt (a list of prompts: its strings joined by newlines).
     """
     if chat:
-        return "".join(f"{m.get('role')}\n{_content_text(m.get('content'))}\n"
+        return "".join(f"{m.get('role', '')}\n{_content_text(m.get('content'))}\n\n"
                        for m in body["messages"] if isinstance(m, dict))
     prompt = body["prompt"]
-    return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+    if isinstance(prompt, list):
+        return "\n".join(p for p in prompt if isinstance(p, str))
+    return prompt if isinstance(prompt, str) else ""
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

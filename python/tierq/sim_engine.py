@@ -11,8 +11,9 @@ A continuous-batching engine (vLLM's scheduler in miniature):
   not already in the prefix cache at that speed on one prefill unit the engine
   shares (first come first served), as an engine's prefill compute is shared.
 - The prefix cache (`prefix_cache_tokens`, 0: off) is an LRU of prompt blocks:
-  the leading fixed-size blocks of the prompt text, each keyed by the hash of
-  the text up to its end, so a block hits only if every block before it does.
+  the leading fixed-size blocks of the prompt text, each keyed by a hash
+  chained on the block before, so a block hits only if every block before it
+  does.
   Its queries and hits are counted in tokens, as vLLM counts them.
 - Every further token comes from a decode step shared by all decoding sequences
   (one step timer per sim, not a timer per token per sequence): each step emits
@@ -153,22 +154,21 @@ def prefix_blocks(text: str, tokens: int) -> tuple[tuple[bytes, int], ...]:
     """The prefix cache's blocks of a prompt: (key, tokens) for each full block.
 
     A block is BLOCK_CHARS characters of `text` (a trailing partial block is not
-    cached, as an engine caches only full blocks); its key is the SHA-256 of the
-    text from the start to the block's end, so equal keys mean equal prefixes.
-    The prompt's `tokens` are spread over its characters: the first k blocks
-    hold tokens * (k * BLOCK_CHARS) // len(text) of them.
+    cached, as an engine caches only full blocks). Its key chains on the one
+    before, BLAKE2b-64(key before || block's UTF-8) from empty, as the gateway's
+    route key does: equal keys mean equal prefixes. The prompt's `tokens` are
+    spread over its characters: the first k blocks hold
+    tokens * (k * BLOCK_CHARS) // len(text) of them.
     """
     full = len(text) // BLOCK_CHARS
-    if not full:
-        return ()
-    h = hashlib.sha256()
     out: list[tuple[bytes, int]] = []
+    key = b""
     before = 0
     for i in range(full):
         end = (i + 1) * BLOCK_CHARS
-        h.update(text[i * BLOCK_CHARS:end].encode())
+        key = hashlib.blake2b(key + text[i * BLOCK_CHARS:end].encode(), digest_size=8).digest()
         upto = tokens * end // len(text)
-        out.append((h.copy().digest(), upto - before))
+        out.append((key, upto - before))
         before = upto
     return tuple(out)
 
