@@ -111,8 +111,11 @@ def create_app(
     app[GATEWAY] = gw
     gw.models_body = _models_body(gw)
     shared_worker = getattr(pools, "index", 0) if pools is not None else None
+    # How many workers share the pools (their snapshot board knows).
+    workers = int(getattr(getattr(pools, "board", None), "workers", 1))
     app.cleanup_ctx.append(lifecycle(gw, sim, start_sims, own_ledger=ledger is None,
-                                     shared_worker=shared_worker, key_buckets=key_buckets))
+                                     shared_worker=shared_worker, key_buckets=key_buckets,
+                                     workers=workers))
     for prefix in ("/v1", "/v1/openai"):
         for endpoint in ENDPOINT_PATHS:
             app.router.add_post(f"{prefix}/{endpoint}", _endpoint_handler(endpoint))
@@ -220,7 +223,13 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
         raise cluster_refused(e.retry_after_s) from None
     if wait_s is not None:
         raise key_refused(wait_s)
-    ex.downgrade()
+    if gw.cluster is not None:
+        try:
+            await ex.downgrade_shared()
+        except ClusterUnavailable as e:
+            raise cluster_refused(e.retry_after_s) from None
+    else:
+        ex.downgrade()
     if gw.draining:
         raise drained()
     task = asyncio.current_task()

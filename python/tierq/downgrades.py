@@ -23,7 +23,7 @@ from tierq._core import SharedCounter, SharedKeyBuckets
 from tierq.keys import KeyInfo
 from tierq.tiers import Tier, TierReason
 
-__all__ = ["DAY_S", "STEP_S", "Downgrades", "Hold", "nano_usd"]
+__all__ = ["DAY_S", "STEP_S", "Downgrades", "Hold", "growth_per_step", "nano_usd", "spend_nano"]
 
 log = logging.getLogger("tierq.downgrades")
 
@@ -37,6 +37,15 @@ FEMTO_PER_NANO: Final = 10**6
 def nano_usd(femto: int) -> int:
     """A cost in femto-USD as the budget counts it: whole nano-USD, rounded up."""
     return -(-max(0, femto) // FEMTO_PER_NANO)
+
+
+def spend_nano(spend: Iterable[tuple[str, Decimal]]) -> dict[str, int]:
+    """Each key's spend (its ledger lines' USD costs) as the budget counts it:
+    each line in whole nano-USD, rounded up."""
+    totals: dict[str, int] = {}
+    for key_id, cost in spend:
+        totals[key_id] = totals.get(key_id, 0) + nano_usd(int(cost.scaleb(15)))
+    return totals
 
 
 def growth_per_step(key: KeyInfo) -> float:
@@ -142,13 +151,21 @@ class Downgrades:
         count raised to at least it, so a worker restarted beside live ones
         counts nothing twice."""
         day = int(self._clock() // DAY_S)
-        totals: dict[str, int] = {}
-        for key_id, cost in spend:
-            totals[key_id] = totals.get(key_id, 0) + nano_usd(int(cost.scaleb(15)))
-        for key_id, nano in totals.items():
+        for key_id, nano in spend_nano(spend).items():
             budget = self._counter(key_id, "budget")
             if budget is not None and nano > budget.count(day):
                 budget.add(day, nano - budget.count(day))
+
+    def count(self, key_id: str, kind: str, period: int) -> int:
+        """The key's count of `kind` ("ramp", "budget") in `period` (its step or day)."""
+        counter = self._counter(key_id, kind)
+        return 0 if counter is None else counter.count(period)
+
+    def uncount(self, key_id: str, kind: str, period: int, n: int) -> None:
+        """Takes `n` off that count (never below 0): counted elsewhere now."""
+        counter = self._counter(key_id, kind)
+        if counter is not None:
+            counter.add(period, -n)
 
     def day_start(self) -> float:
         """When today (UTC) began, in Unix seconds: the ledger's rows since then rebuild it."""

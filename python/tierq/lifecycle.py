@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from tierq.downgrades import Downgrades
 from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool
 from tierq.keys import KeyLimiter
 from tierq.served import Catalog
+from tierq.storage import store_kind
 from tierq.tiers import Tier
 from tierq.stores import close_key_store, start_key_store
 from tierq.upstream import UpstreamClient
@@ -55,10 +57,12 @@ StartSims = Callable[[Sequence[UpstreamConfig]], contextlib.AbstractAsyncContext
 def lifecycle(
     gw: Gateway, sim: Any, start_sims: StartSims | None, *, own_ledger: bool,
     shared_worker: int | None = None, key_buckets: SharedKeyBuckets | None = None,
+    workers: int = 1,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """Starts `gw` (built whole by `Gateway.from_config`) and stops it.
     `shared_worker`: this worker's index when its pools are shared (`tierq serve
-    --workers N`); `own_ledger`: the ledger is the gateway's to start and close."""
+    --workers N`), and `workers` how many share them; `own_ledger`: the ledger
+    is the gateway's to start and close."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # The sims are entered first and exited last: every upstream client is
@@ -83,6 +87,7 @@ def lifecycle(
                 if own_ledger:
                     await gw.ledger.start()
                 gw.keys = await start_key_store(gw.config.keys)
+                spend: list[tuple[str, Decimal]] = []
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
                     gw.downgrades = downgrades = Downgrades(
@@ -90,8 +95,9 @@ def lifecycle(
                     # Today's priority spend as the ledger has it: a restart
                     # keeps each key's budget where it was.
                     lines = await asyncio.to_thread(gw.ledger.usage, downgrades.day_start())
-                    downgrades.rebuild((line.key_id, line.cost) for line in lines
-                                       if line.applied_tier == Tier.PRIORITY)
+                    spend = [(line.key_id, line.cost) for line in lines
+                             if line.applied_tier == Tier.PRIORITY]
+                    downgrades.rebuild(spend)
                 cluster = gw.config.cluster
                 if cluster is not None:
                     # With several workers the pools are shared: worker 0 runs
@@ -101,8 +107,20 @@ def lifecycle(
                                          {mid: (p.admission, p.entry.admission)
                                           for mid, p in gw.pools.items()},
                                          on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED),
-                                         worker=shared_worker)
+                                         worker=shared_worker,
+                                         workers=workers)
+                    # The day's spend in Redis raised to the ledgers' (once per
+                    # ledger: every host's own SQLite file, or the one
+                    # PostgreSQL ledger they share), before the first request.
+                    shared_ledger = store_kind(gw.config.ledger.url) == "postgresql"
+                    gw.cluster.downgrades.rebuild(
+                        spend, "ledger" if shared_ledger else f"host:{gw.cluster.host_id}")
                     await gw.cluster.start()
+                    if gw.cluster.link.up:
+                        try:
+                            await gw.cluster.downgrades.catch_up()
+                        except gw.cluster.link.RedisError as e:
+                            gw.cluster.link.went_down(e)
                 gw.watchdog.start()
                 if gw.tracer is not None:
                     gw.tracer.start()

@@ -330,9 +330,30 @@ class Exchange:
         downgrades = self.gw.downgrades
         if downgrades is None or self.key_shadow_refused:
             return  # a key limit refused it in shadow: enforcing, it never came here
-        est = cost_femto(self.est_prompt, self.est_total - self.est_prompt,
-                         self.pool.entry.rates[Tier.PRIORITY])
-        tier, reason, hold = downgrades.decide(self.key, self.tier, self.est_total, est)
+        self._downgraded(*downgrades.decide(self.key, self.tier, self.est_total,
+                                            self._priority_estimate))
+
+    async def downgrade_shared(self) -> None:
+        """`downgrade` against the cluster's counts ([cluster]: one Redis round
+        trip for a key with a ramp rule or a budget). Raises ClusterUnavailable
+        when Redis is down in "closed" mode."""
+        cluster = self.gw.cluster
+        if cluster is None:
+            self.downgrade()
+            return
+        if self.gw.downgrades is None or self.key_shadow_refused:
+            return
+        self._downgraded(*await cluster.downgrades.decide(self.key, self.tier, self.est_total,
+                                                          self._priority_estimate))
+
+    @property
+    def _priority_estimate(self) -> int:
+        """Its estimated cost at the priority rate, in femto-USD (the budget's charge)."""
+        return cost_femto(self.est_prompt, self.est_total - self.est_prompt,
+                          self.pool.entry.rates[Tier.PRIORITY])
+
+    def _downgraded(self, tier: Tier, reason: TierReason | None, hold: Hold | None) -> None:
+        """The downgrades' decision applied, or only recorded when the key is in shadow mode."""
         if reason is not None and self.key is not None and not self.key.enforce:
             # Shadow mode: counted, not applied. A downgrade counts nothing in the
             # ramp step or the day's budget, so served as asked it counts nothing
@@ -432,7 +453,8 @@ class Exchange:
     def _settle_hold(self, o: Outcome, femto: int) -> None:
         """The ramp and budget counts of a request served priority: its real
         tokens and cost, or all given back when nothing was billed."""
-        downgrades, key, hold = self.gw.downgrades, self.key, self.hold
+        key, hold = self.key, self.hold
+        downgrades = self.gw.cluster.downgrades if self.gw.cluster is not None else self.gw.downgrades
         assert downgrades is not None and key is not None and hold is not None
         if o.billed:
             downgrades.settle(key, hold, o.prompt_tokens + o.completion_tokens, femto)

@@ -24,6 +24,10 @@ one round trip and atomic:
   core's bucket (`bucket::decide`), one script call per decision, settled to
   real usage and refunded like `tierq.keys.KeyLimiter`. Keys are hash-tagged
   (`{tierq:key:<id>}`, `{tierq:pool:<model>}`) so Redis Cluster works.
+- **Downgrades** (`_DOWNGRADES`): a key's ramp counts per step and its
+  priority spend of the UTC day, the same rule as `tierq.downgrades`, one
+  script call per decision (both takes or neither), settled and refunded the
+  same way, a restart's ledger spend raised into it once per ledger.
 
 Redis down: `on_redis_down = "local"` keeps serving with the host's share of
 each limit (the limit divided by the live hosts it last saw) and rejoins by
@@ -32,8 +36,8 @@ itself; `"closed"` answers new requests 503 (`ClusterUnavailable`).
 The package, by job: `link` (the Redis client, its scripts, up and down, the
 down modes and `ClusterUnavailable`), `leases` (the lease agent and each pool's
 `PoolLease`), `flows` (a fair pool's counters, carried in the lease agent's
-round: `_FAIR`), `keys` (the key limits in Redis), `host` (`Cluster`, which
-holds them).
+round: `_FAIR`), `keys` (the key limits in Redis), `downgrades` (the keys'
+ramp rules and budgets in Redis), `host` (`Cluster`, which holds them).
 """
 
 from tierq.cluster.host import Cluster, default_host_id

@@ -1,8 +1,9 @@
 """`Cluster`: this host's side of the cluster, the one object the gateway holds.
 
 It puts together the connection to Redis and its down modes
-(tierq.cluster.link), the lease agent (tierq.cluster.leases) and the key limits
-(tierq.cluster.keys), and answers for them: start and stop, `wake` on a
+(tierq.cluster.link), the lease agent (tierq.cluster.leases), the key limits
+(tierq.cluster.keys) and the keys' downgrades (tierq.cluster.downgrades), and
+answers for them: start and stop, `wake` on a
 request, `check_open`, the key calls, `status()` for /metrics and /status.json.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tierq.admission import Admission
+from tierq.cluster.downgrades import ClusterDowngrades
 from tierq.cluster.keys import ClusterKeys
 from tierq.cluster.leases import LeaseAgent
 from tierq.cluster.link import RedisLink
@@ -34,20 +36,22 @@ class Cluster:
     def __init__(self, config: ClusterConfig, host_id: str,
                  pools: Mapping[str, tuple[Admission, AdmissionConfig]],
                  on_closed: Callable[[], object] | None = None,
-                 worker: int | None = None) -> None:
+                 worker: int | None = None, workers: int = 1) -> None:
         """`on_closed`: called when Redis goes down in "closed" mode, to answer
         the requests queued on this host 503 (the gateway's waiting tasks).
         `worker`: this process's index when the host runs several workers on
         shared pools (None: one process). Worker 0 runs the host's lease agent
         on the shared pools (whose slots the supervisor withheld before
         forking); every other worker only makes key decisions and watches
-        Redis for its own requests."""
+        Redis for its own requests. `workers`: how many there are (1: one
+        process)."""
         self.config = config
         self.host_id = host_id
         self.link = RedisLink(config, host_id, on_closed)
         self.agent = (LeaseAgent(self.link, pools, shared=worker is not None)
                       if worker is None or worker == 0 else None)
         self.keys = ClusterKeys(self.link)
+        self.downgrades = ClusterDowngrades(self.link, workers=workers)
         self._models = list(pools)
         self._watch: asyncio.Task[None] | None = None
         self._watch_wake = asyncio.Event()
@@ -70,7 +74,7 @@ class Cluster:
             await self._watch
         if self.agent is not None:
             await self.agent.stop()
-        await self.keys.settled()
+        await self.settled()
         if self.agent is not None:
             await self.agent.leave()
         await self.link.close()
@@ -106,8 +110,9 @@ class Cluster:
         self.keys.refund_key(key, est_tokens, request)
 
     async def settled(self) -> None:
-        """Waits for the key settlements and refunds sent so far."""
+        """Waits for the key settlements and refunds sent so far (limits and downgrades)."""
         await self.keys.settled()
+        await self.downgrades.settled()
 
     @property
     def redis_calls(self) -> int:
