@@ -13,6 +13,7 @@ pub mod error;
 pub mod fair;
 pub mod keytable;
 pub mod limit;
+pub mod replicas;
 mod lanes;
 #[cfg(not(loom))]
 pub mod ledger;

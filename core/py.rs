@@ -429,6 +429,12 @@ impl PyAdmissionCore {
         self.0.observe_overload()
     }
 
+    /// Sets an adaptive limit to `n` slots (a pool of replicas: the sum of
+    /// theirs); returns this process's waiters granted if it rose.
+    fn set_limit(&self, n: u64) -> Vec<u64> {
+        self.0.set_limit(n)
+    }
+
     /// Removes a shared block's name (live mappings stay valid).
     #[staticmethod]
     fn unlink_shared(name: &str) -> PyResult<()> {
@@ -624,6 +630,80 @@ impl PyAdmissionCore {
 
 /// Per-key buckets in one table, shared by every worker that maps it
 /// (`create` in the supervisor before fork, `attach` in each worker).
+/// A pool's replicas (core/replicas.rs): each its slots held and its own
+/// limit, learned with the pool's rules under `settings` (one replica's).
+#[pyclass(name = "Replicas", module = "tierq._core", frozen)]
+pub struct PyReplicas(crate::replicas::Replicas);
+
+#[pymethods]
+impl PyReplicas {
+    #[new]
+    #[pyo3(signature = (n, settings, clock = None))]
+    fn new(n: usize, settings: &Bound<'_, PyPoolSettings>, clock: Option<&Bound<'_, PyManualClock>>) -> PyResult<Self> {
+        let s = &settings.get().0;
+        Ok(PyReplicas(crate::replicas::Replicas::new(n, s.limit, s.engine_interval_ns, clock_of(clock))?))
+    }
+
+    #[getter]
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The pool's limit: the sum of the limits of the replicas in rotation.
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+
+    /// Takes a slot on a replica for a holder of a pool slot: `order` is
+    /// 4-bit replica numbers best first, `rule` 0 first with room, 1 within
+    /// the load bound, 2 least loaded. Returns the replica.
+    fn pick(&self, order: u64, rule: u8) -> PyResult<usize> {
+        Ok(self.0.pick(order, crate::replicas::Rule::from_u8(rule)?))
+    }
+
+    fn release(&self, replica: usize) -> PyResult<()> {
+        Ok(self.0.release(replica)?)
+    }
+
+    fn set_down(&self, replica: usize, down: bool) -> PyResult<()> {
+        Ok(self.0.set_down(replica, down)?)
+    }
+
+    /// One engine sample of `replica`; true if its limit changed.
+    #[pyo3(signature = (replica, running, waiting, kv_usage_ppm, pool_waiters))]
+    fn observe_engine(&self, replica: usize, running: u64, waiting: u64, kv_usage_ppm: Option<u32>, pool_waiters: u64) -> PyResult<bool> {
+        Ok(self.0.observe_engine(replica, running, waiting, kv_usage_ppm, pool_waiters)?)
+    }
+
+    fn observe_latency(&self, replica: usize, ns: u64, pool_waiters: u64) -> PyResult<bool> {
+        Ok(self.0.observe_latency(replica, ns, pool_waiters)?)
+    }
+
+    fn observe_overload(&self, replica: usize) -> PyResult<bool> {
+        Ok(self.0.observe_overload(replica)?)
+    }
+
+    /// Picks that found no replica with room (a limit lowered under a holder).
+    #[getter]
+    fn over(&self) -> u64 {
+        self.0.over()
+    }
+
+    /// Per replica: in_flight, limit, waiting (the engine's), down, grants.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.0.stats().into_iter().map(|r| {
+            let d = PyDict::new(py);
+            d.set_item("in_flight", r.in_flight)?;
+            d.set_item("limit", r.limit)?;
+            d.set_item("waiting", r.waiting)?;
+            d.set_item("down", r.down)?;
+            d.set_item("grants", r.grants)?;
+            Ok(d)
+        }).collect()
+    }
+}
+
 #[pyclass(name = "SharedKeyBuckets", module = "tierq._core", frozen)]
 pub struct PySharedKeyBuckets(Arc<KeyTable>);
 
@@ -863,6 +943,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPoolSettings>()?;
     m.add_class::<PySettingField>()?;
     m.add_class::<PyAdmissionCore>()?;
+    m.add_class::<PyReplicas>()?;
     m.add("SettingsError", m.py().get_type::<SettingsError>())?;
     m.add_class::<PySharedKeyBuckets>()?;
     m.add_class::<PySharedBucket>()?;

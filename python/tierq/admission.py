@@ -12,7 +12,7 @@ import math
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Sequence, Unpack
 
-from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings
+from tierq._core import SHED_CODES, AdmissionCore, ManualClock, PoolSettings, Replicas
 from tierq.retry_after import retry_after
 from tierq.tiers import Tier, one_of
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     # PoolSettings' keywords, declared by the core (typed in the stub).
     from tierq._core import _SettingsKwargs as SettingsKwargs
 
-__all__ = ["Admission", "PoolSettings", "Shed", "Slot"]
+__all__ = ["Admission", "PoolSettings", "ReplicaFeed", "ReplicaPool", "Shed", "Slot"]
 
 # Lane index -> tier; a tier's index is `Tier.lane`.
 _LANE_TIERS: Final = tuple(Tier)
@@ -315,6 +315,17 @@ class Admission:
         granted (always 0 today: a back-off only lowers the limit)."""
         return self._granted(self._core.observe_overload())
 
+    def set_limit(self, n: int) -> int:
+        """Sets an adaptive limit to `n` slots (a pool of replicas: the sum of
+        theirs, `ReplicaPool`); a no-op for a fixed one. Returns waiters granted."""
+        return self._granted(self._core.set_limit(n))
+
+    def waiters(self) -> int:
+        """Waiters in all three lanes (host-wide for a shared pool)."""
+        depth = self._core.stats()["depth"]
+        assert isinstance(depth, dict)
+        return sum(depth.values())
+
     def retry_after_s(self, tier: Tier | str) -> float:
         """The honest wait for a request of `tier` this pool turns away now (the
         core's drain estimate, as for its own sheds; tierq.retry_after makes
@@ -455,3 +466,71 @@ class Admission:
                 slot._fut.set_result(None)
                 return
             waiter = self._core.release()
+
+
+class ReplicaPool:
+    """A pool's replicas (core/replicas.rs) beside its `Admission`: each
+    replica's slots held and its own learned limit; the pool's limit is kept
+    at their sum. A holder of a pool slot takes a replica (`pick`, by its
+    order: tierq.routing) and gives it back before the pool's slot."""
+
+    __slots__ = ("admission", "core")
+
+    def __init__(self, admission: Admission, n: int, settings: PoolSettings,
+                 *, clock: ManualClock | None = None) -> None:
+        """`settings`: one replica's (the pool's limit is `n` times theirs)."""
+        self.admission = admission
+        self.core = Replicas(n, settings, clock)
+        self.sync()
+
+    def pick(self, order: int, rule: int) -> int:
+        return self.core.pick(order, rule)
+
+    def release(self, replica: int) -> None:
+        self.core.release(replica)
+
+    def sync(self) -> int:
+        """The pool's limit set to the replicas' sum; waiters granted. A
+        replica's lowered limit lowers the pool's just after it is stored: in
+        one process nothing picks in between (both under the GIL, no await)."""
+        return self.admission.set_limit(self.core.capacity)
+
+    def feed(self, replica: int) -> ReplicaFeed:
+        return ReplicaFeed(self, replica)
+
+    def stats(self) -> list[dict[str, int | bool]]:
+        return self.core.stats()
+
+
+class ReplicaFeed:
+    """One replica's signals (tierq.capacity's `Observer`): its engine's
+    metrics, its times to first token and its overload answers move its own
+    limit, then the pool's."""
+
+    __slots__ = ("_pool", "replica")
+
+    def __init__(self, pool: ReplicaPool, replica: int) -> None:
+        self._pool = pool
+        self.replica = replica
+
+    @property
+    def limit(self) -> int:
+        return int(self._pool.core.stats()[self.replica]["limit"])
+
+    def observe_engine(self, running: int, waiting: int, kv_usage: float | None = None) -> int:
+        if running < 0 or waiting < 0:
+            raise ValueError(f"running, waiting: must not be negative, got {running}, {waiting}")
+        ppm = None if kv_usage is None or math.isnan(kv_usage) else round(min(max(kv_usage, 0.0), 1.0) * 1e6)
+        moved = self._pool.core.observe_engine(self.replica, running, waiting, ppm,
+                                               self._pool.admission.waiters())
+        return self._pool.sync() if moved else 0
+
+    def observe_latency(self, seconds: float) -> int:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"seconds: must be a non-negative number, got {seconds}")
+        moved = self._pool.core.observe_latency(self.replica, round(seconds * 1e9),
+                                                self._pool.admission.waiters())
+        return self._pool.sync() if moved else 0
+
+    def observe_overload(self) -> int:
+        return self._pool.sync() if self._pool.core.observe_overload(self.replica) else 0

@@ -264,7 +264,17 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
                 ex.pool.flows.waited(ex.flow.name)
             if slot.predicted_wait_s is not None:
                 gw.metrics.observe_prediction(ex.tier, slot.predicted_wait_s, slot.queue_ms / 1000)
-            return await _call_upstream(request, ex, body)
+            replicas = ex.pool.replicas
+            if replicas is None:
+                return await _call_upstream(request, ex, body)
+            # The pool's slot is held: take a replica by the request's order
+            # (tierq.routing), and give it back before the pool's slot.
+            router = ex.pool.upstream.router
+            ex.replica = replicas.pick(router.order(ex.endpoint, body), router.rule)
+            try:
+                return await _call_upstream(request, ex, body)
+            finally:
+                replicas.release(ex.replica)
     except Shed as e:
         if e.deadline_refused:
             raise deadline_refused(e.predicted_wait_s, ex.max_queue_ms, e.retry_after_s, ex.tier) from None
@@ -293,13 +303,13 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
             if not ex.upstream_at:
                 ex.upstream_at = ex.sent_at
             async with pool.upstream.post(ex.endpoint, payload,
-                                          request.headers.get(BYO_HEADER), trace) as up:
+                                          request.headers.get(BYO_HEADER), trace, ex.replica) as up:
                 if up.status in OVERLOAD_STATUSES:
                     # Nothing reached the client yet: the limit backs off on
                     # each such answer, and the request keeps its slot (no
                     # waiter takes it) and is sent again after a back-off, as
                     # often as what is left of its max wait allows.
-                    ex.gw.capacity.overloaded(pool.entry.id)
+                    ex.gw.capacity.overloaded(pool.entry.id, ex.replica)
                     await up.read()
                     overloads += 1
                     wait = overload_backoff_s(up.headers, overloads, _wait_left_s(ex))

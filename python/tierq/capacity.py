@@ -385,44 +385,80 @@ class Capacity:
 
     def __init__(self) -> None:
         self._feeds: dict[str, _Feed] = {}
+        # A pool over several endpoints: a feed per replica, in endpoint order.
+        self._replica_feeds: dict[str, list[_Feed]] = {}
         self.scrapers: dict[str, EngineScraper] = {}
+        # An upstream with several endpoints: a scraper per endpoint.
+        self.replica_scrapers: dict[str, list[EngineScraper]] = {}
         self.watch: LimitWatch | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def add_upstream(self, name: str, kind: str, base_url: str, metrics: bool,
-                     metrics_url: str | None, interval_s: float) -> None:
-        """Scrape this upstream if it is an engine kind and scraping is not off."""
-        if kind not in ENGINE_KINDS or not metrics or not base_url:
+    def add_upstream(self, name: str, kind: str, base_url: str | Sequence[str], metrics: bool,
+                     metrics_url: str | Sequence[str] | None, interval_s: float) -> None:
+        """Scrape this upstream if it is an engine kind and scraping is not off:
+        each of its endpoints (`base_url`: one, or the list) at its metrics URL
+        (`metrics_url`: one, the list in the same order, or None: derived)."""
+        urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+        if kind not in ENGINE_KINDS or not metrics or not urls or not urls[0]:
             return
-        url = metrics_url or metrics_url_for(base_url)
-        self.scrapers[name] = EngineScraper(name, url, interval_s)
+        given = (metrics_url,) if isinstance(metrics_url, str) else tuple(metrics_url or ())
+        metrics_urls = [given[i] if i < len(given) else metrics_url_for(u) for i, u in enumerate(urls)]
+        if len(urls) == 1:
+            self.scrapers[name] = EngineScraper(name, metrics_urls[0], interval_s)
+        else:
+            self.replica_scrapers[name] = [EngineScraper(f"{name}[{i}]", url, interval_s)
+                                           for i, url in enumerate(metrics_urls)]
 
     def add_pool(self, model: str, upstream_model: str, upstream: str,
-                 admission: Observer) -> None:
+                 admission: Observer, replicas: Sequence[Observer] = ()) -> None:
+        """`replicas`: with several endpoints, each replica's feed in endpoint
+        order (tierq.admission.ReplicaFeed); their signals move their own
+        limits and, through them, the pool's."""
+        if replicas:
+            scrapers = self.replica_scrapers.get(upstream, [])
+            feeds = []
+            for i, feed in enumerate(replicas):
+                scraper = scrapers[i] if i < len(scrapers) else None
+                if scraper is not None:
+                    scraper.add(upstream_model, feed)
+                feeds.append(_Feed(feed, scraper))
+            self._replica_feeds[model] = feeds
+            self._feeds[model] = _Feed(admission, None)
+            return
         scraper = self.scrapers.get(upstream)
         if scraper is not None:
             scraper.add(upstream_model, admission)
         self._feeds[model] = _Feed(admission, scraper)
 
-    def first_token(self, model: str, seconds: float) -> None:
+    def _feed(self, model: str, replica: int) -> _Feed | None:
+        feeds = self._replica_feeds.get(model)
+        if feeds is not None:
+            return feeds[replica] if replica < len(feeds) else None
+        return self._feeds.get(model)
+
+    def first_token(self, model: str, seconds: float, replica: int = 0) -> None:
         """A stream's upstream time to first token (sent to first content)."""
-        feed = self._feeds.get(model)
+        feed = self._feed(model, replica)
         if feed is not None and (feed.scraper is None or not feed.scraper.available):
             feed.admission.observe_latency(seconds)
 
-    def overloaded(self, model: str) -> None:
-        feed = self._feeds.get(model)
+    def overloaded(self, model: str, replica: int = 0) -> None:
+        feed = self._feed(model, replica)
         if feed is not None:
             feed.admission.observe_overload()
 
+    def _all_scrapers(self) -> list[EngineScraper]:
+        return [*self.scrapers.values(), *(s for ss in self.replica_scrapers.values() for s in ss)]
+
     def start(self, record: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
-        if self.scrapers:
+        scrapers = self._all_scrapers()
+        if scrapers:
             # Its own small pool: the upstream's connections can all be busy
             # with requests exactly when the engine's load matters most.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=max(2, len(self.scrapers))),
+                connector=aiohttp.TCPConnector(limit=max(2, len(scrapers))),
                 skip_auto_headers=("User-Agent",))
-        for scraper in self.scrapers.values():
+        for scraper in scrapers:
             assert self._session is not None
             scraper.start(self._session)
         self.watch = LimitWatch([(m, f.admission) for m, f in self._feeds.items()],
@@ -430,7 +466,7 @@ class Capacity:
         self.watch.start()
 
     async def stop(self) -> None:
-        for scraper in self.scrapers.values():
+        for scraper in self._all_scrapers():
             await scraper.stop()
         if self._session is not None:
             await self._session.close()

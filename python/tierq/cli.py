@@ -180,6 +180,12 @@ def _serve(args: argparse.Namespace) -> int:
     if workers < 1:
         print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
+    replicated = [u.name for u in config.upstreams if u.replicas > 1]
+    if workers > 1 and replicated:
+        # Each worker would count the replicas' slots apart (docs/architecture.md, Replicas).
+        print(f"tierq serve: --workers {workers} with several endpoints (upstream "
+              f"{replicated[0]}) is not supported yet: run one worker", file=sys.stderr)
+        return 2
     if config.cluster is not None:
         if config.cluster.host_id is None:
             config = dataclasses.replace(config, cluster=dataclasses.replace(

@@ -39,6 +39,7 @@ __all__ = [
     "ServerConfig",
     "SimSettings",
     "TracingConfig",
+    "Routing",
     "UpstreamConfig",
     "UpstreamKind",
     "default_config",
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
+# How a request's replica is chosen among an upstream's endpoints
+# (tierq.routing): prefix affinity within a load bound, least loaded, or in turn.
+Routing = Literal["prefix", "least_loaded", "round_robin"]
+# Replicas in one pool: a replica order is one u64 of 4-bit numbers (core/replicas.rs).
+MAX_ENDPOINTS: Final = 16
 # What a host does while Redis is unreachable (tierq.cluster): keep serving
 # with its share of each limit, or answer 503.
 RedisDown = Literal["local", "closed"]
@@ -106,6 +112,8 @@ class SimSettings:
     slots: int = 8
     ttft_ms: float = 50.0
     tokens_per_s: float = 50.0
+    # In-process engines, each its own endpoint of the upstream (tierq.embedded).
+    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +143,20 @@ class UpstreamConfig:
     metrics_interval_ms: float = 100.0
     # `[upstreams.health]`: when a replica is ejected and how it comes back.
     health: HealthSettings = HEALTH_DEFAULTS
+    # `endpoints = [...]`: the replicas serving this upstream's models, one
+    # pool of lanes over them (`base_url` is the first). Empty: `base_url`
+    # alone (one replica). `metrics_urls`: each endpoint's, in the same order
+    # (empty: derived, as `metrics_url` is). max_connections bounds each.
+    endpoints: tuple[str, ...] = ()
+    metrics_urls: tuple[str, ...] = ()
+    routing: Routing = "prefix"
+
+    @property
+    def replicas(self) -> int:
+        """How many endpoints (engines) serve this upstream."""
+        if self.sim is not None:
+            return self.sim.replicas
+        return max(1, len(self.endpoints))
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -310,6 +332,13 @@ class _Parser:
             ids[m.id] = i
         keys = self.keys(top.table("keys"))
         cluster = self.cluster(top.table("cluster")) if top.has("cluster") else None
+        replicated = [i for i, u in enumerate(upstreams) if u.replicas > 1]
+        if cluster is not None and replicated:
+            # A host would route with its own replica counts while the lease bounds
+            # only the pool's total (docs/architecture.md, Replicas).
+            key = "endpoints" if upstreams[replicated[0]].sim is None else "sim.replicas"
+            raise ConfigError(self.file, f"upstreams[{replicated[0]}].{key}",
+                              "several endpoints with [cluster] are not supported yet")
         admin = self.admin(top.table("admin"))
         tracing = self.tracing(top.table("tracing"))
         top.done()
@@ -393,10 +422,14 @@ class _Parser:
         if kind not in get_args(UpstreamKind):
             raise t.fail("kind", f'expected one of "openai", "vllm", "sglang", "trtllm", "sim", got {show(kind)}')
         base_url = t.string("base_url")
+        endpoints: tuple[str, ...] = ()
         sim: SimSettings | None = None
         if kind == "sim":
-            if base_url is not None:
-                raise t.fail("base_url", 'not allowed for kind "sim" (the in-process sim picks a free loopback port)')
+            for key in ("base_url", "endpoints"):
+                if t.has(key):
+                    t.get(key)
+                    raise t.fail(key, 'not allowed for kind "sim" (the in-process sim picks a free '
+                                 'loopback port; [upstreams.sim] replicas = N runs N)')
             base_url = ""
             st = t.table("sim")
             d = SimSettings()
@@ -404,15 +437,25 @@ class _Parser:
                 _i(st.integer("slots", d.slots, 1, 100000)),
                 _f(st.number("ttft_ms", d.ttft_ms, 0.0, 600000.0)),
                 _f(st.number("tokens_per_s", d.tokens_per_s, 0.0, 1e9)),
+                _i(st.integer("replicas", d.replicas, 1, MAX_ENDPOINTS)),
             )
             st.done()
         else:
             if t.has("sim"):
                 t.get("sim")
                 raise t.fail("sim", 'only allowed for kind "sim"')
-            if base_url is None:
-                raise t.fail("base_url", "required")
-            base_url = self.base_url(t, base_url)
+            if t.has("endpoints"):
+                if base_url is not None:
+                    raise t.fail("endpoints", "set together with base_url: give one of the two")
+                endpoints = self.url_list(t, "endpoints")
+                base_url = endpoints[0]
+            elif base_url is None:
+                raise t.fail("base_url", "required (or endpoints = [...])")
+            else:
+                base_url = self.base_url(t, base_url)
+        routing = _s(t.string("routing", "prefix"))
+        if routing not in get_args(Routing):
+            raise t.fail("routing", f'expected one of "prefix", "least_loaded", "round_robin", got {show(routing)}')
         d_up = UpstreamConfig(name="", base_url="")
         # The sim takes vLLM's int `priority`, so it can stand in for a vLLM engine.
         priority_scheduling = bool(t.boolean("priority_scheduling", False))
@@ -426,12 +469,26 @@ class _Parser:
             if kind == "sim":
                 raise t.fail("metrics_url", 'not allowed for kind "sim" (its own /metrics is read)')
             metrics_url = self.url(t, "metrics_url", metrics_url)
+        metrics_urls: tuple[str, ...] = ()
+        if t.has("metrics_urls"):
+            if not endpoints:
+                t.get("metrics_urls")
+                raise t.fail("metrics_urls", "only with endpoints = [...] (one per endpoint, same order)")
+            if metrics_url is not None:
+                raise t.fail("metrics_urls", "set together with metrics_url: give one of the two")
+            metrics_urls = self.url_list(t, "metrics_urls")
+            if len(metrics_urls) != len(endpoints):
+                raise t.fail("metrics_urls", f"expected {len(endpoints)} URLs (one per endpoint, same order), "
+                             f"got {len(metrics_urls)}")
+        elif metrics_url is not None and len(endpoints) > 1:
+            raise t.fail("metrics_url", "one URL for several endpoints: use metrics_urls = [...], one per endpoint")
         interval = _f(t.number("metrics_interval_ms", d_up.metrics_interval_ms, 10.0, 60000.0))
         health = self.health(t.table("health"))
         t.done()
         return UpstreamConfig(
             name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
             connect, read, max_conn, sim, metrics, metrics_url, interval, health=health,
+            endpoints=endpoints, metrics_urls=metrics_urls, routing=cast(Routing, routing),
         )
 
     def health(self, t: Table) -> HealthSettings:
@@ -451,6 +508,21 @@ class _Parser:
         )
         t.done()
         return health
+
+    def url_list(self, t: Table, key: str) -> tuple[str, ...]:
+        """A non-empty list of distinct URLs (`endpoints`, `metrics_urls`)."""
+        v = t.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise t.fail(key, f"expected a list of URL strings, got {show(v)}")
+        if not v:
+            raise t.fail(key, "must not be empty")
+        if len(v) > MAX_ENDPOINTS:
+            raise t.fail(key, f"at most {MAX_ENDPOINTS} URLs, got {len(v)}")
+        urls = tuple(self.url(t, key, x) for x in v)
+        for i, u in enumerate(urls):
+            if u in urls[:i]:
+                raise t.fail(key, f"duplicate URL {show(u)} (entries {urls.index(u)} and {i})")
+        return urls
 
     def base_url(self, t: Table, value: str) -> str:
         return self.url(t, "base_url", value)

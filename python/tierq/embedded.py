@@ -19,16 +19,20 @@ __all__ = ["start_sims"]
 
 
 @contextlib.asynccontextmanager
-async def start_sims(upstreams: Sequence[UpstreamConfig]) -> AsyncIterator[Mapping[str, str]]:
-    """Starts one sim per upstream (each of kind "sim"); yields base URL by upstream name."""
+async def start_sims(upstreams: Sequence[UpstreamConfig]) -> AsyncIterator[Mapping[str, tuple[str, ...]]]:
+    """Starts `[upstreams.sim] replicas` sims per upstream (each of kind "sim"),
+    each its own engine and endpoint; yields their base URLs by upstream name."""
     async with contextlib.AsyncExitStack() as running:
-        urls: dict[str, str] = {}
+        urls: dict[str, tuple[str, ...]] = {}
         for u in upstreams:
             settings = u.sim
             if settings is None:  # load_config gives every sim upstream its settings
                 raise ValueError(f"upstream {u.name!r} is not of kind \"sim\"")
-            sim = await start_sim("127.0.0.1", 0, slots=settings.slots, ttft_ms=settings.ttft_ms,
-                                  tokens_per_s=settings.tokens_per_s)
-            running.push_async_callback(sim.close)
-            urls[u.name] = sim.url
+            mine = []
+            for _ in range(settings.replicas):
+                sim = await start_sim("127.0.0.1", 0, slots=settings.slots, ttft_ms=settings.ttft_ms,
+                                      tokens_per_s=settings.tokens_per_s)
+                running.push_async_callback(sim.close)
+                mine.append(sim.url)
+            urls[u.name] = tuple(mine)
         yield urls

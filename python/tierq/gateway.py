@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from tierq.admission import Admission
+from tierq.admission import Admission, ReplicaPool
 from tierq.capacity import Capacity
 from tierq.cluster import Cluster, cluster_settings
 from tierq.config import AdmissionConfig, Config
@@ -50,6 +50,17 @@ class Pool:
     admission: Admission
     upstream: UpstreamClient
     flows: FlowBoard = field(default_factory=FlowBoard)
+    # Its upstream's endpoints' slots and limits, with more than one endpoint.
+    replicas: ReplicaPool | None = None
+
+    @classmethod
+    def new(cls, entry: ModelEntry, admission: Admission, upstream: UpstreamClient,
+            flows: FlowBoard | None = None) -> Pool:
+        """A pool, with its replicas when its upstream has several endpoints."""
+        replicas = None
+        if entry.replica is not None:
+            replicas = ReplicaPool(admission, entry.replicas, entry.replica.settings)
+        return cls(entry, admission, upstream, flows or FlowBoard(), replicas)
 
 
 @dataclass(slots=True)
@@ -105,9 +116,7 @@ class Gateway:
         caller, as `tierq serve --workers N` does; else each model's own), the
         ledger (`ledger`, else the one `config.ledger` names)."""
         catalog = Catalog.from_config(config)
-        pool_sizes: dict[str, int] = {}
-        for m in catalog.values():
-            pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.settings.limit_max
+        pool_sizes = connection_bounds(catalog)
         upstreams = {u.name: UpstreamClient(u, u.base_url, u.max_connections
                                             or min(pool_sizes.get(u.name, 1), 4096))
                      for u in config.upstreams}
@@ -121,7 +130,7 @@ class Gateway:
                     settings = cluster_settings(m.admission)
                 admissions[m.id] = Admission(settings)
         return cls(config, catalog,
-                   {m.id: Pool(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
+                   {m.id: Pool.new(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
                    upstreams, ledger if ledger is not None else ledger_from_config(config.ledger),
                    allow_remote_without_keys=allow_remote_without_keys,
                    shared_pools=pools is not None or config.cluster is not None,
@@ -141,8 +150,9 @@ class Gateway:
         """Cancels every queued request with message `why`; returns how many."""
         return sum(1 for task in list(self.waiting) if task.cancel(why))
 
-    def bases(self) -> dict[str, str]:
-        return {name: u.base_url for name, u in self.upstreams.items()}
+    def bases(self) -> dict[str, tuple[str, ...]]:
+        """Each upstream's endpoints (/v1/forward's targets)."""
+        return {name: u.endpoints for name, u in self.upstreams.items()}
 
     def snapshot(self) -> WorkerSnapshot:
         """This process's admission state and request metrics (tierq.metrics)."""
@@ -153,6 +163,16 @@ class Gateway:
         return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger,
                                      cluster=self.cluster.status() if self.cluster else None,
                                      config=(self.config_sha256, self.config_loaded))
+
+
+def connection_bounds(catalog: Catalog) -> dict[str, int]:
+    """Each upstream's connections per endpoint: the sum of its models' most
+    slots on one replica (a fixed limit, or an adaptive one's bound)."""
+    sizes: dict[str, int] = {}
+    for m in catalog.values():
+        per = (m.replica or m.admission).settings.limit_max
+        sizes[m.upstream] = sizes.get(m.upstream, 0) + per
+    return sizes
 
 
 def config_sha256(path: str) -> str:

@@ -25,7 +25,7 @@ from tierq.capacity import Capacity
 from tierq.cluster import Cluster
 from tierq.config import AdmissionConfig, Config, ConfigError, UpstreamConfig, load_config
 from tierq.downgrades import Downgrades
-from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool
+from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool, connection_bounds
 from tierq.keys import KeyLimiter
 from tierq.served import Catalog
 from tierq.storage import store_kind
@@ -51,7 +51,8 @@ _LAYOUT_KEYS: Final = ("queue_depth", "fair_queues")
 #: Starts the backends of the given kind="sim" upstreams inside the app's event
 #: loop, yields each one's base URL by upstream name, and stops them on exit
 #: (`tierq.embedded.start_sims`, which the CLI passes).
-StartSims = Callable[[Sequence[UpstreamConfig]], contextlib.AbstractAsyncContextManager[Mapping[str, str]]]
+StartSims = Callable[[Sequence[UpstreamConfig]],
+                     contextlib.AbstractAsyncContextManager[Mapping[str, str | Sequence[str]]]]
 
 
 def lifecycle(
@@ -70,19 +71,17 @@ def lifecycle(
         async with contextlib.AsyncExitStack() as sims:
             try:
                 embedded = [u for u in gw.config.upstreams if u.kind == "sim"]
-                sim_urls: Mapping[str, str] = {}
+                sim_urls: Mapping[str, str | Sequence[str]] = {}
                 if sim is not None:
+                    if any(u.replicas > 1 for u in embedded):
+                        raise ValueError("one sim= backend cannot stand for [upstreams.sim] replicas > 1: "
+                                         "pass start_sims (tierq.embedded) instead")
                     sim_urls = {u.name: sim.url for u in embedded}
                 elif embedded and start_sims is not None:
                     sim_urls = await sims.enter_async_context(start_sims(embedded))
                 for name, client in gw.upstreams.items():
                     await client.start(sim_urls.get(name))
-                for u in gw.config.upstreams:
-                    gw.capacity.add_upstream(u.name, u.kind, gw.upstreams[u.name].base_url,
-                                             u.metrics, u.metrics_url, u.metrics_interval_ms / 1000.0)
-                for p in gw.pools.values():
-                    gw.capacity.add_pool(p.entry.id, p.entry.upstream_model, p.entry.upstream,
-                                         p.admission)
+                _wire_capacity(gw, gw.capacity)
                 gw.capacity.start(record=gw.metrics.record_limits)
                 if own_ledger:
                     await gw.ledger.start()
@@ -236,9 +235,7 @@ async def _reload_upstreams(gw: Gateway, config: Config, catalog: Catalog,
     """An upstream whose settings are unchanged keeps its client; a changed or
     new one gets a new client (the old one stays open for requests in flight).
     A sim upstream is started with the process: its changes need a restart."""
-    pool_sizes: dict[str, int] = {}
-    for m in catalog.values():
-        pool_sizes[m.upstream] = pool_sizes.get(m.upstream, 0) + m.admission.settings.limit_max
+    pool_sizes = connection_bounds(catalog)
     out: dict[str, UpstreamClient] = {}
     started = 0
     for u in config.upstreams:
@@ -249,11 +246,16 @@ async def _reload_upstreams(gw: Gateway, config: Config, catalog: Catalog,
         if current is not None and current.config == u and current.pool_size == size:
             out[u.name] = current
             continue
+        if current is not None and current.config.endpoints != u.endpoints:
+            # Its pools' replica slots are counted by endpoint: kept until a restart.
+            out[u.name] = current
+            restart.append(f"upstreams.{u.name}.endpoints")
+            continue
         if current is not None and current.config.kind == "sim" and current.config.sim == u.sim \
                 and dataclasses.replace(current.config, max_connections=None) == \
                 dataclasses.replace(u, max_connections=None):
             sim_client = UpstreamClient(u, u.base_url, size)
-            await sim_client.start(current.base_url)  # the same in-process sim
+            await sim_client.start(current.endpoints)  # the same in-process sims
             out[u.name] = sim_client
             started += 1
             continue
@@ -284,13 +286,16 @@ def _reload_pools(gw: Gateway, catalog: Catalog, upstreams: dict[str, UpstreamCl
             if gw.shared_pools:
                 restart.append(f"models.{m.id} (new)")
                 continue
-            pools[m.id] = Pool(m, Admission(m.admission.settings), upstreams[m.upstream])
+            pools[m.id] = Pool.new(m, Admission(m.admission.settings), upstreams[m.upstream])
             continue
         target = _retune_target(gw, m.id, current, m.admission, restart)
         if target != current.entry.admission:
             retunes[m.id] = target
         entry = dataclasses.replace(m, admission=current.entry.admission)
-        pools[m.id] = Pool(entry, current.admission, upstreams[m.upstream], current.flows)
+        if m.replicas != current.entry.replicas or m.replica != current.entry.replica:
+            restart.append(f"models.{m.id} (its upstream's endpoints)")
+            entry = dataclasses.replace(entry, replica=current.entry.replica, replicas=current.entry.replicas)
+        pools[m.id] = Pool(entry, current.admission, upstreams[m.upstream], current.flows, current.replicas)
     return pools
 
 
@@ -334,12 +339,18 @@ async def _rewire_capacity(gw: Gateway) -> None:
     """What feeds the pools' limits, wired again to the pools and upstreams now served."""
     await gw.capacity.stop()
     capacity = Capacity()
+    _wire_capacity(gw, capacity)
+    capacity.start(record=gw.metrics.record_limits)
+    gw.capacity = capacity
+
+
+def _wire_capacity(gw: Gateway, capacity: Capacity) -> None:
+    """Each upstream's endpoints scraped, each pool fed (per replica when it has several)."""
     for u in gw.config.upstreams:
         client = gw.upstreams.get(u.name)
         if client is not None:
-            capacity.add_upstream(u.name, u.kind, client.base_url, u.metrics, u.metrics_url,
-                                  u.metrics_interval_ms / 1000.0)
+            capacity.add_upstream(u.name, u.kind, client.endpoints, u.metrics,
+                                  u.metrics_urls or u.metrics_url, u.metrics_interval_ms / 1000.0)
     for p in gw.pools.values():
-        capacity.add_pool(p.entry.id, p.entry.upstream_model, p.entry.upstream, p.admission)
-    capacity.start(record=gw.metrics.record_limits)
-    gw.capacity = capacity
+        feeds = [p.replicas.feed(i) for i in range(p.entry.replicas)] if p.replicas is not None else []
+        capacity.add_pool(p.entry.id, p.entry.upstream_model, p.entry.upstream, p.admission, feeds)

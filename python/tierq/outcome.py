@@ -225,6 +225,8 @@ class Exchange:
     admitted_at: float = 0.0
     response_model: str | None = None
     upstream_at: float = 0.0
+    # Which of the upstream's endpoints it was sent to (tierq.routing).
+    replica: int = 0
 
     @property
     def done(self) -> bool:
@@ -437,7 +439,7 @@ class Exchange:
             self.pool.entry.upstream_model, self.response_model, self.requested_tier, self.tier,
             o.status, o.code, o.http_status, o.prompt_tokens, o.completion_tokens, o.billed, femto,
             self.ttft_s, self.queue_ms, self.pool.admission.limit, self.info.id, up.name,
-            up.base_url, self.t0, self.ts, self.queued_at, self.admitted_at, self.upstream_at, end,
+            up.endpoints[self.replica], self.t0, self.ts, self.queued_at, self.admitted_at, self.upstream_at, end,
             self.reason))
 
     def _served(self, o: Outcome) -> None:

@@ -166,7 +166,7 @@ async def relay_stream(
                 ex.ttft_s = now - ex.t0
                 # The upstream's own time to first token (from sending), which
                 # an opaque upstream's learned limit holds against its floor.
-                ex.gw.capacity.first_token(ex.pool.entry.id, now - ex.sent_at)
+                ex.gw.capacity.first_token(ex.pool.entry.id, now - ex.sent_at, ex.replica)
         if read.error is not None:
             raise read.error
         return read.done

@@ -33,6 +33,11 @@ class ModelEntry:
     rates: Mapping[Tier, Rates]
     # Serves service_tier="flex" from idle capacity (else flex is default).
     flex: bool = False
+    # With several endpoints (replicas): each replica's settings as written,
+    # while `admission` is the pool's, whose limits are the replicas' summed
+    # (`pool_admission`). None: one endpoint, `admission` as written.
+    replica: AdmissionConfig | None = None
+    replicas: int = 1
 
 
 class Catalog(Mapping[str, ModelEntry]):
@@ -66,13 +71,16 @@ class Catalog(Mapping[str, ModelEntry]):
         mult = config.pricing.priority_multiplier
         flex_mult = config.pricing.flex_multiplier
         models: dict[str, ModelEntry] = {}
+        replicas = {u.name: u.replicas for u in config.upstreams}
         if not config.models:
             upstream = config.upstreams[0].name
             for model_id, prices in builtin.items():
                 priority = builtin_priority(model_id)
+                n = replicas[upstream]
                 models[model_id] = ModelEntry(
                     model_id, prices, priority, upstream, model_id,
-                    AdmissionConfig(), True, _rates(prices, mult, flex_mult), flex=priority,
+                    pool_admission(AdmissionConfig(), n), True, _rates(prices, mult, flex_mult),
+                    flex=priority, replica=AdmissionConfig() if n > 1 else None, replicas=n,
                 )
             return cls(models)
         for m in config.models:
@@ -83,11 +91,26 @@ class Catalog(Mapping[str, ModelEntry]):
                 builtin_priority(m.id) if base is not None else False
             )
             prices = Prices(input_per_m, output_per_m)
+            n = replicas[m.upstream]
             models[m.id] = ModelEntry(
-                m.id, prices, priority, m.upstream, m.upstream_model or m.id, m.admission,
-                base is not None, _rates(prices, mult, flex_mult), flex=m.flex,
+                m.id, prices, priority, m.upstream, m.upstream_model or m.id,
+                pool_admission(m.admission, n), base is not None, _rates(prices, mult, flex_mult),
+                flex=m.flex, replica=m.admission if n > 1 else None, replicas=n,
             )
         return cls(models)
+
+
+def pool_admission(replica: AdmissionConfig, n: int) -> AdmissionConfig:
+    """The pool's settings over `n` replicas of `replica`'s: its limit (fixed,
+    or an adaptive one's bounds and start) the replicas' summed; the rest (the
+    queue, the waits, the bucket, the headrooms) are the pool's as written."""
+    if n == 1:
+        return replica
+    s = replica.settings
+    if s.limit_mode == "fixed":
+        return replica.but(max_concurrency=s.limit_max * n)
+    return replica.but(min_concurrency=s.limit_min * n, max_concurrency_limit=s.limit_max * n,
+                       initial_concurrency=s.limit_initial * n)
 
 
 def _rates(prices: Prices, mult: Decimal, flex_mult: Decimal) -> dict[Tier, Rates]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -19,6 +19,7 @@ import aiohttp
 import yarl
 
 from tierq.config import UpstreamConfig
+from tierq.routing import Router
 from tierq.tiers import Tier
 
 __all__ = [
@@ -113,35 +114,50 @@ def rewrite_request(
 
 
 class UpstreamClient:
-    """One upstream: its base URL, credential and pooled session.
+    """One upstream: its endpoints (replicas; `base_url` is the first),
+    credential and a pooled session per endpoint, each bounded by `pool_size`
+    connections; its `router` orders a request's replicas (tierq.routing).
 
     Call `start()` inside the event loop that will use it and `close()` at
     shutdown (the app does both in its cleanup context). An upstream of kind
-    "sim" learns its address there, once its backend runs.
+    "sim" learns its addresses there, once its backends run.
     """
 
     def __init__(self, config: UpstreamConfig, base_url: str, pool_size: int) -> None:
         self.config = config
         self.name = config.name
-        self.base_url = base_url.rstrip("/")
+        self.endpoints: tuple[str, ...] = tuple(e.rstrip("/") for e in config.endpoints) \
+            or (base_url.rstrip("/"),)
         self.pool_size = max(1, pool_size)
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, yarl.URL] = {}
+        self._sessions: list[aiohttp.ClientSession] = []
+        self._urls: dict[tuple[int, str], yarl.URL] = {}
+        self.router = Router(self.endpoints, config.routing)
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         # Read once at start-up; never logged, never put in the ledger.
         self._managed_auth = f"Bearer {key}" if key else None
         self.managed = config.api_key_env is not None
 
-    async def start(self, base_url: str | None = None) -> None:
+    @property
+    def base_url(self) -> str:
+        return self.endpoints[0]
+
+    async def start(self, base_url: str | Sequence[str] | None = None) -> None:
+        """`base_url`: the address(es) of a sim upstream's backends, known now."""
         if base_url is not None:
-            self.base_url = base_url.rstrip("/")
+            urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+            self.endpoints = tuple(u.rstrip("/") for u in urls)
+            self.router = Router(self.endpoints, self.config.routing)
             self._urls.clear()
         if self.managed and self._managed_auth is None:
             log.warning("upstream %s: $%s is not set; requests go without a credential",
                         self.name, self.config.api_key_env)
+        self._sessions = [self._new_session() for _ in self.endpoints]
+
+    def _new_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             # Every admitted request holds one connection, so the pool is sized
-            # from the admission limits of the models this upstream serves.
+            # from the admission limits of the models this upstream serves
+            # (per endpoint: each replica has its own limit).
             limit=self.pool_size,
             limit_per_host=self.pool_size,
             keepalive_timeout=30.0,
@@ -151,7 +167,7 @@ class UpstreamClient:
         # TCP_NODELAY: aiohttp sets it on every connection it makes
         # (BaseProtocol.connection_made calls tcp_nodelay(transport, True)), so
         # small SSE chunks are not held back by Nagle's algorithm.
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -167,17 +183,17 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            await session.close()
 
     @property
     def started(self) -> bool:
-        return self._session is not None
+        return bool(self._sessions)
 
-    def url(self, endpoint: str) -> str:
-        """The upstream URL of an endpoint such as "chat/completions"."""
-        return f"{self.base_url}/{endpoint}"
+    def url(self, endpoint: str, replica: int = 0) -> str:
+        """The upstream URL of an endpoint such as "chat/completions" on a replica."""
+        return f"{self.endpoints[replica]}/{endpoint}"
 
     def _session_headers(self) -> dict[str, str]:
         """Headers every request to this upstream carries (set once on the session)."""
@@ -200,20 +216,20 @@ class UpstreamClient:
 
     def post(
         self, endpoint: str, body: bytes, client_upstream_auth: str | None,
-        trace: dict[str, str] | None = None,
+        trace: dict[str, str] | None = None, replica: int = 0,
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """POST a JSON body: `async with client.post(...) as resp:`. `trace`: the
-        W3C trace context headers to send ([tracing], tierq.tracing).
+        """POST a JSON body to a replica: `async with client.post(...) as resp:`.
+        `trace`: the W3C trace context headers to send ([tracing], tierq.tracing).
 
         Leaving the block before the body is read closes the connection, which
         is how an abandoned stream cancels the upstream's generation.
         """
-        if self._session is None:
+        if not self._sessions:
             raise RuntimeError(f"upstream {self.name!r} is not started")
-        url = self._urls.get(endpoint)
+        url = self._urls.get((replica, endpoint))
         if url is None:  # parsed once per endpoint, not once per request
-            url = self._urls[endpoint] = yarl.URL(self.url(endpoint))
-        return self._session.post(
+            url = self._urls[(replica, endpoint)] = yarl.URL(self.url(endpoint, replica))
+        return self._sessions[replica].post(
             url,
             data=body,
             headers=self._request_headers(client_upstream_auth, trace),
@@ -223,8 +239,10 @@ class UpstreamClient:
         )
 
 
-def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, str] | None:
-    """(upstream name, endpoint) if `target` lies under a configured base URL.
+def match_forward_target(target: str, bases: Mapping[str, str | Sequence[str]]) -> tuple[str, str] | None:
+    """(upstream name, endpoint) if `target` lies under a configured base URL
+    (or any of an upstream's endpoints; the request is then routed among them
+    as any other: the upstream is pinned, not the replica).
 
     The target must have the base's scheme, its host exactly as written (no
     resolution, so no IP or alias of it), its port, and its path followed by
@@ -246,18 +264,19 @@ def match_forward_target(target: str, bases: Mapping[str, str]) -> tuple[str, st
         return None
     if not absolute or host is None:
         return None
-    for name, base in bases.items():
-        if not base:
-            continue
-        b = yarl.URL(base, encoded=True)
-        if scheme != b.scheme or host.lower() != (b.raw_host or "").lower():
-            continue
-        if port != b.port:
-            continue
-        prefix = b.raw_path.rstrip("/") + "/"
-        if not path.startswith(prefix):
-            continue
-        endpoint = path[len(prefix):]
-        if endpoint in FORWARD_ENDPOINTS:
-            return name, endpoint
+    for name, given in bases.items():
+        for base in (given,) if isinstance(given, str) else given:
+            if not base:
+                continue
+            b = yarl.URL(base, encoded=True)
+            if scheme != b.scheme or host.lower() != (b.raw_host or "").lower():
+                continue
+            if port != b.port:
+                continue
+            prefix = b.raw_path.rstrip("/") + "/"
+            if not path.startswith(prefix):
+                continue
+            endpoint = path[len(prefix):]
+            if endpoint in FORWARD_ENDPOINTS:
+                return name, endpoint
     return None

@@ -1,0 +1,558 @@
+//! A pool's replicas: the engines that serve one model, each with its own
+//! slots in flight and its own learned limit (the rules of `limit.rs`, per
+//! replica). The pool (`admission.rs`) keeps one pair of lanes and a limit
+//! that is the sum of the replicas' limits; when it grants a slot, the
+//! holder takes a replica here (`pick`), and gives it back (`release`)
+//! before the pool's slot.
+//!
+//! Why every grant finds a replica with room: the replicas' counts move only
+//! while a pool slot is held (taken after the pool's, given back before it),
+//! so the replicas hold fewer than the pool while a holder has not picked,
+//! and the pool's limit is never above the sum of the replicas' (Python
+//! lowers the pool first, `Replicas::capacity`, and raises it after). Fewer
+//! held than the sum of the limits means some replica is below its own. A
+//! limit lowered under a holder between its grant and its pick is the one
+//! case with none: it goes to the least loaded replica over its limit
+//! (counted in `over`), as a request in flight is never cut either.
+//!
+//! A replica's words (`WORDS` each, two cache lines) are atomics only, so a
+//! shared block can hold them as it holds the pool's.
+
+use crate::clock::Clock;
+use crate::error::CoreError;
+use crate::limit::{self, EngineSample, LimitMode, PoolView, FP_SHIFT};
+use crate::sync::AtomicU64;
+use crate::sync::Ordering::{Relaxed, SeqCst};
+use crate::words::Words;
+
+/// At most this many replicas in a pool: a replica order is one u64 of
+/// 4-bit replica numbers, best first.
+pub const MAX_REPLICAS: usize = 16;
+
+/// Words per replica.
+pub const WORDS: usize = 16;
+
+/// A replica passes the load bound while its load, with this request, is at
+/// most `BOUND_NUM / BOUND_DEN` times its share of the pool's load with this
+/// request (rounded up to a whole request): bounded-load consistent hashing
+/// (Mirrokni, Thorup and Zadimoghaddam, 2018) with c = 1.25, weighted by the
+/// replica's limit.
+pub const BOUND_NUM: u64 = 5;
+pub const BOUND_DEN: u64 = 4;
+
+/// Tries of a pick whose CAS lost to another picker before it gives up on
+/// the order and takes the least loaded.
+const PICK_TRIES: u32 = 64;
+
+mod at {
+    /// Slots this replica holds (host-wide when shared). Invariant: moves
+    /// only while the holder holds a pool slot; at most the replica's limit
+    /// but for the `over` case (module doc).
+    pub const IN_FLIGHT: usize = 0;
+    /// The replica's limit, in 1/1024ths of a slot (`limit.rs`).
+    pub const LIMIT: usize = 1;
+    /// Nonzero: the replica is out of rotation (its health); `pick` skips it
+    /// and its limit leaves the pool's capacity. Zeroed words: up.
+    pub const DOWN: usize = 2;
+    /// Sequences waiting inside the engine at its last metrics sample: load.
+    pub const WAITING: usize = 3;
+    /// When the last engine sample was applied (ns; 0: never).
+    pub const ENGINE_AT: usize = 4;
+    pub const HOLD: usize = 5;
+    pub const CUT_AT: usize = 6;
+    /// Nonzero once a signal lowered the limit: slow start is over.
+    pub const CUT: usize = 7;
+    pub const WIN_SUM: usize = 8;
+    pub const WIN_N: usize = 9;
+    /// The window's fastest sample; 0 stands for none yet (u64::MAX when set
+    /// by `new`, a shared block starts zeroed and `new` initialises it).
+    pub const WIN_MIN: usize = 10;
+    pub const WIN_START: usize = 11;
+    pub const FLOOR: usize = 12;
+    pub const RECENT: usize = 13;
+    pub const BACKOFF_AT: usize = 14;
+    /// Grants made to this replica, ever (stats).
+    pub const GRANTS: usize = 15;
+}
+
+/// How a pick reads the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// The first replica in the order with room (round robin: the caller
+    /// rotates the order).
+    First,
+    /// The first in the order with room whose load is within the bound,
+    /// else the least loaded with room (prefix affinity).
+    Bounded,
+    /// The least loaded with room; the order breaks ties.
+    LeastLoaded,
+}
+
+impl Rule {
+    pub fn from_u8(v: u8) -> Result<Rule, CoreError> {
+        match v {
+            0 => Ok(Rule::First),
+            1 => Ok(Rule::Bounded),
+            2 => Ok(Rule::LeastLoaded),
+            _ => Err(CoreError::InvalidArgument { name: "rule", reason: format!("expected 0, 1 or 2, got {v}") }),
+        }
+    }
+}
+
+/// One replica as `stats` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaStats {
+    pub in_flight: u64,
+    pub limit: u64,
+    pub waiting: u64,
+    pub down: bool,
+    pub grants: u64,
+}
+
+#[derive(Clone)]
+pub struct Replicas {
+    words: Words,
+    base: usize,
+    n: usize,
+    mode: LimitMode,
+    engine_interval_ns: u64,
+    clock: Clock,
+    /// Picks that found no replica with room (a limit lowered under a holder).
+    over: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Replicas {
+    /// `n` replicas on this process's heap, each limit at `mode`'s start.
+    pub fn new(n: usize, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Result<Replicas, CoreError> {
+        if n == 0 || n > MAX_REPLICAS {
+            return Err(CoreError::InvalidArgument { name: "replicas", reason: format!("expected 1 - {MAX_REPLICAS}, got {n}") });
+        }
+        let r = Replicas::with_words(Words::heap(n * WORDS), 0, n, mode, engine_interval_ns, clock);
+        for i in 0..n {
+            r.w(i, at::LIMIT).store((mode.initial() as u64) << FP_SHIFT, SeqCst);
+            r.w(i, at::WIN_MIN).store(u64::MAX, SeqCst);
+        }
+        Ok(r)
+    }
+
+    /// Replicas over `n * WORDS` words of `words` from `base` (already
+    /// initialised, or zeroed for `new` to fill).
+    pub fn with_words(words: Words, base: usize, n: usize, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Replicas {
+        Replicas { words, base, n, mode, engine_interval_ns, clock, over: Default::default() }
+    }
+
+    #[inline]
+    fn w(&self, r: usize, word: usize) -> &AtomicU64 {
+        &self.words.get()[self.base + r * WORDS + word]
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn check(&self, r: usize) -> Result<(), CoreError> {
+        if r < self.n {
+            Ok(())
+        } else {
+            Err(CoreError::InvalidArgument { name: "replica", reason: format!("expected 0 - {}, got {r}", self.n - 1) })
+        }
+    }
+
+    /// A replica's limit in force, in whole slots.
+    pub fn limit(&self, r: usize) -> u64 {
+        match self.mode {
+            LimitMode::Fixed(n) => n as u64,
+            LimitMode::Adaptive { .. } => self.w(r, at::LIMIT).load(SeqCst) >> FP_SHIFT,
+        }
+    }
+
+    fn up(&self, r: usize) -> bool {
+        self.w(r, at::DOWN).load(SeqCst) == 0
+    }
+
+    /// The pool's limit: the sum of the limits of the replicas in rotation
+    /// (at least 1 while all are out, so one request still probes).
+    pub fn capacity(&self) -> u64 {
+        let sum: u64 = (0..self.n).filter(|&r| self.up(r)).map(|r| self.limit(r)).sum();
+        sum.max(1)
+    }
+
+    /// Takes a replica or leaves it out of rotation (the health seam).
+    pub fn set_down(&self, r: usize, down: bool) -> Result<(), CoreError> {
+        self.check(r)?;
+        self.w(r, at::DOWN).store(down as u64, SeqCst);
+        Ok(())
+    }
+
+    /// A replica's load figure: its slots held plus the engine's own queue.
+    fn load(&self, r: usize) -> u64 {
+        self.w(r, at::IN_FLIGHT).load(SeqCst).saturating_add(self.w(r, at::WAITING).load(Relaxed))
+    }
+
+    /// The replicas an order names, best first: each 4-bit number below
+    /// `n`, once, then any it left out in index order.
+    fn ranked(&self, order: u64) -> ([u8; MAX_REPLICAS], usize) {
+        let mut out = [0u8; MAX_REPLICAS];
+        let mut seen = 0u32;
+        let mut k = 0;
+        for i in 0..self.n {
+            let r = ((order >> (4 * i)) & 0xF) as usize;
+            if r < self.n && seen & (1 << r) == 0 {
+                seen |= 1 << r;
+                out[k] = r as u8;
+                k += 1;
+            }
+        }
+        for r in 0..self.n {
+            if seen & (1 << r) == 0 {
+                out[k] = r as u8;
+                k += 1;
+            }
+        }
+        (out, k)
+    }
+
+    /// Takes one slot on a replica for a holder of a pool slot: by `rule`
+    /// over `order` (module doc). Returns the replica; `release` names it.
+    pub fn pick(&self, order: u64, rule: Rule) -> usize {
+        let (ranked, k) = self.ranked(order);
+        let ranked = &ranked[..k];
+        for _ in 0..PICK_TRIES {
+            let Some(r) = self.choose(ranked, rule) else { break };
+            let word = self.w(r, at::IN_FLIGHT);
+            let cur = word.load(SeqCst);
+            if cur < self.limit(r) && word.compare_exchange(cur, cur + 1, SeqCst, SeqCst).is_ok() {
+                self.w(r, at::GRANTS).fetch_add(1, Relaxed);
+                return r;
+            }
+            crate::sync::spin();
+        }
+        // None with room: the least loaded in rotation (or of all), over its limit.
+        self.over.fetch_add(1, Relaxed);
+        let any_up = ranked.iter().any(|&r| self.up(r as usize));
+        let r = self.least_loaded(ranked, |r| !any_up || self.up(r)).unwrap_or(ranked[0] as usize);
+        self.w(r, at::IN_FLIGHT).fetch_add(1, SeqCst);
+        self.w(r, at::GRANTS).fetch_add(1, Relaxed);
+        r
+    }
+
+    fn room(&self, r: usize) -> bool {
+        self.up(r) && self.w(r, at::IN_FLIGHT).load(SeqCst) < self.limit(r)
+    }
+
+    fn choose(&self, ranked: &[u8], rule: Rule) -> Option<usize> {
+        match rule {
+            Rule::First => ranked.iter().map(|&r| r as usize).find(|&r| self.room(r)),
+            Rule::LeastLoaded => self.least_loaded(ranked, |r| self.room(r)),
+            Rule::Bounded => {
+                let (mut load, mut lim) = (0u64, 0u64);
+                for r in (0..self.n).filter(|&r| self.up(r)) {
+                    load = load.saturating_add(self.load(r));
+                    lim += self.limit(r);
+                }
+                let lim = lim.max(1);
+                ranked.iter().map(|&r| r as usize).find(|&r| {
+                    // load_r + 1 <= ceil(c * (load + 1) * limit_r / lim)
+                    let share = (BOUND_NUM * (load + 1) * self.limit(r)).div_ceil(BOUND_DEN * lim);
+                    self.room(r) && self.load(r) < share
+                }).or_else(|| self.least_loaded(ranked, |r| self.room(r)))
+            }
+        }
+    }
+
+    /// The replica with the least load per slot of its limit among those
+    /// `ok` admits; ties go to the earlier in the order.
+    fn least_loaded(&self, ranked: &[u8], ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut best: Option<(usize, u64, u64)> = None;
+        for r in ranked.iter().map(|&r| r as usize).filter(|&r| ok(r)) {
+            let (load, lim) = (self.load(r), self.limit(r).max(1));
+            match best {
+                Some((_, bl, bm)) if (load as u128) * (bm as u128) >= (bl as u128) * (lim as u128) => {}
+                _ => best = Some((r, load, lim)),
+            }
+        }
+        best.map(|(r, _, _)| r)
+    }
+
+    /// Gives back a slot `pick` took on replica `r` (before the pool's).
+    pub fn release(&self, r: usize) -> Result<(), CoreError> {
+        self.check(r)?;
+        let word = self.w(r, at::IN_FLIGHT);
+        let mut cur = word.load(SeqCst);
+        loop {
+            if cur == 0 {
+                debug_assert!(false, "replica release without a slot");
+                return Err(CoreError::InvalidArgument { name: "replica", reason: format!("replica {r} holds no slot") });
+            }
+            match word.compare_exchange_weak(cur, cur - 1, SeqCst, SeqCst) {
+                Ok(_) => return Ok(()),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    fn view(&self, r: usize, pool_waiters: u64) -> PoolView {
+        PoolView { in_flight: self.w(r, at::IN_FLIGHT).load(SeqCst), waiters: pool_waiters }
+    }
+
+    /// Moves replica `r`'s limit by `rule` (a CAS loop); true if its whole
+    /// slots changed (the caller then sets the pool's limit to `capacity`).
+    fn move_limit(&self, r: usize, rule: impl Fn(u64) -> u64) -> bool {
+        let word = self.w(r, at::LIMIT);
+        let mut cur = word.load(SeqCst);
+        let next = loop {
+            let next = self.mode.clamp_fp(rule(cur));
+            if next == cur {
+                return false;
+            }
+            match word.compare_exchange_weak(cur, next, SeqCst, SeqCst) {
+                Ok(_) => break next,
+                Err(seen) => cur = seen,
+            }
+        };
+        if next < cur {
+            self.w(r, at::CUT).store(1, Relaxed);
+        }
+        next >> FP_SHIFT != cur >> FP_SHIFT
+    }
+
+    fn slow_start(&self, r: usize) -> bool {
+        self.w(r, at::CUT).load(Relaxed) == 0
+    }
+
+    /// One sample of replica `r`'s engine metrics (`limit::engine_step`, as
+    /// `Pool::observe_engine` for a pool of one engine); `pool_waiters`: the
+    /// pool's waiters (saturation). The engine's waiting count is kept as
+    /// load. True if the limit's whole slots changed.
+    pub fn observe_engine(&self, r: usize, running: u64, waiting: u64, kv_usage_ppm: Option<u32>, pool_waiters: u64) -> Result<bool, CoreError> {
+        self.check(r)?;
+        self.w(r, at::WAITING).store(waiting, Relaxed);
+        if matches!(self.mode, LimitMode::Fixed(_)) {
+            return Ok(false);
+        }
+        let now = self.clock.now_ns().max(1);
+        let stamp = self.w(r, at::ENGINE_AT);
+        let last = stamp.load(SeqCst);
+        if last != 0 && now.saturating_sub(last) < self.engine_interval_ns / 2 {
+            return Ok(false);
+        }
+        if stamp.compare_exchange(last, now, SeqCst, SeqCst).is_err() {
+            return Ok(false);
+        }
+        let sample = EngineSample { running, waiting, kv_usage_ppm };
+        let view = self.view(r, pool_waiters);
+        let hold = self.w(r, at::HOLD).load(Relaxed) as u32;
+        let cut_at = self.w(r, at::CUT_AT).load(Relaxed);
+        let slow = self.slow_start(r);
+        let step = limit::engine_step(self.mode, self.w(r, at::LIMIT).load(SeqCst), sample, view, hold, cut_at, slow);
+        let changed = self.move_limit(r, |_| step.fp);
+        self.w(r, at::HOLD).store(step.hold as u64, Relaxed);
+        self.w(r, at::CUT_AT).store(step.cut_at, Relaxed);
+        Ok(changed)
+    }
+
+    /// One time to first token (ns) of a response from replica `r`
+    /// (`limit::gradient_step` once a window closes, as the pool's).
+    pub fn observe_latency(&self, r: usize, ns: u64, pool_waiters: u64) -> Result<bool, CoreError> {
+        self.check(r)?;
+        if matches!(self.mode, LimitMode::Fixed(_)) {
+            return Ok(false);
+        }
+        let ns = ns.max(1);
+        let now = self.clock.now_ns().max(1);
+        self.w(r, at::WIN_SUM).fetch_add(ns, Relaxed);
+        let n = self.w(r, at::WIN_N).fetch_add(1, Relaxed) + 1;
+        self.w(r, at::WIN_MIN).fetch_min(ns, Relaxed);
+        let start_word = self.w(r, at::WIN_START);
+        let start = start_word.load(SeqCst);
+        if start == 0 {
+            let _ = start_word.compare_exchange(0, now, SeqCst, SeqCst);
+            return Ok(false);
+        }
+        let age = now.saturating_sub(start);
+        let due = (n >= limit::WINDOW_SAMPLES && age >= limit::WINDOW_MIN_NS) || age >= limit::WINDOW_MAX_NS;
+        if !due || start_word.compare_exchange(start, now, SeqCst, SeqCst).is_err() {
+            return Ok(false);
+        }
+        let sum = self.w(r, at::WIN_SUM).swap(0, Relaxed);
+        let n = self.w(r, at::WIN_N).swap(0, Relaxed);
+        let window_min = self.w(r, at::WIN_MIN).swap(u64::MAX, Relaxed);
+        if n == 0 || window_min == u64::MAX {
+            return Ok(false);
+        }
+        let recent = (sum / n).max(1);
+        let floor = limit::next_floor(self.w(r, at::FLOOR).load(Relaxed), window_min);
+        self.w(r, at::FLOOR).store(floor, Relaxed);
+        self.w(r, at::RECENT).store(recent, Relaxed);
+        let view = self.view(r, pool_waiters);
+        let slow = self.slow_start(r);
+        Ok(self.move_limit(r, |fp| limit::gradient_step(self.mode, fp, floor, recent, view, slow)))
+    }
+
+    /// Replica `r` answered overloaded: `limit::backoff_step`, once per
+    /// back-off window (as the pool's).
+    pub fn observe_overload(&self, r: usize) -> Result<bool, CoreError> {
+        self.check(r)?;
+        if matches!(self.mode, LimitMode::Fixed(_)) {
+            return Ok(false);
+        }
+        let now = self.clock.now_ns().max(1);
+        let window = limit::BACKOFF_MIN_NS.max(self.w(r, at::FLOOR).load(Relaxed));
+        let stamp = self.w(r, at::BACKOFF_AT);
+        let last = stamp.load(SeqCst);
+        if last != 0 && now.saturating_sub(last) < window {
+            return Ok(false);
+        }
+        if stamp.compare_exchange(last, now, SeqCst, SeqCst).is_err() {
+            return Ok(false);
+        }
+        Ok(self.move_limit(r, |fp| limit::backoff_step(self.mode, fp)))
+    }
+
+    pub fn stats(&self) -> Vec<ReplicaStats> {
+        (0..self.n).map(|r| ReplicaStats {
+            in_flight: self.w(r, at::IN_FLIGHT).load(SeqCst),
+            limit: self.limit(r),
+            waiting: self.w(r, at::WAITING).load(Relaxed),
+            down: !self.up(r),
+            grants: self.w(r, at::GRANTS).load(Relaxed),
+        }).collect()
+    }
+
+    /// Picks that found no replica with room (module doc).
+    pub fn over(&self) -> u64 {
+        self.over.load(Relaxed)
+    }
+}
+
+/// An order of replica numbers, best first, as one word (4 bits each).
+pub fn order_word(order: &[u8]) -> u64 {
+    order.iter().take(MAX_REPLICAS).enumerate().fold(0, |w, (i, &r)| w | ((r as u64 & 0xF) << (4 * i)))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn fixed(n: usize, slots: u32) -> Replicas {
+        Replicas::new(n, LimitMode::Fixed(slots), 100_000_000, Clock::Manual(std::sync::Arc::new(ManualClock::new(1)))).unwrap()
+    }
+
+    #[test]
+    fn an_order_word_reads_back_best_first_and_fills_in_what_it_left_out() {
+        let r = fixed(4, 2);
+        let (ranked, k) = r.ranked(order_word(&[2, 0, 2, 9]));
+        assert_eq!(&ranked[..k], &[2, 0, 1, 3]);
+    }
+
+    #[test]
+    fn the_first_replica_in_the_order_is_taken_while_it_is_within_the_bound() {
+        let r = fixed(4, 4);
+        let order = order_word(&[2, 1, 0, 3]);
+        assert_eq!(r.pick(order, Rule::Bounded), 2);
+        r.release(2).unwrap();
+        // Sequential requests of one prefix stay home.
+        for _ in 0..10 {
+            assert_eq!(r.pick(order, Rule::Bounded), 2);
+            r.release(2).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hot_prefix_spills_past_its_home_at_the_load_bound() {
+        let r = fixed(4, 4);
+        let order = order_word(&[2, 1, 0, 3]);
+        // 16 slots: with one held, home (1 held) is at ceil(1.25 * 2 * 4 / 16) = 1.
+        assert_eq!(r.pick(order, Rule::Bounded), 2);
+        assert_eq!(r.pick(order, Rule::Bounded), 1);
+        let mut on = [0u64; 4];
+        for _ in 0..14 {
+            on[r.pick(order, Rule::Bounded)] += 1;
+        }
+        let s = r.stats();
+        // Every slot taken, none above its limit, none over.
+        assert!(s.iter().all(|x| x.in_flight == 4), "{s:?}");
+        assert_eq!(r.over(), 0);
+    }
+
+    #[test]
+    fn the_bound_lets_home_take_more_as_the_pool_fills() {
+        let r = fixed(4, 4);
+        // 8 held, two on each replica.
+        for i in 0..8u8 {
+            r.pick(order_word(&[i % 4]), Rule::First);
+        }
+        // Home (0) may hold ceil(1.25 * 9 * 4 / 16) = 3, then ceil(1.25 * 10 * 4 / 16) = 4.
+        let order = order_word(&[0, 1, 2, 3]);
+        assert_eq!(r.pick(order, Rule::Bounded), 0);
+        assert_eq!(r.pick(order, Rule::Bounded), 0);
+        // Full at its limit: the next in the order within the bound.
+        assert_eq!(r.pick(order, Rule::Bounded), 1);
+    }
+
+    #[test]
+    fn least_loaded_counts_the_engines_own_queue() {
+        let r = fixed(3, 4);
+        r.observe_engine(0, 1, 3, None, 0).unwrap();
+        r.observe_engine(1, 1, 1, None, 0).unwrap();
+        r.observe_engine(2, 1, 2, None, 0).unwrap();
+        assert_eq!(r.pick(order_word(&[0, 1, 2]), Rule::LeastLoaded), 1);
+        // 1 is at 2 now (1 held + 1 waiting); 2 at 2 too: the order's earlier.
+        assert_eq!(r.pick(order_word(&[2, 1, 0]), Rule::LeastLoaded), 2);
+    }
+
+    #[test]
+    fn first_skips_a_full_replica_and_a_down_one() {
+        let r = fixed(3, 1);
+        r.set_down(1, true).unwrap();
+        assert_eq!(r.capacity(), 2);
+        assert_eq!(r.pick(order_word(&[0, 1, 2]), Rule::First), 0);
+        assert_eq!(r.pick(order_word(&[0, 1, 2]), Rule::First), 2);
+    }
+
+    #[test]
+    fn with_no_replica_with_room_the_least_loaded_goes_over_and_is_counted() {
+        let r = fixed(2, 1);
+        r.pick(0, Rule::First);
+        r.pick(0, Rule::First);
+        let third = r.pick(order_word(&[1, 0]), Rule::Bounded);
+        assert_eq!(third, 1);
+        assert_eq!(r.over(), 1);
+        assert_eq!(r.stats()[1].in_flight, 2);
+    }
+
+    #[test]
+    fn each_replica_learns_its_own_limit_from_its_engine() {
+        let clock = std::sync::Arc::new(ManualClock::new(1));
+        let mode = LimitMode::Adaptive { min: 2, max: 64, initial: 4 };
+        let r = Replicas::new(2, mode, 100_000_000, Clock::Manual(clock.clone())).unwrap();
+        assert_eq!(r.capacity(), 8);
+        // Replica 0 saturated with an empty engine queue: slow start grows it.
+        for _ in 0..4 {
+            r.pick(order_word(&[0]), Rule::First);
+        }
+        assert!(r.observe_engine(0, 4, 0, Some(100_000), 5).unwrap());
+        assert_eq!(r.limit(0), 6);
+        clock.advance_ns(100_000_000);
+        // Replica 1's engine queues what it was sent: cut to what it runs.
+        r.pick(order_word(&[1]), Rule::First);
+        r.pick(order_word(&[1]), Rule::First);
+        r.pick(order_word(&[1]), Rule::First);
+        assert!(r.observe_engine(1, 2, 1, None, 5).unwrap());
+        assert_eq!(r.limit(1), 2);
+        assert_eq!(r.capacity(), 8);
+        assert_eq!(r.limit(0), 6);
+    }
+
+    #[test]
+    fn a_release_without_a_slot_is_refused() {
+        let r = fixed(2, 1);
+        assert!(r.release(5).is_err());
+        assert!(Replicas::new(17, LimitMode::Fixed(1), 1, Clock::Manual(std::sync::Arc::new(ManualClock::new(1)))).is_err());
+    }
+}

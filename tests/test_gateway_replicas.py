@@ -1,0 +1,325 @@
+"""Replicas under one pool (#20): `endpoints = [...]`, each endpoint its own
+slots and limit, routed by prefix within a load bound. Real sockets: one
+`tierq sim` process per replica, the gateway in front, the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from conftest import serve_app
+from ports import free_port
+
+from tierq.app import create_app
+from tierq.config import load_config
+from tierq.gateway import GATEWAY
+from tierq.routing import BLOCK_CHARS, ROUTE_BLOCKS, Router, prompt_text, rendezvous, route_key
+from tierq.toml_tables import ConfigError
+
+MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+
+
+# ---- config ------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, upstream: str) -> Any:
+    cfg = tmp_path / "tierq.toml"
+    cfg.write_text(f'[[upstreams]]\nname = "pool"\nkind = "vllm"\n{upstream}\n'
+                   f'[[models]]\nid = "{MODEL}"\n')
+    return load_config(str(cfg))
+
+
+@pytest.mark.parametrize(("upstream", "key", "says"), [
+    ('endpoints = []', "upstreams[0].endpoints", "must not be empty"),
+    ('endpoints = ["http://a:1/v1", "http://a:1/v1/"]', "upstreams[0].endpoints", "duplicate URL"),
+    ('base_url = "http://a:1/v1"\nendpoints = ["http://b:1/v1"]', "upstreams[0].endpoints",
+     "set together with base_url"),
+    ('', "upstreams[0].base_url", "required (or endpoints"),
+    ('endpoints = ["http://a:1/v1", "http://b:1/v1"]\nmetrics_urls = ["http://a:1/metrics"]',
+     "upstreams[0].metrics_urls", "expected 2 URLs"),
+    ('endpoints = ["http://a:1/v1", "http://b:1/v1"]\nmetrics_url = "http://a:1/metrics"',
+     "upstreams[0].metrics_url", "use metrics_urls"),
+    ('base_url = "http://a:1/v1"\nmetrics_urls = ["http://a:1/metrics"]', "upstreams[0].metrics_urls",
+     "only with endpoints"),
+    ('endpoints = ["http://a:1/v1"]\nrouting = "random"', "upstreams[0].routing", "expected one of"),
+    ('endpoints = ["ftp://a:1/v1"]', "upstreams[0].endpoints", "http:// or https://"),
+])
+def test_endpoints_refused_with_one_line_naming_the_key(tmp_path: Path, upstream: str, key: str,
+                                                        says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, upstream)
+    line = str(e.value)
+    assert "\n" not in line and key in line and says in line, line
+
+
+def test_a_sim_upstream_takes_replicas_not_endpoints(tmp_path: Path) -> None:
+    cfg = tmp_path / "tierq.toml"
+    cfg.write_text('[[upstreams]]\nname = "sim"\nkind = "sim"\nendpoints = ["http://a:1/v1"]\n')
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.endpoints.*replicas = N"):
+        load_config(str(cfg))
+    cfg.write_text('[[upstreams]]\nname = "sim"\nkind = "sim"\n[upstreams.sim]\nreplicas = 17\n')
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.sim\.replicas"):
+        load_config(str(cfg))
+
+
+def test_endpoints_and_routing_are_read_in_order(tmp_path: Path) -> None:
+    config = _load(tmp_path, 'endpoints = ["http://a:1/v1", "http://b:1/v1/", "http://c:1/v1"]\n'
+                   'routing = "least_loaded"')
+    u = config.upstreams[0]
+    assert u.endpoints == ("http://a:1/v1", "http://b:1/v1", "http://c:1/v1") and u.replicas == 3
+    assert u.routing == "least_loaded" and u.base_url == "http://a:1/v1"
+
+
+def _write_model(tmp_path: Path) -> Path:
+    cfg = tmp_path / "model.toml"
+    cfg.write_text('[[upstreams]]\nname = "pool"\nkind = "vllm"\n'
+                   'endpoints = ["http://a:1/v1", "http://b:1/v1", "http://c:1/v1"]\n'
+                   f'[[models]]\nid = "{MODEL}"\n[models.admission]\nmax_concurrency = 5\n')
+    return cfg
+
+
+def test_a_fixed_limit_is_per_replica_and_the_pool_holds_their_sum(tmp_path: Path) -> None:
+    from tierq.served import Catalog
+    entry = Catalog.from_config(load_config(str(_write_model(tmp_path))))[MODEL]
+    assert entry.replicas == 3
+    assert entry.replica is not None and entry.replica.settings.limit_max == 5
+    assert entry.admission.settings.limit_mode == "fixed" and entry.admission.settings.limit_max == 15
+
+
+# ---- the order -----------------------------------------------------------------------
+
+
+def test_the_route_key_is_the_leading_blocks_and_stable_across_processes() -> None:
+    system = "s" * (BLOCK_CHARS * ROUTE_BLOCKS)
+    a = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "one"}]}
+    b = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "two"}]}
+    assert route_key(prompt_text("chat/completions", a)) == route_key(prompt_text("chat/completions", b))
+    c = {"messages": [{"role": "system", "content": "t" + system[1:]}]}
+    assert route_key(prompt_text("chat/completions", a)) != route_key(prompt_text("chat/completions", c))
+    # Pinned: BLAKE2b has no per-process salt, so every worker and host agrees.
+    assert route_key("hello").hex() == "a7b6eda801e5347d"
+    assert prompt_text("chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}) \
+        == "user\nab\n\n"
+    assert prompt_text("completions", {"prompt": ["a", "b"]}) == "a\nb"
+
+
+def test_rendezvous_keeps_a_prefix_home_when_the_endpoints_are_listed_in_another_order() -> None:
+    urls = [f"http://10.0.0.{i}:8000/v1" for i in range(4)]
+    for n in range(50):
+        key = route_key(f"prompt {n}")
+        home = urls[rendezvous(key, urls)[0]]
+        shuffled = urls[::-1]
+        assert shuffled[rendezvous(key, shuffled)[0]] == home
+        # A replica leaving moves only its own prefixes.
+        rest = [u for u in urls if u != urls[3]]
+        if home != urls[3]:
+            assert rest[rendezvous(key, rest)[0]] == home
+
+
+def test_round_robin_takes_each_replica_in_turn() -> None:
+    r = Router(["http://a/v1", "http://b/v1", "http://c/v1"], "round_robin")
+    firsts = [r.order("chat/completions", {}) & 0xF for _ in range(6)]
+    assert firsts == [0, 1, 2, 0, 1, 2]
+
+
+# ---- through the gateway ----------------------------------------------------------
+
+
+class Sim:
+    def __init__(self, tmp: Path, i: int, slots: int) -> None:
+        self.port = free_port()
+        self.log = tmp / f"sim{i}.log"
+        with self.log.open("wb") as err:
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "tierq", "sim", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--slots", str(slots), "--ttft-ms", "40", "--tokens-per-s", "200"],
+                stdout=subprocess.DEVNULL, stderr=err)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+async def _up(session: aiohttp.ClientSession, url: str) -> None:
+    t0 = time.monotonic()
+    while True:
+        try:
+            async with session.get(url + "/sim/stats") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() - t0 > 30:
+            raise AssertionError(f"sim at {url} never came up")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[Any]:
+    sims = [Sim(tmp_path, i, slots=8) for i in range(3)]
+    runners = []
+    starts: list[Any] = []
+    session = aiohttp.ClientSession()
+
+    async def start(admission: str, routing: str = "prefix") -> tuple[str, list[str]]:
+        cfg = tmp_path / "tierq.toml"
+        endpoints = ", ".join(f'"{s.url}/v1"' for s in sims)
+        cfg.write_text(
+            f'[ledger]\nurl = "sqlite:///{tmp_path}/ledger.db"\n'
+            f'[[upstreams]]\nname = "pool"\nkind = "vllm"\npriority_scheduling = true\n'
+            f'endpoints = [{endpoints}]\nrouting = "{routing}"\n'
+            f'[[models]]\nid = "{MODEL}"\n[models.admission]\n{admission}\n')
+        app = create_app(load_config(str(cfg)))
+        root, runner = await serve_app(app)
+        runners.append(runner)
+        starts.append(app)
+        return root, [s.url for s in sims]
+
+    try:
+        for s in sims:
+            await _up(session, s.url)
+        yield start, session, starts
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await session.close()
+        for s in sims:
+            s.stop()
+
+
+async def _stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(url + "/sim/stats") as r:
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+def _chat(system: str, user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+@pytest.mark.timeout(120)
+async def test_no_replica_ever_holds_more_than_its_limit(replicas: Any) -> None:
+    start, session, apps = replicas
+    root, sims = await start("max_concurrency = 2\nqueue_depth = 256")
+    client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=60)
+    systems = ["shared system prompt " * 80, "another one entirely " * 80]
+
+    async def one(i: int) -> None:
+        await client.chat.completions.create(model=MODEL, max_tokens=8,
+                                             messages=_chat(systems[i % 2], f"turn {i}"))
+
+    await asyncio.gather(*(one(i) for i in range(36)))
+    stats = [await _stats(session, s) for s in sims]
+    assert [s["max_in_flight_seen"] for s in stats] == [2, 2, 2], stats
+    assert sum(s["completed"] for s in stats) == 36
+    await client.close()
+
+
+@pytest.mark.timeout(120)
+async def test_requests_sharing_a_prefix_land_on_one_replica_while_not_saturated(replicas: Any) -> None:
+    start, session, apps = replicas
+    root, sims = await start("max_concurrency = 4")
+    client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=60)
+    homes = set()
+    for p in range(6):
+        system = f"system prompt number {p}: " + "be helpful and exact. " * 60
+        before = [(await _stats(session, s))["requests"] for s in sims]
+        for turn in range(4):  # one at a time: the pool is never saturated
+            await client.chat.completions.create(model=MODEL, max_tokens=4,
+                                                 messages=_chat(system, f"question {turn}"))
+        after = [(await _stats(session, s))["requests"] for s in sims]
+        moved = [b - a for a, b in zip(before, after)]
+        assert sorted(moved) == [0, 0, 4], moved
+        homes.add(moved.index(4))
+    # Six prefixes over three replicas by rendezvous: more than one home.
+    assert len(homes) > 1, homes
+    await client.close()
+
+
+@pytest.mark.timeout(120)
+async def test_priority_keeps_its_lead_across_replicas(replicas: Any) -> None:
+    start, session, apps = replicas
+    root, sims = await start("max_concurrency = 1\nqueue_depth = 256")
+    client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=120)
+    done: list[str] = []
+
+    async def one(tier: str, i: int) -> None:
+        await client.chat.completions.create(model=MODEL, max_tokens=16, service_tier=tier,  # type: ignore[arg-type]
+                                             messages=_chat(f"prefix {i % 5} " * 40, "hi"))
+        done.append(tier)
+
+    defaults = [asyncio.create_task(one("default", i)) for i in range(18)]
+
+    pool = apps[-1][GATEWAY].pools[MODEL]
+    t0 = time.monotonic()
+    while pool.admission.stats()["depth"]["default"] < 12:
+        assert time.monotonic() - t0 < 30, "the default requests never queued"
+        await asyncio.sleep(0.01)
+    prio = [asyncio.create_task(one("priority", i)) for i in range(3)]
+    await asyncio.gather(*defaults, *prio)
+    # Three slots over three replicas: the priority requests go next on
+    # whichever replica frees first, ahead of every default still queued.
+    last_priority = max(i for i, t in enumerate(done) if t == "priority")
+    assert last_priority < 3 + 3 + 3, done
+    await client.close()
+
+
+def test_endpoints_with_a_cluster_are_refused_until_leases_carry_replicas(tmp_path: Path) -> None:
+    cfg = tmp_path / "tierq.toml"
+    cfg.write_text('[[upstreams]]\nname = "pool"\nkind = "vllm"\n'
+                   'endpoints = ["http://a:1/v1", "http://b:1/v1"]\n'
+                   '[cluster]\nredis_url = "redis://127.0.0.1:6379"\n')
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.endpoints: several endpoints with \[cluster\]"):
+        load_config(str(cfg))
+
+
+@pytest.mark.timeout(60)
+async def test_sim_replicas_run_that_many_in_process_engines_each_its_own_endpoint(tmp_path: Path) -> None:
+    from tierq.embedded import start_sims
+    cfg = tmp_path / "tierq.toml"
+    cfg.write_text(f'[ledger]\nurl = "sqlite:///{tmp_path}/ledger.db"\n'
+                   '[[upstreams]]\nname = "sim"\nkind = "sim"\n[upstreams.sim]\nreplicas = 3\nslots = 2\n'
+                   f'[[models]]\nid = "{MODEL}"\n[models.admission]\nmax_concurrency = 1\n')
+    app = create_app(load_config(str(cfg)), start_sims=start_sims)
+    root, runner = await serve_app(app)
+    try:
+        gw = app[GATEWAY]
+        pool = gw.pools[MODEL]
+        assert len(set(gw.upstreams["sim"].endpoints)) == 3 and pool.admission.limit == 3
+        client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=60)
+        await asyncio.gather(*(client.chat.completions.create(
+            model=MODEL, max_tokens=4, messages=_chat(f"prefix {i}", "hi")) for i in range(9)))
+        assert pool.replicas is not None
+        grants = [r["grants"] for r in pool.replicas.stats()]
+        assert sum(grants) == 9 and all(r["in_flight"] == 0 for r in pool.replicas.stats()), grants
+        await client.close()
+    finally:
+        await runner.cleanup()
+
+
+def test_the_gateway_renders_a_prompt_as_the_sims_prefix_cache_does() -> None:
+    from tierq.sim import rendered_prompt
+    bodies = [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}]},
+        {"messages": [{"role": "user", "content": "x" * 700}]},
+    ]
+    for body in bodies:
+        assert prompt_text("chat/completions", body) == rendered_prompt(body, True)
+    for prompt in ("one prompt", ["two", "prompts"]):
+        assert prompt_text("completions", {"prompt": prompt}) == rendered_prompt({"prompt": prompt}, False)
