@@ -686,7 +686,7 @@ impl Pool {
         crash_point!("admit.reserved");
         // Counted in its queue before it is published, so a waiter that is
         // published is always counted (`fair::WAITING`).
-        self.joined(lane, queue, fair::owner(ask.hand), due != 0);
+        self.joined(lane, queue, fair::owner(ask.hand), ask.service, due != 0);
         crash_point!("admit.joined");
         let pos = match self.ring(lane).push(now, self.me, tag, due) {
             Ok(pos) => pos,
@@ -716,13 +716,13 @@ impl Pool {
     /// A waiter of `queue` (of the flow `who`, `fair::owner`) is about to
     /// be published in `lane`.
     #[inline]
-    fn joined(&self, lane: Lane, queue: u32, who: u64, own_deadline: bool) {
+    fn joined(&self, lane: Lane, queue: u32, who: u64, service: u64, own_deadline: bool) {
         let fair = self.fair(lane);
         if own_deadline {
             fair.deadline_joined();
         }
         if self.fair_on {
-            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst), who);
+            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst), who, service);
         }
     }
 

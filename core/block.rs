@@ -32,7 +32,10 @@ pub(crate) const LINE: usize = 8;
 // a flex waiter's count as part of the default lane's and the rings a line early.
 // Version 8: each flow queue has a fifth word, its owner (`fair::OWNER`); a
 // version-7 process would read queue q's words 4q.. where they are now 5q..
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0008; // "tierq_" + layout version 8
+// Version 9: each lane's fair state has a third word before its bitmap,
+// the last newcomer's lift (`fair::LIFTED`); a version-8 process would read
+// it as the bitmap's first word and every queue's words one word early.
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0009; // "tierq_" + layout version 9
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {

@@ -167,7 +167,9 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
 #[test]
 fn polite_flows_beside_a_greedy_one_wait_about_as_long_as_strictly_ahead_of_it() {
     let mut ratios = vec![];
-    for seed in 1..=16u64 {
+    // FAIR_SIM_SEEDS=200 for the figures of docs/architecture.md.
+    let seeds: u64 = std::env::var("FAIR_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    for seed in 1..=seeds {
         let mut fair = run(seed, false, 120);
         let mut mark = run(seed, true, 120);
         let (f50, f99, m50, m99) = (pct(&mut fair, 50.0), pct(&mut fair, 99.0), pct(&mut mark, 50.0), pct(&mut mark, 99.0));
@@ -176,14 +178,19 @@ fn polite_flows_beside_a_greedy_one_wait_about_as_long_as_strictly_ahead_of_it()
     }
     ratios.sort_by(f64::total_cmp);
     let (median, max) = (ratios[ratios.len() / 2], ratios[ratios.len() - 1]);
-    println!("p99 ratio median {median:.2}, max {max:.2}");
-    // Measured: median 1.04, max 1.56 (seed 16: p99 197 ms against the
-    // mark's 127; 16 seeds of 120 s); before the owner rule of `choose`
-    // (a flow keeps to the queue it owns, so a polite flow's second request
-    // waits behind its first instead of starting its other queue at the
-    // floor) 1.12 and 1.30; before the lift to the floor and the tie of
-    // `choose` by counter, 1.70 and 1.98.
+    println!("p99 ratio median {median:.2}, p90 {:.2}, max {max:.2}", ratios[ratios.len() * 9 / 10]);
+    // Measured: median 0.95, max 1.02 (16 seeds of 120 s; 200 seeds:
+    // median 0.90, p90 1.02, max 1.19) with a newcomer's lift one request
+    // below the floor, not below the newcomer before it; lifted to the
+    // floor, median 1.04, max 1.56 (seed 16: p99 197 ms against the mark's
+    // 127; 200 seeds: 1.08, 1.28, 1.56): the owner rule of `choose` (a flow
+    // keeps to the queue it owns, so a polite flow's second request waits
+    // behind its first) let a backlogged request go between the two; before
+    // the owner rule (it started its other queue at the floor) 1.12 and
+    // 1.30; before the lift to the floor and the tie of `choose` by
+    // counter, 1.70 and 1.98.
     assert!(median <= 1.25, "polite p99 wait {median:.2}x the mark's (median of 16 seeds)");
+    assert!(max <= 1.25, "polite p99 wait {max:.2}x the mark's (worst of 16 seeds)");
 }
 
 /// A lone flow with requests of one size, random arrivals and releases on
@@ -387,8 +394,9 @@ fn deadlines_in_the_priority_lane_are_kept_or_refused_at_join() {
     }
     rel.sort_by(f64::total_cmp);
     println!("missed {miss} of {adm} ({:.2}%), prediction error median {:.0}%", 100.0 * miss as f64 / adm as f64, 100.0 * rel[rel.len() / 2]);
-    // Measured: 8 of 1,327 missed (0.60%), error 15% (before the owner
-    // rule of `choose`: 23 of 1,368, 1.68%, 16%). With the other
+    // Measured: 6 of 1,325 missed (0.45%), error 15% (before the lift's
+    // credit of one request: 8 of 1,327, 0.60%; before the owner rule of
+    // `choose`: 23 of 1,368, 1.68%, 16%). With the other
     // queues counted only for their waiters and no margin: 27% missed; with
     // their turns counted and no margin, 13%; margin 1/4, 3.2%.
     assert!(miss * 50 <= adm, "{miss} of {adm} admitted with a deadline missed it");

@@ -350,12 +350,12 @@ fn a_queue_emptied_and_tidied_while_it_is_joined_stays_active_for_its_new_waiter
         let words: Arc<Vec<AtomicU64>> = Arc::new((0..lane_words(16)).map(|_| AtomicU64::new(0)).collect());
         let f = FairLane::new(&words, 16);
         for q in 0..8 {
-            f.join(q, 0, 0);
+            f.join(q, 0, 0, 1);
             f.leave(tag(q, 100, false));
         }
-        f.join(10, 0, 0);
+        f.join(10, 0, 0, 1);
         let w2 = words.clone();
-        let t = thread::spawn(move || FairLane::new(&w2, 16).join(10, 1, 0));
+        let t = thread::spawn(move || FairLane::new(&w2, 16).join(10, 1, 0, 1));
         f.leave(tag(10, 100, false));
         let _ = f.least(None);
         t.join().unwrap();
