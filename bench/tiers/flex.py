@@ -6,7 +6,9 @@ Three scenarios on the same gateway config, interleaved in rounds, so every
 figure has its baseline in the same run:
   base     default + priority only (no backlog);
   flex     the same, plus the backlog sent as service_tier="flex";
-  default  the same, plus the same backlog sent as default.
+  default  the same, plus the same backlog sent as default;
+and with --priority-headroom N a base and a flex scenario more with that
+priority_headroom (the flex one judged against its own base).
 Measured: engine busy (the sim's running sequences over its slots, sampled
 every 0.1 s), default and priority TTFT (first content chunk of a stream, at
 the client) of the open-loop requests, and every flex refusal's ledger row
@@ -35,7 +37,7 @@ MODEL = "sim-chat"
 
 
 def gateway_config(name: str, sim_url: str, slots: int, flex_headroom: float,
-                   wait_flex_ms: int) -> Path:
+                   wait_flex_ms: int, priority_headroom: int = 0) -> Path:
     cfg = h.TMP / f"{name}.toml"
     cfg.write_text(f"""
 [ledger]
@@ -60,6 +62,7 @@ max_concurrency = {slots}
 queue_depth = 2048
 max_wait_ms = {{ default = 60000, priority = 60000, flex = {wait_flex_ms} }}
 flex_headroom = {flex_headroom}
+priority_headroom = {priority_headroom}
 """)
     return cfg
 
@@ -198,6 +201,9 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=30, help="closed-loop batch clients")
     ap.add_argument("--flex-headrooms", default="0.1",
                     help="comma-separated flex_headroom values, each a flex scenario of every round")
+    ap.add_argument("--priority-headroom", type=int, default=0,
+                    help="if > 0, one more pair of scenarios with this priority_headroom: "
+                         "base and flex at the first flex_headroom")
     ap.add_argument("--wait-flex-ms", type=int, default=3000)
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--warmup", type=float, default=5.0)
@@ -215,16 +221,20 @@ def main() -> int:
     h.log(f"open-loop rate {args.rate:.1f}/s, {args.backlog} batch clients, {machine}")
     sim = h.start_sim("flex-sim", args.slots, args.ttft_ms, args.tokens_per_s)
     sim_root = f"http://127.0.0.1:{sim.port}"
-    scenarios: list[tuple[str, str | None, float]] = [("base", "none", headrooms[0])]
-    scenarios += [(f"flex@{fh:g}", "flex", fh) for fh in headrooms]
-    scenarios.append(("default", None, headrooms[0]))
+    scenarios: list[tuple[str, str | None, float, int]] = [("base", "none", headrooms[0], 0)]
+    scenarios += [(f"flex@{fh:g}", "flex", fh, 0) for fh in headrooms]
+    scenarios.append(("default", None, headrooms[0], 0))
+    ph = args.priority_headroom
+    if ph > 0:
+        scenarios += [(f"base+ph{ph}", "none", headrooms[0], ph),
+                      (f"flex@{headrooms[0]:g}+ph{ph}", "flex", headrooms[0], ph)]
     runs: list[dict[str, Any]] = []
     procs = [sim]
     try:
         for rnd in range(args.rounds):
-            for label, tier, fh in scenarios:
-                name = f"flex-{label.replace('@', '-')}-{rnd}"
-                cfg = gateway_config(name, sim_root + "/v1", args.slots, fh, args.wait_flex_ms)
+            for label, tier, fh, ph_run in scenarios:
+                name = f"flex-{label.replace('@', '-').replace('+', '-')}-{rnd}"
+                cfg = gateway_config(name, sim_root + "/v1", args.slots, fh, args.wait_flex_ms, ph_run)
                 gw = h.start_gateway(name, cfg)
                 procs.append(gw)
                 try:
@@ -239,7 +249,8 @@ def main() -> int:
                       f"{s['default']['ttft_p99_ms']:.0f} ms (queue {s['default']['queue_p99_ms']:.0f}), "
                       f"priority p99 {s['priority']['ttft_p99_ms']:.0f} ms "
                       f"(queue {s['priority']['queue_p99_ms']:.0f})")
-                runs.append({"round": rnd, "scenario": label, "flex_headroom": fh, "summary": s, **run})
+                runs.append({"round": rnd, "scenario": label, "flex_headroom": fh, "priority_headroom": ph_run,
+                             "summary": s, **run})
     finally:
         h.stop_all(procs)
     table, result = report(runs, args, headrooms)
@@ -249,7 +260,8 @@ def main() -> int:
     # the per-request records (a few MB) are gzipped beside them.
     (h.RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"args": vars(args), "machine": machine, "result": result,
-         "runs": [{k: r[k] for k in ("round", "scenario", "flex_headroom", "summary", "samples")}
+         "runs": [{k: r[k] for k in ("round", "scenario", "flex_headroom", "priority_headroom", "summary",
+                                     "samples")}
                   for r in runs]}, indent=1, default=str) + "\n")
     h.save_raw(f"{args.name}-records", [{k: r[k] for k in ("round", "scenario", "records")} for r in runs])
     (h.RESULTS / f"{args.name}.md").write_text(
@@ -263,7 +275,12 @@ def main() -> int:
 
 def report(runs: list[dict[str, Any]], args: argparse.Namespace,
            headrooms: list[float]) -> tuple[str, dict[str, Any]]:
-    labels = ["base"] + [f"flex@{fh:g}" for fh in headrooms] + ["default"]
+    ph = args.priority_headroom
+    # Each flex scenario against the base with the same priority_headroom.
+    flexes = [(f"flex@{fh:g}", "base", fh) for fh in headrooms]
+    if ph > 0:
+        flexes.append((f"flex@{headrooms[0]:g}+ph{ph}", f"base+ph{ph}", headrooms[0]))
+    labels = ["base"] + [f for f, _, _ in flexes] + ["default"] + ([f"base+ph{ph}"] if ph > 0 else [])
     by = {label: [r["summary"] for r in runs if r["scenario"] == label] for label in labels}
 
     def worst(label: str, cls: str) -> float:
@@ -272,37 +289,57 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace,
     def busy(label: str) -> tuple[float, float]:
         return min(s["busy"] for s in by[label]), max(s["busy"] for s in by[label])
 
+    def waits(label: str) -> str:
+        # The admission's part of TTFT (x-tierq-queue-ms): what the rest adds is
+        # the gateway, the sim and the client on a shared machine.
+        return "/".join(h.fmt(max(s[c]["queue_p99_ms"] for s in by[label]), 0) for c in ("default", "priority"))
+
     base_d, base_p, as_default = worst("base", "default"), worst("base", "priority"), worst("default", "default")
     result: dict[str, Any] = {"open_loop_rate": args.rate, "base": {"busy": busy("base"),
                               "default_p99_ms": base_d, "priority_p99_ms": base_p},
                               "backlog_as_default": {"busy": busy("default"), "default_p99_ms": as_default,
                                                      "priority_p99_ms": worst("default", "priority")}}
     rows = [("base: no backlog", f"{busy('base')[0]:.3f}-{busy('base')[1]:.3f}", "", h.fmt(base_d, 0), "",
-             h.fmt(base_p, 0), "", "")]
-    for fh in headrooms:
-        label = f"flex@{fh:g}"
+             h.fmt(base_p, 0), "", waits("base"), "")]
+    if ph > 0:
+        b = f"base+ph{ph}"
+        result[b] = {"busy": busy(b), "default_p99_ms": worst(b, "default"), "priority_p99_ms": worst(b, "priority")}
+        rows.append((f"base, priority_headroom {ph}", f"{busy(b)[0]:.3f}-{busy(b)[1]:.3f}", "",
+                     h.fmt(worst(b, "default"), 0), f"{worst(b, 'default') / base_d:.2f}x base",
+                     h.fmt(worst(b, "priority"), 0), f"{worst(b, 'priority') / base_p:.2f}x base", waits(b), ""))
+    for label, base_label, fh in flexes:
         lo, hi = busy(label)
         d, p = worst(label, "default"), worst(label, "priority")
+        own_d = worst(base_label, "default")
         led = [s["ledger"] for s in by[label]]
         refused, billed = sum(x["flex_refused"] for x in led), sum(x["refused_billed"] for x in led)
         target = 1 - fh
         met = lambda ok: "met" if ok else "missed"  # noqa: E731
         result[label] = {"busy": (lo, hi), "busy_target": target, "default_p99_ms": d,
-                         "default_over_base": d / base_d, "default_over_as_default": d / as_default,
+                         "base": base_label, "default_over_base": d / own_d,
+                         "default_over_no_headroom_base": d / base_d,
+                         "default_over_as_default": d / as_default,
+                         "default_wait_p99_ms": max(s["default"]["queue_p99_ms"] for s in by[label]),
+                         "priority_wait_p99_ms": max(s["priority"]["queue_p99_ms"] for s in by[label]),
                          "priority_p99_ms": p, "priority_over_base": p / base_p,
                          "flex_served": sum(x["flex_served"] for x in led),
                          "flex_served_at_half_price": all(x["flex_served_cost_half"] for x in led),
                          "flex_refused": refused, "flex_refused_billed": billed,
                          "refusal_codes": [x["codes"] for x in led]}
-        rows.append((f"+ backlog as flex, flex_headroom {fh:g}",
-                     f"{lo:.3f}-{hi:.3f}", f"{target:g} +/- 0.05: {met(abs(lo - target) <= 0.05 and abs(hi - target) <= 0.05)}",
-                     h.fmt(d, 0), f"{d / base_d:.2f}x base ({met(d <= 1.25 * base_d)}), {d / as_default:.3f}x as-default",
-                     h.fmt(p, 0), f"{p / base_p:.2f}x base",
+        name = f"+ backlog as flex, flex_headroom {fh:g}"
+        if base_label != "base":
+            name += f", priority_headroom {ph}"
+        rows.append((name, f"{lo:.3f}-{hi:.3f}",
+                     f"{target:g} +/- 0.05: {met(abs(lo - target) <= 0.05 and abs(hi - target) <= 0.05)}",
+                     h.fmt(d, 0), f"{d / own_d:.2f}x its base ({met(d <= 1.25 * own_d)}), "
+                     f"{d / as_default:.3f}x as-default",
+                     h.fmt(p, 0), f"{p / base_p:.2f}x base", waits(label),
                      f"{refused} refused, {billed} billed ({met(billed == 0)})"))
     rows.append(("+ backlog as default", f"{busy('default')[0]:.3f}-{busy('default')[1]:.3f}", "",
-                 h.fmt(as_default, 0), "", h.fmt(worst("default", "priority"), 0), "", ""))
+                 h.fmt(as_default, 0), "", h.fmt(worst("default", "priority"), 0), "", waits("default"), ""))
     table = h.md_table(["scenario", "engine busy (per round)", "target", "default p99 TTFT ms (worst round)",
-                        "default target", "priority p99 TTFT ms", "priority", "flex refusals"], rows)
+                        "default target", "priority p99 TTFT ms", "priority",
+                        "default/priority p99 wait in tierq ms", "flex refusals"], rows)
     return table, result
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke mode (a few seconds a scenario): proves bench/tiers/flex.py runs end to
-# end, writes its files and finds flex served and every flex refusal unbilled.
+# end, writes its files and finds flex served and every flex refusal unbilled;
+# bench/tiers/flex_rules.py's model runs every kind of rule for 20 model seconds.
 # Asserts nothing about timing. Writes into a temporary directory.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -9,12 +10,17 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/flex.py" --duration 2 --warmup 0.5 --rounds 1 \
     --slots 8 --backlog 12 --wait-flex-ms 500 --name smoke > /dev/null
+BENCH_RESULTS=$OUT PY=$PY "$PY" "$HERE/flex_rules.py" --duration 20 --seeds 1 \
+    --rules "none; static 2; peak 2 1; ewma 2 0.5 2; holdoff 2 0.02; afterwait 2 0.2; target 2" \
+    --name smoke-rules > /dev/null
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 r = json.loads((out / "smoke.json").read_text())
 assert (out / "smoke.md").stat().st_size > 0 and (out / "smoke-records.json.gz").stat().st_size > 0
 assert [x["scenario"] for x in r["runs"]] == ["base", "flex@0.1", "default"], r["runs"]
+rules = json.loads((out / "smoke-rules.json").read_text())["rules"]
+assert [x["rule"] for x in rules][:2] == ["none", "static 2"] and all(x["runs"][0]["n"] > 0 for x in rules), rules
 flex = r["result"]["flex@0.1"]
 assert flex["flex_served"] > 0 and flex["flex_served_at_half_price"], flex
 assert flex["flex_refused_billed"] == 0, flex
