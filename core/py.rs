@@ -644,6 +644,37 @@ impl PyReplicas {
         Ok(PyReplicas(crate::replicas::Replicas::new(n, s.limit, s.engine_interval_ns, clock_of(clock))?))
     }
 
+    /// Creates the shared region `name` for `n` replicas and `workers`
+    /// workers (`settings`: one replica's); the supervisor's handle.
+    #[staticmethod]
+    fn create_shared(name: &str, n: usize, workers: usize, settings: &Bound<'_, PyPoolSettings>) -> PyResult<Self> {
+        let s = &settings.get().0;
+        Ok(PyReplicas(crate::replicas::Replicas::create_shared(name, n, workers, s.limit, s.engine_interval_ns, Clock::Monotonic)?))
+    }
+
+    /// Maps the shared region `name` as worker `worker` (None: supervisor).
+    #[staticmethod]
+    #[pyo3(signature = (name, n, worker, settings))]
+    fn attach_shared(name: &str, n: usize, worker: Option<usize>, settings: &Bound<'_, PyPoolSettings>) -> PyResult<Self> {
+        let s = &settings.get().0;
+        Ok(PyReplicas(crate::replicas::Replicas::attach_shared(name, n, worker, s.limit, s.engine_interval_ns, Clock::Monotonic)?))
+    }
+
+    #[staticmethod]
+    fn unlink_shared(name: &str) -> PyResult<()> {
+        Ok(crate::replicas::Replicas::unlink_shared(name)?)
+    }
+
+    /// Gives back what dead worker `worker` held on every replica; how many.
+    fn reclaim(&self, worker: usize) -> PyResult<u64> {
+        Ok(self.0.reclaim_worker(worker)?)
+    }
+
+    /// Slots worker `worker` holds on each replica.
+    fn held_by(&self, worker: usize) -> Vec<u64> {
+        self.0.held_by(worker)
+    }
+
     #[getter]
     fn count(&self) -> usize {
         self.0.len()

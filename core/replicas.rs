@@ -15,8 +15,21 @@
 //! case with none: it goes to the least loaded replica over its limit
 //! (counted in `over`), as a request in flight is never cut either.
 //!
-//! A replica's words (`WORDS` each, two cache lines) are atomics only, so a
-//! shared block can hold them as it holds the pool's.
+//! A replica's words (`WORDS` each, two cache lines) are atomics only, in
+//! this process's heap or in a named shared-memory region of their own beside
+//! the pool's block (`create_shared` / `attach_shared`: every worker of a host
+//! maps it, so a replica's count and limit hold host-wide). Its own region and
+//! not more lines of the pool's block: the pool's layout (and its version)
+//! stays as it is for a pool of one engine, and a region's header says how
+//! many replicas and workers it was made for, checked on attach.
+//!
+//! Region layout (version 1): a header of `HEADER` words (magic, version,
+//! replicas, workers, the over count, the limit mode's bounds), then `WORDS`
+//! per replica, then per worker one word per replica: the slots that worker
+//! holds there, so a dead worker's are given back (`reclaim_worker`). A pick
+//! counts the replica first and the worker's hold after; a release the other
+//! way round: a worker killed between the two leaves the replica one slot
+//! short (never one over) until the next start.
 
 use crate::clock::Clock;
 use crate::error::CoreError;
@@ -31,6 +44,22 @@ pub const MAX_REPLICAS: usize = 16;
 
 /// Words per replica.
 pub const WORDS: usize = 16;
+/// Words of the header.
+pub const HEADER: usize = 8;
+const MAGIC: u64 = 0x7469_6572_7152_4550; // "tierqREP"
+const VERSION: u64 = 1;
+
+mod h {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 1;
+    pub const N: usize = 2;
+    pub const WORKERS: usize = 3;
+    /// Picks that found no replica with room (a limit lowered under a holder).
+    pub const OVER: usize = 4;
+    /// The limit mode's bounds (fixed: both n), checked on attach.
+    pub const MIN: usize = 5;
+    pub const MAX: usize = 6;
+}
 
 /// A replica passes the load bound while its load, with this request, is at
 /// most `BOUND_NUM / BOUND_DEN` times its share of the pool's load with this
@@ -112,38 +141,130 @@ pub struct ReplicaStats {
 #[derive(Clone)]
 pub struct Replicas {
     words: Words,
-    base: usize,
     n: usize,
+    workers: usize,
+    /// This process's worker index in a shared region (its holds are counted).
+    worker: Option<usize>,
     mode: LimitMode,
     engine_interval_ns: u64,
     clock: Clock,
-    /// Picks that found no replica with room (a limit lowered under a holder).
-    over: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn words_for(n: usize, workers: usize) -> usize {
+    HEADER + n * WORDS + workers * MAX_REPLICAS
+}
+
+fn check_n(n: usize) -> Result<(), CoreError> {
+    if n == 0 || n > MAX_REPLICAS {
+        return Err(CoreError::InvalidArgument { name: "replicas", reason: format!("expected 1 - {MAX_REPLICAS}, got {n}") });
+    }
+    Ok(())
 }
 
 impl Replicas {
     /// `n` replicas on this process's heap, each limit at `mode`'s start.
     pub fn new(n: usize, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Result<Replicas, CoreError> {
-        if n == 0 || n > MAX_REPLICAS {
-            return Err(CoreError::InvalidArgument { name: "replicas", reason: format!("expected 1 - {MAX_REPLICAS}, got {n}") });
-        }
-        let r = Replicas::with_words(Words::heap(n * WORDS), 0, n, mode, engine_interval_ns, clock);
-        for i in 0..n {
-            r.w(i, at::LIMIT).store((mode.initial() as u64) << FP_SHIFT, SeqCst);
-            r.w(i, at::WIN_MIN).store(u64::MAX, SeqCst);
-        }
+        check_n(n)?;
+        let r = Replicas { words: Words::heap(words_for(n, 0)), n, workers: 0, worker: None, mode, engine_interval_ns, clock };
+        r.init();
         Ok(r)
     }
 
-    /// Replicas over `n * WORDS` words of `words` from `base` (already
-    /// initialised, or zeroed for `new` to fill).
-    pub fn with_words(words: Words, base: usize, n: usize, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Replicas {
-        Replicas { words, base, n, mode, engine_interval_ns, clock, over: Default::default() }
+    fn init(&self) {
+        for i in 0..self.n {
+            self.w(i, at::LIMIT).store((self.mode.initial() as u64) << FP_SHIFT, SeqCst);
+            self.w(i, at::WIN_MIN).store(u64::MAX, SeqCst);
+        }
+        let hw = |i: usize| &self.words.get()[i];
+        hw(h::VERSION).store(VERSION, SeqCst);
+        hw(h::N).store(self.n as u64, SeqCst);
+        hw(h::WORKERS).store(self.workers as u64, SeqCst);
+        hw(h::MIN).store(self.mode.min() as u64, SeqCst);
+        hw(h::MAX).store(self.mode.max() as u64, SeqCst);
+        // Magic last: an attach that sees it sees the rest.
+        hw(h::MAGIC).store(MAGIC, SeqCst);
+    }
+
+    /// Creates the shared region `name` (which must not exist) for `n`
+    /// replicas and `workers` workers; the supervisor's handle (it reclaims).
+    #[cfg(not(loom))]
+    pub fn create_shared(name: &str, n: usize, workers: usize, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Result<Replicas, CoreError> {
+        check_n(n)?;
+        if workers == 0 || workers > crate::block::MAX_WORKERS {
+            return Err(CoreError::InvalidArgument { name: "workers", reason: format!("expected 1 - {}, got {workers}", crate::block::MAX_WORKERS) });
+        }
+        let region = crate::shm::Region::create(name, words_for(n, workers))?;
+        let r = Replicas { words: Words::shm(region), n, workers, worker: None, mode, engine_interval_ns, clock };
+        r.init();
+        Ok(r)
+    }
+
+    /// Maps the region `name` as worker `worker` (None: the supervisor),
+    /// checking it was made for `n` replicas under the same limit bounds.
+    #[cfg(not(loom))]
+    pub fn attach_shared(name: &str, n: usize, worker: Option<usize>, mode: LimitMode, engine_interval_ns: u64, clock: Clock) -> Result<Replicas, CoreError> {
+        let region = crate::shm::Region::attach(name)?;
+        let w = region.words();
+        let word = |i: usize| w.get(i).map(|x| x.load(SeqCst));
+        if word(h::MAGIC) != Some(MAGIC) || word(h::VERSION) != Some(VERSION) {
+            return Err(CoreError::Layout(format!("{name}: not a tierq replica region (version {VERSION})")));
+        }
+        let workers = word(h::WORKERS).unwrap_or(0) as usize;
+        if word(h::N) != Some(n as u64) || w.len() != words_for(n, workers) {
+            return Err(CoreError::Layout(format!("{name}: made for {:?} replicas, not {n}", word(h::N))));
+        }
+        if word(h::MIN) != Some(mode.min() as u64) || word(h::MAX) != Some(mode.max() as u64) {
+            return Err(CoreError::Layout(format!("{name}: made with other limit bounds")));
+        }
+        if worker.is_some_and(|i| i >= workers) {
+            return Err(CoreError::InvalidArgument { name: "worker", reason: format!("expected 0 - {}, got {worker:?}", workers - 1) });
+        }
+        Ok(Replicas { words: Words::shm(region), n, workers, worker, mode, engine_interval_ns, clock })
+    }
+
+    /// Removes a region's name (live mappings stay valid).
+    #[cfg(not(loom))]
+    pub fn unlink_shared(name: &str) -> Result<(), CoreError> {
+        crate::shm::Region::unlink(name)
     }
 
     #[inline]
     fn w(&self, r: usize, word: usize) -> &AtomicU64 {
-        &self.words.get()[self.base + r * WORDS + word]
+        &self.words.get()[HEADER + r * WORDS + word]
+    }
+
+    #[inline]
+    fn held(&self, worker: usize, r: usize) -> &AtomicU64 {
+        &self.words.get()[HEADER + self.n * WORDS + worker * MAX_REPLICAS + r]
+    }
+
+    /// Slots worker `worker` holds on each replica.
+    pub fn held_by(&self, worker: usize) -> Vec<u64> {
+        if worker >= self.workers {
+            return Vec::new();
+        }
+        (0..self.n).map(|r| self.held(worker, r).load(SeqCst)).collect()
+    }
+
+    /// Gives back every slot dead worker `worker` held (the supervisor, before
+    /// the pool's reclaim passes its pool slots on). Returns how many.
+    pub fn reclaim_worker(&self, worker: usize) -> Result<u64, CoreError> {
+        if worker >= self.workers {
+            return Err(CoreError::InvalidArgument { name: "worker", reason: format!("no worker {worker} in this region") });
+        }
+        let mut total = 0;
+        for r in 0..self.n {
+            let h = self.held(worker, r).swap(0, SeqCst);
+            if h > 0 {
+                let word = self.w(r, at::IN_FLIGHT);
+                let mut cur = word.load(SeqCst);
+                while let Err(seen) = word.compare_exchange_weak(cur, cur.saturating_sub(h), SeqCst, SeqCst) {
+                    cur = seen;
+                }
+                total += h;
+            }
+        }
+        Ok(total)
     }
 
     pub fn len(&self) -> usize {
@@ -226,18 +347,26 @@ impl Replicas {
             let word = self.w(r, at::IN_FLIGHT);
             let cur = word.load(SeqCst);
             if cur < self.limit(r) && word.compare_exchange(cur, cur + 1, SeqCst, SeqCst).is_ok() {
-                self.w(r, at::GRANTS).fetch_add(1, Relaxed);
+                self.took(r);
                 return r;
             }
             crate::sync::spin();
         }
         // None with room: the least loaded in rotation (or of all), over its limit.
-        self.over.fetch_add(1, Relaxed);
+        self.words.get()[h::OVER].fetch_add(1, Relaxed);
         let any_up = ranked.iter().any(|&r| self.up(r as usize));
         let r = self.least_loaded(ranked, |r| !any_up || self.up(r)).unwrap_or(ranked[0] as usize);
         self.w(r, at::IN_FLIGHT).fetch_add(1, SeqCst);
-        self.w(r, at::GRANTS).fetch_add(1, Relaxed);
+        self.took(r);
         r
+    }
+
+    /// After a replica's count rose: the grant counted, and this worker's hold.
+    fn took(&self, r: usize) {
+        self.w(r, at::GRANTS).fetch_add(1, Relaxed);
+        if let Some(worker) = self.worker {
+            self.held(worker, r).fetch_add(1, SeqCst);
+        }
     }
 
     fn room(&self, r: usize) -> bool {
@@ -281,6 +410,18 @@ impl Replicas {
     /// Gives back a slot `pick` took on replica `r` (before the pool's).
     pub fn release(&self, r: usize) -> Result<(), CoreError> {
         self.check(r)?;
+        if let Some(worker) = self.worker {
+            // The hold first: killed before the count drops, the replica is
+            // one short, never one over.
+            let held = self.held(worker, r);
+            let mut h = held.load(SeqCst);
+            while h > 0 {
+                match held.compare_exchange_weak(h, h - 1, SeqCst, SeqCst) {
+                    Ok(_) => break,
+                    Err(seen) => h = seen,
+                }
+            }
+        }
         let word = self.w(r, at::IN_FLIGHT);
         let mut cur = word.load(SeqCst);
         loop {
@@ -425,7 +566,7 @@ impl Replicas {
 
     /// Picks that found no replica with room (module doc).
     pub fn over(&self) -> u64 {
-        self.over.load(Relaxed)
+        self.words.get()[h::OVER].load(Relaxed)
     }
 }
 
@@ -547,6 +688,31 @@ mod tests {
         assert_eq!(r.limit(1), 2);
         assert_eq!(r.capacity(), 8);
         assert_eq!(r.limit(0), 6);
+    }
+
+    #[test]
+    fn workers_on_one_region_share_the_counts_and_a_dead_ones_holds_come_back() {
+        let name = format!("/tierq-test-replicas-{}", std::process::id());
+        let _ = Replicas::unlink_shared(&name);
+        let mode = LimitMode::Fixed(2);
+        let sup = Replicas::create_shared(&name, 2, 2, mode, 1, Clock::Monotonic).unwrap();
+        let w0 = Replicas::attach_shared(&name, 2, Some(0), mode, 1, Clock::Monotonic).unwrap();
+        let w1 = Replicas::attach_shared(&name, 2, Some(1), mode, 1, Clock::Monotonic).unwrap();
+        assert!(Replicas::attach_shared(&name, 3, Some(0), mode, 1, Clock::Monotonic).is_err());
+        assert!(Replicas::attach_shared(&name, 2, Some(0), LimitMode::Fixed(3), 1, Clock::Monotonic).is_err());
+        // Replica 0 full through both workers' picks: the next goes to 1.
+        assert_eq!(w0.pick(order_word(&[0, 1]), Rule::First), 0);
+        assert_eq!(w1.pick(order_word(&[0, 1]), Rule::First), 0);
+        assert_eq!(w0.pick(order_word(&[0, 1]), Rule::First), 1);
+        assert_eq!(sup.held_by(0), vec![1, 1]);
+        assert_eq!(sup.held_by(1), vec![1, 0]);
+        // Worker 0 dies holding two: the supervisor gives them back.
+        assert_eq!(sup.reclaim_worker(0).unwrap(), 2);
+        let s = sup.stats();
+        assert_eq!((s[0].in_flight, s[1].in_flight), (1, 0));
+        w1.release(0).unwrap();
+        assert_eq!(sup.stats()[0].in_flight, 0);
+        Replicas::unlink_shared(&name).unwrap();
     }
 
     #[test]

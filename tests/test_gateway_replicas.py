@@ -323,3 +323,78 @@ def test_the_gateway_renders_a_prompt_as_the_sims_prefix_cache_does() -> None:
         assert prompt_text("chat/completions", body) == rendered_prompt(body, True)
     for prompt in ("one prompt", ["two", "prompts"]):
         assert prompt_text("completions", {"prompt": prompt}) == rendered_prompt({"prompt": prompt}, False)
+
+
+# ---- several workers -------------------------------------------------------------------
+
+
+def test_two_workers_on_one_region_count_each_replica_once_and_a_dead_ones_slots_come_back() -> None:
+    from tierq._core import PoolSettings
+    from tierq.workers import SharedPools
+    settings = PoolSettings(max_concurrency=2)
+    shared = SharedPools({MODEL: PoolSettings(max_concurrency=4)}, 2,
+                         replicas={MODEL: (2, settings)})
+    try:
+        w0, w1 = shared.attach(0), shared.attach(1)
+        r0, r1 = w0.replicas[MODEL], w1.replicas[MODEL]
+        # Replica 0 is the home of both: two slots, one per worker, then replica 1.
+        assert [r0.pick(0x10, 0), r1.pick(0x10, 0), r0.pick(0x10, 0)] == [0, 0, 1]
+        assert [r["in_flight"] for r in shared.replica_stats(MODEL)] == [2, 1]
+        # Worker 0 dies holding one on each: its reclaim gives both back.
+        shared.reclaim(0)
+        assert [r["in_flight"] for r in shared.replica_stats(MODEL)] == [1, 0]
+        r1.release(0)
+        assert [r["in_flight"] for r in shared.replica_stats(MODEL)] == [0, 0]
+    finally:
+        shared.close()
+
+
+@pytest.mark.timeout(180)
+async def test_two_workers_share_one_view_of_every_replica(tmp_path: Path) -> None:
+    """`tierq serve --workers 2` over three `tierq sim` processes at two slots
+    each: 48 requests at once through both workers, and no sim ever runs more
+    than two of them (each worker counting alone would let four through)."""
+    sims = [Sim(tmp_path, i, slots=8) for i in range(3)]
+    port = free_port()
+    cfg = tmp_path / "tierq.toml"
+    endpoints = ", ".join(f'"{s.url}/v1"' for s in sims)
+    cfg.write_text(
+        f'[ledger]\nurl = "sqlite:///{tmp_path}/ledger.db"\n'
+        f'[[upstreams]]\nname = "pool"\nkind = "vllm"\nendpoints = [{endpoints}]\n'
+        f'[[models]]\nid = "{MODEL}"\n[models.admission]\nmax_concurrency = 2\nqueue_depth = 256\n')
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        serve = subprocess.Popen([sys.executable, "-m", "tierq", "serve", "--config", str(cfg),
+                                  "--port", str(port), "--workers", "2", "--no-access-log"],
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for s in sims:
+                await _up(session, s.url)
+            t0 = time.monotonic()
+            while True:
+                try:
+                    async with session.get(root + "/status.json") as r:
+                        if r.status == 200 and (await r.json())["ready"]:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert serve.poll() is None and time.monotonic() - t0 < 60, log.read_text()[-2000:]
+                await asyncio.sleep(0.05)
+            # Several clients, so both workers take connections.
+            clients = [openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=120)
+                       for _ in range(8)]
+            await asyncio.gather(*(clients[i % 8].chat.completions.create(
+                model=MODEL, max_tokens=8, messages=_chat(f"prefix {i % 3} " * 50, f"turn {i}"))
+                for i in range(48)))
+            stats = [await _stats(session, s.url) for s in sims]
+            assert [s["max_in_flight_seen"] for s in stats] == [2, 2, 2], stats
+            assert sum(s["completed"] for s in stats) == 48
+            for c in clients:
+                await c.close()
+    finally:
+        serve.terminate()
+        serve.wait(30)
+        for s in sims:
+            s.stop()

@@ -477,10 +477,11 @@ class ReplicaPool:
     __slots__ = ("admission", "core")
 
     def __init__(self, admission: Admission, n: int, settings: PoolSettings,
-                 *, clock: ManualClock | None = None) -> None:
-        """`settings`: one replica's (the pool's limit is `n` times theirs)."""
+                 *, clock: ManualClock | None = None, core: Replicas | None = None) -> None:
+        """`settings`: one replica's (the pool's limit is `n` times theirs);
+        `core`: this worker's handle on a shared region (`tierq serve --workers N`)."""
         self.admission = admission
-        self.core = Replicas(n, settings, clock)
+        self.core = core if core is not None else Replicas(n, settings, clock)
         self.sync()
 
     def pick(self, order: int, rule: int) -> int:
@@ -492,8 +493,17 @@ class ReplicaPool:
     def sync(self) -> int:
         """The pool's limit set to the replicas' sum; waiters granted. A
         replica's lowered limit lowers the pool's just after it is stored: in
-        one process nothing picks in between (both under the GIL, no await)."""
-        return self.admission.set_limit(self.core.capacity)
+        one process nothing picks in between (both under the GIL, no await);
+        across workers a pick in between may go over (counted, `over`). Two
+        workers moving two replicas at once may set sums in either order, so
+        the sum is read again until it holds still."""
+        granted = 0
+        for _ in range(8):
+            capacity = self.core.capacity
+            granted += self.admission.set_limit(capacity)
+            if self.core.capacity == capacity:
+                break
+        return granted
 
     def feed(self, replica: int) -> ReplicaFeed:
         return ReplicaFeed(self, replica)

@@ -180,12 +180,6 @@ def _serve(args: argparse.Namespace) -> int:
     if workers < 1:
         print(f"tierq serve: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
-    replicated = [u.name for u in config.upstreams if u.replicas > 1]
-    if workers > 1 and replicated:
-        # Each worker would count the replicas' slots apart (docs/architecture.md, Replicas).
-        print(f"tierq serve: --workers {workers} with several endpoints (upstream "
-              f"{replicated[0]}) is not supported yet: run one worker", file=sys.stderr)
-        return 2
     if config.cluster is not None:
         if config.cluster.host_id is None:
             config = dataclasses.replace(config, cluster=dataclasses.replace(
@@ -295,7 +289,9 @@ def _serve_workers(config: Config, catalog: Catalog, host: str, port: int, insec
 
     shared = SharedPools({m.id: cluster_settings(m.admission) if config.cluster else m.admission.settings
                           for m in catalog.values()}, workers,
-                         key_capacity=config.keys.table_capacity if config.keys.path else None)
+                         key_capacity=config.keys.table_capacity if config.keys.path else None,
+                         replicas={m.id: (m.replicas, m.replica.settings) for m in catalog.values()
+                                   if m.replica is not None})
     try:
         if config.cluster is not None:
             shared.withhold_all()  # worker 0's lease agent restores what Redis leases

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from tierq._core import Replicas
 from tierq.admission import Admission, ReplicaPool
 from tierq.capacity import Capacity
 from tierq.cluster import Cluster, cluster_settings
@@ -55,11 +56,12 @@ class Pool:
 
     @classmethod
     def new(cls, entry: ModelEntry, admission: Admission, upstream: UpstreamClient,
-            flows: FlowBoard | None = None) -> Pool:
-        """A pool, with its replicas when its upstream has several endpoints."""
+            flows: FlowBoard | None = None, replica_core: Replicas | None = None) -> Pool:
+        """A pool, with its replicas when its upstream has several endpoints
+        (`replica_core`: this worker's handle on their shared region)."""
         replicas = None
         if entry.replica is not None:
-            replicas = ReplicaPool(admission, entry.replicas, entry.replica.settings)
+            replicas = ReplicaPool(admission, entry.replicas, entry.replica.settings, core=replica_core)
         return cls(entry, admission, upstream, flows or FlowBoard(), replicas)
 
 
@@ -113,13 +115,15 @@ class Gateway:
         """The gateway `config` describes, whole and not yet started: an upstream
         client per upstream (its pool sized from the admission limits of the
         models it serves), a pool per model (`pools`: admission made by the
-        caller, as `tierq serve --workers N` does; else each model's own), the
-        ledger (`ledger`, else the one `config.ledger` names)."""
+        caller, as `tierq serve --workers N` does, its `replicas` the shared
+        replica regions by model; else each model's own), the ledger
+        (`ledger`, else the one `config.ledger` names)."""
         catalog = Catalog.from_config(config)
         pool_sizes = connection_bounds(catalog)
         upstreams = {u.name: UpstreamClient(u, u.base_url, u.max_connections
                                             or min(pool_sizes.get(u.name, 1), 4096))
                      for u in config.upstreams}
+        replica_cores: Mapping[str, Replicas] = getattr(pools, "replicas", None) or {}
         admissions = {}
         for m in catalog.values():
             if pools is not None:
@@ -130,7 +134,9 @@ class Gateway:
                     settings = cluster_settings(m.admission)
                 admissions[m.id] = Admission(settings)
         return cls(config, catalog,
-                   {m.id: Pool.new(m, admissions[m.id], upstreams[m.upstream]) for m in catalog.values()},
+                   {m.id: Pool.new(m, admissions[m.id], upstreams[m.upstream],
+                                   replica_core=replica_cores.get(m.id))
+                    for m in catalog.values()},
                    upstreams, ledger if ledger is not None else ledger_from_config(config.ledger),
                    allow_remote_without_keys=allow_remote_without_keys,
                    shared_pools=pools is not None or config.cluster is not None,

@@ -53,7 +53,7 @@ from typing import Final
 
 from aiohttp import web
 
-from tierq._core import AdmissionCore, PoolSettings, SharedKeyBuckets
+from tierq._core import AdmissionCore, PoolSettings, Replicas, SharedKeyBuckets
 from tierq.admission import Admission
 from tierq.metrics import WorkerSnapshot, snapshot_from_json, snapshot_to_json
 from tierq.status import METRICS_SOURCE, MetricsSource
@@ -141,7 +141,11 @@ class SharedPools:
     """
 
     def __init__(self, pools: Mapping[str, PoolSettings], workers: int,
-                 key_capacity: int | None = None) -> None:
+                 key_capacity: int | None = None,
+                 replicas: Mapping[str, tuple[int, PoolSettings]] | None = None) -> None:
+        """`replicas`: for a pool over several endpoints, how many and one
+        replica's settings: its replicas' region (core/replicas.rs), beside
+        its block."""
         if workers < 1:
             raise ValueError(f"workers: must be at least 1, got {workers}")
         self.workers = workers
@@ -157,6 +161,9 @@ class SharedPools:
         self.wake_fds: list[int] = []
         self.key_fds: list[int] = []
         self._cores: dict[str, AdmissionCore] = {}
+        self.replica_settings = dict(replicas or {})
+        self.replica_names = {pool: f"{self.names[pool]}-replicas" for pool in self.replica_settings}
+        self._replicas: dict[str, Replicas] = {}
         self._keys: SharedKeyBuckets | None = None
         self.run_dir: str | None = None
         self.barrier: ReloadBarrier | None = None
@@ -166,6 +173,8 @@ class SharedPools:
             self.key_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
             for pool, s in self.settings.items():
                 self._cores[pool] = AdmissionCore.create_shared(self.names[pool], workers, self.wake_fds, s)
+            for pool, (n, rs) in self.replica_settings.items():
+                self._replicas[pool] = Replicas.create_shared(self.replica_names[pool], n, workers, rs)
             if key_capacity is not None:
                 self._keys = SharedKeyBuckets.create(self.keys_name, key_capacity)
             self.run_dir = os.path.join(parent, f"tierq-run-{token}")
@@ -188,6 +197,8 @@ class SharedPools:
             index=worker,
             key_fds=self.key_fds,
             barrier=self.barrier,
+            replicas={pool: Replicas.attach_shared(self.replica_names[pool], n, worker, rs)
+                      for pool, (n, rs) in self.replica_settings.items()},
         )
 
     def withhold_all(self) -> None:
@@ -200,6 +211,10 @@ class SharedPools:
     def reclaim(self, worker: int) -> tuple[int, int]:
         """Settles dead worker `worker` in every pool: (slots released, waiters dropped)."""
         slots = waiters = 0
+        # Its replica holds first: the pool's reclaim passes its slots on to
+        # waiters, who then take replicas (core/replicas.rs).
+        for replicas in self._replicas.values():
+            replicas.reclaim(worker)
         for core in self._cores.values():
             s, w, _ = core.reclaim(worker)
             slots, waiters = slots + s, waiters + w
@@ -217,10 +232,17 @@ class SharedPools:
         """Slots each worker holds in `pool`."""
         return [self._cores[pool].held_by(i) for i in range(self.workers)]
 
+    def replica_stats(self, pool: str) -> list[dict[str, int | bool]]:
+        """Each replica of `pool` host-wide (in flight, limit, grants...)."""
+        return self._replicas[pool].stats()
+
     def close(self) -> None:
         for pool in list(self._cores):
             AdmissionCore.unlink_shared(self.names[pool])
             del self._cores[pool]
+        for pool in list(self._replicas):
+            Replicas.unlink_shared(self.replica_names[pool])
+            del self._replicas[pool]
         if self._keys is not None:
             SharedKeyBuckets.unlink(self.keys_name)
             self._keys = None
@@ -338,8 +360,11 @@ class WorkerPools(Mapping[str, Admission]):
     def __init__(self, pools: dict[str, Admission], wake_fd: int,
                  key_buckets: SharedKeyBuckets | None = None,
                  board: SnapshotBoard | None = None, index: int = 0,
-                 key_fds: list[int] | None = None, barrier: ReloadBarrier | None = None) -> None:
+                 key_fds: list[int] | None = None, barrier: ReloadBarrier | None = None,
+                 replicas: dict[str, Replicas] | None = None) -> None:
         self._pools = pools
+        # The pools' replica regions by model (several endpoints), for Gateway.from_config.
+        self.replicas = replicas or {}
         self.index = index  # this worker's index (0 runs a [cluster] host's lease agent)
         self._fd = wake_fd
         self._loop: asyncio.AbstractEventLoop | None = None
