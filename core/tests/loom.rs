@@ -517,3 +517,39 @@ fn an_audit_racing_a_grant_by_mail_never_frees_the_slot() {
         assert_eq!(took + mailed, 1, "the grant is taken once or still waits in the mailbox");
     });
 }
+
+fn replicas(n: usize, slots: u32) -> tierq_core::replicas::Replicas {
+    tierq_core::replicas::Replicas::new(n, tierq_core::LimitMode::Fixed(slots), 1, Clock::Manual(StdArc::new(ManualClock::new(1)))).unwrap()
+}
+
+#[test]
+fn two_pickers_never_share_a_replicas_last_slot() {
+    use tierq_core::replicas::{order_word, Rule};
+    loom::model(|| {
+        let r = Arc::new(replicas(2, 1));
+        let r2 = r.clone();
+        let t = thread::spawn(move || r2.pick(order_word(&[0, 1]), Rule::Bounded));
+        let mine = r.pick(order_word(&[0, 1]), Rule::Bounded);
+        let theirs = t.join().unwrap();
+        assert_ne!(mine, theirs);
+        assert_eq!(r.over(), 0);
+        assert!(r.stats().iter().all(|s| s.in_flight == 1));
+    });
+}
+
+#[test]
+fn a_release_racing_a_pick_never_lets_a_replica_over_its_limit() {
+    use tierq_core::replicas::{order_word, Rule};
+    loom::model(|| {
+        let r = Arc::new(replicas(2, 1));
+        assert_eq!(r.pick(order_word(&[0, 1]), Rule::First), 0);
+        let r2 = r.clone();
+        let t = thread::spawn(move || r2.release(0).unwrap());
+        let got = r.pick(order_word(&[0, 1]), Rule::First);
+        t.join().unwrap();
+        assert_eq!(r.over(), 0);
+        let s = r.stats();
+        assert!(s.iter().all(|x| x.in_flight <= 1), "{s:?}");
+        assert_eq!(s[got].in_flight, 1);
+    });
+}

@@ -566,3 +566,120 @@ proptest! {
         run_bound(backlogs, order)?;
     }
 }
+
+// ---- replicas ----------------------------------------------------------------------
+// Random picks, releases and engine queues against a plain model of the grant
+// rule (docs/gateway.md, "Routing among replicas"): each pick made only while
+// the pool would have a slot (fewer held than the replicas' limits summed),
+// as the pool guarantees; every choice agrees, no replica goes over its limit.
+
+use tierq_core::replicas::{order_word, Replicas, Rule};
+use tierq_core::LimitMode;
+
+#[derive(Debug, Clone)]
+enum RepOp {
+    /// Pick with this order (a permutation seed) and rule (0, 1, 2).
+    Pick(u64, u8),
+    /// Release the n-th held slot (mod holders).
+    Release(usize),
+    /// The engine of replica r reports this many waiting.
+    Waiting(usize, u64),
+}
+
+fn rep_op() -> impl Strategy<Value = RepOp> {
+    prop_oneof![
+        4 => (any::<u64>(), 0u8..3).prop_map(|(s, r)| RepOp::Pick(s, r)),
+        3 => any::<usize>().prop_map(RepOp::Release),
+        1 => (0usize..16, 0u64..4).prop_map(|(r, w)| RepOp::Waiting(r, w)),
+    ]
+}
+
+fn permutation(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..n as u8).collect();
+    for i in (1..n).rev() {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        v.swap(i, (seed >> 33) as usize % (i + 1));
+    }
+    v
+}
+
+fn model_pick(held: &[u64], waiting: &[u64], limit: u64, order: &[u8], rule: u8) -> usize {
+    let n = held.len();
+    let load = |r: usize| held[r] + waiting[r];
+    let room = |r: usize| held[r] < limit;
+    let least = || {
+        let mut best: Option<usize> = None;
+        for &r in order {
+            let r = r as usize;
+            if room(r) && best.is_none_or(|b| load(r) * limit < load(b) * limit) {
+                best = Some(r);
+            }
+        }
+        best
+    };
+    let choice = match rule {
+        0 => order.iter().map(|&r| r as usize).find(|&r| room(r)),
+        2 => least(),
+        _ => {
+            let total: u64 = (0..n).map(load).sum();
+            let lim = limit * n as u64;
+            order.iter().map(|&r| r as usize)
+                .find(|&r| room(r) && load(r) < (5 * (total + 1) * limit).div_ceil(4 * lim))
+                .or_else(least)
+        }
+    };
+    choice.expect("the pool had a slot, so some replica has room")
+}
+
+fn run_replicas(n: usize, limit: u32, ops: Vec<RepOp>) -> Result<(), TestCaseError> {
+    let real = Replicas::new(n, LimitMode::Fixed(limit), 1, Clock::Manual(Arc::new(ManualClock::new(1)))).unwrap();
+    let mut held = vec![0u64; n];
+    let mut waiting = vec![0u64; n];
+    let mut holders: Vec<usize> = Vec::new();
+    for op in ops {
+        match op {
+            RepOp::Pick(seed, rule) => {
+                if holders.len() as u64 >= real.capacity() {
+                    continue; // the pool would not grant
+                }
+                let order = permutation(n, seed);
+                let want = model_pick(&held, &waiting, limit as u64, &order, rule);
+                let got = real.pick(order_word(&order), Rule::from_u8(rule).unwrap());
+                prop_assert_eq!(got, want, "order {:?} rule {} held {:?} waiting {:?}", order, rule, held, waiting);
+                held[got] += 1;
+                holders.push(got);
+            }
+            RepOp::Release(i) => {
+                if holders.is_empty() {
+                    continue;
+                }
+                let r = holders.swap_remove(i % holders.len());
+                real.release(r).unwrap();
+                held[r] -= 1;
+            }
+            RepOp::Waiting(r, w) => {
+                let r = r % n;
+                real.observe_engine(r, 1, w, None, 0).unwrap();
+                waiting[r] = w;
+            }
+        }
+        let stats = real.stats();
+        for (r, s) in stats.iter().enumerate() {
+            prop_assert_eq!(s.in_flight, held[r]);
+            prop_assert!(s.in_flight <= limit as u64);
+        }
+        prop_assert_eq!(real.over(), 0);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn replica_picks_follow_the_grant_rule_and_never_go_over(
+        n in 1usize..6, limit in 1u32..5, ops in proptest::collection::vec(rep_op(), 1..120),
+    ) {
+        run_replicas(n, limit, ops)?;
+    }
+}
