@@ -22,7 +22,8 @@ import pytest
 from tierq._core import ManualClock
 from tierq.cluster import Cluster as HostCluster
 from tierq.cluster.downgrades import ClusterDowngrades
-from tierq.config import ClusterConfig
+from tierq.admission import Admission
+from tierq.config import AdmissionConfig, ClusterConfig
 from tierq.downgrades import DAY_S, STEP_S, Downgrades, Hold, nano_usd
 from tierq.keys import KeyInfo, KeyStore
 from tierq.ledger import Ledger
@@ -47,13 +48,16 @@ HostsFactory = Callable[..., Awaitable[list[HostCluster]]]
 
 @pytest.fixture
 async def hosts(redis_server: RedisServer) -> AsyncIterator[HostsFactory]:  # noqa: F811
-    """In-process cluster hosts (no pools: only their key decisions)."""
+    """In-process cluster hosts, each with one pool of four slots (its lease
+    agent's rounds tell it how many hosts are live)."""
     made: list[HostCluster] = []
 
     async def make(n: int, url: str | None = None, **cfg: Any) -> list[HostCluster]:
-        for i in range(n):
-            host = HostCluster(ClusterConfig(url or redis_server.url, host_id=f"h{i}", **cfg),
-                               f"h{i}", {})
+        for _ in range(n):
+            name = f"h{len(made)}"
+            pool = (Admission(max_concurrency=4), AdmissionConfig(max_concurrency=4))
+            host = HostCluster(ClusterConfig(url or redis_server.url, host_id=name, **cfg),
+                               name, {"m": pool})
             await host.start()
             made.append(host)
         return made[-n:]
@@ -147,12 +151,10 @@ async def test_shadow_downgrades_count_nothing_in_redis(hosts: HostsFactory) -> 
     assert await a.downgrades.spent_nano(key.public_id) == 8_000
 
 
-@pytest.mark.parametrize("live_hosts, workers", [(2, 1), (1, 2)])
-async def test_a_redis_outage_spends_each_hosts_share_of_the_remainder_and_brings_it_back(
-        hosts: HostsFactory, redis_server: RedisServer,  # noqa: F811
-        live_hosts: int, workers: int) -> None:
+async def test_a_redis_outage_spends_each_processs_share_of_the_remainder_and_brings_it_back(
+        hosts: HostsFactory, redis_server: RedisServer) -> None:  # noqa: F811
     """Alone, each process spends its share of what Redis last said was left:
-    two hosts of one worker, or one host of two workers, halve it."""
+    one host of two workers halves it (two hosts: the next test)."""
     relay = Relay("127.0.0.1", redis_server.port)
     relay.start()
     try:
@@ -168,8 +170,9 @@ async def test_a_redis_outage_spends_each_hosts_share_of_the_remainder_and_bring
         await a.settled()
         assert await a.downgrades.spent_nano(key.public_id) == 400_000
         relay.cut()
-        a.link.hosts = live_hosts  # as the lease agent last saw them
-        a.downgrades.workers = workers
+        await _wait_for_down(a)
+        assert a.link.hosts == 1
+        a.downgrades.workers = 2  # as `tierq serve --workers 2` makes it
         served = []
         for _ in range(6):
             tier, reason, hold = await a.downgrades.decide(key, Tier.PRIORITY, 10, cost)
@@ -190,6 +193,91 @@ async def test_a_redis_outage_spends_each_hosts_share_of_the_remainder_and_bring
         assert await a.downgrades.spent_nano(key.public_id) == 1_000_000
     finally:
         relay.stop()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+async def test_hosts_rejoining_after_an_outage_count_the_outages_spend_once(
+        hosts: HostsFactory, redis_server: RedisServer, tmp_path: Path,  # noqa: F811
+        shared: bool) -> None:
+    """Two hosts spend alone while Redis is unreachable (it keeps its counts),
+    each request's row in the ledger. On rejoining the day's spend is what was
+    spent, once: each host adds what it counted alone and raises to its
+    ledger's figure; with one ledger both read (`shared`, as PostgreSQL is)
+    the counts made alone are not added, the ledger holds them already."""
+    from tierq.ledger import LedgerRow
+
+    relays = [Relay("127.0.0.1", redis_server.port) for _ in range(2)]
+    for r in relays:
+        r.start()
+    ledgers = [Ledger(str(tmp_path / ("shared.db" if shared else f"h{i}.db")))
+               for i in range(2)]
+    try:
+        made = [(await hosts(1, url=r.url(), lease_ttl_ms=1200, on_redis_down="local"))[0]
+                for r in relays]
+
+        async def both_seen() -> bool:
+            return all(h.link.hosts == 2 for h in made)
+
+        await _wait_for(both_seen, 20, "each host sees the other")
+        _, now = _clock()
+        key = _key("rejoin000001", budget="0.001")  # 1,000,000 nano-USD
+        cost = 100 * USD // 10**6  # 100,000 nano-USD a request
+        rows = [0]
+
+        async def spend(i: int) -> bool:
+            """One priority request through host i, served and recorded: was it priority?"""
+            host = made[i]
+            tier, _, hold = await host.downgrades.decide(key, Tier.PRIORITY, 10, cost)
+            if hold is None:
+                return False
+            host.downgrades.settle(key, hold, 10, cost)
+            rows[0] += 1
+            await ledgers[i].record(LedgerRow(
+                f"r{rows[0]}", now(), key.public_id, "m", "/v1/chat/completions", "priority",
+                Tier.PRIORITY, 10, 0, Decimal(cost).scaleb(-15), "served"))
+            return True
+
+        async def read(i: int, since: float) -> list[tuple[str, Decimal]]:
+            return [(line.key_id, line.cost) for line in ledgers[i].usage(since)
+                    if line.applied_tier == Tier.PRIORITY]
+
+        for i, host in enumerate(made):
+            host.downgrades.clock = now
+            host.downgrades.use_ledger(lambda since, i=i: read(i, since), shared)
+            await ledgers[i].start() if not shared or i == 0 else None
+        if shared:
+            ledgers[1] = ledgers[0]
+        assert [await spend(i % 2) for i in range(4)] == [True] * 4
+        await made[0].settled()
+        await made[1].settled()
+        for r in relays:
+            r.cut()
+        for host in made:
+            await _wait_for_down(host)
+            assert host.link.hosts == 2  # as the lease agents last saw them
+        alone = [await spend(i % 2) for i in range(8)]
+        assert not any(h.link.up for h in made)
+        assert alone.count(True) == 6, alone  # 3 each: half of the 600,000 left
+        for r in relays:
+            r.heal()
+        for host in made:
+            await _wait_for_up(host)
+            await host.settled()
+        for host in made:
+            await host.downgrades.catch_up()
+        assert await made[0].downgrades.spent_nano(key.public_id) == 1_000_000, "once, no more"
+    finally:
+        for r in relays:
+            r.stop()
+        for ledger in {id(x): x for x in ledgers}.values():
+            await ledger.close()
+
+
+async def _wait_for_down(host: HostCluster) -> None:
+    async def down() -> bool:
+        return not host.link.up
+
+    await _wait_for(down, 20, "the host notices Redis is unreachable")
 
 
 async def _wait_for_up(host: HostCluster) -> None:
@@ -258,7 +346,8 @@ async def test_two_real_hosts_downgrade_a_budget_at_the_same_request_as_one_host
     request, to the same total, as a key of the same budget sending the same
     requests to one host; each answer's echo, header and ledger row agree; a
     key of the same budget in shadow mode is served priority throughout, its
-    would-be downgrades counted."""
+    would-be downgrades counted; a Redis restarted empty gets the day's spend
+    back from the hosts' ledgers."""
     db = tmp_path / "keys.db"
     with KeyStore(str(db)) as store:
         _, probe = store.create("probe")
@@ -310,6 +399,19 @@ async def test_two_real_hosts_downgrade_a_budget_at_the_same_request_as_one_host
         assert summed("tierq_downgrades_total", 'reason="budget"', metrics) == 2 * (24 - n)
         assert summed("tierq_shadow_decisions_total", 'decision="downgrade_budget"',
                       metrics) == 24 - n
+        # Redis restarted empty (no persistence): each host, on rejoining,
+        # raises the day's spend to its own ledger's, so the spent budgets
+        # stay spent on both hosts.
+        redis_server.stop()
+
+        async def redis_is(up: bool) -> bool:
+            return all([(await c.status(i))["cluster"]["redis_up"] is up for i in range(2)])
+
+        await _wait_for(lambda: redis_is(False), 20, "every host notices Redis is gone")
+        redis_server.start()
+        await _wait_for(lambda: redis_is(True), 20, "every host rejoins")
+        after = [(await ask(i % 2, token))[:2] for token in (across, alone) for i in range(2)]
+        assert after == [("default", "budget")] * 4, (after, c.logs())
     finally:
         for cl in made:
             await cl.close()

@@ -65,6 +65,11 @@ def lifecycle(
     --workers N`), and `workers` how many share them; `own_ledger`: the ledger
     is the gateway's to start and close."""
 
+    async def priority_spend(since: float) -> list[tuple[str, Decimal]]:
+        """Each key's priority spend in the ledger since `since` (Unix seconds)."""
+        lines = await asyncio.to_thread(gw.ledger.usage, since)
+        return [(line.key_id, line.cost) for line in lines if line.applied_tier == Tier.PRIORITY]
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # The sims are entered first and exited last: every upstream client is
         # closed before its backend goes.
@@ -86,17 +91,13 @@ def lifecycle(
                 if own_ledger:
                     await gw.ledger.start()
                 gw.keys = await start_key_store(gw.config.keys)
-                spend: list[tuple[str, Decimal]] = []
                 if gw.keys is not None:
                     gw.limiter = KeyLimiter(shared=key_buckets)
                     gw.downgrades = downgrades = Downgrades(
                         shared=key_buckets, capacity=gw.config.keys.table_capacity)
                     # Today's priority spend as the ledger has it: a restart
                     # keeps each key's budget where it was.
-                    lines = await asyncio.to_thread(gw.ledger.usage, downgrades.day_start())
-                    spend = [(line.key_id, line.cost) for line in lines
-                             if line.applied_tier == Tier.PRIORITY]
-                    downgrades.rebuild(spend)
+                    downgrades.rebuild(await priority_spend(downgrades.day_start()))
                 cluster = gw.config.cluster
                 if cluster is not None:
                     # With several workers the pools are shared: worker 0 runs
@@ -108,12 +109,13 @@ def lifecycle(
                                          on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED),
                                          worker=shared_worker,
                                          workers=workers)
-                    # The day's spend in Redis raised to the ledgers' (once per
-                    # ledger: every host's own SQLite file, or the one
-                    # PostgreSQL ledger they share), before the first request.
-                    shared_ledger = store_kind(gw.config.ledger.url) == "postgresql"
-                    gw.cluster.downgrades.rebuild(
-                        spend, "ledger" if shared_ledger else f"host:{gw.cluster.host_id}")
+                    if gw.keys is not None:
+                        # The day's spend in Redis raised to the ledgers' (once
+                        # per ledger: every host's own SQLite file, or the one
+                        # PostgreSQL ledger they share), before the first
+                        # request and after each Redis outage.
+                        gw.cluster.downgrades.use_ledger(
+                            priority_spend, store_kind(gw.config.ledger.url) == "postgresql")
                     await gw.cluster.start()
                     if gw.cluster.link.up:
                         try:

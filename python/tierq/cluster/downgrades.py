@@ -25,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from decimal import Decimal
 from typing import Any, Final
 
@@ -148,7 +148,14 @@ class ClusterDowngrades:
         self._alone_keys: set[str] = set()
         # The ledger's spend of the day to bring into Redis: (field, day, key -> nano).
         self._rebuild: tuple[str, int, dict[str, int]] | None = None
+        # Where it is read (`use_ledger`), and whether it is to be read again.
+        self._read: Callable[[float], Awaitable[Iterable[tuple[str, Decimal]]]] | None = None
+        self._source = ""
+        self._shared_ledger = False
+        self._read_due = False
         self._catching_up = asyncio.Lock()  # one catch-up at a time: nothing brought twice
+        self._rejoin: asyncio.Task[None] | None = None
+        link.on_rejoin.append(self._rejoined)
 
     # ------------------------------------------------------------ deciding
 
@@ -249,9 +256,11 @@ class ClusterDowngrades:
         task.add_done_callback(self._pending.discard)
 
     async def settled(self) -> None:
-        """Waits for the settlements and refunds sent so far."""
+        """Waits for the settlements and refunds sent so far (and a rejoin's catch-up)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+        if self._rejoin is not None:
+            await asyncio.gather(self._rejoin, return_exceptions=True)
 
     # ------------------------------------------------------------ rejoining and restarting
 
@@ -266,30 +275,71 @@ class ClusterDowngrades:
         if totals:
             self._rebuild = (source, int(self.clock() // DAY_S), totals)
 
+    def use_ledger(self, read: Callable[[float], Awaitable[Iterable[tuple[str, Decimal]]]],
+                   shared: bool) -> None:
+        """Where this host reads the day's priority spend per key (`read(since)`,
+        its ledger's priority rows since `since`, Unix seconds), and whether
+        every host reads the same ledger (`shared`: PostgreSQL; else the
+        host's own SQLite file): read and brought into Redis before the first
+        decision, and again each time Redis answers after being down (it may
+        have restarted empty)."""
+        self._read, self._read_due = read, True
+        self._shared_ledger = shared
+        self._source = "ledger" if shared else f"host:{self.link.host_id}"
+
+    def _rejoined(self) -> None:
+        """Redis answers again: this host's counts made alone and its ledger's
+        spend are brought in at once (or by the next decision, whichever is first)."""
+        self._read_due = self._read is not None
+        if self._rejoin is None or self._rejoin.done():
+            self._rejoin = asyncio.get_running_loop().create_task(self._rejoining())
+
+    async def _rejoining(self) -> None:
+        try:
+            await self.catch_up()
+        except self.link.RedisError as e:
+            self.link.went_down(e)
+
     async def catch_up(self) -> None:
-        """While Redis answers: a pending rebuild, then what this host counted
-        alone while Redis was down, are brought into Redis. RedisError is the
-        caller's (what was brought stays brought)."""
-        if self._rebuild is None and self._alone is None:
+        """While Redis answers: what this host counted alone while Redis was
+        down, then its ledger's spend of the day (read again if due) and any
+        rebuild given, are brought into Redis. In that order: the day's spend
+        raised to the ledgers' after the counts made alone are added, so a
+        restarted, empty Redis gets each host's ledger's spend once, and one
+        that kept its counts gets the outage's added and nothing twice. With a
+        ledger every host shares, the spend counted alone is not added: the
+        shared ledger's rows already hold every host's, and the spend is
+        raised to them. RedisError is the caller's (what was brought stays
+        brought)."""
+        if self._rebuild is None and self._alone is None and not self._read_due:
             return
         async with self._catching_up:
-            await self._catch_up()
+            await self._bring_alone()
+            if self._read_due and self._read is not None:
+                since = float(int(self.clock() // DAY_S) * DAY_S)
+                self.rebuild(await self._read(since), self._source)
+                self._read_due = False
+            await self._bring_rebuild()
 
-    async def _catch_up(self) -> None:
-        if self._rebuild is not None:
-            source, day, totals = self._rebuild
-            if day == int(self.clock() // DAY_S):
-                for key_id, nano in list(totals.items()):
-                    tag = _tag(key_id)
-                    await self.link.run(_SCRIPT, [f"{tag}:budget:{day}", f"{tag}:rebuilt:{day}"],
-                                        "rebuild", source, nano)
-                    del totals[key_id]
-            self._rebuild = None
+    async def _bring_rebuild(self) -> None:
+        if self._rebuild is None:
+            return
+        source, day, totals = self._rebuild
+        if day == int(self.clock() // DAY_S):
+            for key_id, nano in list(totals.items()):
+                tag = _tag(key_id)
+                await self.link.run(_SCRIPT, [f"{tag}:budget:{day}", f"{tag}:rebuilt:{day}"],
+                                    "rebuild", source, nano)
+                del totals[key_id]
+        self._rebuild = None
+
+    async def _bring_alone(self) -> None:
         alone = self._alone
         if alone is None or not self.link.up:
             return
         now = self.clock()
         step, day = int(now // STEP_S), int(now // DAY_S)
+        from_ledger = self._shared_ledger and self._read is not None
         for key_id in sorted(self._alone_keys):
             tag = _tag(key_id)
             for counter, kind, period, top, ttl in (
@@ -298,7 +348,8 @@ class ClusterDowngrades:
                     (f"{tag}:ramp:{step}", "ramp", step, RAMP_MAX, RAMP_TTL_MS)):
                 n = alone.count(key_id, kind, period)
                 if n:
-                    await self.link.run(_SCRIPT, [counter], "add", n, top, ttl)
+                    if not (from_ledger and kind == "budget"):
+                        await self.link.run(_SCRIPT, [counter], "add", n, top, ttl)
                     alone.uncount(key_id, kind, period, n)
             self._alone_keys.discard(key_id)
         self._alone = None

@@ -127,6 +127,8 @@ class RedisLink:
         self._ever_up = False
         #: Called when Redis goes down in "local" mode: each serves its share alone.
         self.on_alone: list[Callable[[], None]] = []
+        #: Called when Redis answers again after being down (not at the first join).
+        self.on_rejoin: list[Callable[[], None]] = []
 
     def _from_sentinels(self, url: yarl.URL, kwargs: dict[str, Any]) -> aioredis.Redis:
         """A client of the primary the sentinels name: each new connection asks
@@ -181,8 +183,12 @@ class RedisLink:
         else:
             log.info("cluster: host %s joined through %s (%d hosts live)",
                      self.host_id, self._where, self.hosts)
+        rejoined = self._ever_up
         self.up = self._ever_up = True
         self.down_since = None
+        if rejoined:
+            for rejoin in self.on_rejoin:
+                rejoin()
 
     def went_down(self, e: BaseException) -> None:
         self.errors += 1
