@@ -273,6 +273,24 @@ async def test_hosts_rejoining_after_an_outage_count_the_outages_spend_once(
             await ledger.close()
 
 
+async def test_a_ledger_that_cannot_be_read_leaves_the_counts_and_the_request_alone(
+        hosts: HostsFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The rebuild's read fails (a file that is not a database): one warning,
+    the decision made as Redis counts it."""
+    bad = tmp_path / "not-a-ledger.db"
+    bad.write_bytes(b"this is not an SQLite file, " * 100)
+
+    async def read(since: float) -> list[tuple[str, Decimal]]:
+        return [(line.key_id, line.cost) for line in Ledger(str(bad)).usage(since)]
+
+    (a,) = await hosts(1)
+    a.downgrades.use_ledger(read, shared=False)
+    key = _key("unread000001", budget="0.001")
+    assert (await a.downgrades.decide(key, Tier.PRIORITY, 10, USD // 10**4))[0] is Tier.PRIORITY
+    assert "the ledger could not be read" in caplog.text
+    assert await a.downgrades.spent_nano(key.public_id) == 100_000
+
+
 async def _wait_for_down(host: HostCluster) -> None:
     async def down() -> bool:
         return not host.link.up

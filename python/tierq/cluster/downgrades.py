@@ -317,8 +317,15 @@ class ClusterDowngrades:
             await self._bring_alone()
             if self._read_due and self._read is not None:
                 since = float(int(self.clock() // DAY_S) * DAY_S)
-                self.rebuild(await self._read(since), self._source)
                 self._read_due = False
+                try:
+                    spend = await self._read(since)
+                except Exception as e:  # any backend's error: the ledger is not the request's
+                    log.warning("cluster: the ledger could not be read to bring the day's priority "
+                                "spend into Redis (%s: %s); the counts stand as Redis has them",
+                                type(e).__name__, e)
+                else:
+                    self.rebuild(spend, self._source)
             await self._bring_rebuild()
 
     async def _bring_rebuild(self) -> None:
