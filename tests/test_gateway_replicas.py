@@ -398,3 +398,52 @@ async def test_two_workers_share_one_view_of_every_replica(tmp_path: Path) -> No
         serve.wait(30)
         for s in sims:
             s.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_each_replica_learns_its_own_limit_from_its_own_engine(tmp_path: Path) -> None:
+    """Two `tierq sim` processes, 2 and 6 slots, an adaptive pool: under load
+    each endpoint's scraper moves its own limit to what its engine runs, and
+    the pool's limit is their sum."""
+    sims = [Sim(tmp_path, 0, slots=2), Sim(tmp_path, 1, slots=6)]
+    cfg = tmp_path / "tierq.toml"
+    endpoints = ", ".join(f'"{s.url}/v1"' for s in sims)
+    cfg.write_text(
+        f'[ledger]\nurl = "sqlite:///{tmp_path}/ledger.db"\n'
+        f'[[upstreams]]\nname = "pool"\nkind = "vllm"\nendpoints = [{endpoints}]\nrouting = "least_loaded"\n'
+        f'[[models]]\nid = "{MODEL}"\n[models.admission]\nqueue_depth = 512\n')
+    app = create_app(load_config(str(cfg)))
+    runner = None
+    stop = asyncio.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for s in sims:
+                await _up(session, s.url)
+            root, runner = await serve_app(app)
+            pool = app[GATEWAY].pools[MODEL]
+            assert pool.replicas is not None
+            client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=120)
+
+            async def loop(i: int) -> None:
+                while not stop.is_set():
+                    await client.chat.completions.create(model=MODEL, max_tokens=16,
+                                                         messages=_chat(f"client {i}", "go"))
+
+            tasks = [asyncio.create_task(loop(i)) for i in range(24)]
+            t0 = time.monotonic()
+            while True:
+                limits = [r["limit"] for r in pool.replicas.stats()]
+                if limits[0] == 2 and limits[1] >= 5:
+                    break
+                assert time.monotonic() - t0 < 60, limits
+                await asyncio.sleep(0.05)
+            assert pool.admission.limit == sum(limits)
+            stop.set()
+            await asyncio.gather(*tasks)
+            await client.close()
+    finally:
+        stop.set()
+        if runner is not None:
+            await runner.cleanup()
+        for s in sims:
+            s.stop()
