@@ -5,6 +5,9 @@
 //! SSE. Every request leaves one record (tier, status, shed code, Retry-After,
 //! time to first event, total, gaps between SSE events, and the outcome of one
 //! retry after the advertised wait), written as JSON lines for Python to analyse.
+//! With `prefixes` set, each chat request opens with one of that many shared
+//! system prompts drawn Zipf-like, then a short user turn of its own (the
+//! shared-prefix workload of bench/routing); its record says which (`k`).
 //! It runs on one thread so it takes at most one of the machine's cores.
 
 use std::rc::Rc;
@@ -59,6 +62,15 @@ struct Spec {
     gaps: bool,
     #[serde(default)]
     headers: Vec<(String, String)>,
+    /// Shared system prompts (0: every request sends the same short user message).
+    #[serde(default)]
+    prefixes: usize,
+    /// Characters of each system prompt.
+    #[serde(default = "d_prefix_chars")]
+    prefix_chars: usize,
+    /// Prefix k (0-based) is drawn with probability proportional to 1 / (k + 1)^zipf_s.
+    #[serde(default = "d_zipf")]
+    zipf_s: f64,
     /// Per-request timeout.
     #[serde(default = "d_timeout")]
     timeout_s: f64,
@@ -85,6 +97,12 @@ fn d_tokens() -> u64 {
 }
 fn d_timeout() -> f64 {
     120.0
+}
+fn d_prefix_chars() -> usize {
+    8000
+}
+fn d_zipf() -> f64 {
+    1.0
 }
 
 /// xorshift64*: enough randomness for arrivals and tier draws, reproducible by seed.
@@ -156,6 +174,9 @@ struct Ctx {
     client: reqwest::Client,
     /// Request bodies by (length index, priority).
     bodies: Vec<[bytes_body::Body; 2]>,
+    /// The shared system prompts, and the cumulative weights to draw one by.
+    prefixes: Vec<String>,
+    prefix_cdf: Vec<f64>,
     t0: Instant,
     end: Instant,
     hard_end: Instant,
@@ -178,19 +199,74 @@ fn body_for(spec: &Spec, priority: bool, max_tokens: u64) -> Vec<u8> {
     serde_json::to_vec(&b).unwrap()
 }
 
+/// System prompt k: 3-character words of [a-z0-9] from a generator seeded by k,
+/// one space apart (4 characters a word: the sim counts a word a token, so
+/// about chars / 4 tokens, as text is), cut at `chars`. Prompts differ from
+/// their first word on, so they share no cache block.
+fn prefix_text(k: usize, chars: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = Rng::new(0x5EED_0000 + k as u64);
+    let mut out = String::with_capacity(chars + 4);
+    while out.len() < chars {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        for _ in 0..3 {
+            out.push(ALPHABET[(rng.f64() * ALPHABET.len() as f64) as usize % ALPHABET.len()] as char);
+        }
+    }
+    out.truncate(chars);
+    out
+}
+
+fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
+    let w: Vec<f64> = (0..n).map(|k| 1.0 / ((k + 1) as f64).powf(s)).collect();
+    let total: f64 = w.iter().sum();
+    let mut acc = 0.0;
+    w.iter()
+        .map(|x| {
+            acc += x / total;
+            acc
+        })
+        .collect()
+}
+
+/// A shared-prefix request: system prompt k, then a user turn naming the request.
+fn prefix_body(ctx: &Ctx, priority: bool, max_tokens: u64, k: usize, id: u64) -> Vec<u8> {
+    let mut b = json!({
+        "model": ctx.spec.model,
+        "messages": [
+            {"role": "system", "content": ctx.prefixes[k]},
+            {"role": "user", "content": format!("question {id}: how do engines share a prompt?")},
+        ],
+        "max_tokens": max_tokens,
+        "stream": ctx.spec.stream,
+    });
+    if priority && ctx.spec.send_tier {
+        b["service_tier"] = json!("priority");
+    }
+    serde_json::to_vec(&b).unwrap()
+}
+
 fn header_f64(resp: &reqwest::Response, name: &str) -> Option<f64> {
     resp.headers().get(name)?.to_str().ok()?.trim().parse::<f64>().ok()
 }
 
-async fn attempt(ctx: &Ctx, priority: bool, len_idx: usize) -> Attempt {
-    let body = &ctx.bodies[len_idx][priority as usize];
+async fn attempt(ctx: &Ctx, priority: bool, len_idx: usize, prefix: Option<(usize, u64)>) -> Attempt {
+    let body = match prefix {
+        Some((k, id)) => {
+            let lo = ctx.spec.max_tokens_min.unwrap_or(ctx.spec.max_tokens).min(ctx.spec.max_tokens);
+            prefix_body(ctx, priority, lo + len_idx as u64, k, id)
+        }
+        None => (*ctx.bodies[len_idx][priority as usize]).clone(),
+    };
     let start = Instant::now();
     let mut a = Attempt::default();
     let mut req = ctx
         .client
         .post(&ctx.spec.url)
         .header("content-type", "application/json")
-        .body((**body).clone());
+        .body(body);
     for (k, v) in &ctx.spec.headers {
         req = req.header(k.as_str(), v.as_str());
     }
@@ -300,9 +376,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// One logical request: an attempt, and (if asked) one retry after the advertised wait.
-async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, sched: Instant) -> Value {
+async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, k: Option<usize>,
+             sched: Instant) -> Value {
     let sent = Instant::now();
-    let first = attempt(&ctx, priority, len_idx).await;
+    let prefix = k.map(|k| (k, id));
+    let first = attempt(&ctx, priority, len_idx, prefix).await;
     let mut rec = json!({
         "id": id,
         "p": priority,
@@ -310,6 +388,9 @@ async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, sched: Insta
         "late": round3(ms(sent.saturating_duration_since(sched))),
         "a": first.to_json(ctx.spec.gaps),
     });
+    if let Some(k) = k {
+        rec["k"] = json!(k);
+    }
     if ctx.spec.retry && first.status == 429 {
         let wait_ms = first
             .retry_after_ms
@@ -319,7 +400,7 @@ async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, sched: Insta
         let retry_at = shed_at + Duration::from_secs_f64(wait_ms / 1000.0);
         if retry_at < ctx.hard_end {
             tokio::time::sleep_until(retry_at).await;
-            let second = attempt(&ctx, priority, len_idx).await;
+            let second = attempt(&ctx, priority, len_idx, prefix).await;
             let mut r = second.to_json(ctx.spec.gaps);
             // From the 429 until the retry was admitted (its queue time included).
             r["waited"] = json!(round3(ms(retry_at - shed_at)));
@@ -329,6 +410,14 @@ async fn one(ctx: Rc<Ctx>, id: u64, priority: bool, len_idx: usize, sched: Insta
         }
     }
     rec
+}
+
+fn draw_prefix(ctx: &Ctx, rng: &mut Rng) -> Option<usize> {
+    if ctx.prefixes.is_empty() {
+        return None;
+    }
+    let u = rng.f64();
+    Some(ctx.prefix_cdf.iter().position(|&c| u < c).unwrap_or(ctx.prefixes.len() - 1))
 }
 
 async fn run(spec: Spec) -> (Vec<Value>, f64) {
@@ -346,8 +435,12 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
     let bodies: Vec<[bytes_body::Body; 2]> = (lo..=spec.max_tokens)
         .map(|n| [Rc::new(body_for(&spec, false, n)), Rc::new(body_for(&spec, true, n))])
         .collect();
+    let prefixes: Vec<String> = (0..spec.prefixes).map(|k| prefix_text(k, spec.prefix_chars)).collect();
+    let prefix_cdf = zipf_cdf(spec.prefixes, spec.zipf_s);
     let ctx = Rc::new(Ctx {
         bodies,
+        prefixes,
+        prefix_cdf,
         spec: spec.clone(),
         client,
         t0,
@@ -371,7 +464,8 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
                     tokio::time::sleep_until(next).await;
                     let pri = rng.f64() < spec.priority_share;
                     let li = ((rng.f64() * ctx.bodies.len() as f64) as usize).min(ctx.bodies.len() - 1);
-                    handles.push(tokio::task::spawn_local(one(ctx.clone(), id, pri, li, next)));
+                    let k = draw_prefix(&ctx, &mut rng);
+                    handles.push(tokio::task::spawn_local(one(ctx.clone(), id, pri, li, k, next)));
                     id += 1;
                 }
                 let mut out = Vec::with_capacity(handles.len());
@@ -401,7 +495,8 @@ async fn run(spec: Spec) -> (Vec<Value>, f64) {
                             let pri = wrng.f64() < ctx.spec.priority_share;
                             let n = ctx.bodies.len();
                             let li = ((wrng.f64() * n as f64) as usize).min(n - 1);
-                            mine.push(one(ctx.clone(), id, pri, li, now).await);
+                            let k = draw_prefix(&ctx, &mut wrng);
+                            mine.push(one(ctx.clone(), id, pri, li, k, now).await);
                         }
                         mine
                     }));
