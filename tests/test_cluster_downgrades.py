@@ -209,8 +209,10 @@ async def test_hosts_rejoining_after_an_outage_count_the_outages_spend_once(
     relays = [Relay("127.0.0.1", redis_server.port) for _ in range(2)]
     for r in relays:
         r.start()
-    ledgers = [Ledger(str(tmp_path / ("shared.db" if shared else f"h{i}.db")))
-               for i in range(2)]
+    first = Ledger(str(tmp_path / ("shared.db" if shared else "h0.db")))
+    ledgers = [first, first if shared else Ledger(str(tmp_path / "h1.db"))]
+    for ledger in {id(x): x for x in ledgers}.values():
+        await ledger.start()
     try:
         made = [(await hosts(1, url=r.url(), lease_ttl_ms=1200, on_redis_down="local"))[0]
                 for r in relays]
@@ -244,9 +246,6 @@ async def test_hosts_rejoining_after_an_outage_count_the_outages_spend_once(
         for i, host in enumerate(made):
             host.downgrades.clock = now
             host.downgrades.use_ledger(lambda since, i=i: read(i, since), shared)
-            await ledgers[i].start() if not shared or i == 0 else None
-        if shared:
-            ledgers[1] = ledgers[0]
         assert [await spend(i % 2) for i in range(4)] == [True] * 4
         await made[0].settled()
         await made[1].settled()
