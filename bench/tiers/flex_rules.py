@@ -6,7 +6,8 @@ model) fed by the same open-loop Poisson default+priority arrivals and an
 endless flex backlog, with the dispatch rule as the only variable. Non-flex
 waiters always go first; a rule only decides whether a free slot may go to
 flex, at the moments the core decides it (a release, a non-flex arrival).
-Every rule runs on the same seeds' arrivals. Measured: engine busy (running
+Every rule runs on the same seeds' arrivals (steady, or with --swing a rate that
+alternates between two levels). Measured: engine busy (running
 over slots, time-weighted), the non-flex wait for a slot (p99, and how many
 wait at all) and the TTFT that makes (wait + prefill) over the no-flex run's.
 
@@ -128,9 +129,21 @@ class Model:
             self.step_pending = True
             self.push(t + self.step_time(len(self.decoding)), "step")
 
+    def next_arrival(self, t: float) -> float:
+        """Poisson at --rate, or with --swing alternating --rate and --rate x
+        --swing every --period / 2 s (memoryless: past a change it redraws)."""
+        while True:
+            half = self.a.period / 2
+            rate = self.a.rate if self.a.swing == 1 or (t // half) % 2 == 0 else self.a.rate * self.a.swing
+            nxt = t + self.rng.expovariate(rate)
+            change = (t // half + 1) * half
+            if self.a.swing == 1 or nxt < change:
+                return nxt
+            t = change
+
     def run(self) -> dict[str, Any]:
         end = self.a.warmup + self.a.duration
-        self.push(self.rng.expovariate(self.a.rate), "arrival")
+        self.push(self.next_arrival(0.0), "arrival")
         self.dispatch(0.0)
         while self.events:
             t, _, kind, data = heapq.heappop(self.events)
@@ -140,7 +153,7 @@ class Model:
             if kind == "arrival":
                 self.last_arrival = t
                 self.queue.append(t)
-                self.push(t + self.rng.expovariate(self.a.rate), "arrival")
+                self.push(self.next_arrival(t), "arrival")
                 self.dispatch(t)
             elif kind == "prefilled":
                 self.prefilling -= 1
@@ -204,6 +217,9 @@ def main() -> int:
     ap.add_argument("--tokens-per-s", type=float, default=40.0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rate", type=float, default=21.4, help="non-flex arrivals/s (flex.py's open loop)")
+    ap.add_argument("--swing", type=float, default=1.0,
+                    help="< 1: the rate alternates between --rate and --rate x this every --period / 2 s")
+    ap.add_argument("--period", type=float, default=120.0)
     ap.add_argument("--duration", type=float, default=400.0)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--seeds", type=int, default=3)
