@@ -701,6 +701,18 @@ impl PyReplicas {
         Ok(self.0.set_down(replica, down)?)
     }
 
+    /// Out of rotation (`down`), or in it at most `cap` slots (0: its whole
+    /// limit): tierq.health's ejection and slow start, in one store.
+    fn set_health(&self, replica: usize, down: bool, cap: u64) -> PyResult<()> {
+        Ok(self.0.set_health(replica, down, cap)?)
+    }
+
+    /// `pick`, passing over the replicas whose bits are set in `avoid` while
+    /// another is in rotation (a request sent again after a failed try).
+    fn pick_avoiding(&self, order: u64, rule: u8, avoid: u64) -> PyResult<usize> {
+        Ok(self.0.pick_avoiding(order, crate::replicas::Rule::from_u8(rule)?, avoid))
+    }
+
     /// One engine sample of `replica`; true if its limit changed.
     #[pyo3(signature = (replica, running, waiting, kv_usage_ppm, pool_waiters))]
     fn observe_engine(&self, replica: usize, running: u64, waiting: u64, kv_usage_ppm: Option<u32>, pool_waiters: u64) -> PyResult<bool> {
@@ -721,12 +733,14 @@ impl PyReplicas {
         self.0.over()
     }
 
-    /// Per replica: in_flight, limit, waiting (the engine's), down, grants.
+    /// Per replica: in_flight, limit (in force), learned (before a slow start's
+    /// cap), waiting (the engine's), down, grants.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.0.stats().into_iter().map(|r| {
             let d = PyDict::new(py);
             d.set_item("in_flight", r.in_flight)?;
             d.set_item("limit", r.limit)?;
+            d.set_item("learned", r.learned)?;
             d.set_item("waiting", r.waiting)?;
             d.set_item("down", r.down)?;
             d.set_item("grants", r.grants)?;

@@ -80,9 +80,13 @@ mod at {
     pub const IN_FLIGHT: usize = 0;
     /// The replica's limit, in 1/1024ths of a slot (`limit.rs`).
     pub const LIMIT: usize = 1;
-    /// Nonzero: the replica is out of rotation (its health); `pick` skips it
-    /// and its limit leaves the pool's capacity. Zeroed words: up.
-    pub const DOWN: usize = 2;
+    /// The replica's health (tierq.health), one word the request path
+    /// writes and `pick` reads: 0 in rotation at its whole limit; `OUT`
+    /// out of rotation (`pick` skips it, its limit leaves the pool's
+    /// capacity); n in 1..OUT in rotation at most n slots (a slow start
+    /// after an ejection). Zeroed words: in rotation.
+    pub const HEALTH: usize = 2;
+    pub const OUT: u64 = u64::MAX;
     /// Sequences waiting inside the engine at its last metrics sample: load.
     pub const WAITING: usize = 3;
     /// When the last engine sample was applied (ns; 0: never).
@@ -133,6 +137,8 @@ impl Rule {
 pub struct ReplicaStats {
     pub in_flight: u64,
     pub limit: u64,
+    /// Its learned (or fixed) limit before a slow start's cap.
+    pub learned: u64,
     pub waiting: u64,
     pub down: bool,
     pub grants: u64,
@@ -285,6 +291,15 @@ impl Replicas {
 
     /// A replica's limit in force, in whole slots.
     pub fn limit(&self, r: usize) -> u64 {
+        let learned = self.learned(r);
+        match self.w(r, at::HEALTH).load(SeqCst) {
+            0 | at::OUT => learned,
+            cap => learned.min(cap),
+        }
+    }
+
+    /// A replica's own limit, fixed or learned, before its health's cap.
+    pub fn learned(&self, r: usize) -> u64 {
         match self.mode {
             LimitMode::Fixed(n) => n as u64,
             LimitMode::Adaptive { .. } => self.w(r, at::LIMIT).load(SeqCst) >> FP_SHIFT,
@@ -292,7 +307,7 @@ impl Replicas {
     }
 
     fn up(&self, r: usize) -> bool {
-        self.w(r, at::DOWN).load(SeqCst) == 0
+        self.w(r, at::HEALTH).load(SeqCst) != at::OUT
     }
 
     /// The pool's limit: the sum of the limits of the replicas in rotation
@@ -305,7 +320,17 @@ impl Replicas {
     /// Takes a replica or leaves it out of rotation (the health seam).
     pub fn set_down(&self, r: usize, down: bool) -> Result<(), CoreError> {
         self.check(r)?;
-        self.w(r, at::DOWN).store(down as u64, SeqCst);
+        self.w(r, at::HEALTH).store(if down { at::OUT } else { 0 }, SeqCst);
+        Ok(())
+    }
+
+    /// A replica's health in one store: out of rotation (`down`), or in it
+    /// at most `cap` slots (0: its whole limit; a slow start ramps `cap`).
+    /// The caller then sets the pool's limit to `capacity`.
+    pub fn set_health(&self, r: usize, down: bool, cap: u64) -> Result<(), CoreError> {
+        self.check(r)?;
+        let word = if down { at::OUT } else { cap.min(at::OUT - 1) };
+        self.w(r, at::HEALTH).store(word, SeqCst);
         Ok(())
     }
 
@@ -340,8 +365,26 @@ impl Replicas {
     /// Takes one slot on a replica for a holder of a pool slot: by `rule`
     /// over `order` (module doc). Returns the replica; `release` names it.
     pub fn pick(&self, order: u64, rule: Rule) -> usize {
-        let (ranked, k) = self.ranked(order);
-        let ranked = &ranked[..k];
+        self.pick_avoiding(order, rule, 0)
+    }
+
+    /// `pick`, passing over the replicas in `avoid` (bit r: replica r) while
+    /// any other is in rotation: a request sent again after a try failed
+    /// on one (tierq.health) goes to another, with room if one has it, else
+    /// over the least loaded one's limit (counted in `over`: the pool's slot
+    /// it holds keeps the pool within its limit).
+    pub fn pick_avoiding(&self, order: u64, rule: Rule, avoid: u64) -> usize {
+        let (all, k) = self.ranked(order);
+        let mut kept = [0u8; MAX_REPLICAS];
+        let mut m = 0;
+        for &r in &all[..k] {
+            if avoid & (1 << r) == 0 && self.up(r as usize) {
+                kept[m] = r;
+                m += 1;
+            }
+        }
+        // Every other replica avoided or out: the order as it is.
+        let ranked = if m == 0 { &all[..k] } else { &kept[..m] };
         for _ in 0..PICK_TRIES {
             let Some(r) = self.choose(ranked, rule) else { break };
             let word = self.w(r, at::IN_FLIGHT);
@@ -558,6 +601,7 @@ impl Replicas {
         (0..self.n).map(|r| ReplicaStats {
             in_flight: self.w(r, at::IN_FLIGHT).load(SeqCst),
             limit: self.limit(r),
+            learned: self.learned(r),
             waiting: self.w(r, at::WAITING).load(Relaxed),
             down: !self.up(r),
             grants: self.w(r, at::GRANTS).load(Relaxed),
@@ -713,6 +757,46 @@ mod tests {
         w1.release(0).unwrap();
         assert_eq!(sup.stats()[0].in_flight, 0);
         Replicas::unlink_shared(&name).unwrap();
+    }
+
+    #[test]
+    fn a_slow_start_cap_bounds_the_replica_and_the_pools_capacity() {
+        let r = fixed(2, 4);
+        r.set_health(1, false, 1).unwrap();
+        assert_eq!(r.limit(1), 1);
+        assert_eq!(r.capacity(), 5);
+        assert_eq!(r.pick(order_word(&[1, 0]), Rule::First), 1);
+        // Its one slot taken: the next goes to the other replica.
+        assert_eq!(r.pick(order_word(&[1, 0]), Rule::First), 0);
+        r.set_health(1, false, 3).unwrap();
+        assert_eq!(r.capacity(), 7);
+        // A cap above the learned limit is the learned limit; 0 lifts it.
+        r.set_health(1, false, 9).unwrap();
+        assert_eq!(r.limit(1), 4);
+        r.set_health(1, false, 2).unwrap();
+        assert_eq!((r.stats()[1].limit, r.stats()[1].learned), (2, 4));
+        r.set_health(1, false, 0).unwrap();
+        assert_eq!(r.stats()[1].limit, 4);
+        r.set_health(1, true, 2).unwrap();
+        assert!(r.stats()[1].down);
+        assert_eq!(r.capacity(), 4);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_replica_that_failed_while_another_is_in_rotation() {
+        let r = fixed(3, 2);
+        // Least loaded would take replica 0 again (all idle, first in order).
+        assert_eq!(r.pick_avoiding(order_word(&[0, 1, 2]), Rule::LeastLoaded, 0b001), 1);
+        assert_eq!(r.pick_avoiding(order_word(&[0, 1, 2]), Rule::First, 0b011), 2);
+        // The others full: over the least loaded one's limit, not back to 0.
+        r.pick(order_word(&[2]), Rule::First);
+        r.pick(order_word(&[1]), Rule::First);
+        assert_eq!(r.pick_avoiding(order_word(&[0, 1, 2]), Rule::Bounded, 0b001), 1);
+        assert_eq!(r.over(), 1);
+        // Every other one out of rotation: the avoided replica is what is left.
+        r.set_down(1, true).unwrap();
+        r.set_down(2, true).unwrap();
+        assert_eq!(r.pick_avoiding(order_word(&[0, 1, 2]), Rule::First, 0b001), 0);
     }
 
     #[test]

@@ -484,8 +484,22 @@ class ReplicaPool:
         self.core = core if core is not None else Replicas(n, settings, clock)
         self.sync()
 
-    def pick(self, order: int, rule: int) -> int:
-        return self.core.pick(order, rule)
+    def pick(self, order: int, rule: int, avoid: int = 0) -> int:
+        """A replica for a holder of a pool slot; `avoid`: replicas (bit i:
+        replica i) passed over while another is in rotation (a request sent
+        again after a try failed on them)."""
+        return self.core.pick_avoiding(order, rule, avoid) if avoid else self.core.pick(order, rule)
+
+    def learned(self, replica: int) -> int:
+        """A replica's own limit (fixed or learned) before a slow start's cap."""
+        return int(self.core.stats()[replica]["learned"])
+
+    def set_health(self, replica: int, down: bool, cap: int = 0) -> int:
+        """Replica `replica` out of rotation (`down`), or in it at most `cap`
+        slots (0: its whole limit; tierq.health's slow start ramps it), then
+        the pool's limit set to the replicas' sum; waiters granted."""
+        self.core.set_health(replica, down, cap)
+        return self.sync()
 
     def release(self, replica: int) -> None:
         self.core.release(replica)
