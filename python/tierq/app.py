@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -28,6 +28,7 @@ from tierq.cluster import CLOSED_RETRY_AFTER_S, ClusterUnavailable
 from tierq.config import Config, UpstreamConfig
 from tierq.errors import JSON_TYPE, ApiError, api_errors, invalid_type
 from tierq.gateway import CLUSTER_CLOSED, CONFIG, DRAIN, GATEWAY, Gateway
+from tierq.health import Outcome
 from tierq.intake import (ANONYMOUS_KEY, ENDPOINT_PATHS, authenticate, estimate_completion_cap,
                           estimate_prompt_tokens, flow_of, max_queue_ms, read_json, validate)
 from tierq.lifecycle import StartSims, lifecycle
@@ -297,30 +298,48 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
     payload = orjson.dumps(body)
     trace = ex.trace.upstream_headers() if ex.trace is not None else None
     overloads = 0
+    moves = _Moves(ex, body)
     try:
         while True:
             ex.sent_at = time.monotonic()
             if not ex.upstream_at:
                 ex.upstream_at = ex.sent_at
-            async with pool.upstream.post(ex.endpoint, payload,
-                                          request.headers.get(BYO_HEADER), trace, ex.replica) as up:
-                if up.status in OVERLOAD_STATUSES:
-                    # Nothing reached the client yet: the limit backs off on
-                    # each such answer, and the request keeps its slot (no
-                    # waiter takes it) and is sent again after a back-off, as
-                    # often as what is left of its max wait allows.
-                    ex.gw.capacity.overloaded(pool.entry.id, ex.replica)
-                    await up.read()
-                    overloads += 1
-                    wait = overload_backoff_s(up.headers, overloads, _wait_left_s(ex))
-                    if wait is None:
-                        raise upstream_overloaded(pool.admission.retry_after_s(ex.tier))
-                elif not 200 <= up.status < 300:
-                    return await upstream_error(ex, up)
-                elif info.stream and up.content_type == "text/event-stream":
-                    return await relay_stream(request, ex, up, info.client_wants_usage)
-                else:
-                    return await relay_json(request, ex, up)
+            answered = False
+            try:
+                async with pool.upstream.post(ex.endpoint, payload, request.headers.get(BYO_HEADER),
+                                              trace, ex.replica) as up:
+                    answered = True
+                    if up.status in OVERLOAD_STATUSES:
+                        # Nothing reached the client yet: the limit backs off on
+                        # each such answer, and the request keeps its slot (no
+                        # waiter takes it) and is sent again after a back-off, as
+                        # often as what is left of its max wait allows.
+                        ex.gw.capacity.overloaded(pool.entry.id, ex.replica)
+                        await up.read()
+                        overloads += 1
+                        wait = overload_backoff_s(up.headers, overloads, _wait_left_s(ex))
+                        if wait is None:
+                            raise upstream_overloaded(pool.admission.retry_after_s(ex.tier))
+                    elif up.status >= 500:
+                        # A server error before any byte reached the client: sent
+                        # again at once on another replica when there is one.
+                        await up.read()
+                        if moves.another(Outcome.FAILED):
+                            continue
+                        return await upstream_error(ex, up)
+                    else:
+                        moves.answered()
+                        if not 200 <= up.status < 300:
+                            return await upstream_error(ex, up)
+                        if info.stream and up.content_type == "text/event-stream":
+                            return await relay_stream(request, ex, up, info.client_wants_usage)
+                        return await relay_json(request, ex, up)
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                # Refused, reset, closed or timed out before an answer: nothing
+                # reached the client either.
+                if answered or ex.done or not moves.another(Outcome.UNREACHABLE):
+                    raise
+                continue
             # A drain ends the back-off: the request is the drain's 503, as a
             # queued one is, rather than held until the shutdown cuts it.
             if not ex.gw.draining:
@@ -335,6 +354,59 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
         raise Refused(failed(code, status), ApiError(
             status, f"The upstream serving this model failed: {type(e).__name__}.",
             "server_error", None, code)) from None
+
+
+# Replicas a request is sent to after its first, at most: a failure that is the
+# request's own (a prompt every engine fails on) costs three tries, not one per
+# replica, and counts against at most three replicas' health.
+MAX_MOVES: Final = 2
+
+
+class _Moves:
+    """The one rule for sending a request again on another replica (DESIGN.md:
+    a failure before any byte reached the client; docs/gateway.md, Replica
+    health). Each try's outcome is its replica's health (tierq.health); a
+    failed one moves the request's replica slot to another replica in
+    rotation it has not failed on, at once, while what is left of its max
+    wait (the budget the overload back-offs share) lasts, at most MAX_MOVES
+    times. The request keeps its pool slot throughout: billed once, one row."""
+
+    __slots__ = ("_ex", "_body", "_tried", "_order", "moves")
+
+    def __init__(self, ex: Exchange, body: dict[str, Any]) -> None:
+        self._ex = ex
+        self._body = body
+        self._tried = 0  # bit i: failed on replica i
+        self._order: int | None = None
+        self.moves = 0
+
+    def answered(self) -> None:
+        health = self._ex.pool.upstream.health
+        if health is not None and self._ex.pool.replicas is not None:
+            health.record(self._ex.replica, Outcome.OK)
+
+    def another(self, outcome: Outcome) -> bool:
+        """Records a failed try; True when the request moved to another replica."""
+        ex = self._ex
+        pool = ex.pool
+        health, replicas = pool.upstream.health, pool.replicas
+        if health is None or replicas is None:
+            return False
+        failed_on = ex.replica
+        health.record(failed_on, outcome)
+        self._tried |= 1 << failed_on
+        if self.moves >= MAX_MOVES or _wait_left_s(ex) <= 0 or ex.gw.draining:
+            return False
+        if not any(health.healthy(i) for i in range(health.replicas) if not self._tried >> i & 1):
+            return False
+        router = pool.upstream.router
+        if self._order is None:
+            self._order = router.order(ex.endpoint, self._body)
+        replicas.release(failed_on)
+        ex.replica = replicas.pick(self._order, router.rule, self._tried)
+        self.moves += 1
+        ex.gw.metrics.observe_retry(pool.entry.id, pool.entry.upstream, outcome.value)
+        return True
 
 
 def _wait_left_s(ex: Exchange) -> float:

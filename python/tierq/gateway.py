@@ -25,7 +25,8 @@ from tierq.config import AdmissionConfig, Config
 from tierq.fairness import FlowBoard
 from tierq.downgrades import Downgrades
 from tierq.keys import KeyLimiter
-from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot
+from tierq.metrics import GatewayMetrics, PoolSnapshot, WorkerSnapshot, replica_line
+from tierq.probes import HealthLoop
 from tierq.served import Catalog, ModelEntry
 from tierq.tracing import Tracer
 from tierq.stores import KeyStoreLike, LedgerStore, ledger_from_config
@@ -95,6 +96,9 @@ class Gateway:
     # Upstream clients a reload replaced: requests in flight still use them;
     # closed at exit.
     retired: list[UpstreamClient] = field(default_factory=list)
+    # One per upstream with several endpoints: its probes, and its replicas'
+    # health carried to its pools' cores (tierq.lifecycle).
+    health_loops: list[HealthLoop] = field(default_factory=list)
     # Settings a reload cannot change in place (`tierq serve --workers N`
     # shares each pool's block; [cluster] leases): `tierq.lifecycle.reload`.
     shared_pools: bool = False
@@ -164,11 +168,26 @@ class Gateway:
         """This process's admission state and request metrics (tierq.metrics)."""
         pools = (PoolSnapshot(p.entry.id, p.entry.upstream, p.entry.priority,
                               p.entry.admission.settings.queue_depth, p.admission.stats(),
-                              tuple(p.flows.data()))
+                              tuple(p.flows.data()), self._replica_lines(p))
                  for p in self.pools.values())
         return self.metrics.snapshot(pools, ready=self.ready, ledger=self.ledger,
                                      cluster=self.cluster.status() if self.cluster else None,
                                      config=(self.config_sha256, self.config_loaded))
+
+    def _replica_lines(self, p: Pool) -> tuple[dict[str, Any], ...]:
+        """A pool's replicas as /status and /metrics show them (tierq.metrics)."""
+        if p.replicas is None:
+            return ()
+        health = p.upstream.health
+        scrapers = self.capacity.replica_scrapers.get(p.entry.upstream, [])
+        lines = []
+        for i, core in enumerate(p.replicas.stats()):
+            view = health.snapshot(i) if health is not None and i < health.replicas else {
+                "health": "ejected" if core.get("down") else "healthy", "ejections": 0}
+            prefix = scrapers[i].prefix_cache if i < len(scrapers) else None
+            endpoint = p.upstream.endpoints[i] if i < len(p.upstream.endpoints) else ""
+            lines.append(replica_line(endpoint, core, view, prefix))
+        return tuple(lines)
 
 
 def connection_bounds(catalog: Catalog) -> dict[str, int]:

@@ -115,6 +115,9 @@ class Health:
         self.settings = settings
         self._clock = clock
         self._r = [_Replica() for _ in range(replicas)]
+        # Told right after an outcome ejected a replica (tierq.probes'
+        # HealthLoop.check), so the next request is routed around it at once.
+        self.listener: Callable[[], None] | None = None
 
     @property
     def replicas(self) -> int:
@@ -149,6 +152,8 @@ class Health:
         if self.ejected_count() >= self.max_ejected:
             return False
         self._eject(r, now)
+        if self.listener is not None:
+            self.listener()
         return True
 
     def _eject(self, r: _Replica, now: float) -> None:

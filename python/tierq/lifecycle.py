@@ -26,6 +26,8 @@ from tierq.cluster import Cluster
 from tierq.config import AdmissionConfig, Config, ConfigError, UpstreamConfig, load_config
 from tierq.downgrades import Downgrades
 from tierq.gateway import CLUSTER_CLOSED, Gateway, Pool, connection_bounds
+from tierq.health import ReplicaState
+from tierq.probes import HealthLoop
 from tierq.keys import KeyLimiter
 from tierq.served import Catalog
 from tierq.storage import store_kind
@@ -88,6 +90,7 @@ def lifecycle(
                     await client.start(sim_urls.get(name))
                 _wire_capacity(gw, gw.capacity)
                 gw.capacity.start(record=gw.metrics.record_limits)
+                _start_health(gw)
                 if own_ledger:
                     await gw.ledger.start()
                 gw.keys = await start_key_store(gw.config.keys)
@@ -130,6 +133,7 @@ def lifecycle(
             finally:
                 gw.ready = False
                 await gw.capacity.stop()
+                await _stop_health(gw)
                 await gw.watchdog.stop()
                 if gw.cluster is not None:
                     await gw.cluster.stop()
@@ -226,6 +230,8 @@ async def reload(gw: Gateway, path: str | None, render_models: Callable[[Gateway
     if previous is not None:
         await close_key_store(previous)
     await _rewire_capacity(gw)
+    await _stop_health(gw)
+    _start_health(gw)
     log.info("config reloaded from %s (sha256 %s): %d models, %d upstreams (%d new clients)%s",
              path, gw.config_sha256[:12], len(pools), len(upstreams), started,
              "; needs a restart to take effect: " + ", ".join(restart) if restart else "")
@@ -335,6 +341,40 @@ def _retune_target(gw: Gateway, model: str, pool: Pool, new: AdmissionConfig,
     if held:
         new = new.but(**cast("_SettingsKwargs", {k: old.written.get(k) for k in held}))
     return old if new == old else new
+
+
+def _start_health(gw: Gateway) -> None:
+    """A health loop per upstream with several endpoints (tierq.probes): its
+    probes run, and each change of a replica's health (ejected, back, a step
+    of its slow start) reaches the cores of the pools it serves. A client
+    kept over a reload keeps its replicas' health; the loop's first check
+    writes what is not healthy into pools made since."""
+    for client in gw.upstreams.values():
+        health = client.health
+        if health is None:
+            continue
+
+        def apply(i: int, state: ReplicaState, share: float, client: UpstreamClient = client) -> None:
+            health = client.health
+            assert health is not None
+            for p in gw.pools.values():
+                if p.upstream is client and p.replicas is not None and i < p.replicas.core.count:
+                    down = state is ReplicaState.EJECTED
+                    cap = health.limit(i, p.replicas.learned(i)) if state is ReplicaState.SLOW_START else 0
+                    p.replicas.set_health(i, down, cap)
+
+        loop = HealthLoop(client.name, health, client.endpoints, apply,
+                          connect_timeout_s=client.config.connect_timeout_s)
+        health.listener = loop.check
+        loop.start()
+        gw.health_loops.append(loop)
+
+
+async def _stop_health(gw: Gateway) -> None:
+    loops, gw.health_loops = gw.health_loops, []
+    for loop in loops:
+        loop.health.listener = None
+        await loop.stop()
 
 
 async def _rewire_capacity(gw: Gateway) -> None:

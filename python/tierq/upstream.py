@@ -19,6 +19,7 @@ import aiohttp
 import yarl
 
 from tierq.config import UpstreamConfig
+from tierq.health import Health
 from tierq.routing import Router
 from tierq.tiers import Tier
 
@@ -132,6 +133,9 @@ class UpstreamClient:
         self._sessions: list[aiohttp.ClientSession] = []
         self._urls: dict[tuple[int, str], yarl.URL] = {}
         self.router = Router(self.endpoints, config.routing)
+        # With several endpoints, each one's health (tierq.health): which a
+        # request may be routed to, fed by the request path and the probes.
+        self.health: Health | None = None
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         # Read once at start-up; never logged, never put in the ledger.
         self._managed_auth = f"Bearer {key}" if key else None
@@ -152,6 +156,8 @@ class UpstreamClient:
             log.warning("upstream %s: $%s is not set; requests go without a credential",
                         self.name, self.config.api_key_env)
         self._sessions = [self._new_session() for _ in self.endpoints]
+        if len(self.endpoints) > 1 and (self.health is None or self.health.replicas != len(self.endpoints)):
+            self.health = Health(len(self.endpoints), self.config.health)
 
     def _new_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
