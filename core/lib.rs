@@ -3,6 +3,7 @@
 //! ledger's writer (SQLite, batched), in plain Rust.
 //! `py.rs` (feature `python`) is the only module that knows about Python.
 
+pub mod access;
 pub mod admission;
 mod block;
 pub mod bucket;

@@ -994,6 +994,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySharedBucket>()?;
     m.add_class::<PySharedCounter>()?;
     m.add_class::<PySseRewriter>()?; // the stream rewrite section below
+    m.add_function(wrap_pyfunction!(access_json, m)?)?; // the access line section below
     m.add("SHED_CODES", ShedCode::ALL.map(ShedCode::as_str).to_vec())?;
     // The tier names in lane order: tierq.tiers.Tier is made of them.
     m.add("TIERS", pyo3::types::PyTuple::new(m.py(), Lane::ALL.map(Lane::as_str))?)?;
@@ -1037,4 +1038,69 @@ impl PySseRewriter {
     fn close<'py>(&mut self, py: Python<'py>) -> SseBatch<'py> {
         sse_batch(py, self.0.close())
     }
+}
+
+// ------------------------------------------------------------------ the access line (crate::access)
+
+/// An exact str's (or str subclass's, such as a Tier's) text; None for anything else.
+fn text<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+    v.cast::<PyString>().ok()?.to_str().ok()
+}
+
+fn opt_text<'a>(v: &'a Bound<'_, PyAny>) -> Option<Option<&'a str>> {
+    if v.is_none() { Some(None) } else { text(v).map(Some) }
+}
+
+/// A float that is exactly a float (an int renders without ".0": Python's path).
+fn float(v: &Bound<'_, PyAny>) -> Option<f64> {
+    v.cast_exact::<pyo3::types::PyFloat>().ok().map(|f| f.value())
+}
+
+fn int(v: &Bound<'_, PyAny>) -> Option<i64> {
+    v.cast_exact::<pyo3::types::PyInt>().ok()?.extract().ok()
+}
+
+/// tierq.logs' captured access line (`_Captured`) as its JSON text, without the
+/// newline; `cost` the row's cost as `format(cost, "f")` writes it, `shadow` the
+/// decisions joined. None: a line Python formats (see core/access.rs).
+#[pyfunction]
+fn access_json(captured: &Bound<'_, pyo3::types::PyTuple>, cost: Option<&str>,
+               shadow: Option<&str>) -> Option<String> {
+    let py = captured.py();
+    let c: Vec<Bound<'_, PyAny>> = captured.iter().collect();
+    let [ts, rid, echo, method, path, status, duration_s, remote, row, _, config] = c.as_slice()
+    else {
+        return None;
+    };
+    let fields: Vec<Bound<'_, PyAny>>;
+    let row = if row.is_none() {
+        None
+    } else {
+        fields = [pyo3::intern!(py, "model"), pyo3::intern!(py, "key_id"),
+                  pyo3::intern!(py, "requested_tier"), pyo3::intern!(py, "applied_tier"),
+                  pyo3::intern!(py, "status"), pyo3::intern!(py, "code"),
+                  pyo3::intern!(py, "queue_ms"), pyo3::intern!(py, "prompt_tokens"),
+                  pyo3::intern!(py, "completion_tokens"), pyo3::intern!(py, "fairness_id"),
+                  pyo3::intern!(py, "tier_reason")]
+            .into_iter()
+            .map(|name| row.getattr(name).ok())
+            .collect::<Option<_>>()?;
+        let [model, key_id, requested, tier, outcome, code, queue_ms, prompt, completion, fairness,
+             reason] = fields.as_slice()
+        else {
+            return None;
+        };
+        Some(crate::access::RowFields {
+            model: text(model)?, key_id: text(key_id)?, requested_tier: opt_text(requested)?,
+            tier: text(tier)?, outcome: text(outcome)?, code: opt_text(code)?,
+            queue_ms: float(queue_ms)?, prompt_tokens: int(prompt)?,
+            completion_tokens: int(completion)?, cost: cost?, fairness_id: opt_text(fairness)?,
+            tier_reason: opt_text(reason)?,
+        })
+    };
+    crate::access::json_line(&crate::access::Line {
+        ts: float(ts)?, request_id: text(rid)?, echo: text(echo)?, method: text(method)?,
+        path: text(path)?, status: int(status)?, duration_s: float(duration_s)?,
+        remote: opt_text(remote)?, row, shadow, config: opt_text(config)?,
+    })
 }

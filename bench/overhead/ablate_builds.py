@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--lat-s", type=float, default=3.0, help="seconds at 1 concurrent request")
     ap.add_argument("--name", default="ledger-ablation")
+    ap.add_argument("--title", default="The ledger's cost, two builds in one run")
     args = ap.parse_args()
     h.build_loadgen()
     procs: list[h.Proc] = []
@@ -107,7 +108,7 @@ def main() -> None:
                       f"{med(on, 'loop_us') - med(off, 'loop_us'):+,.0f}",
                       f"{(h.pct(res[on]['c1_ms'], 50) - h.pct(res[off]['c1_ms'], 50)) * 1000:+,.0f}"])
     trees = "\n".join(f"- {b}: `{t}`" for b, t in zip(("old", "new"), args.trees))
-    md = (f"# The ledger's cost, two builds in one run\n\n{h.machine_line()}\n\n{trees}\n\n"
+    md = (f"# {args.title}\n\n{h.machine_line()}\n\n{trees}\n\n"
           f"nginx static backend, {args.conns} closed-loop connections, {args.secs:g} s per "
           f"measurement, median of {args.rounds} interleaved rounds (CPU: min to max in "
           f"brackets). Latency: one request at a time for {args.lat_s:g} s per round, "

@@ -21,9 +21,15 @@ __all__ = [
     "SseRewriter",
     "TIERS",
     "TokenBucket",
+    "access_json",
 ]
 
 SHED_CODES: list[str]
+
+def access_json(captured: tuple[object, ...], cost: str | None, shadow: str | None) -> str | None:
+    """tierq.logs' captured access line as its JSON text (core/access.rs), without
+    the newline; None when Python formats it (a possible secret, non-ASCII text)."""
+
 # The lanes' names in lane order (core/lib.rs `Lane::ALL`): tierq.tiers.Tier.
 TIERS: tuple[str, str, str]
 

@@ -29,11 +29,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from tierq._core import access_json
 
 if TYPE_CHECKING:
     from tierq.ledger import LedgerRow
@@ -259,11 +261,36 @@ class AccessWriter:
                 batch: list[_Captured] = []
                 while q and len(batch) < 1024:
                     batch.append(q.popleft())
-                self._write([_record(c) for c in batch])
+                handlers = _handlers(access_log, logging.INFO)
+                json_handlers = [h for h in handlers if _formats_as_json(h)]
+                if handlers and len(json_handlers) == len(handlers):
+                    self._write_json(batch, json_handlers)
+                else:
+                    self._write([_record(c) for c in batch])
             if self.dropped:
                 n, self.dropped = self.dropped, 0
                 access_log.warning("%d access lines dropped: the log's stream did not take "
                                    "them fast enough", n)
+
+    def _write_json(self, batch: list[_Captured], handlers: list[BatchStreamHandler]) -> None:
+        """The batch for handlers that all write tierq's JSON lines: each line
+        formatted once, in the core (no LogRecord, no dict), for every handler."""
+        self.written += len(batch)
+        lines = []
+        for c in batch:
+            row, shadow = c[8], c[9]
+            line = access_json(c, None if row is None else format(row.cost, "f"),
+                               ",".join(shadow) if shadow else None)
+            if line is None:  # a line the redaction may change: Python's formatter
+                record = _record(c)
+                try:
+                    line = _JSON.format(record)
+                except Exception:  # noqa: BLE001 - as emit_batch does with a line it cannot format
+                    handlers[0].handleError(record)
+                    continue
+            lines.append(line)
+        for h in handlers:
+            h.write_lines(lines)
 
     def _write(self, records: list[logging.LogRecord]) -> None:
         self.written += len(records)
@@ -354,6 +381,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+_JSON: Final = JsonFormatter()
+
+
+def _formats_as_json(h: logging.Handler) -> TypeGuard[BatchStreamHandler]:
+    """`h` writes every access line as tierq's JSON text, unfiltered: what the
+    core's `access_json` writes (a subclass of either may do otherwise)."""
+    return (type(h) is BatchStreamHandler and type(h.formatter) is JsonFormatter
+            and not h.filters)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = redact(super().format(record))
@@ -372,14 +409,18 @@ class BatchStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if not self.filter(record):
                 continue
             try:
-                lines.append(self.format(record) + self.terminator)
+                lines.append(self.format(record))
             except Exception:  # noqa: BLE001 - what logging does with a line it cannot format
                 self.handleError(record)
+        self.write_lines(lines)
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Formatted lines (without their terminator) in one write and flush."""
         if not lines:
             return
         try:
             with self.lock:  # type: ignore[union-attr]
-                self.stream.write("".join(lines))
+                self.stream.write(self.terminator.join(lines) + self.terminator)
                 self.stream.flush()
         except Exception:  # noqa: BLE001 - a broken stream: logging's own report, once
             self.handleError(logging.makeLogRecord({"msg": f"{len(lines)} lines"}))
