@@ -275,3 +275,23 @@ async def test_status_shows_each_replicas_limit_in_flight_and_health(
     for i in range(2):
         assert f'tierq_replica_limit{{model="{PRIORITY_MODEL}",replica="{i}"}} 4' in text
         assert f'tierq_replica_in_flight{{model="{PRIORITY_MODEL}",replica="{i}"}} 0' in text
+
+
+async def test_streams_waiting_for_their_first_token_on_a_killed_replica_are_served_by_another(
+        replicated: Callable[..., Any]) -> None:
+    # 1.5 s to first token: the replica is killed while its streams wait for it.
+    g: Replicated = await replicated(3, sim_args=[["--ttft-ms", "1500"]] * 3)
+    async with g.client() as c:
+        tasks = [asyncio.create_task(_ask(c, stream=i % 2 == 0)) for i in range(6)]
+        await until(lambda: _in_flight(g, 1), "replica 1 holds requests", 10.0)
+        g.sims[1].kill()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    rows = await _rows(g)
+    assert len(rows) == 6 and all(r.status == "served" and not r.partial for r in rows), rows
+    text = await g.metrics()
+    assert metric_sum(text, "tierq_upstream_retries_total") >= 1
+
+
+async def _in_flight(g: Replicated, i: int) -> bool:
+    return int((await g.sims[i].stats(g.session))["in_flight"]) > 0

@@ -304,11 +304,9 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
             ex.sent_at = time.monotonic()
             if not ex.upstream_at:
                 ex.upstream_at = ex.sent_at
-            answered = False
             try:
                 async with pool.upstream.post(ex.endpoint, payload, request.headers.get(BYO_HEADER),
                                               trace, ex.replica) as up:
-                    answered = True
                     if up.status in OVERLOAD_STATUSES:
                         # Nothing reached the client yet: the limit backs off on
                         # each such answer, and the request keeps its slot (no
@@ -334,10 +332,11 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                         if info.stream and up.content_type == "text/event-stream":
                             return await relay_stream(request, ex, up, info.client_wants_usage)
                         return await relay_json(request, ex, up)
-            except (aiohttp.ClientConnectionError, TimeoutError):
-                # Refused, reset, closed or timed out before an answer: nothing
-                # reached the client either.
-                if answered or ex.done or not moves.another(Outcome.UNREACHABLE):
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError):
+                # Refused, reset, closed or timed out before the response began
+                # (a JSON body is read whole first; a stream's first read comes
+                # before its headers go out): nothing reached the client.
+                if ex.replied or ex.done or not moves.another(Outcome.UNREACHABLE):
                     raise
                 continue
             # A drain ends the back-off: the request is the drain's 503, as a

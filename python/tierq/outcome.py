@@ -227,6 +227,9 @@ class Exchange:
     upstream_at: float = 0.0
     # Which of the upstream's endpoints it was sent to (tierq.routing).
     replica: int = 0
+    # Whether any byte of the response reached the client (its headers
+    # included): until then a failed try may be sent again (tierq.app).
+    replied: bool = False
 
     @property
     def done(self) -> bool:

@@ -145,10 +145,16 @@ async def relay_json(request: web.Request, ex: Exchange,
 async def relay_stream(
     request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
 ) -> web.StreamResponse:
+    # The upstream's first read comes before the response begins: an engine
+    # that breaks before sending anything (killed, reset) leaves the client
+    # untouched, so the request may still go to another replica (tierq.app).
+    chunks = up.content.iter_any()
+    first = await anext(chunks, b"")
     headers = ex.headers(SSE_TYPE)
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     resp = web.StreamResponse(status=200, headers=headers)
+    ex.replied = True
     await resp.prepare(request)
     rewriter = StreamRewriter(ex.tier, client_wants_usage, ex.cost)
     delivered = 0  # tokens written to the client
@@ -194,11 +200,12 @@ async def relay_stream(
             # Everything one read brings is rewritten and sent in one write: one
             # event per write while the client keeps up, fewer writes (and system
             # calls) per event when the gateway is behind.
-            complete = False
-            async for chunk in up.content.iter_any():
-                if await relay(rewriter.feed(chunk)):
-                    complete = True
-                    break
+            complete = bool(first) and await relay(rewriter.feed(first))
+            if not complete:
+                async for chunk in chunks:
+                    if await relay(rewriter.feed(chunk)):
+                        complete = True
+                        break
             if not complete:
                 complete = await relay(rewriter.close())
             if not complete:
