@@ -495,3 +495,13 @@ async def test_prefix_routing_finds_the_prompt_cached_where_round_robin_misses(
     else:
         # Each prompt meets each of the three sims cold once: 7 of 28 hit.
         assert rate < 0.35, (hits, queries)
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_runs_over_several_sims(capsys: pytest.CaptureFixture[str]) -> None:
+    from tierq.cli import main
+    assert main(["demo", "--duration", "1", "--clients", "6", "--replicas", "2"]) == 0
+    out = capsys.readouterr()
+    assert "against 2 sims" in out.err and "requests per sim" in out.err, out.err
+    assert out.out.splitlines()[0].startswith("TIER")
+    assert main(["demo", "--replicas", "17"]) == 2

@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     s.add_argument("--priority-share", type=float, default=0.25,
                    help="share of requests sent with service_tier=priority (default 0.25)")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="sims behind the one pool, each its own endpoint (default 1)")
     s.set_defaults(func=_demo)
 
     # Listed for --help only; main() delegates them before parsing.
@@ -481,7 +483,7 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return run_demo(args.duration, args.clients, args.priority_share)
+    return run_demo(args.duration, args.clients, args.priority_share, args.replicas)
 
 
 def _models(args: argparse.Namespace) -> int:

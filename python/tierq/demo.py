@@ -29,41 +29,43 @@ DEMO_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 FLEX_SHARE = 0.2
 
 
-def run_demo(duration: float, clients: int, priority_share: float) -> int:
-    """`tierq demo`: the run, then its table on stdout; 2 for arguments out of range."""
+def run_demo(duration: float, clients: int, priority_share: float, replicas: int = 1) -> int:
+    """`tierq demo`: the run, then its table on stdout; 2 for arguments out of range.
+    `replicas`: that many sims behind the one pool (`[upstreams.sim] replicas`)."""
     import uvloop
 
-    if duration <= 0 or clients < 1 or not 0 <= priority_share <= 1:
-        print("tierq demo: --duration > 0, --clients >= 1, 0 <= --priority-share <= 1",
-              file=sys.stderr)
+    if duration <= 0 or clients < 1 or not 0 <= priority_share <= 1 or not 1 <= replicas <= 16:
+        print("tierq demo: --duration > 0, --clients >= 1, 0 <= --priority-share <= 1, "
+              "1 <= --replicas <= 16", file=sys.stderr)
         return 2
-    results = uvloop.run(_demo_run(duration, clients, priority_share))
+    results = uvloop.run(_demo_run(duration, clients, priority_share, replicas))
     _demo_table(results)
     return 0
 
 
-async def _demo_run(duration: float, clients: int, priority_share: float) -> list[dict[str, Any]]:
+async def _demo_run(duration: float, clients: int, priority_share: float,
+                    replicas: int = 1) -> list[dict[str, Any]]:
     import aiohttp
     import orjson
     from aiohttp import web
 
     from tierq.app import GATEWAY, create_app, runner_kwargs
-    from tierq.sim import start_sim
+    from tierq.embedded import start_sims
 
     slots = 4
-    sim = await start_sim("127.0.0.1", 0, slots=slots, ttft_ms=40.0, tokens_per_s=200.0)
     tmp = tempfile.TemporaryDirectory(prefix="tierq-demo-")
     config = Config(
         ledger=LedgerConfig(url=f"sqlite:///{Path(tmp.name) / 'demo.db'}"),
         upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True,
-                                  sim=SimSettings(slots)),),
+                                  sim=SimSettings(slots, 40.0, 200.0, replicas)),),
         # No max_concurrency: the pool learns the sim's slots from its /metrics,
         # as it would a vLLM engine's, so the line forms in tierq's lanes.
         models=(ModelConfig(DEMO_MODEL, "sim", priority=True, flex=True, admission=AdmissionConfig(
             queue_depth=8 * slots,
             max_wait_ms={Tier.DEFAULT: 1500, Tier.PRIORITY: 10000, Tier.FLEX: 3000})),),
     )
-    app = create_app(config, sim=sim)
+    # The sims start with the app (one per replica) and stop with it.
+    app = create_app(config, start_sims=start_sims)
     runner = web.AppRunner(app, **runner_kwargs())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -132,7 +134,8 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
 
     try:
         print(f"tierq demo: {clients} clients, {priority_share:.0%} priority, "
-              f"{FLEX_SHARE * (1 - priority_share):.0%} flex, against a sim "
+              f"{FLEX_SHARE * (1 - priority_share):.0%} flex, against "
+              f"{'a sim' if replicas == 1 else f'{replicas} sims'} "
               f"with {slots} slots (40 ms TTFT, 200 tok/s) the gateway is not told about, "
               f"for {duration:g}s", file=sys.stderr)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
@@ -140,13 +143,20 @@ async def _demo_run(duration: float, clients: int, priority_share: float) -> lis
             await asyncio.gather(*(client(s) for _ in range(clients)))
             await bar
         sys.stderr.write("\n")
-        limit = app[GATEWAY].pools[DEMO_MODEL].admission.stats()
-        print(f"the pool learned a concurrency limit of {limit['limit']} from the sim's "
-              f"/metrics (signal: {limit['limit_signal']}; the sim has {slots} slots)",
-              file=sys.stderr)
+        pool = app[GATEWAY].pools[DEMO_MODEL]
+        limit = pool.admission.stats()
+        if pool.replicas is None:
+            print(f"the pool learned a concurrency limit of {limit['limit']} from the sim's "
+                  f"/metrics (signal: {limit['limit_signal']}; the sim has {slots} slots)",
+                  file=sys.stderr)
+        else:
+            each = pool.replicas.stats()
+            print(f"the pool learned a concurrency limit of {limit['limit']}: "
+                  f"{' + '.join(str(r['limit']) for r in each)} from each sim's /metrics "
+                  f"(each has {slots} slots); requests per sim "
+                  f"{' / '.join(str(r['grants']) for r in each)}", file=sys.stderr)
     finally:
         await runner.cleanup()
-        await sim.close()
         tmp.cleanup()
     return results
 
