@@ -43,10 +43,16 @@ fn bucket_corpus_matches_the_exact_rule() {
 }
 
 #[test]
+fn replicas_corpus_follows_the_grant_rule() {
+    replay("replicas", fuzz_ops::run_replicas);
+}
+
+#[test]
 fn harness_accepts_empty_and_short_inputs() {
     for data in [&[][..], &[0], &[1, 2, 3], &[255; 64]] {
         fuzz_ops::run_admission(data);
         fuzz_ops::run_bucket(data);
+        fuzz_ops::run_replicas(data);
     }
 }
 

@@ -545,3 +545,83 @@ pub fn run_bucket(data: &[u8]) {
         assert!((0.0..=(p.tau_ns as f64 / p.interval_ns as f64) + 1e-9).contains(&avail), "available {avail}");
     }
 }
+
+// ---- replicas ------------------------------------------------------------------------
+
+/// Random picks, releases and engine queues on a pool's `Replicas` (fixed
+/// limits), each pick made only while the pool would grant (fewer held than
+/// the replicas' limits summed), checked after every operation against a
+/// plain model of the grant rule: the same replica chosen, the same counts,
+/// none over its limit. Bytes: replicas (1-16), slots (1-8), then ops.
+pub fn run_replicas(data: &[u8]) {
+    use tierq_core::replicas::{order_word, Replicas, Rule};
+    let mut b = Bytes::new(data);
+    let n = (b.u8() % 16) as usize + 1;
+    let limit = (b.u8() % 8) as u64 + 1;
+    let real = Replicas::new(n, tierq_core::LimitMode::Fixed(limit as u32), 1,
+                             Clock::Manual(Arc::new(ManualClock::new(1)))).unwrap();
+    let mut held = vec![0u64; n];
+    let mut waiting = vec![0u64; n];
+    let mut holders: Vec<usize> = Vec::new();
+    while !b.done() {
+        match b.u8() % 3 {
+            0 => {
+                let rule = b.u8() % 3;
+                // An order: each of n slots a replica number, as a caller may send
+                // (repeats and numbers out of range are the core's to skip).
+                let order: Vec<u8> = (0..n).map(|_| b.u8() % 16).collect();
+                if holders.len() as u64 >= limit * n as u64 {
+                    continue;
+                }
+                let mut ranked: Vec<u8> = Vec::new();
+                for &r in &order {
+                    if (r as usize) < n && !ranked.contains(&r) {
+                        ranked.push(r);
+                    }
+                }
+                for r in 0..n as u8 {
+                    if !ranked.contains(&r) {
+                        ranked.push(r);
+                    }
+                }
+                let load = |r: usize| held[r] + waiting[r];
+                let room = |r: usize| held[r] < limit;
+                let least = || ranked.iter().map(|&r| r as usize).filter(|&r| room(r))
+                    .fold(None, |best: Option<usize>, r| match best { Some(b) if load(b) <= load(r) => Some(b), _ => Some(r) });
+                let want = match rule {
+                    0 => ranked.iter().map(|&r| r as usize).find(|&r| room(r)),
+                    2 => least(),
+                    _ => {
+                        let total: u64 = (0..n).map(load).sum();
+                        ranked.iter().map(|&r| r as usize)
+                            .find(|&r| room(r) && load(r) < (5 * (total + 1) * limit).div_ceil(4 * limit * n as u64))
+                            .or_else(least)
+                    }
+                }.expect("the pool had a slot, so some replica has room");
+                let got = real.pick(order_word(&order), Rule::from_u8(rule).unwrap());
+                assert_eq!(got, want, "order {order:?} rule {rule} held {held:?} waiting {waiting:?}");
+                held[got] += 1;
+                holders.push(got);
+            }
+            1 => {
+                let i = b.u8() as usize;
+                if !holders.is_empty() {
+                    let r = holders.swap_remove(i % holders.len());
+                    real.release(r).unwrap();
+                    held[r] -= 1;
+                }
+            }
+            _ => {
+                let r = b.u8() as usize % n;
+                let w = (b.u8() % 8) as u64;
+                real.observe_engine(r, 1, w, None, 0).unwrap();
+                waiting[r] = w;
+            }
+        }
+        for (r, s) in real.stats().iter().enumerate() {
+            assert_eq!(s.in_flight, held[r], "replica {r}");
+            assert!(s.in_flight <= limit, "replica {r} over its limit");
+        }
+        assert_eq!(real.over(), 0);
+    }
+}
