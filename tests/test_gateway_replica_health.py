@@ -295,3 +295,22 @@ async def test_streams_waiting_for_their_first_token_on_a_killed_replica_are_ser
 
 async def _in_flight(g: Replicated, i: int) -> bool:
     return int((await g.sims[i].stats(g.session))["in_flight"]) > 0
+
+
+async def test_the_status_page_shows_each_replica_and_an_ejected_one(
+        replicated: Callable[..., Any], tmp_path: Path) -> None:
+    import html
+    import re
+
+    from test_status_page import CHROMIUM, _browser
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary")
+    g: Replicated = await replicated(2, sim_args=[[], ["--fault", "500"]])
+    async with g.client() as c:
+        for _ in range(12):
+            await _ask(c)
+    dom = html.unescape(await _browser(g.root + "/status", tmp_path, "--dump-dom"))
+    rows = re.findall(r'<tr data-replica="(\d)" data-health="(\w+)" data-in-flight="(\d+)" '
+                      r'data-limit="(\d+)">', dom)
+    assert rows == [("0", "healthy", "0", "4"), ("1", "ejected", "0", "4")], rows
+    assert g.sims[1].url + "/v1" in dom
