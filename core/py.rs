@@ -999,6 +999,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The tier names in lane order: tierq.tiers.Tier is made of them.
     m.add("TIERS", pyo3::types::PyTuple::new(m.py(), Lane::ALL.map(Lane::as_str))?)?;
     m.add_class::<PyLedgerWriter>()?;
+    m.add_class::<PyUpstreamCore>()?; // the upstream client section below
     m.add("LEDGER_SCHEMA", ledger::SCHEMA)?;
     m.add("LEDGER_ADDED_COLUMNS", ledger::ADDED_COLUMNS.to_vec())?;
     m.add("LEDGER_CHECKPOINT_ROWS", ledger::CHECKPOINT_ROWS)?;
@@ -1103,4 +1104,111 @@ fn access_json(captured: &Bound<'_, pyo3::types::PyTuple>, cost: Option<&str>,
         path: text(path)?, status: int(status)?, duration_s: float(duration_s)?,
         remote: opt_text(remote)?, row, shadow, config: opt_text(config)?,
     })
+}
+
+// ------------------------------------------------------------------ the upstream client (crate::upstream)
+
+/// Every upstream's HTTP client in one process (`tierq.upstream_core` drives
+/// it): `add_client` per upstream, `send` per request, and on each wake-up of
+/// `fd` one `drain` of the events, as `(request id, kind, a, b)`:
+/// kind 0 the head (a: status, b: (headers as (name, value) pairs, sse)),
+/// 1 the whole body (a: bytes), 2 a stream's rewritten read (a: the
+/// `SseRewriter.feed` tuple, b: whether it is the last), 3 a failure
+/// (a: 0 connect, 1 timeout, 2 body, 3 protocol; b: the message).
+#[pyclass(name = "UpstreamCore", module = "tierq._core", frozen)]
+pub struct PyUpstreamCore(crate::upstream::Upstreams);
+
+fn seconds(name: &'static str, s: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .map_err(|_| CoreError::arg(name, format!("must be a duration in seconds, got {s}")).into())
+}
+
+#[pymethods]
+impl PyUpstreamCore {
+    /// Starts the client's runtime (`threads` threads); the GIL is released.
+    #[new]
+    #[pyo3(signature = (threads = 1))]
+    fn new(py: Python<'_>, threads: usize) -> PyResult<Self> {
+        Ok(PyUpstreamCore(py.detach(|| crate::upstream::Upstreams::new(threads))?))
+    }
+
+    /// An upstream's client; returns its index for `send`.
+    #[pyo3(signature = (connect_timeout_s, read_timeout_s, total_timeout_s, max_connections, ca_pem = None))]
+    fn add_client(
+        &self,
+        py: Python<'_>,
+        connect_timeout_s: f64,
+        read_timeout_s: Option<f64>,
+        total_timeout_s: Option<f64>,
+        max_connections: usize,
+        ca_pem: Option<Vec<u8>>,
+    ) -> PyResult<usize> {
+        let spec = crate::upstream::ClientSpec {
+            connect_timeout: seconds("connect_timeout_s", connect_timeout_s)?,
+            read_timeout: read_timeout_s.map(|s| seconds("read_timeout_s", s)).transpose()?,
+            total_timeout: total_timeout_s.map(|s| seconds("total_timeout_s", s)).transpose()?,
+            max_connections,
+            ca_pem,
+        };
+        // Loading the system roots reads files: without the GIL.
+        Ok(py.detach(|| self.0.add_client(&spec))?)
+    }
+
+    /// POSTs `body` to `url`; `stream`: (tier, keep_usage, max_event_bytes) to
+    /// rewrite a 2xx event-stream answer. Returns the request's id.
+    #[pyo3(signature = (client, url, headers, body, stream = None))]
+    fn send(
+        &self,
+        client: usize,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+        stream: Option<(String, bool, usize)>,
+    ) -> PyResult<u64> {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let stream = stream.map(|(tier, keep_usage, max_event_bytes)| crate::upstream::StreamSpec {
+            tier,
+            keep_usage,
+            max_event_bytes,
+        });
+        Ok(self.0.send(client, url, &headers, body.to_vec(), stream)?)
+    }
+
+    /// The client wrote `bytes` more of request `id`'s chunks.
+    fn ack(&self, id: u64, bytes: u64) {
+        self.0.ack(id, bytes)
+    }
+
+    /// Drops request `id`, closing its connection (a no-op once it is over).
+    fn cancel(&self, id: u64) {
+        self.0.cancel(id)
+    }
+
+    /// Clears the fd; returns every queued event (see the class doc).
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        use crate::upstream::Event;
+        let events = self.0.drain();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let t = match e {
+                Event::Head { id, status, headers, sse } => (id, 0u8, status, (headers, sse)).into_pyobject(py)?,
+                Event::Body { id, body } => (id, 1u8, PyBytes::new(py, &body), py.None()).into_pyobject(py)?,
+                Event::Chunk { id, batch, end } => (id, 2u8, sse_batch(py, &batch), end).into_pyobject(py)?,
+                Event::Failed { id, failure, message } => (id, 3u8, failure as u8, message).into_pyobject(py)?,
+            };
+            out.push(t.into_any());
+        }
+        Ok(out)
+    }
+
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.0.notify_fd()
+    }
+
+    /// Requests sent and not yet over.
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
 }

@@ -24,7 +24,9 @@
 //! tokens and the events handed back for Python to parse. Its reads stop while
 //! more than [`STREAM_WINDOW`] bytes of them wait for [`Upstreams::ack`] (the
 //! client's backpressure, as reading aiohttp's stream gave it). Any other
-//! answer's body is read whole ([`Event::Body`]). [`Upstreams::cancel`] drops
+//! answer's body is read whole ([`Event::Body`]). After `[DONE]` (reported at
+//! once) what is left of a stream's body is read, so its connection goes back
+//! to the pool. [`Upstreams::cancel`] drops
 //! a request: its connection is closed, which is how an abandoned stream
 //! cancels the upstream's generation.
 
@@ -376,9 +378,24 @@ async fn exchange(
             Some(b) => (rewriter.feed(b), false),
             None => (rewriter.close(), true),
         };
-        let over = end || batch.state() != sse::State::Open;
-        if over {
-            return Some(Event::Chunk { id, batch: copy_batch(batch), end: true });
+        let state = batch.state();
+        if end || state != sse::State::Open {
+            let last = Event::Chunk { id, batch: copy_batch(batch), end: true };
+            if end || state != sse::State::Done {
+                return Some(last);
+            }
+            // [DONE]: the client has its end now; what is left of the body
+            // (usually its last chunk, already read) is read so the connection
+            // goes back to the pool, up to a bound and within the read timeout.
+            shared.push(last);
+            let mut rest = 0usize;
+            while let Ok(Some(b)) = resp.chunk().await {
+                rest += b.len();
+                if rest > 64 * 1024 {
+                    break; // not worth keeping: dropping the response closes it
+                }
+            }
+            return None;
         }
         if !batch.out.is_empty() || !batch.handed.is_empty() {
             handed_out += batch.out.len() as u64;

@@ -509,3 +509,31 @@ mod tls {
         assert!(up.add_client(&ClientSpec { ca_pem: Some(b"not pem".to_vec()), ..spec() }).is_err());
     }
 }
+
+#[test]
+fn a_stream_read_to_its_done_leaves_the_connection_for_the_next_request() {
+    let (url, accepts) = server(|mut s| {
+        while read_request(&mut s).is_some() {
+            s.write_all(SSE_HEAD).unwrap();
+            s.write_all(&chunk(EVENT)).unwrap();
+            s.write_all(&chunk(b"data: [DONE]\n\n")).unwrap();
+            s.write_all(b"0\r\n\r\n").unwrap();
+        }
+    });
+    let up = Upstreams::new(1).unwrap();
+    let c = up.add_client(&spec()).unwrap();
+    let mut col = Collector::new(&up);
+    for _ in 0..3 {
+        let id = send(&up, c, &url, stream_spec());
+        let ev = col.until_end(id);
+        let Some(Event::Chunk { batch, end: true, .. }) = ev.last() else { panic!("{ev:?}") };
+        assert_eq!(batch.state(), State::Done);
+        // The rest of the body is read after [DONE] is reported: wait for it.
+        let t0 = Instant::now();
+        while up.in_flight() != 0 {
+            assert!(t0.elapsed() < WAIT);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(accepts.load(Ordering::SeqCst), 1, "three streams, one kept-alive connection");
+}

@@ -21,6 +21,7 @@ __all__ = [
     "SseRewriter",
     "TIERS",
     "TokenBucket",
+    "UpstreamCore",
     "access_json",
 ]
 
@@ -277,3 +278,33 @@ class LedgerWriter:
     def pending(self) -> int: ...
     def stats(self) -> tuple[int, int, int, int]: ...
     def close(self) -> None: ...
+
+# ------------------------------------------------------------- the upstream client
+
+_SseBatch = tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]
+# (request id, 0 head, status, (headers, sse)) | (id, 1 body, bytes, None) |
+# (id, 2 chunk, the SseRewriter tuple, last) | (id, 3 failure, 0 connect /
+# 1 timeout / 2 body / 3 protocol, message)
+_UpstreamEvent = (tuple[int, Literal[0], int, tuple[list[tuple[str, str]], bool]]
+                 | tuple[int, Literal[1], bytes, None]
+                 | tuple[int, Literal[2], _SseBatch, bool]
+                 | tuple[int, Literal[3], int, str])
+
+@final
+class UpstreamCore:
+    """Every upstream's HTTP client in one process (core/upstream.rs);
+    tierq.upstream_core drives it."""
+
+    def __new__(cls, threads: int = 1) -> Self: ...
+    def add_client(self, connect_timeout_s: float, read_timeout_s: float | None,
+                   total_timeout_s: float | None, max_connections: int,
+                   ca_pem: bytes | None = None) -> int: ...
+    def send(self, client: int, url: str, headers: list[tuple[str, str]], body: bytes,
+             stream: tuple[str, bool, int] | None = None) -> int: ...
+    def ack(self, id: int, bytes: int) -> None: ...
+    def cancel(self, id: int) -> None: ...
+    def drain(self) -> list[_UpstreamEvent]: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...

@@ -39,6 +39,7 @@ from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, draine
 from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
 from tierq.served import Catalog
+from tierq.sse import MAX_EVENT_BYTES
 from tierq.stores import LedgerStore
 from tierq.status import MetricsSource, add_routes
 from tierq.tiers import InvalidTier, resolve_tier
@@ -297,6 +298,8 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                            upstream_model=pool.entry.upstream_model)
     payload = orjson.dumps(body)
     trace = ex.trace.upstream_headers() if ex.trace is not None else None
+    # The core client rewrites a stream's events as they arrive (tierq.upstream_core).
+    stream = (ex.tier, info.client_wants_usage, MAX_EVENT_BYTES) if info.stream else None
     overloads = 0
     moves = _Moves(ex, body)
     try:
@@ -306,7 +309,7 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
                 ex.upstream_at = ex.sent_at
             try:
                 async with pool.upstream.post(ex.endpoint, payload, request.headers.get(BYO_HEADER),
-                                              trace, ex.replica) as up:
+                                              trace, ex.replica, stream=stream) as up:
                     if up.status in OVERLOAD_STATUSES:
                         # Nothing reached the client yet: the limit backs off on
                         # each such answer, and the request keeps its slot (no

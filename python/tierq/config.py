@@ -8,6 +8,7 @@ and the key path, so `tierq serve` can print it instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -41,8 +42,10 @@ __all__ = [
     "TracingConfig",
     "Routing",
     "UpstreamConfig",
+    "UpstreamClientKind",
     "UpstreamKind",
     "default_config",
+    "default_upstream_client",
     "load_config",
 ]
 
@@ -52,6 +55,19 @@ UpstreamKind = Literal["openai", "vllm", "sglang", "trtllm", "sim"]
 Routing = Literal["prefix", "least_loaded", "round_robin"]
 # Replicas in one pool: a replica order is one u64 of 4-bit numbers (core/replicas.rs).
 MAX_ENDPOINTS: Final = 16
+# Which HTTP client talks to an upstream (`[[upstreams]] client`).
+UpstreamClientKind = Literal["aiohttp", "core"]
+UPSTREAM_CLIENT_ENV: Final = "TIERQ_UPSTREAM_CLIENT"
+
+
+def default_upstream_client() -> UpstreamClientKind:
+    """`[[upstreams]] client` when not written: $TIERQ_UPSTREAM_CLIENT, else "aiohttp"."""
+    value = os.environ.get(UPSTREAM_CLIENT_ENV) or "aiohttp"
+    if value not in get_args(UpstreamClientKind):
+        raise ConfigError(f"${UPSTREAM_CLIENT_ENV}", "", f'must be "aiohttp" or "core", got {value!r}')
+    return cast(UpstreamClientKind, value)
+
+
 # What a host does while Redis is unreachable (tierq.cluster): keep serving
 # with its share of each limit, or answer 503.
 RedisDown = Literal["local", "closed"]
@@ -150,6 +166,13 @@ class UpstreamConfig:
     endpoints: tuple[str, ...] = ()
     metrics_urls: tuple[str, ...] = ()
     routing: Routing = "prefix"
+    # Which HTTP client talks to it: "aiohttp" (Python's, the default) or "core"
+    # (core/upstream.rs: the exchange and the SSE rewrite off the GIL). The
+    # default can be set with $TIERQ_UPSTREAM_CLIENT (used to run the tests on both).
+    client: UpstreamClientKind = field(default_factory=lambda: default_upstream_client())
+    # PEM certificates trusted for an https:// base_url instead of the system
+    # roots (client "core"; aiohttp's client always uses the system roots).
+    ca_file: str | None = None
 
     @property
     def replicas(self) -> int:
@@ -484,11 +507,18 @@ class _Parser:
             raise t.fail("metrics_url", "one URL for several endpoints: use metrics_urls = [...], one per endpoint")
         interval = _f(t.number("metrics_interval_ms", d_up.metrics_interval_ms, 10.0, 60000.0))
         health = self.health(t.table("health"))
+        client = _s(t.string("client", default_upstream_client()))
+        if client not in get_args(UpstreamClientKind):
+            raise t.fail("client", f'expected one of "aiohttp", "core", got {show(client)}')
+        ca_file = t.string("ca_file")
+        if ca_file is not None and client != "core":
+            raise t.fail("ca_file", 'only taken by client = "core"')
         t.done()
         return UpstreamConfig(
             name, base_url, cast(UpstreamKind, kind), priority_scheduling, api_key_env,
             connect, read, max_conn, sim, metrics, metrics_url, interval, health=health,
             endpoints=endpoints, metrics_urls=metrics_urls, routing=cast(Routing, routing),
+            client=cast(UpstreamClientKind, client), ca_file=ca_file,
         )
 
     def health(self, t: Table) -> HealthSettings:

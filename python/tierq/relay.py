@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Final, NoReturn
 
 import aiohttp
@@ -22,6 +23,7 @@ from tierq.pricing import render_femto
 from tierq.sse import (DONE_EVENT, Rewritten, StreamRewriter, UpstreamStreamError, encode_event,
                        usage_tokens)
 from tierq.tracing import response_model
+from tierq.upstream_core import CoreResponse, SseBatch
 from tierq.watchdog import ClientWriteTimeout
 
 __all__ = ["relay_json", "relay_stream", "upstream_error", "write"]
@@ -32,7 +34,10 @@ _ONE_WRITE_MAX: Final = 32 * 1024
 SSE_TYPE: Final = "text/event-stream; charset=utf-8"
 
 
-async def upstream_error(ex: Exchange, up: aiohttp.ClientResponse) -> NoReturn:
+Upstream = aiohttp.ClientResponse | CoreResponse  # what either client answers
+
+
+async def upstream_error(ex: Exchange, up: Upstream) -> NoReturn:
     """The upstream answered an error status: its own 4xx error body passed on, else a 502."""
     raw = await up.read()
     try:
@@ -76,7 +81,7 @@ async def write(request: web.Request, resp: web.StreamResponse, data: bytes, *,
 
 
 async def relay_json(request: web.Request, ex: Exchange,
-                     up: aiohttp.ClientResponse) -> web.StreamResponse:
+                     up: Upstream) -> web.StreamResponse:
     raw = await up.read()
     try:
         data = orjson.loads(raw)
@@ -143,13 +148,24 @@ async def relay_json(request: web.Request, ex: Exchange,
 
 
 async def relay_stream(
-    request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, client_wants_usage: bool,
+    request: web.Request, ex: Exchange, up: Upstream, client_wants_usage: bool,
 ) -> web.StreamResponse:
     # The upstream's first read comes before the response begins: an engine
     # that breaks before sending anything (killed, reset) leaves the client
     # untouched, so the request may still go to another replica (tierq.app).
-    chunks = up.content.iter_any()
-    first = await anext(chunks, b"")
+    # The core client's reads come rewritten already (its last one is the
+    # rewriter's close); aiohttp's are raw.
+    core_reads: AsyncIterator[tuple[SseBatch, bool]] | None = None
+    core_first: tuple[SseBatch, bool] | None = None
+    chunks: AsyncIterator[bytes] | None
+    if isinstance(up, CoreResponse):
+        core_reads = up.batches()
+        core_first = await anext(core_reads, None)
+        chunks = None
+        first = b""
+    else:
+        chunks = up.content.iter_any()
+        first = await anext(chunks, b"")
     headers = ex.headers(SSE_TYPE)
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
@@ -200,14 +216,27 @@ async def relay_stream(
             # Everything one read brings is rewritten and sent in one write: one
             # event per write while the client keeps up, fewer writes (and system
             # calls) per event when the gateway is behind.
-            complete = bool(first) and await relay(rewriter.feed(first))
-            if not complete:
-                async for chunk in chunks:
-                    if await relay(rewriter.feed(chunk)):
+            if core_reads is not None:
+                assert isinstance(up, CoreResponse)
+                complete = False
+                read = core_first
+                while read is not None:
+                    batch, last = read
+                    if await relay(rewriter.rewritten(*batch)):
                         complete = True
                         break
-            if not complete:
-                complete = await relay(rewriter.close())
+                    up.ack(len(batch[0]))  # written: the core reads on
+                    read = None if last else await anext(core_reads, None)
+            else:
+                assert chunks is not None
+                complete = bool(first) and await relay(rewriter.feed(first))
+                if not complete:
+                    async for chunk in chunks:
+                        if await relay(rewriter.feed(chunk)):
+                            complete = True
+                            break
+                if not complete:
+                    complete = await relay(rewriter.close())
             if not complete:
                 raise UpstreamStreamError(None)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
@@ -237,3 +266,4 @@ async def relay_stream(
     except ClientWriteTimeout:
         bill_cut_short("client_write_timeout")  # a no-op once the row is in
     return resp
+

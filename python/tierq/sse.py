@@ -98,14 +98,16 @@ class StreamRewriter:
 
     def feed(self, chunk: bytes) -> Rewritten:
         """The client's bytes for the events `chunk` (the next read) completes."""
-        return self._rewritten(*self._core.feed(chunk))
+        return self.rewritten(*self._core.feed(chunk))
 
     def close(self) -> Rewritten:
         """At the end of the body: a last event that never got its blank line."""
-        return self._rewritten(*self._core.close())
+        return self.rewritten(*self._core.close())
 
-    def _rewritten(self, data: bytes, tokens: int, state: int,
-                   handed: list[tuple[int, int, bytes]] | None) -> Rewritten:
+    def rewritten(self, data: bytes, tokens: int, state: int,
+                  handed: list[tuple[int, int, bytes]] | None) -> Rewritten:
+        """One read as the core's rewrite left it (`SseRewriter.feed`'s tuple,
+        here or in the core's upstream client), its handed-back events parsed."""
         if state == _TOO_LARGE:
             return Rewritten(b"", 0, False, UpstreamStreamError(None))
         if handed is None:

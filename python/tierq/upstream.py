@@ -22,6 +22,7 @@ from tierq.config import UpstreamConfig
 from tierq.health import Health
 from tierq.routing import Router
 from tierq.tiers import Tier
+from tierq.upstream_core import CoreResponse, CoreUpstreams
 
 __all__ = [
     "BYO_HEADER",
@@ -118,6 +119,8 @@ class UpstreamClient:
     """One upstream: its endpoints (replicas; `base_url` is the first),
     credential and a pooled session per endpoint, each bounded by `pool_size`
     connections; its `router` orders a request's replicas (tierq.routing).
+    With `client = "core"` the core's client (tierq.upstream_core) does the
+    same: one client per endpoint, each bounded by `pool_size`.
 
     Call `start()` inside the event loop that will use it and `close()` at
     shutdown (the app does both in its cleanup context). An upstream of kind
@@ -131,6 +134,9 @@ class UpstreamClient:
             or (base_url.rstrip("/"),)
         self.pool_size = max(1, pool_size)
         self._sessions: list[aiohttp.ClientSession] = []
+        self._core: CoreUpstreams | None = None  # client "core": the loop's
+        self._core_clients: list[int] = []  # per endpoint, its client in it
+        self._core_headers: list[tuple[str, str]] = []  # _session_headers, as pairs
         self._urls: dict[tuple[int, str], yarl.URL] = {}
         self.router = Router(self.endpoints, config.routing)
         # With several endpoints, each one's health (tierq.health): which a
@@ -155,9 +161,29 @@ class UpstreamClient:
         if self.managed and self._managed_auth is None:
             log.warning("upstream %s: $%s is not set; requests go without a credential",
                         self.name, self.config.api_key_env)
+        if self.config.client == "core":
+            self._start_core()
+            return
         self._sessions = [self._new_session() for _ in self.endpoints]
         if len(self.endpoints) > 1 and (self.health is None or self.health.replicas != len(self.endpoints)):
             self.health = Health(len(self.endpoints), self.config.health)
+
+    def _start_core(self) -> None:
+        ca_pem = None
+        if self.config.ca_file is not None:
+            with open(self.config.ca_file, "rb") as f:
+                ca_pem = f.read()
+        core = CoreUpstreams.attach()
+        try:
+            self._core_clients = [
+                core.add_client(self.config.connect_timeout_s, self.config.read_timeout_s,
+                                self.pool_size, ca_pem)
+                for _ in self.endpoints]
+        except BaseException:
+            core.detach()
+            raise
+        self._core = core
+        self._core_headers = list(self._session_headers().items())
 
     def _new_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -189,13 +215,16 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        if self._core is not None:
+            self._core.detach()
+            self._core = None
         sessions, self._sessions = self._sessions, []
         for session in sessions:
             await session.close()
 
     @property
     def started(self) -> bool:
-        return bool(self._sessions)
+        return bool(self._sessions) or self._core is not None
 
     def url(self, endpoint: str, replica: int = 0) -> str:
         """The upstream URL of an endpoint such as "chat/completions" on a replica."""
@@ -222,14 +251,27 @@ class UpstreamClient:
 
     def post(
         self, endpoint: str, body: bytes, client_upstream_auth: str | None,
-        trace: dict[str, str] | None = None, replica: int = 0,
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        trace: dict[str, str] | None = None, replica: int = 0, *,
+        stream: tuple[str, bool, int] | None = None,
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse | CoreResponse]:
         """POST a JSON body to a replica: `async with client.post(...) as resp:`.
         `trace`: the W3C trace context headers to send ([tracing], tierq.tracing).
+        `stream`: (applied tier, client wants usage, max event bytes) for a
+        streamed request; the core client rewrites a 2xx event stream with them
+        (`CoreResponse.sse`), aiohttp's ignores it.
 
         Leaving the block before the body is read closes the connection, which
         is how an abandoned stream cancels the upstream's generation.
         """
+        if self._core is not None:
+            headers = self._core_headers
+            extra = self._request_headers(client_upstream_auth, trace)
+            if extra:
+                lowered = {k.lower() for k in extra}
+                headers = [h for h in headers if h[0].lower() not in lowered] + list(extra.items())
+            # Never a redirect followed (the core's policy), as below.
+            return self._core.post(self._core_clients[replica], self.url(endpoint, replica),
+                                   headers, body, stream)
         if not self._sessions:
             raise RuntimeError(f"upstream {self.name!r} is not started")
         url = self._urls.get((replica, endpoint))
