@@ -161,12 +161,13 @@ class UpstreamClient:
         if self.managed and self._managed_auth is None:
             log.warning("upstream %s: $%s is not set; requests go without a credential",
                         self.name, self.config.api_key_env)
+        # Health is the endpoints', whichever client sends to them.
+        if len(self.endpoints) > 1 and (self.health is None or self.health.replicas != len(self.endpoints)):
+            self.health = Health(len(self.endpoints), self.config.health)
         if self.config.client == "core":
             self._start_core()
             return
         self._sessions = [self._new_session() for _ in self.endpoints]
-        if len(self.endpoints) > 1 and (self.health is None or self.health.replicas != len(self.endpoints)):
-            self.health = Health(len(self.endpoints), self.config.health)
 
     def _start_core(self) -> None:
         ca_pem = None
