@@ -148,16 +148,7 @@ max_wait_ms = {{ default = {args.wait_default_ms}, priority = {args.wait_priorit
 
 def start_gateway(name: str, sims: list[h.Proc], routing: str, oracle: bool,
                   args: argparse.Namespace) -> h.Proc:
-    port = free_port()
-    cfg = gateway_config(name, sims, routing, oracle, args)
-    p = h.Proc(name, [h.PY, "-m", "tierq", "serve", "--config", str(cfg), "--host", "127.0.0.1",
-                      "--port", str(port)], port, cwd=h.TMP, health="/healthz")
-    try:
-        p.wait_ready()
-    except Exception:
-        p.stop()
-        raise
-    return p
+    return h.start_gateway(name, gateway_config(name, sims, routing, oracle, args))
 
 
 # ------------------------------------------------------------------ load
