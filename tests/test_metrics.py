@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import replace
 from decimal import Decimal
@@ -308,3 +309,18 @@ def test_replicas_and_retries_reach_metrics_and_status_through_the_worker_exchan
     plain = m.snapshot([PoolSnapshot("m", "up", True, 8, {"limit": 5})], ready=True)
     assert "tierq_replica_limit" not in render_prometheus([plain])
     assert "replicas" not in status_json([plain])["pools"][0]
+
+
+def test_the_board_leaves_out_a_worker_whose_process_is_gone(tmp_path: Path) -> None:
+    # A killed worker's file stays until its replacement publishes: read as
+    # live it made /status.json count the dead worker and report its config.
+    import subprocess
+
+    from tierq.workers import SnapshotBoard
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = GatewayMetrics().snapshot([], ready=True)
+    SnapshotBoard(str(tmp_path), 1, 3).publish(replace(live, pid=os.getpid()))
+    SnapshotBoard(str(tmp_path), 2, 3).publish(replace(live, pid=dead.pid))
+    assert [s.pid for s in SnapshotBoard(str(tmp_path), 0, 3).others()] == [os.getpid()]

@@ -462,15 +462,21 @@ class SnapshotBoard:
         os.replace(tmp, self._path(self.index))
 
     def others(self) -> list[WorkerSnapshot]:
-        """The other workers' latest snapshots (a worker not yet published is missing)."""
+        """The other workers' latest snapshots. A worker not yet published is
+        missing, and so is one whose process is gone: a killed worker's file
+        stays until its replacement publishes, and read as live it made
+        /status.json count it and say every worker ran a config its
+        replacement had not applied yet."""
         out = []
         for i in range(self.workers):
             if i == self.index:
                 continue
             try:
-                out.append(snapshot_from_json(self._path(i).read_bytes()))
+                snap = snapshot_from_json(self._path(i).read_bytes())
             except FileNotFoundError:
                 continue
+            if _alive(snap.pid):
+                out.append(snap)
         return out
 
     def install(self, app: web.Application, snapshot: Callable[[], WorkerSnapshot]) -> None:
@@ -501,6 +507,16 @@ class SnapshotBoard:
 
         app[METRICS_SOURCE] = MetricsSource(collect, shared_admission=True)
         app.cleanup_ctx.append(publisher)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process took the pid: not ours
+        return False
+    return True
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
