@@ -10,6 +10,8 @@ pub mod bucket;
 pub mod clock;
 mod crash;
 pub mod error;
+#[cfg(not(loom))]
+pub mod finish;
 #[doc(hidden)]
 pub mod fair;
 pub mod keytable;

@@ -876,6 +876,15 @@ impl PySharedBucket {
 
 // ---------------------------------------------------------------- the ledger's writer
 
+/// A row's cost in femto-USD. Any cost a request has fits 64 bits (18,446
+/// USD): that conversion is one C call, the 128-bit one (abi3) several Python calls.
+fn femto_arg(v: &Bound<'_, PyAny>) -> PyResult<u128> {
+    match v.extract::<u64>() {
+        Ok(v) => Ok(u128::from(v)),
+        Err(_) => v.extract::<u128>(),
+    }
+}
+
 /// The ledger's SQLite writer (`tierq.ledger.Ledger` drives it): `push` queues a
 /// row and returns its sequence number; after each committed batch the fd is
 /// readable and `drain` tells which rows are settled.
@@ -923,12 +932,7 @@ impl PyLedgerWriter {
         fairness_id: Option<String>,
         tier_reason: Option<String>,
     ) -> PyResult<(u64, bool)> {
-        // Any cost a request has fits 64 bits (18,446 USD): that conversion is
-        // one C call, the 128-bit one (abi3) several Python calls.
-        let cost_femto = match cost_femto.extract::<u64>() {
-            Ok(v) => u128::from(v),
-            Err(_) => cost_femto.extract::<u128>()?,
-        };
+        let cost_femto = femto_arg(cost_femto)?;
         Ok(self.0.push(ledger::Row {
             request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
             completion_tokens, cost_femto, status, partial, code, queue_ms, latency_ms, upstream,
@@ -980,6 +984,92 @@ impl PyLedgerWriter {
     }
 }
 
+// ---------------------------------------------------------------- a request's end (crate::finish)
+
+/// One of a key's buckets as Python holds it (`TokenBucket` or `SharedBucket`).
+fn key_bucket<'a>(v: &'a Bound<'_, PyAny>) -> PyResult<crate::finish::Bucket<'a>> {
+    if let Ok(b) = v.cast::<PyTokenBucket>() {
+        return Ok(crate::finish::Bucket::Local(&b.get().0));
+    }
+    let b = v.cast::<PySharedBucket>().map_err(|_| PyTypeError::new_err("a key bucket must be a TokenBucket or a SharedBucket"))?;
+    let b = b.get();
+    Ok(crate::finish::Bucket::Shared { table: &b.table, entry: b.entry, kind: b.kind, params: &b.params })
+}
+
+/// A request's end in one call (tierq.outcome `Exchange.finish`): the ledger
+/// row queued on `writer`, the key's buckets settled, the access line
+/// formatted. The names a row may carry are tierq.ledger's, given once.
+#[pyclass(name = "Finisher", module = "tierq._core", frozen)]
+pub struct PyFinisher {
+    writer: Py<PyLedgerWriter>,
+    names: crate::finish::Names,
+}
+
+#[pymethods]
+impl PyFinisher {
+    #[new]
+    fn new(writer: Py<PyLedgerWriter>, statuses: Vec<String>, tiers: Vec<String>, reasons: Vec<String>) -> Self {
+        PyFinisher { writer, names: crate::finish::Names { statuses, tiers, reasons } }
+    }
+
+    /// The row's fields as `LedgerWriter.push` takes them; then the key's
+    /// `(rpm bucket, delta, tpm bucket, delta)` (buckets None: no limit), and
+    /// the access line's `(ts, echo, method, path, status, duration_s, remote,
+    /// shadow, config)` or None. Returns `(sequence number, wake owed, line)`;
+    /// the line None when none was asked or Python must format it. A bad row
+    /// raises ValueError and changes nothing.
+    #[pyo3(signature = (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier,
+                        prompt_tokens, completion_tokens, cost_femto, status, partial, code,
+                        queue_ms, latency_ms, upstream, fairness_id, tier_reason,
+                        rpm, rpm_delta, tpm, tpm_delta, access))]
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        request_id: String,
+        ts: f64,
+        key_id: String,
+        model: String,
+        endpoint: String,
+        requested_tier: Option<String>,
+        applied_tier: String,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        cost_femto: &Bound<'_, PyAny>,
+        status: String,
+        partial: bool,
+        code: Option<String>,
+        queue_ms: f64,
+        latency_ms: f64,
+        upstream: Option<String>,
+        fairness_id: Option<String>,
+        tier_reason: Option<String>,
+        rpm: Option<&Bound<'_, PyAny>>,
+        rpm_delta: i64,
+        tpm: Option<&Bound<'_, PyAny>>,
+        tpm_delta: i64,
+        access: Option<(f64, String, String, String, i64, f64, Option<String>, Option<String>, Option<String>)>,
+    ) -> PyResult<(u64, bool, Option<String>)> {
+        let cost_femto = femto_arg(cost_femto)?;
+        let row = ledger::Row {
+            request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt_tokens,
+            completion_tokens, cost_femto, status, partial, code, queue_ms,
+            latency_ms, upstream, fairness_id, tier_reason,
+        };
+        let settle = crate::finish::Settlement {
+            rpm: rpm.map(key_bucket).transpose()?.map(|b| (b, rpm_delta)),
+            tpm: tpm.map(key_bucket).transpose()?.map(|b| (b, tpm_delta)),
+        };
+        let line = access.as_ref().map(|(ts, echo, method, path, status, duration_s, remote, shadow, config)| {
+            crate::finish::Access {
+                ts: *ts, echo, method, path, status: *status, duration_s: *duration_s,
+                remote: remote.as_deref(), shadow: shadow.as_deref(), config: config.as_deref(),
+            }
+        });
+        let done = crate::finish::finish(&self.writer.get().0, &self.names, row, settle, line)?;
+        Ok((done.seq, done.wake, done.line))
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -999,6 +1089,7 @@ fn tierq_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The tier names in lane order: tierq.tiers.Tier is made of them.
     m.add("TIERS", pyo3::types::PyTuple::new(m.py(), Lane::ALL.map(Lane::as_str))?)?;
     m.add_class::<PyLedgerWriter>()?;
+    m.add_class::<PyFinisher>()?; // a request's end section above
     m.add_class::<PyUpstreamCore>()?; // the upstream client section below
     m.add("LEDGER_SCHEMA", ledger::SCHEMA)?;
     m.add("LEDGER_ADDED_COLUMNS", ledger::ADDED_COLUMNS.to_vec())?;
@@ -1069,7 +1160,8 @@ fn access_json(captured: &Bound<'_, pyo3::types::PyTuple>, cost: Option<&str>,
                shadow: Option<&str>) -> Option<String> {
     let py = captured.py();
     let c: Vec<Bound<'_, PyAny>> = captured.iter().collect();
-    let [ts, rid, echo, method, path, status, duration_s, remote, row, _, config] = c.as_slice()
+    // Its twelfth, a line the core already formatted, is the caller's.
+    let [ts, rid, echo, method, path, status, duration_s, remote, row, _, config, ..] = c.as_slice()
     else {
         return None;
     };

@@ -22,6 +22,7 @@ __all__ = [
     "TIERS",
     "TokenBucket",
     "UpstreamCore",
+    "Finisher",
     "access_json",
 ]
 
@@ -278,6 +279,40 @@ class LedgerWriter:
     def pending(self) -> int: ...
     def stats(self) -> tuple[int, int, int, int]: ...
     def close(self) -> None: ...
+
+@final
+class Finisher:
+    """A request's end in one call: its row queued on `writer`, its key's
+    buckets moved, its access line formatted (core/finish.rs)."""
+
+    def __new__(cls, writer: LedgerWriter, statuses: list[str], tiers: list[str],
+                reasons: list[str]) -> Self: ...
+    def finish(
+        self,
+        request_id: str,
+        ts: float,
+        key_id: str,
+        model: str,
+        endpoint: str,
+        requested_tier: str | None,
+        applied_tier: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_femto: int,
+        status: str,
+        partial: bool,
+        code: str | None,
+        queue_ms: float,
+        latency_ms: float,
+        upstream: str | None,
+        fairness_id: str | None,
+        tier_reason: str | None,
+        rpm: TokenBucket | SharedBucket | None,
+        rpm_delta: int,
+        tpm: TokenBucket | SharedBucket | None,
+        tpm_delta: int,
+        access: tuple[float, str, str, str, int, float, str | None, str | None, str | None] | None,
+    ) -> tuple[int, bool, str | None]: ...
 
 # ------------------------------------------------------------- the upstream client
 

@@ -38,11 +38,13 @@ __all__ = [
     "MAX_RAMP_GROWTH",
     "MAX_WEIGHT",
     "MIN_WEIGHT",
+    "NO_SETTLEMENT",
     "RAMP_WINDOW_RANGE",
     "KeyInfo",
     "KeyLimiter",
     "KeyRefusal",
     "KeyStore",
+    "Settlement",
     "budget_text",
     "hash_secret",
     "parse_public_id",
@@ -493,6 +495,10 @@ class KeyStore:
 
 
 _Bucket = TokenBucket | SharedBucket
+#: A key's settlement: (rpm bucket, its delta, tpm bucket, its delta) (KeyLimiter.settlement).
+Settlement = tuple[_Bucket | None, int, _Bucket | None, int]
+#: Nothing to move.
+NO_SETTLEMENT: Final[Settlement] = (None, 0, None, 0)
 
 
 @dataclass(slots=True, frozen=True)
@@ -580,25 +586,38 @@ class KeyLimiter:
                 return KeyRefusal(wait, KEY_TPM)
         return None
 
-    def settle(self, key: KeyInfo, est_tokens: int, real_tokens: int) -> None:
-        """Correct the token charge taken by `check` to the real usage."""
-        _, tpm = self._for(key)
-        if tpm is None:
-            return
-        delta = max(0, real_tokens) - self._token_cost(key, est_tokens)
-        if delta:
-            tpm.adjust(delta)
-
-    def refund(self, key: KeyInfo, est_tokens: int, *, request: bool) -> None:
-        """Give back what `check` took for a request that was not served: its token
-        estimate, and the request itself too if `request` (the gateway's doing,
-        not the client's). A bucket never refills past full."""
+    def settlement(self, key: KeyInfo, est_tokens: int, real_tokens: int | None, *,
+                   request: bool = False) -> Settlement:
+        """What settling a request moves in the key's buckets, as (rpm bucket,
+        delta, tpm bucket, delta) (a bucket None: no such limit; a delta 0: no
+        move): served (`real_tokens`), the token charge `check` took corrected to
+        the real usage; not served (None), its token estimate given back, and the
+        request itself too if `request` (the gateway's doing, not the client's).
+        A bucket never refills past full. `apply` applies it, and so does the
+        core's Finisher (tierq.outcome), in the same call as the request's row."""
         rpm, tpm = self._for(key)
         cost = self._token_cost(key, est_tokens)
-        if tpm is not None and cost > 0:
-            tpm.adjust(-cost)
-        if request and rpm is not None:
-            rpm.adjust(-1)
+        if real_tokens is not None:
+            return (None, 0, tpm, max(0, real_tokens) - cost if tpm is not None else 0)
+        return (rpm, -1 if request and rpm is not None else 0,
+                tpm, -cost if tpm is not None and cost > 0 else 0)
+
+    @staticmethod
+    def apply(settlement: Settlement) -> None:
+        """Move the buckets as `settlement` says."""
+        rpm, rpm_delta, tpm, tpm_delta = settlement
+        if rpm is not None and rpm_delta:
+            rpm.adjust(rpm_delta)
+        if tpm is not None and tpm_delta:
+            tpm.adjust(tpm_delta)
+
+    def settle(self, key: KeyInfo, est_tokens: int, real_tokens: int) -> None:
+        """Correct the token charge taken by `check` to the real usage."""
+        self.apply(self.settlement(key, est_tokens, real_tokens))
+
+    def refund(self, key: KeyInfo, est_tokens: int, *, request: bool) -> None:
+        """Give back what `check` took for a request that was not served (`settlement`)."""
+        self.apply(self.settlement(key, est_tokens, None, request=request))
 
     def remaining(self, key: KeyInfo) -> tuple[float | None, float | None]:
         """(requests, tokens) the key may still take now; None where unlimited."""

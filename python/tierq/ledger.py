@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, ClassVar, Final
 
-from tierq._core import LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, LedgerWriter
+from tierq._core import (LEDGER_ADDED_COLUMNS, LEDGER_CHECKPOINT_ROWS, LEDGER_SCHEMA, Finisher,
+                         LedgerWriter)
 from tierq.metrics import LAG_BUCKETS_S, Histogram
 from tierq.storage import SQLITE_BUSY_TIMEOUT_MS, Durability, while_busy
 from tierq.tiers import Tier, TierReason, one_of
@@ -404,6 +405,8 @@ class Ledger(LedgerReads):
         # Set by start() and kept after close() for its counters.
         self._writer: LedgerWriter | None = None
         self._push: Callable[..., tuple[int, bool]] | None = None  # the writer's push while open
+        # A request's end in one core call while open (`finish_nowait`).
+        self._finish: Callable[..., tuple[int, bool, str | None]] | None = None
         self._wake: Callable[[], None] = _nothing  # the writer's wake
         self._loop_thread = 0  # the thread running the loop that started it
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -421,6 +424,8 @@ class Ledger(LedgerReads):
         self._writer, self._loop = writer, loop
         loop.add_reader(writer.fd, self._on_settled)
         self._push = writer.push
+        self._finish = Finisher(writer, sorted(STATUSES), [t.value for t in APPLIED_TIERS],
+                                sorted(TIER_REASONS)).finish
         self._wake = writer.wake
         self._loop_thread = threading.get_ident()
 
@@ -430,7 +435,7 @@ class Ledger(LedgerReads):
         if self._push is None or writer is None or loop is None:
             self._push = None
             return
-        self._push = None
+        self._push = self._finish = None
         await asyncio.to_thread(writer.close)
         self._on_settled()
         loop.remove_reader(writer.fd)
@@ -452,9 +457,34 @@ class Ledger(LedgerReads):
             # After the loop's current callbacks: the rows they push go in the
             # batch this wake-up starts, and none of them makes a system call.
             loop.call_soon(self._wake)
+        await self.committed(seq)
+
+    async def committed(self, seq: int) -> None:
+        """Return once the row numbered `seq` (a push's or `finish_nowait`'s) is committed."""
+        loop = self._loop
+        if loop is None:
+            raise _not_running()
         fut = loop.create_future()
         self._waiters.append((seq, fut))
         await fut
+
+    def finish_nowait(self, fields: tuple[Any, ...], settle: tuple[Any, int, Any, int],
+                      access: tuple[Any, ...] | None) -> tuple[int, str | None]:
+        """A request's end in one core call (tierq._core.Finisher): the row of
+        `fields` (`LedgerRow._params()`'s order, the cost in femto-USD) checked as
+        LedgerRow checks it and queued as `record_nowait` queues it, the key's
+        buckets moved by `settle` ((rpm bucket, delta, tpm bucket, delta), from
+        tierq.keys.KeyLimiter.settlement) and, given `access` (tierq.logs'
+        `access_fields`), its access line formatted. Returns the row's sequence
+        number (for `committed`) and the line (None: none asked, or one Python
+        formats). A bad row raises ValueError and changes nothing."""
+        finish = self._finish
+        if finish is None:
+            raise _not_running()
+        seq, wake, line = finish(*fields, *settle, access)
+        if wake:
+            self._wake_soon()
+        return seq, line
 
     def record_nowait(self, row: LedgerRow) -> None:
         """Queue `row` without waiting (sheds: nothing was served, nothing to hold back)."""

@@ -48,6 +48,9 @@ __all__ = [
     "AccessWriter",
     "ServerLog",
     "access_enabled",
+    "AccessFields",
+    "access_fields",
+    "access_formatted",
     "access_line",
     "configure_logging",
     "flush_access_log",
@@ -147,17 +150,44 @@ def access_line(request: web.Request, info: RequestInfo, status: int, duration_s
     # The path only: a query string may carry a forward target, and headers may
     # carry keys; neither is logged.
     _writer.put((time.time(), info.id, info.echo, request.method, request.rel_url.path, status,
-                 duration_s, request.remote, row, shadow, info.config))
+                 duration_s, request.remote, row, shadow, info.config, None))
 
 
-# (ts, request id, echoed id, method, path, status, duration s, remote, row or None,
-# shadow decisions, config sha256 or None)
-_Captured = tuple[float, str, str, str, str, int, float, "str | None", "LedgerRow | None",
-                  tuple[str, ...], "str | None"]
+def access_fields(request: web.Request, info: RequestInfo, status: int, duration_s: float,
+                  shadow: tuple[str, ...]) -> AccessFields:
+    """The access line's own fields as the core's Finisher formats the line with
+    its row (tierq.ledger.Ledger.finish_nowait): `access_line`'s, the ending
+    time first. `access_formatted` then queues the line it made."""
+    return (time.time(), info.echo, request.method, request.rel_url.path, status, duration_s,
+            request.remote, ",".join(shadow) if shadow else None, info.config)
+
+
+def access_formatted(info: RequestInfo, fields: AccessFields, row: Callable[[], LedgerRow],
+                     shadow: tuple[str, ...], line: str | None) -> None:
+    """Queue the line the core formatted from `fields` (`access_fields`) and its
+    row; `row` makes the row for the handlers that format lines themselves, and
+    for a line the core left to Python (`line` None)."""
+    info.logged = True
+    ts, echo, method, path, status, duration_s, remote, _, config = fields
+    _writer.put((ts, info.id, echo, method, path, status, duration_s, remote, row, shadow, config,
+                 line))
+
+
+# The Finisher's access fields: (ts, echoed id, method, path, status, duration s,
+# remote, shadow decisions joined or None, config sha256 or None).
+AccessFields = tuple[float, str, str, str, int, float, "str | None", "str | None", "str | None"]
+# (ts, request id, echoed id, method, path, status, duration s, remote, row (or what
+# makes it) or None, shadow decisions, config sha256 or None, the line the core
+# formatted or None)
+_Captured = tuple[float, str, str, str, str, int, float, "str | None",
+                  "LedgerRow | Callable[[], LedgerRow] | None", tuple[str, ...], "str | None",
+                  "str | None"]
 
 
 def _record(c: _Captured) -> logging.LogRecord:
-    ts, rid, echo, method, path, status, duration_s, remote, row, shadow, config = c
+    ts, rid, echo, method, path, status, duration_s, remote, row, shadow, config = c[:11]
+    if callable(row):
+        row = row()
     fields: dict[str, Any] = {
         "request_id": rid, "method": method, "path": path,
         "status": status, "duration_ms": round(duration_s * 1000, 3), "remote": remote,
@@ -278,9 +308,11 @@ class AccessWriter:
         self.written += len(batch)
         lines = []
         for c in batch:
-            row, shadow = c[8], c[9]
-            line = access_json(c, None if row is None else format(row.cost, "f"),
-                               ",".join(shadow) if shadow else None)
+            line = c[11] if len(c) > 11 else None  # the core's line (access_formatted)
+            if line is None and not callable(c[8]):
+                row, shadow = c[8], c[9]
+                line = access_json(c, None if row is None else format(row.cost, "f"),
+                                   ",".join(shadow) if shadow else None)
             if line is None:  # a line the redaction may change: Python's formatter
                 record = _record(c)
                 try:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial as _partial
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -31,9 +32,9 @@ from tierq.errors import (CLUSTER_DOWN_CODE, JSON_TYPE, SHED_MESSAGES, ApiError,
 from tierq.downgrades import Hold
 from tierq.gateway import Gateway, Pool
 from tierq.intake import ANONYMOUS_FLOW, ENDPOINT_PATHS, Flow
-from tierq.keys import KeyInfo, KeyRefusal
-from tierq.ledger import LedgerRow
-from tierq.logs import RequestInfo, access_enabled, access_line
+from tierq.keys import NO_SETTLEMENT, KeyInfo, KeyLimiter, KeyRefusal, Settlement
+from tierq.ledger import Ledger, LedgerRow
+from tierq.logs import RequestInfo, access_enabled, access_fields, access_formatted, access_line
 from tierq.pricing import cost_femto, fair_charge, femto_decimal
 from tierq.shadow import DOWNGRADES, KEY_REFUSALS, RATE_LIMITED
 from tierq.tiers import Tier, TierReason
@@ -367,7 +368,7 @@ class Exchange:
             return
         self.tier, self.reason, self.hold = tier, reason, hold
 
-    def finish(self, outcome: Outcome) -> LedgerRow:
+    def finish(self, outcome: Outcome) -> None:
         """Record `outcome` (the row queued, not awaited): metrics, access line, key.
 
         A request has one outcome: `done` is set before anything else, so a
@@ -376,9 +377,9 @@ class Exchange:
         """
         assert self.outcome is None, (self.outcome, outcome)
         self.outcome = outcome
-        row = self._row(outcome)
-        self.gw.ledger.record_nowait(row)
-        return row
+        ended = self._end(outcome)
+        if isinstance(ended, LedgerRow):
+            self.gw.ledger.record_nowait(ended)
 
     def refuse(self, refused: Refused) -> ApiError:
         """`finish` with a refusal's outcome; returns its error to raise, with this
@@ -395,42 +396,60 @@ class Exchange:
         last bytes wait for it."""
         assert self.outcome is None, (self.outcome, outcome)
         self.outcome = outcome
-        await self.gw.ledger.record(self._row(outcome))
+        ended = self._end(outcome)
+        if isinstance(ended, LedgerRow):
+            await self.gw.ledger.record(ended)
+        else:
+            ledger = self.gw.ledger
+            assert isinstance(ledger, Ledger)
+            await ledger.committed(ended)
 
-    def _row(self, o: Outcome) -> LedgerRow:
+    def _end(self, o: Outcome) -> LedgerRow | int:
+        """Everything `o` ends in but the wait for its row: the row and the key's
+        settlement (and the access line, formatted from the row) in one core call
+        with the SQLite ledger (tierq._core.Finisher), returning the row's sequence
+        number; with any other ledger, the row to record, the key settled here.
+        The metrics, the spans and the fair order's correction are Python's either way."""
         end = time.monotonic()
         latency_s = end - self.t0
         upstream = self.pool.upstream.name
+        model = self.pool.entry.id
         femto = ((o.cost if o.cost is not None else self.cost(o.prompt_tokens, o.completion_tokens))
                  if o.billed else 0)
-        row = LedgerRow(
-            request_id=self.info.id, ts=self.ts, key_id=self.key_id,
-            model=self.pool.entry.id, endpoint=ENDPOINT_PATHS[self.endpoint],
-            requested_tier=self.requested_tier, applied_tier=self.tier,
-            prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-            cost=femto_decimal(femto) if o.billed else Decimal(0),
-            status=o.status, partial=o.partial, code=o.code, queue_ms=self.queue_ms,
-            latency_ms=latency_s * 1000.0, upstream=upstream, fairness_id=self.flow.fairness_id,
-            tier_reason=self.reason,
-        )
-        self.gw.metrics.observe(row.model, upstream, self.tier, o.status, o.code,
-                                self.queue_ms / 1000.0, latency_s,
-                                self.ttft_s if self.ttft_s is not None else latency_s, femto)
+        queue_ms = self.queue_ms
         shadow = self.shadow_decisions
+        # LedgerRow._params()'s order: the Finisher's and the writer's arguments.
+        fields = (self.info.id, self.ts, self.key_id, model, ENDPOINT_PATHS[self.endpoint],
+                  self.requested_tier, self.tier.value, o.prompt_tokens, o.completion_tokens,
+                  femto, o.status, o.partial, o.code, queue_ms, latency_s * 1000.0, upstream,
+                  self.flow.fairness_id, self.reason)
+        ledger = self.gw.ledger
+        ended: LedgerRow | int
+        if isinstance(ledger, Ledger):
+            access = (access_fields(self.request, self.info, o.http_status, latency_s, shadow)
+                      if access_enabled() else None)
+            ended, line = ledger.finish_nowait(fields, self._settlement(o), access)
+            if access is not None:
+                access_formatted(self.info, access, _partial(_ledger_row, fields), shadow, line)
+        else:
+            row = ended = _ledger_row(fields)
+            KeyLimiter.apply(self._settlement(o))
+            if access_enabled():
+                access_line(self.request, self.info, o.http_status, latency_s, row, shadow)
+        self.gw.metrics.observe(model, upstream, self.tier, o.status, o.code,
+                                queue_ms / 1000.0, latency_s,
+                                self.ttft_s if self.ttft_s is not None else latency_s, femto)
         if shadow:
             self.gw.metrics.observe_shadow(shadow)
         if self.reason is not None:
-            self.gw.metrics.observe_downgrade(row.model, self.reason)
-        if access_enabled():
-            access_line(self.request, self.info, o.http_status, latency_s, row, shadow)
+            self.gw.metrics.observe_downgrade(model, self.reason)
         if self.trace is not None and self.trace.sampled:
             self._traced(o, femto, end)
-        self._settle(o)
         if self.hold is not None:
             self._settle_hold(o, femto)
         if o.billed:
             self._served(o)
-        return row
+        return ended
 
     def _traced(self, o: Outcome, femto: int, end: float) -> None:
         """The request's spans, as plain values for the exporter thread."""
@@ -466,13 +485,15 @@ class Exchange:
         else:
             downgrades.refund(key, hold)
 
-    def _settle(self, o: Outcome) -> None:
+    def _settlement(self, o: Outcome) -> Settlement:
+        """What the key's limits are to move for `o` (tierq.keys.KeyLimiter.settlement),
+        applied by the caller; a [cluster] key's is settled here, in Redis."""
         limiter, key = self.gw.limiter, self.key
         if not self.charged or limiter is None or key is None:
-            return  # no limits, or the key's own limit refused it: nothing was taken
+            return NO_SETTLEMENT  # no limits, or the key's own limit refused it: nothing was taken
         if self.slot is not None and self.slot.shadowed is not None:
             o = shed(self.slot.shadowed)  # see `rate_shadowed`
-        self._settle_key(key, o)
+        return self._key_settlement(key, o)
 
     def rate_shadowed(self) -> None:
         """Once admitted: if the pool's rate limit refused it in shadow mode, its
@@ -484,9 +505,9 @@ class Exchange:
                 or limiter is None or key is None):
             return
         self.charged = False
-        self._settle_key(key, shed(self.slot.shadowed))
+        KeyLimiter.apply(self._key_settlement(key, shed(self.slot.shadowed)))
 
-    def _settle_key(self, key: KeyInfo, o: Outcome) -> None:
+    def _key_settlement(self, key: KeyInfo, o: Outcome) -> Settlement:
         limiter = self.gw.limiter
         assert limiter is not None
         cluster = self.gw.cluster
@@ -495,8 +516,19 @@ class Exchange:
                 cluster.settle_key(key, self.est_total, o.prompt_tokens + o.completion_tokens)
             else:
                 cluster.refund_key(key, self.est_total, request=o.by_gateway)
-            return
-        if o.billed:
-            limiter.settle(key, self.est_total, o.prompt_tokens + o.completion_tokens)
-        else:
-            limiter.refund(key, self.est_total, request=o.by_gateway)
+            return NO_SETTLEMENT
+        return limiter.settlement(key, self.est_total,
+                                  o.prompt_tokens + o.completion_tokens if o.billed else None,
+                                  request=o.by_gateway)
+
+
+def _ledger_row(fields: tuple[Any, ...]) -> LedgerRow:
+    """The LedgerRow of the Finisher's `fields` (its cost in femto-USD)."""
+    (request_id, ts, key_id, model, endpoint, requested_tier, applied_tier, prompt, completion,
+     femto, status, partial, code, queue_ms, latency_ms, upstream, fairness_id, reason) = fields
+    return LedgerRow(
+        request_id=request_id, ts=ts, key_id=key_id, model=model, endpoint=endpoint,
+        requested_tier=requested_tier, applied_tier=applied_tier, prompt_tokens=prompt,
+        completion_tokens=completion, cost=femto_decimal(femto) if femto else Decimal(0),
+        status=status, partial=partial, code=code, queue_ms=queue_ms, latency_ms=latency_ms,
+        upstream=upstream, fairness_id=fairness_id, tier_reason=reason)
