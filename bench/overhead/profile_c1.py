@@ -1,5 +1,6 @@
 """Where one request at a time spends its wall time: tierq (every feature on, as in
-run.py) and the bare forwarder, each driven by one closed-loop connection against
+run.py) on each upstream client (`tierq`: aiohttp, `tierq-core`: the core's) and the
+bare forwarder, each driven by one closed-loop connection against
 the nginx static backend while py-spy --native records every thread with idle
 included. Summarised per path into bench/results/<name>-<path>.txt: the main
 (event-loop) thread's samples split into waiting in epoll (nothing to do: the
@@ -20,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "common"))
 sys.path.insert(0, str(HERE))
 import harness as h  # noqa: E402
-from run import PATH, gen, ok, static_backend, tierq_config  # noqa: E402
+from run import PATH, TIERQ_CLIENTS, gen, ok, static_backend, tierq_config  # noqa: E402
 
 
 def summarise(raw: Path, title: str, rps: float, p50_ms: float, out: Path) -> str:
@@ -65,18 +66,20 @@ def main() -> None:
     try:
         be, static_root = static_backend()
         procs.append(be)
-        cfg, token = tierq_config(static_root, static_root)
-        port = h.free_port()
-        gw = h.Proc("c1-tierq", [h.PY, "-m", "tierq", "serve", "--config", str(cfg), "--host",
-                                 "127.0.0.1", "--port", str(port)], port, cwd=h.TMP, health="/healthz")
-        procs.append(gw)
-        gw.wait_ready()
+        paths: dict[str, tuple[str, int, list[list[str]]]] = {}
+        for n, client in TIERQ_CLIENTS.items():
+            cfg, token = tierq_config(static_root, static_root, client)
+            port = h.free_port()
+            gw = h.Proc(f"c1-{n}", [h.PY, "-m", "tierq", "serve", "--config", str(cfg), "--host",
+                                    "127.0.0.1", "--port", str(port)], port, cwd=h.TMP, health="/healthz")
+            procs.append(gw)
+            gw.wait_ready()
+            paths[n] = (f"http://127.0.0.1:{port}", gw.pid, [["authorization", f"Bearer {token}"]])
         fport = h.free_port()
         fw = h.Proc("c1-forwarder", [h.PY, str(HERE / "forwarder.py"), static_root, str(fport)], fport)
         procs.append(fw)
         fw.wait_ready(path="/v1/models")
-        paths = {"tierq": (f"http://127.0.0.1:{port}", gw.pid, [["authorization", f"Bearer {token}"]]),
-                 "forwarder": (f"http://127.0.0.1:{fport}", fw.pid, [])}
+        paths["forwarder"] = (f"http://127.0.0.1:{fport}", fw.pid, [])
         for name, (root, pid, headers) in paths.items():
             gen(root + PATH, "static-chat", headers, mode="closed", concurrency=4, duration_s=1.0, grace_s=10)
             raw = h.TMP / f"c1-{name}.raw"

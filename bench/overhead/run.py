@@ -1,5 +1,6 @@
 """Proxy overhead: one fast backend (nginx returning a static OpenAI answer; the sim
-for streams) reached directly, through tierq (every feature on), through a bare
+for streams) reached directly, through tierq (every feature on) on each upstream
+client (`tierq`: client = "aiohttp", `tierq-core`: client = "core"), through a bare
 aiohttp+uvloop forwarder, through nginx as a reverse proxy and through the LiteLLM
 proxy, all in the same run, interleaved in rounds so drift on a shared machine hits
 every path alike. Writes bench/results/<name>.md, .json and .png.
@@ -68,18 +69,24 @@ def static_backend() -> tuple[h.Proc, str]:
     return be, f"http://127.0.0.1:{port}"
 
 
-def tierq_config(static_root: str, sim_root: str) -> tuple[Path, str]:
-    keys_db = h.TMP / "overhead-keys.db"
+# The gateway paths: target name -> its `[[upstreams]] client`.
+TIERQ_CLIENTS = {"tierq": "aiohttp", "tierq-core": "core"}
+
+
+def tierq_config(static_root: str, sim_root: str, client: str = "aiohttp") -> tuple[Path, str]:
+    """An every-feature-on config whose upstreams use `client`; its own keys and ledger files."""
+    tag = "" if client == "aiohttp" else f"-{client}"
+    keys_db = h.TMP / f"overhead{tag}-keys.db"
     r = subprocess.run([h.PY, "-m", "tierq", "keys", "create", "bench", "--db", str(keys_db),
                         "--rpm", "1000000000", "--tpm", "1000000000"],
                        capture_output=True, text=True, check=True)
     token = r.stdout.strip().splitlines()[0]
-    cfg = h.TMP / "overhead.toml"
+    cfg = h.TMP / f"overhead{tag}.toml"
     cfg.write_text(f"""
 # Every feature on: API keys with per-key rpm/tpm, ledger, priority tier with pricing,
 # admission with a token bucket (limits set high enough never to bind).
 [ledger]
-url = "sqlite:///{h.TMP}/overhead-ledger.db"
+url = "sqlite:///{h.TMP}/overhead{tag}-ledger.db"
 
 [keys]
 path = "{keys_db}"
@@ -88,12 +95,14 @@ path = "{keys_db}"
 name = "static"
 base_url = "{static_root}/v1"
 kind = "openai"
+client = "{client}"
 max_connections = 1024
 
 [[upstreams]]
 name = "sim"
 base_url = "{sim_root}/v1"
 kind = "openai"
+client = "{client}"
 max_connections = 2048
 
 [[models]]
@@ -183,7 +192,7 @@ def ok(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--targets", default="direct,tierq,forwarder,nginx,litellm")
+    ap.add_argument("--targets", default="direct,tierq,tierq-core,forwarder,nginx,litellm")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sat-conns", type=int, default=64)
     ap.add_argument("--sat-s", type=float, default=5.0)
@@ -211,18 +220,20 @@ def main() -> None:
         procs.append(sim)
         sim_root = f"http://127.0.0.1:{sim.port}"
         T: dict[str, dict[str, Any]] = {"direct": {"static": static_root, "sim": sim_root, "headers": []}}
-        if "tierq" in names:
-            cfg, token = tierq_config(static_root, sim_root)
+        for n, client in TIERQ_CLIENTS.items():
+            if n not in names:
+                continue
+            cfg, token = tierq_config(static_root, sim_root, client)
             port = h.free_port()
-            gw = h.Proc("overhead-tierq", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
-                                           "--host", "127.0.0.1", "--port", str(port)],
+            gw = h.Proc(f"overhead-{n}", [h.PY, "-m", "tierq", "serve", "--config", str(cfg),
+                                         "--host", "127.0.0.1", "--port", str(port)],
                         port, cwd=h.TMP, health="/healthz")
             procs.append(gw)
             gw.wait_ready()
             root = f"http://127.0.0.1:{port}"
-            T["tierq"] = {"static": root, "sim": root, "headers": [["authorization", f"Bearer {token}"]],
-                          "pid": gw.pid, "pids": {"static": gw.pid, "sim": gw.pid}}
-            h.log(f"tierq at {cfg}: {gw.pid}")
+            T[n] = {"static": root, "sim": root, "headers": [["authorization", f"Bearer {token}"]],
+                    "pid": gw.pid, "pids": {"static": gw.pid, "sim": gw.pid}}
+            h.log(f"{n} (client {client}) at {cfg}: {gw.pid}")
         if "forwarder" in names:
             roots: dict[str, Any] = {"pids": {}}
             for kind, up in (("static", static_root), ("sim", sim_root)):
@@ -303,10 +314,10 @@ def main() -> None:
                 h.log(f"round {rnd+1} {n}: {sat[n][-1]:.0f} req/s, c=1 p50 {h.pct(c1[n], 50):.2f} ms")
 
         streams: dict[str, dict[str, Any]] = {}
-        stream_spy = None
         for n in names:
-            if args.profile and n == "tierq":
-                stream_spy = h.pyspy_start(T[n]["pid"], int(args.stream_s), h.TMP / "pyspy-streams.raw", "gil")
+            spy = None
+            if args.profile and n in TIERQ_CLIENTS:
+                spy = h.pyspy_start(T[n]["pid"], int(args.stream_s), h.TMP / f"pyspy-{n}-streams.raw", "gil")
             recs, summ = run(n, "sim", "streams", mode="closed", concurrency=args.streams, ramp_s=1.0,
                              duration_s=args.stream_s, grace_s=args.stream_tokens / args.stream_tokens_per_s + 20,
                              stream=True, max_tokens=args.stream_tokens, gaps=True,
@@ -319,18 +330,21 @@ def main() -> None:
                           "ttft_p99": h.pct([a["ttft"] for a in good if "ttft" in a], 99),
                           "errors": len(recs) - len(good)}
             h.log(f"streams {n}: {streams[n]}")
-            if stream_spy is not None and n == "tierq":
-                stream_spy.wait(60)
-                stream_spy = None
+            if spy is not None:
+                spy.wait(60)
 
         profile: dict[str, str] = {}
-        if args.profile and "tierq" in T:
+        if args.profile:
             profile = run_profile(T, args)
-            name = h.pyspy_summary(h.TMP / "pyspy-streams.raw",
-                                   f"tierq holding {args.streams} streams at {args.stream_tokens_per_s:g} "
-                                   "tokens/s, py-spy --gil", h.RESULTS / f"{args.name}-tierq-pyspy-streams-gil.txt")
-            if name:
-                profile[f"tierq, {args.streams} streams --gil"] = name
+            for n in TIERQ_CLIENTS:
+                if n not in T:
+                    continue
+                name = h.pyspy_summary(h.TMP / f"pyspy-{n}-streams.raw",
+                                       f"{n} (client {TIERQ_CLIENTS[n]}) holding {args.streams} streams at "
+                                       f"{args.stream_tokens_per_s:g} tokens/s, py-spy --gil",
+                                       h.RESULTS / f"{args.name}-{n}-pyspy-streams-gil.txt")
+                if name:
+                    profile[f"{n}, {args.streams} streams --gil"] = name
     finally:
         h.stop_all(reversed(procs))
 
@@ -354,12 +368,13 @@ def main() -> None:
 
 
 def run_profile(T: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, str]:
-    """py-spy on tierq (and the forwarder) while saturated: plain (every thread),
-    --gil (the thread holding the GIL: where a Python process's one core goes)
+    """py-spy on tierq on each client (and the forwarder) while saturated: plain (every
+    thread), --gil (the thread holding the GIL: where a Python process's one core goes)
     and --native (C and Rust frames too). Returns {label: file name}."""
     out: dict[str, str] = {}
     secs = max(3, int(args.sat_s))
-    for n, mode in (("tierq", ""), ("tierq", "gil"), ("tierq", "native"), ("forwarder", "gil")):
+    for n, mode in (("tierq", ""), ("tierq", "gil"), ("tierq", "native"),
+                    ("tierq-core", ""), ("tierq-core", "gil"), ("tierq-core", "native"), ("forwarder", "gil")):
         if n not in T:
             continue
         raw = h.TMP / f"pyspy-{n}-{mode or 'plain'}.raw"

@@ -5,7 +5,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=$(bash "$HERE/../common/setup.sh" | tail -n1)
-TARGETS=direct,tierq,forwarder,nginx
+TARGETS=direct,tierq,tierq-core,forwarder,nginx
 if [ "${SMOKE_LITELLM:-0}" = 1 ]; then
     export LITELLM_VENV=$(bash "$HERE/setup-litellm.sh" | tail -n1)
     TARGETS=$TARGETS,litellm
