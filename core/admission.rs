@@ -152,6 +152,8 @@ const PRIORITY_DEPTH: u64 = LANE_DEPTH;
 /// The priority and default lanes' counts: what is ahead of a flex waiter
 /// and, without headroom, of a priority or default arrival.
 const SOLD_DEPTH: u64 = (1 << (2 * DEPTH_BITS)) - 1;
+/// The flex lane's count in the DEPTH word.
+const FLEX_DEPTH: u64 = LANE_DEPTH << (2 * DEPTH_BITS);
 const SHARE_ONE: u64 = 1_000_000;
 /// Re-checks of a full queue before shedding (see `admit`).
 const FULL_RETRIES: u32 = 4;
@@ -609,7 +611,7 @@ impl Pool {
         // Flex waits while slots are free for the others (its headroom), so
         // it is never ahead of them; everyone is ahead of a flex arrival.
         let (limit, ahead) = match lane {
-            Lane::Priority if self.settings.priority_headroom > 0 => (self.limit(), PRIORITY_DEPTH),
+            Lane::Priority if self.settings.may_reserve() => (self.limit(), PRIORITY_DEPTH),
             Lane::Priority => (self.limit(), SOLD_DEPTH),
             Lane::Default => (self.default_limit(), SOLD_DEPTH),
             Lane::Flex => (self.flex_limit(), u64::MAX),
@@ -822,8 +824,7 @@ impl Pool {
     fn any_published(&self) -> bool {
         self.ring(Lane::Priority).has_published()
             || (self.ring(Lane::Default).has_published()
-                && (self.settings.priority_headroom == 0
-                    || self.w(at::IN_FLIGHT).load(SeqCst) < self.default_limit()))
+                && (!self.settings.may_reserve() || self.w(at::IN_FLIGHT).load(SeqCst) < self.default_limit()))
             || (self.ring(Lane::Flex).has_published() && self.w(at::IN_FLIGHT).load(SeqCst) < self.flex_limit())
     }
 
@@ -843,13 +844,13 @@ impl Pool {
             let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
             crash_point!("dispatch.taken");
             // The CAS fixed how many slots others hold: the rule is exact.
-            let below_default = before < limit - self.settings.priority_headroom as u64;
+            let below_default = before < limit - self.headroom();
             if let Some((id, owner)) = self.pop_next(below_default, before < self.flex_limit_of(limit)) {
                 crash_point!("dispatch.popped");
                 return match self.hand_to(id, owner, false) {
                     Hand::Mine => Grant::Mine(id),
                     Hand::Posted => Grant::Other,
-                    Hand::OwnerGone if self.settings.priority_headroom > 0 || waiter_lane(id) == Lane::Flex => {
+                    Hand::OwnerGone if self.settings.may_reserve() || waiter_lane(id) == Lane::Flex => {
                         // Free it and take it again, so the rule is re-decided.
                         self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                         continue;
@@ -893,7 +894,21 @@ impl Pool {
     /// (the limit is at least its minimum, which is above the headroom).
     #[inline]
     fn default_limit(&self) -> u64 {
-        self.limit() - self.settings.priority_headroom as u64
+        self.limit() - self.headroom()
+    }
+
+    /// Slots a default request may not take now: `priority_headroom`, or
+    /// while a flex request waits the larger `flex_priority_reserve` (flex
+    /// fills every slot defaults leave, so without it a priority arrival
+    /// finds the engine full whenever defaults took the flex headroom).
+    #[inline]
+    fn headroom(&self) -> u64 {
+        let (ph, reserve) = (self.settings.priority_headroom as u64, self.settings.flex_priority_reserve as u64);
+        if reserve > ph && self.w(at::DEPTH).load(SeqCst) & FLEX_DEPTH != 0 {
+            reserve
+        } else {
+            ph
+        }
     }
 
     /// In-flight count below which a slot may go to a flex request: the
@@ -905,7 +920,8 @@ impl Pool {
 
     #[inline]
     fn flex_limit_of(&self, limit: u64) -> u64 {
-        limit.saturating_sub(self.settings.priority_headroom as u64 + self.settings.flex_headroom_slots(limit))
+        let ph = self.settings.priority_headroom as u64;
+        limit.saturating_sub((ph + self.settings.flex_headroom_slots(limit)).max(self.settings.flex_priority_reserve as u64))
     }
 
     /// Whether a releasing slot may pass straight to a waiter: not while
@@ -936,7 +952,7 @@ impl Pool {
             self.w(at::WITHHELD).fetch_add(1, SeqCst);
             return None;
         }
-        if self.settings.priority_headroom > 0 {
+        if self.settings.may_reserve() {
             // Whether a default waiter may have this slot depends on how many
             // others are held, which only a CAS on the count settles: free the
             // slot and let `dispatch` take it again.
@@ -970,7 +986,7 @@ impl Pool {
     /// A taken slot that nobody holds (its owner died): the next waiter gets
     /// it, or it is freed.
     fn pass_on(&self) -> Option<WaiterId> {
-        if self.settings.priority_headroom > 0 || !self.may_hand_on() {
+        if self.settings.may_reserve() || !self.may_hand_on() {
             self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
             return if self.any_published() { self.dispatch() } else { None };
         }

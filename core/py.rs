@@ -344,6 +344,10 @@ impl PyPoolSettings {
         self.0.flex_headroom
     }
     #[getter]
+    fn flex_priority_reserve(&self) -> u32 {
+        self.0.flex_priority_reserve
+    }
+    #[getter]
     fn default_min_share(&self) -> f64 {
         self.0.default_min_share
     }

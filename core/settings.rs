@@ -40,6 +40,8 @@ pub struct PoolSpec {
     pub priority_headroom: i64,
     /// Share of the limit flex may not take (besides the priority headroom).
     pub flex_headroom: f64,
+    /// Slots a default request may not take while a flex request waits.
+    pub flex_priority_reserve: i64,
     /// How often the engine's metrics are scraped (the upstream's
     /// `metrics_interval_ms`); samples closer than half of it to the last one
     /// applied are dropped, so N workers scraping one engine act as one.
@@ -260,6 +262,14 @@ pub const FIELDS: &[Field] = &[
         doc: "share of the limit (at least one slot), beyond priority_headroom, that a flex request may not take",
     },
     Field {
+        name: "flex_priority_reserve",
+        kind: Kind::Int,
+        fallback: Fallback::Value(Value::Int(1)),
+        range: "0 or more; cut to (`max_concurrency` or `min_concurrency`) - 1",
+        toml: true,
+        doc: "slots a default request may not take while a flex request waits (the larger of it and priority_headroom applies), so priority finds one though flex fills the rest; 0 on a model without priority",
+    },
+    Field {
         name: "fairness",
         kind: Kind::Choice(&["tokens", "off"]),
         fallback: Fallback::Value(Value::Choice("tokens")),
@@ -325,6 +335,7 @@ impl Default for PoolSpec {
             default_min_share: 0.0,
             priority_headroom: 0,
             flex_headroom: 0.0,
+            flex_priority_reserve: 0,
             engine_interval_ms: 0.0,
             fairness: String::new(),
             fair_queues: 0,
@@ -373,6 +384,7 @@ impl PoolSpec {
             ("default_min_share", Value::Number(x)) => self.default_min_share = x,
             ("priority_headroom", Value::Int(n)) => self.priority_headroom = n,
             ("flex_headroom", Value::Number(x)) => self.flex_headroom = x,
+            ("flex_priority_reserve", Value::Int(n)) => self.flex_priority_reserve = n,
             ("engine_interval_ms", Value::Number(x)) => self.engine_interval_ms = x,
             ("fairness", Value::Choice(c)) => self.fairness = c.to_string(),
             ("fair_queues", Value::Int(n)) => self.fair_queues = n,
@@ -467,6 +479,12 @@ impl PoolSpec {
                 format!("must be at least 0 and below {bound} ({floor}): defaults need a slot, got {}", self.priority_headroom),
             ));
         }
+        if self.flex_priority_reserve < 0 {
+            return Err(CoreError::arg("flex_priority_reserve", format!("must be at least 0, got {}", self.flex_priority_reserve)));
+        }
+        // Defaults need a slot: cut to the limit's minimum less one (so the
+        // default of 1 stands on a pool of one slot, as 0 there).
+        let flex_priority_reserve = self.flex_priority_reserve.min(floor - 1) as u32;
         if !(self.flex_headroom.is_finite() && (0.0..=0.5).contains(&self.flex_headroom)) {
             return Err(CoreError::arg("flex_headroom", format!("must be between 0 and 0.5 (a share of the limit), got {}", self.flex_headroom)));
         }
@@ -493,6 +511,7 @@ impl PoolSpec {
             default_min_share: self.default_min_share,
             priority_headroom: self.priority_headroom as u32,
             flex_headroom: self.flex_headroom,
+            flex_priority_reserve,
             engine_interval_ns: (ms * 1e6).round() as u64,
         })
     }
@@ -521,6 +540,12 @@ pub struct PoolSettings {
     /// dispatched only below `limit - priority_headroom - that`, so it never
     /// holds the slot a default arrival needs.
     pub flex_headroom: f64,
+    /// Slots a default request may not take while a flex request waits
+    /// (the larger of it and `priority_headroom` applies then): flex fills
+    /// what defaults leave, so this keeps priority's slot free of both.
+    /// Flex stays below `limit - max(priority_headroom + flex headroom,
+    /// this)`. Below the limit's minimum, as the headroom.
+    pub flex_priority_reserve: u32,
     pub engine_interval_ns: u64,
     pub fairness: Fairness,
     pub fair_queues: u32,
@@ -537,6 +562,14 @@ impl PoolSettings {
     /// priority headroom: the share rounded up, at least one.
     pub fn flex_headroom_slots(&self, limit: u64) -> u64 {
         ((self.flex_headroom * limit as f64).ceil() as u64).max(1)
+    }
+
+    /// Whether defaults may ever be kept from a free slot (a headroom, or a
+    /// reserve while flex waits): then a release frees its slot and
+    /// `dispatch`'s CAS decides who gets it, rather than handing it on.
+    #[inline]
+    pub fn may_reserve(&self) -> bool {
+        self.priority_headroom > 0 || self.flex_priority_reserve > 0
     }
 }
 

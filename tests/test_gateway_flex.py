@@ -130,3 +130,51 @@ async def test_a_default_arrival_at_a_full_queue_evicts_the_waiting_flex_request
     assert info.value.code == "resource_unavailable"
     row = await gw.row(info.value.response.headers["x-request-id"])
     assert row is not None and row.status == "shed" and row.applied_tier == "flex" and row.cost == 0
+
+
+async def test_while_flex_waits_the_last_slot_is_kept_for_priority_and_defaults_use_it_otherwise(
+        make_gateway: GatewayFactory) -> None:
+    # Limit 4, flex_headroom 0.1 -> one slot, flex_priority_reserve 1 (the
+    # default on a priority model): flex runs below 3, and while a flex
+    # request waits a default may not take the 4th slot either; priority can.
+    gw = await make_gateway(
+        models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4,
+                             max_wait_ms={"flex": 60000, "default": 30000})],
+        sim={"slots": 8, "ttft_ms": 1.0, "tokens_per_s": 20.0})
+    adm = gw.gw.pools[PRIORITY_MODEL].admission
+    assert adm.stats()["in_flight"] == 0
+    async with client(gw) as c:
+        def chat(tier: str | None, max_tokens: int) -> asyncio.Future[object]:
+            extra = {"service_tier": tier} if tier else {}
+            return asyncio.ensure_future(c.chat.completions.with_raw_response.create(
+                model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=max_tokens, **extra))  # type: ignore[call-overload]
+
+        # No flex waiting: defaults take every slot, the last one included.
+        first = [chat(None, 60) for _ in range(4)]
+        await until(lambda: adm.stats()["in_flight"] == 4, "four defaults never held every slot")
+        assert adm.stats()["depth"]["default"] == 0
+        await asyncio.gather(*first)
+        # Two defaults and a flex request running (3 = the flex limit), a second flex request waits.
+        running = [chat(None, 60) for _ in range(2)]
+        await until(lambda: adm.stats()["in_flight"] == 2, "two defaults never held their slots")
+        running.append(chat("flex", 60))
+        await until(lambda: adm.stats()["in_flight"] == 3, "the first flex request was not served")
+        waiting_flex = chat("flex", 1)
+        await until(lambda: adm.stats()["depth"]["flex"] == 1, "the second flex request never queued")
+        # A default arrival waits although a slot is free: it is priority's while flex waits.
+        waiting_default = chat(None, 1)
+        await until(lambda: adm.stats()["depth"]["default"] == 1, "the default arrival was not kept waiting")
+        assert adm.stats()["in_flight"] == 3
+        # Priority finds it free.
+        prio = await c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1, service_tier="priority")
+        assert prio.headers["x-tierq-service-tier"] == "priority"
+        assert not waiting_default.done() and not waiting_flex.done()
+        assert adm.stats()["depth"] == {"priority": 0, "default": 1, "flex": 1}
+        # Both are served once running requests end.
+        d = await waiting_default
+        f = await waiting_flex
+        await asyncio.gather(*running)
+    drow, frow = await gw.row(d.headers["x-request-id"]), await gw.row(f.headers["x-request-id"])  # type: ignore[attr-defined]
+    assert drow is not None and frow is not None
+    assert drow.applied_tier == "default" and frow.applied_tier == "flex" and frow.status == "served"

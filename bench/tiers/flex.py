@@ -7,8 +7,11 @@ figure has its baseline in the same run:
   base     default + priority only (no backlog);
   flex     the same, plus the backlog sent as service_tier="flex";
   default  the same, plus the same backlog sent as default;
-and with --priority-headroom N a base and a flex scenario more with that
-priority_headroom (the flex one judged against its own base).
+each flex scenario once per --flex-headrooms value and per --reserves value
+(flex_priority_reserve: slots a default may not take while flex waits; 0 is
+the rule before it), and with --priority-headroom N a base and a flex
+scenario more with that priority_headroom (the flex one judged against its
+own base).
 Measured: engine busy (the sim's running sequences over its slots, sampled
 every 0.1 s), default and priority TTFT (first content chunk of a stream, at
 the client) of the open-loop requests, and every flex refusal's ledger row
@@ -37,7 +40,7 @@ MODEL = "sim-chat"
 
 
 def gateway_config(name: str, sim_url: str, slots: int, flex_headroom: float,
-                   wait_flex_ms: int, priority_headroom: int = 0) -> Path:
+                   wait_flex_ms: int, priority_headroom: int = 0, reserve: int = 1) -> Path:
     cfg = h.TMP / f"{name}.toml"
     cfg.write_text(f"""
 [ledger]
@@ -63,6 +66,7 @@ queue_depth = 2048
 max_wait_ms = {{ default = 60000, priority = 60000, flex = {wait_flex_ms} }}
 flex_headroom = {flex_headroom}
 priority_headroom = {priority_headroom}
+flex_priority_reserve = {reserve}
 """)
     return cfg
 
@@ -154,7 +158,8 @@ def summarize(run: dict[str, Any], slots: int, warmup: float, duration: float) -
     def ttfts(cls: str) -> list[float]:
         return [r["ttft"] for r in win if r["cls"] == cls and r["status"] == 200 and "ttft" in r]
 
-    out: dict[str, Any] = {"busy": sum(min(n, slots) for n in busy) / slots / max(1, len(busy)),
+    out: dict[str, Any] = {"ttfts": {c: ttfts(c) for c in ("default", "priority")},
+                           "busy": sum(min(n, slots) for n in busy) / slots / max(1, len(busy)),
                            "samples": len(busy)}
     for cls in ("default", "priority", "backlog"):
         t = ttfts(cls)
@@ -201,6 +206,8 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=30, help="closed-loop batch clients")
     ap.add_argument("--flex-headrooms", default="0.1",
                     help="comma-separated flex_headroom values, each a flex scenario of every round")
+    ap.add_argument("--reserves", default="1",
+                    help="comma-separated flex_priority_reserve values, each a flex scenario per flex_headroom")
     ap.add_argument("--priority-headroom", type=int, default=0,
                     help="if > 0, one more pair of scenarios with this priority_headroom: "
                          "base and flex at the first flex_headroom")
@@ -211,6 +218,7 @@ def main() -> int:
     ap.add_argument("--name", default="tiers-flex")
     args = ap.parse_args()
     headrooms = [float(x) for x in args.flex_headrooms.split(",")]
+    reserves = [int(x) for x in args.reserves.split(",")]
     if args.rate <= 0:
         # The sim's service time at the target batch (its batch knee is 2 x slots):
         # prefill, then max_tokens steps each (1 + (b - 1) / knee) / tokens_per_s.
@@ -221,20 +229,21 @@ def main() -> int:
     h.log(f"open-loop rate {args.rate:.1f}/s, {args.backlog} batch clients, {machine}")
     sim = h.start_sim("flex-sim", args.slots, args.ttft_ms, args.tokens_per_s)
     sim_root = f"http://127.0.0.1:{sim.port}"
-    scenarios: list[tuple[str, str | None, float, int]] = [("base", "none", headrooms[0], 0)]
-    scenarios += [(f"flex@{fh:g}", "flex", fh, 0) for fh in headrooms]
-    scenarios.append(("default", None, headrooms[0], 0))
+    # (label, backlog tier, flex_headroom, priority_headroom, flex_priority_reserve)
+    scenarios: list[tuple[str, str | None, float, int, int]] = [("base", "none", headrooms[0], 0, reserves[0])]
+    scenarios += [(f"flex@{fh:g}/r{r}", "flex", fh, 0, r) for fh in headrooms for r in reserves]
+    scenarios.append(("default", None, headrooms[0], 0, reserves[0]))
     ph = args.priority_headroom
     if ph > 0:
-        scenarios += [(f"base+ph{ph}", "none", headrooms[0], ph),
-                      (f"flex@{headrooms[0]:g}+ph{ph}", "flex", headrooms[0], ph)]
+        scenarios += [(f"base+ph{ph}", "none", headrooms[0], ph, reserves[0]),
+                      (f"flex@{headrooms[0]:g}/r{reserves[0]}+ph{ph}", "flex", headrooms[0], ph, reserves[0])]
     runs: list[dict[str, Any]] = []
     procs = [sim]
     try:
         for rnd in range(args.rounds):
-            for label, tier, fh, ph_run in scenarios:
-                name = f"flex-{label.replace('@', '-').replace('+', '-')}-{rnd}"
-                cfg = gateway_config(name, sim_root + "/v1", args.slots, fh, args.wait_flex_ms, ph_run)
+            for label, tier, fh, ph_run, res in scenarios:
+                name = f"flex-{label.replace('@', '-').replace('+', '-').replace('/', '-')}-{rnd}"
+                cfg = gateway_config(name, sim_root + "/v1", args.slots, fh, args.wait_flex_ms, ph_run, res)
                 gw = h.start_gateway(name, cfg)
                 procs.append(gw)
                 try:
@@ -250,18 +259,18 @@ def main() -> int:
                       f"priority p99 {s['priority']['ttft_p99_ms']:.0f} ms "
                       f"(queue {s['priority']['queue_p99_ms']:.0f})")
                 runs.append({"round": rnd, "scenario": label, "flex_headroom": fh, "priority_headroom": ph_run,
-                             "summary": s, **run})
+                             "flex_priority_reserve": res, "summary": s, **run})
     finally:
         h.stop_all(procs)
-    table, result = report(runs, args, headrooms)
+    table, result = report(runs, args, headrooms, reserves)
     print(table)
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     # The summary, every run's summary and the engine samples stay readable;
     # the per-request records (a few MB) are gzipped beside them.
     (h.RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"args": vars(args), "machine": machine, "result": result,
-         "runs": [{k: r[k] for k in ("round", "scenario", "flex_headroom", "priority_headroom", "summary",
-                                     "samples")}
+         "runs": [{k: r[k] for k in ("round", "scenario", "flex_headroom", "priority_headroom",
+                                     "flex_priority_reserve", "summary", "samples")}
                   for r in runs]}, indent=1, default=str) + "\n")
     h.save_raw(f"{args.name}-records", [{k: r[k] for k in ("round", "scenario", "records")} for r in runs])
     (h.RESULTS / f"{args.name}.md").write_text(
@@ -274,17 +283,26 @@ def main() -> int:
 
 
 def report(runs: list[dict[str, Any]], args: argparse.Namespace,
-           headrooms: list[float]) -> tuple[str, dict[str, Any]]:
+           headrooms: list[float], reserves: list[int]) -> tuple[str, dict[str, Any]]:
     ph = args.priority_headroom
     # Each flex scenario against the base with the same priority_headroom.
-    flexes = [(f"flex@{fh:g}", "base", fh) for fh in headrooms]
+    flexes = [(f"flex@{fh:g}/r{r}", "base", fh) for fh in headrooms for r in reserves]
     if ph > 0:
-        flexes.append((f"flex@{headrooms[0]:g}+ph{ph}", f"base+ph{ph}", headrooms[0]))
+        flexes.append((f"flex@{headrooms[0]:g}/r{reserves[0]}+ph{ph}", f"base+ph{ph}", headrooms[0]))
     labels = ["base"] + [f for f, _, _ in flexes] + ["default"] + ([f"base+ph{ph}"] if ph > 0 else [])
     by = {label: [r["summary"] for r in runs if r["scenario"] == label] for label in labels}
 
     def worst(label: str, cls: str) -> float:
         return max(s[cls]["ttft_p99_ms"] for s in by[label])
+
+    def pooled(label: str, cls: str) -> float:
+        # The p99 over every round's requests together: with 10% priority a
+        # round holds about 80 of them, so one round's p99 is its worst one.
+        return h.pct([t for s in by[label] for t in s["ttfts"][cls]], 99) * 1000
+
+    # The floor: how far one no-flex round's p99 is from another's.
+    noise = {c: max(s[c]["ttft_p99_ms"] for s in by["base"]) / min(s[c]["ttft_p99_ms"] for s in by["base"])
+             for c in ("default", "priority")}
 
     def busy(label: str) -> tuple[float, float]:
         return min(s["busy"] for s in by[label]), max(s["busy"] for s in by[label])
@@ -295,12 +313,17 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace,
         return "/".join(h.fmt(max(s[c]["queue_p99_ms"] for s in by[label]), 0) for c in ("default", "priority"))
 
     base_d, base_p, as_default = worst("base", "default"), worst("base", "priority"), worst("default", "default")
+    base_pd, base_pp = pooled("base", "default"), pooled("base", "priority")
     result: dict[str, Any] = {"open_loop_rate": args.rate, "base": {"busy": busy("base"),
-                              "default_p99_ms": base_d, "priority_p99_ms": base_p},
+                              "default_p99_ms": base_d, "priority_p99_ms": base_p,
+                              "default_pooled_p99_ms": base_pd, "priority_pooled_p99_ms": base_pp,
+                              "round_to_round_p99_ratio": noise},
                               "backlog_as_default": {"busy": busy("default"), "default_p99_ms": as_default,
                                                      "priority_p99_ms": worst("default", "priority")}}
-    rows = [("base: no backlog", f"{busy('base')[0]:.3f}-{busy('base')[1]:.3f}", "", h.fmt(base_d, 0), "",
-             h.fmt(base_p, 0), "", waits("base"), "")]
+    rows = [("base: no backlog", f"{busy('base')[0]:.3f}-{busy('base')[1]:.3f}", "",
+             f"{h.fmt(base_d, 0)} (pooled {h.fmt(base_pd, 0)})", f"round/round {noise['default']:.2f}x",
+             f"{h.fmt(base_p, 0)} (pooled {h.fmt(base_pp, 0)})", f"round/round {noise['priority']:.2f}x",
+             waits("base"), "")]
     if ph > 0:
         b = f"base+ph{ph}"
         result[b] = {"busy": busy(b), "default_p99_ms": worst(b, "default"), "priority_p99_ms": worst(b, "priority")}
@@ -322,18 +345,24 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace,
                          "default_wait_p99_ms": max(s["default"]["queue_p99_ms"] for s in by[label]),
                          "priority_wait_p99_ms": max(s["priority"]["queue_p99_ms"] for s in by[label]),
                          "priority_p99_ms": p, "priority_over_base": p / base_p,
+                         "priority_pooled_p99_ms": pooled(label, "priority"),
+                         "priority_pooled_over_base": pooled(label, "priority") / base_pp,
+                         "default_pooled_over_base": pooled(label, "default") / base_pd,
                          "flex_served": sum(x["flex_served"] for x in led),
                          "flex_served_at_half_price": all(x["flex_served_cost_half"] for x in led),
                          "flex_refused": refused, "flex_refused_billed": billed,
                          "refusal_codes": [x["codes"] for x in led]}
-        name = f"+ backlog as flex, flex_headroom {fh:g}"
+        res = label.split("/r")[1].split("+")[0]
+        name = f"+ backlog as flex, flex_headroom {fh:g}, flex_priority_reserve {res}"
         if base_label != "base":
             name += f", priority_headroom {ph}"
         rows.append((name, f"{lo:.3f}-{hi:.3f}",
                      f"{target:g} +/- 0.05: {met(abs(lo - target) <= 0.05 and abs(hi - target) <= 0.05)}",
                      h.fmt(d, 0), f"{d / own_d:.2f}x its base ({met(d <= 1.25 * own_d)}), "
                      f"{d / as_default:.3f}x as-default",
-                     h.fmt(p, 0), f"{p / base_p:.2f}x base", waits(label),
+                     f"{h.fmt(p, 0)} (pooled {h.fmt(pooled(label, 'priority'), 0)})",
+                     f"{p / base_p:.2f}x base; pooled {pooled(label, 'priority') / base_pp:.2f}x "
+                     f"({met(pooled(label, 'priority') <= 1.1 * base_pp)})", waits(label),
                      f"{refused} refused, {billed} billed ({met(billed == 0)})"))
     rows.append(("+ backlog as default", f"{busy('default')[0]:.3f}-{busy('default')[1]:.3f}", "",
                  h.fmt(as_default, 0), "", h.fmt(worst("default", "priority"), 0), "", waits("default"), ""))

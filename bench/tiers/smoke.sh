@@ -18,10 +18,10 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 r = json.loads((out / "smoke.json").read_text())
 assert (out / "smoke.md").stat().st_size > 0 and (out / "smoke-records.json.gz").stat().st_size > 0
-assert [x["scenario"] for x in r["runs"]] == ["base", "flex@0.1", "default"], r["runs"]
+assert [x["scenario"] for x in r["runs"]] == ["base", "flex@0.1/r1", "default"], r["runs"]
 rules = json.loads((out / "smoke-rules.json").read_text())["rules"]
 assert [x["rule"] for x in rules][:2] == ["none", "static 2"] and all(x["runs"][0]["n"] > 0 for x in rules), rules
-flex = r["result"]["flex@0.1"]
+flex = r["result"]["flex@0.1/r1"]
 assert flex["flex_served"] > 0 and flex["flex_served_at_half_price"], flex
 assert flex["flex_refused_billed"] == 0, flex
 print(f"tiers/flex smoke ok: {flex['flex_served']} flex served, {flex['flex_refused']} refused unbilled")

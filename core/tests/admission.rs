@@ -343,3 +343,61 @@ fn a_cost_zero_request_is_not_the_buckets_to_decide_even_in_its_priority_reserve
         assert_eq!(st.shed[ShedCode::RateLimitExceeded as usize] + st.shadow_rate_limited, 1);
     }
 }
+
+fn flex_pool(max: i64, reserve: i64, flex_headroom: f64) -> Pool {
+    let s = PoolSpec { max_concurrency: Some(max), queue_depth: 8, flex_headroom, flex_priority_reserve: reserve, fairness: "off".into(), ..PoolSpec::default() }
+        .validate()
+        .unwrap();
+    Pool::new(s, Clock::Manual(Arc::new(ManualClock::new(1_000 * MS))))
+}
+
+#[test]
+fn while_flex_waits_the_reserve_is_kept_from_defaults_and_flex_for_priority() {
+    // Limit 4, flex headroom one slot, reserve 1: flex runs below 3.
+    let p = flex_pool(4, 1, 0.25);
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    let f = queued(p.admit(Lane::Flex, 1));
+    // 3 in flight and a flex request waits: the 4th slot is priority's.
+    let d = queued(p.admit(Lane::Default, 1));
+    assert_eq!(p.stats().in_flight, 3);
+    assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+    assert_eq!(p.stats().in_flight, 4);
+    // The priority request ends: 3 held, the default still may not have the 4th.
+    assert_eq!(p.release(), None);
+    assert_eq!((p.stats().in_flight, p.depth()), (3, [0, 1, 1]));
+    // Another ends: 2 held, the default goes before the flex waiter.
+    assert_eq!(p.release(), Some(d));
+    assert_eq!((p.stats().in_flight, p.depth()), (3, [0, 0, 1]));
+    assert_eq!(p.release(), Some(f));
+    // No flex waiting: a default takes every slot, the last one included.
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+    assert_eq!((p.stats().in_flight, p.depth()), (4, [0, 0, 0]));
+}
+
+#[test]
+fn the_reserve_caps_flex_below_it_when_larger_than_the_flex_headroom() {
+    // Reserve 2 on a limit of 4 with a one-slot flex headroom: flex stops at 2.
+    let p = flex_pool(4, 2, 0.25);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    queued(p.admit(Lane::Flex, 1));
+    assert_eq!(p.stats().in_flight, 2);
+    // Defaults may take neither free slot while flex waits; priority both.
+    queued(p.admit(Lane::Default, 1));
+    assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+    assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+    assert_eq!(p.stats().in_flight, 4);
+}
+
+#[test]
+fn the_reserve_is_cut_to_leave_defaults_a_slot_and_refused_below_zero() {
+    let with = |max_concurrency, reserve| PoolSpec { max_concurrency, flex_priority_reserve: reserve, ..PoolSpec::default() }.validate();
+    assert_eq!(with(Some(1), 1).unwrap().flex_priority_reserve, 0);
+    assert_eq!(with(Some(4), 9).unwrap().flex_priority_reserve, 3);
+    assert_eq!(with(None, 1).unwrap().flex_priority_reserve, 1);
+    assert_eq!(PoolSpec::default().validate().unwrap().flex_priority_reserve, 1);
+    let err = with(Some(4), -1).unwrap_err().to_string();
+    assert!(err.starts_with("flex_priority_reserve: must be at least 0"), "{err}");
+}

@@ -52,6 +52,9 @@ struct Model {
     bounds: Option<(usize, usize)>,
     /// Slots only priority may take (`priority_headroom`).
     headroom: usize,
+    /// Slots only priority may take while a flex request waits
+    /// (`flex_priority_reserve`; the larger of it and `headroom` then).
+    reserve: usize,
     /// `flex_headroom`: a share of the limit, at least one slot, that flex
     /// may not take beyond `headroom`.
     flex_share: f64,
@@ -72,7 +75,11 @@ impl Model {
     /// Flex is served only below the limit minus both headrooms.
     fn flex_limit(&self) -> usize {
         let slots = ((self.flex_share * self.limit as f64).ceil() as usize).max(1);
-        self.limit.saturating_sub(self.headroom + slots)
+        self.limit.saturating_sub((self.headroom + slots).max(self.reserve))
+    }
+    /// Slots a default may not take now.
+    fn hr(&self) -> usize {
+        if self.reserve > self.headroom && self.lane_depth(2) > 0 { self.reserve } else { self.headroom }
     }
     fn depth(&self) -> usize {
         self.lanes.iter().map(|l| l.iter().filter(|e| e.live).count()).sum()
@@ -106,9 +113,9 @@ impl Model {
         // ahead of the others; every waiter is ahead of a flex arrival.
         let sold = (self.lane_depth(0) + self.lane_depth(1)) as usize;
         let (limit, ahead) = match lane {
-            Lane::Priority if self.headroom > 0 => (self.limit, self.lane_depth(0) as usize),
+            Lane::Priority if self.headroom > 0 || self.reserve > 0 => (self.limit, self.lane_depth(0) as usize),
             Lane::Priority => (self.limit, sold),
-            Lane::Default => (self.limit - self.headroom, sold),
+            Lane::Default => (self.limit - self.hr(), sold),
             Lane::Flex => (self.flex_limit(), self.depth()),
         };
         if ahead == 0 && self.in_flight < limit {
@@ -150,7 +157,7 @@ impl Model {
         if self.in_flight >= self.limit {
             return None;
         }
-        let next = self.pop_next(self.in_flight < self.limit - self.headroom, self.in_flight < self.flex_limit());
+        let next = self.pop_next(self.in_flight < self.limit - self.hr(), self.in_flight < self.flex_limit());
         if next.is_some() {
             self.in_flight += 1;
         }
@@ -158,7 +165,7 @@ impl Model {
     }
     fn release(&mut self) -> Option<u64> {
         // Over a lowered limit, the slot is freed, not handed on.
-        if self.headroom > 0 || self.in_flight > self.limit {
+        if self.headroom > 0 || self.reserve > 0 || self.in_flight > self.limit {
             self.in_flight -= 1;
             return self.dispatch();
         }
@@ -215,7 +222,7 @@ impl Model {
 }
 
 /// `bounds`: Some((min, max)) for an adaptive limit starting at `limit`.
-fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: usize, headroom: usize, flex_share: f64) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: usize, (headroom, reserve): (usize, usize), flex_share: f64) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(0));
     let spec = match bounds {
         None => PoolSpec { max_concurrency: Some(limit as i64), ..PoolSpec::default() },
@@ -230,6 +237,7 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
         queue_depth: queue_depth as i64,
         max_wait_ms: [80.0, 50.0, 120.0],
         priority_headroom: headroom as i64,
+        flex_priority_reserve: reserve as i64,
         flex_headroom: flex_share,
         // The model is first come, first served inside a lane: today's
         // order, kept as `fairness = "off"`. The fair order has its own
@@ -245,6 +253,7 @@ fn run(ops: Vec<Op>, limit: usize, bounds: Option<(usize, usize)>, queue_depth: 
         limit,
         bounds,
         headroom,
+        reserve,
         flex_share,
         queue_depth,
         ring_cap,
@@ -336,11 +345,11 @@ proptest! {
     #[test]
     fn pool_matches_the_sequential_model(
         ops in prop::collection::vec(op(), 1..200),
-        (max_concurrency, headroom) in (1usize..6).prop_flat_map(|m| (Just(m), 0..m)),
+        (max_concurrency, headroom, reserve) in (1usize..6).prop_flat_map(|m| (Just(m), 0..m, 0..m)),
         queue_depth in 0usize..6,
         flex_share in prop_oneof![Just(0.0), Just(0.1), Just(0.25), Just(0.5)],
     ) {
-        run(ops, max_concurrency, None, queue_depth, headroom, flex_share)?;
+        run(ops, max_concurrency, None, queue_depth, (headroom, reserve), flex_share)?;
     }
 
     #[test]
@@ -348,7 +357,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..200),
         (min, max, initial, headroom) in (1usize..4)
             .prop_flat_map(|min| (Just(min), min..6))
-            .prop_flat_map(|(min, max)| (Just(min), Just(max), min..=max, 0..min)),
+            .prop_flat_map(|(min, max)| (Just(min), Just(max), min..=max, (0..min, 0..min))),
         queue_depth in 0usize..6,
         flex_share in prop_oneof![Just(0.0), Just(0.1), Just(0.25), Just(0.5)],
     ) {

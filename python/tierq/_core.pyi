@@ -133,6 +133,7 @@ class _SettingsKwargs(TypedDict, total=False):
     default_min_share: float | None
     priority_headroom: int | None
     flex_headroom: float | None
+    flex_priority_reserve: int | None
     fairness: str | None
     fair_queues: int | None
     engine_interval_ms: float | None
@@ -172,6 +173,8 @@ class PoolSettings:
     def priority_headroom(self) -> int: ...
     @property
     def flex_headroom(self) -> float: ...
+    @property
+    def flex_priority_reserve(self) -> int: ...
     @property
     def default_min_share(self) -> float: ...
     @property

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Unpack, cast, get_args
 import yarl
 
 from tierq._core import PoolSettings, SettingsError
-from tierq.catalog import builtin_prices
+from tierq.catalog import builtin_prices, builtin_priority
 from tierq.health import HEALTH_DEFAULTS, HealthSettings
 from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, DEFAULT_PRIORITY_MULTIPLIER, femto_per_token
 from tierq.storage import DEFAULT_LEDGER_URL, DEFAULT_SPOOL, Durability, StoreKind, sqlite_path, store_kind
@@ -592,6 +592,11 @@ class _Parser:
         upstream_model = t.string("upstream_model")
         served_by = next(u for u in upstreams if u.name == upstream)
         admission = self.admission(t.table("admission"), served_by.metrics_interval_ms)
+        sells_priority = priority if priority is not None else builtin is not None and builtin_priority(model_id)
+        if not sells_priority and "flex_priority_reserve" not in admission.written:
+            # The reserve keeps a slot for priority arrivals while flex waits:
+            # on a model without priority nobody could use it.
+            admission = admission.but(flex_priority_reserve=0)
         t.done()
         return ModelConfig(model_id, upstream, priority, input_per_m, output_per_m,
                            upstream_model, admission, flex)
