@@ -117,6 +117,11 @@ pub(crate) mod at {
     pub const HOLD: usize = 13 * LINE + 1;
     /// The limit the last engine cut set (0: never cut); same writer as HOLD.
     pub const CUT_AT: usize = 13 * LINE + 2;
+    /// Per lane: the deadline refusal's margin, a high quantile of the
+    /// wait prediction's recent relative error (`Pool::wait_observed`), in
+    /// 1/1024ths of the prediction; racy load/store (an estimate). Set to
+    /// its start at init; a block made before these words had them 0.
+    pub const MARGIN: [usize; 3] = [13 * LINE + 3, 13 * LINE + 4, 13 * LINE + 5];
     // Line 14: the latency estimate (racy load/store: an estimate; samples
     // that race a window's close may land in the next one or be lost).
     /// Latency floor (ns, 0: none yet): the lowest window minimum, drifting

@@ -588,6 +588,19 @@ impl PyAdmissionCore {
         out
     }
 
+    /// A request queued in `lane` with predicted wait `predicted_ns` left the
+    /// line after `waited_ns` (granted or shed at its deadline): moves the
+    /// lane's learned deadline refusal margin.
+    fn wait_observed(&self, lane: u8, predicted_ns: u64, waited_ns: u64) -> PyResult<()> {
+        self.0.wait_observed(lane_of(lane)?, predicted_ns, waited_ns);
+        Ok(())
+    }
+
+    /// `lane`'s learned deadline refusal margin, a share of the prediction.
+    fn deadline_margin(&self, lane: u8) -> PyResult<f64> {
+        Ok(self.0.deadline_margin(lane_of(lane)?))
+    }
+
     fn deadline_ns(&self, waiter: u64) -> Option<u64> {
         self.0.deadline_ns(waiter)
     }

@@ -175,8 +175,11 @@ async def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once() -> N
     assert (e.code, e.deadline_refused, e.lane) == ("queue_timeout", True, "default")
     # Four ahead of it at one release per 100 ms: its turn is the fifth release.
     assert e.predicted_wait_s == pytest.approx(0.5)
-    # Refused with its margin: 500 ms and a third of it must fit in 300 ms.
-    assert e.retry_after_s == pytest.approx(0.5 * 4 / 3 - 0.3), "until the line ahead is short enough"
+    # Refused with its margin: 500 ms and the learned margin of it (a third
+    # to start, a step down for the one grant seen) must fit in 300 ms.
+    margin = adm._core.deadline_margin(1)
+    assert margin == pytest.approx(340 / 1024)
+    assert e.retry_after_s == pytest.approx(0.5 * (1 + margin) - 0.3, abs=1e-6), "until the line ahead is short enough"
     assert clock.now_ns() == before, "refused without waiting"
     stats = adm.stats()
     assert stats["deadline_refused"] == 1
@@ -286,3 +289,33 @@ async def test_service_exported_once_and_imported_service_counts_in_the_order() 
     # The holder (anonymous) and the four requests, 100 each: the import and
     # the lifts are not this host's service.
     assert sum(service for _, _, service in exported) == 500, exported
+
+
+async def test_the_refusal_margin_is_learned_from_the_waits_of_granted_requests() -> None:
+    clock = ManualClock()
+    adm, holder = await saturated_with_drain(clock, 0.1)
+    core = adm._core
+    default = 1
+    # A third to start, one step down for the grant seen setting up.
+    assert core.deadline_margin(default) == pytest.approx(340 / 1024)
+    # Granted requests that waited 3x their prediction: the margin climbs
+    # to its bound (the prediction again).
+    for _ in range(10):
+        core.wait_observed(default, 100_000_000, 300_000_000)
+    assert core.deadline_margin(default) == pytest.approx(1.0)
+    assert core.deadline_margin(0) == pytest.approx(341 / 1024), "each lane learns its own"
+    tasks = [asyncio.create_task(hold(adm)) for _ in range(4)]
+    await settle()
+    # Predicted 500 ms: with a third it fit in 700 ms; with the learned
+    # margin (500 ms more) it is refused, told to come back when it fits.
+    with pytest.raises(Shed) as refused:
+        async with adm.acquire(max_wait_ms=700):
+            pytest.fail("admitted though its learned margin misses the deadline")
+    e = refused.value
+    assert (e.code, e.deadline_refused, e.predicted_wait_s) == ("queue_timeout", True, pytest.approx(0.5))
+    assert e.retry_after_s == pytest.approx(0.3)
+    # The queued ones are granted at once on this clock (waited 0, predicted
+    # more): each grant the gateway sees moves the margin down a step.
+    await give_back(holder)
+    await release_as_granted(tasks)
+    assert core.deadline_margin(default) == pytest.approx(1.0 - 4 / 1024)

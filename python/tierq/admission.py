@@ -169,6 +169,9 @@ class Slot:
         except Shed as e:
             self.queue_ns = core.now_ns() - t0
             e.queue_ms = self.queue_ms
+            if predicted != _NONE and e.code == "queue_timeout":
+                # Shed at its deadline: it would have waited at least this.
+                core.wait_observed(self.lane, predicted, self.queue_ns)
             raise
         except asyncio.CancelledError:
             self.queue_ns = core.now_ns() - t0
@@ -180,6 +183,9 @@ class Slot:
                 adm._release()
             raise
         self.queue_ns = core.now_ns() - t0
+        if predicted != _NONE:
+            # The prediction's error teaches the lane's refusal margin.
+            core.wait_observed(self.lane, predicted, self.queue_ns)
         return self
 
     async def __aexit__(
