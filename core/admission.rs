@@ -391,6 +391,7 @@ impl Pool {
             owners: array(2),
             tags: array(3),
             dues: array(4),
+            homes: array(5),
         }
     }
 
@@ -597,6 +598,13 @@ impl Pool {
     /// `ask`. A request with its own max wait whose predicted wait exceeds
     /// it is refused at once (`queue_timeout`, nothing held or queued).
     pub fn admit_ask(&self, lane: Lane, cost: u64, ask: &Ask) -> (Admit, Placed) {
+        self.admit_home(lane, cost, ask, 0)
+    }
+
+    /// `admit_ask` for a request whose home replica is `home - 1` (0: none,
+    /// a pool of one engine or a routing without homes): a waiter keeps it
+    /// beside its ticket for the replica grant rule (`release_from`).
+    pub fn admit_home(&self, lane: Lane, cost: u64, ask: &Ask, home: u64) -> (Admit, Placed) {
         let _moving = self.moving();
         let fair = self.fair(lane);
         let queue = if self.fair_on { fair.choose(ask.hand) } else { ask.hand.0 };
@@ -711,7 +719,7 @@ impl Pool {
         // published is always counted (`fair::WAITING`).
         self.joined(lane, queue, fair::owner(ask.hand), ask.service, due != 0);
         crash_point!("admit.joined");
-        let pos = match self.ring(lane).push(now, self.me, tag, due) {
+        let pos = match self.ring(lane).push(now, self.me, tag, due, home) {
             Ok(pos) => pos,
             Err(_) => {
                 self.left(lane, tag);
@@ -780,9 +788,9 @@ impl Pool {
     /// default waiter (false while only the priority headroom is free).
     /// `allow_flex`: to a flex waiter, once no other waits (false unless
     /// the slot is below the limit minus both headrooms).
-    fn pop_next(&self, allow_default: bool, allow_flex: bool) -> Option<(WaiterId, u64)> {
+    fn pop_next(&self, allow_default: bool, allow_flex: bool, home: u64) -> Option<(WaiterId, u64)> {
         if !allow_default {
-            return self.pop_lane(Lane::Priority);
+            return self.pop_lane(Lane::Priority, home);
         }
         let [p, d, _] = self.depth();
         let mut order = [Lane::Priority, Lane::Default];
@@ -793,13 +801,31 @@ impl Pool {
                 order = [Lane::Default, Lane::Priority];
             }
         }
-        order.into_iter().find_map(|lane| self.pop_lane(lane)).or_else(|| allow_flex.then(|| self.pop_lane(Lane::Flex)).flatten())
+        order.into_iter().find_map(|lane| self.pop_lane(lane, home)).or_else(|| allow_flex.then(|| self.pop_lane(Lane::Flex, home)).flatten())
     }
 
     #[inline]
-    fn pop_lane(&self, lane: Lane) -> Option<(WaiterId, u64)> {
+    fn pop_lane(&self, lane: Lane, home: u64) -> Option<(WaiterId, u64)> {
         let ring = self.ring(lane);
-        let (pos, owner, _) = if self.fair_on {
+        // The replica grant rule (core/replicas.rs, `HOME_LOOK_AHEAD`): a
+        // slot freed on replica `home - 1` goes to the oldest of the lane's
+        // next waiters whose home it is, at most `HOME_SKIPS` grants in a
+        // row past the front; else the lane's next waiter as without it.
+        let skips = self.w(at::SKIPS[lane as usize]);
+        let homed = (home != 0 && skips.load(Relaxed) < crate::replicas::HOME_SKIPS)
+            .then(|| ring.take_home(home, crate::replicas::HOME_LOOK_AHEAD))
+            .flatten();
+        if homed.is_none() && skips.load(Relaxed) != 0 {
+            skips.store(0, Relaxed);
+        }
+        let (pos, owner, _) = if let Some(taken) = homed {
+            skips.fetch_add(1, Relaxed);
+            self.left(lane, taken.2);
+            if self.fair_on {
+                self.fair(lane).charge(fair::tag_queue(taken.2), fair::tag_service(taken.2));
+            }
+            taken
+        } else if self.fair_on {
             // While tombstones left by fair picks crowd the ring (a waiter
             // of a queue far ahead holds the head), the oldest goes next, so
             // they never fill it and shed arrivals the queue has room for.
@@ -852,21 +878,27 @@ impl Pool {
     /// Gives a free slot, if any, to the next waiter. At most one grant;
     /// `Some` only when that waiter is this process's.
     pub fn dispatch(&self) -> Option<WaiterId> {
+        self.dispatch_home(0)
+    }
+
+    /// `dispatch` for a slot freed on replica `home - 1` (0: none): the
+    /// replica grant rule's look-ahead (`pop_lane`).
+    fn dispatch_home(&self, home: u64) -> Option<WaiterId> {
         let _moving = self.moving();
-        match self.dispatch_one() {
+        match self.dispatch_one(home) {
             Grant::Mine(id) => Some(id),
             Grant::Other | Grant::Nothing => None,
         }
     }
 
-    fn dispatch_one(&self) -> Grant {
+    fn dispatch_one(&self, home: u64) -> Grant {
         loop {
             let limit = self.limit();
             let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
             crash_point!("dispatch.taken");
             // The CAS fixed how many slots others hold: the rule is exact.
             let below_default = before < limit - self.headroom();
-            if let Some((id, owner)) = self.pop_next(below_default, before < self.flex_limit_of(limit)) {
+            if let Some((id, owner)) = self.pop_next(below_default, before < self.flex_limit_of(limit), home) {
                 crash_point!("dispatch.popped");
                 return match self.hand_to(id, owner, false) {
                     Hand::Mine => Grant::Mine(id),
@@ -894,7 +926,7 @@ impl Pool {
         let _moving = self.moving();
         let mut mine = Vec::new();
         loop {
-            match self.dispatch_one() {
+            match self.dispatch_one(0) {
                 Grant::Mine(id) => mine.push(id),
                 Grant::Other => {}
                 Grant::Nothing => return mine,
@@ -957,6 +989,13 @@ impl Pool {
     /// that waiter is this process's, its id is returned and the caller
     /// resolves it (another process's is told through its mailbox).
     pub fn release(&self) -> Option<WaiterId> {
+        self.release_from(0)
+    }
+
+    /// `release` of a slot whose holder ran on replica `home - 1` (0: none):
+    /// the waiter it passes to is chosen by the replica grant rule
+    /// (`pop_lane`), so a freed replica goes to a waiter whose home it is.
+    pub fn release_from(&self, home: u64) -> Option<WaiterId> {
         let _moving = self.moving();
         // A slot owed to `withhold` stays taken and becomes withheld. One
         // load when nothing is owed, the common case.
@@ -980,7 +1019,7 @@ impl Pool {
             if self.w(at::DEPTH).load(SeqCst) != 0 {
                 self.note_release();
             }
-        } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true, false)).flatten() {
+        } else if let Some((id, owner)) = self.may_hand_on().then(|| self.pop_next(true, false, home)).flatten() {
             // Never straight to flex: whether it may have the slot depends on
             // how many others are held, which only `dispatch`'s CAS settles.
             crash_point!("release.popped");
@@ -1001,7 +1040,7 @@ impl Pool {
             debug_assert!(false, "release() without a held slot");
             return None;
         }
-        if self.any_published() { self.dispatch() } else { None }
+        if self.any_published() { self.dispatch_home(home) } else { None }
     }
 
     /// A taken slot that nobody holds (its owner died): the next waiter gets
@@ -1012,7 +1051,7 @@ impl Pool {
             return if self.any_published() { self.dispatch() } else { None };
         }
         loop {
-            let Some((id, owner)) = self.pop_next(true, false) else {
+            let Some((id, owner)) = self.pop_next(true, false, 0) else {
                 self.w(at::IN_FLIGHT).fetch_sub(1, SeqCst);
                 return if self.any_published() { self.dispatch() } else { None };
             };
@@ -1733,6 +1772,72 @@ mod tests {
         assert!(matches!(pool.admit(Lane::Default, 1), Admit::Queued { granted: None, .. }));
         clock.advance_ns(gap_ns);
         assert!(pool.release().is_some());
+    }
+
+    /// Queues a waiter in `lane` whose home is replica `home - 1`.
+    fn wait_at_home(pool: &Pool, lane: Lane, home: u64) -> WaiterId {
+        match pool.admit_home(lane, 1, &pool.ask_anonymous(), home).0 {
+            Admit::Queued { waiter, granted: None, .. } => waiter,
+            other => panic!("expected to queue, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slot_freed_on_a_replica_goes_to_the_next_waiter_whose_home_it_is() {
+        let (pool, _clock) = saturated();
+        let w: Vec<WaiterId> = [1, 2, 3, 2].iter().map(|&h| wait_at_home(&pool, Lane::Default, h)).collect();
+        assert_eq!(pool.release_from(3), Some(w[2]));
+        assert_eq!(pool.release_from(2), Some(w[1]), "the oldest at home 2");
+        // Nobody's home: the front, as without replicas.
+        assert_eq!(pool.release_from(9), Some(w[0]));
+        assert_eq!(pool.release(), Some(w[3]));
+        // Priority strictly first: a default waiter at home does not pass it.
+        let p = wait_at_home(&pool, Lane::Priority, 1);
+        let _d = wait_at_home(&pool, Lane::Default, 2);
+        assert_eq!(pool.release_from(2), Some(p));
+    }
+
+    #[test]
+    fn the_home_rule_passes_the_front_a_bounded_number_of_times_seeded() {
+        // 64 rounds of random homes (4 replicas) and random freed replicas:
+        // every grant is within the look-ahead, and the front is passed at
+        // most HOME_SKIPS grants in a row.
+        let (pool, _clock) = saturated();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut line: Vec<(WaiterId, u64)> = Vec::new();
+        let (mut passed, mut most_passed, mut homed) = (0u64, 0u64, 0u64);
+        for _ in 0..64 {
+            for _ in 0..(next() % 3) {
+                let h = next() % 4 + 1;
+                line.push((wait_at_home(&pool, Lane::Default, h), h));
+            }
+            let freed = next() % 4 + 1;
+            let Some(g) = pool.release_from(freed) else {
+                // Nobody waited: the slot is free again; hold it once more.
+                assert_eq!(pool.admit(Lane::Default, 1), Admit::Now);
+                continue;
+            };
+            let at = line.iter().position(|&(w, _)| w == g).expect("a waiter in line");
+            assert!(at < crate::replicas::HOME_LOOK_AHEAD as usize, "granted {at} places behind the front");
+            if at > 0 {
+                assert_eq!(line[at].1, freed, "only a waiter at home passes the front");
+                passed += 1;
+                homed += 1;
+            } else {
+                homed += (line[0].1 == freed) as u64;
+                passed = 0;
+            }
+            most_passed = most_passed.max(passed);
+            line.remove(at);
+        }
+        assert!(most_passed <= crate::replicas::HOME_SKIPS, "{most_passed}");
+        assert!(homed > 16, "the rule took a waiter at home {homed} times of 64");
     }
 
     #[test]

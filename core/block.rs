@@ -35,7 +35,10 @@ pub(crate) const LINE: usize = 8;
 // Version 9: each lane's fair state has a third word before its bitmap,
 // the last newcomer's lift (`fair::LIFTED`); a version-8 process would read
 // it as the bitmap's first word and every queue's words one word early.
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_0009; // "tierq_" + layout version 9
+// Version 10: each ring cell has its waiter's home replica beside it (a
+// sixth array) and each lane a SKIPS word after its head; a version-9
+// process would read the next lane's cells where this lane's homes now are.
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_000a; // "tierq_" + layout version 10
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {
@@ -137,11 +140,16 @@ pub(crate) mod at {
     pub const WIN_MIN: usize = 14 * LINE + 4;
     pub const WIN_START: usize = 14 * LINE + 5;
     // Lines 15-16: the flex ring's head and tail (HEAD[2], TAIL[2]).
-    /// Per lane: cells, enqueued_ns, owners, tags, dues (`ring_cap` words
+    /// Per lane: cells, enqueued_ns, owners, tags, dues, homes (`ring_cap` words
     /// each); then per lane its fair state (`fair::lane_words`); then the
     /// workers' lines and mailboxes.
     pub const RINGS: usize = 17 * LINE;
-    pub const RING_ARRAYS: usize = 5;
+    pub const RING_ARRAYS: usize = 6;
+    /// Per lane, the word after its head (HEAD[l] + 1): grants in a row
+    /// that passed over the lane's front waiter for one at the freed
+    /// replica's home (`Pool::release_from`); at `HOME_SKIPS` the front goes
+    /// next. A hint (racing grants may each add one).
+    pub const SKIPS: [usize; 3] = [4 * LINE + 1, 6 * LINE + 1, 15 * LINE + 1];
 }
 /// Offsets within a worker's line (shared pools).
 pub(crate) mod wk {
@@ -166,7 +174,7 @@ pub(crate) const LANES: usize = crate::Lane::ALL.len();
 pub(crate) const HELD_COUNT: u64 = 0xffff_ffff;
 
 /// First word of lane `lane`'s ring (cells, enqueued_ns, owners, tags,
-/// dues: `ring_cap` words each).
+/// dues, homes: `ring_cap` words each).
 #[inline]
 pub(crate) fn ring_base(ring_cap: usize, lane: usize) -> usize {
     at::RINGS + lane * at::RING_ARRAYS * ring_cap

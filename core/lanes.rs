@@ -63,6 +63,9 @@ pub(crate) struct Ring<'a> {
     /// `dues[pos % cap]`: when ticket `pos` passes its own deadline (clock
     /// ns; 0: it has none, the lane's max wait applies); same rule.
     pub dues: &'a [AtomicU64],
+    /// `homes[pos % cap]`: ticket `pos`'s home replica plus one (0: none,
+    /// a pool of one engine); same publication and trust rule as `owners`.
+    pub homes: &'a [AtomicU64],
 }
 
 /// A waiter taken out of the line: its ticket, owner and fairness tag.
@@ -93,7 +96,7 @@ impl<'a> Ring<'a> {
 
     /// Joins the back of the line at `now` for `owner`, with its fairness
     /// `tag` and own deadline `due` (0: none); returns the ticket.
-    pub(crate) fn push(&self, now: u64, owner: u64, tag: u64, due: u64) -> Result<u64, RingFull> {
+    pub(crate) fn push(&self, now: u64, owner: u64, tag: u64, due: u64, home: u64) -> Result<u64, RingFull> {
         loop {
             let t = self.tail.load(SeqCst);
             let i = self.idx(t);
@@ -106,6 +109,7 @@ impl<'a> Ring<'a> {
                     self.owners[i].store(owner, Relaxed);
                     self.tags[i].store(tag, Relaxed);
                     self.dues[i].store(due, Relaxed);
+                    self.homes[i].store(home, Relaxed);
                     self.cells[i].store(cell(t, WAITING), SeqCst);
                     return Ok(t);
                 }
@@ -246,6 +250,40 @@ impl<'a> Ring<'a> {
             p += 1;
         }
         (None, unpublished)
+    }
+
+    /// The replica grant rule's look-ahead (core/replicas.rs): among the
+    /// first `k` waiting tickets from the head, the oldest whose home is
+    /// `home` (a replica plus one), taken with one CAS as a cancel is (a
+    /// tombstone the head reclaims when it passes). None when the front
+    /// waiter is itself at home (the caller's pop takes it, as today) or
+    /// none of the `k` is: the caller pops as it would without a home.
+    pub(crate) fn take_home(&self, home: u64, k: u32) -> Option<Taken> {
+        let (h, t) = self.live_span();
+        let mut seen = 0u32;
+        let mut p = h;
+        while p < t && seen < k {
+            let i = self.idx(p);
+            let word = self.cells[i].load(SeqCst);
+            let (pos, state) = split(word);
+            if pos == p && state == WAITING {
+                if self.homes[i].load(SeqCst) == home {
+                    if seen == 0 {
+                        return None;
+                    }
+                    let owner = self.owners[i].load(SeqCst);
+                    let tag = self.tags[i].load(SeqCst);
+                    if self.cells[i].compare_exchange(word, cell(p, TOMB), SeqCst, SeqCst).is_ok() {
+                        return Some((p, owner, tag));
+                    }
+                    // Decided meanwhile (granted, cancelled): look at it again.
+                    continue;
+                }
+                seen += 1;
+            }
+            p += 1;
+        }
+        None
     }
 
     /// Tickets between the head hint and the tail: live waiters and the
@@ -401,6 +439,7 @@ mod tests {
         own: Vec<AtomicU64>,
         tags: Vec<AtomicU64>,
         dues: Vec<AtomicU64>,
+        homes: Vec<AtomicU64>,
     }
     impl Owned {
         fn new(cap: usize) -> Self {
@@ -412,12 +451,13 @@ mod tests {
                 own: (0..cap).map(|_| AtomicU64::new(0)).collect(),
                 tags: (0..cap).map(|_| AtomicU64::new(0)).collect(),
                 dues: (0..cap).map(|_| AtomicU64::new(0)).collect(),
+                homes: (0..cap).map(|_| AtomicU64::new(0)).collect(),
             };
             o.ring().init();
             o
         }
         fn ring(&self) -> Ring<'_> {
-            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq, owners: &self.own, tags: &self.tags, dues: &self.dues }
+            Ring { head: &self.head, tail: &self.tail, cells: &self.cells, enqueued_ns: &self.enq, owners: &self.own, tags: &self.tags, dues: &self.dues, homes: &self.homes }
         }
     }
 
@@ -426,7 +466,7 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..5 {
-            assert_eq!(r.push(n, 0, 0, 0), Ok(n));
+            assert_eq!(r.push(n, 0, 0, 0, 0), Ok(n));
         }
         assert_eq!((0..5).map(|_| r.pop().unwrap().0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert_eq!(r.pop(), None);
@@ -437,13 +477,13 @@ mod tests {
         let o = Owned::new(4);
         let r = o.ring();
         for n in 0..4 {
-            r.push(n, 0, 0, 0).unwrap();
+            r.push(n, 0, 0, 0, 0).unwrap();
         }
-        assert_eq!(r.push(9, 0, 0, 0), Err(RingFull));
+        assert_eq!(r.push(9, 0, 0, 0, 0), Err(RingFull));
         assert!(r.remove(0));
         assert!(!r.remove(0), "a waiter leaves exactly once");
         r.reap();
-        assert_eq!(r.push(9, 0, 0, 0), Ok(4), "the reclaimed cell is reused");
+        assert_eq!(r.push(9, 0, 0, 0, 0), Ok(4), "the reclaimed cell is reused");
         assert!(r.remove(2));
         assert_eq!(r.pop(), Some((1, 0, 0)));
         assert_eq!(r.pop(), Some((3, 0, 0)));
@@ -456,7 +496,7 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for n in 0..3 {
-            r.push(n, 0, 0, 0).unwrap();
+            r.push(n, 0, 0, 0, 0).unwrap();
         }
         assert!(r.remove(2));
         assert_eq!(r.remove_newest(), Some((1, 0, 0)));
@@ -469,7 +509,7 @@ mod tests {
         let o = Owned::new(8);
         let r = o.ring();
         for at in [10, 20, 30] {
-            r.push(at, 0, 0, 0).unwrap();
+            r.push(at, 0, 0, 0, 0).unwrap();
         }
         let mut gone = vec![];
         r.expire(20, |p, _, _| gone.push(p));
@@ -483,7 +523,7 @@ mod tests {
         let o = Owned::new(4);
         let r = o.ring();
         for (n, owner) in [7u64, 8, 7, 9].into_iter().enumerate() {
-            assert_eq!(r.push(n as u64, owner, 0, 0), Ok(n as u64));
+            assert_eq!(r.push(n as u64, owner, 0, 0, 0), Ok(n as u64));
         }
         let mut gone = vec![];
         r.remove_all_of(7, |p, _| gone.push(p));
@@ -499,7 +539,7 @@ mod tests {
         let r = o.ring();
         // Two laps in, so the stale cells hold later tickets, not empty ones.
         for n in 0..11 {
-            r.push(n, 0, 0, 0).unwrap();
+            r.push(n, 0, 0, 0, 0).unwrap();
             if n < 9 {
                 assert_eq!(r.pop(), Some((n, 0, 0)));
             }
@@ -516,7 +556,7 @@ mod tests {
         r.expire(u64::MAX, |p, _, _| panic!("expired {p}"));
         assert_eq!(r.pop(), None);
         assert_eq!(o.head.load(Acquire), 11, "tombstones reclaimed, head caught up");
-        assert_eq!(r.push(11, 0, 0, 0), Ok(11));
+        assert_eq!(r.push(11, 0, 0, 0, 0), Ok(11));
         o.head.store(5, Release);
         assert_eq!(r.pop(), Some((11, 0, 0)));
         assert_eq!(r.pop(), None);
@@ -526,7 +566,7 @@ mod tests {
     fn granted_waiter_cannot_be_removed() {
         let o = Owned::new(4);
         let r = o.ring();
-        r.push(0, 0, 0, 0).unwrap();
+        r.push(0, 0, 0, 0, 0).unwrap();
         assert_eq!(r.pop(), Some((0, 0, 0)));
         assert!(!r.remove(0));
         assert_eq!(r.enqueued_at(0), None);
@@ -539,7 +579,7 @@ mod tests {
         let r = o.ring();
         // Arrival order: queue 1, 1, 2, 1, 2.
         for (n, q) in [1u32, 1, 2, 1, 2].into_iter().enumerate() {
-            r.push(n as u64, 0, tag(q, 10, false), 0).unwrap();
+            r.push(n as u64, 0, tag(q, 10, false), 0, 0).unwrap();
         }
         assert_eq!(r.take_first(0, 2), (Some((2, 0, tag(2, 10, false))), 3));
         assert_eq!(r.take_first(3, 2), (Some((4, 0, tag(2, 10, false))), 5));
@@ -557,7 +597,7 @@ mod tests {
         use crate::fair::tag;
         let o = Owned::new(8);
         let r = o.ring();
-        r.push(0, 0, tag(1, 1, false), 0).unwrap();
+        r.push(0, 0, tag(1, 1, false), 0, 0).unwrap();
         // A producer took ticket 1 and has not published it yet.
         o.tail.store(2, SeqCst);
         o.cells[2].store(cell(2, EMPTY), SeqCst);
@@ -574,14 +614,35 @@ mod tests {
     fn own_deadlines_expire_anywhere_in_the_line() {
         let o = Owned::new(8);
         let r = o.ring();
-        r.push(10, 0, 0, 0).unwrap();
-        r.push(11, 0, 0, 50).unwrap();
-        r.push(12, 0, 0, 40).unwrap();
-        r.push(13, 0, 0, 90).unwrap();
+        r.push(10, 0, 0, 0, 0).unwrap();
+        r.push(11, 0, 0, 50, 0).unwrap();
+        r.push(12, 0, 0, 40, 0).unwrap();
+        r.push(13, 0, 0, 90, 0).unwrap();
         let mut gone = vec![];
         r.expire_own(50, |p, _, _| gone.push(p));
         assert_eq!(gone, vec![1, 2]);
         assert_eq!(r.enqueued_at(3), Some((13, 90)));
         assert_eq!(r.enqueued_at(0), Some((10, 0)));
+    }
+
+    #[test]
+    fn a_home_look_ahead_takes_the_oldest_at_home_within_k_and_leaves_the_front() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        for (n, home) in [(0u64, 1u64), (1, 2), (2, 3), (3, 3), (4, 4)] {
+            r.push(n, 0, 0, 0, home).unwrap();
+        }
+        // The front's home: the plain pop takes it, as without a home.
+        assert_eq!(r.take_home(1, 4), None);
+        // Within the first 3 waiters: ticket 2, the oldest at home 3.
+        assert_eq!(r.take_home(3, 3).map(|t| t.0), Some(2));
+        // Home 4 is the fourth waiter left: beyond a look-ahead of 3.
+        assert_eq!(r.take_home(4, 3), None);
+        assert_eq!(r.take_home(4, 4).map(|t| t.0), Some(4));
+        // The rest in arrival order, the tombstones skipped.
+        assert_eq!(r.pop().map(|t| t.0), Some(0));
+        assert_eq!(r.pop().map(|t| t.0), Some(1));
+        assert_eq!(r.pop().map(|t| t.0), Some(3));
+        assert_eq!(r.pop(), None);
     }
 }

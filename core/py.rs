@@ -499,14 +499,17 @@ impl PyAdmissionCore {
     /// rate limit decided in shadow mode and did not apply, else -1. `cost`
     /// 0 takes nothing from the bucket (nor can the bucket refuse it). The
     /// ask's four values come from `ask` (default: the anonymous flow).
-    #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1))]
-    fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64) -> PyResult<(u8, i64, i64, i64, u32, i64, i64)> {
+    /// `home`: the request's home replica plus one (0: none), for the
+    /// replica grant rule (`release(home)`).
+    #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1, home = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64, home: u64) -> PyResult<(u8, i64, i64, i64, u32, i64, i64)> {
         let lane = lane_of(lane)?;
         // 0: takes nothing from the bucket (a request that a limit in shadow
         // mode before this one refused: enforcing, it never came this far).
         let cost = if cost == 0 { 0 } else { cost_of(cost)? };
         let (decided, placed) = match queue_a {
-            None => self.0.admit_ask(lane, cost, &self.0.ask_anonymous()),
+            None => self.0.admit_home(lane, cost, &self.0.ask_anonymous(), home),
             Some(a) => {
                 let q = self.0.settings().fair_queues;
                 let ask = Ask {
@@ -514,7 +517,7 @@ impl PyAdmissionCore {
                     service: service.clamp(1, fair::MAX_SERVICE),
                     max_wait_ns: (max_wait_ns > 0).then_some(max_wait_ns as u64),
                 };
-                self.0.admit_ask(lane, cost, &ask)
+                self.0.admit_home(lane, cost, &ask, home)
             }
         };
         let predicted = opt(placed.predicted_ns);
@@ -554,9 +557,12 @@ impl PyAdmissionCore {
         Ok(())
     }
 
-    /// Frees a slot; returns the waiter it passed to, if any.
-    fn release(&self) -> Option<u64> {
-        self.0.release()
+    /// Frees a slot; returns the waiter it passed to, if any. `home`: the
+    /// replica the holder ran on plus one (0: none): the waiter is chosen by
+    /// the replica grant rule (core/replicas.rs `HOME_LOOK_AHEAD`).
+    #[pyo3(signature = (home = 0))]
+    fn release(&self, home: u64) -> Option<u64> {
+        self.0.release_from(home)
     }
 
     /// Hands free slots to waiters; returns the waiter granted, if any.

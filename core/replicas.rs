@@ -69,6 +69,16 @@ mod h {
 pub const BOUND_NUM: u64 = 5;
 pub const BOUND_DEN: u64 = 4;
 
+/// The grant rule's look-ahead: a slot freed on replica r (`Pool::release_from`)
+/// goes to the oldest of its lane's first `HOME_LOOK_AHEAD` waiters whose
+/// home (the first of its order) is r, the lanes' order kept (priority
+/// strictly first: a lane's look-ahead sees only its own waiters), and at
+/// most `HOME_SKIPS` grants in a row pass over a lane's front waiter; else
+/// the front goes, as without replicas. At saturation a freed slot is the
+/// only room, so without it whoever is in front takes r whatever its home.
+pub const HOME_LOOK_AHEAD: u32 = 8;
+pub const HOME_SKIPS: u64 = 8;
+
 /// Tries of a pick whose CAS lost to another picker before it gives up on
 /// the order and takes the least loaded.
 const PICK_TRIES: u32 = 64;
@@ -797,6 +807,45 @@ mod tests {
         r.set_down(1, true).unwrap();
         r.set_down(2, true).unwrap();
         assert_eq!(r.pick_avoiding(order_word(&[0, 1, 2]), Rule::First, 0b001), 0);
+    }
+
+    #[test]
+    fn the_health_word_reads_back_as_a_model_of_it_says_seeded() {
+        // 500 random health changes over 4 replicas (limit 6): each one's
+        // limit in force, down flag and the pool's capacity agree with a
+        // plain model (out; in at its whole limit; in at most cap).
+        let r = fixed(4, 6);
+        let mut model = [(false, 0u64); 4];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..500 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let i = (seed % 4) as usize;
+            let (down, cap) = ((seed >> 8) % 3 == 0, (seed >> 16) % 9);
+            if (seed >> 24) % 4 == 0 {
+                r.set_down(i, down).unwrap();
+                model[i] = (down, 0);
+            } else {
+                r.set_health(i, down, cap).unwrap();
+                model[i] = (down, cap);
+            }
+            let s = r.stats();
+            let mut sum = 0;
+            for (k, &(down, cap)) in model.iter().enumerate() {
+                let want = if down || cap == 0 { 6 } else { cap.min(6) };
+                assert_eq!(s[k].down, down, "replica {k}");
+                assert_eq!((s[k].limit, s[k].learned), (want, 6), "replica {k} {model:?}");
+                sum += if down { 0 } else { want };
+            }
+            assert_eq!(r.capacity(), sum.max(1), "{model:?}");
+            // A pick never lands on a replica out of rotation while one is in.
+            if sum > 0 {
+                let got = r.pick(order_word(&[i as u8, 0, 1, 2, 3]), Rule::First);
+                assert!(!model[got].0, "picked {got} out of rotation: {model:?}");
+                r.release(got).unwrap();
+            }
+        }
     }
 
     #[test]

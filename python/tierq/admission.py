@@ -92,7 +92,7 @@ class Slot:
 
     __slots__ = (
         "_adm", "_fut", "_timer", "_ask", "_weight", "_settled", "lane", "cost", "queue_ns",
-        "flow_queue", "predicted_wait_s", "shadowed",
+        "flow_queue", "predicted_wait_s", "shadowed", "home", "ran_on",
     )
 
     def __init__(self, adm: Admission, lane: int, cost: int, ask: _Ask | None, weight: float) -> None:
@@ -108,6 +108,11 @@ class Slot:
         self.flow_queue = 0
         self.predicted_wait_s: float | None = None
         self.shadowed: str | None = None
+        # The replica grant rule (core/replicas.rs HOME_LOOK_AHEAD): the
+        # request's home replica plus one, set before it joins, and the
+        # replica it ran on plus one, set before its slot is released (0: none).
+        self.home = 0
+        self.ran_on = 0
 
     @property
     def tier(self) -> Tier:
@@ -123,9 +128,9 @@ class Slot:
         core = adm._core
         ask = self._ask
         if ask is None:
-            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost)
+            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost, home=self.home)
         else:
-            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost, *ask)
+            kind, a, b, c, queue, predicted, shadow = core.admit(self.lane, self.cost, *ask, home=self.home)
         self.flow_queue = queue
         if shadow != _NONE:
             self.shadowed = SHED_CODES[shadow]
@@ -194,7 +199,7 @@ class Slot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._adm._release()
+        self._adm._release(self.ran_on)
 
     def settle(self, charge: int) -> None:
         """The request's real service (price-weighted tokens, as `charge` at
@@ -462,8 +467,8 @@ class Admission:
             slot._timer.cancel()
         slot._fut.set_result(None)
 
-    def _release(self) -> None:
-        waiter = self._core.release()
+    def _release(self, home: int = 0) -> None:
+        waiter = self._core.release(home)
         while waiter is not None:
             slot = self._waiters.pop(waiter, None)
             if slot is not None and slot._fut is not None and not slot._fut.done():
@@ -471,7 +476,7 @@ class Admission:
                     slot._timer.cancel()
                 slot._fut.set_result(None)
                 return
-            waiter = self._core.release()
+            waiter = self._core.release(home)
 
 
 class ReplicaPool:

@@ -248,6 +248,10 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
                                                flow=ex.flow.name,
                                                weight=ex.flow.weight, charge=ex.charge,
                                                max_wait_ms=ex.deadline_ms)
+    router = ex.pool.upstream.router if ex.pool.replicas is not None else None
+    order = router.order(ex.endpoint, body) if router is not None else 0
+    if router is not None:
+        slot.home = router.home(order)
     gw.waiting.add(task)
     ex.pool.flows.queued(ex.flow.name, ex.est_total)
     try:
@@ -271,12 +275,15 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
                 return await _call_upstream(request, ex, body)
             # The pool's slot is held: take a replica by the request's order
             # (tierq.routing), and give it back before the pool's slot.
-            router = ex.pool.upstream.router
-            ex.replica = replicas.pick(router.order(ex.endpoint, body), router.rule)
+            if ex.pool.upstream.router is not router:  # reloaded while it waited
+                router = ex.pool.upstream.router
+                order = router.order(ex.endpoint, body)
+            ex.replica = replicas.pick(order, router.rule)
             try:
                 return await _call_upstream(request, ex, body)
             finally:
                 replicas.release(ex.replica)
+                slot.ran_on = ex.replica + 1
     except Shed as e:
         if e.deadline_refused:
             raise deadline_refused(e.predicted_wait_s, ex.max_queue_ms, e.retry_after_s, ex.tier) from None

@@ -107,6 +107,12 @@ class Router:
         self.rule = RULES[routing]
         self._turn = itertools.count()
 
+    def home(self, order: int) -> int:
+        """The request's home for the core's grant rule (core/replicas.rs
+        `HOME_LOOK_AHEAD`): the first of its order plus one under `prefix`,
+        else 0 (round robin and least loaded want no replica kept for it)."""
+        return (order & 0xF) + 1 if self.routing == "prefix" and len(self.endpoints) > 1 else 0
+
     def order(self, endpoint: str, body: dict[str, Any]) -> int:
         """The request's replica order as one int (0 with one endpoint)."""
         n = len(self.endpoints)
