@@ -75,10 +75,12 @@ pub enum Failure {
     Connect = 0,
     /// The connect, read or total timeout passed.
     Timeout = 1,
-    /// The answer's body broke: reset, cut short, bad chunked encoding.
+    /// The answer's body broke off: reset or cut short.
     Body = 2,
-    /// Anything else: a malformed status line or head, a protocol error.
+    /// The answer was malformed: a bad status line or head, bad chunked framing.
     Protocol = 3,
+    /// Anything else: the connection closed or broke before the answer's head.
+    Closed = 4,
 }
 
 /// What a request brings back, in order: a head, then a body or chunks; or
@@ -304,11 +306,32 @@ fn failure_of(e: &reqwest::Error) -> Failure {
         Failure::Timeout
     } else if e.is_connect() {
         Failure::Connect
+    } else if malformed(e) {
+        Failure::Protocol
     } else if e.is_body() || e.is_decode() {
         Failure::Body
     } else {
-        Failure::Protocol
+        Failure::Closed
     }
+}
+
+/// Whether the upstream's bytes broke HTTP (after the connection was made):
+/// hyper's parse errors (status line, head) and its chunked decoder's
+/// InvalidData / InvalidInput, as opposed to a reset or an early close.
+fn malformed(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() || h.is_parse_status()) {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The error's message with its causes, as one line.

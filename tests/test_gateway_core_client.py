@@ -1,7 +1,8 @@
 """The upstream's broken answers and TLS through the gateway, on both clients.
 
 A hand-written upstream on loopback sends exactly the bytes each case needs: a
-malformed status line, a malformed chunked body (JSON and stream). Both clients
+malformed status line, a malformed chunked body (JSON and stream), a JSON body
+cut short. Both clients
 (`[[upstreams]] client = "aiohttp"` and `"core"`) must give the client the same
 clear OpenAI error, free the slot and bill nothing. A TLS upstream whose
 certificate a test CA signed (openssl) is reached by the core client with
@@ -54,6 +55,12 @@ async def _raw_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         elif case == "bad-chunked-json":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                          b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+        elif case == "cut-short-json":
+            # Not malformed: the connection ends before the promised body.
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{\"id\":")
+            await writer.drain()
+            return
         elif case == "bad-chunked-stream":
             writer.write(SSE_HEAD + _chunk(EVENT))
             await writer.drain()
@@ -102,10 +109,12 @@ async def _settled(gw: Running) -> list[LedgerRow]:
     return await gw.rows()
 
 
-# case -> (stream, HTTP status, error code): the same on both clients.
+# case -> (stream, HTTP status, error code): the same on both clients. An answer
+# that breaks HTTP is the upstream's error; one cut short is the upstream gone.
 BROKEN = {
-    "bad-status": (False, 502, "upstream_unavailable"),
-    "bad-chunked-json": (False, 502, "upstream_unavailable"),
+    "bad-status": (False, 502, "upstream_error"),
+    "bad-chunked-json": (False, 502, "upstream_error"),
+    "cut-short-json": (False, 502, "upstream_unavailable"),
     "bad-chunked-stream": (True, 200, "upstream_stream_error"),
 }
 

@@ -44,7 +44,7 @@ from tierq.stores import LedgerStore
 from tierq.status import MetricsSource, add_routes
 from tierq.tiers import InvalidTier, resolve_tier
 from tierq.tracing import TRACEPARENT, TRACESTATE
-from tierq.upstream import BYO_HEADER, UpstreamClient, match_forward_target, rewrite_request
+from tierq.upstream import BYO_HEADER, UpstreamClient, malformed_answer, match_forward_target, rewrite_request
 
 __all__ = [
     "CONFIG",
@@ -358,7 +358,8 @@ async def _call_upstream(request: web.Request, ex: Exchange, body: dict[str, Any
     except (aiohttp.ClientError, TimeoutError) as e:
         if ex.done:
             raise
-        code = "upstream_timeout" if isinstance(e, TimeoutError) else "upstream_unavailable"
+        code = ("upstream_timeout" if isinstance(e, TimeoutError)
+                else "upstream_error" if malformed_answer(e) else "upstream_unavailable")
         status = 504 if code == "upstream_timeout" else 502
         raise Refused(failed(code, status), ApiError(
             status, f"The upstream serving this model failed: {type(e).__name__}.",

@@ -17,12 +17,13 @@ from typing import Any, Final
 
 import aiohttp
 import yarl
+from aiohttp.http_exceptions import TransferEncodingError
 
 from tierq.config import UpstreamConfig
 from tierq.health import Health
 from tierq.routing import Router
 from tierq.tiers import Tier
-from tierq.upstream_core import CoreResponse, CoreUpstreams
+from tierq.upstream_core import CoreMalformedError, CoreResponse, CoreUpstreams
 
 __all__ = [
     "BYO_HEADER",
@@ -30,11 +31,35 @@ __all__ = [
     "RewriteInfo",
     "FORWARD_ENDPOINTS",
     "UpstreamClient",
+    "malformed_answer",
     "match_forward_target",
     "rewrite_request",
 ]
 
 log = logging.getLogger("tierq.upstream")
+
+# How aiohttp's client says a body broke off (the connection lost before its
+# end), as opposed to bad framing found in the bytes it read.
+_CUT_SHORT: Final = "Response payload is not completed"
+
+
+def malformed_answer(e: BaseException) -> bool:
+    """Whether a failed exchange is the upstream's answer breaking HTTP (a bad
+    status line or head, bad chunked framing: 502 `upstream_error`), on either
+    client, rather than the upstream out of reach (refused, reset, cut short,
+    timed out: `upstream_unavailable` / `upstream_timeout`). docs/errors.md."""
+    if isinstance(e, CoreMalformedError):
+        return True
+    # aiohttp: a head it cannot parse is a ClientResponseError (the gateway never
+    # calls raise_for_status); bad chunked framing a ClientPayloadError raised
+    # from its TransferEncodingError (a chunked body cut short is one too, but
+    # raised on the lost connection, with _CUT_SHORT).
+    if type(e) is aiohttp.ClientResponseError:
+        return True
+    return (isinstance(e, aiohttp.ClientPayloadError)
+            and isinstance(e.__cause__, TransferEncodingError)
+            and not str(e).startswith(_CUT_SHORT))
+
 
 # Endpoints reachable through /v1/forward (the rest of the target's path).
 FORWARD_ENDPOINTS: Final = frozenset({"chat/completions", "completions", "embeddings"})

@@ -11,8 +11,10 @@ reader drains them all in one call and hands each to its request's `CoreResponse
 headers, content_type, read), and a rewritten stream is read with `batches`.
 Failures raise what aiohttp's client raised for the same, so the gateway's
 handling is one: TimeoutError for a timeout, `CorePayloadError` (an
-aiohttp.ClientPayloadError) for a body cut short or broken, `CoreConnectionError`
-(an aiohttp.ClientConnectionError) for anything before the head.
+aiohttp.ClientPayloadError) for a body cut short, `CoreMalformedError` (one too)
+for an answer that broke HTTP (a bad status line or head, bad chunked framing),
+`CoreConnectionError` (an aiohttp.ClientConnectionError) for anything else
+before the head.
 
 One `UpstreamCore` per event loop (its runtime's threads start with it, so in
 each forked worker), shared by that loop's upstreams and closed with the last.
@@ -31,13 +33,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from tierq._core import UpstreamCore
 
-__all__ = ["CoreConnectionError", "CorePayloadError", "CoreResponse", "CoreUpstreams", "SseBatch"]
+__all__ = ["CoreConnectionError", "CoreMalformedError", "CorePayloadError", "CoreResponse", "CoreUpstreams",
+           "SseBatch"]
 
 SseBatch = tuple[bytes, int, int, list[tuple[int, int, bytes]] | None]
 
 _HEAD, _BODY, _CHUNK, _FAILED = 0, 1, 2, 3
-_CONNECT, _TIMEOUT, _BODY_BROKEN, _PROTOCOL = 0, 1, 2, 3
-_FAILURE_NAMES: Final = ("connect", "timeout", "body", "protocol")
+# core/upstream.rs `Failure`.
+_CONNECT, _TIMEOUT, _BODY_BROKEN, _PROTOCOL, _CLOSED = 0, 1, 2, 3, 4
+_FAILURE_NAMES: Final = ("connect", "timeout", "body", "malformed", "closed")
 
 
 class CoreConnectionError(aiohttp.ClientConnectionError):
@@ -46,15 +50,21 @@ class CoreConnectionError(aiohttp.ClientConnectionError):
 
 
 class CorePayloadError(aiohttp.ClientPayloadError):
-    """The upstream's body broke after its head (reset, cut short, bad chunked encoding)."""
+    """The upstream's body broke off after its head (reset, cut short)."""
+
+
+class CoreMalformedError(aiohttp.ClientPayloadError):
+    """The upstream's answer broke HTTP: a bad status line or head, bad chunked framing."""
 
 
 def _error(failure: int, message: str) -> Exception:
-    text = f"upstream {_FAILURE_NAMES[failure] if 0 <= failure < 4 else failure}: {message}"
+    text = f"upstream {_FAILURE_NAMES[failure] if 0 <= failure < len(_FAILURE_NAMES) else failure}: {message}"
     if failure == _TIMEOUT:
         return TimeoutError(text)
     if failure == _BODY_BROKEN:
         return CorePayloadError(text)
+    if failure == _PROTOCOL:
+        return CoreMalformedError(text)
     return CoreConnectionError(text)
 
 
