@@ -98,12 +98,12 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def fault_config(tmp_path: Path, **server: Any) -> Config:
+def fault_config(tmp_path: Path, read_timeout_s: float = READ_TIMEOUT_S, **server: Any) -> Config:
     return Config(
         server=replace(ServerConfig(), **server),
         ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'unused.db'}"),
         upstreams=(UpstreamConfig("sim", "", "sim", priority_scheduling=True,
-                                  read_timeout_s=READ_TIMEOUT_S, connect_timeout_s=1.0),),
+                                  read_timeout_s=read_timeout_s, connect_timeout_s=1.0),),
         models=(model_config(PRIORITY_MODEL, max_concurrency=2),),
     )
 
@@ -362,7 +362,13 @@ async def test_client_that_stops_reading_is_cut_off_after_the_write_timeout_and_
 ) -> None:
     """A client that keeps its connection open but reads nothing no longer holds
     its slot until it hangs up: past `write_timeout_s` the gateway gives up."""
-    gw = await make_gateway(config=fault_config(tmp_path, write_timeout_s=WRITE_TIMEOUT_S),
+    # The in-process sim builds the ~12 MB embeddings answer on this test's
+    # loop before its first byte: longer than the faults' 0.6 s read timeout
+    # under load, which the core client's timer (on its own thread) then keeps
+    # while aiohttp's (on the blocked loop) cannot fire. This test is about
+    # the client's side, so its upstream gets a read timeout that does not race.
+    gw = await make_gateway(config=fault_config(tmp_path, read_timeout_s=30.0,
+                                                write_timeout_s=WRITE_TIMEOUT_S),
                             sim={"tokens_per_s": 0.0})
     n = 60_000  # ~15 MB of SSE: more than loopback socket buffers hold
     t0 = time.monotonic()
