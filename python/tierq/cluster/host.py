@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from tierq.admission import Admission, ReplicaPool
+from tierq.admission import Admission
 from tierq.cluster.downgrades import ClusterDowngrades
 from tierq.cluster.keys import ClusterKeys
 from tierq.cluster.leases import LeaseAgent
@@ -36,9 +36,7 @@ class Cluster:
     def __init__(self, config: ClusterConfig, host_id: str,
                  pools: Mapping[str, tuple[Admission, AdmissionConfig]],
                  on_closed: Callable[[], object] | None = None,
-                 worker: int | None = None, workers: int = 1,
-                 replicas: Mapping[str, tuple[ReplicaPool, AdmissionConfig, Sequence[str]]]
-                 | None = None) -> None:
+                 worker: int | None = None, workers: int = 1) -> None:
         """`on_closed`: called when Redis goes down in "closed" mode, to answer
         the requests queued on this host 503 (the gateway's waiting tasks).
         `worker`: this process's index when the host runs several workers on
@@ -46,12 +44,11 @@ class Cluster:
         on the shared pools (whose slots the supervisor withheld before
         forking); every other worker only makes key decisions and watches
         Redis for its own requests. `workers`: how many there are (1: one
-        process). `replicas`: the pools over several endpoints, each replica
-        leased on its own (tierq.cluster.leases.ReplicaSlots)."""
+        process)."""
         self.config = config
         self.host_id = host_id
         self.link = RedisLink(config, host_id, on_closed)
-        self.agent = (LeaseAgent(self.link, pools, shared=worker is not None, replicas=replicas)
+        self.agent = (LeaseAgent(self.link, pools, shared=worker is not None)
                       if worker is None or worker == 0 else None)
         self.keys = ClusterKeys(self.link)
         self.downgrades = ClusterDowngrades(self.link, workers=workers)

@@ -3,11 +3,6 @@ package's docstring), kept to in the local core by withholding the rest, synced
 when demand or priority waiters change and at each heartbeat; while Redis is
 down in "local" mode, the host's share of each limit. One agent per host:
 worker 0's when the host runs several.
-
-A pool over several endpoints leases each replica on its own, by the same
-rule and script, keyed by model and endpoint (`ReplicaSlots`): the replica's
-lease is its cap in the core (`ReplicaPool.set_lease`), so across hosts no
-replica holds more than its limit, and the pool's slots are the caps' sum.
 """
 
 from __future__ import annotations
@@ -16,18 +11,18 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from tierq._core import PoolSettings
-from tierq.admission import Admission, ReplicaPool
+from tierq.admission import Admission
 from tierq.cluster.flows import FAIR_SCRIPT, FlowCounters
 from tierq.cluster.link import RedisLink, Script
 from tierq.config import AdmissionConfig
 from tierq.tiers import Tier
 
-__all__ = ["LeaseAgent", "PoolLease", "ReplicaSlots", "cluster_settings"]
+__all__ = ["LeaseAgent", "PoolLease", "cluster_settings"]
 
 log = logging.getLogger("tierq.cluster")
 
@@ -185,62 +180,12 @@ def cluster_settings(cfg: AdmissionConfig) -> PoolSettings:
     return cfg.but(priority_headroom=None).settings
 
 
-class ReplicaSlots:
-    """One replica's slots on this host, seen as the lease rule sees a pool's:
-    its limit (fixed or learned, before health's cap), in flight, the slots
-    withheld (its limit above its lease cap, or above what is in flight when
-    that is more) and owed (in flight above the cap: busy slots given back as
-    they free); `withhold` and `restore` move the cap. Its demand is the
-    pool's waiters while tierq.health has it in rotation here (any of them
-    may be granted on it), else none."""
-
-    __slots__ = ("pool", "replica")
-
-    def __init__(self, pool: ReplicaPool, replica: int) -> None:
-        self.pool = pool
-        self.replica = replica
-
-    @property
-    def limit(self) -> int:
-        return self.pool.learned(self.replica)
-
-    def _cap(self, limit: int) -> int:
-        lease = self.pool.lease(self.replica)
-        return limit if lease is None else min(lease, limit)
-
-    def stats(self) -> dict[str, object]:
-        replicas = self.pool.stats()
-        pool = self.pool.admission.stats()
-        r = replicas[self.replica]
-        # Pool slots granted whose holder has not picked a replica yet (it
-        # runs after the grant, on its own task) may land on any replica with
-        # room: each replica counts them as busy, so no cap is cut under them.
-        pending = max(0, int(str(pool["in_flight"])) - sum(int(x["in_flight"]) for x in replicas))
-        limit, busy = int(r["learned"]), int(r["in_flight"]) + pending
-        cap = self._cap(limit)
-        holding = min(limit, max(cap, busy))
-        depth = pool["depth"]
-        assert isinstance(depth, dict)
-        if not self.pool.healthy(self.replica):
-            depth = dict.fromkeys(depth, 0)
-        return {"limit": limit, "in_flight": busy, "withheld": limit - holding,
-                "owed": holding - cap, "depth": depth}
-
-    def withhold(self, n: int) -> None:
-        self.pool.set_lease(self.replica, max(0, self._cap(self.limit) - n))
-
-    def restore(self, n: int) -> None:
-        limit = self.limit
-        self.pool.set_lease(self.replica, min(limit, self._cap(limit) + n))
-
-
 @dataclass(slots=True)
 class PoolLease:
-    """One pool's (or one replica's) share of the cluster: what this host
-    holds and last heard."""
+    """One pool's share of the cluster: what this host holds and last heard."""
 
     model: str
-    admission: Admission | ReplicaSlots
+    admission: Admission
     headroom: int
     default_min_share: float
     limit: int = 0  # this host's core's limit (fixed, or learned), last read
@@ -255,12 +200,6 @@ class PoolLease:
     flex_headroom: float = 0.1  # the pool's flex_headroom (its core keeps it free of flex)
     holding: int = 0  # limit minus withheld: slots it really has, busy or idle
     flows: FlowCounters | None = None  # its fair counters, shared (fairness "tokens")
-    endpoint: str = ""  # a replica's endpoint (its lease's key beside the model), "" for a pool
-
-    @property
-    def key(self) -> str:
-        """Its name in Redis and in status(): the model, `model@endpoint` for a replica."""
-        return f"{self.model}@{self.endpoint}" if self.endpoint else self.model
 
     def plan(self, heartbeat: bool, touch: bool = True) -> tuple[int, int, bool]:
         """(holding, want, contended) from the local core, withholding locally
@@ -342,38 +281,21 @@ class LeaseAgent:
     lease; while Redis is down in "local" mode, to its share of the limit."""
 
     def __init__(self, link: RedisLink, pools: Mapping[str, tuple[Admission, AdmissionConfig]],
-                 shared: bool,
-                 replicas: Mapping[str, tuple[ReplicaPool, AdmissionConfig, Sequence[str]]]
-                 | None = None) -> None:
+                 shared: bool) -> None:
         """`shared`: the host runs several workers on shared pools, whose slots
-        the supervisor withheld before forking (this agent is worker 0's).
-        `replicas`: the pools over several endpoints (their replicas, one
-        replica's settings, the endpoints in order), leased per replica."""
+        the supervisor withheld before forking (this agent is worker 0's)."""
         self.link = link
         self.config = link.config
         self._shared = shared
         self.ttl_s = link.ttl_s
         self.heartbeat_s = link.heartbeat_s
-        replicas = replicas or {}
-        if shared and replicas:
-            raise ValueError("[cluster] with several endpoints runs one worker per host (--workers 1)")
-        self.pools: dict[str, PoolLease] = {}
-        for model, (adm, cfg) in pools.items():
-            flows = FlowCounters(adm) if cfg.settings.fairness == "tokens" else None
-            if model not in replicas:
-                self.pools[model] = PoolLease(model, adm, cfg.settings.priority_headroom,
-                                              cfg.settings.default_min_share, adm.limit, adm.limit,
-                                              flows=flows, flex_headroom=cfg.settings.flex_headroom)
-                continue
-            rp, one, endpoints = replicas[model]
-            for i, endpoint in enumerate(endpoints):
-                slots = ReplicaSlots(rp, i)
-                # The pool's fair counters ride with its first replica's lease.
-                p = PoolLease(model, slots, one.settings.priority_headroom,
-                              one.settings.default_min_share, slots.limit, slots.limit,
-                              flows=flows if i == 0 else None,
-                              flex_headroom=one.settings.flex_headroom, endpoint=endpoint)
-                self.pools[p.key] = p
+        self.pools = {
+            model: PoolLease(model, adm, cfg.settings.priority_headroom,
+                             cfg.settings.default_min_share, adm.limit, adm.limit,
+                             flows=FlowCounters(adm) if cfg.settings.fairness == "tokens" else None,
+                             flex_headroom=cfg.settings.flex_headroom)
+            for model, (adm, cfg) in pools.items()
+        }
         self.sync_s = 0.0  # time spent waiting on lease syncs
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -501,7 +423,7 @@ class LeaseAgent:
         fair = [] if leaving else [p for p in pools if p.flows is not None]
         for p in pools:
             p.reported_pwait = self._priority_waiting(p)
-            tag = f"{{tierq:pool:{p.key}}}"
+            tag = f"{{tierq:pool:{p.model}}}"
             pipe.evalsha(_LEASE_SCRIPT.sha, 6, f"{tag}:lease", f"{tag}:seen", f"{tag}:pwait",
                          f"{tag}:unmet", f"{tag}:limit", f"{tag}:meta",
                          link.host_id, self.config.lease_ttl_ms, p.limit, p.headroom,
@@ -565,7 +487,7 @@ class LeaseAgent:
 
     def status(self) -> dict[str, Any]:
         """Each pool's lease, for Cluster.status()."""
-        return {p.key: {"lease": p.lease, "holding": p.holding,
-                        "limit": p.cluster_limit, "host_limit": p.limit,
-                        "others_priority": p.others_priority}
+        return {p.model: {"lease": p.lease, "holding": p.holding,
+                          "limit": p.cluster_limit, "host_limit": p.limit,
+                          "others_priority": p.others_priority}
                 for p in self.pools.values()}
