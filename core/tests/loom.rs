@@ -116,7 +116,14 @@ fn priority_eviction_races_a_cancel_of_the_same_default_waiter() {
 /// exactly once, and the ring must keep working from wherever the head ends.
 #[test]
 fn two_releases_racing_past_a_tombstone_grant_each_waiter_once() {
-    loom::model(|| {
+    // The release path does more atomic steps than when this model was written
+    // (flex reserve, deadline margin and replica-home changes of 293fce5..4cabc37):
+    // run unbounded, one execution passed loom's default 1,000 branches. Bounded
+    // as the fair models below are: at most 3 preemptions, room for the longer path.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.max_branches = 10_000;
+    model.check(|| {
         // The ring's own pops (fairness off): with fair pops, the reads of
         // the flow queues' words take the model past loom's branch limit;
         // the fair take is modelled apart (`a_fair_pop_*` below).
