@@ -7,8 +7,11 @@ the ledger is a SQLite file in the test's tmp_path.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +30,7 @@ from tierq.config import (
     UpstreamConfig,
 )
 from tierq.ledger import Ledger, LedgerRow
+from tierq.logs import BatchStreamHandler, JsonFormatter, access_log, flush_access_log
 from tierq.stores import open_ledger
 from tierq.sim import SimServer, start_sim
 
@@ -127,3 +131,25 @@ async def gateway(make_gateway: GatewayFactory) -> Running:
 def exact_json(raw: bytes | str) -> Any:
     """Parse JSON keeping numbers exact (Decimal), to compare echoed costs to the ledger."""
     return json.loads(raw, parse_float=Decimal)
+
+
+@contextlib.contextmanager
+def json_access_log() -> Iterator[io.StringIO]:
+    """The access logger writing to its own JSON BatchStreamHandler only, as
+    `tierq serve` writes it (so the writer takes each line the core formatted
+    as it is), with pytest's capture handlers on the root logger out of its
+    way; what is queued is flushed into it before it is taken off."""
+    out = io.StringIO()
+    handler = BatchStreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    level, propagate = access_log.level, access_log.propagate
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    try:
+        yield out
+    finally:
+        flush_access_log()
+        access_log.removeHandler(handler)
+        access_log.setLevel(level)
+        access_log.propagate = propagate

@@ -4,7 +4,6 @@ line, byte for byte, and the access writer uses it only where it is."""
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -12,9 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import json_access_log
+
 from tierq._core import access_json
 from tierq.ledger import STATUSES, LedgerRow
-from tierq.logs import AccessWriter, BatchStreamHandler, JsonFormatter, _Captured, _record, access_log
+from tierq.logs import AccessWriter, JsonFormatter, _Captured, _record
 from tierq.tiers import Tier, TierReason
 
 FMT = JsonFormatter()
@@ -85,21 +86,8 @@ def test_plain_lines_are_formatted_in_the_core_and_suspect_ones_are_not() -> Non
 
 @pytest.fixture
 def json_stream() -> Iterator[io.StringIO]:
-    """The access logger writing to its own JSON BatchStreamHandler only (pytest's
-    capture handlers, on the root logger, out of its way)."""
-    out = io.StringIO()
-    handler = BatchStreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    level, propagate = access_log.level, access_log.propagate
-    access_log.addHandler(handler)
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
-    try:
+    with json_access_log() as out:
         yield out
-    finally:
-        access_log.removeHandler(handler)
-        access_log.setLevel(level)
-        access_log.propagate = propagate
 
 
 def test_the_writer_writes_the_json_formatters_lines_through_the_core(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -24,7 +23,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from conftest import PRIORITY_MODEL, GatewayFactory, Running
+from conftest import PRIORITY_MODEL, GatewayFactory, Running, json_access_log
 from openai import AsyncOpenAI
 
 from tierq import ManualClock
@@ -32,7 +31,7 @@ from tierq._core import Finisher, LedgerWriter
 from tierq.config import AdmissionConfig, Config, KeysConfig, LedgerConfig, ModelConfig, UpstreamConfig
 from tierq.keys import KeyInfo, KeyLimiter, KeyStore
 from tierq.ledger import APPLIED_TIERS, STATUSES, TIER_REASONS, LedgerRow
-from tierq.logs import BatchStreamHandler, JsonFormatter, access_log, flush_access_log
+from tierq.logs import flush_access_log
 from tierq.sim import SimServer, start_sim
 
 CLIENTS = ("aiohttp", "core")
@@ -44,22 +43,8 @@ SLOW: Any = {"fault_delay_ms": 30_000.0}
 
 @pytest.fixture
 def lines() -> Iterator[io.StringIO]:
-    """The access lines as `tierq serve` writes them: one JSON handler, so the
-    writer takes each line the core formatted as it is."""
-    out = io.StringIO()
-    handler = BatchStreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    level, propagate = access_log.level, access_log.propagate
-    access_log.addHandler(handler)
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
-    try:
+    with json_access_log() as out:
         yield out
-    finally:
-        flush_access_log()
-        access_log.removeHandler(handler)
-        access_log.setLevel(level)
-        access_log.propagate = propagate
 
 
 @pytest.fixture

@@ -512,9 +512,7 @@ class SnapshotBoard:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process took the pid: not ours
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is another user's now
         return False
     return True
 
