@@ -645,6 +645,7 @@ impl PyAdmissionCore {
         out.set_item("fairness", s.fairness.as_str())?;
         out.set_item("fair_flows_active", lanes(s.fair_flows_active.map(u64::from))?)?;
         out.set_item("deadline_refused", s.deadline_refused)?;
+        out.set_item("deadline_margin", per_lane(py, Lane::ALL.map(|l| self.0.deadline_margin(l)))?)?;
         out.set_item("shadow_rate_limited", s.shadow_rate_limited)?;
         out.set_item("enforce", self.0.settings().enforce)?;
         Ok(out)

@@ -511,6 +511,7 @@ def test_stats_shape() -> None:
         "fairness": "tokens",
         "fair_flows_active": {"priority": 0, "default": 0, "flex": 0},
         "deadline_refused": 0,
+        "deadline_margin": {"priority": 341 / 1024, "default": 341 / 1024, "flex": 341 / 1024},
         "shadow_rate_limited": 0,
         "enforce": True,
     }

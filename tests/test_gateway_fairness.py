@@ -303,6 +303,11 @@ async def test_a_deadline_the_prediction_cannot_meet_is_refused_on_arrival_and_o
     refused = [r for r in rows if r.code == "queue_timeout"]
     assert len(refused) == 1 and refused[0].status == "shed" and refused[0].cost == 0
     assert "tierq_queue_wait_prediction_error_seconds_count" in await metrics(gw)
+    # /status shows each lane's learned refusal margin, the core's own number.
+    margin = next(p for p in (await status(gw))["pools"] if p["model"] == PRIORITY_MODEL)["deadline_margin"]
+    core_margin = adm.stats()["deadline_margin"]
+    assert margin == {lane: round(core_margin[lane], 4) for lane in ("priority", "default", "flex")}  # type: ignore[index]
+    assert 0.0 <= margin["default"] <= 1.0
 
 
 async def test_an_admitted_request_is_shed_when_its_own_deadline_passes_not_the_lanes(

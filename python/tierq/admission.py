@@ -156,6 +156,11 @@ class Slot:
         if b != _NONE:
             adm._shed_waiter(b, "server_overloaded")
         if c == a:
+            if predicted != _NONE:
+                # Granted at join, waited 0: an observation as much as a later
+                # grant is (left out, the margin learned only from waits and
+                # climbed from the ones that overran).
+                core.wait_observed(self.lane, predicted, 0)
             return self
         t0 = core.now_ns()
         loop = asyncio.get_running_loop()
@@ -411,7 +416,8 @@ class Admission:
     def stats(self) -> dict[str, object]:
         """Depth per lane, in flight, admitted per lane, sheds per code,
         cancelled; `fairness` ("tokens" or "off"), `fair_flows_active` (per
-        lane: flow queues with waiters), `deadline_refused`; the limit in force (`limit`), its
+        lane: flow queues with waiters), `deadline_refused`, `deadline_margin` (per
+        lane: the learned refusal margin, a share of the predicted wait); the limit in force (`limit`), its
         `limit_mode`, `limit_min`, `limit_max`, `limit_signal` (what moved it
         last: engine, latency, backoff or none), `limit_changes` and the
         latency signal's `limit_floor_ms` and `limit_recent_ms`."""

@@ -866,6 +866,9 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
             "cancelled": int(st.get("cancelled", 0)),
             "fairness": str(st.get("fairness", "off")),
             "deadline_refused": int(st.get("deadline_refused", 0)),
+            # Per lane: the learned refusal margin, a share of the predicted wait.
+            "deadline_margin": {lane: round(float(st.get("deadline_margin", {}).get(lane, 0.0)), 4)
+                                for lane in TIERS},
             "enforce": bool(st.get("enforce", True)),
             "shadow_rate_limited": int(st.get("shadow_rate_limited", 0)),
             "flows": {"active": {lane: int(st.get("fair_flows_active", {}).get(lane, 0))
