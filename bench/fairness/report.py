@@ -192,10 +192,11 @@ def render(report: dict[str, Any]) -> str:
                              h.fmt(num(d.get("refused_fast_ms_p99")), 1) + " / " + h.fmt(num(d.get("refused_fast_ms_max")), 1),
                              d["admitted"], f"{d['refused_slow'] + d['served_late']} ({h.fmt(100 * miss, 1)}%)",
                              verdict(miss <= 0.01) if cell == "deadline-priority" and fair == "tokens" else "–",
-                             pred(c)])
+                             pred(c), h.fmt(num(c.get("deadline_margin")), 3)])
     out.append(h.md_table(["limit", "fairness", "lane", "typical wait ms", "with deadline",
                            "refused at once / refused", "whole cell: refused at join (gateway count) / 429 within 50 ms", "at once: p99 / max ms", "admitted", "missed",
-                           "<= 1% (priority)", "prediction error p50 (of the p50 wait)"], rows))
+                           "<= 1% (priority)", "prediction error p50 (of the p50 wait)",
+                           "learned margin at the end (x the prediction)"], rows))
 
     # -- cpu
     cpu = report.get("cpu")

@@ -246,6 +246,16 @@ def run_groups(g: Gw, groups: list[Group], keys: Keys, args: argparse.Namespace,
     return {"recs": out, "limit": [v for _, v in gwsamp.samples]}
 
 
+def deadline_margin(root: str, lane: str) -> float:
+    """`lane`'s learned deadline refusal margin now (/status.json), a share of
+    the predicted wait (nan if unreadable)."""
+    try:
+        s = h.get_json(root + "/status.json", timeout=2)
+        return float(next(p for p in s["pools"] if p["model"] == MODEL)["deadline_margin"][lane])
+    except Exception:  # noqa: BLE001 - a gateway without the field, or gone
+        return math.nan
+
+
 def gateway_probe(root: str) -> Any:
     def probe() -> float | None:
         s = h.get_json(root + "/status.json", timeout=2)
@@ -540,6 +550,7 @@ def one_cell(g: Gw, cell: str, ci: int, cap: float, keys: Keys, args: argparse.N
         d["all_429"] = len(all_429)
         d["all_429_fast"] = sum(1 for t in all_429 if t <= args.refuse_ms)
         extra["typical_wait_ms"] = waits[g.limit][cell.split("-")[1]]
+        extra["deadline_margin"] = deadline_margin(root, lane)
         after = prediction_error(root, lane)
         extra["prediction_error_p50_ms"] = 1000 * hist_p50(before, after)
         extra["prediction_error_p50_interpolated_ms"] = 1000 * hist_p50_interpolated(before, after)

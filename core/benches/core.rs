@@ -5,6 +5,7 @@
 //!
 //! Full: `cargo bench --bench core`.
 //! Smoke (CI): `cargo bench --bench core -- --warm-up-time 0.1 --measurement-time 0.2 --sample-size 10`.
+//! Fairness on against off, interleaved pairs: `TIERQ_FAIR_AB=400 cargo bench --bench core`.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -236,61 +237,149 @@ fn fair_pool(max_concurrency: i64, fairness: &str) -> Pool {
     Pool::new(s, Clock::Monotonic)
 }
 
-/// Fairness on (`"tokens"`: the flow id hashed to its hand on every call,
-/// as `AdmissionCore.ask` does, the queue chosen, charged and, when queued,
-/// joined, predicted and picked by the least counter) against off (today's
-/// FIFO: `admit` of the anonymous flow), in the same run. Push + pop
-/// alternates two flows, so each pop picks between two active queues.
+const FLOWS: [&[u8]; 2] = [b"key_polite_0001", b"key_greedy_0002"];
+
+/// One admit + release of flow 0 with fairness on: the flow id hashed to its
+/// hand, as `AdmissionCore.ask` does, the queue chosen and charged.
+fn admit_release_on(p: &Pool) {
+    let ask = Ask { hand: p.hand(black_box(FLOWS[0])), service: 100, max_wait_ns: None };
+    assert_eq!(black_box(p).admit_ask(Lane::Default, 1, &ask).0, Admit::Now);
+    assert_eq!(p.release(), None);
+}
+
+/// The same with fairness off: `admit` of the anonymous flow (FIFO).
+fn admit_release_off(p: &Pool) {
+    assert_eq!(black_box(p).admit(Lane::Default, 1), Admit::Now);
+    assert_eq!(p.release(), None);
+}
+
+/// A pool of one slot, held, with one waiter of each flow queued, so every
+/// pop of `push_pop` chooses between two active queues.
+fn push_pop_pool(fairness: &str) -> Pool {
+    let p = fair_pool(1, fairness);
+    assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+    for f in FLOWS {
+        let ask = Ask { hand: p.hand(f), service: 100, max_wait_ns: None };
+        assert!(matches!(p.admit_ask(Lane::Default, 1, &ask).0, Admit::Queued { granted: None, .. }));
+    }
+    p
+}
+
+/// One push (a queued arrival) and one pop (the release handing the slot to
+/// a waiter). Fairness on alternates the two flows by `turn` (a plain
+/// counter: the bench's own choice of flow must not cost a locked RMW that
+/// only the "on" side pays); off is `admit` of the anonymous flow.
+fn push_pop(p: &Pool, on: bool, turn: usize) {
+    let queued = if on {
+        let ask = Ask { hand: p.hand(black_box(FLOWS[turn & 1])), service: 100, max_wait_ns: None };
+        black_box(p).admit_ask(Lane::Default, 1, &ask).0
+    } else {
+        black_box(p).admit(Lane::Default, 1)
+    };
+    assert!(matches!(queued, Admit::Queued { granted: None, .. }));
+    assert!(p.release().is_some(), "handed to a waiter");
+}
+
+fn check_push_pop(p: &Pool) {
+    let st = p.stats();
+    assert_eq!((st.in_flight, st.depth), (1, [0, 2, 0]), "the bench leaked a slot or a waiter");
+}
+
+/// Fairness on (`"tokens"`) against off (today's FIFO), in the same run.
 fn bench_fairness(c: &mut Criterion) {
-    let flows: [&[u8]; 2] = [b"key_polite_0001", b"key_greedy_0002"];
     let mut g = c.benchmark_group("fairness_admit_release/1t");
     let on = fair_pool(64, "tokens");
-    g.bench_function("on", |b| {
-        b.iter(|| {
-            let ask = Ask { hand: on.hand(black_box(flows[0])), service: 100, max_wait_ns: None };
-            assert_eq!(black_box(&on).admit_ask(Lane::Default, 1, &ask).0, Admit::Now);
-            assert_eq!(on.release(), None);
-        })
-    });
+    g.bench_function("on", |b| b.iter(|| admit_release_on(&on)));
     let off = fair_pool(64, "off");
-    g.bench_function("off", |b| {
-        b.iter(|| {
-            assert_eq!(black_box(&off).admit(Lane::Default, 1), Admit::Now);
-            assert_eq!(off.release(), None);
-        })
-    });
+    g.bench_function("off", |b| b.iter(|| admit_release_off(&off)));
     g.finish();
 
     let mut g = c.benchmark_group("fairness_push_pop/1t");
     for (name, fairness) in [("on", "tokens"), ("off", "off")] {
-        let p = fair_pool(1, fairness);
-        assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
-        // One waiter of each flow always queued, so every pop chooses.
-        for f in flows {
-            let ask = Ask { hand: p.hand(f), service: 100, max_wait_ns: None };
-            assert!(matches!(p.admit_ask(Lane::Default, 1, &ask).0, Admit::Queued { granted: None, .. }));
-        }
-        // A plain counter: the bench's own choice of flow must not cost a
-        // locked RMW that only the "on" side pays (it was one, ~4 ns).
+        let p = push_pop_pool(fairness);
         let mut turn = 0usize;
         g.bench_function(name, |b| {
             b.iter(|| {
-                let queued = if fairness == "off" {
-                    black_box(&p).admit(Lane::Default, 1)
-                } else {
-                    turn += 1;
-                    let f = flows[turn & 1];
-                    let ask = Ask { hand: p.hand(black_box(f)), service: 100, max_wait_ns: None };
-                    black_box(&p).admit_ask(Lane::Default, 1, &ask).0
-                };
-                assert!(matches!(queued, Admit::Queued { granted: None, .. }));
-                assert!(p.release().is_some(), "handed to a waiter");
+                turn += 1;
+                push_pop(&p, fairness != "off", turn)
             })
         });
-        let st = p.stats();
-        assert_eq!((st.in_flight, st.depth), (1, [0, 2, 0]), "the bench leaked a slot or a waiter");
+        check_push_pop(&p);
     }
     g.finish();
+}
+
+/// Fairness on against off, interleaved: `pairs` pairs of back-to-back
+/// blocks (on then off, off then on, alternating), each block `BLOCK`
+/// operations timed as one (a few hundred microseconds, so most blocks run
+/// within one time slice), and the on/off ratio taken per pair. On a shared
+/// machine the load moves over seconds; two blocks microseconds apart see
+/// the same load, so the median of the pairs' ratios, with its 95% confidence
+/// interval from the order statistics (ranks n/2 +- 0.98 sqrt n), decides
+/// where two criterion groups run seconds apart do not. Beside it, each
+/// side's 10th percentile block (the blocks least disturbed) and their ratio.
+/// `TIERQ_FAIR_AB=pairs`.
+fn fairness_ab(pairs: usize) {
+    const BLOCK: usize = 2_000;
+    fn time(mut f: impl FnMut(usize)) -> f64 {
+        let t = Instant::now();
+        for i in 0..BLOCK {
+            f(i);
+        }
+        t.elapsed().as_nanos() as f64 / BLOCK as f64
+    }
+    fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+    fn at(v: &[f64], p: f64) -> f64 {
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+    fn report(label: &str, on_ns: Vec<f64>, off_ns: Vec<f64>) {
+        let ratios = sorted(on_ns.iter().zip(&off_ns).map(|(a, b)| a / b).collect());
+        let n = ratios.len();
+        let half = 0.98 * (n as f64).sqrt();
+        let lo = ratios[((n as f64 / 2.0 - half).floor().max(0.0)) as usize];
+        let hi = ratios[((n as f64 / 2.0 + half).ceil() as usize).min(n - 1)];
+        let (on_s, off_s) = (sorted(on_ns), sorted(off_ns));
+        let verdict = if hi <= 1.3 { "met" } else if lo > 1.3 { "missed" } else { "not decided" };
+        println!(
+            "| {label} | {:.1} / {:.1} ns | {:.1} / {:.1} ns | {:.3}x | {lo:.3}x - {hi:.3}x | {:.3}x | <= 1.3x: {verdict} |",
+            at(&on_s, 0.1), at(&on_s, 0.5), at(&off_s, 0.1), at(&off_s, 0.5), at(&ratios, 0.5),
+            at(&on_s, 0.1) / at(&off_s, 0.1)
+        );
+    }
+    let (on, off) = (fair_pool(64, "tokens"), fair_pool(64, "off"));
+    let (pon, poff) = (push_pop_pool("tokens"), push_pop_pool("off"));
+    let mut turn = 0usize;
+    let (mut ar, mut pp) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    // Warm-up: blocks of each, not counted.
+    for _ in 0..200 {
+        time(|_| admit_release_on(&on));
+        time(|_| admit_release_off(&off));
+        time(|_| { turn += 1; push_pop(&pon, true, turn) });
+        time(|i| push_pop(&poff, false, i));
+    }
+    for k in 0..pairs {
+        // The order alternates so neither side always runs second.
+        if k % 2 == 0 {
+            ar.0.push(time(|_| admit_release_on(&on)));
+            ar.1.push(time(|_| admit_release_off(&off)));
+            pp.0.push(time(|_| { turn += 1; push_pop(&pon, true, turn) }));
+            pp.1.push(time(|i| push_pop(&poff, false, i)));
+        } else {
+            ar.1.push(time(|_| admit_release_off(&off)));
+            ar.0.push(time(|_| admit_release_on(&on)));
+            pp.1.push(time(|i| push_pop(&poff, false, i)));
+            pp.0.push(time(|_| { turn += 1; push_pop(&pon, true, turn) }));
+        }
+    }
+    check_push_pop(&pon);
+    check_push_pop(&poff);
+    println!("\n| fairness, interleaved ({pairs} pairs of {BLOCK}) | on p10 / p50 | off p10 / p50 | on / off, median pair | its 95% CI | p10 / p10 | target |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    report("admit + release, uncontended", ar.0, ar.1);
+    report("push + pop, two flows waiting", pp.0, pp.1);
 }
 
 /// The two primitives that bound push + pop, measured in the same run: one
@@ -364,6 +453,25 @@ fn summary() {
 }
 
 fn main() {
+    // One side alone for a profiler (perf record): `TIERQ_FAIR_PROFILE=on|off`,
+    // push + pop for about 3 s.
+    if let Ok(side) = std::env::var("TIERQ_FAIR_PROFILE") {
+        let p = push_pop_pool(if side == "on" { "tokens" } else { "off" });
+        let t = Instant::now();
+        let mut turn = 0usize;
+        while t.elapsed() < Duration::from_secs(3) {
+            for _ in 0..10_000 {
+                turn += 1;
+                push_pop(&p, side == "on", turn);
+            }
+        }
+        check_push_pop(&p);
+        return;
+    }
+    if let Some(pairs) = std::env::var("TIERQ_FAIR_AB").ok().and_then(|v| v.parse().ok()) {
+        fairness_ab(pairs);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_bucket(&mut c);
     bench_admit_release(&mut c);
