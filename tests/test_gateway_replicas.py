@@ -279,15 +279,6 @@ async def test_priority_keeps_its_lead_across_replicas(replicas: Any) -> None:
     await client.close()
 
 
-def test_endpoints_with_a_cluster_are_refused_until_leases_carry_replicas(tmp_path: Path) -> None:
-    cfg = tmp_path / "tierq.toml"
-    cfg.write_text('[[upstreams]]\nname = "pool"\nkind = "vllm"\n'
-                   'endpoints = ["http://a:1/v1", "http://b:1/v1"]\n'
-                   '[cluster]\nredis_url = "redis://127.0.0.1:6379"\n')
-    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.endpoints: several endpoints with \[cluster\]"):
-        load_config(str(cfg))
-
-
 @pytest.mark.timeout(60)
 async def test_sim_replicas_run_that_many_in_process_engines_each_its_own_endpoint(tmp_path: Path) -> None:
     from tierq.embedded import start_sims

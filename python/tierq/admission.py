@@ -491,7 +491,7 @@ class ReplicaPool:
     at their sum. A holder of a pool slot takes a replica (`pick`, by its
     order: tierq.routing) and gives it back before the pool's slot."""
 
-    __slots__ = ("admission", "core")
+    __slots__ = ("_health", "_leases", "admission", "core")
 
     def __init__(self, admission: Admission, n: int, settings: PoolSettings,
                  *, clock: ManualClock | None = None, core: Replicas | None = None) -> None:
@@ -499,6 +499,11 @@ class ReplicaPool:
         `core`: this worker's handle on a shared region (`tierq serve --workers N`)."""
         self.admission = admission
         self.core = core if core is not None else Replicas(n, settings, clock)
+        # Per replica: its health as tierq.health last set it (down, slow-start
+        # cap, 0: none), and its cluster lease (None: no [cluster]); the core's
+        # health word holds the two combined (`_write`).
+        self._health: list[tuple[bool, int]] = [(False, 0)] * self.core.count
+        self._leases: list[int | None] = [None] * self.core.count
         self.sync()
 
     def pick(self, order: int, rule: int, avoid: int = 0) -> int:
@@ -515,8 +520,35 @@ class ReplicaPool:
         """Replica `replica` out of rotation (`down`), or in it at most `cap`
         slots (0: its whole limit; tierq.health's slow start ramps it), then
         the pool's limit set to the replicas' sum; waiters granted."""
-        self.core.set_health(replica, down, cap)
+        self._health[replica] = (down, max(0, cap))
+        self._write(replica)
         return self.sync()
+
+    def set_lease(self, replica: int, lease: int | None) -> int:
+        """Replica `replica` at most `lease` slots on this host (its cluster
+        lease, tierq.cluster.leases; 0: none, so out of rotation here; None:
+        no lease), beside its health's cap (the lower in force), then the
+        pool's limit set to the replicas' sum; waiters granted."""
+        self._leases[replica] = None if lease is None else max(0, lease)
+        self._write(replica)
+        return self.sync()
+
+    def lease(self, replica: int) -> int | None:
+        return self._leases[replica]
+
+    def healthy(self, replica: int) -> bool:
+        """Whether tierq.health has the replica in rotation (its lease aside)."""
+        return not self._health[replica][0]
+
+    def _write(self, replica: int) -> None:
+        """The core's health word from the replica's health and lease: out if
+        either says so (a lease of 0), else the lower of the two caps."""
+        down, cap = self._health[replica]
+        lease = self._leases[replica]
+        if lease is not None:
+            down = down or lease == 0
+            cap = lease if cap == 0 else min(cap, lease)
+        self.core.set_health(replica, down, cap)
 
     def release(self, replica: int) -> None:
         self.core.release(replica)
@@ -529,12 +561,28 @@ class ReplicaPool:
         workers moving two replicas at once may set sums in either order, so
         the sum is read again until it holds still."""
         granted = 0
+        leased = any(lease is not None for lease in self._leases)
         for _ in range(8):
             capacity = self.core.capacity
             granted += self.admission.set_limit(capacity)
+            if leased:
+                # The core's capacity is at least 1 (a pool's limit is); leased,
+                # every replica may be out here (a lease of 0 each): none then.
+                self._withhold_to(sum(int(r["limit"]) for r in self.core.stats() if not r["down"]))
             if self.core.capacity == capacity:
                 break
         return granted
+
+    def _withhold_to(self, capacity: int) -> None:
+        """Under cluster leases the pool's usable slots are withheld down to the
+        replicas' sum, which a fixed limit (or an adaptive one's floor) would
+        not follow; busy slots above it are owed, as the lease agent's are."""
+        st = self.admission.stats()
+        usable = int(str(st["limit"])) - int(str(st["withheld"])) - int(str(st["owed"]))
+        if usable > capacity:
+            self.admission.withhold(usable - capacity)
+        elif usable < capacity:
+            self.admission.restore(capacity - usable)
 
     def feed(self, replica: int) -> ReplicaFeed:
         return ReplicaFeed(self, replica)

@@ -219,6 +219,12 @@ def _serve(args: argparse.Namespace) -> int:
         if workers == 1:
             uvloop.run(_run_server(config, host, port, args.insecure_no_auth))
             return 0
+        if config.cluster is not None and any(u.replicas > 1 for u in config.upstreams):
+            # Each replica's lease is its cap in worker 0's core beside health's
+            # (tierq.admission.ReplicaPool), which the other workers would not see.
+            print("tierq serve: [cluster] with several endpoints runs one worker per host "
+                  "(--workers 1)", file=sys.stderr)
+            return 2
         uvloop.run(_probe_key_store(config))  # before the socket and the forks
         return _serve_workers(config, catalog, host, port, args.insecure_no_auth, workers)
     except StoreUnavailable as e:

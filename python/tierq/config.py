@@ -355,13 +355,6 @@ class _Parser:
             ids[m.id] = i
         keys = self.keys(top.table("keys"))
         cluster = self.cluster(top.table("cluster")) if top.has("cluster") else None
-        replicated = [i for i, u in enumerate(upstreams) if u.replicas > 1]
-        if cluster is not None and replicated:
-            # A host would route with its own replica counts while the lease bounds
-            # only the pool's total (docs/architecture.md, Replicas).
-            key = "endpoints" if upstreams[replicated[0]].sim is None else "sim.replicas"
-            raise ConfigError(self.file, f"upstreams[{replicated[0]}].{key}",
-                              "several endpoints with [cluster] are not supported yet")
         admin = self.admin(top.table("admin"))
         tracing = self.tracing(top.table("tracing"))
         top.done()

@@ -111,7 +111,11 @@ def lifecycle(
                                           for mid, p in gw.pools.items()},
                                          on_closed=lambda: gw.shed_waiting(CLUSTER_CLOSED),
                                          worker=shared_worker,
-                                         workers=workers)
+                                         workers=workers,
+                                         replicas={mid: (p.replicas, p.entry.replica, p.upstream.endpoints)
+                                                   for mid, p in gw.pools.items()
+                                                   if p.replicas is not None
+                                                   and p.entry.replica is not None})
                     if gw.keys is not None:
                         # The day's spend in Redis raised to the ledgers' (once
                         # per ledger: every host's own SQLite file, or the one

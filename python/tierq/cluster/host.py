@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tierq.admission import Admission
+from tierq.admission import Admission, ReplicaPool
 from tierq.cluster.downgrades import ClusterDowngrades
 from tierq.cluster.keys import ClusterKeys
 from tierq.cluster.leases import LeaseAgent
@@ -36,7 +36,9 @@ class Cluster:
     def __init__(self, config: ClusterConfig, host_id: str,
                  pools: Mapping[str, tuple[Admission, AdmissionConfig]],
                  on_closed: Callable[[], object] | None = None,
-                 worker: int | None = None, workers: int = 1) -> None:
+                 worker: int | None = None, workers: int = 1,
+                 replicas: Mapping[str, tuple[ReplicaPool, AdmissionConfig, Sequence[str]]]
+                 | None = None) -> None:
         """`on_closed`: called when Redis goes down in "closed" mode, to answer
         the requests queued on this host 503 (the gateway's waiting tasks).
         `worker`: this process's index when the host runs several workers on
@@ -44,11 +46,12 @@ class Cluster:
         on the shared pools (whose slots the supervisor withheld before
         forking); every other worker only makes key decisions and watches
         Redis for its own requests. `workers`: how many there are (1: one
-        process)."""
+        process). `replicas`: the pools over several endpoints, each replica
+        leased on its own (tierq.cluster.leases.ReplicaSlots)."""
         self.config = config
         self.host_id = host_id
         self.link = RedisLink(config, host_id, on_closed)
-        self.agent = (LeaseAgent(self.link, pools, shared=worker is not None)
+        self.agent = (LeaseAgent(self.link, pools, shared=worker is not None, replicas=replicas)
                       if worker is None or worker == 0 else None)
         self.keys = ClusterKeys(self.link)
         self.downgrades = ClusterDowngrades(self.link, workers=workers)
@@ -131,6 +134,8 @@ class Cluster:
             "redis_errors": link.errors,
             # time spent in lease round trips
             "lease_sync_s": round(self.agent.sync_s if self.agent is not None else 0.0, 6),
+            # the longest Redis heard nothing from this host's agent (see LeaseAgent)
+            "lease_gap_max_s": round(self.agent.gap_max_s if self.agent is not None else 0.0, 3),
             "down_for_s": link.down_for(),
             "leases": self.agent.status() if self.agent is not None else {},
         }

@@ -3,6 +3,11 @@ package's docstring), kept to in the local core by withholding the rest, synced
 when demand or priority waiters change and at each heartbeat; while Redis is
 down in "local" mode, the host's share of each limit. One agent per host:
 worker 0's when the host runs several.
+
+A pool over several endpoints leases each replica on its own, by the same
+rule and script, keyed by model and endpoint (`ReplicaSlots`): the replica's
+lease is its cap in the core (`ReplicaPool.set_lease`), so across hosts no
+replica holds more than its limit, and the pool's slots are the caps' sum.
 """
 
 from __future__ import annotations
@@ -11,18 +16,18 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from tierq._core import PoolSettings
-from tierq.admission import Admission
+from tierq.admission import Admission, ReplicaPool
 from tierq.cluster.flows import FAIR_SCRIPT, FlowCounters
 from tierq.cluster.link import RedisLink, Script
 from tierq.config import AdmissionConfig
 from tierq.tiers import Tier
 
-__all__ = ["LeaseAgent", "PoolLease", "cluster_settings"]
+__all__ = ["LeaseAgent", "PoolLease", "ReplicaSlots", "cluster_settings"]
 
 log = logging.getLogger("tierq.cluster")
 
@@ -37,6 +42,9 @@ WAKE_CHANNEL: Final = "tierq:cluster:wake"
 # With several workers the agent polls the shared pools this often, so demand
 # queued in any worker reaches it (worker 0) within it.
 SHARED_POLL_S: Final = 0.005
+# A sync yields to the loop at most this often for granted holders to take
+# their replica first (LeaseAgent._let_place).
+PLACE_TRIES: Final = 8
 # The fair counters in Redis outlive this many lease TTLs without a round from
 # any host (every live host calls at least each heartbeat, a third of a TTL).
 FAIR_TTL_TTLS: Final = 4
@@ -50,8 +58,7 @@ FAIR_TTL_TTLS: Final = 4
 # makes another host give a slot back, and takes none while another host
 # has priority waiters or unmet demand.
 # Returns {lease, live hosts, priority waiters elsewhere, unmet demand
-# elsewhere, priority waiters elsewhere not covered by free slots, the
-# cluster's limit}.
+# elsewhere, the cluster's limit}.
 _LEASE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -151,9 +158,6 @@ if want > lease then
                                          limit - headroom - others - lease))
   end
 end
--- Priority waiters elsewhere that the free slots do not cover yet: what a
--- host without priority waiters of its own should yield.
-local uncovered = math.max(0, others_p - (limit - others - lease))
 -- A host that starts to lack slots, or to have priority waiters, tells the
 -- others at once (they may hold idle slots and would only hear at their
 -- next heartbeat otherwise).
@@ -169,7 +173,7 @@ redis.call('HSET', KEYS[3], host, pwait)
 redis.call('HSET', KEYS[4], host, unmet)
 -- Everything goes once no host has refreshed it for a while.
 for k = 1, 6 do redis.call('PEXPIRE', KEYS[k], ttl * 4) end
-return {lease, hosts, others_p, others_unmet, uncovered, limit}
+return {lease, hosts, others_p, others_unmet, limit}
 """
 _LEASE_SCRIPT: Final = Script(_LEASE)
 
@@ -180,12 +184,69 @@ def cluster_settings(cfg: AdmissionConfig) -> PoolSettings:
     return cfg.but(priority_headroom=None).settings
 
 
+class ReplicaSlots:
+    """One replica's slots on this host, seen as the lease rule sees a pool's:
+    its limit (fixed or learned, before health's cap), in flight, the slots
+    withheld (its limit above its lease cap, or above what is in flight when
+    that is more) and owed (in flight above the cap: busy slots given back as
+    they free); `withhold` and `restore` move the cap. Its demand is the
+    pool's waiters while tierq.health has it in rotation here (any of them
+    may be granted on it), else none."""
+
+    __slots__ = ("pool", "replica")
+
+    def __init__(self, pool: ReplicaPool, replica: int) -> None:
+        self.pool = pool
+        self.replica = replica
+
+    @property
+    def limit(self) -> int:
+        return self.pool.learned(self.replica)
+
+    def _cap(self, limit: int) -> int:
+        lease = self.pool.lease(self.replica)
+        return limit if lease is None else min(lease, limit)
+
+    def unplaced(self) -> int:
+        """Pool slots granted whose holder has not taken a replica yet: it
+        runs after the grant, on its own task, and takes one at once."""
+        placed = sum(int(x["in_flight"]) for x in self.pool.stats())
+        return max(0, int(str(self.pool.admission.stats()["in_flight"])) - placed)
+
+    def stats(self) -> dict[str, object]:
+        replicas = self.pool.stats()
+        pool = self.pool.admission.stats()
+        r = replicas[self.replica]
+        # Pool slots granted whose holder has not picked a replica yet may
+        # land on any replica with room: each replica counts them as busy.
+        # The agent lets them pick before it plans (LeaseAgent._let_place), so
+        # this is 0 but when that gave up.
+        pending = max(0, int(str(pool["in_flight"])) - sum(int(x["in_flight"]) for x in replicas))
+        limit, busy = int(r["learned"]), int(r["in_flight"]) + pending
+        cap = self._cap(limit)
+        holding = min(limit, max(cap, busy))
+        depth = pool["depth"]
+        assert isinstance(depth, dict)
+        if not self.pool.healthy(self.replica):
+            depth = dict.fromkeys(depth, 0)
+        return {"limit": limit, "in_flight": busy, "withheld": limit - holding,
+                "owed": holding - cap, "depth": depth}
+
+    def withhold(self, n: int) -> None:
+        self.pool.set_lease(self.replica, max(0, self._cap(self.limit) - n))
+
+    def restore(self, n: int) -> None:
+        limit = self.limit
+        self.pool.set_lease(self.replica, min(limit, self._cap(limit) + n))
+
+
 @dataclass(slots=True)
 class PoolLease:
-    """One pool's share of the cluster: what this host holds and last heard."""
+    """One pool's (or one replica's) share of the cluster: what this host
+    holds and last heard."""
 
     model: str
-    admission: Admission
+    admission: Admission | ReplicaSlots
     headroom: int
     default_min_share: float
     limit: int = 0  # this host's core's limit (fixed, or learned), last read
@@ -193,13 +254,18 @@ class PoolLease:
     lease: int = 0  # slots Redis last granted (or the local share while down)
     others_priority: int = 0  # priority waiters on other hosts, last heard
     others_unmet: int = 0  # demand other hosts could not get, last heard
-    uncovered: int = 0  # priority waiters elsewhere the free slots do not cover
     reported_pwait: int = 0  # this host's priority waiters as Redis last heard
     want: int = 0  # what this host asked for last
     flex_want: int = 0  # the part of `want` that is flex waiters (idle capacity only)
     flex_headroom: float = 0.1  # the pool's flex_headroom (its core keeps it free of flex)
     holding: int = 0  # limit minus withheld: slots it really has, busy or idle
     flows: FlowCounters | None = None  # its fair counters, shared (fairness "tokens")
+    endpoint: str = ""  # a replica's endpoint (its lease's key beside the model), "" for a pool
+
+    @property
+    def key(self) -> str:
+        """Its name in Redis and in status(): the model, `model@endpoint` for a replica."""
+        return f"{self.model}@{self.endpoint}" if self.endpoint else self.model
 
     def plan(self, heartbeat: bool, touch: bool = True) -> tuple[int, int, bool]:
         """(holding, want, contended) from the local core, withholding locally
@@ -223,10 +289,15 @@ class PoolLease:
             holding = self.limit - withheld
         usable = holding - owed
         if self.others_priority > 0 and pw == 0:
-            # Strict priority across hosts: this host's defaults wait, and it
-            # yields slots (idle now, busy as they free) to the waiters the
-            # free slots do not cover yet.
-            want = max(0, busy - self.uncovered) if self.uncovered else min(usable, busy)
+            # Strict priority across hosts, as in one core: while priority
+            # waits on another host, this host starts none of its queued
+            # defaults. Every slot goes back (idle ones now, busy ones as they
+            # free) until the others' priority waiters are granted. Yielding
+            # only the waiters the free slots did not cover let the other
+            # slots freeing in the same round start this host's defaults
+            # while the given-back slot was still on its way to the priority
+            # request (#20: 6 defaults queued on B ended before A's priority).
+            want = 0
         elif self.others_priority > 0:
             want = busy + pw  # its own priority waiters first; defaults wait
         elif self.others_unmet > 0:
@@ -281,22 +352,44 @@ class LeaseAgent:
     lease; while Redis is down in "local" mode, to its share of the limit."""
 
     def __init__(self, link: RedisLink, pools: Mapping[str, tuple[Admission, AdmissionConfig]],
-                 shared: bool) -> None:
+                 shared: bool,
+                 replicas: Mapping[str, tuple[ReplicaPool, AdmissionConfig, Sequence[str]]]
+                 | None = None) -> None:
         """`shared`: the host runs several workers on shared pools, whose slots
-        the supervisor withheld before forking (this agent is worker 0's)."""
+        the supervisor withheld before forking (this agent is worker 0's).
+        `replicas`: the pools over several endpoints (their replicas, one
+        replica's settings, the endpoints in order), leased per replica."""
         self.link = link
         self.config = link.config
         self._shared = shared
         self.ttl_s = link.ttl_s
         self.heartbeat_s = link.heartbeat_s
-        self.pools = {
-            model: PoolLease(model, adm, cfg.settings.priority_headroom,
-                             cfg.settings.default_min_share, adm.limit, adm.limit,
-                             flows=FlowCounters(adm) if cfg.settings.fairness == "tokens" else None,
-                             flex_headroom=cfg.settings.flex_headroom)
-            for model, (adm, cfg) in pools.items()
-        }
+        replicas = replicas or {}
+        if shared and replicas:
+            raise ValueError("[cluster] with several endpoints runs one worker per host (--workers 1)")
+        self.pools: dict[str, PoolLease] = {}
+        for model, (adm, cfg) in pools.items():
+            flows = FlowCounters(adm) if cfg.settings.fairness == "tokens" else None
+            if model not in replicas:
+                self.pools[model] = PoolLease(model, adm, cfg.settings.priority_headroom,
+                                              cfg.settings.default_min_share, adm.limit, adm.limit,
+                                              flows=flows, flex_headroom=cfg.settings.flex_headroom)
+                continue
+            rp, one, endpoints = replicas[model]
+            for i, endpoint in enumerate(endpoints):
+                slots = ReplicaSlots(rp, i)
+                # The pool's fair counters ride with its first replica's lease.
+                p = PoolLease(model, slots, one.settings.priority_headroom,
+                              one.settings.default_min_share, slots.limit, slots.limit,
+                              flows=flows if i == 0 else None,
+                              flex_headroom=one.settings.flex_headroom, endpoint=endpoint)
+                self.pools[p.key] = p
         self.sync_s = 0.0  # time spent waiting on lease syncs
+        # The longest time from one lease call's reply to the next call's
+        # send: at least that long Redis heard nothing from this host. Past
+        # lease_ttl_ms its leases lapsed while it may have run requests on them.
+        self.gap_max_s = 0.0
+        self._replied_at: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -397,6 +490,7 @@ class LeaseAgent:
         link = self.link
         if not link.up and not heartbeat:
             return False  # down: only the heartbeat probes Redis
+        await self._let_place()
         plans = [p.plan(heartbeat, touch=link.up) for p in self.pools.values()]
         contended = any(c for _, _, c in plans)
         if not link.up:
@@ -423,7 +517,7 @@ class LeaseAgent:
         fair = [] if leaving else [p for p in pools if p.flows is not None]
         for p in pools:
             p.reported_pwait = self._priority_waiting(p)
-            tag = f"{{tierq:pool:{p.model}}}"
+            tag = f"{{tierq:pool:{p.key}}}"
             pipe.evalsha(_LEASE_SCRIPT.sha, 6, f"{tag}:lease", f"{tag}:seen", f"{tag}:pwait",
                          f"{tag}:unmet", f"{tag}:limit", f"{tag}:meta",
                          link.host_id, self.config.lease_ttl_ms, p.limit, p.headroom,
@@ -434,6 +528,9 @@ class LeaseAgent:
             pipe.evalsha(FAIR_SCRIPT.sha, 2, *p.flows.keys(p.model, link.host_id),
                          *p.flows.args(FAIR_TTL_TTLS * self.config.lease_ttl_ms))
         link.calls += 1
+        sent = time.monotonic()
+        if self._replied_at is not None:
+            self.gap_max_s = max(self.gap_max_s, sent - self._replied_at)
         try:
             replies = await pipe.execute()
         except link.NoScriptError:
@@ -442,18 +539,33 @@ class LeaseAgent:
             return await self._call_leases(leaving)
         finally:
             self.sync_s += time.perf_counter() - t0
+        self._replied_at = time.monotonic()
         if leaving:
             return
         for p, reply in zip(fair, replies[len(pools):], strict=True):
             assert p.flows is not None
             p.flows.incoming(reply)
         hosts = 1
-        for p, (lease, live, others_p, others_unmet, uncovered, limit) in zip(pools, replies[:len(pools)]):
+        for p, (lease, live, others_p, others_unmet, limit) in zip(pools, replies[:len(pools)]):
             p.others_priority, p.others_unmet = int(others_p), int(others_unmet)
-            p.uncovered, p.cluster_limit = int(uncovered), int(limit)
+            p.cluster_limit = int(limit)
             hosts = max(hosts, int(live))
             p.apply(int(lease), p.want)
         link.hosts = hosts
+
+    async def _let_place(self) -> None:
+        """Lets every holder granted a pool slot take its replica before the
+        plan may cut a replica's cap: cut under such a holder, no replica
+        has room for it and it goes over one's limit (`Replicas.over`), past
+        this host's lease of it, while another host may hold the rest. A
+        granted holder's task is already scheduled: each yield to the loop
+        runs the ones granted before it (asyncio runs callbacks in order)."""
+        slots = [p.admission for p in self.pools.values()
+                 if isinstance(p.admission, ReplicaSlots) and p.admission.replica == 0]
+        for _ in range(PLACE_TRIES):
+            if not any(s.unplaced() for s in slots):
+                return
+            await asyncio.sleep(0)
 
     @staticmethod
     def _priority_waiting(p: PoolLease) -> int:
@@ -487,7 +599,13 @@ class LeaseAgent:
 
     def status(self) -> dict[str, Any]:
         """Each pool's lease, for Cluster.status()."""
-        return {p.model: {"lease": p.lease, "holding": p.holding,
+        out: dict[str, Any] = {}
+        for p in self.pools.values():
+            out[p.key] = {"lease": p.lease, "holding": p.holding,
                           "limit": p.cluster_limit, "host_limit": p.limit,
                           "others_priority": p.others_priority}
-                for p in self.pools.values()}
+            if isinstance(p.admission, ReplicaSlots):
+                # Picks on this host that found no replica within its cap
+                # (the pool's count, on each of its replicas' entries).
+                out[p.key]["over"] = p.admission.pool.core.over
+        return out
