@@ -601,10 +601,11 @@ impl Pool {
         self.admit_home(lane, cost, ask, 0)
     }
 
-    /// `admit_ask` for a request whose home replica is `home - 1` (0: none,
-    /// a pool of one engine or a routing without homes): a waiter keeps it
-    /// beside its ticket for the replica grant rule (`release_from`).
-    pub fn admit_home(&self, lane: Lane, cost: u64, ask: &Ask, home: u64) -> (Admit, Placed) {
+    /// `admit_ask` for a request whose home replicas are the bits of
+    /// `homes` (bit r: replica r; 0: none, a pool of one engine or a routing
+    /// without homes; a hot prefix has two, tierq.routing): a waiter keeps
+    /// them beside its ticket for the replica grant rule (`release_from`).
+    pub fn admit_home(&self, lane: Lane, cost: u64, ask: &Ask, homes: u64) -> (Admit, Placed) {
         let _moving = self.moving();
         let fair = self.fair(lane);
         let queue = if self.fair_on { fair.choose(ask.hand) } else { ask.hand.0 };
@@ -719,7 +720,7 @@ impl Pool {
         // published is always counted (`fair::WAITING`).
         self.joined(lane, queue, fair::owner(ask.hand), ask.service, due != 0);
         crash_point!("admit.joined");
-        let pos = match self.ring(lane).push(now, self.me, tag, due, home) {
+        let pos = match self.ring(lane).push(now, self.me, tag, due, homes) {
             Ok(pos) => pos,
             Err(_) => {
                 self.left(lane, tag);
@@ -809,7 +810,7 @@ impl Pool {
         let ring = self.ring(lane);
         // The replica grant rule (core/replicas.rs, `HOME_LOOK_AHEAD`): a
         // slot freed on replica `home - 1` goes to the oldest of the lane's
-        // next waiters whose home it is, at most `HOME_SKIPS` grants in a
+        // next waiters with it among their homes, at most `HOME_SKIPS` grants in a
         // row past the front; else the lane's next waiter as without it.
         let skips = self.w(at::SKIPS[lane as usize]);
         let homed = (home != 0 && skips.load(Relaxed) < crate::replicas::HOME_SKIPS)
@@ -1780,7 +1781,12 @@ mod tests {
 
     /// Queues a waiter in `lane` whose home is replica `home - 1`.
     fn wait_at_home(pool: &Pool, lane: Lane, home: u64) -> WaiterId {
-        match pool.admit_home(lane, 1, &pool.ask_anonymous(), home).0 {
+        wait_at_homes(pool, lane, 1 << (home - 1))
+    }
+
+    /// Queues a waiter in `lane` at home on the replicas of mask `homes`.
+    fn wait_at_homes(pool: &Pool, lane: Lane, homes: u64) -> WaiterId {
+        match pool.admit_home(lane, 1, &pool.ask_anonymous(), homes).0 {
             Admit::Queued { waiter, granted: None, .. } => waiter,
             other => panic!("expected to queue, got {other:?}"),
         }
@@ -1799,6 +1805,16 @@ mod tests {
         let p = wait_at_home(&pool, Lane::Priority, 1);
         let _d = wait_at_home(&pool, Lane::Default, 2);
         assert_eq!(pool.release_from(2), Some(p));
+    }
+
+    #[test]
+    fn a_hot_prefixs_waiter_is_at_home_on_both_its_replicas() {
+        let (pool, _clock) = saturated();
+        // Replica 0's, a hot prefix's (replicas 1 and 2), replica 2's.
+        let w: Vec<WaiterId> = [0b001, 0b110, 0b100].iter().map(|&m| wait_at_homes(&pool, Lane::Default, m)).collect();
+        assert_eq!(pool.release_from(3), Some(w[1]), "replica 2: the oldest with it among its homes");
+        assert_eq!(pool.release_from(2), Some(w[0]), "replica 1: nobody's left, the front");
+        assert_eq!(pool.release_from(3), Some(w[2]));
     }
 
     #[test]

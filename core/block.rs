@@ -38,7 +38,11 @@ pub(crate) const LINE: usize = 8;
 // Version 10: each ring cell has its waiter's home replica beside it (a
 // sixth array) and each lane a SKIPS word after its head; a version-9
 // process would read the next lane's cells where this lane's homes now are.
-pub(crate) const MAGIC: u64 = 0x7469_6572_715f_000a; // "tierq_" + layout version 10
+// Version 11: a cell's home word is a mask of its waiter's home replicas
+// (bit r: replica r; a hot prefix has two), not one replica plus one; a
+// version-10 process would read a waiter at home on replica 0 as at home on
+// none and one at home on 2 as at home on 1.
+pub(crate) const MAGIC: u64 = 0x7469_6572_715f_000b; // "tierq_" + layout version 11
 /// Worker indices fit the low byte of an owner word (0 = no worker).
 pub const MAX_WORKERS: usize = 255;
 pub(crate) mod at {

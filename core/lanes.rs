@@ -63,8 +63,9 @@ pub(crate) struct Ring<'a> {
     /// `dues[pos % cap]`: when ticket `pos` passes its own deadline (clock
     /// ns; 0: it has none, the lane's max wait applies); same rule.
     pub dues: &'a [AtomicU64],
-    /// `homes[pos % cap]`: ticket `pos`'s home replica plus one (0: none,
-    /// a pool of one engine); same publication and trust rule as `owners`.
+    /// `homes[pos % cap]`: ticket `pos`'s home replicas, bit r for replica
+    /// r (0: none, a pool of one engine); same publication and trust rule
+    /// as `owners`.
     pub homes: &'a [AtomicU64],
 }
 
@@ -253,12 +254,16 @@ impl<'a> Ring<'a> {
     }
 
     /// The replica grant rule's look-ahead (core/replicas.rs): among the
-    /// first `k` waiting tickets from the head, the oldest whose home is
-    /// `home` (a replica plus one), taken with one CAS as a cancel is (a
+    /// first `k` waiting tickets from the head, the oldest one of whose
+    /// homes is `home` (a replica plus one), taken with one CAS as a cancel is (a
     /// tombstone the head reclaims when it passes). None when the front
     /// waiter is itself at home (the caller's pop takes it, as today) or
     /// none of the `k` is: the caller pops as it would without a home.
     pub(crate) fn take_home(&self, home: u64, k: u32) -> Option<Taken> {
+        let bit = match home {
+            1..=64 => 1u64 << (home - 1),
+            _ => return None,
+        };
         let (h, t) = self.live_span();
         let mut seen = 0u32;
         let mut p = h;
@@ -267,7 +272,7 @@ impl<'a> Ring<'a> {
             let word = self.cells[i].load(SeqCst);
             let (pos, state) = split(word);
             if pos == p && state == WAITING {
-                if self.homes[i].load(SeqCst) == home {
+                if self.homes[i].load(SeqCst) & bit != 0 {
                     if seen == 0 {
                         return None;
                     }
@@ -626,11 +631,28 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_with_two_homes_is_at_home_on_either() {
+        let o = Owned::new(8);
+        let r = o.ring();
+        // Ticket 1 is at home on replicas 1 and 3 (a hot prefix), 0 nowhere.
+        r.push(0, 0, 0, 0, 0).unwrap();
+        r.push(1, 0, 0, 0, 0b1010).unwrap();
+        r.push(2, 0, 0, 0, 0b1000).unwrap();
+        assert_eq!(r.take_home(3, 4), None, "replica 2: nobody's");
+        assert_eq!(r.take_home(0, 4), None, "0: no replica");
+        assert_eq!(r.take_home(99, 4), None, "beyond any mask");
+        assert_eq!(r.take_home(4, 4).map(|t| t.0), Some(1), "replica 3: the oldest of 1 and 2");
+        assert_eq!(r.take_home(4, 4).map(|t| t.0), Some(2));
+        assert_eq!(r.pop().map(|t| t.0), Some(0));
+    }
+
+    #[test]
     fn a_home_look_ahead_takes_the_oldest_at_home_within_k_and_leaves_the_front() {
         let o = Owned::new(8);
         let r = o.ring();
-        for (n, home) in [(0u64, 1u64), (1, 2), (2, 3), (3, 3), (4, 4)] {
-            r.push(n, 0, 0, 0, home).unwrap();
+        // Homes as masks: replica 0, 1, 2, 2, 3 (take_home names one plus one).
+        for (n, homes) in [(0u64, 0b1u64), (1, 0b10), (2, 0b100), (3, 0b100), (4, 0b1000)] {
+            r.push(n, 0, 0, 0, homes).unwrap();
         }
         // The front's home: the plain pop takes it, as without a home.
         assert_eq!(r.take_home(1, 4), None);

@@ -499,8 +499,8 @@ impl PyAdmissionCore {
     /// rate limit decided in shadow mode and did not apply, else -1. `cost`
     /// 0 takes nothing from the bucket (nor can the bucket refuse it). The
     /// ask's four values come from `ask` (default: the anonymous flow).
-    /// `home`: the request's home replica plus one (0: none), for the
-    /// replica grant rule (`release(home)`).
+    /// `home`: the request's home replicas as a mask (bit r: replica r;
+    /// 0: none), for the replica grant rule (`release(home)`).
     #[pyo3(signature = (lane, cost, queue_a = None, queue_b = 0, service = 0, max_wait_ns = -1, home = 0))]
     #[allow(clippy::too_many_arguments)]
     fn admit(&self, lane: u8, cost: i64, queue_a: Option<u32>, queue_b: u32, service: u64, max_wait_ns: i64, home: u64) -> PyResult<(u8, i64, i64, i64, u32, i64, i64)> {

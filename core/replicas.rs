@@ -70,8 +70,9 @@ pub const BOUND_NUM: u64 = 5;
 pub const BOUND_DEN: u64 = 4;
 
 /// The grant rule's look-ahead: a slot freed on replica r (`Pool::release_from`)
-/// goes to the oldest of its lane's first `HOME_LOOK_AHEAD` waiters whose
-/// home (the first of its order) is r, the lanes' order kept (priority
+/// goes to the oldest of its lane's first `HOME_LOOK_AHEAD` waiters with r
+/// among its homes (the first of its order; a hot prefix's first two,
+/// tierq.routing), the lanes' order kept (priority
 /// strictly first: a lane's look-ahead sees only its own waiters), and at
 /// most `HOME_SKIPS` grants in a row pass over a lane's front waiter; else
 /// the front goes, as without replicas. At saturation a freed slot is the
@@ -129,6 +130,10 @@ pub enum Rule {
     Bounded,
     /// The least loaded with room; the order breaks ties.
     LeastLoaded,
+    /// The less loaded of the order's first two with room (a hot prefix's
+    /// two homes, tierq.routing: two choices), else the first in the order
+    /// with room.
+    TwoHomes,
 }
 
 impl Rule {
@@ -137,7 +142,8 @@ impl Rule {
             0 => Ok(Rule::First),
             1 => Ok(Rule::Bounded),
             2 => Ok(Rule::LeastLoaded),
-            _ => Err(CoreError::InvalidArgument { name: "rule", reason: format!("expected 0, 1 or 2, got {v}") }),
+            3 => Ok(Rule::TwoHomes),
+            _ => Err(CoreError::InvalidArgument { name: "rule", reason: format!("expected 0 - 3, got {v}") }),
         }
     }
 }
@@ -430,6 +436,9 @@ impl Replicas {
         match rule {
             Rule::First => ranked.iter().map(|&r| r as usize).find(|&r| self.room(r)),
             Rule::LeastLoaded => self.least_loaded(ranked, |r| self.room(r)),
+            Rule::TwoHomes => self
+                .least_loaded(&ranked[..ranked.len().min(2)], |r| self.room(r))
+                .or_else(|| ranked.iter().map(|&r| r as usize).find(|&r| self.room(r))),
             Rule::Bounded => {
                 let (mut load, mut lim) = (0u64, 0u64);
                 for r in (0..self.n).filter(|&r| self.up(r)) {
@@ -699,6 +708,24 @@ mod tests {
         assert_eq!(r.pick(order_word(&[0, 1, 2]), Rule::LeastLoaded), 1);
         // 1 is at 2 now (1 held + 1 waiting); 2 at 2 too: the order's earlier.
         assert_eq!(r.pick(order_word(&[2, 1, 0]), Rule::LeastLoaded), 2);
+    }
+
+    #[test]
+    fn two_homes_take_the_less_loaded_of_the_first_two_then_the_order() {
+        let r = fixed(4, 2);
+        let order = order_word(&[2, 1, 0, 3]);
+        // Both idle: the first; then the other (less loaded); then either.
+        assert_eq!(r.pick(order, Rule::TwoHomes), 2);
+        assert_eq!(r.pick(order, Rule::TwoHomes), 1);
+        assert_eq!(r.pick(order, Rule::TwoHomes), 2);
+        assert_eq!(r.pick(order, Rule::TwoHomes), 1);
+        // Both homes full: the next in the order with room, never the least
+        // loaded of the rest (3 is idle, 0 too: 0 comes first).
+        assert_eq!(r.pick(order, Rule::TwoHomes), 0);
+        assert_eq!(r.pick(order, Rule::TwoHomes), 0);
+        assert_eq!(r.pick(order, Rule::TwoHomes), 3);
+        assert_eq!(r.over(), 0);
+        assert!(Rule::from_u8(4).is_err());
     }
 
     #[test]

@@ -21,7 +21,9 @@ from ports import free_port
 from tierq.app import create_app
 from tierq.config import load_config
 from tierq.gateway import GATEWAY
-from tierq.routing import BLOCK_CHARS, ROUTE_BLOCKS, Router, prompt_text, rendezvous, route_key
+from tierq.routing import (BLOCK_CHARS, FIRST, HOT_BOUND_SHARE, HOT_HALF_LIFE_S, HOT_MIN_ARRIVALS,
+                           HOT_TABLE_MAX, ROUTE_BLOCKS, TWO_HOMES, Router, order_word, prompt_text,
+                           rendezvous, route_key)
 from tierq.toml_tables import ConfigError
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -127,8 +129,82 @@ def test_rendezvous_keeps_a_prefix_home_when_the_endpoints_are_listed_in_another
 
 def test_round_robin_takes_each_replica_in_turn() -> None:
     r = Router(["http://a/v1", "http://b/v1", "http://c/v1"], "round_robin")
-    firsts = [r.order("chat/completions", {}) & 0xF for _ in range(6)]
-    assert firsts == [0, 1, 2, 0, 1, 2]
+    routes = [r.route("chat/completions", {}) for _ in range(6)]
+    assert [x.order & 0xF for x in routes] == [0, 1, 2, 0, 1, 2]
+    assert {(x.rule, x.homes) for x in routes} == {(FIRST, 0)}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _body(text: str) -> dict[str, Any]:
+    return {"prompt": text}
+
+
+URLS = ["http://a/v1", "http://b/v1", "http://c/v1", "http://d/v1"]
+
+
+def test_a_cold_prefix_has_one_home_and_goes_there_while_it_has_room() -> None:
+    r = Router(URLS, "prefix", clock=_Clock())
+    order = rendezvous(route_key("cold " * 300), URLS)
+    route = r.route("completions", _body("cold " * 300))
+    assert route == (order_word(order), FIRST, 1 << order[0])
+    assert r.route("completions", _body("cold " * 300), count=False).rule == FIRST
+
+
+def test_a_prefix_is_hot_once_its_share_passes_half_a_replicas_bound_seeded() -> None:
+    """Zipf-like traffic over 32 prefixes (the bench's, s = 1) through one
+    router on a manual clock: the prefixes above HOT_BOUND_SHARE / n of the
+    arrivals (here only the first, 24.6%) get two homes and the two-homes rule;
+    the rest keep one home and the first-with-room rule."""
+    import random
+    clock = _Clock()
+    r = Router(URLS, "prefix", clock=clock)
+    texts = [f"system prompt {i}: " + "be exact. " * 120 for i in range(32)]
+    weights = [1 / (k + 1) for k in range(32)]
+    share = [w / sum(weights) for w in weights]
+    rng = random.Random(20)
+    last: dict[int, Any] = {}
+    for _ in range(2000):
+        i = rng.choices(range(32), weights)[0]
+        last[i] = r.route("completions", _body(texts[i]))
+        clock.t += 0.01  # 100 arrivals a second: the counts halve every 10 s
+    hot = {i for i, x in last.items() if x.rule == TWO_HOMES}
+    assert hot == {i for i in last if share[i] > HOT_BOUND_SHARE / len(URLS)} == {0}, hot
+    for i, x in last.items():
+        order = rendezvous(route_key(texts[i]), URLS)
+        assert x.order == order_word(order)
+        want = (1 << order[0]) | (1 << order[1]) if i in hot else 1 << order[0]
+        assert x.homes == want, (i, x)
+
+
+def test_a_hot_prefix_cools_back_to_one_home_when_its_traffic_stops() -> None:
+    clock = _Clock()
+    r = Router(URLS, "prefix", clock=clock)
+    hot, other = "hot prompt " * 100, "other prompt " * 100
+    for k in range(int(HOT_MIN_ARRIVALS) - 1):
+        assert r.route("completions", _body(hot)).rule == FIRST, f"hot after {k + 1} arrivals"
+    assert r.route("completions", _body(hot)).rule == TWO_HOMES
+    assert bin(r.route("completions", _body(hot)).homes).count("1") == 2
+    # Then only the other prefix arrives: within a few half-lives the first
+    # is below its share (and below the minimum count) and cold again.
+    for _ in range(5):
+        clock.t += HOT_HALF_LIFE_S
+        for _ in range(10):
+            r.route("completions", _body(other))
+    assert r.route("completions", _body(hot), count=False).rule == FIRST
+
+
+def test_the_arrival_counts_stay_bounded_under_unshared_prompts() -> None:
+    r = Router(URLS, "prefix", clock=_Clock())
+    for i in range(3 * HOT_TABLE_MAX):
+        assert r.route("completions", _body(f"unique prompt {i} " * 80)).rule == FIRST
+    assert len(r._counts) <= HOT_TABLE_MAX
 
 
 # ---- through the gateway ----------------------------------------------------------
@@ -248,6 +324,53 @@ async def test_requests_sharing_a_prefix_land_on_one_replica_while_not_saturated
         homes.add(moved.index(4))
     # Six prefixes over three replicas by rendezvous: more than one home.
     assert len(homes) > 1, homes
+    await client.close()
+
+
+@pytest.mark.timeout(120)
+async def test_cold_prefixes_stay_home_past_the_load_bound_and_a_hot_one_spills(replicas: Any) -> None:
+    """Limit 4 a replica, 12 for the pool. Five cold prefixes homed on one
+    sim sent at once: the load bound (1.25 x its share: 2 of 5 held) would
+    send all but two elsewhere; cold, four stay home (its limit) and the
+    fifth takes the next in its order. Then a prefix heated by 8 arrivals
+    in a row sent 6 at once: hot, it takes the less loaded of its two homes."""
+    start, session, apps = replicas
+    root, sims = await start("max_concurrency = 4")
+    router = apps[-1][GATEWAY].pools[MODEL].upstream.router
+    client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="x", max_retries=0, timeout=60)
+
+    def home(system: str) -> int:
+        text = prompt_text("chat/completions", {"messages": _chat(system, "q")})
+        return rendezvous(route_key(text), router.endpoints)[0]
+
+    cold = [f"cold prompt {p}: " + "answer plainly. " * 80 for p in range(200)]
+    cold = [c for c in cold if home(c) == 0][:5]
+    assert len(cold) == 5
+
+    async def one(system: str) -> None:
+        await client.chat.completions.create(model=MODEL, max_tokens=200, messages=_chat(system, "q"))
+
+    before = [await _stats(session, s) for s in sims]
+    await asyncio.gather(*(one(c) for c in cold))
+    after = [await _stats(session, s) for s in sims]
+    moved = [b["requests"] - a["requests"] for a, b in zip(before, after)]
+    assert moved[0] == 4 and sum(moved) == 5, moved
+    assert after[0]["max_in_flight_seen"] == 4, after[0]
+    assert all(s["max_in_flight_seen"] <= 4 for s in after), after
+
+    hot = "hot prompt: " + "answer at length. " * 80
+    text = prompt_text("chat/completions", {"messages": _chat(hot, "q")})
+    h, h2 = rendezvous(route_key(text), router.endpoints)[:2]
+    for _ in range(int(HOT_MIN_ARRIVALS)):
+        await client.chat.completions.create(model=MODEL, max_tokens=2, messages=_chat(hot, "warm"))
+    before = [await _stats(session, s) for s in sims]
+    await asyncio.gather(*(one(hot) for _ in range(6)))
+    after = [await _stats(session, s) for s in sims]
+    moved = [b["requests"] - a["requests"] for a, b in zip(before, after)]
+    # Hot: the less loaded of its two homes each time, so three on each
+    # (home alone has room for four) and none elsewhere.
+    assert moved[h] == moved[h2] == 3, (h, h2, moved)
+    assert all(s["max_in_flight_seen"] <= 4 for s in after), after
     await client.close()
 
 

@@ -109,7 +109,8 @@ class Slot:
         self.predicted_wait_s: float | None = None
         self.shadowed: str | None = None
         # The replica grant rule (core/replicas.rs HOME_LOOK_AHEAD): the
-        # request's home replica plus one, set before it joins, and the
+        # request's home replicas as a mask (bit r: replica r; tierq.routing
+        # Route.homes), set before it joins, and the
         # replica it ran on plus one, set before its slot is released (0: none).
         self.home = 0
         self.ran_on = 0

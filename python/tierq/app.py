@@ -38,6 +38,7 @@ from tierq.outcome import (Exchange, Refused, cancelled, cluster_refused, draine
                            deadline_refused, key_refused, pool_shed, upstream_overloaded)
 from tierq.pricing import DEFAULT_FLEX_MULTIPLIER, render_cost
 from tierq.relay import relay_json, relay_stream, upstream_error
+from tierq.routing import Route
 from tierq.served import Catalog
 from tierq.sse import MAX_EVENT_BYTES
 from tierq.stores import LedgerStore
@@ -249,9 +250,9 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
                                                weight=ex.flow.weight, charge=ex.charge,
                                                max_wait_ms=ex.deadline_ms)
     router = ex.pool.upstream.router if ex.pool.replicas is not None else None
-    order = router.order(ex.endpoint, body) if router is not None else 0
-    if router is not None:
-        slot.home = router.home(order)
+    route = router.route(ex.endpoint, body) if router is not None else None
+    if route is not None:
+        slot.home = route.homes
     gw.waiting.add(task)
     ex.pool.flows.queued(ex.flow.name, ex.est_total)
     try:
@@ -275,10 +276,10 @@ async def _admitted(request: web.Request, ex: Exchange, body: dict[str, Any]) ->
                 return await _call_upstream(request, ex, body)
             # The pool's slot is held: take a replica by the request's order
             # (tierq.routing), and give it back before the pool's slot.
-            if ex.pool.upstream.router is not router:  # reloaded while it waited
+            if route is None or ex.pool.upstream.router is not router:  # reloaded while it waited
                 router = ex.pool.upstream.router
-                order = router.order(ex.endpoint, body)
-            ex.replica = replicas.pick(order, router.rule)
+                route = router.route(ex.endpoint, body)
+            ex.replica = replicas.pick(route.order, route.rule)
             try:
                 return await _call_upstream(request, ex, body)
             finally:
@@ -381,13 +382,13 @@ class _Moves:
     wait (the budget the overload back-offs share) lasts, at most MAX_MOVES
     times. The request keeps its pool slot throughout: billed once, one row."""
 
-    __slots__ = ("_ex", "_body", "_tried", "_order", "moves")
+    __slots__ = ("_ex", "_body", "_tried", "_route", "moves")
 
     def __init__(self, ex: Exchange, body: dict[str, Any]) -> None:
         self._ex = ex
         self._body = body
         self._tried = 0  # bit i: failed on replica i
-        self._order: int | None = None
+        self._route: Route | None = None
         self.moves = 0
 
     def answered(self) -> None:
@@ -410,10 +411,10 @@ class _Moves:
         if not any(health.healthy(i) for i in range(health.replicas) if not self._tried >> i & 1):
             return False
         router = pool.upstream.router
-        if self._order is None:
-            self._order = router.order(ex.endpoint, self._body)
+        if self._route is None:
+            self._route = router.route(ex.endpoint, self._body, count=False)
         replicas.release(failed_on)
-        ex.replica = replicas.pick(self._order, router.rule, self._tried)
+        ex.replica = replicas.pick(self._route.order, self._route.rule, self._tried)
         self.moves += 1
         ex.gw.metrics.observe_retry(pool.entry.id, pool.entry.upstream, outcome.value)
         return True
