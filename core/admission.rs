@@ -659,6 +659,9 @@ impl Pool {
         let interval = self.w(at::RELEASE_INTERVAL).load(Relaxed);
         let lane_wait = self.settings.max_wait_ns[lane as usize];
         let deadline = ask.max_wait_ns.map(|w| w.min(lane_wait));
+        // The lift target the prediction computed for an idle queue, passed
+        // to the join (one scan of the active bitmap fewer).
+        let mut lifted = None;
         if interval != 0 {
             let depth = self.depth();
             let [p, d, _] = depth;
@@ -666,7 +669,13 @@ impl Pool {
                 Lane::Priority => 0,
                 Lane::Default => p as u64,
                 Lane::Flex => p as u64 + d as u64,
-            } + if self.fair_on { fair.ahead(queue, ask.service) } else { depth[lane as usize] as u64 };
+            } + if self.fair_on {
+                let (n, lift) = fair.ahead_lifted(queue, ask.service);
+                lifted = lift;
+                n
+            } else {
+                depth[lane as usize] as u64
+            };
             let predicted = interval.saturating_mul(before + 1);
             placed.predicted_ns = Some(predicted);
             let margined = self.margined(lane, predicted);
@@ -718,7 +727,7 @@ impl Pool {
         crash_point!("admit.reserved");
         // Counted in its queue before it is published, so a waiter that is
         // published is always counted (`fair::WAITING`).
-        self.joined(lane, queue, fair::owner(ask.hand), ask.service, due != 0);
+        self.joined(lane, queue, fair::owner(ask.hand), ask.service, due != 0, lifted);
         crash_point!("admit.joined");
         let pos = match self.ring(lane).push(now, self.me, tag, due, homes) {
             Ok(pos) => pos,
@@ -748,13 +757,13 @@ impl Pool {
     /// A waiter of `queue` (of the flow `who`, `fair::owner`) is about to
     /// be published in `lane`.
     #[inline]
-    fn joined(&self, lane: Lane, queue: u32, who: u64, service: u64, own_deadline: bool) {
+    fn joined(&self, lane: Lane, queue: u32, who: u64, service: u64, own_deadline: bool, lifted: Option<u64>) {
         let fair = self.fair(lane);
         if own_deadline {
             fair.deadline_joined();
         }
         if self.fair_on {
-            fair.join(queue, self.w(at::TAIL[lane as usize]).load(SeqCst), who, service);
+            fair.join_lifted(queue, self.w(at::TAIL[lane as usize]).load(SeqCst), who, service, lifted);
         }
     }
 

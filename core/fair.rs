@@ -344,12 +344,15 @@ impl<'a> FairLane<'a> {
 
     /// The counter `queue` would start from if a request of `service`
     /// joined now: lifted (`lift_target`) when it has nobody waiting.
-    fn start_counter(&self, queue: u32, service: u64) -> u64 {
+    /// Also the lift target when it computed one (`queue` idle), for the
+    /// join that follows (`join_lifted`).
+    fn start_counter(&self, queue: u32, service: u64) -> (u64, Option<u64>) {
         let own = self.q(queue, COUNTER).load(SeqCst);
         if self.waiting(queue) > 0 {
-            return own;
+            return (own, None);
         }
-        own.max(self.lift_target(queue, service))
+        let target = self.lift_target(queue, service);
+        (own.max(target), Some(target))
     }
 
     /// A waiter of `service` joins `queue`: called before it takes its
@@ -363,9 +366,19 @@ impl<'a> FairLane<'a> {
     /// store: two first joiners racing (one saw 0, one 1 before the store)
     /// only mislead one `choose`, which decides no waiter's fate.
     pub fn join(&self, queue: u32, tail: u64, who: u64, service: u64) {
+        self.join_lifted(queue, tail, who, service, None)
+    }
+
+    /// `join` with the lift target `ahead_lifted` computed for this arrival
+    /// just before (`Some`), so the active bitmap is not scanned for it a
+    /// second time: the same value in a sequential run (nothing between the
+    /// two calls touches this lane's counters), and with racing dispatches
+    /// as stale as `join`'s own read (the floor moved by one dispatch at
+    /// most in those few instructions: a hint, one credit at most).
+    pub fn join_lifted(&self, queue: u32, tail: u64, who: u64, service: u64, lifted: Option<u64>) {
         if self.q(queue, WAITING).fetch_add(1, SeqCst) == 0 {
             self.q(queue, OWNER).store(who, Relaxed);
-            let target = self.lift_target(queue, service);
+            let target = lifted.unwrap_or_else(|| self.lift_target(queue, service));
             self.words[LIFTED].store(target, Relaxed);
             self.lift(queue, target);
             self.set_hint(queue, tail);
@@ -463,8 +476,15 @@ impl<'a> FairLane<'a> {
     /// one's counter is counted only for a waiter there now (older, it wins
     /// the tie on its hint; a refill would lose it).
     pub fn ahead(&self, queue: u32, service: u64) -> u64 {
+        self.ahead_lifted(queue, service).0
+    }
+
+    /// `ahead`, and the lift target it computed if `queue` was idle (for
+    /// `join_lifted`).
+    pub fn ahead_lifted(&self, queue: u32, service: u64) -> (u64, Option<u64>) {
         let mine = self.waiting(queue);
-        let turn = self.start_counter(queue, service).saturating_add(mine.saturating_mul(service));
+        let (start, lifted) = self.start_counter(queue, service);
+        let turn = start.saturating_add(mine.saturating_mul(service));
         let mut ahead = mine;
         self.each_active(|q, c| {
             if q != queue && c <= turn {
@@ -474,7 +494,7 @@ impl<'a> FairLane<'a> {
                 ahead += (turn - c).div_ceil(s).max(self.waiting(q).min((turn - c) / s + 1));
             }
         });
-        ahead
+        (ahead, lifted)
     }
 
     /// Queues with waiters now.
