@@ -314,3 +314,28 @@ async def test_the_status_page_shows_each_replica_and_an_ejected_one(
                       r'data-limit="(\d+)">', dom)
     assert rows == [("0", "healthy", "0", "4"), ("1", "ejected", "0", "4")], rows
     assert g.sims[1].url + "/v1" in dom
+
+
+async def test_an_ejected_replica_takes_its_slots_out_of_a_fixed_limit_pool(
+        replicated: Callable[..., Any]) -> None:
+    # A fixed limit (2 per replica, the pool's 4) ignores the pool's set_limit:
+    # the ejected replica's 2 slots must be withheld, or the pool keeps
+    # admitting 4 on the survivor's 2 (the extra two wait in its connection
+    # pool, first come first served, out of the lanes' order).
+    g: Replicated = await replicated(2, sim_args=[["--ttft-ms", "300"]] * 2, limit=2)
+    async with g.client() as c:
+        g.sims[1].kill()
+
+        async def ejected() -> bool:
+            await asyncio.gather(*(_ask(c) for _ in range(2)))  # tried on 1, moved to 0
+            return bool((await g.replicas())[1]["health"] == "ejected")
+
+        await until(ejected, "replica 1 ejected")
+        burst = asyncio.gather(*(_ask(c, stream=i % 2 == 1) for i in range(12)))
+        seen = 0
+        while not burst.done():
+            seen = max(seen, int((await g.status())["pools"][0]["in_flight"]))
+            await asyncio.sleep(0.02)
+        await burst
+    assert seen == 2, seen
+    assert (await g.sims[0].stats(g.session))["max_in_flight_seen"] == 2

@@ -492,7 +492,7 @@ class ReplicaPool:
     at their sum. A holder of a pool slot takes a replica (`pick`, by its
     order: tierq.routing) and gives it back before the pool's slot."""
 
-    __slots__ = ("_health", "_leases", "admission", "core")
+    __slots__ = ("_health", "_leases", "_shared", "admission", "core")
 
     def __init__(self, admission: Admission, n: int, settings: PoolSettings,
                  *, clock: ManualClock | None = None, core: Replicas | None = None) -> None:
@@ -500,6 +500,7 @@ class ReplicaPool:
         `core`: this worker's handle on a shared region (`tierq serve --workers N`)."""
         self.admission = admission
         self.core = core if core is not None else Replicas(n, settings, clock)
+        self._shared = core is not None
         # Per replica: its health as tierq.health last set it (down, slow-start
         # cap, 0: none), and its cluster lease (None: no [cluster]); the core's
         # health word holds the two combined (`_write`).
@@ -570,14 +571,22 @@ class ReplicaPool:
                 # The core's capacity is at least 1 (a pool's limit is); leased,
                 # every replica may be out here (a lease of 0 each): none then.
                 self._withhold_to(sum(int(r["limit"]) for r in self.core.stats() if not r["down"]))
+            elif not self._shared:
+                # A fixed limit ignores set_limit, and an adaptive one stays
+                # within its bounds (the replicas' summed): without this an
+                # ejected replica left the pool's slots as they were and
+                # every pick past the others' room went over one's limit.
+                self._withhold_to(capacity)
             if self.core.capacity == capacity:
                 break
         return granted
 
     def _withhold_to(self, capacity: int) -> None:
-        """Under cluster leases the pool's usable slots are withheld down to the
-        replicas' sum, which a fixed limit (or an adaptive one's floor) would
-        not follow; busy slots above it are owed, as the lease agent's are."""
+        """The pool's usable slots withheld down to the replicas' sum in force,
+        which a fixed limit (or an adaptive one's floor) would not follow;
+        busy slots above it are owed, as the lease agent's are. One process
+        only: with `--workers N` two workers' deltas on the host-wide
+        withheld count would race (docs/architecture.md, Replicas)."""
         st = self.admission.stats()
         usable = int(str(st["limit"])) - int(str(st["withheld"])) - int(str(st["owed"]))
         if usable > capacity:
