@@ -8,6 +8,7 @@ figure has its baseline in the same run:
   flex     the same, plus the backlog sent as service_tier="flex";
   default  the same, plus the same backlog sent as default;
 each flex scenario once per --flex-headrooms value and per --reserves value
+(or once per --cells pair)
 (flex_priority_reserve: slots a default may not take while flex waits; 0 is
 the rule before it), and with --priority-headroom N a base and a flex
 scenario more with that priority_headroom (the flex one judged against its
@@ -208,6 +209,9 @@ def main() -> int:
                     help="comma-separated flex_headroom values, each a flex scenario of every round")
     ap.add_argument("--reserves", default="1",
                     help="comma-separated flex_priority_reserve values, each a flex scenario per flex_headroom")
+    ap.add_argument("--cells", default="",
+                    help="comma-separated flex_headroom/flex_priority_reserve pairs (e.g. 0.1/1,0.199/2), "
+                         "each a flex scenario; overrides the --flex-headrooms x --reserves product")
     ap.add_argument("--priority-headroom", type=int, default=0,
                     help="if > 0, one more pair of scenarios with this priority_headroom: "
                          "base and flex at the first flex_headroom")
@@ -219,6 +223,9 @@ def main() -> int:
     args = ap.parse_args()
     headrooms = [float(x) for x in args.flex_headrooms.split(",")]
     reserves = [int(x) for x in args.reserves.split(",")]
+    cells = [(float(c.split("/")[0]), int(c.split("/")[1])) for c in args.cells.split(",")] if args.cells \
+        else [(fh, r) for fh in headrooms for r in reserves]
+    headrooms, reserves = [cells[0][0]], [cells[0][1]]
     if args.rate <= 0:
         # The sim's service time at the target batch (its batch knee is 2 x slots):
         # prefill, then max_tokens steps each (1 + (b - 1) / knee) / tokens_per_s.
@@ -231,7 +238,7 @@ def main() -> int:
     sim_root = f"http://127.0.0.1:{sim.port}"
     # (label, backlog tier, flex_headroom, priority_headroom, flex_priority_reserve)
     scenarios: list[tuple[str, str | None, float, int, int]] = [("base", "none", headrooms[0], 0, reserves[0])]
-    scenarios += [(f"flex@{fh:g}/r{r}", "flex", fh, 0, r) for fh in headrooms for r in reserves]
+    scenarios += [(f"flex@{fh:g}/r{r}", "flex", fh, 0, r) for fh, r in cells]
     scenarios.append(("default", None, headrooms[0], 0, reserves[0]))
     ph = args.priority_headroom
     if ph > 0:
@@ -262,7 +269,7 @@ def main() -> int:
                              "flex_priority_reserve": res, "summary": s, **run})
     finally:
         h.stop_all(procs)
-    table, result = report(runs, args, headrooms, reserves)
+    table, result = report(runs, args, cells)
     print(table)
     h.RESULTS.mkdir(parents=True, exist_ok=True)
     # The summary, every run's summary and the engine samples stay readable;
@@ -283,12 +290,12 @@ def main() -> int:
 
 
 def report(runs: list[dict[str, Any]], args: argparse.Namespace,
-           headrooms: list[float], reserves: list[int]) -> tuple[str, dict[str, Any]]:
+           cells: list[tuple[float, int]]) -> tuple[str, dict[str, Any]]:
     ph = args.priority_headroom
     # Each flex scenario against the base with the same priority_headroom.
-    flexes = [(f"flex@{fh:g}/r{r}", "base", fh) for fh in headrooms for r in reserves]
+    flexes = [(f"flex@{fh:g}/r{r}", "base", fh) for fh, r in cells]
     if ph > 0:
-        flexes.append((f"flex@{headrooms[0]:g}/r{reserves[0]}+ph{ph}", f"base+ph{ph}", headrooms[0]))
+        flexes.append((f"flex@{cells[0][0]:g}/r{cells[0][1]}+ph{ph}", f"base+ph{ph}", cells[0][0]))
     labels = ["base"] + [f for f, _, _ in flexes] + ["default"] + ([f"base+ph{ph}"] if ph > 0 else [])
     by = {label: [r["summary"] for r in runs if r["scenario"] == label] for label in labels}
 
