@@ -61,8 +61,8 @@ UPSTREAM_CLIENT_ENV: Final = "TIERQ_UPSTREAM_CLIENT"
 
 
 def default_upstream_client() -> UpstreamClientKind:
-    """`[[upstreams]] client` when not written: $TIERQ_UPSTREAM_CLIENT, else "aiohttp"."""
-    value = os.environ.get(UPSTREAM_CLIENT_ENV) or "aiohttp"
+    """`[[upstreams]] client` when not written: $TIERQ_UPSTREAM_CLIENT, else "core"."""
+    value = os.environ.get(UPSTREAM_CLIENT_ENV) or "core"
     if value not in get_args(UpstreamClientKind):
         raise ConfigError(f"${UPSTREAM_CLIENT_ENV}", "", f'must be "aiohttp" or "core", got {value!r}')
     return cast(UpstreamClientKind, value)
@@ -166,8 +166,8 @@ class UpstreamConfig:
     endpoints: tuple[str, ...] = ()
     metrics_urls: tuple[str, ...] = ()
     routing: Routing = "prefix"
-    # Which HTTP client talks to it: "aiohttp" (Python's, the default) or "core"
-    # (core/upstream.rs: the exchange and the SSE rewrite off the GIL). The
+    # Which HTTP client talks to it: "core" (core/upstream.rs: the exchange and
+    # the SSE rewrite off the GIL; the default) or "aiohttp" (Python's). The
     # default can be set with $TIERQ_UPSTREAM_CLIENT (used to run the tests on both).
     client: UpstreamClientKind = field(default_factory=lambda: default_upstream_client())
     # PEM certificates trusted for an https:// base_url instead of the system
