@@ -24,7 +24,8 @@
 //! tokens and the events handed back for Python to parse. Its reads stop while
 //! more than [`STREAM_WINDOW`] bytes of them wait for [`Upstreams::ack`] (the
 //! client's backpressure, as reading aiohttp's stream gave it). Any other
-//! answer's body is read whole ([`Event::Body`]). After `[DONE]` (reported at
+//! answer's body is read whole ([`Event::Body`]) and handed out with its head
+//! in one batch (one wake-up of the loop per answer). After `[DONE]` (reported at
 //! once) what is left of a stream's body is read, so its connection goes back
 //! to the pool. [`Upstreams::cancel`] drops
 //! a request: its connection is closed, which is how an abandoned stream
@@ -139,6 +140,18 @@ impl Shared {
             self.notifier.notify();
         }
     }
+
+    /// Pushes `a` then `b` as one batch: one wake-up of the loop for both.
+    fn push_pair(&self, a: Event, b: Event) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let first = q.is_empty();
+        q.push(a);
+        q.push(b);
+        drop(q);
+        if first {
+            self.notifier.notify();
+        }
+    }
 }
 
 /// The client of every upstream of one process; see the module doc.
@@ -247,8 +260,10 @@ impl Upstreams {
             let last = exchange(&shared, &c, id, request, stream, &flow).await;
             // Over before its last event is seen: in_flight never counts it after.
             shared.requests.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            if let Some(e) = last {
-                shared.push(e);
+            match last {
+                Last::One(e) => shared.push(e),
+                Last::Pair(head, body) => shared.push_pair(head, body),
+                Last::Sent => {}
             }
         });
         if let Some(e) = self.shared.requests.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
@@ -350,6 +365,15 @@ fn copy_batch(b: &sse::Batch) -> sse::Batch {
     sse::Batch { out: b.out.clone(), tokens: b.tokens, state: b.state, handed: b.handed.clone() }
 }
 
+/// A request's last events, pushed once it no longer counts as in flight.
+enum Last {
+    One(Event),
+    /// A head with the whole body it announced, as one batch.
+    Pair(Event, Event),
+    /// Everything was pushed already.
+    Sent,
+}
+
 async fn exchange(
     shared: &Shared,
     client: &Client,
@@ -357,9 +381,9 @@ async fn exchange(
     request: reqwest::RequestBuilder,
     stream: Option<StreamSpec>,
     flow: &Flow,
-) -> Option<Event> {
-    let fail = |e: &reqwest::Error| Some(Event::Failed { id, failure: failure_of(e), message: message_of(e) });
-    let Ok(_permit) = client.permits.acquire().await else { return None };
+) -> Last {
+    let fail = |e: &reqwest::Error| Last::One(Event::Failed { id, failure: failure_of(e), message: message_of(e) });
+    let Ok(_permit) = client.permits.acquire().await else { return Last::Sent };
     let mut resp = match request.send().await {
         Ok(r) => r,
         Err(e) => return fail(&e),
@@ -379,17 +403,23 @@ async fn exchange(
         Some(s) if is_sse && (200..300).contains(&status) => Some(s),
         _ => None,
     };
-    shared.push(Event::Head { id, status, headers, sse: spec.is_some() });
+    let head = Event::Head { id, status, headers, sse: spec.is_some() };
     let Some(spec) = spec else {
+        // A body read whole goes with its head, in one batch: the loop wakes
+        // once per answer, not once for the head and again for the body. The
+        // gateway reads such a body whole before it acts on the head (an
+        // overload's back-off, an error, a JSON answer), so it loses nothing;
+        // a body that breaks off fails the request at its head.
         let mut body = Vec::new();
         loop {
             match resp.chunk().await {
                 Ok(Some(b)) => body.extend_from_slice(&b),
-                Ok(None) => return Some(Event::Body { id, body }),
+                Ok(None) => return Last::Pair(head, Event::Body { id, body }),
                 Err(e) => return fail(&e),
             }
         }
     };
+    shared.push(head);
     let mut rewriter = sse::Rewriter::new(&spec.tier, spec.keep_usage, spec.max_event_bytes);
     let mut handed_out: u64 = 0;
     loop {
@@ -405,7 +435,7 @@ async fn exchange(
         if end || state != sse::State::Open {
             let last = Event::Chunk { id, batch: copy_batch(batch), end: true };
             if end || state != sse::State::Done {
-                return Some(last);
+                return Last::One(last);
             }
             // [DONE]: the client has its end now; what is left of the body
             // (usually its last chunk, already read) is read so the connection
@@ -418,7 +448,7 @@ async fn exchange(
                     break; // not worth keeping: dropping the response closes it
                 }
             }
-            return None;
+            return Last::Sent;
         }
         if !batch.out.is_empty() || !batch.handed.is_empty() {
             handed_out += batch.out.len() as u64;
