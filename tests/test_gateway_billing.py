@@ -244,6 +244,14 @@ max_wait_ms = {{ default = 400 }}
                                    for i, o in enumerate(cases)))
             # Hang-ups are recorded when a worker notices the disconnect.
             await asyncio.sleep(0.5)
+            # Flex is served from idle capacity only, which the mix may never leave
+            # (a full-suite run at load 8-16 left none): a flex stream on each
+            # worker once it is over, one at a time, as the one-worker test does.
+            idle = [Outcome(model=PRIORITY_MODEL, requested="flex", endpoint="chat/completions",
+                            stream=True, hang_up=False) for _ in roots]
+            for i, o in enumerate(idle):
+                await run_case(s, roots[i] + "/v1", o, random.Random(1000 + i))
+            cases += idle
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-2000:]
