@@ -907,7 +907,7 @@ impl Pool {
             let Some(before) = self.try_take_slot(limit) else { return Grant::Nothing };
             crash_point!("dispatch.taken");
             // The CAS fixed how many slots others hold: the rule is exact.
-            let below_default = before < limit - self.headroom();
+            let below_default = before < limit - self.headroom_at(limit);
             if let Some((id, owner)) = self.pop_next(below_default, before < self.flex_limit_of(limit), home) {
                 crash_point!("dispatch.popped");
                 return match self.hand_to(id, owner, false) {
@@ -957,18 +957,20 @@ impl Pool {
     /// (the limit is at least its minimum, which is above the headroom).
     #[inline]
     fn default_limit(&self) -> u64 {
-        self.limit() - self.headroom()
+        let limit = self.limit();
+        limit - self.headroom_at(limit)
     }
 
-    /// Slots a default request may not take now: `priority_headroom`, or
-    /// while a flex request waits the larger `flex_priority_reserve` (flex
-    /// fills every slot defaults leave, so without it a priority arrival
-    /// finds the engine full whenever defaults took the flex headroom).
+    /// Slots a default request may not take now at a limit of `limit`:
+    /// `priority_headroom`, or while a flex request waits the larger
+    /// reserve in force (`PoolSettings::reserve_at`; flex fills every slot
+    /// defaults leave, so without it a priority arrival finds the engine
+    /// full whenever defaults took the flex headroom).
     #[inline]
-    fn headroom(&self) -> u64 {
+    fn headroom_at(&self, limit: u64) -> u64 {
         let (ph, reserve) = (self.settings.priority_headroom as u64, self.settings.flex_priority_reserve as u64);
         if reserve > ph && self.w(at::DEPTH).load(SeqCst) & FLEX_DEPTH != 0 {
-            reserve
+            ph.max(self.settings.reserve_at(limit))
         } else {
             ph
         }
@@ -981,10 +983,13 @@ impl Pool {
         self.flex_limit_of(self.limit())
     }
 
+    /// Flex runs only while it waits, so the reserve is always in force for
+    /// it, and the flex headroom comes on top of it: defaults keep slots
+    /// flex cannot take however large the reserve is.
     #[inline]
     fn flex_limit_of(&self, limit: u64) -> u64 {
-        let ph = self.settings.priority_headroom as u64;
-        limit.saturating_sub((ph + self.settings.flex_headroom_slots(limit)).max(self.settings.flex_priority_reserve as u64))
+        let kept = (self.settings.priority_headroom as u64).max(self.settings.reserve_at(limit));
+        limit.saturating_sub(kept + self.settings.flex_headroom_slots(limit))
     }
 
     /// Whether a releasing slot may pass straight to a waiter: not while

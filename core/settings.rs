@@ -259,15 +259,15 @@ pub const FIELDS: &[Field] = &[
         fallback: Fallback::Value(Value::Number(0.1)),
         range: "0 - 0.5",
         toml: true,
-        doc: "share of the limit (at least one slot), beyond priority_headroom, that a flex request may not take",
+        doc: "share of the limit (at least one slot), beyond priority_headroom or flex_priority_reserve, that a flex request may not take",
     },
     Field {
         name: "flex_priority_reserve",
         kind: Kind::Int,
-        fallback: Fallback::Value(Value::Int(1)),
-        range: "0 or more; cut to (`max_concurrency` or `min_concurrency`) - 1",
+        fallback: Fallback::Value(Value::Int(2)),
+        range: "0 or more; cut to (`max_concurrency` or `max_concurrency_limit`) - 1, and at a limit L to L - 1 - the flex headroom's slots",
         toml: true,
-        doc: "slots a default request may not take while a flex request waits (the larger of it and priority_headroom applies), so priority finds one though flex fills the rest; 0 on a model without priority",
+        doc: "slots a default request may not take while a flex request waits (the larger of it and priority_headroom applies), so priority finds them though flex fills the rest; flex stays below the limit minus it minus the flex headroom; 0 on a model without priority",
     },
     Field {
         name: "fairness",
@@ -482,9 +482,11 @@ impl PoolSpec {
         if self.flex_priority_reserve < 0 {
             return Err(CoreError::arg("flex_priority_reserve", format!("must be at least 0, got {}", self.flex_priority_reserve)));
         }
-        // Defaults need a slot: cut to the limit's minimum less one (so the
-        // default of 1 stands on a pool of one slot, as 0 there).
-        let flex_priority_reserve = self.flex_priority_reserve.min(floor - 1) as u32;
+        // Cut to the limit's maximum less one; at a smaller limit
+        // `PoolSettings::reserve_at` cuts it further, so that defaults and
+        // flex keep a slot (an adaptive limit below the reserve near its
+        // minimum uses what it has, rather than the minimum's for good).
+        let flex_priority_reserve = self.flex_priority_reserve.min(limit.max() as i64 - 1) as u32;
         if !(self.flex_headroom.is_finite() && (0.0..=0.5).contains(&self.flex_headroom)) {
             return Err(CoreError::arg("flex_headroom", format!("must be between 0 and 0.5 (a share of the limit), got {}", self.flex_headroom)));
         }
@@ -542,9 +544,10 @@ pub struct PoolSettings {
     pub flex_headroom: f64,
     /// Slots a default request may not take while a flex request waits
     /// (the larger of it and `priority_headroom` applies then): flex fills
-    /// what defaults leave, so this keeps priority's slot free of both.
-    /// Flex stays below `limit - max(priority_headroom + flex headroom,
-    /// this)`. Below the limit's minimum, as the headroom.
+    /// what defaults leave, so this keeps priority's slots free of both.
+    /// Flex stays below `limit - max(priority_headroom, this) - flex
+    /// headroom`. Below the limit's maximum; in force at a limit as
+    /// `reserve_at` cuts it.
     pub flex_priority_reserve: u32,
     pub engine_interval_ns: u64,
     pub fairness: Fairness,
@@ -562,6 +565,17 @@ impl PoolSettings {
     /// priority headroom: the share rounded up, at least one.
     pub fn flex_headroom_slots(&self, limit: u64) -> u64 {
         ((self.flex_headroom * limit as f64).ceil() as u64).max(1)
+    }
+
+    /// The reserve in force at a limit of `limit`: `flex_priority_reserve`,
+    /// less what would leave flex no slot beyond it and the flex headroom
+    /// (an adaptive limit near its minimum; 0 when the limit is too small).
+    /// Flex runs below `limit - max(priority_headroom, this) - flex
+    /// headroom`, so the flex headroom stays the defaults' however large the
+    /// reserve is.
+    #[inline]
+    pub fn reserve_at(&self, limit: u64) -> u64 {
+        (self.flex_priority_reserve as u64).min(limit.saturating_sub(1 + self.flex_headroom_slots(limit)))
     }
 
     /// Whether defaults may ever be kept from a free slot (a headroom, or a

@@ -108,7 +108,7 @@ id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert cfg.models[1].admission.settings.priority_headroom == 0
 
 
-def test_the_flex_priority_reserve_is_one_slot_on_a_priority_model_and_none_without_priority(tmp_path: Path) -> None:
+def test_the_flex_priority_reserve_is_two_slots_on_a_priority_model_and_none_without_priority(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, """
 [[models]]
 id = "zai-org/GLM-5.2"
@@ -127,12 +127,12 @@ input_per_m = "1"
 output_per_m = "2"
 [models.admission]
 max_concurrency = 8
-flex_priority_reserve = 2
+flex_priority_reserve = 3
 """))
     assert builtin_priority("zai-org/GLM-5.2")
     reserves = [m.admission.settings.flex_priority_reserve for m in cfg.models]
     # No priority to keep it for: 0, unless written.
-    assert reserves == [1, 0, 2]
+    assert reserves == [2, 0, 3]
 
 
 @pytest.mark.parametrize(

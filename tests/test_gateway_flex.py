@@ -56,7 +56,8 @@ async def test_flex_on_an_idle_flex_model_is_served_echoed_and_billed_at_half_pr
 
 async def test_flex_is_refused_unbilled_while_the_idle_capacity_is_taken_and_waits_behind_default(
         make_gateway: GatewayFactory) -> None:
-    # Limit 4, flex headroom 0.1 -> one slot: flex runs only while fewer than 3 are busy.
+    # Limit 4, flex headroom 0.1 -> one slot, on top of the reserve of 2 (the default on a
+    # priority model): flex runs only while none is busy.
     gw = await make_gateway(
         models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4,
                              max_wait_ms={"flex": 300, "default": 30000})],
@@ -132,13 +133,14 @@ async def test_a_default_arrival_at_a_full_queue_evicts_the_waiting_flex_request
     assert row is not None and row.status == "shed" and row.applied_tier == "flex" and row.cost == 0
 
 
-async def test_while_flex_waits_the_last_slot_is_kept_for_priority_and_defaults_use_it_otherwise(
+async def test_while_flex_waits_the_reserve_is_kept_for_priority_and_defaults_use_it_otherwise(
         make_gateway: GatewayFactory) -> None:
-    # Limit 4, flex_headroom 0.1 -> one slot, flex_priority_reserve 1 (the
-    # default on a priority model): flex runs below 3, and while a flex
-    # request waits a default may not take the 4th slot either; priority can.
+    # Limit 6, flex_headroom 0.1 -> one slot, flex_priority_reserve 2 (the
+    # default on a priority model): flex runs below 6 - 2 - 1 = 3; while a
+    # flex request waits the 4th slot (the flex headroom) is a default's and
+    # the 5th and 6th (the reserve) priority's.
     gw = await make_gateway(
-        models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=4,
+        models=[model_config(PRIORITY_MODEL, flex=True, max_concurrency=6,
                              max_wait_ms={"flex": 60000, "default": 30000})],
         sim={"slots": 8, "ttft_ms": 1.0, "tokens_per_s": 20.0})
     adm = gw.gw.pools[PRIORITY_MODEL].admission
@@ -149,9 +151,9 @@ async def test_while_flex_waits_the_last_slot_is_kept_for_priority_and_defaults_
             return asyncio.ensure_future(c.chat.completions.with_raw_response.create(
                 model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=max_tokens, **extra))  # type: ignore[call-overload]
 
-        # No flex waiting: defaults take every slot, the last one included.
-        first = [chat(None, 60) for _ in range(4)]
-        await until(lambda: adm.stats()["in_flight"] == 4, "four defaults never held every slot")
+        # No flex waiting: defaults take every slot, the last ones included.
+        first = [chat(None, 60) for _ in range(6)]
+        await until(lambda: adm.stats()["in_flight"] == 6, "six defaults never held every slot")
         assert adm.stats()["depth"]["default"] == 0
         await asyncio.gather(*first)
         # Two defaults and a flex request running (3 = the flex limit), a second flex request waits.
@@ -161,14 +163,19 @@ async def test_while_flex_waits_the_last_slot_is_kept_for_priority_and_defaults_
         await until(lambda: adm.stats()["in_flight"] == 3, "the first flex request was not served")
         waiting_flex = chat("flex", 1)
         await until(lambda: adm.stats()["depth"]["flex"] == 1, "the second flex request never queued")
-        # A default arrival waits although a slot is free: it is priority's while flex waits.
+        # A default arrival takes the flex headroom's slot, which flex may not.
+        running.append(chat(None, 60))
+        await until(lambda: adm.stats()["in_flight"] == 4, "the default arrival did not get the 4th slot")
+        # The next waits although two slots are free: they are priority's while flex waits.
         waiting_default = chat(None, 1)
         await until(lambda: adm.stats()["depth"]["default"] == 1, "the default arrival was not kept waiting")
-        assert adm.stats()["in_flight"] == 3
-        # Priority finds it free.
-        prio = await c.chat.completions.with_raw_response.create(
-            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1, service_tier="priority")
-        assert prio.headers["x-tierq-service-tier"] == "priority"
+        assert adm.stats()["in_flight"] == 4
+        # Two priority requests at once find both free.
+        prios = await asyncio.gather(*(c.chat.completions.with_raw_response.create(
+            model=PRIORITY_MODEL, messages=MESSAGES, max_tokens=1, service_tier="priority") for _ in range(2)))
+        assert [p.headers["x-tierq-service-tier"] for p in prios] == ["priority", "priority"]
+        # No running request ended meanwhile, so neither waited for a release.
+        assert not any(r.done() for r in running)
         assert not waiting_default.done() and not waiting_flex.done()
         assert adm.stats()["depth"] == {"priority": 0, "default": 1, "flex": 1}
         # Both are served once running requests end.

@@ -7,7 +7,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
-use tierq_core::{Admit, Clock, Lane, ManualClock, Pool, PoolSpec, ShedCode, WaiterId};
+use tierq_core::{Admit, Clock, Lane, LimitMode, ManualClock, Pool, PoolSpec, ShedCode, WaiterId};
 
 const MS: u64 = 1_000_000;
 
@@ -353,42 +353,53 @@ fn flex_pool(max: i64, reserve: i64, flex_headroom: f64) -> Pool {
 
 #[test]
 fn while_flex_waits_the_reserve_is_kept_from_defaults_and_flex_for_priority() {
-    // Limit 4, flex headroom one slot, reserve 1: flex runs below 3.
+    // Limit 4, flex headroom one slot, reserve 1: flex runs below 4 - 1 - 1 = 2,
+    // and while it waits defaults run below 3.
     let p = flex_pool(4, 1, 0.25);
     assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
-    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
     let f = queued(p.admit(Lane::Flex, 1));
-    // 3 in flight and a flex request waits: the 4th slot is priority's.
+    // 2 in flight and a flex request waits: the 3rd slot (the flex
+    // headroom) is a default's, the 4th (the reserve) priority's.
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     let d = queued(p.admit(Lane::Default, 1));
     assert_eq!(p.stats().in_flight, 3);
     assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
     assert_eq!(p.stats().in_flight, 4);
-    // The priority request ends: 3 held, the default still may not have the 4th.
+    // One ends: 3 held, the default still may not have the 4th.
     assert_eq!(p.release(), None);
     assert_eq!((p.stats().in_flight, p.depth()), (3, [0, 1, 1]));
     // Another ends: 2 held, the default goes before the flex waiter.
     assert_eq!(p.release(), Some(d));
     assert_eq!((p.stats().in_flight, p.depth()), (3, [0, 0, 1]));
+    // Flex goes only below 2.
+    assert_eq!(p.release(), None);
+    assert_eq!((p.stats().in_flight, p.depth()), (2, [0, 0, 1]));
     assert_eq!(p.release(), Some(f));
-    // No flex waiting: a default takes every slot, the last one included.
+    assert_eq!((p.stats().in_flight, p.depth()), (2, [0, 0, 0]));
+    // No flex waiting: defaults take every slot, the last one included.
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     assert_eq!((p.stats().in_flight, p.depth()), (4, [0, 0, 0]));
 }
 
 #[test]
-fn the_reserve_caps_flex_below_it_when_larger_than_the_flex_headroom() {
-    // Reserve 2 on a limit of 4 with a one-slot flex headroom: flex stops at 2.
-    let p = flex_pool(4, 2, 0.25);
-    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
-    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+fn the_flex_headroom_comes_on_top_of_the_reserve_so_defaults_keep_a_slot_flex_cannot_take() {
+    // Reserve 2 on a limit of 6 with a one-slot flex headroom: flex stops at
+    // 6 - 2 - 1 = 3, defaults (while flex waits) at 4, priority at 6.
+    let p = flex_pool(6, 2, 0.1);
+    for _ in 0..3 {
+        assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    }
     queued(p.admit(Lane::Flex, 1));
-    assert_eq!(p.stats().in_flight, 2);
-    // Defaults may take neither free slot while flex waits; priority both.
+    assert_eq!(p.stats().in_flight, 3);
+    // A default arrival finds the flex headroom free; the next one waits.
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
     queued(p.admit(Lane::Default, 1));
+    // Priority takes both reserved slots.
     assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
     assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
-    assert_eq!(p.stats().in_flight, 4);
+    assert_eq!((p.stats().in_flight, p.depth()), (6, [0, 1, 1]));
 }
 
 #[test]
@@ -397,7 +408,35 @@ fn the_reserve_is_cut_to_leave_defaults_a_slot_and_refused_below_zero() {
     assert_eq!(with(Some(1), 1).unwrap().flex_priority_reserve, 0);
     assert_eq!(with(Some(4), 9).unwrap().flex_priority_reserve, 3);
     assert_eq!(with(None, 1).unwrap().flex_priority_reserve, 1);
-    assert_eq!(PoolSpec::default().validate().unwrap().flex_priority_reserve, 1);
+    assert_eq!(PoolSpec::default().validate().unwrap().flex_priority_reserve, 2);
     let err = with(Some(4), -1).unwrap_err().to_string();
     assert!(err.starts_with("flex_priority_reserve: must be at least 0"), "{err}");
+    // In force at a limit, it leaves flex a slot beyond it and the flex
+    // headroom (one slot here): 0 at 2 slots, 1 at 3, all 3 from 5 on.
+    let s = with(Some(4), 9).unwrap();
+    assert_eq!([2, 3, 4, 5, 40].map(|l| s.reserve_at(l)), [0, 1, 2, 3, 3]);
+    // An adaptive pool keeps the default of 2 for the limits it may reach
+    // (cut to its maximum less one): 0 in force at its minimum of 2, 1 at 3.
+    let adaptive = PoolSpec::default().validate().unwrap();
+    assert!(matches!(adaptive.limit, LimitMode::Adaptive { min: 2, .. }));
+    assert_eq!([2, 3, 20].map(|l| adaptive.reserve_at(l)), [0, 1, 2]);
+}
+
+#[test]
+fn on_a_pool_too_small_for_the_reserve_flex_keeps_a_slot() {
+    // Two slots, reserve 1, a one-slot flex headroom: the reserve in force
+    // is 0, so flex runs below 1 and defaults may take the second slot.
+    let p = flex_pool(2, 1, 0.1);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    queued(p.admit(Lane::Flex, 1));
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+    assert_eq!((p.stats().in_flight, p.depth()), (2, [0, 0, 1]));
+    // Three slots, reserve 2: 1 in force; flex below 1, defaults below 2.
+    let p = flex_pool(3, 2, 0.1);
+    assert_eq!(p.admit(Lane::Flex, 1), Admit::Now);
+    queued(p.admit(Lane::Flex, 1));
+    assert_eq!(p.admit(Lane::Default, 1), Admit::Now);
+    queued(p.admit(Lane::Default, 1));
+    assert_eq!(p.admit(Lane::Priority, 1), Admit::Now);
+    assert_eq!((p.stats().in_flight, p.depth()), (3, [0, 1, 1]));
 }

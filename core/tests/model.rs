@@ -72,14 +72,22 @@ fn id(lane: usize, ticket: u64) -> u64 {
 }
 
 impl Model {
-    /// Flex is served only below the limit minus both headrooms.
+    fn flex_slots(&self) -> usize {
+        ((self.flex_share * self.limit as f64).ceil() as usize).max(1)
+    }
+    /// The reserve at this limit: cut so that flex keeps a slot beyond it
+    /// and the flex headroom.
+    fn reserve_now(&self) -> usize {
+        self.reserve.min(self.limit.saturating_sub(1 + self.flex_slots()))
+    }
+    /// Flex is served only below the limit minus what priority keeps minus
+    /// the flex headroom.
     fn flex_limit(&self) -> usize {
-        let slots = ((self.flex_share * self.limit as f64).ceil() as usize).max(1);
-        self.limit.saturating_sub((self.headroom + slots).max(self.reserve))
+        self.limit.saturating_sub(self.headroom.max(self.reserve_now()) + self.flex_slots())
     }
     /// Slots a default may not take now.
     fn hr(&self) -> usize {
-        if self.reserve > self.headroom && self.lane_depth(2) > 0 { self.reserve } else { self.headroom }
+        if self.reserve > self.headroom && self.lane_depth(2) > 0 { self.headroom.max(self.reserve_now()) } else { self.headroom }
     }
     fn depth(&self) -> usize {
         self.lanes.iter().map(|l| l.iter().filter(|e| e.live).count()).sum()
