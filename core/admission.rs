@@ -1708,6 +1708,7 @@ impl Pool {
             in_flight: (self.w(at::IN_FLIGHT).load(SeqCst) as u32).saturating_sub(withheld as u32),
             withheld: withheld as u32,
             owed: owed as u32,
+            flex_kept: { let limit = self.limit(); (limit - self.flex_limit_of(limit)) as u32 },
             limit: self.limit() as u32,
             limit_mode: self.settings.limit,
             limit_signal: Signal::from_word(self.w(at::SIGNAL).load(Relaxed)),
@@ -1751,6 +1752,9 @@ pub struct Stats {
     pub withheld: u32,
     /// Slots `withhold` still waits for (busy when asked).
     pub owed: u32,
+    /// Slots of the limit in force a flex request may not take: priority's
+    /// reserve (or headroom) and the flex headroom (`flex_limit_of`).
+    pub flex_kept: u32,
     pub admitted: [u64; LANES],
     pub shed: [u64; 3],
     pub cancelled: u64,

@@ -631,6 +631,7 @@ impl PyAdmissionCore {
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("withheld", s.withheld)?;
         out.set_item("owed", s.owed)?;
+        out.set_item("flex_kept", s.flex_kept)?;
         out.set_item("limit", s.limit)?;
         out.set_item("limit_mode", s.limit_mode.as_str())?;
         out.set_item("limit_signal", s.limit_signal.as_str())?;

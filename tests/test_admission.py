@@ -497,6 +497,7 @@ def test_stats_shape() -> None:
         "in_flight": 0,
         "withheld": 0,
         "owed": 0,
+        "flex_kept": 3,  # the flex reserve (2) and the flex headroom (one slot)
         "limit": 8,
         "limit_mode": "fixed",
         "limit_signal": "none",

@@ -133,6 +133,25 @@ async def test_flex_on_one_host_takes_no_slot_while_another_host_has_defaults_wa
     assert (await c.sim_stats())["max_in_flight_seen"] <= 4
 
 
+async def test_flex_on_an_idle_cluster_runs_on_every_slot_the_core_lets_flex_take(
+        make_cluster: MakeCluster) -> None:
+    # Limit 8: flex may take 8 - 2 (the priority reserve) - 1 (the flex
+    # headroom) = 5. Host A asks the cluster for its flex waiters plus the
+    # slots its core keeps from flex; asking for the flex headroom alone left
+    # A holding 6, so only 3 flex ran while host B's slots idled.
+    c = await make_cluster(hosts=2, limit=8, ttft_ms=8000, flex=True)
+    flex = [asyncio.ensure_future(c.chat(0, tier="flex")) for _ in range(5)]
+
+    async def all_five_running_on_a() -> bool:
+        pool = (await c.status(0))["pools"][0]
+        return bool(pool["in_flight"] == 5 and pool["depth"]["flex"] == 0)
+
+    await _wait_for(all_five_running_on_a, 25, "host A running its 5 flex requests at once")
+    served = await asyncio.gather(*flex)
+    assert [(r[0], r[1]["x-tierq-service-tier"]) for r in served] == [(200, "flex")] * 5, _logs(c)
+    assert (await c.sim_stats())["max_in_flight_seen"] == 5
+
+
 async def test_priority_headroom_is_kept_once_for_the_whole_cluster(make_cluster: MakeCluster) -> None:
     c = await make_cluster(hosts=2, limit=4, ttft_ms=1500, headroom=2)
     defaults = [asyncio.ensure_future(c.chat(i % 2)) for i in range(8)]

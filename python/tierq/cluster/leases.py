@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,8 +228,12 @@ class ReplicaSlots:
         assert isinstance(depth, dict)
         if not self.pool.healthy(self.replica):
             depth = dict.fromkeys(depth, 0)
+        # The slots the pool's core keeps from flex, all of them asked on
+        # each replica: flex is granted only from idle capacity, so a replica
+        # asking too much idles nobody's slot, and one asking too few would
+        # leave its flex waiting beside idle slots.
         return {"limit": limit, "in_flight": busy, "withheld": limit - holding,
-                "owed": holding - cap, "depth": depth}
+                "owed": holding - cap, "depth": depth, "flex_kept": pool["flex_kept"]}
 
     def withhold(self, n: int) -> None:
         self.pool.set_lease(self.replica, max(0, self._cap(self.limit) - n))
@@ -257,7 +260,6 @@ class PoolLease:
     reported_pwait: int = 0  # this host's priority waiters as Redis last heard
     want: int = 0  # what this host asked for last
     flex_want: int = 0  # the part of `want` that is flex waiters (idle capacity only)
-    flex_headroom: float = 0.1  # the pool's flex_headroom (its core keeps it free of flex)
     holding: int = 0  # limit minus withheld: slots it really has, busy or idle
     flows: FlowCounters | None = None  # its fair counters, shared (fairness "tokens")
     endpoint: str = ""  # a replica's endpoint (its lease's key beside the model), "" for a pool
@@ -305,9 +307,9 @@ class PoolLease:
         else:
             # Flex asks only while this host's own lanes are empty: the core
             # serves it only then, so slots asked for it sooner would idle.
-            # Plus the flex headroom the core keeps free of flex within them.
-            headroom = max(1, math.ceil(self.flex_headroom * self.limit))
-            flex = fw + headroom if fw and pw == dw == 0 else 0
+            # Plus the slots the core keeps free of flex within them
+            # (priority's reserve and the flex headroom: `flex_kept`).
+            flex = fw + int(str(st["flex_kept"])) if fw and pw == dw == 0 else 0
             if heartbeat and usable > busy + pw + dw + flex:
                 # Idle slots nobody asked for: give half back each heartbeat, so
                 # an idle host's lease drains while a busy one keeps its own.
@@ -373,7 +375,7 @@ class LeaseAgent:
             if model not in replicas:
                 self.pools[model] = PoolLease(model, adm, cfg.settings.priority_headroom,
                                               cfg.settings.default_min_share, adm.limit, adm.limit,
-                                              flows=flows, flex_headroom=cfg.settings.flex_headroom)
+                                              flows=flows)
                 continue
             rp, one, endpoints = replicas[model]
             for i, endpoint in enumerate(endpoints):
@@ -382,7 +384,7 @@ class LeaseAgent:
                 p = PoolLease(model, slots, one.settings.priority_headroom,
                               one.settings.default_min_share, slots.limit, slots.limit,
                               flows=flows if i == 0 else None,
-                              flex_headroom=one.settings.flex_headroom, endpoint=endpoint)
+                              endpoint=endpoint)
                 self.pools[p.key] = p
         self.sync_s = 0.0  # time spent waiting on lease syncs
         # The longest time from one lease call's reply to the next call's
