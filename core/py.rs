@@ -758,6 +758,17 @@ impl PyReplicas {
         self.0.over()
     }
 
+    /// The pool's slots withheld for the replicas' sum, as last claimed.
+    #[getter]
+    fn withheld(&self) -> u64 {
+        self.0.withheld()
+    }
+
+    /// Moves that claim from `was` to `now` if it is still `was`; true if so.
+    fn claim_withheld(&self, was: u64, now: u64) -> bool {
+        self.0.claim_withheld(was, now)
+    }
+
     /// Per replica: in_flight, limit (in force), learned (before a slow start's
     /// cap), waiting (the engine's), down, grants.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {

@@ -24,7 +24,8 @@
 //! many replicas and workers it was made for, checked on attach.
 //!
 //! Region layout (version 1): a header of `HEADER` words (magic, version,
-//! replicas, workers, the over count, the limit mode's bounds), then `WORDS`
+//! replicas, workers, the over count, the limit mode's bounds, the pool's
+//! slots withheld for the replicas: `claim_withheld`), then `WORDS`
 //! per replica, then per worker one word per replica: the slots that worker
 //! holds there, so a dead worker's are given back (`reclaim_worker`). A pick
 //! counts the replica first and the worker's hold after; a release the other
@@ -59,6 +60,11 @@ mod h {
     /// The limit mode's bounds (fixed: both n), checked on attach.
     pub const MIN: usize = 5;
     pub const MAX: usize = 6;
+    /// The pool's slots withheld for the replicas' sum in force (an ejected
+    /// replica's, a slow start's): claimed by CAS (`claim_withheld`), so
+    /// workers moving it at once agree on what each withholds or restores.
+    /// A region made before this word had it 0, as a new one does.
+    pub const WITHHELD: usize = 7;
 }
 
 /// A replica passes the load bound while its load, with this request, is at
@@ -627,6 +633,22 @@ impl Replicas {
         }).collect()
     }
 
+    /// The pool's slots withheld for the replicas' sum as last claimed
+    /// (`claim_withheld`).
+    pub fn withheld(&self) -> u64 {
+        self.words.get()[h::WITHHELD].load(SeqCst)
+    }
+
+    /// Moves the claim on the pool's withheld slots from `from` to `to` if it
+    /// is still `from`; true if it did. The caller withholds before claiming
+    /// more and claims less before restoring (tierq.admission.ReplicaPool),
+    /// so the pool's withheld slots are never fewer than the claim: workers
+    /// racing on one change each see it claimed once, and a worker killed in
+    /// between leaves the pool a slot short, never one over.
+    pub fn claim_withheld(&self, from: u64, to: u64) -> bool {
+        self.words.get()[h::WITHHELD].compare_exchange(from, to, SeqCst, SeqCst).is_ok()
+    }
+
     /// Picks that found no replica with room (module doc).
     pub fn over(&self) -> u64 {
         self.words.get()[h::OVER].load(Relaxed)
@@ -880,5 +902,19 @@ mod tests {
         let r = fixed(2, 1);
         assert!(r.release(5).is_err());
         assert!(Replicas::new(17, LimitMode::Fixed(1), 1, Clock::Manual(std::sync::Arc::new(ManualClock::new(1)))).is_err());
+    }
+
+    #[test]
+    fn the_withheld_claim_moves_only_from_what_it_is() {
+        let r = fixed(2, 2);
+        assert_eq!(r.withheld(), 0);
+        assert!(r.claim_withheld(0, 2));
+        // A second worker that read 0 too loses: it sees 2 claimed already.
+        assert!(!r.claim_withheld(0, 2));
+        assert_eq!(r.withheld(), 2);
+        assert!(r.claim_withheld(2, 0));
+        assert_eq!(r.withheld(), 0);
+        // Beside the header's other words: the bounds still read back.
+        assert_eq!(r.words.get()[h::MIN].load(SeqCst), 2);
     }
 }

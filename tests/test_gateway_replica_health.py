@@ -331,11 +331,129 @@ async def test_an_ejected_replica_takes_its_slots_out_of_a_fixed_limit_pool(
             return bool((await g.replicas())[1]["health"] == "ejected")
 
         await until(ejected, "replica 1 ejected")
-        burst = asyncio.gather(*(_ask(c, stream=i % 2 == 1) for i in range(12)))
-        seen = 0
-        while not burst.done():
-            seen = max(seen, int((await g.status())["pools"][0]["in_flight"]))
-            await asyncio.sleep(0.02)
-        await burst
-    assert seen == 2, seen
-    assert (await g.sims[0].stats(g.session))["max_in_flight_seen"] == 2
+
+        async def pool() -> dict[str, Any]:
+            p: dict[str, Any] = (await g.status())["pools"][0]
+            return p
+
+        seen = await _peak([_ask(c, stream=i % 2 == 1) for i in range(12)], pool)
+        assert seen == 2, seen
+        assert (await g.sims[0].stats(g.session))["max_in_flight_seen"] == 2
+        assert (await pool())["withheld"] == 2
+        # Back: its slots with it, once its slow start is over.
+        g.sims[1].start()
+        await g.sims[1].ready(g.session)
+        await until(lambda: _withheld(pool, 0), "replica 1's slots back")
+        assert (await g.replicas())[1]["limit"] == 2
+        assert await _peak([_ask(c) for _ in range(12)], pool) == 4
+
+
+async def _withheld(pool: Callable[[], Any], n: int) -> bool:
+    p = await pool()
+    return bool(p["withheld"] + p["owed"] == n)
+
+
+async def _peak(asks: list[Any], pool: Callable[[], Any]) -> int:
+    """Runs the requests `asks` at once; the pool's most in flight seen while
+    they ran (polled), after every one was served."""
+    burst = asyncio.gather(*asks)
+    seen = 0
+    while not burst.done():
+        seen = max(seen, int((await pool())["in_flight"]))
+        await asyncio.sleep(0.02)
+    await burst
+    return seen
+
+
+@pytest.mark.timeout(180)
+async def test_two_workers_withhold_an_ejected_replicas_slots_once_and_give_them_back(
+        tmp_path: Path) -> None:
+    """`tierq serve --workers 2` over two `tierq sim` at a fixed 2 slots each,
+    every worker ejecting on its own (one failure ejects): replica 1 killed,
+    the pool's host-wide in flight peaks at 2 (each worker skipping the
+    withholding let 4 in; two workers' deltas withheld 4 and let none); started
+    again, its two slots come back and the pool runs 4."""
+    sims = [Sim(tmp_path, i, ["--slots", "4", "--ttft-ms", "300", "--tokens-per-s", "0"])
+            for i in range(2)]
+    for s in sims:
+        s.start()
+    cfg = tmp_path / "tierq.toml"
+    endpoints = ", ".join(f'"{s.url}/v1"' for s in sims)
+    cfg.write_text(f"""
+[ledger]
+url = "sqlite:///{tmp_path / 'ledger.db'}"
+[[upstreams]]
+name = "sims"
+kind = "vllm"
+endpoints = [{endpoints}]
+routing = "round_robin"
+connect_timeout_s = 2.0
+[upstreams.health]
+consecutive_failures = 1
+probe_interval_s = 0.2
+slow_start_s = 1.0
+[[models]]
+id = "{PRIORITY_MODEL}"
+upstream = "sims"
+priority = true
+[models.admission]
+max_concurrency = 2
+queue_depth = 64
+""")
+    port = free_port()
+    root = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        serve = subprocess.Popen([sys.executable, "-m", "tierq", "serve", "--config", str(cfg),
+                                  "--port", str(port), "--workers", "2", "--no-access-log"],
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    # Several clients, so both workers take connections.
+    clients = [openai.AsyncOpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=60)
+               for _ in range(8)]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            for s in sims:
+                await s.ready(session)
+
+            async def pool() -> dict[str, Any]:
+                async with session.get(root + "/status.json") as r:
+                    data: dict[str, Any] = await r.json()
+                p: dict[str, Any] = data["pools"][0]
+                return p
+
+            async def ready() -> bool:
+                assert serve.poll() is None, log.read_text()[-2000:]
+                try:
+                    async with session.get(root + "/status.json") as r:
+                        return r.status == 200 and bool((await r.json())["ready"])
+                except aiohttp.ClientError:
+                    return False
+
+            await until(ready, "the gateway ready", 60.0)
+            assert await _peak([_ask(clients[i % 8]) for i in range(16)], pool) == 4
+            sims[1].kill()
+
+            async def withheld(n: int) -> bool:
+                # Tried on replica 1 by turns (moved to 0), until a worker ejects it.
+                await asyncio.gather(*(_ask(c) for c in clients))
+                p = await pool()
+                return bool(p["withheld"] + p["owed"] == n)
+
+            await until(lambda: withheld(2), "replica 1's slots withheld")
+            # Both workers' detectors had it fail by now (8 clients by turns).
+            assert await _peak([_ask(clients[i % 8], stream=i % 2 == 1) for i in range(16)], pool) == 2
+            p = await pool()
+            assert p["withheld"] == 2 and p["owed"] == 0, p
+            assert (await sims[0].stats(session))["max_in_flight_seen"] == 2
+            sims[1].start()
+            await sims[1].ready(session)
+            await until(lambda: withheld(0), "replica 1's slots given back")
+            assert await _peak([_ask(clients[i % 8]) for i in range(16)], pool) == 4
+            assert int((await sims[1].stats(session))["requests"]) > 0
+    finally:
+        for c in clients:
+            await c.close()
+        serve.terminate()
+        serve.wait(30)
+        for s in sims:
+            s.stop()

@@ -463,6 +463,80 @@ def test_two_workers_on_one_region_count_each_replica_once_and_a_dead_ones_slots
         shared.close()
 
 
+class _Between:
+    """An Admission whose next `withhold` first lets `then` run: another
+    worker's step landing in the middle of this one's."""
+
+    def __init__(self, adm: Any, then: Any) -> None:
+        self._adm, self._then = adm, then
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adm, name)
+
+    def withhold(self, n: int) -> int:
+        then, self._then = self._then, None
+        if then is not None:
+            then()
+        return int(self._adm.withhold(n))
+
+
+async def test_two_workers_that_both_eject_a_replica_withhold_its_slots_once_and_give_them_back() -> None:
+    """A fixed pool of two replicas at 2 over two workers' handles on one block
+    and region: each worker's own detector ejects replica 1 (each saw its
+    failures), and the pool withholds 2 slots, not 4 (two deltas on the
+    host-wide withheld count did); a slot busy when it was ejected is owed and
+    withheld as it is released; back in rotation, the slots come back once."""
+    from tierq._core import PoolSettings
+    from tierq.admission import ReplicaPool
+    from tierq.workers import SharedPools
+    settings = PoolSettings(max_concurrency=2)
+    shared = SharedPools({MODEL: PoolSettings(max_concurrency=4)}, 2,
+                         replicas={MODEL: (2, settings)})
+    try:
+        w0, w1 = shared.attach(0), shared.attach(1)
+        p0, p1 = (ReplicaPool(w[MODEL], 2, settings, core=w.replicas[MODEL]) for w in (w0, w1))
+
+        def withheld() -> tuple[int, int, int]:
+            st = shared.stats()[MODEL]
+            return int(str(st["in_flight"])), int(str(st["withheld"])), int(str(st["owed"]))
+
+        held = [w0[MODEL].acquire("priority") for _ in range(3)]
+        for slot in held:
+            await slot.__aenter__()
+        # Worker 1 sees the same ejection in the middle of worker 0's sync:
+        # after worker 0 read the pool's state, before it withheld.
+        p0.admission = _Between(w0[MODEL], lambda: p1.set_health(1, True))  # type: ignore[assignment]
+        p0.set_health(1, True)
+        assert withheld() == (3, 1, 1)  # the free slot taken, one of the busy ones owed
+        assert p0.core.withheld == p1.core.withheld == 2
+        p0.admission = w0[MODEL]
+        p0.set_health(1, True)  # told again: nothing moves
+        assert withheld() == (3, 1, 1)
+        await held[0].__aexit__(None, None, None)
+        assert withheld() == (2, 2, 0)  # the owed slot withheld as it freed
+        # Two in flight on the survivor's two: a third request waits.
+        waiter = asyncio.ensure_future(w1[MODEL].acquire("priority").__aenter__())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        # Back in slow start at 1, told by both workers: one slot back, to the waiter.
+        p1.set_health(1, False, 1)
+        p0.set_health(1, False, 1)
+        third = await waiter
+        assert withheld() == (3, 1, 0)
+        # Whole again: the last withheld slot back, and a fourth goes straight in.
+        p0.set_health(1, False)
+        p1.set_health(1, False)
+        assert withheld() == (3, 0, 0)
+        fourth = await w1[MODEL].acquire("priority").__aenter__()
+        assert withheld() == (4, 0, 0) and p0.core.withheld == 0
+        for slot in (*held[1:], third, fourth):
+            await slot.__aexit__(None, None, None)
+        assert withheld() == (0, 0, 0)
+    finally:
+        shared.close()
+
+
 @pytest.mark.timeout(180)
 async def test_two_workers_share_one_view_of_every_replica(tmp_path: Path) -> None:
     """`tierq serve --workers 2` over three `tierq sim` processes at two slots

@@ -492,7 +492,7 @@ class ReplicaPool:
     at their sum. A holder of a pool slot takes a replica (`pick`, by its
     order: tierq.routing) and gives it back before the pool's slot."""
 
-    __slots__ = ("_health", "_leases", "_shared", "admission", "core")
+    __slots__ = ("_health", "_leases", "admission", "core")
 
     def __init__(self, admission: Admission, n: int, settings: PoolSettings,
                  *, clock: ManualClock | None = None, core: Replicas | None = None) -> None:
@@ -500,7 +500,6 @@ class ReplicaPool:
         `core`: this worker's handle on a shared region (`tierq serve --workers N`)."""
         self.admission = admission
         self.core = core if core is not None else Replicas(n, settings, clock)
-        self._shared = core is not None
         # Per replica: its health as tierq.health last set it (down, slow-start
         # cap, 0: none), and its cluster lease (None: no [cluster]); the core's
         # health word holds the two combined (`_write`).
@@ -570,23 +569,55 @@ class ReplicaPool:
             if leased:
                 # The core's capacity is at least 1 (a pool's limit is); leased,
                 # every replica may be out here (a lease of 0 each): none then.
+                # Leased, the pool's withheld slots are counted as they stand,
+                # the lease agent's with them: any claimed below pass to that.
+                self.core.claim_withheld(self.core.withheld, 0)
                 self._withhold_to(sum(int(r["limit"]) for r in self.core.stats() if not r["down"]))
-            elif not self._shared:
+            else:
                 # A fixed limit ignores set_limit, and an adaptive one stays
                 # within its bounds (the replicas' summed): without this an
                 # ejected replica left the pool's slots as they were and
                 # every pick past the others' room went over one's limit.
-                self._withhold_to(capacity)
+                self._claim(max(0, self.admission.limit - capacity))
             if self.core.capacity == capacity:
                 break
         return granted
 
+    def _claim(self, want: int) -> None:
+        """The pool's slots withheld for the replicas made `want`, through the
+        claim word of their region (`Replicas.claim_withheld`), so workers
+        that see one change at once withhold it once: more is withheld
+        before it is claimed (a lost claim puts it back), less is claimed
+        before it is restored, so the pool never withholds fewer than the
+        claim. Busy slots are owed, as the lease agent's are."""
+        for _ in range(64):
+            had = self.core.withheld
+            if want == had:
+                return
+            if want > had:
+                self.admission.withhold(want - had)
+                if self.core.claim_withheld(had, want):
+                    return
+                self._restore(want - had)  # another worker moved it first
+            elif self.core.claim_withheld(had, want):
+                self._restore(had - want)
+                return
+
+    def _restore(self, n: int) -> None:
+        """`n` withheld slots back. A release in another worker turns an owed
+        slot into a withheld one in two steps, so one may be missing for an
+        instant: asked again then (a worker killed between the two leaks
+        that slot, as core/admission.rs says)."""
+        for _ in range(100):
+            n -= self.admission.restore(n)
+            if n <= 0:
+                return
+
     def _withhold_to(self, capacity: int) -> None:
-        """The pool's usable slots withheld down to the replicas' sum in force,
-        which a fixed limit (or an adaptive one's floor) would not follow;
-        busy slots above it are owed, as the lease agent's are. One process
-        only: with `--workers N` two workers' deltas on the host-wide
-        withheld count would race (docs/architecture.md, Replicas)."""
+        """Under cluster leases the pool's usable slots withheld down to the
+        replicas' sum in force, counting the lease agent's own; busy slots
+        above it are owed, as the agent's are. One process only: `[cluster]`
+        with several endpoints refuses `--workers N`."""
         st = self.admission.stats()
         usable = int(str(st["limit"])) - int(str(st["withheld"])) - int(str(st["owed"]))
         if usable > capacity:

@@ -853,6 +853,9 @@ def status_json(snapshots: Sequence[WorkerSnapshot], *,
         pools.append({
             "model": p.model, "upstream": p.upstream, "priority": p.priority,
             "in_flight": int(st.get("in_flight", 0)),
+            # Slots out of use (a cluster lease, replicas out of rotation),
+            # and those still busy that are withheld as they free.
+            "withheld": int(st.get("withheld", 0)), "owed": int(st.get("owed", 0)),
             "max_concurrency": limit,
             "limit": {"value": limit, "mode": str(st.get("limit_mode", "fixed")),
                       "signal": str(st.get("limit_signal", "none")),
