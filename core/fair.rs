@@ -264,6 +264,7 @@ impl<'a> FairLane<'a> {
     /// once more than `STALE_KEPT` are stale: a scan reads at most that
     /// many idle queues' words more, and a queue joined again before then
     /// costs no RMW of the bitmap.
+    #[inline]
     fn scan(&self, tidy: bool, mut f: impl FnMut(u32, u64)) {
         let mut stale = 0;
         for k in 0..(self.queues as usize).div_ceil(64) {
@@ -293,6 +294,7 @@ impl<'a> FairLane<'a> {
     }
 
     /// The least counter among the active queues other than `except`.
+    #[inline]
     fn least_active_counter(&self, except: u32) -> Option<u64> {
         let mut least = None;
         self.each_active(|q, c| {
@@ -322,6 +324,7 @@ impl<'a> FairLane<'a> {
     /// by idle time: at most one request's service plus the distance from
     /// the floor to the least active counter (itself within one request's);
     /// a flow that stays backlogged never takes it (weights: unchanged).
+    #[inline]
     fn lift_target(&self, queue: u32, service: u64) -> u64 {
         let floor = self.words[FLOOR].load(Relaxed);
         let top = self.least_active_counter(queue).map_or(floor, |least| least.min(floor));
@@ -346,6 +349,7 @@ impl<'a> FairLane<'a> {
     /// joined now: lifted (`lift_target`) when it has nobody waiting.
     /// Also the lift target when it computed one (`queue` idle), for the
     /// join that follows (`join_lifted`).
+    #[inline]
     fn start_counter(&self, queue: u32, service: u64) -> (u64, Option<u64>) {
         let own = self.q(queue, COUNTER).load(SeqCst);
         if self.waiting(queue) > 0 {
@@ -375,6 +379,7 @@ impl<'a> FairLane<'a> {
     /// two calls touches this lane's counters), and with racing dispatches
     /// as stale as `join`'s own read (the floor moved by one dispatch at
     /// most in those few instructions: a hint, one credit at most).
+    #[inline]
     pub fn join_lifted(&self, queue: u32, tail: u64, who: u64, service: u64, lifted: Option<u64>) {
         if self.q(queue, WAITING).fetch_add(1, SeqCst) == 0 {
             self.q(queue, OWNER).store(who, Relaxed);
@@ -398,6 +403,7 @@ impl<'a> FairLane<'a> {
     /// and setting the bit were two locked RMWs of each push + pop. Scans
     /// skip a queue with nobody waiting, and the fair pop's scan clears its
     /// bit (`scan`), so stale bits last until the next fair pop.
+    #[inline]
     pub fn leave(&self, tag: u64) {
         self.q(tag_queue(tag), WAITING).fetch_sub(1, SeqCst);
     }
@@ -422,6 +428,7 @@ impl<'a> FairLane<'a> {
     /// as the hints know) goes first: newcomers lifted to the floor tie and go
     /// in arrival order, and so, mostly, does a lone flow spread over its two
     /// queues (`core/tests/fair_sim.rs`).
+    #[inline]
     pub fn least(&self, skip: Option<u32>) -> Option<u32> {
         let mut best: Option<(u64, u64, u32)> = None;
         self.scan(true, |q, c| {
@@ -481,6 +488,7 @@ impl<'a> FairLane<'a> {
 
     /// `ahead`, and the lift target it computed if `queue` was idle (for
     /// `join_lifted`).
+    #[inline]
     pub fn ahead_lifted(&self, queue: u32, service: u64) -> (u64, Option<u64>) {
         let mine = self.waiting(queue);
         let (start, lifted) = self.start_counter(queue, service);
